@@ -1,0 +1,798 @@
+// The C ABI (switchyard.h): reads the versioned structs, resolves handles, calls the object
+// model, registers the handles it returns, and records every failure on the handle called.
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <new>
+#include <vector>
+
+#include "../core/config.h"
+#include "../core/dtype.h"
+#include "../core/limits.h"
+#include "../core/plan.h"
+#include "handles.h"
+#include "objects.h"
+#include "ops.h"
+#include "strided.h"
+#include "switchyard.h"
+#include "validate.h"
+
+#ifndef SY_VERSION
+#define SY_VERSION "0.0.0"
+#endif
+#ifndef SY_NCCL_HEADER_VERSION
+#define SY_NCCL_HEADER_VERSION 0
+#endif
+
+using namespace sy;
+using core::DType;
+
+namespace {
+
+// Reads a caller's struct: at least `min_size` bytes (the v1 size), at most what we know.
+template <class T>
+Error read_struct(const T* in, const char* arg, T* out, size_t min_size = sizeof(T)) {
+  std::memset(static_cast<void*>(out), 0, sizeof(T));
+  if (in == nullptr) return invalid(arg, std::string(arg) + ": NULL");
+  if (in->struct_size < min_size) {
+    return invalid(arg, std::string(arg) + ": struct_size " + std::to_string(in->struct_size) +
+                            " is smaller than this library's " + std::to_string(min_size));
+  }
+  std::memcpy(static_cast<void*>(out), in, std::min<size_t>(in->struct_size, sizeof(T)));
+  out->struct_size = sizeof(T);
+  return ok();
+}
+
+// Writes as much of `value` as the caller's struct holds; keeps the caller's struct_size.
+template <class T>
+Error write_struct(T* out, const T& value, const char* arg) {
+  if (out == nullptr) return invalid(arg, std::string(arg) + ": NULL");
+  uint32_t size = out->struct_size;
+  if (size < sizeof(uint32_t)) {
+    return invalid(arg, std::string(arg) + ": struct_size must be set to the struct's size");
+  }
+  std::memcpy(static_cast<void*>(out), &value, std::min<size_t>(size, sizeof(T)));
+  out->struct_size = size;
+  return ok();
+}
+
+// Runs an entry point body, turning C++ exceptions into statuses (nothing escapes the ABI).
+template <class Fn>
+sy_status guarded(const void* handle, Fn body) {
+  try {
+    return finish(handle, body());
+  } catch (const std::bad_alloc&) {
+    return finish(handle, fail(SY_ERROR_OUT_OF_MEMORY, "out of host memory"));
+  } catch (const std::exception& ex) {
+    return finish(handle, fail(SY_ERROR_INTERNAL, std::string("internal error: ") + ex.what()));
+  } catch (...) {
+    return finish(handle, fail(SY_ERROR_INTERNAL, "internal error"));
+  }
+}
+
+template <class T>
+void* handle_or_null(Kind k, const std::shared_ptr<T>& obj) {
+  return obj ? register_handle(k, obj) : nullptr;
+}
+
+std::shared_ptr<GroupCore> group_of(const std::shared_ptr<RankCore>& r) {
+  return std::shared_ptr<GroupCore>(r, r->group);
+}
+
+Error resolve_order(sy_stream compute, sy_event previous, uint32_t async_finish,
+                    uint32_t allocate_on_comm, StreamOrder* o) {
+  SY_TRY(resolve(compute, Kind::Stream, "stream", &o->compute));
+  SY_TRY(resolve(previous, Kind::Event, "previousEvent", &o->previous, true));
+  o->async_finish = async_finish != 0;
+  o->allocate_on_comm = allocate_on_comm != 0;
+  return ok();
+}
+
+Error resolve_tensor_opt(sy_tensor t, const char* arg, std::shared_ptr<Tensor>* out) {
+  return resolve(t, Kind::Tensor, arg, out, true);
+}
+
+void copy_cstr(char* dst, size_t cap, const std::string& s) {
+  size_t n = std::min(cap - 1, s.size());
+  std::memcpy(dst, s.data(), n);
+  dst[n] = 0;
+}
+
+Error check_tensor_desc(const sy_tensor_desc& d, Tensor* t) {
+  DType dt = DType(d.dtype);
+  if (core::dtype_size(dt) == 0) return invalid("dtype", "dtype: unknown dtype " + std::to_string(d.dtype));
+  SY_TRY(check_range("shape: ndim", d.ndim, 0, SY_MAX_DIMS));
+  t->dtype = dt;
+  t->ndim = d.ndim;
+  bool any_stride = false;
+  for (int i = 0; i < d.ndim; ++i) {
+    if (d.shape[i] < 0 || d.shape[i] > (int64_t(1) << 40)) {
+      return invalid("shape", "shape: dimension " + std::to_string(i) + " is " + std::to_string(d.shape[i]));
+    }
+    t->shape[i] = d.shape[i];
+    any_stride = any_stride || d.strides[i] != 0;
+  }
+  if (!any_stride) {
+    dense_strides(t->ndim, t->shape, t->strides);
+  } else {
+    // Non-negative, and non-overlapping: sorted by stride, each dimension starts past the
+    // extent of the smaller ones.
+    std::vector<int> order;
+    for (int i = 0; i < d.ndim; ++i) {
+      if (d.strides[i] < 0) return invalid("strides", "strides: negative strides are not supported");
+      t->strides[i] = d.strides[i];
+      if (d.shape[i] > 1) order.push_back(i);
+    }
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return t->strides[a] < t->strides[b]; });
+    int64_t extent = 1;
+    for (int i : order) {
+      if (t->strides[i] < extent) {
+        return invalid("strides", "strides: dimension " + std::to_string(i) + " (stride " +
+                                      std::to_string(t->strides[i]) +
+                                      ") overlaps the dimensions with smaller strides");
+      }
+      extent = t->strides[i] * t->shape[i];
+    }
+  }
+  if (uint64_t(span_elements(*t)) * uint64_t(t->element_size()) > (uint64_t(1) << 40)) {
+    return invalid("shape", "shape: the tensor would exceed 1 TiB");
+  }
+  return ok();
+}
+
+}  // namespace
+
+extern "C" {
+
+// ---------------------------------------------------------------------------------------------
+// Errors and library
+
+SY_API const char* sy_status_name(int32_t status) {
+  switch (status) {
+    case SY_OK: return "OK";
+    case SY_NOT_READY: return "NOT_READY";
+    case SY_ERROR_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case SY_ERROR_WRONG_HANDLE: return "WRONG_HANDLE";
+    case SY_ERROR_DISPOSED: return "DISPOSED";
+    case SY_ERROR_OUT_OF_MEMORY: return "OUT_OF_MEMORY";
+    case SY_ERROR_NO_DEVICE: return "NO_DEVICE";
+    case SY_ERROR_UNSUPPORTED: return "UNSUPPORTED";
+    case SY_ERROR_TIMEOUT: return "TIMEOUT";
+    case SY_ERROR_PEER_FAILED: return "PEER_FAILED";
+    case SY_ERROR_CUDA: return "CUDA";
+    case SY_ERROR_ABI_MISMATCH: return "ABI_MISMATCH";
+    case SY_ERROR_INTERNAL: return "INTERNAL";
+    default: return "UNKNOWN";
+  }
+}
+
+SY_API sy_status sy_last_error(const void* handle, sy_error_info* info) {
+  if (info == nullptr || info->struct_size < sizeof(sy_error_info)) return SY_ERROR_INVALID_ARGUMENT;
+  Error e;
+  Error lookup = last_error_of(handle, &e);
+  if (lookup) return lookup.status;
+  sy_error_info out;
+  std::memset(&out, 0, sizeof out);
+  out.struct_size = sizeof out;
+  out.status = e.status;
+  out.rank = e.wait.rank;
+  out.peer_rank = e.wait.peer;
+  out.role = int32_t(e.wait.role);
+  out.channel = e.wait.channel;
+  out.expected = e.wait.expected;
+  out.observed = e.wait.observed;
+  out.waited_seconds = e.wait.waited_seconds;
+  copy_cstr(out.argument, sizeof out.argument, e.argument);
+  copy_cstr(out.message, sizeof out.message, e.message);
+  std::memcpy(info, &out, sizeof out);
+  return SY_OK;
+}
+
+SY_API uint32_t sy_abi_version(void) { return SY_ABI_VERSION; }
+
+SY_API const char* sy_version_string(void) { return SY_VERSION; }
+
+SY_API sy_status sy_struct_sizes(uint32_t* sizes, uint32_t count) {
+  if (sizes == nullptr) return SY_ERROR_INVALID_ARGUMENT;
+  const uint32_t all[SY_STRUCT_COUNT] = {
+      sizeof(sy_error_info),   sizeof(sy_backend_info),    sizeof(sy_group_options),
+      sizeof(sy_rank_info),    sizeof(sy_tensor_desc),     sizeof(sy_buffer_options),
+      sizeof(sy_buffer_plan),  sizeof(sy_config),          sizeof(sy_layout_args),
+      sizeof(sy_layout_result), sizeof(sy_dispatch_args),  sizeof(sy_dispatch_result),
+      sizeof(sy_combine_args), sizeof(sy_combine_result),  sizeof(sy_handle_info),
+  };
+  for (uint32_t i = 0; i < count && i < SY_STRUCT_COUNT; ++i) sizes[i] = all[i];
+  return SY_OK;
+}
+
+SY_API sy_status sy_backend_probe(int32_t backend, sy_backend_info* info) {
+  return guarded(nullptr, [&]() -> Error {
+    if (info == nullptr || info->struct_size < sizeof(sy_backend_info)) {
+      return invalid("info", "info: NULL or struct_size too small");
+    }
+    sy_backend_info out;
+    std::memset(&out, 0, sizeof out);
+    out.struct_size = sizeof out;
+    out.backend = backend;
+    out.nccl_header_version = SY_NCCL_HEADER_VERSION;
+    if (backend == SY_BACKEND_HOST) {
+      out.compiled = 1;
+      out.available = 1;
+      out.dispatch_supported = 1;
+      copy_cstr(out.device_name, sizeof out.device_name, "host (CPU threads)");
+    } else if (backend == SY_BACKEND_CUDA) {
+      SY_TRY(probe_cuda(&out));
+    } else {
+      return invalid("backend", "backend: must be host (0) or cuda (1), got " + std::to_string(backend));
+    }
+    std::memcpy(info, &out, sizeof out);
+    return ok();
+  });
+}
+
+SY_API sy_status sy_convert(int32_t src_dtype, const void* src, int32_t dst_dtype, void* dst,
+                            uint64_t count) {
+  return guarded(nullptr, [&]() -> Error {
+    if (count > 0 && (src == nullptr || dst == nullptr)) return invalid("data", "data: NULL with a non-zero count");
+    DType s = DType(src_dtype), d = DType(dst_dtype);
+    auto* out = static_cast<uint8_t*>(dst);
+    const auto* in = static_cast<const uint8_t*>(src);
+    if (s == DType::F32 && d == DType::BF16) {
+      for (uint64_t i = 0; i < count; ++i) {
+        float f;
+        std::memcpy(&f, in + 4 * i, 4);
+        uint16_t h = core::float_to_bf16(f);
+        std::memcpy(out + 2 * i, &h, 2);
+      }
+    } else if (s == DType::BF16 && d == DType::F32) {
+      for (uint64_t i = 0; i < count; ++i) {
+        uint16_t h;
+        std::memcpy(&h, in + 2 * i, 2);
+        float f = core::bf16_to_float(h);
+        std::memcpy(out + 4 * i, &f, 4);
+      }
+    } else if (s == DType::F32 && d == DType::FP8E4M3) {
+      for (uint64_t i = 0; i < count; ++i) {
+        float f;
+        std::memcpy(&f, in + 4 * i, 4);
+        out[i] = core::float_to_fp8e4m3(f);
+      }
+    } else if (s == DType::FP8E4M3 && d == DType::F32) {
+      for (uint64_t i = 0; i < count; ++i) {
+        float f = core::fp8e4m3_to_float(in[i]);
+        std::memcpy(out + 4 * i, &f, 4);
+      }
+    } else {
+      return invalid("dtype", std::string("dtype: no conversion from ") + core::dtype_name(s) + " to " +
+                                  core::dtype_name(d));
+    }
+    return ok();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Groups and ranks
+
+SY_API sy_status sy_group_create_local(const sy_group_options* options, sy_group* out) {
+  return guarded(nullptr, [&]() -> Error {
+    sy_group_options o;
+    SY_TRY(read_struct(options, "options", &o));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    SY_TRY(check_range("ranks", o.ranks, 1, SY_MAX_LOCAL_RANKS));
+    SY_TRY(check_range("timeoutMs", o.timeout_ms, 0, int64_t(1) << 40));
+    SY_TRY(check_range("firstDevice", o.first_device, 0, 1 << 16));
+    auto g = std::make_shared<GroupCore>();
+    g->num_ranks = o.ranks;
+    g->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : core::kDefaultTimeoutMs;
+    if (o.backend == SY_BACKEND_HOST) {
+      g->backend = make_host_backend();
+    } else if (o.backend == SY_BACKEND_CUDA) {
+      Error why;
+      g->backend = make_cuda_backend(&why);
+      if (!g->backend) return why;
+    } else {
+      return invalid("backend", "backend: must be host (0) or cuda (1), got " + std::to_string(o.backend));
+    }
+    g->backend_kind = sy_backend(o.backend);
+    for (int i = 0; i < o.ranks; ++i) {
+      auto r = std::make_unique<RankCore>();
+      r->group = g.get();
+      r->index = i;
+      r->device = o.first_device;  // the CUDA backend spreads ranks from here
+      SY_TRY(g->backend->init_rank(*g, *r));
+      g->ranks.push_back(std::move(r));
+    }
+    *out = static_cast<sy_group>(register_handle(Kind::Group, g));
+    return ok();
+  });
+}
+
+SY_API sy_status sy_group_destroy(sy_group group) {
+  return guarded(nullptr, [&] { return release_handle(group, Kind::Group, "group"); });
+}
+
+SY_API sy_status sy_group_rank(sy_group group, int32_t index, sy_rank* out) {
+  return guarded(group, [&]() -> Error {
+    std::shared_ptr<GroupCore> g;
+    SY_TRY(resolve(group, Kind::Group, "group", &g));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    SY_TRY(check_range("rank", index, 0, g->num_ranks - 1));
+    std::shared_ptr<RankCore> r(g, g->ranks[size_t(index)].get());
+    *out = static_cast<sy_rank>(register_handle(Kind::Rank, r));
+    return ok();
+  });
+}
+
+SY_API sy_status sy_rank_destroy(sy_rank rank) {
+  return guarded(nullptr, [&] { return release_handle(rank, Kind::Rank, "rank"); });
+}
+
+SY_API sy_status sy_rank_info_get(sy_rank rank, sy_rank_info* info) {
+  return guarded(rank, [&]() -> Error {
+    std::shared_ptr<RankCore> r;
+    SY_TRY(resolve(rank, Kind::Rank, "rank", &r));
+    sy_rank_info out;
+    std::memset(&out, 0, sizeof out);
+    out.struct_size = sizeof out;
+    out.rank = r->index;
+    out.num_ranks = r->group->num_ranks;
+    out.backend = r->group->backend_kind;
+    out.device = r->device;
+    out.timeout_ms = r->group->timeout_ms;
+    return write_struct(info, out, "info");
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams and events
+
+SY_API sy_status sy_stream_create(sy_rank rank, sy_stream* out) {
+  return guarded(rank, [&]() -> Error {
+    std::shared_ptr<RankCore> r;
+    SY_TRY(resolve(rank, Kind::Rank, "rank", &r));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    std::shared_ptr<Stream> s;
+    SY_TRY(r->group->backend->create_stream(group_of(r), *r, &s));
+    *out = static_cast<sy_stream>(register_handle(Kind::Stream, s));
+    return ok();
+  });
+}
+
+SY_API sy_status sy_stream_destroy(sy_stream stream) {
+  return guarded(nullptr, [&] { return release_handle(stream, Kind::Stream, "stream"); });
+}
+
+SY_API sy_status sy_stream_wait_event(sy_stream stream, sy_event event) {
+  return guarded(stream, [&]() -> Error {
+    std::shared_ptr<Stream> s;
+    std::shared_ptr<Event> e;
+    SY_TRY(resolve(stream, Kind::Stream, "stream", &s));
+    SY_TRY(resolve(event, Kind::Event, "event", &e));
+    if (e->group != s->group || e->rank != s->rank) {
+      return fail(SY_ERROR_WRONG_HANDLE, "event: belongs to rank " + std::to_string(e->rank) +
+                                             ", the stream to rank " + std::to_string(s->rank),
+                  "event");
+    }
+    return s->wait_event(*e);
+  });
+}
+
+SY_API sy_status sy_stream_synchronize(sy_stream stream, int64_t timeout_ms) {
+  return guarded(stream, [&]() -> Error {
+    std::shared_ptr<Stream> s;
+    SY_TRY(resolve(stream, Kind::Stream, "stream", &s));
+    return s->synchronize(Deadline::after_ms(timeout_ms > 0 ? timeout_ms : s->group->timeout_ms));
+  });
+}
+
+SY_API sy_status sy_event_create(sy_rank rank, sy_event* out) {
+  return guarded(rank, [&]() -> Error {
+    std::shared_ptr<RankCore> r;
+    SY_TRY(resolve(rank, Kind::Rank, "rank", &r));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    std::shared_ptr<Event> e;
+    SY_TRY(r->group->backend->create_event(group_of(r), *r, &e));
+    *out = static_cast<sy_event>(register_handle(Kind::Event, e));
+    return ok();
+  });
+}
+
+SY_API sy_status sy_event_destroy(sy_event event) {
+  return guarded(nullptr, [&] { return release_handle(event, Kind::Event, "event"); });
+}
+
+SY_API sy_status sy_event_record(sy_event event, sy_stream stream) {
+  return guarded(event, [&]() -> Error {
+    std::shared_ptr<Stream> s;
+    std::shared_ptr<Event> e;
+    SY_TRY(resolve(event, Kind::Event, "event", &e));
+    SY_TRY(resolve(stream, Kind::Stream, "stream", &s));
+    if (e->group != s->group || e->rank != s->rank) {
+      return fail(SY_ERROR_WRONG_HANDLE, "stream: belongs to rank " + std::to_string(s->rank) +
+                                             ", the event to rank " + std::to_string(e->rank),
+                  "stream");
+    }
+    return e->record(*s);
+  });
+}
+
+SY_API sy_status sy_event_query(sy_event event) {
+  std::shared_ptr<Event> e;
+  Error r = resolve(event, Kind::Event, "event", &e);
+  if (r) return finish(event, r);
+  Error q = e->query();
+  if (q.status == SY_NOT_READY) return SY_NOT_READY;  // not a failure: nothing recorded
+  return finish(event, q);
+}
+
+SY_API sy_status sy_event_synchronize(sy_event event, int64_t timeout_ms) {
+  return guarded(event, [&]() -> Error {
+    std::shared_ptr<Event> e;
+    SY_TRY(resolve(event, Kind::Event, "event", &e));
+    return e->synchronize(Deadline::after_ms(timeout_ms > 0 ? timeout_ms : e->group->timeout_ms));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensors
+
+SY_API sy_status sy_tensor_create(sy_rank rank, const sy_tensor_desc* desc, sy_tensor* out) {
+  return guarded(rank, [&]() -> Error {
+    std::shared_ptr<RankCore> r;
+    SY_TRY(resolve(rank, Kind::Rank, "rank", &r));
+    sy_tensor_desc d;
+    SY_TRY(read_struct(desc, "desc", &d));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    auto t = std::make_shared<Tensor>();
+    SY_TRY(check_tensor_desc(d, t.get()));
+    t->group = group_of(r);
+    t->rank = r->index;
+    uint64_t bytes = uint64_t(span_elements(*t)) * uint64_t(t->element_size());
+    SY_TRY(r->group->backend->allocate(*r, bytes, &t->memory));
+    *out = static_cast<sy_tensor>(register_handle(Kind::Tensor, t));
+    return ok();
+  });
+}
+
+SY_API sy_status sy_tensor_destroy(sy_tensor tensor) {
+  return guarded(nullptr, [&] { return release_handle(tensor, Kind::Tensor, "tensor"); });
+}
+
+SY_API sy_status sy_tensor_describe(sy_tensor tensor, sy_tensor_desc* out) {
+  return guarded(tensor, [&]() -> Error {
+    std::shared_ptr<Tensor> t;
+    SY_TRY(resolve(tensor, Kind::Tensor, "tensor", &t));
+    sy_tensor_desc d;
+    std::memset(&d, 0, sizeof d);
+    d.struct_size = sizeof d;
+    d.dtype = int32_t(t->dtype);
+    d.ndim = t->ndim;
+    for (int i = 0; i < t->ndim; ++i) {
+      d.shape[i] = t->shape[i];
+      d.strides[i] = t->strides[i];
+    }
+    d.data = uint64_t(reinterpret_cast<uintptr_t>(t->data()));
+    d.device = t->memory->device;
+    return write_struct(out, d, "out");
+  });
+}
+
+static Error tensor_copy_args(sy_tensor tensor, sy_stream stream, const void* host, uint64_t bytes,
+                              std::shared_ptr<Tensor>* t, std::shared_ptr<Stream>* s) {
+  SY_TRY(resolve(tensor, Kind::Tensor, "tensor", t));
+  SY_TRY(resolve(stream, Kind::Stream, "stream", s));
+  if ((*s)->group != (*t)->group || (*s)->rank != (*t)->rank) {
+    return fail(SY_ERROR_WRONG_HANDLE, "stream: belongs to rank " + std::to_string((*s)->rank) +
+                                           ", the tensor to rank " + std::to_string((*t)->rank),
+                "stream");
+  }
+  if (bytes != (*t)->dense_bytes()) {
+    return invalid("data", "data: the tensor holds " + std::to_string((*t)->dense_bytes()) +
+                               " bytes (" + shape_string(**t) + " " + core::dtype_name((*t)->dtype) +
+                               "), got " + std::to_string(bytes));
+  }
+  if (bytes > 0 && host == nullptr) return invalid("data", "data: NULL");
+  return ok();
+}
+
+SY_API sy_status sy_tensor_write(sy_tensor tensor, sy_stream stream, const void* src,
+                                 uint64_t bytes, int64_t timeout_ms) {
+  return guarded(tensor, [&]() -> Error {
+    std::shared_ptr<Tensor> t;
+    std::shared_ptr<Stream> s;
+    SY_TRY(tensor_copy_args(tensor, stream, src, bytes, &t, &s));
+    Deadline d = Deadline::after_ms(timeout_ms > 0 ? timeout_ms : t->group->timeout_ms);
+    return t->group->backend->write_tensor(*s, t, src, d);
+  });
+}
+
+SY_API sy_status sy_tensor_read(sy_tensor tensor, sy_stream stream, void* dst, uint64_t bytes,
+                                int64_t timeout_ms) {
+  return guarded(tensor, [&]() -> Error {
+    std::shared_ptr<Tensor> t;
+    std::shared_ptr<Stream> s;
+    SY_TRY(tensor_copy_args(tensor, stream, dst, bytes, &t, &s));
+    Deadline d = Deadline::after_ms(timeout_ms > 0 ? timeout_ms : t->group->timeout_ms);
+    return t->group->backend->read_tensor(*s, t, dst, d);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration and buffers
+
+SY_API sy_status sy_default_config(int32_t ranks, sy_config* out) {
+  return guarded(nullptr, [&]() -> Error {
+    SY_TRY(check_range("ranks", ranks, 1, core::kMaxRanks));
+    core::Config c = core::default_config(ranks);
+    sy_config v{sizeof(sy_config), c.num_sms, c.nvl_chunk_send, c.nvl_chunk_recv, c.rdma_chunk_send,
+                c.rdma_chunk_recv};
+    return write_struct(out, v, "out");
+  });
+}
+
+static sy_buffer_plan plan_to_c(const core::BufferPlan& p) {
+  sy_buffer_plan v;
+  std::memset(&v, 0, sizeof v);
+  v.struct_size = sizeof v;
+  v.record_bytes = p.record_bytes;
+  v.combine_row_bytes = p.combine_row_bytes;
+  v.max_topk = p.max_topk;
+  v.header_bytes = p.header_bytes;
+  v.dispatch_region_bytes = p.dispatch_region_bytes;
+  v.combine_region_bytes = p.combine_region_bytes;
+  v.total_bytes = p.total_bytes;
+  v.max_recv_rows = p.max_recv_rows();
+  return v;
+}
+
+SY_API sy_status sy_plan_buffer(const sy_buffer_options* options, int32_t ranks,
+                                sy_buffer_plan* out) {
+  return guarded(nullptr, [&]() -> Error {
+    sy_buffer_options o;
+    SY_TRY(read_struct(options, "options", &o));
+    core::BufferPlan p;
+    SY_TRY(from_problem(core::plan_buffer(ranks, o.hidden, o.max_tokens_per_rank, &p)));
+    return write_struct(out, plan_to_c(p), "out");
+  });
+}
+
+SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options,
+                                  sy_buffer* out) {
+  return guarded(rank, [&]() -> Error {
+    std::shared_ptr<RankCore> r;
+    SY_TRY(resolve(rank, Kind::Rank, "rank", &r));
+    sy_buffer_options o;
+    SY_TRY(read_struct(options, "options", &o));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    std::shared_ptr<GroupCore> g = group_of(r);
+    const int R = g->num_ranks;
+    core::BufferPlan plan;
+    SY_TRY(from_problem(core::plan_buffer(R, o.hidden, o.max_tokens_per_rank, &plan)));
+    if (o.num_sms != 0 && (o.num_sms < 2 || o.num_sms % 2 != 0 || o.num_sms > 1024)) {
+      return invalid("numSms", "numSms: must be an even number of SMs in 2..1024 (half send, "
+                               "half receive), got " + std::to_string(o.num_sms));
+    }
+    SY_TRY(check_range("timeoutMs", o.timeout_ms, 0, int64_t(1) << 40));
+    auto buf = std::make_shared<BufferCore>();
+    buf->group = g;
+    buf->rank = r->index;
+    buf->plan = plan;
+    buf->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : g->timeout_ms;
+    buf->num_sms = o.num_sms > 0 ? o.num_sms : core::default_config(R).num_sms;
+    SY_TRY(g->backend->create_stream(g, *r, &buf->comm_stream));
+    SY_TRY(g->backend->allocate_shared(*r, plan.total_bytes, &buf->region));
+
+    // Join the n-th set: the buffers every rank creates n-th belong together.
+    std::shared_ptr<BufferSet> set;
+    {
+      std::lock_guard<std::mutex> l(g->sets_mu);
+      size_t n = size_t(r->buffers_created);
+      if (g->sets.size() <= n) g->sets.resize(n + 1);
+      set = g->sets[n].lock();
+      if (set && (set->hidden != o.hidden || set->max_tokens_per_rank != o.max_tokens_per_rank)) {
+        return invalid("hidden", "hidden: buffer " + std::to_string(n) + " of the other ranks has hidden " +
+                                     std::to_string(set->hidden) + " and maxTokensPerRank " +
+                                     std::to_string(set->max_tokens_per_rank) +
+                                     "; every rank must create the same buffers in the same order");
+      }
+      if (!set) {
+        set = std::make_shared<BufferSet>(R);
+        set->plan = plan;
+        set->hidden = o.hidden;
+        set->max_tokens_per_rank = o.max_tokens_per_rank;
+        g->sets[n] = set;
+      }
+      r->buffers_created += 1;
+    }
+    {
+      std::lock_guard<std::mutex> l(set->mu);
+      set->bases[size_t(r->index)] = static_cast<uint8_t*>(buf->region->ptr);
+      set->regions[size_t(r->index)] = buf->region;
+      set->joined += 1;
+      set->cv.notify_all();
+    }
+    buf->set = set;
+    *out = static_cast<sy_buffer>(register_handle(Kind::Buffer, buf));
+    return ok();
+  });
+}
+
+SY_API sy_status sy_buffer_destroy(sy_buffer buffer) {
+  return guarded(nullptr, [&] { return release_handle(buffer, Kind::Buffer, "buffer"); });
+}
+
+SY_API sy_status sy_buffer_comm_stream(sy_buffer buffer, sy_stream* out) {
+  return guarded(buffer, [&]() -> Error {
+    std::shared_ptr<BufferCore> b;
+    SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    *out = static_cast<sy_stream>(register_handle(Kind::Stream, b->comm_stream));
+    return ok();
+  });
+}
+
+SY_API sy_status sy_buffer_plan_get(sy_buffer buffer, sy_buffer_plan* out) {
+  return guarded(buffer, [&]() -> Error {
+    std::shared_ptr<BufferCore> b;
+    SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
+    return write_struct(out, plan_to_c(b->plan), "out");
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+
+SY_API sy_status sy_layout(sy_buffer buffer, const sy_layout_args* args, sy_layout_result* out) {
+  return guarded(buffer, [&]() -> Error {
+    std::shared_ptr<BufferCore> b;
+    SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
+    sy_layout_args a;
+    SY_TRY(read_struct(args, "args", &a));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    LayoutRequest req;
+    req.num_experts = a.num_experts;
+    SY_TRY(resolve(a.topk_idx, Kind::Tensor, "topkIdx", &req.topk_idx));
+    SY_TRY(resolve_order(a.compute_stream, a.previous_event, a.async_finish, a.allocate_on_comm_stream, &req.order));
+    LayoutOutputs o;
+    SY_TRY(op_layout(*b, req, &o));
+    sy_layout_result r;
+    std::memset(&r, 0, sizeof r);
+    r.struct_size = sizeof r;
+    r.num_tokens_per_rank = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.num_tokens_per_rank));
+    r.num_tokens_per_expert = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.num_tokens_per_expert));
+    r.is_token_in_rank = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.is_token_in_rank));
+    r.event = static_cast<sy_event>(handle_or_null(Kind::Event, o.event));
+    return write_struct(out, r, "out");
+  });
+}
+
+SY_API sy_status sy_dispatch(sy_buffer buffer, const sy_dispatch_args* args,
+                             sy_dispatch_result* out) {
+  return guarded(buffer, [&]() -> Error {
+    std::shared_ptr<BufferCore> b;
+    SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
+    sy_dispatch_args a;
+    SY_TRY(read_struct(args, "args", &a));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    DispatchRequest req;
+    SY_TRY(resolve_tensor_opt(a.x, "x", &req.x));
+    SY_TRY(resolve_tensor_opt(a.x_scales, "xScales", &req.x_scales));
+    SY_TRY(resolve_tensor_opt(a.topk_idx, "topkIdx", &req.topk_idx));
+    SY_TRY(resolve_tensor_opt(a.topk_weights, "topkWeights", &req.topk_weights));
+    SY_TRY(resolve_tensor_opt(a.is_token_in_rank, "isTokenInRank", &req.is_token_in_rank));
+    SY_TRY(resolve(a.handle, Kind::Handle, "handle", &req.cached, true));
+    SY_TRY(resolve_order(a.compute_stream, a.previous_event, a.async_finish, a.allocate_on_comm_stream, &req.order));
+    req.num_experts = a.num_experts;
+    req.num_worst_tokens = a.num_worst_tokens;
+    req.timeout_ms = a.timeout_ms;
+    req.expert_alignment = a.expert_alignment == 0 ? 1 : a.expert_alignment;
+    req.layout = a.layout;
+    req.zero_padding = a.zero_padding != 0;
+    DispatchOutputs o;
+    SY_TRY(op_dispatch(*b, req, &o));
+    sy_dispatch_result r;
+    std::memset(&r, 0, sizeof r);
+    r.struct_size = sizeof r;
+    r.num_local_experts = o.num_local_experts;
+    r.recv_x = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.recv_x));
+    r.recv_x_scales = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.recv_x_scales));
+    r.recv_topk_idx = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.recv_topk_idx));
+    r.recv_topk_weights = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.recv_topk_weights));
+    r.recv_count = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.recv_count));
+    r.handle = static_cast<sy_handle>(handle_or_null(Kind::Handle, o.handle));
+    r.event = static_cast<sy_event>(handle_or_null(Kind::Event, o.event));
+    r.num_recv_tokens = o.num_recv_tokens;
+    r.num_rows = o.num_rows;
+    return write_struct(out, r, "out");
+  });
+}
+
+SY_API sy_status sy_combine(sy_buffer buffer, const sy_combine_args* args,
+                            sy_combine_result* out) {
+  return guarded(buffer, [&]() -> Error {
+    std::shared_ptr<BufferCore> b;
+    SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
+    sy_combine_args a;
+    SY_TRY(read_struct(args, "args", &a));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    CombineRequest req;
+    SY_TRY(resolve_tensor_opt(a.x, "x", &req.x));
+    SY_TRY(resolve(a.handle, Kind::Handle, "handle", &req.handle));
+    SY_TRY(resolve_tensor_opt(a.topk_weights, "topkWeights", &req.topk_weights));
+    SY_TRY(resolve_tensor_opt(a.bias0, "bias", &req.bias0));
+    SY_TRY(resolve_tensor_opt(a.bias1, "bias", &req.bias1));
+    SY_TRY(resolve_tensor_opt(a.out, "out", &req.out));
+    SY_TRY(resolve_order(a.compute_stream, a.previous_event, a.async_finish, a.allocate_on_comm_stream, &req.order));
+    CombineOutputs o;
+    SY_TRY(op_combine(*b, req, &o));
+    sy_combine_result r;
+    std::memset(&r, 0, sizeof r);
+    r.struct_size = sizeof r;
+    r.combined_x = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.combined_x));
+    r.combined_topk_weights = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.combined_topk_weights));
+    r.event = static_cast<sy_event>(handle_or_null(Kind::Event, o.event));
+    return write_struct(out, r, "out");
+  });
+}
+
+SY_API sy_status sy_handle_destroy(sy_handle handle) {
+  return guarded(nullptr, [&] { return release_handle(handle, Kind::Handle, "handle"); });
+}
+
+SY_API sy_status sy_handle_info_get(sy_handle handle, sy_handle_info* info) {
+  return guarded(handle, [&]() -> Error {
+    std::shared_ptr<DispatchHandle> h;
+    SY_TRY(resolve(handle, Kind::Handle, "handle", &h));
+    sy_handle_info v;
+    std::memset(&v, 0, sizeof v);
+    v.struct_size = sizeof v;
+    v.rank = h->rank;
+    v.num_ranks = h->num_ranks;
+    v.num_experts = h->num_experts;
+    v.num_local_experts = h->num_local_experts;
+    v.num_topk = h->num_topk;
+    v.layout = h->layout;
+    v.expert_alignment = h->expert_alignment;
+    v.hidden = h->hidden;
+    v.num_tokens = h->num_tokens;
+    v.num_recv_tokens = h->num_recv_tokens.load();
+    v.num_rows = h->num_rows;
+    return write_struct(info, v, "info");
+  });
+}
+
+SY_API sy_status sy_handle_tensor(sy_handle handle, int32_t kind, sy_tensor* out) {
+  return guarded(handle, [&]() -> Error {
+    std::shared_ptr<DispatchHandle> h;
+    SY_TRY(resolve(handle, Kind::Handle, "handle", &h));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    std::shared_ptr<Tensor> t;
+    switch (kind) {
+      case SY_HANDLE_RANK_PREFIX_MATRIX: t = h->rank_prefix_matrix; break;
+      case SY_HANDLE_RECV_SRC_IDX: t = h->recv_src_idx; break;
+      case SY_HANDLE_IS_TOKEN_IN_RANK: t = h->is_token_in_rank; break;
+      case SY_HANDLE_SEND_SLOT: t = h->send_slot; break;
+      case SY_HANDLE_RECV_SRC_RANK: t = h->recv_src_rank; break;
+      case SY_HANDLE_EXPANDED_ROW: t = h->expanded_row; break;
+      default: return invalid("kind", "kind: unknown handle tensor " + std::to_string(kind));
+    }
+    if (!t) return invalid("kind", "kind: this handle has no such tensor (expanded rows exist only "
+                                   "for the expanded layout)");
+    *out = static_cast<sy_tensor>(register_handle(Kind::Tensor, t));
+    return ok();
+  });
+}
+
+SY_API sy_status sy_handle_expert_counts(sy_handle handle, int32_t* counts, int32_t capacity) {
+  std::shared_ptr<DispatchHandle> h;
+  Error r = resolve(handle, Kind::Handle, "handle", &h);
+  if (r) return finish(handle, r);
+  std::lock_guard<std::mutex> l(h->mu);
+  if (!h->expert_counts_known) return SY_NOT_READY;
+  if (capacity > 0 && counts == nullptr) return finish(handle, invalid("counts", "counts: NULL"));
+  int32_t n = std::min<int32_t>(capacity, int32_t(h->expert_counts.size()));
+  for (int32_t i = 0; i < n; ++i) counts[i] = h->expert_counts[size_t(i)];
+  return SY_OK;
+}
+
+}  // extern "C"

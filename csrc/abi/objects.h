@@ -1,0 +1,285 @@
+// The library's object model, shared by both backends: groups of ranks, memory, tensors,
+// streams, events, communication buffers and dispatch handles.
+//
+// Ownership: a GroupCore owns its ranks and its backend. Every other object keeps the group
+// alive through a shared_ptr, so nothing refers to a freed rank. Work queued on a stream holds
+// shared_ptrs to the tensors it touches; destroying a handle early never frees memory in use.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "../core/dtype.h"
+#include "../core/plan.h"
+#include "error.h"
+#include "switchyard.h"
+
+namespace sy {
+
+class Backend;
+struct GroupCore;
+
+// Bytes owned by a backend (host or device); released when the last user lets go.
+struct Memory {
+  void* ptr = nullptr;
+  uint64_t bytes = 0;
+  int device = -1;  // cuda device, -1 = host memory
+  std::function<void(void*)> release;
+  Memory() = default;
+  Memory(const Memory&) = delete;
+  Memory& operator=(const Memory&) = delete;
+  ~Memory() {
+    if (release && ptr) release(ptr);
+  }
+};
+
+struct Tensor {
+  std::shared_ptr<GroupCore> group;
+  int rank = -1;
+  core::DType dtype = core::DType::Invalid;
+  int ndim = 0;
+  int64_t shape[SY_MAX_DIMS] = {};
+  int64_t strides[SY_MAX_DIMS] = {};  // elements
+  std::shared_ptr<Memory> memory;
+  uint64_t offset_bytes = 0;
+
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int i = 0; i < ndim; ++i) n *= shape[i];
+    return n;
+  }
+  int element_size() const { return core::dtype_size(dtype); }
+  uint64_t dense_bytes() const { return uint64_t(numel()) * uint64_t(element_size()); }
+  bool is_dense() const {
+    int64_t expect = 1;
+    for (int i = ndim - 1; i >= 0; --i) {
+      if (shape[i] != 1 && strides[i] != expect) return false;
+      expect *= shape[i];
+    }
+    return true;
+  }
+  uint8_t* data() const { return static_cast<uint8_t*>(memory->ptr) + offset_bytes; }
+  // Byte address of element (i, j) (j ignored for 1-D tensors).
+  uint8_t* element(int64_t i, int64_t j = 0) const {
+    int64_t off = i * strides[0] + (ndim > 1 ? j * strides[1] : 0);
+    return data() + off * element_size();
+  }
+  // Address of element (i, j) of a 2-D tensor / element i of a 1-D tensor.
+  template <class T>
+  T* at(int64_t i, int64_t j = 0) const {
+    return reinterpret_cast<T*>(data()) + i * strides[0] + (ndim > 1 ? j * strides[1] : 0);
+  }
+};
+
+// Dense row-major strides for `shape`.
+void dense_strides(int ndim, const int64_t* shape, int64_t* strides);
+
+class Event;
+
+class Stream {
+ public:
+  Stream(std::shared_ptr<GroupCore> g, int r) : group(std::move(g)), rank(r) {}
+  virtual ~Stream() = default;
+  virtual Error wait_event(Event& event) = 0;
+  // Runs until the work enqueued so far is done; returns and clears the first failure of it.
+  virtual Error synchronize(Deadline deadline) = 0;
+  std::shared_ptr<GroupCore> group;
+  int rank;
+};
+
+class Event {
+ public:
+  Event(std::shared_ptr<GroupCore> g, int r) : group(std::move(g)), rank(r) {}
+  virtual ~Event() = default;
+  virtual Error record(Stream& stream) = 0;
+  virtual Error query() = 0;  // SY_OK, SY_NOT_READY, or the failure it carries
+  virtual Error synchronize(Deadline deadline) = 0;
+  std::shared_ptr<GroupCore> group;
+  int rank;
+};
+
+struct RankCore {
+  GroupCore* group = nullptr;  // owner; a RankCore never outlives it
+  int index = 0;
+  int device = -1;
+  int buffers_created = 0;      // the n-th buffer of each rank joins set n
+  std::shared_ptr<void> backend_state;
+};
+
+// The buffers of all ranks that were created n-th: one collective communicator.
+struct BufferSet {
+  explicit BufferSet(int ranks) : bases(ranks, nullptr), regions(ranks), joined(0) {}
+  core::BufferPlan plan;
+  std::vector<uint8_t*> bases;                  // peer-visible base of each rank's buffer
+  std::vector<std::shared_ptr<Memory>> regions; // keeps every member's region alive
+  int joined;
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t hidden = 0, max_tokens_per_rank = 0;  // what the first member asked for
+};
+
+struct GroupCore {
+  sy_backend backend_kind = SY_BACKEND_HOST;
+  std::unique_ptr<Backend> backend;
+  int num_ranks = 0;
+  int64_t timeout_ms = 0;
+  std::vector<std::unique_ptr<RankCore>> ranks;
+  std::mutex sets_mu;
+  std::vector<std::weak_ptr<BufferSet>> sets;
+  ~GroupCore();
+};
+
+struct BufferCore {
+  std::shared_ptr<GroupCore> group;
+  int rank = 0;
+  std::shared_ptr<BufferSet> set;
+  std::shared_ptr<Memory> region;
+  std::shared_ptr<Stream> comm_stream;
+  core::BufferPlan plan;
+  int64_t timeout_ms = 0;
+  int32_t num_sms = 0;
+  // Operations are collective and numbered alike on every rank; the number is the epoch of the
+  // barrier and notify flags. Advanced when an operation is enqueued.
+  uint32_t next_epoch = 1;
+  std::mutex enqueue_mu;
+  RankCore& rank_core() const;
+};
+
+// The routing one dispatch produced; combine and cached dispatch reuse it.
+struct DispatchHandle {
+  std::shared_ptr<GroupCore> group;
+  const BufferSet* set = nullptr;  // identity of the buffer set it belongs to
+  int rank = 0;
+  int num_ranks = 0;
+  int num_experts = 0;        // 0 without top-k
+  int num_local_experts = 0;
+  int num_topk = 0;
+  int layout = SY_LAYOUT_COMPACT;
+  int expert_alignment = 1;
+  int hidden = 0;
+  int64_t num_tokens = 0;
+  int64_t num_rows = 0;       // rows of recv_x
+  int64_t recv_capacity = 0;  // entries of the per-received-token tensors
+  bool worst_case = false;
+  core::DType topk_dtype = core::DType::I64;
+  std::atomic<int64_t> num_recv_tokens{-1};
+
+  std::shared_ptr<Tensor> rank_prefix_matrix;  // [R, R] i32
+  std::shared_ptr<Tensor> recv_src_idx;        // [cap] i32
+  std::shared_ptr<Tensor> recv_src_rank;       // [cap] i32
+  std::shared_ptr<Tensor> is_token_in_rank;    // [T, R] bool
+  std::shared_ptr<Tensor> send_slot;           // [T, R] i32
+  std::shared_ptr<Tensor> expanded_row;        // [cap, K] i32 (expanded only)
+
+  std::mutex mu;
+  bool expert_counts_known = false;
+  std::vector<int32_t> expert_counts;          // aligned, per local expert
+};
+
+// What sy_layout computes, validated.
+struct LayoutWork {
+  int rank = 0, num_ranks = 0, num_experts = 0;
+  int64_t num_tokens = 0;
+  int topk = 0;
+  std::shared_ptr<Tensor> topk_idx;
+  std::shared_ptr<Tensor> num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank;
+};
+
+enum class DispatchMode { Exact, WorstCase, Cached };
+
+// One dispatch, validated; filled in stage by stage.
+struct DispatchWork {
+  int rank = 0, num_ranks = 0;
+  uint32_t epoch = 0;
+  DispatchMode mode = DispatchMode::Exact;
+  int layout = SY_LAYOUT_COMPACT;
+  int expert_alignment = 1;
+  bool zero_padding = false;
+  int64_t num_tokens = 0;
+  int hidden = 0;
+  int payload_bytes = 0;      // bytes of one row of x
+  int num_scales = 0;         // scale words per token (FP8), 0 for BF16
+  int topk = 0;               // 0 without top-k
+  int num_experts = 0, num_local_experts = 0;
+  int64_t num_worst_tokens = 0;
+  core::DType x_dtype = core::DType::BF16;
+  core::DType scale_dtype = core::DType::F32;
+  core::DType topk_dtype = core::DType::I64;
+
+  std::shared_ptr<Tensor> x, x_scales, topk_idx, topk_weights, is_token_in_rank;
+  std::shared_ptr<DispatchHandle> handle;  // the routing (new, or the cached one)
+  bool cached = false;
+
+  // Outputs, allocated before the epilogue.
+  std::shared_ptr<Tensor> recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_count;
+  int64_t out_rows = 0;
+
+  // Counts published by the notify stage (exact size needs them on the host).
+  std::mutex mu;
+  std::condition_variable cv;
+  int counts_state = 0;  // 0 pending, 1 ready, 2 failed
+  Error counts_error;
+  int64_t num_recv_tokens = 0;
+  std::vector<int32_t> recv_per_source;        // rows from each source rank
+  std::vector<int32_t> expert_counts_exact;    // per local expert, unaligned
+  std::vector<int32_t> rank_prefix;            // [R][R]
+
+  void publish_counts(Error e);
+  Error wait_counts(Deadline deadline, int waiter_rank);
+};
+
+struct CombineWork {
+  int rank = 0, num_ranks = 0;
+  uint32_t epoch = 0;
+  int hidden = 0;
+  int topk = 0;  // weights columns, 0 if no weights
+  std::shared_ptr<DispatchHandle> handle;
+  std::shared_ptr<Tensor> x, topk_weights, bias0, bias1;
+  std::shared_ptr<Tensor> out, out_topk_weights;
+};
+
+// A backend: where memory lives and how streams, events and the operations run.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual sy_backend kind() const = 0;
+  virtual Error init_rank(GroupCore& group, RankCore& rank) = 0;
+  // Zero-filled memory of the rank.
+  virtual Error allocate(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) = 0;
+  // The rank's communication buffer: memory its peers can write.
+  virtual Error allocate_shared(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) = 0;
+  virtual Error create_stream(std::shared_ptr<GroupCore> g, RankCore& rank,
+                              std::shared_ptr<Stream>* out) = 0;
+  virtual Error create_event(std::shared_ptr<GroupCore> g, RankCore& rank,
+                             std::shared_ptr<Event>* out) = 0;
+  // Stream-ordered copies between a tensor and dense host memory; return when done.
+  virtual Error write_tensor(Stream& s, std::shared_ptr<Tensor> t, const void* src,
+                             Deadline deadline) = 0;
+  virtual Error read_tensor(Stream& s, std::shared_ptr<Tensor> t, void* dst,
+                            Deadline deadline) = 0;
+
+  virtual Error layout(Stream& comm, std::shared_ptr<LayoutWork> work) = 0;
+  // Stage 1: barrier, send counts and tokens to the peers, wait for theirs, count.
+  virtual Error dispatch_notify(BufferCore& buf, Stream& comm,
+                                std::shared_ptr<DispatchWork> work) = 0;
+  // Host side of exact-size mode: wait until stage 1 has published the counts.
+  virtual Error dispatch_wait_counts(DispatchWork& work, Deadline deadline) = 0;
+  // Stage 2: copy what arrived into the outputs and complete the handle.
+  virtual Error dispatch_epilogue(BufferCore& buf, Stream& comm,
+                                  std::shared_ptr<DispatchWork> work) = 0;
+  virtual Error combine(BufferCore& buf, Stream& comm, std::shared_ptr<CombineWork> work) = 0;
+  // Whether dispatch/combine run on this backend in this build.
+  virtual bool dispatch_supported() const = 0;
+};
+
+std::unique_ptr<Backend> make_host_backend();
+// nullptr plus a reason when this build or machine has no CUDA backend.
+std::unique_ptr<Backend> make_cuda_backend(Error* why);
+Error probe_cuda(sy_backend_info* info);
+
+}  // namespace sy

@@ -1,0 +1,71 @@
+// The normal-mode operations, independent of the backend: argument validation, stream
+// choreography, output allocation and the host side of exact-size dispatch. The backends supply
+// the stages (objects.h: Backend).
+#pragma once
+
+#include <memory>
+
+#include "objects.h"
+
+namespace sy {
+
+// The stream semantics every operation shares (switchyard.h).
+struct StreamOrder {
+  std::shared_ptr<Stream> compute;
+  std::shared_ptr<Event> previous;
+  bool async_finish = false;
+  bool allocate_on_comm = false;
+};
+
+struct LayoutRequest {
+  std::shared_ptr<Tensor> topk_idx;
+  int num_experts = 0;
+  StreamOrder order;
+};
+
+struct LayoutOutputs {
+  std::shared_ptr<Tensor> num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank;
+  std::shared_ptr<Event> event;
+};
+
+struct DispatchRequest {
+  std::shared_ptr<Tensor> x, x_scales, topk_idx, topk_weights, is_token_in_rank;
+  std::shared_ptr<DispatchHandle> cached;
+  int num_experts = 0;
+  int64_t num_worst_tokens = 0;
+  int64_t timeout_ms = 0;
+  int expert_alignment = 1;
+  int layout = SY_LAYOUT_COMPACT;
+  bool zero_padding = false;
+  StreamOrder order;
+};
+
+struct DispatchOutputs {
+  std::shared_ptr<Tensor> recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_count;
+  std::shared_ptr<DispatchHandle> handle;
+  std::shared_ptr<Event> event;
+  int64_t num_recv_tokens = -1;
+  int64_t num_rows = 0;
+  int num_local_experts = 0;
+};
+
+struct CombineRequest {
+  std::shared_ptr<Tensor> x, topk_weights, bias0, bias1, out;
+  std::shared_ptr<DispatchHandle> handle;
+  StreamOrder order;
+};
+
+struct CombineOutputs {
+  std::shared_ptr<Tensor> combined_x, combined_topk_weights;
+  std::shared_ptr<Event> event;
+};
+
+Error op_layout(BufferCore& buf, const LayoutRequest& req, LayoutOutputs* out);
+Error op_dispatch(BufferCore& buf, const DispatchRequest& req, DispatchOutputs* out);
+Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out);
+
+// A new tensor on `rank`, dense, zero-filled.
+Error new_tensor(const std::shared_ptr<GroupCore>& group, int rank, core::DType dtype,
+                 std::initializer_list<int64_t> shape, std::shared_ptr<Tensor>* out);
+
+}  // namespace sy

@@ -1,0 +1,101 @@
+// Layout on the GPU: one thread per token checks its top-k row (core/routing.h), counts it once
+// per destination rank and once per expert, and marks its row of is_token_in_rank. Counts
+// gather in shared-memory histograms when they fit, so global atomics stay per block.
+#include "layout_kernel.h"
+
+#include "../core/routing.h"
+#include "cuda_check.h"
+
+namespace sy::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxSharedCounters = 12 * 1024;  // 48 KiB of int32
+
+__device__ void record_problem(core::InputProblem* p, core::TopkProblem kind, int64_t token,
+                               int entry, int64_t value) {
+  if (atomicCAS(&p->flag, 0, -1) != 0) return;  // the first problem wins
+  p->kind = int32_t(kind);
+  p->token = token;
+  p->entry = entry;
+  p->value = value;
+  __threadfence_system();
+  atomicExch(&p->flag, 1);
+}
+
+template <class Idx>
+__global__ void layout_kernel(const Idx* topk, int64_t stride_t, int64_t stride_k, int64_t tokens,
+                              int topk_n, int experts, int ranks, int32_t* per_rank,
+                              int32_t* per_expert, bool* in_rank, core::InputProblem* problem,
+                              bool shared_counts) {
+  extern __shared__ int32_t counts[];  // [experts] then [ranks], when shared_counts
+  const int experts_per_rank = experts / ranks;
+  if (shared_counts) {
+    for (int i = threadIdx.x; i < experts + ranks; i += blockDim.x) counts[i] = 0;
+    __syncthreads();
+  }
+  int32_t* expert_count = shared_counts ? counts : per_expert;
+  int32_t* rank_count = shared_counts ? counts + experts : per_rank;
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < tokens;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    auto at = [&](int k) { return int64_t(topk[t * stride_t + k * stride_k]); };
+    int bad = -1;
+    core::TopkProblem p = core::check_topk_row(at, topk_n, experts, &bad);
+    if (p != core::TopkProblem::None) {
+      record_problem(problem, p, t, bad, at(bad));
+      continue;
+    }
+    for (int k = 0; k < topk_n; ++k) {
+      int64_t e = at(k);
+      if (e < 0) continue;
+      atomicAdd(&expert_count[e], 1);
+      int owner = core::expert_owner(e, experts_per_rank);
+      bool seen = false;
+      for (int j = 0; j < k && !seen; ++j) {
+        int64_t ej = at(j);
+        seen = ej >= 0 && core::expert_owner(ej, experts_per_rank) == owner;
+      }
+      if (!seen) {
+        in_rank[t * ranks + owner] = true;
+        atomicAdd(&rank_count[owner], 1);
+      }
+    }
+  }
+  if (shared_counts) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < experts; i += blockDim.x)
+      if (counts[i]) atomicAdd(&per_expert[i], counts[i]);
+    for (int i = threadIdx.x; i < ranks; i += blockDim.x)
+      if (counts[experts + i]) atomicAdd(&per_rank[i], counts[experts + i]);
+  }
+}
+
+}  // namespace
+
+Error launch_layout(cudaStream_t stream, const LayoutWork& w, core::InputProblem* problem) {
+  const Tensor& topk = *w.topk_idx;
+  auto* per_rank = reinterpret_cast<int32_t*>(w.num_tokens_per_rank->data());
+  auto* per_expert = reinterpret_cast<int32_t*>(w.num_tokens_per_expert->data());
+  auto* in_rank = reinterpret_cast<bool*>(w.is_token_in_rank->data());
+  SY_CUDA(cudaMemsetAsync(per_rank, 0, sizeof(int32_t) * size_t(w.num_ranks), stream));
+  SY_CUDA(cudaMemsetAsync(per_expert, 0, sizeof(int32_t) * size_t(w.num_experts), stream));
+  SY_CUDA(cudaMemsetAsync(in_rank, 0, size_t(w.num_tokens) * size_t(w.num_ranks), stream));
+  if (w.num_tokens == 0) return ok();
+  const bool shared_counts = w.num_experts + w.num_ranks <= kMaxSharedCounters;
+  const size_t smem = shared_counts ? sizeof(int32_t) * size_t(w.num_experts + w.num_ranks) : 0;
+  const int64_t blocks64 = (w.num_tokens + kThreads - 1) / kThreads;
+  const int blocks = int(blocks64 < 1024 ? blocks64 : 1024);
+  if (topk.dtype == core::DType::I64) {
+    layout_kernel<int64_t><<<blocks, kThreads, smem, stream>>>(
+        topk.at<int64_t>(0), topk.strides[0], topk.strides[1], w.num_tokens, w.topk, w.num_experts,
+        w.num_ranks, per_rank, per_expert, in_rank, problem, shared_counts);
+  } else {
+    layout_kernel<int32_t><<<blocks, kThreads, smem, stream>>>(
+        topk.at<int32_t>(0), topk.strides[0], topk.strides[1], w.num_tokens, w.topk, w.num_experts,
+        w.num_ranks, per_rank, per_expert, in_rank, problem, shared_counts);
+  }
+  return cuda_error(cudaGetLastError(), "layout kernel launch");
+}
+
+}  // namespace sy::cuda

@@ -1,0 +1,10 @@
+// Compiles NCCL's host and device API headers with the library's own flags, so a header update
+// that breaks the future GIN/LSA transports fails the build instead of the first GPU run. NCCL is
+// not linked: the transports will load it at run time by absolute path.
+#include <nccl.h>
+#include <nccl_device.h>
+
+static_assert(NCCL_VERSION_CODE >= 22907, "the transports need the NCCL >= 2.29.7 device API");
+
+// The device communicator is what kernels receive by value; it must stay trivially copyable.
+static_assert(std::is_trivially_copyable<ncclDevComm>::value, "ncclDevComm passes by value");

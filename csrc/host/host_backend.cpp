@@ -1,0 +1,126 @@
+// The host backend: CPU memory, one worker thread per stream, and the normal-mode operations
+// run as stream tasks (host_ops.cpp).
+#include <cstdlib>
+#include <cstring>
+
+#include "../abi/strided.h"
+#include "host_ops.h"
+#include "host_stream.h"
+
+namespace sy {
+
+namespace {
+
+Error host_alloc(uint64_t bytes, std::shared_ptr<Memory>* out) {
+  // 64-byte alignment covers 16-byte vector access and keeps rows off shared cache lines.
+  uint64_t size = core::align_up(bytes == 0 ? 64 : bytes, 64);
+  void* p = std::aligned_alloc(64, size);
+  if (p == nullptr) {
+    return fail(SY_ERROR_OUT_OF_MEMORY, "host allocation of " + std::to_string(bytes) +
+                                            " bytes failed");
+  }
+  std::memset(p, 0, size);
+  auto m = std::make_shared<Memory>();
+  m->ptr = p;
+  m->bytes = size;
+  m->device = -1;
+  m->release = [](void* q) { std::free(q); };
+  *out = std::move(m);
+  return ok();
+}
+
+host::HostStream* as_host(Stream& s) { return dynamic_cast<host::HostStream*>(&s); }
+
+class HostBackend final : public Backend {
+ public:
+  sy_backend kind() const override { return SY_BACKEND_HOST; }
+  bool dispatch_supported() const override { return true; }
+
+  Error init_rank(GroupCore&, RankCore& rank) override {
+    rank.device = -1;
+    return ok();
+  }
+
+  Error allocate(RankCore&, uint64_t bytes, std::shared_ptr<Memory>* out) override {
+    return host_alloc(bytes, out);
+  }
+
+  Error allocate_shared(RankCore&, uint64_t bytes, std::shared_ptr<Memory>* out) override {
+    // Virtual ranks share one address space: plain memory is visible to every peer.
+    return host_alloc(bytes, out);
+  }
+
+  Error create_stream(std::shared_ptr<GroupCore> g, RankCore& rank,
+                      std::shared_ptr<Stream>* out) override {
+    int64_t timeout = g->timeout_ms;
+    *out = std::make_shared<host::HostStream>(std::move(g), rank.index, timeout);
+    return ok();
+  }
+
+  Error create_event(std::shared_ptr<GroupCore> g, RankCore& rank,
+                     std::shared_ptr<Event>* out) override {
+    *out = std::make_shared<host::HostEvent>(std::move(g), rank.index);
+    return ok();
+  }
+
+  Error write_tensor(Stream& s, std::shared_ptr<Tensor> t, const void* src,
+                     Deadline deadline) override {
+    return as_host(s)->run_and_wait(
+        [t, src]() -> Error {
+          dense_to_strided(*t, static_cast<const uint8_t*>(src), t->data());
+          return ok();
+        },
+        deadline);
+  }
+
+  Error read_tensor(Stream& s, std::shared_ptr<Tensor> t, void* dst, Deadline deadline) override {
+    return as_host(s)->run_and_wait(
+        [t, dst]() -> Error {
+          strided_to_dense(*t, t->data(), static_cast<uint8_t*>(dst));
+          return ok();
+        },
+        deadline);
+  }
+
+  Error layout(Stream& comm, std::shared_ptr<LayoutWork> work) override {
+    as_host(comm)->enqueue([work](host::StreamState&) { return host::run_layout(*work); });
+    return ok();
+  }
+
+  Error dispatch_notify(BufferCore& buf, Stream& comm,
+                        std::shared_ptr<DispatchWork> work) override {
+    std::shared_ptr<BufferSet> set = buf.set;
+    int64_t timeout = buf.timeout_ms;
+    as_host(comm)->enqueue([set, timeout, work](host::StreamState&) {
+      return host::run_dispatch_notify(*set, timeout, *work);
+    });
+    return ok();
+  }
+
+  Error dispatch_wait_counts(DispatchWork& work, Deadline deadline) override {
+    return work.wait_counts(deadline, work.rank);
+  }
+
+  Error dispatch_epilogue(BufferCore& buf, Stream& comm,
+                          std::shared_ptr<DispatchWork> work) override {
+    std::shared_ptr<BufferSet> set = buf.set;
+    as_host(comm)->enqueue(
+        [set, work](host::StreamState&) { return host::run_dispatch_epilogue(*set, *work); });
+    return ok();
+  }
+
+  Error combine(BufferCore& buf, Stream& comm, std::shared_ptr<CombineWork> work) override {
+    std::shared_ptr<BufferSet> set = buf.set;
+    int64_t timeout = buf.timeout_ms;
+    as_host(comm)->enqueue([set, timeout, work](host::StreamState&) {
+      return host::run_combine(*set, timeout, *work);
+    });
+    return ok();
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_host_backend() { return std::make_unique<HostBackend>(); }
+
+}  // namespace sy

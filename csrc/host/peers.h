@@ -1,0 +1,51 @@
+// The host backend's side of the peer protocol: flags in the peers' buffer headers, written
+// with release stores and waited for with acquire loads, every wait bounded by a deadline and
+// able to say whom it waited for. The header layout comes from core::BufferPlan.
+#pragma once
+
+#include <cstdint>
+
+#include "../abi/objects.h"
+
+namespace sy::host {
+
+class Peers {
+ public:
+  Peers(BufferSet& set, int rank, int64_t timeout_ms, uint32_t epoch);
+
+  int rank() const { return rank_; }
+  int num_ranks() const { return int(set_.bases.size()); }
+  uint32_t epoch() const { return epoch_; }
+  const core::BufferPlan& plan() const { return set_.plan; }
+  uint8_t* base(int r) const { return set_.bases[r]; }
+  Deadline deadline() const { return Deadline::after_ms(timeout_ms_); }
+
+  // Waits until every rank has created its buffer of this set.
+  Error wait_joined();
+  // Everyone has entered operation `epoch` of kind `kind` (and has left the previous one, so
+  // every region may be written again). Reports mismatched operations.
+  Error barrier(core::OpKind kind);
+  // Sets my flag in rank `to`'s array at `off_array` to this epoch and rings its doorbell.
+  void signal(int to, uint64_t off_array);
+  // Waits until every peer's flag in my array at `off_array` has reached this epoch.
+  Error wait_all(uint64_t off_array, core::WaitRole role);
+  // Gives up on this operation: tells every rank why, so nobody waits for us.
+  void abort_all(const Error& why);
+
+ private:
+  uint32_t* word(int owner, uint64_t off) const {
+    return reinterpret_cast<uint32_t*>(base(owner) + off);
+  }
+  void ring(int owner);
+  Error aborted_error() const;  // SY_OK unless my header holds an abort record
+
+  BufferSet& set_;
+  int rank_;
+  int64_t timeout_ms_;
+  uint32_t epoch_;
+};
+
+// Epochs wrap around; "a has reached b" is a signed comparison of the difference.
+inline bool epoch_reached(uint32_t value, uint32_t epoch) { return int32_t(value - epoch) >= 0; }
+
+}  // namespace sy::host

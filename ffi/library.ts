@@ -1,0 +1,109 @@
+/**
+ * Finds and opens libswitchyard once per process, and checks that it speaks this binding's ABI.
+ *
+ * Where it looks, in order:
+ * 1. `SWITCHYARD_LIBRARY`: the full path of a build (read only when `--allow-env` grants it);
+ * 2. `build/libswitchyard.so` next to this package (what `deno task build` produces), when the
+ *    package runs from a local checkout.
+ *
+ * The library is never closed: native worker threads may still be inside it.
+ *
+ * @module
+ */
+
+import { ALL_STRUCTS } from "./structs.ts";
+import { ABI_VERSION, type Symbols, symbols } from "./symbols.ts";
+
+/** The environment variable that points at a specific build of the library. */
+export const LIBRARY_ENV = "SWITCHYARD_LIBRARY";
+
+/** Why the library could not be used. */
+export interface LoadFailure {
+  /** `LIBRARY_NOT_FOUND` or `ABI_MISMATCH`. */
+  readonly code: "LIBRARY_NOT_FOUND" | "ABI_MISMATCH";
+  /** What went wrong, with the remedy. */
+  readonly message: string;
+  /** Every path tried, with the loader's answer. */
+  readonly tried: readonly string[];
+}
+
+/** The opened library, or why there is none. */
+export type LoadResult =
+  | { readonly ok: true; readonly symbols: Symbols; readonly path: string }
+  | { readonly ok: false; readonly failure: LoadFailure };
+
+let cached: LoadResult | undefined;
+
+function envOverride(): string | undefined {
+  const state = Deno.permissions.querySync({ name: "env", variable: LIBRARY_ENV }).state;
+  return state === "granted" ? Deno.env.get(LIBRARY_ENV) || undefined : undefined;
+}
+
+/** The paths the loader tries, in order. */
+export function candidatePaths(): string[] {
+  const override = envOverride();
+  if (override) return [override];
+  const paths: string[] = [];
+  const local = new URL("../build/libswitchyard.so", import.meta.url);
+  if (local.protocol === "file:") paths.push(decodeURIComponent(local.pathname));
+  return paths;
+}
+
+function checkAbi(lib: Symbols, path: string): LoadFailure | undefined {
+  const abi = lib.sy_abi_version();
+  if (abi !== ABI_VERSION) {
+    return {
+      code: "ABI_MISMATCH",
+      message: `${path} speaks ABI ${abi}, this binding ABI ${ABI_VERSION}; rebuild the library ` +
+        `(deno task build) or point ${LIBRARY_ENV} at a matching build`,
+      tried: [path],
+    };
+  }
+  const sizes = new Uint32Array(ALL_STRUCTS.length);
+  lib.sy_struct_sizes(sizes, sizes.length);
+  for (let i = 0; i < ALL_STRUCTS.length; i++) {
+    if (sizes[i] !== ALL_STRUCTS[i].size) {
+      return {
+        code: "ABI_MISMATCH",
+        message: `${path}: ${ALL_STRUCTS[i].name} is ${sizes[i]} bytes in the library but ` +
+          `${ALL_STRUCTS[i].size} in this binding; rebuild the library (deno task build)`,
+        tried: [path],
+      };
+    }
+  }
+  return undefined;
+}
+
+/** Opens the library on first use; later calls return the same result. */
+export function loadLibrary(): LoadResult {
+  if (cached) return cached;
+  const tried: string[] = [];
+  for (const path of candidatePaths()) {
+    let lib: Deno.DynamicLibrary<typeof symbols>;
+    try {
+      lib = Deno.dlopen(path, symbols);
+    } catch (e) {
+      if (e instanceof Deno.errors.NotCapable) throw e;
+      const why = (e instanceof Error ? e.message : String(e)).replace(/^(Could not open library: )+/, "");
+      tried.push(`${path} (${why})`);
+      continue;
+    }
+    const bad = checkAbi(lib.symbols, path);
+    if (bad) {
+      cached = { ok: false, failure: bad };
+      return cached;
+    }
+    cached = { ok: true, symbols: lib.symbols, path };
+    return cached;
+  }
+  cached = {
+    ok: false,
+    failure: {
+      code: "LIBRARY_NOT_FOUND",
+      message: `libswitchyard not found; tried: ${tried.join("; ") || "nothing"}. Build it with ` +
+        `'deno task build', or set ${LIBRARY_ENV} to the full path of libswitchyard.so`,
+      tried,
+    },
+  };
+  return cached;
+}

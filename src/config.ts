@@ -1,0 +1,90 @@
+/**
+ * Tuning defaults per rank count, and buffer size hints from the library's planner.
+ *
+ * @module
+ */
+
+import { BufferOptions, BufferPlan as PlanStruct, ConfigStruct } from "../ffi/structs.ts";
+import { check, integerArg, native } from "./native.ts";
+
+/** Kernel tuning: SM budget and chunk sizes (tokens). */
+export interface Config {
+  /** SMs the communication kernels may use (even: half send, half receive). */
+  readonly numSms: number;
+  /** Tokens per NVLink publication. */
+  readonly nvlChunkSend: number;
+  /** NVLink receive ring capacity in tokens. */
+  readonly nvlChunkRecv: number;
+  /** Tokens per RDMA publication. */
+  readonly rdmaChunkSend: number;
+  /** RDMA receive ring capacity in tokens. */
+  readonly rdmaChunkRecv: number;
+}
+
+/** The tuned defaults for `ranks` ranks (DeepEP's published table, extended). */
+export function defaultConfig(ranks: number): Config {
+  const c = ConfigStruct.create();
+  check(native().sy_default_config(integerArg("ranks", ranks, 1, 1024), c.bytes), null, "defaultConfig");
+  return {
+    numSms: c.number("num_sms"),
+    nvlChunkSend: c.number("nvl_chunk_send"),
+    nvlChunkRecv: c.number("nvl_chunk_recv"),
+    rdmaChunkSend: c.number("rdma_chunk_send"),
+    rdmaChunkRecv: c.number("rdma_chunk_recv"),
+  };
+}
+
+/** What one rank's communication buffer holds. */
+export interface BufferPlan {
+  /** Bytes one rank allocates. */
+  readonly totalBytes: number;
+  /** Bytes of one dispatched token record. */
+  readonly recordBytes: number;
+  /** Bytes of one combine row. */
+  readonly combineRowBytes: number;
+  /** Bytes of the flag and count header. */
+  readonly headerBytes: number;
+  /** Bytes of the dispatch receive region. */
+  readonly dispatchRegionBytes: number;
+  /** Bytes of the combine receive region. */
+  readonly combineRegionBytes: number;
+  /** Most rows one rank can receive (ranks x maxTokensPerRank). */
+  readonly maxRecvRows: number;
+}
+
+/** Decodes a `sy_buffer_plan`. */
+export function planFromStruct(p: ReturnType<typeof PlanStruct.create>): BufferPlan {
+  return {
+    totalBytes: p.number("total_bytes"),
+    recordBytes: p.number("record_bytes"),
+    combineRowBytes: p.number("combine_row_bytes"),
+    headerBytes: p.number("header_bytes"),
+    dispatchRegionBytes: p.number("dispatch_region_bytes"),
+    combineRegionBytes: p.number("combine_region_bytes"),
+    maxRecvRows: p.number("max_recv_rows"),
+  };
+}
+
+/** What {@linkcode bufferSizeHint} sizes. */
+export interface BufferSizeQuery {
+  /** Ranks in the group. */
+  readonly ranks: number;
+  /** Channels per token. */
+  readonly hidden: number;
+  /** Most tokens one rank dispatches at once. */
+  readonly maxTokensPerRank: number;
+}
+
+/** How much memory a buffer with these settings takes per rank (the library's own plan). */
+export function bufferSizeHint(query: BufferSizeQuery): BufferPlan {
+  const opts = BufferOptions.create()
+    .set("hidden", integerArg("hidden", query.hidden, 1, 2 ** 31 - 1))
+    .set("max_tokens_per_rank", integerArg("maxTokensPerRank", query.maxTokensPerRank, 1, 2 ** 31 - 1));
+  const out = PlanStruct.create();
+  check(
+    native().sy_plan_buffer(opts.bytes, integerArg("ranks", query.ranks, 1, 1024), out.bytes),
+    null,
+    "bufferSizeHint",
+  );
+  return planFromStruct(out);
+}

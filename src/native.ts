@@ -1,0 +1,178 @@
+/**
+ * The bridge to the native library: loading, status checks that turn failures into
+ * SwitchyardErrors, out-parameter handles, and the base class of every native resource.
+ *
+ * @module
+ */
+
+import { loadLibrary } from "../ffi/library.ts";
+import { ErrorInfo } from "../ffi/structs.ts";
+import { Status, type Symbols } from "../ffi/symbols.ts";
+import { type ErrorCode, SwitchyardError, SwitchyardTimeoutError, waitRoleName } from "./errors.ts";
+
+let lib: Symbols | undefined;
+
+/** The library's functions; throws a SwitchyardError when it cannot be loaded. */
+export function native(): Symbols {
+  if (lib) return lib;
+  const result = loadLibrary();
+  if (!result.ok) throw new SwitchyardError(result.failure.code, result.failure.message);
+  lib = result.symbols;
+  return lib;
+}
+
+const CODES: Record<number, ErrorCode> = {
+  [Status.INVALID_ARGUMENT]: "INVALID_ARGUMENT",
+  [Status.WRONG_HANDLE]: "WRONG_HANDLE",
+  [Status.DISPOSED]: "DISPOSED",
+  [Status.OUT_OF_MEMORY]: "OUT_OF_MEMORY",
+  [Status.NO_DEVICE]: "NO_DEVICE",
+  [Status.UNSUPPORTED]: "UNSUPPORTED",
+  [Status.TIMEOUT]: "TIMEOUT",
+  [Status.PEER_FAILED]: "PEER_FAILED",
+  [Status.CUDA]: "CUDA",
+  [Status.ABI_MISMATCH]: "ABI_MISMATCH",
+  [Status.INTERNAL]: "INTERNAL",
+};
+
+/**
+ * The error for a failed call: the details recorded on `handle` (or on this thread when
+ * `handle` is null, which only sync calls may rely on).
+ */
+export function errorFor(status: number, handle: Deno.PointerObject | null, op: string): SwitchyardError {
+  const info = ErrorInfo.create();
+  const rc = native().sy_last_error(handle, info.bytes);
+  const code = CODES[status] ?? "INTERNAL";
+  let message = `${op} failed with status ${status}`;
+  let argument: string | undefined;
+  let rank: number | undefined;
+  if (rc === Status.OK && info.number("status") === status) {
+    message = info.string("message") || message;
+    argument = info.string("argument") || undefined;
+    rank = info.number("rank");
+  }
+  if ((code === "TIMEOUT" || code === "PEER_FAILED") && rc === Status.OK) {
+    return new SwitchyardTimeoutError(code, message, {
+      peerRank: info.number("peer_rank"),
+      role: waitRoleName(info.number("role")),
+      channel: info.number("channel"),
+      expected: info.bigint("expected"),
+      observed: info.bigint("observed"),
+      waitedSeconds: info.number("waited_seconds"),
+    }, { argument, rank });
+  }
+  return new SwitchyardError(code, message, { argument, rank });
+}
+
+/** Throws the SwitchyardError for `status` unless it is OK. */
+export function check(status: number, handle: Deno.PointerObject | null, op: string): void {
+  if (status !== Status.OK) throw errorFor(status, handle, op);
+}
+
+/** An 8-byte out-parameter for a handle. */
+export class OutHandle {
+  /** The buffer handed to C. */
+  readonly cell: BigUint64Array = new BigUint64Array(1);
+  /** The handle C wrote (throws if it wrote NULL). */
+  take(): Deno.PointerObject {
+    const p = Deno.UnsafePointer.create(this.cell[0]);
+    if (p === null) throw new SwitchyardError("INTERNAL", "the library returned a NULL handle");
+    return p;
+  }
+}
+
+type Destroy = (p: Deno.PointerObject) => number;
+
+interface Held {
+  pointer: Deno.PointerObject;
+  destroy: Destroy;
+}
+
+// A backstop only: releases handles whose owners were dropped without being disposed.
+const leaked = new FinalizationRegistry<Held>((held) => {
+  held.destroy(held.pointer);
+});
+
+/**
+ * A reference to one native object. Disposing releases the reference (idempotently); the
+ * native object lives on while in-flight work still uses it. Use after dispose throws a
+ * `SwitchyardError` with code `"DISPOSED"`.
+ */
+export abstract class NativeResource implements Disposable {
+  #pointer: Deno.PointerObject | null;
+  readonly #destroy: Destroy;
+  readonly #what: string;
+
+  /** Takes ownership of `pointer`, released with `destroy`. */
+  protected constructor(pointer: Deno.PointerObject, destroy: Destroy, what: string) {
+    this.#pointer = pointer;
+    this.#destroy = destroy;
+    this.#what = what;
+    leaked.register(this, { pointer, destroy }, this);
+  }
+
+  /** The native handle; throws once disposed. */
+  get pointer(): Deno.PointerObject {
+    if (this.#pointer === null) {
+      throw new SwitchyardError("DISPOSED", `this ${this.#what} was disposed`);
+    }
+    return this.#pointer;
+  }
+
+  /** Whether this reference has been released. */
+  get disposed(): boolean {
+    return this.#pointer === null;
+  }
+
+  /** Releases the native reference. Calling it again does nothing. */
+  [Symbol.dispose](): void {
+    const p = this.#pointer;
+    if (p === null) return;
+    this.#pointer = null;
+    leaked.unregister(this);
+    this.disposeChildren();
+    check(this.#destroy(p), null, `${this.#what} dispose`);
+  }
+
+  /** Subclasses release what they own before their own handle goes. */
+  protected disposeChildren(): void {}
+}
+
+/** Validates an integer argument before it crosses the FFI (which would truncate it). */
+export function integerArg(name: string, value: unknown, min: number, max: number): number {
+  if (typeof value !== "number" || !Number.isInteger(value) || value < min || value > max) {
+    throw new SwitchyardError(
+      "INVALID_ARGUMENT",
+      `${name}: expected an integer in ${min}..${max}, got ${String(value)}`,
+      { argument: name },
+    );
+  }
+  return value;
+}
+
+/** Validates that `value` is an instance of `type` (and names the argument if not). */
+export function instanceArg<T>(
+  name: string,
+  value: unknown,
+  type: abstract new (...args: never[]) => T,
+  typeName: string,
+): T {
+  if (!(value instanceof type)) {
+    throw new SwitchyardError("WRONG_HANDLE", `${name}: expected a ${typeName}, got ${describe(value)}`, {
+      argument: name,
+    });
+  }
+  return value;
+}
+
+function describe(v: unknown): string {
+  if (v === null) return "null";
+  if (typeof v === "object") return (v as object).constructor?.name ?? "an object";
+  return typeof v;
+}
+
+/** The library's version string. */
+export function libraryVersion(): string {
+  const p = native().sy_version_string();
+  return p === null ? "" : Deno.UnsafePointerView.getCString(p);
+}
