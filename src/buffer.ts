@@ -71,6 +71,8 @@ export interface DispatchOptions extends StreamOptions {
   readonly numExperts?: number;
   /** The routing from `layout`: tokens go where its `isTokenInRank` says. */
   readonly layout?: DispatchLayout;
+  /** `[T, R]` bool: explicit destinations of each token (instead of `layout`). */
+  readonly isTokenInRank?: Tensor;
   /** Cached dispatch: reuse this routing (no top-k, no host wait). */
   readonly handle?: DispatchHandle;
   /** Round per-expert counts (and expanded groups) up to this many rows. Default 1. */
@@ -106,6 +108,19 @@ function flag(name: string, v: unknown): number {
     throw new SwitchyardError("INVALID_ARGUMENT", `${name}: expected a boolean, got ${typeof v}`, { argument: name });
   }
   return v ? 1 : 0;
+}
+
+/** The token-in-rank matrix of the options: `isTokenInRank`, or the one of `layout`. */
+function routingOf(o: DispatchOptions): Deno.PointerObject | null {
+  if (o.isTokenInRank !== undefined && o.layout !== undefined) {
+    throw new SwitchyardError("INVALID_ARGUMENT", "isTokenInRank: pass either layout or isTokenInRank", {
+      argument: "isTokenInRank",
+    });
+  }
+  if (o.layout !== undefined) {
+    return instanceArg("layout", o.layout, DispatchLayout, "DispatchLayout").isTokenInRank.pointer;
+  }
+  return optionalTensor("isTokenInRank", o.isTokenInRank);
 }
 
 /** Encodes the stream options into an args struct. */
@@ -218,12 +233,7 @@ export class EpBuffer extends NativeResource {
       .setPointer("x_scales", optionalTensor("xScales", options.xScales))
       .setPointer("topk_idx", optionalTensor("topkIdx", options.topkIdx))
       .setPointer("topk_weights", optionalTensor("topkWeights", options.topkWeights))
-      .setPointer(
-        "is_token_in_rank",
-        options.layout === undefined
-          ? null
-          : instanceArg("layout", options.layout, DispatchLayout, "DispatchLayout").isTokenInRank.pointer,
-      )
+      .setPointer("is_token_in_rank", routingOf(options))
       .setPointer(
         "handle",
         options.handle === undefined

@@ -381,7 +381,7 @@ SY_API sy_status sy_stream_synchronize(sy_stream stream, int64_t timeout_ms) {
   return guarded(stream, [&]() -> Error {
     std::shared_ptr<Stream> s;
     SY_TRY(resolve(stream, Kind::Stream, "stream", &s));
-    return s->synchronize(Deadline::after_ms(timeout_ms > 0 ? timeout_ms : s->group->timeout_ms));
+    return s->synchronize(Deadline::after_ms(timeout_ms > 0 ? timeout_ms : outer_timeout_ms(s->group->timeout_ms)));
   });
 }
 
@@ -429,7 +429,7 @@ SY_API sy_status sy_event_synchronize(sy_event event, int64_t timeout_ms) {
   return guarded(event, [&]() -> Error {
     std::shared_ptr<Event> e;
     SY_TRY(resolve(event, Kind::Event, "event", &e));
-    return e->synchronize(Deadline::after_ms(timeout_ms > 0 ? timeout_ms : e->group->timeout_ms));
+    return e->synchronize(Deadline::after_ms(timeout_ms > 0 ? timeout_ms : outer_timeout_ms(e->group->timeout_ms)));
   });
 }
 
@@ -501,7 +501,7 @@ SY_API sy_status sy_tensor_write(sy_tensor tensor, sy_stream stream, const void*
     std::shared_ptr<Tensor> t;
     std::shared_ptr<Stream> s;
     SY_TRY(tensor_copy_args(tensor, stream, src, bytes, &t, &s));
-    Deadline d = Deadline::after_ms(timeout_ms > 0 ? timeout_ms : t->group->timeout_ms);
+    Deadline d = Deadline::after_ms(timeout_ms > 0 ? timeout_ms : outer_timeout_ms(t->group->timeout_ms));
     return t->group->backend->write_tensor(*s, t, src, d);
   });
 }
@@ -512,7 +512,7 @@ SY_API sy_status sy_tensor_read(sy_tensor tensor, sy_stream stream, void* dst, u
     std::shared_ptr<Tensor> t;
     std::shared_ptr<Stream> s;
     SY_TRY(tensor_copy_args(tensor, stream, dst, bytes, &t, &s));
-    Deadline d = Deadline::after_ms(timeout_ms > 0 ? timeout_ms : t->group->timeout_ms);
+    Deadline d = Deadline::after_ms(timeout_ms > 0 ? timeout_ms : outer_timeout_ms(t->group->timeout_ms));
     return t->group->backend->read_tensor(*s, t, dst, d);
   });
 }

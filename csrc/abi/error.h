@@ -57,6 +57,11 @@ struct Deadline {
 
 double now_seconds();
 
+// Deadlines nest: a wait on the result of work that itself waits with deadline `ms` (a stream
+// waiting on another's event, the host waiting on a stream or on dispatch counts) gets this much
+// longer, so the inner wait's report, which names the missing peer, arrives first.
+inline int64_t outer_timeout_ms(int64_t ms) { return 2 * ms + 1000; }
+
 // A timeout error with a message that names the waiter, the peer and the counter.
 Error timeout_error(const core::WaitFailure& w, const std::string& what);
 

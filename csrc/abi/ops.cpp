@@ -352,13 +352,14 @@ Error op_dispatch(BufferCore& buf, const DispatchRequest& req, DispatchOutputs* 
     // The host waits for the counts, then sizes the outputs exactly. The deadline is longer
     // than the peers' own, so their report (which names the missing rank) arrives first.
     const int64_t t = req.timeout_ms > 0 ? req.timeout_ms : buf.timeout_ms;
-    SY_TRY(backend.dispatch_wait_counts(*w, Deadline::after_ms(2 * t + 1000)));
+    SY_TRY(backend.dispatch_wait_counts(*w, Deadline::after_ms(outer_timeout_ms(t))));
     int64_t rows = w->num_recv_tokens;
     if (w->layout == SY_LAYOUT_EXPANDED) {
       rows = core::expanded_rows(w->expert_counts_exact.data(), w->num_local_experts,
                                  w->expert_alignment, nullptr);
     }
     SY_TRY(size_handle(buf, h, w->num_recv_tokens, rows));
+    h.num_recv_tokens.store(w->num_recv_tokens);
     SY_TRY(allocate_outputs(buf, *w, rows));
     std::lock_guard<std::mutex> hl(h.mu);
     h.expert_counts = aligned(w->expert_counts_exact, w->expert_alignment);

@@ -80,7 +80,7 @@ Error HostStream::wait_event(Event& event) {
   if (he == nullptr) return fail(SY_ERROR_WRONG_HANDLE, "event: not a host-backend event", "event");
   std::shared_ptr<Marker> m = he->marker();
   if (!m) return ok();
-  int64_t timeout_ms = st_->timeout_ms;
+  int64_t timeout_ms = outer_timeout_ms(st_->timeout_ms);
   int rank = st_->rank;
   enqueue([m, timeout_ms, rank](StreamState&) -> Error {
     Deadline d = Deadline::after_ms(timeout_ms);

@@ -219,7 +219,9 @@ SY_API sy_status sy_stream_create(sy_rank rank, sy_stream* out);
 SY_API sy_status sy_stream_destroy(sy_stream stream);
 SY_API sy_status sy_stream_wait_event(sy_stream stream, sy_event event);
 /* Blocks until all work enqueued so far has run; reports (and clears) a failure of that work.
- * timeout_ms <= 0 uses the rank's deadline. Meant to be called off the JS thread. */
+ * timeout_ms <= 0 waits twice the group's deadline plus a second, so that a wait inside the work
+ * times out first and its report (naming the peer) is what comes back. Meant for worker
+ * threads. The same default applies to every host wait below. */
 SY_API sy_status sy_stream_synchronize(sy_stream stream, int64_t timeout_ms);
 
 SY_API sy_status sy_event_create(sy_rank rank, sy_event* out);

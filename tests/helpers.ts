@@ -1,0 +1,173 @@
+/** Shared test fixtures: scenarios, their inputs, and uploading them to ranks. */
+
+import { EpBuffer, Group, randomFloats, randomRouting, type Rank, Rng, type Tensor, toBF16 } from "../mod.ts";
+import { Tensor as TensorClass } from "../mod.ts";
+import type { RankInput, Shape } from "./reference.ts";
+
+/** A dispatch scenario: every rank's tokens and routing. */
+export interface Scenario {
+  readonly ranks: number;
+  readonly tokens: readonly number[];
+  readonly hidden: number;
+  readonly experts: number;
+  readonly topk: number;
+  readonly seed: number;
+  readonly zipf?: number;
+  readonly drop?: number;
+  readonly fp8?: boolean;
+  /** FP8 scales: packed UE8M0 words instead of f32. */
+  readonly ue8m0?: boolean;
+  /** FP8 scales stored column-major (stride 1 along tokens). */
+  readonly columnMajorScales?: boolean;
+  /** Route no token to the last rank. */
+  readonly starveLastRank?: boolean;
+  /** Route by an explicit token-in-rank matrix only (no top-k). */
+  readonly routeWithoutTopk?: boolean;
+}
+
+/** The generated per-rank data, in host arrays. */
+export interface ScenarioData {
+  readonly shape: Shape;
+  readonly inputs: RankInput[];
+  readonly topkIdx: BigInt64Array[];
+  readonly scaleCols: number;
+}
+
+/** Payload bytes per row. */
+export function rowBytes(s: Scenario): number {
+  return s.hidden * (s.fp8 ? 1 : 2);
+}
+
+/** Generates every rank's data for `s`. */
+export function generate(s: Scenario): ScenarioData {
+  const scaleCols = !s.fp8 ? 0 : s.ue8m0 ? Math.ceil(s.hidden / 512) : Math.ceil(s.hidden / 128);
+  const perRank = s.experts / s.ranks;
+  const usable = s.starveLastRank ? s.experts - perRank : s.experts;
+  const inputs: RankInput[] = [];
+  const topkIdx: BigInt64Array[] = [];
+  for (let r = 0; r < s.ranks; r++) {
+    const T = s.tokens[r];
+    const routing = randomRouting({
+      tokens: T,
+      experts: usable,
+      topk: s.topk,
+      seed: s.seed * 1000 + r,
+      zipf: s.zipf,
+      dropProbability: s.drop,
+    });
+    topkIdx.push(routing.topkIdx);
+    const rng = new Rng(s.seed * 7919 + r);
+    let x: Uint8Array;
+    if (s.fp8) {
+      x = new Uint8Array(T * s.hidden);
+      for (let i = 0; i < x.length; i++) x[i] = rng.int(256);
+    } else {
+      const bits = toBF16(randomFloats(T * s.hidden, s.seed * 31 + r));
+      x = new Uint8Array(bits.buffer);
+    }
+    const scales = new Uint32Array(T * scaleCols);
+    for (let i = 0; i < scales.length; i++) scales[i] = (rng.int(0x10000) << 16) | rng.int(0x10000);
+    const topk = Array.from(routing.topkIdx, Number);
+    let isTokenInRank: Uint8Array | undefined;
+    if (s.routeWithoutTopk) {
+      isTokenInRank = new Uint8Array(T * s.ranks);
+      for (let i = 0; i < isTokenInRank.length; i++) isTokenInRank[i] = rng.next() < 0.4 ? 1 : 0;
+    }
+    inputs.push({
+      tokens: T,
+      x,
+      scales: scaleCols ? scales : undefined,
+      topk: s.routeWithoutTopk ? undefined : topk,
+      weights: s.routeWithoutTopk ? undefined : routing.topkWeights,
+      isTokenInRank,
+    });
+  }
+  return {
+    shape: {
+      ranks: s.ranks,
+      experts: s.experts,
+      topk: s.routeWithoutTopk ? 0 : s.topk,
+      rowBytes: rowBytes(s),
+      scales: scaleCols,
+    },
+    inputs,
+    topkIdx,
+    scaleCols,
+  };
+}
+
+/** One rank's inputs as tensors. */
+export interface Uploaded extends Disposable {
+  readonly x: Tensor;
+  readonly scales?: Tensor;
+  readonly topkIdx?: Tensor;
+  readonly topkWeights?: Tensor;
+  readonly isTokenInRank?: Tensor;
+}
+
+/** Uploads rank `r`'s inputs of `d` to `rank`. */
+export async function upload(rank: Rank, s: Scenario, d: ScenarioData, r: number): Promise<Uploaded> {
+  const input = d.inputs[r];
+  const T = input.tokens;
+  const x = s.fp8
+    ? await TensorClass.from(rank, input.x, { dtype: "fp8_e4m3", shape: [T, s.hidden] })
+    : await TensorClass.from(rank, new Uint16Array(input.x.buffer, input.x.byteOffset, T * s.hidden), {
+      dtype: "bf16",
+      shape: [T, s.hidden],
+    });
+  let scales: Tensor | undefined;
+  if (input.scales) {
+    const dtype = s.ue8m0 ? "i32" : "f32";
+    const strides = s.columnMajorScales ? [1, Math.max(T, 1)] : undefined;
+    scales = TensorClass.empty(rank, { dtype, shape: [T, d.scaleCols], strides });
+    const data = s.ue8m0
+      ? new Int32Array(input.scales.buffer.slice(0))
+      : new Float32Array(input.scales.buffer.slice(0));
+    await scales.write(data);
+  }
+  const topkIdx = input.topk ? await TensorClass.from(rank, d.topkIdx[r], { shape: [T, s.topk] }) : undefined;
+  const topkWeights = input.weights ? await TensorClass.from(rank, input.weights, { shape: [T, s.topk] }) : undefined;
+  const isTokenInRank = input.isTokenInRank
+    ? await TensorClass.from(rank, input.isTokenInRank, { dtype: "bool", shape: [T, s.ranks] })
+    : undefined;
+  return {
+    x,
+    scales,
+    topkIdx,
+    topkWeights,
+    isTokenInRank,
+    [Symbol.dispose]() {
+      for (const t of [x, scales, topkIdx, topkWeights, isTokenInRank]) t?.[Symbol.dispose]();
+    },
+  };
+}
+
+/** A group with one buffer per rank; disposing releases all. */
+export interface Fixture extends Disposable {
+  readonly group: Group;
+  readonly buffers: EpBuffer[];
+}
+
+/** Creates a host group of `ranks` with buffers sized for `maxTokens` tokens of `hidden`. */
+export function fixture(ranks: number, hidden: number, maxTokens: number, timeoutMs = 20000): Fixture {
+  const group = Group.local({ ranks, backend: "host", timeoutMs });
+  const buffers = group.createBuffers({ hidden, maxTokensPerRank: Math.max(maxTokens, 1) });
+  return {
+    group,
+    buffers,
+    [Symbol.dispose]() {
+      for (const b of buffers) b[Symbol.dispose]();
+      group[Symbol.dispose]();
+    },
+  };
+}
+
+/** Bytes of a typed array, for bit-exact comparisons. */
+export function bytesOf(a: ArrayBufferView): Uint8Array {
+  return new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+}
+
+/** Random BF16 bits, seeded. */
+export function randomBF16(n: number, seed: number, scale = 1): Uint16Array {
+  return toBF16(randomFloats(n, seed, scale));
+}
