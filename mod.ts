@@ -33,7 +33,7 @@ export { type Backend, Group, type LocalGroupOptions } from "./src/group.ts";
 export { Rank } from "./src/rank.ts";
 export { Stream } from "./src/stream.ts";
 export { Event } from "./src/event.ts";
-export { type CopyOptions, Tensor, type TensorSpec } from "./src/tensor.ts";
+export { type CopyOptions, type DTypeOf, Tensor, type TensorSpec } from "./src/tensor.ts";
 export {
   type CombineOptions,
   type DispatchOptions,

@@ -272,7 +272,6 @@ export class EpBuffer extends NativeResource {
       event: ev ? new Event(ev, this.rank) : undefined,
       numRecvTokens: recv < 0 ? null : recv,
       numRows: res.number("num_rows"),
-      numRecvTokensPerExpert: handle.numRecvTokensPerExpert(),
     });
   }
 

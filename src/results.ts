@@ -53,8 +53,6 @@ export interface DispatchParts {
   readonly numRecvTokens: number | null;
   /** Rows of `recvX`. */
   readonly numRows: number;
-  /** Received tokens per local expert, aligned; empty in worst-case mode. */
-  readonly numRecvTokensPerExpert: readonly number[];
 }
 
 /** What `EpBuffer.dispatch` returns. */
@@ -77,8 +75,7 @@ export class DispatchResult implements DispatchParts, Disposable {
   readonly numRecvTokens: number | null;
   /** Rows of `recvX`. */
   readonly numRows: number;
-  /** Received tokens per local expert, aligned; empty in worst-case mode. */
-  readonly numRecvTokensPerExpert: readonly number[];
+  #perExpert?: readonly number[];
 
   /** Creates the result (the library does). */
   constructor(parts: DispatchParts) {
@@ -91,7 +88,15 @@ export class DispatchResult implements DispatchParts, Disposable {
     this.event = parts.event;
     this.numRecvTokens = parts.numRecvTokens;
     this.numRows = parts.numRows;
-    this.numRecvTokensPerExpert = parts.numRecvTokensPerExpert;
+  }
+
+  /**
+   * Received tokens per local expert, rounded up to the expert alignment (DeepEP's
+   * `num_recv_tokens_per_expert_list`); empty in worst-case mode and without top-k.
+   */
+  get numRecvTokensPerExpert(): readonly number[] {
+    this.#perExpert ??= Object.freeze(this.handle.numRecvTokensPerExpert());
+    return this.#perExpert;
   }
 
   /** Releases the tensors, the handle and the event. */

@@ -39,6 +39,13 @@ export interface TensorSpec<D extends DType = DType> {
   readonly strides?: readonly number[];
 }
 
+/** The dtype a typed array implies (Uint8Array: bool or fp8_e4m3, so both). */
+export type DTypeOf<A> = A extends Float32Array ? "f32"
+  : A extends Int32Array ? "i32"
+  : A extends BigInt64Array ? "i64"
+  : A extends Uint16Array ? "bf16"
+  : "bool" | "fp8_e4m3";
+
 /** Options of the stream-ordered copies. */
 export interface CopyOptions {
   /** The stream the copy is ordered on (default: the rank's compute stream). */
@@ -70,19 +77,20 @@ function denseSize(shape: readonly number[]): number {
 export class Tensor<D extends DType = DType> extends NativeResource {
   /** The rank whose memory holds the tensor. */
   readonly rank: Rank;
-  /** Element type. */
-  readonly dtype: D;
-  /** Size of each dimension. */
-  readonly shape: readonly number[];
-  /** Elements between neighbours along each dimension. */
-  readonly strides: readonly number[];
+  #described?: { dtype: D; shape: readonly number[]; strides: readonly number[] };
 
-  /** Wraps an owned `sy_tensor` handle, reading its description. */
+  /** Wraps an owned `sy_tensor` handle. */
   constructor(pointer: Deno.PointerObject, rank: Rank) {
     super(pointer, (p) => native().sy_tensor_destroy(p), "tensor");
     this.rank = rank;
+  }
+
+  // Read from the library on first use: most outputs are passed on, never inspected.
+  #describe(): { dtype: D; shape: readonly number[]; strides: readonly number[] } {
+    if (this.#described) return this.#described;
+    const p = this.pointer;
     const desc = TensorDesc.create();
-    check(native().sy_tensor_describe(pointer, desc.bytes), pointer, "tensor describe");
+    check(native().sy_tensor_describe(p, desc.bytes), p, "tensor describe");
     const ndim = desc.number("ndim");
     const shape: number[] = [];
     const strides: number[] = [];
@@ -90,9 +98,27 @@ export class Tensor<D extends DType = DType> extends NativeResource {
       shape.push(Number(desc.getArray("shape", i)));
       strides.push(Number(desc.getArray("strides", i)));
     }
-    this.dtype = dtypeFromCode(desc.number("dtype")) as D;
-    this.shape = Object.freeze(shape);
-    this.strides = Object.freeze(strides);
+    this.#described = {
+      dtype: dtypeFromCode(desc.number("dtype")) as D,
+      shape: Object.freeze(shape),
+      strides: Object.freeze(strides),
+    };
+    return this.#described;
+  }
+
+  /** Element type. */
+  get dtype(): D {
+    return this.#describe().dtype;
+  }
+
+  /** Size of each dimension. */
+  get shape(): readonly number[] {
+    return this.#describe().shape;
+  }
+
+  /** Elements between neighbours along each dimension. */
+  get strides(): readonly number[] {
+    return this.#describe().strides;
   }
 
   /** Number of elements. */
@@ -134,9 +160,9 @@ export class Tensor<D extends DType = DType> extends NativeResource {
    * when it implies one (Float32Array, Int32Array, BigInt64Array, Uint16Array = bf16); a
    * Uint8Array needs `dtype` (`"bool"` or `"fp8_e4m3"`).
    */
-  static async from<D extends DType>(
+  static async from<A extends TensorArray, D extends DType = DTypeOf<A>>(
     rank: Rank,
-    data: DTypeArray[D],
+    data: A,
     spec: { readonly dtype?: D; readonly shape: readonly number[]; readonly strides?: readonly number[] },
     options: CopyOptions = {},
   ): Promise<Tensor<D>> {

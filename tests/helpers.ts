@@ -1,7 +1,6 @@
 /** Shared test fixtures: scenarios, their inputs, and uploading them to ranks. */
 
-import { EpBuffer, Group, randomFloats, randomRouting, type Rank, Rng, type Tensor, toBF16 } from "../mod.ts";
-import { Tensor as TensorClass } from "../mod.ts";
+import { type EpBuffer, Group, randomFloats, randomRouting, type Rank, Rng, Tensor, toBF16 } from "../mod.ts";
 import type { RankInput, Shape } from "./reference.ts";
 
 /** A dispatch scenario: every rank's tokens and routing. */
@@ -110,8 +109,8 @@ export async function upload(rank: Rank, s: Scenario, d: ScenarioData, r: number
   const input = d.inputs[r];
   const T = input.tokens;
   const x = s.fp8
-    ? await TensorClass.from(rank, input.x, { dtype: "fp8_e4m3", shape: [T, s.hidden] })
-    : await TensorClass.from(rank, new Uint16Array(input.x.buffer, input.x.byteOffset, T * s.hidden), {
+    ? await Tensor.from(rank, input.x, { dtype: "fp8_e4m3", shape: [T, s.hidden] })
+    : await Tensor.from(rank, new Uint16Array(input.x.buffer, input.x.byteOffset, T * s.hidden), {
       dtype: "bf16",
       shape: [T, s.hidden],
     });
@@ -119,16 +118,16 @@ export async function upload(rank: Rank, s: Scenario, d: ScenarioData, r: number
   if (input.scales) {
     const dtype = s.ue8m0 ? "i32" : "f32";
     const strides = s.columnMajorScales ? [1, Math.max(T, 1)] : undefined;
-    scales = TensorClass.empty(rank, { dtype, shape: [T, d.scaleCols], strides });
+    scales = Tensor.empty(rank, { dtype, shape: [T, d.scaleCols], strides });
     const data = s.ue8m0
       ? new Int32Array(input.scales.buffer.slice(0))
       : new Float32Array(input.scales.buffer.slice(0));
     await scales.write(data);
   }
-  const topkIdx = input.topk ? await TensorClass.from(rank, d.topkIdx[r], { shape: [T, s.topk] }) : undefined;
-  const topkWeights = input.weights ? await TensorClass.from(rank, input.weights, { shape: [T, s.topk] }) : undefined;
+  const topkIdx = input.topk ? await Tensor.from(rank, d.topkIdx[r], { shape: [T, s.topk] }) : undefined;
+  const topkWeights = input.weights ? await Tensor.from(rank, input.weights, { shape: [T, s.topk] }) : undefined;
   const isTokenInRank = input.isTokenInRank
-    ? await TensorClass.from(rank, input.isTokenInRank, { dtype: "bool", shape: [T, s.ranks] })
+    ? await Tensor.from(rank, input.isTokenInRank, { dtype: "bool", shape: [T, s.ranks] })
     : undefined;
   return {
     x,

@@ -23,8 +23,8 @@ Error timeout_error(const core::WaitFailure& w, const std::string& what) {
   char buf[768];
   if (w.peer >= 0) {
     std::snprintf(buf, sizeof buf,
-                  "rank %d timed out after %.3f s waiting for rank %d in %s (%s: expected %lld, "
-                  "saw %lld)",
+                  "rank %d timed out after %.3f s waiting for rank %d in %s (%s; its flag: "
+                  "expected %lld, saw %lld)",
                   w.rank, w.waited_seconds, w.peer, core::wait_role_name(w.role), what.c_str(),
                   (long long)w.expected, (long long)w.observed);
   } else {

@@ -76,6 +76,13 @@ Error check_tensor_arg(const char* arg, const std::shared_ptr<Tensor>& t, const 
   return t ? check_owner(arg, *t, buf.group.get(), buf.rank) : ok();
 }
 
+// Top-k entries per token: 1..kMaxTopk (records reserve that many).
+Error check_topk_width(const char* arg, int64_t k) {
+  if (k >= 1 && k <= core::kMaxTopk) return ok();
+  return invalid(arg, std::string(arg) + ": 1 to " + std::to_string(core::kMaxTopk) +
+                          " experts per token are supported, got " + std::to_string(k));
+}
+
 Error check_handle(const DispatchHandle& h, const BufferCore& buf) {
   if (h.set != buf.set.get() || h.rank != buf.rank) {
     return fail(SY_ERROR_WRONG_HANDLE,
@@ -95,7 +102,7 @@ Error op_layout(BufferCore& buf, const LayoutRequest& req, LayoutOutputs* out) {
   SY_TRY(check_owner("topkIdx", topk, buf.group.get(), buf.rank));
   SY_TRY(check_dtype("topkIdx", topk, {DType::I64, DType::I32}));
   SY_TRY(check_shape("topkIdx", topk, {-1, -1}, "tokens, topk"));
-  SY_TRY(check_range("topkIdx: topk", topk.shape[1], 1, core::kMaxTopk));
+  SY_TRY(check_topk_width("topkIdx", topk.shape[1]));
   const int R = buf.group->num_ranks;
   SY_TRY(check_range("numExperts", req.num_experts, 1, int64_t(R) * core::kMaxExpertsPerRank));
   if (req.num_experts % R != 0) {
@@ -207,7 +214,7 @@ Error validate_dispatch(const BufferCore& buf, const DispatchRequest& req, Dispa
       const Tensor& ti = *req.topk_idx;
       SY_TRY(check_dtype("topkIdx", ti, {DType::I64, DType::I32}));
       SY_TRY(check_shape("topkIdx", ti, {T, -1}, "tokens, topk"));
-      SY_TRY(check_range("topkIdx: topk", ti.shape[1], 1, core::kMaxTopk));
+      SY_TRY(check_topk_width("topkIdx", ti.shape[1]));
       if (!req.topk_weights) return invalid("topkWeights", "topkWeights: required with topkIdx");
       SY_TRY(check_dtype("topkWeights", *req.topk_weights, {DType::F32}));
       SY_TRY(check_shape("topkWeights", *req.topk_weights, {T, ti.shape[1]}, "tokens, topk"));
@@ -405,7 +412,7 @@ Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out
     }
     SY_TRY(check_dtype("topkWeights", *req.topk_weights, {DType::F32}));
     SY_TRY(check_shape("topkWeights", *req.topk_weights, {h.num_rows, -1}, "rows, topk"));
-    SY_TRY(check_range("topkWeights: topk", req.topk_weights->shape[1], 1, core::kMaxTopk));
+    SY_TRY(check_topk_width("topkWeights", req.topk_weights->shape[1]));
     topk = int(req.topk_weights->shape[1]);
   }
   for (const auto* b : {&req.bias0, &req.bias1}) {

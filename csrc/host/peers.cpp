@@ -123,8 +123,8 @@ Error Peers::wait_all(uint64_t off_array, core::WaitRole role) {
         missing += 1;
         if (missing <= 16) still += (still.empty() ? "" : ", ") + std::to_string(r);
       }
-      return timeout_error(w, "operation " + std::to_string(epoch_) + "; ranks not arrived: " +
-                                  still + (missing > 16 ? ", ..." : ""));
+      return timeout_error(w, "operation " + std::to_string(epoch_) + " of this buffer; missing: rank" +
+                                  (missing > 1 ? "s " : " ") + still + (missing > 16 ? ", ..." : ""));
     }
     futex_wait(bell, ring_seen, std::min(left, 0.05));
   }

@@ -1,0 +1,36 @@
+/** The demo (`deno task demo`) runs, prints what it promises, and exits 0 on a correct round trip. */
+
+import assert from "node:assert/strict";
+
+Deno.test("the demo reports routing, timings and a passing round trip", async () => {
+  const demo = new URL("../src/cli/demo.ts", import.meta.url).pathname;
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-ffi",
+      "--allow-env",
+      "--allow-read",
+      demo,
+      "--tokens",
+      "48",
+      "--hidden",
+      "1024",
+      "--iterations",
+      "2",
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 0, text);
+  for (
+    const line of [
+      /8 ranks on (host|cuda), 48 tokens\/rank, hidden 1024, 256 experts, top-8/,
+      /tokens received per rank: \[[\d, ]+\]\s+imbalance \(max\/mean\) \d+\.\d\d/,
+      /tokens per expert: min \d+, mean 12\.0, max \d+\s+imbalance \d+\.\d\d/,
+      /dispatch: [\d.]+ ms median of 2/,
+      /combine: +[\d.]+ ms median of 2/,
+      /round trip combine\(dispatch\(x\)\) == x: OK/,
+    ]
+  ) assert.match(text, line);
+});

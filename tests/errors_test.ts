@@ -1,0 +1,300 @@
+/**
+ * Bad input is a SwitchyardError that names the argument: never a crash, a hang or a silent
+ * truncation. Checked on the TypeScript side, in the C ABI (also called directly, bypassing the
+ * TypeScript checks), and inside the operations (data the host cannot see at enqueue time).
+ */
+
+import assert from "node:assert/strict";
+import { DispatchArgs, DispatchResult as DispatchStruct } from "../ffi/structs.ts";
+import { backendInfo, type ErrorCode, Group, Stream, SwitchyardError, SwitchyardTimeoutError, Tensor } from "../mod.ts";
+import { errorFor, native } from "../src/native.ts";
+import { Status } from "../ffi/symbols.ts";
+import { fixture, randomBF16 } from "./helpers.ts";
+
+/** Asserts that `fn` throws or rejects with `code` naming `argument`. */
+async function expectError(fn: () => unknown, code: ErrorCode, argument?: string): Promise<SwitchyardError> {
+  let caught: unknown;
+  try {
+    await fn();
+  } catch (e) {
+    caught = e;
+  }
+  assert.ok(caught instanceof SwitchyardError, `expected a SwitchyardError, got ${caught}`);
+  assert.equal(caught.code, code, caught.message);
+  if (argument !== undefined) {
+    assert.equal(caught.argument, argument, caught.message);
+    assert.ok(caught.message.includes(argument), `the message names ${argument}: ${caught.message}`);
+  }
+  return caught;
+}
+
+const H = 64, T = 8, E = 8, K = 2;
+
+Deno.test("bad inputs are rejected with errors that name the argument", async (t) => {
+  using fx = fixture(2, H, 16, 2000);
+  const [rank0, rank1] = fx.group.ranks;
+  const buf = fx.buffers[0];
+  using x = await Tensor.from(rank0, randomBF16(T * H, 1), { shape: [T, H] });
+  using topkIdx = await Tensor.from(rank0, new BigInt64Array(T * K).map((_, i) => BigInt(i % E)), { shape: [T, K] });
+  using weights = await Tensor.from(rank0, new Float32Array(T * K).fill(0.5), { shape: [T, K] });
+  const ok = { topkIdx, topkWeights: weights, numExperts: E };
+
+  await t.step("x: wrong dtype", async () => {
+    using bad = Tensor.empty(rank0, { dtype: "f32", shape: [T, H] });
+    await expectError(() => buf.dispatch(bad, ok), "INVALID_ARGUMENT", "x");
+  });
+  await t.step("x: wrong hidden size", async () => {
+    using bad = Tensor.empty(rank0, { dtype: "bf16", shape: [T, H / 2] });
+    await expectError(() => buf.dispatch(bad, ok), "INVALID_ARGUMENT", "x");
+  });
+  await t.step("x: more tokens than maxTokensPerRank", async () => {
+    using bad = Tensor.empty(rank0, { dtype: "bf16", shape: [17, H] });
+    const e = await expectError(() => buf.dispatch(bad, ok), "INVALID_ARGUMENT", "x");
+    assert.match(e.message, /17 tokens exceed the buffer's maxTokensPerRank \(16\)/);
+  });
+  await t.step("x: not contiguous along hidden", async () => {
+    using bad = Tensor.empty(rank0, { dtype: "bf16", shape: [T, H], strides: [1, T] });
+    await expectError(() => buf.dispatch(bad, ok), "INVALID_ARGUMENT", "x");
+  });
+  await t.step("topkIdx: wrong dtype", async () => {
+    using bad = Tensor.empty(rank0, { dtype: "f32", shape: [T, K] });
+    await expectError(() => buf.dispatch(x, { ...ok, topkIdx: bad }), "INVALID_ARGUMENT", "topkIdx");
+  });
+  await t.step("topkIdx: rows differ from x", async () => {
+    using bad = Tensor.empty(rank0, { dtype: "i64", shape: [T - 1, K] });
+    await expectError(() => buf.dispatch(x, { ...ok, topkIdx: bad }), "INVALID_ARGUMENT", "topkIdx");
+  });
+  await t.step("topkIdx: more than 32 entries per token", async () => {
+    using bad = Tensor.empty(rank0, { dtype: "i64", shape: [T, 33] });
+    await expectError(() => buf.dispatch(x, { ...ok, topkIdx: bad }), "INVALID_ARGUMENT", "topkIdx");
+  });
+  await t.step("topkWeights: missing", async () => {
+    await expectError(() => buf.dispatch(x, { topkIdx, numExperts: E }), "INVALID_ARGUMENT", "topkWeights");
+  });
+  await t.step("topkWeights: wrong shape", async () => {
+    using bad = Tensor.empty(rank0, { dtype: "f32", shape: [T, K + 1] });
+    await expectError(() => buf.dispatch(x, { ...ok, topkWeights: bad }), "INVALID_ARGUMENT", "topkWeights");
+  });
+  await t.step("numExperts: not divisible by the ranks", async () => {
+    await expectError(() => buf.dispatch(x, { ...ok, numExperts: 7 }), "INVALID_ARGUMENT", "numExperts");
+    await expectError(() => buf.layout(topkIdx, { numExperts: 7 }), "INVALID_ARGUMENT", "numExperts");
+  });
+  await t.step("numExperts: not an integer", async () => {
+    await expectError(() => buf.dispatch(x, { ...ok, numExperts: 1.5 }), "INVALID_ARGUMENT", "numExperts");
+  });
+  await t.step("xScales: missing for FP8, wrong shape, or given for BF16", async () => {
+    using fp8 = Tensor.empty(rank0, { dtype: "fp8_e4m3", shape: [T, H] });
+    await expectError(() => buf.dispatch(fp8, ok), "INVALID_ARGUMENT", "xScales");
+    using badScales = Tensor.empty(rank0, { dtype: "f32", shape: [T, 2] });
+    await expectError(() => buf.dispatch(fp8, { ...ok, xScales: badScales }), "INVALID_ARGUMENT", "xScales");
+    using scales = Tensor.empty(rank0, { dtype: "f32", shape: [T, 1] });
+    await expectError(() => buf.dispatch(x, { ...ok, xScales: scales }), "INVALID_ARGUMENT", "xScales");
+  });
+  await t.step("expertAlignment and numWorstTokens: out of range", async () => {
+    await expectError(() => buf.dispatch(x, { ...ok, expertAlignment: 0 }), "INVALID_ARGUMENT", "expertAlignment");
+    await expectError(() => buf.dispatch(x, { ...ok, numWorstTokens: -1 }), "INVALID_ARGUMENT", "numWorstTokens");
+  });
+  await t.step("allocateOnCommStream: without previousEvent and asyncFinish", async () => {
+    await expectError(
+      () => buf.dispatch(x, { ...ok, allocateOnCommStream: true }),
+      "INVALID_ARGUMENT",
+      "allocateOnCommStream",
+    );
+  });
+  await t.step("a disposed tensor", async () => {
+    const gone = Tensor.empty(rank0, { dtype: "bf16", shape: [T, H] });
+    gone[Symbol.dispose]();
+    gone[Symbol.dispose](); // idempotent
+    await expectError(() => buf.dispatch(gone, ok), "DISPOSED");
+    await expectError(() => gone.read(), "DISPOSED");
+  });
+  await t.step("a handle of the wrong kind", async () => {
+    using s = Stream.create(rank0);
+    await expectError(() => buf.dispatch(s as unknown as Tensor, ok), "WRONG_HANDLE", "x");
+    await expectError(() => buf.dispatch(x, { ...ok, handle: x as never }), "WRONG_HANDLE", "handle");
+  });
+  await t.step("a tensor or stream of another rank", async () => {
+    using other = Tensor.empty(rank1, { dtype: "bf16", shape: [T, H] });
+    const e = await expectError(() => buf.dispatch(other, ok), "WRONG_HANDLE", "x");
+    assert.match(e.message, /rank 1/);
+    await expectError(() => buf.dispatch(x, { ...ok, stream: rank1.stream }), "WRONG_HANDLE", "stream");
+  });
+  await t.step("cached dispatch with top-k", async () => {
+    // A real handle first: both ranks dispatch.
+    using x1 = await Tensor.from(rank1, randomBF16(T * H, 2), { shape: [T, H] });
+    using idx1 = await Tensor.from(rank1, new BigInt64Array(T * K).fill(1n).map((_, i) => BigInt(i % K)), {
+      shape: [T, K],
+    });
+    using w1 = await Tensor.from(rank1, new Float32Array(T * K), { shape: [T, K] });
+    const [d0, d1] = await Promise.all([
+      buf.dispatch(x, ok),
+      fx.buffers[1].dispatch(x1, { topkIdx: idx1, topkWeights: w1, numExperts: E }),
+    ]);
+    await expectError(() => buf.dispatch(x, { ...ok, handle: d0.handle }), "INVALID_ARGUMENT", "topkIdx");
+    // combine: a handle of another buffer, rows that do not match, a bias of the wrong shape.
+    await expectError(() => buf.combine(d0.recvX, d1.handle), "WRONG_HANDLE");
+    using short = Tensor.empty(rank0, { dtype: "bf16", shape: [(d0.numRecvTokens ?? 0) + 1, H] });
+    await expectError(() => buf.combine(short, d0.handle), "INVALID_ARGUMENT", "x");
+    using bias = Tensor.empty(rank0, { dtype: "bf16", shape: [T + 1, H] });
+    await expectError(() => buf.combine(d0.recvX, d0.handle, { bias }), "INVALID_ARGUMENT", "bias");
+    await expectError(
+      () => buf.combine(d0.recvX, d0.handle, { bias: [bias, bias, bias] as unknown as [Tensor, Tensor] }),
+      "INVALID_ARGUMENT",
+      "bias",
+    );
+    d0[Symbol.dispose]();
+    d1[Symbol.dispose]();
+  });
+  await t.step("Group.local and buffers: bad options", async () => {
+    await expectError(() => Group.local({ ranks: 0 }), "INVALID_ARGUMENT", "ranks");
+    await expectError(() => Group.local({ ranks: 65 }), "INVALID_ARGUMENT", "ranks");
+    await expectError(() => Group.local({ ranks: 2, backend: "tpu" as never }), "INVALID_ARGUMENT", "backend");
+    using g = Group.local({ ranks: 1 });
+    await expectError(() => g.createBuffers({ hidden: 60, maxTokensPerRank: 4 }), "INVALID_ARGUMENT", "hidden");
+    await expectError(
+      () => g.createBuffers({ hidden: 64, maxTokensPerRank: 0 }),
+      "INVALID_ARGUMENT",
+      "maxTokensPerRank",
+    );
+    await expectError(
+      () => g.createBuffers({ hidden: 64, maxTokensPerRank: 4, numSms: 3 }),
+      "INVALID_ARGUMENT",
+      "numSms",
+    );
+  });
+  await t.step("tensors: bad shapes, strides and data", async () => {
+    await expectError(() => Tensor.empty(rank0, { dtype: "f32", shape: [-1] }), "INVALID_ARGUMENT", "shape");
+    await expectError(
+      () => Tensor.empty(rank0, { dtype: "f32", shape: [4, 4], strides: [1, 1] }),
+      "INVALID_ARGUMENT",
+      "strides",
+    );
+    await expectError(() => Tensor.from(rank0, new Float32Array(3), { shape: [4] }), "INVALID_ARGUMENT", "data");
+    await expectError(() => Tensor.from(rank0, new Uint8Array(4), { shape: [4] }), "INVALID_ARGUMENT", "dtype");
+    using i32 = Tensor.empty(rank0, { dtype: "i32", shape: [2] });
+    await expectError(() => i32.write(new Float32Array(2)), "INVALID_ARGUMENT", "data");
+  });
+  await t.step("the CUDA backend without a GPU", async () => {
+    const info = backendInfo("cuda");
+    if (info.available) {
+      console.log("  (a GPU is present: the no-device error cannot be shown here)");
+      return;
+    }
+    const e = await expectError(
+      () => Group.local({ ranks: 2, backend: "cuda" }),
+      info.compiled ? "NO_DEVICE" : "UNSUPPORTED",
+      "backend",
+    );
+    assert.match(e.message, /CUDA/);
+  });
+});
+
+/** The error the last failed direct call left on `handle`. */
+function expectLast(handle: Deno.PointerObject, code: ErrorCode, argument: string): void {
+  const e = errorFor(Status[code as keyof typeof Status], handle, "direct call");
+  assert.equal(e.code, code, e.message);
+  assert.equal(e.argument, argument, e.message);
+}
+
+Deno.test("the C ABI validates what reaches it directly", async (t) => {
+  using fx = fixture(1, H, 16, 2000);
+  const buf = fx.buffers[0];
+  const stream = fx.group.ranks[0].stream;
+  const lib = native();
+  await t.step("NULL x names x", () => {
+    const args = DispatchArgs.create().set("num_experts", E).setPointer("compute_stream", stream.pointer);
+    assert.equal(lib.sy_dispatch(buf.pointer, args.bytes, DispatchStruct.create().bytes), Status.INVALID_ARGUMENT);
+    expectLast(buf.pointer, "INVALID_ARGUMENT", "x");
+  });
+  await t.step("a struct_size smaller than the library's names args", () => {
+    const args = DispatchArgs.create().set("struct_size", 8);
+    assert.equal(lib.sy_dispatch(buf.pointer, args.bytes, DispatchStruct.create().bytes), Status.INVALID_ARGUMENT);
+    expectLast(buf.pointer, "INVALID_ARGUMENT", "args");
+  });
+  await t.step("a destroyed handle is reported, not dereferenced", () => {
+    const tensor = Tensor.empty(fx.group.ranks[0], { dtype: "f32", shape: [1] });
+    const raw = tensor.pointer;
+    tensor[Symbol.dispose]();
+    assert.equal(lib.sy_tensor_destroy(raw), Status.DISPOSED);
+    const args = DispatchArgs.create().setPointer("x", raw).setPointer("compute_stream", stream.pointer);
+    assert.equal(lib.sy_dispatch(buf.pointer, args.bytes, DispatchStruct.create().bytes), Status.DISPOSED);
+    expectLast(buf.pointer, "DISPOSED", "x");
+  });
+});
+
+Deno.test("bad data inside an operation fails every rank fast, naming the culprit", async (t) => {
+  await t.step("an expert id out of range: INVALID_ARGUMENT here, PEER_FAILED at the peers", async () => {
+    using fx = fixture(3, H, 16, 5000);
+    const started = performance.now();
+    const results = await Promise.allSettled(fx.group.ranks.map(async (rank, r) => {
+      const ids = new BigInt64Array(T * K).map((_, i) => BigInt(i % 9));
+      if (r === 1) ids[5] = 300n;
+      using x = await Tensor.from(rank, randomBF16(T * H, r), { shape: [T, H] });
+      using idx = await Tensor.from(rank, ids, { shape: [T, K] });
+      using w = await Tensor.from(rank, new Float32Array(T * K), { shape: [T, K] });
+      return await fx.buffers[r].dispatch(x, { topkIdx: idx, topkWeights: w, numExperts: 9 });
+    }));
+    const elapsed = performance.now() - started;
+    const [e0, e1, e2] = results.map((r) => (r as PromiseRejectedResult).reason);
+    assert.ok(e1 instanceof SwitchyardError && e1.code === "INVALID_ARGUMENT" && e1.argument === "topkIdx", String(e1));
+    assert.match(e1.message, /token 2, entry 1 holds expert 300, outside \[0, 9\)/);
+    for (const e of [e0, e2]) {
+      assert.ok(e instanceof SwitchyardTimeoutError, String(e));
+      assert.equal(e.code, "PEER_FAILED");
+      assert.match(e.message, /abandoned by rank 1/);
+    }
+    assert.ok(elapsed < 4000, `failed fast: ${elapsed.toFixed(0)} ms`);
+    console.log(`  rank 0 saw: ${e0.message} (${elapsed.toFixed(0)} ms)`);
+  });
+  await t.step("an expert listed twice", async () => {
+    using fx = fixture(1, H, 16, 2000);
+    const rank = fx.group.ranks[0];
+    using x = await Tensor.from(rank, randomBF16(T * H, 1), { shape: [T, H] });
+    using idx = await Tensor.from(rank, new BigInt64Array(T * K).fill(3n), { shape: [T, K] });
+    using w = await Tensor.from(rank, new Float32Array(T * K), { shape: [T, K] });
+    const e = await expectError(
+      () => fx.buffers[0].dispatch(x, { topkIdx: idx, topkWeights: w, numExperts: E }),
+      "INVALID_ARGUMENT",
+      "topkIdx",
+    );
+    assert.match(e.message, /lists expert 3 more than once/);
+    // layout reports it in stream order: on the read of its outputs.
+    using layout = await fx.buffers[0].layout(idx, { numExperts: E });
+    await expectError(() => layout.numTokensPerRank.read(), "INVALID_ARGUMENT", "topkIdx");
+  });
+  await t.step("numWorstTokens smaller than what arrives: reported, not truncated", async () => {
+    using fx = fixture(1, H, 16, 2000);
+    const rank = fx.group.ranks[0];
+    using x = await Tensor.from(rank, randomBF16(T * H, 1), { shape: [T, H] });
+    using idx = await Tensor.from(rank, new BigInt64Array(T * K).map((_, i) => BigInt(i % K)), { shape: [T, K] });
+    using w = await Tensor.from(rank, new Float32Array(T * K), { shape: [T, K] });
+    using res = await fx.buffers[0].dispatch(x, { topkIdx: idx, topkWeights: w, numExperts: E, numWorstTokens: T - 3 });
+    await expectError(() => res.recvX.read(), "INVALID_ARGUMENT", "numWorstTokens");
+    // The stream reported the failure once and works again.
+    assert.deepEqual(await x.read(), await x.read());
+  });
+  await t.step("mismatched collectives name the operation; the buffers stay usable", async () => {
+    using fx = fixture(2, H, 16, 3000);
+    const ups = await fx.group.all(async (rank, r) => ({
+      x: await Tensor.from(rank, randomBF16(T * H, r), { shape: [T, H] }),
+      idx: await Tensor.from(rank, new BigInt64Array(T * K).map((_, i) => BigInt((i + r) % E)), { shape: [T, K] }),
+      w: await Tensor.from(rank, new Float32Array(T * K).fill(1), { shape: [T, K] }),
+    }));
+    const args = (r: number) => ({ topkIdx: ups[r].idx, topkWeights: ups[r].w, numExperts: E });
+    const first = await fx.group.all((_, r) => fx.buffers[r].dispatch(ups[r].x, args(r)));
+    const [a, b] = await Promise.allSettled([
+      fx.buffers[0].dispatch(ups[0].x, args(0)),
+      fx.buffers[1].combine(first[1].recvX, first[1].handle).then((c) => c.combinedX.read()),
+    ]);
+    for (const s of [a, b]) {
+      assert.equal(s.status, "rejected");
+      const e = (s as PromiseRejectedResult).reason;
+      assert.ok(e instanceof SwitchyardError && e.argument === "operation", String(e));
+      assert.match(e.message, /called (dispatch|combine) as operation .* but rank \d called (dispatch|combine)/);
+    }
+    const again = await fx.group.all((_, r) => fx.buffers[r].combine(first[r].recvX, first[r].handle));
+    for (const c of again) c[Symbol.dispose]();
+    for (const f of first) f[Symbol.dispose]();
+    for (const u of ups) for (const v of Object.values(u)) v[Symbol.dispose]();
+  });
+});

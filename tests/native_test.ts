@@ -1,0 +1,66 @@
+/**
+ * The C ABI as a binding sees it: version, struct layouts, the buffer plan (checked against
+ * the layout documented in csrc/core/plan.h, recomputed here), and the tuning defaults.
+ */
+
+import assert from "node:assert/strict";
+import { ALL_STRUCTS } from "../ffi/structs.ts";
+import { ABI_VERSION } from "../ffi/symbols.ts";
+import { backendInfo, bufferSizeHint, defaultConfig, libraryVersion } from "../mod.ts";
+import { native } from "../src/native.ts";
+
+Deno.test("the library speaks this binding's ABI", () => {
+  const lib = native();
+  assert.equal(lib.sy_abi_version(), ABI_VERSION);
+  const sizes = new Uint32Array(ALL_STRUCTS.length);
+  assert.equal(lib.sy_struct_sizes(sizes, sizes.length), 0);
+  ALL_STRUCTS.forEach((s, i) => assert.equal(sizes[i], s.size, s.name));
+  assert.match(libraryVersion(), /^\d+\.\d+\.\d+$/);
+  const host = backendInfo("host");
+  assert.equal(host.available, true);
+  assert.equal(host.dispatchSupported, true);
+});
+
+const align = (v: number, a: number) => Math.ceil(v / a) * a;
+
+Deno.test("buffer size hints follow the documented plan", () => {
+  for (const [ranks, hidden, maxTokensPerRank] of [[8, 7168, 4096], [2, 64, 1], [5, 200, 37], [1, 8, 1]]) {
+    const plan = bufferSizeHint({ ranks, hidden, maxTokensPerRank });
+    // A record: payload (BF16 width), f32 scales per 128 channels, 32 ids, 32 weights, source index.
+    const record = align(2 * hidden, 16) + align(4 * Math.ceil(hidden / 128), 16) + 128 + 128 + 16;
+    const row = align(2 * hidden, 16) + 128;
+    assert.equal(plan.recordBytes, record);
+    assert.equal(plan.combineRowBytes, row);
+    assert.equal(plan.dispatchRegionBytes, ranks * maxTokensPerRank * record);
+    assert.equal(plan.combineRegionBytes, ranks * maxTokensPerRank * row);
+    assert.equal(plan.maxRecvRows, ranks * maxTokensPerRank);
+    assert.ok(plan.headerBytes >= 4 * ranks * (ranks + 1024), "count matrices fit in the header");
+    assert.equal(
+      plan.totalBytes,
+      plan.headerBytes + align(plan.dispatchRegionBytes, 128) + align(plan.combineRegionBytes, 128),
+    );
+  }
+  // DeepSeek-V3 training shape on 8 ranks: just under 0.9 GiB per rank.
+  const v3 = bufferSizeHint({ ranks: 8, hidden: 7168, maxTokensPerRank: 4096 });
+  assert.ok(v3.totalBytes > 0.85 * 2 ** 30 && v3.totalBytes < 0.9 * 2 ** 30, String(v3.totalBytes));
+});
+
+Deno.test("default configs follow DeepEP's table", () => {
+  assert.deepEqual(defaultConfig(8), {
+    numSms: 20,
+    nvlChunkSend: 6,
+    nvlChunkRecv: 256,
+    rdmaChunkSend: 6,
+    rdmaChunkRecv: 128,
+  });
+  assert.deepEqual(defaultConfig(2).nvlChunkSend, 24);
+  assert.deepEqual(defaultConfig(16), {
+    numSms: 20,
+    nvlChunkSend: 36,
+    nvlChunkRecv: 288,
+    rdmaChunkSend: 20,
+    rdmaChunkRecv: 128,
+  });
+  assert.deepEqual(defaultConfig(5), defaultConfig(8), "between table rows: the next larger size");
+  assert.deepEqual(defaultConfig(512), defaultConfig(160));
+});
