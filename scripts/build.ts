@@ -4,7 +4,8 @@
  * Environment: `SWITCHYARD_CUDA` (AUTO, ON, OFF; default AUTO: kernels are compiled when nvcc is
  * found), `SWITCHYARD_CUDA_ARCHITECTURES` (default 90), `SWITCHYARD_NCCL_ROOT` (NCCL headers;
  * default `.tools/nccl` when `.ci/fetch-nccl-headers.sh` has put them there),
- * `SWITCHYARD_BUILD_DIR` (default `build`).
+ * `SWITCHYARD_SANITIZE` (e.g. `address,undefined` or `thread`: instrumented host code), `SWITCHYARD_BUILD_DIR`
+ * (default `build`).
  *
  * @module
  */
@@ -45,6 +46,8 @@ const cuda = env("SWITCHYARD_CUDA");
 if (cuda) configure.push(`-DSWITCHYARD_CUDA=${cuda}`);
 const archs = env("SWITCHYARD_CUDA_ARCHITECTURES");
 if (archs) configure.push(`-DSWITCHYARD_CUDA_ARCHITECTURES=${archs}`);
+const sanitize = env("SWITCHYARD_SANITIZE");
+if (sanitize) configure.push(`-DSWITCHYARD_SANITIZE=${sanitize}`);
 const nccl = env("SWITCHYARD_NCCL_ROOT") || (exists(`${root}.tools/nccl/include/nccl.h`) ? `${root}.tools/nccl` : "");
 if (nccl) configure.push(`-DSWITCHYARD_NCCL_ROOT=${nccl}`);
 
@@ -53,6 +56,7 @@ const cache = exists(`${buildDir}/CMakeCache.txt`) ? Deno.readTextFileSync(`${bu
 const stale = !cache ||
   (cuda && !cache.includes(`SWITCHYARD_CUDA:STRING=${cuda}`)) ||
   (archs && !cache.includes(`SWITCHYARD_CUDA_ARCHITECTURES:STRING=${archs}`)) ||
+  (sanitize && !cache.includes(`SWITCHYARD_SANITIZE:STRING=${sanitize}`)) ||
   (nccl && !cache.includes(`SWITCHYARD_NCCL_ROOT:PATH=${nccl}`));
 if (stale) await run(configure);
 await run(["cmake", "--build", buildDir, "--parallel", String(navigator.hardwareConcurrency || 2)]);

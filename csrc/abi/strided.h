@@ -30,6 +30,7 @@ void for_each_element(const Tensor& t, Fn fn) {
 
 // `base` points at element 0 of the tensor's data (host-visible copy).
 inline void strided_to_dense(const Tensor& t, const uint8_t* base, uint8_t* dst) {
+  if (t.numel() == 0) return;  // dst may be NULL (an empty array)
   const int es = t.element_size();
   if (t.is_dense()) {
     std::memcpy(dst, base, t.dense_bytes());
@@ -39,6 +40,7 @@ inline void strided_to_dense(const Tensor& t, const uint8_t* base, uint8_t* dst)
 }
 
 inline void dense_to_strided(const Tensor& t, const uint8_t* src, uint8_t* base) {
+  if (t.numel() == 0) return;  // src may be NULL (an empty array)
   const int es = t.element_size();
   if (t.is_dense()) {
     std::memcpy(base, src, t.dense_bytes());
