@@ -44,16 +44,11 @@ void* register_handle(Kind kind, std::shared_ptr<void> object) {
   return ref;
 }
 
-Error resolve_handle(const void* handle, Kind kind, const char* argument, bool optional,
-                     std::shared_ptr<void>* object) {
-  if (handle == nullptr) {
-    if (optional) return ok();
-    return invalid(argument, std::string(argument) + ": a " + kind_name(kind) +
-                                 " handle is required, got NULL");
-  }
-  Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.mu);
-  auto it = r.live.find(handle);
+namespace {
+
+// Finds a live handle of `kind`; the registry lock must be held.
+Error find_locked(Registry& r, const void* handle, Kind kind, const char* argument, HandleRef** out) {
+  auto it = handle == nullptr ? r.live.end() : r.live.find(handle);
   if (it == r.live.end()) {
     return fail(SY_ERROR_DISPOSED,
                 std::string(argument) + ": the " + kind_name(kind) +
@@ -66,7 +61,24 @@ Error resolve_handle(const void* handle, Kind kind, const char* argument, bool o
                     kind_name(it->second->kind) + " handle",
                 argument);
   }
-  *object = it->second->object;
+  *out = it->second;
+  return ok();
+}
+
+}  // namespace
+
+Error resolve_handle(const void* handle, Kind kind, const char* argument, bool optional,
+                     std::shared_ptr<void>* object) {
+  if (handle == nullptr) {
+    if (optional) return ok();
+    return invalid(argument, std::string(argument) + ": a " + kind_name(kind) +
+                                 " handle is required, got NULL");
+  }
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  HandleRef* ref = nullptr;
+  SY_TRY(find_locked(r, handle, kind, argument, &ref));
+  *object = ref->object;
   return ok();
 }
 
@@ -75,21 +87,8 @@ Error release_handle(const void* handle, Kind kind, const char* argument) {
   {
     Registry& r = registry();
     std::lock_guard<std::mutex> lock(r.mu);
-    auto it = r.live.find(handle);
-    if (handle == nullptr || it == r.live.end()) {
-      return fail(SY_ERROR_DISPOSED,
-                  std::string(argument) + ": the " + kind_name(kind) +
-                      " handle was already disposed (or never created)",
-                  argument);
-    }
-    if (it->second->kind != kind) {
-      return fail(SY_ERROR_WRONG_HANDLE,
-                  std::string(argument) + ": expected a " + kind_name(kind) + " handle, got a " +
-                      kind_name(it->second->kind) + " handle",
-                  argument);
-    }
-    ref = it->second;
-    r.live.erase(it);
+    SY_TRY(find_locked(r, handle, kind, argument, &ref));
+    r.live.erase(handle);
   }
   delete ref;  // drops this reference outside the registry lock
   return ok();

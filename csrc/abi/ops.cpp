@@ -76,6 +76,14 @@ Error check_tensor_arg(const char* arg, const std::shared_ptr<Tensor>& t, const 
   return t ? check_owner(arg, *t, buf.group.get(), buf.rank) : ok();
 }
 
+// Experts split evenly over the ranks, at most kMaxExpertsPerRank each.
+Error check_num_experts(int64_t experts, int ranks) {
+  SY_TRY(check_range("numExperts", experts, 1, int64_t(ranks) * core::kMaxExpertsPerRank));
+  if (experts % ranks == 0) return ok();
+  return invalid("numExperts", "numExperts: " + std::to_string(experts) +
+                                   " experts cannot be split evenly over " + std::to_string(ranks) + " ranks");
+}
+
 // Top-k entries per token: 1..kMaxTopk (records reserve that many).
 Error check_topk_width(const char* arg, int64_t k) {
   if (k >= 1 && k <= core::kMaxTopk) return ok();
@@ -104,12 +112,7 @@ Error op_layout(BufferCore& buf, const LayoutRequest& req, LayoutOutputs* out) {
   SY_TRY(check_shape("topkIdx", topk, {-1, -1}, "tokens, topk"));
   SY_TRY(check_topk_width("topkIdx", topk.shape[1]));
   const int R = buf.group->num_ranks;
-  SY_TRY(check_range("numExperts", req.num_experts, 1, int64_t(R) * core::kMaxExpertsPerRank));
-  if (req.num_experts % R != 0) {
-    return invalid("numExperts", "numExperts: " + std::to_string(req.num_experts) +
-                                     " experts cannot be split evenly over " + std::to_string(R) +
-                                     " ranks");
-  }
+  SY_TRY(check_num_experts(req.num_experts, R));
   auto w = std::make_shared<LayoutWork>();
   w->rank = buf.rank;
   w->num_ranks = R;
@@ -218,12 +221,7 @@ Error validate_dispatch(const BufferCore& buf, const DispatchRequest& req, Dispa
       if (!req.topk_weights) return invalid("topkWeights", "topkWeights: required with topkIdx");
       SY_TRY(check_dtype("topkWeights", *req.topk_weights, {DType::F32}));
       SY_TRY(check_shape("topkWeights", *req.topk_weights, {T, ti.shape[1]}, "tokens, topk"));
-      SY_TRY(check_range("numExperts", req.num_experts, 1, int64_t(R) * core::kMaxExpertsPerRank));
-      if (req.num_experts % R != 0) {
-        return invalid("numExperts", "numExperts: " + std::to_string(req.num_experts) +
-                                         " experts cannot be split evenly over " +
-                                         std::to_string(R) + " ranks");
-      }
+      SY_TRY(check_num_experts(req.num_experts, R));
       w->topk = int(ti.shape[1]);
       w->topk_dtype = ti.dtype;
       w->num_experts = req.num_experts;

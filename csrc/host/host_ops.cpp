@@ -80,6 +80,15 @@ bool peers_must_be_told(const Error& e) {
 
 int32_t* i32_at(uint8_t* base, uint64_t off) { return reinterpret_cast<int32_t*>(base + off); }
 
+// Runs one rank's part of a collective stage; a failure the peers cannot see is sent to them.
+template <class Body>
+Error with_peers(BufferSet& set, int rank, int64_t timeout_ms, uint32_t epoch, Body body) {
+  Peers peers(set, rank, timeout_ms, epoch);
+  Error e = body(peers);
+  if (e && peers_must_be_told(e)) peers.abort_all(e);
+  return e;
+}
+
 }  // namespace
 
 Error run_layout(LayoutWork& w) {
@@ -214,9 +223,7 @@ Error notify(Peers& peers, DispatchWork& w) {
 }  // namespace
 
 Error run_dispatch_notify(BufferSet& set, int64_t timeout_ms, DispatchWork& w) {
-  Peers peers(set, w.rank, timeout_ms, w.epoch);
-  Error e = notify(peers, w);
-  if (e && peers_must_be_told(e)) peers.abort_all(e);
+  Error e = with_peers(set, w.rank, timeout_ms, w.epoch, [&](Peers& p) { return notify(p, w); });
   w.publish_counts(e);
   // In exact-size mode the host waits for the counts and reports the failure from the call
   // itself; leaving it on the stream as well would report it twice.
@@ -425,10 +432,7 @@ Error combine_body(Peers& peers, CombineWork& w) {
 }  // namespace
 
 Error run_combine(BufferSet& set, int64_t timeout_ms, CombineWork& w) {
-  Peers peers(set, w.rank, timeout_ms, w.epoch);
-  Error e = combine_body(peers, w);
-  if (e && peers_must_be_told(e)) peers.abort_all(e);
-  return e;
+  return with_peers(set, w.rank, timeout_ms, w.epoch, [&](Peers& p) { return combine_body(p, w); });
 }
 
 }  // namespace sy::host
