@@ -1,5 +1,7 @@
 // The host backend: CPU memory, one worker thread per stream, and the normal-mode operations
 // run as stream tasks (host_ops.cpp).
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -11,20 +13,34 @@ namespace sy {
 
 namespace {
 
+// Large allocations are anonymous mappings: zero pages the kernel commits on first touch, so a
+// buffer sized for the worst case costs only what an operation actually writes.
+constexpr uint64_t kMapThreshold = uint64_t(1) << 20;
+
 Error host_alloc(uint64_t bytes, std::shared_ptr<Memory>* out) {
-  // 64-byte alignment covers 16-byte vector access and keeps rows off shared cache lines.
-  uint64_t size = core::align_up(bytes == 0 ? 64 : bytes, 64);
-  void* p = std::aligned_alloc(64, size);
-  if (p == nullptr) {
-    return fail(SY_ERROR_OUT_OF_MEMORY, "host allocation of " + std::to_string(bytes) +
-                                            " bytes failed");
-  }
-  std::memset(p, 0, size);
   auto m = std::make_shared<Memory>();
-  m->ptr = p;
-  m->bytes = size;
   m->device = -1;
-  m->release = [](void* q) { std::free(q); };
+  if (bytes >= kMapThreshold) {
+    const uint64_t size = core::align_up(bytes, 4096);
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+      return fail(SY_ERROR_OUT_OF_MEMORY, "host mapping of " + std::to_string(bytes) + " bytes failed");
+    }
+    m->ptr = p;
+    m->bytes = size;
+    m->release = [size](void* q) { munmap(q, size); };
+  } else {
+    // 64-byte alignment covers 16-byte vector access and keeps rows off shared cache lines.
+    const uint64_t size = core::align_up(bytes == 0 ? 64 : bytes, 64);
+    void* p = std::aligned_alloc(64, size);
+    if (p == nullptr) {
+      return fail(SY_ERROR_OUT_OF_MEMORY, "host allocation of " + std::to_string(bytes) + " bytes failed");
+    }
+    std::memset(p, 0, size);
+    m->ptr = p;
+    m->bytes = size;
+    m->release = [](void* q) { std::free(q); };
+  }
   *out = std::move(m);
   return ok();
 }
