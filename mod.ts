@@ -40,8 +40,17 @@ export {
   EpBuffer,
   type EpBufferOptions,
   type LayoutOptions,
+  type LowLatencyCombineOptions,
+  type LowLatencyDispatchOptions,
   type StreamOptions,
 } from "./src/buffer.ts";
+export {
+  LowLatencyCombineResult,
+  LowLatencyDispatchResult,
+  LowLatencyHandle,
+  type LowLatencyHandleInfo,
+  RecvHook,
+} from "./src/low_latency.ts";
 export { DispatchHandle, type HandleInfo } from "./src/handle.ts";
 export { CombineResult, DispatchLayout, type DispatchParts, DispatchResult } from "./src/results.ts";
 export { type BufferPlan, bufferSizeHint, type BufferSizeQuery, type Config, defaultConfig } from "./src/config.ts";

@@ -234,6 +234,8 @@ export const BufferOptions = new StructLayout(
     ["max_tokens_per_rank", "i32"],
     ["num_sms", "i32"],
     ["timeout_ms", "i64"],
+    ["ll_num_experts", "i32"],
+    ["enable_masking", "u32"],
   ] as const,
 );
 
@@ -250,6 +252,9 @@ export const BufferPlan = new StructLayout(
     ["combine_region_bytes", "u64"],
     ["total_bytes", "u64"],
     ["max_recv_rows", "i64"],
+    ["ll_half_bytes", "u64"],
+    ["ll_message_bytes", "i32"],
+    ["ll_combine_row_bytes", "i32"],
   ] as const,
 );
 
@@ -387,6 +392,80 @@ export const HandleInfo = new StructLayout(
   ] as const,
 );
 
+/** `sy_ll_dispatch_args` */
+export const LLDispatchArgs = new StructLayout(
+  "sy_ll_dispatch_args",
+  [
+    ["struct_size", "u32"],
+    ["flags", "u32"],
+    ["x", "ptr"],
+    ["topk_idx", "ptr"],
+    ["cumulative_local_expert_recv_stats", "ptr"],
+    ["dispatch_wait_recv_cost_stats", "ptr"],
+    ["compute_stream", "ptr"],
+  ] as const,
+);
+
+/** `sy_ll_dispatch_result` */
+export const LLDispatchResult = new StructLayout(
+  "sy_ll_dispatch_result",
+  [
+    ["struct_size", "u32"],
+    ["num_local_experts", "i32"],
+    ["recv_x", "ptr"],
+    ["recv_x_scales", "ptr"],
+    ["recv_count", "ptr"],
+    ["handle", "ptr"],
+    ["event", "ptr"],
+    ["hook", "ptr"],
+  ] as const,
+);
+
+/** `sy_ll_combine_args` */
+export const LLCombineArgs = new StructLayout(
+  "sy_ll_combine_args",
+  [
+    ["struct_size", "u32"],
+    ["flags", "u32"],
+    ["x", "ptr"],
+    ["topk_idx", "ptr"],
+    ["topk_weights", "ptr"],
+    ["handle", "ptr"],
+    ["out", "ptr"],
+    ["combine_wait_recv_cost_stats", "ptr"],
+    ["compute_stream", "ptr"],
+  ] as const,
+);
+
+/** `sy_ll_combine_result` */
+export const LLCombineResult = new StructLayout(
+  "sy_ll_combine_result",
+  [
+    ["struct_size", "u32"],
+    ["reserved", "u32"],
+    ["combined_x", "ptr"],
+    ["event", "ptr"],
+    ["hook", "ptr"],
+  ] as const,
+);
+
+/** `sy_ll_handle_info` */
+export const LLHandleInfo = new StructLayout(
+  "sy_ll_handle_info",
+  [
+    ["struct_size", "u32"],
+    ["rank", "i32"],
+    ["num_ranks", "i32"],
+    ["num_experts", "i32"],
+    ["num_local_experts", "i32"],
+    ["max_tokens_per_rank", "i32"],
+    ["hidden", "i32"],
+    ["num_tokens", "i32"],
+    ["call", "u32"],
+    ["received", "u32"],
+  ] as const,
+);
+
 /** Every struct in `sy_struct_id` order, for the load-time size check. */
 export const ALL_STRUCTS: readonly StructLayout<string>[] = [
   ErrorInfo,
@@ -404,4 +483,9 @@ export const ALL_STRUCTS: readonly StructLayout<string>[] = [
   CombineArgs,
   CombineResult,
   HandleInfo,
+  LLDispatchArgs,
+  LLDispatchResult,
+  LLCombineArgs,
+  LLCombineResult,
+  LLHandleInfo,
 ];

@@ -122,6 +122,31 @@ export const symbols = {
   sy_handle_tensor: { parameters: ["pointer", "i32", "buffer"], result: "i32" },
   // sy_status sy_handle_expert_counts(sy_handle handle, int32_t* counts, int32_t capacity)
   sy_handle_expert_counts: { parameters: ["pointer", "buffer", "i32"], result: "i32" },
+
+  // sy_status sy_ll_dispatch(sy_buffer buffer, const sy_ll_dispatch_args* args, sy_ll_dispatch_result* out)
+  sy_ll_dispatch: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },
+  // sy_status sy_ll_combine(sy_buffer buffer, const sy_ll_combine_args* args, sy_ll_combine_result* out)
+  sy_ll_combine: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },
+  // sy_status sy_hook_run(sy_hook hook)
+  sy_hook_run: { parameters: ["pointer"], result: "i32" },
+  // sy_status sy_hook_destroy(sy_hook hook)
+  sy_hook_destroy: { parameters: ["pointer"], result: "i32" },
+  // sy_status sy_ll_handle_destroy(sy_ll_handle handle)
+  sy_ll_handle_destroy: { parameters: ["pointer"], result: "i32" },
+  // sy_status sy_ll_handle_info_get(sy_ll_handle handle, sy_ll_handle_info* info)
+  sy_ll_handle_info_get: { parameters: ["pointer", "buffer"], result: "i32" },
+  // sy_status sy_ll_handle_tensor(sy_ll_handle handle, int32_t kind, sy_tensor* out)
+  sy_ll_handle_tensor: { parameters: ["pointer", "i32", "buffer"], result: "i32" },
+  // sy_status sy_ll_next_combine_buffer(sy_buffer buffer, sy_ll_handle handle, sy_tensor* out)
+  sy_ll_next_combine_buffer: { parameters: ["pointer", "pointer", "buffer"], result: "i32" },
+  // sy_status sy_ll_clean(sy_buffer buffer, sy_stream compute_stream, sy_event* done)
+  sy_ll_clean: { parameters: ["pointer", "pointer", "buffer"], result: "i32" },
+  // sy_status sy_mask_update(sy_buffer buffer, int32_t rank, int32_t masked)
+  sy_mask_update: { parameters: ["pointer", "i32", "i32"], result: "i32" },
+  // sy_status sy_mask_query(sy_buffer buffer, int32_t* mask, int32_t capacity)
+  sy_mask_query: { parameters: ["pointer", "buffer", "i32"], result: "i32" },
+  // sy_status sy_mask_clean(sy_buffer buffer)
+  sy_mask_clean: { parameters: ["pointer"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The opened library's functions. */
@@ -142,6 +167,17 @@ export const Status = {
   CUDA: 10,
   ABI_MISMATCH: 11,
   INTERNAL: 12,
+} as const;
+
+/** `sy_ll_flags` bits. */
+export const LLFlags = {
+  FP8: 1,
+  ROUND_SCALE: 2,
+  UE8M0: 4,
+  ASYNC_FINISH: 8,
+  RETURN_HOOK: 16,
+  LOGFMT: 32,
+  ZERO_COPY: 64,
 } as const;
 
 /** `sy_handle_tensor_kind` values. */

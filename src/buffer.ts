@@ -14,8 +14,14 @@ import {
   DispatchResult as DispatchStruct,
   LayoutArgs,
   LayoutResult as LayoutStruct,
+  LLCombineArgs,
+  LLCombineResult as LLCombineStruct,
+  LLDispatchArgs,
+  LLDispatchResult as LLDispatchStruct,
 } from "../ffi/structs.ts";
+import { LLFlags } from "../ffi/symbols.ts";
 import { type BufferPlan, planFromStruct } from "./config.ts";
+import { LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle, RecvHook } from "./low_latency.ts";
 import { SwitchyardError } from "./errors.ts";
 import { Event } from "./event.ts";
 import { DispatchHandle } from "./handle.ts";
@@ -35,6 +41,48 @@ export interface EpBufferOptions {
   readonly numSms?: number;
   /** Deadline of the buffer's waits in milliseconds; default the group's. */
   readonly timeoutMs?: number;
+  /** Adds the low-latency double buffer, sized for this many experts (and `hidden`, `maxTokensPerRank`). */
+  readonly lowLatency?: { readonly numExperts: number };
+  /** Rank masking: masked ranks are skipped, and a rank missing at a low-latency deadline is masked. */
+  readonly enableMasking?: boolean;
+}
+
+/** Options of {@linkcode EpBuffer.lowLatencyDispatch}. */
+export interface LowLatencyDispatchOptions {
+  /** The compute stream (default: the rank's). */
+  readonly stream?: Stream;
+  /** Quantise to FP8 E4M3 with one scale per 128 channels (default true, as in DeepEP). */
+  readonly useFp8?: boolean;
+  /** Power-of-two scales. */
+  readonly roundScale?: boolean;
+  /** Scales as UE8M0 exponents packed 4 per int32 (needs `roundScale`). */
+  readonly useUe8m0?: boolean;
+  /** Return an event instead of making the compute stream wait. */
+  readonly asyncFinish?: boolean;
+  /** Send now; receive when the returned hook runs (nothing is held in between). */
+  readonly returnRecvHook?: boolean;
+  /** `[E_local]` i32 counters, incremented by the tokens each local expert receives. */
+  readonly cumulativeLocalExpertRecvStats?: Tensor;
+  /** `[R]` i64 counters, incremented by the nanoseconds spent waiting for each source rank. */
+  readonly dispatchWaitRecvCostStats?: Tensor;
+}
+
+/** Options of {@linkcode EpBuffer.lowLatencyCombine}. */
+export interface LowLatencyCombineOptions {
+  /** The compute stream (default: the rank's). */
+  readonly stream?: Stream;
+  /** Send LogFMT-10 rows (BF16 for blocks whose largest magnitude is 1 or more). */
+  readonly useLogfmt?: boolean;
+  /** The expert outputs are already in `nextCombineBuffer(handle)`; `x` is not read. */
+  readonly zeroCopy?: boolean;
+  /** Return an event instead of making the compute stream wait. */
+  readonly asyncFinish?: boolean;
+  /** Send now; reduce when the returned hook runs. */
+  readonly returnRecvHook?: boolean;
+  /** `[T, hidden]` bf16 tensor to write into. */
+  readonly out?: Tensor;
+  /** `[R]` i64 counters, incremented by the nanoseconds spent waiting for each source rank. */
+  readonly combineWaitRecvCostStats?: Tensor;
 }
 
 /**
@@ -83,8 +131,6 @@ export interface DispatchOptions extends StreamOptions {
   readonly expand?: boolean;
   /** Expanded layout: zero the padding rows. */
   readonly zeroPadding?: boolean;
-  /** Host wait deadline in milliseconds (exact-size mode). */
-  readonly timeoutMs?: number;
 }
 
 /** Options of {@linkcode EpBuffer.combine}. */
@@ -102,12 +148,31 @@ function optionalTensor(name: string, t: unknown): Deno.PointerObject | null {
   return instanceArg(name, t, Tensor, "Tensor").pointer;
 }
 
+function optionsObject(name: string, v: unknown): object {
+  if (typeof v !== "object" || v === null) {
+    throw new SwitchyardError("INVALID_ARGUMENT", `${name}: expected an options object, got ${String(v)}`, {
+      argument: name,
+    });
+  }
+  return v;
+}
+
 function flag(name: string, v: unknown): number {
   if (v === undefined) return 0;
   if (typeof v !== "boolean") {
     throw new SwitchyardError("INVALID_ARGUMENT", `${name}: expected a boolean, got ${typeof v}`, { argument: name });
   }
   return v ? 1 : 0;
+}
+
+/** The low-latency expert count of the buffer options (0: no low-latency region). */
+export function lowLatencyExperts(ll: { readonly numExperts: number } | undefined): number {
+  if (ll === undefined) return 0;
+  return integerArg("lowLatency.numExperts", ll?.numExperts, 1, 2 ** 31 - 1);
+}
+
+function optionalTensorOf(name: string, t: unknown): Deno.PointerObject | null {
+  return optionalTensor(name, t);
 }
 
 /** The token-in-rank matrix of the options: `isTokenInRank`, or the one of `layout`. */
@@ -156,6 +221,9 @@ export class EpBuffer extends NativeResource {
   /** What the buffer holds, byte by byte. */
   readonly plan: BufferPlan;
   readonly #commStream: Stream;
+  // Operations are collective and numbered in the order they reach the library; chaining them
+  // keeps that order the program's, even when an exact-size dispatch waits off the JS thread.
+  #tail: Promise<unknown> = Promise.resolve();
 
   private constructor(pointer: Deno.PointerObject, rank: Rank, options: EpBufferOptions) {
     super(pointer, (p) => native().sy_buffer_destroy(p), "buffer");
@@ -172,11 +240,14 @@ export class EpBuffer extends NativeResource {
 
   /** Creates `rank`'s buffer (collective: see {@linkcode Rank.createBuffer}). */
   static create(rank: Rank, options: EpBufferOptions): EpBuffer {
+    optionsObject("options", options);
     const opts = BufferOptions.create()
-      .set("hidden", integerArg("hidden", options?.hidden, 1, 2 ** 31 - 1))
+      .set("hidden", integerArg("hidden", options.hidden, 1, 2 ** 31 - 1))
       .set("max_tokens_per_rank", integerArg("maxTokensPerRank", options.maxTokensPerRank, 1, 2 ** 31 - 1))
       .set("num_sms", integerArg("numSms", options.numSms ?? 0, 0, 1024))
-      .set("timeout_ms", integerArg("timeoutMs", options.timeoutMs ?? 0, 0, 2 ** 40));
+      .set("timeout_ms", integerArg("timeoutMs", options.timeoutMs ?? 0, 0, 2 ** 40))
+      .set("ll_num_experts", lowLatencyExperts(options.lowLatency))
+      .set("enable_masking", flag("enableMasking", options.enableMasking));
     const out = new OutHandle();
     check(native().sy_buffer_create(rank.pointer, opts.bytes, out.cell), rank.pointer, "buffer create");
     return new EpBuffer(out.take(), rank, options);
@@ -193,28 +264,26 @@ export class EpBuffer extends NativeResource {
    * the token-in-rank matrix. Local: no other rank takes part.
    */
   layout(topkIdx: Tensor, options: LayoutOptions): Promise<DispatchLayout> {
-    try {
+    // Local (not collective): it need not wait for earlier operations of this buffer to be issued.
+    return Promise.resolve().then(() => {
+      const o = optionsObject("options", options) as LayoutOptions;
       const args = LayoutArgs.create()
-        .set("num_experts", integerArg("numExperts", options?.numExperts, 1, 2 ** 31 - 1))
+        .set("num_experts", integerArg("numExperts", o.numExperts, 1, 2 ** 31 - 1))
         .setPointer("topk_idx", instanceArg("topkIdx", topkIdx, Tensor, "Tensor").pointer);
-      setStreamOptions(args, this.rank, options);
+      setStreamOptions(args, this.rank, o);
       const res = LayoutStruct.create();
       const p = this.pointer;
       check(native().sy_layout(p, args.bytes, res.bytes), p, "layout");
       const t = (f: "num_tokens_per_rank" | "num_tokens_per_expert" | "is_token_in_rank") =>
         new Tensor(res.pointer(f)!, this.rank);
       const ev = res.pointer("event");
-      return Promise.resolve(
-        new DispatchLayout(
-          t("num_tokens_per_rank") as Tensor<"i32">,
-          t("num_tokens_per_expert") as Tensor<"i32">,
-          t("is_token_in_rank") as Tensor<"bool">,
-          ev ? new Event(ev, this.rank) : undefined,
-        ),
+      return new DispatchLayout(
+        t("num_tokens_per_rank") as Tensor<"i32">,
+        t("num_tokens_per_expert") as Tensor<"i32">,
+        t("is_token_in_rank") as Tensor<"bool">,
+        ev ? new Event(ev, this.rank) : undefined,
       );
-    } catch (e) {
-      return Promise.reject(e);
-    }
+    });
   }
 
   /**
@@ -227,7 +296,11 @@ export class EpBuffer extends NativeResource {
    * (`handle`: reuses an earlier routing, no host wait). With virtual ranks in one process,
    * start every rank's exact-size dispatch before awaiting any (e.g. `Promise.all`).
    */
-  async dispatch(x: Tensor, options: DispatchOptions = {}): Promise<DispatchResult> {
+  dispatch(x: Tensor, options: DispatchOptions = {}): Promise<DispatchResult> {
+    return this.#serial(() => this.#dispatchNow(x, optionsObject("options", options ?? {}) as DispatchOptions));
+  }
+
+  async #dispatchNow(x: Tensor, options: DispatchOptions): Promise<DispatchResult> {
     const args = DispatchArgs.create()
       .setPointer("x", instanceArg("x", x, Tensor, "Tensor").pointer)
       .setPointer("x_scales", optionalTensor("xScales", options.xScales))
@@ -242,7 +315,6 @@ export class EpBuffer extends NativeResource {
       )
       .set("num_experts", integerArg("numExperts", options.numExperts ?? 0, 0, 2 ** 31 - 1))
       .set("num_worst_tokens", integerArg("numWorstTokens", options.numWorstTokens ?? 0, 0, 2 ** 31))
-      .set("timeout_ms", integerArg("timeoutMs", options.timeoutMs ?? 0, 0, 2 ** 40))
       .set("expert_alignment", integerArg("expertAlignment", options.expertAlignment ?? 1, 1, 2 ** 20))
       .set("layout", flag("expand", options.expand))
       .set("zero_padding", flag("zeroPadding", options.zeroPadding));
@@ -281,7 +353,8 @@ export class EpBuffer extends NativeResource {
    * optional biases; one rounding to bf16. Collective.
    */
   combine(x: Tensor, handle: DispatchHandle, options: CombineOptions = {}): Promise<CombineResult> {
-    try {
+    return this.#serial(() => {
+      optionsObject("options", options);
       const bias = options.bias === undefined
         ? []
         : options.bias instanceof Tensor
@@ -303,16 +376,165 @@ export class EpBuffer extends NativeResource {
       check(native().sy_combine(p, args.bytes, res.bytes), p, "combine");
       const w = res.pointer("combined_topk_weights");
       const ev = res.pointer("event");
-      return Promise.resolve(
-        new CombineResult(
-          new Tensor(res.pointer("combined_x")!, this.rank) as Tensor<"bf16">,
-          w ? new Tensor(w, this.rank) as Tensor<"f32"> : undefined,
-          ev ? new Event(ev, this.rank) : undefined,
-        ),
+      return new CombineResult(
+        new Tensor(res.pointer("combined_x")!, this.rank) as Tensor<"bf16">,
+        w ? new Tensor(w, this.rank) as Tensor<"f32"> : undefined,
+        ev ? new Event(ev, this.rank) : undefined,
       );
-    } catch (e) {
-      return Promise.reject(e);
-    }
+    });
+  }
+
+  /**
+   * Low-latency dispatch of `x` (`[T, hidden]` bf16, T <= maxTokensPerRank) by `topkIdx`
+   * (`[T, K]`, -1 = none): every rank receives, per local expert, the tokens routed to it in
+   * fixed slots, sources ascending then token order. Never waits on the host. Collective.
+   */
+  lowLatencyDispatch(
+    x: Tensor,
+    topkIdx: Tensor,
+    options: LowLatencyDispatchOptions = {},
+  ): Promise<LowLatencyDispatchResult> {
+    return this.#serial(() => {
+      optionsObject("options", options);
+      const flags = (flag("useFp8", options.useFp8 ?? true) ? LLFlags.FP8 : 0) |
+        (flag("roundScale", options.roundScale) ? LLFlags.ROUND_SCALE : 0) |
+        (flag("useUe8m0", options.useUe8m0) ? LLFlags.UE8M0 : 0) |
+        (flag("asyncFinish", options.asyncFinish) ? LLFlags.ASYNC_FINISH : 0) |
+        (flag("returnRecvHook", options.returnRecvHook) ? LLFlags.RETURN_HOOK : 0);
+      const args = LLDispatchArgs.create()
+        .set("flags", flags)
+        .setPointer("x", instanceArg("x", x, Tensor, "Tensor").pointer)
+        .setPointer("topk_idx", instanceArg("topkIdx", topkIdx, Tensor, "Tensor").pointer)
+        .setPointer(
+          "cumulative_local_expert_recv_stats",
+          optionalTensorOf("cumulativeLocalExpertRecvStats", options.cumulativeLocalExpertRecvStats),
+        )
+        .setPointer(
+          "dispatch_wait_recv_cost_stats",
+          optionalTensorOf("dispatchWaitRecvCostStats", options.dispatchWaitRecvCostStats),
+        )
+        .setPointer("compute_stream", this.#computeStream(options.stream).pointer);
+      const res = LLDispatchStruct.create();
+      const p = this.pointer;
+      check(native().sy_ll_dispatch(p, args.bytes, res.bytes), p, "lowLatencyDispatch");
+      const scales = res.pointer("recv_x_scales");
+      const ev = res.pointer("event");
+      const hook = res.pointer("hook");
+      return new LowLatencyDispatchResult(
+        new Tensor(res.pointer("recv_x")!, this.rank),
+        scales ? new Tensor(scales, this.rank) : undefined,
+        new Tensor(res.pointer("recv_count")!, this.rank) as Tensor<"i32">,
+        new LowLatencyHandle(res.pointer("handle")!, this.rank),
+        ev ? new Event(ev, this.rank) : undefined,
+        hook ? new RecvHook(hook) : undefined,
+      );
+    });
+  }
+
+  /**
+   * Low-latency combine: sends the expert outputs `x` (`[E_local, R * maxTokensPerRank, hidden]`
+   * bf16, rows as `lowLatencyDispatch` delivered them) back, and reduces each token as
+   * `sum_k topkWeights[t][k] * y_k` in float32 over its valid entries in top-k order. Pass the
+   * rank's own `topkIdx`/`topkWeights` of the dispatch. Collective.
+   */
+  lowLatencyCombine(
+    x: Tensor | undefined,
+    topkIdx: Tensor,
+    topkWeights: Tensor,
+    handle: LowLatencyHandle,
+    options: LowLatencyCombineOptions = {},
+  ): Promise<LowLatencyCombineResult> {
+    return this.#serial(() => {
+      optionsObject("options", options);
+      const flags = (flag("useLogfmt", options.useLogfmt) ? LLFlags.LOGFMT : 0) |
+        (flag("zeroCopy", options.zeroCopy) ? LLFlags.ZERO_COPY : 0) |
+        (flag("asyncFinish", options.asyncFinish) ? LLFlags.ASYNC_FINISH : 0) |
+        (flag("returnRecvHook", options.returnRecvHook) ? LLFlags.RETURN_HOOK : 0);
+      const args = LLCombineArgs.create()
+        .set("flags", flags)
+        .setPointer("x", optionalTensorOf("x", x))
+        .setPointer("topk_idx", instanceArg("topkIdx", topkIdx, Tensor, "Tensor").pointer)
+        .setPointer("topk_weights", instanceArg("topkWeights", topkWeights, Tensor, "Tensor").pointer)
+        .setPointer("handle", instanceArg("handle", handle, LowLatencyHandle, "LowLatencyHandle").pointer)
+        .setPointer("out", optionalTensorOf("out", options.out))
+        .setPointer(
+          "combine_wait_recv_cost_stats",
+          optionalTensorOf("combineWaitRecvCostStats", options.combineWaitRecvCostStats),
+        )
+        .setPointer("compute_stream", this.#computeStream(options.stream).pointer);
+      const res = LLCombineStruct.create();
+      const p = this.pointer;
+      check(native().sy_ll_combine(p, args.bytes, res.bytes), p, "lowLatencyCombine");
+      const ev = res.pointer("event");
+      const hook = res.pointer("hook");
+      return new LowLatencyCombineResult(
+        new Tensor(res.pointer("combined_x")!, this.rank) as Tensor<"bf16">,
+        ev ? new Event(ev, this.rank) : undefined,
+        hook ? new RecvHook(hook) : undefined,
+      );
+    });
+  }
+
+  /**
+   * The buffer the next low-latency combine sends from (`[E_local, R * maxTokensPerRank,
+   * hidden]` bf16): write the expert outputs into it and combine with `zeroCopy`. It becomes
+   * unusable once another low-latency call takes its half of the double buffer.
+   */
+  nextCombineBuffer(handle: LowLatencyHandle): Tensor<"bf16"> {
+    const out = new OutHandle();
+    const p = this.pointer;
+    const h = instanceArg("handle", handle, LowLatencyHandle, "LowLatencyHandle").pointer;
+    check(native().sy_ll_next_combine_buffer(p, h, out.cell), p, "nextCombineBuffer");
+    return new Tensor(out.take(), this.rank) as Tensor<"bf16">;
+  }
+
+  /**
+   * Resets the low-latency double buffer on every rank (collective, in stream order): after an
+   * abandoned or masked sequence of calls, or to restart the call numbering.
+   */
+  cleanLowLatencyBuffer(options: { readonly stream?: Stream } = {}): Promise<void> {
+    return this.#serial(async () => {
+      const p = this.pointer;
+      const out = new OutHandle();
+      check(
+        native().sy_ll_clean(p, this.#computeStream(options?.stream).pointer, out.cell),
+        p,
+        "cleanLowLatencyBuffer",
+      );
+      using done = new Event(out.take(), this.rank);
+      await done.synchronize();
+    });
+  }
+
+  /** Masks (or unmasks) `rank` in this rank's view (buffers created with `enableMasking`). */
+  updateMask(rank: number, masked = true): void {
+    const p = this.pointer;
+    check(native().sy_mask_update(p, integerArg("rank", rank, 0, 2 ** 31 - 1), masked ? 1 : 0), p, "updateMask");
+  }
+
+  /** This rank's mask: 1 for each masked rank. */
+  queryMask(): number[] {
+    const n = this.rank.group.size;
+    const out = new Int32Array(n);
+    const p = this.pointer;
+    check(native().sy_mask_query(p, out, n), p, "queryMask");
+    return Array.from(out);
+  }
+
+  /** Unmasks every rank. */
+  cleanMask(): void {
+    const p = this.pointer;
+    check(native().sy_mask_clean(p), p, "cleanMask");
+  }
+
+  #serial<T>(op: () => T | Promise<T>): Promise<T> {
+    const run = this.#tail.then(op);
+    this.#tail = run.then(() => {}, () => {});
+    return run;
+  }
+
+  #computeStream(stream: Stream | undefined): Stream {
+    return stream === undefined ? this.rank.stream : instanceArg("stream", stream, Stream, "Stream");
   }
 
   /** Releases the communication stream reference with the buffer. */

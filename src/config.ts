@@ -50,6 +50,12 @@ export interface BufferPlan {
   readonly combineRegionBytes: number;
   /** Most rows one rank can receive (ranks x maxTokensPerRank). */
   readonly maxRecvRows: number;
+  /** One half of the low-latency double buffer (0 without one); the buffer holds two. */
+  readonly lowLatencyHalfBytes: number;
+  /** One low-latency dispatch message. */
+  readonly lowLatencyMessageBytes: number;
+  /** One low-latency combine row. */
+  readonly lowLatencyCombineRowBytes: number;
 }
 
 /** Decodes a `sy_buffer_plan`. */
@@ -62,6 +68,9 @@ export function planFromStruct(p: ReturnType<typeof PlanStruct.create>): BufferP
     dispatchRegionBytes: p.number("dispatch_region_bytes"),
     combineRegionBytes: p.number("combine_region_bytes"),
     maxRecvRows: p.number("max_recv_rows"),
+    lowLatencyHalfBytes: p.number("ll_half_bytes"),
+    lowLatencyMessageBytes: p.number("ll_message_bytes"),
+    lowLatencyCombineRowBytes: p.number("ll_combine_row_bytes"),
   };
 }
 
@@ -73,13 +82,16 @@ export interface BufferSizeQuery {
   readonly hidden: number;
   /** Most tokens one rank dispatches at once. */
   readonly maxTokensPerRank: number;
+  /** Size the low-latency double buffer for this many experts too. */
+  readonly lowLatencyExperts?: number;
 }
 
 /** How much memory a buffer with these settings takes per rank (the library's own plan). */
 export function bufferSizeHint(query: BufferSizeQuery): BufferPlan {
   const opts = BufferOptions.create()
     .set("hidden", integerArg("hidden", query.hidden, 1, 2 ** 31 - 1))
-    .set("max_tokens_per_rank", integerArg("maxTokensPerRank", query.maxTokensPerRank, 1, 2 ** 31 - 1));
+    .set("max_tokens_per_rank", integerArg("maxTokensPerRank", query.maxTokensPerRank, 1, 2 ** 31 - 1))
+    .set("ll_num_experts", integerArg("lowLatencyExperts", query.lowLatencyExperts ?? 0, 0, 2 ** 31 - 1));
   const out = PlanStruct.create();
   check(
     native().sy_plan_buffer(opts.bytes, integerArg("ranks", query.ranks, 1, 1024), out.bytes),

@@ -59,7 +59,9 @@ export type WaitRole =
   | "host-counter"
   | "event"
   | "stream"
-  | "buffer-peers";
+  | "buffer-peers"
+  | "low-latency-dispatch"
+  | "low-latency-combine";
 
 const ROLES: readonly WaitRole[] = [
   "none",
@@ -70,6 +72,8 @@ const ROLES: readonly WaitRole[] = [
   "event",
   "stream",
   "buffer-peers",
+  "low-latency-dispatch",
+  "low-latency-combine",
 ];
 
 /** Maps `sy_wait_role` to its name. */

@@ -5,7 +5,7 @@
  */
 
 import { Status } from "../ffi/symbols.ts";
-import { check, instanceArg, native, NativeResource, OutHandle } from "./native.ts";
+import { check, instanceArg, integerArg, native, NativeResource, OutHandle } from "./native.ts";
 import type { Rank } from "./rank.ts";
 import { Stream } from "./stream.ts";
 
@@ -45,7 +45,11 @@ export class Event extends NativeResource {
   /** Resolves once the captured work has run; rejects with its failure. */
   async synchronize(timeoutMs = 0): Promise<void> {
     const p = this.pointer;
-    check(await native().sy_event_synchronize(p, BigInt(timeoutMs)), p, "event synchronize");
+    check(
+      await native().sy_event_synchronize(p, BigInt(integerArg("timeoutMs", timeoutMs, 0, 2 ** 40))),
+      p,
+      "event synchronize",
+    );
   }
 
   /** Makes `stream` (by default the rank's compute stream) wait for this event. */

@@ -46,12 +46,14 @@ export function errorFor(status: number, handle: Deno.PointerObject | null, op: 
   let message = `${op} failed with status ${status}`;
   let argument: string | undefined;
   let rank: number | undefined;
-  if (rc === Status.OK && info.number("status") === status) {
+  // The record must be this failure's: same status (a later failure may have replaced it).
+  const matches = rc === Status.OK && info.number("status") === status;
+  if (matches) {
     message = info.string("message") || message;
     argument = info.string("argument") || undefined;
     rank = info.number("rank");
   }
-  if ((code === "TIMEOUT" || code === "PEER_FAILED") && rc === Status.OK) {
+  if ((code === "TIMEOUT" || code === "PEER_FAILED") && matches) {
     return new SwitchyardTimeoutError(code, message, {
       peerRank: info.number("peer_rank"),
       role: waitRoleName(info.number("role")),

@@ -5,7 +5,7 @@
  */
 
 import { Event } from "./event.ts";
-import { check, instanceArg, native, NativeResource, OutHandle } from "./native.ts";
+import { check, instanceArg, integerArg, native, NativeResource, OutHandle } from "./native.ts";
 import type { Rank } from "./rank.ts";
 
 /** An ordered queue of work on one rank (a CUDA stream, or a worker thread on the host). */
@@ -50,6 +50,10 @@ export class Stream extends NativeResource {
    */
   async synchronize(timeoutMs = 0): Promise<void> {
     const p = this.pointer;
-    check(await native().sy_stream_synchronize(p, BigInt(timeoutMs)), p, "stream synchronize");
+    check(
+      await native().sy_stream_synchronize(p, BigInt(integerArg("timeoutMs", timeoutMs, 0, 2 ** 40))),
+      p,
+      "stream synchronize",
+    );
   }
 }

@@ -23,7 +23,7 @@ import {
   toFP8E4M3,
 } from "./dtype.ts";
 import { SwitchyardError } from "./errors.ts";
-import { check, instanceArg, native, NativeResource, OutHandle } from "./native.ts";
+import { check, instanceArg, integerArg, native, NativeResource, OutHandle } from "./native.ts";
 import type { Rank } from "./rank.ts";
 import { Stream } from "./stream.ts";
 
@@ -231,7 +231,7 @@ export class Tensor<D extends DType = DType> extends NativeResource {
       stream.pointer,
       data,
       BigInt(data.byteLength),
-      BigInt(options.timeoutMs ?? 0),
+      BigInt(integerArg("timeoutMs", options.timeoutMs ?? 0, 0, 2 ** 40)),
     );
     check(rc, p, "tensor write");
   }
@@ -249,7 +249,7 @@ export class Tensor<D extends DType = DType> extends NativeResource {
       stream.pointer,
       out,
       BigInt(out.byteLength),
-      BigInt(options.timeoutMs ?? 0),
+      BigInt(integerArg("timeoutMs", options.timeoutMs ?? 0, 0, 2 ** 40)),
     );
     check(rc, p, "tensor read");
     return out;

@@ -35,10 +35,10 @@ Deno.test("buffer size hints follow the documented plan", () => {
     assert.equal(plan.combineRegionBytes, ranks * maxTokensPerRank * row);
     assert.equal(plan.maxRecvRows, ranks * maxTokensPerRank);
     assert.ok(plan.headerBytes >= 4 * ranks * (ranks + 1024), "count matrices fit in the header");
-    assert.equal(
-      plan.totalBytes,
-      plan.headerBytes + align(plan.dispatchRegionBytes, 128) + align(plan.combineRegionBytes, 128),
-    );
+    // Then the mask words, padded to a page.
+    const regions = plan.headerBytes + align(plan.dispatchRegionBytes, 128) + align(plan.combineRegionBytes, 128);
+    assert.equal(plan.totalBytes, align(regions + 4 * ranks, 4096));
+    assert.equal(plan.lowLatencyHalfBytes, 0);
   }
   // DeepSeek-V3 training shape on 8 ranks: just under 0.9 GiB per rank.
   const v3 = bufferSizeHint({ ranks: 8, hidden: 7168, maxTokensPerRank: 4096 });

@@ -10,6 +10,7 @@
 #include "../core/dtype.h"
 #include "../core/limits.h"
 #include "../core/plan.h"
+#include "api_util.h"
 #include "handles.h"
 #include "objects.h"
 #include "ops.h"
@@ -29,52 +30,6 @@ using core::DType;
 
 namespace {
 
-// Reads a caller's struct: at least `min_size` bytes (the v1 size), at most what we know.
-template <class T>
-Error read_struct(const T* in, const char* arg, T* out, size_t min_size = sizeof(T)) {
-  std::memset(static_cast<void*>(out), 0, sizeof(T));
-  if (in == nullptr) return invalid(arg, std::string(arg) + ": NULL");
-  if (in->struct_size < min_size) {
-    return invalid(arg, std::string(arg) + ": struct_size " + std::to_string(in->struct_size) +
-                            " is smaller than this library's " + std::to_string(min_size));
-  }
-  std::memcpy(static_cast<void*>(out), in, std::min<size_t>(in->struct_size, sizeof(T)));
-  out->struct_size = sizeof(T);
-  return ok();
-}
-
-// Writes as much of `value` as the caller's struct holds; keeps the caller's struct_size.
-template <class T>
-Error write_struct(T* out, const T& value, const char* arg) {
-  if (out == nullptr) return invalid(arg, std::string(arg) + ": NULL");
-  uint32_t size = out->struct_size;
-  if (size < sizeof(uint32_t)) {
-    return invalid(arg, std::string(arg) + ": struct_size must be set to the struct's size");
-  }
-  std::memcpy(static_cast<void*>(out), &value, std::min<size_t>(size, sizeof(T)));
-  out->struct_size = size;
-  return ok();
-}
-
-// Runs an entry point body, turning C++ exceptions into statuses (nothing escapes the ABI).
-template <class Fn>
-sy_status guarded(const void* handle, Fn body) {
-  try {
-    return finish(handle, body());
-  } catch (const std::bad_alloc&) {
-    return finish(handle, fail(SY_ERROR_OUT_OF_MEMORY, "out of host memory"));
-  } catch (const std::exception& ex) {
-    return finish(handle, fail(SY_ERROR_INTERNAL, std::string("internal error: ") + ex.what()));
-  } catch (...) {
-    return finish(handle, fail(SY_ERROR_INTERNAL, "internal error"));
-  }
-}
-
-template <class T>
-void* handle_or_null(Kind k, const std::shared_ptr<T>& obj) {
-  return obj ? register_handle(k, obj) : nullptr;
-}
-
 std::shared_ptr<GroupCore> group_of(const std::shared_ptr<RankCore>& r) {
   return std::shared_ptr<GroupCore>(r, r->group);
 }
@@ -88,9 +43,6 @@ Error resolve_order(sy_stream compute, sy_event previous, uint32_t async_finish,
   return ok();
 }
 
-Error resolve_tensor_opt(sy_tensor t, const char* arg, std::shared_ptr<Tensor>* out) {
-  return resolve(t, Kind::Tensor, arg, out, true);
-}
 
 void copy_cstr(char* dst, size_t cap, const std::string& s) {
   size_t n = std::min(cap - 1, s.size());
@@ -102,12 +54,17 @@ Error check_tensor_desc(const sy_tensor_desc& d, Tensor* t) {
   DType dt = DType(d.dtype);
   if (core::dtype_size(dt) == 0) return invalid("dtype", "dtype: unknown dtype " + std::to_string(d.dtype));
   SY_TRY(check_range("shape: ndim", d.ndim, 0, SY_MAX_DIMS));
+  constexpr int64_t kMaxExtent = int64_t(1) << 40;
   t->dtype = dt;
   t->ndim = d.ndim;
   bool any_stride = false;
+  int64_t numel = 1;
   for (int i = 0; i < d.ndim; ++i) {
-    if (d.shape[i] < 0 || d.shape[i] > (int64_t(1) << 40)) {
+    if (d.shape[i] < 0 || d.shape[i] > kMaxExtent) {
       return invalid("shape", "shape: dimension " + std::to_string(i) + " is " + std::to_string(d.shape[i]));
+    }
+    if (__builtin_mul_overflow(numel, d.shape[i], &numel) || numel > kMaxExtent) {
+      return invalid("shape", "shape: more than 2^40 elements");
     }
     t->shape[i] = d.shape[i];
     any_stride = any_stride || d.strides[i] != 0;
@@ -115,11 +72,14 @@ Error check_tensor_desc(const sy_tensor_desc& d, Tensor* t) {
   if (!any_stride) {
     dense_strides(t->ndim, t->shape, t->strides);
   } else {
-    // Non-negative, and non-overlapping: sorted by stride, each dimension starts past the
-    // extent of the smaller ones.
+    // Non-negative, bounded, and non-overlapping: sorted by stride, each dimension starts past
+    // the extent of the smaller ones. Every product below stays under 2^80 / 2^40 checks.
     std::vector<int> order;
     for (int i = 0; i < d.ndim; ++i) {
-      if (d.strides[i] < 0) return invalid("strides", "strides: negative strides are not supported");
+      if (d.strides[i] < 0 || d.strides[i] > kMaxExtent) {
+        return invalid("strides", "strides: dimension " + std::to_string(i) + " has stride " +
+                                      std::to_string(d.strides[i]) + " (0..2^40 supported)");
+      }
       t->strides[i] = d.strides[i];
       if (d.shape[i] > 1) order.push_back(i);
     }
@@ -131,7 +91,9 @@ Error check_tensor_desc(const sy_tensor_desc& d, Tensor* t) {
                                       std::to_string(t->strides[i]) +
                                       ") overlaps the dimensions with smaller strides");
       }
-      extent = t->strides[i] * t->shape[i];
+      if (__builtin_mul_overflow(t->strides[i], t->shape[i], &extent) || extent > kMaxExtent) {
+        return invalid("strides", "strides: the tensor would span more than 2^40 elements");
+      }
     }
   }
   if (uint64_t(span_elements(*t)) * uint64_t(t->element_size()) > (uint64_t(1) << 40)) {
@@ -200,6 +162,8 @@ SY_API sy_status sy_struct_sizes(uint32_t* sizes, uint32_t count) {
       sizeof(sy_buffer_plan),  sizeof(sy_config),          sizeof(sy_layout_args),
       sizeof(sy_layout_result), sizeof(sy_dispatch_args),  sizeof(sy_dispatch_result),
       sizeof(sy_combine_args), sizeof(sy_combine_result),  sizeof(sy_handle_info),
+      sizeof(sy_ll_dispatch_args), sizeof(sy_ll_dispatch_result), sizeof(sy_ll_combine_args),
+      sizeof(sy_ll_combine_result), sizeof(sy_ll_handle_info),
   };
   for (uint32_t i = 0; i < count && i < SY_STRUCT_COUNT; ++i) sizes[i] = all[i];
   return SY_OK;
@@ -417,12 +381,15 @@ SY_API sy_status sy_event_record(sy_event event, sy_stream stream) {
 }
 
 SY_API sy_status sy_event_query(sy_event event) {
-  std::shared_ptr<Event> e;
-  Error r = resolve(event, Kind::Event, "event", &e);
-  if (r) return finish(event, r);
-  Error q = e->query();
-  if (q.status == SY_NOT_READY) return SY_NOT_READY;  // not a failure: nothing recorded
-  return finish(event, q);
+  sy_status st = SY_OK;
+  guarded(event, [&]() -> Error {
+    std::shared_ptr<Event> e;
+    SY_TRY(resolve(event, Kind::Event, "event", &e));
+    Error q = e->query();
+    st = q.status;
+    return q.status == SY_NOT_READY ? ok() : q;  // not ready is an answer, not a failure
+  });
+  return st;
 }
 
 SY_API sy_status sy_event_synchronize(sy_event event, int64_t timeout_ms) {
@@ -542,6 +509,9 @@ static sy_buffer_plan plan_to_c(const core::BufferPlan& p) {
   v.combine_region_bytes = p.combine_region_bytes;
   v.total_bytes = p.total_bytes;
   v.max_recv_rows = p.max_recv_rows();
+  v.ll_half_bytes = p.ll.half_bytes;
+  v.ll_message_bytes = p.ll.msg_bytes;
+  v.ll_combine_row_bytes = p.ll.row_bytes;
   return v;
 }
 
@@ -549,9 +519,9 @@ SY_API sy_status sy_plan_buffer(const sy_buffer_options* options, int32_t ranks,
                                 sy_buffer_plan* out) {
   return guarded(nullptr, [&]() -> Error {
     sy_buffer_options o;
-    SY_TRY(read_struct(options, "options", &o));
+    SY_TRY(read_struct(options, "options", &o, SY_BUFFER_OPTIONS_V1_SIZE));
     core::BufferPlan p;
-    SY_TRY(from_problem(core::plan_buffer(ranks, o.hidden, o.max_tokens_per_rank, &p)));
+    SY_TRY(from_problem(core::plan_buffer(ranks, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &p)));
     return write_struct(out, plan_to_c(p), "out");
   });
 }
@@ -562,12 +532,13 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
     std::shared_ptr<RankCore> r;
     SY_TRY(resolve(rank, Kind::Rank, "rank", &r));
     sy_buffer_options o;
-    SY_TRY(read_struct(options, "options", &o));
+    SY_TRY(read_struct(options, "options", &o, SY_BUFFER_OPTIONS_V1_SIZE));
     if (out == nullptr) return invalid("out", "out: NULL");
     std::shared_ptr<GroupCore> g = group_of(r);
     const int R = g->num_ranks;
+    SY_TRY(check_range("lowLatency.numExperts", o.ll_num_experts, 0, int64_t(R) * core::kMaxExpertsPerRank));
     core::BufferPlan plan;
-    SY_TRY(from_problem(core::plan_buffer(R, o.hidden, o.max_tokens_per_rank, &plan)));
+    SY_TRY(from_problem(core::plan_buffer(R, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &plan)));
     if (o.num_sms != 0 && (o.num_sms < 2 || o.num_sms % 2 != 0 || o.num_sms > 1024)) {
       return invalid("numSms", "numSms: must be an even number of SMs in 2..1024 (half send, "
                                "half receive), got " + std::to_string(o.num_sms));
@@ -579,6 +550,7 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
     buf->plan = plan;
     buf->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : g->timeout_ms;
     buf->num_sms = o.num_sms > 0 ? o.num_sms : core::default_config(R).num_sms;
+    buf->masking = o.enable_masking != 0;
     SY_TRY(g->backend->create_stream(g, *r, &buf->comm_stream));
     SY_TRY(g->backend->allocate_shared(*r, plan.total_bytes, &buf->region));
 
@@ -589,17 +561,18 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
       size_t n = size_t(r->buffers_created);
       if (g->sets.size() <= n) g->sets.resize(n + 1);
       set = g->sets[n].lock();
-      if (set && (set->hidden != o.hidden || set->max_tokens_per_rank != o.max_tokens_per_rank)) {
+      if (set && (set->plan.hidden != plan.hidden || set->plan.max_tokens_per_rank != plan.max_tokens_per_rank ||
+                  set->plan.ll.experts != plan.ll.experts)) {
         return invalid("hidden", "hidden: buffer " + std::to_string(n) + " of the other ranks has hidden " +
-                                     std::to_string(set->hidden) + " and maxTokensPerRank " +
-                                     std::to_string(set->max_tokens_per_rank) +
-                                     "; every rank must create the same buffers in the same order");
+                                     std::to_string(set->plan.hidden) + ", maxTokensPerRank " +
+                                     std::to_string(set->plan.max_tokens_per_rank) + " and " +
+                                     std::to_string(set->plan.ll.experts) +
+                                     " low-latency experts; every rank must create the same buffers in the "
+                                     "same order");
       }
       if (!set) {
         set = std::make_shared<BufferSet>(R);
         set->plan = plan;
-        set->hidden = o.hidden;
-        set->max_tokens_per_rank = o.max_tokens_per_rank;
         g->sets[n] = set;
       }
       r->buffers_created += 1;
@@ -784,15 +757,19 @@ SY_API sy_status sy_handle_tensor(sy_handle handle, int32_t kind, sy_tensor* out
 }
 
 SY_API sy_status sy_handle_expert_counts(sy_handle handle, int32_t* counts, int32_t capacity) {
-  std::shared_ptr<DispatchHandle> h;
-  Error r = resolve(handle, Kind::Handle, "handle", &h);
-  if (r) return finish(handle, r);
-  std::lock_guard<std::mutex> l(h->mu);
-  if (!h->expert_counts_known) return SY_NOT_READY;
-  if (capacity > 0 && counts == nullptr) return finish(handle, invalid("counts", "counts: NULL"));
-  int32_t n = std::min<int32_t>(capacity, int32_t(h->expert_counts.size()));
-  for (int32_t i = 0; i < n; ++i) counts[i] = h->expert_counts[size_t(i)];
-  return SY_OK;
+  bool known = true;
+  sy_status st = guarded(handle, [&]() -> Error {
+    std::shared_ptr<DispatchHandle> h;
+    SY_TRY(resolve(handle, Kind::Handle, "handle", &h));
+    std::lock_guard<std::mutex> l(h->mu);
+    known = h->expert_counts_known;
+    if (!known) return ok();
+    if (capacity > 0 && counts == nullptr) return invalid("counts", "counts: NULL");
+    int32_t n = std::min<int32_t>(capacity, int32_t(h->expert_counts.size()));
+    for (int32_t i = 0; i < n; ++i) counts[i] = h->expert_counts[size_t(i)];
+    return ok();
+  });
+  return st == SY_OK && !known ? SY_NOT_READY : st;
 }
 
 }  // extern "C"

@@ -16,6 +16,9 @@ struct Error {
   std::string argument;
   std::string message;
   core::WaitFailure wait;
+  // Every rank of the operation learns of this failure by itself (a mismatch seen at the
+  // barrier): no need to abort the peers.
+  bool peers_informed = false;
 
   bool ok() const { return status == SY_OK; }
   explicit operator bool() const { return status != SY_OK; }  // true = failed

@@ -6,9 +6,12 @@ namespace sy {
 
 namespace {
 
+// Handles are numbers, not addresses: each is issued once and never again, so a destroyed
+// handle can never name a newer object (addresses of freed refs would be reused).
 struct Registry {
   std::mutex mu;
   std::unordered_map<const void*, HandleRef*> live;
+  uintptr_t next = 0x10000;  // clear of NULL and of small integers passed by mistake
 };
 
 // Never destroyed: worker threads may still release handles while the process exits.
@@ -30,6 +33,8 @@ const char* kind_name(Kind k) {
     case Kind::Stream: return "stream";
     case Kind::Event: return "event";
     case Kind::Handle: return "dispatch handle";
+    case Kind::LLHandle: return "low-latency handle";
+    case Kind::Hook: return "receive hook";
   }
   return "unknown";
 }
@@ -40,8 +45,10 @@ void* register_handle(Kind kind, std::shared_ptr<void> object) {
   ref->object = std::move(object);
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
-  r.live[ref] = ref;
-  return ref;
+  void* id = reinterpret_cast<void*>(r.next);
+  r.next += 16;
+  r.live[id] = ref;
+  return id;
 }
 
 namespace {
@@ -95,6 +102,9 @@ Error release_handle(const void* handle, Kind kind, const char* argument) {
 }
 
 sy_status finish(const void* handle, const Error& e) {
+  // Only failures are recorded: a success on another thread must not erase a failure whose
+  // caller has yet to ask for it.
+  if (e.ok()) return SY_OK;
   t_last_error = e;
   if (handle != nullptr) {
     Registry& r = registry();

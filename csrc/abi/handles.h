@@ -11,7 +11,7 @@
 
 namespace sy {
 
-enum class Kind : uint32_t { Group = 1, Rank, Buffer, Tensor, Stream, Event, Handle };
+enum class Kind : uint32_t { Group = 1, Rank, Buffer, Tensor, Stream, Event, Handle, LLHandle, Hook };
 
 const char* kind_name(Kind k);
 

@@ -19,6 +19,10 @@ GroupCore::~GroupCore() {
 
 RankCore& BufferCore::rank_core() const { return *group->ranks[size_t(rank)]; }
 
+uint32_t* BufferCore::mask() const {
+  return reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(region->ptr) + plan.off_mask);
+}
+
 void DispatchWork::publish_counts(Error e) {
   std::lock_guard<std::mutex> l(mu);
   counts_state = e ? 2 : 1;

@@ -12,6 +12,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "../core/dtype.h"
@@ -38,8 +39,41 @@ struct Memory {
   }
 };
 
+// The outcome of one operation. Its tasks record their failure here; its outputs and its
+// completion event report it to whoever consumes them, every time, and nothing else inherits it.
+struct OpStatus {
+  std::mutex mu;
+  Error error;
+  // Evaluated once, after the work completed (e.g. reading a kernel's problem record).
+  std::function<Error()> check_after;
+  void fail(const Error& e) {
+    std::lock_guard<std::mutex> l(mu);
+    if (error.ok()) error = e;
+  }
+  // The failure, if any. Call only once the operation's work has completed.
+  Error result() {
+    std::lock_guard<std::mutex> l(mu);
+    if (check_after) {
+      Error e = check_after();
+      check_after = nullptr;
+      if (e && error.ok()) error = e;
+    }
+    return error;
+  }
+};
+
+// A tensor that views part of a communication buffer stays usable only until a later operation
+// takes that part over; the guard says until when (see check_view in validate.h).
+struct ViewGuard {
+  std::shared_ptr<const std::atomic<uint32_t>> use;  // number of the last call that took the memory
+  uint32_t valid_through = 0;                          // usable while *use <= this
+  std::string what;
+};
+
 struct Tensor {
   std::shared_ptr<GroupCore> group;
+  std::shared_ptr<ViewGuard> guard;      // set for views into a buffer
+  std::shared_ptr<OpStatus> producer;    // the operation that fills it, if any
   int rank = -1;
   core::DType dtype = core::DType::Invalid;
   int ndim = 0;
@@ -96,7 +130,9 @@ class Event {
  public:
   Event(std::shared_ptr<GroupCore> g, int r) : group(std::move(g)), rank(r) {}
   virtual ~Event() = default;
-  virtual Error record(Stream& stream) = 0;
+  // Captures the stream's work so far; with `status`, the event also reports that operation's
+  // failure once complete.
+  virtual Error record(Stream& stream, std::shared_ptr<OpStatus> status = nullptr) = 0;
   virtual Error query() = 0;  // SY_OK, SY_NOT_READY, or the failure it carries
   virtual Error synchronize(Deadline deadline) = 0;
   std::shared_ptr<GroupCore> group;
@@ -120,7 +156,6 @@ struct BufferSet {
   int joined;
   std::mutex mu;
   std::condition_variable cv;
-  int64_t hidden = 0, max_tokens_per_rank = 0;  // what the first member asked for
 };
 
 struct GroupCore {
@@ -148,6 +183,15 @@ struct BufferCore {
   uint32_t next_epoch = 1;
   std::mutex enqueue_mu;
   RankCore& rank_core() const;
+
+  // Low-latency calls are numbered alike on every rank (1, 2, ...); call n uses half n % 2.
+  bool masking = false;
+  uint32_t ll_calls = 0;
+  uint32_t zero_copy_call = 0;  // the call nextCombineBuffer was last taken for
+  // The last call enqueued on each half (shared with the views and hooks that depend on it).
+  std::shared_ptr<std::atomic<uint32_t>> half_use[2] = {std::make_shared<std::atomic<uint32_t>>(0),
+                                                        std::make_shared<std::atomic<uint32_t>>(0)};
+  uint32_t* mask() const;  // u32[R] in the own header
 };
 
 // The routing one dispatch produced; combine and cached dispatch reuse it.
@@ -168,6 +212,9 @@ struct DispatchHandle {
   bool worst_case = false;
   core::DType topk_dtype = core::DType::I64;
   std::atomic<int64_t> num_recv_tokens{-1};
+  // 0 while its dispatch runs, 1 once complete, 2 if it failed (then combine refuses it).
+  std::atomic<int> state{0};
+  std::shared_ptr<OpStatus> status;
 
   std::shared_ptr<Tensor> rank_prefix_matrix;  // [R, R] i32
   std::shared_ptr<Tensor> recv_src_idx;        // [cap] i32
@@ -181,8 +228,51 @@ struct DispatchHandle {
   std::vector<int32_t> expert_counts;          // aligned, per local expert
 };
 
+// The layout one low-latency dispatch produced; combine sends the expert outputs back with it.
+struct LLHandle {
+  std::shared_ptr<GroupCore> group;
+  const BufferSet* set = nullptr;
+  int rank = 0, num_ranks = 0, num_experts = 0, num_local_experts = 0, max_tokens = 0, hidden = 0;
+  int64_t num_tokens = 0;
+  uint32_t call = 0;
+  std::shared_ptr<Tensor> src_info;      // [EL, R * Tmax] i32
+  std::shared_ptr<Tensor> layout_range;  // [EL, R] i64
+  std::atomic<bool> recv_enqueued{false};  // the receive phase is in stream order (API time)
+  std::atomic<bool> received{false};       // the receive phase has run (task time)
+  std::shared_ptr<OpStatus> status;        // the dispatch's
+};
+
+// One low-latency dispatch or combine, validated.
+struct LLWork {
+  std::shared_ptr<OpStatus> status = std::make_shared<OpStatus>();
+  int rank = 0, num_ranks = 0, num_experts = 0, num_local_experts = 0, max_tokens = 0, hidden = 0;
+  int64_t num_tokens = 0;
+  int topk = 0;
+  uint32_t call = 0;
+  int half = 0;
+  int64_t timeout_ms = 0;
+  bool masking = false;
+  bool fp8 = false, round_scale = false, ue8m0 = false;  // dispatch
+  bool logfmt = false, zero_copy = false;               // combine
+  std::shared_ptr<Tensor> x, topk_idx, topk_weights;
+  std::shared_ptr<Tensor> expert_stats, wait_stats;
+  std::shared_ptr<Tensor> recv_x, recv_x_scales, recv_count, out;
+  std::shared_ptr<LLHandle> handle;
+  std::atomic<bool> sent{false};  // the send phase completed (the receive phase needs it)
+};
+
+// A deferred receive phase.
+struct Hook {
+  std::mutex mu;
+  bool ran = false;
+  uint32_t call = 0;
+  std::shared_ptr<std::atomic<uint32_t>> half_use;
+  std::function<Error()> enqueue;  // enqueues the receive phase
+};
+
 // What sy_layout computes, validated.
 struct LayoutWork {
+  std::shared_ptr<OpStatus> status = std::make_shared<OpStatus>();
   int rank = 0, num_ranks = 0, num_experts = 0;
   int64_t num_tokens = 0;
   int topk = 0;
@@ -194,6 +284,7 @@ enum class DispatchMode { Exact, WorstCase, Cached };
 
 // One dispatch, validated; filled in stage by stage.
 struct DispatchWork {
+  std::shared_ptr<OpStatus> status = std::make_shared<OpStatus>();
   int rank = 0, num_ranks = 0;
   uint32_t epoch = 0;
   DispatchMode mode = DispatchMode::Exact;
@@ -234,6 +325,7 @@ struct DispatchWork {
 };
 
 struct CombineWork {
+  std::shared_ptr<OpStatus> status = std::make_shared<OpStatus>();
   int rank = 0, num_ranks = 0;
   uint32_t epoch = 0;
   int hidden = 0;
@@ -273,6 +365,12 @@ class Backend {
   virtual Error dispatch_epilogue(BufferCore& buf, Stream& comm,
                                   std::shared_ptr<DispatchWork> work) = 0;
   virtual Error combine(BufferCore& buf, Stream& comm, std::shared_ptr<CombineWork> work) = 0;
+  // Low-latency mode: the send and receive phases of dispatch and combine, and the reset.
+  virtual Error ll_dispatch_send(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) = 0;
+  virtual Error ll_dispatch_recv(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) = 0;
+  virtual Error ll_combine_send(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) = 0;
+  virtual Error ll_combine_recv(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) = 0;
+  virtual Error ll_clean(BufferCore& buf, Stream& s, uint32_t epoch, std::shared_ptr<OpStatus> status) = 0;
   // Whether dispatch/combine run on this backend in this build.
   virtual bool dispatch_supported() const = 0;
 };

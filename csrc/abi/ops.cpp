@@ -25,8 +25,6 @@ Error new_tensor(const std::shared_ptr<GroupCore>& group, int rank, DType dtype,
   return ok();
 }
 
-namespace {
-
 Error check_order(const StreamOrder& o, const BufferCore& buf) {
   if (!o.compute) return invalid("stream", "stream: a compute stream is required");
   if (o.compute->group.get() != buf.group.get() || o.compute->rank != buf.rank) {
@@ -60,11 +58,12 @@ Error begin_on_comm(BufferCore& buf, const StreamOrder& o) {
 }
 
 // With async_finish: an event after the work. Otherwise the compute stream waits for it.
-Error end_on_comm(BufferCore& buf, const StreamOrder& o, std::shared_ptr<Event>* event) {
+Error end_on_comm(BufferCore& buf, const StreamOrder& o, std::shared_ptr<Event>* event,
+                  std::shared_ptr<OpStatus> status) {
   std::shared_ptr<Event> ev;
   GroupCore& g = *buf.group;
   SY_TRY(g.backend->create_event(buf.group, buf.rank_core(), &ev));
-  SY_TRY(ev->record(*buf.comm_stream));
+  SY_TRY(ev->record(*buf.comm_stream, std::move(status)));
   if (o.async_finish) {
     *event = ev;
     return ok();
@@ -73,8 +72,12 @@ Error end_on_comm(BufferCore& buf, const StreamOrder& o, std::shared_ptr<Event>*
 }
 
 Error check_tensor_arg(const char* arg, const std::shared_ptr<Tensor>& t, const BufferCore& buf) {
-  return t ? check_owner(arg, *t, buf.group.get(), buf.rank) : ok();
+  if (!t) return ok();
+  SY_TRY(check_owner(arg, *t, buf.group.get(), buf.rank));
+  return check_view(arg, *t);
 }
+
+namespace {
 
 // Experts split evenly over the ranks, at most kMaxExpertsPerRank each.
 Error check_num_experts(int64_t experts, int ranks) {
@@ -125,10 +128,12 @@ Error op_layout(BufferCore& buf, const LayoutRequest& req, LayoutOutputs* out) {
   SY_TRY(new_tensor(g, buf.rank, DType::I32, {req.num_experts}, &w->num_tokens_per_expert));
   SY_TRY(new_tensor(g, buf.rank, DType::Bool, {w->num_tokens, R}, &w->is_token_in_rank));
 
-  std::lock_guard<std::mutex> lock(buf.enqueue_mu);
+  for (auto* t : {&w->num_tokens_per_rank, &w->num_tokens_per_expert, &w->is_token_in_rank}) (*t)->producer = w->status;
+  // Local: no epoch, no peers, so no need to wait for an exact-size dispatch that holds the
+  // buffer's enqueue lock while it waits for its counts.
   SY_TRY(begin_on_comm(buf, req.order));
   SY_TRY(g->backend->layout(*buf.comm_stream, w));
-  SY_TRY(end_on_comm(buf, req.order, &out->event));
+  SY_TRY(end_on_comm(buf, req.order, &out->event, w->status));
   out->num_tokens_per_rank = w->num_tokens_per_rank;
   out->num_tokens_per_expert = w->num_tokens_per_expert;
   out->is_token_in_rank = w->is_token_in_rank;
@@ -201,6 +206,7 @@ Error validate_dispatch(const BufferCore& buf, const DispatchRequest& req, Dispa
                                    (h.layout == SY_LAYOUT_EXPANDED ? "expanded" : "compact") +
                                    " layout");
     }
+    if (h.state.load() == 2) return invalid("handle", "handle: its dispatch failed, so it holds no routing");
     if (h.num_recv_tokens.load() < 0) {
       return invalid("handle", "handle: comes from a worst-case dispatch that has not completed; "
                                "synchronize before reusing it");
@@ -281,9 +287,11 @@ Error new_handle(const BufferCore& buf, const DispatchWork& w, std::shared_ptr<D
   h->num_tokens = w.num_tokens;
   h->topk_dtype = w.topk_dtype;
   h->worst_case = w.mode == DispatchMode::WorstCase;
+  h->status = w.status;
   SY_TRY(new_tensor(buf.group, buf.rank, DType::I32, {R, R}, &h->rank_prefix_matrix));
   SY_TRY(new_tensor(buf.group, buf.rank, DType::Bool, {w.num_tokens, R}, &h->is_token_in_rank));
   SY_TRY(new_tensor(buf.group, buf.rank, DType::I32, {w.num_tokens, R}, &h->send_slot));
+  for (auto* t : {&h->rank_prefix_matrix, &h->is_token_in_rank, &h->send_slot}) (*t)->producer = w.status;
   *out = std::move(h);
   return ok();
 }
@@ -294,8 +302,10 @@ Error size_handle(const BufferCore& buf, DispatchHandle& h, int64_t capacity, in
   h.num_rows = rows;
   SY_TRY(new_tensor(buf.group, buf.rank, DType::I32, {capacity}, &h.recv_src_idx));
   SY_TRY(new_tensor(buf.group, buf.rank, DType::I32, {capacity}, &h.recv_src_rank));
+  h.recv_src_idx->producer = h.recv_src_rank->producer = h.status;
   if (h.layout == SY_LAYOUT_EXPANDED) {
     SY_TRY(new_tensor(buf.group, buf.rank, DType::I32, {capacity, h.num_topk}, &h.expanded_row));
+    h.expanded_row->producer = h.status;
   }
   return ok();
 }
@@ -315,6 +325,8 @@ Error allocate_outputs(const BufferCore& buf, DispatchWork& w, int64_t rows) {
     }
   }
   SY_TRY(new_tensor(g, r, DType::I32, {1}, &w.recv_count));
+  for (auto* t : {&w.recv_x, &w.recv_x_scales, &w.recv_topk_idx, &w.recv_topk_weights, &w.recv_count})
+    if (*t) (*t)->producer = w.status;
   return ok();
 }
 
@@ -371,7 +383,7 @@ Error op_dispatch(BufferCore& buf, const DispatchRequest& req, DispatchOutputs* 
     h.expert_counts_known = w->topk > 0;
   }
   SY_TRY(backend.dispatch_epilogue(buf, *buf.comm_stream, w));
-  SY_TRY(end_on_comm(buf, req.order, &out->event));
+  SY_TRY(end_on_comm(buf, req.order, &out->event, w->status));
 
   out->recv_x = w->recv_x;
   out->recv_x_scales = w->recv_x_scales;
@@ -392,6 +404,7 @@ Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out
   if (!req.handle) return invalid("handle", "handle: required (the handle dispatch returned)");
   SY_TRY(check_handle(*req.handle, buf));
   const DispatchHandle& h = *req.handle;
+  if (h.state.load() == 2) return invalid("handle", "handle: its dispatch failed, so it holds no routing");
   SY_TRY(check_tensor_arg("x", req.x, buf));
   SY_TRY(check_tensor_arg("topkWeights", req.topk_weights, buf));
   SY_TRY(check_tensor_arg("bias", req.bias0, buf));
@@ -438,12 +451,14 @@ Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out
     SY_TRY(new_tensor(buf.group, buf.rank, DType::BF16, {h.num_tokens, H}, &w->out));
   }
   if (topk > 0) SY_TRY(new_tensor(buf.group, buf.rank, DType::F32, {h.num_tokens, topk}, &w->out_topk_weights));
+  w->out->producer = w->status;  // also a caller's `out`: it now holds this combine's result
+  if (w->out_topk_weights) w->out_topk_weights->producer = w->status;
 
   std::lock_guard<std::mutex> lock(buf.enqueue_mu);
   w->epoch = buf.next_epoch++;
   SY_TRY(begin_on_comm(buf, req.order));
   SY_TRY(buf.group->backend->combine(buf, *buf.comm_stream, w));
-  SY_TRY(end_on_comm(buf, req.order, &out->event));
+  SY_TRY(end_on_comm(buf, req.order, &out->event, w->status));
   out->combined_x = w->out;
   out->combined_topk_weights = w->out_topk_weights;
   return ok();

@@ -60,6 +60,16 @@ struct CombineOutputs {
   std::shared_ptr<Event> event;
 };
 
+// The stream choreography shared by the operations (switchyard.h).
+Error check_order(const StreamOrder& o, const BufferCore& buf);
+// The communication stream waits for the previous event, or for the compute stream.
+Error begin_on_comm(BufferCore& buf, const StreamOrder& o);
+// With async_finish: an event after the work. Otherwise the compute stream waits for it.
+Error end_on_comm(BufferCore& buf, const StreamOrder& o, std::shared_ptr<Event>* event,
+                  std::shared_ptr<OpStatus> status);
+// An optional tensor argument: on this rank, and not a stale view.
+Error check_tensor_arg(const char* arg, const std::shared_ptr<Tensor>& t, const BufferCore& buf);
+
 Error op_layout(BufferCore& buf, const LayoutRequest& req, LayoutOutputs* out);
 Error op_dispatch(BufferCore& buf, const DispatchRequest& req, DispatchOutputs* out);
 Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out);

@@ -69,6 +69,15 @@ Error check_rows_contiguous(const char* arg, const Tensor& t) {
   return ok();
 }
 
+Error check_view(const char* arg, const Tensor& t) {
+  if (!t.guard) return ok();
+  const uint32_t now = t.guard->use->load();
+  if (now <= t.guard->valid_through) return ok();
+  return invalid(arg, std::string(arg) + ": " + t.guard->what + " was handed out for low-latency call " +
+                          std::to_string(t.guard->valid_through) + ", and call " + std::to_string(now) +
+                          " has reused its half of the double buffer since");
+}
+
 Error check_range(const char* arg, int64_t value, int64_t lo, int64_t hi) {
   if (value >= lo && value <= hi) return ok();
   return invalid(arg, std::string(arg) + ": must be in " + std::to_string(lo) + ".." +

@@ -20,5 +20,7 @@ Error check_shape(const char* arg, const Tensor& t, std::initializer_list<int64_
 // The last dimension is contiguous and each row starts 16-byte aligned (vector access).
 Error check_rows_contiguous(const char* arg, const Tensor& t);
 Error check_range(const char* arg, int64_t value, int64_t lo, int64_t hi);
+// A view into a buffer is still what it was handed out as (see ViewGuard).
+Error check_view(const char* arg, const Tensor& t);
 
 }  // namespace sy

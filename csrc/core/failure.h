@@ -16,6 +16,8 @@ enum class WaitRole : int32_t {
   Event = 5,
   Stream = 6,
   BufferPeers = 7,
+  LLDispatch = 8,
+  LLCombine = 9,
 };
 
 inline const char* wait_role_name(WaitRole r) {
@@ -27,6 +29,8 @@ inline const char* wait_role_name(WaitRole r) {
     case WaitRole::Event: return "an event";
     case WaitRole::Stream: return "a stream";
     case WaitRole::BufferPeers: return "the peers' matching buffers";
+    case WaitRole::LLDispatch: return "low-latency dispatch (messages)";
+    case WaitRole::LLCombine: return "low-latency combine (expert outputs)";
     default: return "nothing";
   }
 }

@@ -2,7 +2,58 @@
 
 namespace sy::core {
 
-Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, BufferPlan* plan) {
+namespace {
+
+Problem plan_low_latency(int32_t ranks, int32_t hidden, int32_t max_tokens, int32_t experts, LowLatencyPlan* ll) {
+  if (hidden % kScaleBlock != 0) {
+    return {"hidden", "hidden: the low-latency mode needs a multiple of " + std::to_string(kScaleBlock) +
+                          " channels (one FP8 scale per 128), got " + std::to_string(hidden)};
+  }
+  if (experts < ranks || experts % ranks != 0 || experts / ranks > kMaxExpertsPerRank) {
+    return {"lowLatency.numExperts", "lowLatency.numExperts: " + std::to_string(experts) +
+                                         " experts must split evenly over " + std::to_string(ranks) +
+                                         " ranks, at most " + std::to_string(kMaxExpertsPerRank) + " each"};
+  }
+  LowLatencyPlan p;
+  p.experts = experts;
+  p.local_experts = experts / ranks;
+  p.max_tokens = max_tokens;
+  p.hidden = hidden;
+  p.ranks = ranks;
+  const uint64_t blocks = uint64_t(hidden) / kScaleBlock;
+  p.msg_payload = 16;
+  p.msg_scales = int32_t(16 + align_up(uint64_t(hidden) * 2, kAlignBytes));
+  p.msg_bytes = int32_t(align_up(uint64_t(p.msg_scales) + 4 * blocks, kAlignBytes));
+  p.row_meta = int32_t(align_up(uint64_t(hidden) * 2, kAlignBytes));
+  p.row_bytes = int32_t(align_up(uint64_t(p.row_meta) + 4 * blocks, kAlignBytes));
+  const uint64_t R = uint64_t(ranks), EL = uint64_t(p.local_experts);
+  uint64_t o = 0;
+  p.off_dispatch_flag = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_dispatch_count = o;
+  o = align_up(o + 4 * EL * R, kRegionAlignBytes);
+  p.off_dispatch_format = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_combine_flag = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_combine_format = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.signal_bytes = o;
+  p.off_dispatch_recv = o;
+  o = align_up(o + EL * R * uint64_t(max_tokens) * uint64_t(p.msg_bytes), kRegionAlignBytes);
+  p.off_combine_recv = o;
+  o = align_up(o + uint64_t(experts) * uint64_t(max_tokens) * uint64_t(p.row_bytes), kRegionAlignBytes);
+  p.off_send = o;
+  o = align_up(o + EL * R * uint64_t(max_tokens) * uint64_t(hidden) * 2, kRegionAlignBytes);
+  p.half_bytes = align_up(o, 4096);
+  *ll = p;
+  return {};
+}
+
+}  // namespace
+
+Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, int32_t ll_experts,
+                    BufferPlan* plan) {
   if (ranks < 1 || ranks > kMaxRanks) {
     return {"ranks", "ranks must be in 1.." + std::to_string(kMaxRanks) + ", got " +
                          std::to_string(ranks)};
@@ -50,6 +101,8 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   o = align_up(o + 4 * kAbortWords, kRegionAlignBytes);
   p.off_op_kind = o;
   o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_op_desc = o;
+  o = align_up(o + 4 * R * uint64_t(kDescWords), kRegionAlignBytes);
   p.off_barrier_epoch = o;
   o = align_up(o + 4 * R, kRegionAlignBytes);
   p.off_dispatch_epoch = o;
@@ -68,6 +121,14 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   p.off_combine = o;
   p.combine_region_bytes = R * uint64_t(max_tokens_per_rank) * uint64_t(p.combine_row_bytes);
   o = align_up(o + p.combine_region_bytes, kRegionAlignBytes);
+  p.off_mask = o;
+  o = align_up(o + 4 * R, 4096);
+  if (ll_experts != 0) {
+    Problem ll = plan_low_latency(ranks, hidden, max_tokens_per_rank, ll_experts, &p.ll);
+    if (!ll.ok()) return ll;
+    p.ll.off_halves = o;
+    o += 2 * p.ll.half_bytes;
+  }
   p.total_bytes = o;
   if (p.total_bytes > (uint64_t(1) << 40)) {
     return {"maxTokensPerRank", "the buffer would need " + std::to_string(p.total_bytes) +

@@ -8,6 +8,7 @@
 //              | per-peer send-count rows [R][R] i32 | per-peer expert-count rows [R][EL] i32
 //   dispatch   [R source ranks][max_tokens_per_rank slots] token records
 //   combine    [R source ranks][max_tokens_per_rank slots] combine rows
+//   low latency (when the buffer has experts for it) two identical halves, see LowLatencyPlan
 //
 // A token record holds the payload (BF16 or FP8 channels), the FP8 scales, the sender's top-k
 // expert ids (i32) and weights (f32) and the sender's token index, each at a 16-byte boundary.
@@ -20,6 +21,56 @@
 #include "limits.h"
 
 namespace sy::core {
+
+// The low-latency double buffer. Consecutive low-latency calls alternate between two halves, so
+// one call's data survives the next call; a half holds, from its base:
+//
+//   signals   u32 dispatch flag per source rank (the call number that filled it), i32 counts
+//             [local expert][source], u32 dispatch format, combine flag and combine format per
+//             source (the formats let a receiver refuse data sent with other options)
+//   dispatch  [local expert][source rank][max_tokens] messages: a 16-byte header (the sender's
+//             token index), the payload (BF16 width), the FP8 scale words
+//   combine   [global expert][max_tokens] rows keyed by the receiver's token index: BF16
+//             channels (or LogFMT-10 blocks) and 4 bytes of LogFMT metadata per 128 channels
+//   send      [local expert][ranks * max_tokens][hidden] BF16: the zero-copy combine buffer
+struct LowLatencyPlan {
+  int32_t experts = 0;  // 0: the buffer has no low-latency region
+  int32_t local_experts = 0;
+  int32_t max_tokens = 0;
+  int32_t hidden = 0;
+  int32_t ranks = 0;
+
+  int32_t msg_bytes = 0;
+  int32_t msg_payload = 0;
+  int32_t msg_scales = 0;
+  int32_t row_bytes = 0;
+  int32_t row_meta = 0;
+
+  uint64_t off_dispatch_flag = 0;   // u32[R]
+  uint64_t off_dispatch_count = 0;  // i32[EL][R]
+  uint64_t off_dispatch_format = 0; // u32[R]: 1 = FP8, 2 = UE8M0 scales (must match the receiver's)
+  uint64_t off_combine_flag = 0;    // u32[R]
+  uint64_t off_combine_format = 0;  // u32[R]: 1 = LogFMT-10
+  uint64_t signal_bytes = 0;
+  uint64_t off_dispatch_recv = 0;
+  uint64_t off_combine_recv = 0;
+  uint64_t off_send = 0;
+  uint64_t half_bytes = 0;
+  uint64_t off_halves = 0;          // from the buffer base
+
+  int64_t recv_rows() const { return int64_t(ranks) * max_tokens; }
+  uint64_t half(int h) const { return off_halves + uint64_t(h) * half_bytes; }
+  uint64_t msg(int local, int src, int64_t slot) const {
+    return off_dispatch_recv +
+           ((uint64_t(local) * ranks + uint64_t(src)) * uint64_t(max_tokens) + uint64_t(slot)) * uint64_t(msg_bytes);
+  }
+  uint64_t combine_row(int64_t expert, int64_t token) const {
+    return off_combine_recv + (uint64_t(expert) * uint64_t(max_tokens) + uint64_t(token)) * uint64_t(row_bytes);
+  }
+  uint64_t send_row(int local, int64_t row) const {
+    return off_send + (uint64_t(local) * uint64_t(recv_rows()) + uint64_t(row)) * uint64_t(hidden) * 2;
+  }
+};
 
 struct BufferPlan {
   int32_t ranks = 0;
@@ -45,6 +96,7 @@ struct BufferPlan {
   uint64_t off_doorbell = 0;        // u32 bumped by every writer, waited on with a futex
   uint64_t off_abort = 0;           // u32[kAbortWords], see AbortRecord
   uint64_t off_op_kind = 0;         // u32[R]: the operation peer p entered at its last barrier
+  uint64_t off_op_desc = 0;         // u32[R][kDescWords]: that operation's parameters
   uint64_t off_barrier_epoch = 0;   // u32[R]: peer p has arrived at barrier n
   uint64_t off_dispatch_epoch = 0;  // u32[R]: peer p has delivered dispatch n
   uint64_t off_combine_epoch = 0;   // u32[R]: peer p has delivered combine n
@@ -56,6 +108,8 @@ struct BufferPlan {
   uint64_t dispatch_region_bytes = 0;
   uint64_t off_combine = 0;
   uint64_t combine_region_bytes = 0;
+  uint64_t off_mask = 0;            // u32[R]: this rank's view of which peers are masked
+  LowLatencyPlan ll;
   uint64_t total_bytes = 0;
 
   int64_t max_recv_rows() const { return int64_t(ranks) * max_tokens_per_rank; }
@@ -74,8 +128,16 @@ struct BufferPlan {
 inline constexpr int kAbortWords = 8;
 enum AbortWord : int { kAbortFlag = 0, kAbortRank, kAbortPeer, kAbortRole, kAbortEpoch, kAbortStatus };
 
+// Parameters every rank of a collective must agree on, exchanged at the barrier (word 0 is the
+// kind): dispatch {kind, payload dtype, scale words, scale dtype, top-k, experts, cached},
+// combine {kind, top-k weight columns}.
+inline constexpr int kDescWords = 8;
+// The last word: 1 when this rank found its own input invalid; the operation then runs nowhere
+// and every rank fails it (the buffers stay usable).
+inline constexpr int kDescRejected = kDescWords - 1;
+
 // Operation kinds exchanged at the barrier, so mismatched collectives are reported as such.
-enum class OpKind : uint32_t { None = 0, Dispatch = 1, Combine = 2 };
+enum class OpKind : uint32_t { None = 0, Dispatch = 1, Combine = 2, CleanLowLatency = 3 };
 
 // A problem with the caller's input: which argument, and what is wrong with it.
 struct Problem {
@@ -84,8 +146,10 @@ struct Problem {
   bool ok() const { return message.empty(); }
 };
 
-// Fills `plan` for a buffer of `ranks` ranks; returns a Problem naming the offending option.
-Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, BufferPlan* plan);
+// Fills `plan` for a buffer of `ranks` ranks, with a low-latency region for `ll_experts`
+// experts when that is > 0; returns a Problem naming the offending option.
+Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, int32_t ll_experts,
+                    BufferPlan* plan);
 
 inline constexpr uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 

@@ -6,6 +6,8 @@
 // that never finishes must turn into SY_ERROR_TIMEOUT, not a hung process. FFI calls arrive on
 // varying threads, so every entry sets the rank's device first.
 #include <chrono>
+#include <mutex>
+#include <utility>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -25,12 +27,26 @@ namespace sy {
 namespace cuda {
 namespace {
 
+// Kernels cannot return errors; they report bad input in a record in mapped host memory. Each
+// operation takes its own record from a ring, so one operation's problem is reported by that
+// operation's outputs and event, never by unrelated work.
+constexpr int kProblemSlots = 256;
+
 struct CudaRank {
   int device = 0;
-  core::InputProblem* problem_host = nullptr;  // mapped pinned memory
-  core::InputProblem* problem_device = nullptr;
+  core::InputProblem* problems_host = nullptr;  // mapped pinned memory, kProblemSlots records
+  core::InputProblem* problems_device = nullptr;
+  uint32_t next_problem = 0;
+  std::mutex mu;
   ~CudaRank() {
-    if (problem_host) cudaFreeHost(problem_host);
+    if (problems_host) cudaFreeHost(problems_host);
+  }
+  // A cleared record for the next operation: (host view, device view).
+  std::pair<core::InputProblem*, core::InputProblem*> take_problem_slot() {
+    std::lock_guard<std::mutex> l(mu);
+    const uint32_t i = next_problem++ % kProblemSlots;
+    std::memset(&problems_host[i], 0, sizeof(core::InputProblem));
+    return {&problems_host[i], &problems_device[i]};
   }
 };
 
@@ -44,7 +60,6 @@ Error problem_to_error(core::InputProblem& p) {
   } else {
     msg += " holds expert " + std::to_string(p.value) + ", outside the expert range (-1 marks an unused entry)";
   }
-  std::memset(&p, 0, sizeof p);
   return invalid("topkIdx", msg);
 }
 
@@ -88,9 +103,8 @@ class CudaStream final : public Stream {
   Error wait_event(Event& event) override;
   Error synchronize(Deadline deadline) override {
     SY_CUDA(cudaSetDevice(rank_->device));
-    SY_TRY(poll([&] { return cudaStreamQuery(stream_); }, deadline, rank, core::WaitRole::Stream,
-                "stream synchronize"));
-    return problem_to_error(*rank_->problem_host);
+    return poll([&] { return cudaStreamQuery(stream_); }, deadline, rank, core::WaitRole::Stream,
+                "stream synchronize");
   }
   cudaStream_t raw() const { return stream_; }
   CudaRank& rank_state_ref() const { return *rank_; }
@@ -114,11 +128,13 @@ class CudaEvent final : public Event {
     SY_CUDA(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
     return ok();
   }
-  Error record(Stream& stream) override {
+  Error record(Stream& stream, std::shared_ptr<OpStatus> status) override {
     auto* cs = dynamic_cast<CudaStream*>(&stream);
     if (cs == nullptr) return fail(SY_ERROR_WRONG_HANDLE, "stream: not a CUDA-backend stream", "stream");
     SY_CUDA(cudaSetDevice(rank_->device));
     SY_CUDA(cudaEventRecord(event_, cs->raw()));
+    std::lock_guard<std::mutex> l(mu_);
+    status_ = std::move(status);
     return ok();
   }
   Error query() override {
@@ -126,19 +142,26 @@ class CudaEvent final : public Event {
     cudaError_t rc = cudaEventQuery(event_);
     if (rc == cudaErrorNotReady) return fail(SY_NOT_READY, "event: not complete yet");
     SY_TRY(cuda_error(rc, "event query"));
-    return problem_to_error(*rank_->problem_host);
+    return outcome();
   }
   Error synchronize(Deadline deadline) override {
     SY_CUDA(cudaSetDevice(rank_->device));
     SY_TRY(poll([&] { return cudaEventQuery(event_); }, deadline, rank, core::WaitRole::Event,
                 "event synchronize"));
-    return problem_to_error(*rank_->problem_host);
+    return outcome();
   }
   cudaEvent_t raw() const { return event_; }
 
  private:
+  // Called once the event completed: the recorded operation's failure, if any.
+  Error outcome() {
+    std::lock_guard<std::mutex> l(mu_);
+    return status_ ? status_->result() : ok();
+  }
   CudaRank* rank_;
   cudaEvent_t event_ = nullptr;
+  std::mutex mu_;
+  std::shared_ptr<OpStatus> status_;
 };
 
 Error CudaStream::wait_event(Event& event) {
@@ -154,7 +177,7 @@ CudaStream* as_cuda(Stream& s) { return dynamic_cast<CudaStream*>(&s); }
 Error not_yet(const char* what) {
   return fail(SY_ERROR_UNSUPPORTED,
               std::string(what) + " is not implemented on the CUDA backend yet; use the host "
-                                  "backend (backend: \"host\") for dispatch and combine");
+                                  "backend (backend: \"host\") for it");
 }
 
 class CudaBackend final : public Backend {
@@ -168,10 +191,10 @@ class CudaBackend final : public Backend {
     st->device = (rank.device + rank.index) % devices_;  // rank.device holds the first device
     rank.device = st->device;
     SY_CUDA(cudaSetDevice(st->device));
-    SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&st->problem_host), sizeof(core::InputProblem),
+    SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&st->problems_host), kProblemSlots * sizeof(core::InputProblem),
                           cudaHostAllocMapped));
-    std::memset(st->problem_host, 0, sizeof(core::InputProblem));
-    SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&st->problem_device), st->problem_host, 0));
+    std::memset(st->problems_host, 0, kProblemSlots * sizeof(core::InputProblem));
+    SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&st->problems_device), st->problems_host, 0));
     rank.backend_state = st;
     return ok();
   }
@@ -182,10 +205,13 @@ class CudaBackend final : public Backend {
     void* p = nullptr;
     const uint64_t size = core::align_up(bytes == 0 ? 256 : bytes, 256);
     SY_CUDA(cudaMalloc(&p, size));
-    cudaError_t rc = cudaMemset(p, 0, size);
+    // The library's streams do not wait for the legacy default stream: the fill must be done
+    // before any of them can touch the memory.
+    cudaError_t rc = cudaMemsetAsync(p, 0, size, 0);
+    if (rc == cudaSuccess) rc = cudaStreamSynchronize(0);
     if (rc != cudaSuccess) {
       cudaFree(p);
-      return cuda_error(rc, "cudaMemset");
+      return cuda_error(rc, "zero-filling new device memory");
     }
     auto m = std::make_shared<Memory>();
     m->ptr = p;
@@ -239,19 +265,24 @@ class CudaBackend final : public Backend {
     SY_CUDA(cudaSetDevice(cs.rank_state_ref().device));
     if (t->is_dense()) {
       SY_CUDA(cudaMemcpyAsync(dst, t->data(), t->dense_bytes(), cudaMemcpyDeviceToHost, cs.raw()));
-      return cs.synchronize(deadline);
+      SY_TRY(cs.synchronize(deadline));
+    } else {
+      std::vector<uint8_t> stage(size_t(span_elements(*t)) * size_t(t->element_size()));
+      SY_CUDA(cudaMemcpyAsync(stage.data(), t->data(), stage.size(), cudaMemcpyDeviceToHost, cs.raw()));
+      SY_TRY(cs.synchronize(deadline));
+      strided_to_dense(*t, stage.data(), static_cast<uint8_t*>(dst));
     }
-    std::vector<uint8_t> stage(size_t(span_elements(*t)) * size_t(t->element_size()));
-    SY_CUDA(cudaMemcpyAsync(stage.data(), t->data(), stage.size(), cudaMemcpyDeviceToHost, cs.raw()));
-    SY_TRY(cs.synchronize(deadline));
-    strided_to_dense(*t, stage.data(), static_cast<uint8_t*>(dst));
-    return ok();
+    // The operation that filled the tensor completed before the copy: did it fail?
+    return t->producer ? t->producer->result() : ok();
   }
 
   Error layout(Stream& comm, std::shared_ptr<LayoutWork> work) override {
     CudaStream& cs = *as_cuda(comm);
     SY_CUDA(cudaSetDevice(cs.rank_state_ref().device));
-    return launch_layout(cs.raw(), *work, cs.rank_state_ref().problem_device);
+    std::pair<core::InputProblem*, core::InputProblem*> slot = cs.rank_state_ref().take_problem_slot();
+    core::InputProblem* host = slot.first;
+    work->status->check_after = [host]() { return problem_to_error(*host); };
+    return launch_layout(cs.raw(), *work, slot.second);
   }
 
   Error dispatch_notify(BufferCore&, Stream&, std::shared_ptr<DispatchWork>) override {
@@ -262,6 +293,21 @@ class CudaBackend final : public Backend {
     return not_yet("dispatch");
   }
   Error combine(BufferCore&, Stream&, std::shared_ptr<CombineWork>) override { return not_yet("combine"); }
+  Error ll_dispatch_send(BufferCore&, Stream&, std::shared_ptr<LLWork>) override {
+    return not_yet("low-latency dispatch");
+  }
+  Error ll_dispatch_recv(BufferCore&, Stream&, std::shared_ptr<LLWork>) override {
+    return not_yet("low-latency dispatch");
+  }
+  Error ll_combine_send(BufferCore&, Stream&, std::shared_ptr<LLWork>) override {
+    return not_yet("low-latency combine");
+  }
+  Error ll_combine_recv(BufferCore&, Stream&, std::shared_ptr<LLWork>) override {
+    return not_yet("low-latency combine");
+  }
+  Error ll_clean(BufferCore&, Stream&, uint32_t, std::shared_ptr<OpStatus>) override {
+    return not_yet("cleanLowLatencyBuffer");
+  }
 
  private:
   int devices_;

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "../abi/strided.h"
+#include "host_ll.h"
 #include "host_ops.h"
 #include "host_stream.h"
 
@@ -92,6 +93,9 @@ class HostBackend final : public Backend {
   Error read_tensor(Stream& s, std::shared_ptr<Tensor> t, void* dst, Deadline deadline) override {
     return as_host(s)->run_and_wait(
         [t, dst]() -> Error {
+          // The operation that fills the tensor ran before this copy (stream order): if it
+          // failed, its data is garbage and the read says why.
+          if (t->producer) SY_TRY(t->producer->result());
           strided_to_dense(*t, t->data(), static_cast<uint8_t*>(dst));
           return ok();
         },
@@ -99,7 +103,7 @@ class HostBackend final : public Backend {
   }
 
   Error layout(Stream& comm, std::shared_ptr<LayoutWork> work) override {
-    as_host(comm)->enqueue([work](host::StreamState&) { return host::run_layout(*work); });
+    as_host(comm)->enqueue([work](host::StreamState&) { return host::run_layout(*work); }, work->status);
     return ok();
   }
 
@@ -107,9 +111,9 @@ class HostBackend final : public Backend {
                         std::shared_ptr<DispatchWork> work) override {
     std::shared_ptr<BufferSet> set = buf.set;
     int64_t timeout = buf.timeout_ms;
-    as_host(comm)->enqueue([set, timeout, work](host::StreamState&) {
-      return host::run_dispatch_notify(*set, timeout, *work);
-    });
+    as_host(comm)->enqueue(
+        [set, timeout, work](host::StreamState&) { return host::run_dispatch_notify(*set, timeout, *work); },
+        work->status);
     return ok();
   }
 
@@ -120,17 +124,46 @@ class HostBackend final : public Backend {
   Error dispatch_epilogue(BufferCore& buf, Stream& comm,
                           std::shared_ptr<DispatchWork> work) override {
     std::shared_ptr<BufferSet> set = buf.set;
-    as_host(comm)->enqueue(
-        [set, work](host::StreamState&) { return host::run_dispatch_epilogue(*set, *work); });
+    as_host(comm)->enqueue([set, work](host::StreamState&) { return host::run_dispatch_epilogue(*set, *work); },
+                           work->status);
+    return ok();
+  }
+
+  Error ll_dispatch_send(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) override {
+    return ll_stage(buf, s, work, host::run_ll_dispatch_send);
+  }
+  Error ll_dispatch_recv(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) override {
+    return ll_stage(buf, s, work, host::run_ll_dispatch_recv);
+  }
+  Error ll_combine_send(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) override {
+    return ll_stage(buf, s, work, host::run_ll_combine_send);
+  }
+  Error ll_combine_recv(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) override {
+    return ll_stage(buf, s, work, host::run_ll_combine_recv);
+  }
+  Error ll_clean(BufferCore& buf, Stream& s, uint32_t epoch, std::shared_ptr<OpStatus> status) override {
+    std::shared_ptr<BufferSet> set = buf.set;
+    int rank = buf.rank;
+    int64_t timeout = buf.timeout_ms;
+    as_host(s)->enqueue(
+        [set, rank, timeout, epoch](host::StreamState&) { return host::run_ll_clean(*set, rank, timeout, epoch); },
+        std::move(status));
     return ok();
   }
 
   Error combine(BufferCore& buf, Stream& comm, std::shared_ptr<CombineWork> work) override {
     std::shared_ptr<BufferSet> set = buf.set;
     int64_t timeout = buf.timeout_ms;
-    as_host(comm)->enqueue([set, timeout, work](host::StreamState&) {
-      return host::run_combine(*set, timeout, *work);
-    });
+    as_host(comm)->enqueue(
+        [set, timeout, work](host::StreamState&) { return host::run_combine(*set, timeout, *work); }, work->status);
+    return ok();
+  }
+
+ private:
+  using LLStage = Error (*)(BufferSet&, LLWork&);
+  static Error ll_stage(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work, LLStage run) {
+    std::shared_ptr<BufferSet> set = buf.set;
+    as_host(s)->enqueue([set, work, run](host::StreamState&) { return run(*set, *work); }, work->status);
     return ok();
   }
 };

@@ -74,9 +74,7 @@ Error check_topk(const Tensor& topk, int64_t experts) {
 
 // Failures that every rank detects on its own need no abort; anything else leaves peers
 // waiting for us, so they are told.
-bool peers_must_be_told(const Error& e) {
-  return e.status != SY_ERROR_PEER_FAILED && e.argument != "operation";
-}
+bool peers_must_be_told(const Error& e) { return e.status != SY_ERROR_PEER_FAILED && !e.peers_informed; }
 
 int32_t* i32_at(uint8_t* base, uint64_t off) { return reinterpret_cast<int32_t*>(base + off); }
 
@@ -122,8 +120,23 @@ namespace {
 
 Error notify(Peers& peers, DispatchWork& w) {
   SY_TRY(peers.wait_joined());
-  if (!w.cached && w.topk > 0) SY_TRY(check_topk(*w.topk_idx, w.num_experts));
-  SY_TRY(peers.barrier(core::OpKind::Dispatch));
+  // Bad routing data is found here, on the stream; the barrier tells the peers, so that the
+  // operation fails on every rank and the buffers stay usable.
+  Error rejected = (!w.cached && w.topk > 0) ? check_topk(*w.topk_idx, w.num_experts) : ok();
+  // Receivers trust the senders' records: the parameters that shape them must agree.
+  static const char* const kNames[core::kDescWords] = {
+      "operation", "payload dtypes", "scale words per token", "scale dtypes", "top-k widths",
+      "expert counts", "modes (cached or not)", nullptr};
+  const uint32_t desc[core::kDescWords] = {
+      uint32_t(core::OpKind::Dispatch), uint32_t(w.x_dtype), uint32_t(w.num_scales),
+      w.num_scales ? uint32_t(w.scale_dtype) : 0u, uint32_t(w.topk), uint32_t(w.num_experts),
+      w.cached ? 1u : 0u, rejected ? 1u : 0u};
+  Error b = peers.barrier(core::OpKind::Dispatch, desc, kNames);
+  if (rejected) {
+    rejected.peers_informed = true;
+    return rejected;
+  }
+  SY_TRY(b);
 
   const core::BufferPlan& plan = peers.plan();
   const int R = peers.num_ranks();
@@ -225,16 +238,12 @@ Error notify(Peers& peers, DispatchWork& w) {
 Error run_dispatch_notify(BufferSet& set, int64_t timeout_ms, DispatchWork& w) {
   Error e = with_peers(set, w.rank, timeout_ms, w.epoch, [&](Peers& p) { return notify(p, w); });
   w.publish_counts(e);
-  // In exact-size mode the host waits for the counts and reports the failure from the call
-  // itself; leaving it on the stream as well would report it twice.
-  return w.mode == DispatchMode::Exact ? ok() : e;
+  return e;
 }
 
-Error run_dispatch_epilogue(BufferSet& set, DispatchWork& w) {
-  {
-    std::lock_guard<std::mutex> l(w.mu);
-    if (w.counts_state != 1) return ok();  // the notify stage failed and reported it
-  }
+namespace {
+
+Error fill_outputs(BufferSet& set, DispatchWork& w) {
   const core::BufferPlan& plan = set.plan;
   const int R = w.num_ranks;
   const int me = w.rank;
@@ -245,13 +254,14 @@ Error run_dispatch_epilogue(BufferSet& set, DispatchWork& w) {
   auto* src_idx = reinterpret_cast<int32_t*>(h.recv_src_idx->data());
   auto* src_rank = reinterpret_cast<int32_t*>(h.recv_src_rank->data());
 
-  if (!w.cached) {
-    std::memcpy(h.rank_prefix_matrix->data(), w.rank_prefix.data(), sizeof(int32_t) * size_t(R) * R);
-  }
-  if (N > h.recv_capacity) {
+  // Capacity first: a failed epilogue leaves the handle untouched.
+  if (N > h.recv_capacity || (w.layout == SY_LAYOUT_COMPACT && N > w.out_rows)) {
     return invalid("numWorstTokens", "numWorstTokens: rank " + std::to_string(me) + " received " +
                                          std::to_string(N) + " tokens but the outputs hold " +
-                                         std::to_string(h.recv_capacity) + " rows");
+                                         std::to_string(std::min(h.recv_capacity, w.out_rows)) + " rows");
+  }
+  if (!w.cached) {
+    std::memcpy(h.rank_prefix_matrix->data(), w.rank_prefix.data(), sizeof(int32_t) * size_t(R) * R);
   }
 
   auto copy_payload = [&](const uint8_t* rec, int64_t row) {
@@ -320,6 +330,10 @@ Error run_dispatch_epilogue(BufferSet& set, DispatchWork& w) {
           } else {
             int32_t local = core::local_expert(rec_idx[k], me, EL);
             row = local >= 0 ? cursor[local]++ : -1;
+            if (row >= w.out_rows || (local >= 0 && row >= group_base[local] + counts[local])) {
+              return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(me) + ": more rows arrived for local expert " +
+                                                 std::to_string(local) + " than the peers counted");
+            }
             exp_row[n * K + k] = int32_t(row);
             if (row >= 0) *w.recv_topk_weights->at<float>(row) = rec_w[k];
           }
@@ -331,7 +345,6 @@ Error run_dispatch_epilogue(BufferSet& set, DispatchWork& w) {
     }
     if (w.zero_padding && !w.cached) {
       // Padding rows of each group, then everything past the last group.
-      std::vector<uint8_t> zero_scales(size_t(w.num_scales) * 4, 0);
       auto zero_row = [&](int64_t r) {
         std::memset(w.recv_x->element(r), 0, size_t(w.payload_bytes));
         for (int s = 0; s < w.num_scales; ++s) store_word(*w.recv_x_scales, r, s, 0);
@@ -354,11 +367,33 @@ Error run_dispatch_epilogue(BufferSet& set, DispatchWork& w) {
   return ok();
 }
 
+}  // namespace
+
+Error run_dispatch_epilogue(BufferSet& set, DispatchWork& w) {
+  DispatchHandle& h = *w.handle;
+  {
+    std::lock_guard<std::mutex> l(w.mu);
+    if (w.counts_state != 1) {  // the notify stage failed (and said so): no routing
+      if (!w.cached) h.state.store(2);
+      return ok();
+    }
+  }
+  Error e = fill_outputs(set, w);
+  if (!w.cached) h.state.store(e ? 2 : 1);
+  return e;
+}
+
+
 namespace {
 
 Error combine_body(Peers& peers, CombineWork& w) {
   SY_TRY(peers.wait_joined());
-  SY_TRY(peers.barrier(core::OpKind::Combine));
+  if (w.handle->state.load() != 1) {
+    return invalid("handle", "handle: its dispatch did not complete (it failed), so there is nothing to combine");
+  }
+  static const char* const kNames[core::kDescWords] = {"operation", "top-k weight widths", nullptr};
+  const uint32_t desc[core::kDescWords] = {uint32_t(core::OpKind::Combine), uint32_t(w.topk), 0, 0, 0, 0, 0, 0};
+  SY_TRY(peers.barrier(core::OpKind::Combine, desc, kNames));
   const core::BufferPlan& plan = peers.plan();
   const int R = peers.num_ranks();
   const int me = peers.rank();

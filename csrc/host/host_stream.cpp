@@ -27,7 +27,7 @@ namespace {
 
 void worker_loop(std::shared_ptr<StreamState> st) {
   for (;;) {
-    Task task;
+    QueuedTask task;
     {
       std::unique_lock<std::mutex> l(st->mu);
       st->work_cv.wait(l, [&] { return !st->queue.empty() || st->closing; });
@@ -35,9 +35,10 @@ void worker_loop(std::shared_ptr<StreamState> st) {
       task = std::move(st->queue.front());
       st->queue.pop_front();
     }
-    Error e = task(*st);
+    Error e = task.run(*st);
+    if (e && task.status) task.status->fail(e);
     std::lock_guard<std::mutex> l(st->mu);
-    if (e && st->pending.ok()) st->pending = e;
+    if (e && !task.status && st->pending.ok()) st->pending = e;
     st->completed += 1;
     st->idle_cv.notify_all();
   }
@@ -68,9 +69,9 @@ HostStream::~HostStream() {
   st_->work_cv.notify_all();
 }
 
-void HostStream::enqueue(Task task) {
+void HostStream::enqueue(Task task, std::shared_ptr<OpStatus> status) {
   std::lock_guard<std::mutex> l(st_->mu);
-  st_->queue.push_back(std::move(task));
+  st_->queue.push_back(QueuedTask{std::move(task), std::move(status)});
   st_->submitted += 1;
   st_->work_cv.notify_one();
 }
@@ -92,7 +93,7 @@ Error HostStream::wait_event(Event& event) {
       w.waited_seconds = double(timeout_ms) / 1000.0;
       return timeout_error(w, "a stream waited for an event that never completed");
     }
-    return e;  // the event's failure becomes this stream's
+    return ok();  // the event's operation reports its own failure; this stream goes on
   });
   return ok();
 }
@@ -142,7 +143,7 @@ Error HostStream::run_and_wait(std::function<Error()> fn, Deadline deadline) {
   return e;
 }
 
-Error HostEvent::record(Stream& stream) {
+Error HostEvent::record(Stream& stream, std::shared_ptr<OpStatus> status) {
   auto* hs = dynamic_cast<HostStream*>(&stream);
   if (hs == nullptr) return fail(SY_ERROR_WRONG_HANDLE, "stream: not a host-backend stream", "stream");
   auto m = std::make_shared<Marker>();
@@ -150,13 +151,8 @@ Error HostEvent::record(Stream& stream) {
     std::lock_guard<std::mutex> l(mu_);
     marker_ = m;
   }
-  hs->enqueue([m](StreamState& s) -> Error {
-    Error e;
-    {
-      std::lock_guard<std::mutex> l(s.mu);
-      e = s.pending;
-    }
-    m->complete(e);
+  hs->enqueue([m, status](StreamState&) -> Error {
+    m->complete(status ? status->result() : ok());
     return ok();
   });
   return ok();

@@ -1,7 +1,7 @@
 // Streams and events of the host backend: a stream is a worker thread running tasks in order,
-// an event is a marker completed by a task. Failures travel like CUDA errors do: a failed task
-// leaves a pending error on its stream, events recorded after it carry it, streams waiting on
-// such an event inherit it, and the next synchronize reports it once.
+// an event is a marker completed by a task. A failed task of an operation records the failure
+// in the operation's status (its outputs and event report it); a failed task of the stream's
+// own (a wait that timed out) is reported by the stream's next synchronize, once.
 #pragma once
 
 #include <condition_variable>
@@ -17,13 +17,18 @@ namespace sy::host {
 struct StreamState;
 using Task = std::function<Error(StreamState&)>;
 
+struct QueuedTask {
+  Task run;
+  std::shared_ptr<OpStatus> status;  // the operation it belongs to, if any
+};
+
 struct StreamState {
   int rank = 0;
   int64_t timeout_ms = 0;
   std::mutex mu;
   std::condition_variable work_cv;
   std::condition_variable idle_cv;
-  std::deque<Task> queue;
+  std::deque<QueuedTask> queue;
   uint64_t submitted = 0;
   uint64_t completed = 0;
   Error pending;
@@ -46,7 +51,7 @@ class HostStream final : public Stream {
  public:
   HostStream(std::shared_ptr<GroupCore> g, int rank, int64_t timeout_ms);
   ~HostStream() override;
-  void enqueue(Task task);
+  void enqueue(Task task, std::shared_ptr<OpStatus> status = nullptr);
   Error wait_event(Event& event) override;
   Error synchronize(Deadline deadline) override;
   // Runs `fn` on the worker in stream order and waits for it. `fn` sees the stream's pending
@@ -61,7 +66,7 @@ class HostStream final : public Stream {
 class HostEvent final : public Event {
  public:
   using Event::Event;
-  Error record(Stream& stream) override;
+  Error record(Stream& stream, std::shared_ptr<OpStatus> status = nullptr) override;
   Error query() override;
   Error synchronize(Deadline deadline) override;
   std::shared_ptr<Marker> marker() {

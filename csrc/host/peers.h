@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../abi/objects.h"
+#include "futex.h"
 
 namespace sy::host {
 
@@ -23,12 +24,26 @@ class Peers {
   // Waits until every rank has created its buffer of this set.
   Error wait_joined();
   // Everyone has entered operation `epoch` of kind `kind` (and has left the previous one, so
-  // every region may be written again). Reports mismatched operations.
-  Error barrier(core::OpKind kind);
+  // every region may be written again). Reports mismatched operations, and parameters that
+  // differ from this rank's (`desc`, kDescWords words; `names` says what each word is).
+  Error barrier(core::OpKind kind, const uint32_t* desc = nullptr, const char* const* names = nullptr);
   // Sets my flag in rank `to`'s array at `off_array` to this epoch and rings its doorbell.
   void signal(int to, uint64_t off_array);
   // Waits until every peer's flag in my array at `off_array` has reached this epoch.
   Error wait_all(uint64_t off_array, core::WaitRole role);
+  // The same with a mask: masked ranks are not waited for; with `mask_on_timeout` the ranks
+  // missing at the deadline are masked instead of failing; `waited_ns` (if set) accumulates how
+  // long each rank was waited for.
+  struct WaitPolicy {
+    uint32_t* mask = nullptr;
+    bool mask_on_timeout = false;
+    int64_t* waited_ns = nullptr;
+  };
+  Error wait_sources(uint64_t off_array, core::WaitRole role, const WaitPolicy& policy);
+  // Reads my flag from `r` in the array at `off_array`.
+  uint32_t flag_from(int r, uint64_t off_array) const {
+    return load_acquire(word(rank_, off_array + 4ull * uint64_t(r)));
+  }
   // Gives up on this operation: tells every rank why, so nobody waits for us.
   void abort_all(const Error& why);
 

@@ -16,7 +16,8 @@
  *    caller built against an older header keeps working.
  *  - After a failure, `sy_last_error(handle, &info)` returns the status, the argument at fault and
  *    a message, recorded on the handle the call was made on (so it survives calls made on worker
- *    threads). With `handle == NULL` it returns the calling thread's last failure.
+ *    threads; successful calls do not erase it). With `handle == NULL` it returns the calling
+ *    thread's last failure. Handles are never reused: a destroyed one stays invalid.
  *  - Tensors are described like DLPack's DLTensor: dtype, shape and strides counted in elements.
  */
 #ifndef SWITCHYARD_H
@@ -83,7 +84,9 @@ typedef enum sy_wait_role {
   SY_WAIT_HOST_COUNTER = 4,     /* exact-size dispatch: the host waited for the received counts */
   SY_WAIT_EVENT = 5,            /* a stream or the host waited for an event */
   SY_WAIT_STREAM = 6,           /* the host waited for a stream to drain */
-  SY_WAIT_BUFFER_PEERS = 7      /* a peer had not created its matching buffer */
+  SY_WAIT_BUFFER_PEERS = 7,     /* a peer had not created its matching buffer */
+  SY_WAIT_LL_DISPATCH = 8,      /* low-latency dispatch receive: the peer's messages */
+  SY_WAIT_LL_COMBINE = 9        /* low-latency combine receive: the peer's expert outputs */
 } sy_wait_role;
 
 typedef enum sy_dispatch_layout {
@@ -107,6 +110,8 @@ typedef struct sy_tensor_s* sy_tensor;
 typedef struct sy_stream_s* sy_stream;
 typedef struct sy_event_s* sy_event;
 typedef struct sy_handle_s* sy_handle; /* the routing a dispatch produced, reused by combine */
+typedef struct sy_ll_handle_s* sy_ll_handle; /* the layout a low-latency dispatch produced */
+typedef struct sy_hook_s* sy_hook;     /* a deferred receive phase (send/receive split) */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Errors                                                                                      */
@@ -154,6 +159,11 @@ typedef enum sy_struct_id {
   SY_STRUCT_COMBINE_ARGS,
   SY_STRUCT_COMBINE_RESULT,
   SY_STRUCT_HANDLE_INFO,
+  SY_STRUCT_LL_DISPATCH_ARGS,
+  SY_STRUCT_LL_DISPATCH_RESULT,
+  SY_STRUCT_LL_COMBINE_ARGS,
+  SY_STRUCT_LL_COMBINE_RESULT,
+  SY_STRUCT_LL_HANDLE_INFO,
   SY_STRUCT_COUNT
 } sy_struct_id;
 SY_API sy_status sy_struct_sizes(uint32_t* sizes, uint32_t count);
@@ -279,7 +289,12 @@ typedef struct sy_buffer_options {
   int32_t max_tokens_per_rank;       /* most tokens any rank dispatches in one call */
   int32_t num_sms;                   /* 0 = default for the rank count */
   int64_t timeout_ms;                /* 0 = the rank's deadline */
+  /* Since the low-latency mode (callers passing the 24-byte v1 struct get the defaults): */
+  int32_t ll_num_experts;            /* > 0: a low-latency double buffer for this many experts */
+  uint32_t enable_masking;           /* 1: a timed-out peer is masked instead of failing the call */
 } sy_buffer_options;
+
+#define SY_BUFFER_OPTIONS_V1_SIZE 24u
 
 typedef struct sy_buffer_plan {
   uint32_t struct_size;
@@ -291,6 +306,9 @@ typedef struct sy_buffer_plan {
   uint64_t combine_region_bytes;
   uint64_t total_bytes;              /* what one rank allocates */
   int64_t max_recv_rows;             /* ranks * max_tokens_per_rank */
+  uint64_t ll_half_bytes;            /* one half of the low-latency double buffer, 0 if none */
+  int32_t ll_message_bytes;          /* one low-latency dispatch message */
+  int32_t ll_combine_row_bytes;      /* one low-latency combine row */
 } sy_buffer_plan;
 
 /* Buffer size hint: what a buffer with these options allocates per rank. */
@@ -424,6 +442,117 @@ SY_API sy_status sy_handle_tensor(sy_handle handle, int32_t kind, sy_tensor* out
 /* Received tokens per local expert, rounded up to expert_alignment. Known on the host after an
  * exact-size or cached dispatch; SY_NOT_READY in worst-case mode. Writes min(capacity, E_local). */
 SY_API sy_status sy_handle_expert_counts(sy_handle handle, int32_t* counts, int32_t capacity);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Low-latency (decode) mode                                                                   */
+/*                                                                                             */
+/* Fixed slots per (local expert, source rank), a double buffer that alternates on every      */
+/* low-latency call (the data of one call survives the next one), FP8 quantisation done by the */
+/* library, and an optional split of send and receive phases (a hook that runs the receive     */
+/* phase later and holds nothing in between). Received rows are ordered by source rank, then  */
+/* by the sender's token order. Collective: every rank makes the same low-latency calls.      */
+
+typedef enum sy_ll_flags {
+  SY_LL_FP8 = 1,            /* dispatch: quantise to FP8 E4M3 with per-128 scales */
+  SY_LL_ROUND_SCALE = 2,    /* dispatch: power-of-two scales */
+  SY_LL_UE8M0 = 4,          /* dispatch: scales as packed UE8M0 exponents (needs ROUND_SCALE) */
+  SY_LL_ASYNC_FINISH = 8,   /* return an event instead of ordering the compute stream */
+  SY_LL_RETURN_HOOK = 16,   /* send now, return a hook that runs the receive phase later */
+  SY_LL_LOGFMT = 32,        /* combine: LogFMT-10 rows (BF16 fallback per block) */
+  SY_LL_ZERO_COPY = 64      /* combine: the outputs are already in the next combine buffer */
+} sy_ll_flags;
+
+typedef struct sy_ll_dispatch_args {
+  uint32_t struct_size;
+  uint32_t flags;                        /* sy_ll_flags */
+  sy_tensor x;                           /* [T, H] bf16, T <= max_tokens_per_rank */
+  sy_tensor topk_idx;                    /* [T, K] i64 or i32, -1 = none, K <= 32 */
+  sy_tensor cumulative_local_expert_recv_stats;  /* [E_local] i32, incremented (optional) */
+  sy_tensor dispatch_wait_recv_cost_stats;       /* [R] i64 ns waited per source (optional) */
+  sy_stream compute_stream;
+} sy_ll_dispatch_args;
+
+typedef struct sy_ll_dispatch_result {
+  uint32_t struct_size;
+  int32_t num_local_experts;
+  sy_tensor recv_x;          /* [E_local, R * max_tokens, H] bf16 or fp8 */
+  sy_tensor recv_x_scales;   /* FP8: [E_local, R * max_tokens, S] f32 (or i32 UE8M0), column-major
+                                in the last two dimensions */
+  sy_tensor recv_count;      /* [E_local] i32: valid rows per local expert */
+  sy_ll_handle handle;
+  sy_event event;            /* with SY_LL_ASYNC_FINISH */
+  sy_hook hook;              /* with SY_LL_RETURN_HOOK */
+} sy_ll_dispatch_result;
+
+SY_API sy_status sy_ll_dispatch(sy_buffer buffer, const sy_ll_dispatch_args* args,
+                                sy_ll_dispatch_result* out);
+
+typedef struct sy_ll_combine_args {
+  uint32_t struct_size;
+  uint32_t flags;            /* sy_ll_flags */
+  sy_tensor x;               /* [E_local, R * max_tokens, H] bf16 expert outputs (not read with
+                                SY_LL_ZERO_COPY) */
+  sy_tensor topk_idx;        /* this rank's [T, K] routing of the dispatch */
+  sy_tensor topk_weights;    /* [T, K] f32 */
+  sy_ll_handle handle;
+  sy_tensor out;             /* [T, H] bf16 to write into (optional) */
+  sy_tensor combine_wait_recv_cost_stats;  /* [R] i64 ns waited per source (optional) */
+  sy_stream compute_stream;
+} sy_ll_combine_args;
+
+typedef struct sy_ll_combine_result {
+  uint32_t struct_size;
+  uint32_t reserved;
+  sy_tensor combined_x;      /* [T, H] bf16 = sum_k w_k y_k, float32 in top-k order */
+  sy_event event;
+  sy_hook hook;
+} sy_ll_combine_result;
+
+SY_API sy_status sy_ll_combine(sy_buffer buffer, const sy_ll_combine_args* args,
+                               sy_ll_combine_result* out);
+
+/* Enqueues the receive phase a SY_LL_RETURN_HOOK call deferred; once only. It fails when a later
+ * low-latency call has already reused the half of the double buffer the data is in. */
+SY_API sy_status sy_hook_run(sy_hook hook);
+SY_API sy_status sy_hook_destroy(sy_hook hook);
+
+typedef enum sy_ll_handle_tensor_kind {
+  SY_LL_HANDLE_SRC_INFO = 0,       /* [E_local, R * max_tokens] i32: sender's token index */
+  SY_LL_HANDLE_LAYOUT_RANGE = 1    /* [E_local, R] i64: begin << 32 | count per source */
+} sy_ll_handle_tensor_kind;
+
+typedef struct sy_ll_handle_info {
+  uint32_t struct_size;
+  int32_t rank;
+  int32_t num_ranks;
+  int32_t num_experts;
+  int32_t num_local_experts;
+  int32_t max_tokens_per_rank;
+  int32_t hidden;
+  int32_t num_tokens;        /* T of this rank's dispatch */
+  uint32_t call;             /* the low-latency call number of the dispatch */
+  uint32_t received;         /* 1 once the receive phase has run */
+} sy_ll_handle_info;
+
+SY_API sy_status sy_ll_handle_destroy(sy_ll_handle handle);
+SY_API sy_status sy_ll_handle_info_get(sy_ll_handle handle, sy_ll_handle_info* info);
+SY_API sy_status sy_ll_handle_tensor(sy_ll_handle handle, int32_t kind, sy_tensor* out);
+
+/* The buffer the next low-latency combine sends from, as [E_local, R * max_tokens, H] bf16: write
+ * the expert outputs there and combine with SY_LL_ZERO_COPY. Using it after another
+ * low-latency call took its half is an error. */
+SY_API sy_status sy_ll_next_combine_buffer(sy_buffer buffer, sy_ll_handle handle, sy_tensor* out);
+
+/* Resets the low-latency double buffer on every rank (collective, stream-ordered: the compute
+ * stream waits for it): needed after a masked call sequence, or to restart the call numbering.
+ * `done` (optional) receives an event that reports the reset's outcome. */
+SY_API sy_status sy_ll_clean(sy_buffer buffer, sy_stream compute_stream, sy_event* done);
+
+/* Rank masking (buffers created with enable_masking): masked ranks are skipped in sends,
+ * receives and reductions. Local to this rank's view. */
+SY_API sy_status sy_mask_update(sy_buffer buffer, int32_t rank, int32_t masked);
+SY_API sy_status sy_mask_query(sy_buffer buffer, int32_t* mask, int32_t capacity);
+SY_API sy_status sy_mask_clean(sy_buffer buffer);
 
 #ifdef __cplusplus
 }

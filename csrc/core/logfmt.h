@@ -1,0 +1,91 @@
+// LogFMT-10: the optional compression of low-latency combine rows, per block of 128 channels.
+//
+// A BF16 value's magnitude bits (exponent and mantissa, 15 bits) grow like a piecewise-linear
+// log2 of the value with 7 fractional bits, so integer arithmetic on them is a log-domain
+// quantiser that every backend (and a test in any language) computes bit for bit:
+//
+//   m_c      = bf16_c & 0x7fff, sign_c = bf16_c >> 15
+//   fallback when the block's largest magnitude is not below 1.0 (m_max >= 0x3f80, which also
+//            catches inf and NaN): the block travels as BF16 (DeepEP's rule: LogFMT only when
+//            the block's log-max < 0)
+//   otherwise m_min = smallest non-zero m_c (all zero: m_min = 0)
+//            step  = max(1, ceil((m_max - m_min) / 510))
+//            q_c   = 0 for m_c == 0, else 1 + floor((m_c - m_min + step / 2) / step), at most 511
+//            code  = sign_c << 9 | q_c (10 bits), packed little-endian at bit 10 * c
+//   decode   m'_c = 0 for q_c == 0, else m_min + (q_c - 1) * step; bf16 = sign << 15 | m'_c
+//
+// A block spanning at most 510 magnitude steps (about four binades) is exact; wider blocks lose
+// at most step / 2 of 2^-7 relative per value. Metadata per block (4 bytes): m_min (u16) and
+// step (u16); step 0 marks a BF16 fallback block.
+#pragma once
+
+#include <cstdint>
+
+#include "hd.h"
+#include "limits.h"
+
+namespace sy::core {
+
+inline constexpr int kLogfmtBlockBytes = kScaleBlock * 10 / 8;  // 160
+inline constexpr uint16_t kLogfmtOne = 0x3f80;                  // BF16 magnitude bits of 1.0
+
+struct LogfmtMeta {
+  uint16_t m_min;
+  uint16_t step;  // 0 = BF16 fallback
+};
+
+SY_HD LogfmtMeta logfmt_plan(const uint16_t* x, int n) {
+  uint16_t m_max = 0, m_min = 0xffff;
+  for (int i = 0; i < n; ++i) {
+    uint16_t m = x[i] & 0x7fffu;
+    if (m > m_max) m_max = m;
+    if (m != 0 && m < m_min) m_min = m;
+  }
+  LogfmtMeta meta;
+  if (m_max >= kLogfmtOne) {
+    meta.m_min = 0;
+    meta.step = 0;
+    return meta;
+  }
+  if (m_max == 0) m_min = 0;
+  uint32_t span = uint32_t(m_max) - (m_max == 0 ? 0u : uint32_t(m_min));
+  uint32_t step = (span + 509) / 510;
+  meta.m_min = m_max == 0 ? 0 : m_min;
+  meta.step = uint16_t(step < 1 ? 1 : step);
+  return meta;
+}
+
+SY_HD uint16_t logfmt_code(uint16_t x, LogfmtMeta meta) {
+  uint16_t m = x & 0x7fffu;
+  uint32_t q = 0;
+  if (m != 0) {
+    q = 1 + (uint32_t(m) - meta.m_min + meta.step / 2) / meta.step;
+    if (q > 511) q = 511;
+  }
+  return uint16_t(((x >> 15) << 9) | q);
+}
+
+SY_HD uint16_t logfmt_decode(uint16_t code, LogfmtMeta meta) {
+  uint32_t q = code & 0x1ffu;
+  uint32_t m = q == 0 ? 0 : meta.m_min + (q - 1) * meta.step;
+  return uint16_t(((code >> 9) & 1u) << 15 | (m & 0x7fffu));
+}
+
+// Code i of a packed block starts at bit 10 * i; the shift within its first byte is 0, 2, 4 or
+// 6, so every code lies within two bytes. The block must start zeroed.
+SY_HD void logfmt_put(uint8_t* block, int i, uint16_t v) {
+  int bit = 10 * i;
+  int byte = bit >> 3, shift = bit & 7;
+  uint32_t w = uint32_t(v & 0x3ffu) << shift;
+  block[byte] = uint8_t(block[byte] | (w & 0xffu));
+  block[byte + 1] = uint8_t(block[byte + 1] | ((w >> 8) & 0xffu));
+}
+
+SY_HD uint16_t logfmt_get(const uint8_t* block, int i) {
+  int bit = 10 * i;
+  int byte = bit >> 3, shift = bit & 7;
+  uint32_t w = uint32_t(block[byte]) | uint32_t(block[byte + 1]) << 8;
+  return uint16_t((w >> shift) & 0x3ffu);
+}
+
+}  // namespace sy::core
