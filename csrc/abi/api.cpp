@@ -453,6 +453,7 @@ static Error tensor_copy_args(sy_tensor tensor, sy_stream stream, const void* ho
                                            ", the tensor to rank " + std::to_string((*t)->rank),
                 "stream");
   }
+  SY_TRY(check_view("tensor", **t));
   if (bytes != (*t)->dense_bytes()) {
     return invalid("data", "data: the tensor holds " + std::to_string((*t)->dense_bytes()) +
                                " bytes (" + shape_string(**t) + " " + core::dtype_name((*t)->dtype) +

@@ -74,6 +74,8 @@ void take_call(BufferCore& buf, LLWork& w) {
   w.call = ++buf.ll_calls;
   w.half = int(w.call % 2);
   buf.half_use[w.half]->store(w.call);
+  // A zero-copy buffer handed out for this call is void unless this is the combine that reads it.
+  if (w.call == buf.zero_copy_call && !w.zero_copy && buf.zero_copy_void) buf.zero_copy_void->store(true);
 }
 
 // Runs `send` now and `recv` either now (on the communication stream, ordered like the normal
@@ -275,6 +277,8 @@ Error op_ll_next_combine_buffer(BufferCore& buf, const LLHandle& handle, std::sh
   t->guard->use = buf.half_use[half];
   t->guard->valid_through = next;
   t->guard->what = "the next combine buffer";
+  if (buf.zero_copy_call != next || !buf.zero_copy_void) buf.zero_copy_void = std::make_shared<std::atomic<bool>>(false);
+  t->guard->voided = buf.zero_copy_void;
   buf.zero_copy_call = next;
   *out = std::move(t);
   return ok();

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -67,6 +68,7 @@ struct OpStatus {
 struct ViewGuard {
   std::shared_ptr<const std::atomic<uint32_t>> use;  // number of the last call that took the memory
   uint32_t valid_through = 0;                          // usable while *use <= this
+  std::shared_ptr<const std::atomic<bool>> voided;     // set when the call it was meant for went elsewhere
   std::string what;
 };
 
@@ -101,6 +103,13 @@ struct Tensor {
   // Byte address of element (i, j) (j ignored for 1-D tensors).
   uint8_t* element(int64_t i, int64_t j = 0) const {
     int64_t off = i * strides[0] + (ndim > 1 ? j * strides[1] : 0);
+    return data() + off * element_size();
+  }
+  // Byte address of the element at `idx` (leading dimensions; the rest are 0).
+  uint8_t* element_at(std::initializer_list<int64_t> idx) const {
+    int64_t off = 0;
+    int d = 0;
+    for (int64_t i : idx) off += i * strides[d++];
     return data() + off * element_size();
   }
   // Address of element (i, j) of a 2-D tensor / element i of a 1-D tensor.
@@ -188,6 +197,7 @@ struct BufferCore {
   bool masking = false;
   uint32_t ll_calls = 0;
   uint32_t zero_copy_call = 0;  // the call nextCombineBuffer was last taken for
+  std::shared_ptr<std::atomic<bool>> zero_copy_void;  // voids that view if another kind of call takes it
   // The last call enqueued on each half (shared with the views and hooks that depend on it).
   std::shared_ptr<std::atomic<uint32_t>> half_use[2] = {std::make_shared<std::atomic<uint32_t>>(0),
                                                         std::make_shared<std::atomic<uint32_t>>(0)};

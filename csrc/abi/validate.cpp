@@ -72,6 +72,11 @@ Error check_rows_contiguous(const char* arg, const Tensor& t) {
 Error check_view(const char* arg, const Tensor& t) {
   if (!t.guard) return ok();
   const uint32_t now = t.guard->use->load();
+  if (t.guard->voided && t.guard->voided->load()) {
+    return invalid(arg, std::string(arg) + ": " + t.guard->what + " was handed out for low-latency call " +
+                            std::to_string(t.guard->valid_through) +
+                            ", which was not the zero-copy combine it was meant for: the call reused its half");
+  }
   if (now <= t.guard->valid_through) return ok();
   return invalid(arg, std::string(arg) + ": " + t.guard->what + " was handed out for low-latency call " +
                           std::to_string(t.guard->valid_through) + ", and call " + std::to_string(now) +

@@ -187,11 +187,10 @@ Error run_ll_dispatch_recv(BufferSet& set, LLWork& w) {
         for (int32_t i = 0; i < c; ++i) {
           const uint8_t* msg = base + ll.msg(l, s, i);
           const int64_t row = begin + i;
-          std::memcpy(w.recv_x->element(l * N + row), msg + ll.msg_payload, size_t(payload));
+          std::memcpy(w.recv_x->element_at({l, row}), msg + ll.msg_payload, size_t(payload));
           for (int j = 0; j < words; ++j) {
-            // [EL, N, S] with strides [N * S, 1, N]: column-major in the last two dimensions.
-            std::memcpy(w.recv_x_scales->data() + 4 * (uint64_t(l) * N * words + uint64_t(j) * N + uint64_t(row)),
-                        msg + ll.msg_scales + 4 * j, 4);
+            // [EL, N, S], column-major in the last two dimensions (the tensor's strides say so).
+            std::memcpy(w.recv_x_scales->element_at({l, row, j}), msg + ll.msg_scales + 4 * j, 4);
           }
           std::memcpy(&src_info[size_t(l) * N + size_t(row)], msg, 4);
         }
@@ -234,7 +233,7 @@ Error run_ll_combine_send(BufferSet& set, LLWork& w) {
           const int64_t row = begin + i;
           const auto* y = w.zero_copy
                               ? reinterpret_cast<const uint16_t*>(peers.base(me) + half + ll.send_row(l, row))
-                              : reinterpret_cast<const uint16_t*>(w.x->element(l * N + row));
+                              : reinterpret_cast<const uint16_t*>(w.x->element_at({l, row}));
           uint8_t* dst = peers.base(s) + half + ll.combine_row(e, src_info[size_t(l) * N + size_t(row)]);
           if (!w.logfmt) {
             std::memcpy(dst, y, size_t(H) * 2);

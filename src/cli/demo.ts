@@ -29,6 +29,7 @@ const { values: opt } = parseArgs({
     experts: { type: "string", default: "256" },
     topk: { type: "string", default: "8" },
     zipf: { type: "string", default: "0.8" },
+    "decode-tokens": { type: "string", default: "128" },
     iterations: { type: "string", default: "5" },
     backend: { type: "string", default: "auto" },
     seed: { type: "string", default: "1" },
@@ -40,7 +41,7 @@ const { values: opt } = parseArgs({
 if (opt.help) {
   console.log(
     "deno task demo [--ranks 8] [--tokens 256] [--hidden 7168] [--experts 256] [--topk 8] [--zipf 0.8]\n" +
-      "               [--iterations 5] [--backend auto|host|cuda] [--seed 1]",
+      "               [--decode-tokens 128] [--iterations 5] [--backend auto|host|cuda] [--seed 1]",
   );
   Deno.exit(0);
 }
@@ -48,6 +49,7 @@ if (opt.help) {
 const R = Number(opt.ranks), T = Number(opt.tokens), H = Number(opt.hidden);
 const E = Number(opt.experts), K = Number(opt.topk), zipf = Number(opt.zipf);
 const iterations = Math.max(1, Number(opt.iterations)), seed = Number(opt.seed);
+const decodeTokens = Number(opt["decode-tokens"]);
 
 function chooseBackend(): Backend {
   const cuda = backendInfo("cuda");
@@ -173,4 +175,79 @@ for (const d of last) d[Symbol.dispose]();
 for (const l of layouts) l[Symbol.dispose]();
 for (const i of inputs) for (const t of [i.x, i.topkIdx, i.topkWeights]) t[Symbol.dispose]();
 for (const b of buffers) b[Symbol.dispose]();
+
+// A decode step in the low-latency mode: fixed slots per (expert, source), a double buffer, no
+// host waits. FP8 dispatch is timed; the check runs in BF16, where the "experts" return their
+// input and combine must give x * sum(valid weights).
+if (decodeTokens > 0) {
+  const D = decodeTokens;
+  const ll = group.createBuffers({ hidden: H, maxTokensPerRank: D, lowLatency: { numExperts: E } });
+  const step = await group.all(async (rank, r) => {
+    const routing = randomRouting({ tokens: D, experts: E, topk: K, seed: seed * 300 + r, zipf });
+    const xBits = toBF16(randomFloats(D * H, seed * 3000 + r));
+    return {
+      routing,
+      xBits,
+      x: await Tensor.from(rank, xBits, { shape: [D, H] }),
+      topkIdx: await Tensor.from(rank, routing.topkIdx, { shape: [D, K] }),
+      topkWeights: await Tensor.from(rank, routing.topkWeights, { shape: [D, K] }),
+    };
+  });
+  const llDispatchMs: number[] = [], llCombineMs: number[] = [], llFp8Ms: number[] = [];
+  let llOk = true, worst = 0;
+  for (let it = 0; it <= iterations; it++) {
+    let t0 = performance.now();
+    const fp8 = await group.all((_, r) => ll[r].lowLatencyDispatch(step[r].x, step[r].topkIdx, { useFp8: true }));
+    await group.all((rank) => rank.stream.synchronize());
+    const fp8Time = performance.now() - t0;
+    for (const d of fp8) d[Symbol.dispose]();
+    t0 = performance.now();
+    const sent = await group.all((_, r) => ll[r].lowLatencyDispatch(step[r].x, step[r].topkIdx, { useFp8: false }));
+    await group.all((rank) => rank.stream.synchronize());
+    const dispatchTime = performance.now() - t0;
+    t0 = performance.now();
+    const back = await group.all((_, r) =>
+      ll[r].lowLatencyCombine(sent[r].recvX, step[r].topkIdx, step[r].topkWeights, sent[r].handle)
+    );
+    await group.all((rank) => rank.stream.synchronize());
+    const combineTime = performance.now() - t0;
+    if (it > 0) {
+      llFp8Ms.push(fp8Time);
+      llDispatchMs.push(dispatchTime);
+      llCombineMs.push(combineTime);
+    }
+    if (it === iterations) {
+      for (let r = 0; r < R; r++) {
+        const got = await back[r].combinedX.readFloat32();
+        const x = new Float32Array(new Uint32Array(Array.from(step[r].xBits, (b) => b << 16)).buffer);
+        for (let t = 0; t < D; t++) {
+          let sum = 0;
+          for (let k = 0; k < K; k++) sum += step[r].routing.topkWeights[t * K + k];
+          for (let c = 0; c < H; c++) {
+            const want = x[t * H + c] * sum, err = Math.abs(got[t * H + c] - want);
+            // Eight float32 products and sums, one BF16 rounding: within 2^-7 of the value.
+            if (err > Math.abs(want) * 2 ** -7 + 1e-6) llOk = false;
+            worst = Math.max(worst, err / Math.max(Math.abs(want), 1e-30));
+          }
+        }
+      }
+    }
+    for (const b of back) b[Symbol.dispose]();
+    for (const d of sent) d[Symbol.dispose]();
+  }
+  const decodeBytes = D * K * H * 2 * R;
+  console.log(`decode step (low-latency mode): ${D} tokens/rank, top-${K}`);
+  console.log(
+    `  low-latency dispatch: ${fmtMs(median(llDispatchMs))} BF16, ${fmtMs(median(llFp8Ms))} FP8 ` +
+      `(median of ${iterations}; ${(decodeBytes / 2 ** 20).toFixed(1)} MiB of BF16 rows)`,
+  );
+  console.log(`  low-latency combine:  ${fmtMs(median(llCombineMs))}`);
+  console.log(
+    `  round trip combine(dispatch(x)) == x * sum(w): ${llOk ? "OK" : "FAILED"} ` +
+      `(max relative error ${worst.toExponential(2)})`,
+  );
+  if (!llOk) ok = false;
+  for (const s of step) for (const t of [s.x, s.topkIdx, s.topkWeights]) t[Symbol.dispose]();
+  for (const b of ll) b[Symbol.dispose]();
+}
 if (!ok) Deno.exit(1);

@@ -1,0 +1,553 @@
+/**
+ * Low-latency mode on the host backend, after DeepEP's low-latency test: rank-valued rows with
+ * token ids in the last 128 columns, random -1 entries, per-expert counts and layout ranges,
+ * source indices, FP8 (plain, power-of-two, UE8M0) against a reference quantiser, the weighted
+ * combine bit for bit (and x * sum(w) within DeepEP's tolerances), hooks, zero copy, LogFMT,
+ * double buffering, statistics, masking, and bad inputs.
+ */
+
+import assert from "node:assert/strict";
+import {
+  type EpBuffer,
+  Group,
+  type LowLatencyDispatchResult,
+  randomRouting,
+  type Rank,
+  Rng,
+  SwitchyardError,
+  Tensor,
+  toBF16,
+} from "../mod.ts";
+import { bytesOf, randomBF16 } from "./helpers.ts";
+import { llCombine, llLayout, logfmtRoundTrip, quantizeBlock } from "./ll_reference.ts";
+import { bf16Round, bf16Value, calcDiff, fp8Value } from "./reference.ts";
+
+interface Case {
+  ranks: number;
+  tokens: number[];
+  maxTokens: number;
+  hidden: number;
+  experts: number;
+  topk: number;
+  seed: number;
+  fp8?: boolean;
+  roundScale?: boolean;
+  ue8m0?: boolean;
+  hook?: boolean;
+  zeroCopy?: boolean;
+  logfmt?: boolean;
+  /** Ranks that do not take part; the others mask them. */
+  masked?: number[];
+}
+
+interface Inputs {
+  x: Uint16Array;
+  topk: number[];
+  topkIdx: BigInt64Array;
+  weights: Float32Array;
+}
+
+/** DeepEP's data: (rank - 128) everywhere but the last 128 columns, which hold the token id. */
+function makeInputs(c: Case): Inputs[] {
+  return c.tokens.map((T, r) => {
+    const routing = randomRouting({ tokens: T, experts: c.experts, topk: c.topk, seed: c.seed * 100 + r });
+    const rng = new Rng(c.seed * 7 + r);
+    for (let i = 0; i < Math.min(10, T * c.topk); i++) routing.topkIdx[rng.int(T * c.topk)] = -1n; // random -1 slots
+    const f = new Float32Array(T * c.hidden);
+    for (let t = 0; t < T; t++) {
+      for (let h = 0; h < c.hidden; h++) {
+        f[t * c.hidden + h] = h >= c.hidden - 128 ? t : (r - 128) + (rng.next() - 0.5) * (c.fp8 ? 8 : 0);
+      }
+    }
+    return {
+      x: toBF16(f),
+      topk: Array.from(routing.topkIdx, Number),
+      topkIdx: routing.topkIdx,
+      weights: routing.topkWeights,
+    };
+  });
+}
+
+interface Fixture extends Disposable {
+  group: Group;
+  buffers: EpBuffer[];
+}
+
+function llFixture(c: Case, timeoutMs = 5000, enableMasking = false): Fixture {
+  const group = Group.local({ ranks: c.ranks, timeoutMs });
+  const buffers = group.createBuffers({
+    hidden: c.hidden,
+    maxTokensPerRank: c.maxTokens,
+    lowLatency: { numExperts: c.experts },
+    enableMasking: enableMasking || !!c.masked?.length,
+  });
+  return {
+    group,
+    buffers,
+    [Symbol.dispose]() {
+      for (const b of buffers) b[Symbol.dispose]();
+      group[Symbol.dispose]();
+    },
+  };
+}
+
+/** The expected received row bytes and scale words of (source, token) under the case's format. */
+function expectedRow(c: Case, x: Uint16Array, token: number): { bytes: Uint8Array; scales: number[] } {
+  const row = x.subarray(token * c.hidden, (token + 1) * c.hidden);
+  if (!c.fp8) return { bytes: new Uint8Array(row.slice().buffer), scales: [] };
+  const codes = new Uint8Array(c.hidden);
+  const blocks: number[] = [];
+  for (let b = 0; b < c.hidden / 128; b++) {
+    const q = quantizeBlock(row.subarray(b * 128, (b + 1) * 128), !!c.roundScale);
+    codes.set(q.codes, b * 128);
+    blocks.push(q.scaleInv);
+  }
+  if (!c.ue8m0) return { bytes: codes, scales: blocks.map((s) => new Uint32Array(new Float32Array([s]).buffer)[0]) };
+  const words = new Array<number>(Math.ceil(blocks.length / 4)).fill(0);
+  blocks.forEach((s, b) => (words[b >> 2] |= (Math.log2(s) + 127) << (8 * (b % 4))));
+  return { bytes: codes, scales: words.map((w) => w >>> 0) };
+}
+
+async function checkDispatch(c: Case, res: LowLatencyDispatchResult, inputs: Inputs[], r: number) {
+  const layout = llLayout(inputs.map((i) => i.topk), c.tokens, c.topk, c.experts, new Set(c.masked))[r];
+  const EL = c.experts / c.ranks, N = c.ranks * c.maxTokens, H = c.hidden;
+  const counts = Array.from(await res.recvCount.read());
+  assert.deepEqual(counts, layout.map((l) => l.rows.length), `rank ${r}: received per local expert`);
+  using rangeT = res.handle.layoutRange();
+  const ranges = await rangeT.read();
+  using srcT = res.handle.srcInfo();
+  const src = await srcT.read();
+  const x = bytesOf(await res.recvX.read());
+  const scales = res.recvXScales ? new Uint32Array((await res.recvXScales.read()).buffer) : undefined;
+  const words = c.fp8 ? (c.ue8m0 ? Math.ceil(H / 512) : H / 128) : 0;
+  const rowBytes = c.fp8 ? H : 2 * H;
+  for (let l = 0; l < EL; l++) {
+    const e = layout[l];
+    for (let s = 0; s < c.ranks; s++) {
+      const [begin, count] = e.ranges[s];
+      assert.equal(
+        ranges[l * c.ranks + s],
+        (BigInt(begin) << 32n) | BigInt(count),
+        `rank ${r}, expert ${l}, source ${s}`,
+      );
+    }
+    e.rows.forEach(({ src: s, token }, i) => {
+      const row = l * N + i;
+      assert.equal(src[row], token, `rank ${r}, expert ${l}, row ${i}: source token`);
+      const want = expectedRow(c, inputs[s].x, token);
+      assert.deepEqual(
+        x.subarray(row * rowBytes, (row + 1) * rowBytes),
+        want.bytes,
+        `rank ${r}, expert ${l}, row ${i}`,
+      );
+      // The returned scales are dense [E_local, N, S] after the strided read: (l, i, j).
+      for (let j = 0; j < words; j++) assert.equal(scales![(l * N + i) * words + j], want.scales[j]);
+      if (!c.fp8) {
+        // DeepEP: the last 128 columns carry the token id.
+        const last = bf16Value(new Uint16Array(x.buffer, x.byteOffset + row * rowBytes, H)[H - 1]);
+        assert.equal(last, token);
+      }
+    });
+  }
+}
+
+async function runCase(c: Case): Promise<void> {
+  const inputs = makeInputs(c);
+  const active = new Set(Array.from({ length: c.ranks }, (_, r) => r).filter((r) => !c.masked?.includes(r)));
+  const layout = llLayout(inputs.map((i) => i.topk), c.tokens, c.topk, c.experts, new Set(c.masked));
+  const EL = c.experts / c.ranks, N = c.ranks * c.maxTokens, H = c.hidden;
+  // Expert outputs: random BF16 rows; only the received rows travel back.
+  const y = Array.from({ length: c.ranks }, (_, r) => randomBF16(EL * N * H, c.seed * 31 + r));
+  using fx = llFixture(c);
+  await Promise.all(fx.group.ranks.map(async (rank: Rank, r: number) => {
+    if (!active.has(r)) return;
+    const buf = fx.buffers[r];
+    for (const m of c.masked ?? []) buf.updateMask(m);
+    using x = await Tensor.from(rank, inputs[r].x, { shape: [c.tokens[r], H] });
+    using idx = await Tensor.from(rank, inputs[r].topkIdx, { shape: [c.tokens[r], c.topk] });
+    using w = await Tensor.from(rank, inputs[r].weights, { shape: [c.tokens[r], c.topk] });
+    using sent = await buf.lowLatencyDispatch(x, idx, {
+      useFp8: !!c.fp8,
+      roundScale: c.roundScale,
+      useUe8m0: c.ue8m0,
+      returnRecvHook: c.hook,
+    });
+    assert.equal(!!sent.hook, !!c.hook);
+    sent.hook?.run();
+    await checkDispatch(c, sent, inputs, r);
+
+    let yt: Tensor;
+    if (c.zeroCopy) {
+      yt = buf.nextCombineBuffer(sent.handle);
+      await yt.write(y[r]);
+    } else {
+      yt = await Tensor.from(rank, y[r], { shape: [EL, N, H] });
+    }
+    using back = await buf.lowLatencyCombine(c.zeroCopy ? undefined : yt, idx, w, sent.handle, {
+      zeroCopy: c.zeroCopy,
+      useLogfmt: c.logfmt,
+      returnRecvHook: c.hook,
+    });
+    back.hook?.run();
+    const want = llCombine(
+      inputs[r].topk,
+      inputs[r].weights,
+      c.tokens[r],
+      c.topk,
+      H,
+      (e) => !active.has(Math.floor(e / EL)),
+      (e, t) => {
+        const owner = Math.floor(e / EL), l = e % EL;
+        const i = layout[owner][l].rows.findIndex((row) => row.src === r && row.token === t);
+        const yr = y[owner].subarray((l * N + i) * H, (l * N + i + 1) * H);
+        if (!c.logfmt) return yr;
+        const out: number[] = [];
+        for (let b = 0; b < H / 128; b++) out.push(...logfmtRoundTrip(yr.subarray(b * 128, (b + 1) * 128)));
+        return out;
+      },
+    );
+    assert.deepEqual(await back.combinedX.read(), want, `rank ${r}: combined`);
+    yt[Symbol.dispose]();
+  }));
+}
+
+Deno.test("low-latency dispatch and combine match the reference", async (t) => {
+  const base = { hidden: 256, seed: 1 };
+  for (const ranks of [1, 2, 4, 8]) {
+    const experts = ranks * 3;
+    for (const fmt of ["bf16", "fp8", "fp8 round-scale", "fp8 ue8m0"]) {
+      const hook = (ranks + fmt.length) % 2 === 0;
+      await t.step(`${ranks} ranks, ${fmt}, hook ${hook ? "on" : "off"}`, () =>
+        runCase({
+          ...base,
+          ranks,
+          experts,
+          topk: Math.min(4, experts),
+          tokens: Array.from({ length: ranks }, (_, r) => 9 + ((r * 5) % 7)),
+          maxTokens: 16,
+          seed: ranks * 10 + fmt.length,
+          fp8: fmt !== "bf16",
+          roundScale: fmt.includes("round") || fmt.includes("ue8m0"),
+          ue8m0: fmt.includes("ue8m0"),
+          hook,
+        }));
+    }
+  }
+  await t.step(
+    "zero copy",
+    () => runCase({ ...base, ranks: 4, experts: 8, topk: 3, tokens: [7, 12, 3, 16], maxTokens: 16, zeroCopy: true }),
+  );
+  await t.step(
+    "LogFMT-10, with rows below and above 1.0",
+    () =>
+      runCase({
+        ...base,
+        ranks: 4,
+        experts: 8,
+        topk: 3,
+        tokens: [7, 12, 3, 16],
+        maxTokens: 16,
+        logfmt: true,
+        hook: true,
+      }),
+  );
+  await t.step(
+    "masked ranks (1 and 3 of 6 never take part)",
+    () =>
+      runCase({
+        ...base,
+        ranks: 6,
+        experts: 12,
+        topk: 4,
+        tokens: [5, 6, 7, 8, 9, 10],
+        maxTokens: 12,
+        masked: [1, 3],
+        fp8: true,
+      }),
+  );
+  await t.step(
+    "DeepSeek-like hidden 7168, top-8",
+    () => runCase({ ranks: 2, hidden: 7168, experts: 16, topk: 8, tokens: [5, 3], maxTokens: 8, seed: 3, fp8: true }),
+  );
+});
+
+Deno.test("DeepEP: combine(dispatch(x)) with identity experts ~ x * sum(valid weights)", async (t) => {
+  for (const fp8 of [false, true]) {
+    await t.step(fp8 ? "fp8 (calc_diff < 9e-4)" : "bf16 (calc_diff < 1e-5)", async () => {
+      const c: Case = {
+        ranks: 4,
+        hidden: 512,
+        experts: 32,
+        topk: 8,
+        tokens: [16, 16, 16, 16],
+        maxTokens: 16,
+        seed: 9,
+        fp8,
+      };
+      const inputs = makeInputs(c);
+      using fx = llFixture(c);
+      await fx.group.all(async (rank, r) => {
+        const buf = fx.buffers[r];
+        using x = await Tensor.from(rank, inputs[r].x, { shape: [16, c.hidden] });
+        using idx = await Tensor.from(rank, inputs[r].topkIdx, { shape: [16, c.topk] });
+        using w = await Tensor.from(rank, inputs[r].weights, { shape: [16, c.topk] });
+        using sent = await buf.lowLatencyDispatch(x, idx, { useFp8: fp8 });
+        // The "experts" dequantise their input and return it.
+        let y: Uint16Array;
+        if (fp8) {
+          const codes = await sent.recvX.read() as Uint8Array;
+          const scales = await sent.recvXScales!.readFloat32();
+          y = new Uint16Array(codes.length);
+          const S = c.hidden / 128;
+          for (let i = 0; i < codes.length; i++) {
+            const row = Math.floor(i / c.hidden), block = Math.floor((i % c.hidden) / 128);
+            y[i] = bf16Round(fp8Value(codes[i]) * scales[row * S + block]);
+          }
+        } else {
+          y = await sent.recvX.read() as Uint16Array;
+        }
+        using yt = await Tensor.from(rank, y, { shape: sent.recvX.shape as number[] });
+        using back = await buf.lowLatencyCombine(yt, idx, w, sent.handle);
+        const got = await back.combinedX.readFloat32();
+        assert.ok(got.every((v) => !Number.isNaN(v)), "no NaN");
+        const want = new Float64Array(got.length);
+        for (let tok = 0; tok < 16; tok++) {
+          let sum = 0;
+          for (let k = 0; k < c.topk; k++) {
+            if (inputs[r].topk[tok * c.topk + k] >= 0) sum += inputs[r].weights[tok * c.topk + k];
+          }
+          for (let h = 0; h < c.hidden; h++) {
+            want[tok * c.hidden + h] = bf16Value(inputs[r].x[tok * c.hidden + h]) * sum;
+          }
+        }
+        const diff = calcDiff(got, want);
+        assert.ok(diff < (fp8 ? 9e-4 : 1e-5), `rank ${r}: calc_diff ${diff}`);
+      });
+    });
+  }
+});
+
+/** One rank, one expert, one token of 128 channels: what the quantiser makes of `values`. */
+async function quantizeOne(values: number[] | Uint16Array, opts: { roundScale?: boolean; ue8m0?: boolean } = {}) {
+  using g = Group.local({ ranks: 1 });
+  using buf = g.ranks[0].createBuffer({ hidden: 128, maxTokensPerRank: 1, lowLatency: { numExperts: 1 } });
+  const bits = values instanceof Uint16Array ? values : toBF16(new Float32Array(values));
+  using x = await Tensor.from(g.ranks[0], bits, { shape: [1, 128] });
+  using idx = await Tensor.from(g.ranks[0], new BigInt64Array([0n]), { shape: [1, 1] });
+  using res = await buf.lowLatencyDispatch(x, idx, { roundScale: opts.roundScale, useUe8m0: opts.ue8m0 });
+  const codes = (await res.recvX.read() as Uint8Array).subarray(0, 128);
+  const scale = new Uint32Array((await res.recvXScales!.read()).buffer)[0];
+  return { codes: Array.from(codes), scaleBits: scale, scale: new Float32Array(new Uint32Array([scale]).buffer)[0] };
+}
+
+Deno.test("FP8 quantisation: hand-computed values", async (t) => {
+  await t.step("amax 0: the 1e-4 floor, codes 0", async () => {
+    const q = await quantizeOne(new Array(128).fill(0));
+    assert.ok(q.codes.every((c) => c === 0));
+    assert.equal(q.scale, Math.fround(Math.fround(1e-4) / 448)); // 2.2321428e-7
+  });
+  await t.step("values at +-448: scale 1, codes 0x7e / 0xfe", async () => {
+    const v = new Array(128).fill(0).map((_, i) => (i % 3 === 0 ? 448 : i % 3 === 1 ? -448 : 1));
+    const q = await quantizeOne(v);
+    assert.equal(q.scale, 1);
+    assert.equal(q.codes[0], 0x7e);
+    assert.equal(q.codes[1], 0xfe);
+    assert.equal(q.codes[2], 0x38); // 1.0
+  });
+  await t.step("subnormal BF16 inputs fall under the floor and quantise to 0", async () => {
+    const bits = new Uint16Array(128).fill(0x0001); // the smallest BF16 subnormal, ~9.2e-41
+    const q = await quantizeOne(bits);
+    assert.ok(q.codes.every((c) => c === 0));
+    assert.equal(q.scale, Math.fround(Math.fround(1e-4) / 448));
+  });
+  await t.step("NaN: that channel encodes NaN (0x7f), the scale ignores it", async () => {
+    const v = new Array(128).fill(2);
+    v[5] = NaN;
+    const q = await quantizeOne(v);
+    assert.equal(q.codes[5], 0x7f);
+    assert.equal(q.scale, Math.fround(2 / 448));
+    assert.equal(q.codes[0], 0x7e); // 2 * (448 / 2) = 448
+  });
+  await t.step("round scale: amax 300 -> scale 1; amax 1 -> scale 2^-8", async () => {
+    const a = await quantizeOne(new Array(128).fill(0).map((_, i) => (i === 7 ? 300 : 0.5)), { roundScale: true });
+    assert.equal(a.scale, 1);
+    assert.equal(a.codes[7], 0x79); // 300 -> 288 = 256 * 1.125, the nearest e4m3
+    const b = await quantizeOne(new Array(128).fill(1), { roundScale: true });
+    assert.equal(b.scale, 2 ** -8);
+    assert.equal(b.codes[0], 0x78); // 256
+  });
+  await t.step("UE8M0 packs the exponent byte of the power-of-two scale", async () => {
+    const q = await quantizeOne(new Array(128).fill(1), { roundScale: true, ue8m0: true });
+    assert.equal(q.scaleBits, 127 - 8); // 2^-8: biased exponent 119, one block in byte 0
+  });
+});
+
+Deno.test("double buffering: two results in flight; the third call voids the first hook", async () => {
+  const c: Case = { ranks: 2, hidden: 128, experts: 4, topk: 2, tokens: [4, 4], maxTokens: 4, seed: 5 };
+  const inputs = makeInputs(c);
+  using fx = llFixture(c);
+  await fx.group.all(async (rank, r) => {
+    const buf = fx.buffers[r];
+    using x = await Tensor.from(rank, inputs[r].x, { shape: [4, 128] });
+    using idx = await Tensor.from(rank, inputs[r].topkIdx, { shape: [4, 2] });
+    using w = await Tensor.from(rank, inputs[r].weights, { shape: [4, 2] });
+    using a = await buf.lowLatencyDispatch(x, idx, { returnRecvHook: true, useFp8: false });
+    using b = await buf.lowLatencyDispatch(x, idx, { returnRecvHook: true, useFp8: false });
+    using c3 = await buf.lowLatencyDispatch(x, idx, { returnRecvHook: true, useFp8: false });
+    assert.throws(
+      () => a.hook!.run(),
+      (e: unknown) => e instanceof SwitchyardError && /reused the half/.test(e.message),
+    );
+    b.hook!.run();
+    c3.hook!.run();
+    assert.throws(() => b.hook!.run(), /already run/);
+    await checkDispatch(c, c3, inputs, r);
+    // Combining a dispatch whose receive phase never ran is refused.
+    await assert.rejects(() => buf.lowLatencyCombine(x, idx, w, a.handle), /has not been run/);
+    // The zero-copy buffer handed out for the next call is void once another call takes its half.
+    const view = buf.nextCombineBuffer(c3.handle);
+    using d = await buf.lowLatencyDispatch(x, idx, { useFp8: false });
+    await assert.rejects(
+      () => view.read(),
+      (e: unknown) => e instanceof SwitchyardError && /reused its half/.test(e.message),
+    );
+    view[Symbol.dispose]();
+    void d;
+  });
+});
+
+Deno.test("statistics: received tokens per expert accumulate; the slow rank shows in the wait times", async () => {
+  const c: Case = { ranks: 4, hidden: 128, experts: 8, topk: 3, tokens: [6, 6, 6, 6], maxTokens: 6, seed: 6 };
+  const inputs = makeInputs(c);
+  const layout = llLayout(inputs.map((i) => i.topk), c.tokens, c.topk, c.experts);
+  using fx = llFixture(c);
+  const waits = await fx.group.all(async (rank, r) => {
+    const buf = fx.buffers[r];
+    using x = await Tensor.from(rank, inputs[r].x, { shape: [6, 128] });
+    using idx = await Tensor.from(rank, inputs[r].topkIdx, { shape: [6, 3] });
+    using stats = Tensor.empty(rank, { dtype: "i32", shape: [2] });
+    using wait = Tensor.empty(rank, { dtype: "i64", shape: [4] });
+    for (let i = 0; i < 2; i++) {
+      if (r === 2) await new Promise((resolve) => setTimeout(resolve, 150)); // the slow rank
+      using d = await buf.lowLatencyDispatch(x, idx, {
+        cumulativeLocalExpertRecvStats: stats,
+        dispatchWaitRecvCostStats: wait,
+      });
+      await d.recvCount.read();
+    }
+    assert.deepEqual(Array.from(await stats.read()), layout[r].map((l) => 2 * l.rows.length));
+    return Array.from(await wait.read(), Number);
+  });
+  for (const [r, w] of waits.entries()) {
+    if (r === 2) continue;
+    const slowest = w.indexOf(Math.max(...w));
+    assert.equal(slowest, 2, `rank ${r} waited longest for rank 2: ${w}`);
+    assert.ok(w[2] > 100e6, `rank ${r} waited ${w[2]} ns for rank 2`);
+  }
+});
+
+Deno.test("masking: a rank missing at the deadline is masked, not fatal", async () => {
+  const c: Case = { ranks: 4, hidden: 128, experts: 8, topk: 3, tokens: [5, 5, 5, 5], maxTokens: 5, seed: 8 };
+  const inputs = makeInputs(c);
+  using fx = llFixture(c, 300, true);
+  const started = performance.now();
+  await Promise.all([0, 1, 2].map(async (r) => {
+    const rank = fx.group.ranks[r], buf = fx.buffers[r];
+    using x = await Tensor.from(rank, inputs[r].x, { shape: [5, 128] });
+    using idx = await Tensor.from(rank, inputs[r].topkIdx, { shape: [5, 3] });
+    using sent = await buf.lowLatencyDispatch(x, idx, { useFp8: false });
+    await checkDispatch({ ...c, masked: [3] }, sent, inputs, r);
+    assert.deepEqual(buf.queryMask(), [0, 0, 0, 1]);
+    buf.cleanMask();
+    assert.deepEqual(buf.queryMask(), [0, 0, 0, 0]);
+  }));
+  assert.ok(performance.now() - started < 2000);
+});
+
+Deno.test("low-latency bad inputs name the argument", async (t) => {
+  using g = Group.local({ ranks: 1 });
+  const rank = g.ranks[0];
+  using buf = rank.createBuffer({ hidden: 256, maxTokensPerRank: 4, lowLatency: { numExperts: 4 } });
+  using plain = rank.createBuffer({ hidden: 256, maxTokensPerRank: 4 });
+  using x = Tensor.empty(rank, { dtype: "bf16", shape: [4, 256] });
+  using idx = await Tensor.from(rank, new BigInt64Array([0n, 1n, 2n, 3n]), { shape: [4, 1] });
+  const expect = async (fn: () => unknown, argument: string, message?: RegExp) => {
+    try {
+      await fn();
+    } catch (e) {
+      assert.ok(e instanceof SwitchyardError, String(e));
+      assert.equal(e.argument, argument, e.message);
+      if (message) assert.match(e.message, message);
+      return;
+    }
+    assert.fail("expected a SwitchyardError");
+  };
+  await t.step("tokens beyond maxTokensPerRank (both numbers named)", async () => {
+    using big = Tensor.empty(rank, { dtype: "bf16", shape: [5, 256] });
+    using idx5 = Tensor.empty(rank, { dtype: "i64", shape: [5, 1] });
+    await expect(() => buf.lowLatencyDispatch(big, idx5), "x", /5 tokens exceed maxTokensPerRank 4/);
+  });
+  await t.step("top-k beyond 32 (the limit named)", async () => {
+    using wide = Tensor.empty(rank, { dtype: "i64", shape: [4, 33] });
+    await expect(() => buf.lowLatencyDispatch(x, wide), "topkIdx", /1 to 32 experts per token/);
+  });
+  await t.step(
+    "hidden not a multiple of 128",
+    () =>
+      expect(() => rank.createBuffer({ hidden: 200, maxTokensPerRank: 4, lowLatency: { numExperts: 4 } }), "hidden"),
+  );
+  await t.step("a buffer without a low-latency region", () => expect(() => plain.lowLatencyDispatch(x, idx), "buffer"));
+  await t.step(
+    "UE8M0 without roundScale",
+    () => expect(() => buf.lowLatencyDispatch(x, idx, { useUe8m0: true }), "useUe8m0"),
+  );
+  await t.step(
+    "roundScale with BF16",
+    () => expect(() => buf.lowLatencyDispatch(x, idx, { useFp8: false, roundScale: true }), "roundScale"),
+  );
+  await t.step(
+    "hook and asyncFinish together",
+    () => expect(() => buf.lowLatencyDispatch(x, idx, { returnRecvHook: true, asyncFinish: true }), "returnRecvHook"),
+  );
+  await t.step("x must be bf16", async () => {
+    using f = Tensor.empty(rank, { dtype: "f32", shape: [4, 256] });
+    await expect(() => buf.lowLatencyDispatch(f, idx), "x");
+  });
+  await t.step("combine: zero copy with LogFMT, wrong expert-output shape, wrong weights", async () => {
+    using sent = await buf.lowLatencyDispatch(x, idx, { useFp8: false });
+    using w = Tensor.empty(rank, { dtype: "f32", shape: [4, 1] });
+    await expect(
+      () => buf.lowLatencyCombine(undefined, idx, w, sent.handle, { zeroCopy: true, useLogfmt: true }),
+      "zeroCopy",
+    );
+    await expect(() => buf.lowLatencyCombine(undefined, idx, w, sent.handle, { zeroCopy: true }), "zeroCopy");
+    await expect(() => buf.lowLatencyCombine(x, idx, w, sent.handle), "x");
+    using w2 = Tensor.empty(rank, { dtype: "f32", shape: [4, 2] });
+    using y = Tensor.empty(rank, { dtype: "bf16", shape: [4, 4, 256] });
+    await expect(() => buf.lowLatencyCombine(y, idx, w2, sent.handle), "topkWeights");
+  });
+  await t.step("stats tensors of the wrong shape", async () => {
+    using s = Tensor.empty(rank, { dtype: "i32", shape: [3] });
+    await expect(
+      () => buf.lowLatencyDispatch(x, idx, { cumulativeLocalExpertRecvStats: s }),
+      "cumulativeLocalExpertRecvStats",
+    );
+  });
+  await t.step("masking on a buffer without it", () => expect(() => buf.updateMask(0), "buffer"));
+});
+
+Deno.test("cleanLowLatencyBuffer restarts the double buffer on every rank", async () => {
+  const c: Case = { ranks: 2, hidden: 128, experts: 4, topk: 2, tokens: [3, 4], maxTokens: 4, seed: 12 };
+  const inputs = makeInputs(c);
+  using fx = llFixture(c);
+  await fx.group.all(async (rank, r) => {
+    const buf = fx.buffers[r];
+    using x = await Tensor.from(rank, inputs[r].x, { shape: [c.tokens[r], 128] });
+    using idx = await Tensor.from(rank, inputs[r].topkIdx, { shape: [c.tokens[r], 2] });
+    for (let i = 0; i < 3; i++) (await buf.lowLatencyDispatch(x, idx))[Symbol.dispose]();
+    await buf.cleanLowLatencyBuffer();
+    using again = await buf.lowLatencyDispatch(x, idx);
+    assert.equal(again.handle.info().call, 1, "numbering restarted");
+    await checkDispatch({ ...c, fp8: true }, again, inputs, r);
+  });
+});
