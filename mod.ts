@@ -11,7 +11,7 @@
  *
  * const hidden = 256, tokens = 32, experts = 16, topk = 4;
  * using group = Group.local({ ranks: 4, backend: "host" });
- * const buffers = group.createBuffers({ hidden, maxTokensPerRank: tokens });
+ * const buffers = await group.createBuffers({ hidden, maxTokensPerRank: tokens });
  * const combined = await group.all(async (rank, r) => {
  *   const routing = randomRouting({ tokens, experts, topk, seed: r });
  *   using x = await Tensor.fromFloat32(rank, randomFloats(tokens * hidden, r), { dtype: "bf16", shape: [tokens, hidden] });

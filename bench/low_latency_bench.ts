@@ -11,7 +11,7 @@ import { Group, randomFloats, randomRouting, Tensor, toBF16 } from "../mod.ts";
 
 const R = 8, T = 128, H = 7168, E = 256, K = 8;
 const group = Group.local({ ranks: R });
-const buffers = group.createBuffers({ hidden: H, maxTokensPerRank: T, lowLatency: { numExperts: E } });
+const buffers = await group.createBuffers({ hidden: H, maxTokensPerRank: T, lowLatency: { numExperts: E } });
 const inputs = await group.all(async (rank, r) => {
   const routing = randomRouting({ tokens: T, experts: E, topk: K, seed: r });
   return {

@@ -98,6 +98,17 @@ export class StructBuffer<F extends string> {
     return this;
   }
 
+  /** Writes a NUL-terminated `char[N]` field (throws if it does not fit). */
+  setString(field: F, value: string): this {
+    const off = this.layout.offsets[field];
+    const n = Number(this.layout.types[field].slice(6));
+    const bytes = new TextEncoder().encode(value);
+    if (bytes.length >= n) throw new RangeError(`${String(field)}: ${bytes.length} bytes do not fit in char[${n}]`);
+    this.bytes.fill(0, off, off + n);
+    this.bytes.set(bytes, off);
+    return this;
+  }
+
   /** Writes element `index` of an `i64xN` array field. */
   setArray(field: F, index: number, value: bigint): this {
     this.#view.setBigInt64(this.layout.offsets[field] + 8 * index, value, true);
@@ -204,7 +215,7 @@ export const RankInfo = new StructLayout(
     ["num_ranks", "i32"],
     ["backend", "i32"],
     ["device", "i32"],
-    ["reserved", "i32"],
+    ["local_ranks", "i32"],
     ["timeout_ms", "i64"],
   ] as const,
 );
@@ -466,6 +477,62 @@ export const LLHandleInfo = new StructLayout(
   ] as const,
 );
 
+/** `sy_process_group_options` */
+export const ProcessGroupOptions = new StructLayout(
+  "sy_process_group_options",
+  [
+    ["struct_size", "u32"],
+    ["backend", "i32"],
+    ["world_size", "i32"],
+    ["rank", "i32"],
+    ["local_rank", "i32"],
+    ["local_world_size", "i32"],
+    ["device", "i32"],
+    ["reserved", "i32"],
+    ["timeout_ms", "i64"],
+  ] as const,
+);
+
+/** `sy_buffer_share` */
+export const BufferShare = new StructLayout(
+  "sy_buffer_share",
+  [
+    ["struct_size", "u32"],
+    ["rank", "i32"],
+    ["hidden", "i32"],
+    ["max_tokens_per_rank", "i32"],
+    ["ll_num_experts", "i32"],
+    ["reserved", "i32"],
+    ["bytes", "u64"],
+    ["name", "chars:256"],
+  ] as const,
+);
+
+/** `sy_nccl_info` */
+export const NcclInfo = new StructLayout(
+  "sy_nccl_info",
+  [
+    ["struct_size", "u32"],
+    ["loaded", "i32"],
+    ["version", "i32"],
+    ["device_api", "i32"],
+    ["header_version", "i32"],
+    ["reserved", "i32"],
+    ["error", "chars:512"],
+  ] as const,
+);
+
+/** `sy_host_info` */
+export const HostInfo = new StructLayout(
+  "sy_host_info",
+  [
+    ["struct_size", "u32"],
+    ["cpus", "i32"],
+    ["shm_total_bytes", "u64"],
+    ["shm_free_bytes", "u64"],
+  ] as const,
+);
+
 /** Every struct in `sy_struct_id` order, for the load-time size check. */
 export const ALL_STRUCTS: readonly StructLayout<string>[] = [
   ErrorInfo,
@@ -488,4 +555,8 @@ export const ALL_STRUCTS: readonly StructLayout<string>[] = [
   LLCombineArgs,
   LLCombineResult,
   LLHandleInfo,
+  ProcessGroupOptions,
+  BufferShare,
+  NcclInfo,
+  HostInfo,
 ];

@@ -31,6 +31,8 @@ export const symbols = {
 
   // sy_status sy_group_create_local(const sy_group_options* options, sy_group* out)
   sy_group_create_local: { parameters: ["buffer", "buffer"], result: "i32" },
+  // sy_status sy_group_create_process(const sy_process_group_options* options, sy_group* out)
+  sy_group_create_process: { parameters: ["buffer", "buffer"], result: "i32" },
   // sy_status sy_group_destroy(sy_group group)
   sy_group_destroy: { parameters: ["pointer"], result: "i32" },
   // sy_status sy_group_rank(sy_group group, int32_t index, sy_rank* out)
@@ -95,6 +97,12 @@ export const symbols = {
   sy_buffer_create: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },
   // sy_status sy_buffer_destroy(sy_buffer buffer)
   sy_buffer_destroy: { parameters: ["pointer"], result: "i32" },
+  // sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out)
+  sy_buffer_export: { parameters: ["pointer", "buffer"], result: "i32" },
+  // sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share)
+  sy_buffer_import: { parameters: ["pointer", "buffer"], result: "i32" },
+  // sy_status sy_buffer_seal(sy_buffer buffer)
+  sy_buffer_seal: { parameters: ["pointer"], result: "i32" },
   // sy_status sy_buffer_comm_stream(sy_buffer buffer, sy_stream* out)
   sy_buffer_comm_stream: { parameters: ["pointer", "buffer"], result: "i32" },
   // sy_status sy_buffer_plan_get(sy_buffer buffer, sy_buffer_plan* out)
@@ -147,6 +155,17 @@ export const symbols = {
   sy_mask_query: { parameters: ["pointer", "buffer", "i32"], result: "i32" },
   // sy_status sy_mask_clean(sy_buffer buffer)
   sy_mask_clean: { parameters: ["pointer"], result: "i32" },
+
+  // sy_status sy_nccl_probe(const char* path, sy_nccl_info* info)
+  sy_nccl_probe: { parameters: ["buffer", "buffer"], result: "i32" },
+  // sy_status sy_group_nccl_unique_id(sy_group group, const char* path, uint8_t* id)
+  sy_group_nccl_unique_id: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },
+  // sy_status sy_group_nccl_init(sy_group group, const char* path, const uint8_t* id)
+  sy_group_nccl_init: { parameters: ["pointer", "buffer", "buffer"], result: "i32", nonblocking: true },
+  // sy_status sy_host_info_get(sy_host_info* info)
+  sy_host_info_get: { parameters: ["buffer"], result: "i32" },
+  // sy_status sy_cuda_peer_access(int32_t a, int32_t b, int32_t* can_access, int32_t* native_atomics)
+  sy_cuda_peer_access: { parameters: ["i32", "i32", "buffer", "buffer"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The opened library's functions. */

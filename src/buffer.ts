@@ -8,6 +8,7 @@
 import {
   BufferOptions,
   BufferPlan as PlanStruct,
+  BufferShare,
   CombineArgs,
   CombineResult as CombineStruct,
   DispatchArgs,
@@ -251,6 +252,52 @@ export class EpBuffer extends NativeResource {
     const out = new OutHandle();
     check(native().sy_buffer_create(rank.pointer, opts.bytes, out.cell), rank.pointer, "buffer create");
     return new EpBuffer(out.take(), rank, options);
+  }
+
+  /**
+   * Process groups: what another process needs to map this buffer, as JSON (the rendezvous
+   * carries it; `Group.createBuffers` does this for you).
+   */
+  exportShare(): string {
+    const s = BufferShare.create();
+    const p = this.pointer;
+    check(native().sy_buffer_export(p, s.bytes), p, "exportShare");
+    return JSON.stringify({
+      rank: s.number("rank"),
+      hidden: s.number("hidden"),
+      maxTokensPerRank: s.number("max_tokens_per_rank"),
+      lowLatencyExperts: s.number("ll_num_experts"),
+      bytes: s.number("bytes"),
+      name: s.string("name"),
+    });
+  }
+
+  /** Process groups: maps a peer's buffer from what its `exportShare()` returned. */
+  importShare(share: string): void {
+    let v: Record<string, unknown>;
+    try {
+      v = JSON.parse(share);
+    } catch {
+      throw new SwitchyardError("INVALID_ARGUMENT", "share: not JSON", { argument: "share" });
+    }
+    const s = BufferShare.create()
+      .set("rank", integerArg("share.rank", v?.rank, 0, 2 ** 31 - 1))
+      .set("hidden", integerArg("share.hidden", v.hidden, 0, 2 ** 31 - 1))
+      .set("max_tokens_per_rank", integerArg("share.maxTokensPerRank", v.maxTokensPerRank, 0, 2 ** 31 - 1))
+      .set("ll_num_experts", integerArg("share.lowLatencyExperts", v.lowLatencyExperts, 0, 2 ** 31 - 1))
+      .set("bytes", BigInt(integerArg("share.bytes", v.bytes, 0, Number.MAX_SAFE_INTEGER)));
+    if (typeof v.name !== "string" || v.name.length >= 256) {
+      throw new SwitchyardError("INVALID_ARGUMENT", "share.name: expected a segment name", { argument: "share.name" });
+    }
+    s.setString("name", v.name);
+    const p = this.pointer;
+    check(native().sy_buffer_import(p, s.bytes), p, "importShare");
+  }
+
+  /** Process groups: once every peer has mapped this buffer, drops its name (see `sy_buffer_seal`). */
+  seal(): void {
+    const p = this.pointer;
+    check(native().sy_buffer_seal(p), p, "seal");
   }
 
   /** The stream the buffer's operations run on. */

@@ -61,7 +61,8 @@ export type WaitRole =
   | "stream"
   | "buffer-peers"
   | "low-latency-dispatch"
-  | "low-latency-combine";
+  | "low-latency-combine"
+  | "rendezvous";
 
 const ROLES: readonly WaitRole[] = [
   "none",

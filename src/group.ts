@@ -1,14 +1,19 @@
 /**
- * Groups: the set of ranks that exchange tokens.
+ * Groups: the set of ranks that exchange tokens. `Group.local` places every rank in this
+ * process (virtual ranks); `Group.fromEnv` makes this process one rank of a job whose ranks are
+ * processes that meet at a rendezvous store (the production shape).
  *
  * @module
  */
 
-import { GroupOptions } from "../ffi/structs.ts";
-import type { EpBuffer, EpBufferOptions } from "./buffer.ts";
+import { GroupOptions, ProcessGroupOptions } from "../ffi/structs.ts";
+import { EpBuffer, type EpBufferOptions } from "./buffer.ts";
+import { type DistEnv, type EnvReader, readDistEnv } from "./dist_env.ts";
 import { SwitchyardError } from "./errors.ts";
 import { check, integerArg, native, NativeResource, OutHandle } from "./native.ts";
 import { Rank } from "./rank.ts";
+import { findNccl, ncclNotFound, type NcclStatus, ncclVersionString } from "./nccl.ts";
+import { StoreClient, StoreServer } from "./store.ts";
 
 /** Where the ranks' memory and work live. */
 export type Backend = "host" | "cuda";
@@ -25,11 +30,63 @@ export interface LocalGroupOptions {
   readonly firstDevice?: number;
 }
 
+/** Options of {@linkcode Group.fromEnv}. */
+export interface ProcessGroupOptions {
+  /** `"host"` (the default) or `"cuda"`; every rank must choose the same. */
+  readonly backend?: Backend;
+  /** Deadline of every wait, rendezvous included, in milliseconds (default 20000). */
+  readonly timeoutMs?: number;
+  /** CUDA: the device of this process (default: LOCAL_RANK). */
+  readonly device?: number;
+  /** Where to read the variables (default: `Deno.env`, as far as `--allow-env` grants). */
+  readonly env?: EnvReader;
+}
+
 const MAX_LOCAL_RANKS = 64;
+const DEFAULT_TIMEOUT_MS = 20000;
+
+function backendArg(backend: unknown): Backend {
+  if (backend !== "host" && backend !== "cuda") {
+    throw new SwitchyardError("INVALID_ARGUMENT", `backend: expected "host" or "cuda", got ${String(backend)}`, {
+      argument: "backend",
+    });
+  }
+  return backend;
+}
+
+/** How a process group met (undefined for virtual ranks). */
+interface Rendezvous {
+  readonly env: DistEnv;
+  readonly store: StoreClient;
+  readonly server?: StoreServer;
+  nccl: NcclStatus;
+}
 
 /**
- * A group of ranks. `Group.local` places every rank in this process: threads on the host
- * backend, one or more GPUs on the CUDA backend.
+ * Brings up NCCL for a process group on the CUDA backend: every rank must have a usable NCCL,
+ * rank 0's unique id travels through the store, every rank joins the communicator.
+ */
+async function bootstrapNccl(pointer: Deno.PointerObject, backend: Backend, store: StoreClient): Promise<NcclStatus> {
+  if (backend === "host") {
+    return { enabled: false, reason: "the host backend moves data through shared memory and does not use NCCL" };
+  }
+  const { found, tried } = findNccl();
+  const all = await store.exchange("nccl/found", found ? found.path : "");
+  const without = all.findIndex((p) => p === "");
+  if (!found || without >= 0) {
+    return { enabled: false, reason: found ? `rank ${without} has no usable NCCL` : ncclNotFound(tried) };
+  }
+  const path = new TextEncoder().encode(found.path + "\0");
+  const id = new Uint8Array(128);
+  if (store.rank === 0) check(native().sy_group_nccl_unique_id(pointer, path, id), pointer, "NCCL unique id");
+  const shared = await store.exchange("nccl/id", store.rank === 0 ? btoa(String.fromCharCode(...id)) : "");
+  const rootId = Uint8Array.from(atob(shared[0]), (c) => c.charCodeAt(0));
+  check(await native().sy_group_nccl_init(pointer, path, rootId), pointer, "NCCL communicator");
+  return { enabled: true, version: found.version, path: found.path };
+}
+
+/**
+ * A group of ranks.
  *
  * @example
  * ```ts
@@ -39,17 +96,30 @@ const MAX_LOCAL_RANKS = 64;
  * ```
  */
 export class Group extends NativeResource {
-  /** The ranks, by index. */
+  /** The ranks that live in this process, by slot (all of them for `Group.local`, one for `Group.fromEnv`). */
   readonly ranks: readonly Rank[];
   /** The backend the group runs on. */
   readonly backend: Backend;
+  /** Ranks in the whole group. */
+  readonly size: number;
+  readonly #rendezvous: Rendezvous | undefined;
+  #buffersCreated = 0;
+  readonly #barriers = new Map<string, number>();
 
-  private constructor(pointer: Deno.PointerObject, backend: Backend, size: number) {
+  private constructor(
+    pointer: Deno.PointerObject,
+    backend: Backend,
+    size: number,
+    localCount: number,
+    rv?: Rendezvous,
+  ) {
     super(pointer, (p) => native().sy_group_destroy(p), "group");
     this.backend = backend;
+    this.size = size;
+    this.#rendezvous = rv;
     const ranks: Rank[] = [];
     try {
-      for (let i = 0; i < size; i++) {
+      for (let i = 0; i < localCount; i++) {
         const out = new OutHandle();
         check(native().sy_group_rank(pointer, i, out.cell), pointer, "group rank");
         ranks.push(new Rank(out.take(), this));
@@ -64,12 +134,7 @@ export class Group extends NativeResource {
   /** A group of `ranks` virtual ranks in this process. */
   static local(options: LocalGroupOptions): Group {
     const ranks = integerArg("ranks", options?.ranks, 1, MAX_LOCAL_RANKS);
-    const backend = options.backend ?? "host";
-    if (backend !== "host" && backend !== "cuda") {
-      throw new SwitchyardError("INVALID_ARGUMENT", `backend: expected "host" or "cuda", got ${String(backend)}`, {
-        argument: "backend",
-      });
-    }
+    const backend = backendArg(options.backend ?? "host");
     const opts = GroupOptions.create()
       .set("backend", backend === "host" ? 0 : 1)
       .set("ranks", ranks)
@@ -77,19 +142,117 @@ export class Group extends NativeResource {
       .set("timeout_ms", integerArg("timeoutMs", options.timeoutMs ?? 0, 0, 2 ** 40));
     const out = new OutHandle();
     check(native().sy_group_create_local(opts.bytes, out.cell), null, "Group.local");
-    return new Group(out.take(), backend, ranks);
+    return new Group(out.take(), backend, ranks, ranks);
   }
 
-  /** Number of ranks. */
-  get size(): number {
-    return this.ranks.length;
+  /**
+   * This process as one rank of a job: reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+   * `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` (or Slurm's variables), meets the other
+   * ranks at the rendezvous store rank 0 serves (loopback unless MASTER_ADDR says otherwise;
+   * `SWITCHYARD_TOKEN` checked when set), and fails naming the ranks that never arrive.
+   * Needs `--allow-net` besides `--allow-ffi`, `--allow-env` and `--allow-read`.
+   */
+  static async fromEnv(options: ProcessGroupOptions = {}): Promise<Group> {
+    const env = readDistEnv(options.env);
+    const backend = backendArg(options.backend ?? "host");
+    const timeoutMs = integerArg("timeoutMs", options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 1, 2 ** 40);
+    const server = env.rank === 0
+      ? StoreServer.listen({
+        hostname: env.masterAddr,
+        port: env.masterPort,
+        worldSize: env.worldSize,
+        token: env.token,
+      })
+      : undefined;
+    let store: StoreClient | undefined;
+    try {
+      store = await StoreClient.connect({
+        hostname: env.masterAddr,
+        port: env.masterPort,
+        rank: env.rank,
+        worldSize: env.worldSize,
+        token: env.token,
+        timeoutMs,
+      });
+      // Everyone arrives, and agrees on what the group is.
+      const mine = JSON.stringify({ backend, worldSize: env.worldSize });
+      const all = await store.exchange("join", mine);
+      const odd = all.findIndex((v) => v !== mine);
+      if (odd >= 0) {
+        throw new SwitchyardError(
+          "INVALID_ARGUMENT",
+          `backend: rank ${odd} joined with ${all[odd]}, rank ${env.rank} with ${mine}; every rank must agree`,
+          { argument: "backend", rank: env.rank },
+        );
+      }
+      const opts = ProcessGroupOptions.create()
+        .set("backend", backend === "host" ? 0 : 1)
+        .set("world_size", env.worldSize)
+        .set("rank", env.rank)
+        .set("local_rank", env.localRank)
+        .set("local_world_size", env.localWorldSize)
+        .set("device", integerArg("device", options.device ?? -1, -1, 65536))
+        .set("timeout_ms", timeoutMs);
+      const out = new OutHandle();
+      check(native().sy_group_create_process(opts.bytes, out.cell), null, "Group.fromEnv");
+      const rv: Rendezvous = { env, store, server, nccl: { enabled: false } };
+      const group = new Group(out.take(), backend, env.worldSize, 1, rv);
+      try {
+        rv.nccl = await bootstrapNccl(group.pointer, backend, store);
+      } catch (e) {
+        group[Symbol.dispose]();
+        throw e;
+      }
+      return group;
+    } catch (e) {
+      store?.close();
+      server?.close();
+      throw e;
+    }
   }
 
-  /** One communication buffer per rank, created together (they form one set). */
-  createBuffers(options: EpBufferOptions): EpBuffer[] {
+  /** Whether the ranks are separate processes (`Group.fromEnv`). */
+  get isProcessGroup(): boolean {
+    return this.#rendezvous !== undefined;
+  }
+
+  /** Whether the group uses NCCL (process groups on the CUDA backend), and if not, why. */
+  get nccl(): NcclStatus {
+    return this.#rendezvous?.nccl ??
+      { enabled: false, reason: "virtual ranks in one process share memory directly and need no NCCL" };
+  }
+
+  /** The NCCL version in use, as text ("2.29.7"), or undefined. */
+  get ncclVersion(): string | undefined {
+    const v = this.nccl.version;
+    return v === undefined ? undefined : ncclVersionString(v);
+  }
+
+  /** The job's environment, for a process group. */
+  get distEnv(): DistEnv | undefined {
+    return this.#rendezvous?.env;
+  }
+
+  /**
+   * One communication buffer per rank of this process, created together: collective, so every
+   * rank of the group creates its buffers with the same options in the same order. In a process
+   * group the ranks then map each other's buffers through the rendezvous.
+   */
+  async createBuffers(options: EpBufferOptions): Promise<EpBuffer[]> {
     const made: EpBuffer[] = [];
     try {
-      for (const r of this.ranks) made.push(r.createBuffer(options));
+      for (const r of this.ranks) made.push(EpBuffer.create(r, options));
+      const rv = this.#rendezvous;
+      if (rv) {
+        const n = this.#buffersCreated++;
+        const buffer = made[0];
+        const shares = await rv.store.exchange(`buffer/${n}`, buffer.exportShare());
+        shares.forEach((share, r) => {
+          if (r !== rv.env.rank) buffer.importShare(share);
+        });
+        await rv.store.barrier(`buffer/${n}/mapped`);
+        buffer.seal(); // every peer has mapped it: its name can go
+      }
     } catch (e) {
       for (const b of made) b[Symbol.dispose]();
       throw e;
@@ -97,13 +260,24 @@ export class Group extends NativeResource {
     return made;
   }
 
-  /** Runs `fn` for every rank concurrently and collects the results in rank order. */
+  /** Runs `fn` for every rank of this process concurrently and collects the results in rank order. */
   all<T>(fn: (rank: Rank, index: number) => Promise<T> | T): Promise<T[]> {
     return Promise.all(this.ranks.map((r, i) => fn(r, i)));
   }
 
-  /** Releases the ranks (and their compute streams) with the group. */
+  /** Process groups: waits until every rank reached `name` (deadline-bounded, names the missing). */
+  async barrier(name: string): Promise<void> {
+    const rv = this.#rendezvous;
+    if (!rv) throw new SwitchyardError("INVALID_ARGUMENT", "barrier: only process groups meet at a rendezvous");
+    const n = this.#barriers.get(name) ?? 0;
+    this.#barriers.set(name, n + 1);
+    await rv.store.barrier(`user/${name}/${n}`);
+  }
+
+  /** Releases the ranks (and their compute streams) and the rendezvous with the group. */
   protected override disposeChildren(): void {
     for (const r of this.ranks) r[Symbol.dispose]();
+    this.#rendezvous?.store.close();
+    this.#rendezvous?.server?.closeWhenIdle(this.#rendezvous.store.timeoutMs);
   }
 }

@@ -7,6 +7,7 @@
 import { RankInfo } from "../ffi/structs.ts";
 import { EpBuffer, type EpBufferOptions } from "./buffer.ts";
 import { Event } from "./event.ts";
+import { SwitchyardError } from "./errors.ts";
 import type { Group } from "./group.ts";
 import { check, native, NativeResource } from "./native.ts";
 import { Stream } from "./stream.ts";
@@ -52,10 +53,18 @@ export class Rank extends NativeResource {
   }
 
   /**
-   * This rank's communication buffer. Collective: every rank of the group creates its buffers
-   * with the same options in the same order (see {@linkcode Group.createBuffers}).
+   * This rank's communication buffer (virtual ranks). Collective: every rank of the group
+   * creates its buffers with the same options in the same order. Process groups use
+   * {@linkcode Group.createBuffers}, which also maps the peers' buffers.
    */
   createBuffer(options: EpBufferOptions): EpBuffer {
+    if (this.group.isProcessGroup) {
+      throw new SwitchyardError(
+        "INVALID_ARGUMENT",
+        "createBuffer: in a process group the ranks must exchange their buffers; use await group.createBuffers(options)",
+        { argument: "createBuffer" },
+      );
+    }
     return EpBuffer.create(this, options);
   }
 

@@ -38,7 +38,7 @@ async function checkCombine(s: Scenario, biases: number): Promise<void> {
   const want = referenceCombine(expected, returned, H, s.tokens, bias);
   const wantWeights = referenceCombineWeights(expected, returnedWeights, K, s.tokens);
 
-  using fx = fixture(s.ranks, H, Math.max(...s.tokens));
+  using fx = await fixture(s.ranks, H, Math.max(...s.tokens));
   await fx.group.all(async (rank, r) => {
     using up = await upload(rank, s, d, r);
     using sent = await fx.buffers[r].dispatch(up.x, {
@@ -89,7 +89,7 @@ Deno.test("combine is bit-exact against the reference", async (t) => {
 Deno.test("DeepEP round trip: combine(dispatch(x)) / receiving ranks == x, weights restored", async () => {
   const s: Scenario = { ranks: 8, tokens: tokensFor(8, 40, 1), hidden: 512, experts: 64, topk: 8, seed: 77 };
   const d = generate(s);
-  using fx = fixture(s.ranks, s.hidden, Math.max(...s.tokens));
+  using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens));
   await fx.group.all(async (rank, r) => {
     using up = await upload(rank, s, d, r);
     using sent = await fx.buffers[r].dispatch(up.x, {
@@ -124,7 +124,7 @@ Deno.test("expanded combine reduces each token's expert rows first", async () =>
   const y = expanded.map((e, r) => randomBF16(e.numRows * s.hidden, 900 + r));
   const reduced = compact.map((c, r) => reduceExpanded(y[r], expanded[r], c.rows.length, s.topk, s.hidden));
   const want = referenceCombine(compact, reduced, s.hidden, s.tokens);
-  using fx = fixture(s.ranks, s.hidden, Math.max(...s.tokens));
+  using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens));
   await fx.group.all(async (rank, r) => {
     using up = await upload(rank, s, d, r);
     using sent = await fx.buffers[r].dispatch(up.x, {
@@ -148,7 +148,7 @@ Deno.test("combine after worst-case dispatch uses only the received rows", async
   const d = generate(s);
   const expected = referenceDispatch(d.inputs, d.shape);
   const want = referenceCombine(expected, expected.map((e) => new Uint16Array(e.x.buffer)), s.hidden, s.tokens);
-  using fx = fixture(s.ranks, s.hidden, Math.max(...s.tokens));
+  using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens));
   await fx.group.all(async (rank, r) => {
     using up = await upload(rank, s, d, r);
     const worst = s.tokens[r] * s.ranks;
@@ -168,7 +168,7 @@ Deno.test("previousEvent and asyncFinish chain dispatch and combine without the 
   const d = generate(s);
   const expected = referenceDispatch(d.inputs, d.shape);
   const want = referenceCombine(expected, expected.map((e) => new Uint16Array(e.x.buffer)), s.hidden, s.tokens);
-  using fx = fixture(s.ranks, s.hidden, 40);
+  using fx = await fixture(s.ranks, s.hidden, 40);
   await fx.group.all(async (rank, r) => {
     using up = await upload(rank, s, d, r);
     using start = rank.stream.record();

@@ -52,7 +52,7 @@ async function checkCompact(res: DispatchResult, exp: CompactExpectation, s: Sce
 async function checkScenario(s: Scenario): Promise<void> {
   const d = generate(s);
   const expected = referenceDispatch(d.inputs, d.shape);
-  using fx = fixture(s.ranks, s.hidden, Math.max(...s.tokens));
+  using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens));
   await fx.group.all(async (rank, r) => {
     using up = await upload(rank, s, d, r);
     const buf = fx.buffers[r];
@@ -171,7 +171,7 @@ Deno.test("DeepEP check_data: rank-constant rows arrive in rank-prefix order", a
   const tokens = tokensFor(R, 30, 2);
   const s: Scenario = { ranks: R, tokens, hidden: H, experts: E, topk: K, seed: 2 };
   const d = generate(s);
-  using fx = fixture(R, H, Math.max(...tokens));
+  using fx = await fixture(R, H, Math.max(...tokens));
   await fx.group.all(async (rank, r) => {
     const T = tokens[r];
     using x = await Tensor.from(rank, toBF16(new Float32Array(T * H).fill(r)), { shape: [T, H] });
@@ -200,7 +200,7 @@ async function exactThen<T extends Disposable>(
   verify: (result: T, r: number) => Promise<void>,
 ): Promise<void> {
   const d = generate(s);
-  using fx = fixture(s.ranks, s.hidden, Math.max(...s.tokens));
+  using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens));
   const ups = await fx.group.all((rank, r) => upload(rank, s, d, r));
   const exact = await fx.group.all((_, r) =>
     fx.buffers[r].dispatch(ups[r].x, {
@@ -293,7 +293,7 @@ Deno.test("expanded layout: one row per (token, local expert), padded per expert
       };
       const d = generate(s);
       const compact = referenceDispatch(d.inputs, d.shape);
-      using fx = fixture(s.ranks, s.hidden, Math.max(...s.tokens));
+      using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens));
       await fx.group.all(async (rank, r) => {
         using up = await upload(rank, s, d, r);
         const exp = referenceExpanded(compact[r], d.shape, alignment);

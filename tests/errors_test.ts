@@ -31,7 +31,7 @@ async function expectError(fn: () => unknown, code: ErrorCode, argument?: string
 const H = 64, T = 8, E = 8, K = 2;
 
 Deno.test("bad inputs are rejected with errors that name the argument", async (t) => {
-  using fx = fixture(2, H, 16, 2000);
+  using fx = await fixture(2, H, 16, 2000);
   const [rank0, rank1] = fx.group.ranks;
   const buf = fx.buffers[0];
   using x = await Tensor.from(rank0, randomBF16(T * H, 1), { shape: [T, H] });
@@ -209,7 +209,7 @@ function expectLast(handle: Deno.PointerObject, code: ErrorCode, argument: strin
 }
 
 Deno.test("the C ABI validates what reaches it directly", async (t) => {
-  using fx = fixture(1, H, 16, 2000);
+  using fx = await fixture(1, H, 16, 2000);
   const buf = fx.buffers[0];
   const stream = fx.group.ranks[0].stream;
   const lib = native();
@@ -247,7 +247,7 @@ Deno.test("bad data inside an operation fails every rank fast, naming the culpri
   await t.step(
     "an expert id out of range: INVALID_ARGUMENT here, PEER_FAILED at the peers, buffers usable",
     async () => {
-      using fx = fixture(3, H, 16, 5000);
+      using fx = await fixture(3, H, 16, 5000);
       const run = (bad: boolean) =>
         Promise.allSettled(fx.group.ranks.map(async (rank, r) => {
           const ids = new BigInt64Array(T * K).map((_, i) => BigInt(i % 9));
@@ -281,7 +281,7 @@ Deno.test("bad data inside an operation fails every rank fast, naming the culpri
     },
   );
   await t.step("an expert listed twice", async () => {
-    using fx = fixture(1, H, 16, 2000);
+    using fx = await fixture(1, H, 16, 2000);
     const rank = fx.group.ranks[0];
     using x = await Tensor.from(rank, randomBF16(T * H, 1), { shape: [T, H] });
     using idx = await Tensor.from(rank, new BigInt64Array(T * K).fill(3n), { shape: [T, K] });
@@ -297,7 +297,7 @@ Deno.test("bad data inside an operation fails every rank fast, naming the culpri
     await expectError(() => layout.numTokensPerRank.read(), "INVALID_ARGUMENT", "topkIdx");
   });
   await t.step("numWorstTokens smaller than what arrives: reported, not truncated", async () => {
-    using fx = fixture(1, H, 16, 2000);
+    using fx = await fixture(1, H, 16, 2000);
     const rank = fx.group.ranks[0];
     using x = await Tensor.from(rank, randomBF16(T * H, 1), { shape: [T, H] });
     using idx = await Tensor.from(rank, new BigInt64Array(T * K).map((_, i) => BigInt(i % K)), { shape: [T, K] });
@@ -308,7 +308,7 @@ Deno.test("bad data inside an operation fails every rank fast, naming the culpri
     assert.deepEqual(await x.read(), await x.read());
   });
   await t.step("ranks passing different parameters are told which, and the buffers stay usable", async () => {
-    using fx = fixture(2, H, 16, 3000);
+    using fx = await fixture(2, H, 16, 3000);
     const made = await fx.group.all(async (rank, r) => ({
       x: await Tensor.from(rank, randomBF16(T * H, r), { shape: [T, H] }),
       idx: await Tensor.from(rank, new BigInt64Array(T * K).map((_, i) => BigInt(i % E)), { shape: [T, K] }),
@@ -336,7 +336,7 @@ Deno.test("bad data inside an operation fails every rank fast, naming the culpri
     for (const m of made) for (const v of Object.values(m)) v[Symbol.dispose]();
   });
   await t.step("mismatched collectives name the operation; the buffers stay usable", async () => {
-    using fx = fixture(2, H, 16, 3000);
+    using fx = await fixture(2, H, 16, 3000);
     const ups = await fx.group.all(async (rank, r) => ({
       x: await Tensor.from(rank, randomBF16(T * H, r), { shape: [T, H] }),
       idx: await Tensor.from(rank, new BigInt64Array(T * K).map((_, i) => BigInt((i + r) % E)), { shape: [T, K] }),

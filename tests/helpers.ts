@@ -148,9 +148,9 @@ export interface Fixture extends Disposable {
 }
 
 /** Creates a host group of `ranks` with buffers sized for `maxTokens` tokens of `hidden`. */
-export function fixture(ranks: number, hidden: number, maxTokens: number, timeoutMs = 20000): Fixture {
+export async function fixture(ranks: number, hidden: number, maxTokens: number, timeoutMs = 20000): Promise<Fixture> {
   const group = Group.local({ ranks, backend: "host", timeoutMs });
-  const buffers = group.createBuffers({ hidden, maxTokensPerRank: Math.max(maxTokens, 1) });
+  const buffers = await group.createBuffers({ hidden, maxTokensPerRank: Math.max(maxTokens, 1) });
   return {
     group,
     buffers,

@@ -73,9 +73,9 @@ interface Fixture extends Disposable {
   buffers: EpBuffer[];
 }
 
-function llFixture(c: Case, timeoutMs = 5000, enableMasking = false): Fixture {
+async function llFixture(c: Case, timeoutMs = 5000, enableMasking = false): Promise<Fixture> {
   const group = Group.local({ ranks: c.ranks, timeoutMs });
-  const buffers = group.createBuffers({
+  const buffers = await group.createBuffers({
     hidden: c.hidden,
     maxTokensPerRank: c.maxTokens,
     lowLatency: { numExperts: c.experts },
@@ -158,7 +158,7 @@ async function runCase(c: Case): Promise<void> {
   const EL = c.experts / c.ranks, N = c.ranks * c.maxTokens, H = c.hidden;
   // Expert outputs: random BF16 rows; only the received rows travel back.
   const y = Array.from({ length: c.ranks }, (_, r) => randomBF16(EL * N * H, c.seed * 31 + r));
-  using fx = llFixture(c);
+  using fx = await llFixture(c);
   await Promise.all(fx.group.ranks.map(async (rank: Rank, r: number) => {
     if (!active.has(r)) return;
     const buf = fx.buffers[r];
@@ -285,7 +285,7 @@ Deno.test("DeepEP: combine(dispatch(x)) with identity experts ~ x * sum(valid we
         fp8,
       };
       const inputs = makeInputs(c);
-      using fx = llFixture(c);
+      using fx = await llFixture(c);
       await fx.group.all(async (rank, r) => {
         const buf = fx.buffers[r];
         using x = await Tensor.from(rank, inputs[r].x, { shape: [16, c.hidden] });
@@ -385,7 +385,7 @@ Deno.test("FP8 quantisation: hand-computed values", async (t) => {
 Deno.test("double buffering: two results in flight; the third call voids the first hook", async () => {
   const c: Case = { ranks: 2, hidden: 128, experts: 4, topk: 2, tokens: [4, 4], maxTokens: 4, seed: 5 };
   const inputs = makeInputs(c);
-  using fx = llFixture(c);
+  using fx = await llFixture(c);
   await fx.group.all(async (rank, r) => {
     const buf = fx.buffers[r];
     using x = await Tensor.from(rank, inputs[r].x, { shape: [4, 128] });
@@ -420,7 +420,7 @@ Deno.test("statistics: received tokens per expert accumulate; the slow rank show
   const c: Case = { ranks: 4, hidden: 128, experts: 8, topk: 3, tokens: [6, 6, 6, 6], maxTokens: 6, seed: 6 };
   const inputs = makeInputs(c);
   const layout = llLayout(inputs.map((i) => i.topk), c.tokens, c.topk, c.experts);
-  using fx = llFixture(c);
+  using fx = await llFixture(c);
   const waits = await fx.group.all(async (rank, r) => {
     const buf = fx.buffers[r];
     using x = await Tensor.from(rank, inputs[r].x, { shape: [6, 128] });
@@ -449,7 +449,7 @@ Deno.test("statistics: received tokens per expert accumulate; the slow rank show
 Deno.test("masking: a rank missing at the deadline is masked, not fatal", async () => {
   const c: Case = { ranks: 4, hidden: 128, experts: 8, topk: 3, tokens: [5, 5, 5, 5], maxTokens: 5, seed: 8 };
   const inputs = makeInputs(c);
-  using fx = llFixture(c, 300, true);
+  using fx = await llFixture(c, 300, true);
   const started = performance.now();
   await Promise.all([0, 1, 2].map(async (r) => {
     const rank = fx.group.ranks[r], buf = fx.buffers[r];
@@ -539,7 +539,7 @@ Deno.test("low-latency bad inputs name the argument", async (t) => {
 Deno.test("cleanLowLatencyBuffer restarts the double buffer on every rank", async () => {
   const c: Case = { ranks: 2, hidden: 128, experts: 4, topk: 2, tokens: [3, 4], maxTokens: 4, seed: 12 };
   const inputs = makeInputs(c);
-  using fx = llFixture(c);
+  using fx = await llFixture(c);
   await fx.group.all(async (rank, r) => {
     const buf = fx.buffers[r];
     using x = await Tensor.from(rank, inputs[r].x, { shape: [c.tokens[r], 128] });

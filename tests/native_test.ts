@@ -8,6 +8,8 @@ import { ALL_STRUCTS } from "../ffi/structs.ts";
 import { ABI_VERSION } from "../ffi/symbols.ts";
 import { backendInfo, bufferSizeHint, defaultConfig, libraryVersion } from "../mod.ts";
 import { native } from "../src/native.ts";
+import { probeNccl } from "../src/nccl.ts";
+import { Group } from "../mod.ts";
 
 Deno.test("the library speaks this binding's ABI", () => {
   const lib = native();
@@ -63,4 +65,17 @@ Deno.test("default configs follow DeepEP's table", () => {
   });
   assert.deepEqual(defaultConfig(5), defaultConfig(8), "between table rows: the next larger size");
   assert.deepEqual(defaultConfig(512), defaultConfig(160));
+});
+
+Deno.test("NCCL is probed by absolute path and refused with a reason", () => {
+  const missing = probeNccl("/nonexistent/libnccl.so.2");
+  assert.equal(missing.loaded, false);
+  assert.match(missing.error, /cannot be loaded: .*No such file/);
+  assert.match(probeNccl("libnccl.so.2").error, /not an absolute path/);
+  const notNccl = probeNccl("/lib/x86_64-linux-gnu/libm.so.6");
+  assert.equal(notNccl.loaded, false);
+  assert.match(notNccl.error, /is not an NCCL library/);
+  using g = Group.local({ ranks: 2 });
+  assert.equal(g.nccl.enabled, false);
+  assert.match(g.nccl.reason!, /virtual ranks/);
 });

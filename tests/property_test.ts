@@ -46,7 +46,7 @@ Deno.test("random scenarios: dispatch and combine match the reference", async (t
         ? compact.map((c, r) => reduceExpanded(y[r], expanded[r], c.rows.length, s.topk, s.hidden))
         : y;
       const want = referenceCombine(compact, returned, s.hidden, s.tokens);
-      using fx = fixture(s.ranks, s.hidden, Math.max(1, ...s.tokens));
+      using fx = await fixture(s.ranks, s.hidden, Math.max(1, ...s.tokens));
       await fx.group.all(async (rank, r) => {
         using up = await upload(rank, s, d, r);
         using sent = await fx.buffers[r].dispatch(up.x, {

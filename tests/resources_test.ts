@@ -36,7 +36,7 @@ Deno.test("events order work across streams", async () => {
 
 Deno.test("dispose is idempotent and use after dispose is a DISPOSED error", async () => {
   const g = Group.local({ ranks: 2 });
-  const [buf0, buf1] = g.createBuffers({ hidden: 32, maxTokensPerRank: 4 });
+  const [buf0, buf1] = await g.createBuffers({ hidden: 32, maxTokensPerRank: 4 });
   const rank = g.ranks[0];
   const t = Tensor.empty(rank, { dtype: "bf16", shape: [2, 32] });
   const s = rank.createStream();
@@ -61,7 +61,7 @@ Deno.test("dispose is idempotent and use after dispose is a DISPOSED error", asy
 
 Deno.test("inputs may be disposed while queued work still reads them", async () => {
   const hidden = 32, tokens = 5;
-  using fx = fixture(2, hidden, tokens);
+  using fx = await fixture(2, hidden, tokens);
   const xs = [randomBF16(tokens * hidden, 0), randomBF16(tokens * hidden, 1)];
   const results = await fx.group.all(async (rank, r) => {
     // Worst-case mode returns before the work has run; the inputs go out of scope at once.

@@ -12,7 +12,7 @@ import { referenceCombine, referenceDispatch } from "./reference.ts";
 const s0: Scenario = { ranks: 4, tokens: [23, 17, 30, 9], hidden: 96, experts: 16, topk: 3, seed: 1, drop: 0.1 };
 
 Deno.test("ten rounds of dispatch and combine with fresh data each round", async () => {
-  using fx = fixture(s0.ranks, s0.hidden, 30);
+  using fx = await fixture(s0.ranks, s0.hidden, 30);
   for (let round = 0; round < 10; round++) {
     const s = { ...s0, seed: 100 + round, fp8: round % 3 === 1, columnMajorScales: round % 2 === 0 };
     const d = generate(s);
@@ -45,7 +45,7 @@ Deno.test("cached and worst-case dispatches move the new data, not what the buff
     first.inputs.map((input, r) => ({ ...input, x: second.inputs[r].x })),
     first.shape,
   );
-  using fx = fixture(s0.ranks, s0.hidden, 30);
+  using fx = await fixture(s0.ranks, s0.hidden, 30);
   await fx.group.all(async (rank, r) => {
     using a = await upload(rank, s0, first, r);
     using b = await upload(rank, s0, second, r);
@@ -67,7 +67,7 @@ Deno.test("cached and worst-case dispatches move the new data, not what the buff
 Deno.test("operations issued without awaiting keep their program order on every rank", async () => {
   const a = generate(s0), b = generate({ ...s0, seed: 3 });
   const ra = referenceDispatch(a.inputs, a.shape), rb = referenceDispatch(b.inputs, b.shape);
-  using fx = fixture(s0.ranks, s0.hidden, 30);
+  using fx = await fixture(s0.ranks, s0.hidden, 30);
   const inputs = await fx.group.all(async (rank, r) => [await upload(rank, s0, a, r), await upload(rank, s0, b, r)]);
   // Every rank: exact-size dispatch of A, then (not awaited in between) worst-case dispatch of B,
   // with ranks starting at different moments.
@@ -95,7 +95,7 @@ Deno.test("operations issued without awaiting keep their program order on every 
 });
 
 Deno.test("a failed operation is reported by its own outputs only; later operations succeed", async () => {
-  using fx = fixture(2, 64, 8, 3000);
+  using fx = await fixture(2, 64, 8, 3000);
   const H = 64, T = 8;
   await fx.group.all(async (rank, r) => {
     using x = await Tensor.from(rank, randomBF16(T * H, r), { shape: [T, H] });

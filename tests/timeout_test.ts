@@ -20,7 +20,7 @@ async function dispatchOn(rank: Rank, buf: EpBuffer, seed: number, worst = false
 
 Deno.test("a missing rank: the others time out naming it, then the buffers refuse further use", async () => {
   const timeoutMs = 400;
-  using fx = fixture(4, H, T, timeoutMs);
+  using fx = await fixture(4, H, T, timeoutMs);
   const started = performance.now();
   const settled = await Promise.allSettled([0, 1, 2].map((r) => dispatchOn(fx.group.ranks[r], fx.buffers[r], r)));
   const elapsed = performance.now() - started;
@@ -42,7 +42,7 @@ Deno.test("a missing rank: the others time out naming it, then the buffers refus
   assert.ok(performance.now() - lateStart < timeoutMs, "fails fast");
 
   // The library (and the host "device") survives: new buffers work.
-  const fresh = fx.group.createBuffers({ hidden: H, maxTokensPerRank: T });
+  const fresh = await fx.group.createBuffers({ hidden: H, maxTokensPerRank: T });
   const ok = await fx.group.all((rank, r) => dispatchOn(rank, fresh[r], r));
   assert.ok(ok.every((d) => d.numRecvTokens !== null && d.numRecvTokens >= 0));
   for (const d of ok) d[Symbol.dispose]();
@@ -51,7 +51,7 @@ Deno.test("a missing rank: the others time out naming it, then the buffers refus
 
 Deno.test("worst-case mode: the timeout surfaces on the stream, which then recovers", async () => {
   const timeoutMs = 300;
-  using fx = fixture(2, H, T, timeoutMs);
+  using fx = await fixture(2, H, T, timeoutMs);
   const rank = fx.group.ranks[0];
   using res = await dispatchOn(rank, fx.buffers[0], 0, true); // returns at once: no host wait
   const started = performance.now();
@@ -67,7 +67,7 @@ Deno.test("worst-case mode: the timeout surfaces on the stream, which then recov
 
 Deno.test("a rank without a matching buffer is named", async () => {
   const timeoutMs = 300;
-  using fx = fixture(2, H, T, timeoutMs);
+  using fx = await fixture(2, H, T, timeoutMs);
   // A second set: only rank 0 creates its buffer.
   using lonely = fx.group.ranks[0].createBuffer({ hidden: H, maxTokensPerRank: T });
   const e = await dispatchOn(fx.group.ranks[0], lonely, 0).catch((err) => err);
@@ -78,7 +78,7 @@ Deno.test("a rank without a matching buffer is named", async () => {
 });
 
 Deno.test("awaiting ranks one by one in exact-size mode times out naming the rank not yet called", async () => {
-  using fx = fixture(2, H, T, 300);
+  using fx = await fixture(2, H, T, 300);
   const e = await dispatchOn(fx.group.ranks[0], fx.buffers[0], 0).catch((err) => err);
   assert.ok(e instanceof SwitchyardTimeoutError, String(e));
   assert.equal(e.peerRank, 1);

@@ -163,7 +163,8 @@ SY_API sy_status sy_struct_sizes(uint32_t* sizes, uint32_t count) {
       sizeof(sy_layout_result), sizeof(sy_dispatch_args),  sizeof(sy_dispatch_result),
       sizeof(sy_combine_args), sizeof(sy_combine_result),  sizeof(sy_handle_info),
       sizeof(sy_ll_dispatch_args), sizeof(sy_ll_dispatch_result), sizeof(sy_ll_combine_args),
-      sizeof(sy_ll_combine_result), sizeof(sy_ll_handle_info),
+      sizeof(sy_ll_combine_result), sizeof(sy_ll_handle_info), sizeof(sy_process_group_options),
+      sizeof(sy_buffer_share), sizeof(sy_nccl_info), sizeof(sy_host_info),
   };
   for (uint32_t i = 0; i < count && i < SY_STRUCT_COUNT; ++i) sizes[i] = all[i];
   return SY_OK;
@@ -271,6 +272,44 @@ SY_API sy_status sy_group_create_local(const sy_group_options* options, sy_group
   });
 }
 
+SY_API sy_status sy_group_create_process(const sy_process_group_options* options, sy_group* out) {
+  return guarded(nullptr, [&]() -> Error {
+    sy_process_group_options o;
+    SY_TRY(read_struct(options, "options", &o));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    SY_TRY(check_range("worldSize", o.world_size, 1, core::kMaxRanks));
+    SY_TRY(check_range("rank", o.rank, 0, o.world_size - 1));
+    SY_TRY(check_range("localWorldSize", o.local_world_size, 1, o.world_size));
+    SY_TRY(check_range("localRank", o.local_rank, 0, o.local_world_size - 1));
+    SY_TRY(check_range("device", o.device, -1, 1 << 16));
+    SY_TRY(check_range("timeoutMs", o.timeout_ms, 0, int64_t(1) << 40));
+    auto g = std::make_shared<GroupCore>();
+    g->num_ranks = o.world_size;
+    g->process_group = true;
+    g->local_rank = o.local_rank;
+    g->local_world_size = o.local_world_size;
+    g->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : core::kDefaultTimeoutMs;
+    if (o.backend == SY_BACKEND_HOST) {
+      g->backend = make_host_backend();
+    } else if (o.backend == SY_BACKEND_CUDA) {
+      Error why;
+      g->backend = make_cuda_backend(&why);
+      if (!g->backend) return why;
+    } else {
+      return invalid("backend", "backend: must be host (0) or cuda (1), got " + std::to_string(o.backend));
+    }
+    g->backend_kind = sy_backend(o.backend);
+    auto r = std::make_unique<RankCore>();
+    r->group = g.get();
+    r->index = o.rank;
+    r->device = o.device >= 0 ? o.device : o.local_rank;
+    SY_TRY(g->backend->init_rank(*g, *r));
+    g->ranks.push_back(std::move(r));
+    *out = static_cast<sy_group>(register_handle(Kind::Group, g));
+    return ok();
+  });
+}
+
 SY_API sy_status sy_group_destroy(sy_group group) {
   return guarded(nullptr, [&] { return release_handle(group, Kind::Group, "group"); });
 }
@@ -280,7 +319,7 @@ SY_API sy_status sy_group_rank(sy_group group, int32_t index, sy_rank* out) {
     std::shared_ptr<GroupCore> g;
     SY_TRY(resolve(group, Kind::Group, "group", &g));
     if (out == nullptr) return invalid("out", "out: NULL");
-    SY_TRY(check_range("rank", index, 0, g->num_ranks - 1));
+    SY_TRY(check_range("rank", index, 0, int64_t(g->ranks.size()) - 1));  // slots of this process's ranks
     std::shared_ptr<RankCore> r(g, g->ranks[size_t(index)].get());
     *out = static_cast<sy_rank>(register_handle(Kind::Rank, r));
     return ok();
@@ -302,6 +341,7 @@ SY_API sy_status sy_rank_info_get(sy_rank rank, sy_rank_info* info) {
     out.num_ranks = r->group->num_ranks;
     out.backend = r->group->backend_kind;
     out.device = r->device;
+    out.local_ranks = int32_t(r->group->ranks.size());
     out.timeout_ms = r->group->timeout_ms;
     return write_struct(info, out, "info");
   });
@@ -555,9 +595,13 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
     SY_TRY(g->backend->create_stream(g, *r, &buf->comm_stream));
     SY_TRY(g->backend->allocate_shared(*r, plan.total_bytes, &buf->region));
 
-    // Join the n-th set: the buffers every rank creates n-th belong together.
+    // Join the n-th set: the buffers every rank creates n-th belong together. In a process
+    // group the set is this buffer's own; the peers' buffers arrive through sy_buffer_import.
     std::shared_ptr<BufferSet> set;
-    {
+    if (g->process_group) {
+      set = std::make_shared<BufferSet>(R);
+      set->plan = plan;
+    } else {
       std::lock_guard<std::mutex> l(g->sets_mu);
       size_t n = size_t(r->buffers_created);
       if (g->sets.size() <= n) g->sets.resize(n + 1);
@@ -593,6 +637,71 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
 
 SY_API sy_status sy_buffer_destroy(sy_buffer buffer) {
   return guarded(nullptr, [&] { return release_handle(buffer, Kind::Buffer, "buffer"); });
+}
+
+SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out) {
+  return guarded(buffer, [&]() -> Error {
+    std::shared_ptr<BufferCore> b;
+    SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
+    if (!b->group->process_group) {
+      return invalid("buffer", "buffer: belongs to a group of virtual ranks, which share memory without export");
+    }
+    sy_buffer_share v;
+    std::memset(&v, 0, sizeof v);
+    v.struct_size = sizeof v;
+    v.rank = b->rank;
+    v.hidden = b->plan.hidden;
+    v.max_tokens_per_rank = b->plan.max_tokens_per_rank;
+    v.ll_num_experts = b->plan.ll.experts;
+    v.bytes = b->plan.total_bytes;
+    copy_cstr(v.name, sizeof v.name, b->region->share_name);
+    return write_struct(out, v, "out");
+  });
+}
+
+SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share) {
+  return guarded(buffer, [&]() -> Error {
+    std::shared_ptr<BufferCore> b;
+    SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
+    sy_buffer_share v;
+    SY_TRY(read_struct(share, "share", &v));
+    v.name[sizeof v.name - 1] = 0;
+    const core::BufferPlan& p = b->plan;
+    SY_TRY(check_range("share.rank", v.rank, 0, b->group->num_ranks - 1));
+    if (v.rank == b->rank) return invalid("share.rank", "share.rank: a rank does not import its own buffer");
+    if (v.hidden != p.hidden || v.max_tokens_per_rank != p.max_tokens_per_rank || v.ll_num_experts != p.ll.experts ||
+        v.bytes != p.total_bytes) {
+      return invalid("share", "share: rank " + std::to_string(v.rank) + " created its buffer with hidden " +
+                                  std::to_string(v.hidden) + ", maxTokensPerRank " +
+                                  std::to_string(v.max_tokens_per_rank) + ", " + std::to_string(v.ll_num_experts) +
+                                  " low-latency experts; this rank with " + std::to_string(p.hidden) + ", " +
+                                  std::to_string(p.max_tokens_per_rank) + ", " + std::to_string(p.ll.experts) +
+                                  ": every rank must create the same buffers in the same order");
+    }
+    BufferSet& set = *b->set;
+    {
+      std::lock_guard<std::mutex> l(set.mu);
+      if (set.bases[size_t(v.rank)] != nullptr) {
+        return invalid("share.rank", "share.rank: rank " + std::to_string(v.rank) + "'s buffer is already imported");
+      }
+    }
+    std::shared_ptr<Memory> m;
+    SY_TRY(b->group->backend->import_shared(b->rank_core(), v.name, v.bytes, &m));
+    std::lock_guard<std::mutex> l(set.mu);
+    set.bases[size_t(v.rank)] = static_cast<uint8_t*>(m->ptr);
+    set.regions[size_t(v.rank)] = m;
+    set.joined += 1;
+    set.cv.notify_all();
+    return ok();
+  });
+}
+
+SY_API sy_status sy_buffer_seal(sy_buffer buffer) {
+  return guarded(buffer, [&]() -> Error {
+    std::shared_ptr<BufferCore> b;
+    SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
+    return b->group->backend->seal_shared(*b->region);
+  });
 }
 
 SY_API sy_status sy_buffer_comm_stream(sy_buffer buffer, sy_stream* out) {

@@ -13,11 +13,12 @@ void dense_strides(int ndim, const int64_t* shape, int64_t* strides) {
 }
 
 GroupCore::~GroupCore() {
+  if (nccl_comm && nccl_destroy) nccl_destroy(nccl_comm);
   ranks.clear();  // rank backend state first, the backend last
   backend.reset();
 }
 
-RankCore& BufferCore::rank_core() const { return *group->ranks[size_t(rank)]; }
+RankCore& BufferCore::rank_core() const { return *group->rank_by_index(rank); }
 
 uint32_t* BufferCore::mask() const {
   return reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(region->ptr) + plan.off_mask);

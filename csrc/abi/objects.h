@@ -31,6 +31,7 @@ struct Memory {
   void* ptr = nullptr;
   uint64_t bytes = 0;
   int device = -1;  // cuda device, -1 = host memory
+  std::string share_name;  // how other processes map it (shm name, CUDA IPC handle), if shared
   std::function<void(void*)> release;
   Memory() = default;
   Memory(const Memory&) = delete;
@@ -172,9 +173,21 @@ struct GroupCore {
   std::unique_ptr<Backend> backend;
   int num_ranks = 0;
   int64_t timeout_ms = 0;
-  std::vector<std::unique_ptr<RankCore>> ranks;
+  // One rank per process (the peers live in other processes and share buffers by name), or
+  // every rank in this process (virtual ranks).
+  bool process_group = false;
+  int local_rank = 0, local_world_size = 1;  // process groups: this process's place on its node
+  std::vector<std::unique_ptr<RankCore>> ranks;  // the ranks living in this process
+  RankCore* rank_by_index(int index) const {
+    for (const auto& r : ranks)
+      if (r->index == index) return r.get();
+    return nullptr;
+  }
   std::mutex sets_mu;
   std::vector<std::weak_ptr<BufferSet>> sets;
+  // The group's NCCL communicator (process groups on the CUDA backend), and how to free it.
+  void* nccl_comm = nullptr;
+  std::function<void(void*)> nccl_destroy;
   ~GroupCore();
 };
 
@@ -353,8 +366,18 @@ class Backend {
   virtual Error init_rank(GroupCore& group, RankCore& rank) = 0;
   // Zero-filled memory of the rank.
   virtual Error allocate(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) = 0;
-  // The rank's communication buffer: memory its peers can write.
+  // The rank's communication buffer: memory its peers can write. In a process group it is
+  // exported by name (share_name) for the other processes.
   virtual Error allocate_shared(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) = 0;
+  // Maps a peer process's buffer by the name it exported.
+  virtual Error import_shared(RankCore& rank, const std::string& name, uint64_t bytes,
+                              std::shared_ptr<Memory>* out) = 0;
+  // Every peer has mapped `memory`: drop its name, so it disappears with the last mapping.
+  virtual Error seal_shared(Memory& memory) = 0;
+  // Makes the process's device current on this thread (NCCL calls need it); host: nothing.
+  virtual Error bind_thread(RankCore& rank) = 0;
+  // Whether the backend communicates through NCCL across processes (and why not).
+  virtual Error nccl_usable() const = 0;
   virtual Error create_stream(std::shared_ptr<GroupCore> g, RankCore& rank,
                               std::shared_ptr<Stream>* out) = 0;
   virtual Error create_event(std::shared_ptr<GroupCore> g, RankCore& rank,

@@ -20,7 +20,7 @@ Error new_tensor(const std::shared_ptr<GroupCore>& group, int rank, DType dtype,
   int i = 0;
   for (int64_t d : shape) t->shape[i++] = d;
   dense_strides(t->ndim, t->shape, t->strides);
-  SY_TRY(group->backend->allocate(*group->ranks[size_t(rank)], t->dense_bytes(), &t->memory));
+  SY_TRY(group->backend->allocate(*group->rank_by_index(rank), t->dense_bytes(), &t->memory));
   *out = std::move(t);
   return ok();
 }

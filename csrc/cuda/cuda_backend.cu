@@ -186,9 +186,10 @@ class CudaBackend final : public Backend {
   sy_backend kind() const override { return SY_BACKEND_CUDA; }
   bool dispatch_supported() const override { return false; }
 
-  Error init_rank(GroupCore&, RankCore& rank) override {
+  Error init_rank(GroupCore& group, RankCore& rank) override {
     auto st = std::make_shared<CudaRank>();
-    st->device = (rank.device + rank.index) % devices_;  // rank.device holds the first device
+    // Virtual ranks spread from the first device (rank.device); a process uses its own device.
+    st->device = group.process_group ? rank.device % devices_ : (rank.device + rank.index) % devices_;
     rank.device = st->device;
     SY_CUDA(cudaSetDevice(st->device));
     SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&st->problems_host), kProblemSlots * sizeof(core::InputProblem),
@@ -226,9 +227,57 @@ class CudaBackend final : public Backend {
   }
 
   Error allocate_shared(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) override {
-    // Virtual ranks of one process address each other's device memory directly.
-    return allocate(rank, bytes, out);
+    // Virtual ranks of one process address each other's device memory directly; other
+    // processes open it through a CUDA IPC handle.
+    SY_TRY(allocate(rank, bytes, out));
+    if (!rank.group->process_group) return ok();
+    cudaIpcMemHandle_t h;
+    SY_CUDA(cudaIpcGetMemHandle(&h, (*out)->ptr));
+    static const char* hex = "0123456789abcdef";
+    std::string name = "cuda-ipc:";
+    for (size_t i = 0; i < sizeof h.reserved; ++i) {
+      const auto b = static_cast<uint8_t>(h.reserved[i]);
+      name += hex[b >> 4];
+      name += hex[b & 15];
+    }
+    (*out)->share_name = name;
+    return ok();
   }
+
+  Error import_shared(RankCore& rank, const std::string& name, uint64_t bytes, std::shared_ptr<Memory>* out) override {
+    cudaIpcMemHandle_t h;
+    const std::string prefix = "cuda-ipc:";
+    if (name.rfind(prefix, 0) != 0 || name.size() != prefix.size() + 2 * sizeof h.reserved) {
+      return invalid("share", "share: '" + name.substr(0, 40) + "' is not a CUDA IPC handle");
+    }
+    auto nibble = [](char c) { return c <= '9' ? c - '0' : c - 'a' + 10; };
+    for (size_t i = 0; i < sizeof h.reserved; ++i) {
+      h.reserved[i] = char(nibble(name[prefix.size() + 2 * i]) << 4 | nibble(name[prefix.size() + 2 * i + 1]));
+    }
+    const int dev = rank_state(rank).device;
+    SY_CUDA(cudaSetDevice(dev));
+    void* p = nullptr;
+    SY_CUDA(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess));
+    auto m = std::make_shared<Memory>();
+    m->ptr = p;
+    m->bytes = bytes;
+    m->device = dev;
+    m->release = [dev](void* q) {
+      cudaSetDevice(dev);
+      cudaIpcCloseMemHandle(q);
+    };
+    *out = std::move(m);
+    return ok();
+  }
+
+  Error seal_shared(Memory&) override { return ok(); }  // IPC handles have no name to drop
+
+  Error bind_thread(RankCore& rank) override {
+    SY_CUDA(cudaSetDevice(rank_state(rank).device));
+    return ok();
+  }
+
+  Error nccl_usable() const override { return ok(); }
 
   Error create_stream(std::shared_ptr<GroupCore> g, RankCore& rank, std::shared_ptr<Stream>* out) override {
     auto s = std::make_shared<CudaStream>(std::move(g), rank);
@@ -341,6 +390,19 @@ Error probe_cuda(sy_backend_info* info) {
     std::strncpy(info->device_name, name.c_str(), sizeof info->device_name - 1);
   }
   info->dispatch_supported = 0;
+  return ok();
+}
+
+Error cuda_peer_access(int a, int b, int* can_access, int* native_atomics) {
+  int count = 0;
+  SY_CUDA(cudaGetDeviceCount(&count));
+  if (a < 0 || a >= count || b < 0 || b >= count) {
+    return invalid("device", "device: " + std::to_string(a) + " and " + std::to_string(b) + " must be below the " +
+                                 std::to_string(count) + " devices present");
+  }
+  SY_CUDA(cudaDeviceCanAccessPeer(can_access, a, b));
+  *native_atomics = 0;
+  if (*can_access) SY_CUDA(cudaDeviceGetP2PAttribute(native_atomics, cudaDevP2PAttrNativeAtomicSupported, a, b));
   return ok();
 }
 

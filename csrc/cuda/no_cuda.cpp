@@ -14,6 +14,10 @@ Error probe_cuda(sy_backend_info* info) {
   return ok();
 }
 
+Error cuda_peer_access(int, int, int*, int*) {
+  return fail(SY_ERROR_UNSUPPORTED, "this build of libswitchyard has no CUDA backend");
+}
+
 std::unique_ptr<Backend> make_cuda_backend(Error* why) {
   *why = fail(SY_ERROR_UNSUPPORTED,
               "backend: this build of libswitchyard has no CUDA backend (rebuild with nvcc on PATH "

@@ -7,6 +7,7 @@
 
 #include "../abi/strided.h"
 #include "host_ll.h"
+#include "shared_memory.h"
 #include "host_ops.h"
 #include "host_stream.h"
 
@@ -62,9 +63,22 @@ class HostBackend final : public Backend {
     return host_alloc(bytes, out);
   }
 
-  Error allocate_shared(RankCore&, uint64_t bytes, std::shared_ptr<Memory>* out) override {
-    // Virtual ranks share one address space: plain memory is visible to every peer.
-    return host_alloc(bytes, out);
+  Error allocate_shared(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) override {
+    // Virtual ranks share one address space: plain memory is visible to every peer. Ranks in
+    // other processes map a named segment.
+    return rank.group->process_group ? host::create_segment(bytes, out) : host_alloc(bytes, out);
+  }
+
+  Error import_shared(RankCore&, const std::string& name, uint64_t bytes, std::shared_ptr<Memory>* out) override {
+    return host::open_segment(name, bytes, out);
+  }
+
+  Error seal_shared(Memory& memory) override { return host::unlink_segment(memory); }
+
+  Error bind_thread(RankCore&) override { return ok(); }
+
+  Error nccl_usable() const override {
+    return fail(SY_ERROR_UNSUPPORTED, "the host backend moves data through shared memory and does not use NCCL");
   }
 
   Error create_stream(std::shared_ptr<GroupCore> g, RankCore& rank,

@@ -164,6 +164,10 @@ typedef enum sy_struct_id {
   SY_STRUCT_LL_COMBINE_ARGS,
   SY_STRUCT_LL_COMBINE_RESULT,
   SY_STRUCT_LL_HANDLE_INFO,
+  SY_STRUCT_PROCESS_GROUP_OPTIONS,
+  SY_STRUCT_BUFFER_SHARE,
+  SY_STRUCT_NCCL_INFO,
+  SY_STRUCT_HOST_INFO,
   SY_STRUCT_COUNT
 } sy_struct_id;
 SY_API sy_status sy_struct_sizes(uint32_t* sizes, uint32_t count);
@@ -215,9 +219,26 @@ typedef struct sy_rank_info {
   int32_t num_ranks;
   int32_t backend;
   int32_t device;          /* cuda device ordinal, -1 on the host backend */
-  int32_t reserved;
+  int32_t local_ranks;     /* ranks of the group living in this process */
   int64_t timeout_ms;
 } sy_rank_info;
+
+/* One rank of a group whose ranks are separate processes (one rank per process, the production
+ * shape). The processes find each other through a rendezvous of the caller's (the TypeScript
+ * layer runs one over TCP) and exchange their buffers with sy_buffer_export/import. */
+typedef struct sy_process_group_options {
+  uint32_t struct_size;
+  int32_t backend;
+  int32_t world_size;
+  int32_t rank;
+  int32_t local_rank;        /* this process's index on its node */
+  int32_t local_world_size;
+  int32_t device;            /* cuda: the device; -1 = local_rank */
+  int32_t reserved;
+  int64_t timeout_ms;
+} sy_process_group_options;
+
+SY_API sy_status sy_group_create_process(const sy_process_group_options* options, sy_group* out);
 
 SY_API sy_status sy_rank_destroy(sy_rank rank);
 SY_API sy_status sy_rank_info_get(sy_rank rank, sy_rank_info* info);
@@ -323,6 +344,26 @@ SY_API sy_status sy_plan_buffer(const sy_buffer_options* options, int32_t ranks,
 SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options,
                                   sy_buffer* out);
 SY_API sy_status sy_buffer_destroy(sy_buffer buffer);
+/* What another process needs to map this rank's buffer (process groups): the name of a shared
+ * memory segment (host backend) or a CUDA IPC handle, and the plan it must agree with. */
+typedef struct sy_buffer_share {
+  uint32_t struct_size;
+  int32_t rank;
+  int32_t hidden;
+  int32_t max_tokens_per_rank;
+  int32_t ll_num_experts;
+  int32_t reserved;
+  uint64_t bytes;
+  char name[256];
+} sy_buffer_share;
+
+SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out);
+/* Maps peer `share->rank`'s buffer into this process; refuses a plan that differs. */
+SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share);
+/* Once every peer has imported this rank's buffer: drop its name, so the memory is freed with the
+ * last mapping (even when a process dies). */
+SY_API sy_status sy_buffer_seal(sy_buffer buffer);
+
 /* The stream the buffer's operations run on (a new reference). */
 SY_API sy_status sy_buffer_comm_stream(sy_buffer buffer, sy_stream* out);
 SY_API sy_status sy_buffer_plan_get(sy_buffer buffer, sy_buffer_plan* out);
@@ -553,6 +594,41 @@ SY_API sy_status sy_ll_clean(sy_buffer buffer, sy_stream compute_stream, sy_even
 SY_API sy_status sy_mask_update(sy_buffer buffer, int32_t rank, int32_t masked);
 SY_API sy_status sy_mask_query(sy_buffer buffer, int32_t* mask, int32_t capacity);
 SY_API sy_status sy_mask_clean(sy_buffer buffer);
+
+/* ------------------------------------------------------------------------------------------ */
+/* The machine: NCCL, CUDA peers, shared memory                                                */
+
+typedef struct sy_nccl_info {
+  uint32_t struct_size;
+  int32_t loaded;            /* 1 if the library at `path` is a usable NCCL */
+  int32_t version;           /* its NCCL_VERSION_CODE, e.g. 22907 */
+  int32_t device_api;        /* 1 if it has the device API (ncclDevCommCreate) */
+  int32_t header_version;    /* the NCCL headers this library was compiled against, 0 if none */
+  int32_t reserved;
+  char error[512];           /* why it cannot be used */
+} sy_nccl_info;
+
+/* Opens NCCL at the absolute `path` (RTLD_LOCAL, kept for the process) and reports it. Returns
+ * SY_OK with info->loaded = 0 and the reason when it is not usable. */
+SY_API sy_status sy_nccl_probe(const char* path, sy_nccl_info* info);
+
+/* Process groups on the CUDA backend: rank 0 makes a unique id (128 bytes), every rank passes it
+ * to sy_group_nccl_init (which blocks until all ranks joined: call it off the JS thread). */
+SY_API sy_status sy_group_nccl_unique_id(sy_group group, const char* path, uint8_t* id);
+SY_API sy_status sy_group_nccl_init(sy_group group, const char* path, const uint8_t* id);
+
+typedef struct sy_host_info {
+  uint32_t struct_size;
+  int32_t cpus;
+  uint64_t shm_total_bytes;  /* /dev/shm size, 0 if absent */
+  uint64_t shm_free_bytes;
+} sy_host_info;
+
+SY_API sy_status sy_host_info_get(sy_host_info* info);
+
+/* Whether device a can map device b's memory, and whether atomics between them are native (a
+ * sign of NVLink). */
+SY_API sy_status sy_cuda_peer_access(int32_t a, int32_t b, int32_t* can_access, int32_t* native_atomics);
 
 #ifdef __cplusplus
 }

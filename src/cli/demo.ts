@@ -75,7 +75,7 @@ console.log(
 console.log(`buffer per rank: ${(plan.totalBytes / 2 ** 20).toFixed(1)} MiB`);
 
 using group = Group.local({ ranks: R, backend });
-const buffers = group.createBuffers({ hidden: H, maxTokensPerRank: T });
+const buffers = await group.createBuffers({ hidden: H, maxTokensPerRank: T });
 
 // Inputs: random BF16 tokens and a skewed top-k routing per rank.
 const inputs = await group.all(async (rank, r) => {
@@ -181,7 +181,7 @@ for (const b of buffers) b[Symbol.dispose]();
 // input and combine must give x * sum(valid weights).
 if (decodeTokens > 0) {
   const D = decodeTokens;
-  const ll = group.createBuffers({ hidden: H, maxTokensPerRank: D, lowLatency: { numExperts: E } });
+  const ll = await group.createBuffers({ hidden: H, maxTokensPerRank: D, lowLatency: { numExperts: E } });
   const step = await group.all(async (rank, r) => {
     const routing = randomRouting({ tokens: D, experts: E, topk: K, seed: seed * 300 + r, zipf });
     const xBits = toBF16(randomFloats(D * H, seed * 3000 + r));

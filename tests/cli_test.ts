@@ -1,0 +1,49 @@
+/** The command-line tools: doctor reports every area, the launcher refuses bad usage. */
+
+import assert from "node:assert/strict";
+
+const root = new URL("..", import.meta.url).pathname;
+const run = (args: string[]) =>
+  new Deno.Command(Deno.execPath(), {
+    args,
+    stdout: "piped",
+    stderr: "piped",
+    cwd: root,
+    signal: AbortSignal.timeout(60000),
+  })
+    .output();
+const text = (o: Deno.CommandOutput) => new TextDecoder().decode(o.stdout) + new TextDecoder().decode(o.stderr);
+
+Deno.test("doctor: one verdict per line, covering the library, backends, NCCL and shared memory", async () => {
+  const o = await run([
+    "run",
+    "--allow-ffi",
+    "--allow-env",
+    "--allow-read",
+    "--allow-run",
+    "--allow-net",
+    "src/cli/doctor.ts",
+  ]);
+  const lines = text(o).trim().split("\n");
+  assert.ok(lines.every((l) => /^(OK|NOTE|FIX) {1,2}\S/.test(l)), text(o));
+  for (const topic of [/^OK +libswitchyard .* ABI 1/, /^OK +host backend/, /CUDA/, /NCCL/, /\/dev\/shm/]) {
+    assert.ok(lines.some((l) => topic.test(l)), `${topic} in:\n${text(o)}`);
+  }
+  assert.equal(o.code, lines.some((l) => l.startsWith("FIX")) ? 1 : 0);
+});
+
+Deno.test("launch: usage errors exit 2 with the usage line", async () => {
+  const o = await run([
+    "run",
+    "--allow-run",
+    "--allow-env",
+    "--allow-net",
+    "--allow-read",
+    "src/cli/launch.ts",
+    "--nproc",
+    "0",
+    "x.ts",
+  ]);
+  assert.equal(o.code, 2);
+  assert.match(text(o), /usage: deno task launch --nproc N/);
+});

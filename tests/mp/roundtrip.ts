@@ -1,0 +1,87 @@
+/**
+ * One rank of a multi-process test (run through the launcher): meets the others with
+ * Group.fromEnv, dispatches and combines, and checks the round trip against the reference.
+ * Arguments: [rounds] [--die-at ROUND --die-rank R] [--timeout MS].
+ */
+
+import { parseArgs } from "node:util";
+import { Group, SwitchyardTimeoutError, Tensor } from "../../mod.ts";
+import { generate, type Scenario, upload } from "../helpers.ts";
+import { referenceCombine, referenceDispatch } from "../reference.ts";
+
+const { values } = parseArgs({
+  args: Deno.args,
+  options: {
+    rounds: { type: "string", default: "3" },
+    "die-at": { type: "string", default: "-1" },
+    "die-rank": { type: "string", default: "-1" },
+    timeout: { type: "string", default: "20000" },
+  },
+});
+const rounds = Number(values.rounds), dieAt = Number(values["die-at"]), dieRank = Number(values["die-rank"]);
+const started = performance.now();
+const me = Number(Deno.env.get("RANK"));
+
+try {
+  using group = await Group.fromEnv({ timeoutMs: Number(values.timeout) });
+  const R = group.size;
+  const [buffer] = await group.createBuffers({ hidden: 128, maxTokensPerRank: 40, lowLatency: { numExperts: 2 * R } });
+  const rank = group.ranks[0];
+  console.log(`joined as rank ${me} of ${R}`);
+  if (group.nccl.enabled || !/host backend/.test(group.nccl.reason ?? "")) throw new Error("NCCL status unexpected");
+  for (let round = 0; round < rounds; round++) {
+    const s: Scenario = {
+      ranks: R,
+      tokens: Array.from({ length: R }, (_, r) => 20 + ((round * 3 + r * 7) % 17)),
+      hidden: 128,
+      experts: 4 * R,
+      topk: 3,
+      seed: 40 + round,
+      drop: 0.1,
+    };
+    const d = generate(s);
+    const expected = referenceDispatch(d.inputs, d.shape);
+    const want = referenceCombine(expected, expected.map((e) => new Uint16Array(e.x.buffer)), s.hidden, s.tokens);
+    using up = await upload(rank, s, d, me);
+    if (round === dieAt && me === dieRank) {
+      // Die with the peers inside the dispatch's collective.
+      buffer.dispatch(up.x, { topkIdx: up.topkIdx, topkWeights: up.topkWeights, numExperts: s.experts });
+      await new Promise((r) => setTimeout(r, 20));
+      console.log(`rank ${me} kills itself in round ${round}`);
+      Deno.kill(Deno.pid, "SIGKILL");
+    }
+    using sent = await buffer.dispatch(up.x, {
+      topkIdx: up.topkIdx,
+      topkWeights: up.topkWeights,
+      numExperts: s.experts,
+    });
+    using back = await buffer.combine(sent.recvX, sent.handle);
+    const got = await back.combinedX.read();
+    if (got.length !== want[me].length || got.some((v, i) => v !== want[me][i])) {
+      throw new Error(`round ${round}: combine(dispatch(x)) differs from the reference`);
+    }
+  }
+  // A low-latency round trip too.
+  {
+    const T = 8, K = 2, E = 2 * R, H = 128;
+    using x = await Tensor.from(rank, new Uint16Array(T * H).fill(0x3f80), { shape: [T, H] });
+    using idx = await Tensor.from(rank, new BigInt64Array(T * K).map((_, i) => BigInt((i + me) % E)), {
+      shape: [T, K],
+    });
+    using w = await Tensor.from(rank, new Float32Array(T * K).fill(0.5), { shape: [T, K] });
+    using sent = await buffer.lowLatencyDispatch(x, idx, { useFp8: false });
+    using back = await buffer.lowLatencyCombine(sent.recvX, idx, w, sent.handle);
+    const got = await back.combinedX.readFloat32();
+    if (got.some((v) => v !== 1)) throw new Error("low-latency round trip: expected 1.0 * (0.5 + 0.5) everywhere");
+  }
+  await group.barrier("done");
+  console.log(`rank ${me} ok`);
+} catch (e) {
+  const ms = (performance.now() - started).toFixed(0);
+  if (e instanceof SwitchyardTimeoutError) {
+    console.log(`rank ${me} failed after ${ms} ms: ${e.code} peerRank=${e.peerRank}: ${e.message}`);
+  } else {
+    console.log(`rank ${me} failed after ${ms} ms: ${e}`);
+  }
+  Deno.exit(3);
+}

@@ -1,0 +1,102 @@
+/**
+ * One rank per process, on the host backend: jobs of 2 and 4 processes started by the launcher
+ * do the full round trip through shared-memory buffers; a process killed inside a dispatch, a
+ * rank that never arrives and a wrong token make the others fail within a bounded time, naming
+ * the rank. Every job has a hard time limit.
+ */
+
+import assert from "node:assert/strict";
+import { launch } from "../src/cli/launch.ts";
+
+const script = new URL("./mp/roundtrip.ts", import.meta.url).pathname;
+
+async function job(nproc: number, args: string[], graceSeconds = 15) {
+  const lines: string[] = [];
+  const started = performance.now();
+  const result = await launch({
+    nproc,
+    script,
+    args,
+    graceSeconds,
+    timeoutSeconds: 60,
+    write: (_, line) => lines.push(line),
+  });
+  return { ...result, lines, ms: performance.now() - started };
+}
+
+function segmentsOf(pids: number[]): string[] {
+  return [...Deno.readDirSync("/dev/shm")].map((e) => e.name).filter((n) =>
+    pids.some((p) => n.startsWith(`switchyard-${p}-`))
+  );
+}
+
+for (const nproc of [2, 4]) {
+  Deno.test(`${nproc} processes: dispatch, combine and low-latency round trips through the launcher`, async () => {
+    const r = await job(nproc, ["--rounds", "3"]);
+    assert.equal(r.code, 0, r.lines.join("\n"));
+    for (let rank = 0; rank < nproc; rank++) {
+      assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} ok`), r.lines.join("\n"));
+    }
+  });
+}
+
+Deno.test("a process killed inside a dispatch: the others fail within the deadline, naming it", async () => {
+  const timeoutMs = 1500;
+  const r = await job(3, ["--rounds", "5", "--die-at", "2", "--die-rank", "2", "--timeout", String(timeoutMs)]);
+  const report = r.lines.join("\n");
+  assert.equal(r.code, 1, report);
+  assert.equal(r.firstFailure?.rank, 2);
+  assert.equal(r.firstFailure?.signal, "SIGKILL");
+  for (const rank of [0, 1]) {
+    const line = r.lines.find((l) => l.startsWith(`[rank ${rank}] rank ${rank} failed after`));
+    assert.ok(line, report);
+    assert.match(line!, /(TIMEOUT|PEER_FAILED) peerRank=2/);
+    const ms = Number(line!.match(/failed after (\d+) ms/)![1]);
+    console.log(`  ${line}`);
+    assert.ok(ms < 4 * timeoutMs + 3000, `rank ${rank} took ${ms} ms`);
+  }
+  assert.ok(r.exits.every((e) => e.code !== 0), "nobody pretends to have finished");
+});
+
+Deno.test("a rank that never arrives, and a rank with the wrong token, are named", async (t) => {
+  const port = (() => {
+    const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const p = l.addr.port;
+    l.close();
+    return p;
+  })();
+  const start = (rank: number, token: string, world: number) =>
+    new Deno.Command(Deno.execPath(), {
+      args: ["run", "--allow-ffi", "--allow-env", "--allow-read", "--allow-net", script, "--timeout", "800"],
+      env: {
+        RANK: String(rank),
+        WORLD_SIZE: String(world),
+        LOCAL_RANK: String(rank),
+        LOCAL_WORLD_SIZE: String(world),
+        MASTER_ADDR: "127.0.0.1",
+        MASTER_PORT: String(port),
+        SWITCHYARD_TOKEN: token,
+      },
+      stdout: "piped",
+      stderr: "piped",
+      signal: AbortSignal.timeout(30000),
+    }).output();
+  const text = (o: Deno.CommandOutput) => new TextDecoder().decode(o.stdout) + new TextDecoder().decode(o.stderr);
+
+  await t.step("world of 3, only ranks 0 and 1 start", async () => {
+    const started = performance.now();
+    const outs = await Promise.all([start(0, "t", 3), start(1, "t", 3)]);
+    for (const [rank, o] of outs.entries()) {
+      assert.equal(o.code, 3, text(o));
+      // Rank 0 gives up first and takes its store with it; rank 1 then knows whom it still lacked.
+      assert.match(text(o), /"join".*missing rank 2/);
+      assert.match(text(o), new RegExp(`rank ${rank} failed after \\d+ ms: (TIMEOUT|PEER_FAILED) peerRank=2`));
+    }
+    assert.ok(performance.now() - started < 10000);
+  });
+  await t.step("rank 1 presents the wrong token", async () => {
+    const outs = await Promise.all([start(0, "right", 2), start(1, "wrong", 2)]);
+    assert.match(text(outs[1]), /rendezvous refused rank 1: wrong SWITCHYARD_TOKEN/);
+    assert.match(text(outs[0]), /missing rank 1/);
+  });
+});
