@@ -10,4 +10,4 @@ LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.s
   ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   SWITCHYARD_LIBRARY="$root/build-asan/libswitchyard.so" \
-  deno test --allow-ffi --allow-env --allow-read --allow-run --allow-write tests/
+  deno test --allow-ffi --allow-env --allow-read --allow-run --allow-write --allow-net tests/
