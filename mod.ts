@@ -29,7 +29,9 @@
  * @module
  */
 
-export { type Backend, Group, type LocalGroupOptions } from "./src/group.ts";
+export { type Backend, Group, type LocalGroupOptions, type ProcessGroupOptions } from "./src/group.ts";
+export { type NcclStatus } from "./src/nccl.ts";
+export { type DistEnv, type EnvReader } from "./src/dist_env.ts";
 export { Rank } from "./src/rank.ts";
 export { Stream } from "./src/stream.ts";
 export { Event } from "./src/event.ts";

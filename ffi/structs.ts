@@ -502,7 +502,7 @@ export const BufferShare = new StructLayout(
     ["hidden", "i32"],
     ["max_tokens_per_rank", "i32"],
     ["ll_num_experts", "i32"],
-    ["reserved", "i32"],
+    ["enable_masking", "i32"],
     ["bytes", "u64"],
     ["name", "chars:256"],
   ] as const,

@@ -553,10 +553,15 @@ export class EpBuffer extends NativeResource {
     });
   }
 
-  /** Masks (or unmasks) `rank` in this rank's view (buffers created with `enableMasking`). */
-  updateMask(rank: number, masked = true): void {
-    const p = this.pointer;
-    check(native().sy_mask_update(p, integerArg("rank", rank, 0, 2 ** 31 - 1), masked ? 1 : 0), p, "updateMask");
+  /**
+   * Masks (or unmasks) `rank` in this rank's view (buffers created with `enableMasking`). It
+   * takes effect once the work already enqueued for this buffer (on its communication stream
+   * and on `stream`, the rank's stream by default) has finished, so no call in flight sees the
+   * mask change under it.
+   */
+  updateMask(rank: number, masked = true, options: { readonly stream?: Stream } = {}): Promise<void> {
+    const r = integerArg("rank", rank, 0, 2 ** 31 - 1);
+    return this.#afterEnqueued(options.stream, "updateMask", (p) => native().sy_mask_update(p, r, masked ? 1 : 0));
   }
 
   /** This rank's mask: 1 for each masked rank. */
@@ -568,10 +573,24 @@ export class EpBuffer extends NativeResource {
     return Array.from(out);
   }
 
-  /** Unmasks every rank. */
-  cleanMask(): void {
-    const p = this.pointer;
-    check(native().sy_mask_clean(p), p, "cleanMask");
+  /** Unmasks every rank, in the same order as {@linkcode EpBuffer.updateMask}. */
+  cleanMask(options: { readonly stream?: Stream } = {}): Promise<void> {
+    return this.#afterEnqueued(options.stream, "cleanMask", (p) => native().sy_mask_clean(p));
+  }
+
+  /** Runs `apply` once every operation enqueued so far for this buffer has finished. */
+  #afterEnqueued(
+    stream: Stream | undefined,
+    what: string,
+    apply: (p: Deno.PointerObject) => number,
+  ): Promise<void> {
+    const compute = this.#computeStream(stream);
+    return this.#serial(async () => {
+      await compute.synchronize();
+      await this.#commStream.synchronize();
+      const p = this.pointer;
+      check(apply(p), p, what);
+    });
   }
 
   #serial<T>(op: () => T | Promise<T>): Promise<T> {

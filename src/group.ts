@@ -6,7 +6,7 @@
  * @module
  */
 
-import { GroupOptions, ProcessGroupOptions } from "../ffi/structs.ts";
+import { GroupOptions, ProcessGroupOptions as ProcessGroupOptionsStruct } from "../ffi/structs.ts";
 import { EpBuffer, type EpBufferOptions } from "./buffer.ts";
 import { type DistEnv, type EnvReader, readDistEnv } from "./dist_env.ts";
 import { SwitchyardError } from "./errors.ts";
@@ -185,7 +185,7 @@ export class Group extends NativeResource {
           { argument: "backend", rank: env.rank },
         );
       }
-      const opts = ProcessGroupOptions.create()
+      const opts = ProcessGroupOptionsStruct.create()
         .set("backend", backend === "host" ? 0 : 1)
         .set("world_size", env.worldSize)
         .set("rank", env.rank)

@@ -75,11 +75,12 @@ export function logfmtRoundTrip(block: ArrayLike<number>): number[] {
   const mMax = Math.max(...mags);
   if (mMax >= 0x3f80) return Array.from(block); // |v| >= 1 somewhere (or inf/NaN): BF16 fallback
   const nonzero = mags.filter((m) => m !== 0);
-  const mMin = nonzero.length ? Math.min(...nonzero) : 0;
+  // At most 16 binades (16 * 128 magnitude steps) below the largest value.
+  const mMin = nonzero.length ? Math.max(Math.min(...nonzero), mMax - 2048) : 0;
   const step = Math.max(1, Math.ceil((mMax - (mMax === 0 ? 0 : mMin)) / 510));
   return Array.from(block, (b) => {
     const m = b & 0x7fff;
-    if (m === 0) return b & 0x8000;
+    if (m === 0 || m < mMin) return b & 0x8000;
     const q = Math.min(511, 1 + Math.floor((m - mMin + Math.floor(step / 2)) / step));
     return (b & 0x8000) | ((mMin + (q - 1) * step) & 0x7fff);
   });

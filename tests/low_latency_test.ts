@@ -120,6 +120,11 @@ async function checkDispatch(c: Case, res: LowLatencyDispatchResult, inputs: Inp
   const x = bytesOf(await res.recvX.read());
   const scales = res.recvXScales ? new Uint32Array((await res.recvXScales.read()).buffer) : undefined;
   const words = c.fp8 ? (c.ue8m0 ? Math.ceil(H / 512) : H / 128) : 0;
+  if (res.recvXScales) {
+    // DeepEP's layout: [E_local, N, S] with the token dimension contiguous (column-major scales).
+    assert.deepEqual(res.recvXScales.shape, [EL, N, words]);
+    assert.deepEqual(res.recvXScales.strides, [N * words, 1, N]);
+  }
   const rowBytes = c.fp8 ? H : 2 * H;
   for (let l = 0; l < EL; l++) {
     const e = layout[l];
@@ -151,18 +156,47 @@ async function checkDispatch(c: Case, res: LowLatencyDispatchResult, inputs: Inp
   }
 }
 
+/**
+ * Expert outputs: random BF16 rows. For LogFMT every 128-column block gets its own magnitude
+ * (1e-3 to 1e2), so the encoding's range per block and its clipping are exercised.
+ */
+function expertOutputs(rows: number, hidden: number, seed: number, mixed: boolean): Uint16Array {
+  if (!mixed) return randomBF16(rows * hidden, seed);
+  const rng = new Rng(seed);
+  const f = new Float32Array(rows * hidden);
+  for (let b = 0; b < f.length / 128; b++) {
+    const scale = 10 ** (rng.next() * 5 - 3);
+    for (let i = b * 128; i < (b + 1) * 128; i++) f[i] = (rng.next() * 2 - 1) * scale;
+  }
+  return toBF16(f);
+}
+
+/** LogFMT-10 loses at most half a step of the 7-bit mantissa per value (core/logfmt.h): under 2%. */
+const LOGFMT_RELATIVE_ERROR = 0.02;
+
 async function runCase(c: Case): Promise<void> {
+  using fx = await llFixture(c);
+  await Promise.all(fx.group.ranks.map(async (_rank: Rank, r: number) => {
+    if (c.masked?.includes(r)) return;
+    for (const m of c.masked ?? []) await fx.buffers[r].updateMask(m);
+  }));
+  await roundTrip(c, fx);
+}
+
+/**
+ * One dispatch and combine on every rank that takes part (or on `ranks`), each checked against
+ * the reference; several rounds may run on one fixture.
+ */
+async function roundTrip(c: Case, fx: Fixture): Promise<void> {
   const inputs = makeInputs(c);
   const active = new Set(Array.from({ length: c.ranks }, (_, r) => r).filter((r) => !c.masked?.includes(r)));
   const layout = llLayout(inputs.map((i) => i.topk), c.tokens, c.topk, c.experts, new Set(c.masked));
   const EL = c.experts / c.ranks, N = c.ranks * c.maxTokens, H = c.hidden;
-  // Expert outputs: random BF16 rows; only the received rows travel back.
-  const y = Array.from({ length: c.ranks }, (_, r) => randomBF16(EL * N * H, c.seed * 31 + r));
-  using fx = await llFixture(c);
+  // Expert outputs: random BF16 rows (mixed magnitudes for LogFMT); only the received rows travel back.
+  const y = Array.from({ length: c.ranks }, (_, r) => expertOutputs(EL * N, H, c.seed * 31 + r, !!c.logfmt));
   await Promise.all(fx.group.ranks.map(async (rank: Rank, r: number) => {
     if (!active.has(r)) return;
     const buf = fx.buffers[r];
-    for (const m of c.masked ?? []) buf.updateMask(m);
     using x = await Tensor.from(rank, inputs[r].x, { shape: [c.tokens[r], H] });
     using idx = await Tensor.from(rank, inputs[r].topkIdx, { shape: [c.tokens[r], c.topk] });
     using w = await Tensor.from(rank, inputs[r].weights, { shape: [c.tokens[r], c.topk] });
@@ -189,24 +223,42 @@ async function runCase(c: Case): Promise<void> {
       returnRecvHook: c.hook,
     });
     back.hook?.run();
-    const want = llCombine(
-      inputs[r].topk,
-      inputs[r].weights,
-      c.tokens[r],
-      c.topk,
-      H,
-      (e) => !active.has(Math.floor(e / EL)),
-      (e, t) => {
-        const owner = Math.floor(e / EL), l = e % EL;
-        const i = layout[owner][l].rows.findIndex((row) => row.src === r && row.token === t);
-        const yr = y[owner].subarray((l * N + i) * H, (l * N + i + 1) * H);
-        if (!c.logfmt) return yr;
-        const out: number[] = [];
-        for (let b = 0; b < H / 128; b++) out.push(...logfmtRoundTrip(yr.subarray(b * 128, (b + 1) * 128)));
-        return out;
-      },
-    );
-    assert.deepEqual(await back.combinedX.read(), want, `rank ${r}: combined`);
+    const combine = (encoded: boolean) =>
+      llCombine(
+        inputs[r].topk,
+        inputs[r].weights,
+        c.tokens[r],
+        c.topk,
+        H,
+        (e) => !active.has(Math.floor(e / EL)),
+        (e, t) => {
+          const owner = Math.floor(e / EL), l = e % EL;
+          const i = layout[owner][l].rows.findIndex((row) => row.src === r && row.token === t);
+          const yr = y[owner].subarray((l * N + i) * H, (l * N + i + 1) * H);
+          if (!encoded) return yr;
+          const out: number[] = [];
+          for (let b = 0; b < H / 128; b++) out.push(...logfmtRoundTrip(yr.subarray(b * 128, (b + 1) * 128)));
+          return out;
+        },
+      );
+    const got = await back.combinedX.read() as Uint16Array;
+    assert.deepEqual(got, combine(!!c.logfmt), `rank ${r}: combined`);
+    if (c.logfmt) {
+      // The encoding itself, against the BF16 combine: relative L2 error of every block of 128
+      // channels of every token (the blocks differ in magnitude by up to 1e5).
+      const exact = combine(false);
+      let worst = 0;
+      for (let b = 0; b < got.length / 128; b++) {
+        let err = 0, norm = 0;
+        for (let i = b * 128; i < (b + 1) * 128; i++) {
+          const a = bf16Value(got[i]), e = bf16Value(exact[i]);
+          err += (a - e) ** 2;
+          norm += e * e;
+        }
+        if (norm > 0) worst = Math.max(worst, Math.sqrt(err / norm));
+      }
+      assert.ok(worst < LOGFMT_RELATIVE_ERROR, `rank ${r}: LogFMT-10 error ${worst} in a block`);
+    }
     yt[Symbol.dispose]();
   }));
 }
@@ -458,7 +510,7 @@ Deno.test("masking: a rank missing at the deadline is masked, not fatal", async 
     using sent = await buf.lowLatencyDispatch(x, idx, { useFp8: false });
     await checkDispatch({ ...c, masked: [3] }, sent, inputs, r);
     assert.deepEqual(buf.queryMask(), [0, 0, 0, 1]);
-    buf.cleanMask();
+    await buf.cleanMask();
     assert.deepEqual(buf.queryMask(), [0, 0, 0, 0]);
   }));
   assert.ok(performance.now() - started < 2000);
@@ -550,4 +602,155 @@ Deno.test("cleanLowLatencyBuffer restarts the double buffer on every rank", asyn
     assert.equal(again.handle.info().call, 1, "numbering restarted");
     await checkDispatch({ ...c, fp8: true }, again, inputs, r);
   });
+});
+
+/** The SwitchyardError `run` fails with (the call itself or reading its outputs). */
+async function failureOf(run: () => Promise<unknown>): Promise<SwitchyardError> {
+  try {
+    await run();
+  } catch (e) {
+    assert.ok(e instanceof SwitchyardError, String(e));
+    return e;
+  }
+  return assert.fail("expected a SwitchyardError");
+}
+
+Deno.test("masking after a full round: the masked rank's stale data in the double buffer is ignored", async () => {
+  const c: Case = { ranks: 4, hidden: 128, experts: 8, topk: 3, tokens: [6, 5, 6, 4], maxTokens: 6, seed: 21 };
+  using fx = await llFixture(c, 5000, true);
+  await roundTrip({ ...c, fp8: true }, fx); // calls 1 and 2: rank 3 writes into both halves
+  // Rank 3 leaves. The others mask it: calls 3 to 6 reuse halves that still hold its counts and rows.
+  for (const r of [0, 1, 2]) await fx.buffers[r].updateMask(3);
+  for (let round = 0; round < 2; round++) await roundTrip({ ...c, seed: 22 + round, masked: [3] }, fx);
+});
+
+Deno.test("a fast rank waits until the slow one has read a half before reusing it", async () => {
+  const c: Case = { ranks: 2, hidden: 128, experts: 4, topk: 2, tokens: [4, 4], maxTokens: 4, seed: 30 };
+  const rounds = Array.from({ length: 4 }, (_, i) => ({ ...c, seed: 30 + i }));
+  const inputs = rounds.map(makeInputs);
+  using fx = await llFixture(c);
+  await fx.group.all(async (rank, r) => {
+    const buf = fx.buffers[r];
+    // Both ranks keep two calls in flight; rank 1 reads each one late. Rank 0 runs ahead until
+    // the call after next, whose send must wait for rank 1 to have read the half it reuses.
+    const pending: { round: number; res: LowLatencyDispatchResult; disposables: Tensor[] }[] = [];
+    const receiveOldest = async () => {
+      const { round, res, disposables } = pending.shift()!;
+      if (r === 1) await new Promise((resolve) => setTimeout(resolve, 150));
+      res.hook!.run();
+      await checkDispatch(rounds[round], res, inputs[round], r);
+      res[Symbol.dispose]();
+      for (const d of disposables) d[Symbol.dispose]();
+    };
+    for (let i = 0; i < rounds.length; i++) {
+      const x = await Tensor.from(rank, inputs[i][r].x, { shape: [4, 128] });
+      const idx = await Tensor.from(rank, inputs[i][r].topkIdx, { shape: [4, 2] });
+      const res = await buf.lowLatencyDispatch(x, idx, { useFp8: false, returnRecvHook: true });
+      pending.push({ round: i, res, disposables: [x, idx] });
+      if (pending.length === 2) await receiveOldest();
+    }
+    while (pending.length) await receiveOldest();
+  });
+});
+
+Deno.test("a hook's outputs are refused until it runs; handle tensors are read-only", async () => {
+  const c: Case = { ranks: 2, hidden: 128, experts: 4, topk: 2, tokens: [3, 4], maxTokens: 4, seed: 40, fp8: true };
+  const inputs = makeInputs(c);
+  using fx = await llFixture(c);
+  await fx.group.all(async (rank, r) => {
+    const buf = fx.buffers[r];
+    using x = await Tensor.from(rank, inputs[r].x, { shape: [c.tokens[r], 128] });
+    using idx = await Tensor.from(rank, inputs[r].topkIdx, { shape: [c.tokens[r], 2] });
+    using sent = await buf.lowLatencyDispatch(x, idx, { useFp8: true, returnRecvHook: true });
+    const early = await failureOf(() => sent.recvCount.read());
+    assert.equal(early.argument, "hook", early.message);
+    assert.match(early.message, /hook\.run\(\)/);
+    sent.hook!.run();
+    await checkDispatch(c, sent, inputs, r);
+    using src = sent.handle.srcInfo();
+    const write = await failureOf(() => src.write(new Int32Array(src.numel)));
+    assert.match(write.message, /read-only/);
+    await checkDispatch(c, sent, inputs, r); // the routing is intact
+  });
+});
+
+Deno.test("zero copy: the view takes no writes once its combine is queued", async () => {
+  const c: Case = { ranks: 1, hidden: 128, experts: 2, topk: 2, tokens: [3], maxTokens: 4, seed: 41 };
+  const inputs = makeInputs(c);
+  using fx = await llFixture(c);
+  const [rank, buf] = [fx.group.ranks[0], fx.buffers[0]];
+  using x = await Tensor.from(rank, inputs[0].x, { shape: [3, 128] });
+  using idx = await Tensor.from(rank, inputs[0].topkIdx, { shape: [3, 2] });
+  using w = await Tensor.from(rank, inputs[0].weights, { shape: [3, 2] });
+  using sent = await buf.lowLatencyDispatch(x, idx, { useFp8: false });
+  using view = buf.nextCombineBuffer(sent.handle);
+  const y = randomBF16(view.numel, 41);
+  await view.write(y);
+  using back = await buf.lowLatencyCombine(undefined, idx, w, sent.handle, { zeroCopy: true });
+  const late = await failureOf(() => view.write(y));
+  assert.match(late.message, /being sent by its zero-copy combine/);
+  await back.combinedX.read();
+});
+
+Deno.test("bad routing fails the call on every rank, and the buffers stay usable", async (t) => {
+  const c: Case = { ranks: 3, hidden: 128, experts: 6, topk: 2, tokens: [4, 4, 4], maxTokens: 4, seed: 50 };
+  const inputs = makeInputs(c);
+  using fx = await llFixture(c);
+  await t.step("dispatch: rank 1 routes to expert 99", async () => {
+    await fx.group.all(async (rank, r) => {
+      const topk = inputs[r].topkIdx.slice();
+      if (r === 1) topk[3] = 99n;
+      using x = await Tensor.from(rank, inputs[r].x, { shape: [4, 128] });
+      using idx = await Tensor.from(rank, topk, { shape: [4, 2] });
+      const e = await failureOf(async () => {
+        using d = await fx.buffers[r].lowLatencyDispatch(x, idx);
+        await d.recvCount.read();
+      });
+      if (r === 1) {
+        assert.equal(e.code, "INVALID_ARGUMENT");
+        assert.equal(e.argument, "topkIdx");
+        assert.match(e.message, /token 1, entry 1 holds expert 99, outside \[0, 6\)/);
+      } else {
+        assert.equal(e.code, "PEER_FAILED", e.message);
+        assert.match(e.message, /rank 1 rejected its input/);
+      }
+    });
+    await roundTrip({ ...c, seed: 51 }, fx);
+  });
+  await t.step("combine: rank 0 passes other routing than its dispatch", async () => {
+    await fx.group.all(async (rank, r) => {
+      const buf = fx.buffers[r];
+      using x = await Tensor.from(rank, inputs[r].x, { shape: [4, 128] });
+      using idx = await Tensor.from(rank, inputs[r].topkIdx, { shape: [4, 2] });
+      using w = await Tensor.from(rank, inputs[r].weights, { shape: [4, 2] });
+      using sent = await buf.lowLatencyDispatch(x, idx, { useFp8: false });
+      using y = await Tensor.from(rank, await sent.recvX.read(), { shape: sent.recvX.shape as number[] });
+      const other = inputs[r].topkIdx.slice().reverse();
+      using idx2 = await Tensor.from(rank, other, { shape: [4, 2] });
+      const run = async () => {
+        using back = await buf.lowLatencyCombine(y, r === 0 ? idx2 : idx, w, sent.handle);
+        return await back.combinedX.read();
+      };
+      if (r === 0) {
+        const e = await failureOf(run);
+        assert.equal(e.argument, "topkIdx", e.message);
+        assert.match(e.message, /differs from the routing low-latency call \d+ dispatched with/);
+      } else {
+        await run(); // the others' results do not depend on rank 0's routing
+      }
+    });
+    await roundTrip({ ...c, seed: 52 }, fx);
+  });
+});
+
+Deno.test("cleanLowLatencyBuffer with a dead rank masked", async () => {
+  const c: Case = { ranks: 4, hidden: 128, experts: 8, topk: 3, tokens: [5, 5, 5, 5], maxTokens: 5, seed: 60 };
+  using fx = await llFixture(c, 400, true);
+  const started = performance.now();
+  await Promise.all([0, 1, 2].map(async (r) => {
+    await fx.buffers[r].updateMask(3);
+    await fx.buffers[r].cleanLowLatencyBuffer();
+  }));
+  assert.ok(performance.now() - started < 400, "nobody waited for the masked rank");
+  await roundTrip({ ...c, masked: [3] }, fx);
 });

@@ -37,6 +37,7 @@ for (const nproc of [2, 4]) {
     for (let rank = 0; rank < nproc; rank++) {
       assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} ok`), r.lines.join("\n"));
     }
+    assert.deepEqual(segmentsOf(r.exits.map((e) => e.pid)), []);
   });
 }
 
@@ -56,6 +57,8 @@ Deno.test("a process killed inside a dispatch: the others fail within the deadli
     assert.ok(ms < 4 * timeoutMs + 3000, `rank ${rank} took ${ms} ms`);
   }
   assert.ok(r.exits.every((e) => e.code !== 0), "nobody pretends to have finished");
+  // The segments were unlinked once every peer had mapped them, so even the killed rank's are gone.
+  assert.deepEqual(segmentsOf(r.exits.map((e) => e.pid)), []);
 });
 
 Deno.test("a rank that never arrives, and a rank with the wrong token, are named", async (t) => {

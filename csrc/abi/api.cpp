@@ -509,6 +509,7 @@ SY_API sy_status sy_tensor_write(sy_tensor tensor, sy_stream stream, const void*
     std::shared_ptr<Tensor> t;
     std::shared_ptr<Stream> s;
     SY_TRY(tensor_copy_args(tensor, stream, src, bytes, &t, &s));
+    SY_TRY(check_writable("tensor", *t));
     Deadline d = Deadline::after_ms(timeout_ms > 0 ? timeout_ms : outer_timeout_ms(t->group->timeout_ms));
     return t->group->backend->write_tensor(*s, t, src, d);
   });
@@ -601,23 +602,35 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
     if (g->process_group) {
       set = std::make_shared<BufferSet>(R);
       set->plan = plan;
+      set->masking = buf->masking;
+      set->timeout_ms = buf->timeout_ms;
     } else {
       std::lock_guard<std::mutex> l(g->sets_mu);
       size_t n = size_t(r->buffers_created);
       if (g->sets.size() <= n) g->sets.resize(n + 1);
       set = g->sets[n].lock();
-      if (set && (set->plan.hidden != plan.hidden || set->plan.max_tokens_per_rank != plan.max_tokens_per_rank ||
-                  set->plan.ll.experts != plan.ll.experts)) {
-        return invalid("hidden", "hidden: buffer " + std::to_string(n) + " of the other ranks has hidden " +
-                                     std::to_string(set->plan.hidden) + ", maxTokensPerRank " +
-                                     std::to_string(set->plan.max_tokens_per_rank) + " and " +
-                                     std::to_string(set->plan.ll.experts) +
-                                     " low-latency experts; every rank must create the same buffers in the "
-                                     "same order");
+      if (set) {
+        // Name the first option that differs from the other ranks' n-th buffer.
+        const char* arg = set->plan.hidden != plan.hidden                             ? "hidden"
+                          : set->plan.max_tokens_per_rank != plan.max_tokens_per_rank ? "maxTokensPerRank"
+                          : set->plan.ll.experts != plan.ll.experts                   ? "lowLatency.numExperts"
+                          : set->masking != buf->masking                              ? "enableMasking"
+                          : set->timeout_ms != buf->timeout_ms                        ? "timeoutMs"
+                                                                                      : nullptr;
+        if (arg) {
+          return invalid(arg, std::string(arg) + ": buffer " + std::to_string(n) + " of the other ranks has hidden " +
+                                  std::to_string(set->plan.hidden) + ", maxTokensPerRank " +
+                                  std::to_string(set->plan.max_tokens_per_rank) + ", " +
+                                  std::to_string(set->plan.ll.experts) + " low-latency experts, masking " +
+                                  (set->masking ? "on" : "off") + ", timeout " + std::to_string(set->timeout_ms) +
+                                  " ms; every rank must create the same buffers in the same order");
+        }
       }
       if (!set) {
         set = std::make_shared<BufferSet>(R);
         set->plan = plan;
+        set->masking = buf->masking;
+        set->timeout_ms = buf->timeout_ms;
         g->sets[n] = set;
       }
       r->buffers_created += 1;
@@ -653,6 +666,7 @@ SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out) {
     v.hidden = b->plan.hidden;
     v.max_tokens_per_rank = b->plan.max_tokens_per_rank;
     v.ll_num_experts = b->plan.ll.experts;
+    v.enable_masking = b->masking ? 1 : 0;
     v.bytes = b->plan.total_bytes;
     copy_cstr(v.name, sizeof v.name, b->region->share_name);
     return write_struct(out, v, "out");
@@ -669,6 +683,11 @@ SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share
     const core::BufferPlan& p = b->plan;
     SY_TRY(check_range("share.rank", v.rank, 0, b->group->num_ranks - 1));
     if (v.rank == b->rank) return invalid("share.rank", "share.rank: a rank does not import its own buffer");
+    if ((v.enable_masking != 0) != b->masking) {
+      return invalid("enableMasking", "enableMasking: rank " + std::to_string(v.rank) + " created its buffer with masking " +
+                                          (v.enable_masking ? "on" : "off") + ", this rank with masking " +
+                                          (b->masking ? "on" : "off") + "; every rank must pass the same options");
+    }
     if (v.hidden != p.hidden || v.max_tokens_per_rank != p.max_tokens_per_rank || v.ll_num_experts != p.ll.experts ||
         v.bytes != p.total_bytes) {
       return invalid("share", "share: rank " + std::to_string(v.rank) + " created its buffer with hidden " +
@@ -861,7 +880,7 @@ SY_API sy_status sy_handle_tensor(sy_handle handle, int32_t kind, sy_tensor* out
     }
     if (!t) return invalid("kind", "kind: this handle has no such tensor (expanded rows exist only "
                                    "for the expanded layout)");
-    *out = static_cast<sy_tensor>(register_handle(Kind::Tensor, t));
+    *out = static_cast<sy_tensor>(register_handle(Kind::Tensor, read_only_view(t)));
     return ok();
   });
 }

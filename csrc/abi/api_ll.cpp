@@ -112,7 +112,7 @@ SY_API sy_status sy_ll_handle_tensor(sy_ll_handle handle, int32_t kind, sy_tenso
     if (kind == SY_LL_HANDLE_SRC_INFO) t = h->src_info;
     else if (kind == SY_LL_HANDLE_LAYOUT_RANGE) t = h->layout_range;
     else return invalid("kind", "kind: unknown low-latency handle tensor " + std::to_string(kind));
-    *out = static_cast<sy_tensor>(register_handle(Kind::Tensor, t));
+    *out = static_cast<sy_tensor>(register_handle(Kind::Tensor, read_only_view(t)));
     return ok();
   });
 }

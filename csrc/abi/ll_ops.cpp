@@ -43,7 +43,7 @@ Error check_topk_tensor(const BufferCore& buf, const std::shared_ptr<Tensor>& t,
 Error check_stats(const BufferCore& buf, const char* arg, const std::shared_ptr<Tensor>& t, DType dtype, int64_t n,
                   const char* what) {
   if (!t) return ok();
-  SY_TRY(check_tensor_arg(arg, t, buf));
+  SY_TRY(check_output_arg(arg, t, buf));  // accumulated into
   SY_TRY(check_dtype(arg, *t, {dtype}));
   return check_shape(arg, *t, {n}, what);
 }
@@ -69,6 +69,14 @@ std::shared_ptr<LLWork> new_work(const BufferCore& buf) {
   return p;
 }
 
+// Marks an operation whose receive phase waits for its hook, or clears the mark.
+void set_waiting_for_hook(OpStatus& status, bool waiting) {
+  std::lock_guard<std::mutex> l(status.mu);
+  status.unfinished = waiting ? invalid("hook", "hook: the receive phase of this low-latency call has not run; "
+                                                "call hook.run() before using its outputs")
+                              : Error();
+}
+
 // Takes the next call number and its half. Caller holds enqueue_mu.
 void take_call(BufferCore& buf, LLWork& w) {
   w.call = ++buf.ll_calls;
@@ -76,6 +84,16 @@ void take_call(BufferCore& buf, LLWork& w) {
   buf.half_use[w.half]->store(w.call);
   // A zero-copy buffer handed out for this call is void unless this is the combine that reads it.
   if (w.call == buf.zero_copy_call && !w.zero_copy && buf.zero_copy_void) buf.zero_copy_void->store(true);
+  // The call before last on this half waited for a hook that can no longer run: its data is
+  // given up, and the senders are told so before this call's own send waits for them.
+  if (auto& voided = buf.awaiting_hook[w.half]) {
+    voided->status->fail(invalid("hook", "hook: low-latency call " + std::to_string(w.call) +
+                                             " reused the half of the double buffer before call " +
+                                             std::to_string(voided->call) + "'s receive hook ran"));
+    set_waiting_for_hook(*voided->status, false);
+    w.ack_voided_call = voided->call;
+    voided.reset();
+  }
 }
 
 // Runs `send` now and `recv` either now (on the communication stream, ordered like the normal
@@ -89,13 +107,18 @@ Error place_phases(const std::shared_ptr<BufferCore>& buf, const std::shared_ptr
   if (flags & SY_LL_RETURN_HOOK) {
     SY_TRY((backend.*send)(*buf, *compute, w));
     auto hk = std::make_shared<Hook>();
+    hk->buf = buf;
     hk->call = w->call;
     hk->half_use = buf->half_use[w->half];
-    hk->enqueue = [buf, w, compute, recv]() -> Error {
+    hk->enqueue = [buf, w, compute, recv]() -> Error {  // under buf->enqueue_mu
+      set_waiting_for_hook(*w->status, false);
+      if (buf->awaiting_hook[w->half] == w) buf->awaiting_hook[w->half].reset();
       SY_TRY((buf->group->backend.get()->*recv)(*buf, *compute, w));
       if (w->handle && recv == &Backend::ll_dispatch_recv) w->handle->recv_enqueued.store(true);
       return ok();
     };
+    set_waiting_for_hook(*w->status, true);
+    buf->awaiting_hook[w->half] = w;
     *hook = hk;
     return ok();
   }
@@ -225,7 +248,7 @@ Error op_ll_combine(std::shared_ptr<BufferCore> buf, const LLCombineRequest& req
   SY_TRY(check_shape("topkWeights", *req.topk_weights, {T, req.topk_idx->shape[1]}, "tokens, topk"));
   SY_TRY(check_stats(*buf, "combineWaitRecvCostStats", req.wait_stats, DType::I64, w->num_ranks, "ranks"));
   if (req.out) {
-    SY_TRY(check_tensor_arg("out", req.out, *buf));
+    SY_TRY(check_output_arg("out", req.out, *buf));
     SY_TRY(check_dtype("out", *req.out, {DType::BF16}));
     SY_TRY(check_shape("out", *req.out, {T, w->hidden}, "tokens, hidden"));
     SY_TRY(check_rows_contiguous("out", *req.out));
@@ -249,6 +272,8 @@ Error op_ll_combine(std::shared_ptr<BufferCore> buf, const LLCombineRequest& req
                                ", this is call " + std::to_string(buf->ll_calls + 1) + ")");
   }
   take_call(*buf, *w);
+  // From here the zero-copy rows are being sent: the view takes no more writes.
+  if (w->zero_copy && buf->zero_copy_consumed) buf->zero_copy_consumed->store(true);
   SY_TRY(place_phases(buf, w, req.compute, req.flags, &Backend::ll_combine_send, &Backend::ll_combine_recv,
                       &out->event, &out->hook));
   out->combined_x = w->out;
@@ -277,8 +302,12 @@ Error op_ll_next_combine_buffer(BufferCore& buf, const LLHandle& handle, std::sh
   t->guard->use = buf.half_use[half];
   t->guard->valid_through = next;
   t->guard->what = "the next combine buffer";
-  if (buf.zero_copy_call != next || !buf.zero_copy_void) buf.zero_copy_void = std::make_shared<std::atomic<bool>>(false);
+  if (buf.zero_copy_call != next || !buf.zero_copy_void) {
+    buf.zero_copy_void = std::make_shared<std::atomic<bool>>(false);
+    buf.zero_copy_consumed = std::make_shared<std::atomic<bool>>(false);
+  }
   t->guard->voided = buf.zero_copy_void;
+  t->guard->consumed = buf.zero_copy_consumed;
   buf.zero_copy_call = next;
   *out = std::move(t);
   return ok();
@@ -304,6 +333,12 @@ Error op_ll_clean(BufferCore& buf, std::shared_ptr<Stream> compute, std::shared_
   // Numbering restarts on every rank; views and hooks of earlier calls are void from here.
   buf.ll_calls = 0;
   buf.zero_copy_call = 0;
+  for (auto& waiting : buf.awaiting_hook) {  // their hooks are void; clean resets every flag anyway
+    if (!waiting) continue;
+    waiting->status->fail(invalid("hook", "hook: clean() ran before this low-latency call's receive hook"));
+    set_waiting_for_hook(*waiting->status, false);
+    waiting.reset();
+  }
   for (auto& use : buf.half_use) {
     auto fresh = std::make_shared<std::atomic<uint32_t>>(0);
     use->store(~0u);  // invalidates every earlier view and hook
@@ -313,6 +348,7 @@ Error op_ll_clean(BufferCore& buf, std::shared_ptr<Stream> compute, std::shared_
 }
 
 Error run_hook(Hook& hook) {
+  std::lock_guard<std::mutex> order(hook.buf->enqueue_mu);
   std::lock_guard<std::mutex> lock(hook.mu);
   if (hook.ran) return invalid("hook", "hook: this receive hook has already run");
   const uint32_t now = hook.half_use->load();

@@ -25,6 +25,7 @@ namespace sy {
 
 class Backend;
 struct GroupCore;
+struct LLWork;
 
 // Bytes owned by a backend (host or device); released when the last user lets go.
 struct Memory {
@@ -48,6 +49,8 @@ struct OpStatus {
   Error error;
   // Evaluated once, after the work completed (e.g. reading a kernel's problem record).
   std::function<Error()> check_after;
+  // Set while part of the operation is not even queued yet (a receive hook not run).
+  Error unfinished;
   void fail(const Error& e) {
     std::lock_guard<std::mutex> l(mu);
     if (error.ok()) error = e;
@@ -55,6 +58,7 @@ struct OpStatus {
   // The failure, if any. Call only once the operation's work has completed.
   Error result() {
     std::lock_guard<std::mutex> l(mu);
+    if (unfinished) return unfinished;
     if (check_after) {
       Error e = check_after();
       check_after = nullptr;
@@ -70,6 +74,7 @@ struct ViewGuard {
   std::shared_ptr<const std::atomic<uint32_t>> use;  // number of the last call that took the memory
   uint32_t valid_through = 0;                          // usable while *use <= this
   std::shared_ptr<const std::atomic<bool>> voided;     // set when the call it was meant for went elsewhere
+  std::shared_ptr<const std::atomic<bool>> consumed;   // set once its combine is queued: no more writes
   std::string what;
 };
 
@@ -77,6 +82,7 @@ struct Tensor {
   std::shared_ptr<GroupCore> group;
   std::shared_ptr<ViewGuard> guard;      // set for views into a buffer
   std::shared_ptr<OpStatus> producer;    // the operation that fills it, if any
+  bool read_only = false;                // a view of state the library relies on (handle tensors)
   int rank = -1;
   core::DType dtype = core::DType::Invalid;
   int ndim = 0;
@@ -161,6 +167,8 @@ struct RankCore {
 struct BufferSet {
   explicit BufferSet(int ranks) : bases(ranks, nullptr), regions(ranks), joined(0) {}
   core::BufferPlan plan;
+  bool masking = false;   // what the first member chose; every member must agree
+  int64_t timeout_ms = 0;
   std::vector<uint8_t*> bases;                  // peer-visible base of each rank's buffer
   std::vector<std::shared_ptr<Memory>> regions; // keeps every member's region alive
   int joined;
@@ -210,10 +218,13 @@ struct BufferCore {
   bool masking = false;
   uint32_t ll_calls = 0;
   uint32_t zero_copy_call = 0;  // the call nextCombineBuffer was last taken for
-  std::shared_ptr<std::atomic<bool>> zero_copy_void;  // voids that view if another kind of call takes it
+  std::shared_ptr<std::atomic<bool>> zero_copy_void;      // voids that view if another kind of call takes it
+  std::shared_ptr<std::atomic<bool>> zero_copy_consumed;  // set once the zero-copy combine is queued
   // The last call enqueued on each half (shared with the views and hooks that depend on it).
   std::shared_ptr<std::atomic<uint32_t>> half_use[2] = {std::make_shared<std::atomic<uint32_t>>(0),
                                                         std::make_shared<std::atomic<uint32_t>>(0)};
+  // Per half, the call whose receive waits for its hook (null once the hook ran).
+  std::shared_ptr<LLWork> awaiting_hook[2];
   uint32_t* mask() const;  // u32[R] in the own header
 };
 
@@ -263,6 +274,7 @@ struct LLHandle {
   std::atomic<bool> recv_enqueued{false};  // the receive phase is in stream order (API time)
   std::atomic<bool> received{false};       // the receive phase has run (task time)
   std::shared_ptr<OpStatus> status;        // the dispatch's
+  uint64_t topk_fingerprint = 0;           // of the routing it dispatched (combine must match)
 };
 
 // One low-latency dispatch or combine, validated.
@@ -281,11 +293,18 @@ struct LLWork {
   std::shared_ptr<Tensor> expert_stats, wait_stats;
   std::shared_ptr<Tensor> recv_x, recv_x_scales, recv_count, out;
   std::shared_ptr<LLHandle> handle;
-  std::atomic<bool> sent{false};  // the send phase completed (the receive phase needs it)
+  // How the send phase ended: the receive phase runs after a rejection too (it must still
+  // acknowledge what the peers sent), but not after an abort.
+  static constexpr int kSendOk = 0, kSendRejected = 1, kSendAborted = 2;
+  std::atomic<int> send_state{kSendOk};
+  // An earlier call on this half whose receive hook never ran and now never will: this call
+  // acknowledges it before its own send, so the peers waiting to reuse the half go on.
+  uint32_t ack_voided_call = 0;
 };
 
 // A deferred receive phase.
 struct Hook {
+  std::shared_ptr<BufferCore> buf;  // its enqueue_mu orders the hook against later calls
   std::mutex mu;
   bool ran = false;
   uint32_t call = 0;

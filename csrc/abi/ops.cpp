@@ -77,6 +77,12 @@ Error check_tensor_arg(const char* arg, const std::shared_ptr<Tensor>& t, const 
   return check_view(arg, *t);
 }
 
+Error check_output_arg(const char* arg, const std::shared_ptr<Tensor>& t, const BufferCore& buf) {
+  if (!t) return ok();
+  SY_TRY(check_owner(arg, *t, buf.group.get(), buf.rank));
+  return check_writable(arg, *t);
+}
+
 namespace {
 
 // Experts split evenly over the ranks, at most kMaxExpertsPerRank each.
@@ -409,7 +415,7 @@ Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out
   SY_TRY(check_tensor_arg("topkWeights", req.topk_weights, buf));
   SY_TRY(check_tensor_arg("bias", req.bias0, buf));
   SY_TRY(check_tensor_arg("bias", req.bias1, buf));
-  SY_TRY(check_tensor_arg("out", req.out, buf));
+  SY_TRY(check_output_arg("out", req.out, buf));
   if (!req.x) return invalid("x", "x: required");
   const int H = buf.plan.hidden;
   SY_TRY(check_dtype("x", *req.x, {DType::BF16}));

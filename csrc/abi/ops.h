@@ -69,6 +69,8 @@ Error end_on_comm(BufferCore& buf, const StreamOrder& o, std::shared_ptr<Event>*
                   std::shared_ptr<OpStatus> status);
 // An optional tensor argument: on this rank, and not a stale view.
 Error check_tensor_arg(const char* arg, const std::shared_ptr<Tensor>& t, const BufferCore& buf);
+// The same for a tensor the operation writes: not read-only, not a view already sent.
+Error check_output_arg(const char* arg, const std::shared_ptr<Tensor>& t, const BufferCore& buf);
 
 Error op_layout(BufferCore& buf, const LayoutRequest& req, LayoutOutputs* out);
 Error op_dispatch(BufferCore& buf, const DispatchRequest& req, DispatchOutputs* out);

@@ -83,6 +83,25 @@ Error check_view(const char* arg, const Tensor& t) {
                           " has reused its half of the double buffer since");
 }
 
+std::shared_ptr<Tensor> read_only_view(const std::shared_ptr<Tensor>& t) {
+  auto view = std::make_shared<Tensor>(*t);  // same memory and producer
+  view->read_only = true;
+  return view;
+}
+
+Error check_writable(const char* arg, const Tensor& t) {
+  SY_TRY(check_view(arg, t));
+  if (t.read_only) {
+    return invalid(arg, std::string(arg) + ": read-only (a handle's tensor: the library's routing depends on it; "
+                                           "copy it to change it)");
+  }
+  if (t.guard && t.guard->consumed && t.guard->consumed->load()) {
+    return invalid(arg, std::string(arg) + ": " + t.guard->what + " is being sent by its zero-copy combine; write "
+                                           "the next one into nextCombineBuffer() again");
+  }
+  return ok();
+}
+
 Error check_range(const char* arg, int64_t value, int64_t lo, int64_t hi) {
   if (value >= lo && value <= hi) return ok();
   return invalid(arg, std::string(arg) + ": must be in " + std::to_string(lo) + ".." +

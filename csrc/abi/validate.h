@@ -3,6 +3,7 @@
 #pragma once
 
 #include <initializer_list>
+#include <memory>
 #include <string>
 
 #include "objects.h"
@@ -22,5 +23,11 @@ Error check_rows_contiguous(const char* arg, const Tensor& t);
 Error check_range(const char* arg, int64_t value, int64_t lo, int64_t hi);
 // A view into a buffer is still what it was handed out as (see ViewGuard).
 Error check_view(const char* arg, const Tensor& t);
+// The library may write into `t` for the caller: not a handle's tensor, not a zero-copy buffer
+// whose combine is already queued.
+// A view of `t` for the caller to read only (a handle's tensors: the library's routing).
+std::shared_ptr<Tensor> read_only_view(const std::shared_ptr<Tensor>& t);
+
+Error check_writable(const char* arg, const Tensor& t);
 
 }  // namespace sy

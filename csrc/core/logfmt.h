@@ -8,14 +8,18 @@
 //   fallback when the block's largest magnitude is not below 1.0 (m_max >= 0x3f80, which also
 //            catches inf and NaN): the block travels as BF16 (DeepEP's rule: LogFMT only when
 //            the block's log-max < 0)
-//   otherwise m_min = smallest non-zero m_c (all zero: m_min = 0)
+//   otherwise m_min = smallest non-zero m_c, but at least m_max - 2048 (16 binades below the
+//            block's largest value: one tiny value must not coarsen the whole block)
+//            (all zero: m_min = 0)
 //            step  = max(1, ceil((m_max - m_min) / 510))
-//            q_c   = 0 for m_c == 0, else 1 + floor((m_c - m_min + step / 2) / step), at most 511
+//            q_c   = 0 for m_c < m_min (zero, or more than 16 binades below the maximum),
+//                    else 1 + floor((m_c - m_min + step / 2) / step), at most 511
 //            code  = sign_c << 9 | q_c (10 bits), packed little-endian at bit 10 * c
 //   decode   m'_c = 0 for q_c == 0, else m_min + (q_c - 1) * step; bf16 = sign << 15 | m'_c
 //
 // A block spanning at most 510 magnitude steps (about four binades) is exact; wider blocks lose
-// at most step / 2 of 2^-7 relative per value. Metadata per block (4 bytes): m_min (u16) and
+// at most step / 2 units of the 7-bit mantissa (step <= 5: under 2% relative) per value, and
+// values more than 2^16 times smaller than the block's largest become zero. Metadata per block (4 bytes): m_min (u16) and
 // step (u16); step 0 marks a BF16 fallback block.
 #pragma once
 
@@ -28,6 +32,7 @@ namespace sy::core {
 
 inline constexpr int kLogfmtBlockBytes = kScaleBlock * 10 / 8;  // 160
 inline constexpr uint16_t kLogfmtOne = 0x3f80;                  // BF16 magnitude bits of 1.0
+inline constexpr uint16_t kLogfmtSpan = 16 * 128;                // 16 binades of magnitude bits
 
 struct LogfmtMeta {
   uint16_t m_min;
@@ -48,6 +53,7 @@ SY_HD LogfmtMeta logfmt_plan(const uint16_t* x, int n) {
     return meta;
   }
   if (m_max == 0) m_min = 0;
+  if (m_max > kLogfmtSpan && m_min < m_max - kLogfmtSpan) m_min = uint16_t(m_max - kLogfmtSpan);
   uint32_t span = uint32_t(m_max) - (m_max == 0 ? 0u : uint32_t(m_min));
   uint32_t step = (span + 509) / 510;
   meta.m_min = m_max == 0 ? 0 : m_min;
@@ -58,7 +64,7 @@ SY_HD LogfmtMeta logfmt_plan(const uint16_t* x, int n) {
 SY_HD uint16_t logfmt_code(uint16_t x, LogfmtMeta meta) {
   uint16_t m = x & 0x7fffu;
   uint32_t q = 0;
-  if (m != 0) {
+  if (m != 0 && m >= meta.m_min) {
     q = 1 + (uint32_t(m) - meta.m_min + meta.step / 2) / meta.step;
     if (q > 511) q = 511;
   }

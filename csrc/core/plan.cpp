@@ -38,6 +38,8 @@ Problem plan_low_latency(int32_t ranks, int32_t hidden, int32_t max_tokens, int3
   o = align_up(o + 4 * R, kRegionAlignBytes);
   p.off_combine_format = o;
   o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_consumed = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
   p.signal_bytes = o;
   p.off_dispatch_recv = o;
   o = align_up(o + EL * R * uint64_t(max_tokens) * uint64_t(p.msg_bytes), kRegionAlignBytes);

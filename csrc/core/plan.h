@@ -27,7 +27,8 @@ namespace sy::core {
 //
 //   signals   u32 dispatch flag per source rank (the call number that filled it), i32 counts
 //             [local expert][source], u32 dispatch format, combine flag and combine format per
-//             source (the formats let a receiver refuse data sent with other options)
+//             source (the formats let a receiver refuse data sent with other options), and the
+//             consumption acknowledgements of the receivers
 //   dispatch  [local expert][source rank][max_tokens] messages: a 16-byte header (the sender's
 //             token index), the payload (BF16 width), the FP8 scale words
 //   combine   [global expert][max_tokens] rows keyed by the receiver's token index: BF16
@@ -51,6 +52,9 @@ struct LowLatencyPlan {
   uint64_t off_dispatch_format = 0; // u32[R]: 1 = FP8, 2 = UE8M0 scales (must match the receiver's)
   uint64_t off_combine_flag = 0;    // u32[R]
   uint64_t off_combine_format = 0;  // u32[R]: 1 = LogFMT-10
+  uint64_t off_consumed = 0;        // u32[R]: the last call of this half rank d has finished reading
+                                    // (d writes it into every sender's half; a sender waits for it
+                                    // before it writes into d's half again)
   uint64_t signal_bytes = 0;
   uint64_t off_dispatch_recv = 0;
   uint64_t off_combine_recv = 0;
@@ -127,6 +131,10 @@ struct BufferPlan {
 // that the peers fail fast instead of waiting for it. Word 0 is written last (release).
 inline constexpr int kAbortWords = 8;
 enum AbortWord : int { kAbortFlag = 0, kAbortRank, kAbortPeer, kAbortRole, kAbortEpoch, kAbortStatus };
+
+// Low-latency format words: what a sender put into a half, so the receiver can refuse data
+// sent with other options, or learn that the sender rejected its own input.
+inline constexpr uint32_t kFormatFp8 = 1, kFormatUe8m0 = 2, kFormatLogfmt = 4, kFormatRejected = 0x100;
 
 // Parameters every rank of a collective must agree on, exchanged at the barrier (word 0 is the
 // kind): dispatch {kind, payload dtype, scale words, scale dtype, top-k, experts, cached},

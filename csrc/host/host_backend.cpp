@@ -159,9 +159,10 @@ class HostBackend final : public Backend {
     std::shared_ptr<BufferSet> set = buf.set;
     int rank = buf.rank;
     int64_t timeout = buf.timeout_ms;
-    as_host(s)->enqueue(
-        [set, rank, timeout, epoch](host::StreamState&) { return host::run_ll_clean(*set, rank, timeout, epoch); },
-        std::move(status));
+    bool masking = buf.masking;
+    as_host(s)->enqueue([set, rank, timeout, masking, epoch](
+                            host::StreamState&) { return host::run_ll_clean(*set, rank, timeout, masking, epoch); },
+                        std::move(status));
     return ok();
   }
 

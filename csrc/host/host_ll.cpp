@@ -1,20 +1,23 @@
 // Low-latency mode on the host backend.
 //
 // Dispatch, call n on half h = n % 2 of every buffer:
-//   send     each token is quantised once (FP8) or kept (BF16); every top-k entry takes the next
-//            slot of its expert for this source and is written into the owner's
-//            [local expert][source][slot] message; then, per destination, the counts of its
-//            experts and the flag (= n). No waiting.
+//   send     wait until every destination has finished reading its previous use of half h
+//            (call n - 2: it acknowledges into the sender's half); then each token is quantised
+//            once (FP8) or kept (BF16), every top-k entry takes the next slot of its expert for
+//            this source and is written into the owner's [local expert][source][slot] message;
+//            then, per destination, the counts of its experts, the format word and the flag (= n).
 //   receive  wait for every unmasked source's flag; pack the messages per local expert, sources
 //            ascending (the layout range is (begin, count) per source), scales column-major;
-//            check the flags again, so a half overwritten meanwhile is an error, not data.
+//            check the flags again; acknowledge to every source.
 // Combine, call n' on half h':
-//   send     every received row goes back to its source rank, keyed by [global expert][token]
-//            (the receiver needs only its own top-k to find it), BF16 or LogFMT-10; then flags.
+//   send     the same acknowledgement wait; every received row goes back to its source rank,
+//            keyed by [global expert][token] (the receiver needs only its own top-k to find
+//            it), BF16 or LogFMT-10; then format and flag.
 //   receive  wait; out[t] = sum over valid top-k entries, in order, of w * y (float32, each
-//            product and sum rounded, core/fparith.h); one rounding to BF16.
-// Masked ranks are neither sent to nor waited for; with masking, a rank missing at the deadline
-// is masked instead of failing the call.
+//            product and sum rounded, core/fparith.h); one rounding to BF16; acknowledge.
+// Masked ranks are neither sent to nor waited for; with masking, a rank missing at a deadline is
+// masked instead of failing the call. Input a rank finds invalid is announced in its format word:
+// that call fails on every rank, and the buffers stay usable.
 #include "host_ll.h"
 
 #include <cstring>
@@ -33,10 +36,12 @@ namespace sy::host {
 
 namespace {
 
-uint32_t dispatch_format(const LLWork& w) { return (w.fp8 ? 1u : 0u) | (w.ue8m0 ? 2u : 0u); }
+uint32_t dispatch_format(const LLWork& w) {
+  return (w.fp8 ? core::kFormatFp8 : 0u) | (w.ue8m0 ? core::kFormatUe8m0 : 0u);
+}
 
 std::string format_name(uint32_t f) {
-  return (f & 1u) ? ((f & 2u) ? "FP8 with UE8M0 scales" : "FP8 with f32 scales") : "BF16";
+  return (f & core::kFormatFp8) ? ((f & core::kFormatUe8m0) ? "FP8 with UE8M0 scales" : "FP8 with f32 scales") : "BF16";
 }
 
 int64_t load_index(const Tensor& t, int64_t i, int64_t j) {
@@ -49,6 +54,12 @@ uint32_t* mask_of(BufferSet& set, int rank) {
 
 bool masked(const uint32_t* mask, int r) { return load_acquire(&mask[r]) != 0; }
 
+// A failure every rank learns of by itself, or one the peers need not hear about.
+Error local(Error e) {
+  e.peers_informed = true;
+  return e;
+}
+
 // Runs one rank's stage; failures the peers would otherwise wait out are sent to them.
 template <class Body>
 Error stage(BufferSet& set, const LLWork& w, Body body) {
@@ -58,6 +69,7 @@ Error stage(BufferSet& set, const LLWork& w, Body body) {
   return e;
 }
 
+// Every row of top-k ids: -1 or an expert in range, no expert twice.
 Error check_topk(const LLWork& w) {
   const Tensor& topk = *w.topk_idx;
   for (int64_t t = 0; t < w.num_tokens; ++t) {
@@ -74,34 +86,113 @@ Error check_topk(const LLWork& w) {
   return ok();
 }
 
+// A fingerprint of a top-k tensor (FNV-1a over its values), so combine can tell that it was
+// given the routing of its dispatch.
+uint64_t topk_fingerprint(const LLWork& w) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](uint64_t v) {
+    for (int i = 0; i < 8; ++i) h = (h ^ ((v >> (8 * i)) & 0xffu)) * 1099511628211ull;
+  };
+  mix(uint64_t(w.num_tokens));
+  mix(uint64_t(w.topk));
+  for (int64_t t = 0; t < w.num_tokens; ++t)
+    for (int k = 0; k < w.topk; ++k) mix(uint64_t(load_index(*w.topk_idx, t, k)));
+  return h;
+}
+
+// After reading (or deciding not to read) this half: tell every unmasked source.
+void acknowledge(Peers& peers, uint64_t half, const uint32_t* mask) {
+  for (int s = 0; s < peers.num_ranks(); ++s)
+    if (!masked(mask, s)) peers.signal(s, half + peers.plan().ll.off_consumed);
+}
+
+// Before writing into the peers' half for call n: each unmasked peer has read that half's
+// previous call (n - 2) and said so.
+Error wait_consumed(BufferSet& set, const LLWork& w, uint64_t half, uint32_t* mask) {
+  if (w.ack_voided_call) {  // this rank gave up that call's data: the senders may overwrite it
+    Peers voided(set, w.rank, w.timeout_ms, w.ack_voided_call);
+    acknowledge(voided, half, mask);
+  }
+  if (w.call <= 2) return ok();
+  Peers previous(set, w.rank, w.timeout_ms, w.call - 2);
+  return previous.wait_sources(half + set.plan.ll.off_consumed, core::WaitRole::LLDispatch,
+                               Peers::WaitPolicy{mask, w.masking, nullptr});
+}
+
 // After reading a half: every source it was read from must still be at this call.
 Error check_not_overwritten(Peers& peers, uint64_t off_flags, const uint32_t* mask, const char* what) {
   for (int r = 0; r < peers.num_ranks(); ++r) {
     if (masked(mask, r)) continue;
     uint32_t f = peers.flag_from(r, off_flags);
     if (f != peers.epoch()) {
-      return fail(SY_ERROR_INVALID_ARGUMENT,
-                  std::string(what) + " of low-latency call " + std::to_string(peers.epoch()) + " at rank " +
-                      std::to_string(peers.rank()) + " was overwritten by rank " + std::to_string(r) +
-                      "'s call " + std::to_string(f) +
-                      ": only two low-latency results can be in flight (run each receive hook before the "
-                      "call after next)",
-                  "hook");
+      return local(fail(SY_ERROR_INTERNAL,
+                        std::string(what) + " of low-latency call " + std::to_string(peers.epoch()) + " at rank " +
+                            std::to_string(peers.rank()) + " was overwritten by rank " + std::to_string(r) +
+                            "'s call " + std::to_string(f) + " while it was read"));
     }
   }
   return ok();
+}
+
+// The sources' format words must match this rank's, and none may have rejected its input.
+Error check_formats(Peers& peers, const uint32_t* formats, const uint32_t* mask, uint32_t mine, const char* op) {
+  for (int s = 0; s < peers.num_ranks(); ++s) {
+    if (masked(mask, s)) continue;
+    const uint32_t f = load_acquire(&formats[s]);
+    if (f & core::kFormatRejected) {
+      Error e = fail(SY_ERROR_PEER_FAILED, "rank " + std::to_string(peers.rank()) + ": rank " + std::to_string(s) +
+                                               " rejected its input for low-latency " + op + " (call " +
+                                               std::to_string(peers.epoch()) + "; see rank " + std::to_string(s) +
+                                               "'s error), so the call failed everywhere",
+                     "operation");
+      e.wait.rank = peers.rank();
+      e.wait.peer = s;
+      return local(e);
+    }
+    if (f == mine) continue;
+    const bool ue8m0_only = ((f ^ mine) & ~core::kFormatUe8m0) == 0;
+    const char* arg = std::string(op) == "combine" ? "useLogfmt" : (ue8m0_only ? "useUe8m0" : "useFp8");
+    return local(invalid(arg, std::string(arg) + ": rank " + std::to_string(s) + " sent " +
+                                  (std::string(op) == "combine" ? ((f & core::kFormatLogfmt) ? "LogFMT-10" : "BF16")
+                                                                : format_name(f)) +
+                                  " but rank " + std::to_string(peers.rank()) + " expects " +
+                                  (std::string(op) == "combine" ? ((mine & core::kFormatLogfmt) ? "LogFMT-10" : "BF16")
+                                                                : format_name(mine)) +
+                                  "; every rank must pass the same options"));
+  }
+  return ok();
+}
+
+// Tells every unmasked destination that this rank rejected its own input for this call.
+void announce_rejection(Peers& peers, uint64_t half, uint64_t off_format, uint64_t off_flag, const uint32_t* mask,
+                        const core::LowLatencyPlan* counts_of) {
+  for (int d = 0; d < peers.num_ranks(); ++d) {
+    if (masked(mask, d)) continue;
+    if (counts_of) {
+      auto* counts = reinterpret_cast<int32_t*>(peers.base(d) + half + counts_of->off_dispatch_count);
+      for (int l = 0; l < counts_of->local_experts; ++l) counts[size_t(l) * peers.num_ranks() + peers.rank()] = 0;
+    }
+    reinterpret_cast<uint32_t*>(peers.base(d) + half + off_format)[peers.rank()] = core::kFormatRejected;
+    peers.signal(d, half + off_flag);
+  }
 }
 
 }  // namespace
 
 Error run_ll_dispatch_send(BufferSet& set, LLWork& w) {
   Error e = stage(set, w, [&](Peers& peers) -> Error {
-    SY_TRY(peers.wait_joined());
-    SY_TRY(check_topk(w));
     const core::LowLatencyPlan& ll = set.plan.ll;
     const int R = w.num_ranks, EL = w.num_local_experts, H = w.hidden, me = w.rank;
     const uint64_t half = ll.half(w.half);
-    const uint32_t* mask = mask_of(set, me);
+    uint32_t* mask = mask_of(set, me);
+    SY_TRY(peers.wait_joined(w.masking ? mask : nullptr));
+    SY_TRY(wait_consumed(set, w, half, mask));
+    if (Error bad = check_topk(w)) {
+      announce_rejection(peers, half, ll.off_dispatch_format, ll.off_dispatch_flag, mask, &ll);
+      w.send_state = LLWork::kSendRejected;
+      return local(bad);
+    }
+    w.handle->topk_fingerprint = topk_fingerprint(w);
     const int blocks = H / core::kScaleBlock;
     const int words = core::ll_scale_words(H, w.ue8m0);
     const int payload = w.fp8 ? H : 2 * H;
@@ -130,7 +221,7 @@ Error run_ll_dispatch_send(BufferSet& set, LLWork& w) {
         if (e < 0) continue;
         const int d = core::expert_owner(e, EL);
         if (masked(mask, d)) continue;
-        const int32_t slot = count[size_t(e)]++;
+        const int32_t slot = count[size_t(e)]++;  // < T <= max_tokens: experts appear once per token
         uint8_t* msg = peers.base(d) + half + ll.msg(int(e - int64_t(d) * EL), me, slot);
         const int32_t src = int32_t(t);
         std::memcpy(msg, &src, 4);
@@ -143,16 +234,16 @@ Error run_ll_dispatch_send(BufferSet& set, LLWork& w) {
       auto* counts = reinterpret_cast<int32_t*>(peers.base(d) + half + ll.off_dispatch_count);
       for (int l = 0; l < EL; ++l) counts[size_t(l) * R + me] = count[size_t(d) * EL + l];
       reinterpret_cast<uint32_t*>(peers.base(d) + half + ll.off_dispatch_format)[me] = dispatch_format(w);
-      peers.signal(d, half + ll.off_dispatch_flag);
+      peers.signal(d, half + ll.off_dispatch_flag);  // release: messages, counts and format first
     }
     return ok();
   });
-  w.sent.store(!e);
+  if (e && w.send_state != LLWork::kSendRejected) w.send_state = LLWork::kSendAborted;
   return e;
 }
 
 Error run_ll_dispatch_recv(BufferSet& set, LLWork& w) {
-  if (!w.sent.load()) return ok();  // the send phase failed and said so
+  if (w.send_state == LLWork::kSendAborted) return ok();  // the peers were told; nothing arrives
   return stage(set, w, [&](Peers& peers) -> Error {
     const core::LowLatencyPlan& ll = set.plan.ll;
     const int R = w.num_ranks, EL = w.num_local_experts, me = w.rank;
@@ -160,46 +251,52 @@ Error run_ll_dispatch_recv(BufferSet& set, LLWork& w) {
     const uint64_t half = ll.half(w.half);
     uint32_t* mask = mask_of(set, me);
     std::vector<int64_t> waited(size_t(R), 0);
-    Peers::WaitPolicy policy{mask, w.masking, waited.data()};
-    SY_TRY(peers.wait_sources(half + ll.off_dispatch_flag, core::WaitRole::LLDispatch, policy));
-
+    SY_TRY(peers.wait_sources(half + ll.off_dispatch_flag, core::WaitRole::LLDispatch,
+                              Peers::WaitPolicy{mask, w.masking, waited.data()}));
     uint8_t* base = peers.base(me) + half;
-    const auto* counts = reinterpret_cast<const int32_t*>(base + ll.off_dispatch_count);
-    const auto* formats = reinterpret_cast<const uint32_t*>(base + ll.off_dispatch_format);
-    for (int s = 0; s < R; ++s) {
-      if (masked(mask, s) || formats[s] == dispatch_format(w)) continue;
-      Error e = invalid("useFp8", "useFp8: rank " + std::to_string(s) + " sent " + format_name(formats[s]) +
-                                      " tokens but rank " + std::to_string(me) + " expects " +
-                                      format_name(dispatch_format(w)) + "; every rank must pass the same options");
-      e.peers_informed = true;  // each receiver sees the mismatch itself
-      return e;
-    }
-    const int payload = w.fp8 ? w.hidden : 2 * w.hidden;
-    const int words = w.fp8 ? core::ll_scale_words(w.hidden, w.ue8m0) : 0;
-    auto* src_info = reinterpret_cast<int32_t*>(w.handle->src_info->data());
-    auto* range = reinterpret_cast<int64_t*>(w.handle->layout_range->data());
-    auto* recv_count = reinterpret_cast<int32_t*>(w.recv_count->data());
-    for (int l = 0; l < EL; ++l) {
-      int64_t begin = 0;
-      for (int s = 0; s < R; ++s) {
-        const int32_t c = masked(mask, s) ? 0 : counts[size_t(l) * R + s];
-        range[size_t(l) * R + s] = (begin << 32) | int64_t(uint32_t(c));
-        for (int32_t i = 0; i < c; ++i) {
-          const uint8_t* msg = base + ll.msg(l, s, i);
-          const int64_t row = begin + i;
-          std::memcpy(w.recv_x->element_at({l, row}), msg + ll.msg_payload, size_t(payload));
-          for (int j = 0; j < words; ++j) {
-            // [EL, N, S], column-major in the last two dimensions (the tensor's strides say so).
-            std::memcpy(w.recv_x_scales->element_at({l, row, j}), msg + ll.msg_scales + 4 * j, 4);
+    Error e = w.send_state == LLWork::kSendRejected
+                  ? local(fail(SY_ERROR_INVALID_ARGUMENT, "this rank rejected its input (see its dispatch error)"))
+                  : check_formats(peers, reinterpret_cast<const uint32_t*>(base + ll.off_dispatch_format), mask,
+                                  dispatch_format(w), "dispatch");
+    if (!e) {
+      const auto* counts = reinterpret_cast<const int32_t*>(base + ll.off_dispatch_count);
+      const int payload = w.fp8 ? w.hidden : 2 * w.hidden;
+      const int words = w.fp8 ? core::ll_scale_words(w.hidden, w.ue8m0) : 0;
+      auto* src_info = reinterpret_cast<int32_t*>(w.handle->src_info->data());
+      auto* range = reinterpret_cast<int64_t*>(w.handle->layout_range->data());
+      auto* recv_count = reinterpret_cast<int32_t*>(w.recv_count->data());
+      for (int l = 0; l < EL && !e; ++l) {
+        int64_t begin = 0;
+        for (int s = 0; s < R; ++s) {
+          const int32_t c = masked(mask, s) ? 0 : counts[size_t(l) * R + s];
+          if (c < 0 || c > ll.max_tokens) {
+            e = fail(SY_ERROR_INTERNAL, "rank " + std::to_string(s) + " announced " + std::to_string(c) +
+                                            " tokens for one expert, more than maxTokensPerRank");
+            break;
           }
-          std::memcpy(&src_info[size_t(l) * N + size_t(row)], msg, 4);
+          range[size_t(l) * R + s] = (begin << 32) | int64_t(uint32_t(c));
+          for (int32_t i = 0; i < c; ++i) {
+            const uint8_t* msg = base + ll.msg(l, s, i);
+            const int64_t row = begin + i;
+            std::memcpy(w.recv_x->element_at({l, row}), msg + ll.msg_payload, size_t(payload));
+            for (int j = 0; j < words; ++j) {
+              // [EL, N, S], column-major in the last two dimensions (the tensor's strides say so).
+              std::memcpy(w.recv_x_scales->element_at({l, row, j}), msg + ll.msg_scales + 4 * j, 4);
+            }
+            std::memcpy(&src_info[size_t(l) * N + size_t(row)], msg, 4);
+          }
+          begin += c;
         }
-        begin += c;
+        recv_count[l] = int32_t(begin);
       }
-      recv_count[l] = int32_t(begin);
-      if (w.expert_stats) *w.expert_stats->at<int32_t>(l) += int32_t(begin);
+      if (!e) e = check_not_overwritten(peers, half + ll.off_dispatch_flag, mask, "the dispatch data");
     }
-    SY_TRY(check_not_overwritten(peers, half + ll.off_dispatch_flag, mask, "the dispatch data"));
+    acknowledge(peers, half, mask);  // read or not, the half is free for the senders again
+    SY_TRY(e);
+    // Statistics count only calls that delivered.
+    const auto* recv_count = reinterpret_cast<const int32_t*>(w.recv_count->data());
+    if (w.expert_stats)
+      for (int l = 0; l < EL; ++l) *w.expert_stats->at<int32_t>(l) += recv_count[l];
     if (w.wait_stats)
       for (int s = 0; s < R; ++s) *w.wait_stats->at<int64_t>(s) += waited[size_t(s)];
     w.handle->received.store(true);
@@ -209,19 +306,37 @@ Error run_ll_dispatch_recv(BufferSet& set, LLWork& w) {
 
 Error run_ll_combine_send(BufferSet& set, LLWork& w) {
   Error e = stage(set, w, [&](Peers& peers) -> Error {
-    SY_TRY(peers.wait_joined());
-    LLHandle& h = *w.handle;
-    if (!h.received.load()) {
-      return invalid("handle", "handle: the receive phase of low-latency call " + std::to_string(h.call) +
-                                   " has not run; run its hook before combining");
-    }
     const core::LowLatencyPlan& ll = set.plan.ll;
     const int R = w.num_ranks, EL = w.num_local_experts, H = w.hidden, me = w.rank;
     const int64_t N = ll.recv_rows();
     const uint64_t half = ll.half(w.half);
-    const uint32_t* mask = mask_of(set, me);
+    uint32_t* mask = mask_of(set, me);
+    SY_TRY(peers.wait_joined(w.masking ? mask : nullptr));
+    SY_TRY(wait_consumed(set, w, half, mask));
+    LLHandle& h = *w.handle;
     const auto* src_info = reinterpret_cast<const int32_t*>(h.src_info->data());
     const auto* range = reinterpret_cast<const int64_t*>(h.layout_range->data());
+    Error bad;
+    if (!h.received.load()) {
+      bad = invalid("handle", "handle: the receive phase of low-latency call " + std::to_string(h.call) +
+                                  " has not run; run its hook before combining");
+    }
+    // The layout must describe rows this buffer can hold (it is the dispatch's, read-only).
+    for (int l = 0; l < EL && !bad; ++l) {
+      for (int s = 0; s < R && !bad; ++s) {
+        const int64_t rs = range[size_t(l) * R + s], begin = rs >> 32, c = rs & 0xffffffff;
+        if (begin < 0 || c > ll.max_tokens || begin + c > N) bad = invalid("handle", "handle: corrupt layout range");
+        for (int64_t i = 0; i < c && !bad; ++i) {
+          const int32_t t = src_info[size_t(l) * N + size_t(begin + i)];
+          if (t < 0 || t >= ll.max_tokens) bad = invalid("handle", "handle: corrupt source token index");
+        }
+      }
+    }
+    if (bad) {
+      announce_rejection(peers, half, ll.off_combine_format, ll.off_combine_flag, mask, nullptr);
+      w.send_state = LLWork::kSendRejected;
+      return local(bad);
+    }
     const int blocks = H / core::kScaleBlock;
     for (int l = 0; l < EL; ++l) {
       const int64_t e = int64_t(me) * EL + l;
@@ -258,85 +373,93 @@ Error run_ll_combine_send(BufferSet& set, LLWork& w) {
     }
     for (int s = 0; s < R; ++s) {
       if (masked(mask, s)) continue;
-      store_release(reinterpret_cast<uint32_t*>(peers.base(s) + half + ll.off_combine_format) + me, w.logfmt ? 1u : 0u);
+      reinterpret_cast<uint32_t*>(peers.base(s) + half + ll.off_combine_format)[me] =
+          w.logfmt ? core::kFormatLogfmt : 0u;
       peers.signal(s, half + ll.off_combine_flag);
     }
     return ok();
   });
-  w.sent.store(!e);
+  if (e && w.send_state != LLWork::kSendRejected) w.send_state = LLWork::kSendAborted;
   return e;
 }
 
 Error run_ll_combine_recv(BufferSet& set, LLWork& w) {
-  if (!w.sent.load()) return ok();
+  if (w.send_state == LLWork::kSendAborted) return ok();
   return stage(set, w, [&](Peers& peers) -> Error {
     const core::LowLatencyPlan& ll = set.plan.ll;
     const int R = w.num_ranks, EL = w.num_local_experts, H = w.hidden, me = w.rank;
     const uint64_t half = ll.half(w.half);
     uint32_t* mask = mask_of(set, me);
     std::vector<int64_t> waited(size_t(R), 0);
-    Peers::WaitPolicy policy{mask, w.masking, waited.data()};
-    SY_TRY(peers.wait_sources(half + ll.off_combine_flag, core::WaitRole::LLCombine, policy));
+    SY_TRY(peers.wait_sources(half + ll.off_combine_flag, core::WaitRole::LLCombine,
+                              Peers::WaitPolicy{mask, w.masking, waited.data()}));
     const uint8_t* base = peers.base(me) + half;
-    const auto* formats = reinterpret_cast<const uint32_t*>(base + ll.off_combine_format);
-    for (int s = 0; s < R; ++s) {
-      if (!masked(mask, s) && load_acquire(&formats[s]) != (w.logfmt ? 1u : 0u)) {
-        Error e = invalid("useLogfmt", "useLogfmt: rank " + std::to_string(s) + (w.logfmt ? " did not use" : " used") +
-                                           " LogFMT-10 in this combine but rank " + std::to_string(me) +
-                                           (w.logfmt ? " did" : " did not"));
-        e.peers_informed = true;
-        return e;
-      }
+    Error e = w.send_state == LLWork::kSendRejected
+                  ? local(fail(SY_ERROR_INVALID_ARGUMENT, "this rank rejected its input (see its combine error)"))
+                  : check_formats(peers, reinterpret_cast<const uint32_t*>(base + ll.off_combine_format), mask,
+                                  w.logfmt ? core::kFormatLogfmt : 0u, "combine");
+    // The routing must be valid, and the one the dispatch used (rows are keyed by it).
+    if (!e) e = local(check_topk(w));
+    if (!e && topk_fingerprint(w) != w.handle->topk_fingerprint) {
+      e = local(invalid("topkIdx", "topkIdx: differs from the routing low-latency call " +
+                                       std::to_string(w.handle->call) +
+                                       " dispatched with; pass the same topkIdx to combine"));
     }
-    const int blocks = H / core::kScaleBlock;
-    std::vector<float> acc(static_cast<size_t>(H));
-    std::vector<uint16_t> row(static_cast<size_t>(H));
-    for (int64_t t = 0; t < w.num_tokens; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int k = 0; k < w.topk; ++k) {
-        const int64_t e = load_index(*w.topk_idx, t, k);
-        if (e < 0 || masked(mask, core::expert_owner(e, EL))) continue;
-        const float weight = *w.topk_weights->at<float>(t, k);
-        const uint8_t* src = base + ll.combine_row(e, t);
-        const uint16_t* y = reinterpret_cast<const uint16_t*>(src);
-        if (w.logfmt) {
-          const auto* meta = reinterpret_cast<const uint16_t*>(src + ll.row_meta);
-          for (int b = 0; b < blocks; ++b) {
-            const core::LogfmtMeta m{meta[2 * b], meta[2 * b + 1]};
-            const uint8_t* blk = src + b * core::kScaleBlock * 2;
-            for (int c = 0; c < core::kScaleBlock; ++c) {
-              row[size_t(b * core::kScaleBlock + c)] =
-                  m.step == 0 ? reinterpret_cast<const uint16_t*>(blk)[c] : core::logfmt_decode(core::logfmt_get(blk, c), m);
+    if (!e) {
+      const int blocks = H / core::kScaleBlock;
+      std::vector<float> acc(static_cast<size_t>(H));
+      std::vector<uint16_t> row(static_cast<size_t>(H));
+      for (int64_t t = 0; t < w.num_tokens; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int k = 0; k < w.topk; ++k) {
+          const int64_t ex = load_index(*w.topk_idx, t, k);
+          if (ex < 0 || masked(mask, core::expert_owner(ex, EL))) continue;
+          const float weight = *w.topk_weights->at<float>(t, k);
+          const uint8_t* src = base + ll.combine_row(ex, t);
+          const uint16_t* y = reinterpret_cast<const uint16_t*>(src);
+          if (w.logfmt) {
+            const auto* meta = reinterpret_cast<const uint16_t*>(src + ll.row_meta);
+            for (int b = 0; b < blocks; ++b) {
+              const core::LogfmtMeta m{meta[2 * b], meta[2 * b + 1]};
+              const uint8_t* blk = src + b * core::kScaleBlock * 2;
+              for (int c = 0; c < core::kScaleBlock; ++c) {
+                row[size_t(b * core::kScaleBlock + c)] = m.step == 0 ? reinterpret_cast<const uint16_t*>(blk)[c]
+                                                                     : core::logfmt_decode(core::logfmt_get(blk, c), m);
+              }
             }
+            y = row.data();
           }
-          y = row.data();
+          for (int c = 0; c < H; ++c)
+            acc[size_t(c)] = core::add_rn(acc[size_t(c)], core::mul_rn(weight, core::bf16_to_float(y[c])));
         }
-        for (int c = 0; c < H; ++c) acc[size_t(c)] = core::add_rn(acc[size_t(c)], core::mul_rn(weight, core::bf16_to_float(y[c])));
+        auto* out = reinterpret_cast<uint16_t*>(w.out->element(t));
+        for (int c = 0; c < H; ++c) out[c] = core::float_to_bf16(acc[size_t(c)]);
       }
-      auto* out = reinterpret_cast<uint16_t*>(w.out->element(t));
-      for (int c = 0; c < H; ++c) out[c] = core::float_to_bf16(acc[size_t(c)]);
+      e = check_not_overwritten(peers, half + ll.off_combine_flag, mask, "the combine data");
     }
-    SY_TRY(check_not_overwritten(peers, half + ll.off_combine_flag, mask, "the combine data"));
+    acknowledge(peers, half, mask);
+    SY_TRY(e);
     if (w.wait_stats)
       for (int s = 0; s < R; ++s) *w.wait_stats->at<int64_t>(s) += waited[size_t(s)];
     return ok();
   });
 }
 
-Error run_ll_clean(BufferSet& set, int rank, int64_t timeout_ms, uint32_t epoch) {
-  // Everyone stops using the halves, each rank zeroes its own signals, everyone resumes.
-  Peers before(set, rank, timeout_ms, epoch);
-  Error e = before.barrier(core::OpKind::CleanLowLatency);
-  if (e) {
-    if (e.status != SY_ERROR_PEER_FAILED && !e.peers_informed) before.abort_all(e);
+Error run_ll_clean(BufferSet& set, int rank, int64_t timeout_ms, bool masking, uint32_t epoch) {
+  // Everyone stops using the halves, each rank zeroes its own signals, everyone resumes. Masked
+  // ranks (the dead ones this is often for) are left out.
+  uint32_t* mask = mask_of(set, rank);
+  auto barrier = [&](uint32_t n) -> Error {
+    Peers peers(set, rank, timeout_ms, n);
+    Error e = masking ? peers.masked_barrier(core::OpKind::CleanLowLatency, mask, true)
+                      : peers.barrier(core::OpKind::CleanLowLatency);
+    if (e && e.status != SY_ERROR_PEER_FAILED && !e.peers_informed) peers.abort_all(e);
     return e;
-  }
+  };
+  SY_TRY(barrier(epoch));
   const core::LowLatencyPlan& ll = set.plan.ll;
   for (int h = 0; h < 2; ++h) std::memset(set.bases[size_t(rank)] + ll.half(h), 0, ll.signal_bytes);
-  Peers after(set, rank, timeout_ms, epoch + 1);
-  e = after.barrier(core::OpKind::CleanLowLatency);
-  if (e && e.status != SY_ERROR_PEER_FAILED) after.abort_all(e);
-  return e;
+  return barrier(epoch + 1);
 }
 
 }  // namespace sy::host

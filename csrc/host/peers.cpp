@@ -12,18 +12,23 @@ namespace sy::host {
 Peers::Peers(BufferSet& set, int rank, int64_t timeout_ms, uint32_t epoch)
     : set_(set), rank_(rank), timeout_ms_(timeout_ms), epoch_(epoch) {}
 
-Error Peers::wait_joined() {
+Error Peers::wait_joined(const uint32_t* mask) {
   std::unique_lock<std::mutex> l(set_.mu);
   Deadline d = deadline();
   double start = now_seconds();
   const int R = num_ranks();
-  while (set_.joined < R) {
+  auto missing_any = [&] {
+    for (int r = 0; r < R; ++r)
+      if (set_.bases[r] == nullptr && !(mask && load_acquire(&mask[r]) != 0)) return true;
+    return false;
+  };
+  while (missing_any()) {
     double left = d.remaining_seconds();
     if (left <= 0) {
       std::string missing;
       int first = -1;
       for (int r = 0; r < R; ++r) {
-        if (set_.bases[r] != nullptr) continue;
+        if (set_.bases[r] != nullptr || (mask && load_acquire(&mask[r]) != 0)) continue;
         if (first < 0) first = r;
         missing += (missing.empty() ? "" : ", ") + std::to_string(r);
       }
@@ -160,6 +165,17 @@ Error Peers::wait_sources(uint64_t off_array, core::WaitRole role, const WaitPol
     }
     futex_wait(bell, ring_seen, std::min(left, 0.05));
   }
+}
+
+Error Peers::masked_barrier(core::OpKind kind, uint32_t* mask, bool mask_on_timeout) {
+  SY_TRY(aborted_error());
+  const int R = num_ranks();
+  for (int r = 0; r < R; ++r) {
+    if (load_acquire(&mask[r]) != 0) continue;
+    store_release(word(r, plan().off_op_kind + 4ull * uint64_t(rank_)), uint32_t(kind));
+    signal(r, plan().off_barrier_epoch);
+  }
+  return wait_sources(plan().off_barrier_epoch, core::WaitRole::Barrier, WaitPolicy{mask, mask_on_timeout, nullptr});
 }
 
 Error Peers::barrier(core::OpKind kind, const uint32_t* desc, const char* const* names) {

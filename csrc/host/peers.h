@@ -21,12 +21,16 @@ class Peers {
   uint8_t* base(int r) const { return set_.bases[r]; }
   Deadline deadline() const { return Deadline::after_ms(timeout_ms_); }
 
-  // Waits until every rank has created its buffer of this set.
-  Error wait_joined();
+  // Waits until every rank (but the masked ones) has created its buffer of this set.
+  Error wait_joined(const uint32_t* mask = nullptr);
   // Everyone has entered operation `epoch` of kind `kind` (and has left the previous one, so
   // every region may be written again). Reports mismatched operations, and parameters that
   // differ from this rank's (`desc`, kDescWords words; `names` says what each word is).
   Error barrier(core::OpKind kind, const uint32_t* desc = nullptr, const char* const* names = nullptr);
+  // The barrier of a buffer with masking: masked ranks are neither signalled nor waited for,
+  // and with `mask_on_timeout` the ranks missing at the deadline are masked.
+  struct WaitPolicy;
+  Error masked_barrier(core::OpKind kind, uint32_t* mask, bool mask_on_timeout);
   // Sets my flag in rank `to`'s array at `off_array` to this epoch and rings its doorbell.
   void signal(int to, uint64_t off_array);
   // Waits until every peer's flag in my array at `off_array` has reached this epoch.

@@ -352,7 +352,7 @@ typedef struct sy_buffer_share {
   int32_t hidden;
   int32_t max_tokens_per_rank;
   int32_t ll_num_experts;
-  int32_t reserved;
+  int32_t enable_masking; /* must agree too: a masked rank is masked everywhere */
   uint64_t bytes;
   char name[256];
 } sy_buffer_share;

@@ -21,6 +21,8 @@ import { parseArgs } from "node:util";
 export interface RankExit {
   /** The rank. */
   readonly rank: number;
+  /** Its process id. */
+  readonly pid: number;
   /** Exit code (128 + signal number when killed). */
   readonly code: number;
   /** The signal that ended it, if any. */
@@ -154,7 +156,13 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
     const status = await child.status;
     alive.delete(rank);
     await Promise.all(pumps);
-    const exit: RankExit = { rank, code: status.code, signal: status.signal, atMs: performance.now() - started };
+    const exit: RankExit = {
+      rank,
+      pid: child.pid,
+      code: status.code,
+      signal: status.signal,
+      atMs: performance.now() - started,
+    };
     if (exit.code !== 0 && !firstFailure) {
       firstFailure = exit;
       stopOthers(`rank ${rank} failed`);
