@@ -1,6 +1,16 @@
 /** Shared test fixtures: scenarios, their inputs, and uploading them to ranks. */
 
-import { type EpBuffer, Group, randomFloats, randomRouting, type Rank, Rng, Tensor, toBF16 } from "../mod.ts";
+import {
+  type EpBuffer,
+  type EpBufferOptions,
+  Group,
+  randomFloats,
+  randomRouting,
+  type Rank,
+  Rng,
+  Tensor,
+  toBF16,
+} from "../mod.ts";
 import type { RankInput, Shape } from "./reference.ts";
 
 /** A dispatch scenario: every rank's tokens and routing. */
@@ -147,10 +157,19 @@ export interface Fixture extends Disposable {
   readonly buffers: EpBuffer[];
 }
 
-/** Creates a host group of `ranks` with buffers sized for `maxTokens` tokens of `hidden`. */
-export async function fixture(ranks: number, hidden: number, maxTokens: number, timeoutMs = 20000): Promise<Fixture> {
+/**
+ * Creates a host group of `ranks` with buffers sized for `maxTokens` tokens of `hidden`, and
+ * the `extra` buffer options (low-latency mode, masking).
+ */
+export async function fixture(
+  ranks: number,
+  hidden: number,
+  maxTokens: number,
+  timeoutMs = 20000,
+  extra: Omit<EpBufferOptions, "hidden" | "maxTokensPerRank"> = {},
+): Promise<Fixture> {
   const group = Group.local({ ranks, backend: "host", timeoutMs });
-  const buffers = await group.createBuffers({ hidden, maxTokensPerRank: Math.max(maxTokens, 1) });
+  const buffers = await group.createBuffers({ ...extra, hidden, maxTokensPerRank: Math.max(maxTokens, 1) });
   return {
     group,
     buffers,

@@ -8,7 +8,6 @@
 
 import assert from "node:assert/strict";
 import {
-  type EpBuffer,
   Group,
   type LowLatencyDispatchResult,
   randomRouting,
@@ -18,7 +17,7 @@ import {
   Tensor,
   toBF16,
 } from "../mod.ts";
-import { bytesOf, randomBF16 } from "./helpers.ts";
+import { bytesOf, type Fixture, fixture, randomBF16 } from "./helpers.ts";
 import { llCombine, llLayout, logfmtRoundTrip, quantizeBlock } from "./ll_reference.ts";
 import { bf16Round, bf16Value, calcDiff, fp8Value } from "./reference.ts";
 
@@ -68,27 +67,11 @@ function makeInputs(c: Case): Inputs[] {
   });
 }
 
-interface Fixture extends Disposable {
-  group: Group;
-  buffers: EpBuffer[];
-}
-
-async function llFixture(c: Case, timeoutMs = 5000, enableMasking = false): Promise<Fixture> {
-  const group = Group.local({ ranks: c.ranks, timeoutMs });
-  const buffers = await group.createBuffers({
-    hidden: c.hidden,
-    maxTokensPerRank: c.maxTokens,
+function llFixture(c: Case, timeoutMs = 5000, enableMasking = false): Promise<Fixture> {
+  return fixture(c.ranks, c.hidden, c.maxTokens, timeoutMs, {
     lowLatency: { numExperts: c.experts },
     enableMasking: enableMasking || !!c.masked?.length,
   });
-  return {
-    group,
-    buffers,
-    [Symbol.dispose]() {
-      for (const b of buffers) b[Symbol.dispose]();
-      group[Symbol.dispose]();
-    },
-  };
 }
 
 /** The expected received row bytes and scale words of (source, token) under the case's format. */

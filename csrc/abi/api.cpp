@@ -102,6 +102,21 @@ Error check_tensor_desc(const sy_tensor_desc& d, Tensor* t) {
   return ok();
 }
 
+// The group's backend, by its sy_backend value.
+Error attach_backend(int32_t kind, GroupCore& g) {
+  if (kind == SY_BACKEND_HOST) {
+    g.backend = make_host_backend();
+  } else if (kind == SY_BACKEND_CUDA) {
+    Error why;
+    g.backend = make_cuda_backend(&why);
+    if (!g.backend) return why;
+  } else {
+    return invalid("backend", "backend: must be host (0) or cuda (1), got " + std::to_string(kind));
+  }
+  g.backend_kind = sy_backend(kind);
+  return ok();
+}
+
 }  // namespace
 
 extern "C" {
@@ -249,16 +264,7 @@ SY_API sy_status sy_group_create_local(const sy_group_options* options, sy_group
     auto g = std::make_shared<GroupCore>();
     g->num_ranks = o.ranks;
     g->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : core::kDefaultTimeoutMs;
-    if (o.backend == SY_BACKEND_HOST) {
-      g->backend = make_host_backend();
-    } else if (o.backend == SY_BACKEND_CUDA) {
-      Error why;
-      g->backend = make_cuda_backend(&why);
-      if (!g->backend) return why;
-    } else {
-      return invalid("backend", "backend: must be host (0) or cuda (1), got " + std::to_string(o.backend));
-    }
-    g->backend_kind = sy_backend(o.backend);
+    SY_TRY(attach_backend(o.backend, *g));
     for (int i = 0; i < o.ranks; ++i) {
       auto r = std::make_unique<RankCore>();
       r->group = g.get();
@@ -289,16 +295,7 @@ SY_API sy_status sy_group_create_process(const sy_process_group_options* options
     g->local_rank = o.local_rank;
     g->local_world_size = o.local_world_size;
     g->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : core::kDefaultTimeoutMs;
-    if (o.backend == SY_BACKEND_HOST) {
-      g->backend = make_host_backend();
-    } else if (o.backend == SY_BACKEND_CUDA) {
-      Error why;
-      g->backend = make_cuda_backend(&why);
-      if (!g->backend) return why;
-    } else {
-      return invalid("backend", "backend: must be host (0) or cuda (1), got " + std::to_string(o.backend));
-    }
-    g->backend_kind = sy_backend(o.backend);
+    SY_TRY(attach_backend(o.backend, *g));
     auto r = std::make_unique<RankCore>();
     r->group = g.get();
     r->index = o.rank;
