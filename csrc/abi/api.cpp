@@ -640,6 +640,7 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
       set->cv.notify_all();
     }
     buf->set = set;
+    SY_TRY(g->backend->init_buffer(*buf));
     *out = static_cast<sy_buffer>(register_handle(Kind::Buffer, buf));
     return ok();
   });
@@ -854,6 +855,7 @@ SY_API sy_status sy_handle_info_get(sy_handle handle, sy_handle_info* info) {
     v.expert_alignment = h->expert_alignment;
     v.hidden = h->hidden;
     v.num_tokens = h->num_tokens;
+    h->refresh();
     v.num_recv_tokens = h->num_recv_tokens.load();
     v.num_rows = h->num_rows;
     return write_struct(info, v, "info");

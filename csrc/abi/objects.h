@@ -171,6 +171,8 @@ struct BufferSet {
   int64_t timeout_ms = 0;
   std::vector<uint8_t*> bases;                  // peer-visible base of each rank's buffer
   std::vector<std::shared_ptr<Memory>> regions; // keeps every member's region alive
+  // Backend pages each member publishes for its peers' kernels (CUDA: the exchange pages).
+  std::vector<std::shared_ptr<Memory>> pages = std::vector<std::shared_ptr<Memory>>(bases.size());
   int joined;
   std::mutex mu;
   std::condition_variable cv;
@@ -226,6 +228,7 @@ struct BufferCore {
   // Per half, the call whose receive waits for its hook (null once the hook ran).
   std::shared_ptr<LLWork> awaiting_hook[2];
   uint32_t* mask() const;  // u32[R] in the own header
+  std::shared_ptr<void> backend_state;  // the backend's per-buffer state (CUDA: workspace)
 };
 
 // The routing one dispatch produced; combine and cached dispatch reuse it.
@@ -260,6 +263,19 @@ struct DispatchHandle {
   std::mutex mu;
   bool expert_counts_known = false;
   std::vector<int32_t> expert_counts;          // aligned, per local expert
+
+  // Backends whose dispatch completes on a device learn `state` and `num_recv_tokens` only
+  // once it has: `settle` (if set) updates them when the dispatch is done and clears itself.
+  std::function<void(DispatchHandle&)> settle;
+  std::shared_ptr<void> backend_state;
+  void refresh() {
+    std::function<void(DispatchHandle&)> f;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      f = settle;
+    }
+    if (f) f(*this);
+  }
 };
 
 // The layout one low-latency dispatch produced; combine sends the expert outputs back with it.
@@ -351,6 +367,7 @@ struct DispatchWork {
   // Outputs, allocated before the epilogue.
   std::shared_ptr<Tensor> recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_count;
   int64_t out_rows = 0;
+  std::shared_ptr<void> backend_state;  // carried from the notify stage to the epilogue
 
   // Counts published by the notify stage (exact size needs them on the host).
   std::mutex mu;
@@ -393,6 +410,8 @@ class Backend {
                               std::shared_ptr<Memory>* out) = 0;
   // Every peer has mapped `memory`: drop its name, so it disappears with the last mapping.
   virtual Error seal_shared(Memory& memory) = 0;
+  // A new buffer has joined its set (buf.set): the backend's own per-buffer state.
+  virtual Error init_buffer(BufferCore& buf) { return ok(); }
   // Makes the process's device current on this thread (NCCL calls need it); host: nothing.
   virtual Error bind_thread(RankCore& rank) = 0;
   // Whether the backend communicates through NCCL across processes (and why not).

@@ -191,7 +191,8 @@ Error validate_dispatch(const BufferCore& buf, const DispatchRequest& req, Dispa
   }
 
   if (req.cached) {
-    const DispatchHandle& h = *req.cached;
+    DispatchHandle& h = *req.cached;
+    h.refresh();
     if (req.topk_idx || req.topk_weights) {
       return invalid(req.topk_idx ? "topkIdx" : "topkWeights",
                      std::string(req.topk_idx ? "topkIdx" : "topkWeights") +
@@ -409,6 +410,7 @@ Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out
   SY_TRY(check_order(req.order, buf));
   if (!req.handle) return invalid("handle", "handle: required (the handle dispatch returned)");
   SY_TRY(check_handle(*req.handle, buf));
+  req.handle->refresh();
   const DispatchHandle& h = *req.handle;
   if (h.state.load() == 2) return invalid("handle", "handle: its dispatch failed, so it holds no routing");
   SY_TRY(check_tensor_arg("x", req.x, buf));

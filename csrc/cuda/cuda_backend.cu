@@ -1,21 +1,18 @@
-// The CUDA backend, first part: device discovery, device memory, streams, events, copies and
-// the layout kernel. The CUDA runtime is linked statically, so on a machine without a driver
-// every call fails cleanly and the backend reports why.
-//
-// Every host wait polls with a deadline instead of blocking in cudaStreamSynchronize: a kernel
-// that never finishes must turn into SY_ERROR_TIMEOUT, not a hung process. FFI calls arrive on
-// varying threads, so every entry sets the rank's device first.
-#include <chrono>
-#include <mutex>
-#include <utility>
+// The CUDA backend: device discovery, device memory, CUDA IPC, copies, the layout kernel, and
+// the normal-mode operations (cuda_normal.cu). The CUDA runtime is linked statically, so on a
+// machine without a driver every call fails cleanly and the backend reports why.
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
-#include <thread>
+#include <utility>
 #include <vector>
 
 #include "../abi/strided.h"
 #include "../core/routing.h"
 #include "cuda_check.h"
+#include "cuda_normal.h"
+#include "cuda_objects.h"
 #include "layout_kernel.h"
 
 #ifndef SY_CUDA_ARCHS
@@ -27,153 +24,6 @@ namespace sy {
 namespace cuda {
 namespace {
 
-// Kernels cannot return errors; they report bad input in a record in mapped host memory. Each
-// operation takes its own record from a ring, so one operation's problem is reported by that
-// operation's outputs and event, never by unrelated work.
-constexpr int kProblemSlots = 256;
-
-struct CudaRank {
-  int device = 0;
-  core::InputProblem* problems_host = nullptr;  // mapped pinned memory, kProblemSlots records
-  core::InputProblem* problems_device = nullptr;
-  uint32_t next_problem = 0;
-  std::mutex mu;
-  ~CudaRank() {
-    if (problems_host) cudaFreeHost(problems_host);
-  }
-  // A cleared record for the next operation: (host view, device view).
-  std::pair<core::InputProblem*, core::InputProblem*> take_problem_slot() {
-    std::lock_guard<std::mutex> l(mu);
-    const uint32_t i = next_problem++ % kProblemSlots;
-    std::memset(&problems_host[i], 0, sizeof(core::InputProblem));
-    return {&problems_host[i], &problems_device[i]};
-  }
-};
-
-CudaRank& rank_state(RankCore& r) { return *static_cast<CudaRank*>(r.backend_state.get()); }
-
-Error problem_to_error(core::InputProblem& p) {
-  if (__atomic_load_n(&p.flag, __ATOMIC_ACQUIRE) != 1) return ok();
-  std::string msg = "topkIdx: token " + std::to_string(p.token) + ", entry " + std::to_string(p.entry);
-  if (core::TopkProblem(p.kind) == core::TopkProblem::Duplicate) {
-    msg += " repeats expert " + std::to_string(p.value) + " (a token visits an expert once)";
-  } else {
-    msg += " holds expert " + std::to_string(p.value) + ", outside the expert range (-1 marks an unused entry)";
-  }
-  return invalid("topkIdx", msg);
-}
-
-// Polls `query` until it stops answering cudaErrorNotReady or the deadline passes.
-template <class Query>
-Error poll(Query query, Deadline deadline, int rank, core::WaitRole role, const char* what) {
-  double start = now_seconds();
-  double nap = 2e-6;
-  for (;;) {
-    cudaError_t rc = query();
-    if (rc == cudaSuccess) return ok();
-    if (rc != cudaErrorNotReady) return cuda_error(rc, what);
-    if (deadline.expired()) {
-      core::WaitFailure w;
-      w.rank = rank;
-      w.role = role;
-      w.waited_seconds = now_seconds() - start;
-      return timeout_error(w, what);
-    }
-    std::this_thread::sleep_for(std::chrono::duration<double>(nap));
-    nap = nap < 1e-3 ? nap * 2 : 1e-3;
-  }
-}
-
-class CudaEvent;
-
-class CudaStream final : public Stream {
- public:
-  CudaStream(std::shared_ptr<GroupCore> g, RankCore& r) : Stream(std::move(g), r.index), rank_(&rank_state(r)) {}
-  ~CudaStream() override {
-    if (stream_) {
-      cudaSetDevice(rank_->device);
-      cudaStreamDestroy(stream_);
-    }
-  }
-  Error init() {
-    SY_CUDA(cudaSetDevice(rank_->device));
-    SY_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    return ok();
-  }
-  Error wait_event(Event& event) override;
-  Error synchronize(Deadline deadline) override {
-    SY_CUDA(cudaSetDevice(rank_->device));
-    return poll([&] { return cudaStreamQuery(stream_); }, deadline, rank, core::WaitRole::Stream,
-                "stream synchronize");
-  }
-  cudaStream_t raw() const { return stream_; }
-  CudaRank& rank_state_ref() const { return *rank_; }
-
- private:
-  CudaRank* rank_;
-  cudaStream_t stream_ = nullptr;
-};
-
-class CudaEvent final : public Event {
- public:
-  CudaEvent(std::shared_ptr<GroupCore> g, RankCore& r) : Event(std::move(g), r.index), rank_(&rank_state(r)) {}
-  ~CudaEvent() override {
-    if (event_) {
-      cudaSetDevice(rank_->device);
-      cudaEventDestroy(event_);
-    }
-  }
-  Error init() {
-    SY_CUDA(cudaSetDevice(rank_->device));
-    SY_CUDA(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
-    return ok();
-  }
-  Error record(Stream& stream, std::shared_ptr<OpStatus> status) override {
-    auto* cs = dynamic_cast<CudaStream*>(&stream);
-    if (cs == nullptr) return fail(SY_ERROR_WRONG_HANDLE, "stream: not a CUDA-backend stream", "stream");
-    SY_CUDA(cudaSetDevice(rank_->device));
-    SY_CUDA(cudaEventRecord(event_, cs->raw()));
-    std::lock_guard<std::mutex> l(mu_);
-    status_ = std::move(status);
-    return ok();
-  }
-  Error query() override {
-    SY_CUDA(cudaSetDevice(rank_->device));
-    cudaError_t rc = cudaEventQuery(event_);
-    if (rc == cudaErrorNotReady) return fail(SY_NOT_READY, "event: not complete yet");
-    SY_TRY(cuda_error(rc, "event query"));
-    return outcome();
-  }
-  Error synchronize(Deadline deadline) override {
-    SY_CUDA(cudaSetDevice(rank_->device));
-    SY_TRY(poll([&] { return cudaEventQuery(event_); }, deadline, rank, core::WaitRole::Event,
-                "event synchronize"));
-    return outcome();
-  }
-  cudaEvent_t raw() const { return event_; }
-
- private:
-  // Called once the event completed: the recorded operation's failure, if any.
-  Error outcome() {
-    std::lock_guard<std::mutex> l(mu_);
-    return status_ ? status_->result() : ok();
-  }
-  CudaRank* rank_;
-  cudaEvent_t event_ = nullptr;
-  std::mutex mu_;
-  std::shared_ptr<OpStatus> status_;
-};
-
-Error CudaStream::wait_event(Event& event) {
-  auto* ce = dynamic_cast<CudaEvent*>(&event);
-  if (ce == nullptr) return fail(SY_ERROR_WRONG_HANDLE, "event: not a CUDA-backend event", "event");
-  SY_CUDA(cudaSetDevice(rank_->device));
-  SY_CUDA(cudaStreamWaitEvent(stream_, ce->raw(), 0));
-  return ok();
-}
-
-CudaStream* as_cuda(Stream& s) { return dynamic_cast<CudaStream*>(&s); }
-
 Error not_yet(const char* what) {
   return fail(SY_ERROR_UNSUPPORTED,
               std::string(what) + " is not implemented on the CUDA backend yet; use the host "
@@ -184,7 +34,7 @@ class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int devices) : devices_(devices) {}
   sy_backend kind() const override { return SY_BACKEND_CUDA; }
-  bool dispatch_supported() const override { return false; }
+  bool dispatch_supported() const override { return true; }
 
   Error init_rank(GroupCore& group, RankCore& rank) override {
     auto st = std::make_shared<CudaRank>();
@@ -192,13 +42,13 @@ class CudaBackend final : public Backend {
     st->device = group.process_group ? rank.device % devices_ : (rank.device + rank.index) % devices_;
     rank.device = st->device;
     SY_CUDA(cudaSetDevice(st->device));
-    SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&st->problems_host), kProblemSlots * sizeof(core::InputProblem),
-                          cudaHostAllocMapped));
-    std::memset(st->problems_host, 0, kProblemSlots * sizeof(core::InputProblem));
-    SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&st->problems_device), st->problems_host, 0));
+    SY_CUDA(cudaDeviceGetAttribute(&st->sm_count, cudaDevAttrMultiProcessorCount, st->device));
+    st->reports = std::make_shared<ReportPool>(st->device);
     rank.backend_state = st;
     return ok();
   }
+
+  Error init_buffer(BufferCore& buf) override { return normal_init_buffer(buf); }
 
   Error allocate(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) override {
     const int dev = rank_state(rank).device;
@@ -328,20 +178,26 @@ class CudaBackend final : public Backend {
   Error layout(Stream& comm, std::shared_ptr<LayoutWork> work) override {
     CudaStream& cs = *as_cuda(comm);
     SY_CUDA(cudaSetDevice(cs.rank_state_ref().device));
-    std::pair<core::InputProblem*, core::InputProblem*> slot = cs.rank_state_ref().take_problem_slot();
-    core::InputProblem* host = slot.first;
-    work->status->check_after = [host]() { return problem_to_error(*host); };
-    return launch_layout(cs.raw(), *work, slot.second);
+    std::shared_ptr<ReportSlot> report;
+    SY_TRY(cs.rank_state_ref().reports->take(&report));
+    const int rank = cs.rank;
+    work->status->check_after = [report, rank]() { return report_error(*report->host, rank, 0, "layout"); };
+    SY_TRY(launch_layout(cs.raw(), *work, &report->device->problem));
+    return report->seal(cs.raw());
   }
 
-  Error dispatch_notify(BufferCore&, Stream&, std::shared_ptr<DispatchWork>) override {
-    return not_yet("dispatch");
+  Error dispatch_notify(BufferCore& buf, Stream& comm, std::shared_ptr<DispatchWork> work) override {
+    return normal_dispatch_notify(buf, *as_cuda(comm), work);
   }
-  Error dispatch_wait_counts(DispatchWork&, Deadline) override { return not_yet("dispatch"); }
-  Error dispatch_epilogue(BufferCore&, Stream&, std::shared_ptr<DispatchWork>) override {
-    return not_yet("dispatch");
+  Error dispatch_wait_counts(DispatchWork& work, Deadline deadline) override {
+    return normal_dispatch_wait_counts(work, deadline);
   }
-  Error combine(BufferCore&, Stream&, std::shared_ptr<CombineWork>) override { return not_yet("combine"); }
+  Error dispatch_epilogue(BufferCore& buf, Stream& comm, std::shared_ptr<DispatchWork> work) override {
+    return normal_dispatch_epilogue(buf, *as_cuda(comm), work);
+  }
+  Error combine(BufferCore& buf, Stream& comm, std::shared_ptr<CombineWork> work) override {
+    return normal_combine(buf, *as_cuda(comm), work);
+  }
   Error ll_dispatch_send(BufferCore&, Stream&, std::shared_ptr<LLWork>) override {
     return not_yet("low-latency dispatch");
   }
@@ -365,7 +221,32 @@ class CudaBackend final : public Backend {
 }  // namespace
 }  // namespace cuda
 
+namespace cuda {
+namespace {
+
+// Virtual ranks drive two streams each (communication, compute); the driver's default of 8
+// hardware queues would put several ranks on one queue, where a kernel waiting for a peer can
+// sit in front of the kernel it waits for. Set before the first CUDA context exists; a value
+// the user chose stays.
+void configure_driver_environment() { setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0); }
+
+// Virtual ranks on different GPUs of one process address each other's memory directly.
+void enable_peer_access(int count) {
+  for (int a = 0; a < count; ++a) {
+    if (cudaSetDevice(a) != cudaSuccess) continue;
+    for (int b = 0; b < count; ++b) {
+      int can = 0;
+      if (a == b || cudaDeviceCanAccessPeer(&can, a, b) != cudaSuccess || !can) continue;
+      if (cudaDeviceEnablePeerAccess(b, 0) != cudaSuccess) cudaGetLastError();  // already enabled is fine
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+
 Error probe_cuda(sy_backend_info* info) {
+  cuda::configure_driver_environment();
   info->compiled = 1;
   std::strncpy(info->compiled_archs, SY_CUDA_ARCHS, sizeof info->compiled_archs - 1);
   int v = 0;
@@ -389,7 +270,7 @@ Error probe_cuda(sy_backend_info* info) {
     std::string name = std::string(prop.name) + " (sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ")";
     std::strncpy(info->device_name, name.c_str(), sizeof info->device_name - 1);
   }
-  info->dispatch_supported = 0;
+  info->dispatch_supported = 1;
   return ok();
 }
 
@@ -407,6 +288,7 @@ Error cuda_peer_access(int a, int b, int* can_access, int* native_atomics) {
 }
 
 std::unique_ptr<Backend> make_cuda_backend(Error* why) {
+  cuda::configure_driver_environment();
   int count = 0;
   cudaError_t rc = cudaGetDeviceCount(&count);
   if (rc != cudaSuccess || count == 0) {
@@ -418,6 +300,7 @@ std::unique_ptr<Backend> make_cuda_backend(Error* why) {
     cudaGetLastError();
     return nullptr;
   }
+  cuda::enable_peer_access(count);
   return std::make_unique<cuda::CudaBackend>(count);
 }
 

@@ -5,6 +5,7 @@
 
 #include "../core/routing.h"
 #include "cuda_check.h"
+#include "device_sync.cuh"
 
 namespace sy::cuda {
 
@@ -12,17 +13,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxSharedCounters = 12 * 1024;  // 48 KiB of int32
-
-__device__ void record_problem(core::InputProblem* p, core::TopkProblem kind, int64_t token,
-                               int entry, int64_t value) {
-  if (atomicCAS(&p->flag, 0, -1) != 0) return;  // the first problem wins
-  p->kind = int32_t(kind);
-  p->token = token;
-  p->entry = entry;
-  p->value = value;
-  __threadfence_system();
-  atomicExch(&p->flag, 1);
-}
 
 template <class Idx>
 __global__ void layout_kernel(const Idx* topk, int64_t stride_t, int64_t stride_k, int64_t tokens,

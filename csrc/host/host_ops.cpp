@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "../abi/protocol_errors.h"
+#include "../core/op_desc.h"
 #include "../core/reduce.h"
 #include "../core/routing.h"
 #include "futex.h"
@@ -123,15 +125,9 @@ Error notify(Peers& peers, DispatchWork& w) {
   // Bad routing data is found here, on the stream; the barrier tells the peers, so that the
   // operation fails on every rank and the buffers stay usable.
   Error rejected = (!w.cached && w.topk > 0) ? check_topk(*w.topk_idx, w.num_experts) : ok();
-  // Receivers trust the senders' records: the parameters that shape them must agree.
-  static const char* const kNames[core::kDescWords] = {
-      "operation", "payload dtypes", "scale words per token", "scale dtypes", "top-k widths",
-      "expert counts", "modes (cached or not)", nullptr};
-  const uint32_t desc[core::kDescWords] = {
-      uint32_t(core::OpKind::Dispatch), uint32_t(w.x_dtype), uint32_t(w.num_scales),
-      w.num_scales ? uint32_t(w.scale_dtype) : 0u, uint32_t(w.topk), uint32_t(w.num_experts),
-      w.cached ? 1u : 0u, rejected ? 1u : 0u};
-  Error b = peers.barrier(core::OpKind::Dispatch, desc, kNames);
+  uint32_t desc[core::kDescWords];
+  core::dispatch_desc(desc, w.x_dtype, w.num_scales, w.scale_dtype, w.topk, w.num_experts, w.cached, bool(rejected));
+  Error b = peers.barrier(core::OpKind::Dispatch, desc, core::kDispatchDescNames);
   if (rejected) {
     rejected.peers_informed = true;
     return rejected;
@@ -224,10 +220,7 @@ Error notify(Peers& peers, DispatchWork& w) {
       for (int l = 0; l < EL; ++l) w.expert_counts_exact[l] += er[size_t(p) * core::kMaxExpertsPerRank + l];
   }
   if (w.cached && n != h.num_recv_tokens.load()) {
-    return invalid("handle", "handle: the cached routing expects " +
-                                 std::to_string(h.num_recv_tokens.load()) + " rows at rank " +
-                                 std::to_string(me) + " but the peers sent " + std::to_string(n) +
-                                 "; every rank must pass the handle of the same dispatch");
+    return cached_mismatch_error(me, h.num_recv_tokens.load(), n);
   }
   w.num_recv_tokens = n;
   return ok();
@@ -256,9 +249,7 @@ Error fill_outputs(BufferSet& set, DispatchWork& w) {
 
   // Capacity first: a failed epilogue leaves the handle untouched.
   if (N > h.recv_capacity || (w.layout == SY_LAYOUT_COMPACT && N > w.out_rows)) {
-    return invalid("numWorstTokens", "numWorstTokens: rank " + std::to_string(me) + " received " +
-                                         std::to_string(N) + " tokens but the outputs hold " +
-                                         std::to_string(std::min(h.recv_capacity, w.out_rows)) + " rows");
+    return capacity_error(me, N, std::min(h.recv_capacity, w.out_rows), false);
   }
   if (!w.cached) {
     std::memcpy(h.rank_prefix_matrix->data(), w.rank_prefix.data(), sizeof(int32_t) * size_t(R) * R);
@@ -308,10 +299,7 @@ Error fill_outputs(BufferSet& set, DispatchWork& w) {
     if (!w.cached) {
       rows = core::expanded_rows(counts.data(), EL, w.expert_alignment, group_base.data());
       if (rows > w.out_rows) {
-        return invalid("numWorstTokens", "numWorstTokens: rank " + std::to_string(me) +
-                                             " needs " + std::to_string(rows) +
-                                             " expanded rows but the outputs hold " +
-                                             std::to_string(w.out_rows));
+        return capacity_error(me, rows, w.out_rows, true);
       }
       cursor = group_base;
     } else {
@@ -389,11 +377,11 @@ namespace {
 Error combine_body(Peers& peers, CombineWork& w) {
   SY_TRY(peers.wait_joined());
   if (w.handle->state.load() != 1) {
-    return invalid("handle", "handle: its dispatch did not complete (it failed), so there is nothing to combine");
+    return failed_handle_error();
   }
-  static const char* const kNames[core::kDescWords] = {"operation", "top-k weight widths", nullptr};
-  const uint32_t desc[core::kDescWords] = {uint32_t(core::OpKind::Combine), uint32_t(w.topk), 0, 0, 0, 0, 0, 0};
-  SY_TRY(peers.barrier(core::OpKind::Combine, desc, kNames));
+  uint32_t desc[core::kDescWords];
+  core::combine_desc(desc, w.topk, false);
+  SY_TRY(peers.barrier(core::OpKind::Combine, desc, core::kCombineDescNames));
   const core::BufferPlan& plan = peers.plan();
   const int R = peers.num_ranks();
   const int me = peers.rank();

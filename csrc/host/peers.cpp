@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "../abi/protocol_errors.h"
+#include "../core/op_desc.h"
 #include "futex.h"
 
 namespace sy::host {
@@ -63,28 +65,10 @@ Error Peers::aborted_error() const {
   if (flag == 0) return ok();
   // 2: a peer is writing the record; it finishes within a few stores.
   for (int spins = 0; flag == 2 && spins < 1000000; ++spins) flag = load_acquire(&rec[core::kAbortFlag]);
-  int failed = int(rec[core::kAbortRank]);
-  int peer = rec[core::kAbortPeer] == 0xffffffffu ? -1 : int(rec[core::kAbortPeer]);
-  auto role = core::WaitRole(rec[core::kAbortRole]);
-  uint32_t epoch = rec[core::kAbortEpoch];
-  auto status = sy_status(rec[core::kAbortStatus]);
-  std::string msg = "rank " + std::to_string(rank_) + ": operation " + std::to_string(epoch) +
-                    " of this buffer was abandoned by rank " + std::to_string(failed);
-  if (status == SY_ERROR_TIMEOUT && peer >= 0) {
-    msg += ", which timed out waiting for rank " + std::to_string(peer) + " in " +
-           core::wait_role_name(role);
-  } else if (status == SY_ERROR_INVALID_ARGUMENT) {
-    msg += " because its input was invalid (see rank " + std::to_string(failed) + "'s error)";
-  } else {
-    msg += std::string(" (") + sy_status_name(status) + ")";
-  }
-  msg += "; this buffer set cannot be used again, create new buffers";
-  Error e = fail(SY_ERROR_PEER_FAILED, msg);
-  e.wait.rank = rank_;
-  e.wait.peer = peer >= 0 ? peer : failed;
-  e.wait.role = role;
-  e.wait.expected = epoch;
-  return e;
+  const int failed = int(rec[core::kAbortRank]);
+  const int peer = rec[core::kAbortPeer] == 0xffffffffu ? -1 : int(rec[core::kAbortPeer]);
+  return abandoned_error(rank_, rec[core::kAbortEpoch], failed, peer, core::WaitRole(rec[core::kAbortRole]),
+                         sy_status(rec[core::kAbortStatus]));
 }
 
 void Peers::abort_all(const Error& why) {
@@ -160,8 +144,7 @@ Error Peers::wait_sources(uint64_t off_array, core::WaitRole role, const WaitPol
       w.expected = epoch_;
       w.observed = load_acquire(&flags[first]);
       w.waited_seconds = now_seconds() - start;
-      return timeout_error(w, "operation " + std::to_string(epoch_) + " of this buffer; missing: rank" +
-                                  (missing > 1 ? "s " : " ") + still + (missing > 16 ? ", ..." : ""));
+      return missing_ranks_error(w, epoch_, still + (missing > 16 ? ", ..." : ""));
     }
     futex_wait(bell, ring_seen, std::min(left, 0.05));
   }
@@ -189,48 +172,16 @@ Error Peers::barrier(core::OpKind kind, const uint32_t* desc, const char* const*
     signal(r, plan().off_barrier_epoch);  // release: the kind and parameters are visible first
   }
   SY_TRY(wait_all(plan().off_barrier_epoch, core::WaitRole::Barrier));
-  auto name = [](uint32_t v) {
-    switch (core::OpKind(v)) {
-      case core::OpKind::Dispatch: return "dispatch";
-      case core::OpKind::Combine: return "combine";
-      case core::OpKind::CleanLowLatency: return "cleanLowLatencyBuffer";
-      default: return "nothing";
-    }
-  };
   const uint32_t* kinds = word(rank_, plan().off_op_kind);
   for (int r = 0; r < R; ++r) {
     uint32_t k = load_acquire(&kinds[r]);
-    if (k != uint32_t(kind)) {
-      Error e = fail(SY_ERROR_INVALID_ARGUMENT,
-                     "rank " + std::to_string(rank_) + " called " + name(uint32_t(kind)) + " as operation " +
-                         std::to_string(epoch_) + " of this buffer, but rank " + std::to_string(r) + " called " +
-                         name(k) + "; every rank must call the same operations in the same order",
-                     "operation");
-      e.peers_informed = true;
-      return e;
-    }
+    if (k != uint32_t(kind)) return kind_mismatch_error(rank_, epoch_, uint32_t(kind), r, k);
     const uint32_t* theirs = word(rank_, plan().off_op_desc + desc_bytes * uint64_t(r));
-    if (desc && theirs[core::kDescRejected] != 0 && r != rank_) {
-      Error e = fail(SY_ERROR_PEER_FAILED,
-                     "rank " + std::to_string(rank_) + ": rank " + std::to_string(r) + " rejected its input for " +
-                         name(uint32_t(kind)) + " (operation " + std::to_string(epoch_) + "; see rank " +
-                         std::to_string(r) + "'s error), so no rank ran it",
-                     "operation");
-      e.wait.rank = rank_;
-      e.wait.peer = r;
-      e.peers_informed = true;
-      return e;
-    }
+    if (desc && theirs[core::kDescRejected] != 0 && r != rank_) return peer_rejected_error(rank_, epoch_, uint32_t(kind), r);
     for (int i = 1; desc && i < core::kDescRejected; ++i) {
-      if (theirs[i] == desc[i]) continue;
-      Error e = fail(SY_ERROR_INVALID_ARGUMENT,
-                     "rank " + std::to_string(rank_) + " and rank " + std::to_string(r) + " called " +
-                         name(uint32_t(kind)) + " (operation " + std::to_string(epoch_) + ") with different " +
-                         (names && names[i] ? names[i] : "parameters") + " (" + std::to_string(desc[i]) + " vs " +
-                         std::to_string(theirs[i]) + "); every rank must pass matching arguments",
-                     "operation");
-      e.peers_informed = true;
-      return e;
+      if (theirs[i] != desc[i]) {
+        return desc_mismatch_error(rank_, epoch_, uint32_t(kind), r, names ? names[i] : nullptr, desc[i], theirs[i]);
+      }
     }
   }
   return ok();

@@ -1,0 +1,86 @@
+#include "protocol_errors.h"
+
+#include "../core/op_desc.h"
+
+namespace sy {
+
+Error abandoned_error(int rank, uint32_t epoch, int failed, int peer, core::WaitRole role, sy_status status) {
+  std::string msg = "rank " + std::to_string(rank) + ": operation " + std::to_string(epoch) +
+                    " of this buffer was abandoned by rank " + std::to_string(failed);
+  if (status == SY_ERROR_TIMEOUT && peer >= 0) {
+    msg += ", which timed out waiting for rank " + std::to_string(peer) + " in " + core::wait_role_name(role);
+  } else if (status == SY_ERROR_INVALID_ARGUMENT) {
+    msg += " because its input was invalid (see rank " + std::to_string(failed) + "'s error)";
+  } else {
+    msg += std::string(" (") + sy_status_name(status) + ")";
+  }
+  msg += "; this buffer set cannot be used again, create new buffers";
+  Error e = fail(SY_ERROR_PEER_FAILED, msg);
+  e.wait.rank = rank;
+  e.wait.peer = peer >= 0 ? peer : failed;
+  e.wait.role = role;
+  e.wait.expected = epoch;
+  return e;
+}
+
+Error kind_mismatch_error(int rank, uint32_t epoch, uint32_t mine, int peer, uint32_t theirs) {
+  Error e = fail(SY_ERROR_INVALID_ARGUMENT,
+                 "rank " + std::to_string(rank) + " called " + core::op_kind_name(mine) + " as operation " +
+                     std::to_string(epoch) + " of this buffer, but rank " + std::to_string(peer) + " called " +
+                     core::op_kind_name(theirs) + "; every rank must call the same operations in the same order",
+                 "operation");
+  e.peers_informed = true;
+  return e;
+}
+
+Error peer_rejected_error(int rank, uint32_t epoch, uint32_t kind, int peer) {
+  Error e = fail(SY_ERROR_PEER_FAILED,
+                 "rank " + std::to_string(rank) + ": rank " + std::to_string(peer) + " rejected its input for " +
+                     core::op_kind_name(kind) + " (operation " + std::to_string(epoch) + "; see rank " +
+                     std::to_string(peer) + "'s error), so no rank ran it",
+                 "operation");
+  e.wait.rank = rank;
+  e.wait.peer = peer;
+  e.peers_informed = true;
+  return e;
+}
+
+Error desc_mismatch_error(int rank, uint32_t epoch, uint32_t kind, int peer, const char* name, uint32_t mine,
+                          uint32_t theirs) {
+  Error e = fail(SY_ERROR_INVALID_ARGUMENT,
+                 "rank " + std::to_string(rank) + " and rank " + std::to_string(peer) + " called " +
+                     core::op_kind_name(kind) + " (operation " + std::to_string(epoch) + ") with different " +
+                     (name ? name : "parameters") + " (" + std::to_string(mine) + " vs " + std::to_string(theirs) +
+                     "); every rank must pass matching arguments",
+                 "operation");
+  e.peers_informed = true;
+  return e;
+}
+
+Error cached_mismatch_error(int rank, int64_t expected, int64_t sent) {
+  return invalid("handle", "handle: the cached routing expects " + std::to_string(expected) + " rows at rank " +
+                               std::to_string(rank) + " but the peers sent " + std::to_string(sent) +
+                               "; every rank must pass the handle of the same dispatch");
+}
+
+Error capacity_error(int rank, int64_t needed, int64_t capacity, bool expanded_rows) {
+  if (expanded_rows) {
+    return invalid("numWorstTokens", "numWorstTokens: rank " + std::to_string(rank) + " needs " +
+                                         std::to_string(needed) + " expanded rows but the outputs hold " +
+                                         std::to_string(capacity));
+  }
+  return invalid("numWorstTokens", "numWorstTokens: rank " + std::to_string(rank) + " received " +
+                                       std::to_string(needed) + " tokens but the outputs hold " +
+                                       std::to_string(capacity) + " rows");
+}
+
+Error failed_handle_error() {
+  return invalid("handle", "handle: its dispatch did not complete (it failed), so there is nothing to combine");
+}
+
+Error missing_ranks_error(const core::WaitFailure& w, uint32_t epoch, const std::string& missing) {
+  return timeout_error(w, "operation " + std::to_string(epoch) + " of this buffer; missing: rank" +
+                              (missing.find(',') != std::string::npos ? "s " : " ") + missing);
+}
+
+}  // namespace sy

@@ -1,0 +1,31 @@
+// The errors of the peer protocol, worded once for both backends: the host backend raises them
+// from its waits, the CUDA backend from the records its kernels leave.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "error.h"
+
+namespace sy {
+
+// A peer gave up on operation `epoch` (its abort record): PEER_FAILED naming it and, if it timed
+// out, whom it waited for.
+Error abandoned_error(int rank, uint32_t epoch, int failed, int peer, core::WaitRole role, sy_status status);
+// Rank `peer` called another operation as `epoch`.
+Error kind_mismatch_error(int rank, uint32_t epoch, uint32_t mine, int peer, uint32_t theirs);
+// Rank `peer` rejected its own input for operation `kind`.
+Error peer_rejected_error(int rank, uint32_t epoch, uint32_t kind, int peer);
+// Rank `peer` passed `theirs` for the parameter `name` (word of the barrier's description).
+Error desc_mismatch_error(int rank, uint32_t epoch, uint32_t kind, int peer, const char* name, uint32_t mine,
+                          uint32_t theirs);
+// The peers sent `sent` rows where the cached handle expects `expected`.
+Error cached_mismatch_error(int rank, int64_t expected, int64_t sent);
+// Worst-case outputs too small: `received` tokens (or `rows` expanded rows) for `capacity` rows.
+Error capacity_error(int rank, int64_t needed, int64_t capacity, bool expanded_rows);
+// Combine of a handle whose dispatch failed.
+Error failed_handle_error();
+// A wait that ran out: "operation N of this buffer; missing: ranks ...".
+Error missing_ranks_error(const core::WaitFailure& w, uint32_t epoch, const std::string& missing);
+
+}  // namespace sy

@@ -1,0 +1,48 @@
+// The parameters of a normal-mode operation that every rank must agree on. They travel with the
+// barrier (BufferPlan::off_op_desc, kDescWords words each) so a rank that disagrees is named
+// instead of corrupting its peers' outputs. Both backends build them here.
+#pragma once
+
+#include <cstdint>
+
+#include "dtype.h"
+#include "plan.h"
+
+namespace sy::core {
+
+// What each word means, for the message that reports a mismatch (word 0 is the kind).
+inline constexpr const char* kDispatchDescNames[kDescWords] = {
+    "operation", "payload dtypes", "scale words per token", "scale dtypes", "top-k widths",
+    "expert counts", "modes (cached or not)", nullptr};
+inline constexpr const char* kCombineDescNames[kDescWords] = {"operation", "top-k weight widths", nullptr};
+
+// Receivers trust the senders' rows: the parameters that shape them must agree.
+inline void dispatch_desc(uint32_t out[kDescWords], DType x_dtype, int num_scales, DType scale_dtype, int topk,
+                          int experts, bool cached, bool rejected) {
+  out[0] = uint32_t(OpKind::Dispatch);
+  out[1] = uint32_t(x_dtype);
+  out[2] = uint32_t(num_scales);
+  out[3] = num_scales ? uint32_t(scale_dtype) : 0u;
+  out[4] = uint32_t(topk);
+  out[5] = uint32_t(experts);
+  out[6] = cached ? 1u : 0u;
+  out[kDescRejected] = rejected ? 1u : 0u;
+}
+
+inline void combine_desc(uint32_t out[kDescWords], int topk, bool rejected) {
+  for (int i = 0; i < kDescWords; ++i) out[i] = 0;
+  out[0] = uint32_t(OpKind::Combine);
+  out[1] = uint32_t(topk);
+  out[kDescRejected] = rejected ? 1u : 0u;
+}
+
+inline const char* op_kind_name(uint32_t v) {
+  switch (OpKind(v)) {
+    case OpKind::Dispatch: return "dispatch";
+    case OpKind::Combine: return "combine";
+    case OpKind::CleanLowLatency: return "cleanLowLatencyBuffer";
+    default: return "nothing";
+  }
+}
+
+}  // namespace sy::core

@@ -1,0 +1,382 @@
+// Normal-mode dispatch and combine on the CUDA backend: per-buffer state, marshalling of the
+// validated work into kernel arguments, and the host side of exact-size dispatch.
+#include "cuda_normal.h"
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../abi/ops.h"
+#include "../core/op_desc.h"
+#include "normal_kernels.h"
+#include "ordered_rank.cuh"
+
+namespace sy::cuda {
+
+namespace {
+
+// Buffers of one GPU wait for each other in one-block kernels; more ranks per GPU than this
+// would make the CUDA driver put two ranks' streams on one hardware queue, where a waiting
+// kernel can sit in front of the kernel it waits for (CUDA_DEVICE_MAX_CONNECTIONS is 32, and
+// each rank drives a communication and a compute stream).
+constexpr int kMaxRanksPerDevice = 16;
+
+// A rank's per-buffer state: its exchange page (read by the peers) and private workspace.
+struct CudaBuffer {
+  ExchangeLayout xl;
+  std::shared_ptr<Memory> page, fixed, tables, rank_counts, recv_local;
+  Workspace ws;
+  bool tables_ready = false;
+  uint8_t* const* d_bases = nullptr;
+  uint8_t* const* d_xchg = nullptr;
+};
+
+CudaBuffer& buffer_state(BufferCore& buf) { return *static_cast<CudaBuffer*>(buf.backend_state.get()); }
+
+template <class T>
+T* at(const std::shared_ptr<Memory>& m, uint64_t off = 0) {
+  return reinterpret_cast<T*>(static_cast<uint8_t*>(m->ptr) + off);
+}
+
+Error refuse_process_groups(const BufferCore& buf, const char* op) {
+  if (!buf.group->process_group) return ok();
+  return fail(SY_ERROR_UNSUPPORTED,
+              std::string(op) + " between processes is not on the CUDA backend yet (the exchange pages are not "
+                                "shared through CUDA IPC); virtual ranks of one process (Group.local) are");
+}
+
+// Once per buffer, when every rank has joined: the device tables of the peers' buffers and
+// exchange pages, and the checks that the ranks' waiting kernels can all be resident at once.
+Error ensure_tables(BufferCore& buf) {
+  CudaBuffer& st = buffer_state(buf);
+  if (st.tables_ready) return ok();
+  BufferSet& set = *buf.set;
+  const int R = buf.group->num_ranks;
+  std::vector<uint8_t*> table(size_t(2 * R), nullptr);
+  {
+    std::unique_lock<std::mutex> l(set.mu);
+    const Deadline d = Deadline::after_ms(buf.timeout_ms);
+    auto missing = [&] {
+      for (int r = 0; r < R; ++r)
+        if (set.bases[size_t(r)] == nullptr || !set.pages[size_t(r)]) return r;
+      return -1;
+    };
+    while (missing() >= 0 && !d.expired()) set.cv.wait_for(l, std::chrono::duration<double>(d.remaining_seconds()));
+    if (const int r = missing(); r >= 0) {
+      core::WaitFailure w;
+      w.rank = buf.rank;
+      w.peer = r;
+      w.role = core::WaitRole::BufferPeers;
+      w.expected = R;
+      w.observed = set.joined;
+      w.waited_seconds = double(buf.timeout_ms) / 1000.0;
+      return timeout_error(w, "rank " + std::to_string(r) + " has not created its matching buffer");
+    }
+    for (int r = 0; r < R; ++r) {
+      table[size_t(r)] = set.bases[size_t(r)];
+      table[size_t(R + r)] = static_cast<uint8_t*>(set.pages[size_t(r)]->ptr);
+    }
+  }
+
+  // Co-residency: every rank on this GPU keeps one waiting block resident during an operation.
+  GroupCore& g = *buf.group;
+  const CudaRank& mine = rank_state(buf.rank_core());
+  int on_device = 0;
+  for (const auto& r : g.ranks) {
+    const int dev = rank_state(*r).device;
+    if (dev == mine.device) ++on_device;
+    if (dev != mine.device) {
+      int can = 0;
+      SY_CUDA(cudaDeviceCanAccessPeer(&can, mine.device, dev));
+      if (!can) {
+        return fail(SY_ERROR_UNSUPPORTED, "rank " + std::to_string(r->index) + " is on GPU " + std::to_string(dev) +
+                                              ", which GPU " + std::to_string(mine.device) +
+                                              " cannot address (no peer access); put the ranks on GPUs "
+                                              "connected by NVLink or PCIe peer-to-peer");
+      }
+    }
+  }
+  int per_sm = 0;
+  SY_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, sync_kernel_for_occupancy(), kSyncThreads, 0));
+  const int64_t resident = int64_t(per_sm) * mine.sm_count;
+  if (on_device > kMaxRanksPerDevice || on_device > resident) {
+    return invalid("ranks", "ranks: " + std::to_string(on_device) + " ranks share GPU " + std::to_string(mine.device) +
+                                "; their waiting kernels must all be resident at once, and at most " +
+                                std::to_string(std::min<int64_t>(kMaxRanksPerDevice, resident)) +
+                                " can be (" + std::to_string(resident) +
+                                " blocks fit, and the driver keeps 32 hardware queues); use fewer ranks per GPU");
+  }
+  if (buf.num_sms > mine.sm_count) {
+    return invalid("numSms", "numSms: " + std::to_string(buf.num_sms) + " exceeds the " +
+                                 std::to_string(mine.sm_count) + " SMs of GPU " + std::to_string(mine.device));
+  }
+
+  SY_TRY(g.backend->allocate(buf.rank_core(), sizeof(uint8_t*) * table.size(), &st.tables));
+  SY_CUDA(cudaMemcpy(st.tables->ptr, table.data(), sizeof(uint8_t*) * table.size(), cudaMemcpyHostToDevice));
+  st.d_bases = at<uint8_t* const>(st.tables);
+  st.d_xchg = at<uint8_t* const>(st.tables) + R;
+  st.tables_ready = true;
+  return ok();
+}
+
+SyncArgs sync_args(const BufferCore& buf, uint32_t epoch, const CudaBuffer& st, KernelReport* report) {
+  SyncArgs s;
+  s.rank = buf.rank;
+  s.ranks = buf.group->num_ranks;
+  s.epoch = epoch;
+  s.timeout_ns = uint64_t(buf.timeout_ms) * 1000000ull;
+  s.bases = st.d_bases;
+  s.off_abort = buf.plan.off_abort;
+  s.off_op_kind = buf.plan.off_op_kind;
+  s.off_op_desc = buf.plan.off_op_desc;
+  s.off_barrier = buf.plan.off_barrier_epoch;
+  s.report = report;
+  return s;
+}
+
+const uint8_t* bytes_of(const std::shared_ptr<Tensor>& t) { return t ? t->data() : nullptr; }
+int64_t stride_bytes(const std::shared_ptr<Tensor>& t, int dim) {
+  return t ? t->strides[dim] * t->element_size() : 0;
+}
+
+// What one dispatch carries from its notify stage to its epilogue.
+struct DispatchOp {
+  std::shared_ptr<ReportSlot> report;
+  DispatchArgs args;
+  std::shared_ptr<Tensor> state;  // the handle's device state word
+};
+
+struct HandleState {
+  std::shared_ptr<Tensor> state;  // i32[1] on the device: 1 complete, 2 failed (combine checks it)
+};
+
+int blocks_of(const BufferCore& buf) { return std::max(1, buf.num_sms); }
+
+}  // namespace
+
+Error normal_init_buffer(BufferCore& buf) {
+  if (buf.group->process_group) return ok();  // refused at the first operation
+  auto st = std::make_shared<CudaBuffer>();
+  const int R = buf.group->num_ranks;
+  st->xl = exchange_layout(R, buf.plan.max_tokens_per_rank);
+  Backend& be = *buf.group->backend;
+  SY_TRY(be.allocate(buf.rank_core(), st->xl.bytes, &st->page));
+  // Fixed workspace: recv_start[R] recv_cnt[R] expert_count[EMAX] group_base[EMAX]
+  // rank_totals[max(R, EMAX)] passed[1], then totals (i64[2]).
+  const uint64_t EMAX = core::kMaxExpertsPerRank;
+  const uint64_t ints = 2 * uint64_t(R) + 2 * EMAX + std::max<uint64_t>(uint64_t(R), EMAX) + 1;
+  const uint64_t off_totals = core::align_up(4 * ints, 16);
+  SY_TRY(be.allocate(buf.rank_core(), off_totals + 16, &st->fixed));
+  int32_t* p = at<int32_t>(st->fixed);
+  st->ws.recv_start = p;
+  st->ws.recv_cnt = p + R;
+  st->ws.expert_count = p + 2 * R;
+  st->ws.group_base = p + 2 * R + EMAX;
+  st->ws.rank_totals = p + 2 * R + 2 * EMAX;
+  st->ws.passed_barrier = p + ints - 1;
+  st->ws.totals = at<int64_t>(st->fixed, off_totals);
+  // The orderings' scratch, sized once for the largest operation the buffer admits (growing it
+  // later would free memory, and cudaFree waits for every kernel on the device, peers' included):
+  // tokens per destination, received rows per local expert (expanded layout), their experts.
+  const int64_t max_rows = buf.plan.max_recv_rows();
+  const uint64_t rank_ints = std::max<uint64_t>(uint64_t(rank_chunks(buf.plan.max_tokens_per_rank)) * uint64_t(R),
+                                                uint64_t(rank_chunks(max_rows)) * EMAX);
+  SY_TRY(be.allocate(buf.rank_core(), 4 * rank_ints, &st->rank_counts));
+  SY_TRY(be.allocate(buf.rank_core(), 4 * uint64_t(max_rows) * core::kMaxTopk, &st->recv_local));
+  st->ws.rank_counts = at<int32_t>(st->rank_counts);
+  st->ws.recv_local = at<int32_t>(st->recv_local);
+  buf.backend_state = st;
+  std::lock_guard<std::mutex> l(buf.set->mu);
+  buf.set->pages[size_t(buf.rank)] = st->page;
+  buf.set->cv.notify_all();
+  return ok();
+}
+
+Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work) {
+  SY_TRY(refuse_process_groups(buf, "dispatch"));
+  SY_CUDA(cudaSetDevice(comm.rank_state_ref().device));
+  SY_TRY(ensure_tables(buf));
+  CudaBuffer& st = buffer_state(buf);
+  DispatchWork& w = *work;
+  DispatchHandle& h = *w.handle;
+  auto op = std::make_shared<DispatchOp>();
+  SY_TRY(comm.rank_state_ref().reports->take(&op->report));
+
+  // The handle's device state: new for a new routing, the original's for a cached one.
+  if (!w.cached) {
+    auto hs = std::make_shared<HandleState>();
+    SY_TRY(sy::new_tensor(buf.group, buf.rank, core::DType::I32, {1}, &hs->state));
+    h.backend_state = hs;
+  }
+  if (!h.backend_state) return invalid("handle", "handle: comes from another backend");
+  op->state = static_cast<HandleState*>(h.backend_state.get())->state;
+
+  DispatchArgs& a = op->args;
+  a.sync = sync_args(buf, w.epoch, st, op->report->device);
+  a.xchg = st.d_xchg;
+  a.own_xchg = static_cast<uint8_t*>(st.page->ptr);
+  a.xl = st.xl;
+  a.off_done = buf.plan.off_dispatch_epoch;
+  core::dispatch_desc(a.desc, w.x_dtype, w.num_scales, w.scale_dtype, w.topk, w.num_experts, w.cached, false);
+  a.pub.x = bytes_of(w.x);
+  a.pub.x_stride = stride_bytes(w.x, 0);
+  a.pub.scales = bytes_of(w.x_scales);
+  a.pub.scale_st = stride_bytes(w.x_scales, 0);
+  a.pub.scale_ss = stride_bytes(w.x_scales, 1);
+  a.pub.topk_idx = bytes_of(w.topk_idx);
+  a.pub.idx_st = stride_bytes(w.topk_idx, 0);
+  a.pub.idx_sk = stride_bytes(w.topk_idx, 1);
+  a.pub.idx_i64 = w.topk_idx && w.topk_idx->dtype == core::DType::I64 ? 1 : 0;
+  a.pub.topk_w = bytes_of(w.topk_weights);
+  a.pub.w_st = stride_bytes(w.topk_weights, 0);
+  a.pub.w_sk = stride_bytes(w.topk_weights, 1);
+  a.tokens = w.num_tokens;
+  a.max_tokens = buf.plan.max_tokens_per_rank;
+  a.topk = w.topk;
+  a.experts = w.num_experts;
+  a.local_experts = w.num_local_experts;
+  a.cached = w.cached ? 1 : 0;
+  a.layout = w.layout;
+  a.alignment = w.expert_alignment;
+  a.zero_padding = w.zero_padding ? 1 : 0;
+  a.payload_bytes = w.payload_bytes;
+  a.num_scales = w.num_scales;
+  a.user_route = w.cached ? nullptr : bytes_of(w.is_token_in_rank);
+  a.route_st = stride_bytes(w.is_token_in_rank, 0);
+  a.route_sr = stride_bytes(w.is_token_in_rank, 1);
+  a.h_route = h.is_token_in_rank->data();
+  a.h_slot = reinterpret_cast<int32_t*>(h.send_slot->data());
+  a.h_prefix = reinterpret_cast<int32_t*>(h.rank_prefix_matrix->data());
+  a.h_state = reinterpret_cast<int32_t*>(op->state->data());
+  a.h_topk = h.num_topk;
+  // Worst-case and cached outputs exist already; exact-size ones are sized from the counts.
+  a.out_rows = w.mode == DispatchMode::Exact ? -1 : w.out_rows;
+  a.h_cap = w.mode == DispatchMode::Exact ? -1 : h.recv_capacity;
+  a.cached_tokens = w.cached ? h.num_recv_tokens.load() : 0;
+  a.cached_rows = w.cached ? h.num_rows : 0;
+  a.ws = st.ws;
+
+  const uint32_t epoch = w.epoch;
+  const int rank = buf.rank;
+  std::shared_ptr<ReportSlot> report = op->report;
+  w.status->check_after = [report, rank, epoch]() { return report_error(*report->host, rank, epoch, "dispatch"); };
+  w.backend_state = op;
+  SY_CUDA(launch_dispatch_notify(a, blocks_of(buf), comm.raw()));
+  return op->report->seal(comm.raw());
+}
+
+Error normal_dispatch_wait_counts(DispatchWork& w, Deadline deadline) {
+  auto* op = static_cast<DispatchOp*>(w.backend_state.get());
+  const KernelReport& r = *op->report->host;
+  const double start = now_seconds();
+  double nap = 2e-6;
+  uint32_t flag;
+  while ((flag = __atomic_load_n(&r.counts_flag, __ATOMIC_ACQUIRE)) == 0) {
+    if (deadline.expired()) {
+      core::WaitFailure f;
+      f.rank = w.rank;
+      f.role = core::WaitRole::HostCounter;
+      f.waited_seconds = now_seconds() - start;
+      return timeout_error(f, "the exchange kernel of dispatch " + std::to_string(w.epoch) + " did not report");
+    }
+    std::this_thread::sleep_for(std::chrono::duration<double>(nap));
+    nap = std::min(nap * 2, 1e-4);
+  }
+  if (flag != 1u) {
+    Error e = report_error(r, w.rank, w.epoch, "dispatch");
+    return e ? e : fail(SY_ERROR_INTERNAL, "dispatch: the exchange failed without a report");
+  }
+  w.num_recv_tokens = r.num_recv;
+  w.expert_counts_exact.assign(r.expert_counts, r.expert_counts + (w.topk > 0 ? w.num_local_experts : 0));
+  return ok();
+}
+
+Error normal_dispatch_epilogue(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work) {
+  DispatchWork& w = *work;
+  DispatchHandle& h = *w.handle;
+  auto op = std::static_pointer_cast<DispatchOp>(w.backend_state);
+  DispatchArgs& a = op->args;
+  a.out_rows = w.out_rows;
+  a.h_cap = h.recv_capacity;
+  a.h_src_idx = reinterpret_cast<int32_t*>(h.recv_src_idx->data());
+  a.h_src_rank = reinterpret_cast<int32_t*>(h.recv_src_rank->data());
+  a.h_exp_row = h.expanded_row ? reinterpret_cast<int32_t*>(h.expanded_row->data()) : nullptr;
+  a.recv_x = w.recv_x->data();
+  a.recv_scales = w.recv_x_scales ? w.recv_x_scales->data() : nullptr;
+  a.recv_idx = w.recv_topk_idx ? w.recv_topk_idx->data() : nullptr;
+  a.recv_idx_i64 = w.recv_topk_idx && w.recv_topk_idx->dtype == core::DType::I64 ? 1 : 0;
+  a.recv_w = w.recv_topk_weights ? reinterpret_cast<float*>(w.recv_topk_weights->data()) : nullptr;
+  a.recv_count = reinterpret_cast<int32_t*>(w.recv_count->data());
+  SY_CUDA(cudaSetDevice(comm.rank_state_ref().device));
+  SY_CUDA(launch_dispatch_receive(a, blocks_of(buf), comm.raw()));
+  SY_TRY(op->report->seal(comm.raw()));
+  if (!w.cached) {
+    // The handle learns its outcome once the dispatch is over (asked by combine, a cached
+    // dispatch, or its info).
+    std::shared_ptr<ReportSlot> report = op->report;
+    const int rank = buf.rank;
+    const uint32_t epoch = w.epoch;
+    std::lock_guard<std::mutex> l(h.mu);
+    h.settle = [report, rank, epoch](DispatchHandle& hh) {
+      if (!report->complete()) return;
+      const KernelReport& r = *report->host;
+      const bool failed = report_error(r, rank, epoch, "dispatch").status != SY_OK;
+      if (!failed) hh.num_recv_tokens.store(r.num_recv);
+      hh.state.store(failed ? 2 : 1);
+      std::lock_guard<std::mutex> l2(hh.mu);
+      hh.settle = nullptr;
+    };
+  }
+  w.backend_state.reset();
+  return ok();
+}
+
+Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<CombineWork>& work) {
+  SY_TRY(refuse_process_groups(buf, "combine"));
+  SY_CUDA(cudaSetDevice(comm.rank_state_ref().device));
+  SY_TRY(ensure_tables(buf));
+  CudaBuffer& st = buffer_state(buf);
+  CombineWork& w = *work;
+  DispatchHandle& h = *w.handle;
+  if (!h.backend_state) return invalid("handle", "handle: comes from another backend");
+  std::shared_ptr<ReportSlot> report;
+  SY_TRY(comm.rank_state_ref().reports->take(&report));
+  CombineArgs a;
+  a.sync = sync_args(buf, w.epoch, st, report->device);
+  a.xchg = st.d_xchg;
+  a.xl = st.xl;
+  a.off_done = buf.plan.off_combine_epoch;
+  core::combine_desc(a.desc, w.topk, false);
+  a.pub.cx = w.x->data();
+  a.pub.cx_stride = stride_bytes(w.x, 0);
+  a.pub.cw = bytes_of(w.topk_weights);
+  a.pub.cw_st = stride_bytes(w.topk_weights, 0);
+  a.pub.cw_sk = stride_bytes(w.topk_weights, 1);
+  a.pub.expanded_row = h.expanded_row ? reinterpret_cast<const int32_t*>(h.expanded_row->data()) : nullptr;
+  a.pub.expanded_k = h.layout == SY_LAYOUT_EXPANDED ? h.num_topk : 0;
+  a.tokens = h.num_tokens;
+  a.hidden = w.hidden;
+  a.topk = w.topk;
+  a.layout = h.layout;
+  a.h_topk = h.num_topk;
+  a.h_state = reinterpret_cast<const int32_t*>(static_cast<HandleState*>(h.backend_state.get())->state->data());
+  a.h_slot = reinterpret_cast<const int32_t*>(h.send_slot->data());
+  a.h_prefix = reinterpret_cast<const int32_t*>(h.rank_prefix_matrix->data());
+  a.bias0 = bytes_of(w.bias0);
+  a.bias0_stride = stride_bytes(w.bias0, 0);
+  a.bias1 = bytes_of(w.bias1);
+  a.bias1_stride = stride_bytes(w.bias1, 0);
+  a.out = w.out->data();
+  a.out_stride = stride_bytes(w.out, 0);
+  a.out_w = w.out_topk_weights ? reinterpret_cast<float*>(w.out_topk_weights->data()) : nullptr;
+  a.ws = st.ws;
+  const uint32_t epoch = w.epoch;
+  const int rank = buf.rank;
+  w.status->check_after = [report, rank, epoch]() { return report_error(*report->host, rank, epoch, "combine"); };
+  SY_CUDA(launch_combine(a, blocks_of(buf), comm.raw()));
+  return report->seal(comm.raw());
+}
+
+}  // namespace sy::cuda

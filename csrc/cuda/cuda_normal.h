@@ -1,0 +1,17 @@
+// The CUDA backend's normal-mode operations: per-buffer state, argument marshalling and the
+// launches of the kernels in normal_kernels.h.
+#pragma once
+
+#include <memory>
+
+#include "cuda_objects.h"
+
+namespace sy::cuda {
+
+Error normal_init_buffer(BufferCore& buf);
+Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work);
+Error normal_dispatch_wait_counts(DispatchWork& work, Deadline deadline);
+Error normal_dispatch_epilogue(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work);
+Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<CombineWork>& work);
+
+}  // namespace sy::cuda

@@ -1,0 +1,124 @@
+// CUDA streams, events, kernel report pools and stream callbacks (cuda_objects.h).
+#include "cuda_objects.h"
+
+#include <cstring>
+
+namespace sy::cuda {
+
+ReportPool::~ReportPool() {
+  cudaSetDevice(device_);
+  for (const ReportSlot& r : all_) cudaEventDestroy(r.done);
+  for (KernelReport* c : chunks_) cudaFreeHost(c);
+}
+
+Error ReportPool::take(std::shared_ptr<ReportSlot>* out) {
+  ReportSlot slot;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    size_t pick = free_.size();
+    for (size_t i = 0; i < free_.size(); ++i) {
+      if (free_[i].complete()) {
+        pick = i;
+        break;
+      }
+    }
+    if (pick == free_.size()) {
+      SY_CUDA(cudaSetDevice(device_));
+      KernelReport* host = nullptr;
+      SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), kChunk * sizeof(KernelReport), cudaHostAllocMapped));
+      chunks_.push_back(host);
+      KernelReport* device = nullptr;
+      SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device), host, 0));
+      for (int i = 0; i < kChunk; ++i) {
+        ReportSlot r{host + i, device + i, nullptr};
+        SY_CUDA(cudaEventCreateWithFlags(&r.done, cudaEventDisableTiming));
+        all_.push_back(r);
+        free_.push_back(r);
+      }
+      pick = free_.size() - 1;
+    }
+    slot = free_[pick];
+    free_[pick] = free_.back();
+    free_.pop_back();
+  }
+  std::memset(slot.host, 0, sizeof(KernelReport));
+  std::weak_ptr<ReportPool> pool = shared_from_this();
+  *out = std::shared_ptr<ReportSlot>(new ReportSlot(slot), [pool](ReportSlot* s) {
+    if (auto p = pool.lock()) {
+      std::lock_guard<std::mutex> l(p->mu_);
+      p->free_.push_back(*s);
+    }
+    delete s;
+  });
+  return ok();
+}
+
+CudaStream::~CudaStream() {
+  if (stream_) {
+    cudaSetDevice(rank_->device);
+    cudaStreamDestroy(stream_);
+  }
+}
+
+Error CudaStream::init() {
+  SY_CUDA(cudaSetDevice(rank_->device));
+  SY_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  return ok();
+}
+
+Error CudaStream::synchronize(Deadline deadline) {
+  SY_CUDA(cudaSetDevice(rank_->device));
+  return poll([&] { return cudaStreamQuery(stream_); }, deadline, rank, core::WaitRole::Stream, "stream synchronize");
+}
+
+Error CudaStream::wait_event(Event& event) {
+  auto* ce = dynamic_cast<CudaEvent*>(&event);
+  if (ce == nullptr) return fail(SY_ERROR_WRONG_HANDLE, "event: not a CUDA-backend event", "event");
+  SY_CUDA(cudaSetDevice(rank_->device));
+  SY_CUDA(cudaStreamWaitEvent(stream_, ce->raw(), 0));
+  return ok();
+}
+
+CudaEvent::~CudaEvent() {
+  if (event_) {
+    cudaSetDevice(rank_->device);
+    cudaEventDestroy(event_);
+  }
+}
+
+Error CudaEvent::init() {
+  SY_CUDA(cudaSetDevice(rank_->device));
+  SY_CUDA(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+  return ok();
+}
+
+Error CudaEvent::record(Stream& stream, std::shared_ptr<OpStatus> status) {
+  auto* cs = dynamic_cast<CudaStream*>(&stream);
+  if (cs == nullptr) return fail(SY_ERROR_WRONG_HANDLE, "stream: not a CUDA-backend stream", "stream");
+  SY_CUDA(cudaSetDevice(rank_->device));
+  SY_CUDA(cudaEventRecord(event_, cs->raw()));
+  std::lock_guard<std::mutex> l(mu_);
+  status_ = std::move(status);
+  return ok();
+}
+
+Error CudaEvent::query() {
+  SY_CUDA(cudaSetDevice(rank_->device));
+  cudaError_t rc = cudaEventQuery(event_);
+  if (rc == cudaErrorNotReady) return fail(SY_NOT_READY, "event: not complete yet");
+  SY_TRY(cuda_error(rc, "event query"));
+  return outcome();
+}
+
+Error CudaEvent::synchronize(Deadline deadline) {
+  SY_CUDA(cudaSetDevice(rank_->device));
+  SY_TRY(poll([&] { return cudaEventQuery(event_); }, deadline, rank, core::WaitRole::Event, "event synchronize"));
+  return outcome();
+}
+
+Error CudaEvent::outcome() {
+  std::lock_guard<std::mutex> l(mu_);
+  return status_ ? status_->result() : ok();
+}
+
+}  // namespace sy::cuda

@@ -1,0 +1,229 @@
+// Device side of the peer protocol: flags in the peers' buffer headers (core::BufferPlan),
+// written with release stores and read with acquire loads at system scope, so a flag never
+// overtakes the data it announces, across GPUs as well as between virtual ranks of one GPU.
+//
+// Every wait has a deadline (the GPU's global timer). On expiry the waiter records whom it
+// waited for in its KernelReport, tells every peer through their abort records, and returns:
+// kernels never trap, so the CUDA context survives a dead peer.
+#pragma once
+
+#include <cstdint>
+
+#include "../core/failure.h"
+#include "../core/plan.h"
+#include "../core/routing.h"
+#include "kernel_report.h"
+#include "switchyard.h"
+
+namespace sy::cuda {
+
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ int32_t ld_volatile_i32(const int32_t* p) {
+  return *reinterpret_cast<const volatile int32_t*>(p);
+}
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Epochs wrap around: "v has reached e" is a signed comparison of the difference.
+__device__ __forceinline__ bool epoch_reached(uint32_t v, uint32_t e) { return int32_t(v - e) >= 0; }
+
+// Whether an earlier kernel of this operation already failed (then later ones do nothing).
+__device__ __forceinline__ bool op_failed(const KernelReport* r) {
+  return ld_volatile_i32(&r->fail_flag) != 0 || ld_volatile_i32(&r->problem.flag) != 0;
+}
+
+// Records the operation's failure; the first one wins. Any thread may call it.
+struct FailureInfo {
+  KernelFailure kind = KernelFailure::None;
+  int32_t peer = -1;
+  core::WaitRole role = core::WaitRole::None;
+  int64_t expected = 0, observed = 0, waited_ns = 0;
+  int32_t a = 0, b = 0, c = 0;
+};
+
+__device__ inline void report_failure(KernelReport* r, const FailureInfo& f) {
+  if (atomicCAS_system(&r->fail_flag, 0, -1) != 0) return;
+  r->fail_kind = int32_t(f.kind);
+  r->peer = f.peer;
+  r->role = int32_t(f.role);
+  r->expected = f.expected;
+  r->observed = f.observed;
+  r->waited_ns = f.waited_ns;
+  r->a = f.a;
+  r->b = f.b;
+  r->c = f.c;
+  st_release_sys(reinterpret_cast<uint32_t*>(&r->fail_flag), 1u);
+}
+
+// Bad input a kernel found (it cannot return an error); the first problem wins.
+__device__ inline void record_problem(core::InputProblem* p, core::TopkProblem kind, int64_t token, int entry,
+                                      int64_t value) {
+  if (atomicCAS_system(&p->flag, 0, -1) != 0) return;
+  p->kind = int32_t(kind);
+  p->token = token;
+  p->entry = entry;
+  p->value = value;
+  st_release_sys(reinterpret_cast<uint32_t*>(&p->flag), 1u);
+}
+
+// The header words one rank's operation uses, and whom it talks to.
+struct SyncArgs {
+  int rank = 0, ranks = 0;
+  uint32_t epoch = 0;
+  uint64_t timeout_ns = 0;
+  uint8_t* const* bases = nullptr;  // device array: every rank's buffer base
+  uint64_t off_abort = 0, off_op_kind = 0, off_op_desc = 0, off_barrier = 0;
+  KernelReport* report = nullptr;
+};
+
+__device__ __forceinline__ uint32_t* header_word(const SyncArgs& a, int owner, uint64_t off) {
+  return reinterpret_cast<uint32_t*>(a.bases[owner] + off);
+}
+
+// My abort record, if a peer wrote one: recorded as PeerAborted. Returns true if so.
+__device__ inline bool check_aborted(const SyncArgs& a) {
+  uint32_t* rec = header_word(a, a.rank, a.off_abort);
+  if (ld_acquire_sys(&rec[core::kAbortFlag]) != 1u) return false;
+  FailureInfo f;
+  f.kind = KernelFailure::PeerAborted;
+  f.peer = int32_t(rec[core::kAbortRank]);
+  f.a = rec[core::kAbortPeer] == 0xffffffffu ? -1 : int32_t(rec[core::kAbortPeer]);
+  f.b = int32_t(rec[core::kAbortRole]);
+  f.c = int32_t(rec[core::kAbortStatus]);
+  f.expected = rec[core::kAbortEpoch];
+  report_failure(a.report, f);
+  return true;
+}
+
+// Tells every peer that this rank gave up on the operation (their waits end at once). The
+// first reason stays in each record. Block-wide: threads split the peers.
+__device__ inline void abort_peers(const SyncArgs& a, int32_t waited_for, core::WaitRole role, uint32_t status) {
+  for (int r = threadIdx.x; r < a.ranks; r += blockDim.x) {
+    uint32_t* rec = header_word(a, r, a.off_abort);
+    if (atomicCAS_system(&rec[core::kAbortFlag], 0u, 2u) != 0u) continue;
+    rec[core::kAbortRank] = uint32_t(a.rank);
+    rec[core::kAbortPeer] = waited_for >= 0 ? uint32_t(waited_for) : 0xffffffffu;
+    rec[core::kAbortRole] = uint32_t(role);
+    rec[core::kAbortEpoch] = a.epoch;
+    rec[core::kAbortStatus] = status;
+    st_release_sys(&rec[core::kAbortFlag], 1u);
+  }
+}
+
+// Sets my flag in every peer's array at `off` to this epoch (release: what I wrote before is
+// visible to whoever sees the flag). Block-wide.
+__device__ inline void signal_peers(const SyncArgs& a, uint64_t off) {
+  __syncthreads();  // every thread's earlier writes come before any flag
+  for (int r = threadIdx.x; r < a.ranks; r += blockDim.x) {
+    __threadfence_system();
+    st_release_sys(header_word(a, r, off + 4ull * uint64_t(a.rank)), a.epoch);
+  }
+}
+
+// Waits until every peer's flag in my array at `off` has reached this epoch. Block-wide; every
+// thread returns the same answer. On a timeout the failure is recorded and the peers told.
+__device__ inline bool wait_peers(const SyncArgs& a, uint64_t off, core::WaitRole role) {
+  __shared__ int failed;
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  const uint64_t start = global_ns();
+  const uint32_t* flags = header_word(a, a.rank, off);
+  for (int r = threadIdx.x; r < a.ranks; r += blockDim.x) {
+    for (uint32_t spins = 0;; ++spins) {
+      const uint32_t v = ld_acquire_sys(&flags[r]);
+      if (epoch_reached(v, a.epoch)) break;
+      if (*reinterpret_cast<volatile int*>(&failed)) break;
+      if ((spins & 63u) == 0) {
+        if (check_aborted(a)) {
+          atomicExch(&failed, 1);
+          break;
+        }
+        const uint64_t waited = global_ns() - start;
+        if (waited > a.timeout_ns) {
+          FailureInfo f;
+          f.kind = KernelFailure::Timeout;
+          f.peer = r;
+          f.role = role;
+          f.expected = a.epoch;
+          f.observed = v;
+          f.waited_ns = int64_t(waited);
+          report_failure(a.report, f);
+          atomicExch(&failed, 2);
+          break;
+        }
+        __nanosleep(64);
+      }
+    }
+  }
+  __syncthreads();
+  const int why = *reinterpret_cast<volatile int*>(&failed);
+  if (why == 2) {
+    // Name the peer the report names (the first timeout recorded).
+    abort_peers(a, ld_volatile_i32(&a.report->peer), role, uint32_t(SY_ERROR_TIMEOUT));
+  }
+  __syncthreads();
+  return why == 0;
+}
+
+// The start-of-operation barrier: publish my kind and parameters into every peer's header,
+// arrive, wait for everyone, then check that all called the same thing with the same
+// parameters. Block-wide; false (with the report filled) if the operation cannot go on.
+__device__ inline bool barrier(const SyncArgs& a, const uint32_t* desc) {
+  __shared__ int verdict;  // one answer for the whole block: a peer may abort while we look
+  if (threadIdx.x == 0) verdict = check_aborted(a) ? 0 : 1;
+  __syncthreads();
+  if (verdict == 0) return false;
+  for (int r = threadIdx.x; r < a.ranks; r += blockDim.x) {
+    header_word(a, r, a.off_op_kind)[a.rank] = desc[0];
+    uint32_t* slot = header_word(a, r, a.off_op_desc + 4ull * core::kDescWords * uint64_t(a.rank));
+    for (int i = 0; i < core::kDescWords; ++i) slot[i] = desc[i];
+  }
+  signal_peers(a, a.off_barrier);
+  if (!wait_peers(a, a.off_barrier, core::WaitRole::Barrier)) return false;
+  const uint32_t* kinds = header_word(a, a.rank, a.off_op_kind);
+  for (int r = threadIdx.x; r < a.ranks; r += blockDim.x) {
+    const uint32_t* theirs = header_word(a, a.rank, a.off_op_desc + 4ull * core::kDescWords * uint64_t(r));
+    FailureInfo f;
+    f.peer = r;
+    if (kinds[r] != desc[0]) {
+      f.kind = KernelFailure::KindMismatch;
+      f.expected = desc[0];
+      f.observed = kinds[r];
+      report_failure(a.report, f);
+      continue;
+    }
+    if (r != a.rank && theirs[core::kDescRejected] != 0) {
+      f.kind = KernelFailure::PeerRejected;
+      report_failure(a.report, f);
+      continue;
+    }
+    for (int i = 1; i < core::kDescRejected; ++i) {
+      if (theirs[i] == desc[i]) continue;
+      f.kind = KernelFailure::DescMismatch;
+      f.a = i;
+      f.expected = desc[i];
+      f.observed = theirs[i];
+      report_failure(a.report, f);
+      break;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) verdict = ld_volatile_i32(&a.report->fail_flag) == 0 && desc[core::kDescRejected] == 0;
+  __syncthreads();
+  return verdict != 0;
+}
+
+}  // namespace sy::cuda

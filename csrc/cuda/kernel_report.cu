@@ -1,0 +1,71 @@
+// A kernel report (kernel_report.h) as the error the operation fails with: the same errors,
+// worded the same way, as the host backend raises for the same situations.
+#include <string>
+
+#include "../abi/protocol_errors.h"
+#include "../core/op_desc.h"
+#include "../core/routing.h"
+#include "cuda_objects.h"
+
+namespace sy::cuda {
+
+namespace {
+
+uint32_t load_flag(const int32_t* p) { return uint32_t(__atomic_load_n(p, __ATOMIC_ACQUIRE)); }
+
+Error problem_error(const core::InputProblem& p) {
+  std::string msg = "topkIdx: token " + std::to_string(p.token) + ", entry " + std::to_string(p.entry);
+  if (core::TopkProblem(p.kind) == core::TopkProblem::Duplicate) {
+    msg += " repeats expert " + std::to_string(p.value) + " (a token visits an expert once)";
+  } else {
+    msg += " holds expert " + std::to_string(p.value) + ", outside the expert range (-1 marks an unused entry)";
+  }
+  return invalid("topkIdx", msg);
+}
+
+}  // namespace
+
+Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* op) {
+  if (load_flag(&r.problem.flag) == 1u) return problem_error(r.problem);
+  if (load_flag(&r.fail_flag) != 1u) return ok();
+  const uint32_t kind = op[0] == 'c' ? uint32_t(core::OpKind::Combine) : uint32_t(core::OpKind::Dispatch);
+  const char* const* names = kind == uint32_t(core::OpKind::Combine) ? core::kCombineDescNames : core::kDispatchDescNames;
+  switch (KernelFailure(r.fail_kind)) {
+    case KernelFailure::Timeout: {
+      core::WaitFailure w;
+      w.rank = rank;
+      w.peer = r.peer;
+      w.role = core::WaitRole(r.role);
+      w.channel = r.peer;
+      w.expected = r.expected;
+      w.observed = r.observed;
+      w.waited_seconds = double(r.waited_ns) * 1e-9;
+      return missing_ranks_error(w, epoch, std::to_string(r.peer));
+    }
+    case KernelFailure::PeerAborted:
+      return abandoned_error(rank, uint32_t(r.expected), r.peer, r.a, core::WaitRole(r.b), sy_status(r.c));
+    case KernelFailure::PeerRejected:
+      return peer_rejected_error(rank, epoch, kind, r.peer);
+    case KernelFailure::KindMismatch:
+      return kind_mismatch_error(rank, epoch, uint32_t(r.expected), r.peer, uint32_t(r.observed));
+    case KernelFailure::DescMismatch: {
+      const int word = r.a > 0 && r.a < core::kDescWords ? r.a : 0;
+      return desc_mismatch_error(rank, epoch, kind, r.peer, names[word], uint32_t(r.expected), uint32_t(r.observed));
+    }
+    case KernelFailure::CachedMismatch:
+      return cached_mismatch_error(rank, r.expected, r.observed);
+    case KernelFailure::Capacity:
+      return capacity_error(rank, r.observed, r.expected, r.a == 1);
+    case KernelFailure::DispatchFailed:
+      return failed_handle_error();
+    case KernelFailure::Internal:
+      return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": " + std::to_string(r.observed) +
+                                         " rows arrived for local expert " + std::to_string(r.a) + " but the peers counted " +
+                                         std::to_string(r.expected));
+    default:
+      return fail(SY_ERROR_INTERNAL, std::string(op) + ": a kernel failed with an unknown record (" +
+                                         std::to_string(r.fail_kind) + ")");
+  }
+}
+
+}  // namespace sy::cuda

@@ -1,0 +1,50 @@
+// What a CUDA operation tells the host: bad input, why it gave up, and (for exact-size dispatch)
+// the received counts. Kernels cannot return errors, so each operation takes one record in
+// mapped pinned memory (a ring per rank), fills it from the device and the host reads it once the
+// operation's work has completed, or earlier for the counts. Every part has a flag written last
+// with a release store, so a reader never sees half a record.
+#pragma once
+
+#include <cstdint>
+
+#include "../core/failure.h"
+#include "../core/limits.h"
+
+namespace sy::cuda {
+
+// Why an operation failed on the device. The host turns each into the same error the host
+// backend reports for it (kernel_report.cu).
+enum class KernelFailure : int32_t {
+  None = 0,
+  Timeout = 1,          // waited for `peer` in `role`: flag `observed`, wanted `expected`
+  PeerAborted = 2,      // rank `peer` gave up (its abort record: a = its peer, b = role, c = status)
+  PeerRejected = 3,     // rank `peer` rejected its own input
+  KindMismatch = 4,     // rank `peer` called operation kind `observed`, this rank `expected`
+  DescMismatch = 5,     // rank `peer` passed `observed` for parameter word `a`, this rank `expected`
+  CachedMismatch = 6,   // the cached handle expects `expected` rows, the peers sent `observed`
+  Capacity = 7,         // `observed` rows arrived, the outputs hold `expected`
+  DispatchFailed = 8,   // combine: the handle's dispatch did not complete
+  Internal = 9,         // the peers' counts disagree with what arrived (`a` = local expert)
+  NotRun = 10,          // an earlier kernel of the operation failed (never reported alone)
+};
+
+struct KernelReport {
+  // Bad top-k entries (the first one wins).
+  core::InputProblem problem;
+  // The operation's failure (the first one wins): 0 none, -1 being written, 1 set.
+  int32_t fail_flag;
+  int32_t fail_kind;  // KernelFailure
+  int32_t peer;
+  int32_t role;       // core::WaitRole
+  int64_t expected;
+  int64_t observed;
+  int64_t waited_ns;
+  int32_t a, b, c, reserved;
+  // Exact-size dispatch: 0 pending, 1 ready, 2 failed (see fail_*). Written by the exchange.
+  uint32_t counts_flag;
+  int32_t num_local_experts;
+  int64_t num_recv;   // rows received (tokens)
+  int32_t expert_counts[core::kMaxExpertsPerRank];  // per local expert, unaligned
+};
+
+}  // namespace sy::cuda

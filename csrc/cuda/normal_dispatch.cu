@@ -1,0 +1,486 @@
+// Normal-mode dispatch kernels (the sequence is described in normal_kernels.h).
+#include <cstdint>
+
+#include "../core/routing.h"
+#include "normal_kernels.h"
+#include "ordered_rank.cuh"
+#include "row_copy.cuh"
+
+namespace sy::cuda {
+
+ExchangeLayout exchange_layout(int ranks, int max_tokens) {
+  ExchangeLayout l;
+  const uint64_t R = uint64_t(ranks);
+  uint64_t o = 0;
+  l.off_pub = o;
+  o = core::align_up(o + sizeof(Published), core::kRegionAlignBytes);
+  l.off_send_counts = o;
+  o = core::align_up(o + 4 * R, core::kRegionAlignBytes);
+  l.off_expert_send = o;
+  o = core::align_up(o + 4 * R * uint64_t(core::kMaxExpertsPerRank), core::kRegionAlignBytes);
+  l.off_send_list = o;
+  o = core::align_up(o + 4 * R * uint64_t(max_tokens), core::kRegionAlignBytes);
+  l.bytes = o;
+  return l;
+}
+
+__global__ void __launch_bounds__(kRankScanThreads) rank_scan_kernel(int64_t chunks, int keys, int32_t* counts,
+                                                                     int32_t* totals) {
+  __shared__ int32_t part[kRankScanThreads];
+  const int key = blockIdx.x;
+  const int64_t per = (chunks + blockDim.x - 1) / blockDim.x;
+  const int64_t begin = int64_t(threadIdx.x) * per;
+  const int64_t end = begin + per < chunks ? begin + per : chunks;
+  int32_t sum = 0;
+  for (int64_t c = begin; c < end; ++c) sum += counts[c * keys + key];
+  part[threadIdx.x] = sum;
+  __syncthreads();
+  for (int off = 1; off < int(blockDim.x); off *= 2) {
+    const int32_t v = int(threadIdx.x) >= off ? part[threadIdx.x - off] : 0;
+    __syncthreads();
+    part[threadIdx.x] += v;
+    __syncthreads();
+  }
+  int32_t run = part[threadIdx.x] - sum;
+  for (int64_t c = begin; c < end; ++c) {
+    const int32_t v = counts[c * keys + key];
+    counts[c * keys + key] = run;
+    run += v;
+  }
+  if (threadIdx.x == blockDim.x - 1) totals[key] = part[threadIdx.x];
+}
+
+namespace {
+
+__device__ __forceinline__ int64_t load_idx(const uint8_t* base, int64_t off, bool i64) {
+  return i64 ? *reinterpret_cast<const int64_t*>(base + off) : int64_t(*reinterpret_cast<const int32_t*>(base + off));
+}
+
+__device__ __forceinline__ int32_t* exchange_i32(const DispatchArgs& a, int owner, uint64_t off) {
+  return reinterpret_cast<int32_t*>(a.xchg[owner] + off);
+}
+
+__device__ __forceinline__ const Published& published(const DispatchArgs& a, int owner) {
+  return *reinterpret_cast<const Published*>(a.xchg[owner] + a.xl.off_pub);
+}
+
+// One thread per token: check its top-k row, mark its destinations, count it per
+// (destination, local expert) for the destinations it goes to.
+__global__ void route_kernel(DispatchArgs a) {
+  const int R = a.sync.ranks;
+  const int me = a.sync.rank;
+  const int EL = a.local_experts;
+  int32_t* expert_send = exchange_i32(a, me, a.xl.off_expert_send);
+  const Published& p = a.pub;
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < a.tokens; t += int64_t(gridDim.x) * blockDim.x) {
+    uint8_t* row = a.h_route + t * R;
+    auto at = [&](int k) { return load_idx(p.topk_idx, t * p.idx_st + k * p.idx_sk, p.idx_i64 != 0); };
+    if (a.topk > 0) {
+      int bad = -1;
+      const core::TopkProblem problem = core::check_topk_row(at, a.topk, a.experts, &bad);
+      if (problem != core::TopkProblem::None) {
+        record_problem(&a.sync.report->problem, problem, t, bad, at(bad));
+        continue;
+      }
+    }
+    if (a.user_route != nullptr) {
+      for (int d = 0; d < R; ++d) row[d] = a.user_route[t * a.route_st + d * a.route_sr] ? 1 : 0;
+    } else {
+      for (int d = 0; d < R; ++d) row[d] = 0;
+      for (int k = 0; k < a.topk; ++k) {
+        const int64_t e = at(k);
+        if (e >= 0) row[core::expert_owner(e, EL)] = 1;
+      }
+    }
+    for (int k = 0; k < a.topk; ++k) {
+      const int64_t e = at(k);
+      if (e < 0) continue;
+      const int owner = core::expert_owner(e, EL);
+      if (row[owner]) atomicAdd(&expert_send[owner * EL + int(e - int64_t(owner) * EL)], 1);
+    }
+  }
+}
+
+// Ranks tokens per destination: slot[t][d] and the send list of d.
+struct SendRanker {
+  const uint8_t* route;
+  int32_t* slot;
+  int32_t* send_list;
+  int ranks;
+  int max_tokens;
+  const KernelReport* report;
+  __device__ bool skip() const { return op_failed(report); }
+  __device__ int entry_of(int64_t t, int d) const { return route[t * ranks + d] ? d : -1; }
+  __device__ void put(int64_t t, int d, int, int32_t r) const {
+    slot[t * ranks + d] = r;
+    send_list[int64_t(d) * max_tokens + r] = int32_t(t);
+  }
+  __device__ void miss(int64_t t, int d) const { slot[t * ranks + d] = -1; }
+};
+
+// Cached dispatch: the send lists and counts come from the handle's slots and prefix matrix.
+__global__ void cached_sends_kernel(DispatchArgs a) {
+  const int R = a.sync.ranks;
+  const int me = a.sync.rank;
+  int32_t* list = exchange_i32(a, me, a.xl.off_send_list);
+  int32_t* counts = exchange_i32(a, me, a.xl.off_send_counts);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t i = first; i < a.tokens * R; i += stride) {
+    const int32_t s = a.h_slot[i];
+    if (s >= 0) list[int64_t(i % R) * a.max_tokens + s] = int32_t(i / R);
+  }
+  for (int64_t d = first; d < R; d += stride) {
+    counts[d] = a.h_prefix[int64_t(me) * R + d] - (me == 0 ? 0 : a.h_prefix[int64_t(me - 1) * R + d]);
+  }
+}
+
+// One block: publish, barrier, counts. Everything a rank learns about the others comes from
+// here.
+__global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(DispatchArgs a) {
+  KernelReport* rep = a.sync.report;
+  const int R = a.sync.ranks;
+  const int me = a.sync.rank;
+  const int EL = a.local_experts;
+  __shared__ uint32_t desc[core::kDescWords];
+  __shared__ int64_t received;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < core::kDescWords; ++i) desc[i] = a.desc[i];
+    // Bad routing found by the route kernel: the barrier tells the peers, so the operation
+    // fails everywhere and the buffers stay usable.
+    desc[core::kDescRejected] = ld_volatile_i32(&rep->problem.flag) != 0 ? 1u : 0u;
+    *reinterpret_cast<Published*>(a.xchg[me] + a.xl.off_pub) = a.pub;
+    *a.ws.passed_barrier = 0;
+  }
+  __syncthreads();
+  if (!barrier(a.sync, desc)) {
+    if (threadIdx.x == 0) st_release_sys(&rep->counts_flag, 2u);
+    return;
+  }
+
+  // Column j of the prefix matrix: rows sent to j by ranks 0..i. Column `me` gives where each
+  // source's rows start here.
+  for (int j = threadIdx.x; j < R; j += blockDim.x) {
+    int32_t acc = 0;
+    for (int i = 0; i < R; ++i) {
+      const int32_t c = exchange_i32(a, i, a.xl.off_send_counts)[j];
+      if (j == me) {
+        a.ws.recv_start[i] = acc;
+        a.ws.recv_cnt[i] = c;
+      }
+      acc += c;
+      if (!a.cached) a.h_prefix[int64_t(i) * R + j] = acc;
+    }
+    if (j == me) received = acc;
+  }
+  for (int l = threadIdx.x; l < EL && a.topk > 0; l += blockDim.x) {
+    int32_t c = 0;
+    for (int p = 0; p < R; ++p) c += exchange_i32(a, p, a.xl.off_expert_send)[int64_t(me) * EL + l];
+    a.ws.expert_count[l] = c;
+    rep->expert_counts[l] = c;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t rows = received;
+    if (a.layout == SY_LAYOUT_EXPANDED) {
+      if (a.cached) {
+        rows = a.cached_rows;
+      } else {
+        rows = core::expanded_rows(a.ws.expert_count, EL, a.alignment, nullptr);
+        int64_t base = 0;
+        for (int l = 0; l < EL; ++l) {
+          a.ws.group_base[l] = int32_t(base);
+          base += core::align_count(a.ws.expert_count[l], a.alignment);
+        }
+      }
+    }
+    a.ws.totals[0] = received;
+    a.ws.totals[1] = rows;
+    FailureInfo f;
+    if (a.cached && received != a.cached_tokens) {
+      f.kind = KernelFailure::CachedMismatch;
+      f.expected = a.cached_tokens;
+      f.observed = received;
+    } else if (a.out_rows >= 0 && (received > a.h_cap || (a.layout == SY_LAYOUT_COMPACT && received > a.out_rows))) {
+      f.kind = KernelFailure::Capacity;
+      f.expected = a.h_cap < a.out_rows || a.layout != SY_LAYOUT_COMPACT ? a.h_cap : a.out_rows;
+      f.observed = received;
+    } else if (a.out_rows >= 0 && rows > a.out_rows) {
+      f.kind = KernelFailure::Capacity;
+      f.expected = a.out_rows;
+      f.observed = rows;
+      f.a = 1;  // expanded rows
+    }
+    if (f.kind != KernelFailure::None) report_failure(rep, f);
+    rep->num_local_experts = a.topk > 0 ? EL : 0;
+    rep->num_recv = received;
+    __threadfence_system();
+    st_release_sys(&rep->counts_flag, 1u);
+    *a.ws.passed_barrier = 1;
+  }
+}
+
+// Where received row n comes from: its source rank (binary search over the row starts) and
+// the sender's token index.
+struct Source {
+  int rank;
+  int32_t token;
+};
+
+__device__ __forceinline__ Source find_source(const DispatchArgs& a, const int32_t* starts, int64_t n) {
+  int lo = 0, hi = a.sync.ranks - 1;
+  while (lo < hi) {  // the last source whose rows start at or before n
+    const int mid = (lo + hi + 1) / 2;
+    if (starts[mid] <= n) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int32_t slot = int32_t(n - starts[lo]);
+  const int32_t* list = exchange_i32(a, lo, a.xl.off_send_list) + int64_t(a.sync.rank) * a.max_tokens;
+  return {lo, list[slot]};
+}
+
+__device__ __forceinline__ void store_idx(uint8_t* base, int64_t i, bool i64, int64_t v) {
+  if (i64) {
+    reinterpret_cast<int64_t*>(base)[i] = v;
+  } else {
+    reinterpret_cast<int32_t*>(base)[i] = int32_t(v);
+  }
+}
+
+// Scales of token t of the sender into output row `row` (several for the expanded layout).
+__device__ __forceinline__ void copy_scales(const DispatchArgs& a, const Published& p, int32_t t,
+                                            const int64_t* rows, int nrows, int lane) {
+  for (int s = lane; s < a.num_scales; s += 32) {
+    const uint32_t v = *reinterpret_cast<const uint32_t*>(p.scales + t * p.scale_st + s * p.scale_ss);
+    for (int r = 0; r < nrows; ++r)
+      if (rows[r] >= 0) reinterpret_cast<uint32_t*>(a.recv_scales)[rows[r] * a.num_scales + s] = v;
+  }
+}
+
+// The bookkeeping every receive kernel starts with: nothing to do after a failure; the row
+// starts of the sources in shared memory.
+__device__ bool receive_prologue(const DispatchArgs& a, int32_t* starts) {
+  __shared__ int go;
+  if (threadIdx.x == 0) go = op_failed(a.sync.report) ? 0 : 1;
+  __syncthreads();
+  if (go == 0) return false;
+  for (int i = threadIdx.x; i < a.sync.ranks; i += blockDim.x) starts[i] = a.ws.recv_start[i];
+  __syncthreads();
+  return true;
+}
+
+// Compact layout: one warp per received row, pulled from the sender's input.
+__global__ void __launch_bounds__(kCopyThreads) receive_compact_kernel(DispatchArgs a) {
+  extern __shared__ int32_t starts[];
+  if (!receive_prologue(a, starts)) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  const int64_t N = a.ws.totals[0];
+  const int me = a.sync.rank;
+  for (int64_t n = warp; n < N; n += warps) {
+    const Source src = find_source(a, starts, n);
+    const Published& p = published(a, src.rank);
+    uint8_t* dst = a.recv_x + n * a.payload_bytes;
+    warp_copy_row(p.x + src.token * p.x_stride, &dst, 1, a.payload_bytes, lane);
+    copy_scales(a, p, src.token, &n, 1, lane);
+    for (int k = lane; k < a.topk; k += 32) {
+      const int64_t e = load_idx(p.topk_idx, src.token * p.idx_st + k * p.idx_sk, p.idx_i64 != 0);
+      const int32_t local = core::local_expert(e, me, a.local_experts);
+      store_idx(a.recv_idx, n * a.topk + k, a.recv_idx_i64 != 0, local);
+      a.recv_w[n * a.topk + k] =
+          local >= 0 ? *reinterpret_cast<const float*>(p.topk_w + src.token * p.w_st + k * p.w_sk) : 0.0f;
+    }
+    if (lane == 0) {
+      a.h_src_idx[n] = src.token;
+      a.h_src_rank[n] = src.rank;
+    }
+  }
+  // Worst-case tail: no expert, no weight, no source.
+  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = N * a.topk + first; i < a.out_rows * a.topk; i += stride) {
+    store_idx(a.recv_idx, i, a.recv_idx_i64 != 0, -1);
+    a.recv_w[i] = 0.0f;
+  }
+  for (int64_t i = N + first; i < a.h_cap; i += stride) {
+    a.h_src_idx[i] = -1;
+    a.h_src_rank[i] = -1;
+  }
+  if (first == 0) *a.recv_count = int32_t(N);
+}
+
+// Expanded layout, step 1: the local experts of every received token, and its source.
+__global__ void __launch_bounds__(kCopyThreads) gather_experts_kernel(DispatchArgs a) {
+  extern __shared__ int32_t starts[];
+  if (!receive_prologue(a, starts)) return;
+  const int64_t N = a.ws.totals[0];
+  const int K = a.h_topk;
+  const int me = a.sync.rank;
+  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t n = first; n < a.h_cap; n += stride) {
+    if (n >= N) {
+      a.h_src_idx[n] = -1;
+      a.h_src_rank[n] = -1;
+      for (int k = 0; k < K; ++k) a.h_exp_row[n * K + k] = -1;
+      continue;
+    }
+    const Source src = find_source(a, starts, n);
+    const Published& p = published(a, src.rank);
+    for (int k = 0; k < K; ++k) {
+      const int64_t e = load_idx(p.topk_idx, src.token * p.idx_st + k * p.idx_sk, p.idx_i64 != 0);
+      a.ws.recv_local[n * K + k] = core::local_expert(e, me, a.local_experts);
+      a.h_exp_row[n * K + k] = -1;
+    }
+    a.h_src_idx[n] = src.token;
+    a.h_src_rank[n] = src.rank;
+  }
+}
+
+// Expanded layout, step 2: each received entry's row in its local expert's group.
+struct ExpertRanker {
+  const int32_t* recv_local;
+  int32_t* exp_row;
+  const int32_t* group_base;
+  const int64_t* totals;
+  int K;
+  const KernelReport* report;
+  __device__ bool skip() const { return op_failed(report); }
+  __device__ int entry_of(int64_t n, int l) const {
+    if (n >= totals[0]) return -1;
+    for (int k = 0; k < K; ++k)
+      if (recv_local[n * K + k] == l) return k;
+    return -1;
+  }
+  __device__ void put(int64_t n, int l, int k, int32_t r) const { exp_row[n * K + k] = group_base[l] + r; }
+  __device__ void miss(int64_t, int) const {}
+};
+
+// Expanded layout, step 3: pull each received token once and write it into every row it owns.
+__global__ void __launch_bounds__(kCopyThreads) receive_expanded_kernel(DispatchArgs a) {
+  extern __shared__ int32_t starts[];
+  if (!receive_prologue(a, starts)) return;
+  KernelReport* rep = a.sync.report;
+  const int K = a.h_topk;
+  const int EL = a.local_experts;
+  if (!a.cached) {
+    // The rows the peers announced must be the rows that arrived.
+    for (int l = threadIdx.x; l < EL; l += blockDim.x) {
+      if (a.ws.rank_totals[l] == a.ws.expert_count[l]) continue;
+      FailureInfo f;
+      f.kind = KernelFailure::Internal;
+      f.a = l;
+      f.expected = a.ws.expert_count[l];
+      f.observed = a.ws.rank_totals[l];
+      report_failure(rep, f);
+    }
+    __syncthreads();
+    if (ld_volatile_i32(&rep->fail_flag) != 0) return;
+  }
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  const int64_t N = a.ws.totals[0];
+  for (int64_t n = warp; n < N; n += warps) {
+    const int32_t t = a.h_src_idx[n];
+    const Published& p = published(a, a.h_src_rank[n]);
+    int64_t rows[core::kMaxTopk];
+    uint8_t* dst[core::kMaxTopk];
+    for (int k = 0; k < K; ++k) {
+      rows[k] = a.h_exp_row[n * K + k];
+      dst[k] = rows[k] >= 0 ? a.recv_x + rows[k] * a.payload_bytes : nullptr;
+    }
+    warp_copy_row(p.x + t * p.x_stride, dst, K, a.payload_bytes, lane);
+    copy_scales(a, p, t, rows, K, lane);
+    if (!a.cached) {
+      for (int k = lane; k < K; k += 32)
+        if (rows[k] >= 0) a.recv_w[rows[k]] = *reinterpret_cast<const float*>(p.topk_w + t * p.w_st + k * p.w_sk);
+    }
+  }
+  const int64_t rows_used = a.ws.totals[1];
+  if (a.zero_padding && !a.cached) {
+    // The padding rows of each group, then everything past the last group.
+    for (int64_t l = warp; l < EL + 1; l += warps) {
+      const int64_t begin = l < EL ? a.ws.group_base[l] + a.ws.expert_count[l] : rows_used;
+      const int64_t end = l < EL ? a.ws.group_base[l] + core::align_count(a.ws.expert_count[l], a.alignment) : a.out_rows;
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t i = lane; i < a.payload_bytes; i += 32) a.recv_x[r * a.payload_bytes + i] = 0;
+        for (int s = lane; s < a.num_scales; s += 32) reinterpret_cast<uint32_t*>(a.recv_scales)[r * a.num_scales + s] = 0;
+      }
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) *a.recv_count = int32_t(rows_used);
+}
+
+}  // namespace
+
+// The end of an operation, shared by dispatch and combine: tell every source that its inputs
+// have been read, and wait until every peer has read ours (the caller may overwrite them once
+// the operation completes). Skipped when the barrier failed: then nobody read anything.
+__global__ void __launch_bounds__(kSyncThreads) finish_kernel(SyncArgs a, uint64_t off_done, const int32_t* passed,
+                                                               int32_t* state) {
+  if (*passed == 1) {
+    signal_peers(a, off_done);
+    wait_peers(a, off_done, core::WaitRole::DispatchNotify);
+  }
+  if (threadIdx.x == 0 && state != nullptr) *state = op_failed(a.report) ? 2 : 1;
+}
+
+const void* sync_kernel_for_occupancy() { return reinterpret_cast<const void*>(&finish_kernel); }
+
+namespace {
+
+int grid_for(int64_t work, int threads, int budget) {
+  int64_t b = (work + threads - 1) / threads;
+  if (b < 1) b = 1;
+  return int(b < budget ? b : budget);
+}
+
+}  // namespace
+
+cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream_t stream) {
+  const int R = a.sync.ranks;
+  if (a.cached) {
+    cached_sends_kernel<<<grid_for(a.tokens * R, 256, blocks), 256, 0, stream>>>(a);
+  } else {
+    auto* counts = reinterpret_cast<int32_t*>(a.own_xchg + a.xl.off_send_counts);
+    cudaError_t rc = cudaMemsetAsync(counts, 0, sizeof(int32_t) * size_t(R), stream);
+    if (rc == cudaSuccess && a.topk > 0) {
+      rc = cudaMemsetAsync(a.own_xchg + a.xl.off_expert_send, 0, sizeof(int32_t) * size_t(R) * size_t(a.local_experts),
+                           stream);
+    }
+    if (rc != cudaSuccess) return rc;
+    route_kernel<<<grid_for(a.tokens, 256, blocks), 256, 0, stream>>>(a);
+    const SendRanker rk{a.h_route, a.h_slot, reinterpret_cast<int32_t*>(a.own_xchg + a.xl.off_send_list), R,
+                        a.max_tokens, a.sync.report};
+    rc = launch_ordered_rank(rk, a.tokens, R, a.ws.rank_counts, counts, blocks, stream);
+    if (rc != cudaSuccess) return rc;
+  }
+  dispatch_exchange_kernel<<<1, kSyncThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dispatch_receive(const DispatchArgs& a, int blocks, cudaStream_t stream) {
+  const size_t starts = sizeof(int32_t) * size_t(a.sync.ranks);
+  if (a.layout == SY_LAYOUT_COMPACT) {
+    receive_compact_kernel<<<blocks, kCopyThreads, starts, stream>>>(a);
+  } else {
+    if (!a.cached) {
+      gather_experts_kernel<<<grid_for(a.h_cap, kCopyThreads, blocks), kCopyThreads, starts, stream>>>(a);
+      const ExpertRanker rk{a.ws.recv_local, a.h_exp_row, a.ws.group_base, a.ws.totals, a.h_topk, a.sync.report};
+      const cudaError_t rc =
+          launch_ordered_rank(rk, a.h_cap, a.local_experts, a.ws.rank_counts, a.ws.rank_totals, blocks, stream);
+      if (rc != cudaSuccess) return rc;
+    }
+    receive_expanded_kernel<<<blocks, kCopyThreads, starts, stream>>>(a);
+  }
+  finish_kernel<<<1, kSyncThreads, 0, stream>>>(a.sync, a.off_done, a.ws.passed_barrier,
+                                                a.cached ? nullptr : a.h_state);
+  return cudaGetLastError();
+}
+
+}  // namespace sy::cuda

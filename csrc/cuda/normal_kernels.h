@@ -1,0 +1,157 @@
+// Normal-mode dispatch and combine on the CUDA backend, for ranks whose memory is directly
+// addressable from each other's kernels (virtual ranks of one process, on one GPU or on
+// peer-accessible GPUs).
+//
+// The design moves every payload byte once: read from where it lives, written to where it
+// ends. Each rank publishes, before the start-of-operation barrier, what its peers need to pull
+// from it: the addresses and strides of its inputs and, per destination, the list of tokens it
+// sends there in order (an "exchange page" of its own device memory). After the barrier every
+// rank knows all counts, so it computes its received rows by itself and pulls each row straight
+// from the sender's input into its own output (dispatch), or pulls each token's expert outputs
+// from every rank that holds one and reduces them in registers (combine). No staging copy, no
+// second pass, no data-dependent spin inside the copy kernels: only two one-block kernels wait
+// for peers (the barrier, and the end, where a rank waits until every peer has finished reading
+// its inputs so that the caller may overwrite them).
+//
+// Kernel sequence of a dispatch on rank r, all on r's communication stream:
+//   route       top-k check, token-in-rank rows, tokens per (destination, local expert)
+//   rank        the slot of each token towards each destination, the per-destination send lists
+//   exchange    publish; barrier (kind, parameters, rejection); counts, prefix matrix, expert
+//               groups; the counts go to mapped host memory for exact-size mode
+//   (host)      exact-size mode sizes the outputs
+//   receive     pull every received row (compact), or gather, rank by local expert and pull
+//               into the expanded rows
+//   finish      tell every source we are done reading; wait until every peer is done with ours
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../core/plan.h"
+#include "device_sync.cuh"
+
+namespace sy::cuda {
+
+// What an operation lets its peers read, published in the owner's exchange page. Strides are
+// in bytes.
+struct Published {
+  // dispatch inputs
+  const uint8_t* x;
+  int64_t x_stride;
+  const uint8_t* scales;
+  int64_t scale_st, scale_ss;
+  const uint8_t* topk_idx;
+  int64_t idx_st, idx_sk;
+  int32_t idx_i64, reserved0;
+  const uint8_t* topk_w;
+  int64_t w_st, w_sk;
+  // combine inputs
+  const uint8_t* cx;
+  int64_t cx_stride;
+  const uint8_t* cw;
+  int64_t cw_st, cw_sk;
+  const int32_t* expanded_row;  // the dispatch handle's [received tokens][k] rows (expanded)
+  int32_t expanded_k, reserved1;
+};
+
+// The exchange page of one rank, identical for every rank of a buffer set.
+struct ExchangeLayout {
+  uint64_t off_pub = 0;
+  uint64_t off_send_counts = 0;  // i32[R]: tokens this rank sends to each rank
+  uint64_t off_expert_send = 0;  // i32[R][EL]: of those, per local expert of the destination
+  uint64_t off_send_list = 0;    // i32[R][max_tokens]: the tokens sent to each rank, in order
+  uint64_t bytes = 0;
+};
+
+ExchangeLayout exchange_layout(int ranks, int max_tokens);
+
+// Private per-buffer device scratch of one rank.
+struct Workspace {
+  int32_t* recv_start = nullptr;    // [R] first received row from each source
+  int32_t* recv_cnt = nullptr;      // [R] rows from each source
+  int32_t* expert_count = nullptr;  // [kMaxExpertsPerRank] received per local expert
+  int32_t* group_base = nullptr;    // [kMaxExpertsPerRank] first expanded row per local expert
+  int64_t* totals = nullptr;        // [0] tokens received, [1] output rows used
+  int32_t* passed_barrier = nullptr;  // [1] 1 once this operation's barrier succeeded
+  int32_t* rank_counts = nullptr;   // ordered-ranking chunk table
+  int32_t* rank_totals = nullptr;   // [max(R, kMaxExpertsPerRank)]
+  int32_t* recv_local = nullptr;    // [capacity][K] local expert of each received entry, or -1
+};
+
+struct DispatchArgs {
+  SyncArgs sync;
+  uint8_t* const* xchg = nullptr;  // device array: every rank's exchange page
+  uint8_t* own_xchg = nullptr;     // this rank's page (the host knows it)
+  ExchangeLayout xl;
+  uint64_t off_done = 0;
+  uint32_t desc[core::kDescWords] = {};
+  Published pub{};
+  int64_t tokens = 0;
+  int32_t max_tokens = 0, topk = 0, experts = 0, local_experts = 0;
+  int32_t cached = 0, layout = 0, alignment = 1, zero_padding = 0;
+  int32_t payload_bytes = 0, num_scales = 0;
+  // Routing given as a token-in-rank matrix instead of top-k.
+  const uint8_t* user_route = nullptr;
+  int64_t route_st = 0, route_sr = 0;
+  // The handle.
+  uint8_t* h_route = nullptr;     // [T][R] bool
+  int32_t* h_slot = nullptr;      // [T][R]
+  int32_t* h_prefix = nullptr;    // [R][R]
+  int32_t* h_src_idx = nullptr;   // [cap]
+  int32_t* h_src_rank = nullptr;  // [cap]
+  int32_t* h_exp_row = nullptr;   // [cap][K] (expanded)
+  int32_t* h_state = nullptr;     // [1] 1 complete, 2 failed
+  int32_t h_topk = 0;
+  int64_t h_cap = 0, cached_tokens = 0, cached_rows = 0;
+  // Outputs, dense.
+  uint8_t* recv_x = nullptr;
+  uint8_t* recv_scales = nullptr;
+  uint8_t* recv_idx = nullptr;
+  int32_t recv_idx_i64 = 0;
+  float* recv_w = nullptr;
+  int64_t out_rows = 0;
+  int32_t* recv_count = nullptr;
+  Workspace ws;
+};
+
+struct CombineArgs {
+  SyncArgs sync;
+  uint8_t* const* xchg = nullptr;
+  ExchangeLayout xl;
+  uint64_t off_done = 0;
+  uint32_t desc[core::kDescWords] = {};
+  Published pub{};
+  int64_t tokens = 0;
+  int32_t hidden = 0, topk = 0, layout = 0, h_topk = 0;
+  const int32_t* h_state = nullptr;
+  const int32_t* h_slot = nullptr;
+  const int32_t* h_prefix = nullptr;
+  const uint8_t* bias0 = nullptr;
+  const uint8_t* bias1 = nullptr;
+  int64_t bias0_stride = 0, bias1_stride = 0;
+  uint8_t* out = nullptr;
+  int64_t out_stride = 0;
+  float* out_w = nullptr;  // [T][topk] dense
+  Workspace ws;
+};
+
+// Threads of the kernels that wait for peers (one block each per rank): what the co-residency
+// check sizes.
+inline constexpr int kSyncThreads = 512;
+// Threads per block of the copy kernels; their grids never exceed the rank's SM budget.
+inline constexpr int kCopyThreads = 512;
+
+// Stage 1 of dispatch (route, rank, exchange). `blocks` is the SM budget.
+cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream_t stream);
+// Stage 2 (receive, finish).
+cudaError_t launch_dispatch_receive(const DispatchArgs& a, int blocks, cudaStream_t stream);
+cudaError_t launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream);
+
+// The last kernel of every operation (normal_dispatch.cu).
+__global__ void finish_kernel(SyncArgs a, uint64_t off_done, const int32_t* passed, int32_t* state);
+
+// The kernel that waits for peers, for the occupancy check.
+const void* sync_kernel_for_occupancy();
+
+}  // namespace sy::cuda

@@ -1,0 +1,84 @@
+// Row copies for one warp: 16-byte vector accesses when both ends allow them, 4-byte or byte
+// accesses otherwise (user tensors may have odd strides). Several loads are in flight per lane
+// before the first store, which is what keeps NVLink and HBM busy.
+#pragma once
+
+#include <cstdint>
+
+#include "../core/dtype.h"
+
+namespace sy::cuda {
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Copies `bytes` from src to every non-null dst[0..ndst) (the expanded layout writes one
+// received row into several expert groups; it is read once). Warp-wide.
+__device__ inline void warp_copy_row(const uint8_t* src, uint8_t* const* dst, int ndst, int64_t bytes, int lane) {
+  bool vec = aligned16(src) && (bytes & 15) == 0;
+  for (int d = 0; d < ndst; ++d) vec = vec && (dst[d] == nullptr || aligned16(dst[d]));
+  if (vec) {
+    constexpr int kUnroll = 4;
+    const int64_t n = bytes / 16;
+    const auto* s = reinterpret_cast<const int4*>(src);
+    int64_t i = lane;
+    for (; i + 32 * (kUnroll - 1) < n; i += 32 * kUnroll) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = __ldg(s + i + 32 * u);
+      for (int d = 0; d < ndst; ++d) {
+        if (dst[d] == nullptr) continue;
+        auto* o = reinterpret_cast<int4*>(dst[d]);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) o[i + 32 * u] = v[u];
+      }
+    }
+    for (; i < n; i += 32) {
+      const int4 v = __ldg(s + i);
+      for (int d = 0; d < ndst; ++d)
+        if (dst[d] != nullptr) reinterpret_cast<int4*>(dst[d])[i] = v;
+    }
+    return;
+  }
+  for (int64_t i = lane; i < bytes; i += 32) {
+    const uint8_t v = src[i];
+    for (int d = 0; d < ndst; ++d)
+      if (dst[d] != nullptr) dst[d][i] = v;
+  }
+}
+
+// Eight BF16 channels at `p` as floats (16-byte load when aligned).
+__device__ __forceinline__ void load_bf16x8(const uint8_t* p, float out[8]) {
+  if (aligned16(p)) {
+    const int4 v = __ldg(reinterpret_cast<const int4*>(p));
+    const uint32_t w[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = core::bf16_to_float(uint16_t(w[i] & 0xffffu));
+      out[2 * i + 1] = core::bf16_to_float(uint16_t(w[i] >> 16));
+    }
+    return;
+  }
+  const auto* h = reinterpret_cast<const uint16_t*>(p);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = core::bf16_to_float(h[i]);
+}
+
+__device__ __forceinline__ void store_bf16x8(uint8_t* p, const float in[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    w[i] = uint32_t(core::float_to_bf16(in[2 * i])) | (uint32_t(core::float_to_bf16(in[2 * i + 1])) << 16);
+  }
+  if (aligned16(p)) {
+    *reinterpret_cast<int4*>(p) = make_int4(int(w[0]), int(w[1]), int(w[2]), int(w[3]));
+    return;
+  }
+  auto* h = reinterpret_cast<uint16_t*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    h[2 * i] = uint16_t(w[i] & 0xffffu);
+    h[2 * i + 1] = uint16_t(w[i] >> 16);
+  }
+}
+
+}  // namespace sy::cuda
