@@ -55,6 +55,9 @@ export const symbols = {
     nonblocking: true,
   },
 
+  // sy_status sy_stream_native(sy_stream stream, void** out)
+  sy_stream_native: { parameters: ["pointer", "buffer"], result: "i32" },
+
   // sy_status sy_event_create(sy_rank rank, sy_event* out)
   sy_event_create: { parameters: ["pointer", "buffer"], result: "i32" },
   // sy_status sy_event_destroy(sy_event event)

@@ -56,4 +56,15 @@ export class Stream extends NativeResource {
       "stream synchronize",
     );
   }
+
+  /**
+   * The backend's own stream, for ordering another library's GPU work with Switchyard's: the
+   * `cudaStream_t` on the CUDA backend (valid while this stream lives). Throws `UNSUPPORTED` on
+   * the host backend, whose streams are threads.
+   */
+  nativeHandle(): Deno.PointerValue {
+    const cell = new BigUint64Array(1);
+    check(native().sy_stream_native(this.pointer, cell), this.pointer, "stream nativeHandle");
+    return Deno.UnsafePointer.create(cell[0]);
+  }
 }

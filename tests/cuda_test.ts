@@ -1,11 +1,24 @@
 /**
  * The CUDA backend where a GPU exists: device memory, streams, events, copies (dense and
- * strided), and the layout kernel compared with the host backend. Without a GPU these tests are
- * skipped, and say so.
+ * strided), the layout kernel, and normal-mode dispatch and combine on virtual ranks, each
+ * compared bit for bit with the host backend on the same inputs; failures (a missing rank, bad
+ * routing on one rank, too many ranks per GPU) end in the errors the host backend raises, and
+ * the CUDA context survives them. Without a GPU these tests are skipped, and say so.
+ * (`SWITCHYARD_TEST_BACKEND=cuda` also runs the whole normal-mode suite on the GPU.)
  */
 
 import assert from "node:assert/strict";
-import { backendInfo, Group, randomRouting, SwitchyardError, Tensor } from "../mod.ts";
+import {
+  type Backend,
+  backendInfo,
+  type DispatchResult,
+  Group,
+  randomRouting,
+  SwitchyardError,
+  SwitchyardTimeoutError,
+  Tensor,
+} from "../mod.ts";
+import { bytesOf, generate, randomBF16, type Scenario, upload } from "./helpers.ts";
 
 const cuda = backendInfo("cuda");
 const ignore = !cuda.available;
@@ -27,6 +40,7 @@ Deno.test({ name: "cuda: tensors round-trip through device memory, dense and str
   ev.wait();
   assert.deepEqual(await dense.read(), data.map((v) => -v));
   assert.equal(ev.query(), true);
+  assert.notEqual(side.nativeHandle(), null, "a CUDA stream hands out its cudaStream_t");
 });
 
 Deno.test({ name: "cuda: the layout kernel agrees with the host backend", ignore }, async (t) => {
@@ -70,14 +84,257 @@ Deno.test({ name: "cuda: a bad expert id is reported from the kernel, and the co
   assert.deepEqual(Array.from(await ok.read()), [5]);
 });
 
-Deno.test({ name: "cuda: dispatch says clearly that it is not on this backend yet", ignore }, async () => {
-  using g = Group.local({ ranks: 1, backend: "cuda" });
-  using buf = g.ranks[0].createBuffer({ hidden: 128, maxTokensPerRank: 4 });
-  using x = Tensor.empty(g.ranks[0], { dtype: "bf16", shape: [4, 128] });
-  using idx = await Tensor.from(g.ranks[0], new BigInt64Array(4), { shape: [4, 1] });
-  using w = Tensor.empty(g.ranks[0], { dtype: "f32", shape: [4, 1] });
-  await assert.rejects(
-    () => buf.dispatch(x, { topkIdx: idx, topkWeights: w, numExperts: 1 }),
-    (e: unknown) => e instanceof SwitchyardError && e.code === "UNSUPPORTED",
-  );
+/** How one comparison run dispatches. */
+interface Mode {
+  readonly expand?: boolean;
+  readonly alignment?: number;
+  readonly worst?: boolean;
+  readonly zeroPadding?: boolean;
+  readonly cached?: boolean;
+  readonly biases?: 0 | 1 | 2;
+}
+
+/** Every output of one dispatch and its combine on one rank, as bytes. */
+type Outcome = Record<string, Uint8Array>;
+
+async function outputsOf(res: DispatchResult): Promise<Outcome> {
+  const out: Outcome = {};
+  const rows = res.numRows;
+  // Worst-case rows past the received ones hold whatever the allocation held: compare the used part.
+  const used = (await res.recvCount.read())[0];
+  const x = bytesOf(await res.recvX.read());
+  out.recvX = x.subarray(0, (x.length / Math.max(rows, 1)) * used);
+  if (res.recvXScales) {
+    const sc = bytesOf(await res.recvXScales.read());
+    out.recvXScales = sc.subarray(0, (sc.length / Math.max(rows, 1)) * used);
+  }
+  if (res.recvTopkIdx) out.recvTopkIdx = bytesOf(await res.recvTopkIdx.read());
+  if (res.recvTopkWeights) {
+    const w = bytesOf(await res.recvTopkWeights.read());
+    out.recvTopkWeights = res.recvTopkIdx ? w : w.subarray(0, 4 * used);
+  }
+  out.recvCount = bytesOf(await res.recvCount.read());
+  using prefix = res.handle.rankPrefixMatrix();
+  out.rankPrefix = bytesOf(await prefix.read());
+  using srcIdx = res.handle.recvSrcIdx();
+  out.srcIdx = bytesOf(await srcIdx.read());
+  using srcRank = res.handle.recvSrcRank();
+  out.srcRank = bytesOf(await srcRank.read());
+  return out;
+}
+
+/** Dispatches `s` in `mode` on `backend`, combines random expert outputs back, returns everything. */
+async function runOn(backend: Backend, s: Scenario, mode: Mode): Promise<Outcome[]> {
+  const d = generate(s);
+  using g = Group.local({ ranks: s.ranks, backend, timeoutMs: 20000 });
+  const bufs = await g.createBuffers({ hidden: s.hidden, maxTokensPerRank: Math.max(...s.tokens, 1) });
+  try {
+    return await g.all(async (rank, r) => {
+      using up = await upload(rank, s, d, r);
+      const T = s.tokens[r];
+      // Enough rows for everything any rank could send here (and, expanded, every local expert).
+      const allTokens = s.tokens.reduce((a, b) => a + b, 0);
+      const worst = mode.worst ? allTokens * (mode.expand ? s.topk : 1) + 3 : 0;
+      using first = await bufs[r].dispatch(up.x, {
+        xScales: up.scales,
+        topkIdx: up.topkIdx,
+        topkWeights: up.topkWeights,
+        numExperts: up.topkIdx ? s.experts : undefined,
+        isTokenInRank: up.isTokenInRank,
+        expand: mode.expand,
+        expertAlignment: mode.alignment,
+        zeroPadding: mode.zeroPadding,
+        numWorstTokens: worst,
+      });
+      if (mode.worst) await first.recvCount.read(); // a worst-case handle is reusable once complete
+      using again = mode.cached
+        ? await bufs[r].dispatch(up.x, { xScales: up.scales, handle: first.handle, expand: mode.expand })
+        : undefined;
+      const res = again ?? first;
+      const out = await outputsOf(res);
+      if (mode.expand && mode.zeroPadding) out.recvXAll = bytesOf(await res.recvX.read());
+      // Combine: random BF16 expert outputs, so every row matters.
+      using y = await Tensor.from(rank, randomBF16(res.numRows * s.hidden, 900 + r), {
+        shape: [res.numRows, s.hidden],
+      });
+      const biases = await Promise.all(
+        Array.from(
+          { length: mode.biases ?? 0 },
+          (_, b) => Tensor.from(rank, randomBF16(T * s.hidden, 700 + 10 * b + r), { shape: [T, s.hidden] }),
+        ),
+      );
+      try {
+        using back = await bufs[r].combine(y, res.handle, {
+          topkWeights: mode.expand ? undefined : res.recvTopkWeights,
+          bias: biases.length ? biases as [Tensor] | [Tensor, Tensor] : undefined,
+        });
+        out.combined = bytesOf(await back.combinedX.read());
+        if (back.combinedTopkWeights) out.combinedWeights = bytesOf(await back.combinedTopkWeights.read());
+      } finally {
+        for (const b of biases) b[Symbol.dispose]();
+      }
+      return out;
+    });
+  } finally {
+    for (const b of bufs) b[Symbol.dispose]();
+  }
+}
+
+Deno.test(
+  { name: "cuda: normal-mode dispatch and combine agree bit for bit with the host backend", ignore },
+  async (t) => {
+    const tokens = (ranks: number, base: number) => Array.from({ length: ranks }, (_, r) => base + ((r * 13) % 17));
+    const cases: [string, Scenario, Mode][] = [
+      ["2 ranks, BF16, compact", { ranks: 2, tokens: tokens(2, 40), hidden: 256, experts: 8, topk: 4, seed: 1 }, {}],
+      [
+        "4 ranks, BF16, -1 entries, two biases",
+        { ranks: 4, tokens: tokens(4, 33), hidden: 512, experts: 16, topk: 4, seed: 2, drop: 0.3 },
+        { biases: 2 },
+      ],
+      [
+        "8 ranks, hidden 7168, top-8, Zipf, one bias",
+        { ranks: 8, tokens: tokens(8, 64), hidden: 7168, experts: 64, topk: 8, seed: 3, zipf: 1.2 },
+        { biases: 1 },
+      ],
+      [
+        "4 ranks, FP8 + column-major f32 scales",
+        {
+          ranks: 4,
+          tokens: tokens(4, 29),
+          hidden: 512,
+          experts: 32,
+          topk: 6,
+          seed: 4,
+          fp8: true,
+          columnMajorScales: true,
+        },
+        {},
+      ],
+      [
+        "2 ranks, FP8 + packed UE8M0 scales",
+        { ranks: 2, tokens: tokens(2, 19), hidden: 1024, experts: 8, topk: 3, seed: 5, fp8: true, ue8m0: true },
+        {},
+      ],
+      [
+        "4 ranks, routed by isTokenInRank only",
+        { ranks: 4, tokens: tokens(4, 25), hidden: 64, experts: 8, topk: 2, seed: 6, routeWithoutTopk: true },
+        {},
+      ],
+      [
+        "4 ranks, a rank that receives nothing",
+        { ranks: 4, tokens: tokens(4, 20), hidden: 128, experts: 16, topk: 3, seed: 7, starveLastRank: true },
+        {},
+      ],
+      ["8 ranks, worst case", { ranks: 8, tokens: tokens(8, 30), hidden: 256, experts: 32, topk: 4, seed: 8 }, {
+        worst: true,
+      }],
+      ["4 ranks, cached", { ranks: 4, tokens: tokens(4, 27), hidden: 96, experts: 8, topk: 2, seed: 9, drop: 0.1 }, {
+        cached: true,
+      }],
+      [
+        "4 ranks, expanded, alignment 4, zero padding",
+        { ranks: 4, tokens: tokens(4, 31), hidden: 256, experts: 16, topk: 4, seed: 10, drop: 0.2 },
+        { expand: true, alignment: 4, zeroPadding: true },
+      ],
+      [
+        "8 ranks, expanded FP8, worst case",
+        { ranks: 8, tokens: tokens(8, 24), hidden: 512, experts: 64, topk: 8, seed: 11, fp8: true },
+        { expand: true, alignment: 8, worst: true },
+      ],
+      [
+        "2 ranks, expanded, cached",
+        { ranks: 2, tokens: tokens(2, 22), hidden: 128, experts: 8, topk: 3, seed: 12 },
+        { expand: true, cached: true },
+      ],
+    ];
+    for (const [name, s, mode] of cases) {
+      await t.step(name, async () => {
+        const host = await runOn("host", s, mode);
+        const gpu = await runOn("cuda", s, mode);
+        for (let r = 0; r < s.ranks; r++) {
+          assert.deepEqual(Object.keys(gpu[r]).sort(), Object.keys(host[r]).sort(), `rank ${r}: outputs`);
+          for (const key of Object.keys(host[r])) assert.deepEqual(gpu[r][key], host[r][key], `rank ${r}: ${key}`);
+        }
+      });
+    }
+  },
+);
+
+const H = 64, T = 6, K = 2, E = 8;
+
+Deno.test({ name: "cuda: a missing rank times out naming it; the context survives", ignore }, async () => {
+  const timeoutMs = 500;
+  using g = Group.local({ ranks: 2, backend: "cuda", timeoutMs });
+  const bufs = await g.createBuffers({ hidden: H, maxTokensPerRank: T });
+  const rank = g.ranks[0];
+  using x = await Tensor.from(rank, randomBF16(T * H, 1), { shape: [T, H] });
+  using idx = await Tensor.from(rank, new BigInt64Array(T * K).map((_, i) => BigInt(i % E)), { shape: [T, K] });
+  using w = await Tensor.from(rank, new Float32Array(T * K).fill(1), { shape: [T, K] });
+  const started = performance.now();
+  const e = await bufs[0].dispatch(x, { topkIdx: idx, topkWeights: w, numExperts: E }).catch((err) => err);
+  const elapsed = performance.now() - started;
+  assert.ok(e instanceof SwitchyardTimeoutError, String(e));
+  assert.equal(e.peerRank, 1, e.message);
+  assert.match(e.message, /rank 1/);
+  assert.ok(elapsed < 3 * timeoutMs + 2000, `took ${elapsed.toFixed(0)} ms`);
+  for (const b of bufs) b[Symbol.dispose]();
+  // The kernel left without trapping: the device still works, and fresh buffers dispatch.
+  const fresh = await g.createBuffers({ hidden: H, maxTokensPerRank: T });
+  const ok = await g.all(async (rk, r) => {
+    using xr = await Tensor.from(rk, randomBF16(T * H, r), { shape: [T, H] });
+    using ir = await Tensor.from(rk, new BigInt64Array(T * K).map((_, i) => BigInt((i + r) % E)), { shape: [T, K] });
+    using wr = await Tensor.from(rk, new Float32Array(T * K).fill(1), { shape: [T, K] });
+    using res = await fresh[r].dispatch(xr, { topkIdx: ir, topkWeights: wr, numExperts: E });
+    return res.numRecvTokens;
+  });
+  assert.ok(ok.every((n) => n !== null && n > 0));
+  for (const b of fresh) b[Symbol.dispose]();
 });
+
+Deno.test(
+  { name: "cuda: bad routing on one rank fails the dispatch everywhere, buffers stay usable", ignore },
+  async () => {
+    using g = Group.local({ ranks: 2, backend: "cuda", timeoutMs: 5000 });
+    const bufs = await g.createBuffers({ hidden: H, maxTokensPerRank: T });
+    const attempt = (bad: boolean) =>
+      g.all(async (rk, r) => {
+        using xr = await Tensor.from(rk, randomBF16(T * H, r), { shape: [T, H] });
+        const ids = new BigInt64Array(T * K).map((_, i) => BigInt((i + r) % E));
+        if (bad && r === 1) ids[3] = 99n;
+        using ir = await Tensor.from(rk, ids, { shape: [T, K] });
+        using wr = await Tensor.from(rk, new Float32Array(T * K).fill(1), { shape: [T, K] });
+        try {
+          using res = await bufs[r].dispatch(xr, { topkIdx: ir, topkWeights: wr, numExperts: E });
+          return res.numRecvTokens;
+        } catch (e) {
+          return e;
+        }
+      });
+    const failed = await attempt(true);
+    assert.ok(failed[1] instanceof SwitchyardError && failed[1].argument === "topkIdx", String(failed[1]));
+    assert.match((failed[1] as Error).message, /token 1, entry 1/);
+    assert.ok(failed[0] instanceof SwitchyardError && failed[0].code === "PEER_FAILED", String(failed[0]));
+    assert.match((failed[0] as Error).message, /rank 1 rejected its input/);
+    const good = await attempt(false);
+    assert.ok(good.every((n) => typeof n === "number" && n > 0), String(good));
+    for (const b of bufs) b[Symbol.dispose]();
+  },
+);
+
+Deno.test(
+  { name: "cuda: more ranks on one GPU than can wait at once are refused before any launch", ignore },
+  async () => {
+    if (cuda.deviceCount !== 1) return; // spread over several GPUs, 17 ranks fit
+    using g = Group.local({ ranks: 17, backend: "cuda" });
+    const bufs = await g.createBuffers({ hidden: H, maxTokensPerRank: T });
+    const rank = g.ranks[0];
+    using x = await Tensor.from(rank, randomBF16(T * H, 1), { shape: [T, H] });
+    using idx = await Tensor.from(rank, new BigInt64Array(T).fill(0n), { shape: [T, 1] });
+    using w = await Tensor.from(rank, new Float32Array(T).fill(1), { shape: [T, 1] });
+    await assert.rejects(
+      () => bufs[0].dispatch(x, { topkIdx: idx, topkWeights: w, numExperts: 17 }),
+      (e: unknown) => e instanceof SwitchyardError && e.argument === "ranks" && /share GPU/.test(e.message),
+    );
+    for (const b of bufs) b[Symbol.dispose]();
+  },
+);

@@ -158,8 +158,18 @@ export interface Fixture extends Disposable {
 }
 
 /**
- * Creates a host group of `ranks` with buffers sized for `maxTokens` tokens of `hidden`, and
- * the `extra` buffer options (low-latency mode, masking).
+ * The backend the shared fixture runs on: the host backend, unless `SWITCHYARD_TEST_BACKEND`
+ * says `cuda` (bench/gpu-check.sh runs the normal-mode suite that way on a GPU).
+ */
+export function testBackend(): "host" | "cuda" {
+  const v = Deno.env.get("SWITCHYARD_TEST_BACKEND") ?? "host";
+  if (v !== "host" && v !== "cuda") throw new Error(`SWITCHYARD_TEST_BACKEND: expected host or cuda, got ${v}`);
+  return v;
+}
+
+/**
+ * Creates a group of `ranks` (on {@linkcode testBackend}) with buffers sized for `maxTokens`
+ * tokens of `hidden`, and the `extra` buffer options (low-latency mode, masking).
  */
 export async function fixture(
   ranks: number,
@@ -168,7 +178,7 @@ export async function fixture(
   timeoutMs = 20000,
   extra: Omit<EpBufferOptions, "hidden" | "maxTokensPerRank"> = {},
 ): Promise<Fixture> {
-  const group = Group.local({ ranks, backend: "host", timeoutMs });
+  const group = Group.local({ ranks, backend: testBackend(), timeoutMs });
   const buffers = await group.createBuffers({ ...extra, hidden, maxTokensPerRank: Math.max(maxTokens, 1) });
   return {
     group,

@@ -32,6 +32,8 @@ Deno.test("events order work across streams", async () => {
   assert.equal(done.query(), true);
   await side.synchronize();
   await rank.stream.synchronize();
+  // Host streams are threads: there is no native stream to hand out.
+  assert.throws(() => side.nativeHandle(), (e: unknown) => e instanceof SwitchyardError && e.code === "UNSUPPORTED");
 });
 
 Deno.test("dispose is idempotent and use after dispose is a DISPOSED error", async () => {

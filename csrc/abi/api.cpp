@@ -386,6 +386,19 @@ SY_API sy_status sy_stream_synchronize(sy_stream stream, int64_t timeout_ms) {
   });
 }
 
+SY_API sy_status sy_stream_native(sy_stream stream, void** out) {
+  return guarded(stream, [&]() -> Error {
+    std::shared_ptr<Stream> s;
+    SY_TRY(resolve(stream, Kind::Stream, "stream", &s));
+    if (out == nullptr) return invalid("out", "out: NULL");
+    *out = s->native();
+    if (*out == nullptr) {
+      return fail(SY_ERROR_UNSUPPORTED, "stream: the host backend runs streams on threads; it has no native stream");
+    }
+    return ok();
+  });
+}
+
 SY_API sy_status sy_event_create(sy_rank rank, sy_event* out) {
   return guarded(rank, [&]() -> Error {
     std::shared_ptr<RankCore> r;

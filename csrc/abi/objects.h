@@ -138,6 +138,8 @@ class Stream {
   virtual Error wait_event(Event& event) = 0;
   // Runs until the work enqueued so far is done; returns and clears the first failure of it.
   virtual Error synchronize(Deadline deadline) = 0;
+  // The backend's own stream object (cudaStream_t), or nullptr when there is none.
+  virtual void* native() const { return nullptr; }
   std::shared_ptr<GroupCore> group;
   int rank;
 };

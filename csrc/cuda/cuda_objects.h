@@ -83,6 +83,7 @@ class CudaStream final : public Stream {
   Error init();
   Error wait_event(Event& event) override;
   Error synchronize(Deadline deadline) override;
+  void* native() const override { return stream_; }
   cudaStream_t raw() const { return stream_; }
   CudaRank& rank_state_ref() const { return *rank_; }
 

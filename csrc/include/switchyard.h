@@ -254,6 +254,10 @@ SY_API sy_status sy_stream_wait_event(sy_stream stream, sy_event event);
  * times out first and its report (naming the peer) is what comes back. Meant for worker
  * threads. The same default applies to every host wait below. */
 SY_API sy_status sy_stream_synchronize(sy_stream stream, int64_t timeout_ms);
+/* The backend's own stream: the cudaStream_t on the CUDA backend, so that other libraries'
+ * kernels can be ordered with Switchyard's work (valid while the stream lives). The host
+ * backend has none: SY_ERROR_UNSUPPORTED. */
+SY_API sy_status sy_stream_native(sy_stream stream, void** out);
 
 SY_API sy_status sy_event_create(sy_rank rank, sy_event* out);
 SY_API sy_status sy_event_destroy(sy_event event);
