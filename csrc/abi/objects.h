@@ -437,6 +437,9 @@ class Backend {
   // Stage 2: copy what arrived into the outputs and complete the handle.
   virtual Error dispatch_epilogue(BufferCore& buf, Stream& comm,
                                   std::shared_ptr<DispatchWork> work) = 0;
+  // Stage 1 ran but the host failed before stage 2 (counts wait, allocation): end the
+  // operation's protocol in stream order, so that no peer waits for this rank.
+  virtual void dispatch_abandon(BufferCore& buf, Stream& comm, std::shared_ptr<DispatchWork> work) {}
   virtual Error combine(BufferCore& buf, Stream& comm, std::shared_ptr<CombineWork> work) = 0;
   // Low-latency mode: the send and receive phases of dispatch and combine, and the reset.
   virtual Error ll_dispatch_send(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) = 0;

@@ -366,30 +366,39 @@ Error op_dispatch(BufferCore& buf, const DispatchRequest& req, DispatchOutputs* 
     SY_TRY(allocate_outputs(buf, *w, h.num_rows));
   }
 
-  // One operation at a time per buffer, so every rank numbers them alike.
+  // One operation at a time per buffer, so every rank numbers them alike. A call that fails
+  // before its first stage is enqueued uses no number; once it is enqueued, the peers count on
+  // it, so a later failure still ends it in stream order (dispatch_abandon).
   std::lock_guard<std::mutex> lock(buf.enqueue_mu);
-  w->epoch = buf.next_epoch++;
+  w->epoch = buf.next_epoch;
   SY_TRY(begin_on_comm(buf, req.order));
   SY_TRY(backend.dispatch_notify(buf, *buf.comm_stream, w));
+  buf.next_epoch++;
 
-  if (w->mode == DispatchMode::Exact) {
-    // The host waits for the counts, then sizes the outputs exactly. The deadline is longer
-    // than the peers' own, so their report (which names the missing rank) arrives first.
-    const int64_t t = req.timeout_ms > 0 ? req.timeout_ms : buf.timeout_ms;
-    SY_TRY(backend.dispatch_wait_counts(*w, Deadline::after_ms(outer_timeout_ms(t))));
-    int64_t rows = w->num_recv_tokens;
-    if (w->layout == SY_LAYOUT_EXPANDED) {
-      rows = core::expanded_rows(w->expert_counts_exact.data(), w->num_local_experts,
-                                 w->expert_alignment, nullptr);
+  Error e = [&]() -> Error {
+    if (w->mode == DispatchMode::Exact) {
+      // The host waits for the counts, then sizes the outputs exactly. The deadline is longer
+      // than the peers' own, so their report (which names the missing rank) arrives first.
+      const int64_t t = req.timeout_ms > 0 ? req.timeout_ms : buf.timeout_ms;
+      SY_TRY(backend.dispatch_wait_counts(*w, Deadline::after_ms(outer_timeout_ms(t))));
+      int64_t rows = w->num_recv_tokens;
+      if (w->layout == SY_LAYOUT_EXPANDED) {
+        rows = core::expanded_rows(w->expert_counts_exact.data(), w->num_local_experts, w->expert_alignment, nullptr);
+      }
+      SY_TRY(size_handle(buf, h, w->num_recv_tokens, rows));
+      h.num_recv_tokens.store(w->num_recv_tokens);
+      SY_TRY(allocate_outputs(buf, *w, rows));
+      std::lock_guard<std::mutex> hl(h.mu);
+      h.expert_counts = aligned(w->expert_counts_exact, w->expert_alignment);
+      h.expert_counts_known = w->topk > 0;
     }
-    SY_TRY(size_handle(buf, h, w->num_recv_tokens, rows));
-    h.num_recv_tokens.store(w->num_recv_tokens);
-    SY_TRY(allocate_outputs(buf, *w, rows));
-    std::lock_guard<std::mutex> hl(h.mu);
-    h.expert_counts = aligned(w->expert_counts_exact, w->expert_alignment);
-    h.expert_counts_known = w->topk > 0;
+    return backend.dispatch_epilogue(buf, *buf.comm_stream, w);
+  }();
+  if (e) {
+    if (!w->cached) h.state.store(2);
+    backend.dispatch_abandon(buf, *buf.comm_stream, w);
+    return e;
   }
-  SY_TRY(backend.dispatch_epilogue(buf, *buf.comm_stream, w));
   SY_TRY(end_on_comm(buf, req.order, &out->event, w->status));
 
   out->recv_x = w->recv_x;
@@ -463,9 +472,10 @@ Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out
   if (w->out_topk_weights) w->out_topk_weights->producer = w->status;
 
   std::lock_guard<std::mutex> lock(buf.enqueue_mu);
-  w->epoch = buf.next_epoch++;
+  w->epoch = buf.next_epoch;
   SY_TRY(begin_on_comm(buf, req.order));
   SY_TRY(buf.group->backend->combine(buf, *buf.comm_stream, w));
+  buf.next_epoch++;
   SY_TRY(end_on_comm(buf, req.order, &out->event, w->status));
   out->combined_x = w->out;
   out->combined_topk_weights = w->out_topk_weights;

@@ -78,6 +78,16 @@ Error failed_handle_error() {
   return invalid("handle", "handle: its dispatch did not complete (it failed), so there is nothing to combine");
 }
 
+Error topk_problem_error(core::TopkProblem kind, int64_t token, int entry, int64_t value, int64_t experts) {
+  if (kind == core::TopkProblem::Duplicate) {
+    return invalid("topkIdx", "topkIdx: token " + std::to_string(token) + " lists expert " + std::to_string(value) +
+                                  " more than once (entry " + std::to_string(entry) + ")");
+  }
+  return invalid("topkIdx", "topkIdx: token " + std::to_string(token) + ", entry " + std::to_string(entry) +
+                                " holds expert " + std::to_string(value) + ", outside [0, " + std::to_string(experts) +
+                                ") (-1 marks an unused entry)");
+}
+
 Error missing_ranks_error(const core::WaitFailure& w, uint32_t epoch, const std::string& missing) {
   return timeout_error(w, "operation " + std::to_string(epoch) + " of this buffer; missing: rank" +
                               (missing.find(',') != std::string::npos ? "s " : " ") + missing);

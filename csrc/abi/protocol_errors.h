@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 
+#include "../core/routing.h"
 #include "error.h"
 
 namespace sy {
@@ -25,6 +26,8 @@ Error cached_mismatch_error(int rank, int64_t expected, int64_t sent);
 Error capacity_error(int rank, int64_t needed, int64_t capacity, bool expanded_rows);
 // Combine of a handle whose dispatch failed.
 Error failed_handle_error();
+// Bad top-k entry `entry` of token `token` (holding `value`; experts are [0, experts)).
+Error topk_problem_error(core::TopkProblem kind, int64_t token, int entry, int64_t value, int64_t experts);
 // A wait that ran out: "operation N of this buffer; missing: ranks ...".
 Error missing_ranks_error(const core::WaitFailure& w, uint32_t epoch, const std::string& missing);
 

@@ -49,15 +49,19 @@ struct WaitFailure {
 
 namespace sy::core {
 
-// Bad input a kernel found while running (it cannot return an error): the first one wins.
-// Lives in memory both the device and the host can read; `flag` is set last.
+// Bad input a kernel found while running (it cannot return an error). Lives in memory both
+// the device and the host can read. Threads only note the bad token (`lowest` holds the
+// complement of the lowest one: atomicMax of ~token); one thread then re-examines that token and
+// fills in the rest, so the report names the first bad token and entry, as the host backend
+// does, whatever order the threads ran in. `flag` is set last.
 struct InputProblem {
-  int32_t flag;     // 0 = none
+  int32_t flag;     // 0 = none, 1 = complete
   int32_t kind;     // TopkProblem
   int64_t token;
   int32_t entry;
-  int32_t reserved;
+  int32_t experts;  // the valid range is [0, experts)
   int64_t value;
+  uint64_t lowest;  // 0 = nothing noted, else ~(the lowest bad token)
 };
 
 }  // namespace sy::core

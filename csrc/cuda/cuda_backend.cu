@@ -24,6 +24,44 @@ namespace sy {
 namespace cuda {
 namespace {
 
+// Zero-filled device memory: from the stream-ordered pool (`pooled`), or from cudaMalloc.
+Error allocate_on(int dev, uint64_t bytes, bool pooled, std::shared_ptr<Memory>* out) {
+  SY_CUDA(cudaSetDevice(dev));
+  void* p = nullptr;
+  const uint64_t size = core::align_up(bytes == 0 ? 256 : bytes, 256);
+  if (pooled) {
+    SY_CUDA(cudaMallocAsync(&p, size, 0));
+  } else {
+    SY_CUDA(cudaMalloc(&p, size));
+  }
+  // The library's streams do not wait for the legacy default stream (nor it for them): the
+  // fill must be done before any of them can touch the memory.
+  cudaError_t rc = cudaMemsetAsync(p, 0, size, 0);
+  if (rc == cudaSuccess) rc = cudaStreamSynchronize(0);
+  if (rc != cudaSuccess) {
+    if (pooled) {
+      cudaFreeAsync(p, 0);
+    } else {
+      cudaFree(p);
+    }
+    return cuda_error(rc, "zero-filling new device memory");
+  }
+  auto m = std::make_shared<Memory>();
+  m->ptr = p;
+  m->bytes = size;
+  m->device = dev;
+  m->release = [dev, pooled](void* q) {
+    cudaSetDevice(dev);
+    if (pooled) {
+      cudaFreeAsync(q, 0);
+    } else {
+      cudaFree(q);
+    }
+  };
+  *out = std::move(m);
+  return ok();
+}
+
 Error not_yet(const char* what) {
   return fail(SY_ERROR_UNSUPPORTED,
               std::string(what) + " is not implemented on the CUDA backend yet; use the host "
@@ -50,37 +88,21 @@ class CudaBackend final : public Backend {
 
   Error init_buffer(BufferCore& buf) override { return normal_init_buffer(buf); }
 
+  // Tensors and workspaces come from the device's stream-ordered pool and go back to it with
+  // cudaFreeAsync: cudaFree would wait for every kernel on the device, and with virtual ranks a
+  // kernel may be waiting for a peer whose work this very thread has yet to enqueue. Memory is
+  // released only once no queued work uses it (CudaRank::retire keeps operation inputs alive).
   Error allocate(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) override {
-    const int dev = rank_state(rank).device;
-    SY_CUDA(cudaSetDevice(dev));
-    void* p = nullptr;
-    const uint64_t size = core::align_up(bytes == 0 ? 256 : bytes, 256);
-    SY_CUDA(cudaMalloc(&p, size));
-    // The library's streams do not wait for the legacy default stream: the fill must be done
-    // before any of them can touch the memory.
-    cudaError_t rc = cudaMemsetAsync(p, 0, size, 0);
-    if (rc == cudaSuccess) rc = cudaStreamSynchronize(0);
-    if (rc != cudaSuccess) {
-      cudaFree(p);
-      return cuda_error(rc, "zero-filling new device memory");
-    }
-    auto m = std::make_shared<Memory>();
-    m->ptr = p;
-    m->bytes = size;
-    m->device = dev;
-    m->release = [dev](void* q) {
-      cudaSetDevice(dev);
-      cudaFree(q);
-    };
-    *out = std::move(m);
-    return ok();
+    CudaRank& st = rank_state(rank);
+    st.sweep();
+    return allocate_on(st.device, bytes, true, out);
   }
 
   Error allocate_shared(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) override {
     // Virtual ranks of one process address each other's device memory directly; other
-    // processes open it through a CUDA IPC handle.
-    SY_TRY(allocate(rank, bytes, out));
-    if (!rank.group->process_group) return ok();
+    // processes open it through a CUDA IPC handle, which needs memory of cudaMalloc's.
+    if (!rank.group->process_group) return allocate(rank, bytes, out);
+    SY_TRY(allocate_on(rank_state(rank).device, bytes, false, out));
     cudaIpcMemHandle_t h;
     SY_CUDA(cudaIpcGetMemHandle(&h, (*out)->ptr));
     static const char* hex = "0123456789abcdef";
@@ -183,7 +205,9 @@ class CudaBackend final : public Backend {
     const int rank = cs.rank;
     work->status->check_after = [report, rank]() { return report_error(*report->host, rank, 0, "layout"); };
     SY_TRY(launch_layout(cs.raw(), *work, &report->device->problem));
-    return report->seal(cs.raw());
+    SY_TRY(report->seal(cs.raw()));
+    cs.rank_state_ref().retire(report, {work->topk_idx->memory});
+    return ok();
   }
 
   Error dispatch_notify(BufferCore& buf, Stream& comm, std::shared_ptr<DispatchWork> work) override {
@@ -194,6 +218,9 @@ class CudaBackend final : public Backend {
   }
   Error dispatch_epilogue(BufferCore& buf, Stream& comm, std::shared_ptr<DispatchWork> work) override {
     return normal_dispatch_epilogue(buf, *as_cuda(comm), work);
+  }
+  void dispatch_abandon(BufferCore& buf, Stream& comm, std::shared_ptr<DispatchWork> work) override {
+    normal_dispatch_abandon(buf, *as_cuda(comm), work);
   }
   Error combine(BufferCore& buf, Stream& comm, std::shared_ptr<CombineWork> work) override {
     return normal_combine(buf, *as_cuda(comm), work);
@@ -230,14 +257,29 @@ namespace {
 // the user chose stays.
 void configure_driver_environment() { setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0); }
 
-// Virtual ranks on different GPUs of one process address each other's memory directly.
-void enable_peer_access(int count) {
+// Virtual ranks on different GPUs of one process address each other's memory directly, pool
+// memory included. The pools keep what is freed (a caching allocator): operations allocate
+// their outputs on every call.
+void prepare_devices(int count) {
   for (int a = 0; a < count; ++a) {
     if (cudaSetDevice(a) != cudaSuccess) continue;
+    cudaMemPool_t pool;
+    if (cudaDeviceGetDefaultMemPool(&pool, a) == cudaSuccess) {
+      uint64_t keep = UINT64_MAX;
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+    }
     for (int b = 0; b < count; ++b) {
       int can = 0;
       if (a == b || cudaDeviceCanAccessPeer(&can, a, b) != cudaSuccess || !can) continue;
       if (cudaDeviceEnablePeerAccess(b, 0) != cudaSuccess) cudaGetLastError();  // already enabled is fine
+      cudaMemPool_t theirs;
+      if (cudaDeviceGetDefaultMemPool(&theirs, b) == cudaSuccess) {
+        cudaMemAccessDesc access;
+        access.location.type = cudaMemLocationTypeDevice;
+        access.location.id = a;
+        access.flags = cudaMemAccessFlagsProtReadWrite;
+        if (cudaMemPoolSetAccess(theirs, &access, 1) != cudaSuccess) cudaGetLastError();
+      }
     }
   }
 }
@@ -300,7 +342,7 @@ std::unique_ptr<Backend> make_cuda_backend(Error* why) {
     cudaGetLastError();
     return nullptr;
   }
-  cuda::enable_peer_access(count);
+  cuda::prepare_devices(count);
   return std::make_unique<cuda::CudaBackend>(count);
 }
 

@@ -12,6 +12,7 @@ Error normal_init_buffer(BufferCore& buf);
 Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work);
 Error normal_dispatch_wait_counts(DispatchWork& work, Deadline deadline);
 Error normal_dispatch_epilogue(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work);
+void normal_dispatch_abandon(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work);
 Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<CombineWork>& work);
 
 }  // namespace sy::cuda

@@ -53,6 +53,28 @@ Error ReportPool::take(std::shared_ptr<ReportSlot>* out) {
   return ok();
 }
 
+void CudaRank::retire(std::shared_ptr<ReportSlot> report, std::vector<std::shared_ptr<Memory>> keep) {
+  sweep();
+  std::lock_guard<std::mutex> l(retired_mu_);
+  retired_.push_back({std::move(report), std::move(keep)});
+}
+
+void CudaRank::sweep() {
+  std::vector<Retired> done;  // released outside the lock: freeing may take a while
+  {
+    std::lock_guard<std::mutex> l(retired_mu_);
+    for (size_t i = 0; i < retired_.size();) {
+      if (retired_[i].report->complete()) {
+        done.push_back(std::move(retired_[i]));
+        retired_[i] = std::move(retired_.back());
+        retired_.pop_back();
+      } else {
+        ++i;
+      }
+    }
+  }
+}
+
 CudaStream::~CudaStream() {
   if (stream_) {
     cudaSetDevice(rank_->device);

@@ -51,6 +51,21 @@ struct CudaRank {
   int device = 0;
   int sm_count = 0;
   std::shared_ptr<ReportPool> reports;
+
+  // Keeps the memory queued work reads or writes (tensors, handles) alive until that work has
+  // completed (its report's end event): callers may drop their references at once. Memory,
+  // not tensors: a tensor would keep its group, and so this rank, alive.
+  void retire(std::shared_ptr<ReportSlot> report, std::vector<std::shared_ptr<Memory>> keep);
+  // Lets go of what completed work held.
+  void sweep();
+
+ private:
+  struct Retired {
+    std::shared_ptr<ReportSlot> report;
+    std::vector<std::shared_ptr<Memory>> keep;
+  };
+  std::mutex retired_mu_;
+  std::vector<Retired> retired_;
 };
 
 inline CudaRank& rank_state(RankCore& r) { return *static_cast<CudaRank*>(r.backend_state.get()); }

@@ -42,7 +42,8 @@ __device__ __forceinline__ bool epoch_reached(uint32_t v, uint32_t e) { return i
 
 // Whether an earlier kernel of this operation already failed (then later ones do nothing).
 __device__ __forceinline__ bool op_failed(const KernelReport* r) {
-  return ld_volatile_i32(&r->fail_flag) != 0 || ld_volatile_i32(&r->problem.flag) != 0;
+  return ld_volatile_i32(&r->fail_flag) != 0 || ld_volatile_i32(&r->problem.flag) != 0 ||
+         *reinterpret_cast<const volatile unsigned long long*>(&r->problem.lowest) != 0;
 }
 
 // Records the operation's failure; the first one wins. Any thread may call it.
@@ -68,14 +69,25 @@ __device__ inline void report_failure(KernelReport* r, const FailureInfo& f) {
   st_release_sys(reinterpret_cast<uint32_t*>(&r->fail_flag), 1u);
 }
 
-// Bad input a kernel found (it cannot return an error); the first problem wins.
-__device__ inline void record_problem(core::InputProblem* p, core::TopkProblem kind, int64_t token, int entry,
-                                      int64_t value) {
-  if (atomicCAS_system(&p->flag, 0, -1) != 0) return;
+// Bad input: a thread notes the token; finish_problem (one thread, later) fills in the rest.
+__device__ __forceinline__ void note_problem(core::InputProblem* p, int64_t token) {
+  atomicMax(reinterpret_cast<unsigned long long*>(&p->lowest), ~static_cast<unsigned long long>(token));
+}
+
+// Re-examines the lowest bad token noted and completes the record (one thread; `at(t, k)` reads
+// entry k of token t).
+template <class At>
+__device__ void finish_problem(core::InputProblem* p, At at, int topk, int64_t experts) {
+  const unsigned long long lowest = *reinterpret_cast<volatile unsigned long long*>(&p->lowest);
+  if (lowest == 0 || ld_volatile_i32(&p->flag) != 0) return;
+  const int64_t t = int64_t(~lowest);
+  int bad = 0;
+  const core::TopkProblem kind = core::check_topk_row([&](int k) { return at(t, k); }, topk, experts, &bad);
   p->kind = int32_t(kind);
-  p->token = token;
-  p->entry = entry;
-  p->value = value;
+  p->token = t;
+  p->entry = bad;
+  p->experts = int32_t(experts);
+  p->value = at(t, bad);
   st_release_sys(reinterpret_cast<uint32_t*>(&p->flag), 1u);
 }
 
@@ -148,7 +160,7 @@ __device__ inline bool wait_peers(const SyncArgs& a, uint64_t off, core::WaitRol
       if (*reinterpret_cast<volatile int*>(&failed)) break;
       if ((spins & 63u) == 0) {
         if (check_aborted(a)) {
-          atomicExch(&failed, 1);
+          atomicMax(&failed, 1);
           break;
         }
         const uint64_t waited = global_ns() - start;
@@ -161,7 +173,7 @@ __device__ inline bool wait_peers(const SyncArgs& a, uint64_t off, core::WaitRol
           f.observed = v;
           f.waited_ns = int64_t(waited);
           report_failure(a.report, f);
-          atomicExch(&failed, 2);
+          atomicMax(&failed, 2);  // a timeout of ours outranks a peer's abort: the peers must hear of it
           break;
         }
         __nanosleep(64);

@@ -14,13 +14,7 @@ namespace {
 uint32_t load_flag(const int32_t* p) { return uint32_t(__atomic_load_n(p, __ATOMIC_ACQUIRE)); }
 
 Error problem_error(const core::InputProblem& p) {
-  std::string msg = "topkIdx: token " + std::to_string(p.token) + ", entry " + std::to_string(p.entry);
-  if (core::TopkProblem(p.kind) == core::TopkProblem::Duplicate) {
-    msg += " repeats expert " + std::to_string(p.value) + " (a token visits an expert once)";
-  } else {
-    msg += " holds expert " + std::to_string(p.value) + ", outside the expert range (-1 marks an unused entry)";
-  }
-  return invalid("topkIdx", msg);
+  return topk_problem_error(core::TopkProblem(p.kind), p.token, p.entry, p.value, p.experts);
 }
 
 }  // namespace
@@ -58,7 +52,16 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
       return capacity_error(rank, r.observed, r.expected, r.a == 1);
     case KernelFailure::DispatchFailed:
       return failed_handle_error();
+    case KernelFailure::HandleMismatch:
+      return invalid("handle", "handle: rank " + std::to_string(r.peer) + " holds " + std::to_string(r.expected) +
+                                   " rows where rank " + std::to_string(rank) + "'s handle expects row " +
+                                   std::to_string(r.observed) + "; every rank must pass the handle of the same dispatch");
     case KernelFailure::Internal:
+      if (r.a < 0) {
+        return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": rank " + std::to_string(r.peer) +
+                                           " listed token " + std::to_string(r.observed) + " of its " +
+                                           std::to_string(r.expected) + " (the ranks disagree about the routing)");
+      }
       return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": " + std::to_string(r.observed) +
                                          " rows arrived for local expert " + std::to_string(r.a) + " but the peers counted " +
                                          std::to_string(r.expected));

@@ -26,6 +26,7 @@ enum class KernelFailure : int32_t {
   DispatchFailed = 8,   // combine: the handle's dispatch did not complete
   Internal = 9,         // the peers' counts disagree with what arrived (`a` = local expert)
   NotRun = 10,          // an earlier kernel of the operation failed (never reported alone)
+  HandleMismatch = 11,  // combine: rank `peer` holds no row `observed` (its handle has `expected`)
 };
 
 struct KernelReport {

@@ -33,7 +33,7 @@ __global__ void layout_kernel(const Idx* topk, int64_t stride_t, int64_t stride_
     int bad = -1;
     core::TopkProblem p = core::check_topk_row(at, topk_n, experts, &bad);
     if (p != core::TopkProblem::None) {
-      record_problem(problem, p, t, bad, at(bad));
+      note_problem(problem, t);
       continue;
     }
     for (int k = 0; k < topk_n; ++k) {
@@ -61,6 +61,14 @@ __global__ void layout_kernel(const Idx* topk, int64_t stride_t, int64_t stride_
   }
 }
 
+// The lowest bad token's full record (one thread, after the layout kernel).
+template <class Idx>
+__global__ void layout_problem_kernel(const Idx* topk, int64_t stride_t, int64_t stride_k, int topk_n, int experts,
+                                      core::InputProblem* problem) {
+  auto at = [&](int64_t t, int k) { return int64_t(topk[t * stride_t + k * stride_k]); };
+  finish_problem(problem, at, topk_n, experts);
+}
+
 }  // namespace
 
 Error launch_layout(cudaStream_t stream, const LayoutWork& w, core::InputProblem* problem) {
@@ -80,10 +88,14 @@ Error launch_layout(cudaStream_t stream, const LayoutWork& w, core::InputProblem
     layout_kernel<int64_t><<<blocks, kThreads, smem, stream>>>(
         topk.at<int64_t>(0), topk.strides[0], topk.strides[1], w.num_tokens, w.topk, w.num_experts,
         w.num_ranks, per_rank, per_expert, in_rank, problem, shared_counts);
+    layout_problem_kernel<int64_t><<<1, 1, 0, stream>>>(topk.at<int64_t>(0), topk.strides[0], topk.strides[1], w.topk,
+                                                        w.num_experts, problem);
   } else {
     layout_kernel<int32_t><<<blocks, kThreads, smem, stream>>>(
         topk.at<int32_t>(0), topk.strides[0], topk.strides[1], w.num_tokens, w.topk, w.num_experts,
         w.num_ranks, per_rank, per_expert, in_rank, problem, shared_counts);
+    layout_problem_kernel<int32_t><<<1, 1, 0, stream>>>(topk.at<int32_t>(0), topk.strides[0], topk.strides[1], w.topk,
+                                                        w.num_experts, problem);
   }
   return cuda_error(cudaGetLastError(), "layout kernel launch");
 }

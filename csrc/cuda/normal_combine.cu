@@ -15,6 +15,16 @@ __device__ __forceinline__ const Published& published(const CombineArgs& a, int 
   return *reinterpret_cast<const Published*>(a.xchg[owner] + a.xl.off_pub);
 }
 
+// Ranks that pass handles of different dispatches disagree about rows: reported, never read.
+__device__ void mismatch(const CombineArgs& a, int peer, int64_t row, int64_t rows) {
+  FailureInfo f;
+  f.kind = KernelFailure::HandleMismatch;
+  f.peer = peer;
+  f.observed = row;
+  f.expected = rows;
+  report_failure(a.sync.report, f);
+}
+
 // One block: refuse a handle whose dispatch failed, publish, barrier.
 __global__ void __launch_bounds__(kSyncThreads) combine_exchange_kernel(CombineArgs a) {
   KernelReport* rep = a.sync.report;
@@ -69,13 +79,21 @@ __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineArg
         // Rank p received our rows after those of the ranks below us.
         const int64_t n = (me == 0 ? 0 : a.h_prefix[int64_t(me - 1) * R + p]) + slot;
         const Published& src = published(a, p);
-        if (a.layout == SY_LAYOUT_COMPACT) {
+        if (src.expanded_k == 0) {  // p dispatched with the compact layout: one row per token
+          if (n >= src.c_rows) {
+            mismatch(a, p, n, src.c_rows);
+            continue;
+          }
           load_bf16x8(src.cx + n * src.cx_stride + g * 16, v);
         } else {
+          if (n >= src.c_tokens) {
+            mismatch(a, p, n, src.c_tokens);
+            continue;
+          }
           float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
           for (int k = 0; k < src.expanded_k; ++k) {
             const int32_t row = src.expanded_row[n * src.expanded_k + k];
-            if (row < 0) continue;
+            if (row < 0 || row >= src.c_rows) continue;
             load_bf16x8(src.cx + row * src.cx_stride + g * 16, v);
 #pragma unroll
             for (int i = 0; i < 8; ++i) part[i] += v[i];
@@ -95,6 +113,7 @@ __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineArg
         if (slot < 0) continue;
         const int64_t n = (me == 0 ? 0 : a.h_prefix[int64_t(me - 1) * R + p]) + slot;
         const Published& src = published(a, p);
+        if (src.cw == nullptr || n >= src.c_rows) continue;  // mismatches are reported above
         w += *reinterpret_cast<const float*>(src.cw + n * src.cw_st + k * src.cw_sk);
       }
       a.out_w[t * a.topk + k] = w;
@@ -109,7 +128,8 @@ cudaError_t launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream
   int64_t need = (a.tokens * 32 + kCopyThreads - 1) / kCopyThreads;
   if (need < 1) need = 1;
   combine_reduce_kernel<<<int(need < blocks ? need : blocks), kCopyThreads, 0, stream>>>(a);
-  finish_kernel<<<1, kSyncThreads, 0, stream>>>(a.sync, a.off_done, a.ws.passed_barrier, nullptr);
+  finish_kernel<<<1, kSyncThreads, 0, stream>>>(a.sync, a.off_done, core::WaitRole::CombineNotify, a.ws.passed_barrier,
+                                                nullptr);
   return cudaGetLastError();
 }
 

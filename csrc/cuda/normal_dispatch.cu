@@ -77,9 +77,9 @@ __global__ void route_kernel(DispatchArgs a) {
     auto at = [&](int k) { return load_idx(p.topk_idx, t * p.idx_st + k * p.idx_sk, p.idx_i64 != 0); };
     if (a.topk > 0) {
       int bad = -1;
-      const core::TopkProblem problem = core::check_topk_row(at, a.topk, a.experts, &bad);
-      if (problem != core::TopkProblem::None) {
-        record_problem(&a.sync.report->problem, problem, t, bad, at(bad));
+      if (core::check_topk_row(at, a.topk, a.experts, &bad) != core::TopkProblem::None) {
+        note_problem(&a.sync.report->problem, t);
+        for (int d = 0; d < R; ++d) row[d] = 0;
         continue;
       }
     }
@@ -144,10 +144,16 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(Dispatc
   const int EL = a.local_experts;
   __shared__ uint32_t desc[core::kDescWords];
   __shared__ int64_t received;
+  __shared__ bool stop;
   if (threadIdx.x == 0) {
     for (int i = 0; i < core::kDescWords; ++i) desc[i] = a.desc[i];
     // Bad routing found by the route kernel: the barrier tells the peers, so the operation
     // fails everywhere and the buffers stay usable.
+    if (a.topk > 0) {
+      const Published& p = a.pub;
+      auto at = [&](int64_t t, int k) { return load_idx(p.topk_idx, t * p.idx_st + k * p.idx_sk, p.idx_i64 != 0); };
+      finish_problem(&rep->problem, at, a.topk, a.experts);
+    }
     desc[core::kDescRejected] = ld_volatile_i32(&rep->problem.flag) != 0 ? 1u : 0u;
     *reinterpret_cast<Published*>(a.xchg[me] + a.xl.off_pub) = a.pub;
     *a.ws.passed_barrier = 0;
@@ -216,8 +222,14 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(Dispatc
     rep->num_recv = received;
     __threadfence_system();
     st_release_sys(&rep->counts_flag, 1u);
-    *a.ws.passed_barrier = 1;
+    // A handle that does not fit what the peers sent means the ranks disagree about the
+    // routing: as on the host backend, the peers are told and the buffer set is given up.
+    // Otherwise the operation goes on to its end handshake, failed or not.
+    *a.ws.passed_barrier = f.kind == KernelFailure::CachedMismatch ? 0 : 1;
+    stop = f.kind == KernelFailure::CachedMismatch;
   }
+  __syncthreads();
+  if (stop) abort_peers(a.sync, -1, core::WaitRole::None, uint32_t(SY_ERROR_INVALID_ARGUMENT));
 }
 
 // Where received row n comes from: its source rank (binary search over the row starts) and
@@ -239,7 +251,19 @@ __device__ __forceinline__ Source find_source(const DispatchArgs& a, const int32
   }
   const int32_t slot = int32_t(n - starts[lo]);
   const int32_t* list = exchange_i32(a, lo, a.xl.off_send_list) + int64_t(a.sync.rank) * a.max_tokens;
-  return {lo, list[slot]};
+  const int32_t token = slot < a.max_tokens ? list[slot] : -1;
+  if (token < 0 || token >= published(a, lo).tokens) {
+    // Never read past the sender's rows, whatever the lists say (they come from another rank).
+    FailureInfo f;
+    f.kind = KernelFailure::Internal;
+    f.a = -1;
+    f.peer = lo;
+    f.expected = published(a, lo).tokens;
+    f.observed = token;
+    report_failure(a.sync.report, f);
+    return {lo, -1};
+  }
+  return {lo, token};
 }
 
 __device__ __forceinline__ void store_idx(uint8_t* base, int64_t i, bool i64, int64_t v) {
@@ -283,6 +307,7 @@ __global__ void __launch_bounds__(kCopyThreads) receive_compact_kernel(DispatchA
   const int me = a.sync.rank;
   for (int64_t n = warp; n < N; n += warps) {
     const Source src = find_source(a, starts, n);
+    if (src.token < 0) continue;
     const Published& p = published(a, src.rank);
     uint8_t* dst = a.recv_x + n * a.payload_bytes;
     warp_copy_row(p.x + src.token * p.x_stride, &dst, 1, a.payload_bytes, lane);
@@ -330,6 +355,7 @@ __global__ void __launch_bounds__(kCopyThreads) gather_experts_kernel(DispatchAr
       continue;
     }
     const Source src = find_source(a, starts, n);
+    if (src.token < 0) continue;
     const Published& p = published(a, src.rank);
     for (int k = 0; k < K; ++k) {
       const int64_t e = load_idx(p.topk_idx, src.token * p.idx_st + k * p.idx_sk, p.idx_i64 != 0);
@@ -386,8 +412,11 @@ __global__ void __launch_bounds__(kCopyThreads) receive_expanded_kernel(Dispatch
   const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int64_t N = a.ws.totals[0];
   for (int64_t n = warp; n < N; n += warps) {
-    const int32_t t = a.h_src_idx[n];
-    const Published& p = published(a, a.h_src_rank[n]);
+    // The sender's own list says which token this row is (a cached handle only supplies rows).
+    const Source src = find_source(a, starts, n);
+    const int32_t t = src.token;
+    if (t < 0) continue;
+    const Published& p = published(a, src.rank);
     int64_t rows[core::kMaxTopk];
     uint8_t* dst[core::kMaxTopk];
     for (int k = 0; k < K; ++k) {
@@ -421,11 +450,11 @@ __global__ void __launch_bounds__(kCopyThreads) receive_expanded_kernel(Dispatch
 // The end of an operation, shared by dispatch and combine: tell every source that its inputs
 // have been read, and wait until every peer has read ours (the caller may overwrite them once
 // the operation completes). Skipped when the barrier failed: then nobody read anything.
-__global__ void __launch_bounds__(kSyncThreads) finish_kernel(SyncArgs a, uint64_t off_done, const int32_t* passed,
-                                                               int32_t* state) {
+__global__ void __launch_bounds__(kSyncThreads) finish_kernel(SyncArgs a, uint64_t off_done, core::WaitRole role,
+                                                               const int32_t* passed, int32_t* state) {
   if (*passed == 1) {
     signal_peers(a, off_done);
-    wait_peers(a, off_done, core::WaitRole::DispatchNotify);
+    wait_peers(a, off_done, role);
   }
   if (threadIdx.x == 0 && state != nullptr) *state = op_failed(a.report) ? 2 : 1;
 }
@@ -478,8 +507,14 @@ cudaError_t launch_dispatch_receive(const DispatchArgs& a, int blocks, cudaStrea
     }
     receive_expanded_kernel<<<blocks, kCopyThreads, starts, stream>>>(a);
   }
-  finish_kernel<<<1, kSyncThreads, 0, stream>>>(a.sync, a.off_done, a.ws.passed_barrier,
+  finish_kernel<<<1, kSyncThreads, 0, stream>>>(a.sync, a.off_done, core::WaitRole::DispatchNotify, a.ws.passed_barrier,
                                                 a.cached ? nullptr : a.h_state);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dispatch_abandon(const DispatchArgs& a, cudaStream_t stream) {
+  finish_kernel<<<1, kSyncThreads, 0, stream>>>(a.sync, a.off_done, core::WaitRole::DispatchNotify, a.ws.passed_barrier,
+                                                nullptr);
   return cudaGetLastError();
 }
 

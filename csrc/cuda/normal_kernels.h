@@ -46,6 +46,7 @@ struct Published {
   int32_t idx_i64, reserved0;
   const uint8_t* topk_w;
   int64_t w_st, w_sk;
+  int64_t tokens;  // rows of x: a peer never reads past them, whatever its handle says
   // combine inputs
   const uint8_t* cx;
   int64_t cx_stride;
@@ -53,6 +54,8 @@ struct Published {
   int64_t cw_st, cw_sk;
   const int32_t* expanded_row;  // the dispatch handle's [received tokens][k] rows (expanded)
   int32_t expanded_k, reserved1;
+  int64_t c_rows;    // rows of cx
+  int64_t c_tokens;  // received tokens of the handle (rows of expanded_row)
 };
 
 // The exchange page of one rank, identical for every rank of a buffer set.
@@ -123,7 +126,7 @@ struct CombineArgs {
   uint32_t desc[core::kDescWords] = {};
   Published pub{};
   int64_t tokens = 0;
-  int32_t hidden = 0, topk = 0, layout = 0, h_topk = 0;
+  int32_t hidden = 0, topk = 0, h_topk = 0;
   const int32_t* h_state = nullptr;
   const int32_t* h_slot = nullptr;
   const int32_t* h_prefix = nullptr;
@@ -146,10 +149,13 @@ inline constexpr int kCopyThreads = 512;
 cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream_t stream);
 // Stage 2 (receive, finish).
 cudaError_t launch_dispatch_receive(const DispatchArgs& a, int blocks, cudaStream_t stream);
+// Instead of stage 2 when the host gave up after stage 1: only the end handshake.
+cudaError_t launch_dispatch_abandon(const DispatchArgs& a, cudaStream_t stream);
 cudaError_t launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream);
 
-// The last kernel of every operation (normal_dispatch.cu).
-__global__ void finish_kernel(SyncArgs a, uint64_t off_done, const int32_t* passed, int32_t* state);
+// The last kernel of every operation (normal_dispatch.cu). `role` names the wait in a timeout.
+__global__ void finish_kernel(SyncArgs a, uint64_t off_done, core::WaitRole role, const int32_t* passed,
+                              int32_t* state);
 
 // The kernel that waits for peers, for the occupancy check.
 const void* sync_kernel_for_occupancy();

@@ -63,7 +63,9 @@ __global__ void rank_assign_kernel(Ranker rk, int64_t n, int keys, const int32_t
 template <class Ranker>
 cudaError_t launch_ordered_rank(const Ranker& rk, int64_t n, int keys, int32_t* counts, int32_t* totals, int max_blocks,
                                 cudaStream_t stream) {
-  if (n <= 0 || keys <= 0) return cudaSuccess;
+  if (keys <= 0) return cudaSuccess;
+  // No items: every key's total is 0 (the totals of an earlier ordering must not linger).
+  if (n <= 0) return cudaMemsetAsync(totals, 0, sizeof(int32_t) * size_t(keys), stream);
   const int64_t work = rank_chunks(n) * keys;
   const int threads = 256;
   int64_t blocks = (work + threads - 1) / threads;

@@ -60,16 +60,7 @@ Error check_topk(const Tensor& topk, int64_t experts) {
     auto at = [&](int k) { return load_index(topk, t, k); };
     core::TopkProblem p = core::check_topk_row(at, K, experts, &bad);
     if (p == core::TopkProblem::None) continue;
-    int64_t e = at(bad);
-    if (p == core::TopkProblem::OutOfRange) {
-      return invalid("topkIdx", "topkIdx: token " + std::to_string(t) + ", entry " +
-                                    std::to_string(bad) + " holds expert " + std::to_string(e) +
-                                    ", outside [0, " + std::to_string(experts) +
-                                    ") (-1 marks an unused entry)");
-    }
-    return invalid("topkIdx", "topkIdx: token " + std::to_string(t) + " lists expert " +
-                                  std::to_string(e) + " more than once (entry " +
-                                  std::to_string(bad) + ")");
+    return topk_problem_error(p, t, bad, at(bad), experts);
   }
   return ok();
 }

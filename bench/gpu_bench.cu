@@ -1,0 +1,653 @@
+// GPU benchmark of normal-mode dispatch and combine on virtual ranks of one GPU, next to a naive
+// baseline on the same inputs and the GPU's own device-to-device copy bandwidth, all measured in
+// the same run (bench/gpu-check.sh runs it and keeps the JSON).
+//
+// It drives the library through its C ABI only, like any other user. Every rank's work is
+// enqueued behind a gate (a one-thread kernel that holds the streams until the host releases
+// it), so the timings are GPU time from the release to the last rank's completion, not the time
+// one host thread takes to enqueue eight ranks one after the other. Times are CUDA events;
+// each case reports the median of `--iters` runs after `--warmup` runs.
+//
+//   bytes moved   dispatch: every received row's payload (and FP8 scales); combine: every
+//                 expert output row pulled back. Divided by the median time, that bandwidth is
+//                 reported as a fraction of the copy bandwidth (cudaMemcpyAsync D2D, counted
+//                 the same way: bytes copied / time).
+//   naive         dispatch: per rank, gather the rows each destination gets into a send buffer
+//                 (one row per (token, destination), by destination), then one cudaMemcpyAsync
+//                 per destination into its receive buffer. Combine: one copy per source back
+//                 into its send-buffer order, then a per-token gather-and-sum kernel.
+//   checks        the library's received rows and combined rows must equal the naive ones bit
+//                 for bit (both follow the order of csrc/core/reduce.h); a mismatch fails.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../csrc/core/dtype.h"
+#include "switchyard.h"
+
+namespace {
+
+[[noreturn]] void die(const std::string& what) {
+  std::fprintf(stderr, "gpu_bench: %s\n", what.c_str());
+  std::exit(1);
+}
+
+void sy_check(sy_status st, const void* handle, const char* what) {
+  if (st == SY_OK) return;
+  sy_error_info info;
+  std::memset(&info, 0, sizeof info);
+  info.struct_size = sizeof info;
+  sy_last_error(handle, &info);
+  die(std::string(what) + ": " + sy_status_name(st) + ": " + info.message);
+}
+
+#define SY(call, handle) sy_check((call), (handle), #call)
+#define CU(call)                                                                            \
+  do {                                                                                      \
+    cudaError_t e_ = (call);                                                                \
+    if (e_ != cudaSuccess) die(std::string(#call) + ": " + cudaGetErrorString(e_));         \
+  } while (0)
+
+struct Options {
+  int ranks = 8, tokens = 4096, hidden = 7168, topk = 8, experts = 256;
+  int warmup = 3, iters = 10, sms = 0;
+  std::string json;
+};
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) die("missing value after " + a);
+      return argv[++i];
+    };
+    if (a == "--ranks") o.ranks = std::stoi(value());
+    else if (a == "--tokens") o.tokens = std::stoi(value());
+    else if (a == "--hidden") o.hidden = std::stoi(value());
+    else if (a == "--topk") o.topk = std::stoi(value());
+    else if (a == "--experts") o.experts = std::stoi(value());
+    else if (a == "--warmup") o.warmup = std::stoi(value());
+    else if (a == "--iters") o.iters = std::stoi(value());
+    else if (a == "--sms") o.sms = std::stoi(value());
+    else if (a == "--json") o.json = value();
+    else if (a == "--small") {  // a quick case for compute-sanitizer
+      o.ranks = 2, o.tokens = 64, o.hidden = 256, o.topk = 2, o.experts = 8, o.warmup = 0, o.iters = 1;
+    } else {
+      die("unknown option " + a +
+          " (--ranks --tokens --hidden --topk --experts --warmup --iters --sms --json --small)");
+    }
+  }
+  if (o.experts % o.ranks != 0 || o.topk > o.experts || o.hidden % 128 != 0) die("inconsistent shape");
+  return o;
+}
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Holds its stream until the host sets *flag (or 10 s pass: then *timed_out says so).
+__global__ void gate_kernel(const volatile int* flag, int* timed_out) {
+  const uint64_t start = global_ns();
+  while (*flag == 0) {
+    if (global_ns() - start > 10ull * 1000000000ull) {
+      *timed_out = 1;
+      return;
+    }
+    __nanosleep(1000);
+  }
+}
+
+// dst[i] = src[perm[i]] for rows of `row_bytes`; one warp per row, 16-byte accesses when the
+// row size allows (4-byte otherwise).
+__global__ void gather_rows(const uint8_t* src, const int32_t* perm, int64_t n, int row_bytes, uint8_t* dst) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; i < n; i += warps) {
+    const uint8_t* s = src + int64_t(perm[i]) * row_bytes;
+    uint8_t* d = dst + i * row_bytes;
+    if (row_bytes % 16 == 0) {
+      for (int j = lane; j < row_bytes / 16; j += 32)
+        reinterpret_cast<int4*>(d)[j] = reinterpret_cast<const int4*>(s)[j];
+    } else {
+      for (int j = lane; j < row_bytes / 4; j += 32)
+        reinterpret_cast<uint32_t*>(d)[j] = reinterpret_cast<const uint32_t*>(s)[j];
+    }
+  }
+}
+
+// out[t] = sum over destinations d (in rank order) of the row token t got back from d.
+__global__ void naive_reduce(const uint16_t* back, const int32_t* slots, const int64_t* send_off, int64_t tokens,
+                             int ranks, int hidden, uint16_t* out) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  for (int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; t < tokens; t += warps) {
+    for (int g = lane; g < hidden / 8; g += 32) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int d = 0; d < ranks; ++d) {
+        const int32_t s = slots[t * ranks + d];
+        if (s < 0) continue;
+        const int4 v = reinterpret_cast<const int4*>(back + (send_off[d] + s) * hidden)[g];
+        const uint32_t w[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
+        for (int i = 0; i < 4; ++i) {
+          acc[2 * i] += sy::core::bf16_to_float(uint16_t(w[i] & 0xffffu));
+          acc[2 * i + 1] += sy::core::bf16_to_float(uint16_t(w[i] >> 16));
+        }
+      }
+      uint32_t w[4];
+      for (int i = 0; i < 4; ++i)
+        w[i] = uint32_t(sy::core::float_to_bf16(acc[2 * i])) | (uint32_t(sy::core::float_to_bf16(acc[2 * i + 1])) << 16);
+      reinterpret_cast<int4*>(out + t * hidden)[g] = make_int4(int(w[0]), int(w[1]), int(w[2]), int(w[3]));
+    }
+  }
+}
+
+__global__ void count_diff(const uint8_t* a, const uint8_t* b, int64_t n, unsigned long long* diffs) {
+  unsigned long long local = 0;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    local += a[i] != b[i];
+  if (local) atomicAdd(diffs, local);
+}
+
+uint64_t count_mismatches(const void* a, const void* b, int64_t n) {
+  if (n == 0) return 0;
+  unsigned long long* d = nullptr;
+  CU(cudaMalloc(&d, sizeof *d));
+  CU(cudaMemset(d, 0, sizeof *d));
+  count_diff<<<1024, 256>>>(static_cast<const uint8_t*>(a), static_cast<const uint8_t*>(b), n, d);
+  unsigned long long h = 0;
+  CU(cudaMemcpy(&h, d, sizeof h, cudaMemcpyDeviceToHost));
+  CU(cudaFree(d));
+  return h;
+}
+
+// Holds every rank's streams behind one kernel; the timed region starts at its release.
+struct Gate {
+  int* flag = nullptr;
+  int* timed_out = nullptr;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t start = nullptr;
+  Gate() {
+    CU(cudaHostAlloc(reinterpret_cast<void**>(&flag), 2 * sizeof(int), cudaHostAllocMapped));
+    timed_out = flag + 1;
+    CU(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CU(cudaEventCreate(&start));
+  }
+  void hold() {
+    flag[0] = 0;
+    flag[1] = 0;
+    int* dflag = nullptr;
+    CU(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dflag), flag, 0));
+    gate_kernel<<<1, 1, 0, stream>>>(dflag, dflag + 1);
+    CU(cudaGetLastError());
+    CU(cudaEventRecord(start, stream));
+  }
+  void release() { __atomic_store_n(&flag[0], 1, __ATOMIC_RELEASE); }
+};
+
+// Runs `enqueue` behind the gate on every stream; returns the milliseconds from the release to
+// the last stream's completion.
+template <class Enqueue>
+float timed(Gate& gate, const std::vector<cudaStream_t>& streams, std::vector<cudaEvent_t>& ends, Enqueue enqueue) {
+  gate.hold();
+  for (cudaStream_t s : streams) CU(cudaStreamWaitEvent(s, gate.start, 0));
+  enqueue();
+  for (size_t r = 0; r < streams.size(); ++r) CU(cudaEventRecord(ends[r], streams[r]));
+  gate.release();
+  float worst = 0;
+  for (size_t r = 0; r < streams.size(); ++r) {
+    CU(cudaEventSynchronize(ends[r]));
+    float ms = 0;
+    CU(cudaEventElapsedTime(&ms, gate.start, ends[r]));
+    worst = std::max(worst, ms);
+  }
+  if (gate.flag[1]) die("the gate timed out: enqueueing took over 10 s (did an allocation wait for the device?)");
+  return worst;
+}
+
+float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0f : v[v.size() / 2];
+}
+
+// The device-to-device copy bandwidth of this GPU, bytes copied per second.
+double copy_bandwidth(Gate& gate, cudaStream_t stream, int iters) {
+  const size_t bytes = size_t(1) << 30;
+  void *a = nullptr, *b = nullptr;
+  CU(cudaMalloc(&a, bytes));
+  CU(cudaMalloc(&b, bytes));
+  CU(cudaMemset(a, 1, bytes));
+  std::vector<cudaStream_t> streams{stream};
+  cudaEvent_t end;
+  CU(cudaEventCreate(&end));
+  std::vector<cudaEvent_t> ends{end};
+  std::vector<float> ms;
+  for (int i = 0; i < iters + 2; ++i) {
+    const float t = timed(gate, streams, ends, [&] { CU(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, stream)); });
+    if (i >= 2) ms.push_back(t);
+  }
+  CU(cudaEventDestroy(end));
+  CU(cudaFree(a));
+  CU(cudaFree(b));
+  return double(bytes) / (double(median(ms)) * 1e-3);
+}
+
+template <class T>
+T* device_copy(const std::vector<T>& v) {
+  T* p = nullptr;
+  CU(cudaMalloc(&p, std::max<size_t>(v.size(), 1) * sizeof(T)));
+  if (!v.empty()) CU(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
+sy_tensor make_tensor(sy_rank rank, sy_stream stream, int32_t dtype, std::vector<int64_t> shape, const void* data,
+                      uint64_t bytes) {
+  sy_tensor_desc d;
+  std::memset(&d, 0, sizeof d);
+  d.struct_size = sizeof d;
+  d.dtype = dtype;
+  d.ndim = int32_t(shape.size());
+  for (size_t i = 0; i < shape.size(); ++i) d.shape[i] = shape[i];
+  sy_tensor t = nullptr;
+  SY(sy_tensor_create(rank, &d, &t), rank);
+  if (data) SY(sy_tensor_write(t, stream, data, bytes, 0), t);
+  return t;
+}
+
+void* device_address(sy_tensor t) {
+  sy_tensor_desc d;
+  std::memset(&d, 0, sizeof d);
+  d.struct_size = sizeof d;
+  SY(sy_tensor_describe(t, &d), t);
+  return reinterpret_cast<void*>(uintptr_t(d.data));
+}
+
+void destroy(sy_dispatch_result& r) {
+  for (sy_tensor t : {r.recv_x, r.recv_x_scales, r.recv_topk_idx, r.recv_topk_weights, r.recv_count})
+    if (t) sy_tensor_destroy(t);
+  if (r.handle) sy_handle_destroy(r.handle);
+  std::memset(&r, 0, sizeof r);
+}
+
+struct Row {
+  std::string op, dtype, mode;
+  double median_ms = 0, min_ms = 0, bytes = 0, naive_ms = 0;
+  uint64_t mismatches = 0;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Options o = parse(argc, argv);
+  sy_backend_info info;
+  std::memset(&info, 0, sizeof info);
+  info.struct_size = sizeof info;
+  SY(sy_backend_probe(SY_BACKEND_CUDA, &info), nullptr);
+  if (!info.available) die(std::string("no usable GPU: ") + info.reason);
+  cudaDeviceProp prop;
+  CU(cudaGetDeviceProperties(&prop, 0));
+  const int R = o.ranks, T = o.tokens, H = o.hidden, K = o.topk, E = o.experts, EL = E / R, S = H / 128;
+  std::printf("gpu_bench: %s, %d SMs; %d ranks x %d tokens x hidden %d, top-%d of %d experts\n", prop.name,
+              prop.multiProcessorCount, R, T, H, K, E);
+
+  sy_group_options go;
+  std::memset(&go, 0, sizeof go);
+  go.struct_size = sizeof go;
+  go.backend = SY_BACKEND_CUDA;
+  go.ranks = R;
+  go.timeout_ms = 30000;
+  sy_group group = nullptr;
+  SY(sy_group_create_local(&go, &group), nullptr);
+  std::vector<sy_rank> ranks(R);
+  std::vector<sy_stream> streams(R);
+  std::vector<cudaStream_t> raw(R);
+  std::vector<sy_buffer> buffers(R);
+  for (int r = 0; r < R; ++r) {
+    SY(sy_group_rank(group, r, &ranks[r]), group);
+    SY(sy_stream_create(ranks[r], &streams[r]), ranks[r]);
+    void* s = nullptr;
+    SY(sy_stream_native(streams[r], &s), streams[r]);
+    raw[r] = static_cast<cudaStream_t>(s);
+  }
+  for (int r = 0; r < R; ++r) {
+    sy_buffer_options bo;
+    std::memset(&bo, 0, sizeof bo);
+    bo.struct_size = sizeof bo;
+    bo.hidden = H;
+    bo.max_tokens_per_rank = T;
+    bo.num_sms = o.sms;
+    SY(sy_buffer_create(ranks[r], &bo, &buffers[r]), ranks[r]);
+  }
+
+  // Inputs: uniform top-k routing, random payloads.
+  std::mt19937_64 rng(12345);
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+  std::vector<std::vector<uint16_t>> xb(R);
+  std::vector<std::vector<uint8_t>> x8(R);
+  std::vector<std::vector<float>> scales(R), weights(R);
+  std::vector<std::vector<int64_t>> topk(R);
+  for (int r = 0; r < R; ++r) {
+    xb[r].resize(size_t(T) * H);
+    for (auto& v : xb[r]) v = sy::core::float_to_bf16(uni(rng));
+    x8[r].resize(size_t(T) * H);
+    for (auto& v : x8[r]) v = uint8_t(rng() % 0x7e);  // finite E4M3 bit patterns
+    scales[r].resize(size_t(T) * S);
+    for (auto& v : scales[r]) v = 1.0f + uni(rng);
+    weights[r].resize(size_t(T) * K);
+    for (auto& v : weights[r]) v = 0.5f + 0.5f * uni(rng);
+    topk[r].resize(size_t(T) * K);
+    for (int t = 0; t < T; ++t) {
+      for (int k = 0; k < K; ++k) {
+        int64_t e;
+        bool dup;
+        do {
+          e = int64_t(rng() % uint64_t(E));
+          dup = false;
+          for (int j = 0; j < k; ++j) dup = dup || topk[r][size_t(t) * K + j] == e;
+        } while (dup);
+        topk[r][size_t(t) * K + k] = e;
+      }
+    }
+  }
+
+  // The routing on the host, for the naive baseline and the byte counts: per (source,
+  // destination) the tokens in order.
+  std::vector<std::vector<std::vector<int32_t>>> sends(R, std::vector<std::vector<int32_t>>(R));
+  std::vector<std::vector<int32_t>> slot(R, std::vector<int32_t>(size_t(T) * R, -1));
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) {
+      std::vector<char> to(R, 0);
+      for (int k = 0; k < K; ++k) to[topk[r][size_t(t) * K + k] / EL] = 1;
+      for (int d = 0; d < R; ++d) {
+        if (!to[d]) continue;
+        slot[r][size_t(t) * R + d] = int32_t(sends[r][d].size());
+        sends[r][d].push_back(t);
+      }
+    }
+  }
+  std::vector<int64_t> received(R, 0);
+  for (int d = 0; d < R; ++d)
+    for (int r = 0; r < R; ++r) received[d] += int64_t(sends[r][d].size());
+  int64_t total_rows = 0;
+  for (int64_t n : received) total_rows += n;
+
+  // Library inputs.
+  std::vector<sy_tensor> tx(R), tx8(R), tsc(R), tidx(R), tw(R), tout(R);
+  for (int r = 0; r < R; ++r) {
+    tx[r] = make_tensor(ranks[r], streams[r], SY_DTYPE_BF16, {T, H}, xb[r].data(), xb[r].size() * 2);
+    tx8[r] = make_tensor(ranks[r], streams[r], SY_DTYPE_FP8_E4M3, {T, H}, x8[r].data(), x8[r].size());
+    tsc[r] = make_tensor(ranks[r], streams[r], SY_DTYPE_F32, {T, S}, scales[r].data(), scales[r].size() * 4);
+    tidx[r] = make_tensor(ranks[r], streams[r], SY_DTYPE_I64, {T, K}, topk[r].data(), topk[r].size() * 8);
+    tw[r] = make_tensor(ranks[r], streams[r], SY_DTYPE_F32, {T, K}, weights[r].data(), weights[r].size() * 4);
+    tout[r] = make_tensor(ranks[r], streams[r], SY_DTYPE_BF16, {T, H}, nullptr, 0);
+  }
+
+  Gate gate;
+  std::vector<cudaEvent_t> ends(R);
+  for (auto& e : ends) CU(cudaEventCreate(&e));
+  const double copy_bps = copy_bandwidth(gate, raw[0], o.iters);
+  std::printf("device-to-device copy: %.1f GB/s\n", copy_bps / 1e9);
+
+  auto dispatch_args = [&](int r, bool fp8, sy_handle cached) {
+    sy_dispatch_args a;
+    std::memset(&a, 0, sizeof a);
+    a.struct_size = sizeof a;
+    a.x = fp8 ? tx8[r] : tx[r];
+    a.x_scales = fp8 ? tsc[r] : nullptr;
+    a.compute_stream = streams[r];
+    a.expert_alignment = 1;
+    a.layout = SY_LAYOUT_COMPACT;
+    if (cached) {
+      a.handle = cached;
+    } else {
+      a.topk_idx = tidx[r];
+      a.topk_weights = tw[r];
+      a.num_experts = E;
+      a.num_worst_tokens = int64_t(R) * T;
+    }
+    return a;
+  };
+
+  // Naive baseline buffers (per rank: permutation, send buffer, receive buffer).
+  const int payload8 = H, payload16 = 2 * H, scale_bytes = 4 * S;
+  std::vector<int32_t*> perm(R);
+  std::vector<int64_t*> send_off_d(R);
+  std::vector<std::vector<int64_t>> send_off(R, std::vector<int64_t>(R, 0)), recv_off(R, std::vector<int64_t>(R, 0));
+  std::vector<int32_t*> slots_d(R);
+  std::vector<uint8_t*> send_buf(R), recv_buf(R), send_sc(R), recv_sc(R), back_buf(R), naive_out(R);
+  for (int r = 0; r < R; ++r) {
+    std::vector<int32_t> p;
+    for (int d = 0; d < R; ++d) {
+      send_off[r][d] = int64_t(p.size());
+      p.insert(p.end(), sends[r][d].begin(), sends[r][d].end());
+    }
+    perm[r] = device_copy(p);
+    send_off_d[r] = device_copy(send_off[r]);
+    slots_d[r] = device_copy(slot[r]);
+    CU(cudaMalloc(&send_buf[r], std::max<size_t>(p.size(), 1) * payload16));
+    CU(cudaMalloc(&send_sc[r], std::max<size_t>(p.size(), 1) * scale_bytes));
+    CU(cudaMalloc(&back_buf[r], std::max<size_t>(p.size(), 1) * payload16));
+    CU(cudaMalloc(&recv_buf[r], std::max<int64_t>(received[r], 1) * payload16));
+    CU(cudaMalloc(&recv_sc[r], std::max<int64_t>(received[r], 1) * scale_bytes));
+    CU(cudaMalloc(&naive_out[r], size_t(T) * payload16));
+  }
+  for (int d = 0; d < R; ++d) {
+    int64_t acc = 0;
+    for (int r = 0; r < R; ++r) {
+      recv_off[r][d] = acc;
+      acc += int64_t(sends[r][d].size());
+    }
+  }
+  const int grid = prop.multiProcessorCount;
+  auto naive_dispatch = [&](bool fp8) {
+    const int row = fp8 ? payload8 : payload16;
+    for (int r = 0; r < R; ++r) {
+      const int64_t n = send_off[r][R - 1] + int64_t(sends[r][R - 1].size());
+      const uint8_t* x = static_cast<const uint8_t*>(device_address(fp8 ? tx8[r] : tx[r]));
+      gather_rows<<<grid, 256, 0, raw[r]>>>(x, perm[r], n, row, send_buf[r]);
+      if (fp8) {
+        gather_rows<<<grid, 256, 0, raw[r]>>>(static_cast<const uint8_t*>(device_address(tsc[r])), perm[r], n,
+                                              scale_bytes, send_sc[r]);
+      }
+      for (int d = 0; d < R; ++d) {
+        const size_t rows = sends[r][d].size();
+        if (rows == 0) continue;
+        CU(cudaMemcpyAsync(recv_buf[d] + recv_off[r][d] * row, send_buf[r] + send_off[r][d] * row, rows * row,
+                           cudaMemcpyDeviceToDevice, raw[r]));
+        if (fp8) {
+          CU(cudaMemcpyAsync(recv_sc[d] + recv_off[r][d] * scale_bytes, send_sc[r] + send_off[r][d] * scale_bytes,
+                             rows * scale_bytes, cudaMemcpyDeviceToDevice, raw[r]));
+        }
+      }
+    }
+    CU(cudaGetLastError());
+  };
+  std::vector<cudaEvent_t> copied(R);
+  for (auto& e : copied) CU(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  // Naive combine of the expert outputs `y[d]` (rows in receive order).
+  auto naive_combine = [&](const std::vector<const uint8_t*>& y) {
+    for (int d = 0; d < R; ++d) {
+      for (int r = 0; r < R; ++r) {
+        const size_t rows = sends[r][d].size();
+        if (rows == 0) continue;
+        CU(cudaMemcpyAsync(back_buf[r] + send_off[r][d] * payload16, y[d] + recv_off[r][d] * payload16,
+                           rows * payload16, cudaMemcpyDeviceToDevice, raw[d]));
+      }
+      CU(cudaEventRecord(copied[d], raw[d]));
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int d = 0; d < R; ++d) CU(cudaStreamWaitEvent(raw[r], copied[d], 0));
+      naive_reduce<<<grid, 256, 0, raw[r]>>>(reinterpret_cast<const uint16_t*>(back_buf[r]), slots_d[r], send_off_d[r], T,
+                                             R, H, reinterpret_cast<uint16_t*>(naive_out[r]));
+    }
+    CU(cudaGetLastError());
+  };
+
+  std::vector<Row> rows;
+  auto measure = [&](Row row, auto library, auto naive, auto after_each) {
+    std::vector<float> lib_ms, naive_ms;
+    for (int i = 0; i < o.warmup + o.iters; ++i) {
+      const float a = timed(gate, raw, ends, library);
+      after_each();
+      const float b = timed(gate, raw, ends, naive);
+      if (i >= o.warmup) {
+        lib_ms.push_back(a);
+        naive_ms.push_back(b);
+      }
+    }
+    row.median_ms = median(lib_ms);
+    row.min_ms = *std::min_element(lib_ms.begin(), lib_ms.end());
+    row.naive_ms = median(naive_ms);
+    rows.push_back(row);
+    return rows.size() - 1;
+  };
+
+  // Dispatch, worst-case mode (no host wait), BF16 and FP8; then cached mode.
+  std::vector<sy_dispatch_result> res(R);
+  for (const bool fp8 : {false, true}) {
+    Row row{"dispatch", fp8 ? "fp8" : "bf16", "worst-case"};
+    row.bytes = double(total_rows) * ((fp8 ? payload8 + scale_bytes : payload16));
+    const size_t idx = measure(
+        row,
+        [&] {
+          for (int r = 0; r < R; ++r) {
+            sy_dispatch_args a = dispatch_args(r, fp8, nullptr);
+            res[r].struct_size = sizeof(sy_dispatch_result);
+            SY(sy_dispatch(buffers[r], &a, &res[r]), buffers[r]);
+          }
+        },
+        [&] { naive_dispatch(fp8); },
+        [&] {
+          for (auto& x : res) destroy(x);
+        });
+    // Check the last run: the library's rows equal the naive ones.
+    for (int r = 0; r < R; ++r) {
+      sy_dispatch_args a = dispatch_args(r, fp8, nullptr);
+      res[r].struct_size = sizeof(sy_dispatch_result);
+      SY(sy_dispatch(buffers[r], &a, &res[r]), buffers[r]);
+    }
+    for (int r = 0; r < R; ++r) CU(cudaStreamSynchronize(raw[r]));
+    naive_dispatch(fp8);
+    for (int r = 0; r < R; ++r) CU(cudaStreamSynchronize(raw[r]));
+    for (int r = 0; r < R; ++r) {
+      const int rb = fp8 ? payload8 : payload16;
+      rows[idx].mismatches += count_mismatches(device_address(res[r].recv_x), recv_buf[r], received[r] * rb);
+      if (fp8) {
+        rows[idx].mismatches +=
+            count_mismatches(device_address(res[r].recv_x_scales), recv_sc[r], received[r] * scale_bytes);
+      }
+    }
+    if (!fp8) {
+      // Cached dispatch with the handles of this (completed) dispatch.
+      std::vector<sy_dispatch_result> again(R);
+      Row cached{"dispatch", "bf16", "cached"};
+      cached.bytes = row.bytes;
+      measure(
+          cached,
+          [&] {
+            for (int r = 0; r < R; ++r) {
+              sy_dispatch_args a = dispatch_args(r, false, res[r].handle);
+              again[r].struct_size = sizeof(sy_dispatch_result);
+              SY(sy_dispatch(buffers[r], &a, &again[r]), buffers[r]);
+            }
+          },
+          [&] { naive_dispatch(false); },
+          [&] {
+            for (auto& x : again) destroy(x);
+          });
+
+      // Combine the received rows back (as if every expert were the identity), with weights.
+      std::vector<sy_combine_result> back(R);
+      Row comb{"combine", "bf16", "compact"};
+      comb.bytes = double(total_rows) * payload16;
+      std::vector<const uint8_t*> y(R);
+      for (int r = 0; r < R; ++r) y[r] = static_cast<const uint8_t*>(device_address(res[r].recv_x));
+      const size_t ci = measure(
+          comb,
+          [&] {
+            for (int r = 0; r < R; ++r) {
+              sy_combine_args a;
+              std::memset(&a, 0, sizeof a);
+              a.struct_size = sizeof a;
+              a.x = res[r].recv_x;
+              a.handle = res[r].handle;
+              a.topk_weights = res[r].recv_topk_weights;
+              a.out = tout[r];
+              a.compute_stream = streams[r];
+              back[r].struct_size = sizeof(sy_combine_result);
+              SY(sy_combine(buffers[r], &a, &back[r]), buffers[r]);
+            }
+          },
+          [&] { naive_combine(y); },
+          [&] {
+            for (auto& b : back) {
+              if (b.combined_topk_weights) sy_tensor_destroy(b.combined_topk_weights);
+              if (b.combined_x) sy_tensor_destroy(b.combined_x);
+              std::memset(&b, 0, sizeof b);
+            }
+          });
+      for (int r = 0; r < R; ++r) {
+        rows[ci].mismatches += count_mismatches(device_address(tout[r]), naive_out[r], int64_t(T) * payload16);
+      }
+    }
+    for (auto& x : res) destroy(x);
+  }
+
+  // Report.
+  std::printf("\n%-9s %-5s %-10s %10s %10s %9s %8s %11s %8s %s\n", "op", "dtype", "mode", "median ms", "GB moved",
+              "GB/s", "of copy", "naive ms", "speedup", "check");
+  for (const Row& r : rows) {
+    const double bps = r.bytes / (r.median_ms * 1e-3);
+    std::printf("%-9s %-5s %-10s %10.3f %10.3f %9.1f %8.2f %11.3f %8.2f %s\n", r.op.c_str(), r.dtype.c_str(),
+                r.mode.c_str(), r.median_ms, r.bytes / 1e9, bps / 1e9, bps / copy_bps, r.naive_ms,
+                r.naive_ms / r.median_ms, r.mismatches == 0 ? "= naive" : "MISMATCH");
+  }
+  uint64_t bad = 0;
+  for (const Row& r : rows) bad += r.mismatches;
+  if (!o.json.empty()) {
+    FILE* f = std::fopen(o.json.c_str(), "w");
+    if (!f) die("cannot write " + o.json);
+    char date[32];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+    std::fprintf(f,
+                 "{\n  \"date\": \"%s\",\n  \"gpu\": \"%s\",\n  \"sm_count\": %d,\n  \"cuda_driver\": %d,\n"
+                 "  \"cuda_runtime\": %d,\n  \"library\": \"%s\",\n",
+                 date, prop.name, prop.multiProcessorCount, info.cuda_driver_version, info.cuda_runtime_version,
+                 sy_version_string());
+    std::fprintf(f,
+                 "  \"shape\": {\"ranks\": %d, \"tokens_per_rank\": %d, \"hidden\": %d, \"topk\": %d, \"experts\": %d, "
+                 "\"routing\": \"uniform\", \"received_rows\": %lld},\n",
+                 R, T, H, K, E, (long long)total_rows);
+    std::fprintf(f, "  \"warmup\": %d,\n  \"iters\": %d,\n  \"num_sms\": %d,\n  \"copy_bandwidth_gbps\": %.3f,\n",
+                 o.warmup, o.iters, o.sms, copy_bps / 1e9);
+    std::fprintf(f, "  \"results\": [\n");
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
+      const double bps = r.bytes / (r.median_ms * 1e-3);
+      std::fprintf(f,
+                   "    {\"op\": \"%s\", \"dtype\": \"%s\", \"mode\": \"%s\", \"median_ms\": %.4f, \"min_ms\": %.4f, "
+                   "\"bytes\": %.0f, \"gbps\": %.3f, \"fraction_of_copy\": %.4f, \"naive_median_ms\": %.4f, "
+                   "\"speedup_vs_naive\": %.3f, \"matches_naive\": %s}%s\n",
+                   r.op.c_str(), r.dtype.c_str(), r.mode.c_str(), r.median_ms, r.min_ms, r.bytes, bps / 1e9,
+                   bps / copy_bps, r.naive_ms, r.naive_ms / r.median_ms, r.mismatches == 0 ? "true" : "false",
+                   i + 1 < rows.size() ? "," : "");
+    }
+    std::fprintf(f, "  ]\n}\n");
+    std::fclose(f);
+  }
+  if (bad != 0) die(std::to_string(bad) + " bytes differ from the naive baseline");
+  std::printf("\ngpu_bench: ok\n");
+  return 0;
+}
