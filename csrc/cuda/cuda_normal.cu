@@ -64,15 +64,18 @@ Error ensure_tables(BufferCore& buf) {
       return -1;
     };
     while (missing() >= 0 && !d.expired()) set.cv.wait_for(l, std::chrono::duration<double>(d.remaining_seconds()));
-    if (const int r = missing(); r >= 0) {
+    if (const int first = missing(); first >= 0) {
+      std::string list;
+      for (int r = 0; r < R; ++r)
+        if (set.bases[size_t(r)] == nullptr || !set.pages[size_t(r)]) list += (list.empty() ? "" : ", ") + std::to_string(r);
       core::WaitFailure w;
       w.rank = buf.rank;
-      w.peer = r;
+      w.peer = first;
       w.role = core::WaitRole::BufferPeers;
       w.expected = R;
       w.observed = set.joined;
       w.waited_seconds = double(buf.timeout_ms) / 1000.0;
-      return timeout_error(w, "rank " + std::to_string(r) + " has not created its matching buffer");
+      return timeout_error(w, "ranks without a matching buffer: " + list);
     }
     for (int r = 0; r < R; ++r) {
       table[size_t(r)] = set.bases[size_t(r)];
