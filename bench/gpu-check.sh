@@ -6,13 +6,14 @@
 #   2. runs the CUDA tests (tests/cuda_test.ts: every normal-mode case against the host backend,
 #      bit for bit, plus the failure cases), then the normal-mode suite with the fixture on the
 #      GPU (SWITCHYARD_TEST_BACKEND=cuda),
-#   3. runs compute-sanitizer (memcheck, racecheck, synccheck) on the benchmark's small case,
+#   3. runs compute-sanitizer (memcheck, racecheck, synccheck) on the benchmark's one-rank case
+#      (the sanitizer runs one kernel at a time, so ranks that wait for each other cannot),
 #   4. benchmarks dispatch and combine: 8 virtual ranks x 4096 tokens x hidden 7168, top-8 of 256
 #      experts, BF16 and FP8, against the GPU's copy bandwidth and a naive baseline
 #      (bench/gpu_bench.cu), and writes the JSON.
 #
 # Everything lands in $OUT (default bench/out): gpu-check.log, env.txt, gpu_bench.json. Every
-# step has its own time limit and the whole script ends within about 9 minutes; the exit code
+# step has its own time limit and the whole script ends within 9.5 minutes; the exit code
 # is the number of failed steps. Before the call: `bash bench/prepare-gpu-carry.sh` here, then
 # run with carry [".carry"], e.g. `bash bench/gpu-check.sh` with timeout_s 600.
 set -uo pipefail
@@ -73,15 +74,18 @@ export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 
 export SWITCHYARD_CUDA=ON SWITCHYARD_CUDA_ARCHITECTURES=90
 [ -n "$nccl_root" ] && export SWITCHYARD_NCCL_ROOT="$nccl_root"
-if step "build (CUDA, sm_90)" 240 deno task build; then
-  step "CUDA tests against the host backend" 180 deno test --allow-all tests/cuda_test.ts
-  step "normal-mode suite on the GPU" 150 env SWITCHYARD_TEST_BACKEND=cuda \
+# Limits add up to 540 s (plus 10 s of grace each): the whole call fits a 600 s command.
+if step "build (CUDA, sm_90)" 180 deno task build; then
+  step "CUDA tests against the host backend" 110 deno test --allow-all tests/cuda_test.ts
+  step "normal-mode suite on the GPU" 80 env SWITCHYARD_TEST_BACKEND=cuda \
     deno test --allow-all tests/dispatch_test.ts tests/combine_test.ts tests/sequence_test.ts tests/timeout_test.ts
+  # compute-sanitizer runs one kernel at a time, so ranks that wait for each other cannot run
+  # under it: one rank, no gate (bench --sanitize).
   for tool in memcheck racecheck synccheck; do
-    step "compute-sanitizer $tool (small case)" 60 \
-      compute-sanitizer --tool "$tool" --error-exitcode 9 build/switchyard_gpu_bench --small
+    step "compute-sanitizer $tool (one rank)" 30 \
+      compute-sanitizer --tool "$tool" --error-exitcode 9 build/switchyard_gpu_bench --sanitize
   done
-  step "benchmark (8 ranks x 4096 tokens x 7168, top-8 of 256)" 180 \
+  step "benchmark (8 ranks x 4096 tokens x 7168, top-8 of 256)" 80 \
     build/switchyard_gpu_bench --json "$out/gpu_bench.json"
 fi
 

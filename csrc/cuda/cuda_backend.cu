@@ -14,6 +14,7 @@
 #include "cuda_normal.h"
 #include "cuda_objects.h"
 #include "layout_kernel.h"
+#include "memory_release.h"
 
 #ifndef SY_CUDA_ARCHS
 #define SY_CUDA_ARCHS ""
@@ -30,6 +31,7 @@ Error allocate_on(int dev, uint64_t bytes, bool pooled, std::shared_ptr<Memory>*
   void* p = nullptr;
   const uint64_t size = core::align_up(bytes == 0 ? 256 : bytes, 256);
   if (pooled) {
+    flush_releases(dev);  // what was given back is reused once its last user is done
     SY_CUDA(cudaMallocAsync(&p, size, 0));
   } else {
     SY_CUDA(cudaMalloc(&p, size));
@@ -51,10 +53,10 @@ Error allocate_on(int dev, uint64_t bytes, bool pooled, std::shared_ptr<Memory>*
   m->bytes = size;
   m->device = dev;
   m->release = [dev, pooled](void* q) {
-    cudaSetDevice(dev);
     if (pooled) {
-      cudaFreeAsync(q, 0);
+      release_device_memory(q, dev);
     } else {
+      cudaSetDevice(dev);
       cudaFree(q);
     }
   };
@@ -82,20 +84,17 @@ class CudaBackend final : public Backend {
     SY_CUDA(cudaSetDevice(st->device));
     SY_CUDA(cudaDeviceGetAttribute(&st->sm_count, cudaDevAttrMultiProcessorCount, st->device));
     st->reports = std::make_shared<ReportPool>(st->device);
+    SY_TRY(st->reports->reserve());
     rank.backend_state = st;
     return ok();
   }
 
   Error init_buffer(BufferCore& buf) override { return normal_init_buffer(buf); }
 
-  // Tensors and workspaces come from the device's stream-ordered pool and go back to it with
-  // cudaFreeAsync: cudaFree would wait for every kernel on the device, and with virtual ranks a
-  // kernel may be waiting for a peer whose work this very thread has yet to enqueue. Memory is
-  // released only once no queued work uses it (CudaRank::retire keeps operation inputs alive).
+  // Tensors and workspaces come from the device's stream-ordered pool and go back to it after
+  // all work queued on the library's streams (memory_release.h): never a wait for the device.
   Error allocate(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) override {
-    CudaRank& st = rank_state(rank);
-    st.sweep();
-    return allocate_on(st.device, bytes, true, out);
+    return allocate_on(rank_state(rank).device, bytes, true, out);
   }
 
   Error allocate_shared(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) override {
@@ -205,9 +204,7 @@ class CudaBackend final : public Backend {
     const int rank = cs.rank;
     work->status->check_after = [report, rank]() { return report_error(*report->host, rank, 0, "layout"); };
     SY_TRY(launch_layout(cs.raw(), *work, &report->device->problem));
-    SY_TRY(report->seal(cs.raw()));
-    cs.rank_state_ref().retire(report, {work->topk_idx->memory});
-    return ok();
+    return report->seal(cs.raw());
   }
 
   Error dispatch_notify(BufferCore& buf, Stream& comm, std::shared_ptr<DispatchWork> work) override {
@@ -267,6 +264,10 @@ void prepare_devices(int count) {
     if (cudaDeviceGetDefaultMemPool(&pool, a) == cudaSuccess) {
       uint64_t keep = UINT64_MAX;
       cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+      // Reuse memory only once its free has completed: a dependency on the release stream
+      // would make an allocation wait for whatever that stream waits for.
+      int no = 0;
+      cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowInternalDependencies, &no);
     }
     for (int b = 0; b < count; ++b) {
       int can = 0;

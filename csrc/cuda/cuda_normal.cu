@@ -157,35 +157,6 @@ struct HandleState {
 
 int blocks_of(const BufferCore& buf) { return std::max(1, buf.num_sms); }
 
-// The memory an operation's kernels touch, kept until they have completed (CudaRank::retire).
-struct Keep {
-  std::vector<std::shared_ptr<Memory>> memory;
-  void operator()(const std::shared_ptr<Tensor>& t) {
-    if (t) memory.push_back(t->memory);
-  }
-  void handle(const DispatchHandle& h) {
-    for (const auto* t : {&h.rank_prefix_matrix, &h.recv_src_idx, &h.recv_src_rank, &h.is_token_in_rank, &h.send_slot,
-                          &h.expanded_row})
-      (*this)(*t);
-    if (h.backend_state) (*this)(static_cast<HandleState*>(h.backend_state.get())->state);
-  }
-  void buffer(const BufferCore& buf, const CudaBuffer& st) {
-    for (const auto* m : {&buf.region, &st.page, &st.fixed, &st.tables, &st.rank_counts, &st.recv_local})
-      if (*m) memory.push_back(*m);
-  }
-};
-
-// Everything a dispatch reads or writes, until its last kernel has run.
-void retire_dispatch(BufferCore& buf, CudaStream& comm, const DispatchWork& w, const std::shared_ptr<ReportSlot>& report) {
-  Keep k;
-  for (const auto* t : {&w.x, &w.x_scales, &w.topk_idx, &w.topk_weights, &w.is_token_in_rank, &w.recv_x, &w.recv_x_scales,
-                        &w.recv_topk_idx, &w.recv_topk_weights, &w.recv_count})
-    k(*t);
-  k.handle(*w.handle);
-  k.buffer(buf, buffer_state(buf));
-  comm.rank_state_ref().retire(report, std::move(k.memory));
-}
-
 }  // namespace
 
 Error normal_init_buffer(BufferCore& buf) {
@@ -296,7 +267,7 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   std::shared_ptr<ReportSlot> report = op->report;
   w.status->check_after = [report, rank, epoch]() { return report_error(*report->host, rank, epoch, "dispatch"); };
   w.backend_state = op;
-  // Sealed and retired by the epilogue or the abandonment that always follows.
+  // The report is sealed by the epilogue, or by the abandonment that follows a failure.
   SY_CUDA(launch_dispatch_notify(a, blocks_of(buf), comm.raw()));
   return ok();
 }
@@ -346,7 +317,6 @@ Error normal_dispatch_epilogue(BufferCore& buf, CudaStream& comm, const std::sha
   SY_CUDA(cudaSetDevice(comm.rank_state_ref().device));
   SY_CUDA(launch_dispatch_receive(a, blocks_of(buf), comm.raw()));
   SY_TRY(op->report->seal(comm.raw()));
-  retire_dispatch(buf, comm, w, op->report);
   if (!w.cached) {
     // The handle learns its outcome once the dispatch is over (asked by combine, a cached
     // dispatch, or its info).
@@ -373,9 +343,7 @@ void normal_dispatch_abandon(BufferCore& buf, CudaStream& comm, const std::share
   if (!op) return;
   cudaSetDevice(comm.rank_state_ref().device);
   // The handshake still runs (the peers may be reading this rank's inputs); nothing else.
-  if (launch_dispatch_abandon(op->args, comm.raw()) == cudaSuccess && !op->report->seal(comm.raw())) {
-    retire_dispatch(buf, comm, *work, op->report);
-  }
+  if (launch_dispatch_abandon(op->args, comm.raw()) == cudaSuccess) (void)op->report->seal(comm.raw());
   work->backend_state.reset();
 }
 
@@ -423,13 +391,7 @@ Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<Co
   const int rank = buf.rank;
   w.status->check_after = [report, rank, epoch]() { return report_error(*report->host, rank, epoch, "combine"); };
   SY_CUDA(launch_combine(a, blocks_of(buf), comm.raw()));
-  SY_TRY(report->seal(comm.raw()));
-  Keep k;
-  for (const auto* t : {&w.x, &w.topk_weights, &w.bias0, &w.bias1, &w.out, &w.out_topk_weights}) k(*t);
-  k.handle(h);
-  k.buffer(buf, st);
-  comm.rank_state_ref().retire(report, std::move(k.memory));
-  return ok();
+  return report->seal(comm.raw());
 }
 
 }  // namespace sy::cuda

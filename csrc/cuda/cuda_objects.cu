@@ -1,6 +1,8 @@
 // CUDA streams, events, kernel report pools and stream callbacks (cuda_objects.h).
 #include "cuda_objects.h"
 
+#include "memory_release.h"
+
 #include <cstring>
 
 namespace sy::cuda {
@@ -23,18 +25,7 @@ Error ReportPool::take(std::shared_ptr<ReportSlot>* out) {
       }
     }
     if (pick == free_.size()) {
-      SY_CUDA(cudaSetDevice(device_));
-      KernelReport* host = nullptr;
-      SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), kChunk * sizeof(KernelReport), cudaHostAllocMapped));
-      chunks_.push_back(host);
-      KernelReport* device = nullptr;
-      SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device), host, 0));
-      for (int i = 0; i < kChunk; ++i) {
-        ReportSlot r{host + i, device + i, nullptr};
-        SY_CUDA(cudaEventCreateWithFlags(&r.done, cudaEventDisableTiming));
-        all_.push_back(r);
-        free_.push_back(r);
-      }
+      SY_TRY(grow());
       pick = free_.size() - 1;
     }
     slot = free_[pick];
@@ -53,30 +44,30 @@ Error ReportPool::take(std::shared_ptr<ReportSlot>* out) {
   return ok();
 }
 
-void CudaRank::retire(std::shared_ptr<ReportSlot> report, std::vector<std::shared_ptr<Memory>> keep) {
-  sweep();
-  std::lock_guard<std::mutex> l(retired_mu_);
-  retired_.push_back({std::move(report), std::move(keep)});
+Error ReportPool::grow() {
+  SY_CUDA(cudaSetDevice(device_));
+  KernelReport* host = nullptr;
+  SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), kChunk * sizeof(KernelReport), cudaHostAllocMapped));
+  chunks_.push_back(host);
+  KernelReport* device = nullptr;
+  SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device), host, 0));
+  for (int i = 0; i < kChunk; ++i) {
+    ReportSlot r{host + i, device + i, nullptr};
+    SY_CUDA(cudaEventCreateWithFlags(&r.done, cudaEventDisableTiming));
+    all_.push_back(r);
+    free_.push_back(r);
+  }
+  return ok();
 }
 
-void CudaRank::sweep() {
-  std::vector<Retired> done;  // released outside the lock: freeing may take a while
-  {
-    std::lock_guard<std::mutex> l(retired_mu_);
-    for (size_t i = 0; i < retired_.size();) {
-      if (retired_[i].report->complete()) {
-        done.push_back(std::move(retired_[i]));
-        retired_[i] = std::move(retired_.back());
-        retired_.pop_back();
-      } else {
-        ++i;
-      }
-    }
-  }
+Error ReportPool::reserve() {
+  std::lock_guard<std::mutex> l(mu_);
+  return free_.empty() ? grow() : ok();
 }
 
 CudaStream::~CudaStream() {
   if (stream_) {
+    untrack_stream(stream_, rank_->device);
     cudaSetDevice(rank_->device);
     cudaStreamDestroy(stream_);
   }
@@ -85,6 +76,7 @@ CudaStream::~CudaStream() {
 Error CudaStream::init() {
   SY_CUDA(cudaSetDevice(rank_->device));
   SY_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  track_stream(stream_, rank_->device);
   return ok();
 }
 

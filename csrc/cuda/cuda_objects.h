@@ -37,9 +37,14 @@ class ReportPool : public std::enable_shared_from_this<ReportPool> {
   ~ReportPool();
   // A cleared report whose previous operation is over.
   Error take(std::shared_ptr<ReportSlot>* out);
+  // Allocates the first reports up front: pinned allocations can wait for the device, which an
+  // operation's enqueue must never do (a peer's kernel may be waiting for this very thread).
+  Error reserve();
 
  private:
-  static constexpr int kChunk = 64;
+  Error grow();  // another kChunk reports (mu_ held)
+  // Reports held at once: one per operation until its outputs are read and its handle settled.
+  static constexpr int kChunk = 256;
   int device_;
   std::mutex mu_;
   std::vector<ReportSlot> free_;
@@ -51,21 +56,6 @@ struct CudaRank {
   int device = 0;
   int sm_count = 0;
   std::shared_ptr<ReportPool> reports;
-
-  // Keeps the memory queued work reads or writes (tensors, handles) alive until that work has
-  // completed (its report's end event): callers may drop their references at once. Memory,
-  // not tensors: a tensor would keep its group, and so this rank, alive.
-  void retire(std::shared_ptr<ReportSlot> report, std::vector<std::shared_ptr<Memory>> keep);
-  // Lets go of what completed work held.
-  void sweep();
-
- private:
-  struct Retired {
-    std::shared_ptr<ReportSlot> report;
-    std::vector<std::shared_ptr<Memory>> keep;
-  };
-  std::mutex retired_mu_;
-  std::vector<Retired> retired_;
 };
 
 inline CudaRank& rank_state(RankCore& r) { return *static_cast<CudaRank*>(r.backend_state.get()); }
