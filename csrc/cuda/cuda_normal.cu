@@ -19,9 +19,10 @@ namespace {
 
 // Buffers of one GPU wait for each other in one-block kernels; more ranks per GPU than this
 // would make the CUDA driver put two ranks' streams on one hardware queue, where a waiting
-// kernel can sit in front of the kernel it waits for (CUDA_DEVICE_MAX_CONNECTIONS is 32, and
-// each rank drives a communication and a compute stream).
-constexpr int kMaxRanksPerDevice = 16;
+// kernel can sit in front of the kernel it waits for: CUDA_DEVICE_MAX_CONNECTIONS is 32, each
+// rank drives a communication and a compute stream, and the memory release stream and the
+// legacy stream take two more.
+constexpr int kMaxRanksPerDevice = 14;
 
 // A rank's per-buffer state: its exchange page (read by the peers) and private workspace.
 struct CudaBuffer {
@@ -124,6 +125,14 @@ Error ensure_tables(BufferCore& buf) {
   return ok();
 }
 
+// What every operation checks first: virtual ranks only, the rank's device current, the peer
+// tables in place.
+Error begin_operation(BufferCore& buf, CudaStream& comm, const char* op) {
+  SY_TRY(refuse_process_groups(buf, op));
+  SY_CUDA(cudaSetDevice(comm.rank_state_ref().device));
+  return ensure_tables(buf);
+}
+
 SyncArgs sync_args(const BufferCore& buf, uint32_t epoch, const CudaBuffer& st, KernelReport* report) {
   SyncArgs s;
   s.rank = buf.rank;
@@ -198,9 +207,7 @@ Error normal_init_buffer(BufferCore& buf) {
 }
 
 Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work) {
-  SY_TRY(refuse_process_groups(buf, "dispatch"));
-  SY_CUDA(cudaSetDevice(comm.rank_state_ref().device));
-  SY_TRY(ensure_tables(buf));
+  SY_TRY(begin_operation(buf, comm, "dispatch"));
   CudaBuffer& st = buffer_state(buf);
   DispatchWork& w = *work;
   DispatchHandle& h = *w.handle;
@@ -348,9 +355,7 @@ void normal_dispatch_abandon(BufferCore& buf, CudaStream& comm, const std::share
 }
 
 Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<CombineWork>& work) {
-  SY_TRY(refuse_process_groups(buf, "combine"));
-  SY_CUDA(cudaSetDevice(comm.rank_state_ref().device));
-  SY_TRY(ensure_tables(buf));
+  SY_TRY(begin_operation(buf, comm, "combine"));
   CudaBuffer& st = buffer_state(buf);
   CombineWork& w = *work;
   DispatchHandle& h = *w.handle;

@@ -19,19 +19,26 @@ inline constexpr int kRankScanThreads = 512;
 
 __host__ __device__ inline int64_t rank_chunks(int64_t n) { return (n + kRankChunk - 1) / kRankChunk; }
 
+// Calls fn(id, key, first item, end) for every (chunk, key) pair, id = chunk * keys + key, one
+// thread each (grid-stride).
+template <class Fn>
+__device__ void for_each_chunk_key(int64_t n, int keys, Fn fn) {
+  const int64_t total = rank_chunks(n) * keys;
+  for (int64_t id = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; id < total; id += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = id / keys;
+    fn(id, int(id % keys), c * kRankChunk, (c + 1) * kRankChunk < n ? (c + 1) * kRankChunk : n);
+  }
+}
+
 // counts[c * keys + key] = items of chunk c holding key.
 template <class Ranker>
 __global__ void rank_count_kernel(Ranker rk, int64_t n, int keys, int32_t* counts) {
   if (rk.skip()) return;
-  const int64_t total = rank_chunks(n) * keys;
-  for (int64_t id = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; id < total; id += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = id / keys;
-    const int key = int(id % keys);
-    const int64_t end = (c + 1) * kRankChunk < n ? (c + 1) * kRankChunk : n;
+  for_each_chunk_key(n, keys, [&](int64_t id, int key, int64_t begin, int64_t end) {
     int32_t count = 0;
-    for (int64_t i = c * kRankChunk; i < end; ++i) count += rk.entry_of(i, key) >= 0 ? 1 : 0;
+    for (int64_t i = begin; i < end; ++i) count += rk.entry_of(i, key) >= 0 ? 1 : 0;
     counts[id] = count;
-  }
+  });
 }
 
 // One block per key: counts become exclusive prefixes over the chunks; totals[key] = all items.
@@ -42,13 +49,9 @@ __global__ void __launch_bounds__(kRankScanThreads) rank_scan_kernel(int64_t chu
 template <class Ranker>
 __global__ void rank_assign_kernel(Ranker rk, int64_t n, int keys, const int32_t* prefix) {
   if (rk.skip()) return;
-  const int64_t total = rank_chunks(n) * keys;
-  for (int64_t id = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; id < total; id += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = id / keys;
-    const int key = int(id % keys);
-    const int64_t end = (c + 1) * kRankChunk < n ? (c + 1) * kRankChunk : n;
+  for_each_chunk_key(n, keys, [&](int64_t id, int key, int64_t begin, int64_t end) {
     int32_t rank = prefix[id];
-    for (int64_t i = c * kRankChunk; i < end; ++i) {
+    for (int64_t i = begin; i < end; ++i) {
       const int entry = rk.entry_of(i, key);
       if (entry >= 0) {
         rk.put(i, key, entry, rank++);
@@ -56,7 +59,7 @@ __global__ void rank_assign_kernel(Ranker rk, int64_t n, int keys, const int32_t
         rk.miss(i, key);
       }
     }
-  }
+  });
 }
 
 // The three passes on `stream`. `counts` holds rank_chunks(n) * keys ints, `totals` keys ints.
