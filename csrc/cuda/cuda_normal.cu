@@ -84,6 +84,10 @@ Error ensure_tables(BufferCore& buf) {
     }
   }
 
+  if (R > kMaxSources) {
+    return invalid("ranks", "ranks: the CUDA backend runs buffer sets of up to " + std::to_string(kMaxSources) +
+                                " ranks, this group has " + std::to_string(R));
+  }
   // Co-residency: every rank on this GPU keeps one waiting block resident during an operation.
   GroupCore& g = *buf.group;
   const CudaRank& mine = rank_state(buf.rank_core());

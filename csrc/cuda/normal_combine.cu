@@ -49,17 +49,76 @@ __global__ void __launch_bounds__(kSyncThreads) combine_exchange_kernel(CombineA
   if (threadIdx.x == 0) *a.ws.passed_barrier = 1;
 }
 
-// One warp per token: 8 channels per lane and step, every source's row read once.
+// Sources reduced per batch: their loads are all in flight before the first add.
+constexpr int kSourceBatch = 8;
+constexpr int kWarpsPerBlock = kCopyThreads / 32;
+
+// Expanded layout at rank p: its rows of received token n summed in top-k order and rounded to
+// BF16 (what the host backend sends back), for 8 channels of group g.
+__device__ void expanded_part(const Published& src, int64_t n, int g, float out[8]) {
+  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float v[8];
+  for (int k = 0; k < src.expanded_k; ++k) {
+    const int32_t row = src.expanded_row[n * src.expanded_k + k];
+    if (row < 0 || row >= src.c_rows) continue;
+    load_bf16x8(src.cx + row * src.cx_stride + g * 16, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) part[i] += v[i];
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = core::bf16_to_float(core::float_to_bf16(part[i]));
+}
+
+// One warp per token. The warp first lists the token's sources in rank order (shared memory);
+// then each lane takes 8 channels at a time and issues the loads of a whole batch of sources
+// before adding them, in rank order, so the reduction keeps the host backend's order while
+// many loads are in flight.
 __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineArgs a) {
-  if (op_failed(a.sync.report) || *a.ws.passed_barrier != 1) return;
+  __shared__ const uint8_t* row_of[kWarpsPerBlock][kMaxSources];  // compact: the row; expanded: null
+  __shared__ int32_t source_of[kWarpsPerBlock][kMaxSources];
+  __shared__ int64_t index_of[kWarpsPerBlock][kMaxSources];  // the row's index in the source's receive order
+  __shared__ int go;  // one answer per block: warp-wide votes follow
+  if (threadIdx.x == 0) go = !op_failed(a.sync.report) && *a.ws.passed_barrier == 1;
+  __syncthreads();
+  if (!go) return;
   const int R = a.sync.ranks;
   const int me = a.sync.rank;
   const int lane = threadIdx.x % 32;
+  const int w = threadIdx.x / 32;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int groups = a.hidden / 8;
   for (int64_t t = warp; t < a.tokens; t += warps) {
     const int32_t* slots = a.h_slot + t * R;
+    int count = 0;
+    for (int p0 = 0; p0 < R; p0 += 32) {
+      const int p = p0 + lane;
+      bool has = false;
+      const uint8_t* row = nullptr;
+      int64_t n = 0;
+      const int32_t slot = p < R ? slots[p] : -1;
+      if (slot >= 0) {
+        // Rank p received our rows after those of the ranks below us.
+        n = (me == 0 ? 0 : a.h_prefix[int64_t(me - 1) * R + p]) + slot;
+        const Published& src = published(a, p);
+        const int64_t bound = src.expanded_k == 0 ? src.c_rows : src.c_tokens;
+        if (n < bound) {
+          has = true;
+          if (src.expanded_k == 0) row = src.cx + n * src.cx_stride;
+        } else {
+          mismatch(a, p, n, bound);
+        }
+      }
+      const unsigned mask = __ballot_sync(0xffffffffu, has);
+      if (has) {
+        const int at = count + __popc(mask & ((1u << lane) - 1u));
+        row_of[w][at] = row;
+        source_of[w][at] = p;
+        index_of[w][at] = n;
+      }
+      count += __popc(mask);
+    }
+    __syncwarp();
     for (int g = lane; g < groups; g += 32) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       float v[8];
@@ -73,51 +132,37 @@ __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineArg
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[i] += v[i];
       }
-      for (int p = 0; p < R; ++p) {
-        const int32_t slot = slots[p];
-        if (slot < 0) continue;
-        // Rank p received our rows after those of the ranks below us.
-        const int64_t n = (me == 0 ? 0 : a.h_prefix[int64_t(me - 1) * R + p]) + slot;
-        const Published& src = published(a, p);
-        if (src.expanded_k == 0) {  // p dispatched with the compact layout: one row per token
-          if (n >= src.c_rows) {
-            mismatch(a, p, n, src.c_rows);
-            continue;
-          }
-          load_bf16x8(src.cx + n * src.cx_stride + g * 16, v);
-        } else {
-          if (n >= src.c_tokens) {
-            mismatch(a, p, n, src.c_tokens);
-            continue;
-          }
-          float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          for (int k = 0; k < src.expanded_k; ++k) {
-            const int32_t row = src.expanded_row[n * src.expanded_k + k];
-            if (row < 0 || row >= src.c_rows) continue;
-            load_bf16x8(src.cx + row * src.cx_stride + g * 16, v);
+      for (int i0 = 0; i0 < count; i0 += kSourceBatch) {
+        int4 raw[kSourceBatch];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) part[i] += v[i];
-          }
-#pragma unroll
-          for (int i = 0; i < 8; ++i) v[i] = core::bf16_to_float(core::float_to_bf16(part[i]));
+        for (int j = 0; j < kSourceBatch; ++j) {
+          const uint8_t* row = i0 + j < count ? row_of[w][i0 + j] : nullptr;
+          if (row != nullptr) raw[j] = load_raw16(row + g * 16);
         }
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] += v[i];
+        for (int j = 0; j < kSourceBatch; ++j) {
+          if (i0 + j >= count) break;
+          if (row_of[w][i0 + j] != nullptr) {
+            unpack_bf16x8(raw[j], v);
+          } else {
+            expanded_part(published(a, source_of[w][i0 + j]), index_of[w][i0 + j], g, v);
+          }
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[i] += v[i];
+        }
       }
       store_bf16x8(a.out + t * a.out_stride + g * 16, acc);
     }
     for (int k = lane; k < a.topk; k += 32) {
-      float w = 0.0f;
-      for (int p = 0; p < R; ++p) {
-        const int32_t slot = slots[p];
-        if (slot < 0) continue;
-        const int64_t n = (me == 0 ? 0 : a.h_prefix[int64_t(me - 1) * R + p]) + slot;
-        const Published& src = published(a, p);
-        if (src.cw == nullptr || n >= src.c_rows) continue;  // mismatches are reported above
-        w += *reinterpret_cast<const float*>(src.cw + n * src.cw_st + k * src.cw_sk);
+      float sum = 0.0f;
+      for (int i = 0; i < count; ++i) {
+        const Published& src = published(a, source_of[w][i]);
+        if (src.cw == nullptr || index_of[w][i] >= src.c_rows) continue;
+        sum += *reinterpret_cast<const float*>(src.cw + index_of[w][i] * src.cw_st + k * src.cw_sk);
       }
-      a.out_w[t * a.topk + k] = w;
+      a.out_w[t * a.topk + k] = sum;
     }
+    __syncwarp();  // the lists are rewritten for the next token
   }
 }
 

@@ -274,13 +274,16 @@ __device__ __forceinline__ void store_idx(uint8_t* base, int64_t i, bool i64, in
   }
 }
 
-// Scales of token t of the sender into output row `row` (several for the expanded layout).
-__device__ __forceinline__ void copy_scales(const DispatchArgs& a, const Published& p, int32_t t,
-                                            const int64_t* rows, int nrows, int lane) {
+// Scales of token t of the sender into the output rows row_of(r), r < nrows (-1: none).
+template <class RowOf>
+__device__ __forceinline__ void copy_scales(const DispatchArgs& a, const Published& p, int32_t t, RowOf row_of,
+                                            int nrows, int lane) {
   for (int s = lane; s < a.num_scales; s += 32) {
     const uint32_t v = *reinterpret_cast<const uint32_t*>(p.scales + t * p.scale_st + s * p.scale_ss);
-    for (int r = 0; r < nrows; ++r)
-      if (rows[r] >= 0) reinterpret_cast<uint32_t*>(a.recv_scales)[rows[r] * a.num_scales + s] = v;
+    for (int r = 0; r < nrows; ++r) {
+      const int64_t row = row_of(r);
+      if (row >= 0) reinterpret_cast<uint32_t*>(a.recv_scales)[row * a.num_scales + s] = v;
+    }
   }
 }
 
@@ -310,8 +313,8 @@ __global__ void __launch_bounds__(kCopyThreads) receive_compact_kernel(DispatchA
     if (src.token < 0) continue;
     const Published& p = published(a, src.rank);
     uint8_t* dst = a.recv_x + n * a.payload_bytes;
-    warp_copy_row(p.x + src.token * p.x_stride, &dst, 1, a.payload_bytes, lane);
-    copy_scales(a, p, src.token, &n, 1, lane);
+    warp_copy_row(p.x + src.token * p.x_stride, [dst](int) { return dst; }, 1, a.payload_bytes, lane);
+    copy_scales(a, p, src.token, [n](int) { return n; }, 1, lane);
     for (int k = lane; k < a.topk; k += 32) {
       const int64_t e = load_idx(p.topk_idx, src.token * p.idx_st + k * p.idx_sk, p.idx_i64 != 0);
       const int32_t local = core::local_expert(e, me, a.local_experts);
@@ -389,6 +392,7 @@ struct ExpertRanker {
 // Expanded layout, step 3: pull each received token once and write it into every row it owns.
 __global__ void __launch_bounds__(kCopyThreads) receive_expanded_kernel(DispatchArgs a) {
   extern __shared__ int32_t starts[];
+  __shared__ int32_t rows_of[kCopyThreads / 32][core::kMaxTopk];
   if (!receive_prologue(a, starts)) return;
   KernelReport* rep = a.sync.report;
   const int K = a.h_topk;
@@ -417,18 +421,17 @@ __global__ void __launch_bounds__(kCopyThreads) receive_expanded_kernel(Dispatch
     const int32_t t = src.token;
     if (t < 0) continue;
     const Published& p = published(a, src.rank);
-    int64_t rows[core::kMaxTopk];
-    uint8_t* dst[core::kMaxTopk];
-    for (int k = 0; k < K; ++k) {
-      rows[k] = a.h_exp_row[n * K + k];
-      dst[k] = rows[k] >= 0 ? a.recv_x + rows[k] * a.payload_bytes : nullptr;
+    // The token's rows, one per top-k entry (-1: not a local expert), shared by the warp.
+    int32_t* rows = rows_of[threadIdx.x / 32];
+    if (lane < K) rows[lane] = a.h_exp_row[n * K + lane];
+    __syncwarp();
+    auto dst_of = [&](int k) { return rows[k] >= 0 ? a.recv_x + int64_t(rows[k]) * a.payload_bytes : nullptr; };
+    warp_copy_row(p.x + t * p.x_stride, dst_of, K, a.payload_bytes, lane);
+    copy_scales(a, p, t, [&](int k) { return int64_t(rows[k]); }, K, lane);
+    if (!a.cached && lane < K && rows[lane] >= 0) {
+      a.recv_w[rows[lane]] = *reinterpret_cast<const float*>(p.topk_w + t * p.w_st + lane * p.w_sk);
     }
-    warp_copy_row(p.x + t * p.x_stride, dst, K, a.payload_bytes, lane);
-    copy_scales(a, p, t, rows, K, lane);
-    if (!a.cached) {
-      for (int k = lane; k < K; k += 32)
-        if (rows[k] >= 0) a.recv_w[rows[k]] = *reinterpret_cast<const float*>(p.topk_w + t * p.w_st + k * p.w_sk);
-    }
+    __syncwarp();  // the rows are rewritten for the next token
   }
   const int64_t rows_used = a.ws.totals[1];
   if (a.zero_padding && !a.cached) {

@@ -144,6 +144,9 @@ struct CombineArgs {
 inline constexpr int kSyncThreads = 512;
 // Threads per block of the copy kernels; their grids never exceed the rank's SM budget.
 inline constexpr int kCopyThreads = 512;
+// Ranks one buffer set may have on this backend (a combine lists a token's sources in shared
+// memory): every rank of a group of virtual ranks.
+inline constexpr int kMaxSources = SY_MAX_LOCAL_RANKS;
 
 // Stage 1 of dispatch (route, rank, exchange). `blocks` is the SM budget.
 cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream_t stream);
