@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(Dispatc
       f.observed = received;
     } else if (a.out_rows >= 0 && (received > a.h_cap || (a.layout == SY_LAYOUT_COMPACT && received > a.out_rows))) {
       f.kind = KernelFailure::Capacity;
-      f.expected = a.h_cap < a.out_rows || a.layout != SY_LAYOUT_COMPACT ? a.h_cap : a.out_rows;
+      f.expected = a.h_cap < a.out_rows ? a.h_cap : a.out_rows;
       f.observed = received;
     } else if (a.out_rows >= 0 && rows > a.out_rows) {
       f.kind = KernelFailure::Capacity;
