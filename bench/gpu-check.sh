@@ -13,7 +13,7 @@
 #      (bench/gpu_bench.cu), and writes the JSON.
 #
 # Everything lands in $OUT (default bench/out): gpu-check.log, env.txt, gpu_bench.json. Every
-# step has its own time limit and the whole script ends within 9.5 minutes; the exit code
+# step has its own time limit and the whole script ends within 9 minutes; the exit code
 # is the number of failed steps. Before the call: `bash bench/prepare-gpu-carry.sh` here, then
 # run with carry [".carry"], e.g. `bash bench/gpu-check.sh` with timeout_s 600.
 set -uo pipefail
@@ -34,7 +34,7 @@ step() {
   note ""
   note "=== $name (limit ${limit}s)"
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  timeout --kill-after=5 "$limit" "$@" >>"$log" 2>&1
   local rc=$?
   local took=$((SECONDS - t0))
   if [ $rc -eq 0 ]; then
@@ -74,18 +74,19 @@ export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 
 export SWITCHYARD_CUDA=ON SWITCHYARD_CUDA_ARCHITECTURES=90
 [ -n "$nccl_root" ] && export SWITCHYARD_NCCL_ROOT="$nccl_root"
-# Limits add up to 540 s (plus 10 s of grace each): the whole call fits a 600 s command.
-if step "build (CUDA, sm_90)" 180 deno task build; then
-  step "CUDA tests against the host backend" 110 deno test --allow-all tests/cuda_test.ts
-  step "normal-mode suite on the GPU" 80 env SWITCHYARD_TEST_BACKEND=cuda \
+# Limits add up to 500 s (plus 5 s of grace each): the whole call fits a 600 s command.
+if step "build (CUDA, sm_90)" 160 deno task build; then
+  step "CUDA tests against the host backend" 90 deno test --allow-all tests/cuda_test.ts
+  step "normal-mode suite on the GPU" 70 env SWITCHYARD_TEST_BACKEND=cuda \
     deno test --allow-all tests/dispatch_test.ts tests/combine_test.ts tests/sequence_test.ts tests/timeout_test.ts
   # compute-sanitizer runs one kernel at a time, so ranks that wait for each other cannot run
-  # under it: one rank, no gate (bench --sanitize).
+  # under it: one rank, no gate (bench --sanitize), both layouts.
   for tool in memcheck racecheck synccheck; do
-    step "compute-sanitizer $tool (one rank)" 30 \
-      compute-sanitizer --tool "$tool" --error-exitcode 9 build/switchyard_gpu_bench --sanitize
+    step "compute-sanitizer $tool (one rank, compact and expanded)" 35 bash -c \
+      "compute-sanitizer --tool $tool --error-exitcode 9 build/switchyard_gpu_bench --sanitize &&
+       compute-sanitizer --tool $tool --error-exitcode 9 build/switchyard_gpu_bench --sanitize --expand"
   done
-  step "benchmark (8 ranks x 4096 tokens x 7168, top-8 of 256)" 80 \
+  step "benchmark (8 ranks x 4096 tokens x 7168, top-8 of 256)" 75 \
     build/switchyard_gpu_bench --json "$out/gpu_bench.json"
 fi
 

@@ -61,6 +61,8 @@ struct Options {
   int ranks = 8, tokens = 4096, hidden = 7168, topk = 8, experts = 256;
   int warmup = 3, iters = 10, sms = 0;
   bool gate = true;
+  bool expand = false;    // the expanded layout instead (runs and times it; no naive baseline)
+  bool copy_ceiling = true;
   std::string json;
 };
 
@@ -82,6 +84,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--sms") o.sms = std::stoi(value());
     else if (a == "--json") o.json = value();
     else if (a == "--no-gate") o.gate = false;
+    else if (a == "--expand") o.expand = true;
     else if (a == "--small") {  // a quick case
       o.ranks = 2, o.tokens = 64, o.hidden = 256, o.topk = 2, o.experts = 8, o.warmup = 0, o.iters = 1;
     } else if (a == "--sanitize") {
@@ -89,9 +92,11 @@ Options parse(int argc, char** argv) {
       // itself alone) and no gate (a held stream would hold everything).
       o.ranks = 1, o.tokens = 64, o.hidden = 256, o.topk = 2, o.experts = 8, o.warmup = 0, o.iters = 1;
       o.gate = false;
+      o.copy_ceiling = false;
     } else {
       die("unknown option " + a +
-          " (--ranks --tokens --hidden --topk --experts --warmup --iters --sms --json --small --sanitize --no-gate)");
+          " (--ranks --tokens --hidden --topk --experts --warmup --iters --sms --json --small --sanitize --no-gate "
+          "--expand)");
     }
   }
   if (o.experts % o.ranks != 0 || o.topk > o.experts || o.hidden % 128 != 0) die("inconsistent shape");
@@ -406,8 +411,8 @@ int main(int argc, char** argv) {
   Gate gate(o.gate);
   std::vector<cudaEvent_t> ends(R);
   for (auto& e : ends) CU(cudaEventCreate(&e));
-  const double copy_bps = copy_bandwidth(gate, raw[0], o.iters);
-  std::printf("device-to-device copy: %.1f GB/s\n", copy_bps / 1e9);
+  const double copy_bps = o.copy_ceiling ? copy_bandwidth(gate, raw[0], o.iters) : 0.0;
+  if (o.copy_ceiling) std::printf("device-to-device copy: %.1f GB/s\n", copy_bps / 1e9);
 
   auto dispatch_args = [&](int r, bool fp8, sy_handle cached) {
     sy_dispatch_args a;
@@ -416,8 +421,9 @@ int main(int argc, char** argv) {
     a.x = fp8 ? tx8[r] : tx[r];
     a.x_scales = fp8 ? tsc[r] : nullptr;
     a.compute_stream = streams[r];
-    a.expert_alignment = 1;
-    a.layout = SY_LAYOUT_COMPACT;
+    a.expert_alignment = o.expand ? 8 : 1;
+    a.layout = o.expand ? SY_LAYOUT_EXPANDED : SY_LAYOUT_COMPACT;
+    a.zero_padding = o.expand ? 1 : 0;
     if (cached) {
       a.handle = cached;
     } else {
@@ -523,9 +529,78 @@ int main(int argc, char** argv) {
     return rows.size() - 1;
   };
 
-  // Dispatch, worst-case mode (no host wait), BF16 and FP8; then cached mode.
   std::vector<sy_dispatch_result> res(R);
+  if (o.expand) {
+    // The expanded layout: dispatch (BF16 and FP8), cached dispatch, combine. Its rows have no
+    // naive counterpart: timed, not compared.
+    for (const bool fp8 : {true, false}) {  // BF16 last: its handles serve the cached dispatch and combine
+      std::vector<float> ms;
+      for (int i = 0; i < o.warmup + o.iters; ++i) {
+        const float t = timed(gate, raw, ends, [&] {
+          for (int r = 0; r < R; ++r) {
+            sy_dispatch_args a = dispatch_args(r, fp8, nullptr);
+            res[r].struct_size = sizeof(sy_dispatch_result);
+            SY(sy_dispatch(buffers[r], &a, &res[r]), buffers[r]);
+          }
+        });
+        if (i >= o.warmup) ms.push_back(t);
+        if (i + 1 < o.warmup + o.iters || fp8) {
+          for (auto& x : res) destroy(x);
+        }
+      }
+      Row row{"dispatch", fp8 ? "fp8" : "bf16", "expanded"};
+      row.median_ms = median(ms);
+      row.min_ms = *std::min_element(ms.begin(), ms.end());
+      rows.push_back(row);
+    }
+    std::vector<sy_dispatch_result> again(R);
+    std::vector<sy_combine_result> back(R);
+    std::vector<float> cached_ms, combine_ms;
+    for (int i = 0; i < o.warmup + o.iters; ++i) {
+      const float c = timed(gate, raw, ends, [&] {
+        for (int r = 0; r < R; ++r) {
+          sy_dispatch_args a = dispatch_args(r, false, res[r].handle);
+          again[r].struct_size = sizeof(sy_dispatch_result);
+          SY(sy_dispatch(buffers[r], &a, &again[r]), buffers[r]);
+        }
+      });
+      for (auto& x : again) destroy(x);
+      const float b = timed(gate, raw, ends, [&] {
+        for (int r = 0; r < R; ++r) {
+          sy_combine_args a;
+          std::memset(&a, 0, sizeof a);
+          a.struct_size = sizeof a;
+          a.x = res[r].recv_x;
+          a.handle = res[r].handle;
+          a.out = tout[r];
+          a.compute_stream = streams[r];
+          back[r].struct_size = sizeof(sy_combine_result);
+          SY(sy_combine(buffers[r], &a, &back[r]), buffers[r]);
+        }
+      });
+      for (auto& x : back) {
+        if (x.combined_x) sy_tensor_destroy(x.combined_x);
+        std::memset(&x, 0, sizeof x);
+      }
+      if (i >= o.warmup) {
+        cached_ms.push_back(c);
+        combine_ms.push_back(b);
+      }
+    }
+    for (auto& x : res) destroy(x);
+    Row cached{"dispatch", "bf16", "expanded-cached"};
+    cached.median_ms = median(cached_ms);
+    cached.min_ms = *std::min_element(cached_ms.begin(), cached_ms.end());
+    rows.push_back(cached);
+    Row comb{"combine", "bf16", "expanded"};
+    comb.median_ms = median(combine_ms);
+    comb.min_ms = *std::min_element(combine_ms.begin(), combine_ms.end());
+    rows.push_back(comb);
+  }
+
+  // Dispatch, worst-case mode (no host wait), BF16 and FP8; then cached mode.
   for (const bool fp8 : {false, true}) {
+    if (o.expand) break;
     Row row{"dispatch", fp8 ? "fp8" : "bf16", "worst-case"};
     row.bytes = double(total_rows) * ((fp8 ? payload8 + scale_bytes : payload16));
     const size_t idx = measure(
@@ -624,14 +699,31 @@ int main(int argc, char** argv) {
     for (auto& x : res) destroy(x);
   }
 
-  // Report.
-  std::printf("\n%-9s %-5s %-10s %10s %10s %9s %8s %11s %8s %s\n", "op", "dtype", "mode", "median ms", "GB moved",
+  // Report. Without a copy ceiling (--sanitize) or a baseline (--expand) those columns are n/a.
+  struct Derived {
+    double gbps, fraction, speedup;
+    bool compared;
+  };
+  auto derive = [&](const Row& r) {
+    const double bps = r.bytes > 0 ? r.bytes / (r.median_ms * 1e-3) : 0.0;
+    return Derived{bps / 1e9, copy_bps > 0 && bps > 0 ? bps / copy_bps : -1.0,
+                   r.naive_ms > 0 ? r.naive_ms / r.median_ms : -1.0, r.naive_ms > 0};
+  };
+  auto number = [](double v, const char* fmt) {
+    char b[32];
+    if (v < 0) return std::string("n/a");
+    std::snprintf(b, sizeof b, fmt, v);
+    return std::string(b);
+  };
+  std::printf("\n%-9s %-5s %-15s %10s %10s %9s %8s %11s %8s %s\n", "op", "dtype", "mode", "median ms", "GB moved",
               "GB/s", "of copy", "naive ms", "speedup", "check");
   for (const Row& r : rows) {
-    const double bps = r.bytes / (r.median_ms * 1e-3);
-    std::printf("%-9s %-5s %-10s %10.3f %10.3f %9.1f %8.2f %11.3f %8.2f %s\n", r.op.c_str(), r.dtype.c_str(),
-                r.mode.c_str(), r.median_ms, r.bytes / 1e9, bps / 1e9, bps / copy_bps, r.naive_ms,
-                r.naive_ms / r.median_ms, r.mismatches == 0 ? "= naive" : "MISMATCH");
+    const Derived d = derive(r);
+    std::printf("%-9s %-5s %-15s %10.3f %10s %9s %8s %11s %8s %s\n", r.op.c_str(), r.dtype.c_str(), r.mode.c_str(),
+                r.median_ms, number(r.bytes > 0 ? r.bytes / 1e9 : -1, "%.3f").c_str(),
+                number(r.bytes > 0 ? d.gbps : -1, "%.1f").c_str(), number(d.fraction, "%.2f").c_str(),
+                number(r.naive_ms > 0 ? r.naive_ms : -1, "%.3f").c_str(), number(d.speedup, "%.2f").c_str(),
+                !d.compared ? "not compared" : r.mismatches == 0 ? "= naive" : "MISMATCH");
   }
   uint64_t bad = 0;
   for (const Row& r : rows) bad += r.mismatches;
@@ -660,16 +752,23 @@ int main(int argc, char** argv) {
                  "top-k metadata; permutations precomputed on the host\",\n",
                  copy_bps / 1e9);
     std::fprintf(f, "  \"results\": [\n");
+    auto json_number = [](double v) {
+      char b[32];
+      if (v < 0) return std::string("null");
+      std::snprintf(b, sizeof b, "%.4f", v);
+      return std::string(b);
+    };
     for (size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
-      const double bps = r.bytes / (r.median_ms * 1e-3);
+      const Derived d = derive(r);
       std::fprintf(f,
                    "    {\"op\": \"%s\", \"dtype\": \"%s\", \"mode\": \"%s\", \"median_ms\": %.4f, \"min_ms\": %.4f, "
-                   "\"bytes\": %.0f, \"gbps\": %.3f, \"fraction_of_copy\": %.4f, \"naive_median_ms\": %.4f, "
-                   "\"speedup_vs_naive\": %.3f, \"matches_naive\": %s}%s\n",
-                   r.op.c_str(), r.dtype.c_str(), r.mode.c_str(), r.median_ms, r.min_ms, r.bytes, bps / 1e9,
-                   bps / copy_bps, r.naive_ms, r.naive_ms / r.median_ms, r.mismatches == 0 ? "true" : "false",
-                   i + 1 < rows.size() ? "," : "");
+                   "\"bytes\": %.0f, \"gbps\": %s, \"fraction_of_copy\": %s, \"naive_median_ms\": %s, "
+                   "\"speedup_vs_naive\": %s, \"matches_naive\": %s}%s\n",
+                   r.op.c_str(), r.dtype.c_str(), r.mode.c_str(), r.median_ms, r.min_ms, r.bytes,
+                   json_number(r.bytes > 0 ? d.gbps : -1).c_str(), json_number(d.fraction).c_str(),
+                   json_number(r.naive_ms > 0 ? r.naive_ms : -1).c_str(), json_number(d.speedup).c_str(),
+                   !d.compared ? "null" : r.mismatches == 0 ? "true" : "false", i + 1 < rows.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

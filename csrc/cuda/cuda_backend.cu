@@ -14,7 +14,7 @@
 #include "cuda_normal.h"
 #include "cuda_objects.h"
 #include "layout_kernel.h"
-#include "memory_release.h"
+#include "device_memory.h"
 
 #ifndef SY_CUDA_ARCHS
 #define SY_CUDA_ARCHS ""
@@ -25,28 +25,21 @@ namespace sy {
 namespace cuda {
 namespace {
 
-// Zero-filled device memory: from the stream-ordered pool (`pooled`), or from cudaMalloc.
+// Zero-filled device memory: from the stream-ordered pool (`pooled`, device_memory.h), or from
+// cudaMalloc (what CUDA IPC can export).
 Error allocate_on(int dev, uint64_t bytes, bool pooled, std::shared_ptr<Memory>* out) {
-  SY_CUDA(cudaSetDevice(dev));
   void* p = nullptr;
   const uint64_t size = core::align_up(bytes == 0 ? 256 : bytes, 256);
   if (pooled) {
-    flush_releases(dev);  // what was given back is reused once its last user is done
-    SY_CUDA(cudaMallocAsync(&p, size, 0));
+    SY_CUDA(allocate_device_memory(dev, size, &p));
   } else {
+    SY_CUDA(cudaSetDevice(dev));
     SY_CUDA(cudaMalloc(&p, size));
-  }
-  // The library's streams do not wait for the legacy default stream (nor it for them): the
-  // fill must be done before any of them can touch the memory.
-  cudaError_t rc = cudaMemsetAsync(p, 0, size, 0);
-  if (rc == cudaSuccess) rc = cudaStreamSynchronize(0);
-  if (rc != cudaSuccess) {
-    if (pooled) {
-      cudaFreeAsync(p, 0);
-    } else {
+    cudaError_t rc = cudaMemset(p, 0, size);
+    if (rc != cudaSuccess) {
       cudaFree(p);
+      return cuda_error(rc, "zero-filling new device memory");
     }
-    return cuda_error(rc, "zero-filling new device memory");
   }
   auto m = std::make_shared<Memory>();
   m->ptr = p;
@@ -92,7 +85,7 @@ class CudaBackend final : public Backend {
   Error init_buffer(BufferCore& buf) override { return normal_init_buffer(buf); }
 
   // Tensors and workspaces come from the device's stream-ordered pool and go back to it after
-  // all work queued on the library's streams (memory_release.h): never a wait for the device.
+  // all work queued on the library's streams (device_memory.h): never a wait for the device.
   Error allocate(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) override {
     return allocate_on(rank_state(rank).device, bytes, true, out);
   }
@@ -250,9 +243,14 @@ namespace {
 
 // Virtual ranks drive two streams each (communication, compute); the driver's default of 8
 // hardware queues would put several ranks on one queue, where a kernel waiting for a peer can
-// sit in front of the kernel it waits for. Set before the first CUDA context exists; a value
-// the user chose stays.
-void configure_driver_environment() { setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0); }
+// sit in front of the kernel it waits for. Set before the first CUDA context exists; values
+// the user chose stay.
+void configure_driver_environment() {
+  setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
+  // Kernels load when the module does, not at their first launch: loading can wait for the
+  // device, and a first launch may come while a peer's kernel waits for this very thread.
+  setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+}
 
 // Virtual ranks on different GPUs of one process address each other's memory directly, pool
 // memory included. The pools keep what is freed (a caching allocator): operations allocate

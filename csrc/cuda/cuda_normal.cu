@@ -10,6 +10,7 @@
 
 #include "../abi/ops.h"
 #include "../core/op_desc.h"
+#include "device_memory.h"
 #include "normal_kernels.h"
 #include "ordered_rank.cuh"
 
@@ -23,6 +24,8 @@ namespace {
 // rank drives a communication and a compute stream, and the memory release stream and the
 // legacy stream take two more.
 constexpr int kMaxRanksPerDevice = 14;
+// CUDA_DEVICE_MAX_CONNECTIONS as the backend sets it (its maximum).
+constexpr int kHardwareQueues = 32;
 
 // A rank's per-buffer state: its exchange page (read by the peers) and private workspace.
 struct CudaBuffer {
@@ -50,7 +53,7 @@ Error refuse_process_groups(const BufferCore& buf, const char* op) {
 
 // Once per buffer, when every rank has joined: the device tables of the peers' buffers and
 // exchange pages, and the checks that the ranks' waiting kernels can all be resident at once.
-Error ensure_tables(BufferCore& buf) {
+Error ensure_tables(BufferCore& buf, CudaStream& comm) {
   CudaBuffer& st = buffer_state(buf);
   if (st.tables_ready) return ok();
   BufferSet& set = *buf.set;
@@ -122,7 +125,10 @@ Error ensure_tables(BufferCore& buf) {
   }
 
   SY_TRY(g.backend->allocate(buf.rank_core(), sizeof(uint8_t*) * table.size(), &st.tables));
-  SY_CUDA(cudaMemcpy(st.tables->ptr, table.data(), sizeof(uint8_t*) * table.size(), cudaMemcpyHostToDevice));
+  // In stream order before the kernels that read it (a pageable source is staged before the call
+  // returns, so `table` may go).
+  SY_CUDA(cudaMemcpyAsync(st.tables->ptr, table.data(), sizeof(uint8_t*) * table.size(), cudaMemcpyHostToDevice,
+                          comm.raw()));
   st.d_bases = at<uint8_t* const>(st.tables);
   st.d_xchg = at<uint8_t* const>(st.tables) + R;
   st.tables_ready = true;
@@ -133,8 +139,17 @@ Error ensure_tables(BufferCore& buf) {
 // tables in place.
 Error begin_operation(BufferCore& buf, CudaStream& comm, const char* op) {
   SY_TRY(refuse_process_groups(buf, op));
-  SY_CUDA(cudaSetDevice(comm.rank_state_ref().device));
-  return ensure_tables(buf);
+  const int dev = comm.rank_state_ref().device;
+  SY_CUDA(cudaSetDevice(dev));
+  // Every stream of the GPU needs a hardware queue of its own (device_memory.h).
+  if (const int n = streams_on(dev); n > kHardwareQueues) {
+    return fail(SY_ERROR_UNSUPPORTED,
+                std::string(op) + ": GPU " + std::to_string(dev) + " has " + std::to_string(n) +
+                    " streams (the library's two included) but " + std::to_string(kHardwareQueues) +
+                    " hardware queues; a kernel waiting for a peer could hold up the kernel it waits for. "
+                    "Dispose of unused streams and buffers, or use fewer ranks per GPU");
+  }
+  return ensure_tables(buf, comm);
 }
 
 SyncArgs sync_args(const BufferCore& buf, uint32_t epoch, const CudaBuffer& st, KernelReport* report) {

@@ -1,7 +1,7 @@
 // CUDA streams, events, kernel report pools and stream callbacks (cuda_objects.h).
 #include "cuda_objects.h"
 
-#include "memory_release.h"
+#include "device_memory.h"
 
 #include <cstring>
 
