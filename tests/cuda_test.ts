@@ -338,3 +338,17 @@ Deno.test(
     for (const b of bufs) b[Symbol.dispose]();
   },
 );
+
+Deno.test({ name: "cuda: an SM budget larger than the GPU is refused, naming numSms", ignore }, async () => {
+  using g = Group.local({ ranks: 2, backend: "cuda" });
+  const bufs = await g.createBuffers({ hidden: H, maxTokensPerRank: T, numSms: 1024 });
+  const rank = g.ranks[0];
+  using x = await Tensor.from(rank, randomBF16(T * H, 1), { shape: [T, H] });
+  using idx = await Tensor.from(rank, new BigInt64Array(T).fill(0n), { shape: [T, 1] });
+  using w = await Tensor.from(rank, new Float32Array(T).fill(1), { shape: [T, 1] });
+  await assert.rejects(
+    () => bufs[0].dispatch(x, { topkIdx: idx, topkWeights: w, numExperts: 2 }),
+    (e: unknown) => e instanceof SwitchyardError && e.argument === "numSms" && /exceeds the \d+ SMs/.test(e.message),
+  );
+  for (const b of bufs) b[Symbol.dispose]();
+});

@@ -141,6 +141,7 @@ Error begin_operation(BufferCore& buf, CudaStream& comm, const char* op) {
   SY_TRY(refuse_process_groups(buf, op));
   const int dev = comm.rank_state_ref().device;
   SY_CUDA(cudaSetDevice(dev));
+  SY_TRY(ensure_tables(buf, comm));  // checks the ranks per GPU first: the likelier cause
   // Every stream of the GPU needs a hardware queue of its own (device_memory.h).
   if (const int n = streams_on(dev); n > kHardwareQueues) {
     return fail(SY_ERROR_UNSUPPORTED,
@@ -149,7 +150,7 @@ Error begin_operation(BufferCore& buf, CudaStream& comm, const char* op) {
                     " hardware queues; a kernel waiting for a peer could hold up the kernel it waits for. "
                     "Dispose of unused streams and buffers, or use fewer ranks per GPU");
   }
-  return ensure_tables(buf, comm);
+  return ok();
 }
 
 SyncArgs sync_args(const BufferCore& buf, uint32_t epoch, const CudaBuffer& st, KernelReport* report) {
