@@ -530,6 +530,30 @@ int main(int argc, char** argv) {
   };
 
   std::vector<sy_dispatch_result> res(R);
+  // Every rank combines the rows of its dispatch in `res` back into tout (with the received
+  // top-k weights when `weights`).
+  std::vector<sy_combine_result> back(R);
+  auto combine_all = [&](bool weights) {
+    for (int r = 0; r < R; ++r) {
+      sy_combine_args a;
+      std::memset(&a, 0, sizeof a);
+      a.struct_size = sizeof a;
+      a.x = res[r].recv_x;
+      a.handle = res[r].handle;
+      a.topk_weights = weights ? res[r].recv_topk_weights : nullptr;
+      a.out = tout[r];
+      a.compute_stream = streams[r];
+      back[r].struct_size = sizeof(sy_combine_result);
+      SY(sy_combine(buffers[r], &a, &back[r]), buffers[r]);
+    }
+  };
+  auto release_combines = [&] {
+    for (auto& b : back) {
+      if (b.combined_topk_weights) sy_tensor_destroy(b.combined_topk_weights);
+      if (b.combined_x) sy_tensor_destroy(b.combined_x);
+      std::memset(&b, 0, sizeof b);
+    }
+  };
   if (o.expand) {
     // The expanded layout: dispatch (BF16 and FP8), cached dispatch, combine. Its rows have no
     // naive counterpart: timed, not compared.
@@ -554,7 +578,6 @@ int main(int argc, char** argv) {
       rows.push_back(row);
     }
     std::vector<sy_dispatch_result> again(R);
-    std::vector<sy_combine_result> back(R);
     std::vector<float> cached_ms, combine_ms;
     for (int i = 0; i < o.warmup + o.iters; ++i) {
       const float c = timed(gate, raw, ends, [&] {
@@ -565,23 +588,8 @@ int main(int argc, char** argv) {
         }
       });
       for (auto& x : again) destroy(x);
-      const float b = timed(gate, raw, ends, [&] {
-        for (int r = 0; r < R; ++r) {
-          sy_combine_args a;
-          std::memset(&a, 0, sizeof a);
-          a.struct_size = sizeof a;
-          a.x = res[r].recv_x;
-          a.handle = res[r].handle;
-          a.out = tout[r];
-          a.compute_stream = streams[r];
-          back[r].struct_size = sizeof(sy_combine_result);
-          SY(sy_combine(buffers[r], &a, &back[r]), buffers[r]);
-        }
-      });
-      for (auto& x : back) {
-        if (x.combined_x) sy_tensor_destroy(x.combined_x);
-        std::memset(&x, 0, sizeof x);
-      }
+      const float b = timed(gate, raw, ends, [&] { combine_all(false); });
+      release_combines();
       if (i >= o.warmup) {
         cached_ms.push_back(c);
         combine_ms.push_back(b);
@@ -663,35 +671,12 @@ int main(int argc, char** argv) {
       }
 
       // Combine the received rows back (as if every expert were the identity), with weights.
-      std::vector<sy_combine_result> back(R);
       Row comb{"combine", "bf16", "compact"};
       comb.bytes = double(total_rows) * payload16;
       std::vector<const uint8_t*> y(R);
       for (int r = 0; r < R; ++r) y[r] = static_cast<const uint8_t*>(device_address(res[r].recv_x));
       const size_t ci = measure(
-          comb,
-          [&] {
-            for (int r = 0; r < R; ++r) {
-              sy_combine_args a;
-              std::memset(&a, 0, sizeof a);
-              a.struct_size = sizeof a;
-              a.x = res[r].recv_x;
-              a.handle = res[r].handle;
-              a.topk_weights = res[r].recv_topk_weights;
-              a.out = tout[r];
-              a.compute_stream = streams[r];
-              back[r].struct_size = sizeof(sy_combine_result);
-              SY(sy_combine(buffers[r], &a, &back[r]), buffers[r]);
-            }
-          },
-          [&] { naive_combine(y); },
-          [&] {
-            for (auto& b : back) {
-              if (b.combined_topk_weights) sy_tensor_destroy(b.combined_topk_weights);
-              if (b.combined_x) sy_tensor_destroy(b.combined_x);
-              std::memset(&b, 0, sizeof b);
-            }
-          });
+          comb, [&] { combine_all(true); }, [&] { naive_combine(y); }, release_combines);
       for (int r = 0; r < R; ++r) {
         rows[ci].mismatches += count_mismatches(device_address(tout[r]), naive_out[r], int64_t(T) * payload16);
       }
