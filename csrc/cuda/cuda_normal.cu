@@ -19,10 +19,10 @@ namespace sy::cuda {
 namespace {
 
 // Buffers of one GPU wait for each other in one-block kernels; more ranks per GPU than this
-// would make the CUDA driver put two ranks' streams on one hardware queue, where a waiting
-// kernel can sit in front of the kernel it waits for: CUDA_DEVICE_MAX_CONNECTIONS is 32, each
-// rank drives a communication and a compute stream, and the memory release stream and the
-// legacy stream take two more.
+// would make two ranks' streams share a hardware queue, where a waiting kernel can sit in front
+// of the kernel it waits for: CUDA_DEVICE_MAX_CONNECTIONS is 32, each rank drives a
+// communication and a compute stream, and the allocation stream and the legacy stream take two
+// more (device_memory.h).
 constexpr int kMaxRanksPerDevice = 14;
 // CUDA_DEVICE_MAX_CONNECTIONS as the backend sets it (its maximum).
 constexpr int kHardwareQueues = 32;
@@ -146,7 +146,7 @@ Error begin_operation(BufferCore& buf, CudaStream& comm, const char* op) {
   if (const int n = streams_on(dev); n > kHardwareQueues) {
     return fail(SY_ERROR_UNSUPPORTED,
                 std::string(op) + ": GPU " + std::to_string(dev) + " has " + std::to_string(n) +
-                    " streams (the library's two included) but " + std::to_string(kHardwareQueues) +
+                    " streams (the library's own included) but " + std::to_string(kHardwareQueues) +
                     " hardware queues; a kernel waiting for a peer could hold up the kernel it waits for. "
                     "Dispose of unused streams and buffers, or use fewer ranks per GPU");
   }

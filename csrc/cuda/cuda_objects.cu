@@ -66,17 +66,12 @@ Error ReportPool::reserve() {
 }
 
 CudaStream::~CudaStream() {
-  if (stream_) {
-    untrack_stream(stream_, rank_->device);
-    cudaSetDevice(rank_->device);
-    cudaStreamDestroy(stream_);
-  }
+  if (stream_) return_stream(stream_, rank_->device);  // recycled, never destroyed (device_memory.h)
 }
 
 Error CudaStream::init() {
   SY_CUDA(cudaSetDevice(rank_->device));
-  SY_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  track_stream(stream_, rank_->device);
+  SY_CUDA(acquire_stream(rank_->device, &stream_));
   return ok();
 }
 

@@ -1,6 +1,7 @@
 #include "device_memory.h"
 
 #include <map>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -8,15 +9,31 @@ namespace sy::cuda {
 
 namespace {
 
-// Pending frees beyond this many are issued at once.
+// Releases gathered before their markers are recorded.
 constexpr size_t kBatch = 32;
+
+// A marker event, destroyed with its last holder.
+struct Marker {
+  cudaEvent_t event = nullptr;
+  ~Marker() {
+    if (event) cudaEventDestroy(event);
+  }
+  bool complete() const { return cudaEventQuery(event) != cudaErrorNotReady; }
+};
+
+// Pointers to free once every marker has completed.
+struct Batch {
+  std::vector<void*> pointers;
+  std::vector<std::shared_ptr<Marker>> markers;
+};
 
 struct DeviceState {
   bool ready = false;
-  cudaStream_t alloc = nullptr;    // allocations and their zero fill
-  cudaStream_t release = nullptr;  // waits for the marked work, then frees
-  cudaEvent_t marker = nullptr;    // recorded on this device's streams, one at a time
-  std::vector<void*> pending;
+  cudaStream_t alloc = nullptr;  // allocations, their zero fill, and the frees
+  std::vector<void*> pending;    // released, batch not sealed yet
+  std::vector<Batch> batches;    // sealed, waiting for their markers
+  std::vector<cudaStream_t> idle_streams;
+  int live_streams = 0;
 };
 
 // Keeps the calling thread's current device across the switches below.
@@ -28,46 +45,70 @@ struct KeepDevice {
 
 struct DeviceMemory {
   std::mutex mu;  // a leaf: nothing else is locked, and no Memory is destroyed, under it
-  std::vector<std::pair<cudaStream_t, int>> streams;
+  std::vector<std::pair<cudaStream_t, int>> streams;  // live library streams
+  std::vector<std::shared_ptr<Marker>> tails;         // the last work of returned streams
   std::map<int, DeviceState> devices;
 
-  // (mu held) The device's state, set up completely on first use; nullptr if CUDA refuses.
+  // (mu held) The device's state, set up on first use; nullptr if CUDA refuses.
   DeviceState* state(int device) {
     DeviceState& d = devices[device];
     if (d.ready) return &d;
-    if (cudaSetDevice(device) != cudaSuccess) return nullptr;
-    if (d.alloc == nullptr && cudaStreamCreateWithFlags(&d.alloc, cudaStreamNonBlocking) != cudaSuccess) d.alloc = nullptr;
-    if (d.release == nullptr && cudaStreamCreateWithFlags(&d.release, cudaStreamNonBlocking) != cudaSuccess) {
-      d.release = nullptr;
+    if (cudaSetDevice(device) == cudaSuccess && cudaStreamCreateWithFlags(&d.alloc, cudaStreamNonBlocking) == cudaSuccess) {
+      d.ready = true;
     }
-    if (d.marker == nullptr && cudaEventCreateWithFlags(&d.marker, cudaEventDisableTiming) != cudaSuccess) {
-      d.marker = nullptr;
-    }
-    d.ready = d.alloc != nullptr && d.release != nullptr && d.marker != nullptr;
     cudaGetLastError();
     return d.ready ? &d : nullptr;
   }
 
-  // (mu held) Makes `device`'s release stream wait for the work queued so far on `stream`.
-  bool order_after(int device, cudaStream_t stream, int stream_device) {
-    DeviceState* mark = state(stream_device);
-    DeviceState* rel = state(device);
-    if (mark == nullptr || rel == nullptr) return false;
-    bool ok = cudaSetDevice(stream_device) == cudaSuccess && cudaEventRecord(mark->marker, stream) == cudaSuccess &&
-              cudaSetDevice(device) == cudaSuccess && cudaStreamWaitEvent(rel->release, mark->marker, 0) == cudaSuccess;
-    cudaGetLastError();
-    return ok;
+  // (mu held) A marker after the work queued so far on `stream`; nullptr if CUDA refuses.
+  std::shared_ptr<Marker> mark(cudaStream_t stream, int device) {
+    auto m = std::make_shared<Marker>();
+    if (cudaSetDevice(device) != cudaSuccess ||
+        cudaEventCreateWithFlags(&m->event, cudaEventDisableTiming) != cudaSuccess ||
+        cudaEventRecord(m->event, stream) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return m;
   }
 
-  // (mu held) Issues the pending frees of `device`; keeps them if their order cannot be set up.
-  void flush(int device) {
-    DeviceState* d = state(device);
-    if (d == nullptr || d->pending.empty()) return;
-    for (const auto& [s, dev] : streams)
-      if (!order_after(device, s, dev)) return;  // try again at the next flush
-    cudaSetDevice(device);
-    for (void* p : d->pending) cudaFreeAsync(p, d->release);
-    d->pending.clear();
+  // (mu held) Seals the pending releases of `device` into a batch behind every stream's work.
+  void seal(int device, DeviceState& d) {
+    if (d.pending.empty()) return;
+    Batch b;
+    for (const auto& [s, dev] : streams) {
+      std::shared_ptr<Marker> m = mark(s, dev);
+      if (!m) return;  // keep them pending: never free without the order
+      b.markers.push_back(std::move(m));
+    }
+    b.markers.insert(b.markers.end(), tails.begin(), tails.end());
+    b.pointers.swap(d.pending);
+    d.batches.push_back(std::move(b));
+    (void)device;
+  }
+
+  // (mu held) Frees the batches of `device` whose work is done; forgets finished tails.
+  void collect(int device, DeviceState& d) {
+    for (size_t i = 0; i < d.batches.size();) {
+      bool done = true;
+      for (const auto& m : d.batches[i].markers) done = done && m->complete();
+      if (!done) {
+        ++i;
+        continue;
+      }
+      cudaSetDevice(device);
+      for (void* p : d.batches[i].pointers) cudaFreeAsync(p, d.alloc);
+      d.batches[i] = std::move(d.batches.back());
+      d.batches.pop_back();
+    }
+    for (size_t i = 0; i < tails.size();) {
+      if (tails[i]->complete()) {
+        tails[i] = std::move(tails.back());
+        tails.pop_back();
+      } else {
+        ++i;
+      }
+    }
     cudaGetLastError();
   }
 };
@@ -88,7 +129,8 @@ cudaError_t allocate_device_memory(int device, uint64_t bytes, void** out) {
     std::lock_guard<std::mutex> l(m.mu);
     DeviceState* d = m.state(device);
     if (d == nullptr) return cudaErrorInitializationError;
-    m.flush(device);  // what was given back is reused once its last user is done
+    m.seal(device, *d);  // what was given back is reused once its last user is done
+    m.collect(device, *d);
     s = d->alloc;
   }
   cudaError_t rc = cudaSetDevice(device);
@@ -110,20 +152,39 @@ void release_device_memory(void* ptr, int device) {
   DeviceState* d = m.state(device);
   if (d == nullptr) return;  // CUDA is gone: nothing to give back to
   d->pending.push_back(ptr);
-  if (d->pending.size() >= kBatch) m.flush(device);
+  if (d->pending.size() >= kBatch) m.seal(device, *d);
+  m.collect(device, *d);
 }
 
-void track_stream(cudaStream_t stream, int device) {
-  DeviceMemory& m = memory();
-  std::lock_guard<std::mutex> l(m.mu);
-  m.streams.emplace_back(stream, device);
-}
-
-void untrack_stream(cudaStream_t stream, int device) {
+cudaError_t acquire_stream(int device, cudaStream_t* out) {
   DeviceMemory& m = memory();
   KeepDevice keep;
   std::lock_guard<std::mutex> l(m.mu);
-  for (auto& entry : m.devices) m.order_after(entry.first, stream, device);  // its tail stays a dependency
+  DeviceState* d = m.state(device);
+  if (d == nullptr) return cudaErrorInitializationError;
+  // An idle recycled stream first (one whose earlier work is done), else a new one.
+  for (size_t i = 0; i < d->idle_streams.size(); ++i) {
+    if (cudaStreamQuery(d->idle_streams[i]) == cudaSuccess) {
+      *out = d->idle_streams[i];
+      d->idle_streams.erase(d->idle_streams.begin() + long(i));
+      m.streams.emplace_back(*out, device);
+      d->live_streams += 1;
+      return cudaSuccess;
+    }
+  }
+  cudaGetLastError();
+  cudaError_t rc = cudaSetDevice(device);
+  if (rc == cudaSuccess) rc = cudaStreamCreateWithFlags(out, cudaStreamNonBlocking);
+  if (rc != cudaSuccess) return rc;
+  m.streams.emplace_back(*out, device);
+  d->live_streams += 1;
+  return cudaSuccess;
+}
+
+void return_stream(cudaStream_t stream, int device) {
+  DeviceMemory& m = memory();
+  KeepDevice keep;
+  std::lock_guard<std::mutex> l(m.mu);
   for (size_t i = 0; i < m.streams.size(); ++i) {
     if (m.streams[i].first == stream) {
       m.streams[i] = m.streams.back();
@@ -131,14 +192,19 @@ void untrack_stream(cudaStream_t stream, int device) {
       break;
     }
   }
+  // Its queued work stays a dependency of every release until it completes.
+  if (std::shared_ptr<Marker> tail = m.mark(stream, device)) m.tails.push_back(std::move(tail));
+  DeviceState* d = m.state(device);
+  if (d == nullptr) return;
+  d->live_streams -= 1;
+  d->idle_streams.push_back(stream);
 }
 
 int streams_on(int device) {
   DeviceMemory& m = memory();
   std::lock_guard<std::mutex> l(m.mu);
-  int n = 2;
-  for (const auto& [s, dev] : m.streams) n += dev == device ? 1 : 0;
-  return n;
+  auto it = m.devices.find(device);
+  return 1 + (it == m.devices.end() ? 0 : it->second.live_streams);
 }
 
 }  // namespace sy::cuda

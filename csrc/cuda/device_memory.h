@@ -1,20 +1,19 @@
-// Device memory without host waits on the device. cudaFree waits for every kernel on the
-// device, and with virtual ranks a kernel may be waiting for a peer whose work the calling
-// thread has yet to enqueue: neither an allocation nor a release may ever wait for queued work.
+// Device memory and streams without hidden waits. cudaFree waits for every kernel on the device,
+// and with virtual ranks a kernel may be waiting for a peer whose work the calling thread has
+// yet to enqueue: neither an allocation nor a release may ever wait for queued work, on the host
+// or on the GPU (a stream waiting for another holds up whatever shares its hardware queue).
 //
 //   allocate   from CUDA's stream-ordered pool, zero-filled, on a per-device non-blocking stream
 //              of its own (the legacy default stream would wait for every blocking stream)
-//   release    deferred: the pointer joins a per-device list; a flush orders the frees after all
-//              work queued so far on every stream the library knows (a marker event recorded
-//              on each, waited for by a per-device release stream), then frees with
-//              cudaFreeAsync on that stream. Dispatch and combine end with a kernel that waits
-//              until every peer has read this rank's inputs, so the peers' reads come before
-//              the free too. If the ordering cannot be set up, the memory is kept, never freed
-//              early.
-//
-// Streams that run peer-waiting kernels must each have their own hardware queue (a queue
-// shared with a kernel that waits could hold up the kernel it waits for): `streams_on` counts
-// them, with the two internal streams of each device.
+//   release    deferred on the host: pointers gather into batches; a batch records a marker event
+//              on every stream the library knows and is freed (cudaFreeAsync on the allocation
+//              stream) once the host sees all its markers complete, so after all work queued
+//              before the release. Dispatch and combine end with a kernel that waits until every
+//              peer has read this rank's inputs, so the peers' reads come first too.
+//   streams    recycled, never destroyed: the driver gives streams hardware queues round-robin
+//              in creation order, so as long as no more than 32 are ever created, streams that
+//              are alive together never share a queue (where a waiting kernel could hold up the
+//              kernel it waits for). `streams_on` counts the live ones.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,11 +26,11 @@ namespace sy::cuda {
 cudaError_t allocate_device_memory(int device, uint64_t bytes, void** out);
 // Frees `ptr` (from allocate_device_memory) once all work queued so far has completed.
 void release_device_memory(void* ptr, int device);
-// A stream whose queued work may use memory (the library's streams register themselves).
-void track_stream(cudaStream_t stream, int device);
-// Before the stream is destroyed: its queued work stays a dependency of every later free.
-void untrack_stream(cudaStream_t stream, int device);
-// The streams of `device` that occupy a hardware queue: the tracked ones and the two internal.
+// A non-blocking stream of `device` for the library (a recycled one when one is idle).
+cudaError_t acquire_stream(int device, cudaStream_t* out);
+// Gives a stream back; its queued work still counts for every release before it completes.
+void return_stream(cudaStream_t stream, int device);
+// The streams of `device` alive now (the library's, and its one internal stream).
 int streams_on(int device);
 
 }  // namespace sy::cuda
