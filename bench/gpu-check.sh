@@ -58,7 +58,9 @@ if [ -n "$deno_tgz" ]; then
   tar -xzf "$deno_tgz" -C /tmp/deno-bin --strip-components=1 package/deno
   export PATH="/tmp/deno-bin:$PATH"
 fi
-nccl_root="$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null || true)"
+# nvidia.nccl may be a namespace package (no __file__): take its first path.
+nccl_root="$(python3 -c 'import nvidia.nccl; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null || true)"
+[ -f "$nccl_root/include/nccl.h" ] || nccl_root=""
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
