@@ -67,4 +67,10 @@ SY_HD int64_t compact_row(PrefixAt rank_prefix_col, int src, int64_t slot) {
   return (src == 0 ? 0 : rank_prefix_col(src - 1)) + slot;
 }
 
+// Rows rank `src` sent to the rank whose prefix column this is.
+template <class PrefixAt>
+SY_HD int64_t rows_from(PrefixAt rank_prefix_col, int src) {
+  return rank_prefix_col(src) - (src == 0 ? 0 : rank_prefix_col(src - 1));
+}
+
 }  // namespace sy::core

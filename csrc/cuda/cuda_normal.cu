@@ -195,20 +195,20 @@ Error normal_init_buffer(BufferCore& buf) {
   st->xl = exchange_layout(R, buf.plan.max_tokens_per_rank);
   Backend& be = *buf.group->backend;
   SY_TRY(be.allocate(buf.rank_core(), st->xl.bytes, &st->page));
-  // Fixed workspace: recv_start[R] recv_cnt[R] expert_count[EMAX] group_base[EMAX]
-  // rank_totals[max(R, EMAX)] passed[1], then totals (i64[2]).
+  // Fixed workspace: i32 recv_start[R] recv_cnt[R] expert_count[EMAX] rank_totals[max(R, EMAX)]
+  // passed[1], then i64 totals[2] group_base[EMAX].
   const uint64_t EMAX = core::kMaxExpertsPerRank;
-  const uint64_t ints = 2 * uint64_t(R) + 2 * EMAX + std::max<uint64_t>(uint64_t(R), EMAX) + 1;
-  const uint64_t off_totals = core::align_up(4 * ints, 16);
-  SY_TRY(be.allocate(buf.rank_core(), off_totals + 16, &st->fixed));
+  const uint64_t ints = 2 * uint64_t(R) + EMAX + std::max<uint64_t>(uint64_t(R), EMAX) + 1;
+  const uint64_t off_i64 = core::align_up(4 * ints, 16);
+  SY_TRY(be.allocate(buf.rank_core(), off_i64 + 8 * (2 + EMAX), &st->fixed));
   int32_t* p = at<int32_t>(st->fixed);
   st->ws.recv_start = p;
   st->ws.recv_cnt = p + R;
   st->ws.expert_count = p + 2 * R;
-  st->ws.group_base = p + 2 * R + EMAX;
-  st->ws.rank_totals = p + 2 * R + 2 * EMAX;
+  st->ws.rank_totals = p + 2 * R + EMAX;
   st->ws.passed_barrier = p + ints - 1;
-  st->ws.totals = at<int64_t>(st->fixed, off_totals);
+  st->ws.totals = at<int64_t>(st->fixed, off_i64);
+  st->ws.group_base = st->ws.totals + 2;
   // The orderings' scratch, sized once for the largest operation the buffer admits (growing it
   // later would free memory, and cudaFree waits for every kernel on the device, peers' included):
   // tokens per destination, received rows per local expert (expanded layout), their experts.

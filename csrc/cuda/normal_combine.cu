@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineArg
       const int32_t slot = p < R ? slots[p] : -1;
       if (slot >= 0) {
         // Rank p received our rows after those of the ranks below us.
-        n = (me == 0 ? 0 : a.h_prefix[int64_t(me - 1) * R + p]) + slot;
+        n = core::compact_row([&](int i) { return a.h_prefix[int64_t(i) * R + p]; }, me, slot);
         const Published& src = published(a, p);
         const int64_t bound = src.expanded_k == 0 ? src.c_rows : src.c_tokens;
         if (n < bound) {

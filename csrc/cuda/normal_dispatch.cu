@@ -131,7 +131,7 @@ __global__ void cached_sends_kernel(DispatchArgs a) {
     if (s >= 0) list[int64_t(i % R) * a.max_tokens + s] = int32_t(i / R);
   }
   for (int64_t d = first; d < R; d += stride) {
-    counts[d] = a.h_prefix[int64_t(me) * R + d] - (me == 0 ? 0 : a.h_prefix[int64_t(me - 1) * R + d]);
+    counts[d] = int32_t(core::rows_from([&](int i) { return a.h_prefix[int64_t(i) * R + d]; }, me));
   }
 }
 
@@ -192,12 +192,7 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(Dispatc
       if (a.cached) {
         rows = a.cached_rows;
       } else {
-        rows = core::expanded_rows(a.ws.expert_count, EL, a.alignment, nullptr);
-        int64_t base = 0;
-        for (int l = 0; l < EL; ++l) {
-          a.ws.group_base[l] = int32_t(base);
-          base += core::align_count(a.ws.expert_count[l], a.alignment);
-        }
+        rows = core::expanded_rows(a.ws.expert_count, EL, a.alignment, a.ws.group_base);
       }
     }
     a.ws.totals[0] = received;
@@ -374,7 +369,7 @@ __global__ void __launch_bounds__(kCopyThreads) gather_experts_kernel(DispatchAr
 struct ExpertRanker {
   const int32_t* recv_local;
   int32_t* exp_row;
-  const int32_t* group_base;
+  const int64_t* group_base;
   const int64_t* totals;
   int K;
   const KernelReport* report;
@@ -385,7 +380,7 @@ struct ExpertRanker {
       if (recv_local[n * K + k] == l) return k;
     return -1;
   }
-  __device__ void put(int64_t n, int l, int k, int32_t r) const { exp_row[n * K + k] = group_base[l] + r; }
+  __device__ void put(int64_t n, int l, int k, int32_t r) const { exp_row[n * K + k] = int32_t(group_base[l] + r); }
   __device__ void miss(int64_t, int) const {}
 };
 

@@ -74,7 +74,7 @@ struct Workspace {
   int32_t* recv_start = nullptr;    // [R] first received row from each source
   int32_t* recv_cnt = nullptr;      // [R] rows from each source
   int32_t* expert_count = nullptr;  // [kMaxExpertsPerRank] received per local expert
-  int32_t* group_base = nullptr;    // [kMaxExpertsPerRank] first expanded row per local expert
+  int64_t* group_base = nullptr;    // [kMaxExpertsPerRank] first expanded row per local expert
   int64_t* totals = nullptr;        // [0] tokens received, [1] output rows used
   int32_t* passed_barrier = nullptr;  // [1] 1 once this operation's barrier succeeded
   int32_t* rank_counts = nullptr;   // ordered-ranking chunk table

@@ -384,9 +384,10 @@ Error combine_body(Peers& peers, CombineWork& w) {
 
   // Send every received row back to its sender, at the slot it came from.
   for (int p = 0; p < R; ++p) {
-    const int32_t start = p == 0 ? 0 : prefix[size_t(p - 1) * R + me];
-    const int32_t count = prefix[size_t(p) * R + me] - start;
-    for (int32_t j = 0; j < count; ++j) {
+    auto column = [&](int i) { return prefix[size_t(i) * R + me]; };
+    const int64_t start = core::compact_row(column, p, 0);
+    const int64_t count = core::rows_from(column, p);
+    for (int64_t j = 0; j < count; ++j) {
       const int64_t n = start + j;
       uint8_t* dst = peers.base(p) + plan.combine_row_offset(me, j);
       if (h.layout == SY_LAYOUT_COMPACT) {
