@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../csrc/core/dtype.h"
+#include "../csrc/cuda/portable.cuh"
 #include "switchyard.h"
 
 namespace {
@@ -103,11 +104,7 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
+using sy::cuda::global_ns;
 
 // Holds its stream until the host sets *flag (or 10 s pass: then *timed_out says so).
 __global__ void gate_kernel(const volatile int* flag, int* timed_out) {
@@ -177,7 +174,7 @@ uint64_t count_mismatches(const void* a, const void* b, int64_t n) {
   unsigned long long* d = nullptr;
   CU(cudaMalloc(&d, sizeof *d));
   CU(cudaMemset(d, 0, sizeof *d));
-  count_diff<<<1024, 256>>>(static_cast<const uint8_t*>(a), static_cast<const uint8_t*>(b), n, d);
+  SY_LAUNCH(count_diff, 1024, 256, 0, nullptr)(static_cast<const uint8_t*>(a), static_cast<const uint8_t*>(b), n, d);
   unsigned long long h = 0;
   CU(cudaMemcpy(&h, d, sizeof h, cudaMemcpyDeviceToHost));
   CU(cudaFree(d));
@@ -203,7 +200,7 @@ struct Gate {
     int* dflag = nullptr;
     CU(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dflag), flag, 0));
     if (enabled) {
-      gate_kernel<<<1, 1, 0, stream>>>(dflag, dflag + 1);
+      SY_LAUNCH(gate_kernel, 1, 1, 0, stream)(dflag, dflag + 1);
       CU(cudaGetLastError());
     }
     CU(cudaEventRecord(start, stream));
@@ -471,10 +468,10 @@ int main(int argc, char** argv) {
     for (int r = 0; r < R; ++r) {
       const int64_t n = send_off[r][R - 1] + int64_t(sends[r][R - 1].size());
       const uint8_t* x = static_cast<const uint8_t*>(device_address(fp8 ? tx8[r] : tx[r]));
-      gather_rows<<<grid, 256, 0, raw[r]>>>(x, perm[r], n, row, send_buf[r]);
+      SY_LAUNCH(gather_rows, grid, 256, 0, raw[r])(x, perm[r], n, row, send_buf[r]);
       if (fp8) {
-        gather_rows<<<grid, 256, 0, raw[r]>>>(static_cast<const uint8_t*>(device_address(tsc[r])), perm[r], n,
-                                              scale_bytes, send_sc[r]);
+        SY_LAUNCH(gather_rows, grid, 256, 0, raw[r])(static_cast<const uint8_t*>(device_address(tsc[r])), perm[r],
+                                                     n, scale_bytes, send_sc[r]);
       }
       for (int d = 0; d < R; ++d) {
         const size_t rows = sends[r][d].size();
@@ -504,8 +501,8 @@ int main(int argc, char** argv) {
     }
     for (int r = 0; r < R; ++r) {
       for (int d = 0; d < R; ++d) CU(cudaStreamWaitEvent(raw[r], copied[d], 0));
-      naive_reduce<<<grid, 256, 0, raw[r]>>>(reinterpret_cast<const uint16_t*>(back_buf[r]), slots_d[r], send_off_d[r], T,
-                                             R, H, reinterpret_cast<uint16_t*>(naive_out[r]));
+      SY_LAUNCH(naive_reduce, grid, 256, 0, raw[r])(reinterpret_cast<const uint16_t*>(back_buf[r]), slots_d[r],
+                                                    send_off_d[r], T, R, H, reinterpret_cast<uint16_t*>(naive_out[r]));
     }
     CU(cudaGetLastError());
   };

@@ -13,28 +13,13 @@
 #include "../core/plan.h"
 #include "../core/routing.h"
 #include "kernel_report.h"
+#include "portable.cuh"
 #include "switchyard.h"
 
 namespace sy::cuda {
 
-__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
 __device__ __forceinline__ int32_t ld_volatile_i32(const int32_t* p) {
   return *reinterpret_cast<const volatile int32_t*>(p);
-}
-
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
 }
 
 // Epochs wrap around: "v has reached e" is a signed comparison of the difference.
@@ -148,7 +133,7 @@ __device__ inline void signal_peers(const SyncArgs& a, uint64_t off) {
 // Waits until every peer's flag in my array at `off` has reached this epoch. Block-wide; every
 // thread returns the same answer. On a timeout the failure is recorded and the peers told.
 __device__ inline bool wait_peers(const SyncArgs& a, uint64_t off, core::WaitRole role) {
-  __shared__ int failed;
+  SY_SHARED(int, failed);
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();
   const uint64_t start = global_ns();
@@ -194,7 +179,7 @@ __device__ inline bool wait_peers(const SyncArgs& a, uint64_t off, core::WaitRol
 // arrive, wait for everyone, then check that all called the same thing with the same
 // parameters. Block-wide; false (with the report filled) if the operation cannot go on.
 __device__ inline bool barrier(const SyncArgs& a, const uint32_t* desc) {
-  __shared__ int verdict;  // one answer for the whole block: a peer may abort while we look
+  SY_SHARED(int, verdict);  // one answer for the whole block: a peer may abort while we look
   if (threadIdx.x == 0) verdict = check_aborted(a) ? 0 : 1;
   __syncthreads();
   if (verdict == 0) return false;

@@ -19,7 +19,7 @@ __global__ void layout_kernel(const Idx* topk, int64_t stride_t, int64_t stride_
                               int topk_n, int experts, int ranks, int32_t* per_rank,
                               int32_t* per_expert, bool* in_rank, core::InputProblem* problem,
                               bool shared_counts) {
-  extern __shared__ int32_t counts[];  // [experts] then [ranks], when shared_counts
+  SY_DYNAMIC_SHARED(int32_t, counts);  // [experts] then [ranks], when shared_counts
   const int experts_per_rank = experts / ranks;
   if (shared_counts) {
     for (int i = threadIdx.x; i < experts + ranks; i += blockDim.x) counts[i] = 0;
@@ -85,16 +85,16 @@ Error launch_layout(cudaStream_t stream, const LayoutWork& w, core::InputProblem
   const int64_t blocks64 = (w.num_tokens + kThreads - 1) / kThreads;
   const int blocks = int(blocks64 < 1024 ? blocks64 : 1024);
   if (topk.dtype == core::DType::I64) {
-    layout_kernel<int64_t><<<blocks, kThreads, smem, stream>>>(
+    SY_LAUNCH(layout_kernel<int64_t>, blocks, kThreads, smem, stream)(
         topk.at<int64_t>(0), topk.strides[0], topk.strides[1], w.num_tokens, w.topk, w.num_experts,
         w.num_ranks, per_rank, per_expert, in_rank, problem, shared_counts);
-    layout_problem_kernel<int64_t><<<1, 1, 0, stream>>>(topk.at<int64_t>(0), topk.strides[0], topk.strides[1], w.topk,
+    SY_LAUNCH(layout_problem_kernel<int64_t>, 1, 1, 0, stream)(topk.at<int64_t>(0), topk.strides[0], topk.strides[1], w.topk,
                                                         w.num_experts, problem);
   } else {
-    layout_kernel<int32_t><<<blocks, kThreads, smem, stream>>>(
+    SY_LAUNCH(layout_kernel<int32_t>, blocks, kThreads, smem, stream)(
         topk.at<int32_t>(0), topk.strides[0], topk.strides[1], w.num_tokens, w.topk, w.num_experts,
         w.num_ranks, per_rank, per_expert, in_rank, problem, shared_counts);
-    layout_problem_kernel<int32_t><<<1, 1, 0, stream>>>(topk.at<int32_t>(0), topk.strides[0], topk.strides[1], w.topk,
+    SY_LAUNCH(layout_problem_kernel<int32_t>, 1, 1, 0, stream)(topk.at<int32_t>(0), topk.strides[0], topk.strides[1], w.topk,
                                                         w.num_experts, problem);
   }
   return cuda_error(cudaGetLastError(), "layout kernel launch");

@@ -28,7 +28,7 @@ __device__ void mismatch(const CombineArgs& a, int peer, int64_t row, int64_t ro
 // One block: refuse a handle whose dispatch failed, publish, barrier.
 __global__ void __launch_bounds__(kSyncThreads) combine_exchange_kernel(CombineArgs a) {
   KernelReport* rep = a.sync.report;
-  __shared__ uint32_t desc[core::kDescWords];
+  SY_SHARED(uint32_t[core::kDescWords], desc);
   if (threadIdx.x == 0) {
     *a.ws.passed_barrier = 0;
     for (int i = 0; i < core::kDescWords; ++i) desc[i] = a.desc[i];
@@ -74,10 +74,10 @@ __device__ void expanded_part(const Published& src, int64_t n, int g, float out[
 // before adding them, in rank order, so the reduction keeps the host backend's order while
 // many loads are in flight.
 __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineArgs a) {
-  __shared__ const uint8_t* row_of[kWarpsPerBlock][kMaxSources];  // compact: the row; expanded: null
-  __shared__ int32_t source_of[kWarpsPerBlock][kMaxSources];
-  __shared__ int64_t index_of[kWarpsPerBlock][kMaxSources];  // the row's index in the source's receive order
-  __shared__ int go;  // one answer per block: warp-wide votes follow
+  SY_SHARED(const uint8_t* [kWarpsPerBlock][kMaxSources], row_of);  // compact: the row; expanded: null
+  SY_SHARED(int32_t[kWarpsPerBlock][kMaxSources], source_of);
+  SY_SHARED(int64_t[kWarpsPerBlock][kMaxSources], index_of);  // the row's index in the source's receive order
+  SY_SHARED(int, go);  // one answer per block: warp-wide votes follow
   if (threadIdx.x == 0) go = !op_failed(a.sync.report) && *a.ws.passed_barrier == 1;
   __syncthreads();
   if (!go) return;
@@ -169,12 +169,12 @@ __global__ void __launch_bounds__(kCopyThreads) combine_reduce_kernel(CombineArg
 }  // namespace
 
 cudaError_t launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream) {
-  combine_exchange_kernel<<<1, kSyncThreads, 0, stream>>>(a);
+  SY_LAUNCH(combine_exchange_kernel, 1, kSyncThreads, 0, stream)(a);
   int64_t need = (a.tokens * 32 + kCopyThreads - 1) / kCopyThreads;
   if (need < 1) need = 1;
-  combine_reduce_kernel<<<int(need < blocks ? need : blocks), kCopyThreads, 0, stream>>>(a);
-  finish_kernel<<<1, kSyncThreads, 0, stream>>>(a.sync, a.off_done, core::WaitRole::CombineNotify, a.ws.passed_barrier,
-                                                nullptr);
+  SY_LAUNCH(combine_reduce_kernel, int(need < blocks ? need : blocks), kCopyThreads, 0, stream)(a);
+  SY_LAUNCH(finish_kernel, 1, kSyncThreads, 0, stream)(a.sync, a.off_done, core::WaitRole::CombineNotify,
+                                                      a.ws.passed_barrier, nullptr);
   return cudaGetLastError();
 }
 

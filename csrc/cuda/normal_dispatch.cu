@@ -26,7 +26,7 @@ ExchangeLayout exchange_layout(int ranks, int max_tokens) {
 
 __global__ void __launch_bounds__(kRankScanThreads) rank_scan_kernel(int64_t chunks, int keys, int32_t* counts,
                                                                      int32_t* totals) {
-  __shared__ int32_t part[kRankScanThreads];
+  SY_SHARED(int32_t[kRankScanThreads], part);
   const int key = blockIdx.x;
   const int64_t per = (chunks + blockDim.x - 1) / blockDim.x;
   const int64_t begin = int64_t(threadIdx.x) * per;
@@ -142,9 +142,9 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(Dispatc
   const int R = a.sync.ranks;
   const int me = a.sync.rank;
   const int EL = a.local_experts;
-  __shared__ uint32_t desc[core::kDescWords];
-  __shared__ int64_t received;
-  __shared__ bool stop;
+  SY_SHARED(uint32_t[core::kDescWords], desc);
+  SY_SHARED(int64_t, received);
+  SY_SHARED(bool, stop);
   if (threadIdx.x == 0) {
     for (int i = 0; i < core::kDescWords; ++i) desc[i] = a.desc[i];
     // Bad routing found by the route kernel: the barrier tells the peers, so the operation
@@ -285,7 +285,7 @@ __device__ __forceinline__ void copy_scales(const DispatchArgs& a, const Publish
 // The bookkeeping every receive kernel starts with: nothing to do after a failure; the row
 // starts of the sources in shared memory.
 __device__ bool receive_prologue(const DispatchArgs& a, int32_t* starts) {
-  __shared__ int go;
+  SY_SHARED(int, go);
   if (threadIdx.x == 0) go = op_failed(a.sync.report) ? 0 : 1;
   __syncthreads();
   if (go == 0) return false;
@@ -296,7 +296,7 @@ __device__ bool receive_prologue(const DispatchArgs& a, int32_t* starts) {
 
 // Compact layout: one warp per received row, pulled from the sender's input.
 __global__ void __launch_bounds__(kCopyThreads) receive_compact_kernel(DispatchArgs a) {
-  extern __shared__ int32_t starts[];
+  SY_DYNAMIC_SHARED(int32_t, starts);
   if (!receive_prologue(a, starts)) return;
   const int lane = threadIdx.x % 32;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(kCopyThreads) receive_compact_kernel(DispatchA
 
 // Expanded layout, step 1: the local experts of every received token, and its source.
 __global__ void __launch_bounds__(kCopyThreads) gather_experts_kernel(DispatchArgs a) {
-  extern __shared__ int32_t starts[];
+  SY_DYNAMIC_SHARED(int32_t, starts);
   if (!receive_prologue(a, starts)) return;
   const int64_t N = a.ws.totals[0];
   const int K = a.h_topk;
@@ -386,8 +386,8 @@ struct ExpertRanker {
 
 // Expanded layout, step 3: pull each received token once and write it into every row it owns.
 __global__ void __launch_bounds__(kCopyThreads) receive_expanded_kernel(DispatchArgs a) {
-  extern __shared__ int32_t starts[];
-  __shared__ int32_t rows_of[kCopyThreads / 32][core::kMaxTopk];
+  SY_DYNAMIC_SHARED(int32_t, starts);
+  SY_SHARED(int32_t[kCopyThreads / 32][core::kMaxTopk], rows_of);
   if (!receive_prologue(a, starts)) return;
   KernelReport* rep = a.sync.report;
   const int K = a.h_topk;
@@ -472,7 +472,7 @@ int grid_for(int64_t work, int threads, int budget) {
 cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream_t stream) {
   const int R = a.sync.ranks;
   if (a.cached) {
-    cached_sends_kernel<<<grid_for(a.tokens * R, 256, blocks), 256, 0, stream>>>(a);
+    SY_LAUNCH(cached_sends_kernel, grid_for(a.tokens * R, 256, blocks), 256, 0, stream)(a);
   } else {
     auto* counts = reinterpret_cast<int32_t*>(a.own_xchg + a.xl.off_send_counts);
     cudaError_t rc = cudaMemsetAsync(counts, 0, sizeof(int32_t) * size_t(R), stream);
@@ -481,38 +481,38 @@ cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream
                            stream);
     }
     if (rc != cudaSuccess) return rc;
-    route_kernel<<<grid_for(a.tokens, 256, blocks), 256, 0, stream>>>(a);
+    SY_LAUNCH(route_kernel, grid_for(a.tokens, 256, blocks), 256, 0, stream)(a);
     const SendRanker rk{a.h_route, a.h_slot, reinterpret_cast<int32_t*>(a.own_xchg + a.xl.off_send_list), R,
                         a.max_tokens, a.sync.report};
     rc = launch_ordered_rank(rk, a.tokens, R, a.ws.rank_counts, counts, blocks, stream);
     if (rc != cudaSuccess) return rc;
   }
-  dispatch_exchange_kernel<<<1, kSyncThreads, 0, stream>>>(a);
+  SY_LAUNCH(dispatch_exchange_kernel, 1, kSyncThreads, 0, stream)(a);
   return cudaGetLastError();
 }
 
 cudaError_t launch_dispatch_receive(const DispatchArgs& a, int blocks, cudaStream_t stream) {
   const size_t starts = sizeof(int32_t) * size_t(a.sync.ranks);
   if (a.layout == SY_LAYOUT_COMPACT) {
-    receive_compact_kernel<<<blocks, kCopyThreads, starts, stream>>>(a);
+    SY_LAUNCH(receive_compact_kernel, blocks, kCopyThreads, starts, stream)(a);
   } else {
     if (!a.cached) {
-      gather_experts_kernel<<<grid_for(a.h_cap, kCopyThreads, blocks), kCopyThreads, starts, stream>>>(a);
+      SY_LAUNCH(gather_experts_kernel, grid_for(a.h_cap, kCopyThreads, blocks), kCopyThreads, starts, stream)(a);
       const ExpertRanker rk{a.ws.recv_local, a.h_exp_row, a.ws.group_base, a.ws.totals, a.h_topk, a.sync.report};
       const cudaError_t rc =
           launch_ordered_rank(rk, a.h_cap, a.local_experts, a.ws.rank_counts, a.ws.rank_totals, blocks, stream);
       if (rc != cudaSuccess) return rc;
     }
-    receive_expanded_kernel<<<blocks, kCopyThreads, starts, stream>>>(a);
+    SY_LAUNCH(receive_expanded_kernel, blocks, kCopyThreads, starts, stream)(a);
   }
-  finish_kernel<<<1, kSyncThreads, 0, stream>>>(a.sync, a.off_done, core::WaitRole::DispatchNotify, a.ws.passed_barrier,
-                                                a.cached ? nullptr : a.h_state);
+  SY_LAUNCH(finish_kernel, 1, kSyncThreads, 0, stream)(a.sync, a.off_done, core::WaitRole::DispatchNotify,
+                                                      a.ws.passed_barrier, a.cached ? nullptr : a.h_state);
   return cudaGetLastError();
 }
 
 cudaError_t launch_dispatch_abandon(const DispatchArgs& a, cudaStream_t stream) {
-  finish_kernel<<<1, kSyncThreads, 0, stream>>>(a.sync, a.off_done, core::WaitRole::DispatchNotify, a.ws.passed_barrier,
-                                                nullptr);
+  SY_LAUNCH(finish_kernel, 1, kSyncThreads, 0, stream)(a.sync, a.off_done, core::WaitRole::DispatchNotify,
+                                                      a.ws.passed_barrier, nullptr);
   return cudaGetLastError();
 }
 

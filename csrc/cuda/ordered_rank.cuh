@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "portable.cuh"
+
 namespace sy::cuda {
 
 inline constexpr int kRankChunk = 128;
@@ -73,9 +75,9 @@ cudaError_t launch_ordered_rank(const Ranker& rk, int64_t n, int keys, int32_t* 
   const int threads = 256;
   int64_t blocks = (work + threads - 1) / threads;
   if (blocks > max_blocks) blocks = max_blocks;
-  rank_count_kernel<<<int(blocks), threads, 0, stream>>>(rk, n, keys, counts);
-  rank_scan_kernel<<<keys, kRankScanThreads, 0, stream>>>(rank_chunks(n), keys, counts, totals);
-  rank_assign_kernel<<<int(blocks), threads, 0, stream>>>(rk, n, keys, counts);
+  SY_LAUNCH(rank_count_kernel, int(blocks), threads, 0, stream)(rk, n, keys, counts);
+  SY_LAUNCH(rank_scan_kernel, keys, kRankScanThreads, 0, stream)(rank_chunks(n), keys, counts, totals);
+  SY_LAUNCH(rank_assign_kernel, int(blocks), threads, 0, stream)(rk, n, keys, counts);
   return cudaGetLastError();
 }
 
