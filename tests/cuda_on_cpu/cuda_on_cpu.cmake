@@ -1,0 +1,55 @@
+# The CUDA backend executed on the CPU (SWITCHYARD_CUDA=CPU), included by the top CMakeLists.txt
+# with the `switchyard` target defined and SWITCHYARD_CUDA_INCLUDE found.
+#
+#   the .cu sources        compiled as C++ against include/ (our cuda_runtime.h comes first),
+#                          with SWITCHYARD_SANITIZE like the rest of the library, and always with
+#                          -fsanitize=alignment: a misaligned 4-, 8- or 16-byte access faults on a
+#                          GPU, so it stops the program here too, naming the line
+#   the executor (src/)    never instrumented; with ThreadSanitizer or AddressSanitizer it tells
+#                          the sanitizer what CUDA orders and where each fiber's stack is
+#   gpu_bench              bench/gpu_bench.cu, the same way (bench/gpu-check.sh --no-gpu)
+#   kernel_families        tests/native/kernel_families.cpp: one scenario per kernel family
+#                          through the C ABI, for the ThreadSanitizer run in CI
+set(cuda_on_cpu_dir "${CMAKE_CURRENT_LIST_DIR}")
+set(cuda_on_cpu_includes "${cuda_on_cpu_dir}/include" "${SWITCHYARD_CUDA_INCLUDE}" "${SWITCHYARD_CUDA_INCLUDE}/cccl")
+
+add_library(switchyard_cuda_on_cpu OBJECT
+  "${cuda_on_cpu_dir}/src/block.cpp"
+  "${cuda_on_cpu_dir}/src/fiber.cpp"
+  "${cuda_on_cpu_dir}/src/memory.cpp"
+  "${cuda_on_cpu_dir}/src/runtime_api.cpp"
+  "${cuda_on_cpu_dir}/src/stream.cpp")
+target_include_directories(switchyard_cuda_on_cpu BEFORE PRIVATE ${cuda_on_cpu_includes})
+# Exported from libswitchyard: programs that drive the library (gpu_bench, kernel_families) run
+# their own kernels and runtime calls on the same executor, as they would share one GPU.
+set_target_properties(switchyard_cuda_on_cpu PROPERTIES CXX_VISIBILITY_PRESET default VISIBILITY_INLINES_HIDDEN OFF)
+target_compile_options(switchyard_cuda_on_cpu PRIVATE -Wall -Wextra -Wno-unused-parameter -g)
+if(SWITCHYARD_SANITIZE MATCHES "thread")
+  target_compile_definitions(switchyard_cuda_on_cpu PRIVATE SY_CUDA_CPU_TSAN=1)
+elseif(SWITCHYARD_SANITIZE MATCHES "address")
+  target_compile_definitions(switchyard_cuda_on_cpu PRIVATE SY_CUDA_CPU_ASAN=1)
+endif()
+
+# A .cu file compiled as C++ against the executor.
+function(switchyard_cuda_as_cxx)
+  set_source_files_properties(${ARGN} PROPERTIES LANGUAGE CXX)
+  # CUDA code type-puns freely (nvcc does not assume strict aliasing), and says #pragma unroll.
+  set_property(SOURCE ${ARGN} APPEND PROPERTY COMPILE_OPTIONS -x c++ -fsanitize=alignment
+               -fno-sanitize-recover=alignment -ffp-contract=off -fno-strict-aliasing -Wno-unknown-pragmas -g)
+  set_property(SOURCE ${ARGN} APPEND PROPERTY COMPILE_DEFINITIONS SY_CUDA_ON_CPU=1)
+endfunction()
+
+switchyard_cuda_as_cxx(${cuda_sources})
+target_sources(switchyard PRIVATE ${cuda_sources} $<TARGET_OBJECTS:switchyard_cuda_on_cpu>)
+target_include_directories(switchyard BEFORE PRIVATE ${cuda_on_cpu_includes})
+target_compile_definitions(switchyard PRIVATE SY_CUDA_ARCHS="cpu")
+# A test build: quick to compile matters more than the last percent of speed (the flag comes
+# after the build type's).
+target_compile_options(switchyard PRIVATE -O1)
+target_link_options(switchyard PRIVATE -fsanitize=alignment -Wl,--no-undefined)
+
+switchyard_cuda_as_cxx(bench/gpu_bench.cu)
+add_executable(switchyard_gpu_bench bench/gpu_bench.cu)
+target_include_directories(switchyard_gpu_bench BEFORE PRIVATE ${cuda_on_cpu_includes})
+target_link_libraries(switchyard_gpu_bench PRIVATE switchyard)
+target_link_options(switchyard_gpu_bench PRIVATE -fsanitize=alignment)

@@ -1,0 +1,247 @@
+// Streams, events and kernel grids. Every stream is an OS thread that runs its queue in order, so
+// a kernel spinning on a flag that another stream's kernel sets never holds that kernel up (the
+// operating system preempts), which is the property spin-waiting protocols need. A kernel runs
+// its blocks on up to SY_CUDA_CPU_RESIDENT (default 4) threads at once, the stream's own and
+// fresh ones; a block runs to completion on one thread. A watchdog names the kernels that have
+// run longer than SY_CUDA_CPU_WATCHDOG_S seconds (default 120) and where their threads wait,
+// then aborts: a hang must never outlive a CI job's patience silently.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "executor.h"
+
+#ifdef SY_CUDA_CPU_TSAN
+extern "C" void __tsan_read_range(const void* addr, unsigned long size);
+extern "C" void __tsan_write_range(void* addr, unsigned long size);
+#endif
+
+CUstream_st::CUstream_st(int dev, unsigned fl) : device(dev), flags(fl) {
+  thread_ = std::thread([this] { loop(); });
+}
+
+CUstream_st::~CUstream_st() { shutdown(); }
+
+void CUstream_st::loop() {
+  for (;;) {
+    std::function<void()> task;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      task = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    task();
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      done_++;
+    }
+    cv_.notify_all();
+  }
+}
+
+uint64_t CUstream_st::push(std::function<void()> task) {
+  uint64_t seq;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    queue_.push_back(std::move(task));
+    seq = ++enqueued_;
+  }
+  cv_.notify_all();
+  return seq;
+}
+
+void CUstream_st::wait_for(uint64_t seq) {
+  std::unique_lock<std::mutex> l(mu_);
+  cv_.wait(l, [&] { return done_ >= seq; });
+}
+
+bool CUstream_st::reached(uint64_t seq) {
+  std::lock_guard<std::mutex> l(mu_);
+  return done_ >= seq;
+}
+
+uint64_t CUstream_st::last() {
+  std::lock_guard<std::mutex> l(mu_);
+  return enqueued_;
+}
+
+void CUstream_st::shutdown() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+namespace sy::cuda_cpu {
+
+namespace {
+
+std::mutex g_mu;
+std::vector<CUstream_st*> g_streams;      // every live stream, default streams included
+std::map<int, CUstream_st*> g_default;    // the legacy default stream of each device
+const int g_resident = std::max(1, env_int("SY_CUDA_CPU_RESIDENT", 4));
+
+bool is_default(cudaStream_t s) { return s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread; }
+
+CUstream_st* default_stream(int device) {
+  std::lock_guard<std::mutex> l(g_mu);
+  CUstream_st*& s = g_default[device];
+  if (s == nullptr) {
+    s = new CUstream_st(device, cudaStreamDefault);
+    g_streams.push_back(s);
+  }
+  return s;
+}
+
+// ---- the watchdog ------------------------------------------------------------------------
+
+struct Running {
+  Block* block;
+  const char* kernel;
+  std::chrono::steady_clock::time_point since;
+};
+std::mutex g_running_mu;
+std::vector<Running> g_running;
+
+void watch() {
+  const double limit = env_double("SY_CUDA_CPU_WATCHDOG_S", 120.0);
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+    std::lock_guard<std::mutex> l(g_running_mu);
+    const auto now = std::chrono::steady_clock::now();
+    bool expired = false;
+    for (const Running& r : g_running) expired = expired || std::chrono::duration<double>(now - r.since).count() > limit;
+    if (!expired) continue;
+    std::fprintf(stderr, "cuda_on_cpu: watchdog: a kernel has run for over %.0f s (SY_CUDA_CPU_WATCHDOG_S); running blocks:\n",
+                 limit);
+    for (const Running& r : g_running) {
+      std::fprintf(stderr, "kernel %s, for %.1f s:\n%s", r.kernel, std::chrono::duration<double>(now - r.since).count(),
+                   describe_block(*r.block).c_str());
+    }
+    std::fflush(stderr);
+    std::abort();
+  }
+}
+
+}  // namespace
+
+void block_started(Block* b, const char* kernel) {
+  static std::once_flag once;
+  std::call_once(once, [] { std::thread(watch).detach(); });
+  std::lock_guard<std::mutex> l(g_running_mu);
+  g_running.push_back({b, kernel, std::chrono::steady_clock::now()});
+}
+
+void block_finished(Block* b) {
+  std::lock_guard<std::mutex> l(g_running_mu);
+  for (size_t i = 0; i < g_running.size(); ++i) {
+    if (g_running[i].block == b) {
+      g_running[i] = g_running.back();
+      g_running.pop_back();
+      return;
+    }
+  }
+}
+
+CUstream_st* resolve(cudaStream_t s) { return is_default(s) ? default_stream(current_device) : s; }
+
+// The legacy default stream waits for every blocking stream of its device, and they wait for it
+// (CUDA's implicit synchronisation); non-blocking streams are independent of it.
+uint64_t enqueue(cudaStream_t s, std::function<void()> task) {
+  CUstream_st* st = resolve(s);
+  std::vector<std::pair<CUstream_st*, uint64_t>> before;
+  {
+    std::lock_guard<std::mutex> l(g_mu);
+    const bool legacy = is_default(s);
+    for (CUstream_st* o : g_streams) {
+      if (o == st || o->device != st->device || o->flags != cudaStreamDefault) continue;
+      const bool other_is_default = o == g_default[st->device];
+      if (legacy || (st->flags == cudaStreamDefault && other_is_default)) before.emplace_back(o, o->last());
+    }
+  }
+  if (before.empty()) return st->push(std::move(task));
+  return st->push([before = std::move(before), task = std::move(task)] {
+    for (const auto& [o, seq] : before) o->wait_for(seq);
+    task();
+  });
+}
+
+void register_stream(CUstream_st* s) {
+  std::lock_guard<std::mutex> l(g_mu);
+  g_streams.push_back(s);
+}
+
+void unregister_stream(CUstream_st* s) {
+  std::lock_guard<std::mutex> l(g_mu);
+  g_streams.erase(std::remove(g_streams.begin(), g_streams.end(), s), g_streams.end());
+}
+
+void synchronize_device(int device) {
+  std::vector<std::pair<CUstream_st*, uint64_t>> marks;
+  {
+    std::lock_guard<std::mutex> l(g_mu);
+    for (CUstream_st* s : g_streams)
+      if (device < 0 || s->device == device) marks.emplace_back(s, s->last());
+  }
+  for (const auto& [s, seq] : marks) s->wait_for(seq);
+}
+
+void annotate_read(const void* p, size_t n) {
+#ifdef SY_CUDA_CPU_TSAN
+  if (n) __tsan_read_range(p, n);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+void annotate_write(void* p, size_t n) {
+#ifdef SY_CUDA_CPU_TSAN
+  if (n) __tsan_write_range(p, n);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+cudaError_t enqueue_kernel(const LaunchConfig& config, std::function<void()> body) {
+  const unsigned threads = config.block.x * config.block.y * config.block.z;
+  const uint64_t blocks = uint64_t(config.grid.x) * config.grid.y * config.grid.z;
+  if (threads == 0 || threads > 1024 || config.block.z > 64 || blocks == 0 || config.grid.y > 65535 ||
+      config.grid.z > 65535)
+    return fail(cudaErrorInvalidConfiguration);
+  if (config.shared_bytes > 227 * 1024) return fail(cudaErrorInvalidValue);
+  const int device = current_device;
+  enqueue(config.stream, [config, body = std::move(body), blocks, device]() {
+    std::atomic<uint64_t> next{0};
+    auto worker = [&]() {
+      current_device = device;
+      for (;;) {
+        const uint64_t i = next.fetch_add(1);
+        if (i >= blocks) return;
+        const uint3 index = make_uint3(unsigned(i % config.grid.x), unsigned((i / config.grid.x) % config.grid.y),
+                                       unsigned(i / (uint64_t(config.grid.x) * config.grid.y)));
+        run_block(body, config, index, &next);
+      }
+    };
+    const uint64_t n = std::min<uint64_t>(blocks, uint64_t(g_resident));
+    std::vector<std::thread> workers;
+    for (uint64_t k = 1; k < n; ++k) workers.emplace_back(worker);
+    worker();
+    for (std::thread& w : workers) w.join();
+#ifdef SY_CUDA_CPU_TSAN
+    __tsan_acquire(&next);  // every GPU thread's writes come before the stream's next operation
+#endif
+  });
+  return cudaSuccess;
+}
+
+}  // namespace sy::cuda_cpu
