@@ -9,8 +9,9 @@ namespace sy::cuda {
 
 ReportPool::~ReportPool() {
   cudaSetDevice(device_);
-  for (const ReportSlot& r : all_) cudaEventDestroy(r.done);
-  for (KernelReport* c : chunks_) cudaFreeHost(c);
+  for (const ReportSlot& r : all_) cudaEventDestroy(r.done);  // legal while a record is pending
+  // Kernels of operations nobody waited for may still read and write their reports.
+  for (KernelReport* c : chunks_) release_pinned_memory(c, device_);
 }
 
 Error ReportPool::take(std::shared_ptr<ReportSlot>* out) {

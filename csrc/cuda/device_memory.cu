@@ -21,16 +21,22 @@ struct Marker {
   bool complete() const { return cudaEventQuery(event) != cudaErrorNotReady; }
 };
 
-// Pointers to free once every marker has completed.
+// Memory given back: device memory from the pool, or pinned host memory.
+struct Release {
+  void* pointer;
+  bool pinned;
+};
+
+// Releases to carry out once every marker has completed.
 struct Batch {
-  std::vector<void*> pointers;
+  std::vector<Release> releases;
   std::vector<std::shared_ptr<Marker>> markers;
 };
 
 struct DeviceState {
   bool ready = false;
   cudaStream_t alloc = nullptr;  // allocations, their zero fill, and the frees
-  std::vector<void*> pending;    // released, batch not sealed yet
+  std::vector<Release> pending;  // released, batch not sealed yet
   std::vector<Batch> batches;    // sealed, waiting for their markers
   std::vector<cudaStream_t> idle_streams;
   int live_streams = 0;
@@ -82,7 +88,7 @@ struct DeviceMemory {
       b.markers.push_back(std::move(m));
     }
     b.markers.insert(b.markers.end(), tails.begin(), tails.end());
-    b.pointers.swap(d.pending);
+    b.releases.swap(d.pending);
     d.batches.push_back(std::move(b));
     (void)device;
   }
@@ -97,7 +103,13 @@ struct DeviceMemory {
         continue;
       }
       cudaSetDevice(device);
-      for (void* p : d.batches[i].pointers) cudaFreeAsync(p, d.alloc);
+      for (const Release& r : d.batches[i].releases) {
+        if (r.pinned) {
+          cudaFreeHost(r.pointer);
+        } else {
+          cudaFreeAsync(r.pointer, d.alloc);
+        }
+      }
       d.batches[i] = std::move(d.batches.back());
       d.batches.pop_back();
     }
@@ -151,8 +163,19 @@ void release_device_memory(void* ptr, int device) {
   std::lock_guard<std::mutex> l(m.mu);
   DeviceState* d = m.state(device);
   if (d == nullptr) return;  // CUDA is gone: nothing to give back to
-  d->pending.push_back(ptr);
+  d->pending.push_back({ptr, false});
   if (d->pending.size() >= kBatch) m.seal(device, *d);
+  m.collect(device, *d);
+}
+
+void release_pinned_memory(void* ptr, int device) {
+  DeviceMemory& m = memory();
+  KeepDevice keep;
+  std::lock_guard<std::mutex> l(m.mu);
+  DeviceState* d = m.state(device);
+  if (d == nullptr) return;  // CUDA is gone: nothing to give back to
+  d->pending.push_back({ptr, true});
+  m.seal(device, *d);  // rare, and large: behind the work queued now, not the next batch
   m.collect(device, *d);
 }
 

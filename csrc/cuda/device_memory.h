@@ -8,7 +8,8 @@
 //   release    deferred on the host: pointers gather into batches; a batch records a marker event
 //              on every stream the library knows and is freed (cudaFreeAsync on the allocation
 //              stream) once the host sees all its markers complete, so after all work queued
-//              before the release. Dispatch and combine end with a kernel that waits until every
+//              before the release. Pinned host memory the kernels read (kernel reports) goes
+//              the same way: cudaFreeHost does not wait for the kernels still reading it. Dispatch and combine end with a kernel that waits until every
 //              peer has read this rank's inputs, so the peers' reads come first too.
 //   streams    recycled, never destroyed: the driver gives streams hardware queues round-robin
 //              in creation order, so as long as no more than 32 are ever created, streams that
@@ -26,6 +27,9 @@ namespace sy::cuda {
 cudaError_t allocate_device_memory(int device, uint64_t bytes, void** out);
 // Frees `ptr` (from allocate_device_memory) once all work queued so far has completed.
 void release_device_memory(void* ptr, int device);
+// Frees pinned host memory (from cudaHostAlloc) that kernels of `device` may still read, once
+// all work queued so far has completed.
+void release_pinned_memory(void* ptr, int device);
 // A non-blocking stream of `device` for the library (a recycled one when one is idle).
 cudaError_t acquire_stream(int device, cudaStream_t* out);
 // Gives a stream back; its queued work still counts for every release before it completes.
