@@ -187,7 +187,7 @@ export const BackendInfo = new StructLayout(
     ["cuda_driver_version", "i32"],
     ["nccl_header_version", "i32"],
     ["dispatch_supported", "u32"],
-    ["reserved", "u32"],
+    ["executed_on_cpu", "u32"],
     ["device_name", "chars:256"],
     ["compiled_archs", "chars:128"],
     ["reason", "chars:512"],

@@ -18,6 +18,11 @@ export interface BackendInfo {
   readonly available: boolean;
   /** Whether dispatch and combine run on it in this build. */
   readonly dispatchSupported: boolean;
+  /**
+   * CUDA: this build runs the CUDA backend's kernels on CPU threads (`SWITCHYARD_CUDA=CPU`, the
+   * test build of `tests/cuda_on_cpu`), not on a GPU: nothing about GPU speed follows from it.
+   */
+  readonly executedOnCpu: boolean;
   /** CUDA devices found. */
   readonly deviceCount: number;
   /** The first device, e.g. "NVIDIA H100 80GB HBM3 (sm_90)". */
@@ -43,6 +48,7 @@ export function backendInfo(backend: Backend): BackendInfo {
     compiled: info.number("compiled") !== 0,
     available: info.number("available") !== 0,
     dispatchSupported: info.number("dispatch_supported") !== 0,
+    executedOnCpu: info.number("executed_on_cpu") !== 0,
     deviceCount: info.number("device_count"),
     deviceName: info.string("device_name"),
     cudaRuntimeVersion: info.number("cuda_runtime_version"),

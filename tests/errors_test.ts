@@ -189,7 +189,7 @@ Deno.test("bad inputs are rejected with errors that name the argument", async (t
   await t.step("the CUDA backend without a GPU", async () => {
     const info = backendInfo("cuda");
     if (info.available) {
-      console.log("  (a GPU is present: the no-device error cannot be shown here)");
+      console.log(`  (the CUDA backend is available here, on ${info.deviceName}: the no-device error cannot be shown)`);
       return;
     }
     const e = await expectError(

@@ -20,6 +20,10 @@
 #define SY_CUDA_ARCHS ""
 #endif
 
+#if SY_CUDA_ON_CPU
+inline constexpr const char* kExecutedOnCpu = "CUDA backend executed on the CPU (no GPU)";
+#endif
+
 namespace sy {
 
 namespace cuda {
@@ -312,6 +316,11 @@ Error probe_cuda(sy_backend_info* info) {
     std::strncpy(info->device_name, name.c_str(), sizeof info->device_name - 1);
   }
   info->dispatch_supported = 1;
+#if SY_CUDA_ON_CPU
+  // Said plainly wherever the device is named: no GPU is involved.
+  info->executed_on_cpu = 1;
+  std::strncpy(info->device_name, kExecutedOnCpu, sizeof info->device_name - 1);
+#endif
   return ok();
 }
 

@@ -182,7 +182,8 @@ typedef struct sy_backend_info {
   int32_t cuda_driver_version;   /* 0 if no driver */
   int32_t nccl_header_version;   /* NCCL_VERSION_CODE compiled against, 0 if none */
   uint32_t dispatch_supported;   /* 1 if dispatch/combine run on this backend */
-  uint32_t reserved;
+  uint32_t executed_on_cpu;      /* cuda: 1 if this build runs the CUDA backend on CPU threads
+                                    (SWITCHYARD_CUDA=CPU, a test build: no GPU is involved) */
   char device_name[256];
   char compiled_archs[128];      /* e.g. "sm_90" */
   char reason[512];              /* why it is not available */

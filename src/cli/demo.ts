@@ -67,9 +67,12 @@ function median(xs: number[]): number {
 
 const fmtMs = (ms: number) => `${ms.toFixed(2)} ms`;
 const backend = chooseBackend();
+const backendName = backend === "cuda" && backendInfo("cuda").executedOnCpu
+  ? "cuda (CUDA backend executed on the CPU, no GPU: times say nothing about a GPU)"
+  : backend;
 const plan = bufferSizeHint({ ranks: R, hidden: H, maxTokensPerRank: T });
 console.log(
-  `switchyard ${libraryVersion()}: ${R} ranks on ${backend}, ${T} tokens/rank, hidden ${H}, ` +
+  `switchyard ${libraryVersion()}: ${R} ranks on ${backendName}, ${T} tokens/rank, hidden ${H}, ` +
     `${E} experts, top-${K}, zipf ${zipf}`,
 );
 console.log(`buffer per rank: ${(plan.totalBytes / 2 ** 20).toFixed(1)} MiB`);

@@ -78,6 +78,12 @@ export async function diagnose(): Promise<Finding[]> {
       text: `CUDA backend built for ${cuda.compiledArchs} (runtime ${cuda.cudaRuntimeVersion}) but unavailable: ` +
         `${cuda.reason}; install an NVIDIA driver on a GPU machine, or use backend "host"`,
     });
+  } else if (cuda.executedOnCpu) {
+    out.push({
+      level: "NOTE",
+      text: `${cuda.deviceName}: this library is the test build (SWITCHYARD_CUDA=CPU) that runs the CUDA ` +
+        "backend's kernels on CPU threads; for a GPU, build with nvcc (deno task build)",
+    });
   } else {
     out.push({
       level: cuda.dispatchSupported ? "OK" : "NOTE",

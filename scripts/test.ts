@@ -1,0 +1,175 @@
+/**
+ * The README's test command, `deno task test`: the suite in passes, each a `deno test` run on one
+ * build of the library, then one line per pass and a total.
+ *
+ *   host          every test file and the doc examples, on `build/` (the CUDA tests too where a
+ *                 GPU can run them)
+ *   cuda-gpu      where a GPU can run them: the normal-mode suite with SWITCHYARD_TEST_BACKEND=cuda
+ *   cuda-on-cpu   the CUDA tests and the normal-mode suite on the CUDA backend executed on CPU
+ *                 threads (`build-cuda-cpu/`, built first: `scripts/build.ts --cuda-cpu`), so the
+ *                 kernels run on every machine with the CUDA toolkit's headers, GPU or not
+ *
+ * Arguments go to every `deno test` (`--filter`, ...). `--junit-path=P` writes one JUnit report
+ * of all passes, each suite named after its pass. `SWITCHYARD_TEST_PASSES=host,cuda-on-cpu`
+ * chooses passes. The library builds (`deno task build`) come first; the task does that.
+ *
+ * @module
+ */
+
+import { backendInfo } from "../src/backend.ts";
+import { cudaIncludeDir } from "./build.ts";
+
+const root = new URL("..", import.meta.url).pathname;
+const deno = Deno.execPath();
+const permissions = ["--allow-ffi", "--allow-env", "--allow-read", "--allow-run", "--allow-write", "--allow-net"];
+
+/** The files that run unchanged on either backend through the shared fixture (tests/helpers.ts). */
+export const NORMAL_MODE_SUITE = [
+  "tests/dispatch_test.ts",
+  "tests/combine_test.ts",
+  "tests/sequence_test.ts",
+  "tests/timeout_test.ts",
+  "tests/errors_test.ts",
+  "tests/property_test.ts",
+  "tests/resources_test.ts",
+];
+
+interface Pass {
+  readonly name: string;
+  readonly what: string;
+  readonly files: string[];
+  readonly env: Record<string, string>;
+}
+
+interface Counts {
+  passed: number;
+  failed: number;
+  skipped: number;
+}
+
+/** Test cases (tests and steps) of a JUnit report, by outcome. */
+export function countCases(xml: string): Counts {
+  const counts = { passed: 0, failed: 0, skipped: 0 };
+  for (const c of xml.match(/<testcase\b[^>]*?(\/>|>[\s\S]*?<\/testcase>)/g) ?? []) {
+    if (/<(failure|error)\b/.test(c)) counts.failed++;
+    else if (/<skipped\b/.test(c)) counts.skipped++;
+    else counts.passed++;
+  }
+  return counts;
+}
+
+function parseArgs(args: string[]): { junit?: string; rest: string[] } {
+  const rest: string[] = [];
+  let junit: string | undefined;
+  for (let i = 0; i < args.length; i++) {
+    if (args[i].startsWith("--junit-path=")) junit = args[i].slice("--junit-path=".length);
+    else if (args[i] === "--junit-path") junit = args[++i];
+    else rest.push(args[i]);
+  }
+  return { junit, rest };
+}
+
+async function buildCudaOnCpu(): Promise<boolean> {
+  const { code } = await new Deno.Command(deno, {
+    args: ["run", "--allow-run", "--allow-read", "--allow-env", `${root}scripts/build.ts`, "--cuda-cpu"],
+    stdout: "inherit",
+    stderr: "inherit",
+  }).output();
+  return code === 0;
+}
+
+function passes(): Pass[] {
+  const chosen = (Deno.env.get("SWITCHYARD_TEST_PASSES") ?? "host,cuda-gpu,cuda-on-cpu").split(",");
+  const cuda = backendInfo("cuda");
+  const gpu = cuda.available && !cuda.executedOnCpu;
+  const out: Pass[] = [];
+  if (chosen.includes("host")) {
+    out.push({
+      name: "host",
+      what: `every test file on ${Deno.env.get("SWITCHYARD_LIBRARY") || "build/"}` +
+        (gpu ? " (CUDA tests on the GPU)" : " (no GPU: the CUDA tests run in the cuda-on-cpu pass)"),
+      files: ["tests/", "--doc", "mod.ts", "README.md", ...(gpu ? [] : ["--ignore=tests/cuda_test.ts"])],
+      env: {},
+    });
+  }
+  if (chosen.includes("cuda-gpu") && gpu) {
+    out.push({
+      name: "cuda-gpu",
+      what: `the normal-mode suite on the CUDA backend (${cuda.deviceName})`,
+      files: NORMAL_MODE_SUITE,
+      env: { SWITCHYARD_TEST_BACKEND: "cuda" },
+    });
+  }
+  if (chosen.includes("cuda-on-cpu")) {
+    out.push({
+      name: "cuda-on-cpu",
+      what: "the CUDA tests and the normal-mode suite on the CUDA backend executed on the CPU (build-cuda-cpu/)",
+      files: ["tests/cuda_test.ts", ...NORMAL_MODE_SUITE],
+      env: { SWITCHYARD_TEST_BACKEND: "cuda", SWITCHYARD_LIBRARY: `${root}build-cuda-cpu/libswitchyard.so` },
+    });
+  }
+  return out;
+}
+
+/** Runs one pass; returns its JUnit report ("" if deno test wrote none). */
+async function runPass(p: Pass, rest: string[], dir: string): Promise<{ code: number; xml: string }> {
+  console.log(`\n--- ${p.name}: ${p.what}`);
+  const junit = `${dir}/${p.name}.xml`;
+  const { code } = await new Deno.Command(deno, {
+    args: ["test", ...permissions, `--junit-path=${junit}`, ...rest, ...p.files],
+    cwd: root,
+    env: p.env,
+    stdout: "inherit",
+    stderr: "inherit",
+  }).output();
+  let xml = "";
+  try {
+    xml = await Deno.readTextFile(junit);
+  } catch {
+    // the run died before writing its report: counted as a failure below
+  }
+  return { code, xml };
+}
+
+/** One report of every pass: each pass's suites, renamed "pass: file". */
+function mergeReports(reports: { name: string; xml: string }[]): string {
+  const suites = reports.map(({ name, xml }) =>
+    (xml.match(/<testsuite\b[\s\S]*?<\/testsuite>/g) ?? []).map((s) => s.replace(/name="/, `name="${name}: `)).join(
+      "\n",
+    )
+  );
+  return `<?xml version="1.0" encoding="UTF-8"?>\n<testsuites name="switchyard">\n${
+    suites.join("\n")
+  }\n</testsuites>\n`;
+}
+
+if (import.meta.main) {
+  const { junit, rest } = parseArgs(Deno.args);
+  const dir = await Deno.makeTempDir({ prefix: "switchyard-test-" });
+  const reports: { name: string; xml: string }[] = [];
+  const lines: string[] = [];
+  let ok = true;
+  for (const p of passes()) {
+    if (p.name === "cuda-on-cpu") {
+      if (!cudaIncludeDir()) {
+        lines.push("cuda-on-cpu: skipped (no CUDA toolkit headers here; set CUDA_HOME to run the kernels on the CPU)");
+        continue;
+      }
+      if (!await buildCudaOnCpu()) {
+        lines.push("cuda-on-cpu: the build failed");
+        ok = false;
+        continue;
+      }
+    }
+    const { code, xml } = await runPass(p, rest, dir);
+    const c = countCases(xml);
+    if (code !== 0 && c.failed === 0) c.failed = 1; // deno test failed outside any test case
+    ok = ok && code === 0;
+    reports.push({ name: p.name, xml });
+    lines.push(`${p.name}: ${c.passed} passed, ${c.failed} failed${c.skipped ? `, ${c.skipped} skipped` : ""}`);
+  }
+  await Deno.remove(dir, { recursive: true });
+  if (junit) await Deno.writeTextFile(junit, mergeReports(reports));
+  console.log(`\n${lines.join("\n")}`);
+  Deno.exit(ok ? 0 : 1);
+}
