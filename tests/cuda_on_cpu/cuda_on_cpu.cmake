@@ -23,33 +23,39 @@ target_include_directories(switchyard_cuda_on_cpu BEFORE PRIVATE ${cuda_on_cpu_i
 # Exported from libswitchyard: programs that drive the library (gpu_bench, kernel_families) run
 # their own kernels and runtime calls on the same executor, as they would share one GPU.
 set_target_properties(switchyard_cuda_on_cpu PROPERTIES CXX_VISIBILITY_PRESET default VISIBILITY_INLINES_HIDDEN OFF)
-target_compile_options(switchyard_cuda_on_cpu PRIVATE -Wall -Wextra -Wno-unused-parameter -g)
+target_compile_options(switchyard_cuda_on_cpu PRIVATE -Wall -Wextra -Wno-unused-parameter -O1 -g1)
 if(SWITCHYARD_SANITIZE MATCHES "thread")
   target_compile_definitions(switchyard_cuda_on_cpu PRIVATE SY_CUDA_CPU_TSAN=1)
 elseif(SWITCHYARD_SANITIZE MATCHES "address")
   target_compile_definitions(switchyard_cuda_on_cpu PRIVATE SY_CUDA_CPU_ASAN=1)
 endif()
 
-# A .cu file compiled as C++ against the executor.
-function(switchyard_cuda_as_cxx)
-  set_source_files_properties(${ARGN} PROPERTIES LANGUAGE CXX)
-  # CUDA code type-puns freely (nvcc does not assume strict aliasing), and says #pragma unroll.
-  set_property(SOURCE ${ARGN} APPEND PROPERTY COMPILE_OPTIONS -x c++ -fsanitize=alignment
-               -fno-sanitize-recover=alignment -ffp-contract=off -fno-strict-aliasing -Wno-unknown-pragmas -g)
-  set_property(SOURCE ${ARGN} APPEND PROPERTY COMPILE_DEFINITIONS SY_CUDA_ON_CPU=1)
-endfunction()
+# One set of flags for every file of the library and the programs, so that they can share a
+# precompiled header: -O1 with line tables (the test build compiles often and must be quick to
+# build); CUDA code type-puns freely (nvcc does not assume strict aliasing) and says
+# #pragma unroll; kernels and host code alike fault on misaligned accesses.
+set(cuda_on_cpu_options -O1 -g1 -fno-strict-aliasing -Wno-unknown-pragmas -fsanitize=alignment
+    -fno-sanitize-recover=alignment)
+set(cuda_on_cpu_pch <cuda/atomic> <cuda_runtime_api.h> <algorithm> <atomic> <chrono> <condition_variable>
+    <cstring> <functional> <map> <memory> <mutex> <string> <thread> <vector>)
 
-switchyard_cuda_as_cxx(${cuda_sources})
+# .cu files compiled as C++ (CMake passes -x c++) against the executor's headers.
+set_source_files_properties(${cuda_sources} bench/gpu_bench.cu PROPERTIES LANGUAGE CXX)
+
 target_sources(switchyard PRIVATE ${cuda_sources} $<TARGET_OBJECTS:switchyard_cuda_on_cpu>)
 target_include_directories(switchyard BEFORE PRIVATE ${cuda_on_cpu_includes})
-target_compile_definitions(switchyard PRIVATE SY_CUDA_ARCHS="cpu")
-# A test build: quick to compile matters more than the last percent of speed (the flag comes
-# after the build type's).
-target_compile_options(switchyard PRIVATE -O1)
+target_compile_definitions(switchyard PRIVATE SY_CUDA_ON_CPU=1 SY_CUDA_ARCHS="cpu")
+# After the build type's flags, so -O1 wins.
+target_compile_options(switchyard PRIVATE ${cuda_on_cpu_options})
+target_precompile_headers(switchyard PRIVATE ${cuda_on_cpu_pch})
 target_link_options(switchyard PRIVATE -fsanitize=alignment -Wl,--no-undefined)
 
-switchyard_cuda_as_cxx(bench/gpu_bench.cu)
-add_executable(switchyard_gpu_bench bench/gpu_bench.cu)
-target_include_directories(switchyard_gpu_bench BEFORE PRIVATE ${cuda_on_cpu_includes})
-target_link_libraries(switchyard_gpu_bench PRIVATE switchyard)
-target_link_options(switchyard_gpu_bench PRIVATE -fsanitize=alignment)
+# The benchmark in its correctness mode (bench/gpu-check.sh --no-gpu); not in sanitizer builds.
+if(NOT SWITCHYARD_SANITIZE)
+  add_executable(switchyard_gpu_bench bench/gpu_bench.cu)
+  target_include_directories(switchyard_gpu_bench BEFORE PRIVATE ${cuda_on_cpu_includes})
+  target_compile_definitions(switchyard_gpu_bench PRIVATE SY_CUDA_ON_CPU=1)
+  target_compile_options(switchyard_gpu_bench PRIVATE ${cuda_on_cpu_options})
+  target_link_libraries(switchyard_gpu_bench PRIVATE switchyard)
+  target_link_options(switchyard_gpu_bench PRIVATE -fsanitize=alignment)
+endif()

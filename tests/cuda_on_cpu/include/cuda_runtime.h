@@ -23,8 +23,6 @@
 // and __global__ empty for a host compiler.
 #undef __launch_bounds__
 #define __launch_bounds__(...)
-#undef __noinline__
-#define __noinline__ __attribute__((noinline))
 #ifndef __restrict__
 #define __restrict__ __restrict
 #endif

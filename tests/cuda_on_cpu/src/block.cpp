@@ -70,6 +70,10 @@ struct Block {
   uint64_t barrier_generation = 0;
   char barrier_sync[2];  // race-detector tokens, one per barrier-generation parity
   void* done = nullptr;
+  // Released by the block's OS thread once the block is set up, acquired by each GPU thread as it
+  // starts: what came before the block (stream order, the fresh shared memory, the thread's own
+  // storage) comes before its threads, and no thread of another block does.
+  char start = 0;
   const char* barrier_file = nullptr;
   int barrier_line = 0;
   std::vector<WarpSlot> slots;
@@ -117,6 +121,9 @@ void fiber_main(void* arg) {
   Fiber* f = static_cast<Fiber*>(arg);
   Block* b = tl_block;
   entered_fiber(&b->scheduler.stack_bottom, &b->scheduler.stack_bytes);
+#ifdef SY_CUDA_CPU_TSAN
+  __tsan_acquire(&b->start);
+#endif
   (*b->body)();
   // The thread exits.
 #ifdef SY_CUDA_CPU_TSAN
@@ -379,11 +386,12 @@ void run_block(const std::function<void()>& body, const LaunchConfig& config, ui
     f->ctx.gdim = config.grid;
     f->ctx.linear = i;
     f->sp = initial_stack_pointer(top, &fiber_main, f);
-#ifdef SY_CUDA_CPU_TSAN
-    f->tsan = __tsan_create_fiber(0);
-#endif
+    f->tsan = stack.tsan;
   }
   block_started(&b, config.kernel);
+#ifdef SY_CUDA_CPU_TSAN
+  __tsan_release(&b.start);
+#endif
   unsigned idle_rounds = 0;
   while (b.live > 0) {
     bool ran = false, progress = false;
@@ -414,9 +422,6 @@ void run_block(const std::function<void()>& body, const LaunchConfig& config, ui
   }
   block_finished(&b);
   for (Fiber* f : b.fibers) {
-#ifdef SY_CUDA_CPU_TSAN
-    __tsan_destroy_fiber(f->tsan);
-#endif
     const FiberStack stack = f->stack;
     f->~Fiber();
     give_stack(stack);

@@ -40,9 +40,16 @@ double env_double(const char* name, double fallback);
 
 constexpr size_t kStackBytes = 256 * 1024;
 
-// A fiber's stack: kStackBytes above a guard page, pooled and never unmapped.
+// A fiber's stack (kStackBytes above a guard page) and, under ThreadSanitizer, the race
+// detector's fiber that runs on it: pooled together and never freed. Creating a detector fiber
+// costs far more than the GPU thread it would run, and a stack reused by the same detector fiber
+// needs no forgetting. The price: a GPU thread inherits what the previous user of its detector
+// fiber had synchronised with, so a race between two blocks of one kernel that ran one after the
+// other on the same worker thread can go unseen (blocks that run at the same time, up to
+// SY_CUDA_CPU_RESIDENT, are checked against each other).
 struct FiberStack {
   char* base = nullptr;
+  void* tsan = nullptr;
 };
 FiberStack take_stack();
 void give_stack(FiberStack s);
@@ -66,8 +73,8 @@ void entered_fiber(const void** from_bottom, size_t* from_bytes);
 // ---- blocks (block.cpp) --------------------------------------------------------------------
 
 struct Block;
-// Runs one block of a kernel to completion on the calling thread. `done` is the kernel's
-// happens-before token for the race detector.
+// Runs one block of a kernel to completion on the calling thread. Every GPU thread releases
+// `done` as it ends; the stream acquires it once the kernel is over (race detector).
 void run_block(const std::function<void()>& body, const LaunchConfig& config, uint3 block_index, void* done);
 // One line per group of the block's threads that wait at the same place (watchdog report).
 std::string describe_block(const Block& b);

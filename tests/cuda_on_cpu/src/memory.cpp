@@ -139,9 +139,11 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
   if (n == 0) return cudaSuccess;
   if (!runtime_memory(src)) {
     annotate_read(src, n);
+    // Owned by the task alone: it is freed on the stream's thread, after the copy (the race
+    // detector sees no ordering through this file's reference counts).
     auto staged = std::make_shared<std::vector<unsigned char>>(static_cast<const unsigned char*>(src),
                                                                static_cast<const unsigned char*>(src) + n);
-    enqueue(s, [dst, staged, n] {
+    enqueue(s, [dst, staged = std::move(staged), n] {
       annotate_write(dst, n);
       std::memcpy(dst, staged->data(), n);
     });

@@ -222,6 +222,7 @@ cudaError_t enqueue_kernel(const LaunchConfig& config, std::function<void()> bod
   const int device = current_device;
   enqueue(config.stream, [config, body = std::move(body), blocks, device]() {
     std::atomic<uint64_t> next{0};
+    char done = 0;  // race detector: every GPU thread's end, then the stream's next operation
     auto worker = [&]() {
       current_device = device;
       for (;;) {
@@ -229,7 +230,7 @@ cudaError_t enqueue_kernel(const LaunchConfig& config, std::function<void()> bod
         if (i >= blocks) return;
         const uint3 index = make_uint3(unsigned(i % config.grid.x), unsigned((i / config.grid.x) % config.grid.y),
                                        unsigned(i / (uint64_t(config.grid.x) * config.grid.y)));
-        run_block(body, config, index, &next);
+        run_block(body, config, index, &done);
       }
     };
     const uint64_t n = std::min<uint64_t>(blocks, uint64_t(g_resident));
@@ -238,7 +239,7 @@ cudaError_t enqueue_kernel(const LaunchConfig& config, std::function<void()> bod
     worker();
     for (std::thread& w : workers) w.join();
 #ifdef SY_CUDA_CPU_TSAN
-    __tsan_acquire(&next);  // every GPU thread's writes come before the stream's next operation
+    __tsan_acquire(&done);
 #endif
   });
   return cudaSuccess;

@@ -12,7 +12,6 @@
 #include <vector_types.h>
 
 #include <functional>
-#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -38,9 +37,11 @@ class Launch {
 
   template <class... A>
   void operator()(A&&... args) const {
-    auto params = std::make_shared<std::tuple<std::decay_t<A>...>>(std::forward<A>(args)...);
+    // The queued kernel owns the only copy (GPU threads read it; it goes with the kernel).
     Call call = call_;
-    enqueue_kernel(config_, [call, params]() { std::apply(call, *params); });
+    enqueue_kernel(config_, [call, params = std::tuple<std::decay_t<A>...>(std::forward<A>(args)...)]() {
+      std::apply(call, params);
+    });
   }
 
  private:

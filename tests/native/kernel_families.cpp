@@ -1,0 +1,408 @@
+// One scenario of every CUDA kernel family, driven through the C ABI alone (no Deno): layout;
+// dispatch in exact-size, worst-case and cached modes, compact and expanded; combine with weights
+// and a bias; and a missing rank's timeout. Each scenario runs on the CUDA backend and on the
+// host backend with the same inputs, and every output must agree byte for byte.
+//
+// CI runs it on the CPU executor built with ThreadSanitizer (SWITCHYARD_SANITIZE=thread): the
+// kernels, their flags and the host orchestration under the race detector, with the happens-before
+// edges CUDA promises and no others (tests/cuda_on_cpu/README.md). Exit status 0 means every
+// scenario agreed; ThreadSanitizer's reports make it non-zero (TSAN_OPTIONS exitcode).
+//
+//   kernel_families [--ranks 4] [--tokens 40] [--hidden 256] [--experts 16] [--topk 4]
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../../csrc/core/dtype.h"
+#include "switchyard.h"
+
+namespace {
+
+using Bytes = std::vector<uint8_t>;
+using Outputs = std::map<std::string, Bytes>;  // one rank's outputs of one scenario, by name
+
+[[noreturn]] void die(const std::string& what) {
+  std::fprintf(stderr, "kernel_families: %s\n", what.c_str());
+  std::exit(1);
+}
+
+std::string last_error(const void* handle) {
+  sy_error_info info;
+  std::memset(&info, 0, sizeof info);
+  info.struct_size = sizeof info;
+  sy_last_error(handle, &info);
+  return std::string(sy_status_name(info.status)) + ": " + info.message;
+}
+
+void check(sy_status st, const void* handle, const char* what) {
+  if (st != SY_OK) die(std::string(what) + ": " + last_error(handle));
+}
+#define SY(call, handle) check((call), (handle), #call)
+
+struct Shape {
+  int ranks = 4, tokens = 40, hidden = 256, experts = 16, topk = 4;
+};
+
+// Every rank's inputs, generated once and uploaded to both backends.
+struct Inputs {
+  std::vector<std::vector<uint16_t>> x;        // [T, H] BF16
+  std::vector<std::vector<int64_t>> topk;      // [T, K], -1 = no expert
+  std::vector<std::vector<float>> weights;     // [T, K]
+  std::vector<std::vector<uint16_t>> bias;     // [T, H] BF16
+  std::vector<std::vector<uint16_t>> expert;   // expert outputs, enough rows for any dispatch
+};
+
+// BF16 values whose float sum depends on the order of addition: mostly small, some near 2^12.
+uint16_t order_sensitive_bf16(std::mt19937_64& rng) {
+  std::uniform_real_distribution<float> small(-1.0f, 1.0f);
+  const float v = rng() % 8 == 0 ? (rng() % 2 ? 1.0f : -1.0f) * 4096.0f * (1.0f + small(rng) / 4) : small(rng);
+  return sy::core::float_to_bf16(v);
+}
+
+Inputs generate(const Shape& s) {
+  std::mt19937_64 rng(20261129);
+  Inputs in;
+  const int T = s.tokens, H = s.hidden, K = s.topk;
+  const size_t rows = size_t(s.ranks) * T * K + 64;
+  for (int r = 0; r < s.ranks; ++r) {
+    std::vector<uint16_t> x(size_t(T) * H), bias(size_t(T) * H), expert(rows * H);
+    for (auto& v : x) v = order_sensitive_bf16(rng);
+    for (auto& v : bias) v = order_sensitive_bf16(rng);
+    for (auto& v : expert) v = order_sensitive_bf16(rng);
+    std::vector<int64_t> topk(size_t(T) * K);
+    std::vector<float> weights(size_t(T) * K);
+    for (int t = 0; t < T; ++t) {
+      for (int k = 0; k < K; ++k) {
+        int64_t e;
+        bool dup;
+        do {
+          e = rng() % 5 == 0 ? -1 : int64_t(rng() % uint64_t(s.experts));
+          dup = false;
+          for (int j = 0; j < k && e >= 0; ++j) dup = dup || topk[size_t(t) * K + j] == e;
+        } while (dup);
+        topk[size_t(t) * K + k] = e;
+        weights[size_t(t) * K + k] = float(rng() % 1000) / 997.0f;
+      }
+    }
+    in.x.push_back(std::move(x));
+    in.bias.push_back(std::move(bias));
+    in.expert.push_back(std::move(expert));
+    in.topk.push_back(std::move(topk));
+    in.weights.push_back(std::move(weights));
+  }
+  return in;
+}
+
+// Runs fn(r) for every rank at once: collective operations block until every rank has called.
+void each_rank(int ranks, const std::function<void(int)>& fn) {
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r) threads.emplace_back(fn, r);
+  for (std::thread& t : threads) t.join();
+}
+
+// A group of virtual ranks with one stream and one buffer each.
+struct Job {
+  sy_group group = nullptr;
+  std::vector<sy_rank> ranks;
+  std::vector<sy_stream> streams;
+  std::vector<sy_buffer> buffers;
+
+  Job(int32_t backend, const Shape& s, int64_t timeout_ms) {
+    sy_group_options go;
+    std::memset(&go, 0, sizeof go);
+    go.struct_size = sizeof go;
+    go.backend = backend;
+    go.ranks = s.ranks;
+    go.timeout_ms = timeout_ms;
+    SY(sy_group_create_local(&go, &group), nullptr);
+    ranks.resize(size_t(s.ranks));
+    streams.resize(size_t(s.ranks));
+    buffers.resize(size_t(s.ranks));
+    for (int r = 0; r < s.ranks; ++r) {
+      SY(sy_group_rank(group, r, &ranks[size_t(r)]), group);
+      SY(sy_stream_create(ranks[size_t(r)], &streams[size_t(r)]), ranks[size_t(r)]);
+    }
+    for (int r = 0; r < s.ranks; ++r) {
+      sy_buffer_options bo;
+      std::memset(&bo, 0, sizeof bo);
+      bo.struct_size = sizeof bo;
+      bo.hidden = s.hidden;
+      bo.max_tokens_per_rank = s.tokens;
+      SY(sy_buffer_create(ranks[size_t(r)], &bo, &buffers[size_t(r)]), ranks[size_t(r)]);
+    }
+  }
+  ~Job() {
+    for (sy_buffer b : buffers) sy_buffer_destroy(b);
+    for (sy_stream s : streams) sy_stream_destroy(s);
+    for (sy_rank r : ranks) sy_rank_destroy(r);
+    sy_group_destroy(group);
+  }
+
+  sy_tensor tensor(int r, int32_t dtype, std::vector<int64_t> shape, const void* data, uint64_t bytes) {
+    sy_tensor_desc d;
+    std::memset(&d, 0, sizeof d);
+    d.struct_size = sizeof d;
+    d.dtype = dtype;
+    d.ndim = int32_t(shape.size());
+    for (size_t i = 0; i < shape.size(); ++i) d.shape[i] = shape[i];
+    sy_tensor t = nullptr;
+    SY(sy_tensor_create(ranks[size_t(r)], &d, &t), ranks[size_t(r)]);
+    if (data != nullptr) SY(sy_tensor_write(t, streams[size_t(r)], data, bytes, 0), t);
+    return t;
+  }
+
+  // The tensor's first `bytes` bytes (all of it when 0), read on rank r's stream.
+  Bytes read(int r, sy_tensor t, uint64_t bytes = 0) {
+    sy_tensor_desc d;
+    std::memset(&d, 0, sizeof d);
+    d.struct_size = sizeof d;
+    SY(sy_tensor_describe(t, &d), t);
+    uint64_t n = d.dtype == SY_DTYPE_BF16 ? 2 : d.dtype == SY_DTYPE_I64 ? 8 : d.dtype == SY_DTYPE_BOOL || d.dtype == SY_DTYPE_FP8_E4M3 ? 1 : 4;
+    for (int i = 0; i < d.ndim; ++i) n *= uint64_t(d.shape[i]);
+    Bytes all(n);
+    if (n) SY(sy_tensor_read(t, streams[size_t(r)], all.data(), n, 0), t);
+    if (bytes && bytes < n) all.resize(bytes);
+    return all;
+  }
+};
+
+struct Mode {
+  const char* name;
+  int32_t layout = SY_LAYOUT_COMPACT;
+  int32_t alignment = 1;
+  bool worst = false;
+  bool cached = false;
+  bool zero_padding = false;
+};
+
+// One dispatch (and, for cached mode, a second one on its handle) and a combine back, on every
+// rank; returns each rank's outputs.
+std::vector<Outputs> dispatch_and_combine(int32_t backend, const Shape& s, const Inputs& in, const Mode& m) {
+  Job job(backend, s, 20000);
+  std::vector<Outputs> out(size_t(s.ranks));
+  each_rank(s.ranks, [&](int r) {
+    const int T = s.tokens, H = s.hidden, K = s.topk;
+    Outputs& o = out[size_t(r)];
+    sy_tensor x = job.tensor(r, SY_DTYPE_BF16, {T, H}, in.x[size_t(r)].data(), uint64_t(T) * H * 2);
+    sy_tensor idx = job.tensor(r, SY_DTYPE_I64, {T, K}, in.topk[size_t(r)].data(), uint64_t(T) * K * 8);
+    sy_tensor w = job.tensor(r, SY_DTYPE_F32, {T, K}, in.weights[size_t(r)].data(), uint64_t(T) * K * 4);
+    sy_tensor bias = job.tensor(r, SY_DTYPE_BF16, {T, H}, in.bias[size_t(r)].data(), uint64_t(T) * H * 2);
+
+    sy_dispatch_args a;
+    std::memset(&a, 0, sizeof a);
+    a.struct_size = sizeof a;
+    a.num_experts = s.experts;
+    a.x = x;
+    a.topk_idx = idx;
+    a.topk_weights = w;
+    a.compute_stream = job.streams[size_t(r)];
+    a.expert_alignment = m.alignment;
+    a.layout = m.layout;
+    a.zero_padding = m.zero_padding ? 1 : 0;
+    // Worst case: every token of every rank, and for the expanded layout one row per top-k entry
+    // plus each local expert's padding.
+    const int64_t all_tokens = int64_t(s.ranks) * T;
+    a.num_worst_tokens = m.worst ? all_tokens * (m.layout == SY_LAYOUT_EXPANDED ? K : 1) +
+                                       int64_t(s.experts / s.ranks) * (m.alignment - 1)
+                                 : 0;
+    sy_dispatch_result first;
+    std::memset(&first, 0, sizeof first);
+    first.struct_size = sizeof first;
+    SY(sy_dispatch(job.buffers[size_t(r)], &a, &first), job.buffers[size_t(r)]);
+    sy_dispatch_result res = first, again;
+    if (m.cached) {
+      job.read(r, first.recv_count);  // a handle is reusable once its dispatch completed
+      sy_dispatch_args c;
+      std::memset(&c, 0, sizeof c);
+      c.struct_size = sizeof c;
+      c.x = x;
+      c.handle = first.handle;
+      c.compute_stream = job.streams[size_t(r)];
+      c.expert_alignment = m.alignment;
+      c.layout = m.layout;
+      std::memset(&again, 0, sizeof again);
+      again.struct_size = sizeof again;
+      SY(sy_dispatch(job.buffers[size_t(r)], &c, &again), job.buffers[size_t(r)]);
+      res = again;
+    }
+    const Bytes count = job.read(r, res.recv_count);
+    int32_t used = 0;
+    std::memcpy(&used, count.data(), 4);
+    o["recv_count"] = count;
+    o["recv_x"] = job.read(r, res.recv_x, uint64_t(used) * H * 2);
+    // A cached dispatch moves the payload only: the routing outputs are the first dispatch's.
+    if (m.layout == SY_LAYOUT_COMPACT) {
+      o["recv_topk_idx"] = job.read(r, first.recv_topk_idx, uint64_t(used) * K * 8);
+      o["recv_topk_weights"] = job.read(r, first.recv_topk_weights, uint64_t(used) * K * 4);
+    } else {
+      o["recv_topk_weights"] = job.read(r, first.recv_topk_weights, uint64_t(used) * 4);
+    }
+    for (int32_t kind : {SY_HANDLE_RANK_PREFIX_MATRIX, SY_HANDLE_RECV_SRC_IDX, SY_HANDLE_SEND_SLOT}) {
+      sy_tensor t = nullptr;
+      SY(sy_handle_tensor(res.handle, kind, &t), res.handle);
+      o["handle" + std::to_string(kind)] = job.read(r, t);
+      sy_tensor_destroy(t);
+    }
+
+    // Combine: expert outputs for every row, the weights (compact) and one bias.
+    sy_tensor y = job.tensor(r, SY_DTYPE_BF16, {res.num_rows, H}, in.expert[size_t(r)].data(),
+                             uint64_t(res.num_rows) * H * 2);
+    sy_combine_args ca;
+    std::memset(&ca, 0, sizeof ca);
+    ca.struct_size = sizeof ca;
+    ca.x = y;
+    ca.handle = res.handle;
+    ca.topk_weights = m.layout == SY_LAYOUT_COMPACT ? first.recv_topk_weights : nullptr;
+    ca.bias0 = bias;
+    ca.compute_stream = job.streams[size_t(r)];
+    sy_combine_result cr;
+    std::memset(&cr, 0, sizeof cr);
+    cr.struct_size = sizeof cr;
+    SY(sy_combine(job.buffers[size_t(r)], &ca, &cr), job.buffers[size_t(r)]);
+    o["combined_x"] = job.read(r, cr.combined_x);
+    if (cr.combined_topk_weights) o["combined_topk_weights"] = job.read(r, cr.combined_topk_weights);
+
+    for (sy_tensor t : {cr.combined_x, cr.combined_topk_weights, y, x, idx, w, bias})
+      if (t) sy_tensor_destroy(t);
+    for (sy_dispatch_result* d : {&first, m.cached ? &again : nullptr}) {
+      if (d == nullptr) continue;
+      for (sy_tensor t : {d->recv_x, d->recv_x_scales, d->recv_topk_idx, d->recv_topk_weights, d->recv_count})
+        if (t) sy_tensor_destroy(t);
+      sy_handle_destroy(d->handle);
+    }
+  });
+  return out;
+}
+
+std::vector<Outputs> layout(int32_t backend, const Shape& s, const Inputs& in) {
+  Job job(backend, s, 20000);
+  std::vector<Outputs> out(size_t(s.ranks));
+  each_rank(s.ranks, [&](int r) {
+    sy_tensor idx = job.tensor(r, SY_DTYPE_I64, {s.tokens, s.topk}, in.topk[size_t(r)].data(),
+                               uint64_t(s.tokens) * s.topk * 8);
+    sy_layout_args a;
+    std::memset(&a, 0, sizeof a);
+    a.struct_size = sizeof a;
+    a.num_experts = s.experts;
+    a.topk_idx = idx;
+    a.compute_stream = job.streams[size_t(r)];
+    sy_layout_result l;
+    std::memset(&l, 0, sizeof l);
+    l.struct_size = sizeof l;
+    SY(sy_layout(job.buffers[size_t(r)], &a, &l), job.buffers[size_t(r)]);
+    out[size_t(r)]["per_rank"] = job.read(r, l.num_tokens_per_rank);
+    out[size_t(r)]["per_expert"] = job.read(r, l.num_tokens_per_expert);
+    out[size_t(r)]["in_rank"] = job.read(r, l.is_token_in_rank);
+    for (sy_tensor t : {l.num_tokens_per_rank, l.num_tokens_per_expert, l.is_token_in_rank, idx}) sy_tensor_destroy(t);
+  });
+  return out;
+}
+
+// Rank 1 never calls: rank 0's dispatch must fail with a timeout naming rank 1, and the CUDA
+// context must keep working (the next group's dispatch runs).
+bool timeout_names_the_missing_rank(const Shape& s) {
+  Shape two = s;
+  two.ranks = 2;
+  Job job(SY_BACKEND_CUDA, two, 300);
+  const Inputs in = generate(two);
+  sy_tensor x = job.tensor(0, SY_DTYPE_BF16, {two.tokens, two.hidden}, in.x[0].data(), uint64_t(two.tokens) * two.hidden * 2);
+  sy_tensor idx = job.tensor(0, SY_DTYPE_I64, {two.tokens, two.topk}, in.topk[0].data(), uint64_t(two.tokens) * two.topk * 8);
+  sy_tensor w = job.tensor(0, SY_DTYPE_F32, {two.tokens, two.topk}, in.weights[0].data(), uint64_t(two.tokens) * two.topk * 4);
+  sy_dispatch_args a;
+  std::memset(&a, 0, sizeof a);
+  a.struct_size = sizeof a;
+  a.num_experts = two.experts;
+  a.x = x;
+  a.topk_idx = idx;
+  a.topk_weights = w;
+  a.compute_stream = job.streams[0];
+  sy_dispatch_result res;
+  std::memset(&res, 0, sizeof res);
+  res.struct_size = sizeof res;
+  const sy_status st = sy_dispatch(job.buffers[0], &a, &res);
+  sy_error_info info;
+  std::memset(&info, 0, sizeof info);
+  info.struct_size = sizeof info;
+  sy_last_error(job.buffers[0], &info);
+  for (sy_tensor t : {x, idx, w}) sy_tensor_destroy(t);
+  const bool ok = st == SY_ERROR_TIMEOUT && info.peer_rank == 1;
+  std::printf("  timeout: %s (peer %d): %s\n", sy_status_name(st), info.peer_rank, info.message);
+  return ok;
+}
+
+int compare(const char* scenario, const std::vector<Outputs>& host, const std::vector<Outputs>& cuda) {
+  int bad = 0;
+  for (size_t r = 0; r < host.size(); ++r) {
+    for (const auto& [name, want] : host[r]) {
+      auto it = cuda[r].find(name);
+      if (it == cuda[r].end()) {
+        std::printf("  %s, rank %zu: %s missing on the CUDA backend\n", scenario, r, name.c_str());
+        ++bad;
+        continue;
+      }
+      const Bytes& got = it->second;
+      if (got == want) continue;
+      size_t at = 0;
+      while (at < got.size() && at < want.size() && got[at] == want[at]) ++at;
+      std::printf("  %s, rank %zu: %s differs at byte %zu of %zu (cuda %zu bytes)\n", scenario, r, name.c_str(), at,
+                  want.size(), got.size());
+      ++bad;
+    }
+  }
+  std::printf("%s: %s\n", scenario, bad ? "MISMATCH" : "agrees with the host backend");
+  return bad;
+}
+
+Shape parse(int argc, char** argv) {
+  Shape s;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i];
+    const int v = std::atoi(argv[i + 1]);
+    if (k == "--ranks") s.ranks = v;
+    else if (k == "--tokens") s.tokens = v;
+    else if (k == "--hidden") s.hidden = v;
+    else if (k == "--experts") s.experts = v;
+    else if (k == "--topk") s.topk = v;
+    else die("unknown option " + k + " (--ranks --tokens --hidden --experts --topk)");
+  }
+  if (s.ranks < 2 || s.experts % s.ranks != 0 || s.topk > s.experts || s.hidden % 8 != 0) die("inconsistent shape");
+  return s;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Shape s = parse(argc, argv);
+  sy_backend_info info;
+  std::memset(&info, 0, sizeof info);
+  info.struct_size = sizeof info;
+  SY(sy_backend_probe(SY_BACKEND_CUDA, &info), nullptr);
+  if (!info.available) die(std::string("the CUDA backend is not available: ") + info.reason);
+  std::printf("kernel_families on %s: %d ranks, %d tokens, hidden %d, top-%d of %d experts\n", info.device_name, s.ranks,
+              s.tokens, s.hidden, s.topk, s.experts);
+  const Inputs in = generate(s);
+  int bad = compare("layout", layout(SY_BACKEND_HOST, s, in), layout(SY_BACKEND_CUDA, s, in));
+  const Mode modes[] = {
+      {"dispatch compact (exact size) + combine"},
+      {"dispatch expanded (alignment 4, zero padding) + combine", SY_LAYOUT_EXPANDED, 4, false, false, true},
+      {"dispatch compact, worst case + combine", SY_LAYOUT_COMPACT, 1, true},
+      {"dispatch expanded, worst case + combine", SY_LAYOUT_EXPANDED, 2, true},
+      {"dispatch compact, cached + combine", SY_LAYOUT_COMPACT, 1, false, true},
+      {"dispatch expanded, cached + combine", SY_LAYOUT_EXPANDED, 1, false, true},
+  };
+  for (const Mode& m : modes) {
+    bad += compare(m.name, dispatch_and_combine(SY_BACKEND_HOST, s, in, m), dispatch_and_combine(SY_BACKEND_CUDA, s, in, m));
+  }
+  const bool timed_out = timeout_names_the_missing_rank(s);
+  std::printf("missing rank: %s\n", timed_out ? "times out naming it" : "WRONG");
+  bad += compare("after the timeout, a new group", layout(SY_BACKEND_HOST, s, in), layout(SY_BACKEND_CUDA, s, in));
+  if (!timed_out) ++bad;
+  std::printf("%s\n", bad ? "kernel_families: FAILED" : "kernel_families: every scenario agrees");
+  return bad ? 1 : 0;
+}
