@@ -61,6 +61,7 @@ void sy_check(sy_status st, const void* handle, const char* what) {
 struct Options {
   int ranks = 8, tokens = 4096, hidden = 7168, topk = 8, experts = 256;
   int warmup = 3, iters = 10, sms = 0;
+  size_t copy_bytes = size_t(1) << 30;  // what the copy-bandwidth ceiling copies
   bool gate = true;
   bool expand = false;    // the expanded layout instead (runs and times it; no naive baseline)
   bool copy_ceiling = true;
@@ -88,6 +89,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--expand") o.expand = true;
     else if (a == "--small") {  // a quick case
       o.ranks = 2, o.tokens = 64, o.hidden = 256, o.topk = 2, o.experts = 8, o.warmup = 0, o.iters = 1;
+      o.copy_bytes = size_t(64) << 20;
     } else if (a == "--sanitize") {
       // For compute-sanitizer, which runs one kernel at a time: one rank (its barrier waits for
       // itself alone) and no gate (a held stream would hold everything).
@@ -234,8 +236,7 @@ float median(std::vector<float> v) {
 }
 
 // The device-to-device copy bandwidth of this GPU, bytes copied per second.
-double copy_bandwidth(Gate& gate, cudaStream_t stream, int iters) {
-  const size_t bytes = size_t(1) << 30;
+double copy_bandwidth(Gate& gate, cudaStream_t stream, int iters, size_t bytes) {
   void *a = nullptr, *b = nullptr;
   CU(cudaMalloc(&a, bytes));
   CU(cudaMalloc(&b, bytes));
@@ -285,7 +286,22 @@ void* device_address(sy_tensor t) {
   return reinterpret_cast<void*>(uintptr_t(d.data));
 }
 
-void destroy(sy_dispatch_result& r) {
+// Reads all of `t` on `stream`, which reports the failure of the operation that produced it (a
+// kernel's record, e.g. a capacity overflow): every timed operation's outcome is checked.
+void expect_produced(sy_tensor t, sy_stream stream) {
+  sy_tensor_desc d;
+  std::memset(&d, 0, sizeof d);
+  d.struct_size = sizeof d;
+  SY(sy_tensor_describe(t, &d), t);
+  uint64_t bytes = d.dtype == SY_DTYPE_BF16 ? 2 : d.dtype == SY_DTYPE_I64 ? 8 : d.dtype == SY_DTYPE_F32 || d.dtype == SY_DTYPE_I32 ? 4 : 1;
+  for (int i = 0; i < d.ndim; ++i) bytes *= uint64_t(d.shape[i]);
+  std::vector<uint8_t> host(bytes);
+  if (bytes) SY(sy_tensor_read(t, stream, host.data(), bytes, 0), t);
+}
+
+// Checks the dispatch's outcome on `stream`, then releases its outputs.
+void destroy(sy_dispatch_result& r, sy_stream stream) {
+  if (r.recv_count) expect_produced(r.recv_count, stream);
   for (sy_tensor t : {r.recv_x, r.recv_x_scales, r.recv_topk_idx, r.recv_topk_weights, r.recv_count})
     if (t) sy_tensor_destroy(t);
   if (r.handle) sy_handle_destroy(r.handle);
@@ -408,9 +424,13 @@ int main(int argc, char** argv) {
   Gate gate(o.gate);
   std::vector<cudaEvent_t> ends(R);
   for (auto& e : ends) CU(cudaEventCreate(&e));
-  const double copy_bps = o.copy_ceiling ? copy_bandwidth(gate, raw[0], o.iters) : 0.0;
+  const double copy_bps = o.copy_ceiling ? copy_bandwidth(gate, raw[0], o.iters, o.copy_bytes) : 0.0;
   if (o.copy_ceiling) std::printf("device-to-device copy: %.1f GB/s\n", copy_bps / 1e9);
 
+  // Worst-case rows: every rank's tokens (compact); the expanded layout has one row per token and
+  // local expert, and each local expert's group is padded to the alignment (8 here).
+  const int alignment = o.expand ? 8 : 1;
+  const int64_t worst_rows = int64_t(R) * T * (o.expand ? std::min(K, EL) : 1) + (o.expand ? EL * (alignment - 1) : 0);
   auto dispatch_args = [&](int r, bool fp8, sy_handle cached) {
     sy_dispatch_args a;
     std::memset(&a, 0, sizeof a);
@@ -418,7 +438,7 @@ int main(int argc, char** argv) {
     a.x = fp8 ? tx8[r] : tx[r];
     a.x_scales = fp8 ? tsc[r] : nullptr;
     a.compute_stream = streams[r];
-    a.expert_alignment = o.expand ? 8 : 1;
+    a.expert_alignment = alignment;
     a.layout = o.expand ? SY_LAYOUT_EXPANDED : SY_LAYOUT_COMPACT;
     a.zero_padding = o.expand ? 1 : 0;
     if (cached) {
@@ -427,7 +447,7 @@ int main(int argc, char** argv) {
       a.topk_idx = tidx[r];
       a.topk_weights = tw[r];
       a.num_experts = E;
-      a.num_worst_tokens = int64_t(R) * T;
+      a.num_worst_tokens = worst_rows;
     }
     return a;
   };
@@ -545,7 +565,9 @@ int main(int argc, char** argv) {
     }
   };
   auto release_combines = [&] {
-    for (auto& b : back) {
+    for (int r = 0; r < R; ++r) {
+      sy_combine_result& b = back[r];
+      if (b.combined_x) expect_produced(b.combined_x, streams[r]);
       if (b.combined_topk_weights) sy_tensor_destroy(b.combined_topk_weights);
       if (b.combined_x) sy_tensor_destroy(b.combined_x);
       std::memset(&b, 0, sizeof b);
@@ -566,7 +588,7 @@ int main(int argc, char** argv) {
         });
         if (i >= o.warmup) ms.push_back(t);
         if (i + 1 < o.warmup + o.iters || fp8) {
-          for (auto& x : res) destroy(x);
+          for (int r = 0; r < R; ++r) destroy(res[r], streams[r]);
         }
       }
       Row row{"dispatch", fp8 ? "fp8" : "bf16", "expanded"};
@@ -584,7 +606,7 @@ int main(int argc, char** argv) {
           SY(sy_dispatch(buffers[r], &a, &again[r]), buffers[r]);
         }
       });
-      for (auto& x : again) destroy(x);
+      for (int r = 0; r < R; ++r) destroy(again[r], streams[r]);
       const float b = timed(gate, raw, ends, [&] { combine_all(false); });
       release_combines();
       if (i >= o.warmup) {
@@ -592,7 +614,7 @@ int main(int argc, char** argv) {
         combine_ms.push_back(b);
       }
     }
-    for (auto& x : res) destroy(x);
+    for (int r = 0; r < R; ++r) destroy(res[r], streams[r]);
     Row cached{"dispatch", "bf16", "expanded-cached"};
     cached.median_ms = median(cached_ms);
     cached.min_ms = *std::min_element(cached_ms.begin(), cached_ms.end());
@@ -619,7 +641,7 @@ int main(int argc, char** argv) {
         },
         [&] { naive_dispatch(fp8); },
         [&] {
-          for (auto& x : res) destroy(x);
+          for (int r = 0; r < R; ++r) destroy(res[r], streams[r]);
         });
     // Check the last run: the library's rows equal the naive ones.
     for (int r = 0; r < R; ++r) {
@@ -654,7 +676,7 @@ int main(int argc, char** argv) {
           },
           [&] { naive_dispatch(false); },
           [&] {
-            for (auto& x : again) destroy(x);
+            for (int r = 0; r < R; ++r) destroy(again[r], streams[r]);
           });
       for (int r = 0; r < R; ++r) {  // one more, checked
         sy_dispatch_args a = dispatch_args(r, false, res[r].handle);
@@ -664,7 +686,7 @@ int main(int argc, char** argv) {
       for (int r = 0; r < R; ++r) CU(cudaStreamSynchronize(raw[r]));
       for (int r = 0; r < R; ++r) {
         rows[cidx].mismatches += count_mismatches(device_address(again[r].recv_x), recv_buf[r], received[r] * payload16);
-        destroy(again[r]);
+        destroy(again[r], streams[r]);
       }
 
       // Combine the received rows back (as if every expert were the identity), with weights.
@@ -678,7 +700,7 @@ int main(int argc, char** argv) {
         rows[ci].mismatches += count_mismatches(device_address(tout[r]), naive_out[r], int64_t(T) * payload16);
       }
     }
-    for (auto& x : res) destroy(x);
+    for (int r = 0; r < R; ++r) destroy(res[r], streams[r]);
   }
 
   // Report. Without a copy ceiling (--sanitize) or a baseline (--expand) those columns are n/a.
