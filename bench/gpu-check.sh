@@ -2,23 +2,36 @@
 # The GPU check, one call on a machine with one NVIDIA GPU (Hopper or newer, CUDA 13, Python's
 # nvidia-nccl-cu13 wheel for NCCL's headers; nothing can be fetched there):
 #
-#   1. builds the library and the benchmark with the CUDA backend (sm_90),
+#   1. builds the library, the benchmark and the kernel-family driver with the CUDA backend (sm_90),
 #   2. runs the CUDA tests (tests/cuda_test.ts: every normal-mode case against the host backend,
-#      bit for bit, plus the failure cases), then the normal-mode suite with the fixture on the
-#      GPU (SWITCHYARD_TEST_BACKEND=cuda),
-#   3. runs compute-sanitizer (memcheck, racecheck, synccheck) on the benchmark's one-rank case
+#      bit for bit, plus the failure cases) and the normal-mode suite with the fixture on the GPU
+#      (scripts/test.ts, pass cuda-gpu),
+#   3. runs tests/native/kernel_families.cpp: one scenario per kernel family through the C ABI,
+#      compared with the host backend,
+#   4. runs compute-sanitizer (memcheck, racecheck, synccheck) on the benchmark's one-rank case
 #      (the sanitizer runs one kernel at a time, so ranks that wait for each other cannot),
-#   4. benchmarks dispatch and combine: 8 virtual ranks x 4096 tokens x hidden 7168, top-8 of 256
+#   5. benchmarks dispatch and combine: 8 virtual ranks x 4096 tokens x hidden 7168, top-8 of 256
 #      experts, BF16 and FP8, against the GPU's copy bandwidth and a naive baseline
 #      (bench/gpu_bench.cu), and writes the JSON.
 #
+# `--no-gpu` runs every step that makes sense without a device against the CUDA backend executed
+# on the CPU (SWITCHYARD_CUDA=CPU, tests/cuda_on_cpu): the build, the tests, the driver, and the
+# benchmark's correctness checks at small sizes in every configuration the GPU run uses. CI runs
+# it, so the day a GPU is lent this script cannot fail on its own bugs.
+#
 # Everything lands in $OUT (default bench/out): gpu-check.log, env.txt, gpu_bench.json. Every
-# step has its own time limit and the whole script ends within 9 minutes; the exit code
-# is the number of failed steps. Before the call: `bash bench/prepare-gpu-carry.sh` here, then
-# run with carry [".carry"], e.g. `bash bench/gpu-check.sh` with timeout_s 600.
+# step has its own time limit and the whole script ends within 9 minutes; the exit code is the
+# number of failed steps. Before the GPU call: `bash bench/prepare-gpu-carry.sh` here, then run
+# with carry [".carry"], e.g. `bash bench/gpu-check.sh` with timeout_s 600.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
+gpu=1
+case "${1:-}" in
+  --no-gpu) gpu=0 ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu-check.sh [--no-gpu]" >&2; exit 2 ;;
+esac
 out="${OUT:-$root/bench/out}"
 mkdir -p "$out"
 log="$out/gpu-check.log"
@@ -47,7 +60,7 @@ step() {
   return $rc
 }
 
-# Tools: Deno from the carried tarball, NCCL's headers from the Python wheel.
+# Tools: Deno from the carried tarball (or PATH), NCCL's headers from the Python wheel if any.
 deno_tgz="$(ls "$root"/.carry/deno-linux-x64-glibc-*.tgz 2>/dev/null | head -n1)"
 if [ -z "$deno_tgz" ] && ! command -v deno >/dev/null; then
   note "gpu-check: no Deno: run bench/prepare-gpu-carry.sh here and carry .carry"
@@ -58,38 +71,67 @@ if [ -n "$deno_tgz" ]; then
   tar -xzf "$deno_tgz" -C /tmp/deno-bin --strip-components=1 package/deno
   export PATH="/tmp/deno-bin:$PATH"
 fi
-# nvidia.nccl may be a namespace package (no __file__): take its first path.
-nccl_root="$(python3 -c 'import nvidia.nccl; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null || true)"
+nccl_root=""
+if command -v python3 >/dev/null; then
+  # nvidia.nccl may be a namespace package (no __file__): take its first path.
+  nccl_root="$(python3 -c 'import nvidia.nccl; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null || true)"
+fi
 [ -f "$nccl_root/include/nccl.h" ] || nccl_root=""
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
-  echo "nvcc: $(nvcc --version | tail -n1)"
-  echo "nccl: $(python3 -c 'import importlib.metadata as m; print(m.version("nvidia-nccl-cu13"))' 2>/dev/null || echo none) ($nccl_root)"
+  if [ $gpu -eq 1 ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+  else
+    echo "gpu: none (--no-gpu: the CUDA backend executed on the CPU)"
+  fi
+  echo "nvcc: $(nvcc --version 2>/dev/null | tail -n1)"
+  if [ -n "$nccl_root" ]; then
+    echo "nccl: $(python3 -c 'import importlib.metadata as m; print(m.version("nvidia-nccl-cu13"))' 2>/dev/null) ($nccl_root)"
+  else
+    echo "nccl: none"
+  fi
   echo "deno: $(deno --version | head -n1)"
   echo "cuda_visible_devices: ${CUDA_VISIBLE_DEVICES:-all}"
 } >"$out/env.txt" 2>&1
-cat "$out/env.txt" | tee -a "$log"
+tee -a "$log" <"$out/env.txt"
 # One GPU: the virtual ranks share it, and the benchmark compares events of one device.
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
-
-export SWITCHYARD_CUDA=ON SWITCHYARD_CUDA_ARCHITECTURES=90
 [ -n "$nccl_root" ] && export SWITCHYARD_NCCL_ROOT="$nccl_root"
-# Limits add up to 500 s (plus 5 s of grace each): the whole call fits a 600 s command.
-if step "build (CUDA, sm_90)" 160 deno task build; then
-  step "CUDA tests against the host backend" 90 deno test --allow-all tests/cuda_test.ts
-  step "normal-mode suite on the GPU" 70 env SWITCHYARD_TEST_BACKEND=cuda \
-    deno test --allow-all tests/dispatch_test.ts tests/combine_test.ts tests/sequence_test.ts tests/timeout_test.ts
-  # compute-sanitizer runs one kernel at a time, so ranks that wait for each other cannot run
-  # under it: one rank, no gate (bench --sanitize), both layouts.
-  for tool in memcheck racecheck synccheck; do
-    step "compute-sanitizer $tool (one rank, compact and expanded)" 35 bash -c \
-      "compute-sanitizer --tool $tool --error-exitcode 9 build/switchyard_gpu_bench --sanitize &&
-       compute-sanitizer --tool $tool --error-exitcode 9 build/switchyard_gpu_bench --sanitize --expand"
-  done
-  step "benchmark (8 ranks x 4096 tokens x 7168, top-8 of 256)" 75 \
-    build/switchyard_gpu_bench --json "$out/gpu_bench.json"
+test_permissions=(--allow-ffi --allow-env --allow-read --allow-run --allow-write)
+
+if [ $gpu -eq 1 ]; then
+  export SWITCHYARD_CUDA=ON SWITCHYARD_CUDA_ARCHITECTURES=90
+  bin="$root/build"
+  # Limits add up to 520 s (plus 5 s of grace each): the whole call fits a 600 s command.
+  if step "build (CUDA, sm_90)" 160 deno task build; then
+    step "CUDA tests and the normal-mode suite on the GPU" 140 env SWITCHYARD_TEST_PASSES=cuda-gpu \
+      deno run "${test_permissions[@]}" scripts/test.ts
+    step "kernel families through the C ABI, against the host backend" 20 "$bin/switchyard_kernel_families"
+    # compute-sanitizer runs one kernel at a time, so ranks that wait for each other cannot run
+    # under it: one rank, no gate (bench --sanitize), both layouts.
+    for tool in memcheck racecheck synccheck; do
+      step "compute-sanitizer $tool (one rank, compact and expanded)" 35 bash -c \
+        "compute-sanitizer --tool $tool --error-exitcode 9 $bin/switchyard_gpu_bench --sanitize &&
+         compute-sanitizer --tool $tool --error-exitcode 9 $bin/switchyard_gpu_bench --sanitize --expand"
+    done
+    step "benchmark (8 ranks x 4096 tokens x 7168, top-8 of 256)" 75 \
+      "$bin/switchyard_gpu_bench" --json "$out/gpu_bench.json"
+  fi
+else
+  bin="$root/build-cuda-cpu"
+  if step "build (the CUDA backend executed on the CPU)" 300 deno task build:cuda-cpu; then
+    step "CUDA tests and the normal-mode suite on the CPU executor" 240 env SWITCHYARD_TEST_PASSES=cuda-on-cpu \
+      deno run "${test_permissions[@]}" scripts/test.ts
+    step "kernel families through the C ABI, against the host backend" 60 "$bin/switchyard_kernel_families"
+    # What the GPU run invokes, at sizes a CPU runs in seconds: every check of the benchmark.
+    step "benchmark checks: one rank, compact and expanded (the sanitizer runs)" 60 bash -c \
+      "$bin/switchyard_gpu_bench --sanitize && $bin/switchyard_gpu_bench --sanitize --expand"
+    step "benchmark checks: 2 ranks, compact and expanded, with the JSON" 60 bash -c \
+      "$bin/switchyard_gpu_bench --small --json '$out/gpu_bench.json' && $bin/switchyard_gpu_bench --small --expand"
+    step "the JSON parses" 30 deno eval \
+      "const j = JSON.parse(Deno.readTextFileSync('$out/gpu_bench.json')); if (!j.results?.length) throw new Error('no results');"
+  fi
 fi
 
 note ""
