@@ -11,7 +11,9 @@
  *
  * Arguments go to every `deno test` (`--filter`, ...). `--junit-path=P` writes one JUnit report
  * of all passes, each suite named after its pass. `SWITCHYARD_TEST_PASSES=host,cuda-on-cpu`
- * chooses passes. The library builds (`deno task build`) come first; the task does that.
+ * chooses passes; `SWITCHYARD_LIBRARY` replaces `build/` and `SWITCHYARD_CUDA_ON_CPU_LIBRARY`
+ * replaces `build-cuda-cpu/` (nothing is built then: the sanitizer runs of .ci/sanitize.sh). The
+ * library build (`deno task build`) comes first; the task does that.
  *
  * @module
  */
@@ -78,6 +80,11 @@ async function buildCudaOnCpu(): Promise<boolean> {
   return code === 0;
 }
 
+/** A CPU-executed build given by the caller (then nothing is built). */
+function cudaOnCpuLibrary(): string | undefined {
+  return Deno.env.get("SWITCHYARD_CUDA_ON_CPU_LIBRARY") || undefined;
+}
+
 function passes(): Pass[] {
   const chosen = (Deno.env.get("SWITCHYARD_TEST_PASSES") ?? "host,cuda-gpu,cuda-on-cpu").split(",");
   const cuda = backendInfo("cuda");
@@ -104,11 +111,12 @@ function passes(): Pass[] {
     }
   }
   if (chosen.includes("cuda-on-cpu")) {
+    const library = cudaOnCpuLibrary() ?? `${root}build-cuda-cpu/libswitchyard.so`;
     out.push({
       name: "cuda-on-cpu",
-      what: "the CUDA tests and the normal-mode suite on the CUDA backend executed on the CPU (build-cuda-cpu/)",
+      what: `the CUDA tests and the normal-mode suite on the CUDA backend executed on the CPU (${library})`,
       files: ["tests/cuda_test.ts", ...NORMAL_MODE_SUITE],
-      env: { SWITCHYARD_TEST_BACKEND: "cuda", SWITCHYARD_LIBRARY: `${root}build-cuda-cpu/libswitchyard.so` },
+      env: { SWITCHYARD_TEST_BACKEND: "cuda", SWITCHYARD_LIBRARY: library },
     });
   }
   return out;
@@ -153,7 +161,7 @@ if (import.meta.main) {
   const lines: string[] = [];
   let ok = true;
   for (const p of passes()) {
-    if (p.name === "cuda-on-cpu") {
+    if (p.name === "cuda-on-cpu" && !cudaOnCpuLibrary()) {
       if (!cudaIncludeDir()) {
         lines.push("cuda-on-cpu: skipped (no CUDA toolkit headers here; set CUDA_HOME to run the kernels on the CPU)");
         continue;

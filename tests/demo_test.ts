@@ -25,7 +25,7 @@ Deno.test("the demo reports routing, timings and a passing round trip", async ()
   assert.equal(out.code, 0, text);
   for (
     const line of [
-      /8 ranks on (host|cuda), 48 tokens\/rank, hidden 1024, 256 experts, top-8/,
+      /8 ranks on (host|cuda|cuda \(CUDA backend executed on the CPU[^)]*\)), 48 tokens\/rank, hidden 1024, 256 experts, top-8/,
       /tokens received per rank: \[[\d, ]+\]\s+imbalance \(max\/mean\) \d+\.\d\d/,
       /tokens per expert: min \d+, mean 12\.0, max \d+\s+imbalance \d+\.\d\d/,
       /dispatch: [\d.]+ ms median of 2/,
