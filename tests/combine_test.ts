@@ -7,7 +7,7 @@
 
 import assert from "node:assert/strict";
 import { Tensor } from "../mod.ts";
-import { fixture, generate, randomBF16, type Scenario, upload } from "./helpers.ts";
+import { fixture, generate, orderSensitiveBF16, orderSensitiveFloats, type Scenario, upload } from "./helpers.ts";
 import {
   bf16Round,
   bf16Value,
@@ -27,14 +27,14 @@ async function checkCombine(s: Scenario, biases: number): Promise<void> {
   const d = generate(s);
   const expected = referenceDispatch(d.inputs, d.shape);
   const H = s.hidden, K = s.topk;
-  // What each rank sends back: random rows and random weights, so every row matters.
-  const returned = expected.map((e, r) => randomBF16(e.rows.length * H, 100 + r + s.seed));
-  const returnedWeights = expected.map((e, r) => {
-    const w = new Float32Array(e.rows.length * K);
-    for (let i = 0; i < w.length; i++) w[i] = ((i * 7 + r * 13) % 17) / 16 - 0.5;
-    return w;
-  });
-  const bias = Array.from({ length: biases }, (_, b) => s.tokens.map((T, r) => randomBF16(T * H, 500 + 10 * b + r)));
+  // What each rank sends back: rows, weights and biases whose sums depend on the order of
+  // addition, so every row matters and so does the reduction order.
+  const returned = expected.map((e, r) => orderSensitiveBF16(e.rows.length * H, 100 + r + s.seed));
+  const returnedWeights = expected.map((e, r) => orderSensitiveFloats(e.rows.length * K, 300 + r + s.seed));
+  const bias = Array.from(
+    { length: biases },
+    (_, b) => s.tokens.map((T, r) => orderSensitiveBF16(T * H, 500 + 10 * b + r)),
+  );
   const want = referenceCombine(expected, returned, H, s.tokens, bias);
   const wantWeights = referenceCombineWeights(expected, returnedWeights, K, s.tokens);
 
@@ -121,7 +121,7 @@ Deno.test("expanded combine reduces each token's expert rows first", async () =>
   const d = generate(s);
   const compact = referenceDispatch(d.inputs, d.shape);
   const expanded = compact.map((c) => referenceExpanded(c, d.shape, alignment));
-  const y = expanded.map((e, r) => randomBF16(e.numRows * s.hidden, 900 + r));
+  const y = expanded.map((e, r) => orderSensitiveBF16(e.numRows * s.hidden, 900 + r));
   const reduced = compact.map((c, r) => reduceExpanded(y[r], expanded[r], c.rows.length, s.topk, s.hidden));
   const want = referenceCombine(compact, reduced, s.hidden, s.tokens);
   using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens));

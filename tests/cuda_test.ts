@@ -18,7 +18,7 @@ import {
   SwitchyardTimeoutError,
   Tensor,
 } from "../mod.ts";
-import { bytesOf, generate, randomBF16, type Scenario, upload } from "./helpers.ts";
+import { bytesOf, generate, orderSensitiveBF16, randomBF16, type Scenario, upload } from "./helpers.ts";
 
 const cuda = backendInfo("cuda");
 const ignore = !cuda.available;
@@ -153,14 +153,15 @@ async function runOn(backend: Backend, s: Scenario, mode: Mode): Promise<Outcome
       const res = again ?? first;
       const out = await outputsOf(res);
       if (mode.expand && mode.zeroPadding) out.recvXAll = bytesOf(await res.recvX.read());
-      // Combine: random BF16 expert outputs, so every row matters.
-      using y = await Tensor.from(rank, randomBF16(res.numRows * s.hidden, 900 + r), {
+      // Combine: expert outputs and biases whose sums depend on the order of addition, so every
+      // row and the reduction order matter.
+      using y = await Tensor.from(rank, orderSensitiveBF16(res.numRows * s.hidden, 900 + r), {
         shape: [res.numRows, s.hidden],
       });
       const biases = await Promise.all(
         Array.from(
           { length: mode.biases ?? 0 },
-          (_, b) => Tensor.from(rank, randomBF16(T * s.hidden, 700 + 10 * b + r), { shape: [T, s.hidden] }),
+          (_, b) => Tensor.from(rank, orderSensitiveBF16(T * s.hidden, 700 + 10 * b + r), { shape: [T, s.hidden] }),
         ),
       );
       try {

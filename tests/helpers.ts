@@ -199,3 +199,33 @@ export function bytesOf(a: ArrayBufferView): Uint8Array {
 export function randomBF16(n: number, seed: number, scale = 1): Uint16Array {
   return toBF16(randomFloats(n, seed, scale));
 }
+
+/**
+ * Values whose float32 sum depends on the order of addition, for every test of a reduction:
+ * one in eight is exactly +-2^20 or +-2^12, the rest are normal samples. A small value added
+ * after a large one loses its low bits (the float32 step at 2^20 is 1/8), and a large pair of
+ * opposite signs cancels exactly, so the lost bits show in the BF16 result. (Values in [-1, 1)
+ * alone sum exactly in float32 in any order: such data cannot tell one order from another.)
+ */
+export function orderSensitiveFloats(n: number, seed: number): Float32Array {
+  const rng = new Rng(seed);
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    const pick = rng.int(16);
+    out[i] = pick === 0
+      ? 2 ** 20
+      : pick === 1
+      ? -(2 ** 20)
+      : pick === 2
+      ? 2 ** 12
+      : pick === 3
+      ? -(2 ** 12)
+      : rng.normal();
+  }
+  return out;
+}
+
+/** {@linkcode orderSensitiveFloats} as BF16 bits. */
+export function orderSensitiveBF16(n: number, seed: number): Uint16Array {
+  return toBF16(orderSensitiveFloats(n, seed));
+}

@@ -6,7 +6,7 @@
 
 import assert from "node:assert/strict";
 import { Rng, Tensor } from "../mod.ts";
-import { bytesOf, fixture, generate, randomBF16, type Scenario, upload } from "./helpers.ts";
+import { bytesOf, fixture, generate, orderSensitiveBF16, type Scenario, upload } from "./helpers.ts";
 import { reduceExpanded, referenceCombine, referenceDispatch, referenceExpanded } from "./reference.ts";
 
 function randomScenario(seed: number): Scenario & { expand: boolean; alignment: number } {
@@ -40,8 +40,8 @@ Deno.test("random scenarios: dispatch and combine match the reference", async (t
       const compact = referenceDispatch(d.inputs, d.shape);
       const expanded = compact.map((c) => referenceExpanded(c, d.shape, s.alignment));
       const y = s.expand
-        ? expanded.map((e, r) => randomBF16(e.numRows * s.hidden, seed * 100 + r))
-        : compact.map((c, r) => randomBF16(c.rows.length * s.hidden, seed * 100 + r));
+        ? expanded.map((e, r) => orderSensitiveBF16(e.numRows * s.hidden, seed * 100 + r))
+        : compact.map((c, r) => orderSensitiveBF16(c.rows.length * s.hidden, seed * 100 + r));
       const returned = s.expand
         ? compact.map((c, r) => reduceExpanded(y[r], expanded[r], c.rows.length, s.topk, s.hidden))
         : y;
