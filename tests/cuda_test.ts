@@ -3,8 +3,10 @@
  * strided), the layout kernel, and normal-mode dispatch and combine on virtual ranks, each
  * compared bit for bit with the host backend on the same inputs; failures (a missing rank, bad
  * routing on one rank, too many ranks per GPU) end in the errors the host backend raises, and
- * the CUDA context survives them. Without a GPU these tests are skipped, and say so.
- * (`SWITCHYARD_TEST_BACKEND=cuda` also runs the whole normal-mode suite on the GPU.)
+ * the CUDA context survives them. `deno task test` runs them on the GPU where there is one
+ * (pass cuda-gpu) and on the CUDA backend executed on CPU threads everywhere (pass cuda-on-cpu,
+ * tests/cuda_on_cpu); on a library with neither they are skipped, and say so.
+ * (`SWITCHYARD_TEST_BACKEND=cuda` also runs the whole normal-mode suite on the CUDA backend.)
  */
 
 import assert from "node:assert/strict";
@@ -22,7 +24,7 @@ import { bytesOf, generate, orderSensitiveBF16, randomBF16, type Scenario, uploa
 
 const cuda = backendInfo("cuda");
 const ignore = !cuda.available;
-if (ignore) console.log(`cuda_test: skipped, no usable GPU (${cuda.reason || "not compiled"})`);
+if (ignore) console.log(`cuda_test: skipped, no usable CUDA backend (${cuda.reason || "not compiled"})`);
 
 Deno.test({ name: "cuda: tensors round-trip through device memory, dense and strided", ignore }, async () => {
   using g = Group.local({ ranks: 2, backend: "cuda" });
@@ -241,6 +243,12 @@ Deno.test(
         "8 ranks, expanded FP8, worst case",
         { ranks: 8, tokens: tokens(8, 24), hidden: 512, experts: 64, topk: 8, seed: 11, fp8: true },
         { expand: true, alignment: 8, worst: true },
+      ],
+      [
+        // 200-byte rows: every other one starts off a 16-byte boundary (the copies must not vectorise)
+        "2 ranks, FP8 with hidden 200, expanded",
+        { ranks: 2, tokens: tokens(2, 21), hidden: 200, experts: 8, topk: 3, seed: 13, fp8: true },
+        { expand: true, alignment: 2 },
       ],
       [
         "2 ranks, expanded, cached",
