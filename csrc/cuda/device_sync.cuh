@@ -18,17 +18,13 @@
 
 namespace sy::cuda {
 
-__device__ __forceinline__ int32_t ld_volatile_i32(const int32_t* p) {
-  return *reinterpret_cast<const volatile int32_t*>(p);
-}
-
 // Epochs wrap around: "v has reached e" is a signed comparison of the difference.
 __device__ __forceinline__ bool epoch_reached(uint32_t v, uint32_t e) { return int32_t(v - e) >= 0; }
 
 // Whether an earlier kernel of this operation already failed (then later ones do nothing).
 __device__ __forceinline__ bool op_failed(const KernelReport* r) {
-  return ld_volatile_i32(&r->fail_flag) != 0 || ld_volatile_i32(&r->problem.flag) != 0 ||
-         *reinterpret_cast<const volatile unsigned long long*>(&r->problem.lowest) != 0;
+  return ld_volatile(&r->fail_flag) != 0 || ld_volatile(&r->problem.flag) != 0 ||
+         ld_volatile(reinterpret_cast<const unsigned long long*>(&r->problem.lowest)) != 0;
 }
 
 // Records the operation's failure; the first one wins. Any thread may call it.
@@ -63,8 +59,8 @@ __device__ __forceinline__ void note_problem(core::InputProblem* p, int64_t toke
 // entry k of token t).
 template <class At>
 __device__ void finish_problem(core::InputProblem* p, At at, int topk, int64_t experts) {
-  const unsigned long long lowest = *reinterpret_cast<volatile unsigned long long*>(&p->lowest);
-  if (lowest == 0 || ld_volatile_i32(&p->flag) != 0) return;
+  const unsigned long long lowest = ld_volatile(reinterpret_cast<const unsigned long long*>(&p->lowest));
+  if (lowest == 0 || ld_volatile(&p->flag) != 0) return;
   const int64_t t = int64_t(~lowest);
   int bad = 0;
   const core::TopkProblem kind = core::check_topk_row([&](int k) { return at(t, k); }, topk, experts, &bad);
@@ -142,7 +138,7 @@ __device__ inline bool wait_peers(const SyncArgs& a, uint64_t off, core::WaitRol
     for (uint32_t spins = 0;; ++spins) {
       const uint32_t v = ld_acquire_sys(&flags[r]);
       if (epoch_reached(v, a.epoch)) break;
-      if (*reinterpret_cast<volatile int*>(&failed)) break;
+      if (ld_volatile(&failed)) break;
       if ((spins & 63u) == 0) {
         if (check_aborted(a)) {
           atomicMax(&failed, 1);
@@ -166,10 +162,10 @@ __device__ inline bool wait_peers(const SyncArgs& a, uint64_t off, core::WaitRol
     }
   }
   __syncthreads();
-  const int why = *reinterpret_cast<volatile int*>(&failed);
+  const int why = ld_volatile(&failed);
   if (why == 2) {
     // Name the peer the report names (the first timeout recorded).
-    abort_peers(a, ld_volatile_i32(&a.report->peer), role, uint32_t(SY_ERROR_TIMEOUT));
+    abort_peers(a, ld_volatile(&a.report->peer), role, uint32_t(SY_ERROR_TIMEOUT));
   }
   __syncthreads();
   return why == 0;
@@ -218,7 +214,7 @@ __device__ inline bool barrier(const SyncArgs& a, const uint32_t* desc) {
     }
   }
   __syncthreads();
-  if (threadIdx.x == 0) verdict = ld_volatile_i32(&a.report->fail_flag) == 0 && desc[core::kDescRejected] == 0;
+  if (threadIdx.x == 0) verdict = ld_volatile(&a.report->fail_flag) == 0 && desc[core::kDescRejected] == 0;
   __syncthreads();
   return verdict != 0;
 }

@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(Dispatc
       auto at = [&](int64_t t, int k) { return load_idx(p.topk_idx, t * p.idx_st + k * p.idx_sk, p.idx_i64 != 0); };
       finish_problem(&rep->problem, at, a.topk, a.experts);
     }
-    desc[core::kDescRejected] = ld_volatile_i32(&rep->problem.flag) != 0 ? 1u : 0u;
+    desc[core::kDescRejected] = ld_volatile(&rep->problem.flag) != 0 ? 1u : 0u;
     *reinterpret_cast<Published*>(a.xchg[me] + a.xl.off_pub) = a.pub;
     *a.ws.passed_barrier = 0;
   }
@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(kCopyThreads) receive_expanded_kernel(Dispatch
       report_failure(rep, f);
     }
     __syncthreads();
-    if (ld_volatile_i32(&rep->fail_flag) != 0) return;
+    if (ld_volatile(&rep->fail_flag) != 0) return;
   }
   const int lane = threadIdx.x % 32;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;

@@ -6,6 +6,7 @@
 //   SY_SHARED(type, name);                                          __shared__ type name;
 //   SY_DYNAMIC_SHARED(type, name);                                  extern __shared__ type name[];
 //   ld_acquire_sys / st_release_sys                                 flags between GPUs and host
+//   ld_volatile                                                     *(volatile T*)p
 //   global_ns()                                                     %globaltimer
 //
 // Inline PTX does not compile on the CPU executor (its build stops at the asm statement): an
@@ -67,6 +68,20 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
 
 __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
   ::cuda::atomic_ref<uint32_t, ::cuda::thread_scope_system>(*p).store(v, ::cuda::memory_order_release);
+}
+
+// A volatile load: in CUDA's memory model a relaxed load at system scope that is never cached
+// or merged, which is how kernels look at a flag another thread may be setting (a race
+// detector must see it as the atomic it is, not as a plain read).
+template <class T>
+__device__ __forceinline__ T ld_volatile(const T* p) {
+#if SY_CUDA_ON_CPU
+  const T v = __atomic_load_n(p, __ATOMIC_RELAXED);
+  ::sy::cuda_cpu::polled();
+  return v;
+#else
+  return *reinterpret_cast<const volatile T*>(p);
+#endif
 }
 
 // Nanoseconds of the GPU's global timer, the clock of every deadline.
