@@ -7,6 +7,7 @@
 //   * warp collectives: a lane outside its mask, lanes at different collectives, a mask naming
 //     an exited lane, overlapping masks, a shuffle reading outside its mask;
 //   * shared memory starts as 0xCB bytes, so reads before writes show.
+#include <sanitizer/common_interface_defs.h>
 #include <sys/mman.h>
 
 #include <chrono>
@@ -189,6 +190,21 @@ std::string describe_block(const Block& b) {
   std::fflush(stderr);
   std::abort();
 }
+
+namespace {
+
+// A sanitizer stopping the program (a misaligned access, an out-of-bounds write, ...) names the
+// GPU thread it stopped in, which its own report cannot.
+void name_the_gpu_thread() {
+  const ThreadCtx* c = current;
+  if (c == nullptr || tl_block == nullptr) return;
+  std::fprintf(stderr, "cuda_on_cpu: in kernel %s, block (%u,%u,%u), thread (%u,%u,%u)\n", tl_block->kernel, c->bid.x,
+               c->bid.y, c->bid.z, c->tid.x, c->tid.y, c->tid.z);
+}
+
+const bool g_death_callback = (__sanitizer_set_death_callback(&name_the_gpu_thread), true);
+
+}  // namespace
 
 void yield() {
   if (current == nullptr || tl_fiber == nullptr) {
