@@ -7,7 +7,15 @@
 
 import assert from "node:assert/strict";
 import { Tensor } from "../mod.ts";
-import { fixture, generate, orderSensitiveBF16, orderSensitiveFloats, type Scenario, upload } from "./helpers.ts";
+import {
+  assertSameArray,
+  fixture,
+  generate,
+  orderSensitiveBF16,
+  orderSensitiveFloats,
+  type Scenario,
+  upload,
+} from "./helpers.ts";
 import {
   bf16Round,
   bf16Value,
@@ -56,8 +64,8 @@ async function checkCombine(s: Scenario, biases: number): Promise<void> {
         bias: biasTensors as [Tensor] | [Tensor, Tensor],
       });
       assert.deepEqual(back.combinedX.shape, [s.tokens[r], H]);
-      assert.deepEqual(await back.combinedX.read(), want[r], `rank ${r}: combined rows`);
-      assert.deepEqual(await back.combinedTopkWeights!.read(), wantWeights[r], `rank ${r}: combined weights`);
+      assertSameArray(await back.combinedX.read(), want[r], `rank ${r}: combined rows`);
+      assertSameArray(await back.combinedTopkWeights!.read(), wantWeights[r], `rank ${r}: combined weights`);
     } finally {
       for (const t of biasTensors) t[Symbol.dispose]();
     }
@@ -138,8 +146,8 @@ Deno.test("expanded combine reduces each token's expert rows first", async () =>
     using out = Tensor.empty(rank, { dtype: "bf16", shape: [s.tokens[r], s.hidden] });
     using back = await fx.buffers[r].combine(yt, sent.handle, { out });
     assert.equal(back.combinedTopkWeights, undefined);
-    assert.deepEqual(await out.read(), want[r], `rank ${r}: written into out`);
-    assert.deepEqual(await back.combinedX.read(), want[r]);
+    assertSameArray(await out.read(), want[r], `rank ${r}: written into out`);
+    assertSameArray(await back.combinedX.read(), want[r]);
   });
 });
 
@@ -159,7 +167,7 @@ Deno.test("combine after worst-case dispatch uses only the received rows", async
       numWorstTokens: worst,
     });
     using back = await fx.buffers[r].combine(sent.recvX, sent.handle);
-    assert.deepEqual(await back.combinedX.read(), want[r]);
+    assertSameArray(await back.combinedX.read(), want[r]);
   });
 });
 
@@ -186,7 +194,7 @@ Deno.test("previousEvent and asyncFinish chain dispatch and combine without the 
     assert.equal(back.event!.query(), true);
     back.event!.wait(rank.stream);
     const got = await back.combinedX.read();
-    assert.deepEqual(got, want[r]);
+    assertSameArray(got, want[r]);
     // Spot-check the reference itself: a token sent to one rank comes back unchanged.
     const inRank = expected.map((e) => e.rows.filter((row) => row.src === r && row.token === 0).length);
     if (inRank.reduce((a, b) => a + b, 0) === 1) {

@@ -20,7 +20,15 @@ import {
   SwitchyardTimeoutError,
   Tensor,
 } from "../mod.ts";
-import { bytesOf, generate, orderSensitiveBF16, randomBF16, type Scenario, upload } from "./helpers.ts";
+import {
+  assertSameArray,
+  bytesOf,
+  generate,
+  orderSensitiveBF16,
+  randomBF16,
+  type Scenario,
+  upload,
+} from "./helpers.ts";
 
 const cuda = backendInfo("cuda");
 const ignore = !cuda.available;
@@ -245,9 +253,14 @@ Deno.test(
         { expand: true, alignment: 8, worst: true },
       ],
       [
-        // 200-byte rows: every other one starts off a 16-byte boundary (the copies must not vectorise)
-        "2 ranks, FP8 with hidden 200, expanded",
-        { ranks: 2, tokens: tokens(2, 21), hidden: 200, experts: 8, topk: 3, seed: 13, fp8: true },
+        // x rows further apart than a row: the kernels must step by the stride, not the row size
+        "4 ranks, BF16 in padded rows, one bias",
+        { ranks: 4, tokens: tokens(4, 23), hidden: 136, experts: 16, topk: 4, seed: 13, paddedRows: true },
+        { biases: 1 },
+      ],
+      [
+        "2 ranks, FP8 in padded rows, expanded",
+        { ranks: 2, tokens: tokens(2, 17), hidden: 256, experts: 8, topk: 3, seed: 14, fp8: true, paddedRows: true },
         { expand: true, alignment: 2 },
       ],
       [
@@ -262,7 +275,7 @@ Deno.test(
         const gpu = await runOn("cuda", s, mode);
         for (let r = 0; r < s.ranks; r++) {
           assert.deepEqual(Object.keys(gpu[r]).sort(), Object.keys(host[r]).sort(), `rank ${r}: outputs`);
-          for (const key of Object.keys(host[r])) assert.deepEqual(gpu[r][key], host[r][key], `rank ${r}: ${key}`);
+          for (const key of Object.keys(host[r])) assertSameArray(gpu[r][key], host[r][key], `rank ${r}: ${key}`);
         }
       });
     }

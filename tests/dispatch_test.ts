@@ -7,7 +7,16 @@
 
 import assert from "node:assert/strict";
 import { type DispatchResult, type EpBuffer, Tensor, toBF16 } from "../mod.ts";
-import { bytesOf, fixture, generate, type Scenario, type ScenarioData, upload, type Uploaded } from "./helpers.ts";
+import {
+  assertSameArray,
+  bytesOf,
+  fixture,
+  generate,
+  type Scenario,
+  type ScenarioData,
+  upload,
+  type Uploaded,
+} from "./helpers.ts";
 import { type CompactExpectation, referenceDispatch, referenceExpanded, referenceLayout } from "./reference.ts";
 
 function tokensFor(ranks: number, base: number, seed: number, emptyRank = -1): number[] {
@@ -19,14 +28,14 @@ async function checkCompact(res: DispatchResult, exp: CompactExpectation, s: Sce
   const K = d.shape.topk;
   assert.equal(res.numRecvTokens, exp.rows.length, `rank ${r}: received rows`);
   assert.equal(res.numRows, exp.rows.length);
-  assert.deepEqual(bytesOf(await res.recvX.read()), exp.x, `rank ${r}: payload rows`);
+  assertSameArray(bytesOf(await res.recvX.read()), exp.x, `rank ${r}: payload rows`);
   if (d.scaleCols) {
-    assert.deepEqual(bytesOf(await res.recvXScales!.read()), bytesOf(exp.scales), `rank ${r}: scales`);
+    assertSameArray(bytesOf(await res.recvXScales!.read()), bytesOf(exp.scales), `rank ${r}: scales`);
   }
   if (K > 0) {
     const idx = Array.from(await res.recvTopkIdx!.read() as BigInt64Array, Number);
-    assert.deepEqual(idx, exp.topkLocal, `rank ${r}: local top-k ids`);
-    assert.deepEqual(await res.recvTopkWeights!.read(), exp.weights, `rank ${r}: top-k weights`);
+    assertSameArray(idx, exp.topkLocal, `rank ${r}: local top-k ids`);
+    assertSameArray(await res.recvTopkWeights!.read(), exp.weights, `rank ${r}: top-k weights`);
     // DeepEP: each local expert occurs in recvTopkIdx as often as the per-expert list says.
     const occurrences = new Array<number>(s.experts / s.ranks).fill(0);
     for (const e of idx) {
@@ -63,7 +72,7 @@ async function checkScenario(s: Scenario): Promise<void> {
       const ref = referenceLayout(d.inputs[r].topk!, d.inputs[r].tokens, s.topk, s.experts, s.ranks);
       assert.deepEqual(Array.from(await layout.numTokensPerRank.read()), ref.perRank, `rank ${r}: tokens per rank`);
       assert.deepEqual(Array.from(await layout.numTokensPerExpert.read()), ref.perExpert, `rank ${r}: per expert`);
-      assert.deepEqual(await layout.isTokenInRank.read(), ref.inRank, `rank ${r}: token in rank`);
+      assertSameArray(await layout.isTokenInRank.read(), ref.inRank, `rank ${r}: token in rank`);
       layoutRouting = ref.perRank;
     }
     // DeepEP passes the layout's routing along; without top-k only the matrix routes.
@@ -250,11 +259,11 @@ Deno.test("worst-case dispatch: same prefix, -1 tail, no host counts", async () 
       assert.deepEqual([...res.numRecvTokensPerExpert], []);
       assert.deepEqual(Array.from(await res.recvCount.read()), [n]);
       const x = await res.recvX.read();
-      assert.deepEqual(x.subarray(0, n * s.hidden), expected[r].x);
+      assertSameArray(x.subarray(0, n * s.hidden), expected[r].x);
       const scales = await res.recvXScales!.read();
-      assert.deepEqual(bytesOf(scales).subarray(0, n * d.scaleCols * 4), bytesOf(expected[r].scales));
+      assertSameArray(bytesOf(scales).subarray(0, n * d.scaleCols * 4), bytesOf(expected[r].scales));
       const idx = Array.from(await res.recvTopkIdx!.read() as BigInt64Array, Number);
-      assert.deepEqual(idx.slice(0, n * s.topk), expected[r].topkLocal);
+      assertSameArray(idx.slice(0, n * s.topk), expected[r].topkLocal);
       assert.ok(idx.slice(n * s.topk).every((v) => v === -1), "tail rows have no expert");
       assert.equal(res.handle.info().numRecvTokens, n, "the handle learns the count once the work ran");
     },
@@ -270,7 +279,7 @@ Deno.test("cached dispatch reuses the routing and reproduces the data", async ()
     (buf, exact, up) => buf.dispatch(up.x, { handle: exact.handle }),
     async (again, r) => {
       assert.equal(again.numRecvTokens, expected[r].rows.length);
-      assert.deepEqual(bytesOf(await again.recvX.read()), expected[r].x);
+      assertSameArray(bytesOf(await again.recvX.read()), expected[r].x);
       assert.equal(again.recvTopkIdx, undefined, "a cached dispatch returns no top-k");
       assert.deepEqual([...again.numRecvTokensPerExpert], expected[r].perExpert);
     },
@@ -310,15 +319,15 @@ Deno.test("expanded layout: one row per (token, local expert), padded per expert
         assert.equal(res.numRecvTokens, compact[r].rows.length);
         assert.deepEqual([...res.numRecvTokensPerExpert], exp.perExpertAligned);
         assert.equal(res.recvTopkIdx, undefined);
-        assert.deepEqual(bytesOf(await res.recvX.read()), exp.x, `rank ${r}: expanded rows`);
-        if (fp8) assert.deepEqual(bytesOf(await res.recvXScales!.read()), bytesOf(exp.scales));
-        assert.deepEqual(await res.recvTopkWeights!.read(), exp.weights);
+        assertSameArray(bytesOf(await res.recvX.read()), exp.x, `rank ${r}: expanded rows`);
+        if (fp8) assertSameArray(bytesOf(await res.recvXScales!.read()), bytesOf(exp.scales));
+        assertSameArray(await res.recvTopkWeights!.read(), exp.weights);
         using rows = res.handle.expandedRow();
         assert.deepEqual(Array.from(await rows.read()), exp.expandedRow);
         assert.deepEqual(Array.from(await res.recvCount.read()), [exp.numRows]);
         // A cached expanded dispatch places the rows the same way.
         using again = await fx.buffers[r].dispatch(up.x, { xScales: up.scales, handle: res.handle, expand: true });
-        assert.deepEqual(bytesOf(await again.recvX.read()).subarray(0, exp.numRows * d.shape.rowBytes), exp.x);
+        assertSameArray(bytesOf(await again.recvX.read()).subarray(0, exp.numRows * d.shape.rowBytes), exp.x);
       });
     });
   }

@@ -1,5 +1,7 @@
 /** Shared test fixtures: scenarios, their inputs, and uploading them to ranks. */
 
+import assert from "node:assert/strict";
+
 import {
   type EpBuffer,
   type EpBufferOptions,
@@ -32,6 +34,8 @@ export interface Scenario {
   readonly starveLastRank?: boolean;
   /** Route by an explicit token-in-rank matrix only (no top-k). */
   readonly routeWithoutTopk?: boolean;
+  /** `x` rows padded by 16 bytes (a row stride larger than the row). */
+  readonly paddedRows?: boolean;
 }
 
 /** The generated per-rank data, in host arrays. */
@@ -118,12 +122,17 @@ export interface Uploaded extends Disposable {
 export async function upload(rank: Rank, s: Scenario, d: ScenarioData, r: number): Promise<Uploaded> {
   const input = d.inputs[r];
   const T = input.tokens;
-  const x = s.fp8
-    ? await Tensor.from(rank, input.x, { dtype: "fp8_e4m3", shape: [T, s.hidden] })
-    : await Tensor.from(rank, new Uint16Array(input.x.buffer, input.x.byteOffset, T * s.hidden), {
-      dtype: "bf16",
-      shape: [T, s.hidden],
-    });
+  const data = s.fp8 ? input.x : new Uint16Array(input.x.buffer, input.x.byteOffset, T * s.hidden);
+  const dtype = s.fp8 ? "fp8_e4m3" : "bf16";
+  let x: Tensor;
+  if (s.paddedRows) {
+    // Rows start 16-byte aligned (the library requires it) but are further apart than a row.
+    const stride = s.fp8 ? Math.ceil(s.hidden / 16) * 16 + 16 : s.hidden + 8;
+    x = Tensor.empty(rank, { dtype, shape: [T, s.hidden], strides: [stride, 1] });
+    await x.write(data);
+  } else {
+    x = await Tensor.from(rank, data, { dtype, shape: [T, s.hidden] });
+  }
   let scales: Tensor | undefined;
   if (input.scales) {
     const dtype = s.ue8m0 ? "i32" : "f32";
@@ -188,6 +197,32 @@ export async function fixture(
       group[Symbol.dispose]();
     },
   };
+}
+
+/** An array of numbers as the comparisons below read it. */
+type Numbers = ArrayLike<number> | ArrayLike<bigint>;
+
+/**
+ * Asserts that two arrays hold the same elements, naming how many differ and the first one.
+ * (assert.deepEqual renders a diff of the whole array: for the megabytes a failing kernel
+ * produces, that takes minutes and can exhaust the machine's memory.)
+ */
+export function assertSameArray(got: Numbers, want: Numbers, what = "arrays"): void {
+  let first = -1, count = 0;
+  const n = Math.max(got.length, want.length);
+  for (let i = 0; i < n; i++) {
+    if (i < got.length && i < want.length && Object.is(got[i], want[i])) continue;
+    if (first < 0) first = i;
+    count++;
+  }
+  if (count === 0) return;
+  throw new assert.AssertionError({
+    message: `${what}: ${count} of ${n} elements differ (lengths ${got.length} and ${want.length}); first at ` +
+      `${first}: got ${String(got[first])}, want ${String(want[first])}`,
+    actual: got[first],
+    expected: want[first],
+    operator: "assertSameArray",
+  });
 }
 
 /** Bytes of a typed array, for bit-exact comparisons. */

@@ -6,7 +6,16 @@
 
 import assert from "node:assert/strict";
 import { type DispatchResult, SwitchyardError, Tensor } from "../mod.ts";
-import { bytesOf, fixture, generate, orderSensitiveBF16, randomBF16, type Scenario, upload } from "./helpers.ts";
+import {
+  assertSameArray,
+  bytesOf,
+  fixture,
+  generate,
+  orderSensitiveBF16,
+  randomBF16,
+  type Scenario,
+  upload,
+} from "./helpers.ts";
 import { referenceCombine, referenceDispatch } from "./reference.ts";
 
 const s0: Scenario = { ranks: 4, tokens: [23, 17, 30, 9], hidden: 96, experts: 16, topk: 3, seed: 1, drop: 0.1 };
@@ -27,10 +36,10 @@ Deno.test("ten rounds of dispatch and combine with fresh data each round", async
         topkWeights: up.topkWeights,
         numExperts: s.experts,
       });
-      assert.deepEqual(bytesOf(await sent.recvX.read()), expected[r].x, `round ${round}, rank ${r}`);
+      assertSameArray(bytesOf(await sent.recvX.read()), expected[r].x, `round ${round}, rank ${r}`);
       using yt = await Tensor.from(rank, y[r], { shape: [expected[r].rows.length, s.hidden] });
       using back = await fx.buffers[r].combine(yt, sent.handle);
-      assert.deepEqual(await back.combinedX.read(), want[r], `round ${round}, rank ${r}: combine`);
+      assertSameArray(await back.combinedX.read(), want[r], `round ${round}, rank ${r}: combine`);
     });
   }
 });
@@ -57,9 +66,9 @@ Deno.test("cached and worst-case dispatches move the new data, not what the buff
       numExperts: 16,
       numWorstTokens: 30 * 4,
     });
-    assert.deepEqual(bytesOf(await cached.recvX.read()), mixed[r].x, `rank ${r}: cached dispatch`);
+    assertSameArray(bytesOf(await cached.recvX.read()), mixed[r].x, `rank ${r}: cached dispatch`);
     const n = secondRows[r].rows.length;
-    assert.deepEqual(bytesOf(await worst.recvX.read()).subarray(0, n * s0.hidden * 2), secondRows[r].x);
+    assertSameArray(bytesOf(await worst.recvX.read()).subarray(0, n * s0.hidden * 2), secondRows[r].x);
     assert.deepEqual(Array.from(await worst.recvCount.read()), [n]);
   });
 });
@@ -85,9 +94,9 @@ Deno.test("operations issued without awaiting keep their program order on every 
   });
   for (let r = 0; r < s0.ranks; r++) {
     const [da, db] = results[r] as [DispatchResult, DispatchResult];
-    assert.deepEqual(bytesOf(await da.recvX.read()), ra[r].x, `rank ${r}: A`);
+    assertSameArray(bytesOf(await da.recvX.read()), ra[r].x, `rank ${r}: A`);
     const n = rb[r].rows.length;
-    assert.deepEqual(bytesOf(await db.recvX.read()).subarray(0, n * s0.hidden * 2), rb[r].x, `rank ${r}: B`);
+    assertSameArray(bytesOf(await db.recvX.read()).subarray(0, n * s0.hidden * 2), rb[r].x, `rank ${r}: B`);
     da[Symbol.dispose]();
     db[Symbol.dispose]();
   }
