@@ -1,8 +1,11 @@
 #include "device_memory.h"
 
+#include <chrono>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 namespace sy::cuda {
@@ -54,6 +57,12 @@ struct DeviceMemory {
   std::vector<std::pair<cudaStream_t, int>> streams;  // live library streams
   std::vector<std::shared_ptr<Marker>> tails;         // the last work of returned streams
   std::map<int, DeviceState> devices;
+  // Pinned memory whose work is done, freed by the reaper: cudaFreeHost may wait for the whole
+  // device, which no thread that enqueues work may do (device_memory.h).
+  std::vector<std::pair<void*, int>> reap;
+  int pinned_pending = 0;  // pinned releases not yet handed to the reaper
+  std::condition_variable reaper_wakes;
+  bool reaper_started = false;
 
   // (mu held) The device's state, set up on first use; nullptr if CUDA refuses.
   DeviceState* state(int device) {
@@ -105,7 +114,9 @@ struct DeviceMemory {
       cudaSetDevice(device);
       for (const Release& r : d.batches[i].releases) {
         if (r.pinned) {
-          cudaFreeHost(r.pointer);
+          reap.emplace_back(r.pointer, device);
+          pinned_pending -= 1;
+          reaper_wakes.notify_all();
         } else {
           cudaFreeAsync(r.pointer, d.alloc);
         }
@@ -129,6 +140,30 @@ struct DeviceMemory {
 DeviceMemory& memory() {
   static DeviceMemory* m = new DeviceMemory();
   return *m;
+}
+
+// The reaper: while pinned releases are pending it looks every few milliseconds whether their
+// work is done (nothing else might ask), and frees what is, outside the lock.
+void reap_pinned_memory(DeviceMemory& m) {
+  for (;;) {
+    std::vector<std::pair<void*, int>> doomed;
+    {
+      std::unique_lock<std::mutex> l(m.mu);
+      m.reaper_wakes.wait_for(l, std::chrono::milliseconds(5), [&] { return !m.reap.empty(); });
+      if (m.reap.empty() && m.pinned_pending > 0) {
+        for (auto& [device, d] : m.devices)
+          if (d.ready) m.collect(device, d);
+      }
+      if (m.reap.empty() && m.pinned_pending == 0) {
+        m.reaper_wakes.wait(l, [&] { return !m.reap.empty() || m.pinned_pending > 0; });
+      }
+      doomed.swap(m.reap);
+    }
+    for (const auto& [p, device] : doomed) {
+      cudaSetDevice(device);
+      cudaFreeHost(p);
+    }
+  }
 }
 
 }  // namespace
@@ -175,8 +210,14 @@ void release_pinned_memory(void* ptr, int device) {
   DeviceState* d = m.state(device);
   if (d == nullptr) return;  // CUDA is gone: nothing to give back to
   d->pending.push_back({ptr, true});
+  m.pinned_pending += 1;
   m.seal(device, *d);  // rare, and large: behind the work queued now, not the next batch
   m.collect(device, *d);
+  if (!m.reaper_started) {
+    m.reaper_started = true;
+    std::thread(reap_pinned_memory, std::ref(m)).detach();
+  }
+  m.reaper_wakes.notify_all();
 }
 
 cudaError_t acquire_stream(int device, cudaStream_t* out) {

@@ -9,7 +9,9 @@
 //              on every stream the library knows and is freed (cudaFreeAsync on the allocation
 //              stream) once the host sees all its markers complete, so after all work queued
 //              before the release. Pinned host memory the kernels read (kernel reports) goes
-//              the same way: cudaFreeHost does not wait for the kernels still reading it. Dispatch and combine end with a kernel that waits until every
+//              the same way (cudaFreeHost does not wait for the kernels still reading it), and
+//              is freed by a reaper thread of its own, which also looks for its markers'
+//              completion: cudaFreeHost may wait for the whole device. Dispatch and combine end with a kernel that waits until every
 //              peer has read this rank's inputs, so the peers' reads come first too.
 //   streams    recycled, never destroyed: the driver gives streams hardware queues round-robin
 //              in creation order, so as long as no more than 32 are ever created, streams that
