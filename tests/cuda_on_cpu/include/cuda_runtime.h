@@ -31,11 +31,16 @@
 // SY_SHARED / SY_DYNAMIC_SHARED (csrc/cuda/portable.cuh). A bare __shared__ would silently be a
 // per-thread variable here, so it does not compile.
 #undef __shared__
-#define __shared__ __shared___is_per_thread_on_the_CPU_executor__declare_it_with_SY_SHARED_from_portable_cuh
+#define __shared__                                                                                       \
+  static_assert(false, "a bare __shared__ would be per-thread memory on the CPU executor: declare it with " \
+                       "SY_SHARED or SY_DYNAMIC_SHARED (csrc/cuda/portable.cuh)");
 
-// Inline PTX cannot execute on the CPU: the build stops at the asm statement (g++ shows it,
-// template included). Put the instruction behind a function in csrc/cuda/portable.cuh instead.
-#define asm inline_PTX_cannot_run_on_the_CPU_executor__put_it_behind_a_function_in_portable_cuh
+// Inline PTX cannot execute on the CPU: the build stops at the asm statement (the compiler shows
+// it, template included). Put the instruction behind a function in csrc/cuda/portable.cuh with a
+// C++ twin instead.
+#define asm                                                                                        \
+  static_assert(false, "inline PTX cannot run on the CPU executor: put the instruction behind a " \
+                       "function in csrc/cuda/portable.cuh with a C++ twin");
 
 // The C++ conveniences of the toolkit's cuda_runtime.h that the sources use.
 template <class T>

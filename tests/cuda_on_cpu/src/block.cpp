@@ -105,9 +105,9 @@ const char* state_words(FiberState s) {
   }
 }
 
-void to_scheduler() {
+void to_scheduler(bool leaving = false) {
   Block* b = tl_block;
-  switch_context(&tl_fiber->sp, b->scheduler_sp, b->scheduler);
+  switch_context(&tl_fiber->sp, b->scheduler_sp, b->scheduler, leaving);
 }
 
 void release_barrier(Block* b) {
@@ -145,7 +145,7 @@ void fiber_main(void* arg) {
     if (g_strict) device_trap(msg, "(thread exit)", 0);
     if (b->barrier_arrived == b->live) release_barrier(b);
   }
-  to_scheduler();
+  to_scheduler(true);
   __builtin_unreachable();
 }
 
@@ -286,7 +286,9 @@ const uint64_t* warp_collective(unsigned mask, int kind, uint64_t value, const c
     s->kind = kind;
     s->file = file;
     s->line = line;
-  } else if (s->kind != kind || s->line != line || std::strcmp(s->file, file) != 0) {
+  } else if (s->kind != kind || (kind != kSyncWarp && (s->line != line || std::strcmp(s->file, file) != 0))) {
+    // Lanes may meet at different __syncwarp calls (legal since Volta), but a shuffle or a vote
+    // is one instruction that every lane of its mask must execute.
     char msg[512];
     std::snprintf(msg, sizeof msg, "divergent warp collectives: lanes of mask %08x wait at %s:%d", mask, s->file, s->line);
     if (g_strict || s->kind != kind) device_trap(msg, file, line);
@@ -364,8 +366,12 @@ uint64_t clock_ticks() {
   return __builtin_ia32_rdtsc();
 }
 
-void run_block(const std::function<void()>& body, const LaunchConfig& config, uint3 block_index, void* done) {
-  Block b;
+void run_block(const std::function<void()>& body, const LaunchConfig& config, uint3 block_index, FiberPool& pool,
+               void* done) {
+  // On the heap: the race detector forgets the block's tokens with it (a stack slot would keep
+  // their history for whatever uses the same address next).
+  auto owned = std::make_unique<Block>();
+  Block& b = *owned;
   b.done = done;
   b.n = config.block.x * config.block.y * config.block.z;
   b.live = b.n;
@@ -390,7 +396,7 @@ void run_block(const std::function<void()>& body, const LaunchConfig& config, ui
   b.scheduler.tsan_fiber = __tsan_get_current_fiber();
 #endif
   for (unsigned i = 0; i < b.n; ++i) {
-    const FiberStack stack = take_stack();
+    const FiberStack stack = take_stack(pool);
     char* top = stack.base + kStackBytes - ((sizeof(Fiber) + 63) & ~size_t(63));
     Fiber* f = new (top) Fiber();
     b.fibers[i] = f;
@@ -440,7 +446,7 @@ void run_block(const std::function<void()>& body, const LaunchConfig& config, ui
   for (Fiber* f : b.fibers) {
     const FiberStack stack = f->stack;
     f->~Fiber();
-    give_stack(stack);
+    give_stack(pool, stack);
   }
   munmap(b.shared, b.shared_mapped);
   tl_block = nullptr;

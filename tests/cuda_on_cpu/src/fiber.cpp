@@ -63,19 +63,12 @@ sy_cuda_cpu_trampoline:
 
 namespace sy::cuda_cpu {
 
-namespace {
-
-std::mutex g_stacks_mu;
-std::vector<FiberStack> g_stacks;
-
-}  // namespace
-
-FiberStack take_stack() {
+FiberStack take_stack(FiberPool& pool) {
   {
-    std::lock_guard<std::mutex> l(g_stacks_mu);
-    if (!g_stacks.empty()) {
-      FiberStack s = g_stacks.back();
-      g_stacks.pop_back();
+    QuietLock l(pool.mu);
+    if (!pool.stacks.empty()) {
+      FiberStack s = pool.stacks.back();
+      pool.stacks.pop_back();
       return s;
     }
   }
@@ -93,9 +86,22 @@ FiberStack take_stack() {
   return s;
 }
 
-void give_stack(FiberStack s) {
-  std::lock_guard<std::mutex> l(g_stacks_mu);
-  g_stacks.push_back(s);
+void give_stack(FiberPool& pool, FiberStack s) {
+  // A pool keeps what its stream's largest grid runs at once; more are unmapped (a stream that
+  // once ran many small blocks keeps no more fibers than one that runs big ones).
+  const size_t keep = size_t(resident_blocks()) * 1024;
+  {
+    QuietLock l(pool.mu);
+    if (pool.stacks.size() < keep) {
+      pool.stacks.push_back(s);
+      return;
+    }
+  }
+#ifdef SY_CUDA_CPU_TSAN
+  __tsan_destroy_fiber(s.tsan);
+#endif
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  munmap(s.base - page, kStackBytes + page);
 }
 
 void* initial_stack_pointer(char* top, void (*entry)(void*), void* arg) {
@@ -115,10 +121,12 @@ void* initial_stack_pointer(char* top, void (*entry)(void*), void* arg) {
   return &ret[-7];
 }
 
-void switch_context(void** save_sp, void* to, const SwitchTarget& target) {
+void switch_context(void** save_sp, void* to, const SwitchTarget& target, bool leaving) {
 #ifdef SY_CUDA_CPU_ASAN
   void* fake = nullptr;
-  __sanitizer_start_switch_fiber(&fake, target.stack_bottom, target.stack_bytes);
+  __sanitizer_start_switch_fiber(leaving ? nullptr : &fake, target.stack_bottom, target.stack_bytes);
+#else
+  (void)leaving;
 #endif
 #ifdef SY_CUDA_CPU_TSAN
   // No synchronisation implied: CUDA orders GPU threads only where it says so.

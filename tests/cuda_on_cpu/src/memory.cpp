@@ -39,7 +39,7 @@ void* allocate(size_t n, Kind kind) {
   void* p = nullptr;
   if (posix_memalign(&p, 256, n ? n : 1) != 0) return nullptr;
   if (g_poison) std::memset(p, 0xCB, n);
-  std::lock_guard<std::mutex> l(g_mu);
+  QuietLock l(g_mu);
   g_allocations[p] = Allocation{n, kind};
   return p;
 }
@@ -47,7 +47,7 @@ void* allocate(size_t n, Kind kind) {
 cudaError_t release(void* p, Kind kind) {
   if (p == nullptr) return cudaSuccess;
   {
-    std::lock_guard<std::mutex> l(g_mu);
+    QuietLock l(g_mu);
     auto it = g_allocations.find(p);
     if (it == g_allocations.end() || it->second.kind != kind) return fail(cudaErrorInvalidValue);
     g_allocations.erase(it);
@@ -71,7 +71,7 @@ const Allocation* find(const void* p, size_t n) {
 namespace sy::cuda_cpu {
 
 bool runtime_memory(const void* p) {
-  std::lock_guard<std::mutex> l(g_mu);
+  QuietLock l(g_mu);
   return find(p, 1) != nullptr;
 }
 
@@ -100,7 +100,7 @@ cudaError_t cudaFreeHost(void* p) { return release(p, Kind::Pinned); }
 
 cudaError_t cudaHostGetDevicePointer(void** device, void* host, unsigned int) {
   {
-    std::lock_guard<std::mutex> l(g_mu);
+    QuietLock l(g_mu);
     const Allocation* a = find(host, 1);
     if (a == nullptr || a->kind != Kind::Pinned) return fail(cudaErrorInvalidValue);
   }
@@ -115,7 +115,7 @@ cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) {
 
 cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
   {
-    std::lock_guard<std::mutex> l(g_mu);
+    QuietLock l(g_mu);
     if (p != nullptr && g_allocations.count(p) == 0) return fail(cudaErrorInvalidValue);
   }
   enqueue(s, [p] { release(p, Kind::Device); });
@@ -143,10 +143,11 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
     // detector sees no ordering through this file's reference counts).
     auto staged = std::make_shared<std::vector<unsigned char>>(static_cast<const unsigned char*>(src),
                                                                static_cast<const unsigned char*>(src) + n);
-    enqueue(s, [dst, staged = std::move(staged), n] {
+    const uint64_t seq = enqueue(s, [dst, staged = std::move(staged), n] {
       annotate_write(dst, n);
       std::memcpy(dst, staged->data(), n);
     });
+    if (!runtime_memory(dst)) resolve(s)->wait_for(seq);  // pageable to pageable: synchronous
     return cudaSuccess;
   }
   const uint64_t seq = enqueue(s, [dst, src, n] {
@@ -183,7 +184,7 @@ cudaError_t cudaMemset(void* p, int v, size_t n) {
 // handle is refused).
 cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* h, void* p) {
   {
-    std::lock_guard<std::mutex> l(g_mu);
+    QuietLock l(g_mu);
     auto it = g_allocations.find(p);
     if (it == g_allocations.end() || it->second.kind != Kind::Device) return fail(cudaErrorInvalidValue);
   }

@@ -245,7 +245,7 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
     ns->store(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
                   .count());
   });
-  std::lock_guard<std::mutex> l(e->mu);
+  QuietLock l(e->mu);
   e->stream = resolve(s);
   e->seq = seq;
   e->ns = std::move(ns);
@@ -255,7 +255,7 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
 namespace {
 
 std::pair<CUstream_st*, uint64_t> last_record(cudaEvent_t e) {
-  std::lock_guard<std::mutex> l(e->mu);
+  QuietLock l(e->mu);
   return {e->stream, e->seq};
 }
 
@@ -286,8 +286,16 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
   if (a == nullptr || b == nullptr) return fail(cudaErrorInvalidResourceHandle);
   if ((a->flags | b->flags) & cudaEventDisableTiming) return fail(cudaErrorInvalidResourceHandle);
   if (cudaEventQuery(a) != cudaSuccess || cudaEventQuery(b) != cudaSuccess) return fail(cudaErrorNotReady);
-  std::scoped_lock l(a->mu, b->mu);
-  *ms = float(double(b->ns->load() - a->ns->load()) * 1e-6);
+  int64_t from, to;
+  {
+    QuietLock l(a->mu);
+    from = a->ns->load();
+  }
+  {
+    QuietLock l(b->mu);
+    to = b->ns->load();
+  }
+  *ms = float(double(to - from) * 1e-6);
   return cudaSuccess;
 }
 

@@ -20,63 +20,92 @@ extern "C" void __tsan_read_range(const void* addr, unsigned long size);
 extern "C" void __tsan_write_range(void* addr, unsigned long size);
 #endif
 
+using sy::cuda_cpu::QuietLock;
+using sy::cuda_cpu::quiet_notify_all;
+using sy::cuda_cpu::tsan_acquire;
+using sy::cuda_cpu::tsan_release;
+
 CUstream_st::CUstream_st(int dev, unsigned fl) : device(dev), flags(fl) {
   thread_ = std::thread([this] { loop(); });
 }
 
 CUstream_st::~CUstream_st() { shutdown(); }
 
+sy::cuda_cpu::FiberPool& CUstream_st::fibers() {
+#ifdef SY_CUDA_CPU_TSAN
+  return own_fibers_;
+#else
+  static sy::cuda_cpu::FiberPool* shared = new sy::cuda_cpu::FiberPool();  // never destroyed
+  return *shared;
+#endif
+}
+
 void CUstream_st::loop() {
   for (;;) {
-    std::function<void()> task;
+    Task* task = nullptr;
+    uint64_t seq = 0;
     {
-      std::unique_lock<std::mutex> l(mu_);
-      cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+      QuietLock l(mu_);
+      l.wait(cv_, [&] { return stop_ || !queue_.empty(); });
       if (queue_.empty()) return;
-      task = std::move(queue_.front());
+      task = queue_.front();
       queue_.pop_front();
+      seq = done_ + 1;
     }
-    task();
+    tsan_acquire(task);  // what the enqueuing thread did before
+    task->run();
+    delete task;  // its captures die here, after the work, on this thread
+    tsan_release(done_token(seq));
     {
-      std::lock_guard<std::mutex> l(mu_);
-      done_++;
+      QuietLock l(mu_);
+      done_ = seq;
     }
-    cv_.notify_all();
+    quiet_notify_all(cv_);
   }
 }
 
-uint64_t CUstream_st::push(std::function<void()> task) {
+uint64_t CUstream_st::push(std::function<void()> run) {
+  Task* task = new Task{std::move(run)};
+  tsan_release(task);
   uint64_t seq;
   {
-    std::lock_guard<std::mutex> l(mu_);
-    queue_.push_back(std::move(task));
+    QuietLock l(mu_);
+    queue_.push_back(task);
     seq = ++enqueued_;
   }
-  cv_.notify_all();
+  quiet_notify_all(cv_);
   return seq;
 }
 
 void CUstream_st::wait_for(uint64_t seq) {
-  std::unique_lock<std::mutex> l(mu_);
-  cv_.wait(l, [&] { return done_ >= seq; });
+  {
+    QuietLock l(mu_);
+    l.wait(cv_, [&] { return done_ >= seq; });
+  }
+  if (seq > 0) tsan_acquire(done_token(seq));
 }
 
 bool CUstream_st::reached(uint64_t seq) {
-  std::lock_guard<std::mutex> l(mu_);
-  return done_ >= seq;
+  bool done;
+  {
+    QuietLock l(mu_);
+    done = done_ >= seq;
+  }
+  if (done && seq > 0) tsan_acquire(done_token(seq));
+  return done;
 }
 
 uint64_t CUstream_st::last() {
-  std::lock_guard<std::mutex> l(mu_);
+  QuietLock l(mu_);
   return enqueued_;
 }
 
 void CUstream_st::shutdown() {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    QuietLock l(mu_);
     stop_ = true;
   }
-  cv_.notify_all();
+  quiet_notify_all(cv_);
   if (thread_.joinable()) thread_.join();
 }
 
@@ -87,12 +116,17 @@ namespace {
 std::mutex g_mu;
 std::vector<CUstream_st*> g_streams;      // every live stream, default streams included
 std::map<int, CUstream_st*> g_default;    // the legacy default stream of each device
-const int g_resident = std::max(1, env_int("SY_CUDA_CPU_RESIDENT", 4));
+#ifdef SY_CUDA_CPU_TSAN
+constexpr int kDefaultResident = 2;
+#else
+constexpr int kDefaultResident = 4;
+#endif
+const int g_resident = std::max(1, env_int("SY_CUDA_CPU_RESIDENT", kDefaultResident));
 
 bool is_default(cudaStream_t s) { return s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread; }
 
 CUstream_st* default_stream(int device) {
-  std::lock_guard<std::mutex> l(g_mu);
+  QuietLock l(g_mu);
   CUstream_st*& s = g_default[device];
   if (s == nullptr) {
     s = new CUstream_st(device, cudaStreamDefault);
@@ -115,7 +149,7 @@ void watch() {
   const double limit = env_double("SY_CUDA_CPU_WATCHDOG_S", 120.0);
   for (;;) {
     std::this_thread::sleep_for(std::chrono::seconds(1));
-    std::lock_guard<std::mutex> l(g_running_mu);
+    QuietLock l(g_running_mu);
     const auto now = std::chrono::steady_clock::now();
     bool expired = false;
     for (const Running& r : g_running) expired = expired || std::chrono::duration<double>(now - r.since).count() > limit;
@@ -136,12 +170,12 @@ void watch() {
 void block_started(Block* b, const char* kernel) {
   static std::once_flag once;
   std::call_once(once, [] { std::thread(watch).detach(); });
-  std::lock_guard<std::mutex> l(g_running_mu);
+  QuietLock l(g_running_mu);
   g_running.push_back({b, kernel, std::chrono::steady_clock::now()});
 }
 
 void block_finished(Block* b) {
-  std::lock_guard<std::mutex> l(g_running_mu);
+  QuietLock l(g_running_mu);
   for (size_t i = 0; i < g_running.size(); ++i) {
     if (g_running[i].block == b) {
       g_running[i] = g_running.back();
@@ -151,21 +185,23 @@ void block_finished(Block* b) {
   }
 }
 
+int resident_blocks() { return g_resident; }
+
 CUstream_st* resolve(cudaStream_t s) { return is_default(s) ? default_stream(current_device) : s; }
 
 // The legacy default stream waits for every blocking stream of its device, and they wait for it
 // (CUDA's implicit synchronisation); non-blocking streams are independent of it.
 uint64_t enqueue(cudaStream_t s, std::function<void()> task) {
   CUstream_st* st = resolve(s);
+  // Under the registry's lock, so that a task on the legacy stream and one on a blocking stream
+  // enqueued at the same time by two threads still wait one for the other.
+  QuietLock l(g_mu);
   std::vector<std::pair<CUstream_st*, uint64_t>> before;
-  {
-    std::lock_guard<std::mutex> l(g_mu);
-    const bool legacy = is_default(s);
-    for (CUstream_st* o : g_streams) {
-      if (o == st || o->device != st->device || o->flags != cudaStreamDefault) continue;
-      const bool other_is_default = o == g_default[st->device];
-      if (legacy || (st->flags == cudaStreamDefault && other_is_default)) before.emplace_back(o, o->last());
-    }
+  const bool legacy = is_default(s);
+  for (CUstream_st* o : g_streams) {
+    if (o == st || o->device != st->device || o->flags != cudaStreamDefault) continue;
+    const bool other_is_default = o == g_default[st->device];
+    if (legacy || (st->flags == cudaStreamDefault && other_is_default)) before.emplace_back(o, o->last());
   }
   if (before.empty()) return st->push(std::move(task));
   return st->push([before = std::move(before), task = std::move(task)] {
@@ -175,19 +211,19 @@ uint64_t enqueue(cudaStream_t s, std::function<void()> task) {
 }
 
 void register_stream(CUstream_st* s) {
-  std::lock_guard<std::mutex> l(g_mu);
+  QuietLock l(g_mu);
   g_streams.push_back(s);
 }
 
 void unregister_stream(CUstream_st* s) {
-  std::lock_guard<std::mutex> l(g_mu);
+  QuietLock l(g_mu);
   g_streams.erase(std::remove(g_streams.begin(), g_streams.end(), s), g_streams.end());
 }
 
 void synchronize_device(int device) {
   std::vector<std::pair<CUstream_st*, uint64_t>> marks;
   {
-    std::lock_guard<std::mutex> l(g_mu);
+    QuietLock l(g_mu);
     for (CUstream_st* s : g_streams)
       if (device < 0 || s->device == device) marks.emplace_back(s, s->last());
   }
@@ -220,9 +256,12 @@ cudaError_t enqueue_kernel(const LaunchConfig& config, std::function<void()> bod
     return fail(cudaErrorInvalidConfiguration);
   if (config.shared_bytes > 227 * 1024) return fail(cudaErrorInvalidValue);
   const int device = current_device;
-  enqueue(config.stream, [config, body = std::move(body), blocks, device]() {
+  FiberPool* pool = &resolve(config.stream)->fibers();
+  enqueue(config.stream, [config, body = std::move(body), blocks, device, pool]() {
     std::atomic<uint64_t> next{0};
-    char done = 0;  // race detector: every GPU thread's end, then the stream's next operation
+    // Race detector: every GPU thread's end, then the stream's next operation. On the heap, so
+    // that the detector forgets it with the kernel (a stack slot outlives it, with its history).
+    auto done = std::make_unique<char>(0);
     auto worker = [&]() {
       current_device = device;
       for (;;) {
@@ -230,7 +269,7 @@ cudaError_t enqueue_kernel(const LaunchConfig& config, std::function<void()> bod
         if (i >= blocks) return;
         const uint3 index = make_uint3(unsigned(i % config.grid.x), unsigned((i / config.grid.x) % config.grid.y),
                                        unsigned(i / (uint64_t(config.grid.x) * config.grid.y)));
-        run_block(body, config, index, &done);
+        run_block(body, config, index, *pool, done.get());
       }
     };
     const uint64_t n = std::min<uint64_t>(blocks, uint64_t(g_resident));
@@ -238,9 +277,7 @@ cudaError_t enqueue_kernel(const LaunchConfig& config, std::function<void()> bod
     for (uint64_t k = 1; k < n; ++k) workers.emplace_back(worker);
     worker();
     for (std::thread& w : workers) w.join();
-#ifdef SY_CUDA_CPU_TSAN
-    __tsan_acquire(&done);
-#endif
+    tsan_acquire(done.get());
   });
   return cudaSuccess;
 }
