@@ -74,6 +74,7 @@ function parseArgs(args: string[]): { junit?: string; rest: string[] } {
 async function buildCudaOnCpu(): Promise<boolean> {
   const { code } = await new Deno.Command(deno, {
     args: ["run", "--allow-run", "--allow-read", "--allow-env", `${root}scripts/build.ts`, "--cuda-cpu"],
+    env: { SWITCHYARD_BUILD_DIR: "" }, // the pass loads build-cuda-cpu/: build exactly that
     stdout: "inherit",
     stderr: "inherit",
   }).output();
@@ -142,12 +143,22 @@ async function runPass(p: Pass, rest: string[], dir: string): Promise<{ code: nu
   return { code, xml };
 }
 
-/** One report of every pass: each pass's suites, renamed "pass: file". */
-function mergeReports(reports: { name: string; xml: string }[]): string {
-  const suites = reports.map(({ name, xml }) =>
-    (xml.match(/<testsuite\b[\s\S]*?<\/testsuite>/g) ?? []).map((s) => s.replace(/name="/, `name="${name}: `)).join(
-      "\n",
-    )
+/**
+ * One report of every pass: each pass's suites, renamed "pass: file". A pass that failed outside
+ * any test case (its process died, or it failed to load) gets a failing case of its own, so the
+ * report never says less than the exit status.
+ */
+function mergeReports(reports: { name: string; xml: string; failedOutside: boolean }[]): string {
+  const suites = reports.map(({ name, xml, failedOutside }) =>
+    (xml.match(/<testsuite\b[\s\S]*?<\/testsuite>/g) ?? []).map((s) => s.replace(/name="/, `name="${name}: `))
+      .concat(
+        failedOutside
+          ? [
+            `<testsuite name="${name}: deno test" tests="1" failures="1"><testcase name="the pass exited with an ` +
+            `error outside any test" classname="${name}"><failure message="see the log"/></testcase></testsuite>`,
+          ]
+          : [],
+      ).join("\n")
   );
   return `<?xml version="1.0" encoding="UTF-8"?>\n<testsuites name="switchyard">\n${
     suites.join("\n")
@@ -157,7 +168,7 @@ function mergeReports(reports: { name: string; xml: string }[]): string {
 if (import.meta.main) {
   const { junit, rest } = parseArgs(Deno.args);
   const dir = await Deno.makeTempDir({ prefix: "switchyard-test-" });
-  const reports: { name: string; xml: string }[] = [];
+  const reports: { name: string; xml: string; failedOutside: boolean }[] = [];
   const lines: string[] = [];
   let ok = true;
   for (const p of passes()) {
@@ -174,9 +185,10 @@ if (import.meta.main) {
     }
     const { code, xml } = await runPass(p, rest, dir);
     const c = countCases(xml);
-    if (code !== 0 && c.failed === 0) c.failed = 1; // deno test failed outside any test case
+    const failedOutside = code !== 0 && c.failed === 0; // deno test failed outside any test case
+    if (failedOutside) c.failed = 1;
     ok = ok && code === 0;
-    reports.push({ name: p.name, xml });
+    reports.push({ name: p.name, xml, failedOutside });
     lines.push(`${p.name}: ${c.passed} passed, ${c.failed} failed${c.skipped ? `, ${c.skipped} skipped` : ""}`);
   }
   await Deno.remove(dir, { recursive: true });
