@@ -33,25 +33,13 @@
 
 #include "../csrc/core/dtype.h"
 #include "../csrc/cuda/portable.cuh"
+#include "../tests/native/abi_driver.h"
 #include "switchyard.h"
 
 namespace {
 
-[[noreturn]] void die(const std::string& what) {
-  std::fprintf(stderr, "gpu_bench: %s\n", what.c_str());
-  std::exit(1);
-}
-
-void sy_check(sy_status st, const void* handle, const char* what) {
-  if (st == SY_OK) return;
-  sy_error_info info;
-  std::memset(&info, 0, sizeof info);
-  info.struct_size = sizeof info;
-  sy_last_error(handle, &info);
-  die(std::string(what) + ": " + sy_status_name(st) + ": " + info.message);
-}
-
-#define SY(call, handle) sy_check((call), (handle), #call)
+using sy::driver::die;
+using sy::driver::make_tensor;
 #define CU(call)                                                                            \
   do {                                                                                      \
     cudaError_t e_ = (call);                                                                \
@@ -264,40 +252,11 @@ T* device_copy(const std::vector<T>& v) {
   return p;
 }
 
-sy_tensor make_tensor(sy_rank rank, sy_stream stream, int32_t dtype, std::vector<int64_t> shape, const void* data,
-                      uint64_t bytes) {
-  sy_tensor_desc d;
-  std::memset(&d, 0, sizeof d);
-  d.struct_size = sizeof d;
-  d.dtype = dtype;
-  d.ndim = int32_t(shape.size());
-  for (size_t i = 0; i < shape.size(); ++i) d.shape[i] = shape[i];
-  sy_tensor t = nullptr;
-  SY(sy_tensor_create(rank, &d, &t), rank);
-  if (data) SY(sy_tensor_write(t, stream, data, bytes, 0), t);
-  return t;
-}
-
-void* device_address(sy_tensor t) {
-  sy_tensor_desc d;
-  std::memset(&d, 0, sizeof d);
-  d.struct_size = sizeof d;
-  SY(sy_tensor_describe(t, &d), t);
-  return reinterpret_cast<void*>(uintptr_t(d.data));
-}
+void* device_address(sy_tensor t) { return reinterpret_cast<void*>(uintptr_t(sy::driver::describe(t).data)); }
 
 // Reads all of `t` on `stream`, which reports the failure of the operation that produced it (a
 // kernel's record, e.g. a capacity overflow): every timed operation's outcome is checked.
-void expect_produced(sy_tensor t, sy_stream stream) {
-  sy_tensor_desc d;
-  std::memset(&d, 0, sizeof d);
-  d.struct_size = sizeof d;
-  SY(sy_tensor_describe(t, &d), t);
-  uint64_t bytes = d.dtype == SY_DTYPE_BF16 ? 2 : d.dtype == SY_DTYPE_I64 ? 8 : d.dtype == SY_DTYPE_F32 || d.dtype == SY_DTYPE_I32 ? 4 : 1;
-  for (int i = 0; i < d.ndim; ++i) bytes *= uint64_t(d.shape[i]);
-  std::vector<uint8_t> host(bytes);
-  if (bytes) SY(sy_tensor_read(t, stream, host.data(), bytes, 0), t);
-}
+void expect_produced(sy_tensor t, sy_stream stream) { sy::driver::read_tensor(t, stream); }
 
 // Checks the dispatch's outcome on `stream`, then releases its outputs.
 void destroy(sy_dispatch_result& r, sy_stream stream) {
@@ -317,12 +276,9 @@ struct Row {
 }  // namespace
 
 int main(int argc, char** argv) {
+  sy::driver::program_name() = "gpu_bench";
   const Options o = parse(argc, argv);
-  sy_backend_info info;
-  std::memset(&info, 0, sizeof info);
-  info.struct_size = sizeof info;
-  SY(sy_backend_probe(SY_BACKEND_CUDA, &info), nullptr);
-  if (!info.available) die(std::string("no usable GPU: ") + info.reason);
+  const sy_backend_info info = sy::driver::cuda_backend();
   cudaDeviceProp prop;
   CU(cudaGetDeviceProperties(&prop, 0));
   const int R = o.ranks, T = o.tokens, H = o.hidden, K = o.topk, E = o.experts, EL = E / R, S = H / 128;

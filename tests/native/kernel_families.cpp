@@ -20,30 +20,14 @@
 #include <vector>
 
 #include "../../csrc/core/dtype.h"
+#include "abi_driver.h"
 #include "switchyard.h"
 
 namespace {
 
+using sy::driver::die;
 using Bytes = std::vector<uint8_t>;
 using Outputs = std::map<std::string, Bytes>;  // one rank's outputs of one scenario, by name
-
-[[noreturn]] void die(const std::string& what) {
-  std::fprintf(stderr, "kernel_families: %s\n", what.c_str());
-  std::exit(1);
-}
-
-std::string last_error(const void* handle) {
-  sy_error_info info;
-  std::memset(&info, 0, sizeof info);
-  info.struct_size = sizeof info;
-  sy_last_error(handle, &info);
-  return std::string(sy_status_name(info.status)) + ": " + info.message;
-}
-
-void check(sy_status st, const void* handle, const char* what) {
-  if (st != SY_OK) die(std::string(what) + ": " + last_error(handle));
-}
-#define SY(call, handle) check((call), (handle), #call)
 
 struct Shape {
   int ranks = 4, tokens = 40, hidden = 256, experts = 16, topk = 4;
@@ -145,31 +129,11 @@ struct Job {
   }
 
   sy_tensor tensor(int r, int32_t dtype, std::vector<int64_t> shape, const void* data, uint64_t bytes) {
-    sy_tensor_desc d;
-    std::memset(&d, 0, sizeof d);
-    d.struct_size = sizeof d;
-    d.dtype = dtype;
-    d.ndim = int32_t(shape.size());
-    for (size_t i = 0; i < shape.size(); ++i) d.shape[i] = shape[i];
-    sy_tensor t = nullptr;
-    SY(sy_tensor_create(ranks[size_t(r)], &d, &t), ranks[size_t(r)]);
-    if (data != nullptr) SY(sy_tensor_write(t, streams[size_t(r)], data, bytes, 0), t);
-    return t;
+    return sy::driver::make_tensor(ranks[size_t(r)], streams[size_t(r)], dtype, shape, data, bytes);
   }
 
   // The tensor's first `bytes` bytes (all of it when 0), read on rank r's stream.
-  Bytes read(int r, sy_tensor t, uint64_t bytes = 0) {
-    sy_tensor_desc d;
-    std::memset(&d, 0, sizeof d);
-    d.struct_size = sizeof d;
-    SY(sy_tensor_describe(t, &d), t);
-    uint64_t n = d.dtype == SY_DTYPE_BF16 ? 2 : d.dtype == SY_DTYPE_I64 ? 8 : d.dtype == SY_DTYPE_BOOL || d.dtype == SY_DTYPE_FP8_E4M3 ? 1 : 4;
-    for (int i = 0; i < d.ndim; ++i) n *= uint64_t(d.shape[i]);
-    Bytes all(n);
-    if (n) SY(sy_tensor_read(t, streams[size_t(r)], all.data(), n, 0), t);
-    if (bytes && bytes < n) all.resize(bytes);
-    return all;
-  }
+  Bytes read(int r, sy_tensor t, uint64_t bytes = 0) { return sy::driver::read_tensor(t, streams[size_t(r)], bytes); }
 };
 
 struct Mode {
@@ -378,12 +342,9 @@ Shape parse(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  sy::driver::program_name() = "kernel_families";
   const Shape s = parse(argc, argv);
-  sy_backend_info info;
-  std::memset(&info, 0, sizeof info);
-  info.struct_size = sizeof info;
-  SY(sy_backend_probe(SY_BACKEND_CUDA, &info), nullptr);
-  if (!info.available) die(std::string("the CUDA backend is not available: ") + info.reason);
+  const sy_backend_info info = sy::driver::cuda_backend();
   std::printf("kernel_families on %s: %d ranks, %d tokens, hidden %d, top-%d of %d experts\n", info.device_name, s.ranks,
               s.tokens, s.hidden, s.topk, s.experts);
   const Inputs in = generate(s);
