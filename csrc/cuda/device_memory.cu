@@ -192,33 +192,32 @@ cudaError_t allocate_device_memory(int device, uint64_t bytes, void** out) {
   return rc;
 }
 
-void release_device_memory(void* ptr, int device) {
-  DeviceMemory& m = memory();
-  KeepDevice keep;
-  std::lock_guard<std::mutex> l(m.mu);
-  DeviceState* d = m.state(device);
-  if (d == nullptr) return;  // CUDA is gone: nothing to give back to
-  d->pending.push_back({ptr, false});
-  if (d->pending.size() >= kBatch) m.seal(device, *d);
-  m.collect(device, *d);
-}
+namespace {
 
-void release_pinned_memory(void* ptr, int device) {
+// Queues `ptr` for freeing once all work queued so far has completed. Pinned memory is rare and
+// large: its batch is sealed at once, behind the work queued now, and the reaper frees it.
+void give_back(void* ptr, int device, bool pinned) {
   DeviceMemory& m = memory();
   KeepDevice keep;
   std::lock_guard<std::mutex> l(m.mu);
   DeviceState* d = m.state(device);
   if (d == nullptr) return;  // CUDA is gone: nothing to give back to
-  d->pending.push_back({ptr, true});
-  m.pinned_pending += 1;
-  m.seal(device, *d);  // rare, and large: behind the work queued now, not the next batch
+  d->pending.push_back({ptr, pinned});
+  if (pinned) m.pinned_pending += 1;
+  if (pinned || d->pending.size() >= kBatch) m.seal(device, *d);
   m.collect(device, *d);
-  if (!m.reaper_started) {
+  if (pinned && !m.reaper_started) {
     m.reaper_started = true;
     std::thread(reap_pinned_memory, std::ref(m)).detach();
   }
-  m.reaper_wakes.notify_all();
+  if (pinned) m.reaper_wakes.notify_all();
 }
+
+}  // namespace
+
+void release_device_memory(void* ptr, int device) { give_back(ptr, device, false); }
+
+void release_pinned_memory(void* ptr, int device) { give_back(ptr, device, true); }
 
 cudaError_t acquire_stream(int device, cudaStream_t* out) {
   DeviceMemory& m = memory();
