@@ -120,6 +120,12 @@ if [ $gpu -eq 1 ]; then
   fi
 else
   bin="$root/build-cuda-cpu"
+  # A GPU machine's NCCL may predate the device API: configuring against such headers must turn
+  # them off with a message, never fail the build (CMakeLists.txt).
+  step "CMake turns NCCL headers older than 2.29.7 off" 60 bash -c \
+    "d=\$(mktemp -d) && mkdir -p \$d/nccl/include && echo '#define NCCL_VERSION_CODE 22809' >\$d/nccl/include/nccl.h &&
+     cmake -S '$root' -B \$d/build -DSWITCHYARD_CUDA=OFF -DSWITCHYARD_NCCL_ROOT=\$d/nccl >\$d/log 2>&1;
+     rc=\$?; cat \$d/log; grep -q 'NCCL headers off: .* has NCCL 22809' \$d/log && [ \$rc -eq 0 ]; ok=\$?; rm -rf \$d; exit \$ok"
   if step "build (the CUDA backend executed on the CPU)" 300 deno task build:cuda-cpu; then
     step "CUDA tests and the normal-mode suite on the CPU executor" 240 env SWITCHYARD_TEST_PASSES=cuda-on-cpu \
       deno run "${test_permissions[@]}" scripts/test.ts
