@@ -135,8 +135,13 @@ else
       "$bin/switchyard_gpu_bench --sanitize && $bin/switchyard_gpu_bench --sanitize --expand"
     step "benchmark checks: 2 ranks, compact and expanded, with the JSON" 60 bash -c \
       "$bin/switchyard_gpu_bench --small --json '$out/gpu_bench.json' && $bin/switchyard_gpu_bench --small --expand"
-    step "the JSON parses" 30 deno eval \
-      "const j = JSON.parse(Deno.readTextFileSync('$out/gpu_bench.json')); if (!j.results?.length) throw new Error('no results');"
+    step "the JSON parses, with exact-size rows, host times and read+write fractions" 30 deno eval \
+      "const j = JSON.parse(Deno.readTextFileSync('$out/gpu_bench.json')); if (!j.results?.length) throw new Error('no results');
+       if (!j.results.some((r) => r.mode === 'exact')) throw new Error('no exact-size rows');
+       for (const r of j.results) {
+         if (!(r.host_us_median >= 0 && r.host_us_max >= r.host_us_median)) throw new Error('host time: ' + JSON.stringify(r));
+         if (!(r.rw_bytes > 0 && 'fraction_of_copy_rw' in r)) throw new Error('read+write bytes: ' + JSON.stringify(r));
+       }"
   fi
 fi
 

@@ -8,19 +8,38 @@
 // one host thread takes to enqueue eight ranks one after the other. Times are CUDA events;
 // each case reports the median of `--iters` runs after `--warmup` runs.
 //
-//   bytes moved   dispatch: every received row's payload (and FP8 scales); combine: every
-//                 expert output row pulled back. Divided by the median time, that bandwidth is
-//                 reported as a fraction of the copy bandwidth (cudaMemcpyAsync D2D, counted
-//                 the same way: bytes copied / time).
+//   modes         worst-case: num_worst_tokens > 0, outputs sized for the worst case, no host
+//                 wait; cached: the routing of an earlier dispatch; exact: num_worst_tokens = 0,
+//                 each rank's sy_dispatch waits on the host for its received counts, then sizes
+//                 its outputs. That wait needs every rank's first kernels running, so exact rows
+//                 are not gated: one host thread per rank, all released at once just after a
+//                 start event is recorded, and the time runs from that event to the last rank's
+//                 completion (host wait and the enqueue after it included).
+//   rw bytes      what the operation must read plus what it must write, payload (and FP8 scales)
+//                 only, no top-k metadata: dispatch reads every received row at its source and
+//                 writes it at its destination (2 x received rows x row bytes); combine reads
+//                 every expert output row and writes every combined token ((received rows +
+//                 ranks x tokens) x row bytes). The copy bandwidth is counted the same way: a
+//                 cudaMemcpyAsync D2D of n bytes reads n and writes n, so 2n / time. The fraction
+//                 of copy is the ratio of the two (fraction_of_copy_rw).
+//   bytes         (kept from earlier results) every received row's payload counted once, against
+//                 the copy's bytes copied / time (fraction_of_copy). Equal to the rw fraction for
+//                 dispatch; for combine it leaves out the writes of the combined tokens.
+//   host time     the CPU wall time spent inside each sy_dispatch / sy_combine call (its
+//                 enqueue cost; in exact mode also the wait for the counts): per rank the median
+//                 over the timed iterations, reported as the median and the max over ranks. The
+//                 gated rows enqueue while the gate holds, so it does not add to their GPU time.
 //   naive         dispatch: per rank, gather the rows each destination gets into a send buffer
 //                 (one row per (token, destination), by destination), then one cudaMemcpyAsync
 //                 per destination into its receive buffer. Combine: one copy per source back
 //                 into its send-buffer order, then a per-token gather-and-sum kernel.
 //   checks        the library's received rows and combined rows must equal the naive ones bit
-//                 for bit (both follow the order of csrc/core/reduce.h); a mismatch fails.
+//                 for bit (both follow the order of csrc/core/reduce.h), and an exact-size
+//                 dispatch must give exactly the received rows; a mismatch fails.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -29,6 +48,7 @@
 #include <ctime>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../csrc/core/dtype.h"
@@ -198,6 +218,18 @@ struct Gate {
   void release() { __atomic_store_n(&flag[0], 1, __ATOMIC_RELEASE); }
 };
 
+// Milliseconds from `start` to the last of `ends`, once all have completed.
+float slowest(cudaEvent_t start, std::vector<cudaEvent_t>& ends) {
+  float worst = 0;
+  for (cudaEvent_t end : ends) {
+    CU(cudaEventSynchronize(end));
+    float ms = 0;
+    CU(cudaEventElapsedTime(&ms, start, end));
+    worst = std::max(worst, ms);
+  }
+  return worst;
+}
+
 // Runs `enqueue` behind the gate on every stream; returns the milliseconds from the release to
 // the last stream's completion.
 template <class Enqueue>
@@ -207,15 +239,37 @@ float timed(Gate& gate, const std::vector<cudaStream_t>& streams, std::vector<cu
   enqueue();
   for (size_t r = 0; r < streams.size(); ++r) CU(cudaEventRecord(ends[r], streams[r]));
   gate.release();
-  float worst = 0;
-  for (size_t r = 0; r < streams.size(); ++r) {
-    CU(cudaEventSynchronize(ends[r]));
-    float ms = 0;
-    CU(cudaEventElapsedTime(&ms, gate.start, ends[r]));
-    worst = std::max(worst, ms);
-  }
+  const float worst = slowest(gate.start, ends);
   if (gate.flag[1]) die("the gate timed out: enqueueing took over 10 s (did an allocation wait for the device?)");
   return worst;
+}
+
+// Runs `per_rank(r)` on one host thread per rank, all released at once just after the gate's
+// start event is recorded (the gate kernel is not used); returns the milliseconds from that event
+// to the last stream's completion. For exact-size dispatch: the host wait inside each call needs
+// every rank's first kernels running, so a held stream or one thread calling the ranks in turn
+// would never finish.
+template <class PerRank>
+float timed_threads(Gate& gate, const std::vector<cudaStream_t>& streams, std::vector<cudaEvent_t>& ends,
+                    PerRank per_rank) {
+  const int n = int(streams.size());
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
+  std::vector<std::thread> threads;
+  for (int r = 0; r < n; ++r) {
+    threads.emplace_back([&, r] {
+      ready.fetch_add(1);
+      while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
+      per_rank(r);
+      CU(cudaEventRecord(ends[r], streams[r]));
+    });
+  }
+  // Thread start-up stays out of the timed region: the event is recorded once all are waiting.
+  while (ready.load() < n) std::this_thread::yield();
+  CU(cudaEventRecord(gate.start, gate.stream));
+  go.store(true, std::memory_order_release);
+  for (std::thread& t : threads) t.join();
+  return slowest(gate.start, ends);
 }
 
 float median(std::vector<float> v) {
@@ -269,8 +323,38 @@ void destroy(sy_dispatch_result& r, sy_stream stream) {
 
 struct Row {
   std::string op, dtype, mode;
-  double median_ms = 0, min_ms = 0, bytes = 0, naive_ms = 0;
+  bool threaded = false;  // timed by timed_threads (exact-size), not behind the gate
+  double median_ms = 0, min_ms = 0, naive_ms = 0;
+  double bytes = 0;            // one way: every received row once (see the header)
+  double rw_bytes = 0;         // read plus written
+  std::vector<float> host_us;  // per rank: median host time of one call, microseconds
   uint64_t mismatches = 0;
+  std::string failure;  // a check other than the bytes (an exact-size row count)
+};
+
+// The host time of each library call, per rank: the CPU wall time spent inside sy_dispatch or
+// sy_combine. Each rank's vector is written by one thread only (timed_threads gives each rank its
+// own).
+struct HostTimes {
+  std::vector<std::vector<float>> us;  // [rank][call]
+  explicit HostTimes(int ranks) : us(ranks) {}
+  template <class Call>
+  void time(int r, Call call) {
+    const auto t0 = std::chrono::steady_clock::now();
+    call();
+    us[r].push_back(std::chrono::duration<float, std::micro>(std::chrono::steady_clock::now() - t0).count());
+  }
+  void clear() {
+    for (auto& v : us) v.clear();
+  }
+  // Per rank the median of the calls after the first `skip` (the warm-up), into `row`.
+  void summarize(Row& row, int skip) const {
+    row.host_us.clear();
+    for (const auto& v : us) {
+      std::vector<float> kept(v.begin() + std::min<size_t>(size_t(skip), v.size()), v.end());
+      row.host_us.push_back(median(kept));
+    }
+  }
 };
 
 }  // namespace
@@ -381,7 +465,10 @@ int main(int argc, char** argv) {
   std::vector<cudaEvent_t> ends(R);
   for (auto& e : ends) CU(cudaEventCreate(&e));
   const double copy_bps = o.copy_ceiling ? copy_bandwidth(gate, raw[0], o.iters, o.copy_bytes) : 0.0;
-  if (o.copy_ceiling) std::printf("device-to-device copy: %.1f GB/s\n", copy_bps / 1e9);
+  if (o.copy_ceiling) {
+    std::printf("device-to-device copy: %.1f GB/s copied, %.1f GB/s read + written\n", copy_bps / 1e9,
+                2 * copy_bps / 1e9);
+  }
 
   // Worst-case rows: every rank's tokens (compact); the expanded layout has one row per token and
   // local expert, and each local expert's group is padded to the alignment (8 here).
@@ -484,10 +571,15 @@ int main(int argc, char** argv) {
   };
 
   std::vector<Row> rows;
-  auto measure = [&](Row row, auto library, auto naive, auto after_each) {
+  HostTimes host(R), host_combine(R);
+  // Times the library (`library_ms` runs it once and returns its milliseconds) and the naive
+  // baseline behind the gate, alternately; `after_each` releases (and checks) the library's
+  // outputs. The library's calls keep their host times in `host`.
+  auto measure_with = [&](Row row, auto library_ms, auto naive, auto after_each) {
     std::vector<float> lib_ms, naive_ms;
+    host.clear();
     for (int i = 0; i < o.warmup + o.iters; ++i) {
-      const float a = timed(gate, raw, ends, library);
+      const float a = library_ms();
       after_each();
       const float b = timed(gate, raw, ends, naive);
       if (i >= o.warmup) {
@@ -498,15 +590,25 @@ int main(int argc, char** argv) {
     row.median_ms = median(lib_ms);
     row.min_ms = *std::min_element(lib_ms.begin(), lib_ms.end());
     row.naive_ms = median(naive_ms);
+    host.summarize(row, o.warmup);
     rows.push_back(row);
     return rows.size() - 1;
+  };
+  // The same, with every rank's calls enqueued by this thread behind the gate.
+  auto measure = [&](Row row, auto enqueue, auto naive, auto after_each) {
+    return measure_with(row, [&] { return timed(gate, raw, ends, enqueue); }, naive, after_each);
+  };
+  // Rank r's dispatch into `out`, its host time kept in `h`.
+  auto dispatch = [&](int r, const sy_dispatch_args& a, sy_dispatch_result& out, HostTimes& h) {
+    out.struct_size = sizeof(sy_dispatch_result);
+    h.time(r, [&] { SY(sy_dispatch(buffers[r], &a, &out), buffers[r]); });
   };
 
   std::vector<sy_dispatch_result> res(R);
   // Every rank combines the rows of its dispatch in `res` back into tout (with the received
-  // top-k weights when `weights`).
+  // top-k weights when `weights`), its host times kept in `h`.
   std::vector<sy_combine_result> back(R);
-  auto combine_all = [&](bool weights) {
+  auto combine_all = [&](bool weights, HostTimes& h) {
     for (int r = 0; r < R; ++r) {
       sy_combine_args a;
       std::memset(&a, 0, sizeof a);
@@ -517,7 +619,7 @@ int main(int argc, char** argv) {
       a.out = tout[r];
       a.compute_stream = streams[r];
       back[r].struct_size = sizeof(sy_combine_result);
-      SY(sy_combine(buffers[r], &a, &back[r]), buffers[r]);
+      h.time(r, [&] { SY(sy_combine(buffers[r], &a, &back[r]), buffers[r]); });
     }
   };
   auto release_combines = [&] {
@@ -534,13 +636,10 @@ int main(int argc, char** argv) {
     // naive counterpart: timed, not compared.
     for (const bool fp8 : {true, false}) {  // BF16 last: its handles serve the cached dispatch and combine
       std::vector<float> ms;
+      host.clear();
       for (int i = 0; i < o.warmup + o.iters; ++i) {
         const float t = timed(gate, raw, ends, [&] {
-          for (int r = 0; r < R; ++r) {
-            sy_dispatch_args a = dispatch_args(r, fp8, nullptr);
-            res[r].struct_size = sizeof(sy_dispatch_result);
-            SY(sy_dispatch(buffers[r], &a, &res[r]), buffers[r]);
-          }
+          for (int r = 0; r < R; ++r) dispatch(r, dispatch_args(r, fp8, nullptr), res[r], host);
         });
         if (i >= o.warmup) ms.push_back(t);
         if (i + 1 < o.warmup + o.iters || fp8) {
@@ -550,20 +649,19 @@ int main(int argc, char** argv) {
       Row row{"dispatch", fp8 ? "fp8" : "bf16", "expanded"};
       row.median_ms = median(ms);
       row.min_ms = *std::min_element(ms.begin(), ms.end());
+      host.summarize(row, o.warmup);
       rows.push_back(row);
     }
     std::vector<sy_dispatch_result> again(R);
     std::vector<float> cached_ms, combine_ms;
+    host.clear();
+    host_combine.clear();
     for (int i = 0; i < o.warmup + o.iters; ++i) {
       const float c = timed(gate, raw, ends, [&] {
-        for (int r = 0; r < R; ++r) {
-          sy_dispatch_args a = dispatch_args(r, false, res[r].handle);
-          again[r].struct_size = sizeof(sy_dispatch_result);
-          SY(sy_dispatch(buffers[r], &a, &again[r]), buffers[r]);
-        }
+        for (int r = 0; r < R; ++r) dispatch(r, dispatch_args(r, false, res[r].handle), again[r], host);
       });
       for (int r = 0; r < R; ++r) destroy(again[r], streams[r]);
-      const float b = timed(gate, raw, ends, [&] { combine_all(false); });
+      const float b = timed(gate, raw, ends, [&] { combine_all(false, host_combine); });
       release_combines();
       if (i >= o.warmup) {
         cached_ms.push_back(c);
@@ -574,84 +672,110 @@ int main(int argc, char** argv) {
     Row cached{"dispatch", "bf16", "expanded-cached"};
     cached.median_ms = median(cached_ms);
     cached.min_ms = *std::min_element(cached_ms.begin(), cached_ms.end());
+    host.summarize(cached, o.warmup);
     rows.push_back(cached);
     Row comb{"combine", "bf16", "expanded"};
     comb.median_ms = median(combine_ms);
     comb.min_ms = *std::min_element(combine_ms.begin(), combine_ms.end());
+    host_combine.summarize(comb, o.warmup);
     rows.push_back(comb);
   }
 
-  // Dispatch, worst-case mode (no host wait), BF16 and FP8; then cached mode.
+  // The bytes of every rank's received rows (and FP8 scales) in `got` that differ from the naive
+  // receive buffers.
+  auto received_mismatches = [&](const std::vector<sy_dispatch_result>& got, bool fp8) {
+    uint64_t n = 0;
+    for (int r = 0; r < R; ++r) {
+      n += count_mismatches(device_address(got[r].recv_x), recv_buf[r], received[r] * (fp8 ? payload8 : payload16));
+      if (fp8) n += count_mismatches(device_address(got[r].recv_x_scales), recv_sc[r], received[r] * scale_bytes);
+    }
+    return n;
+  };
+
+  // Dispatch, worst-case mode (no host wait) and exact-size mode, BF16 and FP8; then cached mode
+  // and combine.
+  std::vector<sy_dispatch_result> exact(R);
   for (const bool fp8 : {false, true}) {
     if (o.expand) break;
     Row row{"dispatch", fp8 ? "fp8" : "bf16", "worst-case"};
     row.bytes = double(total_rows) * ((fp8 ? payload8 + scale_bytes : payload16));
+    row.rw_bytes = 2 * row.bytes;  // read at the source, written at the destination
     const size_t idx = measure(
         row,
         [&] {
-          for (int r = 0; r < R; ++r) {
-            sy_dispatch_args a = dispatch_args(r, fp8, nullptr);
-            res[r].struct_size = sizeof(sy_dispatch_result);
-            SY(sy_dispatch(buffers[r], &a, &res[r]), buffers[r]);
-          }
+          for (int r = 0; r < R; ++r) dispatch(r, dispatch_args(r, fp8, nullptr), res[r], host);
         },
         [&] { naive_dispatch(fp8); },
         [&] {
           for (int r = 0; r < R; ++r) destroy(res[r], streams[r]);
         });
     // Check the last run: the library's rows equal the naive ones.
-    for (int r = 0; r < R; ++r) {
-      sy_dispatch_args a = dispatch_args(r, fp8, nullptr);
-      res[r].struct_size = sizeof(sy_dispatch_result);
-      SY(sy_dispatch(buffers[r], &a, &res[r]), buffers[r]);
-    }
+    for (int r = 0; r < R; ++r) dispatch(r, dispatch_args(r, fp8, nullptr), res[r], host);
     for (int r = 0; r < R; ++r) CU(cudaStreamSynchronize(raw[r]));
     naive_dispatch(fp8);
     for (int r = 0; r < R; ++r) CU(cudaStreamSynchronize(raw[r]));
+    rows[idx].mismatches += received_mismatches(res, fp8);
+
+    // Exact-size mode: the same rows, each rank's outputs sized after its host wait for the
+    // counts; one host thread per rank (timed_threads).
+    Row ex{"dispatch", row.dtype, "exact"};
+    ex.threaded = true;
+    ex.bytes = row.bytes;
+    ex.rw_bytes = row.rw_bytes;
+    auto exact_call = [&](int r) {
+      sy_dispatch_args a = dispatch_args(r, fp8, nullptr);
+      a.num_worst_tokens = 0;
+      dispatch(r, a, exact[r], host);
+    };
+    const size_t eidx = measure_with(
+        ex, [&] { return timed_threads(gate, raw, ends, exact_call); }, [&] { naive_dispatch(fp8); },
+        [&] {
+          for (int r = 0; r < R; ++r) destroy(exact[r], streams[r]);
+        });
+    // One more, checked against the naive receive buffers (which hold this dtype's rows): exactly
+    // the received rows, each equal.
+    timed_threads(gate, raw, ends, exact_call);
     for (int r = 0; r < R; ++r) {
-      const int rb = fp8 ? payload8 : payload16;
-      rows[idx].mismatches += count_mismatches(device_address(res[r].recv_x), recv_buf[r], received[r] * rb);
-      if (fp8) {
-        rows[idx].mismatches +=
-            count_mismatches(device_address(res[r].recv_x_scales), recv_sc[r], received[r] * scale_bytes);
+      const int64_t shape_rows = sy::driver::describe(exact[r].recv_x).shape[0];
+      if (exact[r].num_recv_tokens != received[r] || exact[r].num_rows != received[r] || shape_rows != received[r]) {
+        rows[eidx].failure += "rank " + std::to_string(r) + ": num_recv_tokens " +
+                              std::to_string(exact[r].num_recv_tokens) + ", num_rows " +
+                              std::to_string(exact[r].num_rows) + ", recv_x rows " + std::to_string(shape_rows) +
+                              ", expected " + std::to_string(received[r]) + "; ";
       }
     }
+    rows[eidx].mismatches += received_mismatches(exact, fp8);
+    for (int r = 0; r < R; ++r) destroy(exact[r], streams[r]);
+
     if (!fp8) {
-      // Cached dispatch with the handles of this (completed) dispatch.
+      // Cached dispatch with the handles of the worst-case (completed) dispatch.
       std::vector<sy_dispatch_result> again(R);
       Row cached{"dispatch", "bf16", "cached"};
       cached.bytes = row.bytes;
+      cached.rw_bytes = row.rw_bytes;
       const size_t cidx = measure(
           cached,
           [&] {
-            for (int r = 0; r < R; ++r) {
-              sy_dispatch_args a = dispatch_args(r, false, res[r].handle);
-              again[r].struct_size = sizeof(sy_dispatch_result);
-              SY(sy_dispatch(buffers[r], &a, &again[r]), buffers[r]);
-            }
+            for (int r = 0; r < R; ++r) dispatch(r, dispatch_args(r, false, res[r].handle), again[r], host);
           },
           [&] { naive_dispatch(false); },
           [&] {
             for (int r = 0; r < R; ++r) destroy(again[r], streams[r]);
           });
-      for (int r = 0; r < R; ++r) {  // one more, checked
-        sy_dispatch_args a = dispatch_args(r, false, res[r].handle);
-        again[r].struct_size = sizeof(sy_dispatch_result);
-        SY(sy_dispatch(buffers[r], &a, &again[r]), buffers[r]);
-      }
+      for (int r = 0; r < R; ++r) dispatch(r, dispatch_args(r, false, res[r].handle), again[r], host);  // checked
       for (int r = 0; r < R; ++r) CU(cudaStreamSynchronize(raw[r]));
-      for (int r = 0; r < R; ++r) {
-        rows[cidx].mismatches += count_mismatches(device_address(again[r].recv_x), recv_buf[r], received[r] * payload16);
-        destroy(again[r], streams[r]);
-      }
+      rows[cidx].mismatches += received_mismatches(again, false);
+      for (int r = 0; r < R; ++r) destroy(again[r], streams[r]);
 
       // Combine the received rows back (as if every expert were the identity), with weights.
       Row comb{"combine", "bf16", "compact"};
       comb.bytes = double(total_rows) * payload16;
+      // Every expert output row read, every token's combined row written.
+      comb.rw_bytes = comb.bytes + double(R) * T * payload16;
       std::vector<const uint8_t*> y(R);
       for (int r = 0; r < R; ++r) y[r] = static_cast<const uint8_t*>(device_address(res[r].recv_x));
       const size_t ci = measure(
-          comb, [&] { combine_all(true); }, [&] { naive_combine(y); }, release_combines);
+          comb, [&] { combine_all(true, host); }, [&] { naive_combine(y); }, release_combines);
       for (int r = 0; r < R; ++r) {
         rows[ci].mismatches += count_mismatches(device_address(tout[r]), naive_out[r], int64_t(T) * payload16);
       }
@@ -660,14 +784,24 @@ int main(int argc, char** argv) {
   }
 
   // Report. Without a copy ceiling (--sanitize) or a baseline (--expand) those columns are n/a.
+  const double copy_rw_bps = 2 * copy_bps;  // a copy of n bytes reads n and writes n
   struct Derived {
-    double gbps, fraction, speedup;
+    double gbps, fraction;        // one way (bytes), against the copy's bytes copied / time
+    double rw_gbps, fraction_rw;  // read + write (rw_bytes), against the copy's read + write / time
+    double speedup, host_med_us, host_max_us;
     bool compared;
   };
   auto derive = [&](const Row& r) {
     const double bps = r.bytes > 0 ? r.bytes / (r.median_ms * 1e-3) : 0.0;
-    return Derived{bps / 1e9, copy_bps > 0 && bps > 0 ? bps / copy_bps : -1.0,
-                   r.naive_ms > 0 ? r.naive_ms / r.median_ms : -1.0, r.naive_ms > 0};
+    const double rw_bps = r.rw_bytes > 0 ? r.rw_bytes / (r.median_ms * 1e-3) : 0.0;
+    return Derived{bps / 1e9,
+                   copy_bps > 0 && bps > 0 ? bps / copy_bps : -1.0,
+                   rw_bps / 1e9,
+                   copy_rw_bps > 0 && rw_bps > 0 ? rw_bps / copy_rw_bps : -1.0,
+                   r.naive_ms > 0 ? r.naive_ms / r.median_ms : -1.0,
+                   r.host_us.empty() ? -1.0 : double(median(r.host_us)),
+                   r.host_us.empty() ? -1.0 : double(*std::max_element(r.host_us.begin(), r.host_us.end())),
+                   r.naive_ms > 0};
   };
   auto number = [](double v, const char* fmt) {
     char b[32];
@@ -675,18 +809,29 @@ int main(int argc, char** argv) {
     std::snprintf(b, sizeof b, fmt, v);
     return std::string(b);
   };
-  std::printf("\n%-9s %-5s %-15s %10s %10s %9s %8s %11s %8s %s\n", "op", "dtype", "mode", "median ms", "GB moved",
-              "GB/s", "of copy", "naive ms", "speedup", "check");
+  auto check = [](const Row& r, const Derived& d) {
+    if (!r.failure.empty()) return "WRONG ROWS";
+    return !d.compared ? "not compared" : r.mismatches == 0 ? "= naive" : "MISMATCH";
+  };
+  std::printf("\nrw: bytes read + written (the copy's too); host us: time inside one call, median over iterations, "
+              "then median and max over ranks\n");
+  std::printf("\n%-9s %-5s %-15s %10s %8s %9s %10s %9s %9s %11s %8s %s\n", "op", "dtype", "mode", "median ms", "GB rw",
+              "GB/s rw", "of copy rw", "host us", "max rank", "naive ms", "speedup", "check");
   for (const Row& r : rows) {
     const Derived d = derive(r);
-    std::printf("%-9s %-5s %-15s %10.3f %10s %9s %8s %11s %8s %s\n", r.op.c_str(), r.dtype.c_str(), r.mode.c_str(),
-                r.median_ms, number(r.bytes > 0 ? r.bytes / 1e9 : -1, "%.3f").c_str(),
-                number(r.bytes > 0 ? d.gbps : -1, "%.1f").c_str(), number(d.fraction, "%.2f").c_str(),
+    std::printf("%-9s %-5s %-15s %10.3f %8s %9s %10s %9s %9s %11s %8s %s\n", r.op.c_str(), r.dtype.c_str(),
+                r.mode.c_str(), r.median_ms, number(r.rw_bytes > 0 ? r.rw_bytes / 1e9 : -1, "%.3f").c_str(),
+                number(r.rw_bytes > 0 ? d.rw_gbps : -1, "%.1f").c_str(), number(d.fraction_rw, "%.2f").c_str(),
+                number(d.host_med_us, "%.1f").c_str(), number(d.host_max_us, "%.1f").c_str(),
                 number(r.naive_ms > 0 ? r.naive_ms : -1, "%.3f").c_str(), number(d.speedup, "%.2f").c_str(),
-                !d.compared ? "not compared" : r.mismatches == 0 ? "= naive" : "MISMATCH");
+                check(r, d));
   }
   uint64_t bad = 0;
-  for (const Row& r : rows) bad += r.mismatches;
+  std::string failures;
+  for (const Row& r : rows) {
+    bad += r.mismatches;
+    if (!r.failure.empty()) failures += r.op + " " + r.dtype + " " + r.mode + ": " + r.failure;
+  }
   if (!o.json.empty()) {
     FILE* f = std::fopen(o.json.c_str(), "w");
     if (!f) die("cannot write " + o.json);
@@ -705,12 +850,27 @@ int main(int argc, char** argv) {
     std::fprintf(f, "  \"warmup\": %d,\n  \"iters\": %d,\n  \"num_sms\": %d,\n  \"gated\": %s,\n", o.warmup, o.iters,
                  o.sms, o.gate ? "true" : "false");
     std::fprintf(f,
-                 "  \"copy_bandwidth_gbps\": %.3f,\n  \"bytes_convention\": \"payload (and FP8 scale) bytes of every "
-                 "received row, counted once; copy bandwidth counted the same way (bytes copied / time)\",\n"
+                 "  \"copy_bandwidth_gbps\": %.3f,\n  \"copy_bandwidth_rw_gbps\": %.3f,\n"
+                 "  \"rw_bytes_convention\": \"rw_bytes: payload (and FP8 scale) bytes the operation must read plus "
+                 "those it must write: dispatch reads every received row at its source and writes it at its "
+                 "destination (2 x received rows x row bytes); combine reads every expert output row and writes "
+                 "every combined token ((received rows + ranks x tokens) x row bytes); no top-k metadata. "
+                 "copy_bandwidth_rw_gbps counts a copy of n bytes as 2n (read + written); fraction_of_copy_rw = "
+                 "rw_gbps / copy_bandwidth_rw_gbps\",\n"
+                 "  \"bytes_convention\": \"bytes (kept for comparison with earlier results): payload (and FP8 scale) "
+                 "bytes of every received row, counted once; copy_bandwidth_gbps counted the same way (bytes copied / "
+                 "time); fraction_of_copy = gbps / copy_bandwidth_gbps\",\n"
+                 "  \"timing_convention\": \"gated: every rank enqueued by one thread behind a gate kernel, CUDA "
+                 "events from its release to the last rank's completion; threads (exact-size dispatch, whose host wait "
+                 "needs the kernels running): one host thread per rank, released together after a start event, CUDA "
+                 "events from it to the last rank's completion, host wait included\",\n"
+                 "  \"host_time_convention\": \"host_us_per_rank: per rank, the median over the timed iterations of "
+                 "the CPU wall time inside one sy_dispatch / sy_combine call (exact-size: its host wait included); "
+                 "host_us_median and host_us_max over ranks\",\n"
                  "  \"naive\": \"per rank: gather rows by destination into a send buffer, one cudaMemcpyAsync per "
                  "destination (combine: copies back, then a gather-and-sum kernel); payload and scales only, no "
                  "top-k metadata; permutations precomputed on the host\",\n",
-                 copy_bps / 1e9);
+                 copy_bps / 1e9, copy_rw_bps / 1e9);
     std::fprintf(f, "  \"results\": [\n");
     auto json_number = [](double v) {
       char b[32];
@@ -721,18 +881,29 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
       const Derived d = derive(r);
+      std::string per_rank;
+      for (size_t k = 0; k < r.host_us.size(); ++k) per_rank += (k ? ", " : "") + json_number(r.host_us[k]);
+      // The failure text is built from numbers and plain words: nothing to escape.
+      const std::string failure = r.failure.empty() ? "null" : "\"" + r.failure + "\"";
       std::fprintf(f,
-                   "    {\"op\": \"%s\", \"dtype\": \"%s\", \"mode\": \"%s\", \"median_ms\": %.4f, \"min_ms\": %.4f, "
-                   "\"bytes\": %.0f, \"gbps\": %s, \"fraction_of_copy\": %s, \"naive_median_ms\": %s, "
-                   "\"speedup_vs_naive\": %s, \"matches_naive\": %s}%s\n",
-                   r.op.c_str(), r.dtype.c_str(), r.mode.c_str(), r.median_ms, r.min_ms, r.bytes,
-                   json_number(r.bytes > 0 ? d.gbps : -1).c_str(), json_number(d.fraction).c_str(),
+                   "    {\"op\": \"%s\", \"dtype\": \"%s\", \"mode\": \"%s\", \"timing\": \"%s\", \"median_ms\": %.4f, "
+                   "\"min_ms\": %.4f, \"rw_bytes\": %.0f, \"rw_gbps\": %s, \"fraction_of_copy_rw\": %s, "
+                   "\"bytes\": %.0f, \"gbps\": %s, \"fraction_of_copy\": %s, \"host_us_median\": %s, "
+                   "\"host_us_max\": %s, \"host_us_per_rank\": [%s], \"naive_median_ms\": %s, "
+                   "\"speedup_vs_naive\": %s, \"matches_naive\": %s, \"check_failure\": %s}%s\n",
+                   r.op.c_str(), r.dtype.c_str(), r.mode.c_str(), r.threaded ? "threads" : "gated", r.median_ms,
+                   r.min_ms, r.rw_bytes, json_number(r.rw_bytes > 0 ? d.rw_gbps : -1).c_str(),
+                   json_number(d.fraction_rw).c_str(), r.bytes, json_number(r.bytes > 0 ? d.gbps : -1).c_str(),
+                   json_number(d.fraction).c_str(), json_number(d.host_med_us).c_str(),
+                   json_number(d.host_max_us).c_str(), per_rank.c_str(),
                    json_number(r.naive_ms > 0 ? r.naive_ms : -1).c_str(), json_number(d.speedup).c_str(),
-                   !d.compared ? "null" : r.mismatches == 0 ? "true" : "false", i + 1 < rows.size() ? "," : "");
+                   !d.compared ? "null" : r.mismatches == 0 && r.failure.empty() ? "true" : "false", failure.c_str(),
+                   i + 1 < rows.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);
   }
+  if (!failures.empty()) die(failures);
   if (bad != 0) die(std::to_string(bad) + " bytes differ from the naive baseline");
   std::printf("\ngpu_bench: ok\n");
   return 0;
