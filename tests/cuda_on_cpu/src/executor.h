@@ -202,11 +202,37 @@ int device_count();
 // and task n's end is released on a token of its own, which whoever learns that task n is done
 // acquires (wait_for, reached): a host thread is ordered after the tasks it waited for, not
 // after every task that happened to finish first.
+namespace sy::cuda_cpu {
+// A hardware work queue of a device (CUDA_DEVICE_MAX_CONNECTIONS of them, default 8): streams
+// share them round-robin in creation order, the legacy default stream taking queue 0, and a
+// queue starts its work in the order it was enqueued, whatever the stream. A task at the head
+// that cannot start (its stream's previous work still runs, or it waits for an event) holds up
+// everything behind it, other streams' work included: the false dependency that can deadlock
+// kernels of ranks that wait for each other.
+struct HardwareQueue {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t next_ticket = 0, serving = 0;
+  uint64_t take();
+  void wait_turn(uint64_t ticket);
+  void advance();
+};
+// The queue of the next stream created on `device` (`legacy`: the default stream's).
+HardwareQueue* queue_for_new_stream(int device, bool legacy);
+// The device's primary context exists from here on: the first stream or cudaSetDevice creates
+// it, and it reads CUDA_DEVICE_MAX_CONNECTIONS then, as the driver does. With
+// SY_CUDA_CPU_CONTEXT_BEFORE=1 the contexts exist before the program starts (someone else
+// created them), so the variable as it was at start-up counts.
+void context_created(int device);
+bool context_exists(int device);
+}  // namespace sy::cuda_cpu
+
 struct CUstream_st {
-  CUstream_st(int device, unsigned flags);
+  CUstream_st(int device, unsigned flags, bool legacy = false);
   ~CUstream_st();
-  // Appends a task; returns its sequence number (the first is 1).
-  uint64_t push(std::function<void()> task);
+  // Appends a task; returns its sequence number (the first is 1). A task that `waits` (for an
+  // event) keeps its hardware queue until the wait is over; others free it when they start.
+  uint64_t push(std::function<void()> task, bool waits = false);
   // Waits until task `seq` has run.
   void wait_for(uint64_t seq);
   // Whether task `seq` has run.
@@ -223,6 +249,8 @@ struct CUstream_st {
  private:
   struct Task {
     std::function<void()> run;
+    uint64_t ticket;
+    bool waits;
   };
   // Tokens of task ends, reused every kRing tasks (a reuse only adds ordering: a race could
   // then go unseen, never be invented).
@@ -236,6 +264,7 @@ struct CUstream_st {
   bool stop_ = false;
   std::unique_ptr<char[]> done_tokens_{new char[kRing]()};
   sy::cuda_cpu::FiberPool own_fibers_;
+  sy::cuda_cpu::HardwareQueue* hw_;
   std::thread thread_;
 };
 
@@ -260,7 +289,7 @@ namespace sy::cuda_cpu {
 CUstream_st* resolve(cudaStream_t s);
 // Queues `task` on `s` in CUDA's order, the legacy default stream's implicit synchronisation with
 // blocking streams included; returns its sequence number on resolve(s).
-uint64_t enqueue(cudaStream_t s, std::function<void()> task);
+uint64_t enqueue(cudaStream_t s, std::function<void()> task, bool waits = false);
 void register_stream(CUstream_st* s);
 void unregister_stream(CUstream_st* s);
 // Waits for all work queued so far on every stream of `device` (every device if -1).

@@ -30,8 +30,9 @@ struct Allocation {
   Kind kind;
 };
 
-std::mutex g_mu;
-std::map<void*, Allocation> g_allocations;
+// Never destroyed: kernels still running at process exit look allocations up.
+std::mutex& g_mu = *new std::mutex();
+std::map<void*, Allocation>& g_allocations = *new std::map<void*, Allocation>();
 const bool g_poison = env_int("SY_CUDA_CPU_POISON", 1) != 0;
 CUmemPoolHandle_st g_pools[64];
 

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "executor.h"
 
@@ -73,6 +74,8 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
     case cudaErrorNotReady: return "cudaErrorNotReady";
     case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
+    case cudaErrorTimeout: return "cudaErrorTimeout";
     default: return "cudaErrorUnknown";
   }
 }
@@ -87,6 +90,8 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case cudaErrorNotReady: return "device not ready";
     case cudaErrorNotSupported: return "operation not supported (on the CPU executor)";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
+    case cudaErrorTimeout: return "wait operation timed out";
     default: return cudaGetErrorName(e);
   }
 }
@@ -99,6 +104,27 @@ cudaError_t cudaGetDeviceCount(int* n) {
 cudaError_t cudaSetDevice(int d) {
   if (!valid_device(d)) return fail(cudaErrorInvalidDevice);
   current_device = d;
+  context_created(d);  // as CUDA 12 and later do
+  return cudaSuccess;
+}
+
+namespace {
+
+// The one driver entry point the library asks for: whether a device's primary context exists.
+int primary_context_state(int device, unsigned int* flags, int* active) {
+  if (!valid_device(device)) return 101;  // CUDA_ERROR_INVALID_DEVICE
+  if (flags != nullptr) *flags = 0;
+  *active = context_exists(device) ? 1 : 0;
+  return 0;
+}
+
+}  // namespace
+
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int, unsigned long long,
+                                             cudaDriverEntryPointQueryResult* status) {
+  const bool known = std::string(symbol) == "cuDevicePrimaryCtxGetState";
+  *fn = known ? reinterpret_cast<void*>(&primary_context_state) : nullptr;
+  if (status != nullptr) *status = known ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
   return cudaSuccess;
 }
 
@@ -178,9 +204,11 @@ cudaError_t cudaDeviceEnablePeerAccess(int peer, unsigned int) {
   return valid_device(peer) && peer != current_device ? cudaSuccess : fail(cudaErrorInvalidDevice);
 }
 
-cudaError_t cudaDeviceGetP2PAttribute(int* v, cudaDeviceP2PAttr, int a, int b) {
+// SY_CUDA_CPU_P2P_ATOMICS=0 models GPUs joined by PCIe: peer access without native atomics.
+cudaError_t cudaDeviceGetP2PAttribute(int* v, cudaDeviceP2PAttr attr, int a, int b) {
   if (!valid_device(a) || !valid_device(b)) return fail(cudaErrorInvalidDevice);
-  *v = 1;
+  static const bool atomics = env_int("SY_CUDA_CPU_P2P_ATOMICS", 1) != 0;
+  *v = attr == cudaDevP2PAttrNativeAtomicSupported && a != b ? (atomics ? 1 : 0) : 1;
   return cudaSuccess;
 }
 
@@ -278,7 +306,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned int) {
   if (e == nullptr) return fail(cudaErrorInvalidResourceHandle);
   const auto [es, seq] = last_record(e);
   if (es == nullptr) return cudaSuccess;
-  enqueue(s, [es = es, seq = seq] { es->wait_for(seq); });
+  enqueue(s, [es = es, seq = seq] { es->wait_for(seq); }, true);
   return cudaSuccess;
 }
 

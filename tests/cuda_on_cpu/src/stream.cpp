@@ -25,7 +25,8 @@ using sy::cuda_cpu::quiet_notify_all;
 using sy::cuda_cpu::tsan_acquire;
 using sy::cuda_cpu::tsan_release;
 
-CUstream_st::CUstream_st(int dev, unsigned fl) : device(dev), flags(fl) {
+CUstream_st::CUstream_st(int dev, unsigned fl, bool legacy)
+    : device(dev), flags(fl), hw_(sy::cuda_cpu::queue_for_new_stream(dev, legacy)) {
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -53,7 +54,10 @@ void CUstream_st::loop() {
       seq = done_ + 1;
     }
     tsan_acquire(task);  // what the enqueuing thread did before
+    hw_->wait_turn(task->ticket);
+    if (!task->waits) hw_->advance();
     task->run();
+    if (task->waits) hw_->advance();
     delete task;  // its captures die here, after the work, on this thread
     tsan_release(done_token(seq));
     {
@@ -64,12 +68,13 @@ void CUstream_st::loop() {
   }
 }
 
-uint64_t CUstream_st::push(std::function<void()> run) {
-  Task* task = new Task{std::move(run)};
+uint64_t CUstream_st::push(std::function<void()> run, bool waits) {
+  Task* task = new Task{std::move(run), 0, waits};
   tsan_release(task);
   uint64_t seq;
   {
     QuietLock l(mu_);
+    task->ticket = hw_->take();  // under the stream's lock: tickets follow the stream's order
     queue_.push_back(task);
     seq = ++enqueued_;
   }
@@ -111,11 +116,79 @@ void CUstream_st::shutdown() {
 
 namespace sy::cuda_cpu {
 
+uint64_t HardwareQueue::take() {
+  QuietLock l(mu);
+  return next_ticket++;
+}
+
+void HardwareQueue::wait_turn(uint64_t ticket) {
+  QuietLock l(mu);
+  l.wait(cv, [&] { return serving == ticket; });
+}
+
+void HardwareQueue::advance() {
+  {
+    QuietLock l(mu);
+    ++serving;
+  }
+  quiet_notify_all(cv);
+}
+
 namespace {
 
-std::mutex g_mu;
-std::vector<CUstream_st*> g_streams;      // every live stream, default streams included
-std::map<int, CUstream_st*> g_default;    // the legacy default stream of each device
+// The hardware queues of each device, made with its context.
+struct DeviceQueues {
+  std::vector<std::unique_ptr<HardwareQueue>> queues;
+  uint64_t streams = 0;  // streams created, the legacy one aside
+};
+// Never destroyed (see g_mu below).
+std::mutex& g_queues_mu = *new std::mutex();
+std::map<int, DeviceQueues>& g_queues = *new std::map<int, DeviceQueues>();
+
+int connections_from_environment() {
+  const int n = env_int("CUDA_DEVICE_MAX_CONNECTIONS", 8);
+  return n < 1 ? 1 : n > 32 ? 32 : n;
+}
+const bool g_context_before = env_int("SY_CUDA_CPU_CONTEXT_BEFORE", 0) != 0;
+const int g_connections_at_start = connections_from_environment();
+
+// (g_queues_mu held)
+DeviceQueues& device_queues(int device) {
+  DeviceQueues& d = g_queues[device];
+  if (d.queues.empty()) {
+    const int n = g_context_before ? g_connections_at_start : connections_from_environment();
+    for (int i = 0; i < n; ++i) d.queues.push_back(std::make_unique<HardwareQueue>());
+  }
+  return d;
+}
+
+}  // namespace
+
+void context_created(int device) {
+  QuietLock l(g_queues_mu);
+  device_queues(device);
+}
+
+bool context_exists(int device) {
+  QuietLock l(g_queues_mu);
+  return g_context_before || g_queues.count(device) != 0;
+}
+
+HardwareQueue* queue_for_new_stream(int device, bool legacy) {
+  QuietLock l(g_queues_mu);
+  DeviceQueues& d = device_queues(device);
+  if (legacy) return d.queues[0].get();
+  d.streams += 1;
+  return d.queues[d.streams % d.queues.size()].get();
+}
+
+namespace {
+
+// Like every registry here, never destroyed: stream threads, the watchdog and kernels still
+// running when the process exits use them while static destructors run.
+std::mutex& g_mu = *new std::mutex();
+std::vector<CUstream_st*>& g_streams = *new std::vector<CUstream_st*>();  // every live stream, default ones included
+std::map<int, CUstream_st*>& g_default = *new std::map<int, CUstream_st*>();  // each device's legacy default stream
 #ifdef SY_CUDA_CPU_TSAN
 constexpr int kDefaultResident = 2;
 #else
@@ -129,7 +202,7 @@ CUstream_st* default_stream(int device) {
   QuietLock l(g_mu);
   CUstream_st*& s = g_default[device];
   if (s == nullptr) {
-    s = new CUstream_st(device, cudaStreamDefault);
+    s = new CUstream_st(device, cudaStreamDefault, true);
     g_streams.push_back(s);
   }
   return s;
@@ -142,8 +215,8 @@ struct Running {
   const char* kernel;
   std::chrono::steady_clock::time_point since;
 };
-std::mutex g_running_mu;
-std::vector<Running> g_running;
+std::mutex& g_running_mu = *new std::mutex();
+std::vector<Running>& g_running = *new std::vector<Running>();
 
 void watch() {
   const double limit = env_double("SY_CUDA_CPU_WATCHDOG_S", 120.0);
@@ -191,7 +264,7 @@ CUstream_st* resolve(cudaStream_t s) { return is_default(s) ? default_stream(cur
 
 // The legacy default stream waits for every blocking stream of its device, and they wait for it
 // (CUDA's implicit synchronisation); non-blocking streams are independent of it.
-uint64_t enqueue(cudaStream_t s, std::function<void()> task) {
+uint64_t enqueue(cudaStream_t s, std::function<void()> task, bool waits) {
   CUstream_st* st = resolve(s);
   // Under the registry's lock, so that a task on the legacy stream and one on a blocking stream
   // enqueued at the same time by two threads still wait one for the other.
@@ -203,11 +276,13 @@ uint64_t enqueue(cudaStream_t s, std::function<void()> task) {
     const bool other_is_default = o == g_default[st->device];
     if (legacy || (st->flags == cudaStreamDefault && other_is_default)) before.emplace_back(o, o->last());
   }
-  if (before.empty()) return st->push(std::move(task));
-  return st->push([before = std::move(before), task = std::move(task)] {
-    for (const auto& [o, seq] : before) o->wait_for(seq);
-    task();
-  });
+  if (before.empty()) return st->push(std::move(task), waits);
+  return st->push(
+      [before = std::move(before), task = std::move(task)] {
+        for (const auto& [o, seq] : before) o->wait_for(seq);
+        task();
+      },
+      true);
 }
 
 void register_stream(CUstream_st* s) {
@@ -248,7 +323,28 @@ void annotate_write(void* p, size_t n) {
 #endif
 }
 
+namespace {
+
+// SY_CUDA_CPU_FAIL_LAUNCH=KERNEL[:N]: the N-th launch (default the first) of KERNEL in the
+// process fails as if the GPU lacked the resources, for tests of what a failed launch leaves.
+bool injected_launch_failure(const char* kernel) {
+  static const std::string& spec = *new std::string([] {  // never destroyed: launches at exit read it
+    const char* v = std::getenv("SY_CUDA_CPU_FAIL_LAUNCH");
+    return v ? v : "";
+  }());
+  if (spec.empty()) return false;
+  const size_t colon = spec.find(':');
+  const std::string name = spec.substr(0, colon);
+  const long nth = colon == std::string::npos ? 1 : std::atol(spec.c_str() + colon + 1);
+  if (name != kernel) return false;
+  static std::atomic<long> seen{0};
+  return seen.fetch_add(1) + 1 == nth;
+}
+
+}  // namespace
+
 cudaError_t enqueue_kernel(const LaunchConfig& config, std::function<void()> body) {
+  if (injected_launch_failure(config.kernel)) return fail(cudaErrorLaunchOutOfResources);
   const unsigned threads = config.block.x * config.block.y * config.block.z;
   const uint64_t blocks = uint64_t(config.grid.x) * config.grid.y * config.grid.z;
   if (threads == 0 || threads > 1024 || config.block.z > 64 || blocks == 0 || config.grid.y > 65535 ||
