@@ -333,6 +333,40 @@ Deno.test("bad data inside an operation fails every rank fast, naming the culpri
     );
     assert.ok(again.every((d) => d.numRecvTokens !== null));
     for (const d of again) d[Symbol.dispose]();
+    // A rank that is done with the failed operation goes straight on to the next (worst case:
+    // nothing waits on the host in between) and publishes its parameters while the other may
+    // still be comparing the failed one's; they must not overwrite them (core::op_slot). Round
+    // after round: the failed call fails on both with the mismatch, the next works on both.
+    for (let round = 0; round < 8; round++) {
+      const results = await Promise.allSettled([0, 1].map(async (r) => {
+        const bad = r === 0
+          ? fx.buffers[0].dispatch(made[0].x, { isTokenInRank: inRank, numWorstTokens: 2 * T })
+          : fx.buffers[1].dispatch(made[1].x, {
+            topkIdx: made[1].idx,
+            topkWeights: made[1].w,
+            numExperts: E,
+            numWorstTokens: 2 * T,
+          });
+        // Worst case: the failure surfaces when the outputs are read.
+        const failed = await bad.then((d) => d.recvCount.read().then(() => d)).catch((e) => e);
+        const good = await fx.buffers[r].dispatch(made[r].x, {
+          topkIdx: made[r].idx,
+          topkWeights: made[r].w,
+          numExperts: E,
+          numWorstTokens: 2 * T,
+        });
+        const count = (await good.recvCount.read())[0];
+        good[Symbol.dispose]();
+        return { failed, count };
+      }));
+      for (const [r, s] of results.entries()) {
+        assert.equal(s.status, "fulfilled", `round ${round}, rank ${r}: ${(s as PromiseRejectedResult).reason}`);
+        const { failed, count } = (s as PromiseFulfilledResult<{ failed: unknown; count: number }>).value;
+        assert.ok(failed instanceof SwitchyardError && failed.argument === "operation", `round ${round}: ${failed}`);
+        assert.match(failed.message, /with different top-k widths/);
+        assert.ok(count > 0, `round ${round}, rank ${r}: ${count} rows`);
+      }
+    }
     for (const m of made) for (const v of Object.values(m)) v[Symbol.dispose]();
   });
   await t.step("mismatched collectives name the operation; the buffers stay usable", async () => {

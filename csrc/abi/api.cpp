@@ -124,25 +124,6 @@ extern "C" {
 // ---------------------------------------------------------------------------------------------
 // Errors and library
 
-SY_API const char* sy_status_name(int32_t status) {
-  switch (status) {
-    case SY_OK: return "OK";
-    case SY_NOT_READY: return "NOT_READY";
-    case SY_ERROR_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case SY_ERROR_WRONG_HANDLE: return "WRONG_HANDLE";
-    case SY_ERROR_DISPOSED: return "DISPOSED";
-    case SY_ERROR_OUT_OF_MEMORY: return "OUT_OF_MEMORY";
-    case SY_ERROR_NO_DEVICE: return "NO_DEVICE";
-    case SY_ERROR_UNSUPPORTED: return "UNSUPPORTED";
-    case SY_ERROR_TIMEOUT: return "TIMEOUT";
-    case SY_ERROR_PEER_FAILED: return "PEER_FAILED";
-    case SY_ERROR_CUDA: return "CUDA";
-    case SY_ERROR_ABI_MISMATCH: return "ABI_MISMATCH";
-    case SY_ERROR_INTERNAL: return "INTERNAL";
-    default: return "UNKNOWN";
-  }
-}
-
 SY_API sy_status sy_last_error(const void* handle, sy_error_info* info) {
   if (info == nullptr || info->struct_size < sizeof(sy_error_info)) return SY_ERROR_INVALID_ARGUMENT;
   Error e;
@@ -604,7 +585,7 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
     buf->num_sms = o.num_sms > 0 ? o.num_sms : core::default_config(R).num_sms;
     buf->masking = o.enable_masking != 0;
     SY_TRY(g->backend->create_stream(g, *r, &buf->comm_stream));
-    SY_TRY(g->backend->allocate_shared(*r, plan.total_bytes, &buf->region));
+    SY_TRY(g->backend->allocate_shared(*r, g->backend->shared_bytes(plan), &buf->region));
 
     // Join the n-th set: the buffers every rank creates n-th belong together. In a process
     // group the set is this buffer's own; the peers' buffers arrive through sy_buffer_import.
@@ -678,7 +659,7 @@ SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out) {
     v.max_tokens_per_rank = b->plan.max_tokens_per_rank;
     v.ll_num_experts = b->plan.ll.experts;
     v.enable_masking = b->masking ? 1 : 0;
-    v.bytes = b->plan.total_bytes;
+    v.bytes = b->group->backend->shared_bytes(b->plan);
     copy_cstr(v.name, sizeof v.name, b->region->share_name);
     return write_struct(out, v, "out");
   });
@@ -700,7 +681,7 @@ SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share
                                           (b->masking ? "on" : "off") + "; every rank must pass the same options");
     }
     if (v.hidden != p.hidden || v.max_tokens_per_rank != p.max_tokens_per_rank || v.ll_num_experts != p.ll.experts ||
-        v.bytes != p.total_bytes) {
+        v.bytes != b->group->backend->shared_bytes(p)) {
       return invalid("share", "share: rank " + std::to_string(v.rank) + " created its buffer with hidden " +
                                   std::to_string(v.hidden) + ", maxTokensPerRank " +
                                   std::to_string(v.max_tokens_per_rank) + ", " + std::to_string(v.ll_num_experts) +

@@ -37,3 +37,23 @@ Error timeout_error(const core::WaitFailure& w, const std::string& what) {
 }
 
 }  // namespace sy
+
+// The status names of the C ABI (switchyard.h).
+extern "C" SY_API const char* sy_status_name(int32_t status) {
+  switch (status) {
+    case SY_OK: return "OK";
+    case SY_NOT_READY: return "NOT_READY";
+    case SY_ERROR_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case SY_ERROR_WRONG_HANDLE: return "WRONG_HANDLE";
+    case SY_ERROR_DISPOSED: return "DISPOSED";
+    case SY_ERROR_OUT_OF_MEMORY: return "OUT_OF_MEMORY";
+    case SY_ERROR_NO_DEVICE: return "NO_DEVICE";
+    case SY_ERROR_UNSUPPORTED: return "UNSUPPORTED";
+    case SY_ERROR_TIMEOUT: return "TIMEOUT";
+    case SY_ERROR_PEER_FAILED: return "PEER_FAILED";
+    case SY_ERROR_CUDA: return "CUDA";
+    case SY_ERROR_ABI_MISMATCH: return "ABI_MISMATCH";
+    case SY_ERROR_INTERNAL: return "INTERNAL";
+    default: return "UNKNOWN";
+  }
+}

@@ -33,6 +33,20 @@ Error kind_mismatch_error(int rank, uint32_t epoch, uint32_t mine, int peer, uin
   return e;
 }
 
+Error peer_moved_on_error(int rank, uint32_t epoch, int peer, uint32_t theirs) {
+  Error e = fail(SY_ERROR_PEER_FAILED,
+                 "rank " + std::to_string(rank) + ": rank " + std::to_string(peer) + " had moved on to operation " +
+                     std::to_string(theirs) + " of this buffer before this rank could compare operation " +
+                     std::to_string(epoch) + " with it (it gave up waiting for an operation in between); this "
+                     "buffer set cannot be used again, create new buffers",
+                 "operation");
+  e.wait.rank = rank;
+  e.wait.peer = peer;
+  e.wait.expected = epoch;
+  e.wait.observed = theirs;
+  return e;
+}
+
 Error peer_rejected_error(int rank, uint32_t epoch, uint32_t kind, int peer) {
   Error e = fail(SY_ERROR_PEER_FAILED,
                  "rank " + std::to_string(rank) + ": rank " + std::to_string(peer) + " rejected its input for " +

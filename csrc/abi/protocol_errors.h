@@ -17,6 +17,8 @@ Error abandoned_error(int rank, uint32_t epoch, int failed, int peer, core::Wait
 Error kind_mismatch_error(int rank, uint32_t epoch, uint32_t mine, int peer, uint32_t theirs);
 // Rank `peer` rejected its own input for operation `kind`.
 Error peer_rejected_error(int rank, uint32_t epoch, uint32_t kind, int peer);
+// Rank `peer`'s parameters for operation `epoch` were overwritten: it is at operation `theirs`.
+Error peer_moved_on_error(int rank, uint32_t epoch, int peer, uint32_t theirs);
 // Rank `peer` passed `theirs` for the parameter `name` (word of the barrier's description).
 Error desc_mismatch_error(int rank, uint32_t epoch, uint32_t kind, int peer, const char* name, uint32_t mine,
                           uint32_t theirs);

@@ -102,9 +102,9 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   p.off_abort = o;
   o = align_up(o + 4 * kAbortWords, kRegionAlignBytes);
   p.off_op_kind = o;
-  o = align_up(o + 4 * R, kRegionAlignBytes);
+  o = align_up(o + 4 * 2 * R, kRegionAlignBytes);
   p.off_op_desc = o;
-  o = align_up(o + 4 * R * uint64_t(kDescWords), kRegionAlignBytes);
+  o = align_up(o + 4 * 2 * R * uint64_t(kDescSlotWords), kRegionAlignBytes);
   p.off_barrier_epoch = o;
   o = align_up(o + 4 * R, kRegionAlignBytes);
   p.off_dispatch_epoch = o;
@@ -115,6 +115,8 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   o = align_up(o + 4 * R * R, kRegionAlignBytes);
   p.off_expert_counts = o;
   o = align_up(o + 4 * R * uint64_t(kMaxExpertsPerRank), kRegionAlignBytes);
+  p.off_mask = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
   p.header_bytes = o;
 
   p.off_dispatch = o;
@@ -122,9 +124,7 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   o = align_up(o + p.dispatch_region_bytes, kRegionAlignBytes);
   p.off_combine = o;
   p.combine_region_bytes = R * uint64_t(max_tokens_per_rank) * uint64_t(p.combine_row_bytes);
-  o = align_up(o + p.combine_region_bytes, kRegionAlignBytes);
-  p.off_mask = o;
-  o = align_up(o + 4 * R, 4096);
+  o = align_up(o + p.combine_region_bytes, 4096);
   if (ll_experts != 0) {
     Problem ll = plan_low_latency(ranks, hidden, max_tokens_per_rank, ll_experts, &p.ll);
     if (!ll.ok()) return ll;

@@ -6,6 +6,9 @@
 //   header     doorbell | abort record | per-peer operation kinds and epochs (barrier,
 //              dispatch, combine)
 //              | per-peer send-count rows [R][R] i32 | per-peer expert-count rows [R][EL] i32
+//              | mask [R] u32
+//              (the CUDA backend's normal mode shares only the header: its ranks pull payloads
+//              straight from each other's tensors)
 //   dispatch   [R source ranks][max_tokens_per_rank slots] token records
 //   combine    [R source ranks][max_tokens_per_rank slots] combine rows
 //   low latency (when the buffer has experts for it) two identical halves, see LowLatencyPlan
@@ -18,6 +21,7 @@
 #include <cstdint>
 #include <string>
 
+#include "hd.h"
 #include "limits.h"
 
 namespace sy::core {
@@ -99,20 +103,20 @@ struct BufferPlan {
   // Header, offsets from the buffer base.
   uint64_t off_doorbell = 0;        // u32 bumped by every writer, waited on with a futex
   uint64_t off_abort = 0;           // u32[kAbortWords], see AbortRecord
-  uint64_t off_op_kind = 0;         // u32[R]: the operation peer p entered at its last barrier
-  uint64_t off_op_desc = 0;         // u32[R][kDescWords]: that operation's parameters
+  uint64_t off_op_kind = 0;         // u32[2][R]: the operation peer p entered (op_slot)
+  uint64_t off_op_desc = 0;         // u32[2][R][kDescSlotWords]: its parameters and epoch (op_slot)
   uint64_t off_barrier_epoch = 0;   // u32[R]: peer p has arrived at barrier n
   uint64_t off_dispatch_epoch = 0;  // u32[R]: peer p has delivered dispatch n
   uint64_t off_combine_epoch = 0;   // u32[R]: peer p has delivered combine n
   uint64_t off_send_counts = 0;     // i32[R][R]: row p = tokens p sends to every rank
   uint64_t off_expert_counts = 0;   // i32[R][kMaxExpertsPerRank]: row p = p's tokens per my expert
+  uint64_t off_mask = 0;            // u32[R]: this rank's view of which peers are masked
   uint64_t header_bytes = 0;
 
   uint64_t off_dispatch = 0;
   uint64_t dispatch_region_bytes = 0;
   uint64_t off_combine = 0;
   uint64_t combine_region_bytes = 0;
-  uint64_t off_mask = 0;            // u32[R]: this rank's view of which peers are masked
   LowLatencyPlan ll;
   uint64_t total_bytes = 0;
 
@@ -143,6 +147,18 @@ inline constexpr int kDescWords = 8;
 // The last word: 1 when this rank found its own input invalid; the operation then runs nowhere
 // and every rank fails it (the buffers stay usable).
 inline constexpr int kDescRejected = kDescWords - 1;
+// A parameter slot in a header: the words, then the epoch of the operation that wrote them.
+inline constexpr int kDescSlotWords = kDescWords + 1;
+inline constexpr int kDescEpoch = kDescWords;
+
+// Where peer `peer` writes its kind (`words` 1) or parameters (`words` kDescSlotWords) for
+// operation `epoch` into a header's array at `base`: one slot per peer and epoch parity. A fast
+// rank that has finished operation e (after a failed barrier, say) writes e+1 into the other
+// slot, never over the e that a slower peer may still be comparing; e+2 needs every peer past
+// e+1's barrier, unless a wait timed out, which the epoch stamp then shows.
+SY_HD uint64_t op_slot(uint64_t base, int ranks, int peer, uint32_t epoch, int words) {
+  return base + 4ull * uint64_t(words) * (uint64_t(epoch & 1u) * uint64_t(ranks) + uint64_t(peer));
+}
 
 // Operation kinds exchanged at the barrier, so mismatched collectives are reported as such.
 enum class OpKind : uint32_t { None = 0, Dispatch = 1, Combine = 2, CleanLowLatency = 3 };

@@ -179,22 +179,33 @@ __device__ inline bool barrier(const SyncArgs& a, const uint32_t* desc) {
   if (threadIdx.x == 0) verdict = check_aborted(a) ? 0 : 1;
   __syncthreads();
   if (verdict == 0) return false;
+  // Slots by epoch parity, stamped (core::op_slot): a fast peer's next operation never
+  // overwrites this one while a slower rank still compares it.
   for (int r = threadIdx.x; r < a.ranks; r += blockDim.x) {
-    header_word(a, r, a.off_op_kind)[a.rank] = desc[0];
-    uint32_t* slot = header_word(a, r, a.off_op_desc + 4ull * core::kDescWords * uint64_t(a.rank));
+    *header_word(a, r, core::op_slot(a.off_op_kind, a.ranks, a.rank, a.epoch, 1)) = desc[0];
+    uint32_t* slot = header_word(a, r, core::op_slot(a.off_op_desc, a.ranks, a.rank, a.epoch, core::kDescSlotWords));
     for (int i = 0; i < core::kDescWords; ++i) slot[i] = desc[i];
+    slot[core::kDescEpoch] = a.epoch;
   }
   signal_peers(a, a.off_barrier);
   if (!wait_peers(a, a.off_barrier, core::WaitRole::Barrier)) return false;
-  const uint32_t* kinds = header_word(a, a.rank, a.off_op_kind);
   for (int r = threadIdx.x; r < a.ranks; r += blockDim.x) {
-    const uint32_t* theirs = header_word(a, a.rank, a.off_op_desc + 4ull * core::kDescWords * uint64_t(r));
+    const uint32_t* theirs =
+        header_word(a, a.rank, core::op_slot(a.off_op_desc, a.ranks, r, a.epoch, core::kDescSlotWords));
+    const uint32_t kind = *header_word(a, a.rank, core::op_slot(a.off_op_kind, a.ranks, r, a.epoch, 1));
     FailureInfo f;
     f.peer = r;
-    if (kinds[r] != desc[0]) {
+    if (theirs[core::kDescEpoch] != a.epoch) {
+      f.kind = KernelFailure::PeerMovedOn;
+      f.expected = a.epoch;
+      f.observed = theirs[core::kDescEpoch];
+      report_failure(a.report, f);
+      continue;
+    }
+    if (kind != desc[0]) {
       f.kind = KernelFailure::KindMismatch;
       f.expected = desc[0];
-      f.observed = kinds[r];
+      f.observed = kind;
       report_failure(a.report, f);
       continue;
     }

@@ -46,6 +46,8 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
       const int word = r.a > 0 && r.a < core::kDescWords ? r.a : 0;
       return desc_mismatch_error(rank, epoch, kind, r.peer, names[word], uint32_t(r.expected), uint32_t(r.observed));
     }
+    case KernelFailure::PeerMovedOn:
+      return peer_moved_on_error(rank, uint32_t(r.expected), r.peer, uint32_t(r.observed));
     case KernelFailure::CachedMismatch:
       return cached_mismatch_error(rank, r.expected, r.observed);
     case KernelFailure::Capacity:

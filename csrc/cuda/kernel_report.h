@@ -27,6 +27,7 @@ enum class KernelFailure : int32_t {
   Internal = 9,         // the peers' counts disagree with what arrived (`a` = local expert)
   NotRun = 10,          // an earlier kernel of the operation failed (never reported alone)
   HandleMismatch = 11,  // combine: rank `peer` holds no row `observed` (its handle has `expected`)
+  PeerMovedOn = 12,     // rank `peer`'s parameters for operation `expected` were overwritten by `observed`
 };
 
 struct KernelReport {

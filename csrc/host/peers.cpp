@@ -155,7 +155,7 @@ Error Peers::masked_barrier(core::OpKind kind, uint32_t* mask, bool mask_on_time
   const int R = num_ranks();
   for (int r = 0; r < R; ++r) {
     if (load_acquire(&mask[r]) != 0) continue;
-    store_release(word(r, plan().off_op_kind + 4ull * uint64_t(rank_)), uint32_t(kind));
+    store_release(word(r, core::op_slot(plan().off_op_kind, R, rank_, epoch_, 1)), uint32_t(kind));
     signal(r, plan().off_barrier_epoch);
   }
   return wait_sources(plan().off_barrier_epoch, core::WaitRole::Barrier, WaitPolicy{mask, mask_on_timeout, nullptr});
@@ -164,19 +164,21 @@ Error Peers::masked_barrier(core::OpKind kind, uint32_t* mask, bool mask_on_time
 Error Peers::barrier(core::OpKind kind, const uint32_t* desc, const char* const* names) {
   SY_TRY(aborted_error());
   const int R = num_ranks();
-  const uint64_t desc_bytes = 4ull * core::kDescWords;
   for (int r = 0; r < R; ++r) {
-    store_release(word(r, plan().off_op_kind + 4ull * uint64_t(rank_)), uint32_t(kind));
-    uint32_t* slot = word(r, plan().off_op_desc + desc_bytes * uint64_t(rank_));
+    store_release(word(r, core::op_slot(plan().off_op_kind, R, rank_, epoch_, 1)), uint32_t(kind));
+    uint32_t* slot = word(r, core::op_slot(plan().off_op_desc, R, rank_, epoch_, core::kDescSlotWords));
     for (int i = 0; i < core::kDescWords; ++i) slot[i] = desc ? desc[i] : 0u;
+    slot[core::kDescEpoch] = epoch_;
     signal(r, plan().off_barrier_epoch);  // release: the kind and parameters are visible first
   }
   SY_TRY(wait_all(plan().off_barrier_epoch, core::WaitRole::Barrier));
-  const uint32_t* kinds = word(rank_, plan().off_op_kind);
   for (int r = 0; r < R; ++r) {
-    uint32_t k = load_acquire(&kinds[r]);
+    const uint32_t* theirs = word(rank_, core::op_slot(plan().off_op_desc, R, r, epoch_, core::kDescSlotWords));
+    const uint32_t k = load_acquire(word(rank_, core::op_slot(plan().off_op_kind, R, r, epoch_, 1)));
+    if (const uint32_t stamp = theirs[core::kDescEpoch]; stamp != epoch_) {
+      return peer_moved_on_error(rank_, epoch_, r, stamp);
+    }
     if (k != uint32_t(kind)) return kind_mismatch_error(rank_, epoch_, uint32_t(kind), r, k);
-    const uint32_t* theirs = word(rank_, plan().off_op_desc + desc_bytes * uint64_t(r));
     if (desc && theirs[core::kDescRejected] != 0 && r != rank_) return peer_rejected_error(rank_, epoch_, uint32_t(kind), r);
     for (int i = 1; desc && i < core::kDescRejected; ++i) {
       if (theirs[i] != desc[i]) {
