@@ -95,7 +95,7 @@ function passes(): Pass[] {
     out.push({
       name: "host",
       what: `every test file but the CUDA tests, on ${Deno.env.get("SWITCHYARD_LIBRARY") || "build/"}`,
-      files: ["tests/", "--doc", "mod.ts", "README.md", "--ignore=tests/cuda_test.ts"],
+      files: ["tests/", "--doc", "mod.ts", "README.md", "--ignore=tests/cuda_test.ts,tests/cuda_config_test.ts"],
       env: {},
     });
   }
@@ -104,7 +104,7 @@ function passes(): Pass[] {
       out.push({
         name: "cuda-gpu",
         what: `the CUDA tests and the normal-mode suite on ${cuda.deviceName}`,
-        files: ["tests/cuda_test.ts", ...NORMAL_MODE_SUITE],
+        files: ["tests/cuda_test.ts", "tests/cuda_config_test.ts", ...NORMAL_MODE_SUITE],
         env: { SWITCHYARD_TEST_BACKEND: "cuda" },
       });
     } else {
@@ -116,7 +116,7 @@ function passes(): Pass[] {
     out.push({
       name: "cuda-on-cpu",
       what: `the CUDA tests and the normal-mode suite on the CUDA backend executed on the CPU (${library})`,
-      files: ["tests/cuda_test.ts", ...NORMAL_MODE_SUITE],
+      files: ["tests/cuda_test.ts", "tests/cuda_config_test.ts", ...NORMAL_MODE_SUITE],
       env: { SWITCHYARD_TEST_BACKEND: "cuda", SWITCHYARD_LIBRARY: library },
     });
   }

@@ -36,7 +36,10 @@ export function defaultConfig(ranks: number): Config {
 
 /** What one rank's communication buffer holds. */
 export interface BufferPlan {
-  /** Bytes one rank allocates. */
+  /**
+   * Bytes one rank allocates on the host backend. The CUDA backend shares only the header
+   * ({@link BufferPlan.headerBytes}): its kernels read payloads straight from the peers' tensors.
+   */
   readonly totalBytes: number;
   /** Bytes of one dispatched token record. */
   readonly recordBytes: number;

@@ -25,6 +25,7 @@ import {
   bytesOf,
   generate,
   orderSensitiveBF16,
+  paddingZeroed,
   randomBF16,
   type Scenario,
   upload,
@@ -107,16 +108,26 @@ interface Mode {
 /** Every output of one dispatch and its combine on one rank, as bytes. */
 type Outcome = Record<string, Uint8Array>;
 
-async function outputsOf(res: DispatchResult): Promise<Outcome> {
+async function outputsOf(res: DispatchResult, expand: boolean): Promise<Outcome> {
   const out: Outcome = {};
   const rows = res.numRows;
-  // Worst-case rows past the received ones hold whatever the allocation held: compare the used part.
+  // Worst-case rows past the received ones hold whatever the allocation held: compare the used
+  // part. So do expanded padding rows (zeroed only on request, compared apart): only the rows
+  // the handle maps a (token, expert) pair to are compared.
   const used = (await res.recvCount.read())[0];
+  let owned: (number | null)[] = new Array(used).fill(0);
+  if (expand) {
+    using map = res.handle.expandedRow();
+    const real = new Set(await map.read());
+    owned = owned.map((_, row) => real.has(row) ? row : null);
+  }
   const x = bytesOf(await res.recvX.read());
-  out.recvX = x.subarray(0, (x.length / Math.max(rows, 1)) * used);
+  const rowBytes = x.length / Math.max(rows, 1);
+  out.recvX = paddingZeroed(x.subarray(0, rowBytes * used), owned, rowBytes);
   if (res.recvXScales) {
     const sc = bytesOf(await res.recvXScales.read());
-    out.recvXScales = sc.subarray(0, (sc.length / Math.max(rows, 1)) * used);
+    const scaleBytes = sc.length / Math.max(rows, 1);
+    out.recvXScales = paddingZeroed(sc.subarray(0, scaleBytes * used), owned, scaleBytes);
   }
   if (res.recvTopkIdx) out.recvTopkIdx = bytesOf(await res.recvTopkIdx.read());
   if (res.recvTopkWeights) {
@@ -161,7 +172,7 @@ async function runOn(backend: Backend, s: Scenario, mode: Mode): Promise<Outcome
         ? await bufs[r].dispatch(up.x, { xScales: up.scales, handle: first.handle, expand: mode.expand })
         : undefined;
       const res = again ?? first;
-      const out = await outputsOf(res);
+      const out = await outputsOf(res, mode.expand ?? false);
       if (mode.expand && mode.zeroPadding) out.recvXAll = bytesOf(await res.recvX.read());
       // Combine: expert outputs and biases whose sums depend on the order of addition, so every
       // row and the reduction order matter.

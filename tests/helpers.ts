@@ -264,3 +264,20 @@ export function orderSensitiveFloats(n: number, seed: number): Float32Array {
 export function orderSensitiveBF16(n: number, seed: number): Uint16Array {
   return toBF16(orderSensitiveFloats(n, seed));
 }
+
+/**
+ * The payload rows of an expanded dispatch with the padding rows (no owner) zeroed, as the
+ * reference has them: without `zeroPadding` their payload is not defined (outputs are not
+ * zero-filled when allocated), so only the rows that hold a token are compared.
+ */
+export function paddingZeroed(
+  x: Uint8Array,
+  rowOwner: readonly (unknown | null)[],
+  rowBytes: number,
+): Uint8Array {
+  const out = x.slice();
+  rowOwner.forEach((owner, row) => {
+    if (owner === null) out.fill(0, row * rowBytes, (row + 1) * rowBytes);
+  });
+  return out;
+}

@@ -176,15 +176,15 @@ Error op_ll_dispatch(std::shared_ptr<BufferCore> buf, const LLDispatchRequest& r
 
   const int64_t EL = w->num_local_experts, N = int64_t(w->num_ranks) * w->max_tokens;
   const auto& g = buf->group;
-  SY_TRY(new_tensor(g, buf->rank, fp8 ? DType::FP8E4M3 : DType::BF16, {EL, N, w->hidden}, &w->recv_x));
+  SY_TRY(new_output(*buf, fp8 ? DType::FP8E4M3 : DType::BF16, {EL, N, w->hidden}, &w->recv_x));
   if (fp8) {
     const int64_t S = core::ll_scale_words(w->hidden, ue8m0);
-    SY_TRY(new_tensor(g, buf->rank, ue8m0 ? DType::I32 : DType::F32, {EL, N, S}, &w->recv_x_scales));
+    SY_TRY(new_output(*buf, ue8m0 ? DType::I32 : DType::F32, {EL, N, S}, &w->recv_x_scales));
     // Column-major in the last two dimensions, as grouped GEMMs with TMA want them.
     w->recv_x_scales->strides[1] = 1;
     w->recv_x_scales->strides[2] = N;
   }
-  SY_TRY(new_tensor(g, buf->rank, DType::I32, {EL}, &w->recv_count));
+  SY_TRY(new_output(*buf, DType::I32, {EL}, &w->recv_count));
   for (auto* t : {&w->recv_x, &w->recv_x_scales, &w->recv_count})
     if (*t) (*t)->producer = w->status;
   auto h = std::make_shared<LLHandle>();
@@ -198,8 +198,8 @@ Error op_ll_dispatch(std::shared_ptr<BufferCore> buf, const LLDispatchRequest& r
   h->max_tokens = w->max_tokens;
   h->hidden = w->hidden;
   h->num_tokens = T;
-  SY_TRY(new_tensor(g, buf->rank, DType::I32, {EL, N}, &h->src_info));
-  SY_TRY(new_tensor(g, buf->rank, DType::I64, {EL, int64_t(w->num_ranks)}, &h->layout_range));
+  SY_TRY(new_output(*buf, DType::I32, {EL, N}, &h->src_info));
+  SY_TRY(new_output(*buf, DType::I64, {EL, int64_t(w->num_ranks)}, &h->layout_range));
   h->src_info->producer = h->layout_range->producer = w->status;
   w->handle = h;
 
@@ -254,7 +254,7 @@ Error op_ll_combine(std::shared_ptr<BufferCore> buf, const LLCombineRequest& req
     SY_TRY(check_rows_contiguous("out", *req.out));
     w->out = req.out;
   } else {
-    SY_TRY(new_tensor(buf->group, buf->rank, DType::BF16, {T, w->hidden}, &w->out));
+    SY_TRY(new_output(*buf, DType::BF16, {T, w->hidden}, &w->out));
   }
   w->num_tokens = T;
   w->topk = int(req.topk_idx->shape[1]);

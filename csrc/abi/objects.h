@@ -347,6 +347,9 @@ struct DispatchWork {
   std::shared_ptr<OpStatus> status = std::make_shared<OpStatus>();
   int rank = 0, num_ranks = 0;
   uint32_t epoch = 0;
+  // Set by a backend whose dispatch_notify failed after enqueueing what the peers wait for
+  // (the barrier): the epoch is spent, and the operation must still be ended in stream order.
+  bool peers_wait_for_it = false;
   DispatchMode mode = DispatchMode::Exact;
   int layout = SY_LAYOUT_COMPACT;
   int expert_alignment = 1;
@@ -389,6 +392,7 @@ struct CombineWork {
   std::shared_ptr<OpStatus> status = std::make_shared<OpStatus>();
   int rank = 0, num_ranks = 0;
   uint32_t epoch = 0;
+  bool peers_wait_for_it = false;  // as DispatchWork's: the epoch is spent even if the call fails
   int hidden = 0;
   int topk = 0;  // weights columns, 0 if no weights
   std::shared_ptr<DispatchHandle> handle;
@@ -402,8 +406,17 @@ class Backend {
   virtual ~Backend() = default;
   virtual sy_backend kind() const = 0;
   virtual Error init_rank(GroupCore& group, RankCore& rank) = 0;
-  // Zero-filled memory of the rank.
+  // Zero-filled memory of the rank, ready for any stream.
   virtual Error allocate(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) = 0;
+  // Memory for an operation's output, valid in the order of the work on `comm` (the stream the
+  // operation runs on) and not initialised: the operation writes every byte its contract
+  // defines. Nothing here waits for the device (a GPU backend allocates stream-ordered).
+  virtual Error allocate_output(RankCore& rank, Stream& comm, uint64_t bytes, std::shared_ptr<Memory>* out) {
+    return allocate(rank, bytes, out);
+  }
+  // Bytes of the communication buffer this backend shares per rank: the whole plan, or less
+  // when its operations do not stage payloads there.
+  virtual uint64_t shared_bytes(const core::BufferPlan& plan) const { return plan.total_bytes; }
   // The rank's communication buffer: memory its peers can write. In a process group it is
   // exported by name (share_name) for the other processes.
   virtual Error allocate_shared(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) = 0;

@@ -10,8 +10,10 @@ namespace sy {
 
 using core::DType;
 
-Error new_tensor(const std::shared_ptr<GroupCore>& group, int rank, DType dtype,
-                 std::initializer_list<int64_t> shape, std::shared_ptr<Tensor>* out) {
+namespace {
+
+std::shared_ptr<Tensor> dense_tensor(const std::shared_ptr<GroupCore>& group, int rank, DType dtype,
+                                     std::initializer_list<int64_t> shape) {
   auto t = std::make_shared<Tensor>();
   t->group = group;
   t->rank = rank;
@@ -20,7 +22,24 @@ Error new_tensor(const std::shared_ptr<GroupCore>& group, int rank, DType dtype,
   int i = 0;
   for (int64_t d : shape) t->shape[i++] = d;
   dense_strides(t->ndim, t->shape, t->strides);
+  return t;
+}
+
+}  // namespace
+
+Error new_tensor(const std::shared_ptr<GroupCore>& group, int rank, DType dtype,
+                 std::initializer_list<int64_t> shape, std::shared_ptr<Tensor>* out) {
+  std::shared_ptr<Tensor> t = dense_tensor(group, rank, dtype, shape);
   SY_TRY(group->backend->allocate(*group->rank_by_index(rank), t->dense_bytes(), &t->memory));
+  *out = std::move(t);
+  return ok();
+}
+
+Error new_output(const BufferCore& buf, DType dtype, std::initializer_list<int64_t> shape,
+                 std::shared_ptr<Tensor>* out) {
+  std::shared_ptr<Tensor> t = dense_tensor(buf.group, buf.rank, dtype, shape);
+  SY_TRY(buf.group->backend->allocate_output(*buf.group->rank_by_index(buf.rank), *buf.comm_stream,
+                                             t->dense_bytes(), &t->memory));
   *out = std::move(t);
   return ok();
 }
@@ -130,9 +149,9 @@ Error op_layout(BufferCore& buf, const LayoutRequest& req, LayoutOutputs* out) {
   w->topk = int(topk.shape[1]);
   w->topk_idx = req.topk_idx;
   const auto& g = buf.group;
-  SY_TRY(new_tensor(g, buf.rank, DType::I32, {R}, &w->num_tokens_per_rank));
-  SY_TRY(new_tensor(g, buf.rank, DType::I32, {req.num_experts}, &w->num_tokens_per_expert));
-  SY_TRY(new_tensor(g, buf.rank, DType::Bool, {w->num_tokens, R}, &w->is_token_in_rank));
+  SY_TRY(new_output(buf, DType::I32, {R}, &w->num_tokens_per_rank));
+  SY_TRY(new_output(buf, DType::I32, {req.num_experts}, &w->num_tokens_per_expert));
+  SY_TRY(new_output(buf, DType::Bool, {w->num_tokens, R}, &w->is_token_in_rank));
 
   for (auto* t : {&w->num_tokens_per_rank, &w->num_tokens_per_expert, &w->is_token_in_rank}) (*t)->producer = w->status;
   // Local: no epoch, no peers, so no need to wait for an exact-size dispatch that holds the
@@ -295,9 +314,9 @@ Error new_handle(const BufferCore& buf, const DispatchWork& w, std::shared_ptr<D
   h->topk_dtype = w.topk_dtype;
   h->worst_case = w.mode == DispatchMode::WorstCase;
   h->status = w.status;
-  SY_TRY(new_tensor(buf.group, buf.rank, DType::I32, {R, R}, &h->rank_prefix_matrix));
-  SY_TRY(new_tensor(buf.group, buf.rank, DType::Bool, {w.num_tokens, R}, &h->is_token_in_rank));
-  SY_TRY(new_tensor(buf.group, buf.rank, DType::I32, {w.num_tokens, R}, &h->send_slot));
+  SY_TRY(new_output(buf, DType::I32, {R, R}, &h->rank_prefix_matrix));
+  SY_TRY(new_output(buf, DType::Bool, {w.num_tokens, R}, &h->is_token_in_rank));
+  SY_TRY(new_output(buf, DType::I32, {w.num_tokens, R}, &h->send_slot));
   for (auto* t : {&h->rank_prefix_matrix, &h->is_token_in_rank, &h->send_slot}) (*t)->producer = w.status;
   *out = std::move(h);
   return ok();
@@ -307,31 +326,29 @@ Error new_handle(const BufferCore& buf, const DispatchWork& w, std::shared_ptr<D
 Error size_handle(const BufferCore& buf, DispatchHandle& h, int64_t capacity, int64_t rows) {
   h.recv_capacity = capacity;
   h.num_rows = rows;
-  SY_TRY(new_tensor(buf.group, buf.rank, DType::I32, {capacity}, &h.recv_src_idx));
-  SY_TRY(new_tensor(buf.group, buf.rank, DType::I32, {capacity}, &h.recv_src_rank));
+  SY_TRY(new_output(buf, DType::I32, {capacity}, &h.recv_src_idx));
+  SY_TRY(new_output(buf, DType::I32, {capacity}, &h.recv_src_rank));
   h.recv_src_idx->producer = h.recv_src_rank->producer = h.status;
   if (h.layout == SY_LAYOUT_EXPANDED) {
-    SY_TRY(new_tensor(buf.group, buf.rank, DType::I32, {capacity, h.num_topk}, &h.expanded_row));
+    SY_TRY(new_output(buf, DType::I32, {capacity, h.num_topk}, &h.expanded_row));
     h.expanded_row->producer = h.status;
   }
   return ok();
 }
 
 Error allocate_outputs(const BufferCore& buf, DispatchWork& w, int64_t rows) {
-  const auto& g = buf.group;
-  const int r = buf.rank;
   w.out_rows = rows;
-  SY_TRY(new_tensor(g, r, w.x_dtype, {rows, w.hidden}, &w.recv_x));
-  if (w.num_scales > 0) SY_TRY(new_tensor(g, r, w.scale_dtype, {rows, w.num_scales}, &w.recv_x_scales));
+  SY_TRY(new_output(buf, w.x_dtype, {rows, w.hidden}, &w.recv_x));
+  if (w.num_scales > 0) SY_TRY(new_output(buf, w.scale_dtype, {rows, w.num_scales}, &w.recv_x_scales));
   if (w.topk > 0) {
     if (w.layout == SY_LAYOUT_COMPACT) {
-      SY_TRY(new_tensor(g, r, w.topk_dtype, {rows, w.topk}, &w.recv_topk_idx));
-      SY_TRY(new_tensor(g, r, DType::F32, {rows, w.topk}, &w.recv_topk_weights));
+      SY_TRY(new_output(buf, w.topk_dtype, {rows, w.topk}, &w.recv_topk_idx));
+      SY_TRY(new_output(buf, DType::F32, {rows, w.topk}, &w.recv_topk_weights));
     } else {
-      SY_TRY(new_tensor(g, r, DType::F32, {rows}, &w.recv_topk_weights));
+      SY_TRY(new_output(buf, DType::F32, {rows}, &w.recv_topk_weights));
     }
   }
-  SY_TRY(new_tensor(g, r, DType::I32, {1}, &w.recv_count));
+  SY_TRY(new_output(buf, DType::I32, {1}, &w.recv_count));
   for (auto* t : {&w.recv_x, &w.recv_x_scales, &w.recv_topk_idx, &w.recv_topk_weights, &w.recv_count})
     if (*t) (*t)->producer = w.status;
   return ok();
@@ -372,7 +389,14 @@ Error op_dispatch(BufferCore& buf, const DispatchRequest& req, DispatchOutputs* 
   std::lock_guard<std::mutex> lock(buf.enqueue_mu);
   w->epoch = buf.next_epoch;
   SY_TRY(begin_on_comm(buf, req.order));
-  SY_TRY(backend.dispatch_notify(buf, *buf.comm_stream, w));
+  if (Error e = backend.dispatch_notify(buf, *buf.comm_stream, w)) {
+    if (w->peers_wait_for_it) {  // the peers count on this epoch: keep in step, end it in order
+      buf.next_epoch++;
+      if (!w->cached) h.state.store(2);
+      backend.dispatch_abandon(buf, *buf.comm_stream, w);
+    }
+    return e;
+  }
   buf.next_epoch++;
 
   Error e = [&]() -> Error {
@@ -465,16 +489,19 @@ Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out
     SY_TRY(check_rows_contiguous("out", *req.out));
     w->out = req.out;
   } else {
-    SY_TRY(new_tensor(buf.group, buf.rank, DType::BF16, {h.num_tokens, H}, &w->out));
+    SY_TRY(new_output(buf, DType::BF16, {h.num_tokens, H}, &w->out));
   }
-  if (topk > 0) SY_TRY(new_tensor(buf.group, buf.rank, DType::F32, {h.num_tokens, topk}, &w->out_topk_weights));
+  if (topk > 0) SY_TRY(new_output(buf, DType::F32, {h.num_tokens, topk}, &w->out_topk_weights));
   w->out->producer = w->status;  // also a caller's `out`: it now holds this combine's result
   if (w->out_topk_weights) w->out_topk_weights->producer = w->status;
 
   std::lock_guard<std::mutex> lock(buf.enqueue_mu);
   w->epoch = buf.next_epoch;
   SY_TRY(begin_on_comm(buf, req.order));
-  SY_TRY(buf.group->backend->combine(buf, *buf.comm_stream, w));
+  if (Error e = buf.group->backend->combine(buf, *buf.comm_stream, w)) {
+    if (w->peers_wait_for_it) buf.next_epoch++;  // the peers count on this epoch
+    return e;
+  }
   buf.next_epoch++;
   SY_TRY(end_on_comm(buf, req.order, &out->event, w->status));
   out->combined_x = w->out;

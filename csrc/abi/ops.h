@@ -79,5 +79,9 @@ Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out
 // A new tensor on `rank`, dense, zero-filled.
 Error new_tensor(const std::shared_ptr<GroupCore>& group, int rank, core::DType dtype,
                  std::initializer_list<int64_t> shape, std::shared_ptr<Tensor>* out);
+// A new dense tensor for an output of an operation of `buf`, allocated in the order of its
+// communication stream and not initialised (Backend::allocate_output).
+Error new_output(const BufferCore& buf, core::DType dtype, std::initializer_list<int64_t> shape,
+                 std::shared_ptr<Tensor>* out);
 
 }  // namespace sy

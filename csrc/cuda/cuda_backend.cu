@@ -88,10 +88,32 @@ class CudaBackend final : public Backend {
 
   Error init_buffer(BufferCore& buf) override { return normal_init_buffer(buf); }
 
+  // Only the header: the kernels pull payloads straight from the peers' tensors, so the staging
+  // regions of the plan (about 1 GB per rank at DeepSeek-V3 shapes) would never be touched.
+  // The low-latency region will join it with the low-latency kernels.
+  uint64_t shared_bytes(const core::BufferPlan& plan) const override { return plan.header_bytes; }
+
   // Tensors and workspaces come from the device's stream-ordered pool and go back to it after
   // all work queued on the library's streams (device_memory.h): never a wait for the device.
   Error allocate(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) override {
     return allocate_on(rank_state(rank).device, bytes, true, out);
+  }
+
+  // Outputs are allocated in the order of the operation's stream and never zero-filled: no
+  // memset, no host wait, per call (the kernels write every byte the contract defines).
+  Error allocate_output(RankCore& rank, Stream& comm, uint64_t bytes, std::shared_ptr<Memory>* out) override {
+    const int dev = rank_state(rank).device;
+    const uint64_t size = core::align_up(bytes == 0 ? 256 : bytes, 256);
+    void* p = nullptr;
+    SY_CUDA(cudaSetDevice(dev));
+    SY_CUDA(cudaMallocAsync(&p, size, as_cuda(comm)->raw()));
+    auto m = std::make_shared<Memory>();
+    m->ptr = p;
+    m->bytes = size;
+    m->device = dev;
+    m->release = [dev](void* q) { release_device_memory(q, dev); };
+    *out = std::move(m);
+    return ok();
   }
 
   Error allocate_shared(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) override {
@@ -245,15 +267,56 @@ class CudaBackend final : public Backend {
 namespace cuda {
 namespace {
 
+// Whether some device's primary context exists already (made by someone else in the process):
+// then it has read CUDA_DEVICE_MAX_CONNECTIONS before we could set it.
+bool primary_context_exists() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  using GetState = int (*)(int device, unsigned int* flags, int* active);
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found;
+  if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &fn, 12000, cudaEnableDefault, &found) !=
+          cudaSuccess ||
+      found != cudaDriverEntryPointSuccess || fn == nullptr) {
+    cudaGetLastError();
+    return true;  // cannot tell: assume the worst
+  }
+  for (int d = 0; d < count; ++d) {
+    unsigned int flags = 0;
+    int active = 0;
+    if (reinterpret_cast<GetState>(fn)(d, &flags, &active) != 0 || active) return true;
+  }
+  return false;
+}
+
 // Virtual ranks drive two streams each (communication, compute); the driver's default of 8
 // hardware queues would put several ranks on one queue, where a kernel waiting for a peer can
-// sit in front of the kernel it waits for. Set before the first CUDA context exists; values
-// the user chose stay.
+// sit in front of the kernel it waits for. The variable counts when the context is made: set
+// to 32 unless the user chose a value or a context exists already, and the number of queues
+// the context then has goes to device_memory, which hands out streams by queue.
 void configure_driver_environment() {
-  setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
-  // Kernels load when the module does, not at their first launch: loading can wait for the
-  // device, and a first launch may come while a peer's kernel waits for this very thread.
-  setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+  static std::once_flag once;
+  std::call_once(once, [] {
+    // Kernels load when the module does, not at their first launch: loading can wait for the
+    // device, and a first launch may come while a peer's kernel waits for this very thread.
+    setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+    if (const char* v = std::getenv("CUDA_DEVICE_MAX_CONNECTIONS"); v != nullptr && *v != 0) {
+      char* end = nullptr;
+      const long n = std::strtol(v, &end, 10);
+      const bool number = end != v && *end == 0 && n >= 1;
+      set_hardware_queues(number ? int(n < 32 ? n : 32) : 8,
+                          std::string("CUDA_DEVICE_MAX_CONNECTIONS=") + v + (number ? "" : ", not a number: 8"));
+    } else if (primary_context_exists()) {
+      set_hardware_queues(8, "the driver's default of 8: a CUDA context existed before Switchyard could set "
+                             "CUDA_DEVICE_MAX_CONNECTIONS");
+    } else {
+      setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 1);
+      set_hardware_queues(32, "CUDA_DEVICE_MAX_CONNECTIONS=32, set by Switchyard");
+    }
+  });
 }
 
 // Virtual ranks on different GPUs of one process address each other's memory directly, pool

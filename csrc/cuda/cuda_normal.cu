@@ -19,20 +19,19 @@ namespace sy::cuda {
 namespace {
 
 // Buffers of one GPU wait for each other in one-block kernels; more ranks per GPU than this
-// would make two ranks' streams share a hardware queue, where a waiting kernel can sit in front
-// of the kernel it waits for: CUDA_DEVICE_MAX_CONNECTIONS is 32, each rank drives a
+// would make two ranks' streams share a hardware queue even with the most queues CUDA has (32),
+// where a waiting kernel can sit in front of the kernel it waits for: each rank drives a
 // communication and a compute stream, and the allocation stream and the legacy stream take two
-// more (device_memory.h).
+// more (device_memory.h). Fewer queues are checked stream by stream (begin_operation).
 constexpr int kMaxRanksPerDevice = 14;
-// CUDA_DEVICE_MAX_CONNECTIONS as the backend sets it (its maximum).
-constexpr int kHardwareQueues = 32;
 
 // A rank's per-buffer state: its exchange page (read by the peers) and private workspace.
 struct CudaBuffer {
   ExchangeLayout xl;
-  std::shared_ptr<Memory> page, fixed, tables, rank_counts, recv_local;
+  std::shared_ptr<Memory> page, fixed, tables, rank_counts, recv_local, recv_mask;
   Workspace ws;
   bool tables_ready = false;
+  int ranks_on_device = 0;  // ranks of the group on this rank's GPU
   uint8_t* const* d_bases = nullptr;
   uint8_t* const* d_xchg = nullptr;
 };
@@ -107,6 +106,16 @@ Error ensure_tables(BufferCore& buf, CudaStream& comm) {
                                               " cannot address (no peer access); put the ranks on GPUs "
                                               "connected by NVLink or PCIe peer-to-peer");
       }
+      // The kernels take the peers' abort records with system-scope atomics, which PCIe
+      // peer-to-peer does not carry: refused rather than racing.
+      int atomics = 0;
+      SY_CUDA(cudaDeviceGetP2PAttribute(&atomics, cudaDevP2PAttrNativeAtomicSupported, mine.device, dev));
+      if (!atomics) {
+        return fail(SY_ERROR_UNSUPPORTED, "rank " + std::to_string(r->index) + " is on GPU " + std::to_string(dev) +
+                                              ", and GPU " + std::to_string(mine.device) +
+                                              " has no native atomics on its memory (peer-to-peer over PCIe); put "
+                                              "the ranks on GPUs connected by NVLink, or on one GPU");
+      }
     }
   }
   int per_sm = 0;
@@ -124,6 +133,7 @@ Error ensure_tables(BufferCore& buf, CudaStream& comm) {
                                  std::to_string(mine.sm_count) + " SMs of GPU " + std::to_string(mine.device));
   }
 
+  st.ranks_on_device = on_device;
   SY_TRY(g.backend->allocate(buf.rank_core(), sizeof(uint8_t*) * table.size(), &st.tables));
   // In stream order before the kernels that read it (a pageable source is staged before the call
   // returns, so `table` may go).
@@ -142,13 +152,19 @@ Error begin_operation(BufferCore& buf, CudaStream& comm, const char* op) {
   const int dev = comm.rank_state_ref().device;
   SY_CUDA(cudaSetDevice(dev));
   SY_TRY(ensure_tables(buf, comm));  // checks the ranks per GPU first: the likelier cause
-  // Every stream of the GPU needs a hardware queue of its own (device_memory.h).
-  if (const int n = streams_on(dev); n > kHardwareQueues) {
-    return fail(SY_ERROR_UNSUPPORTED,
-                std::string(op) + ": GPU " + std::to_string(dev) + " has " + std::to_string(n) +
-                    " streams (the library's own included) but " + std::to_string(kHardwareQueues) +
-                    " hardware queues; a kernel waiting for a peer could hold up the kernel it waits for. "
-                    "Dispose of unused streams and buffers, or use fewer ranks per GPU");
+  // Ranks that share the GPU wait for each other's kernels: their streams need hardware queues
+  // of their own (device_memory.h), or a waiting kernel could hold up the kernel it waits for.
+  if (buffer_state(buf).ranks_on_device > 1) {
+    if (const QueueSharing q = queue_sharing(dev); q.shared) {
+      return fail(SY_ERROR_UNSUPPORTED,
+                  std::string(op) + ": " + std::to_string(buffer_state(buf).ranks_on_device) + " ranks share GPU " +
+                      std::to_string(dev) + ", whose " + std::to_string(q.streams) +
+                      " streams (the library's own and the legacy one included) share its " +
+                      std::to_string(q.queues) + " hardware queues (" + q.source +
+                      "): a kernel waiting for a peer could hold up the very kernel it waits for. Set "
+                      "CUDA_DEVICE_MAX_CONNECTIONS=32 before anything in the process uses CUDA, dispose of unused "
+                      "streams and buffers, or use fewer ranks per GPU");
+    }
   }
   return ok();
 }
@@ -217,8 +233,10 @@ Error normal_init_buffer(BufferCore& buf) {
                                                 uint64_t(rank_chunks(max_rows)) * EMAX);
   SY_TRY(be.allocate(buf.rank_core(), 4 * rank_ints, &st->rank_counts));
   SY_TRY(be.allocate(buf.rank_core(), 4 * uint64_t(max_rows) * core::kMaxTopk, &st->recv_local));
+  SY_TRY(be.allocate(buf.rank_core(), 4 * uint64_t(max_rows) * (core::kMaxExpertsPerRank / 32), &st->recv_mask));
   st->ws.rank_counts = at<int32_t>(st->rank_counts);
   st->ws.recv_local = at<int32_t>(st->recv_local);
+  st->ws.recv_mask = at<uint32_t>(st->recv_mask);
   buf.backend_state = st;
   std::lock_guard<std::mutex> l(buf.set->mu);
   buf.set->pages[size_t(buf.rank)] = st->page;
@@ -237,7 +255,7 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   // The handle's device state: new for a new routing, the original's for a cached one.
   if (!w.cached) {
     auto hs = std::make_shared<HandleState>();
-    SY_TRY(sy::new_tensor(buf.group, buf.rank, core::DType::I32, {1}, &hs->state));
+    SY_TRY(sy::new_output(buf, core::DType::I32, {1}, &hs->state));
     h.backend_state = hs;
   }
   if (!h.backend_state) return invalid("handle", "handle: comes from another backend");
@@ -295,15 +313,19 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   w.status->check_after = [report, rank, epoch]() { return report_error(*report->host, rank, epoch, "dispatch"); };
   w.backend_state = op;
   // The report is sealed by the epilogue, or by the abandonment that follows a failure.
-  SY_CUDA(launch_dispatch_notify(a, blocks_of(buf), comm.raw()));
-  return ok();
+  bool exchanged = false;
+  const cudaError_t rc = launch_dispatch_notify(a, blocks_of(buf), comm.raw(), &exchanged);
+  w.peers_wait_for_it = exchanged;
+  return cuda_error(rc, "dispatch: launching its first kernels");
 }
 
 Error normal_dispatch_wait_counts(DispatchWork& w, Deadline deadline) {
   auto* op = static_cast<DispatchOp*>(w.backend_state.get());
   const KernelReport& r = *op->report->host;
+  // The one host wait of the data path: the counts usually land within microseconds of the
+  // exchange, so the first millisecond polls without sleeping (a sleep lasts 50 us or more
+  // with Linux's timer slack), yielding the core; then short naps.
   const double start = now_seconds();
-  double nap = 2e-6;
   uint32_t flag;
   while ((flag = __atomic_load_n(&r.counts_flag, __ATOMIC_ACQUIRE)) == 0) {
     if (deadline.expired()) {
@@ -313,8 +335,11 @@ Error normal_dispatch_wait_counts(DispatchWork& w, Deadline deadline) {
       f.waited_seconds = now_seconds() - start;
       return timeout_error(f, "the exchange kernel of dispatch " + std::to_string(w.epoch) + " did not report");
     }
-    std::this_thread::sleep_for(std::chrono::duration<double>(nap));
-    nap = std::min(nap * 2, 1e-4);
+    if (now_seconds() - start < 1e-3) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(10));
+    }
   }
   if (flag != 1u) {
     Error e = report_error(r, w.rank, w.epoch, "dispatch");
@@ -415,8 +440,11 @@ Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<Co
   const uint32_t epoch = w.epoch;
   const int rank = buf.rank;
   w.status->check_after = [report, rank, epoch]() { return report_error(*report->host, rank, epoch, "combine"); };
-  SY_CUDA(launch_combine(a, blocks_of(buf), comm.raw()));
-  return report->seal(comm.raw());
+  bool exchanged = false;
+  const cudaError_t rc = launch_combine(a, blocks_of(buf), comm.raw(), &exchanged);
+  w.peers_wait_for_it = exchanged;
+  if (exchanged) SY_TRY(report->seal(comm.raw()));
+  return cuda_error(rc, "combine: launching its kernels");
 }
 
 }  // namespace sy::cuda

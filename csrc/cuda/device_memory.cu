@@ -1,5 +1,6 @@
 #include "device_memory.h"
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <map>
@@ -14,6 +15,8 @@ namespace {
 
 // Releases gathered before their markers are recorded.
 constexpr size_t kBatch = 32;
+// How long a zero fill of new memory may take before the allocation fails (cudaErrorTimeout).
+constexpr std::chrono::seconds kZeroFillDeadline(20);
 
 // A marker event, destroyed with its last holder.
 struct Marker {
@@ -36,13 +39,21 @@ struct Batch {
   std::vector<std::shared_ptr<Marker>> markers;
 };
 
+// A stream the library created, with the hardware queue it was given (device_memory.h).
+struct QueuedStream {
+  cudaStream_t stream;
+  int queue;
+};
+
 struct DeviceState {
   bool ready = false;
   cudaStream_t alloc = nullptr;  // allocations, their zero fill, and the frees
+  int alloc_queue = 0;
   std::vector<Release> pending;  // released, batch not sealed yet
   std::vector<Batch> batches;    // sealed, waiting for their markers
-  std::vector<cudaStream_t> idle_streams;
-  int live_streams = 0;
+  std::vector<QueuedStream> idle_streams;
+  std::vector<QueuedStream> live;  // handed out, not given back
+  int created = 0;                 // streams created on the device (the legacy one aside)
 };
 
 // Keeps the calling thread's current device across the switches below.
@@ -54,6 +65,8 @@ struct KeepDevice {
 
 struct DeviceMemory {
   std::mutex mu;  // a leaf: nothing else is locked, and no Memory is destroyed, under it
+  int queues = 8;  // CUDA's default until set_hardware_queues says otherwise
+  std::string queue_source = "the driver's default";
   std::vector<std::pair<cudaStream_t, int>> streams;  // live library streams
   std::vector<std::shared_ptr<Marker>> tails;         // the last work of returned streams
   std::map<int, DeviceState> devices;
@@ -70,9 +83,25 @@ struct DeviceMemory {
     if (d.ready) return &d;
     if (cudaSetDevice(device) == cudaSuccess && cudaStreamCreateWithFlags(&d.alloc, cudaStreamNonBlocking) == cudaSuccess) {
       d.ready = true;
+      d.alloc_queue = next_queue(d);
     }
     cudaGetLastError();
     return d.ready ? &d : nullptr;
+  }
+
+  // (mu held) The queue the next stream created on the device gets: round-robin after the
+  // legacy default stream's queue 0.
+  int next_queue(DeviceState& d) {
+    d.created += 1;
+    return d.created % queues;
+  }
+
+  // (mu held) Whether a live stream of the device (or the legacy one) holds `queue`.
+  bool queue_taken(const DeviceState& d, int queue) const {
+    if (queue == 0 || (d.ready && queue == d.alloc_queue)) return true;
+    for (const QueuedStream& s : d.live)
+      if (s.queue == queue) return true;
+    return false;
   }
 
   // (mu held) A marker after the work queued so far on `stream`; nullptr if CUDA refuses.
@@ -184,7 +213,16 @@ cudaError_t allocate_device_memory(int device, uint64_t bytes, void** out) {
   if (rc == cudaSuccess) rc = cudaMallocAsync(out, bytes, s);
   if (rc != cudaSuccess) return rc;
   rc = cudaMemsetAsync(*out, 0, bytes, s);
-  if (rc == cudaSuccess) rc = cudaStreamSynchronize(s);
+  // Polled, with a deadline: the stream holds only zero fills and frees, but if it ever shared a
+  // hardware queue with a kernel that waits for this thread, a blocking wait would never return.
+  const auto deadline = std::chrono::steady_clock::now() + kZeroFillDeadline;
+  for (auto nap = std::chrono::microseconds(2); rc == cudaSuccess;) {
+    rc = cudaStreamQuery(s);
+    if (rc != cudaErrorNotReady) break;
+    rc = std::chrono::steady_clock::now() < deadline ? cudaSuccess : cudaErrorTimeout;
+    std::this_thread::sleep_for(nap);
+    nap = std::min(nap * 2, std::chrono::microseconds(1000));
+  }
   if (rc != cudaSuccess) {
     cudaFreeAsync(*out, s);
     *out = nullptr;
@@ -225,23 +263,35 @@ cudaError_t acquire_stream(int device, cudaStream_t* out) {
   std::lock_guard<std::mutex> l(m.mu);
   DeviceState* d = m.state(device);
   if (d == nullptr) return cudaErrorInitializationError;
-  // An idle recycled stream first (one whose earlier work is done), else a new one.
-  for (size_t i = 0; i < d->idle_streams.size(); ++i) {
-    if (cudaStreamQuery(d->idle_streams[i]) == cudaSuccess) {
-      *out = d->idle_streams[i];
-      d->idle_streams.erase(d->idle_streams.begin() + long(i));
-      m.streams.emplace_back(*out, device);
-      d->live_streams += 1;
-      return cudaSuccess;
+  auto hand_out = [&](QueuedStream s) {
+    *out = s.stream;
+    m.streams.emplace_back(s.stream, device);
+    d->live.push_back(s);
+    return cudaSuccess;
+  };
+  // An idle recycled stream (one whose earlier work is done) on a queue no live stream holds;
+  // else a new stream, if it gets a queue of its own; else an idle one or a new one anyway
+  // (queue_sharing then says so, and operations that could deadlock refuse to start).
+  auto idle = [&](bool free_queue_only) -> int {
+    for (size_t i = 0; i < d->idle_streams.size(); ++i) {
+      if (free_queue_only && m.queue_taken(*d, d->idle_streams[i].queue)) continue;
+      if (cudaStreamQuery(d->idle_streams[i].stream) == cudaSuccess) return int(i);
     }
-  }
+    return -1;
+  };
+  int i = idle(true);
+  if (i < 0 && d->created + 1 >= m.queues) i = idle(false);
   cudaGetLastError();
+  if (i >= 0) {
+    const QueuedStream s = d->idle_streams[size_t(i)];
+    d->idle_streams.erase(d->idle_streams.begin() + i);
+    return hand_out(s);
+  }
   cudaError_t rc = cudaSetDevice(device);
-  if (rc == cudaSuccess) rc = cudaStreamCreateWithFlags(out, cudaStreamNonBlocking);
+  cudaStream_t created = nullptr;
+  if (rc == cudaSuccess) rc = cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking);
   if (rc != cudaSuccess) return rc;
-  m.streams.emplace_back(*out, device);
-  d->live_streams += 1;
-  return cudaSuccess;
+  return hand_out({created, m.next_queue(*d)});
 }
 
 void return_stream(cudaStream_t stream, int device) {
@@ -259,15 +309,41 @@ void return_stream(cudaStream_t stream, int device) {
   if (std::shared_ptr<Marker> tail = m.mark(stream, device)) m.tails.push_back(std::move(tail));
   DeviceState* d = m.state(device);
   if (d == nullptr) return;
-  d->live_streams -= 1;
-  d->idle_streams.push_back(stream);
+  for (size_t i = 0; i < d->live.size(); ++i) {
+    if (d->live[i].stream != stream) continue;
+    d->idle_streams.push_back(d->live[i]);
+    d->live.erase(d->live.begin() + long(i));
+    return;
+  }
 }
 
-int streams_on(int device) {
+void set_hardware_queues(int queues, const std::string& source) {
   DeviceMemory& m = memory();
   std::lock_guard<std::mutex> l(m.mu);
+  m.queues = queues < 1 ? 1 : queues;
+  m.queue_source = source;
+}
+
+QueueSharing queue_sharing(int device) {
+  DeviceMemory& m = memory();
+  std::lock_guard<std::mutex> l(m.mu);
+  QueueSharing q;
+  q.queues = m.queues;
+  q.source = m.queue_source;
+  std::vector<int> holders(size_t(m.queues), 0);
+  holders[0] = 1;  // the legacy default stream
+  q.streams = 1;
   auto it = m.devices.find(device);
-  return 1 + (it == m.devices.end() ? 0 : it->second.live_streams);
+  if (it != m.devices.end() && it->second.ready) {
+    holders[size_t(it->second.alloc_queue)] += 1;
+    q.streams += 1;
+    for (const QueuedStream& s : it->second.live) {
+      holders[size_t(s.queue)] += 1;
+      q.streams += 1;
+    }
+  }
+  for (int h : holders) q.shared = q.shared || h > 1;
+  return q;
 }
 
 }  // namespace sy::cuda

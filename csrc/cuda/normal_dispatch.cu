@@ -154,7 +154,8 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(Dispatc
       auto at = [&](int64_t t, int k) { return load_idx(p.topk_idx, t * p.idx_st + k * p.idx_sk, p.idx_i64 != 0); };
       finish_problem(&rep->problem, at, a.topk, a.experts);
     }
-    desc[core::kDescRejected] = ld_volatile(&rep->problem.flag) != 0 ? 1u : 0u;
+    // Rejected by the host (an earlier launch failed) or by the route kernel (bad routing).
+    desc[core::kDescRejected] = a.desc[core::kDescRejected] != 0 || ld_volatile(&rep->problem.flag) != 0 ? 1u : 0u;
     *reinterpret_cast<Published*>(a.xchg[me] + a.xl.off_pub) = a.pub;
     *a.ws.passed_barrier = 0;
   }
@@ -342,6 +343,7 @@ __global__ void __launch_bounds__(kCopyThreads) gather_experts_kernel(DispatchAr
   if (!receive_prologue(a, starts)) return;
   const int64_t N = a.ws.totals[0];
   const int K = a.h_topk;
+  const int W = (a.local_experts + 31) / 32;
   const int me = a.sync.rank;
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -355,9 +357,13 @@ __global__ void __launch_bounds__(kCopyThreads) gather_experts_kernel(DispatchAr
     const Source src = find_source(a, starts, n);
     if (src.token < 0) continue;
     const Published& p = published(a, src.rank);
+    uint32_t* mask = a.ws.recv_mask + n * W;
+    for (int w = 0; w < W; ++w) mask[w] = 0;
     for (int k = 0; k < K; ++k) {
       const int64_t e = load_idx(p.topk_idx, src.token * p.idx_st + k * p.idx_sk, p.idx_i64 != 0);
-      a.ws.recv_local[n * K + k] = core::local_expert(e, me, a.local_experts);
+      const int32_t l = core::local_expert(e, me, a.local_experts);
+      a.ws.recv_local[n * K + k] = l;
+      if (l >= 0) mask[l / 32] |= 1u << (l % 32);
       a.h_exp_row[n * K + k] = -1;
     }
     a.h_src_idx[n] = src.token;
@@ -365,17 +371,20 @@ __global__ void __launch_bounds__(kCopyThreads) gather_experts_kernel(DispatchAr
   }
 }
 
-// Expanded layout, step 2: each received entry's row in its local expert's group.
+// Expanded layout, step 2: each received entry's row in its local expert's group. A row's
+// bit mask answers "does token n have local expert l" in one load, so the two ranking passes
+// cost O(N * EL) loads plus O(N * K) for the entries held, not O(N * EL * K).
 struct ExpertRanker {
   const int32_t* recv_local;
+  const uint32_t* recv_mask;
   int32_t* exp_row;
   const int64_t* group_base;
   const int64_t* totals;
-  int K;
+  int K, W;
   const KernelReport* report;
   __device__ bool skip() const { return op_failed(report); }
   __device__ int entry_of(int64_t n, int l) const {
-    if (n >= totals[0]) return -1;
+    if (n >= totals[0] || ((recv_mask[n * W + l / 32] >> (l % 32)) & 1u) == 0) return -1;
     for (int k = 0; k < K; ++k)
       if (recv_local[n * K + k] == l) return k;
     return -1;
@@ -428,17 +437,24 @@ __global__ void __launch_bounds__(kCopyThreads) receive_expanded_kernel(Dispatch
     }
     __syncwarp();  // the rows are rewritten for the next token
   }
+  // Rows that hold no token: each group's padding, then everything past the last group (worst
+  // case). Their weight is 0; their payload is zeroed only when asked (outputs are not
+  // zero-filled when allocated). A warp per row, spread over the whole grid.
   const int64_t rows_used = a.ws.totals[1];
-  if (a.zero_padding && !a.cached) {
-    // The padding rows of each group, then everything past the last group.
-    for (int64_t l = warp; l < EL + 1; l += warps) {
-      const int64_t begin = l < EL ? a.ws.group_base[l] + a.ws.expert_count[l] : rows_used;
-      const int64_t end = l < EL ? a.ws.group_base[l] + core::align_count(a.ws.expert_count[l], a.alignment) : a.out_rows;
-      for (int64_t r = begin; r < end; ++r) {
-        for (int64_t i = lane; i < a.payload_bytes; i += 32) a.recv_x[r * a.payload_bytes + i] = 0;
-        for (int s = lane; s < a.num_scales; s += 32) reinterpret_cast<uint32_t*>(a.recv_scales)[r * a.num_scales + s] = 0;
-      }
+  const bool zero = a.zero_padding && !a.cached;
+  const int64_t pad = a.cached ? 0 : int64_t(EL) * (a.alignment - 1);  // (group, k) pairs, k < alignment - 1
+  for (int64_t i = warp; i < pad + (a.out_rows - rows_used); i += warps) {
+    int64_t r = rows_used + (i - pad);
+    if (i < pad) {
+      const int l = int(i / (a.alignment - 1));
+      const int64_t k = i % (a.alignment - 1);
+      const int64_t filled = a.ws.expert_count[l];
+      if (filled + k >= core::align_count(filled, a.alignment)) continue;
+      r = a.ws.group_base[l] + filled + k;
     }
+    if (lane == 0 && a.recv_w != nullptr) a.recv_w[r] = 0.0f;
+    if (zero) zero_row(a.recv_x + r * a.payload_bytes, a.payload_bytes, lane);
+    for (int s = lane; zero && s < a.num_scales; s += 32) reinterpret_cast<uint32_t*>(a.recv_scales)[r * a.num_scales + s] = 0;
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) *a.recv_count = int32_t(rows_used);
 }
@@ -469,26 +485,35 @@ int grid_for(int64_t work, int threads, int budget) {
 
 }  // namespace
 
-cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream_t stream) {
+cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream_t stream, bool* exchanged) {
   const int R = a.sync.ranks;
+  cudaError_t rc = cudaSuccess;
   if (a.cached) {
     SY_LAUNCH(cached_sends_kernel, grid_for(a.tokens * R, 256, blocks), 256, 0, stream)(a);
+    rc = cudaGetLastError();
   } else {
     auto* counts = reinterpret_cast<int32_t*>(a.own_xchg + a.xl.off_send_counts);
-    cudaError_t rc = cudaMemsetAsync(counts, 0, sizeof(int32_t) * size_t(R), stream);
+    rc = cudaMemsetAsync(counts, 0, sizeof(int32_t) * size_t(R), stream);
     if (rc == cudaSuccess && a.topk > 0) {
       rc = cudaMemsetAsync(a.own_xchg + a.xl.off_expert_send, 0, sizeof(int32_t) * size_t(R) * size_t(a.local_experts),
                            stream);
     }
-    if (rc != cudaSuccess) return rc;
-    SY_LAUNCH(route_kernel, grid_for(a.tokens, 256, blocks), 256, 0, stream)(a);
-    const SendRanker rk{a.h_route, a.h_slot, reinterpret_cast<int32_t*>(a.own_xchg + a.xl.off_send_list), R,
-                        a.max_tokens, a.sync.report};
-    rc = launch_ordered_rank(rk, a.tokens, R, a.ws.rank_counts, counts, blocks, stream);
-    if (rc != cudaSuccess) return rc;
+    if (rc == cudaSuccess) {
+      SY_LAUNCH(route_kernel, grid_for(a.tokens, 256, blocks), 256, 0, stream)(a);
+      rc = cudaGetLastError();
+    }
+    if (rc == cudaSuccess) {
+      const SendRanker rk{a.h_route, a.h_slot, reinterpret_cast<int32_t*>(a.own_xchg + a.xl.off_send_list), R,
+                          a.max_tokens, a.sync.report};
+      rc = launch_ordered_rank(rk, a.tokens, R, a.ws.rank_counts, counts, blocks, stream);
+    }
   }
-  SY_LAUNCH(dispatch_exchange_kernel, 1, kSyncThreads, 0, stream)(a);
-  return cudaGetLastError();
+  DispatchArgs x = a;
+  if (rc != cudaSuccess) x.desc[core::kDescRejected] = 1u;  // nothing valid to exchange: the peers fail now
+  SY_LAUNCH(dispatch_exchange_kernel, 1, kSyncThreads, 0, stream)(x);
+  const cudaError_t launched = cudaGetLastError();
+  *exchanged = launched == cudaSuccess;
+  return rc != cudaSuccess ? rc : launched;
 }
 
 cudaError_t launch_dispatch_receive(const DispatchArgs& a, int blocks, cudaStream_t stream) {
@@ -498,7 +523,9 @@ cudaError_t launch_dispatch_receive(const DispatchArgs& a, int blocks, cudaStrea
   } else {
     if (!a.cached) {
       SY_LAUNCH(gather_experts_kernel, grid_for(a.h_cap, kCopyThreads, blocks), kCopyThreads, starts, stream)(a);
-      const ExpertRanker rk{a.ws.recv_local, a.h_exp_row, a.ws.group_base, a.ws.totals, a.h_topk, a.sync.report};
+      const int words = (a.local_experts + 31) / 32;
+      const ExpertRanker rk{a.ws.recv_local, a.ws.recv_mask, a.h_exp_row, a.ws.group_base,
+                            a.ws.totals,     a.h_topk,       words,       a.sync.report};
       const cudaError_t rc =
           launch_ordered_rank(rk, a.h_cap, a.local_experts, a.ws.rank_counts, a.ws.rank_totals, blocks, stream);
       if (rc != cudaSuccess) return rc;

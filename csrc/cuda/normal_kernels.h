@@ -80,6 +80,7 @@ struct Workspace {
   int32_t* rank_counts = nullptr;   // ordered-ranking chunk table
   int32_t* rank_totals = nullptr;   // [max(R, kMaxExpertsPerRank)]
   int32_t* recv_local = nullptr;    // [capacity][K] local expert of each received entry, or -1
+  uint32_t* recv_mask = nullptr;    // [capacity][ceil(EL / 32)] bit l: the entry's token has local expert l
 };
 
 struct DispatchArgs {
@@ -148,13 +149,18 @@ inline constexpr int kCopyThreads = 512;
 // memory): every rank of a group of virtual ranks.
 inline constexpr int kMaxSources = SY_MAX_LOCAL_RANKS;
 
-// Stage 1 of dispatch (route, rank, exchange). `blocks` is the SM budget.
-cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream_t stream);
+// Stage 1 of dispatch (route, rank, exchange). `blocks` is the SM budget. The exchange kernel
+// is launched even when an earlier launch failed (then as a rejection, so the peers fail at
+// once instead of waiting); `exchanged` says whether it was, i.e. whether the peers count on
+// this epoch.
+cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream_t stream, bool* exchanged);
 // Stage 2 (receive, finish).
 cudaError_t launch_dispatch_receive(const DispatchArgs& a, int blocks, cudaStream_t stream);
 // Instead of stage 2 when the host gave up after stage 1: only the end handshake.
 cudaError_t launch_dispatch_abandon(const DispatchArgs& a, cudaStream_t stream);
-cudaError_t launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream);
+// The combine kernels; `exchanged` as for dispatch (the end handshake is launched whenever the
+// exchange was).
+cudaError_t launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream, bool* exchanged);
 
 // The last kernel of every operation (normal_dispatch.cu). `role` names the wait in a timeout.
 __global__ void finish_kernel(SyncArgs a, uint64_t off_done, core::WaitRole role, const int32_t* passed,

@@ -32,10 +32,20 @@ __device__ void for_each_chunk_key(int64_t n, int keys, Fn fn) {
   }
 }
 
+// Whether the block skips its work: one thread asks (the failure flags live in mapped host
+// memory, where every read crosses the bus), the block follows.
+template <class Ranker>
+__device__ bool block_skips(const Ranker& rk) {
+  SY_SHARED(int, skip);
+  if (threadIdx.x == 0) skip = rk.skip() ? 1 : 0;
+  __syncthreads();
+  return skip != 0;
+}
+
 // counts[c * keys + key] = items of chunk c holding key.
 template <class Ranker>
 __global__ void rank_count_kernel(Ranker rk, int64_t n, int keys, int32_t* counts) {
-  if (rk.skip()) return;
+  if (block_skips(rk)) return;
   for_each_chunk_key(n, keys, [&](int64_t id, int key, int64_t begin, int64_t end) {
     int32_t count = 0;
     for (int64_t i = begin; i < end; ++i) count += rk.entry_of(i, key) >= 0 ? 1 : 0;
@@ -50,7 +60,7 @@ __global__ void __launch_bounds__(kRankScanThreads) rank_scan_kernel(int64_t chu
 // Ranks within each chunk, starting from the chunk's prefix.
 template <class Ranker>
 __global__ void rank_assign_kernel(Ranker rk, int64_t n, int keys, const int32_t* prefix) {
-  if (rk.skip()) return;
+  if (block_skips(rk)) return;
   for_each_chunk_key(n, keys, [&](int64_t id, int key, int64_t begin, int64_t end) {
     int32_t rank = prefix[id];
     for (int64_t i = begin; i < end; ++i) {

@@ -1,6 +1,6 @@
-// Row copies for one warp: 16-byte vector accesses when both ends allow them, 4-byte or byte
-// accesses otherwise (user tensors may have odd strides). Several loads are in flight per lane
-// before the first store, which is what keeps NVLink and HBM busy.
+// Row copies for one warp: 16-byte vector accesses (every payload row is 16-byte aligned and a
+// multiple of 16 bytes: the C ABI refuses other strides), byte accesses otherwise. Several loads
+// are in flight per lane before the first store, which is what keeps NVLink and HBM busy.
 #pragma once
 
 #include <cstdint>
@@ -43,6 +43,8 @@ __device__ inline void warp_copy_row(const uint8_t* src, DstOf dst_of, int ndst,
     }
     return;
   }
+  // Bytes: unreachable through the C ABI, which admits only 16-byte aligned rows of a
+  // multiple of 16 bytes (validate.cpp, plan.cpp); kept so a wrong caller is slow, not wrong.
   for (int64_t i = lane; i < bytes; i += 32) {
     const uint8_t v = src[i];
     for (int d = 0; d < ndst; ++d) {
@@ -50,6 +52,15 @@ __device__ inline void warp_copy_row(const uint8_t* src, DstOf dst_of, int ndst,
       if (o != nullptr) o[i] = v;
     }
   }
+}
+
+// Zeroes `bytes` at `dst`. Warp-wide; 16-byte stores when `dst` and `bytes` allow.
+__device__ inline void zero_row(uint8_t* dst, int64_t bytes, int lane) {
+  if (aligned16(dst) && (bytes & 15) == 0) {
+    for (int64_t i = lane; i < bytes / 16; i += 32) reinterpret_cast<int4*>(dst)[i] = make_int4(0, 0, 0, 0);
+    return;
+  }
+  for (int64_t i = lane; i < bytes; i += 32) dst[i] = 0;
 }
 
 // 16 bytes at `p` (2-byte aligned): one vector load when 16-byte aligned.

@@ -200,6 +200,23 @@ std::vector<Outputs> dispatch_and_combine(int32_t backend, const Shape& s, const
     std::memcpy(&used, count.data(), 4);
     o["recv_count"] = count;
     o["recv_x"] = job.read(r, res.recv_x, uint64_t(used) * H * 2);
+    if (m.layout == SY_LAYOUT_EXPANDED && !m.zero_padding) {
+      // Padding rows hold no token and, unless zeroed on request, no defined payload: only the
+      // rows the handle maps a (token, expert) pair to are compared.
+      sy_tensor t = nullptr;
+      SY(sy_handle_tensor(res.handle, SY_HANDLE_EXPANDED_ROW, &t), res.handle);
+      const Bytes map = job.read(r, t);
+      sy_tensor_destroy(t);
+      std::vector<bool> real(size_t(used), false);
+      for (size_t i = 0; i + 4 <= map.size(); i += 4) {
+        int32_t row = -1;
+        std::memcpy(&row, map.data() + i, 4);
+        if (row >= 0 && row < used) real[size_t(row)] = true;
+      }
+      Bytes& x_rows = o["recv_x"];
+      for (int32_t row = 0; row < used; ++row)
+        if (!real[size_t(row)]) std::memset(x_rows.data() + size_t(row) * H * 2, 0, size_t(H) * 2);
+    }
     // A cached dispatch moves the payload only: the routing outputs are the first dispatch's.
     if (m.layout == SY_LAYOUT_COMPACT) {
       o["recv_topk_idx"] = job.read(r, first.recv_topk_idx, uint64_t(used) * K * 8);
