@@ -10,7 +10,7 @@
  */
 
 /** The ABI version this binding was written for (`SY_ABI_VERSION`). */
-export const ABI_VERSION = 1;
+export const ABI_VERSION = 2;
 
 /** Every libswitchyard function, as `Deno.dlopen` wants it. */
 export const symbols = {
@@ -124,6 +124,8 @@ export const symbols = {
   },
   // sy_status sy_combine(sy_buffer buffer, const sy_combine_args* args, sy_combine_result* out)
   sy_combine: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },
+  // sy_status sy_reject(sy_buffer buffer, int32_t operation)
+  sy_reject: { parameters: ["pointer", "i32"], result: "i32" },
 
   // sy_status sy_handle_destroy(sy_handle handle)
   sy_handle_destroy: { parameters: ["pointer"], result: "i32" },
@@ -200,6 +202,12 @@ export const LLFlags = {
   RETURN_HOOK: 16,
   LOGFMT: 32,
   ZERO_COPY: 64,
+} as const;
+
+/** `sy_operation` values (sy_reject). */
+export const Operation = {
+  DISPATCH: 1,
+  COMBINE: 2,
 } as const;
 
 /** `sy_handle_tensor_kind` values. */

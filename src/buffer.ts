@@ -20,13 +20,13 @@ import {
   LLDispatchArgs,
   LLDispatchResult as LLDispatchStruct,
 } from "../ffi/structs.ts";
-import { LLFlags } from "../ffi/symbols.ts";
+import { LLFlags, Operation } from "../ffi/symbols.ts";
 import { type BufferPlan, planFromStruct } from "./config.ts";
 import { LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle, RecvHook } from "./low_latency.ts";
 import { SwitchyardError } from "./errors.ts";
 import { Event } from "./event.ts";
 import { DispatchHandle } from "./handle.ts";
-import { check, instanceArg, integerArg, native, NativeResource, OutHandle } from "./native.ts";
+import { Borrowed, check, instanceArg, integerArg, native, NativeResource, OutHandle } from "./native.ts";
 import type { Rank } from "./rank.ts";
 import { CombineResult, DispatchLayout, DispatchResult } from "./results.ts";
 import { Stream } from "./stream.ts";
@@ -144,9 +144,9 @@ export interface CombineOptions extends StreamOptions {
   readonly out?: Tensor;
 }
 
-function optionalTensor(name: string, t: unknown): Deno.PointerObject | null {
+function optionalTensor(name: string, t: unknown, held: Borrowed): Deno.PointerObject | null {
   if (t === undefined || t === null) return null;
-  return instanceArg(name, t, Tensor, "Tensor").pointer;
+  return held.take(instanceArg(name, t, Tensor, "Tensor"), name);
 }
 
 function optionsObject(name: string, v: unknown): object {
@@ -172,21 +172,23 @@ export function lowLatencyExperts(ll: { readonly numExperts: number } | undefine
   return integerArg("lowLatency.numExperts", ll?.numExperts, 1, 2 ** 31 - 1);
 }
 
-function optionalTensorOf(name: string, t: unknown): Deno.PointerObject | null {
-  return optionalTensor(name, t);
+// A tensor argument read where the call is made (inside the operation queue), not borrowed.
+function optionalTensorNow(name: string, t: unknown): Deno.PointerObject | null {
+  if (t === undefined || t === null) return null;
+  return instanceArg(name, t, Tensor, "Tensor").pointer;
 }
 
 /** The token-in-rank matrix of the options: `isTokenInRank`, or the one of `layout`. */
-function routingOf(o: DispatchOptions): Deno.PointerObject | null {
+function routingOf(o: DispatchOptions, held: Borrowed): Deno.PointerObject | null {
   if (o.isTokenInRank !== undefined && o.layout !== undefined) {
     throw new SwitchyardError("INVALID_ARGUMENT", "isTokenInRank: pass either layout or isTokenInRank", {
       argument: "isTokenInRank",
     });
   }
   if (o.layout !== undefined) {
-    return instanceArg("layout", o.layout, DispatchLayout, "DispatchLayout").isTokenInRank.pointer;
+    return held.take(instanceArg("layout", o.layout, DispatchLayout, "DispatchLayout").isTokenInRank, "layout");
   }
-  return optionalTensor("isTokenInRank", o.isTokenInRank);
+  return optionalTensor("isTokenInRank", o.isTokenInRank, held);
 }
 
 /** Encodes the stream options into an args struct. */
@@ -197,12 +199,15 @@ function setStreamOptions(
   },
   rank: Rank,
   o: StreamOptions,
+  held: Borrowed,
 ): void {
   const stream = o.stream === undefined ? rank.stream : instanceArg("stream", o.stream, Stream, "Stream");
-  s.setPointer("compute_stream", stream.pointer);
+  s.setPointer("compute_stream", held.take(stream, "stream"));
   s.setPointer(
     "previous_event",
-    o.previousEvent === undefined ? null : instanceArg("previousEvent", o.previousEvent, Event, "Event").pointer,
+    o.previousEvent === undefined
+      ? null
+      : held.take(instanceArg("previousEvent", o.previousEvent, Event, "Event"), "previousEvent"),
   );
   s.set("async_finish", flag("asyncFinish", o.asyncFinish));
   s.set("allocate_on_comm_stream", flag("allocateOnCommStream", o.allocateOnCommStream));
@@ -312,12 +317,13 @@ export class EpBuffer extends NativeResource {
    */
   layout(topkIdx: Tensor, options: LayoutOptions): Promise<DispatchLayout> {
     // Local (not collective): it need not wait for earlier operations of this buffer to be issued.
+    const held = new Borrowed();
     return Promise.resolve().then(() => {
       const o = optionsObject("options", options) as LayoutOptions;
       const args = LayoutArgs.create()
         .set("num_experts", integerArg("numExperts", o.numExperts, 1, 2 ** 31 - 1))
-        .setPointer("topk_idx", instanceArg("topkIdx", topkIdx, Tensor, "Tensor").pointer);
-      setStreamOptions(args, this.rank, o);
+        .setPointer("topk_idx", held.take(instanceArg("topkIdx", topkIdx, Tensor, "Tensor"), "topkIdx"));
+      setStreamOptions(args, this.rank, o, held);
       const res = LayoutStruct.create();
       const p = this.pointer;
       check(native().sy_layout(p, args.bytes, res.bytes), p, "layout");
@@ -330,7 +336,7 @@ export class EpBuffer extends NativeResource {
         t("is_token_in_rank") as Tensor<"bool">,
         ev ? new Event(ev, this.rank) : undefined,
       );
-    });
+    }).finally(() => held.release());
   }
 
   /**
@@ -344,31 +350,41 @@ export class EpBuffer extends NativeResource {
    * start every rank's exact-size dispatch before awaiting any (e.g. `Promise.all`).
    */
   dispatch(x: Tensor, options: DispatchOptions = {}): Promise<DispatchResult> {
-    return this.#serial(() => this.#dispatchNow(x, optionsObject("options", options ?? {}) as DispatchOptions));
+    // Everything the call uses is taken now: disposing it once dispatch() returns is safe. An
+    // argument refused here is a refusal the peers hear of (#refused), as the library's own.
+    const held = new Borrowed();
+    let args: ReturnType<typeof DispatchArgs.create>, waits: boolean;
+    try {
+      const o = optionsObject("options", options ?? {}) as DispatchOptions;
+      args = DispatchArgs.create()
+        .setPointer("x", held.take(instanceArg("x", x, Tensor, "Tensor"), "x"))
+        .setPointer("x_scales", optionalTensor("xScales", o.xScales, held))
+        .setPointer("topk_idx", optionalTensor("topkIdx", o.topkIdx, held))
+        .setPointer("topk_weights", optionalTensor("topkWeights", o.topkWeights, held))
+        .setPointer("is_token_in_rank", routingOf(o, held))
+        .setPointer(
+          "handle",
+          o.handle === undefined
+            ? null
+            : held.take(instanceArg("handle", o.handle, DispatchHandle, "DispatchHandle"), "handle"),
+        )
+        .set("num_experts", integerArg("numExperts", o.numExperts ?? 0, 0, 2 ** 31 - 1))
+        .set("num_worst_tokens", integerArg("numWorstTokens", o.numWorstTokens ?? 0, 0, 2 ** 31))
+        .set("expert_alignment", integerArg("expertAlignment", o.expertAlignment ?? 1, 1, 2 ** 20))
+        .set("layout", flag("expand", o.expand))
+        .set("zero_padding", flag("zeroPadding", o.zeroPadding));
+      setStreamOptions(args, this.rank, o, held);
+      waits = o.handle === undefined && !o.numWorstTokens;
+    } catch (e) {
+      held.release();
+      return this.#refused(Operation.DISPATCH, e);
+    }
+    return this.#serial(() => this.#dispatchNow(args, waits)).finally(() => held.release());
   }
 
-  async #dispatchNow(x: Tensor, options: DispatchOptions): Promise<DispatchResult> {
-    const args = DispatchArgs.create()
-      .setPointer("x", instanceArg("x", x, Tensor, "Tensor").pointer)
-      .setPointer("x_scales", optionalTensor("xScales", options.xScales))
-      .setPointer("topk_idx", optionalTensor("topkIdx", options.topkIdx))
-      .setPointer("topk_weights", optionalTensor("topkWeights", options.topkWeights))
-      .setPointer("is_token_in_rank", routingOf(options))
-      .setPointer(
-        "handle",
-        options.handle === undefined
-          ? null
-          : instanceArg("handle", options.handle, DispatchHandle, "DispatchHandle").pointer,
-      )
-      .set("num_experts", integerArg("numExperts", options.numExperts ?? 0, 0, 2 ** 31 - 1))
-      .set("num_worst_tokens", integerArg("numWorstTokens", options.numWorstTokens ?? 0, 0, 2 ** 31))
-      .set("expert_alignment", integerArg("expertAlignment", options.expertAlignment ?? 1, 1, 2 ** 20))
-      .set("layout", flag("expand", options.expand))
-      .set("zero_padding", flag("zeroPadding", options.zeroPadding));
-    setStreamOptions(args, this.rank, options);
+  async #dispatchNow(args: ReturnType<typeof DispatchArgs.create>, waits: boolean): Promise<DispatchResult> {
     const res = DispatchStruct.create();
     const p = this.pointer;
-    const waits = options.handle === undefined && !options.numWorstTokens;
     const rc = waits
       ? await native().sy_dispatch_waiting(p, args.bytes, res.bytes)
       : native().sy_dispatch(p, args.bytes, res.bytes);
@@ -400,24 +416,28 @@ export class EpBuffer extends NativeResource {
    * optional biases; one rounding to bf16. Collective.
    */
   combine(x: Tensor, handle: DispatchHandle, options: CombineOptions = {}): Promise<CombineResult> {
-    return this.#serial(() => {
-      optionsObject("options", options);
-      const bias = options.bias === undefined
-        ? []
-        : options.bias instanceof Tensor
-        ? [options.bias]
-        : [...options.bias];
+    // Inputs taken now, refusals told to the peers: as in dispatch().
+    const held = new Borrowed();
+    let args: ReturnType<typeof CombineArgs.create>;
+    try {
+      const o = optionsObject("options", options ?? {}) as CombineOptions;
+      const bias = o.bias === undefined ? [] : o.bias instanceof Tensor ? [o.bias] : [...o.bias];
       if (bias.length > 2) {
         throw new SwitchyardError("INVALID_ARGUMENT", "bias: at most two bias tensors", { argument: "bias" });
       }
-      const args = CombineArgs.create()
-        .setPointer("x", instanceArg("x", x, Tensor, "Tensor").pointer)
-        .setPointer("handle", instanceArg("handle", handle, DispatchHandle, "DispatchHandle").pointer)
-        .setPointer("topk_weights", optionalTensor("topkWeights", options.topkWeights))
-        .setPointer("bias0", optionalTensor("bias", bias[0]))
-        .setPointer("bias1", optionalTensor("bias", bias[1]))
-        .setPointer("out", optionalTensor("out", options.out));
-      setStreamOptions(args, this.rank, options);
+      args = CombineArgs.create()
+        .setPointer("x", held.take(instanceArg("x", x, Tensor, "Tensor"), "x"))
+        .setPointer("handle", held.take(instanceArg("handle", handle, DispatchHandle, "DispatchHandle"), "handle"))
+        .setPointer("topk_weights", optionalTensor("topkWeights", o.topkWeights, held))
+        .setPointer("bias0", optionalTensor("bias", bias[0], held))
+        .setPointer("bias1", optionalTensor("bias", bias[1], held))
+        .setPointer("out", optionalTensor("out", o.out, held));
+      setStreamOptions(args, this.rank, o, held);
+    } catch (e) {
+      held.release();
+      return this.#refused(Operation.COMBINE, e);
+    }
+    return this.#serial(() => {
       const res = CombineStruct.create();
       const p = this.pointer;
       check(native().sy_combine(p, args.bytes, res.bytes), p, "combine");
@@ -428,7 +448,7 @@ export class EpBuffer extends NativeResource {
         w ? new Tensor(w, this.rank) as Tensor<"f32"> : undefined,
         ev ? new Event(ev, this.rank) : undefined,
       );
-    });
+    }).finally(() => held.release());
   }
 
   /**
@@ -454,11 +474,11 @@ export class EpBuffer extends NativeResource {
         .setPointer("topk_idx", instanceArg("topkIdx", topkIdx, Tensor, "Tensor").pointer)
         .setPointer(
           "cumulative_local_expert_recv_stats",
-          optionalTensorOf("cumulativeLocalExpertRecvStats", options.cumulativeLocalExpertRecvStats),
+          optionalTensorNow("cumulativeLocalExpertRecvStats", options.cumulativeLocalExpertRecvStats),
         )
         .setPointer(
           "dispatch_wait_recv_cost_stats",
-          optionalTensorOf("dispatchWaitRecvCostStats", options.dispatchWaitRecvCostStats),
+          optionalTensorNow("dispatchWaitRecvCostStats", options.dispatchWaitRecvCostStats),
         )
         .setPointer("compute_stream", this.#computeStream(options.stream).pointer);
       const res = LLDispatchStruct.create();
@@ -499,14 +519,14 @@ export class EpBuffer extends NativeResource {
         (flag("returnRecvHook", options.returnRecvHook) ? LLFlags.RETURN_HOOK : 0);
       const args = LLCombineArgs.create()
         .set("flags", flags)
-        .setPointer("x", optionalTensorOf("x", x))
+        .setPointer("x", optionalTensorNow("x", x))
         .setPointer("topk_idx", instanceArg("topkIdx", topkIdx, Tensor, "Tensor").pointer)
         .setPointer("topk_weights", instanceArg("topkWeights", topkWeights, Tensor, "Tensor").pointer)
         .setPointer("handle", instanceArg("handle", handle, LowLatencyHandle, "LowLatencyHandle").pointer)
-        .setPointer("out", optionalTensorOf("out", options.out))
+        .setPointer("out", optionalTensorNow("out", options.out))
         .setPointer(
           "combine_wait_recv_cost_stats",
-          optionalTensorOf("combineWaitRecvCostStats", options.combineWaitRecvCostStats),
+          optionalTensorNow("combineWaitRecvCostStats", options.combineWaitRecvCostStats),
         )
         .setPointer("compute_stream", this.#computeStream(options.stream).pointer);
       const res = LLCombineStruct.create();
@@ -597,6 +617,16 @@ export class EpBuffer extends NativeResource {
     const run = this.#tail.then(op);
     this.#tail = run.then(() => {}, () => {});
     return run;
+  }
+
+  // A collective refused before it reached the library (`why`): in its place in the order, the
+  // library is told this rank will not make it, so the peers fail it at once naming this rank
+  // (sy_reject) instead of waiting; then the call rejects with `why`.
+  #refused<T>(operation: number, why: unknown): Promise<T> {
+    return this.#serial(() => {
+      if (!this.disposed) native().sy_reject(this.pointer, operation);
+      throw why;
+    });
   }
 
   #computeStream(stream: Stream | undefined): Stream {

@@ -104,6 +104,10 @@ export abstract class NativeResource implements Disposable {
   #pointer: Deno.PointerObject | null;
   readonly #destroy: Destroy;
   readonly #what: string;
+  // Calls made but not yet handed to the library that use this object (`borrow`); a dispose in
+  // the meantime ends the reference at once and destroys the native handle at the last release.
+  #borrows = 0;
+  #doomed: Deno.PointerObject | null = null;
 
   /** Takes ownership of `pointer`, released with `destroy`. */
   protected constructor(pointer: Deno.PointerObject, destroy: Destroy, what: string) {
@@ -126,6 +130,27 @@ export abstract class NativeResource implements Disposable {
     return this.#pointer === null;
   }
 
+  /**
+   * The native handle for a call that reaches the library later (operations queue behind
+   * earlier ones): it stays valid, even if this object is disposed meanwhile, until
+   * {@linkcode NativeResource.release}. Throws once disposed.
+   */
+  borrow(): Deno.PointerObject {
+    const p = this.pointer;
+    this.#borrows++;
+    return p;
+  }
+
+  /** Ends a {@linkcode NativeResource.borrow}; the last one after a dispose destroys the handle. */
+  release(): void {
+    if (this.#borrows === 0) return;
+    this.#borrows--;
+    const p = this.#doomed;
+    if (this.#borrows > 0 || p === null) return;
+    this.#doomed = null;
+    check(this.#destroy(p), null, `${this.#what} dispose`);
+  }
+
   /** Releases the native reference. Calling it again does nothing. */
   [Symbol.dispose](): void {
     const p = this.#pointer;
@@ -133,11 +158,41 @@ export abstract class NativeResource implements Disposable {
     this.#pointer = null;
     leaked.unregister(this);
     this.disposeChildren();
+    if (this.#borrows > 0) {
+      this.#doomed = p; // a call made before the dispose still uses it
+      return;
+    }
     check(this.#destroy(p), null, `${this.#what} dispose`);
   }
 
   /** Subclasses release what they own before their own handle goes. */
   protected disposeChildren(): void {}
+}
+
+/**
+ * The objects one call borrowed when it was made (inputs, handle, streams, events), released
+ * together once the library has them: disposing them right after the call is safe.
+ */
+export class Borrowed {
+  #held: NativeResource[] = [];
+
+  /**
+   * `r`'s native handle, kept valid until {@linkcode Borrowed.release}; a disposed `r` is a
+   * `DISPOSED` error naming `argument`.
+   */
+  take(r: NativeResource, argument?: string): Deno.PointerObject {
+    if (r.disposed && argument !== undefined) {
+      throw new SwitchyardError("DISPOSED", `${argument}: this object was disposed`, { argument });
+    }
+    const p = r.borrow();
+    this.#held.push(r);
+    return p;
+  }
+
+  /** Releases everything taken. */
+  release(): void {
+    for (const r of this.#held.splice(0)) r.release();
+  }
 }
 
 /** Validates an integer argument before it crosses the FFI (which would truncate it). */

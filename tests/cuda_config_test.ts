@@ -114,12 +114,14 @@ Deno.test({
     assert.match(errorOf(first, failed[0])!.message, /combine: launching its kernels.*LaunchOutOfResources/);
     assert.match(second, /^ok \d+/, `the epochs stayed in step: ${second}`);
   });
-  await t.step("dispatch_exchange_kernel: nothing reaches the peer, which times out naming the rank", async () => {
-    const [first] = await rounds(2, 2, env("dispatch_exchange_kernel"));
+  await t.step("dispatch_exchange_kernel: the rank's refusal reaches the peer instead, in milliseconds", async () => {
+    const [first, second] = await rounds(2, 2, env("dispatch_exchange_kernel"));
     const failed = [0, 1].find((r) => /LaunchOutOfResources/.test(errorOf(first, r)?.message ?? ""));
     assert.ok(failed !== undefined, first);
     const peer = errorOf(first, 1 - failed);
-    assert.equal(peer?.code, "TIMEOUT", first);
-    assert.match(peer!.message, new RegExp(`waiting for rank ${failed}`));
+    assert.equal(peer?.code, "PEER_FAILED", first);
+    assert.match(peer!.message, new RegExp(`rank ${failed} rejected its input`));
+    assert.ok(peer!.ms < 2000, first);
+    assert.match(second, /^ok \d+/, `the epochs stayed in step: ${second}`);
   });
 });

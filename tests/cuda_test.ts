@@ -169,7 +169,12 @@ async function runOn(backend: Backend, s: Scenario, mode: Mode): Promise<Outcome
       });
       if (mode.worst) await first.recvCount.read(); // a worst-case handle is reusable once complete
       using again = mode.cached
-        ? await bufs[r].dispatch(up.x, { xScales: up.scales, handle: first.handle, expand: mode.expand })
+        ? await bufs[r].dispatch(up.x, {
+          xScales: up.scales,
+          handle: first.handle,
+          expand: mode.expand,
+          zeroPadding: mode.zeroPadding,
+        })
         : undefined;
       const res = again ?? first;
       const out = await outputsOf(res, mode.expand ?? false);
@@ -273,6 +278,12 @@ Deno.test(
         "2 ranks, FP8 in padded rows, expanded",
         { ranks: 2, tokens: tokens(2, 17), hidden: 256, experts: 8, topk: 3, seed: 14, fp8: true, paddedRows: true },
         { expand: true, alignment: 2 },
+      ],
+      [
+        // a cached expanded dispatch writes only the rows that hold a token: padding zeroed on request
+        "3 ranks, FP8 expanded, cached, zero padding",
+        { ranks: 3, tokens: tokens(3, 20), hidden: 256, experts: 12, topk: 3, seed: 17, fp8: true },
+        { expand: true, alignment: 4, zeroPadding: true, cached: true },
       ],
       [
         "2 ranks, expanded, cached",

@@ -38,64 +38,85 @@ Deno.test("bad inputs are rejected with errors that name the argument", async (t
   using topkIdx = await Tensor.from(rank0, new BigInt64Array(T * K).map((_, i) => BigInt(i % E)), { shape: [T, K] });
   using weights = await Tensor.from(rank0, new Float32Array(T * K).fill(0.5), { shape: [T, K] });
   const ok = { topkIdx, topkWeights: weights, numExperts: E };
+  using x1 = await Tensor.from(rank1, randomBF16(T * H, 2), { shape: [T, H] });
+  using idx1 = await Tensor.from(rank1, new BigInt64Array(T * K).map((_, i) => BigInt(i % K)), { shape: [T, K] });
+  using w1 = await Tensor.from(rank1, new Float32Array(T * K), { shape: [T, K] });
+  const ok1 = { topkIdx: idx1, topkWeights: w1, numExperts: E };
+  // A call refused on rank 0 is still a collective call: rank 1 makes its own and hears of
+  // the refusal at once (PEER_FAILED naming rank 0); the next pair lines up again.
+  const refused = async (
+    call: () => Promise<unknown>,
+    peer: () => Promise<unknown>,
+    code: ErrorCode,
+    argument?: string,
+  ): Promise<SwitchyardError> => {
+    const [mine, theirs] = await Promise.allSettled([expectError(call, code, argument), peer()]);
+    if (mine.status === "rejected") throw mine.reason;
+    const e = theirs.status === "rejected" ? theirs.reason : undefined;
+    assert.ok(e instanceof SwitchyardError && e.code === "PEER_FAILED", `rank 1: ${e}`);
+    assert.match(e.message, /rank 0 rejected its input/);
+    return mine.value;
+  };
+  const refusedDispatch = (call: () => Promise<unknown>, code: ErrorCode, argument?: string) =>
+    refused(call, () => fx.buffers[1].dispatch(x1, ok1), code, argument);
 
   await t.step("x: wrong dtype", async () => {
     using bad = Tensor.empty(rank0, { dtype: "f32", shape: [T, H] });
-    await expectError(() => buf.dispatch(bad, ok), "INVALID_ARGUMENT", "x");
+    await refusedDispatch(() => buf.dispatch(bad, ok), "INVALID_ARGUMENT", "x");
   });
   await t.step("x: wrong hidden size", async () => {
     using bad = Tensor.empty(rank0, { dtype: "bf16", shape: [T, H / 2] });
-    await expectError(() => buf.dispatch(bad, ok), "INVALID_ARGUMENT", "x");
+    await refusedDispatch(() => buf.dispatch(bad, ok), "INVALID_ARGUMENT", "x");
   });
   await t.step("x: more tokens than maxTokensPerRank", async () => {
     using bad = Tensor.empty(rank0, { dtype: "bf16", shape: [17, H] });
-    const e = await expectError(() => buf.dispatch(bad, ok), "INVALID_ARGUMENT", "x");
+    const e = await refusedDispatch(() => buf.dispatch(bad, ok), "INVALID_ARGUMENT", "x");
     assert.match(e.message, /17 tokens exceed the buffer's maxTokensPerRank \(16\)/);
   });
   await t.step("x: not contiguous along hidden", async () => {
     using bad = Tensor.empty(rank0, { dtype: "bf16", shape: [T, H], strides: [1, T] });
-    await expectError(() => buf.dispatch(bad, ok), "INVALID_ARGUMENT", "x");
+    await refusedDispatch(() => buf.dispatch(bad, ok), "INVALID_ARGUMENT", "x");
   });
   await t.step("topkIdx: wrong dtype", async () => {
     using bad = Tensor.empty(rank0, { dtype: "f32", shape: [T, K] });
-    await expectError(() => buf.dispatch(x, { ...ok, topkIdx: bad }), "INVALID_ARGUMENT", "topkIdx");
+    await refusedDispatch(() => buf.dispatch(x, { ...ok, topkIdx: bad }), "INVALID_ARGUMENT", "topkIdx");
   });
   await t.step("topkIdx: rows differ from x", async () => {
     using bad = Tensor.empty(rank0, { dtype: "i64", shape: [T - 1, K] });
-    await expectError(() => buf.dispatch(x, { ...ok, topkIdx: bad }), "INVALID_ARGUMENT", "topkIdx");
+    await refusedDispatch(() => buf.dispatch(x, { ...ok, topkIdx: bad }), "INVALID_ARGUMENT", "topkIdx");
   });
   await t.step("topkIdx: more than 32 entries per token", async () => {
     using bad = Tensor.empty(rank0, { dtype: "i64", shape: [T, 33] });
-    await expectError(() => buf.dispatch(x, { ...ok, topkIdx: bad }), "INVALID_ARGUMENT", "topkIdx");
+    await refusedDispatch(() => buf.dispatch(x, { ...ok, topkIdx: bad }), "INVALID_ARGUMENT", "topkIdx");
   });
   await t.step("topkWeights: missing", async () => {
-    await expectError(() => buf.dispatch(x, { topkIdx, numExperts: E }), "INVALID_ARGUMENT", "topkWeights");
+    await refusedDispatch(() => buf.dispatch(x, { topkIdx, numExperts: E }), "INVALID_ARGUMENT", "topkWeights");
   });
   await t.step("topkWeights: wrong shape", async () => {
     using bad = Tensor.empty(rank0, { dtype: "f32", shape: [T, K + 1] });
-    await expectError(() => buf.dispatch(x, { ...ok, topkWeights: bad }), "INVALID_ARGUMENT", "topkWeights");
+    await refusedDispatch(() => buf.dispatch(x, { ...ok, topkWeights: bad }), "INVALID_ARGUMENT", "topkWeights");
   });
   await t.step("numExperts: not divisible by the ranks", async () => {
-    await expectError(() => buf.dispatch(x, { ...ok, numExperts: 7 }), "INVALID_ARGUMENT", "numExperts");
+    await refusedDispatch(() => buf.dispatch(x, { ...ok, numExperts: 7 }), "INVALID_ARGUMENT", "numExperts");
     await expectError(() => buf.layout(topkIdx, { numExperts: 7 }), "INVALID_ARGUMENT", "numExperts");
   });
   await t.step("numExperts: not an integer", async () => {
-    await expectError(() => buf.dispatch(x, { ...ok, numExperts: 1.5 }), "INVALID_ARGUMENT", "numExperts");
+    await refusedDispatch(() => buf.dispatch(x, { ...ok, numExperts: 1.5 }), "INVALID_ARGUMENT", "numExperts");
   });
   await t.step("xScales: missing for FP8, wrong shape, or given for BF16", async () => {
     using fp8 = Tensor.empty(rank0, { dtype: "fp8_e4m3", shape: [T, H] });
-    await expectError(() => buf.dispatch(fp8, ok), "INVALID_ARGUMENT", "xScales");
+    await refusedDispatch(() => buf.dispatch(fp8, ok), "INVALID_ARGUMENT", "xScales");
     using badScales = Tensor.empty(rank0, { dtype: "f32", shape: [T, 2] });
-    await expectError(() => buf.dispatch(fp8, { ...ok, xScales: badScales }), "INVALID_ARGUMENT", "xScales");
+    await refusedDispatch(() => buf.dispatch(fp8, { ...ok, xScales: badScales }), "INVALID_ARGUMENT", "xScales");
     using scales = Tensor.empty(rank0, { dtype: "f32", shape: [T, 1] });
-    await expectError(() => buf.dispatch(x, { ...ok, xScales: scales }), "INVALID_ARGUMENT", "xScales");
+    await refusedDispatch(() => buf.dispatch(x, { ...ok, xScales: scales }), "INVALID_ARGUMENT", "xScales");
   });
   await t.step("expertAlignment and numWorstTokens: out of range", async () => {
-    await expectError(() => buf.dispatch(x, { ...ok, expertAlignment: 0 }), "INVALID_ARGUMENT", "expertAlignment");
-    await expectError(() => buf.dispatch(x, { ...ok, numWorstTokens: -1 }), "INVALID_ARGUMENT", "numWorstTokens");
+    await refusedDispatch(() => buf.dispatch(x, { ...ok, expertAlignment: 0 }), "INVALID_ARGUMENT", "expertAlignment");
+    await refusedDispatch(() => buf.dispatch(x, { ...ok, numWorstTokens: -1 }), "INVALID_ARGUMENT", "numWorstTokens");
   });
   await t.step("allocateOnCommStream: without previousEvent and asyncFinish", async () => {
-    await expectError(
+    await refusedDispatch(
       () => buf.dispatch(x, { ...ok, allocateOnCommStream: true }),
       "INVALID_ARGUMENT",
       "allocateOnCommStream",
@@ -105,39 +126,34 @@ Deno.test("bad inputs are rejected with errors that name the argument", async (t
     const gone = Tensor.empty(rank0, { dtype: "bf16", shape: [T, H] });
     gone[Symbol.dispose]();
     gone[Symbol.dispose](); // idempotent
-    await expectError(() => buf.dispatch(gone, ok), "DISPOSED");
+    await refusedDispatch(() => buf.dispatch(gone, ok), "DISPOSED");
     await expectError(() => gone.read(), "DISPOSED");
   });
   await t.step("a handle of the wrong kind", async () => {
     using s = Stream.create(rank0);
-    await expectError(() => buf.dispatch(s as unknown as Tensor, ok), "WRONG_HANDLE", "x");
-    await expectError(() => buf.dispatch(x, { ...ok, handle: x as never }), "WRONG_HANDLE", "handle");
+    await refusedDispatch(() => buf.dispatch(s as unknown as Tensor, ok), "WRONG_HANDLE", "x");
+    await refusedDispatch(() => buf.dispatch(x, { ...ok, handle: x as never }), "WRONG_HANDLE", "handle");
   });
   await t.step("a tensor or stream of another rank", async () => {
     using other = Tensor.empty(rank1, { dtype: "bf16", shape: [T, H] });
-    const e = await expectError(() => buf.dispatch(other, ok), "WRONG_HANDLE", "x");
+    const e = await refusedDispatch(() => buf.dispatch(other, ok), "WRONG_HANDLE", "x");
     assert.match(e.message, /rank 1/);
-    await expectError(() => buf.dispatch(x, { ...ok, stream: rank1.stream }), "WRONG_HANDLE", "stream");
+    await refusedDispatch(() => buf.dispatch(x, { ...ok, stream: rank1.stream }), "WRONG_HANDLE", "stream");
   });
   await t.step("cached dispatch with top-k", async () => {
     // A real handle first: both ranks dispatch.
-    using x1 = await Tensor.from(rank1, randomBF16(T * H, 2), { shape: [T, H] });
-    using idx1 = await Tensor.from(rank1, new BigInt64Array(T * K).fill(1n).map((_, i) => BigInt(i % K)), {
-      shape: [T, K],
-    });
-    using w1 = await Tensor.from(rank1, new Float32Array(T * K), { shape: [T, K] });
-    const [d0, d1] = await Promise.all([
-      buf.dispatch(x, ok),
-      fx.buffers[1].dispatch(x1, { topkIdx: idx1, topkWeights: w1, numExperts: E }),
-    ]);
-    await expectError(() => buf.dispatch(x, { ...ok, handle: d0.handle }), "INVALID_ARGUMENT", "topkIdx");
+    const [d0, d1] = await Promise.all([buf.dispatch(x, ok), fx.buffers[1].dispatch(x1, ok1)]);
+    const refusedCombine = (call: () => Promise<unknown>, code: ErrorCode, argument?: string) =>
+      // (a combine reports a failure when its output is read)
+      refused(call, () => fx.buffers[1].combine(d1.recvX, d1.handle).then((c) => c.combinedX.read()), code, argument);
+    await refusedDispatch(() => buf.dispatch(x, { ...ok, handle: d0.handle }), "INVALID_ARGUMENT", "topkIdx");
     // combine: a handle of another buffer, rows that do not match, a bias of the wrong shape.
-    await expectError(() => buf.combine(d0.recvX, d1.handle), "WRONG_HANDLE");
+    await refusedCombine(() => buf.combine(d0.recvX, d1.handle), "WRONG_HANDLE");
     using short = Tensor.empty(rank0, { dtype: "bf16", shape: [(d0.numRecvTokens ?? 0) + 1, H] });
-    await expectError(() => buf.combine(short, d0.handle), "INVALID_ARGUMENT", "x");
+    await refusedCombine(() => buf.combine(short, d0.handle), "INVALID_ARGUMENT", "x");
     using bias = Tensor.empty(rank0, { dtype: "bf16", shape: [T + 1, H] });
-    await expectError(() => buf.combine(d0.recvX, d0.handle, { bias }), "INVALID_ARGUMENT", "bias");
-    await expectError(
+    await refusedCombine(() => buf.combine(d0.recvX, d0.handle, { bias }), "INVALID_ARGUMENT", "bias");
+    await refusedCombine(
       () => buf.combine(d0.recvX, d0.handle, { bias: [bias, bias, bias] as unknown as [Tensor, Tensor] }),
       "INVALID_ARGUMENT",
       "bias",
@@ -393,4 +409,75 @@ Deno.test("bad data inside an operation fails every rank fast, naming the culpri
     for (const f of first) f[Symbol.dispose]();
     for (const u of ups) for (const v of Object.values(u)) v[Symbol.dispose]();
   });
+});
+
+Deno.test("a call refused on one rank fails every rank within milliseconds; the buffers stay usable", async (t) => {
+  const timeoutMs = 5000;
+  using fx = await fixture(2, H, 16, timeoutMs);
+  const inputs = await fx.group.all(async (rank, r) => ({
+    x: await Tensor.from(rank, randomBF16(T * H, r), { shape: [T, H] }),
+    xf: await Tensor.from(rank, new Float32Array(T * H), { shape: [T, H] }),
+    idx: await Tensor.from(rank, new BigInt64Array(T * K).map((_, i) => BigInt((i + r) % E)), { shape: [T, K] }),
+    w: await Tensor.from(rank, new Float32Array(T * K).fill(0.5), { shape: [T, K] }),
+  }));
+  const good = (r: number) => ({ topkIdx: inputs[r].idx, topkWeights: inputs[r].w, numExperts: E });
+  // Rank 1 makes the refused call, rank 0 a good one; then both a good one.
+  const round = async (refused: () => Promise<unknown>, code: ErrorCode, argument: string) => {
+    const started = performance.now();
+    const [a, b] = await Promise.allSettled([fx.buffers[0].dispatch(inputs[0].x, good(0)), refused()]);
+    const ms = performance.now() - started;
+    const e0 = (a as PromiseRejectedResult).reason, e1 = (b as PromiseRejectedResult).reason;
+    assert.ok(e1 instanceof SwitchyardError && e1.code === code && e1.argument === argument, String(e1));
+    assert.ok(e0 instanceof SwitchyardTimeoutError && e0.code === "PEER_FAILED", String(e0));
+    assert.equal(e0.peerRank, 1);
+    assert.match(e0.message, /rank 1 rejected its input for dispatch/);
+    assert.ok(ms < timeoutMs / 2, `the peer failed after ${ms.toFixed(0)} ms, not at once`);
+    const again = await fx.group.all((_, r) => fx.buffers[r].dispatch(inputs[r].x, good(r)));
+    assert.ok(again.every((d) => d.numRecvTokens !== null && d.numRecvTokens > 0));
+    for (const d of again) d[Symbol.dispose]();
+  };
+  await t.step(
+    "refused by the library: an f32 x",
+    () => round(() => fx.buffers[1].dispatch(inputs[1].xf, good(1)), "INVALID_ARGUMENT", "x"),
+  );
+  await t.step("refused by the binding: numExperts as a string", () =>
+    round(
+      () => fx.buffers[1].dispatch(inputs[1].x, { ...good(1), numExperts: "8" as unknown as number }),
+      "INVALID_ARGUMENT",
+      "numExperts",
+    ));
+  await t.step("refused by the binding: a disposed tensor, named", async () => {
+    const gone = await Tensor.from(fx.group.ranks[1], new BigInt64Array(T * K), { shape: [T, K] });
+    gone[Symbol.dispose]();
+    await round(() => fx.buffers[1].dispatch(inputs[1].x, { ...good(1), topkIdx: gone }), "DISPOSED", "topkIdx");
+  });
+  await t.step("combine refused on one rank: the other fails at once, the next combine works", async () => {
+    const sent = await fx.group.all((_, r) => fx.buffers[r].dispatch(inputs[r].x, good(r)));
+    const started = performance.now();
+    const [a, b] = await Promise.allSettled([
+      fx.buffers[0].combine(sent[0].recvX, sent[0].handle).then((c) => c.combinedX.read()),
+      fx.buffers[1].combine(inputs[1].x, sent[1].handle), // rows of x, not of the dispatch output
+    ]);
+    const e0 = (a as PromiseRejectedResult).reason, e1 = (b as PromiseRejectedResult).reason;
+    assert.ok(e1 instanceof SwitchyardError && e1.argument === "x", String(e1));
+    assert.ok(e0 instanceof SwitchyardError && e0.code === "PEER_FAILED", String(e0));
+    assert.match(e0.message, /rank 1 rejected its input for combine/);
+    assert.ok(performance.now() - started < timeoutMs / 2);
+    const back = await fx.group.all(async (_, r) => {
+      using c = await fx.buffers[r].combine(sent[r].recvX, sent[r].handle);
+      return (await c.combinedX.read()).length;
+    });
+    assert.deepEqual(back, [T * H, T * H]);
+    for (const d of sent) d[Symbol.dispose]();
+  });
+  await t.step("inputs are taken when the call is made: disposing them right after is safe", async () => {
+    const results = await fx.group.all(async (rank, r) => {
+      using x = await Tensor.from(rank, randomBF16(T * H, 10 + r), { shape: [T, H] });
+      // Not awaited here: x is disposed when this function returns, before the call runs.
+      return fx.buffers[r].dispatch(x, good(r));
+    });
+    assert.ok(results.every((d) => d.numRecvTokens !== null && d.numRecvTokens > 0));
+    for (const d of results) d[Symbol.dispose]();
+  });
+  for (const i of inputs) for (const v of Object.values(i)) v[Symbol.dispose]();
 });

@@ -82,15 +82,27 @@ Deno.test("NCCL is probed by absolute path and refused with a reason", () => {
   assert.match(g.nccl.reason!, /virtual ranks/);
 });
 
-Deno.test("the barrier's parameter slots survive a fast rank and name a rank that moved on (native)", async () => {
-  // Built with the library (CMakeLists.txt); the slow rank is played step by step there.
-  const dir = candidatePaths()[0].replace(/[^/]*$/, "");
-  const binary = `${dir}switchyard_barrier_slots`;
+/** Runs a native test program built with the library (CMakeLists.txt); its output. */
+async function nativeProgram(name: string): Promise<string> {
+  const binary = `${candidatePaths()[0].replace(/[^/]*$/, "")}${name}`;
   const out = await new Deno.Command(binary, { stdout: "piped", stderr: "piped" }).output().catch((e) => {
     throw new Error(`${binary}: ${e.message}; build it with 'deno task build'`);
   });
   const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
   assert.ok(out.success, text);
+  return text;
+}
+
+Deno.test("the barrier's parameter slots survive a fast rank and name a rank that moved on (native)", async () => {
+  // The slow rank is played step by step there.
+  const text = await nativeProgram("switchyard_barrier_slots");
   assert.match(text, /ok: parity/);
   assert.match(text, /ok: stamp/);
+});
+
+Deno.test("a peer's segment is mapped only if it is this user's, mode 0600 (native)", async () => {
+  const text = await nativeProgram("switchyard_segment_checks");
+  assert.match(text, /ok: a segment anyone may write is refused/);
+  assert.match(text, /ok: this user's 0600 segment is mapped/);
+  assert.match(text, /ok: a new segment's name ends in 128 random bits/);
 });

@@ -120,10 +120,16 @@ Deno.test("a failed operation is reported by its own outputs only; later operati
           (e: unknown) => e instanceof SwitchyardError && e.argument === "numWorstTokens",
         );
       }
-      // ...combine refuses its handle instead of reading past the rows it has.
+      // ...combine refuses its handle instead of reading past the rows it has; a refused call
+      // is still a collective call, so rank 1, combining its own, hears of it at once.
       await assert.rejects(() => fx.buffers[r].combine(bad.recvX, bad.handle), /its dispatch failed/);
     } else {
       assert.deepEqual(Array.from(await bad.recvCount.read()), [0]);
+      using c = await fx.buffers[r].combine(bad.recvX, bad.handle);
+      await assert.rejects(
+        () => c.combinedX.read(),
+        (e: unknown) => e instanceof SwitchyardError && e.code === "PEER_FAILED" && /rank 0 rejected/.test(e.message),
+      );
     }
     // ...and the next operations on the same buffers are unaffected.
     for (let i = 0; i < 3; i++) {

@@ -765,23 +765,29 @@ SY_API sy_status sy_dispatch(sy_buffer buffer, const sy_dispatch_args* args,
   return guarded(buffer, [&]() -> Error {
     std::shared_ptr<BufferCore> b;
     SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
-    sy_dispatch_args a;
-    SY_TRY(read_struct(args, "args", &a));
-    if (out == nullptr) return invalid("out", "out: NULL");
     DispatchRequest req;
-    SY_TRY(resolve_tensor_opt(a.x, "x", &req.x));
-    SY_TRY(resolve_tensor_opt(a.x_scales, "xScales", &req.x_scales));
-    SY_TRY(resolve_tensor_opt(a.topk_idx, "topkIdx", &req.topk_idx));
-    SY_TRY(resolve_tensor_opt(a.topk_weights, "topkWeights", &req.topk_weights));
-    SY_TRY(resolve_tensor_opt(a.is_token_in_rank, "isTokenInRank", &req.is_token_in_rank));
-    SY_TRY(resolve(a.handle, Kind::Handle, "handle", &req.cached, true));
-    SY_TRY(resolve_order(a.compute_stream, a.previous_event, a.async_finish, a.allocate_on_comm_stream, &req.order));
-    req.num_experts = a.num_experts;
-    req.num_worst_tokens = a.num_worst_tokens;
-    req.timeout_ms = a.timeout_ms;
-    req.expert_alignment = a.expert_alignment == 0 ? 1 : a.expert_alignment;
-    req.layout = a.layout;
-    req.zero_padding = a.zero_padding != 0;
+    // An argument refused here (a disposed tensor, say) is a refusal of this rank's dispatch:
+    // the peers are told (refuse), as for everything op_dispatch refuses.
+    Error resolved = [&]() -> Error {
+      sy_dispatch_args a;
+      SY_TRY(read_struct(args, "args", &a));
+      if (out == nullptr) return invalid("out", "out: NULL");
+      SY_TRY(resolve_tensor_opt(a.x, "x", &req.x));
+      SY_TRY(resolve_tensor_opt(a.x_scales, "xScales", &req.x_scales));
+      SY_TRY(resolve_tensor_opt(a.topk_idx, "topkIdx", &req.topk_idx));
+      SY_TRY(resolve_tensor_opt(a.topk_weights, "topkWeights", &req.topk_weights));
+      SY_TRY(resolve_tensor_opt(a.is_token_in_rank, "isTokenInRank", &req.is_token_in_rank));
+      SY_TRY(resolve(a.handle, Kind::Handle, "handle", &req.cached, true));
+      SY_TRY(resolve_order(a.compute_stream, a.previous_event, a.async_finish, a.allocate_on_comm_stream, &req.order));
+      req.num_experts = a.num_experts;
+      req.num_worst_tokens = a.num_worst_tokens;
+      req.timeout_ms = a.timeout_ms;
+      req.expert_alignment = a.expert_alignment == 0 ? 1 : a.expert_alignment;
+      req.layout = a.layout;
+      req.zero_padding = a.zero_padding != 0;
+      return ok();
+    }();
+    if (resolved) return refuse(*b, core::OpKind::Dispatch, std::move(resolved));
     DispatchOutputs o;
     SY_TRY(op_dispatch(*b, req, &o));
     sy_dispatch_result r;
@@ -806,17 +812,20 @@ SY_API sy_status sy_combine(sy_buffer buffer, const sy_combine_args* args,
   return guarded(buffer, [&]() -> Error {
     std::shared_ptr<BufferCore> b;
     SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
-    sy_combine_args a;
-    SY_TRY(read_struct(args, "args", &a));
-    if (out == nullptr) return invalid("out", "out: NULL");
     CombineRequest req;
-    SY_TRY(resolve_tensor_opt(a.x, "x", &req.x));
-    SY_TRY(resolve(a.handle, Kind::Handle, "handle", &req.handle));
-    SY_TRY(resolve_tensor_opt(a.topk_weights, "topkWeights", &req.topk_weights));
-    SY_TRY(resolve_tensor_opt(a.bias0, "bias", &req.bias0));
-    SY_TRY(resolve_tensor_opt(a.bias1, "bias", &req.bias1));
-    SY_TRY(resolve_tensor_opt(a.out, "out", &req.out));
-    SY_TRY(resolve_order(a.compute_stream, a.previous_event, a.async_finish, a.allocate_on_comm_stream, &req.order));
+    Error resolved = [&]() -> Error {  // a refusal here is told to the peers, as in sy_dispatch
+      sy_combine_args a;
+      SY_TRY(read_struct(args, "args", &a));
+      if (out == nullptr) return invalid("out", "out: NULL");
+      SY_TRY(resolve_tensor_opt(a.x, "x", &req.x));
+      SY_TRY(resolve(a.handle, Kind::Handle, "handle", &req.handle));
+      SY_TRY(resolve_tensor_opt(a.topk_weights, "topkWeights", &req.topk_weights));
+      SY_TRY(resolve_tensor_opt(a.bias0, "bias", &req.bias0));
+      SY_TRY(resolve_tensor_opt(a.bias1, "bias", &req.bias1));
+      SY_TRY(resolve_tensor_opt(a.out, "out", &req.out));
+      return resolve_order(a.compute_stream, a.previous_event, a.async_finish, a.allocate_on_comm_stream, &req.order);
+    }();
+    if (resolved) return refuse(*b, core::OpKind::Combine, std::move(resolved));
     CombineOutputs o;
     SY_TRY(op_combine(*b, req, &o));
     sy_combine_result r;
@@ -826,6 +835,20 @@ SY_API sy_status sy_combine(sy_buffer buffer, const sy_combine_args* args,
     r.combined_topk_weights = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.combined_topk_weights));
     r.event = static_cast<sy_event>(handle_or_null(Kind::Event, o.event));
     return write_struct(out, r, "out");
+  });
+}
+
+SY_API sy_status sy_reject(sy_buffer buffer, int32_t operation) {
+  return guarded(buffer, [&]() -> Error {
+    std::shared_ptr<BufferCore> b;
+    SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
+    if (operation != SY_OPERATION_DISPATCH && operation != SY_OPERATION_COMBINE) {
+      return invalid("operation", "operation: expected SY_OPERATION_DISPATCH or SY_OPERATION_COMBINE, got " +
+                                      std::to_string(operation));
+    }
+    const auto kind = operation == SY_OPERATION_DISPATCH ? core::OpKind::Dispatch : core::OpKind::Combine;
+    Error e = refuse(*b, kind, invalid("operation", "refused by the caller"));
+    return e.peers_informed ? ok() : fail(SY_ERROR_INTERNAL, "the refusal could not be enqueued");
   });
 }
 

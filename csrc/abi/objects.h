@@ -442,6 +442,10 @@ class Backend {
                             Deadline deadline) = 0;
 
   virtual Error layout(Stream& comm, std::shared_ptr<LayoutWork> work) = 0;
+  // A call refused on this rank before it was enqueued (bad arguments): takes its place in
+  // the operation sequence as a rejection at the barrier, so the peers fail at once naming this
+  // rank (PEER_FAILED) instead of waiting for it, and every rank's next operation lines up.
+  virtual Error reject(BufferCore& buf, Stream& comm, core::OpKind kind, uint32_t epoch) = 0;
   // Stage 1: barrier, send counts and tokens to the peers, wait for theirs, count.
   virtual Error dispatch_notify(BufferCore& buf, Stream& comm,
                                 std::shared_ptr<DispatchWork> work) = 0;

@@ -362,39 +362,60 @@ std::vector<int32_t> aligned(const std::vector<int32_t>& counts, int alignment) 
 
 }  // namespace
 
+// A collective refused on this rank before its first stage was enqueued (`why`: bad arguments,
+// an allocation): it still takes its place in the operation sequence as a rejection at the
+// barrier (Backend::reject), so the peers fail within milliseconds naming this rank, the
+// buffers stay usable, and every rank's next call lines up. If even that cannot be enqueued,
+// the refusal stands alone (the peers then time out). With enqueue_mu held.
+static Error refuse_locked(BufferCore& buf, core::OpKind kind, Error why) {
+  if (buf.group->backend->reject(buf, *buf.comm_stream, kind, buf.next_epoch)) return why;
+  buf.next_epoch++;
+  why.peers_informed = true;
+  return why;
+}
+
+Error refuse(BufferCore& buf, core::OpKind kind, Error why) {
+  std::lock_guard<std::mutex> lock(buf.enqueue_mu);
+  return refuse_locked(buf, kind, std::move(why));
+}
+
 Error op_dispatch(BufferCore& buf, const DispatchRequest& req, DispatchOutputs* out) {
   auto w = std::make_shared<DispatchWork>();
-  SY_TRY(validate_dispatch(buf, req, w.get()));
   Backend& backend = *buf.group->backend;
-  const int R = w->num_ranks;
-
-  if (w->cached) {
-    w->handle = req.cached;
-  } else {
-    SY_TRY(new_handle(buf, *w, &w->handle));
-  }
+  Error prepared = [&]() -> Error {
+    SY_TRY(validate_dispatch(buf, req, w.get()));
+    if (w->cached) {
+      w->handle = req.cached;
+    } else {
+      SY_TRY(new_handle(buf, *w, &w->handle));
+    }
+    DispatchHandle& h = *w->handle;
+    const int64_t worst_expanded_capacity = buf.plan.max_recv_rows();
+    if (w->mode == DispatchMode::WorstCase) {
+      const int64_t cap = w->layout == SY_LAYOUT_COMPACT ? w->num_worst_tokens : worst_expanded_capacity;
+      SY_TRY(size_handle(buf, h, cap, w->num_worst_tokens));
+      SY_TRY(allocate_outputs(buf, *w, w->num_worst_tokens));
+    } else if (w->mode == DispatchMode::Cached) {
+      SY_TRY(allocate_outputs(buf, *w, h.num_rows));
+    }
+    return ok();
+  }();
+  if (prepared) return refuse(buf, core::OpKind::Dispatch, std::move(prepared));
   DispatchHandle& h = *w->handle;
-  const int64_t worst_expanded_capacity = buf.plan.max_recv_rows();
-  if (w->mode == DispatchMode::WorstCase) {
-    const int64_t cap = w->layout == SY_LAYOUT_COMPACT ? w->num_worst_tokens : worst_expanded_capacity;
-    SY_TRY(size_handle(buf, h, cap, w->num_worst_tokens));
-    SY_TRY(allocate_outputs(buf, *w, w->num_worst_tokens));
-  } else if (w->mode == DispatchMode::Cached) {
-    SY_TRY(allocate_outputs(buf, *w, h.num_rows));
-  }
 
-  // One operation at a time per buffer, so every rank numbers them alike. A call that fails
-  // before its first stage is enqueued uses no number; once it is enqueued, the peers count on
-  // it, so a later failure still ends it in stream order (dispatch_abandon).
+  // One operation at a time per buffer, so every rank numbers them alike. A call refused before
+  // its first stage is enqueued still takes its number (refuse); once it is enqueued, the peers
+  // count on it, so a later failure still ends it in stream order (dispatch_abandon).
   std::lock_guard<std::mutex> lock(buf.enqueue_mu);
   w->epoch = buf.next_epoch;
-  SY_TRY(begin_on_comm(buf, req.order));
+  if (Error e = begin_on_comm(buf, req.order)) return refuse_locked(buf, core::OpKind::Dispatch, std::move(e));
   if (Error e = backend.dispatch_notify(buf, *buf.comm_stream, w)) {
-    if (w->peers_wait_for_it) {  // the peers count on this epoch: keep in step, end it in order
-      buf.next_epoch++;
-      if (!w->cached) h.state.store(2);
-      backend.dispatch_abandon(buf, *buf.comm_stream, w);
-    }
+    if (!w->peers_wait_for_it) return refuse_locked(buf, core::OpKind::Dispatch, std::move(e));
+    // The peers count on this epoch: keep in step, end it in order.
+    buf.next_epoch++;
+    if (!w->cached) h.state.store(2);
+    w->status->fail(e);
+    backend.dispatch_abandon(buf, *buf.comm_stream, w);
     return e;
   }
   buf.next_epoch++;
@@ -420,6 +441,7 @@ Error op_dispatch(BufferCore& buf, const DispatchRequest& req, DispatchOutputs* 
   }();
   if (e) {
     if (!w->cached) h.state.store(2);
+    w->status->fail(e);
     backend.dispatch_abandon(buf, *buf.comm_stream, w);
     return e;
   }
@@ -435,11 +457,13 @@ Error op_dispatch(BufferCore& buf, const DispatchRequest& req, DispatchOutputs* 
   out->num_local_experts = w->num_local_experts;
   out->num_recv_tokens = w->mode == DispatchMode::WorstCase ? -1 : h.num_recv_tokens.load();
   if (w->mode == DispatchMode::Exact) out->num_recv_tokens = w->num_recv_tokens;
-  (void)R;
   return ok();
 }
 
-Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out) {
+namespace {
+
+// Everything combine checks and allocates before it is enqueued.
+Error prepare_combine(BufferCore& buf, const CombineRequest& req, std::shared_ptr<CombineWork>* out) {
   SY_TRY(check_order(req.order, buf));
   if (!req.handle) return invalid("handle", "handle: required (the handle dispatch returned)");
   SY_TRY(check_handle(*req.handle, buf));
@@ -492,17 +516,33 @@ Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out
     SY_TRY(new_output(buf, DType::BF16, {h.num_tokens, H}, &w->out));
   }
   if (topk > 0) SY_TRY(new_output(buf, DType::F32, {h.num_tokens, topk}, &w->out_topk_weights));
-  w->out->producer = w->status;  // also a caller's `out`: it now holds this combine's result
-  if (w->out_topk_weights) w->out_topk_weights->producer = w->status;
+  *out = std::move(w);
+  return ok();
+}
 
+}  // namespace
+
+Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out) {
+  std::shared_ptr<CombineWork> w;
+  if (Error e = prepare_combine(buf, req, &w)) return refuse(buf, core::OpKind::Combine, std::move(e));
   std::lock_guard<std::mutex> lock(buf.enqueue_mu);
   w->epoch = buf.next_epoch;
-  SY_TRY(begin_on_comm(buf, req.order));
+  if (Error e = begin_on_comm(buf, req.order)) return refuse_locked(buf, core::OpKind::Combine, std::move(e));
+  // The outputs (a caller's `out` too) hold this combine's result once it is enqueued, or its
+  // failure if it was enqueued in part.
+  auto produced_by = [&](const std::shared_ptr<OpStatus>& status) {
+    w->out->producer = status;
+    if (w->out_topk_weights) w->out_topk_weights->producer = status;
+  };
   if (Error e = buf.group->backend->combine(buf, *buf.comm_stream, w)) {
-    if (w->peers_wait_for_it) buf.next_epoch++;  // the peers count on this epoch
+    if (!w->peers_wait_for_it) return refuse_locked(buf, core::OpKind::Combine, std::move(e));
+    buf.next_epoch++;  // the peers count on this epoch
+    w->status->fail(e);
+    produced_by(w->status);
     return e;
   }
   buf.next_epoch++;
+  produced_by(w->status);
   SY_TRY(end_on_comm(buf, req.order, &out->event, w->status));
   out->combined_x = w->out;
   out->combined_topk_weights = w->out_topk_weights;

@@ -73,6 +73,10 @@ Error check_tensor_arg(const char* arg, const std::shared_ptr<Tensor>& t, const 
 Error check_output_arg(const char* arg, const std::shared_ptr<Tensor>& t, const BufferCore& buf);
 
 Error op_layout(BufferCore& buf, const LayoutRequest& req, LayoutOutputs* out);
+// A collective (dispatch or combine) refused on this rank before it was enqueued, for `why`:
+// the peers are told at the barrier and fail within milliseconds naming this rank; returns
+// `why`, marked peers_informed when they were.
+Error refuse(BufferCore& buf, core::OpKind kind, Error why);
 Error op_dispatch(BufferCore& buf, const DispatchRequest& req, DispatchOutputs* out);
 Error op_combine(BufferCore& buf, const CombineRequest& req, CombineOutputs* out);
 

@@ -36,6 +36,14 @@ inline void combine_desc(uint32_t out[kDescWords], int topk, bool rejected) {
   out[kDescRejected] = rejected ? 1u : 0u;
 }
 
+// What a rank whose call was refused before it started (bad arguments) publishes at the
+// barrier: the operation's kind, rejected; the peers then fail naming it (PeerRejected).
+inline void rejected_desc(uint32_t out[kDescWords], OpKind kind) {
+  for (int i = 0; i < kDescWords; ++i) out[i] = 0;
+  out[0] = uint32_t(kind);
+  out[kDescRejected] = 1u;
+}
+
 inline const char* op_kind_name(uint32_t v) {
   switch (OpKind(v)) {
     case OpKind::Dispatch: return "dispatch";

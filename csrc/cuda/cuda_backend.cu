@@ -226,6 +226,9 @@ class CudaBackend final : public Backend {
     return report->seal(cs.raw());
   }
 
+  Error reject(BufferCore& buf, Stream& comm, core::OpKind kind, uint32_t epoch) override {
+    return normal_reject(buf, *as_cuda(comm), kind, epoch);
+  }
   Error dispatch_notify(BufferCore& buf, Stream& comm, std::shared_ptr<DispatchWork> work) override {
     return normal_dispatch_notify(buf, *as_cuda(comm), work);
   }
@@ -309,12 +312,16 @@ void configure_driver_environment() {
       const bool number = end != v && *end == 0 && n >= 1;
       set_hardware_queues(number ? int(n < 32 ? n : 32) : 8,
                           std::string("CUDA_DEVICE_MAX_CONNECTIONS=") + v + (number ? "" : ", not a number: 8"));
-    } else if (primary_context_exists()) {
-      set_hardware_queues(8, "the driver's default of 8: a CUDA context existed before Switchyard could set "
-                             "CUDA_DEVICE_MAX_CONNECTIONS");
     } else {
+      // Set before any CUDA call of ours (the driver may read it when it starts, or when the
+      // context is made); it counts only if no context existed yet.
       setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 1);
-      set_hardware_queues(32, "CUDA_DEVICE_MAX_CONNECTIONS=32, set by Switchyard");
+      if (primary_context_exists()) {
+        set_hardware_queues(8, "the driver's default of 8: a CUDA context existed before Switchyard could set "
+                               "CUDA_DEVICE_MAX_CONNECTIONS");
+      } else {
+        set_hardware_queues(32, "CUDA_DEVICE_MAX_CONNECTIONS=32, set by Switchyard");
+      }
     }
   });
 }

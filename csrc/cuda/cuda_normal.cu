@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -31,7 +32,7 @@ struct CudaBuffer {
   std::shared_ptr<Memory> page, fixed, tables, rank_counts, recv_local, recv_mask;
   Workspace ws;
   bool tables_ready = false;
-  int ranks_on_device = 0;  // ranks of the group on this rank's GPU
+  std::vector<int> shared_devices;  // the GPUs that hold two ranks of the group or more
   uint8_t* const* d_bases = nullptr;
   uint8_t* const* d_xchg = nullptr;
 };
@@ -133,7 +134,10 @@ Error ensure_tables(BufferCore& buf, CudaStream& comm) {
                                  std::to_string(mine.sm_count) + " SMs of GPU " + std::to_string(mine.device));
   }
 
-  st.ranks_on_device = on_device;
+  std::map<int, int> per_device;
+  for (const auto& r : g.ranks) per_device[rank_state(*r).device] += 1;
+  for (const auto& [dev, n] : per_device)
+    if (n > 1) st.shared_devices.push_back(dev);
   SY_TRY(g.backend->allocate(buf.rank_core(), sizeof(uint8_t*) * table.size(), &st.tables));
   // In stream order before the kernels that read it (a pageable source is staged before the call
   // returns, so `table` may go).
@@ -152,14 +156,15 @@ Error begin_operation(BufferCore& buf, CudaStream& comm, const char* op) {
   const int dev = comm.rank_state_ref().device;
   SY_CUDA(cudaSetDevice(dev));
   SY_TRY(ensure_tables(buf, comm));  // checks the ranks per GPU first: the likelier cause
-  // Ranks that share the GPU wait for each other's kernels: their streams need hardware queues
-  // of their own (device_memory.h), or a waiting kernel could hold up the kernel it waits for.
-  if (buffer_state(buf).ranks_on_device > 1) {
-    if (const QueueSharing q = queue_sharing(dev); q.shared) {
+  // Ranks that share a GPU wait for each other's kernels: their streams need hardware queues of
+  // their own (device_memory.h), or a waiting kernel could hold up the kernel it waits for.
+  // Every GPU of the group is looked at, so every rank comes to the same verdict (a rank that
+  // refused alone would leave its peers waiting: nothing may be launched on a shared queue).
+  for (const int shared : buffer_state(buf).shared_devices) {
+    if (const QueueSharing q = queue_sharing(shared); q.shared) {
       return fail(SY_ERROR_UNSUPPORTED,
-                  std::string(op) + ": " + std::to_string(buffer_state(buf).ranks_on_device) + " ranks share GPU " +
-                      std::to_string(dev) + ", whose " + std::to_string(q.streams) +
-                      " streams (the library's own and the legacy one included) share its " +
+                  std::string(op) + ": ranks share GPU " + std::to_string(shared) + ", whose " +
+                      std::to_string(q.streams) + " streams (the library's own and the legacy one included) share its " +
                       std::to_string(q.queues) + " hardware queues (" + q.source +
                       "): a kernel waiting for a peer could hold up the very kernel it waits for. Set "
                       "CUDA_DEVICE_MAX_CONNECTIONS=32 before anything in the process uses CUDA, dispose of unused "
@@ -212,11 +217,11 @@ Error normal_init_buffer(BufferCore& buf) {
   Backend& be = *buf.group->backend;
   SY_TRY(be.allocate(buf.rank_core(), st->xl.bytes, &st->page));
   // Fixed workspace: i32 recv_start[R] recv_cnt[R] expert_count[EMAX] rank_totals[max(R, EMAX)]
-  // passed[1], then i64 totals[2] group_base[EMAX].
+  // passed[1], then i64 totals[2] group_base[EMAX] pad_prefix[EMAX + 1].
   const uint64_t EMAX = core::kMaxExpertsPerRank;
   const uint64_t ints = 2 * uint64_t(R) + EMAX + std::max<uint64_t>(uint64_t(R), EMAX) + 1;
   const uint64_t off_i64 = core::align_up(4 * ints, 16);
-  SY_TRY(be.allocate(buf.rank_core(), off_i64 + 8 * (2 + EMAX), &st->fixed));
+  SY_TRY(be.allocate(buf.rank_core(), off_i64 + 8 * (2 + EMAX + EMAX + 1), &st->fixed));
   int32_t* p = at<int32_t>(st->fixed);
   st->ws.recv_start = p;
   st->ws.recv_cnt = p + R;
@@ -225,6 +230,7 @@ Error normal_init_buffer(BufferCore& buf) {
   st->ws.passed_barrier = p + ints - 1;
   st->ws.totals = at<int64_t>(st->fixed, off_i64);
   st->ws.group_base = st->ws.totals + 2;
+  st->ws.pad_prefix = st->ws.group_base + EMAX;
   // The orderings' scratch, sized once for the largest operation the buffer admits (growing it
   // later would free memory, and cudaFree waits for every kernel on the device, peers' included):
   // tokens per destination, received rows per local expert (expanded layout), their experts.
@@ -242,6 +248,16 @@ Error normal_init_buffer(BufferCore& buf) {
   buf.set->pages[size_t(buf.rank)] = st->page;
   buf.set->cv.notify_all();
   return ok();
+}
+
+Error normal_reject(BufferCore& buf, CudaStream& comm, core::OpKind kind, uint32_t epoch) {
+  SY_TRY(begin_operation(buf, comm, core::op_kind_name(uint32_t(kind))));
+  std::shared_ptr<ReportSlot> report;
+  SY_TRY(comm.rank_state_ref().reports->take(&report));
+  RejectedDesc desc;
+  core::rejected_desc(desc.words, kind);
+  SY_CUDA(launch_reject(sync_args(buf, epoch, buffer_state(buf), report->device), desc, comm.raw()));
+  return report->seal(comm.raw());  // nobody reads it: the refusal was reported to the caller
 }
 
 Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work) {
@@ -316,6 +332,9 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   bool exchanged = false;
   const cudaError_t rc = launch_dispatch_notify(a, blocks_of(buf), comm.raw(), &exchanged);
   w.peers_wait_for_it = exchanged;
+  // Without the exchange nothing more follows: the report's end goes after what was launched
+  // (with it, dispatch_abandon seals it), so it is not reused while those kernels may write it.
+  if (rc != cudaSuccess && !exchanged) (void)op->report->seal(comm.raw());
   return cuda_error(rc, "dispatch: launching its first kernels");
 }
 
@@ -367,6 +386,14 @@ Error normal_dispatch_epilogue(BufferCore& buf, CudaStream& comm, const std::sha
   a.recv_w = w.recv_topk_weights ? reinterpret_cast<float*>(w.recv_topk_weights->data()) : nullptr;
   a.recv_count = reinterpret_cast<int32_t*>(w.recv_count->data());
   SY_CUDA(cudaSetDevice(comm.rank_state_ref().device));
+  if (a.cached && a.layout == SY_LAYOUT_EXPANDED && a.zero_padding) {
+    // The rows a cached expanded dispatch leaves unwritten are the padding (the handle knows
+    // the groups, not their counts): zeroed before the rows arrive, on request.
+    SY_CUDA(cudaMemsetAsync(a.recv_x, 0, size_t(a.out_rows) * size_t(a.payload_bytes), comm.raw()));
+    if (a.recv_scales) {
+      SY_CUDA(cudaMemsetAsync(a.recv_scales, 0, size_t(a.out_rows) * size_t(a.num_scales) * 4, comm.raw()));
+    }
+  }
   SY_CUDA(launch_dispatch_receive(a, blocks_of(buf), comm.raw()));
   SY_TRY(op->report->seal(comm.raw()));
   if (!w.cached) {
@@ -394,8 +421,10 @@ void normal_dispatch_abandon(BufferCore& buf, CudaStream& comm, const std::share
   auto op = std::static_pointer_cast<DispatchOp>(work->backend_state);
   if (!op) return;
   cudaSetDevice(comm.rank_state_ref().device);
-  // The handshake still runs (the peers may be reading this rank's inputs); nothing else.
-  if (launch_dispatch_abandon(op->args, comm.raw()) == cudaSuccess) (void)op->report->seal(comm.raw());
+  // The handshake still runs (the peers may be reading this rank's inputs); nothing else. The
+  // report's end is recorded whatever happens, after all that was launched.
+  (void)launch_dispatch_abandon(op->args, comm.raw());
+  (void)op->report->seal(comm.raw());
   work->backend_state.reset();
 }
 

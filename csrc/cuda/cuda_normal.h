@@ -9,6 +9,7 @@
 namespace sy::cuda {
 
 Error normal_init_buffer(BufferCore& buf);
+Error normal_reject(BufferCore& buf, CudaStream& comm, core::OpKind kind, uint32_t epoch);
 Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work);
 Error normal_dispatch_wait_counts(DispatchWork& work, Deadline deadline);
 Error normal_dispatch_epilogue(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work);

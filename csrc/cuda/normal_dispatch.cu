@@ -194,6 +194,12 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(Dispatc
         rows = a.cached_rows;
       } else {
         rows = core::expanded_rows(a.ws.expert_count, EL, a.alignment, a.ws.group_base);
+        int64_t pads = 0;  // where each group's padding rows fall in the padding rows' order
+        for (int l = 0; l < EL; ++l) {
+          a.ws.pad_prefix[l] = pads;
+          pads += core::align_count(a.ws.expert_count[l], a.alignment) - a.ws.expert_count[l];
+        }
+        a.ws.pad_prefix[EL] = pads;
       }
     }
     a.ws.totals[0] = received;
@@ -442,15 +448,21 @@ __global__ void __launch_bounds__(kCopyThreads) receive_expanded_kernel(Dispatch
   // zero-filled when allocated). A warp per row, spread over the whole grid.
   const int64_t rows_used = a.ws.totals[1];
   const bool zero = a.zero_padding && !a.cached;
-  const int64_t pad = a.cached ? 0 : int64_t(EL) * (a.alignment - 1);  // (group, k) pairs, k < alignment - 1
+  const int64_t* pad_prefix = a.ws.pad_prefix;
+  const int64_t pad = a.cached ? 0 : pad_prefix[EL];  // padding rows of all groups
   for (int64_t i = warp; i < pad + (a.out_rows - rows_used); i += warps) {
     int64_t r = rows_used + (i - pad);
     if (i < pad) {
-      const int l = int(i / (a.alignment - 1));
-      const int64_t k = i % (a.alignment - 1);
-      const int64_t filled = a.ws.expert_count[l];
-      if (filled + k >= core::align_count(filled, a.alignment)) continue;
-      r = a.ws.group_base[l] + filled + k;
+      int lo = 0, hi = EL - 1;  // the last group whose padding starts at or before i
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (pad_prefix[mid] <= i) {
+          lo = mid;
+        } else {
+          hi = mid - 1;
+        }
+      }
+      r = a.ws.group_base[lo] + a.ws.expert_count[lo] + (i - pad_prefix[lo]);
     }
     if (lane == 0 && a.recv_w != nullptr) a.recv_w[r] = 0.0f;
     if (zero) zero_row(a.recv_x + r * a.payload_bytes, a.payload_bytes, lane);
@@ -474,6 +486,23 @@ __global__ void __launch_bounds__(kSyncThreads) finish_kernel(SyncArgs a, uint64
 }
 
 const void* sync_kernel_for_occupancy() { return reinterpret_cast<const void*>(&finish_kernel); }
+
+namespace {
+
+__global__ void __launch_bounds__(kSyncThreads) reject_kernel(SyncArgs a, RejectedDesc desc) {
+  SY_SHARED(uint32_t[core::kDescWords], words);
+  if (threadIdx.x == 0)
+    for (int i = 0; i < core::kDescWords; ++i) words[i] = desc.words[i];
+  __syncthreads();
+  (void)barrier(a, words);  // false by construction; a timeout has been reported and told
+}
+
+}  // namespace
+
+cudaError_t launch_reject(const SyncArgs& a, const RejectedDesc& desc, cudaStream_t stream) {
+  SY_LAUNCH(reject_kernel, 1, kSyncThreads, 0, stream)(a, desc);
+  return cudaGetLastError();
+}
 
 namespace {
 

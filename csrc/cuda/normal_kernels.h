@@ -75,6 +75,7 @@ struct Workspace {
   int32_t* recv_cnt = nullptr;      // [R] rows from each source
   int32_t* expert_count = nullptr;  // [kMaxExpertsPerRank] received per local expert
   int64_t* group_base = nullptr;    // [kMaxExpertsPerRank] first expanded row per local expert
+  int64_t* pad_prefix = nullptr;    // [kMaxExpertsPerRank + 1] padding rows of the groups before each
   int64_t* totals = nullptr;        // [0] tokens received, [1] output rows used
   int32_t* passed_barrier = nullptr;  // [1] 1 once this operation's barrier succeeded
   int32_t* rank_counts = nullptr;   // ordered-ranking chunk table
@@ -161,6 +162,13 @@ cudaError_t launch_dispatch_abandon(const DispatchArgs& a, cudaStream_t stream);
 // The combine kernels; `exchanged` as for dispatch (the end handshake is launched whenever the
 // exchange was).
 cudaError_t launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream, bool* exchanged);
+
+// A refused call's place in the operation sequence (Backend::reject): the barrier alone, with
+// `desc` marked rejected (core::rejected_desc); nothing follows it on any rank.
+struct RejectedDesc {
+  uint32_t words[core::kDescWords];
+};
+cudaError_t launch_reject(const SyncArgs& a, const RejectedDesc& desc, cudaStream_t stream);
 
 // The last kernel of every operation (normal_dispatch.cu). `role` names the wait in a timeout.
 __global__ void finish_kernel(SyncArgs a, uint64_t off_done, core::WaitRole role, const int32_t* passed,

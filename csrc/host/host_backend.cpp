@@ -131,6 +131,19 @@ class HostBackend final : public Backend {
     return ok();
   }
 
+  Error reject(BufferCore& buf, Stream& comm, core::OpKind kind, uint32_t epoch) override {
+    std::shared_ptr<BufferSet> set = buf.set;
+    const int rank = buf.rank;
+    const int64_t timeout = buf.timeout_ms;
+    // Its own status: the refusal was already reported to the caller.
+    as_host(comm)->enqueue(
+        [set, rank, timeout, epoch, kind](host::StreamState&) {
+          return host::run_reject(*set, rank, timeout, epoch, kind);
+        },
+        std::make_shared<OpStatus>());
+    return ok();
+  }
+
   Error dispatch_wait_counts(DispatchWork& work, Deadline deadline) override {
     return work.wait_counts(deadline, work.rank);
   }

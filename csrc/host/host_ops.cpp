@@ -219,6 +219,15 @@ Error notify(Peers& peers, DispatchWork& w) {
 
 }  // namespace
 
+Error run_reject(BufferSet& set, int rank, int64_t timeout_ms, uint32_t epoch, core::OpKind kind) {
+  return with_peers(set, rank, timeout_ms, epoch, [&](Peers& p) -> Error {
+    SY_TRY(p.wait_joined());
+    uint32_t desc[core::kDescWords];
+    core::rejected_desc(desc, kind);
+    return p.barrier(kind, desc, nullptr);
+  });
+}
+
 Error run_dispatch_notify(BufferSet& set, int64_t timeout_ms, DispatchWork& w) {
   Error e = with_peers(set, w.rank, timeout_ms, w.epoch, [&](Peers& p) { return notify(p, w); });
   w.publish_counts(e);

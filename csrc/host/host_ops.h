@@ -7,6 +7,8 @@
 namespace sy::host {
 
 Error run_layout(LayoutWork& work);
+// A refused call's place in the operation sequence: the barrier, as a rejection (Backend::reject).
+Error run_reject(BufferSet& set, int rank, int64_t timeout_ms, uint32_t epoch, core::OpKind kind);
 Error run_dispatch_notify(BufferSet& set, int64_t timeout_ms, DispatchWork& work);
 Error run_dispatch_epilogue(BufferSet& set, DispatchWork& work);
 Error run_combine(BufferSet& set, int64_t timeout_ms, CombineWork& work);

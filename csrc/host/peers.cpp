@@ -156,6 +156,11 @@ Error Peers::masked_barrier(core::OpKind kind, uint32_t* mask, bool mask_on_time
   for (int r = 0; r < R; ++r) {
     if (load_acquire(&mask[r]) != 0) continue;
     store_release(word(r, core::op_slot(plan().off_op_kind, R, rank_, epoch_, 1)), uint32_t(kind));
+    // Stamped like a full barrier's slot: a peer in a dispatch or combine at this epoch then
+    // reports the kind mismatch, not a rank that moved on.
+    uint32_t* slot = word(r, core::op_slot(plan().off_op_desc, R, rank_, epoch_, core::kDescSlotWords));
+    for (int i = 0; i < core::kDescWords; ++i) slot[i] = 0u;
+    slot[core::kDescEpoch] = epoch_;
     signal(r, plan().off_barrier_epoch);
   }
   return wait_sources(plan().off_barrier_epoch, core::WaitRole::Barrier, WaitPolicy{mask, mask_on_timeout, nullptr});

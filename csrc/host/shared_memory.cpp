@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <random>
@@ -68,7 +69,13 @@ Error create_segment(uint64_t bytes, std::shared_ptr<Memory>* out) {
   name += "-";
   name += std::to_string(counter++);
   name += "-";
-  name += std::to_string(rd() & 0xffffff);
+  // 128 random bits: the name is published only to authenticated peers, so nobody else can
+  // guess it to open the segment, or squat on it before it exists.
+  static const char* hex = "0123456789abcdef";
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t word = rd();
+    for (int b = 28; b >= 0; b -= 4) name += hex[(word >> b) & 15u];
+  }
   const uint64_t size = core::align_up(bytes, 4096);
   int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
   if (fd < 0) return fail(SY_ERROR_OUT_OF_MEMORY, "creating shared segment " + name + " failed: " + errno_text());
@@ -103,7 +110,21 @@ Error open_segment(const std::string& name, uint64_t bytes, std::shared_ptr<Memo
   int fd = shm_open(name.c_str(), O_RDWR, 0);
   if (fd < 0) return fail(SY_ERROR_INVALID_ARGUMENT, "opening shared segment " + name + " failed: " + errno_text(), "share");
   struct stat st;
-  if (fstat(fd, &st) != 0 || uint64_t(st.st_size) < bytes) {
+  if (fstat(fd, &st) != 0) {
+    close(fd);
+    return fail(SY_ERROR_INVALID_ARGUMENT, "share: inspecting segment " + name + " failed: " + errno_text(), "share");
+  }
+  // Only a segment of our own user that nobody else can open: anything else was made (or
+  // opened up) by someone who could write into this rank's buffer.
+  if (st.st_uid != geteuid() || (st.st_mode & 0777) != 0600 || !S_ISREG(st.st_mode)) {
+    close(fd);
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", unsigned(st.st_mode & 07777));
+    return invalid("share", "share: segment " + name + " belongs to uid " + std::to_string(st.st_uid) + " with mode " +
+                                mode + "; a peer's buffer must belong to this user (uid " +
+                                std::to_string(geteuid()) + ") with mode 0600");
+  }
+  if (uint64_t(st.st_size) < bytes) {
     close(fd);
     return invalid("share", "share: segment " + name + " holds " + std::to_string(uint64_t(st.st_size)) +
                                 " bytes, the plan needs " + std::to_string(bytes));
