@@ -8,12 +8,13 @@
 
 import { GroupOptions, ProcessGroupOptions as ProcessGroupOptionsStruct } from "../ffi/structs.ts";
 import { EpBuffer, type EpBufferOptions } from "./buffer.ts";
-import { type DistEnv, type EnvReader, readDistEnv } from "./dist_env.ts";
-import { SwitchyardError } from "./errors.ts";
+import { denoEnv, type DistEnv, type EnvReader, readDistEnv } from "./dist_env.ts";
+import { SwitchyardError, SwitchyardTimeoutError } from "./errors.ts";
+import { type JobSecretPlace, jobSecretPlace, readJobSecret, removeJobSecret, writeJobSecret } from "./job_secret.ts";
 import { check, integerArg, native, NativeResource, OutHandle } from "./native.ts";
 import { Rank } from "./rank.ts";
 import { findNccl, ncclNotFound, type NcclStatus, ncclVersionString } from "./nccl.ts";
-import { StoreClient, StoreServer } from "./store.ts";
+import { isLoopback, StoreClient, StoreServer } from "./store.ts";
 
 /** Where the ranks' memory and work live. */
 export type Backend = "host" | "cuda";
@@ -59,7 +60,43 @@ interface Rendezvous {
   readonly env: DistEnv;
   readonly store: StoreClient;
   readonly server?: StoreServer;
+  // Rank 0 of a job without SWITCHYARD_TOKEN: the secret's file, removed with the group.
+  readonly secret?: JobSecretPlace;
   nccl: NcclStatus;
+}
+
+/**
+ * Connects to the store with the job's token, or, without one on a loopback store, with the
+ * secret rank 0 wrote for the job (job_secret.ts): read until the deadline, and read again if
+ * the store refuses it (the file may be an earlier job's until rank 0 has written this one's).
+ */
+async function connectToStore(env: DistEnv, get: EnvReader, timeoutMs: number): Promise<StoreClient> {
+  const options = { hostname: env.masterAddr, port: env.masterPort, rank: env.rank, worldSize: env.worldSize };
+  if (env.token !== undefined || !isLoopback(env.masterAddr)) {
+    return StoreClient.connect({ ...options, token: env.token, timeoutMs });
+  }
+  const place = jobSecretPlace(get, env.masterPort);
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    const left = Math.max(1, Math.round(deadline - performance.now()));
+    const secret = readJobSecret(place);
+    try {
+      if (secret !== undefined) return await StoreClient.connect({ ...options, token: secret, timeoutMs: left });
+    } catch (e) {
+      if (!(e instanceof SwitchyardError && e.argument === "SWITCHYARD_TOKEN") || performance.now() > deadline) throw e;
+    }
+    if (performance.now() > deadline) {
+      throw new SwitchyardTimeoutError(
+        "TIMEOUT",
+        `rank ${env.rank}: no secret for this job at ${place.file} within ${timeoutMs} ms; rank 0 writes it when it ` +
+          "starts (without SWITCHYARD_TOKEN, the ranks of one host share a secret there): is rank 0 running, as " +
+          "this user, with the same MASTER_PORT?",
+        { peerRank: 0, role: "rendezvous", channel: -1, expected: 0n, observed: 0n, waitedSeconds: timeoutMs / 1e3 },
+        { rank: env.rank },
+      );
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
 }
 
 /**
@@ -153,27 +190,27 @@ export class Group extends NativeResource {
    * Needs `--allow-net` besides `--allow-ffi`, `--allow-env` and `--allow-read`.
    */
   static async fromEnv(options: ProcessGroupOptions = {}): Promise<Group> {
-    const env = readDistEnv(options.env);
+    const get = options.env ?? denoEnv;
+    let env = readDistEnv(get);
     const backend = backendArg(options.backend ?? "host");
     const timeoutMs = integerArg("timeoutMs", options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 1, 2 ** 40);
-    const server = env.rank === 0
-      ? StoreServer.listen({
-        hostname: env.masterAddr,
-        port: env.masterPort,
-        worldSize: env.worldSize,
-        token: env.token,
-      })
+    // Without SWITCHYARD_TOKEN on a loopback store, rank 0 makes the job's secret (job_secret.ts).
+    const secret = env.rank === 0 && env.token === undefined && isLoopback(env.masterAddr)
+      ? jobSecretPlace(get, env.masterPort)
       : undefined;
+    if (secret) env = { ...env, token: writeJobSecret(secret) };
+    let server: StoreServer | undefined;
     let store: StoreClient | undefined;
     try {
-      store = await StoreClient.connect({
-        hostname: env.masterAddr,
-        port: env.masterPort,
-        rank: env.rank,
-        worldSize: env.worldSize,
-        token: env.token,
-        timeoutMs,
-      });
+      server = env.rank === 0
+        ? StoreServer.listen({
+          hostname: env.masterAddr,
+          port: env.masterPort,
+          worldSize: env.worldSize,
+          token: env.token,
+        })
+        : undefined;
+      store = await connectToStore(env, get, timeoutMs);
       // Everyone arrives, and agrees on what the group is.
       const mine = JSON.stringify({ backend, worldSize: env.worldSize });
       const all = await store.exchange("join", mine);
@@ -195,7 +232,7 @@ export class Group extends NativeResource {
         .set("timeout_ms", timeoutMs);
       const out = new OutHandle();
       check(native().sy_group_create_process(opts.bytes, out.cell), null, "Group.fromEnv");
-      const rv: Rendezvous = { env, store, server, nccl: { enabled: false } };
+      const rv: Rendezvous = { env, store, server, secret, nccl: { enabled: false } };
       const group = new Group(out.take(), backend, env.worldSize, 1, rv);
       try {
         rv.nccl = await bootstrapNccl(group.pointer, backend, store);
@@ -207,6 +244,7 @@ export class Group extends NativeResource {
     } catch (e) {
       store?.close();
       server?.close();
+      if (secret) removeJobSecret(secret);
       throw e;
     }
   }
@@ -279,5 +317,6 @@ export class Group extends NativeResource {
     for (const r of this.ranks) r[Symbol.dispose]();
     this.#rendezvous?.store.close();
     this.#rendezvous?.server?.closeWhenIdle(this.#rendezvous.store.timeoutMs);
+    if (this.#rendezvous?.secret) removeJobSecret(this.#rendezvous.secret);
   }
 }

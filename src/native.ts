@@ -125,6 +125,14 @@ export abstract class NativeResource implements Disposable {
     return this.#pointer;
   }
 
+  /**
+   * Whether `v` really is one of these objects (not merely an object whose prototype claims
+   * so): only real ones hold a native handle.
+   */
+  static isGenuine(v: unknown): boolean {
+    return typeof v === "object" && v !== null && #pointer in v;
+  }
+
   /** Whether this reference has been released. */
   get disposed(): boolean {
     return this.#pointer === null;
@@ -198,11 +206,10 @@ export class Borrowed {
 /** Validates an integer argument before it crosses the FFI (which would truncate it). */
 export function integerArg(name: string, value: unknown, min: number, max: number): number {
   if (typeof value !== "number" || !Number.isInteger(value) || value < min || value > max) {
-    throw new SwitchyardError(
-      "INVALID_ARGUMENT",
-      `${name}: expected an integer in ${min}..${max}, got ${String(value)}`,
-      { argument: name },
-    );
+    const got = typeof value === "string" ? `the string ${JSON.stringify(value)}` : String(value);
+    throw new SwitchyardError("INVALID_ARGUMENT", `${name}: expected an integer in ${min}..${max}, got ${got}`, {
+      argument: name,
+    });
   }
   return value;
 }
@@ -214,8 +221,9 @@ export function instanceArg<T>(
   type: abstract new (...args: never[]) => T,
   typeName: string,
 ): T {
-  if (!(value instanceof type)) {
-    throw new SwitchyardError("WRONG_HANDLE", `${name}: expected a ${typeName}, got ${describe(value)}`, {
+  if (!(value instanceof type) || (value instanceof NativeResource && !NativeResource.isGenuine(value))) {
+    const what = value instanceof type ? `an imitation (an object with the ${typeName} prototype)` : describe(value);
+    throw new SwitchyardError("WRONG_HANDLE", `${name}: expected a ${typeName}, got ${what}`, {
       argument: name,
     });
   }

@@ -258,7 +258,8 @@ function sameDigest(a: Uint8Array, b: Uint8Array): boolean {
   return diff === 0;
 }
 
-function isLoopback(hostname: string): boolean {
+/** Whether `hostname` names this host's loopback interface. */
+export function isLoopback(hostname: string): boolean {
   const h = hostname.replace(/^\[(.*)\]$/, "$1").toLowerCase();
   return h === "localhost" || h === "::1" || h === "0:0:0:0:0:0:0:1" || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h);
 }

@@ -26,7 +26,16 @@ Deno.test("doctor: one verdict per line, covering the library, backends, NCCL an
   ]);
   const lines = text(o).trim().split("\n");
   assert.ok(lines.every((l) => /^(OK|NOTE|FIX) +\S/.test(l)), text(o));
-  for (const topic of [/^OK +libswitchyard .* ABI 2/, /^OK +host backend/, /CUDA/, /NCCL/, /\/dev\/shm/]) {
+  for (
+    const topic of [
+      /^OK +libswitchyard .* ABI 2/,
+      /^OK +host backend/,
+      /CUDA/,
+      /NCCL/,
+      /\/dev\/shm/,
+      /^OK +rendezvous: /,
+    ]
+  ) {
     assert.ok(lines.some((l) => topic.test(l)), `${topic} in:\n${text(o)}`);
   }
   assert.equal(o.code, lines.some((l) => l.startsWith("FIX")) ? 1 : 0);

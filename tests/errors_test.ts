@@ -133,6 +133,17 @@ Deno.test("bad inputs are rejected with errors that name the argument", async (t
     using s = Stream.create(rank0);
     await refusedDispatch(() => buf.dispatch(s as unknown as Tensor, ok), "WRONG_HANDLE", "x");
     await refusedDispatch(() => buf.dispatch(x, { ...ok, handle: x as never }), "WRONG_HANDLE", "handle");
+    // An object that only claims to be a tensor (its prototype) is named, not a raw TypeError.
+    const imitation = Object.create(Tensor.prototype) as Tensor;
+    const e = await refusedDispatch(() => buf.dispatch(imitation, ok), "WRONG_HANDLE", "x");
+    assert.match(e.message, /an imitation/);
+    // A number given as a string is reported as the string it is.
+    const s8 = await refusedDispatch(
+      () => buf.dispatch(x, { ...ok, numExperts: "8" as unknown as number }),
+      "INVALID_ARGUMENT",
+      "numExperts",
+    );
+    assert.match(s8.message, /got the string "8"/);
   });
   await t.step("a tensor or stream of another rank", async () => {
     using other = Tensor.empty(rank1, { dtype: "bf16", shape: [T, H] });

@@ -6,6 +6,7 @@
  */
 
 import assert from "node:assert/strict";
+import { Rng } from "../mod.ts";
 import { launch } from "../src/cli/launch.ts";
 
 const script = new URL("./mp/roundtrip.ts", import.meta.url).pathname;
@@ -105,4 +106,60 @@ Deno.test("a rank that never arrives, and a rank with the wrong token, are named
     assert.match(text(outs[1]), /rendezvous refused rank 1: wrong SWITCHYARD_TOKEN/);
     assert.match(text(outs[0]), /missing rank 1/);
   });
+});
+
+Deno.test("fault injection: SIGKILL of a random rank at a random point, 30 jobs, nothing hangs", async () => {
+  // Short deadlines, tiny sizes: each job is 3 ranks, 2 rounds; one rank kills itself at a
+  // seeded random phase and delay. Every survivor must fail on its own (the launcher's grace
+  // would stop a hung one, leaving no line) with a SwitchyardTimeoutError naming the dead rank.
+  const rng = new Rng(2026);
+  const phases = ["join", "buffers", "dispatch", "combine", "low-latency"];
+  const timeoutMs = 400;
+  const toFailure: number[] = [];
+  for (let trial = 0; trial < 30; trial++) {
+    const dead = rng.int(3), phase = phases[rng.int(phases.length)], delay = rng.int(30), round = rng.int(2);
+    const what = `job ${trial}: rank ${dead} dies ${delay} ms into ${phase} (round ${round})`;
+    const r = await job(3, [
+      "--rounds",
+      "2",
+      "--die-at",
+      String(round),
+      "--die-rank",
+      String(dead),
+      "--die-phase",
+      phase,
+      "--die-delay",
+      String(delay),
+      "--timeout",
+      String(timeoutMs),
+    ], 10);
+    const report = `${what}\n${r.lines.join("\n")}`;
+    assert.notEqual(r.code, 0, report);
+    assert.equal(r.firstFailure?.rank, dead, report);
+    assert.equal(r.firstFailure?.signal, "SIGKILL", report);
+    for (const rank of [0, 1, 2].filter((q) => q !== dead)) {
+      const line = r.lines.find((l) => l.startsWith(`[rank ${rank}] rank ${rank} failed after`));
+      assert.ok(line, `rank ${rank} never reported (hung?): ${report}`);
+      assert.match(line!, new RegExp(`(TIMEOUT|PEER_FAILED) peerRank=${dead}:`), report);
+      toFailure.push(Number(line!.match(/failed after (\d+) ms/)![1]));
+    }
+    assert.deepEqual(segmentsOf(r.exits.map((e) => e.pid)), [], report);
+  }
+  toFailure.sort((a, b) => a - b);
+  const p50 = toFailure[Math.floor(toFailure.length / 2)], max = toFailure[toFailure.length - 1];
+  console.log(`  time to failure of the survivors (from their start): p50 ${p50} ms, max ${max} ms`);
+  assert.ok(max < 20 * timeoutMs + 5000, `max ${max} ms`);
+});
+
+Deno.test("a dispatch refused in one process fails in the others within milliseconds; the job goes on", async () => {
+  const r = await job(3, ["--rounds", "2", "--refuse-at", "1", "--refuse-rank", "2", "--timeout", "5000"]);
+  const report = r.lines.join("\n");
+  assert.equal(r.code, 0, report);
+  for (let rank = 0; rank < 3; rank++) {
+    const line = r.lines.find((l) => l.startsWith(`[rank ${rank}] rank ${rank} saw the refusal of rank 2`));
+    assert.ok(line, report);
+    assert.match(line!, rank === 2 ? /INVALID_ARGUMENT$/ : /PEER_FAILED$/);
+    assert.ok(Number(line!.match(/after (\d+) ms/)![1]) < 2500, line); // not the 5 s deadline
+    assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} ok`), report);
+  }
 });

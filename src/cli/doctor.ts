@@ -12,6 +12,8 @@ import { backendInfo } from "../backend.ts";
 import { bufferSizeHint } from "../config.ts";
 import { findNccl, NCCL_ENV, ncclNotFound, ncclVersionString, probeNccl } from "../nccl.ts";
 import { check, native } from "../native.ts";
+import { denoEnv } from "../dist_env.ts";
+import { jobSecretPlace } from "../job_secret.ts";
 
 /** One finding. */
 export interface Finding {
@@ -140,7 +142,17 @@ export async function diagnose(): Promise<Finding[]> {
     });
   }
   out.push({ level: "OK", text: `${host.number("cpus")} CPUs` });
+  out.push({ level: "OK", text: rendezvousRule(denoEnv) });
   return out;
+}
+
+/** Who may join a process group's rendezvous, as the environment has it now. */
+function rendezvousRule(get: (name: string) => string | undefined): string {
+  if (get("SWITCHYARD_TOKEN")) return "rendezvous: SWITCHYARD_TOKEN is set; every rank must present it";
+  const { dir } = jobSecretPlace(get, Number(get("MASTER_PORT") ?? 29500));
+  return `rendezvous: no SWITCHYARD_TOKEN, so the ranks of one host share a per-job secret in ${dir} ` +
+    "(this user only: rank 0 writes it, needing --allow-write); a store beyond loopback needs SWITCHYARD_TOKEN " +
+    "(deno task launch sets one)";
 }
 
 if (import.meta.main) {

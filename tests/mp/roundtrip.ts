@@ -1,11 +1,18 @@
 /**
  * One rank of a multi-process test (run through the launcher): meets the others with
  * Group.fromEnv, dispatches and combines, and checks the round trip against the reference.
- * Arguments: [rounds] [--die-at ROUND --die-rank R] [--timeout MS].
+ * Arguments: [rounds] [--die-at ROUND --die-rank R [--die-phase PHASE] [--die-delay MS]]
+ * [--refuse-at ROUND --refuse-rank R] [--timeout MS].
+ * With --refuse-at, rank R passes an f32 x to round ROUND's first dispatch: it must be refused
+ * there (INVALID_ARGUMENT naming x) and fail on every other rank within milliseconds
+ * (PEER_FAILED naming R); then the round runs normally on every rank.
+ * Rank R kills itself (SIGKILL) `MS` milliseconds into PHASE: `join` (before meeting the
+ * others), `buffers` (before creating the buffers), `dispatch` or `combine` (inside that
+ * collective of round ROUND), `low-latency` (inside the low-latency dispatch).
  */
 
 import { parseArgs } from "node:util";
-import { Group, SwitchyardTimeoutError, Tensor } from "../../mod.ts";
+import { Group, SwitchyardError, SwitchyardTimeoutError, Tensor } from "../../mod.ts";
 import { generate, type Scenario, upload } from "../helpers.ts";
 import { referenceCombine, referenceDispatch } from "../reference.ts";
 
@@ -15,16 +22,32 @@ const { values } = parseArgs({
     rounds: { type: "string", default: "3" },
     "die-at": { type: "string", default: "-1" },
     "die-rank": { type: "string", default: "-1" },
+    "die-phase": { type: "string", default: "dispatch" },
+    "die-delay": { type: "string", default: "20" },
+    "refuse-at": { type: "string", default: "-1" },
+    "refuse-rank": { type: "string", default: "-1" },
     timeout: { type: "string", default: "20000" },
   },
 });
 const rounds = Number(values.rounds), dieAt = Number(values["die-at"]), dieRank = Number(values["die-rank"]);
 const started = performance.now();
 const me = Number(Deno.env.get("RANK"));
+const diePhase = me === dieRank ? values["die-phase"] : "";
+
+/** Dies `--die-delay` ms from now if this rank dies in `phase` (with `work` in flight). */
+async function dieIn(phase: string, work?: () => unknown): Promise<void> {
+  if (phase !== diePhase) return;
+  work?.();
+  await new Promise((r) => setTimeout(r, Number(values["die-delay"])));
+  console.log(`rank ${me} kills itself in ${phase}`);
+  Deno.kill(Deno.pid, "SIGKILL");
+}
 
 try {
+  await dieIn("join");
   using group = await Group.fromEnv({ timeoutMs: Number(values.timeout) });
   const R = group.size;
+  await dieIn("buffers");
   const [buffer] = await group.createBuffers({ hidden: 128, maxTokensPerRank: 40, lowLatency: { numExperts: 2 * R } });
   const rank = group.ranks[0];
   console.log(`joined as rank ${me} of ${R}`);
@@ -43,18 +66,35 @@ try {
     const expected = referenceDispatch(d.inputs, d.shape);
     const want = referenceCombine(expected, expected.map((e) => new Uint16Array(e.x.buffer)), s.hidden, s.tokens);
     using up = await upload(rank, s, d, me);
-    if (round === dieAt && me === dieRank) {
+    if (round === Number(values["refuse-at"])) {
+      const refusing = Number(values["refuse-rank"]);
+      using bad = await Tensor.from(rank, new Float32Array(up.x.numel), { shape: [...up.x.shape] });
+      const t0 = performance.now();
+      const e = await buffer.dispatch(me === refusing ? bad : up.x, {
+        topkIdx: up.topkIdx,
+        topkWeights: up.topkWeights,
+        numExperts: s.experts,
+      }).then((d) => (d[Symbol.dispose](), undefined), (err) => err);
+      const ms = Math.round(performance.now() - t0);
+      const want = me === refusing
+        ? e instanceof SwitchyardError && e.code === "INVALID_ARGUMENT" && e.argument === "x"
+        : e instanceof SwitchyardTimeoutError && e.code === "PEER_FAILED" && e.peerRank === refusing;
+      if (!want) throw new Error(`round ${round}: the refused dispatch ended with ${e}`);
+      console.log(`rank ${me} saw the refusal of rank ${refusing} after ${ms} ms: ${e.code}`);
+    }
+    if (round === dieAt) {
       // Die with the peers inside the dispatch's collective.
-      buffer.dispatch(up.x, { topkIdx: up.topkIdx, topkWeights: up.topkWeights, numExperts: s.experts });
-      await new Promise((r) => setTimeout(r, 20));
-      console.log(`rank ${me} kills itself in round ${round}`);
-      Deno.kill(Deno.pid, "SIGKILL");
+      await dieIn(
+        "dispatch",
+        () => buffer.dispatch(up.x, { topkIdx: up.topkIdx, topkWeights: up.topkWeights, numExperts: s.experts }),
+      );
     }
     using sent = await buffer.dispatch(up.x, {
       topkIdx: up.topkIdx,
       topkWeights: up.topkWeights,
       numExperts: s.experts,
     });
+    if (round === dieAt) await dieIn("combine", () => buffer.combine(sent.recvX, sent.handle));
     using back = await buffer.combine(sent.recvX, sent.handle);
     const got = await back.combinedX.read();
     if (got.length !== want[me].length || got.some((v, i) => v !== want[me][i])) {
@@ -69,6 +109,7 @@ try {
       shape: [T, K],
     });
     using w = await Tensor.from(rank, new Float32Array(T * K).fill(0.5), { shape: [T, K] });
+    await dieIn("low-latency", () => buffer.lowLatencyDispatch(x, idx, { useFp8: false }));
     using sent = await buffer.lowLatencyDispatch(x, idx, { useFp8: false });
     using back = await buffer.lowLatencyCombine(sent.recvX, idx, w, sent.handle);
     const got = await back.combinedX.readFloat32();
