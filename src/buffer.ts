@@ -172,12 +172,6 @@ export function lowLatencyExperts(ll: { readonly numExperts: number } | undefine
   return integerArg("lowLatency.numExperts", ll?.numExperts, 1, 2 ** 31 - 1);
 }
 
-// A tensor argument read where the call is made (inside the operation queue), not borrowed.
-function optionalTensorNow(name: string, t: unknown): Deno.PointerObject | null {
-  if (t === undefined || t === null) return null;
-  return instanceArg(name, t, Tensor, "Tensor").pointer;
-}
-
 /** The token-in-rank matrix of the options: `isTokenInRank`, or the one of `layout`. */
 function routingOf(o: DispatchOptions, held: Borrowed): Deno.PointerObject | null {
   if (o.isTokenInRank !== undefined && o.layout !== undefined) {
@@ -461,26 +455,35 @@ export class EpBuffer extends NativeResource {
     topkIdx: Tensor,
     options: LowLatencyDispatchOptions = {},
   ): Promise<LowLatencyDispatchResult> {
-    return this.#serial(() => {
-      optionsObject("options", options);
-      const flags = (flag("useFp8", options.useFp8 ?? true) ? LLFlags.FP8 : 0) |
-        (flag("roundScale", options.roundScale) ? LLFlags.ROUND_SCALE : 0) |
-        (flag("useUe8m0", options.useUe8m0) ? LLFlags.UE8M0 : 0) |
-        (flag("asyncFinish", options.asyncFinish) ? LLFlags.ASYNC_FINISH : 0) |
-        (flag("returnRecvHook", options.returnRecvHook) ? LLFlags.RETURN_HOOK : 0);
-      const args = LLDispatchArgs.create()
+    // Inputs taken now, as in dispatch(). (A refusal here is this rank's alone: the low-latency
+    // protocol tells peers of rejected input only from inside a call.)
+    const held = new Borrowed();
+    let args: ReturnType<typeof LLDispatchArgs.create>;
+    try {
+      const o = optionsObject("options", options ?? {}) as LowLatencyDispatchOptions;
+      const flags = (flag("useFp8", o.useFp8 ?? true) ? LLFlags.FP8 : 0) |
+        (flag("roundScale", o.roundScale) ? LLFlags.ROUND_SCALE : 0) |
+        (flag("useUe8m0", o.useUe8m0) ? LLFlags.UE8M0 : 0) |
+        (flag("asyncFinish", o.asyncFinish) ? LLFlags.ASYNC_FINISH : 0) |
+        (flag("returnRecvHook", o.returnRecvHook) ? LLFlags.RETURN_HOOK : 0);
+      args = LLDispatchArgs.create()
         .set("flags", flags)
-        .setPointer("x", instanceArg("x", x, Tensor, "Tensor").pointer)
-        .setPointer("topk_idx", instanceArg("topkIdx", topkIdx, Tensor, "Tensor").pointer)
+        .setPointer("x", held.take(instanceArg("x", x, Tensor, "Tensor"), "x"))
+        .setPointer("topk_idx", held.take(instanceArg("topkIdx", topkIdx, Tensor, "Tensor"), "topkIdx"))
         .setPointer(
           "cumulative_local_expert_recv_stats",
-          optionalTensorNow("cumulativeLocalExpertRecvStats", options.cumulativeLocalExpertRecvStats),
+          optionalTensor("cumulativeLocalExpertRecvStats", o.cumulativeLocalExpertRecvStats, held),
         )
         .setPointer(
           "dispatch_wait_recv_cost_stats",
-          optionalTensorNow("dispatchWaitRecvCostStats", options.dispatchWaitRecvCostStats),
+          optionalTensor("dispatchWaitRecvCostStats", o.dispatchWaitRecvCostStats, held),
         )
-        .setPointer("compute_stream", this.#computeStream(options.stream).pointer);
+        .setPointer("compute_stream", held.take(this.#computeStream(o.stream), "stream"));
+    } catch (e) {
+      held.release();
+      return this.#serial(() => Promise.reject(e));
+    }
+    return this.#serial(() => {
       const res = LLDispatchStruct.create();
       const p = this.pointer;
       check(native().sy_ll_dispatch(p, args.bytes, res.bytes), p, "lowLatencyDispatch");
@@ -495,7 +498,7 @@ export class EpBuffer extends NativeResource {
         ev ? new Event(ev, this.rank) : undefined,
         hook ? new RecvHook(hook) : undefined,
       );
-    });
+    }).finally(() => held.release());
   }
 
   /**
@@ -511,24 +514,31 @@ export class EpBuffer extends NativeResource {
     handle: LowLatencyHandle,
     options: LowLatencyCombineOptions = {},
   ): Promise<LowLatencyCombineResult> {
-    return this.#serial(() => {
-      optionsObject("options", options);
-      const flags = (flag("useLogfmt", options.useLogfmt) ? LLFlags.LOGFMT : 0) |
-        (flag("zeroCopy", options.zeroCopy) ? LLFlags.ZERO_COPY : 0) |
-        (flag("asyncFinish", options.asyncFinish) ? LLFlags.ASYNC_FINISH : 0) |
-        (flag("returnRecvHook", options.returnRecvHook) ? LLFlags.RETURN_HOOK : 0);
-      const args = LLCombineArgs.create()
+    const held = new Borrowed(); // inputs taken now, as in lowLatencyDispatch()
+    let args: ReturnType<typeof LLCombineArgs.create>;
+    try {
+      const o = optionsObject("options", options ?? {}) as LowLatencyCombineOptions;
+      const flags = (flag("useLogfmt", o.useLogfmt) ? LLFlags.LOGFMT : 0) |
+        (flag("zeroCopy", o.zeroCopy) ? LLFlags.ZERO_COPY : 0) |
+        (flag("asyncFinish", o.asyncFinish) ? LLFlags.ASYNC_FINISH : 0) |
+        (flag("returnRecvHook", o.returnRecvHook) ? LLFlags.RETURN_HOOK : 0);
+      args = LLCombineArgs.create()
         .set("flags", flags)
-        .setPointer("x", optionalTensorNow("x", x))
-        .setPointer("topk_idx", instanceArg("topkIdx", topkIdx, Tensor, "Tensor").pointer)
-        .setPointer("topk_weights", instanceArg("topkWeights", topkWeights, Tensor, "Tensor").pointer)
-        .setPointer("handle", instanceArg("handle", handle, LowLatencyHandle, "LowLatencyHandle").pointer)
-        .setPointer("out", optionalTensorNow("out", options.out))
+        .setPointer("x", optionalTensor("x", x, held))
+        .setPointer("topk_idx", held.take(instanceArg("topkIdx", topkIdx, Tensor, "Tensor"), "topkIdx"))
+        .setPointer("topk_weights", held.take(instanceArg("topkWeights", topkWeights, Tensor, "Tensor"), "topkWeights"))
+        .setPointer("handle", held.take(instanceArg("handle", handle, LowLatencyHandle, "LowLatencyHandle"), "handle"))
+        .setPointer("out", optionalTensor("out", o.out, held))
         .setPointer(
           "combine_wait_recv_cost_stats",
-          optionalTensorNow("combineWaitRecvCostStats", options.combineWaitRecvCostStats),
+          optionalTensor("combineWaitRecvCostStats", o.combineWaitRecvCostStats, held),
         )
-        .setPointer("compute_stream", this.#computeStream(options.stream).pointer);
+        .setPointer("compute_stream", held.take(this.#computeStream(o.stream), "stream"));
+    } catch (e) {
+      held.release();
+      return this.#serial(() => Promise.reject(e));
+    }
+    return this.#serial(() => {
       const res = LLCombineStruct.create();
       const p = this.pointer;
       check(native().sy_ll_combine(p, args.bytes, res.bytes), p, "lowLatencyCombine");
@@ -539,7 +549,7 @@ export class EpBuffer extends NativeResource {
         ev ? new Event(ev, this.rank) : undefined,
         hook ? new RecvHook(hook) : undefined,
       );
-    });
+    }).finally(() => held.release());
   }
 
   /**

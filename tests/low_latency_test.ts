@@ -737,3 +737,26 @@ Deno.test("cleanLowLatencyBuffer with a dead rank masked", async () => {
   assert.ok(performance.now() - started < 400, "nobody waited for the masked rank");
   await roundTrip({ ...c, masked: [3] }, fx);
 });
+
+Deno.test("low-latency inputs are taken when the call is made: disposing them right after is safe", async () => {
+  const c: Case = { ranks: 2, hidden: 128, experts: 4, topk: 2, tokens: [4, 4], maxTokens: 4, seed: 6 };
+  const inputs = makeInputs(c);
+  using fx = await llFixture(c);
+  await fx.group.all(async (rank, r) => {
+    const buf = fx.buffers[r];
+    using w = await Tensor.from(rank, inputs[r].weights, { shape: [4, 2] });
+    using idx = await Tensor.from(rank, inputs[r].topkIdx, { shape: [4, 2] });
+    const call = async () => {
+      using x = await Tensor.from(rank, inputs[r].x, { shape: [4, 128] });
+      return buf.lowLatencyDispatch(x, idx, { useFp8: false }); // x is disposed before the call runs
+    };
+    using sent = await call();
+    await checkDispatch(c, sent, inputs, r);
+    const back = async () => {
+      using i2 = await Tensor.from(rank, inputs[r].topkIdx, { shape: [4, 2] });
+      return buf.lowLatencyCombine(sent.recvX, i2, w, sent.handle); // so is this top-k tensor
+    };
+    using combined = await back();
+    assert.equal((await combined.combinedX.read()).length, 4 * 128);
+  });
+});
