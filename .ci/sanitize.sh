@@ -32,6 +32,7 @@ for kind in "$@"; do
         SWITCHYARD_LIBRARY="$root/build-asan/libswitchyard.so" \
         SWITCHYARD_CUDA_ON_CPU_LIBRARY="$root/build-asan/libswitchyard.so" \
         SWITCHYARD_TEST_PASSES=host,cuda-on-cpu \
+        SWITCHYARD_FAULT_JOBS=6 \
         deno run --allow-ffi --allow-env --allow-read --allow-run --allow-write scripts/test.ts
       ;;
     run:thread)

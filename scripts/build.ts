@@ -5,7 +5,7 @@
  * executed on CPU threads (`SWITCHYARD_CUDA=CPU`, tests/cuda_on_cpu) into `build-cuda-cpu/`.
  *
  * Environment: `SWITCHYARD_CUDA` (AUTO, ON, OFF, CPU; default AUTO: kernels are compiled when nvcc
- * is found), `SWITCHYARD_CUDA_ARCHITECTURES` (default 90), `SWITCHYARD_NCCL_ROOT` (NCCL headers;
+ * and an NVIDIA GPU are found), `SWITCHYARD_CUDA_ARCHITECTURES` (default 90), `SWITCHYARD_NCCL_ROOT` (NCCL headers;
  * default `.tools/nccl` when `.ci/fetch-nccl-headers.sh` has put them there),
  * `SWITCHYARD_SANITIZE` (e.g. `address,undefined` or `thread`: instrumented host code and, in the
  * CPU build, kernels), `SWITCHYARD_BUILD_DIR` (default `build`, or `build-cuda-cpu`), `CUDA_HOME`

@@ -1,13 +1,13 @@
 /**
- * Prints one plain line, `N passed, N failed`, from a JUnit report of `deno task test
- * --junit-path` (every test and every step is one test case), after one line per pass when the
- * report has several (scripts/test.ts names each suite "pass: file"). Exits 1 when anything
- * failed or the report is missing.
+ * Prints one plain line, `N passed, N failed` (tests, as Deno counts them: a test with steps is
+ * one test), from a JUnit report of `deno task test --junit-path`, after one line per pass
+ * with the steps too (`host: 62 passed (147 steps), 0 failed`; scripts/test.ts names each suite
+ * "pass: file"). Exits 1 when anything failed or the report is missing.
  *
  * @module
  */
 
-import { countCases } from "./test.ts";
+import { countCases, countsLine } from "./test.ts";
 
 const path = Deno.args[0] ?? "junit.xml";
 let xml: string;
@@ -23,10 +23,11 @@ for (const suite of xml.match(/<testsuite\b[\s\S]*?<\/testsuite>/g) ?? []) {
   byPass.set(pass, (byPass.get(pass) ?? "") + suite);
 }
 for (const [pass, suites] of byPass) {
-  const c = countCases(suites);
-  console.log(`${pass}: ${c.passed} passed, ${c.failed} failed${c.skipped ? `, ${c.skipped} skipped` : ""}`);
+  console.log(`${pass}: ${countsLine(countCases(suites))}`);
 }
 const total = countCases(xml);
 if (total.passed + total.failed + total.skipped === 0) total.failed = 1;
+// A failed step fails its test too; count it there if its test case did not say so.
+if (total.stepsFailed > 0 && total.failed === 0) total.failed = 1;
 console.log(`${total.passed} passed, ${total.failed} failed`);
 Deno.exit(total.failed > 0 ? 1 : 0);

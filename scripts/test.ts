@@ -43,21 +43,39 @@ interface Pass {
   readonly env: Record<string, string>;
 }
 
-interface Counts {
+/** Outcomes of a JUnit report's cases, counted as Deno counts them: tests, and their steps apart. */
+export interface Counts {
   passed: number;
   failed: number;
   skipped: number;
+  stepsPassed: number;
+  stepsFailed: number;
 }
 
-/** Test cases (tests and steps) of a JUnit report, by outcome. */
+/**
+ * The tests and steps of a JUnit report by outcome. Deno writes a step as a case named
+ * `test > step`, so a name with " > " is a step.
+ */
 export function countCases(xml: string): Counts {
-  const counts = { passed: 0, failed: 0, skipped: 0 };
+  const counts = { passed: 0, failed: 0, skipped: 0, stepsPassed: 0, stepsFailed: 0 };
   for (const c of xml.match(/<testcase\b[^>]*?(\/>|>[\s\S]*?<\/testcase>)/g) ?? []) {
-    if (/<(failure|error)\b/.test(c)) counts.failed++;
+    const step = / &gt; /.test(/name="([^"]*)"/.exec(c)?.[1] ?? "");
+    const failed = /<(failure|error)\b/.test(c);
+    if (step) {
+      if (failed) counts.stepsFailed++;
+      else counts.stepsPassed++;
+    } else if (failed) counts.failed++;
     else if (/<skipped\b/.test(c)) counts.skipped++;
     else counts.passed++;
   }
   return counts;
+}
+
+/** One pass's line, as Deno words it: `62 passed (147 steps), 0 failed`. */
+export function countsLine(c: Counts): string {
+  const steps = (n: number) => n ? ` (${n} step${n === 1 ? "" : "s"})` : "";
+  return `${c.passed} passed${steps(c.stepsPassed)}, ${c.failed} failed${steps(c.stepsFailed)}` +
+    (c.skipped ? `, ${c.skipped} skipped` : "");
 }
 
 function parseArgs(args: string[]): { junit?: string; rest: string[] } {
@@ -189,7 +207,7 @@ if (import.meta.main) {
     if (failedOutside) c.failed = 1;
     ok = ok && code === 0;
     reports.push({ name: p.name, xml, failedOutside });
-    lines.push(`${p.name}: ${c.passed} passed, ${c.failed} failed${c.skipped ? `, ${c.skipped} skipped` : ""}`);
+    lines.push(`${p.name}: ${countsLine(c)}`);
   }
   await Deno.remove(dir, { recursive: true });
   if (junit) await Deno.writeTextFile(junit, mergeReports(reports));

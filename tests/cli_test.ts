@@ -56,3 +56,34 @@ Deno.test("launch: usage errors exit 2 with the usage line", async () => {
   assert.equal(o.code, 2);
   assert.match(text(o), /usage: deno task launch --nproc N/);
 });
+
+Deno.test("CI's summary counts tests and their steps apart, as Deno does", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const c = (name: string, failed = false) =>
+      `<testcase name="${name}" classname="x">${failed ? "<failure>boom</failure>" : ""}</testcase>`;
+    const xml =
+      `<testsuites><testsuite name="host: ./a.ts">${c("one")}${c("two")}${c("two &gt; s1")}${c("two &gt; s2")}` +
+      `</testsuite><testsuite name="cuda-on-cpu: ./a.ts">${c("three", true)}${
+        c("three &gt; s", true)
+      }</testsuite></testsuites>`;
+    await Deno.writeTextFile(`${dir}/junit.xml`, xml);
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--allow-read",
+        new URL("../scripts/junit_summary.ts", import.meta.url).pathname,
+        `${dir}/junit.xml`,
+      ],
+      stdout: "piped",
+    }).output();
+    assert.equal(out.code, 1);
+    assert.deepEqual(new TextDecoder().decode(out.stdout).trim().split("\n"), [
+      "host: 2 passed (2 steps), 0 failed",
+      "cuda-on-cpu: 0 passed, 1 failed (1 step)",
+      "2 passed, 1 failed",
+    ]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

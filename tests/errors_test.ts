@@ -225,6 +225,20 @@ Deno.test("bad inputs are rejected with errors that name the argument", async (t
       "backend",
     );
     assert.match(e.message, /CUDA/);
+    if (info.compiled) {
+      // "No device" first; a driver/runtime mismatch is news only where an NVIDIA driver exists.
+      assert.match(e.message, /no CUDA device/);
+      let driver = true;
+      try {
+        Deno.statSync("/proc/driver/nvidia");
+      } catch {
+        driver = false;
+      }
+      if (!driver) {
+        assert.doesNotMatch(e.message, /insufficient/);
+        assert.match(info.reason, /^no CUDA device \(no NVIDIA driver is loaded/);
+      }
+    }
   });
 });
 

@@ -1,6 +1,8 @@
 // The CUDA backend: device discovery, device memory, CUDA IPC, copies, the layout kernel, and
 // the normal-mode operations (cuda_normal.cu). The CUDA runtime is linked statically, so on a
 // machine without a driver every call fails cleanly and the backend reports why.
+#include <sys/stat.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -360,6 +362,22 @@ void prepare_devices(int count) {
 }  // namespace
 }  // namespace cuda
 
+namespace cuda {
+namespace {
+
+// Why there is no usable device, in words that fit the machine: without an NVIDIA driver the
+// runtime says "driver version is insufficient", which would send people to upgrade a driver
+// they do not need; that message stays for machines that have a GPU.
+std::string no_device_reason(cudaError_t rc) {
+  struct stat st;
+  const bool driver = stat("/proc/driver/nvidia", &st) == 0 || stat("/dev/nvidiactl", &st) == 0;
+  if (!driver) return "no NVIDIA driver is loaded on this machine: no /proc/driver/nvidia";
+  return rc == cudaSuccess ? "the driver reports 0 devices" : cudaGetErrorString(rc);
+}
+
+}  // namespace
+}  // namespace cuda
+
 Error probe_cuda(sy_backend_info* info) {
   cuda::configure_driver_environment();
   info->compiled = 1;
@@ -372,8 +390,7 @@ Error probe_cuda(sy_backend_info* info) {
   cudaError_t rc = cudaGetDeviceCount(&count);
   if (rc != cudaSuccess || count == 0) {
     info->available = 0;
-    std::string why = rc != cudaSuccess ? std::string("no CUDA device: ") + cudaGetErrorString(rc)
-                                        : std::string("no CUDA device found");
+    const std::string why = "no CUDA device (" + cuda::no_device_reason(rc) + ")";
     std::strncpy(info->reason, why.c_str(), sizeof info->reason - 1);
     cudaGetLastError();  // clear the runtime's sticky last error
     return ok();
@@ -412,10 +429,7 @@ std::unique_ptr<Backend> make_cuda_backend(Error* why) {
   int count = 0;
   cudaError_t rc = cudaGetDeviceCount(&count);
   if (rc != cudaSuccess || count == 0) {
-    *why = fail(SY_ERROR_NO_DEVICE,
-                std::string("backend: no CUDA device (") +
-                    (rc != cudaSuccess ? cudaGetErrorString(rc) : "the driver reports 0 devices") +
-                    "); use backend \"host\"",
+    *why = fail(SY_ERROR_NO_DEVICE, "backend: no CUDA device (" + cuda::no_device_reason(rc) + "); use backend \"host\"",
                 "backend");
     cudaGetLastError();
     return nullptr;
