@@ -59,6 +59,33 @@ SY_HD int64_t expanded_rows(const int32_t* counts, int n, int64_t alignment, int
   return rows;
 }
 
+// The padding rows of the expanded layout, numbered group by group: prefix[e] (n + 1 entries)
+// is the number of padding rows of the groups before e; returns them all.
+SY_HD int64_t padding_rows(const int32_t* counts, int n, int64_t alignment, int64_t* prefix) {
+  int64_t pads = 0;
+  for (int e = 0; e < n; ++e) {
+    prefix[e] = pads;
+    pads += align_count(counts[e], alignment) - counts[e];
+  }
+  prefix[n] = pads;
+  return pads;
+}
+
+// The row of padding row `i` (< prefix[n]): in the last group whose padding starts at or
+// before i, after its received rows. `base` is expanded_rows' group starts.
+SY_HD int64_t padding_row(const int64_t* prefix, const int64_t* base, const int32_t* counts, int n, int64_t i) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (prefix[mid] <= i) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return base[lo] + counts[lo] + (i - prefix[lo]);
+}
+
 // Receive order in normal mode: by source rank, then by the sender's token order. The row of
 // slot `slot` from `src` is the number of rows all lower ranks sent plus the slot.
 // `rank_prefix_col(src)` is the inclusive prefix (rows from ranks 0..src) for this rank.

@@ -194,12 +194,7 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(Dispatc
         rows = a.cached_rows;
       } else {
         rows = core::expanded_rows(a.ws.expert_count, EL, a.alignment, a.ws.group_base);
-        int64_t pads = 0;  // where each group's padding rows fall in the padding rows' order
-        for (int l = 0; l < EL; ++l) {
-          a.ws.pad_prefix[l] = pads;
-          pads += core::align_count(a.ws.expert_count[l], a.alignment) - a.ws.expert_count[l];
-        }
-        a.ws.pad_prefix[EL] = pads;
+        core::padding_rows(a.ws.expert_count, EL, a.alignment, a.ws.pad_prefix);
       }
     }
     a.ws.totals[0] = received;
@@ -448,22 +443,10 @@ __global__ void __launch_bounds__(kCopyThreads) receive_expanded_kernel(Dispatch
   // zero-filled when allocated). A warp per row, spread over the whole grid.
   const int64_t rows_used = a.ws.totals[1];
   const bool zero = a.zero_padding && !a.cached;
-  const int64_t* pad_prefix = a.ws.pad_prefix;
-  const int64_t pad = a.cached ? 0 : pad_prefix[EL];  // padding rows of all groups
+  const int64_t pad = a.cached ? 0 : a.ws.pad_prefix[EL];  // padding rows of all groups
   for (int64_t i = warp; i < pad + (a.out_rows - rows_used); i += warps) {
-    int64_t r = rows_used + (i - pad);
-    if (i < pad) {
-      int lo = 0, hi = EL - 1;  // the last group whose padding starts at or before i
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (pad_prefix[mid] <= i) {
-          lo = mid;
-        } else {
-          hi = mid - 1;
-        }
-      }
-      r = a.ws.group_base[lo] + a.ws.expert_count[lo] + (i - pad_prefix[lo]);
-    }
+    const int64_t r = i < pad ? core::padding_row(a.ws.pad_prefix, a.ws.group_base, a.ws.expert_count, EL, i)
+                              : rows_used + (i - pad);
     if (lane == 0 && a.recv_w != nullptr) a.recv_w[r] = 0.0f;
     if (zero) zero_row(a.recv_x + r * a.payload_bytes, a.payload_bytes, lane);
     for (int s = lane; zero && s < a.num_scales; s += 32) reinterpret_cast<uint32_t*>(a.recv_scales)[r * a.num_scales + s] = 0;
