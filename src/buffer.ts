@@ -346,11 +346,9 @@ export class EpBuffer extends NativeResource {
   dispatch(x: Tensor, options: DispatchOptions = {}): Promise<DispatchResult> {
     // Everything the call uses is taken now: disposing it once dispatch() returns is safe. An
     // argument refused here is a refusal the peers hear of (#refused), as the library's own.
-    const held = new Borrowed();
-    let args: ReturnType<typeof DispatchArgs.create>, waits: boolean;
-    try {
+    return this.#call(Operation.DISPATCH, (held) => {
       const o = optionsObject("options", options ?? {}) as DispatchOptions;
-      args = DispatchArgs.create()
+      const args = DispatchArgs.create()
         .setPointer("x", held.take(instanceArg("x", x, Tensor, "Tensor"), "x"))
         .setPointer("x_scales", optionalTensor("xScales", o.xScales, held))
         .setPointer("topk_idx", optionalTensor("topkIdx", o.topkIdx, held))
@@ -368,12 +366,8 @@ export class EpBuffer extends NativeResource {
         .set("layout", flag("expand", o.expand))
         .set("zero_padding", flag("zeroPadding", o.zeroPadding));
       setStreamOptions(args, this.rank, o, held);
-      waits = o.handle === undefined && !o.numWorstTokens;
-    } catch (e) {
-      held.release();
-      return this.#refused(Operation.DISPATCH, e);
-    }
-    return this.#serial(() => this.#dispatchNow(args, waits)).finally(() => held.release());
+      return { args, waits: o.handle === undefined && !o.numWorstTokens };
+    }, ({ args, waits }) => this.#dispatchNow(args, waits));
   }
 
   async #dispatchNow(args: ReturnType<typeof DispatchArgs.create>, waits: boolean): Promise<DispatchResult> {
@@ -411,15 +405,13 @@ export class EpBuffer extends NativeResource {
    */
   combine(x: Tensor, handle: DispatchHandle, options: CombineOptions = {}): Promise<CombineResult> {
     // Inputs taken now, refusals told to the peers: as in dispatch().
-    const held = new Borrowed();
-    let args: ReturnType<typeof CombineArgs.create>;
-    try {
+    return this.#call(Operation.COMBINE, (held) => {
       const o = optionsObject("options", options ?? {}) as CombineOptions;
       const bias = o.bias === undefined ? [] : o.bias instanceof Tensor ? [o.bias] : [...o.bias];
       if (bias.length > 2) {
         throw new SwitchyardError("INVALID_ARGUMENT", "bias: at most two bias tensors", { argument: "bias" });
       }
-      args = CombineArgs.create()
+      const args = CombineArgs.create()
         .setPointer("x", held.take(instanceArg("x", x, Tensor, "Tensor"), "x"))
         .setPointer("handle", held.take(instanceArg("handle", handle, DispatchHandle, "DispatchHandle"), "handle"))
         .setPointer("topk_weights", optionalTensor("topkWeights", o.topkWeights, held))
@@ -427,11 +419,8 @@ export class EpBuffer extends NativeResource {
         .setPointer("bias1", optionalTensor("bias", bias[1], held))
         .setPointer("out", optionalTensor("out", o.out, held));
       setStreamOptions(args, this.rank, o, held);
-    } catch (e) {
-      held.release();
-      return this.#refused(Operation.COMBINE, e);
-    }
-    return this.#serial(() => {
+      return args;
+    }, (args) => {
       const res = CombineStruct.create();
       const p = this.pointer;
       check(native().sy_combine(p, args.bytes, res.bytes), p, "combine");
@@ -442,7 +431,7 @@ export class EpBuffer extends NativeResource {
         w ? new Tensor(w, this.rank) as Tensor<"f32"> : undefined,
         ev ? new Event(ev, this.rank) : undefined,
       );
-    }).finally(() => held.release());
+    });
   }
 
   /**
@@ -457,16 +446,14 @@ export class EpBuffer extends NativeResource {
   ): Promise<LowLatencyDispatchResult> {
     // Inputs taken now, as in dispatch(). (A refusal here is this rank's alone: the low-latency
     // protocol tells peers of rejected input only from inside a call.)
-    const held = new Borrowed();
-    let args: ReturnType<typeof LLDispatchArgs.create>;
-    try {
+    return this.#call(undefined, (held) => {
       const o = optionsObject("options", options ?? {}) as LowLatencyDispatchOptions;
       const flags = (flag("useFp8", o.useFp8 ?? true) ? LLFlags.FP8 : 0) |
         (flag("roundScale", o.roundScale) ? LLFlags.ROUND_SCALE : 0) |
         (flag("useUe8m0", o.useUe8m0) ? LLFlags.UE8M0 : 0) |
         (flag("asyncFinish", o.asyncFinish) ? LLFlags.ASYNC_FINISH : 0) |
         (flag("returnRecvHook", o.returnRecvHook) ? LLFlags.RETURN_HOOK : 0);
-      args = LLDispatchArgs.create()
+      const args = LLDispatchArgs.create()
         .set("flags", flags)
         .setPointer("x", held.take(instanceArg("x", x, Tensor, "Tensor"), "x"))
         .setPointer("topk_idx", held.take(instanceArg("topkIdx", topkIdx, Tensor, "Tensor"), "topkIdx"))
@@ -479,11 +466,8 @@ export class EpBuffer extends NativeResource {
           optionalTensor("dispatchWaitRecvCostStats", o.dispatchWaitRecvCostStats, held),
         )
         .setPointer("compute_stream", held.take(this.#computeStream(o.stream), "stream"));
-    } catch (e) {
-      held.release();
-      return this.#serial(() => Promise.reject(e));
-    }
-    return this.#serial(() => {
+      return args;
+    }, (args) => {
       const res = LLDispatchStruct.create();
       const p = this.pointer;
       check(native().sy_ll_dispatch(p, args.bytes, res.bytes), p, "lowLatencyDispatch");
@@ -498,7 +482,7 @@ export class EpBuffer extends NativeResource {
         ev ? new Event(ev, this.rank) : undefined,
         hook ? new RecvHook(hook) : undefined,
       );
-    }).finally(() => held.release());
+    });
   }
 
   /**
@@ -514,15 +498,13 @@ export class EpBuffer extends NativeResource {
     handle: LowLatencyHandle,
     options: LowLatencyCombineOptions = {},
   ): Promise<LowLatencyCombineResult> {
-    const held = new Borrowed(); // inputs taken now, as in lowLatencyDispatch()
-    let args: ReturnType<typeof LLCombineArgs.create>;
-    try {
+    return this.#call(undefined, (held) => {
       const o = optionsObject("options", options ?? {}) as LowLatencyCombineOptions;
       const flags = (flag("useLogfmt", o.useLogfmt) ? LLFlags.LOGFMT : 0) |
         (flag("zeroCopy", o.zeroCopy) ? LLFlags.ZERO_COPY : 0) |
         (flag("asyncFinish", o.asyncFinish) ? LLFlags.ASYNC_FINISH : 0) |
         (flag("returnRecvHook", o.returnRecvHook) ? LLFlags.RETURN_HOOK : 0);
-      args = LLCombineArgs.create()
+      const args = LLCombineArgs.create()
         .set("flags", flags)
         .setPointer("x", optionalTensor("x", x, held))
         .setPointer("topk_idx", held.take(instanceArg("topkIdx", topkIdx, Tensor, "Tensor"), "topkIdx"))
@@ -534,11 +516,8 @@ export class EpBuffer extends NativeResource {
           optionalTensor("combineWaitRecvCostStats", o.combineWaitRecvCostStats, held),
         )
         .setPointer("compute_stream", held.take(this.#computeStream(o.stream), "stream"));
-    } catch (e) {
-      held.release();
-      return this.#serial(() => Promise.reject(e));
-    }
-    return this.#serial(() => {
+      return args;
+    }, (args) => {
       const res = LLCombineStruct.create();
       const p = this.pointer;
       check(native().sy_ll_combine(p, args.bytes, res.bytes), p, "lowLatencyCombine");
@@ -549,7 +528,7 @@ export class EpBuffer extends NativeResource {
         ev ? new Event(ev, this.rank) : undefined,
         hook ? new RecvHook(hook) : undefined,
       );
-    }).finally(() => held.release());
+    });
   }
 
   /**
@@ -627,6 +606,27 @@ export class EpBuffer extends NativeResource {
     const run = this.#tail.then(op);
     this.#tail = run.then(() => {}, () => {});
     return run;
+  }
+
+  // A call whose arguments are built now (`build` takes the inputs into `held`, so disposing
+  // them once the call returns is safe) and which then runs in order (`run`), after which
+  // the inputs are released. An argument refused while building is told to the peers for a
+  // dispatch or combine (`refusal`, #refused); a low-latency call's refusal stays this rank's
+  // (undefined: the low-latency protocol tells peers of rejected input only inside a call).
+  #call<A, R>(
+    refusal: number | undefined,
+    build: (held: Borrowed) => A,
+    run: (args: A) => R | Promise<R>,
+  ): Promise<R> {
+    const held = new Borrowed();
+    let args: A;
+    try {
+      args = build(held);
+    } catch (e) {
+      held.release();
+      return refusal === undefined ? this.#serial(() => Promise.reject(e)) : this.#refused(refusal, e);
+    }
+    return this.#serial(() => run(args)).finally(() => held.release());
   }
 
   // A collective refused before it reached the library (`why`): in its place in the order, the
