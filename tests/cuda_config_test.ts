@@ -25,17 +25,29 @@ async function run(ranks: number, env: Record<string, string>, unset: string[] =
   return (await rounds(ranks, 1, env, unset))[0];
 }
 
-/** Runs the child for `n` rounds; one result line per round. */
+/** Runs the child for `n` rounds (`mode` and `timeoutMs`: its dispatches'); one result line per round. */
 async function rounds(
   ranks: number,
   n: number,
   env: Record<string, string>,
   unset: string[] = [],
+  mode: "worst" | "exact" = "worst",
+  timeoutMs = 3000,
 ): Promise<string[]> {
   const environment = { ...Deno.env.toObject(), ...env };
   for (const name of unset) delete environment[name];
   const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-ffi", "--allow-env", "--allow-read", child, String(ranks), String(n)],
+    args: [
+      "run",
+      "--allow-ffi",
+      "--allow-env",
+      "--allow-read",
+      child,
+      String(ranks),
+      String(n),
+      mode,
+      String(timeoutMs),
+    ],
     env: environment,
     clearEnv: true,
     stdout: "piped",
@@ -118,4 +130,16 @@ Deno.test({
     assert.match(errorOf(first, failed[0])!.message, /combine: launching its kernels.*LaunchOutOfResources/);
     assert.match(second, /^ok \d+/, `the epochs stayed in step: ${second}`);
   });
+});
+
+Deno.test({
+  name: "cuda config: the host's wait for the received counts runs from the exchange kernel's start",
+  ignore: ignore || !onCpu, // the CPU executor holds the kernel back
+}, async () => {
+  // Work queued before the exchange (as a long GEMM on the compute stream would be) holds it for
+  // 2.5 s; the timeout is 300 ms, so the host's wait (2 * 300 + 1000 ms) would run out first if it
+  // counted from the call. It must not: the exchange, once it runs, completes.
+  const env = { SY_CUDA_CPU_DEVICES: "1", SY_CUDA_CPU_DELAY_START: "dispatch_exchange_kernel:2500" };
+  const [line] = await rounds(2, 1, env, [], "exact", 300);
+  assert.match(line, /^ok \d+/);
 });

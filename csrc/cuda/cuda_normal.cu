@@ -343,18 +343,29 @@ Error normal_dispatch_wait_counts(DispatchWork& w, Deadline deadline) {
   const KernelReport& r = *op->report->host;
   // The one host wait of the data path: the counts usually land within microseconds of the
   // exchange, so the first millisecond polls without sleeping (a sleep lasts 50 us or more
-  // with Linux's timer slack), yielding the core; then short naps.
+  // with Linux's timer slack), yielding the core; then short naps. The deadline runs from the
+  // exchange kernel's start: what is queued before it (the compute stream's work, which the
+  // communication stream waits for) may take long and has deadlines of its own; a kernel that
+  // has not even started after kNotStartedFactor deadlines is reported as such.
+  constexpr double kNotStartedFactor = 10;
   const double start = now_seconds();
+  double started = 0;  // when the host first saw the exchange kernel running
   uint32_t flag;
   while ((flag = __atomic_load_n(&r.counts_flag, __ATOMIC_ACQUIRE)) == 0) {
-    if (deadline.expired()) {
+    const double now = now_seconds();
+    if (!started && __atomic_load_n(&r.exchange_started, __ATOMIC_ACQUIRE)) started = now;
+    const double limit = deadline.ms_total / 1e3 * (started ? 1 : kNotStartedFactor);
+    if (now - (started ? started : start) > limit) {
       core::WaitFailure f;
       f.rank = w.rank;
       f.role = core::WaitRole::HostCounter;
-      f.waited_seconds = now_seconds() - start;
-      return timeout_error(f, "the exchange kernel of dispatch " + std::to_string(w.epoch) + " did not report");
+      f.waited_seconds = now - start;
+      return timeout_error(f, started ? "the exchange kernel of dispatch " + std::to_string(w.epoch) + " did not report"
+                                      : "the exchange kernel of dispatch " + std::to_string(w.epoch) +
+                                            " did not start: the work queued before it (on the compute stream "
+                                            "the communication stream waits for) has not finished");
     }
-    if (now_seconds() - start < 1e-3) {
+    if (now - start < 1e-3) {
       std::this_thread::yield();
     } else {
       std::this_thread::sleep_for(std::chrono::microseconds(10));

@@ -42,7 +42,9 @@ struct KernelReport {
   int64_t observed;
   int64_t waited_ns;
   int32_t a, b, c, reserved;
-  // Exact-size dispatch: 0 pending, 1 ready, 2 failed (see fail_*). Written by the exchange.
+  // Exact-size dispatch: the exchange kernel has started (1), so the host's wait for the counts
+  // runs its deadline from here; then 0 pending, 1 ready, 2 failed (see fail_*).
+  uint32_t exchange_started;
   uint32_t counts_flag;
   int32_t num_local_experts;
   int64_t num_recv;   // rows received (tokens)

@@ -146,6 +146,7 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(Dispatc
   SY_SHARED(int64_t, received);
   SY_SHARED(bool, stop);
   if (threadIdx.x == 0) {
+    st_release_sys(&rep->exchange_started, 1u);  // the host's deadline for the counts starts now
     for (int i = 0; i < core::kDescWords; ++i) desc[i] = a.desc[i];
     // Bad routing found by the route kernel: the barrier tells the peers, so the operation
     // fails everywhere and the buffers stay usable.

@@ -4,17 +4,20 @@
  * so nothing waits on the host between kernels) and combines, for a number of rounds on the
  * same buffers. Prints one line per round: `ok N` (rows received in all) or, per rank that
  * failed, `error RANK CODE ARGUMENT MS: MESSAGE` (MS: how long its round took).
- * Arguments: the number of ranks, the number of rounds (default 1).
+ * Arguments: the number of ranks, the number of rounds (default 1), the dispatch mode (`worst`,
+ * the default, or `exact`: the host waits for the received counts), the timeout in ms (3000).
  */
 
 import { Group, SwitchyardError, Tensor } from "../../mod.ts";
 
 const ranks = Number(Deno.args[0] ?? "2");
 const rounds = Number(Deno.args[1] ?? "1");
+const exact = Deno.args[2] === "exact";
+const timeoutMs = Number(Deno.args[3] ?? "3000");
 const H = 64, T = 8, K = 2, E = 4 * ranks;
 
 try {
-  using g = Group.local({ ranks, backend: "cuda", timeoutMs: 3000 });
+  using g = Group.local({ ranks, backend: "cuda", timeoutMs });
   const bufs = await g.createBuffers({ hidden: H, maxTokensPerRank: T });
   for (let round = 0; round < rounds; round++) {
     const outcomes = await Promise.all(g.ranks.map(async (rk, r) => {
@@ -25,7 +28,12 @@ try {
           shape: [T, K],
         });
         using w = await Tensor.from(rk, new Float32Array(T * K).fill(0.5), { shape: [T, K] });
-        using d = await bufs[r].dispatch(x, { topkIdx: idx, topkWeights: w, numExperts: E, numWorstTokens: ranks * T });
+        using d = await bufs[r].dispatch(x, {
+          topkIdx: idx,
+          topkWeights: w,
+          numExperts: E,
+          numWorstTokens: exact ? undefined : ranks * T,
+        });
         const rows = (await d.recvCount.read())[0];
         using c = await bufs[r].combine(d.recvX, d.handle);
         await c.combinedX.read();

@@ -341,10 +341,23 @@ bool injected_launch_failure(const char* kernel) {
   return seen.fetch_add(1) + 1 == nth;
 }
 
+// SY_CUDA_CPU_DELAY_START=KERNEL:MS: every launch of KERNEL starts MS milliseconds after its
+// turn, as if work queued before it on its stream ran that long (its queue waits too).
+int injected_start_delay_ms(const char* kernel) {
+  static const std::string& spec = *new std::string([] {
+    const char* v = std::getenv("SY_CUDA_CPU_DELAY_START");
+    return v ? v : "";
+  }());
+  const size_t colon = spec.find(':');
+  if (colon == std::string::npos || spec.compare(0, colon, kernel) != 0) return 0;
+  return std::max(0, std::atoi(spec.c_str() + colon + 1));
+}
+
 }  // namespace
 
 cudaError_t enqueue_kernel(const LaunchConfig& config, std::function<void()> body) {
   if (injected_launch_failure(config.kernel)) return fail(cudaErrorLaunchOutOfResources);
+  const int delay_ms = injected_start_delay_ms(config.kernel);
   const unsigned threads = config.block.x * config.block.y * config.block.z;
   const uint64_t blocks = uint64_t(config.grid.x) * config.grid.y * config.grid.z;
   if (threads == 0 || threads > 1024 || config.block.z > 64 || blocks == 0 || config.grid.y > 65535 ||
@@ -353,7 +366,8 @@ cudaError_t enqueue_kernel(const LaunchConfig& config, std::function<void()> bod
   if (config.shared_bytes > 227 * 1024) return fail(cudaErrorInvalidValue);
   const int device = current_device;
   FiberPool* pool = &resolve(config.stream)->fibers();
-  enqueue(config.stream, [config, body = std::move(body), blocks, device, pool]() {
+  enqueue(config.stream, [config, body = std::move(body), blocks, device, pool, delay_ms]() {
+    if (delay_ms) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
     std::atomic<uint64_t> next{0};
     // Race detector: every GPU thread's end, then the stream's next operation. On the heap, so
     // that the detector forgets it with the kernel (a stack slot outlives it, with its history).
