@@ -10,7 +10,7 @@
  */
 
 /** The ABI version this binding was written for (`SY_ABI_VERSION`). */
-export const ABI_VERSION = 2;
+export const ABI_VERSION = 3;
 
 /** Every libswitchyard function, as `Deno.dlopen` wants it. */
 export const symbols = {
@@ -208,6 +208,8 @@ export const LLFlags = {
 export const Operation = {
   DISPATCH: 1,
   COMBINE: 2,
+  LOW_LATENCY_DISPATCH: 3,
+  LOW_LATENCY_COMBINE: 4,
 } as const;
 
 /** `sy_handle_tensor_kind` values. */

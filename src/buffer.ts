@@ -444,9 +444,8 @@ export class EpBuffer extends NativeResource {
     topkIdx: Tensor,
     options: LowLatencyDispatchOptions = {},
   ): Promise<LowLatencyDispatchResult> {
-    // Inputs taken now, as in dispatch(). (A refusal here is this rank's alone: the low-latency
-    // protocol tells peers of rejected input only from inside a call.)
-    return this.#call(undefined, (held) => {
+    // Inputs taken now, and a refusal told to the peers, as in dispatch().
+    return this.#call(Operation.LOW_LATENCY_DISPATCH, (held) => {
       const o = optionsObject("options", options ?? {}) as LowLatencyDispatchOptions;
       const flags = (flag("useFp8", o.useFp8 ?? true) ? LLFlags.FP8 : 0) |
         (flag("roundScale", o.roundScale) ? LLFlags.ROUND_SCALE : 0) |
@@ -498,7 +497,7 @@ export class EpBuffer extends NativeResource {
     handle: LowLatencyHandle,
     options: LowLatencyCombineOptions = {},
   ): Promise<LowLatencyCombineResult> {
-    return this.#call(undefined, (held) => {
+    return this.#call(Operation.LOW_LATENCY_COMBINE, (held) => {
       const o = optionsObject("options", options ?? {}) as LowLatencyCombineOptions;
       const flags = (flag("useLogfmt", o.useLogfmt) ? LLFlags.LOGFMT : 0) |
         (flag("zeroCopy", o.zeroCopy) ? LLFlags.ZERO_COPY : 0) |
@@ -610,11 +609,10 @@ export class EpBuffer extends NativeResource {
 
   // A call whose arguments are built now (`build` takes the inputs into `held`, so disposing
   // them once the call returns is safe) and which then runs in order (`run`), after which
-  // the inputs are released. An argument refused while building is told to the peers for a
-  // dispatch or combine (`refusal`, #refused); a low-latency call's refusal stays this rank's
-  // (undefined: the low-latency protocol tells peers of rejected input only inside a call).
+  // the inputs are released. An argument refused while building is told to the peers
+  // (`refusal`: the sy_operation, #refused).
   #call<A, R>(
-    refusal: number | undefined,
+    refusal: number,
     build: (held: Borrowed) => A,
     run: (args: A) => R | Promise<R>,
   ): Promise<R> {
@@ -624,7 +622,7 @@ export class EpBuffer extends NativeResource {
       args = build(held);
     } catch (e) {
       held.release();
-      return refusal === undefined ? this.#serial(() => Promise.reject(e)) : this.#refused(refusal, e);
+      return this.#refused(refusal, e);
     }
     return this.#serial(() => run(args)).finally(() => held.release());
   }

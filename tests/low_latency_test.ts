@@ -10,6 +10,7 @@ import assert from "node:assert/strict";
 import {
   Group,
   type LowLatencyDispatchResult,
+  type LowLatencyHandle,
   randomRouting,
   type Rank,
   Rng,
@@ -724,6 +725,100 @@ Deno.test("bad routing fails the call on every rank, and the buffers stay usable
     });
     await roundTrip({ ...c, seed: 52 }, fx);
   });
+});
+
+Deno.test("a low-latency call refused on one rank fails every rank within milliseconds; the buffers stay usable", async (t) => {
+  const timeoutMs = 5000;
+  const c: Case = { ranks: 3, hidden: 128, experts: 6, topk: 2, tokens: [4, 4, 4], maxTokens: 4, seed: 70 };
+  const inputs = makeInputs(c);
+  using fx = await llFixture(c, timeoutMs);
+  const made = await fx.group.all(async (rank, r) => ({
+    x: await Tensor.from(rank, inputs[r].x, { shape: [4, 128] }),
+    xf: Tensor.empty(rank, { dtype: "f32", shape: [4, 128] }),
+    idx: await Tensor.from(rank, inputs[r].topkIdx, { shape: [4, 2] }),
+    w: await Tensor.from(rank, inputs[r].weights, { shape: [4, 2] }),
+  }));
+  // Rank 1's call is `refused`; the others make a good one (with a receive hook when `hook`)
+  // and must fail it at once naming rank 1. Then a whole round trip on every rank.
+  const round = async (
+    op: "dispatch" | "combine",
+    refused: (sent: LowLatencyDispatchResult | undefined) => Promise<unknown>,
+    code: string,
+    argument: string,
+    hook = false,
+  ) => {
+    const started = performance.now();
+    const sent = op === "combine"
+      ? await fx.group.all((_, r) => fx.buffers[r].lowLatencyDispatch(made[r].x, made[r].idx, { useFp8: false }))
+      : undefined;
+    const settled = await Promise.allSettled(fx.group.ranks.map(async (_, r) => {
+      if (r === 1) return await refused(sent?.[1]);
+      const buf = fx.buffers[r];
+      if (op === "dispatch") {
+        using d = await buf.lowLatencyDispatch(made[r].x, made[r].idx, { returnRecvHook: hook });
+        d.hook?.run();
+        return await d.recvCount.read();
+      }
+      using back = await buf.lowLatencyCombine(sent![r].recvX, made[r].idx, made[r].w, sent![r].handle, {
+        returnRecvHook: hook,
+      });
+      back.hook?.run();
+      return await back.combinedX.read();
+    }));
+    const ms = performance.now() - started;
+    for (const d of sent ?? []) d[Symbol.dispose]();
+    for (const [r, s] of settled.entries()) {
+      assert.equal(s.status, "rejected", `rank ${r} succeeded`);
+      const e = (s as PromiseRejectedResult).reason;
+      assert.ok(e instanceof SwitchyardError, String(e));
+      if (r === 1) {
+        assert.equal(e.code, code, e.message);
+        assert.equal(e.argument, argument, e.message);
+      } else {
+        assert.equal(e.code, "PEER_FAILED", e.message);
+        assert.match(e.message, new RegExp(`rank 1 rejected its input for low-latency ${op}`));
+      }
+    }
+    assert.ok(ms < timeoutMs / 2, `the peers failed after ${ms.toFixed(0)} ms, not at once`);
+    await roundTrip({ ...c, seed: c.seed + 1 }, fx);
+  };
+  await t.step(
+    "dispatch refused by the library: an f32 x",
+    () => round("dispatch", () => fx.buffers[1].lowLatencyDispatch(made[1].xf, made[1].idx), "INVALID_ARGUMENT", "x"),
+  );
+  await t.step("dispatch refused by the binding: a disposed top-k tensor, the peers with hooks", async () => {
+    const gone = Tensor.empty(fx.group.ranks[1], { dtype: "i64", shape: [4, 2] });
+    gone[Symbol.dispose]();
+    await round("dispatch", () => fx.buffers[1].lowLatencyDispatch(made[1].x, gone), "DISPOSED", "topkIdx", true);
+  });
+  await t.step("dispatch refused by the binding: useFp8 as a string", () =>
+    round(
+      "dispatch",
+      () => fx.buffers[1].lowLatencyDispatch(made[1].x, made[1].idx, { useFp8: "yes" as unknown as boolean }),
+      "INVALID_ARGUMENT",
+      "useFp8",
+    ));
+  await t.step("combine refused by the library: x of the dispatch's input shape", () =>
+    round(
+      "combine",
+      (d) => fx.buffers[1].lowLatencyCombine(made[1].x, made[1].idx, made[1].w, d!.handle),
+      "INVALID_ARGUMENT",
+      "x",
+    ));
+  await t.step("combine refused by the binding: a handle that is not one, the peers with hooks", () =>
+    round(
+      "combine",
+      (d) => fx.buffers[1].lowLatencyCombine(d!.recvX, made[1].idx, made[1].w, {} as LowLatencyHandle),
+      "WRONG_HANDLE",
+      "handle",
+      true,
+    ));
+  await t.step("three refusals in a row cycle both halves; then the round trip", async () => {
+    for (let i = 0; i < 3; i++) {
+      await round("dispatch", () => fx.buffers[1].lowLatencyDispatch(made[1].xf, made[1].idx), "INVALID_ARGUMENT", "x");
+    }
+  });
+  for (const m of made) for (const v of Object.values(m)) v[Symbol.dispose]();
 });
 
 Deno.test("cleanLowLatencyBuffer with a dead rank masked", async () => {

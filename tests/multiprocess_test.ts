@@ -154,7 +154,7 @@ Deno.test(`fault injection: SIGKILL of a random rank at a random point, ${faultJ
   assert.ok(max < 20 * timeoutMs + 5000, `max ${max} ms`);
 });
 
-Deno.test("a dispatch refused in one process fails in the others within milliseconds; the job goes on", async () => {
+Deno.test("a dispatch (and a low-latency dispatch) refused in one process fails in the others within milliseconds; the job goes on", async () => {
   const r = await job(3, ["--rounds", "2", "--refuse-at", "1", "--refuse-rank", "2", "--timeout", "5000"]);
   const report = r.lines.join("\n");
   assert.equal(r.code, 0, report);
@@ -163,6 +163,10 @@ Deno.test("a dispatch refused in one process fails in the others within millisec
     assert.ok(line, report);
     assert.match(line!, rank === 2 ? /INVALID_ARGUMENT$/ : /PEER_FAILED$/);
     assert.ok(Number(line!.match(/after (\d+) ms/)![1]) < 2500, line); // not the 5 s deadline
+    const ll = r.lines.find((l) => l.startsWith(`[rank ${rank}] rank ${rank} saw the low-latency refusal of rank 2`));
+    assert.ok(ll, report);
+    assert.match(ll!, rank === 2 ? /INVALID_ARGUMENT$/ : /PEER_FAILED$/);
+    assert.ok(Number(ll!.match(/after (\d+) ms/)![1]) < 2500, ll);
     assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} ok`), report);
   }
 });

@@ -12,6 +12,7 @@
 #include "../core/plan.h"
 #include "api_util.h"
 #include "handles.h"
+#include "ll_ops.h"
 #include "objects.h"
 #include "ops.h"
 #include "strided.h"
@@ -842,12 +843,16 @@ SY_API sy_status sy_reject(sy_buffer buffer, int32_t operation) {
   return guarded(buffer, [&]() -> Error {
     std::shared_ptr<BufferCore> b;
     SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
-    if (operation != SY_OPERATION_DISPATCH && operation != SY_OPERATION_COMBINE) {
-      return invalid("operation", "operation: expected SY_OPERATION_DISPATCH or SY_OPERATION_COMBINE, got " +
-                                      std::to_string(operation));
+    Error why = invalid("operation", "refused by the caller");
+    Error e;
+    switch (operation) {
+      case SY_OPERATION_DISPATCH: e = refuse(*b, core::OpKind::Dispatch, std::move(why)); break;
+      case SY_OPERATION_COMBINE: e = refuse(*b, core::OpKind::Combine, std::move(why)); break;
+      case SY_OPERATION_LOW_LATENCY_DISPATCH: e = op_ll_refuse(b, true, std::move(why)); break;
+      case SY_OPERATION_LOW_LATENCY_COMBINE: e = op_ll_refuse(b, false, std::move(why)); break;
+      default:
+        return invalid("operation", "operation: expected a sy_operation value (1 to 4), got " + std::to_string(operation));
     }
-    const auto kind = operation == SY_OPERATION_DISPATCH ? core::OpKind::Dispatch : core::OpKind::Combine;
-    Error e = refuse(*b, kind, invalid("operation", "refused by the caller"));
     return e.peers_informed ? ok() : fail(SY_ERROR_INTERNAL, "the refusal could not be enqueued");
   });
 }

@@ -102,10 +102,11 @@ Error place_phases(const std::shared_ptr<BufferCore>& buf, const std::shared_ptr
                    const std::shared_ptr<Stream>& compute, uint32_t flags,
                    Error (Backend::*send)(BufferCore&, Stream&, std::shared_ptr<LLWork>),
                    Error (Backend::*recv)(BufferCore&, Stream&, std::shared_ptr<LLWork>),
-                   std::shared_ptr<Event>* event, std::shared_ptr<Hook>* hook) {
+                   std::shared_ptr<Event>* event, std::shared_ptr<Hook>* hook, bool* sent) {
   Backend& backend = *buf->group->backend;
   if (flags & SY_LL_RETURN_HOOK) {
     SY_TRY((backend.*send)(*buf, *compute, w));
+    *sent = true;
     auto hk = std::make_shared<Hook>();
     hk->buf = buf;
     hk->call = w->call;
@@ -127,6 +128,7 @@ Error place_phases(const std::shared_ptr<BufferCore>& buf, const std::shared_ptr
   o.async_finish = (flags & SY_LL_ASYNC_FINISH) != 0;
   SY_TRY(begin_on_comm(*buf, o));
   SY_TRY((backend.*send)(*buf, *buf->comm_stream, w));
+  *sent = true;
   SY_TRY((backend.*recv)(*buf, *buf->comm_stream, w));
   if (w->handle && recv == &Backend::ll_dispatch_recv) w->handle->recv_enqueued.store(true);
   return end_on_comm(*buf, o, event, w->status);
@@ -141,143 +143,183 @@ Error check_flags(uint32_t flags, uint32_t allowed) {
   return ok();
 }
 
-}  // namespace
+// A low-latency call refused on this rank (`why`) before its send phase was enqueued: it takes
+// its call number and half all the same (unless `w` has them already), and the backend tells
+// the peers (Backend::ll_reject), so they fail that call at once naming this rank and every
+// rank's next call lines up. If even that cannot be enqueued, the refusal stands alone (the
+// peers then time out). With enqueue_mu held.
+Error refuse_locked(const std::shared_ptr<BufferCore>& buf, std::shared_ptr<LLWork> w, bool dispatch, Error why) {
+  if (!w->call) take_call(*buf, *w);
+  if (buf->group->backend->ll_reject(*buf, *buf->comm_stream, std::move(w), dispatch)) return why;
+  why.peers_informed = true;
+  return why;
+}
 
-Error op_ll_dispatch(std::shared_ptr<BufferCore> buf, const LLDispatchRequest& req, LLDispatchOutputs* out) {
-  SY_TRY(check_ll_buffer(*buf));
-  SY_TRY(check_stream(*buf, req.compute));
+Error refuse(const std::shared_ptr<BufferCore>& buf, bool dispatch, Error why) {
+  std::lock_guard<std::mutex> lock(buf->enqueue_mu);
+  return refuse_locked(buf, new_work(*buf), dispatch, std::move(why));
+}
+
+Error prepare_dispatch(BufferCore& buf, const LLDispatchRequest& req, LLWork& w) {
+  SY_TRY(check_stream(buf, req.compute));
   SY_TRY(check_flags(req.flags, SY_LL_FP8 | SY_LL_ROUND_SCALE | SY_LL_UE8M0 | SY_LL_ASYNC_FINISH | SY_LL_RETURN_HOOK));
   const bool fp8 = req.flags & SY_LL_FP8, round = req.flags & SY_LL_ROUND_SCALE, ue8m0 = req.flags & SY_LL_UE8M0;
   if (round && !fp8) return invalid("roundScale", "roundScale: only applies with useFp8");
   if (ue8m0 && !round) return invalid("useUe8m0", "useUe8m0: needs roundScale (UE8M0 holds power-of-two scales)");
-  auto w = new_work(*buf);
   if (!req.x) return invalid("x", "x: required");
-  SY_TRY(check_tensor_arg("x", req.x, *buf));
+  SY_TRY(check_tensor_arg("x", req.x, buf));
   SY_TRY(check_dtype("x", *req.x, {DType::BF16}));
-  SY_TRY(check_shape("x", *req.x, {-1, w->hidden}, "tokens, hidden"));
+  SY_TRY(check_shape("x", *req.x, {-1, w.hidden}, "tokens, hidden"));
   SY_TRY(check_rows_contiguous("x", *req.x));
   const int64_t T = req.x->shape[0];
-  if (T > w->max_tokens) {
-    return invalid("x", "x: " + std::to_string(T) + " tokens exceed maxTokensPerRank " + std::to_string(w->max_tokens));
+  if (T > w.max_tokens) {
+    return invalid("x", "x: " + std::to_string(T) + " tokens exceed maxTokensPerRank " + std::to_string(w.max_tokens));
   }
-  SY_TRY(check_topk_tensor(*buf, req.topk_idx, T));
-  SY_TRY(check_stats(*buf, "cumulativeLocalExpertRecvStats", req.expert_stats, DType::I32, w->num_local_experts,
+  SY_TRY(check_topk_tensor(buf, req.topk_idx, T));
+  SY_TRY(check_stats(buf, "cumulativeLocalExpertRecvStats", req.expert_stats, DType::I32, w.num_local_experts,
                      "local experts"));
-  SY_TRY(check_stats(*buf, "dispatchWaitRecvCostStats", req.wait_stats, DType::I64, w->num_ranks, "ranks"));
-  w->num_tokens = T;
-  w->topk = int(req.topk_idx->shape[1]);
-  w->fp8 = fp8;
-  w->round_scale = round;
-  w->ue8m0 = ue8m0;
-  w->x = req.x;
-  w->topk_idx = req.topk_idx;
-  w->expert_stats = req.expert_stats;
-  w->wait_stats = req.wait_stats;
+  SY_TRY(check_stats(buf, "dispatchWaitRecvCostStats", req.wait_stats, DType::I64, w.num_ranks, "ranks"));
+  w.num_tokens = T;
+  w.topk = int(req.topk_idx->shape[1]);
+  w.fp8 = fp8;
+  w.round_scale = round;
+  w.ue8m0 = ue8m0;
+  w.x = req.x;
+  w.topk_idx = req.topk_idx;
+  w.expert_stats = req.expert_stats;
+  w.wait_stats = req.wait_stats;
 
-  const int64_t EL = w->num_local_experts, N = int64_t(w->num_ranks) * w->max_tokens;
-  const auto& g = buf->group;
-  SY_TRY(new_output(*buf, fp8 ? DType::FP8E4M3 : DType::BF16, {EL, N, w->hidden}, &w->recv_x));
+  const int64_t EL = w.num_local_experts, N = int64_t(w.num_ranks) * w.max_tokens;
+  SY_TRY(new_output(buf, fp8 ? DType::FP8E4M3 : DType::BF16, {EL, N, w.hidden}, &w.recv_x));
   if (fp8) {
-    const int64_t S = core::ll_scale_words(w->hidden, ue8m0);
-    SY_TRY(new_output(*buf, ue8m0 ? DType::I32 : DType::F32, {EL, N, S}, &w->recv_x_scales));
+    const int64_t S = core::ll_scale_words(w.hidden, ue8m0);
+    SY_TRY(new_output(buf, ue8m0 ? DType::I32 : DType::F32, {EL, N, S}, &w.recv_x_scales));
     // Column-major in the last two dimensions, as grouped GEMMs with TMA want them.
-    w->recv_x_scales->strides[1] = 1;
-    w->recv_x_scales->strides[2] = N;
+    w.recv_x_scales->strides[1] = 1;
+    w.recv_x_scales->strides[2] = N;
   }
-  SY_TRY(new_output(*buf, DType::I32, {EL}, &w->recv_count));
-  for (auto* t : {&w->recv_x, &w->recv_x_scales, &w->recv_count})
-    if (*t) (*t)->producer = w->status;
+  SY_TRY(new_output(buf, DType::I32, {EL}, &w.recv_count));
+  for (auto* t : {&w.recv_x, &w.recv_x_scales, &w.recv_count})
+    if (*t) (*t)->producer = w.status;
   auto h = std::make_shared<LLHandle>();
-  h->status = w->status;
-  h->group = g;
-  h->set = buf->set.get();
-  h->rank = buf->rank;
-  h->num_ranks = w->num_ranks;
-  h->num_experts = w->num_experts;
-  h->num_local_experts = w->num_local_experts;
-  h->max_tokens = w->max_tokens;
-  h->hidden = w->hidden;
+  h->status = w.status;
+  h->group = buf.group;
+  h->set = buf.set.get();
+  h->rank = buf.rank;
+  h->num_ranks = w.num_ranks;
+  h->num_experts = w.num_experts;
+  h->num_local_experts = w.num_local_experts;
+  h->max_tokens = w.max_tokens;
+  h->hidden = w.hidden;
   h->num_tokens = T;
-  SY_TRY(new_output(*buf, DType::I32, {EL, N}, &h->src_info));
-  SY_TRY(new_output(*buf, DType::I64, {EL, int64_t(w->num_ranks)}, &h->layout_range));
-  h->src_info->producer = h->layout_range->producer = w->status;
-  w->handle = h;
+  SY_TRY(new_output(buf, DType::I32, {EL, N}, &h->src_info));
+  SY_TRY(new_output(buf, DType::I64, {EL, int64_t(w.num_ranks)}, &h->layout_range));
+  h->src_info->producer = h->layout_range->producer = w.status;
+  w.handle = h;
+  return ok();
+}
 
+Error prepare_combine(BufferCore& buf, const LLCombineRequest& req, LLWork& w) {
+  SY_TRY(check_stream(buf, req.compute));
+  SY_TRY(check_flags(req.flags, SY_LL_LOGFMT | SY_LL_ZERO_COPY | SY_LL_ASYNC_FINISH | SY_LL_RETURN_HOOK));
+  if (!req.handle) return invalid("handle", "handle: required (the handle lowLatencyDispatch returned)");
+  SY_TRY(check_ll_handle(*req.handle, buf));
+  const LLHandle& h = *req.handle;
+  if (!h.recv_enqueued.load()) {
+    return invalid("handle", "handle: the receive phase of low-latency call " + std::to_string(h.call) +
+                                 " has not been run; call its hook before combining");
+  }
+  w.logfmt = req.flags & SY_LL_LOGFMT;
+  w.zero_copy = req.flags & SY_LL_ZERO_COPY;
+  if (w.logfmt && w.zero_copy) {
+    return invalid("zeroCopy", "zeroCopy: cannot be combined with useLogfmt (the rows are encoded while sent)");
+  }
+  const int64_t N = int64_t(w.num_ranks) * w.max_tokens, T = h.num_tokens;
+  if (!w.zero_copy) {
+    if (!req.x) return invalid("x", "x: required (or pass zeroCopy after writing into nextCombineBuffer)");
+    SY_TRY(check_tensor_arg("x", req.x, buf));
+    SY_TRY(check_dtype("x", *req.x, {DType::BF16}));
+    SY_TRY(check_shape("x", *req.x, {w.num_local_experts, N, w.hidden}, "local experts, ranks * maxTokensPerRank, hidden"));
+    if (!req.x->is_dense()) return invalid("x", "x: must be dense (row-major)");
+  }
+  SY_TRY(check_topk_tensor(buf, req.topk_idx, T));
+  if (!req.topk_weights) return invalid("topkWeights", "topkWeights: required");
+  SY_TRY(check_tensor_arg("topkWeights", req.topk_weights, buf));
+  SY_TRY(check_dtype("topkWeights", *req.topk_weights, {DType::F32}));
+  SY_TRY(check_shape("topkWeights", *req.topk_weights, {T, req.topk_idx->shape[1]}, "tokens, topk"));
+  SY_TRY(check_stats(buf, "combineWaitRecvCostStats", req.wait_stats, DType::I64, w.num_ranks, "ranks"));
+  if (req.out) {
+    SY_TRY(check_output_arg("out", req.out, buf));
+    SY_TRY(check_dtype("out", *req.out, {DType::BF16}));
+    SY_TRY(check_shape("out", *req.out, {T, w.hidden}, "tokens, hidden"));
+    SY_TRY(check_rows_contiguous("out", *req.out));
+    w.out = req.out;
+  } else {
+    SY_TRY(new_output(buf, DType::BF16, {T, w.hidden}, &w.out));
+  }
+  w.num_tokens = T;
+  w.topk = int(req.topk_idx->shape[1]);
+  w.x = req.x;
+  w.topk_idx = req.topk_idx;
+  w.topk_weights = req.topk_weights;
+  w.wait_stats = req.wait_stats;
+  w.handle = req.handle;
+  w.out->producer = w.status;
+  return ok();
+}
+
+}  // namespace
+
+Error op_ll_dispatch(std::shared_ptr<BufferCore> buf, const LLDispatchRequest& req, LLDispatchOutputs* out) {
+  SY_TRY(check_ll_buffer(*buf));  // the same on every rank: nothing to tell the peers
+  auto w = new_work(*buf);
+  if (Error e = prepare_dispatch(*buf, req, *w)) return refuse(buf, true, std::move(e));
   std::lock_guard<std::mutex> lock(buf->enqueue_mu);
   take_call(*buf, *w);
-  h->call = w->call;
-  SY_TRY(place_phases(buf, w, req.compute, req.flags, &Backend::ll_dispatch_send, &Backend::ll_dispatch_recv,
-                      &out->event, &out->hook));
+  w->handle->call = w->call;
+  bool sent = false;
+  if (Error e = place_phases(buf, w, req.compute, req.flags, &Backend::ll_dispatch_send, &Backend::ll_dispatch_recv,
+                             &out->event, &out->hook, &sent)) {
+    return sent ? e : refuse_locked(buf, w, true, std::move(e));
+  }
   out->recv_x = w->recv_x;
   out->recv_x_scales = w->recv_x_scales;
   out->recv_count = w->recv_count;
-  out->handle = h;
+  out->handle = w->handle;
   out->num_local_experts = w->num_local_experts;
   return ok();
 }
 
 Error op_ll_combine(std::shared_ptr<BufferCore> buf, const LLCombineRequest& req, LLCombineOutputs* out) {
   SY_TRY(check_ll_buffer(*buf));
-  SY_TRY(check_stream(*buf, req.compute));
-  SY_TRY(check_flags(req.flags, SY_LL_LOGFMT | SY_LL_ZERO_COPY | SY_LL_ASYNC_FINISH | SY_LL_RETURN_HOOK));
-  if (!req.handle) return invalid("handle", "handle: required (the handle lowLatencyDispatch returned)");
-  SY_TRY(check_ll_handle(*req.handle, *buf));
-  const LLHandle& h = *req.handle;
-  if (!h.recv_enqueued.load()) {
-    return invalid("handle", "handle: the receive phase of low-latency call " + std::to_string(h.call) +
-                                 " has not been run; call its hook before combining");
-  }
   auto w = new_work(*buf);
-  w->logfmt = req.flags & SY_LL_LOGFMT;
-  w->zero_copy = req.flags & SY_LL_ZERO_COPY;
-  if (w->logfmt && w->zero_copy) {
-    return invalid("zeroCopy", "zeroCopy: cannot be combined with useLogfmt (the rows are encoded while sent)");
-  }
-  const int64_t N = int64_t(w->num_ranks) * w->max_tokens, T = h.num_tokens;
-  if (!w->zero_copy) {
-    if (!req.x) return invalid("x", "x: required (or pass zeroCopy after writing into nextCombineBuffer)");
-    SY_TRY(check_tensor_arg("x", req.x, *buf));
-    SY_TRY(check_dtype("x", *req.x, {DType::BF16}));
-    SY_TRY(check_shape("x", *req.x, {w->num_local_experts, N, w->hidden}, "local experts, ranks * maxTokensPerRank, hidden"));
-    if (!req.x->is_dense()) return invalid("x", "x: must be dense (row-major)");
-  }
-  SY_TRY(check_topk_tensor(*buf, req.topk_idx, T));
-  if (!req.topk_weights) return invalid("topkWeights", "topkWeights: required");
-  SY_TRY(check_tensor_arg("topkWeights", req.topk_weights, *buf));
-  SY_TRY(check_dtype("topkWeights", *req.topk_weights, {DType::F32}));
-  SY_TRY(check_shape("topkWeights", *req.topk_weights, {T, req.topk_idx->shape[1]}, "tokens, topk"));
-  SY_TRY(check_stats(*buf, "combineWaitRecvCostStats", req.wait_stats, DType::I64, w->num_ranks, "ranks"));
-  if (req.out) {
-    SY_TRY(check_output_arg("out", req.out, *buf));
-    SY_TRY(check_dtype("out", *req.out, {DType::BF16}));
-    SY_TRY(check_shape("out", *req.out, {T, w->hidden}, "tokens, hidden"));
-    SY_TRY(check_rows_contiguous("out", *req.out));
-    w->out = req.out;
-  } else {
-    SY_TRY(new_output(*buf, DType::BF16, {T, w->hidden}, &w->out));
-  }
-  w->num_tokens = T;
-  w->topk = int(req.topk_idx->shape[1]);
-  w->x = req.x;
-  w->topk_idx = req.topk_idx;
-  w->topk_weights = req.topk_weights;
-  w->wait_stats = req.wait_stats;
-  w->handle = req.handle;
-  w->out->producer = w->status;
-
+  if (Error e = prepare_combine(*buf, req, *w)) return refuse(buf, false, std::move(e));
   std::lock_guard<std::mutex> lock(buf->enqueue_mu);
   if (w->zero_copy && buf->zero_copy_call != buf->ll_calls + 1) {
-    return invalid("zeroCopy", "zeroCopy: the expert outputs must be written into nextCombineBuffer() taken right "
-                               "before this combine (it was taken for call " + std::to_string(buf->zero_copy_call) +
-                               ", this is call " + std::to_string(buf->ll_calls + 1) + ")");
+    return refuse_locked(buf, new_work(*buf), false,
+                         invalid("zeroCopy", "zeroCopy: the expert outputs must be written into nextCombineBuffer() "
+                                             "taken right before this combine (it was taken for call " +
+                                                 std::to_string(buf->zero_copy_call) + ", this is call " +
+                                                 std::to_string(buf->ll_calls + 1) + ")"));
   }
   take_call(*buf, *w);
   // From here the zero-copy rows are being sent: the view takes no more writes.
   if (w->zero_copy && buf->zero_copy_consumed) buf->zero_copy_consumed->store(true);
-  SY_TRY(place_phases(buf, w, req.compute, req.flags, &Backend::ll_combine_send, &Backend::ll_combine_recv,
-                      &out->event, &out->hook));
+  bool sent = false;
+  if (Error e = place_phases(buf, w, req.compute, req.flags, &Backend::ll_combine_send, &Backend::ll_combine_recv,
+                             &out->event, &out->hook, &sent)) {
+    return sent ? e : refuse_locked(buf, w, false, std::move(e));
+  }
   out->combined_x = w->out;
   return ok();
+}
+
+Error op_ll_refuse(std::shared_ptr<BufferCore> buf, bool dispatch, Error why) {
+  if (check_ll_buffer(*buf)) {  // no rank has the region: every rank's call fails alike
+    why.peers_informed = true;
+    return why;
+  }
+  return refuse(buf, dispatch, std::move(why));
 }
 
 Error op_ll_next_combine_buffer(BufferCore& buf, const LLHandle& handle, std::shared_ptr<Tensor>* out) {

@@ -37,6 +37,9 @@ struct LLCombineOutputs {
 
 Error op_ll_dispatch(std::shared_ptr<BufferCore> buf, const LLDispatchRequest& req, LLDispatchOutputs* out);
 Error op_ll_combine(std::shared_ptr<BufferCore> buf, const LLCombineRequest& req, LLCombineOutputs* out);
+// A low-latency call the binding refused before making it (sy_reject): told to the peers as
+// the two calls above tell them of the arguments they refuse (peers_informed when done).
+Error op_ll_refuse(std::shared_ptr<BufferCore> buf, bool dispatch, Error why);
 // The send buffer of the next low-latency call, as a guarded [EL, R * Tmax, H] bf16 view.
 Error op_ll_next_combine_buffer(BufferCore& buf, const LLHandle& handle, std::shared_ptr<Tensor>* out);
 // The reset; `done` (optional) receives an event that reports its outcome.

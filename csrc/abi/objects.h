@@ -464,6 +464,11 @@ class Backend {
   virtual Error ll_combine_send(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) = 0;
   virtual Error ll_combine_recv(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) = 0;
   virtual Error ll_clean(BufferCore& buf, Stream& s, uint32_t epoch, std::shared_ptr<OpStatus> status) = 0;
+  // A low-latency call refused on this rank before its send phase was enqueued (`work` holds
+  // its call number and half): tells every destination this rank rejected its input, as a send
+  // phase that finds bad input does, and acknowledges what the peers sent into the half, so they
+  // fail that call at once naming this rank and the next call lines up.
+  virtual Error ll_reject(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work, bool dispatch) = 0;
   // Whether dispatch/combine run on this backend in this build.
   virtual bool dispatch_supported() const = 0;
 };

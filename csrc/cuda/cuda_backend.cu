@@ -258,6 +258,9 @@ class CudaBackend final : public Backend {
   Error ll_combine_recv(BufferCore&, Stream&, std::shared_ptr<LLWork>) override {
     return not_yet("low-latency combine");
   }
+  Error ll_reject(BufferCore&, Stream&, std::shared_ptr<LLWork>, bool dispatch) override {
+    return not_yet(dispatch ? "low-latency dispatch" : "low-latency combine");
+  }
   Error ll_clean(BufferCore&, Stream&, uint32_t, std::shared_ptr<OpStatus>) override {
     return not_yet("cleanLowLatencyBuffer");
   }

@@ -168,6 +168,9 @@ class HostBackend final : public Backend {
   Error ll_combine_recv(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) override {
     return ll_stage(buf, s, work, host::run_ll_combine_recv);
   }
+  Error ll_reject(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work, bool dispatch) override {
+    return ll_stage(buf, s, std::move(work), dispatch ? host::run_ll_dispatch_reject : host::run_ll_combine_reject);
+  }
   Error ll_clean(BufferCore& buf, Stream& s, uint32_t epoch, std::shared_ptr<OpStatus> status) override {
     std::shared_ptr<BufferSet> set = buf.set;
     int rank = buf.rank;

@@ -16,8 +16,9 @@
 //   receive  wait; out[t] = sum over valid top-k entries, in order, of w * y (float32, each
 //            product and sum rounded, core/fparith.h); one rounding to BF16; acknowledge.
 // Masked ranks are neither sent to nor waited for; with masking, a rank missing at a deadline is
-// masked instead of failing the call. Input a rank finds invalid is announced in its format word:
-// that call fails on every rank, and the buffers stay usable.
+// masked instead of failing the call. Input a rank finds invalid, inside the send phase or before
+// it (a refused call: run_ll_*_reject), is announced in its format word: that call fails on
+// every rank, and the buffers stay usable.
 #include "host_ll.h"
 
 #include <cstring>
@@ -177,7 +178,34 @@ void announce_rejection(Peers& peers, uint64_t half, uint64_t off_format, uint64
   }
 }
 
+// A call this rank refused before its send phase, with its call number and half: the rejection
+// goes where its data would have gone, then the half is received as a rejected call's receive
+// phase receives it, for the acknowledgement alone.
+Error reject_call(BufferSet& set, LLWork& w, uint64_t off_format, uint64_t off_flag, core::WaitRole role,
+                  const core::LowLatencyPlan* counts_of) {
+  return stage(set, w, [&](Peers& peers) -> Error {
+    const uint64_t half = set.plan.ll.half(w.half);
+    uint32_t* mask = mask_of(set, w.rank);
+    SY_TRY(peers.wait_joined(w.masking ? mask : nullptr));
+    SY_TRY(wait_consumed(set, w, half, mask));
+    announce_rejection(peers, half, off_format, off_flag, mask, counts_of);
+    SY_TRY(peers.wait_sources(half + off_flag, role, Peers::WaitPolicy{mask, w.masking, nullptr}));
+    acknowledge(peers, half, mask);
+    return ok();
+  });
+}
+
 }  // namespace
+
+Error run_ll_dispatch_reject(BufferSet& set, LLWork& w) {
+  const core::LowLatencyPlan& ll = set.plan.ll;
+  return reject_call(set, w, ll.off_dispatch_format, ll.off_dispatch_flag, core::WaitRole::LLDispatch, &ll);
+}
+
+Error run_ll_combine_reject(BufferSet& set, LLWork& w) {
+  const core::LowLatencyPlan& ll = set.plan.ll;
+  return reject_call(set, w, ll.off_combine_format, ll.off_combine_flag, core::WaitRole::LLCombine, nullptr);
+}
 
 Error run_ll_dispatch_send(BufferSet& set, LLWork& w) {
   Error e = stage(set, w, [&](Peers& peers) -> Error {

@@ -9,6 +9,9 @@ Error run_ll_dispatch_send(BufferSet& set, LLWork& work);
 Error run_ll_dispatch_recv(BufferSet& set, LLWork& work);
 Error run_ll_combine_send(BufferSet& set, LLWork& work);
 Error run_ll_combine_recv(BufferSet& set, LLWork& work);
+// A call refused before its send phase: announce the rejection, acknowledge the peers' data.
+Error run_ll_dispatch_reject(BufferSet& set, LLWork& work);
+Error run_ll_combine_reject(BufferSet& set, LLWork& work);
 Error run_ll_clean(BufferSet& set, int rank, int64_t timeout_ms, bool masking, uint32_t epoch);
 
 }  // namespace sy::host

@@ -38,7 +38,7 @@ extern "C" {
 
 /* Bumped on every incompatible change of this header. The loader refuses a library whose
  * `sy_abi_version()` differs from the version it was written for. */
-#define SY_ABI_VERSION 2u
+#define SY_ABI_VERSION 3u
 
 #define SY_MAX_DIMS 8
 #define SY_ERROR_ARGUMENT_CAPACITY 64
@@ -466,12 +466,19 @@ SY_API sy_status sy_combine(sy_buffer buffer, const sy_combine_args* args,
                             sy_combine_result* out);
 
 /* The collectives a caller may refuse (sy_reject). */
-typedef enum sy_operation { SY_OPERATION_DISPATCH = 1, SY_OPERATION_COMBINE = 2 } sy_operation;
+typedef enum sy_operation {
+  SY_OPERATION_DISPATCH = 1,
+  SY_OPERATION_COMBINE = 2,
+  SY_OPERATION_LOW_LATENCY_DISPATCH = 3,
+  SY_OPERATION_LOW_LATENCY_COMBINE = 4
+} sy_operation;
 
-/* This rank will not make the dispatch or combine its peers are making (a binding found its
- * arguments invalid before calling sy_dispatch/sy_combine): the peers fail that operation at
- * once with SY_ERROR_PEER_FAILED naming this rank, the buffers stay usable, and every rank's
- * next call lines up. sy_dispatch and sy_combine do the same for the arguments they refuse. */
+/* This rank will not make the collective its peers are making (a binding found its arguments
+ * invalid before calling sy_dispatch, sy_combine, sy_ll_dispatch or sy_ll_combine): the peers
+ * fail that operation at once with SY_ERROR_PEER_FAILED naming this rank, the buffers stay
+ * usable, and every rank's next call lines up (a low-latency refusal takes its call number and
+ * half of the double buffer, and acknowledges what the peers sent into it). The four calls do
+ * the same for the arguments they refuse themselves. */
 SY_API sy_status sy_reject(sy_buffer buffer, int32_t operation);
 
 typedef struct sy_handle_info {

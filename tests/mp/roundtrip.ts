@@ -3,9 +3,9 @@
  * Group.fromEnv, dispatches and combines, and checks the round trip against the reference.
  * Arguments: [rounds] [--die-at ROUND --die-rank R [--die-phase PHASE] [--die-delay MS]]
  * [--refuse-at ROUND --refuse-rank R] [--timeout MS].
- * With --refuse-at, rank R passes an f32 x to round ROUND's first dispatch: it must be refused
- * there (INVALID_ARGUMENT naming x) and fail on every other rank within milliseconds
- * (PEER_FAILED naming R); then the round runs normally on every rank.
+ * With --refuse-at, rank R passes an f32 x to round ROUND's first dispatch and to the first
+ * low-latency dispatch: each must be refused there (INVALID_ARGUMENT naming x) and fail on every
+ * other rank within milliseconds (PEER_FAILED naming R); then the call runs normally everywhere.
  * Rank R kills itself (SIGKILL) `MS` milliseconds into PHASE: `join` (before meeting the
  * others), `buffers` (before creating the buffers), `dispatch` or `combine` (inside that
  * collective of round ROUND), `low-latency` (inside the low-latency dispatch).
@@ -110,6 +110,24 @@ try {
     });
     using w = await Tensor.from(rank, new Float32Array(T * K).fill(0.5), { shape: [T, K] });
     await dieIn("low-latency", () => buffer.lowLatencyDispatch(x, idx, { useFp8: false }));
+    const refusing = Number(values["refuse-rank"]);
+    if (Number(values["refuse-at"]) >= 0) { // rank R's low-latency dispatch is refused as well
+      using bad = await Tensor.from(rank, new Float32Array(T * H), { shape: [T, H] });
+      const t0 = performance.now();
+      const e = await buffer.lowLatencyDispatch(me === refusing ? bad : x, idx, { useFp8: false }).then(
+        async (d) => {
+          using _ = d;
+          await d.recvCount.read();
+        },
+        (err) => err,
+      ).catch((err) => err);
+      const ms = Math.round(performance.now() - t0);
+      const want = me === refusing
+        ? e instanceof SwitchyardError && e.code === "INVALID_ARGUMENT" && e.argument === "x"
+        : e instanceof SwitchyardError && e.code === "PEER_FAILED" && /rank \d+ rejected its input/.test(e.message);
+      if (!want) throw new Error(`the refused low-latency dispatch ended with ${e}`);
+      console.log(`rank ${me} saw the low-latency refusal of rank ${refusing} after ${ms} ms: ${e.code}`);
+    }
     using sent = await buffer.lowLatencyDispatch(x, idx, { useFp8: false });
     using back = await buffer.lowLatencyCombine(sent.recvX, idx, w, sent.handle);
     const got = await back.combinedX.readFloat32();
