@@ -1017,14 +1017,15 @@ export class StoreClient {
     const missing = got.flatMap((v, r) => (v.status === "rejected" || v.value === undefined ? [r] : []));
     if (missing.length) {
       const lost = got.find((v) => v.status === "rejected") as PromiseRejectedResult | undefined;
-      const who = `missing rank${missing.length > 1 ? "s" : ""} ${missing.join(", ")}`;
+      const ranks = `rank${missing.length > 1 ? "s" : ""} ${missing.join(", ")}`;
       throw new SwitchyardTimeoutError(
         lost ? "PEER_FAILED" : "TIMEOUT",
         lost
-          ? `rank ${this.rank}: the rendezvous store (rank 0) went away during "${name}"; ${who}`
-          : `rank ${this.rank} timed out after ${this.timeoutMs} ms at rendezvous "${name}": ${who}`,
+          ? `rank ${this.rank}: the rendezvous store (rank 0) went away during "${name}" (waiting for ${ranks})`
+          : `rank ${this.rank} timed out after ${this.timeoutMs} ms at rendezvous "${name}": missing ${ranks}`,
         {
-          peerRank: missing[0],
+          // A lost store is rank 0's failure, whoever had not arrived yet.
+          peerRank: lost ? 0 : missing[0],
           role: "rendezvous",
           channel: -1,
           expected: BigInt(this.worldSize),

@@ -560,5 +560,21 @@ Deno.test(
       early.close();
       late.close();
     });
+
+    await t.step("closing while an exchange waits for ranks not yet there: PEER_FAILED naming rank 0", async () => {
+      const server = StoreServer.listen({ port: 0, worldSize: 3, token: "s3cret" });
+      const client = await clientOf(server, 1, { worldSize: 3, timeoutMs: 3000 });
+      const waiting = client.exchange("join", "v"); // ranks 0 and 2 never arrive
+      await new Promise((r) => setTimeout(r, 100));
+      const started = performance.now();
+      server.close();
+      await assert.rejects(() => waiting, (e: unknown) => {
+        assert.ok(isStoreGone("PEER_FAILED")(e), String(e));
+        assert.match((e as Error).message, /went away during "join" \(waiting for ranks 0, 2\)/);
+        return true;
+      });
+      assert.ok(performance.now() - started < 500, `${performance.now() - started} ms`);
+      client.close();
+    });
   }),
 );
