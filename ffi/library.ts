@@ -4,13 +4,16 @@
  * Where it looks, in order:
  * 1. `SWITCHYARD_LIBRARY`: the full path of a build (read only when `--allow-env` grants it);
  * 2. `build/libswitchyard.so` next to this package (what `deno task build` produces), when the
- *    package runs from a local checkout.
+ *    package runs from a local checkout;
+ * 3. the per-user cache (`native_cache.ts`), where the package's builder puts the library of a
+ *    package imported from JSR or another URL: `deno run -A jsr:@switchyard/ep/build`.
  *
  * The library is never closed: native worker threads may still be inside it.
  *
  * @module
  */
 
+import { cachedLibraries, cacheRoot } from "./native_cache.ts";
 import { ALL_STRUCTS } from "./structs.ts";
 import { ABI_VERSION, type Symbols, symbols } from "./symbols.ts";
 
@@ -46,7 +49,29 @@ export function candidatePaths(): string[] {
   const paths: string[] = [];
   const local = new URL("../build/libswitchyard.so", import.meta.url);
   if (local.protocol === "file:") paths.push(decodeURIComponent(local.pathname));
+  const cache = cacheRoot();
+  if ("dir" in cache) paths.push(...cachedLibraries(cache.dir));
   return paths;
+}
+
+/** How to get a library, for this package as it was imported. */
+export function buildInstruction(): string {
+  const here = new URL(import.meta.url);
+  if (here.protocol === "file:" && exists(new URL("../scripts/build.ts", here))) {
+    return "build it with 'deno task build' (in the checkout)";
+  }
+  const builder = here.hostname === "jsr.io" ? "jsr:@switchyard/ep/build" : new URL("../src/cli/build.ts", here).href;
+  return `build it once with 'deno run -A ${builder}' (CMake >= 3.24 and a C++20 compiler; nvcc for the CUDA ` +
+    "kernels)";
+}
+
+function exists(url: URL): boolean {
+  try {
+    Deno.statSync(url);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 function checkAbi(lib: Symbols, path: string): LoadFailure | undefined {
@@ -54,8 +79,8 @@ function checkAbi(lib: Symbols, path: string): LoadFailure | undefined {
   if (abi !== ABI_VERSION) {
     return {
       code: "ABI_MISMATCH",
-      message: `${path} speaks ABI ${abi}, this binding ABI ${ABI_VERSION}; rebuild the library ` +
-        `(deno task build) or point ${LIBRARY_ENV} at a matching build`,
+      message: `${path} speaks ABI ${abi}, this binding ABI ${ABI_VERSION}; ${buildInstruction()}, or point ` +
+        `${LIBRARY_ENV} at a matching build`,
       tried: [path],
     };
   }
@@ -66,12 +91,19 @@ function checkAbi(lib: Symbols, path: string): LoadFailure | undefined {
       return {
         code: "ABI_MISMATCH",
         message: `${path}: ${ALL_STRUCTS[i].name} is ${sizes[i]} bytes in the library but ` +
-          `${ALL_STRUCTS[i].size} in this binding; rebuild the library (deno task build)`,
+          `${ALL_STRUCTS[i].size} in this binding; ${buildInstruction()}`,
         tried: [path],
       };
     }
   }
   return undefined;
+}
+
+const capitalized = (s: string) => s[0].toUpperCase() + s.slice(1);
+
+function cacheNote(): string {
+  const cache = cacheRoot();
+  return "why" in cache ? ` (the build cache was not searched: ${cache.why})` : "";
 }
 
 /** Opens the library on first use; later calls return the same result. */
@@ -100,8 +132,8 @@ export function loadLibrary(): LoadResult {
     ok: false,
     failure: {
       code: "LIBRARY_NOT_FOUND",
-      message: `libswitchyard not found; tried: ${tried.join("; ") || "nothing"}. Build it with ` +
-        `'deno task build', or set ${LIBRARY_ENV} to the full path of libswitchyard.so`,
+      message: `libswitchyard not found; tried: ${tried.join("; ") || "nothing"}${cacheNote()}. ` +
+        `${capitalized(buildInstruction())}, or set ${LIBRARY_ENV} to the full path of libswitchyard.so`,
       tried,
     },
   };

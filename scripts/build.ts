@@ -14,6 +14,8 @@
  * @module
  */
 
+import { runCommand } from "../src/cli/build.ts";
+
 const root = new URL("..", import.meta.url).pathname;
 const env = (name: string) => Deno.env.get(name) ?? "";
 
@@ -46,20 +48,11 @@ export function cudaIncludeDir(): string | undefined {
 }
 
 async function run(cmd: string[]): Promise<void> {
-  let child;
   try {
-    child = new Deno.Command(cmd[0], { args: cmd.slice(1), stdout: "inherit", stderr: "inherit" }).spawn();
+    await runCommand(cmd);
   } catch (e) {
-    if (e instanceof Deno.errors.NotFound) {
-      console.error(`build: '${cmd[0]}' is not installed; the library needs CMake >= 3.24 and a C++20 compiler`);
-      Deno.exit(1);
-    }
-    throw e;
-  }
-  const { code } = await child.status;
-  if (code !== 0) {
-    console.error(`build: '${cmd.join(" ")}' failed with exit code ${code}`);
-    Deno.exit(code);
+    console.error(`build: ${e instanceof Error ? e.message : e}`);
+    Deno.exit(1);
   }
 }
 
