@@ -1017,6 +1017,11 @@ export class StoreClient {
     const missing = got.flatMap((v, r) => (v.status === "rejected" || v.value === undefined ? [r] : []));
     if (missing.length) {
       const lost = got.find((v) => v.status === "rejected") as PromiseRejectedResult | undefined;
+      // A store lost near the deadline: rank 0 gave up on the ranks it lacked, as this rank was
+      // about to (they are to blame). Earlier, or before rank 0's own value came: rank 0 died.
+      const others = missing.filter((r) => r !== this.rank);
+      const gaveUp = lost && !others.includes(0) && others.length > 0 &&
+        performance.now() > deadline - 0.2 * this.timeoutMs;
       const ranks = `rank${missing.length > 1 ? "s" : ""} ${missing.join(", ")}`;
       throw new SwitchyardTimeoutError(
         lost ? "PEER_FAILED" : "TIMEOUT",
@@ -1024,8 +1029,7 @@ export class StoreClient {
           ? `rank ${this.rank}: the rendezvous store (rank 0) went away during "${name}" (waiting for ${ranks})`
           : `rank ${this.rank} timed out after ${this.timeoutMs} ms at rendezvous "${name}": missing ${ranks}`,
         {
-          // A lost store is rank 0's failure, whoever had not arrived yet.
-          peerRank: lost ? 0 : missing[0],
+          peerRank: !lost ? missing[0] : gaveUp ? others[0] : 0,
           role: "rendezvous",
           channel: -1,
           expected: BigInt(this.worldSize),

@@ -1,6 +1,7 @@
 /** The command-line tools: doctor reports every area, the launcher refuses bad usage. */
 
 import assert from "node:assert/strict";
+import { ABI_VERSION } from "../ffi/symbols.ts";
 
 const root = new URL("..", import.meta.url).pathname;
 const run = (args: string[]) =>
@@ -28,7 +29,7 @@ Deno.test("doctor: one verdict per line, covering the library, backends, NCCL an
   assert.ok(lines.every((l) => /^(OK|NOTE|FIX) +\S/.test(l)), text(o));
   for (
     const topic of [
-      /^OK +libswitchyard .* ABI 2/,
+      new RegExp(`^OK +libswitchyard .* ABI ${ABI_VERSION}`),
       /^OK +host backend/,
       /CUDA/,
       /NCCL/,
