@@ -5,6 +5,8 @@
 #   address   the whole suite (host pass, and the CUDA tests and normal-mode suite on the
 #             CPU-executed CUDA backend) against an AddressSanitizer + UndefinedBehaviorSanitizer
 #             build in build-asan/. Deno itself is not instrumented, so the runtimes are preloaded.
+#             Not tests/jsr_test.ts and tests/fresh_clone_test.ts: they build and load libraries
+#             of their own.
 #   thread    tests/native/kernel_families.cpp (every kernel family, no Deno) against a
 #             ThreadSanitizer build in build-tsan/; any report fails the run.
 #
@@ -22,7 +24,11 @@ for kind in "$@"; do
       [ "$kind" = thread ] && flags=thread
       dir="$root/build-asan"
       [ "$kind" = thread ] && dir="$root/build-tsan"
-      SWITCHYARD_BUILD_DIR="$dir" SWITCHYARD_SANITIZE="$flags" \
+      # Only what each run uses: the library and the native test programs (address), the library
+      # and the kernel-family driver (thread).
+      targets=switchyard,switchyard_barrier_slots,switchyard_segment_checks
+      [ "$kind" = thread ] && targets=switchyard,switchyard_kernel_families
+      SWITCHYARD_BUILD_DIR="$dir" SWITCHYARD_SANITIZE="$flags" SWITCHYARD_BUILD_TARGETS="$targets" \
         deno run --allow-run --allow-read --allow-env scripts/build.ts --cuda-cpu
       ;;
     run:address)
@@ -33,6 +39,7 @@ for kind in "$@"; do
         SWITCHYARD_CUDA_ON_CPU_LIBRARY="$root/build-asan/libswitchyard.so" \
         SWITCHYARD_TEST_PASSES=host,cuda-on-cpu \
         SWITCHYARD_FAULT_JOBS=6 \
+        SWITCHYARD_TEST_IGNORE=tests/jsr_test.ts,tests/fresh_clone_test.ts \
         deno run --allow-ffi --allow-env --allow-read --allow-run --allow-write scripts/test.ts
       ;;
     run:thread)

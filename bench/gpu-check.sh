@@ -17,7 +17,8 @@
 # `--no-gpu` runs every step that makes sense without a device against the CUDA backend executed
 # on the CPU (SWITCHYARD_CUDA=CPU, tests/cuda_on_cpu): the build, the tests, the driver, and the
 # benchmark's correctness checks at small sizes in every configuration the GPU run uses. CI runs
-# it, so the day a GPU is lent this script cannot fail on its own bugs.
+# it, so the day a GPU is lent this script cannot fail on its own bugs (with
+# SWITCHYARD_GPU_CHECK_SUITE_RAN=WHERE it leaves out the suite CI's test command has just run).
 #
 # Everything lands in $OUT (default bench/out): gpu-check.log, env.txt, gpu_bench.json. Every
 # step has its own time limit and the whole script ends within 9 minutes; the exit code is the
@@ -127,8 +128,12 @@ else
      cmake -S '$root' -B \$d/build -DSWITCHYARD_CUDA=OFF -DSWITCHYARD_NCCL_ROOT=\$d/nccl >\$d/log 2>&1;
      rc=\$?; cat \$d/log; grep -q 'NCCL headers off: .* has NCCL 22809' \$d/log && [ \$rc -eq 0 ]; ok=\$?; rm -rf \$d; exit \$ok"
   if step "build (the CUDA backend executed on the CPU)" 300 deno task build:cuda-cpu; then
-    step "CUDA tests and the normal-mode suite on the CPU executor" 240 env SWITCHYARD_TEST_PASSES=cuda-on-cpu \
-      deno run "${test_permissions[@]}" scripts/test.ts
+    if [ -n "${SWITCHYARD_GPU_CHECK_SUITE_RAN:-}" ]; then
+      note "" && note "=== CUDA tests and the normal-mode suite on the CPU executor: ran already ($SWITCHYARD_GPU_CHECK_SUITE_RAN)"
+    else
+      step "CUDA tests and the normal-mode suite on the CPU executor" 240 env SWITCHYARD_TEST_PASSES=cuda-on-cpu \
+        deno run "${test_permissions[@]}" scripts/test.ts
+    fi
     step "kernel families through the C ABI, against the host backend" 60 "$bin/switchyard_kernel_families"
     # What the GPU run invokes, at sizes a CPU runs in seconds: every check of the benchmark.
     step "benchmark checks: one rank, compact and expanded (the sanitizer runs)" 60 bash -c \

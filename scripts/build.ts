@@ -8,7 +8,8 @@
  * and an NVIDIA GPU are found), `SWITCHYARD_CUDA_ARCHITECTURES` (default 90), `SWITCHYARD_NCCL_ROOT` (NCCL headers;
  * default `.tools/nccl` when `.ci/fetch-nccl-headers.sh` has put them there),
  * `SWITCHYARD_SANITIZE` (e.g. `address,undefined` or `thread`: instrumented host code and, in the
- * CPU build, kernels), `SWITCHYARD_BUILD_DIR` (default `build`, or `build-cuda-cpu`), `CUDA_HOME`
+ * CPU build, kernels), `SWITCHYARD_BUILD_DIR` (default `build`, or `build-cuda-cpu`),
+ * `SWITCHYARD_BUILD_TARGETS` (the CMake targets to build, comma-separated; default all), `CUDA_HOME`
  * (where the CPU build finds the toolkit's headers; default: next to nvcc, or /usr/local/cuda).
  *
  * @module
@@ -91,5 +92,6 @@ if (import.meta.main) {
     (sanitize && !cache.includes(`SWITCHYARD_SANITIZE:STRING=${sanitize}`)) ||
     (nccl && !cache.includes(`SWITCHYARD_NCCL_ROOT:PATH=${nccl}`));
   if (stale) await run(configure);
-  await run(["cmake", "--build", buildDir, "--parallel", String(navigator.hardwareConcurrency || 2)]);
+  const targets = env("SWITCHYARD_BUILD_TARGETS").split(/[\s,]+/).filter((t) => t).flatMap((t) => ["--target", t]);
+  await run(["cmake", "--build", buildDir, ...targets, "--parallel", String(navigator.hardwareConcurrency || 2)]);
 }

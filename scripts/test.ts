@@ -11,7 +11,8 @@
  *
  * Arguments go to every `deno test` (`--filter`, ...). `--junit-path=P` writes one JUnit report
  * of all passes, each suite named after its pass. `SWITCHYARD_TEST_PASSES=host,cuda-on-cpu`
- * chooses passes; `SWITCHYARD_LIBRARY` replaces `build/` and `SWITCHYARD_CUDA_ON_CPU_LIBRARY`
+ * chooses passes, `SWITCHYARD_TEST_IGNORE=tests/a_test.ts,...` leaves files out of the host pass;
+ * `SWITCHYARD_LIBRARY` replaces `build/` and `SWITCHYARD_CUDA_ON_CPU_LIBRARY`
  * replaces `build-cuda-cpu/` (nothing is built then: the sanitizer runs of .ci/sanitize.sh). The
  * library build (`deno task build`) comes first; the task does that.
  *
@@ -104,6 +105,11 @@ function cudaOnCpuLibrary(): string | undefined {
   return Deno.env.get("SWITCHYARD_CUDA_ON_CPU_LIBRARY") || undefined;
 }
 
+/** Test files the caller leaves out (`SWITCHYARD_TEST_IGNORE`, comma-separated). */
+function ignored(): string[] {
+  return (Deno.env.get("SWITCHYARD_TEST_IGNORE") ?? "").split(",").filter((f) => f);
+}
+
 function passes(): Pass[] {
   const chosen = (Deno.env.get("SWITCHYARD_TEST_PASSES") ?? "host,cuda-gpu,cuda-on-cpu").split(",");
   const cuda = backendInfo("cuda");
@@ -113,7 +119,13 @@ function passes(): Pass[] {
     out.push({
       name: "host",
       what: `every test file but the CUDA tests, on ${Deno.env.get("SWITCHYARD_LIBRARY") || "build/"}`,
-      files: ["tests/", "--doc", "mod.ts", "README.md", "--ignore=tests/cuda_test.ts,tests/cuda_config_test.ts"],
+      files: [
+        "tests/",
+        "--doc",
+        "mod.ts",
+        "README.md",
+        `--ignore=${["tests/cuda_test.ts", "tests/cuda_config_test.ts", ...ignored()].join(",")}`,
+      ],
       env: {},
     });
   }
