@@ -38,7 +38,7 @@ for kind in "$@"; do
         SWITCHYARD_LIBRARY="$root/build-asan/libswitchyard.so" \
         SWITCHYARD_CUDA_ON_CPU_LIBRARY="$root/build-asan/libswitchyard.so" \
         SWITCHYARD_TEST_PASSES=host,cuda-on-cpu \
-        SWITCHYARD_FAULT_JOBS=6 \
+        SWITCHYARD_FAULT_JOBS=6 SWITCHYARD_FAULT_TIMEOUT_MS=2000 \
         SWITCHYARD_TEST_IGNORE=tests/jsr_test.ts,tests/fresh_clone_test.ts \
         deno run --allow-ffi --allow-env --allow-read --allow-run --allow-write scripts/test.ts
       ;;

@@ -211,6 +211,7 @@ export class Group extends NativeResource {
         })
         : undefined;
       store = await connectToStore(env, get, timeoutMs);
+      if (server) store.servedBy(server);
       // Everyone arrives, and agrees on what the group is.
       const mine = JSON.stringify({ backend, worldSize: env.worldSize });
       const all = await store.exchange("join", mine);

@@ -97,6 +97,8 @@ interface Reply {
   error?: string;
   /** Set on a get that waited until its deadline. */
   timeout?: boolean;
+  /** Rank 0 gave up on the group waiting for this rank (StoreServer.abandon): `error` says why. */
+  abandonedFor?: number;
 }
 
 /** A reply, or what the client made of a connection that failed. */
@@ -369,6 +371,8 @@ export class StoreServer {
   #storedBytes = 0;
   #parkedGets = 0;
   #closed = false;
+  /** Set once rank 0 gave up (abandon): the answer to every request from then on. */
+  #abandoned: { error: string; abandonedFor: number } | undefined;
   #idleTimer: Timer | undefined;
   #idlePoll: ReturnType<typeof setInterval> | undefined;
 
@@ -640,6 +644,10 @@ export class StoreServer {
   }
 
   #handle(peer: Peer, msg: Request): void {
+    if (this.#abandoned) {
+      this.#send(peer, { id: msg.id, ok: false, ...this.#abandoned });
+      return;
+    }
     const key = msg.key;
     if (key === undefined || (msg.op === "set" && msg.value === undefined)) {
       this.#send(peer, { id: msg.id, ok: false, error: `bad ${msg.op} request` });
@@ -740,6 +748,30 @@ export class StoreServer {
   }
 
   /**
+   * Rank 0 gave up waiting for rank `peerRank` (`reason`: its error): every waiting get, and
+   * every request from now on, is answered with that reason, so the other ranks fail at once
+   * naming `peerRank` instead of finding the store gone and blaming rank 0. Resolves once those
+   * answers are written, or after `flushMs`.
+   */
+  async abandon(peerRank: number, reason: string, flushMs = 1000): Promise<void> {
+    if (this.#closed || this.#abandoned) return;
+    this.#abandoned = { error: reason, abandonedFor: peerRank };
+    const written: Promise<void>[] = [];
+    for (const peer of this.#peers) {
+      for (const w of [...peer.parked]) {
+        this.#unpark(w);
+        written.push(this.#send(peer, { id: w.id, ok: false, ...this.#abandoned }));
+      }
+    }
+    let timer: Timer | undefined;
+    await Promise.race([
+      Promise.all(written),
+      new Promise<void>((resolve) => timer = setTimeout(resolve, flushMs)),
+    ]);
+    clearTimeout(timer);
+  }
+
+  /**
    * Stops accepting, and closes once the connected ranks have left (or after `graceMs`): rank 0
    * may finish before the others have read their last answers.
    */
@@ -786,6 +818,9 @@ export interface StoreClientOptions {
   readonly timeoutMs: number;
 }
 
+/** Errors that carry rank 0's giving up (StoreServer.abandon): an exchange rethrows them as they are. */
+const abandonedErrors = new WeakSet<Error>();
+
 /** One rank's connection to the store. */
 export class StoreClient {
   readonly #conn: Deno.Conn;
@@ -795,6 +830,8 @@ export class StoreClient {
   #nextSeq = 0;
   #writing: Promise<void> = Promise.resolve();
   #closed = false;
+  /** The store this process serves, if any (servedBy). */
+  #server: StoreServer | undefined;
   /** Why the connection is gone, once it is. */
   #lost: string | undefined;
   readonly #where: string;
@@ -957,6 +994,27 @@ export class StoreClient {
     });
   }
 
+  /**
+   * The store this rank's process serves (rank 0's): when one of this client's waits times out,
+   * the store is abandoned for the rank it lacked (StoreServer.abandon) before the error is
+   * thrown, so the others learn whom rank 0 gave up on instead of losing the store.
+   */
+  servedBy(server: StoreServer): void {
+    this.#server = server;
+  }
+
+  /** The error of a request the store answered with rank 0's giving up (StoreServer.abandon). */
+  #abandonedError(what: string, r: Outcome): SwitchyardTimeoutError {
+    const e = new SwitchyardTimeoutError(
+      "PEER_FAILED",
+      `rank ${this.rank}: ${what}: rank 0 gave up on the group: ${r.error}`,
+      { ...StoreClient.#waitedForStore(0), peerRank: r.abandonedFor! },
+      { rank: this.rank },
+    );
+    abandonedErrors.add(e);
+    return e;
+  }
+
   /** Stores `value` under `key`, which must be `<name>/<this rank>`. */
   async set(key: string, value: string): Promise<void> {
     const bytes = utf8Length(value);
@@ -972,6 +1030,7 @@ export class StoreClient {
     }
     const r = await this.#request({ op: "set", key, value }, this.timeoutMs, 0);
     if (r.ok) return;
+    if (r.abandonedFor !== undefined) throw this.#abandonedError(`rendezvous set ${key}`, r);
     if (r.lost) throw this.#storeLost(`rendezvous set ${key}`, r.error ?? "");
     if (r.timeout) {
       throw new SwitchyardTimeoutError(
@@ -991,6 +1050,7 @@ export class StoreClient {
   async tryGet(key: string, timeoutMs = this.timeoutMs): Promise<string | undefined> {
     const r = await this.#request({ op: "get", key, timeoutMs }, timeoutMs, 1000);
     if (r.ok) return r.value;
+    if (r.abandonedFor !== undefined) throw this.#abandonedError(`rendezvous get ${key}`, r);
     if (r.timeout) return undefined;
     if (r.lost) throw this.#storeLost(`rendezvous get ${key}`, r.error ?? "");
     throw new SwitchyardError("INVALID_ARGUMENT", `rendezvous refused get ${key}: ${r.error}`, {
@@ -1012,24 +1072,22 @@ export class StoreClient {
         (_, r) => this.tryGet(`${name}/${r}`, Math.max(0, Math.round(deadline - performance.now()))),
       ),
     );
-    const refused = got.find((v) => v.status === "rejected" && !(v.reason instanceof SwitchyardTimeoutError));
+    const refused = got.find((v) =>
+      v.status === "rejected" && (!(v.reason instanceof SwitchyardTimeoutError) || abandonedErrors.has(v.reason))
+    );
     if (refused) throw (refused as PromiseRejectedResult).reason;
     const missing = got.flatMap((v, r) => (v.status === "rejected" || v.value === undefined ? [r] : []));
     if (missing.length) {
+      // The store gone without a word (rank 0 gives up through abandon) means rank 0 is gone.
       const lost = got.find((v) => v.status === "rejected") as PromiseRejectedResult | undefined;
-      // A store lost near the deadline: rank 0 gave up on the ranks it lacked, as this rank was
-      // about to (they are to blame). Earlier, or before rank 0's own value came: rank 0 died.
-      const others = missing.filter((r) => r !== this.rank);
-      const gaveUp = lost && !others.includes(0) && others.length > 0 &&
-        performance.now() > deadline - 0.2 * this.timeoutMs;
       const ranks = `rank${missing.length > 1 ? "s" : ""} ${missing.join(", ")}`;
-      throw new SwitchyardTimeoutError(
+      const e = new SwitchyardTimeoutError(
         lost ? "PEER_FAILED" : "TIMEOUT",
         lost
           ? `rank ${this.rank}: the rendezvous store (rank 0) went away during "${name}" (waiting for ${ranks})`
           : `rank ${this.rank} timed out after ${this.timeoutMs} ms at rendezvous "${name}": missing ${ranks}`,
         {
-          peerRank: !lost ? missing[0] : gaveUp ? others[0] : 0,
+          peerRank: lost ? 0 : missing[0],
           role: "rendezvous",
           channel: -1,
           expected: BigInt(this.worldSize),
@@ -1038,6 +1096,8 @@ export class StoreClient {
         },
         { rank: this.rank, cause: lost?.reason },
       );
+      if (!lost) await this.#server?.abandon(missing[0], e.message);
+      throw e;
     }
     return got.map((v) => (v as PromiseFulfilledResult<string>).value);
   }

@@ -561,6 +561,28 @@ Deno.test(
       late.close();
     });
 
+    await t.step("rank 0 giving up: the others fail at once naming the rank it lacked, not rank 0", async () => {
+      const server = StoreServer.listen({ port: 0, worldSize: 3, token: "s3cret" });
+      const host = await clientOf(server, 0, { worldSize: 3, timeoutMs: 300 });
+      host.servedBy(server);
+      const other = await clientOf(server, 1, { worldSize: 3, timeoutMs: 5000 });
+      const started = performance.now();
+      const [mine, theirs] = await Promise.allSettled([host.exchange("join", "a"), other.exchange("join", "b")]);
+      const e0 = (mine as PromiseRejectedResult).reason, e1 = (theirs as PromiseRejectedResult).reason;
+      assert.ok(e0 instanceof SwitchyardTimeoutError && e0.code === "TIMEOUT" && e0.peerRank === 2, String(e0));
+      assert.ok(e1 instanceof SwitchyardTimeoutError && e1.code === "PEER_FAILED" && e1.peerRank === 2, String(e1));
+      assert.match(e1.message, /rank 0 gave up on the group: .*"join": missing rank 2/);
+      assert.ok(performance.now() - started < 1500, `${performance.now() - started} ms, not rank 1's 5 s`);
+      // From now on every request gets that answer.
+      await assert.rejects(() => other.set("next/1", "v"), (e: unknown) => {
+        assert.ok(e instanceof SwitchyardTimeoutError && e.peerRank === 2, String(e));
+        return true;
+      });
+      host.close();
+      other.close();
+      server.close();
+    });
+
     await t.step("closing while an exchange waits for ranks not yet there: PEER_FAILED naming rank 0", async () => {
       const server = StoreServer.listen({ port: 0, worldSize: 3, token: "s3cret" });
       const client = await clientOf(server, 1, { worldSize: 3, timeoutMs: 3000 });
