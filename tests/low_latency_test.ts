@@ -18,6 +18,9 @@ import {
   Tensor,
   toBF16,
 } from "../mod.ts";
+import { LLDispatchArgs, LLDispatchResult } from "../ffi/structs.ts";
+import { Status } from "../ffi/symbols.ts";
+import { native } from "../src/native.ts";
 import { bytesOf, type Fixture, fixture, orderSensitiveBF16, randomBF16 } from "./helpers.ts";
 import { llCombine, llLayout, logfmtRoundTrip, quantizeBlock } from "./ll_reference.ts";
 import { bf16Round, bf16Value, calcDiff, fp8Value } from "./reference.ts";
@@ -813,6 +816,29 @@ Deno.test("a low-latency call refused on one rank fails every rank within millis
       "handle",
       true,
     ));
+  await t.step("refused by the C ABI itself: a destroyed tensor handle passed directly", async () => {
+    const gone = Tensor.empty(fx.group.ranks[1], { dtype: "bf16", shape: [4, 128] });
+    const raw = gone.pointer;
+    gone[Symbol.dispose]();
+    const started = performance.now();
+    const peers = [0, 2].map(async (r) => {
+      using d = await fx.buffers[r].lowLatencyDispatch(made[r].x, made[r].idx);
+      return await d.recvCount.read();
+    });
+    const args = LLDispatchArgs.create().setPointer("x", raw).setPointer("topk_idx", made[1].idx.pointer)
+      .setPointer("compute_stream", fx.group.ranks[1].stream.pointer);
+    assert.equal(
+      native().sy_ll_dispatch(fx.buffers[1].pointer, args.bytes, LLDispatchResult.create().bytes),
+      Status.DISPOSED,
+    );
+    for (const s of await Promise.allSettled(peers)) {
+      const e = (s as PromiseRejectedResult).reason;
+      assert.ok(e instanceof SwitchyardError && e.code === "PEER_FAILED", String(e));
+      assert.match(e.message, /rank 1 rejected its input for low-latency dispatch/);
+    }
+    assert.ok(performance.now() - started < timeoutMs / 2, `${performance.now() - started} ms`);
+    await roundTrip({ ...c, seed: c.seed + 2 }, fx);
+  });
   await t.step("three refusals in a row cycle both halves; then the round trip", async () => {
     for (let i = 0; i < 3; i++) {
       await round("dispatch", () => fx.buffers[1].lowLatencyDispatch(made[1].xf, made[1].idx), "INVALID_ARGUMENT", "x");

@@ -13,16 +13,21 @@ SY_API sy_status sy_ll_dispatch(sy_buffer buffer, const sy_ll_dispatch_args* arg
   return guarded(buffer, [&]() -> Error {
     std::shared_ptr<BufferCore> b;
     SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
-    sy_ll_dispatch_args a;
-    SY_TRY(read_struct(args, "args", &a));
-    if (out == nullptr) return invalid("out", "out: NULL");
     LLDispatchRequest req;
-    req.flags = a.flags;
-    SY_TRY(resolve_tensor_opt(a.x, "x", &req.x));
-    SY_TRY(resolve_tensor_opt(a.topk_idx, "topkIdx", &req.topk_idx));
-    SY_TRY(resolve_tensor_opt(a.cumulative_local_expert_recv_stats, "cumulativeLocalExpertRecvStats", &req.expert_stats));
-    SY_TRY(resolve_tensor_opt(a.dispatch_wait_recv_cost_stats, "dispatchWaitRecvCostStats", &req.wait_stats));
-    SY_TRY(resolve(a.compute_stream, Kind::Stream, "stream", &req.compute));
+    // An argument refused here is a refusal of this rank's call: the peers are told (op_ll_refuse).
+    Error resolved = [&]() -> Error {
+      sy_ll_dispatch_args a;
+      SY_TRY(read_struct(args, "args", &a));
+      if (out == nullptr) return invalid("out", "out: NULL");
+      req.flags = a.flags;
+      SY_TRY(resolve_tensor_opt(a.x, "x", &req.x));
+      SY_TRY(resolve_tensor_opt(a.topk_idx, "topkIdx", &req.topk_idx));
+      SY_TRY(resolve_tensor_opt(a.cumulative_local_expert_recv_stats, "cumulativeLocalExpertRecvStats",
+                                &req.expert_stats));
+      SY_TRY(resolve_tensor_opt(a.dispatch_wait_recv_cost_stats, "dispatchWaitRecvCostStats", &req.wait_stats));
+      return resolve(a.compute_stream, Kind::Stream, "stream", &req.compute);
+    }();
+    if (resolved) return op_ll_refuse(b, true, std::move(resolved));
     LLDispatchOutputs o;
     SY_TRY(op_ll_dispatch(b, req, &o));
     sy_ll_dispatch_result r;
@@ -43,18 +48,21 @@ SY_API sy_status sy_ll_combine(sy_buffer buffer, const sy_ll_combine_args* args,
   return guarded(buffer, [&]() -> Error {
     std::shared_ptr<BufferCore> b;
     SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
-    sy_ll_combine_args a;
-    SY_TRY(read_struct(args, "args", &a));
-    if (out == nullptr) return invalid("out", "out: NULL");
     LLCombineRequest req;
-    req.flags = a.flags;
-    SY_TRY(resolve_tensor_opt(a.x, "x", &req.x));
-    SY_TRY(resolve_tensor_opt(a.topk_idx, "topkIdx", &req.topk_idx));
-    SY_TRY(resolve_tensor_opt(a.topk_weights, "topkWeights", &req.topk_weights));
-    SY_TRY(resolve_tensor_opt(a.out, "out", &req.out));
-    SY_TRY(resolve_tensor_opt(a.combine_wait_recv_cost_stats, "combineWaitRecvCostStats", &req.wait_stats));
-    SY_TRY(resolve(a.handle, Kind::LLHandle, "handle", &req.handle));
-    SY_TRY(resolve(a.compute_stream, Kind::Stream, "stream", &req.compute));
+    Error resolved = [&]() -> Error {
+      sy_ll_combine_args a;
+      SY_TRY(read_struct(args, "args", &a));
+      if (out == nullptr) return invalid("out", "out: NULL");
+      req.flags = a.flags;
+      SY_TRY(resolve_tensor_opt(a.x, "x", &req.x));
+      SY_TRY(resolve_tensor_opt(a.topk_idx, "topkIdx", &req.topk_idx));
+      SY_TRY(resolve_tensor_opt(a.topk_weights, "topkWeights", &req.topk_weights));
+      SY_TRY(resolve_tensor_opt(a.out, "out", &req.out));
+      SY_TRY(resolve_tensor_opt(a.combine_wait_recv_cost_stats, "combineWaitRecvCostStats", &req.wait_stats));
+      SY_TRY(resolve(a.handle, Kind::LLHandle, "handle", &req.handle));
+      return resolve(a.compute_stream, Kind::Stream, "stream", &req.compute);
+    }();
+    if (resolved) return op_ll_refuse(b, false, std::move(resolved));
     LLCombineOutputs o;
     SY_TRY(op_ll_combine(b, req, &o));
     sy_ll_combine_result r;
