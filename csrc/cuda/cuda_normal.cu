@@ -197,6 +197,7 @@ int64_t stride_bytes(const std::shared_ptr<Tensor>& t, int dim) {
 // What one dispatch carries from its notify stage to its epilogue.
 struct DispatchOp {
   std::shared_ptr<ReportSlot> report;
+  cudaStream_t stream = nullptr;  // the communication stream its kernels run on
   DispatchArgs args;
   std::shared_ptr<Tensor> state;  // the handle's device state word
 };
@@ -266,6 +267,7 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   DispatchWork& w = *work;
   DispatchHandle& h = *w.handle;
   auto op = std::make_shared<DispatchOp>();
+  op->stream = comm.raw();
   SY_TRY(comm.rank_state_ref().reports->take(&op->report));
 
   // The handle's device state: new for a new routing, the original's for a cached one.
@@ -346,10 +348,12 @@ Error normal_dispatch_wait_counts(DispatchWork& w, Deadline deadline) {
   // with Linux's timer slack), yielding the core; then short naps. The deadline runs from the
   // exchange kernel's start: what is queued before it (the compute stream's work, which the
   // communication stream waits for) may take long and has deadlines of its own; a kernel that
-  // has not even started after kNotStartedFactor deadlines is reported as such.
-  constexpr double kNotStartedFactor = 10;
+  // has not even started after kNotStartedFactor deadlines is reported as such, and a stream
+  // that failed before it (a sticky error) at once.
+  constexpr double kNotStartedFactor = 3;
   const double start = now_seconds();
   double started = 0;  // when the host first saw the exchange kernel running
+  double next_query = 0;
   uint32_t flag;
   while ((flag = __atomic_load_n(&r.counts_flag, __ATOMIC_ACQUIRE)) == 0) {
     const double now = now_seconds();
@@ -367,9 +371,18 @@ Error normal_dispatch_wait_counts(DispatchWork& w, Deadline deadline) {
     }
     if (now - start < 1e-3) {
       std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(10));
+      continue;
     }
+    if (!started && now >= next_query) {  // once a millisecond: the query takes the driver's locks
+      next_query = now + 1e-3;
+      const cudaError_t q = cudaStreamQuery(op->stream);
+      if (q != cudaSuccess && q != cudaErrorNotReady) {
+        return cuda_error(q, ("dispatch: the communication stream failed before the exchange kernel of dispatch " +
+                              std::to_string(w.epoch) + " ran")
+                                 .c_str());
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(10));
   }
   if (flag != 1u) {
     Error e = report_error(r, w.rank, w.epoch, "dispatch");
