@@ -35,8 +35,13 @@ export interface LocalGroupOptions {
 export interface ProcessGroupOptions {
   /** `"host"` (the default) or `"cuda"`; every rank must choose the same. */
   readonly backend?: Backend;
-  /** Deadline of every wait, rendezvous included, in milliseconds (default 20000). */
+  /** Deadline of every wait, in milliseconds (default 20000). */
   readonly timeoutMs?: number;
+  /**
+   * Deadline of meeting the other ranks (reaching rank 0's store, and every rank's arrival), in
+   * milliseconds (default `timeoutMs`). Processes start at different times: give it room.
+   */
+  readonly joinTimeoutMs?: number;
   /** CUDA: the device of this process (default: LOCAL_RANK). */
   readonly device?: number;
   /** Where to read the variables (default: `Deno.env`, as far as `--allow-env` grants). */
@@ -70,28 +75,48 @@ interface Rendezvous {
  * secret rank 0 wrote for the job (job_secret.ts): read until the deadline, and read again if
  * the store refuses it (the file may be an earlier job's until rank 0 has written this one's).
  */
-async function connectToStore(env: DistEnv, get: EnvReader, timeoutMs: number): Promise<StoreClient> {
-  const options = { hostname: env.masterAddr, port: env.masterPort, rank: env.rank, worldSize: env.worldSize };
+async function connectToStore(
+  env: DistEnv,
+  get: EnvReader,
+  timeoutMs: number,
+  joinTimeoutMs: number,
+): Promise<StoreClient> {
+  const options = {
+    hostname: env.masterAddr,
+    port: env.masterPort,
+    rank: env.rank,
+    worldSize: env.worldSize,
+    timeoutMs,
+  };
   if (env.token !== undefined || !isLoopback(env.masterAddr)) {
-    return StoreClient.connect({ ...options, token: env.token, timeoutMs });
+    return StoreClient.connect({ ...options, token: env.token, connectTimeoutMs: joinTimeoutMs });
   }
   const place = jobSecretPlace(get, env.masterPort);
-  const deadline = performance.now() + timeoutMs;
+  const deadline = performance.now() + joinTimeoutMs;
   for (;;) {
     const left = Math.max(1, Math.round(deadline - performance.now()));
     const secret = readJobSecret(place);
     try {
-      if (secret !== undefined) return await StoreClient.connect({ ...options, token: secret, timeoutMs: left });
+      if (secret !== undefined) {
+        return await StoreClient.connect({ ...options, token: secret, connectTimeoutMs: left });
+      }
     } catch (e) {
       if (!(e instanceof SwitchyardError && e.argument === "SWITCHYARD_TOKEN") || performance.now() > deadline) throw e;
     }
     if (performance.now() > deadline) {
       throw new SwitchyardTimeoutError(
         "TIMEOUT",
-        `rank ${env.rank}: no secret for this job at ${place.file} within ${timeoutMs} ms; rank 0 writes it when it ` +
+        `rank ${env.rank}: no secret for this job at ${place.file} within ${joinTimeoutMs} ms; rank 0 writes it when it ` +
           "starts (without SWITCHYARD_TOKEN, the ranks of one host share a secret there): is rank 0 running, as " +
           "this user, with the same MASTER_PORT?",
-        { peerRank: 0, role: "rendezvous", channel: -1, expected: 0n, observed: 0n, waitedSeconds: timeoutMs / 1e3 },
+        {
+          peerRank: 0,
+          role: "rendezvous",
+          channel: -1,
+          expected: 0n,
+          observed: 0n,
+          waitedSeconds: joinTimeoutMs / 1e3,
+        },
         { rank: env.rank },
       );
     }
@@ -194,6 +219,7 @@ export class Group extends NativeResource {
     let env = readDistEnv(get);
     const backend = backendArg(options.backend ?? "host");
     const timeoutMs = integerArg("timeoutMs", options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 1, 2 ** 40);
+    const joinTimeoutMs = integerArg("joinTimeoutMs", options.joinTimeoutMs ?? timeoutMs, 1, 2 ** 40);
     // Without SWITCHYARD_TOKEN on a loopback store, rank 0 makes the job's secret (job_secret.ts).
     const secret = env.rank === 0 && env.token === undefined && isLoopback(env.masterAddr)
       ? jobSecretPlace(get, env.masterPort)
@@ -210,11 +236,11 @@ export class Group extends NativeResource {
           token: env.token,
         })
         : undefined;
-      store = await connectToStore(env, get, timeoutMs);
+      store = await connectToStore(env, get, timeoutMs, joinTimeoutMs);
       if (server) store.servedBy(server);
       // Everyone arrives, and agrees on what the group is.
       const mine = JSON.stringify({ backend, worldSize: env.worldSize });
-      const all = await store.exchange("join", mine);
+      const all = await store.exchange("join", mine, joinTimeoutMs);
       const odd = all.findIndex((v) => v !== mine);
       if (odd >= 0) {
         throw new SwitchyardError(
@@ -244,7 +270,8 @@ export class Group extends NativeResource {
       return group;
     } catch (e) {
       store?.close();
-      server?.close();
+      // The ranks still connected may have answers on their way (a rendezvous rank 0 gave up).
+      server?.closeWhenIdle(Math.min(timeoutMs, 2000));
       if (secret) removeJobSecret(secret);
       throw e;
     }

@@ -371,8 +371,8 @@ export class StoreServer {
   #storedBytes = 0;
   #parkedGets = 0;
   #closed = false;
-  /** Set once rank 0 gave up (abandon): the answer to every request from then on. */
-  #abandoned: { error: string; abandonedFor: number } | undefined;
+  /** Rendezvous rank 0 gave up (abandon), by name: the answer to every request of theirs. */
+  readonly #abandoned = new Map<string, { error: string; abandonedFor: number }>();
   #idleTimer: Timer | undefined;
   #idlePoll: ReturnType<typeof setInterval> | undefined;
 
@@ -644,11 +644,12 @@ export class StoreServer {
   }
 
   #handle(peer: Peer, msg: Request): void {
-    if (this.#abandoned) {
-      this.#send(peer, { id: msg.id, ok: false, ...this.#abandoned });
+    const key = msg.key;
+    const abandoned = key === undefined ? undefined : this.#abandoned.get(key.slice(0, key.lastIndexOf("/")));
+    if (abandoned) {
+      this.#send(peer, { id: msg.id, ok: false, ...abandoned });
       return;
     }
-    const key = msg.key;
     if (key === undefined || (msg.op === "set" && msg.value === undefined)) {
       this.#send(peer, { id: msg.id, ok: false, error: `bad ${msg.op} request` });
       return;
@@ -748,19 +749,22 @@ export class StoreServer {
   }
 
   /**
-   * Rank 0 gave up waiting for rank `peerRank` (`reason`: its error): every waiting get, and
-   * every request from now on, is answered with that reason, so the other ranks fail at once
-   * naming `peerRank` instead of finding the store gone and blaming rank 0. Resolves once those
-   * answers are written, or after `flushMs`.
+   * Rank 0 gave up the rendezvous `name` waiting for rank `peerRank` (`reason`: its error):
+   * every get of it still waiting, and every request of it from now on, is answered with that
+   * reason, so the other ranks fail at once naming `peerRank` instead of finding the store gone
+   * and blaming rank 0. Other rendezvous are untouched. Resolves once those answers are written,
+   * or after `flushMs`.
    */
-  async abandon(peerRank: number, reason: string, flushMs = 1000): Promise<void> {
-    if (this.#closed || this.#abandoned) return;
-    this.#abandoned = { error: reason, abandonedFor: peerRank };
+  async abandon(name: string, peerRank: number, reason: string, flushMs = 1000): Promise<void> {
+    if (this.#closed || this.#abandoned.has(name)) return;
+    const answer = { error: reason, abandonedFor: peerRank };
+    this.#abandoned.set(name, answer);
     const written: Promise<void>[] = [];
     for (const peer of this.#peers) {
       for (const w of [...peer.parked]) {
+        if (w.key.slice(0, w.key.lastIndexOf("/")) !== name) continue;
         this.#unpark(w);
-        written.push(this.#send(peer, { id: w.id, ok: false, ...this.#abandoned }));
+        written.push(this.#send(peer, { id: w.id, ok: false, ...answer }));
       }
     }
     let timer: Timer | undefined;
@@ -814,8 +818,10 @@ export interface StoreClientOptions {
   readonly worldSize: number;
   /** The shared secret, when the store requires one. */
   readonly token?: string;
-  /** Deadline of connecting and of every wait, in milliseconds. */
+  /** Deadline of every wait, in milliseconds (and of connecting, unless `connectTimeoutMs` says otherwise). */
   readonly timeoutMs: number;
+  /** Deadline of connecting and saying hello, in milliseconds (default `timeoutMs`). */
+  readonly connectTimeoutMs?: number;
 }
 
 /** Errors that carry rank 0's giving up (StoreServer.abandon): an exchange rethrows them as they are. */
@@ -857,7 +863,8 @@ export class StoreClient {
    * when the store never answers, or with `INVALID_ARGUMENT` when it refuses this rank.
    */
   static async connect(options: StoreClientOptions): Promise<StoreClient> {
-    const { rank, timeoutMs } = options;
+    const { rank } = options;
+    const timeoutMs = options.connectTimeoutMs ?? options.timeoutMs;
     if (options.token !== undefined && options.token.length > MAX_TOKEN_LENGTH) {
       throw new SwitchyardError("INVALID_ARGUMENT", `SWITCHYARD_TOKEN: at most ${MAX_TOKEN_LENGTH} characters`, {
         argument: "SWITCHYARD_TOKEN",
@@ -995,9 +1002,9 @@ export class StoreClient {
   }
 
   /**
-   * The store this rank's process serves (rank 0's): when one of this client's waits times out,
-   * the store is abandoned for the rank it lacked (StoreServer.abandon) before the error is
-   * thrown, so the others learn whom rank 0 gave up on instead of losing the store.
+   * The store this rank's process serves (rank 0's): when one of this client's exchanges times
+   * out, the store abandons that rendezvous for the rank it lacked (StoreServer.abandon) before
+   * the error is thrown, so the others learn whom rank 0 gave up on instead of losing the store.
    */
   servedBy(server: StoreServer): void {
     this.#server = server;
@@ -1008,7 +1015,8 @@ export class StoreClient {
     const e = new SwitchyardTimeoutError(
       "PEER_FAILED",
       `rank ${this.rank}: ${what}: rank 0 gave up on the group: ${r.error}`,
-      { ...StoreClient.#waitedForStore(0), peerRank: r.abandonedFor! },
+      // The rank rank 0 gave up on, arriving late, learns that rank 0 has gone on without it.
+      { ...StoreClient.#waitedForStore(0), peerRank: r.abandonedFor === this.rank ? 0 : r.abandonedFor! },
       { rank: this.rank },
     );
     abandonedErrors.add(e);
@@ -1060,12 +1068,12 @@ export class StoreClient {
   }
 
   /**
-   * Every rank sets `${name}/${rank}` and waits for all the others' (deadline-bounded); the
-   * values come back by rank. Fails naming the ranks that never arrived.
+   * Every rank sets `${name}/${rank}` and waits for all the others' (until `timeoutMs`, by
+   * default the client's); the values come back by rank. Fails naming the ranks that never arrived.
    */
-  async exchange(name: string, value: string): Promise<string[]> {
+  async exchange(name: string, value: string, timeoutMs: number = this.timeoutMs): Promise<string[]> {
     await this.set(`${name}/${this.rank}`, value);
-    const deadline = performance.now() + this.timeoutMs;
+    const deadline = performance.now() + timeoutMs;
     const got = await Promise.allSettled(
       Array.from(
         { length: this.worldSize },
@@ -1085,18 +1093,18 @@ export class StoreClient {
         lost ? "PEER_FAILED" : "TIMEOUT",
         lost
           ? `rank ${this.rank}: the rendezvous store (rank 0) went away during "${name}" (waiting for ${ranks})`
-          : `rank ${this.rank} timed out after ${this.timeoutMs} ms at rendezvous "${name}": missing ${ranks}`,
+          : `rank ${this.rank} timed out after ${timeoutMs} ms at rendezvous "${name}": missing ${ranks}`,
         {
           peerRank: lost ? 0 : missing[0],
           role: "rendezvous",
           channel: -1,
           expected: BigInt(this.worldSize),
           observed: BigInt(this.worldSize - missing.length),
-          waitedSeconds: this.timeoutMs / 1e3,
+          waitedSeconds: timeoutMs / 1e3,
         },
         { rank: this.rank, cause: lost?.reason },
       );
-      if (!lost) await this.#server?.abandon(missing[0], e.message);
+      if (!lost) await this.#server?.abandon(name, missing[0], e.message);
       throw e;
     }
     return got.map((v) => (v as PromiseFulfilledResult<string>).value);

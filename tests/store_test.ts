@@ -573,11 +573,19 @@ Deno.test(
       assert.ok(e1 instanceof SwitchyardTimeoutError && e1.code === "PEER_FAILED" && e1.peerRank === 2, String(e1));
       assert.match(e1.message, /rank 0 gave up on the group: .*"join": missing rank 2/);
       assert.ok(performance.now() - started < 1500, `${performance.now() - started} ms, not rank 1's 5 s`);
-      // From now on every request gets that answer.
-      await assert.rejects(() => other.set("next/1", "v"), (e: unknown) => {
+      // From now on every request of that rendezvous gets that answer; the rank rank 0 gave up on,
+      // arriving late, hears it named rank 0. Other rendezvous go on.
+      await assert.rejects(() => other.tryGet("join/2"), (e: unknown) => {
         assert.ok(e instanceof SwitchyardTimeoutError && e.peerRank === 2, String(e));
         return true;
       });
+      const late = await clientOf(server, 2, { worldSize: 3, timeoutMs: 5000 });
+      await assert.rejects(() => late.exchange("join", "c"), (e: unknown) => {
+        assert.ok(e instanceof SwitchyardTimeoutError && e.code === "PEER_FAILED" && e.peerRank === 0, String(e));
+        return true;
+      });
+      await other.set("next/1", "v");
+      late.close();
       host.close();
       other.close();
       server.close();

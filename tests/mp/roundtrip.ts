@@ -2,7 +2,7 @@
  * One rank of a multi-process test (run through the launcher): meets the others with
  * Group.fromEnv, dispatches and combines, and checks the round trip against the reference.
  * Arguments: [rounds] [--die-at ROUND --die-rank R [--die-phase PHASE] [--die-delay MS]]
- * [--refuse-at ROUND --refuse-rank R] [--timeout MS].
+ * [--refuse-at ROUND --refuse-rank R] [--timeout MS] [--join-timeout MS (default: --timeout)].
  * With --refuse-at, rank R passes an f32 x to round ROUND's first dispatch and to the first
  * low-latency dispatch: each must be refused there (INVALID_ARGUMENT naming x) and fail on every
  * other rank within milliseconds (PEER_FAILED naming R); then the call runs normally everywhere.
@@ -27,6 +27,7 @@ const { values } = parseArgs({
     "refuse-at": { type: "string", default: "-1" },
     "refuse-rank": { type: "string", default: "-1" },
     timeout: { type: "string", default: "20000" },
+    "join-timeout": { type: "string" },
   },
 });
 const rounds = Number(values.rounds), dieAt = Number(values["die-at"]), dieRank = Number(values["die-rank"]);
@@ -45,7 +46,10 @@ async function dieIn(phase: string, work?: () => unknown): Promise<void> {
 
 try {
   await dieIn("join");
-  using group = await Group.fromEnv({ timeoutMs: Number(values.timeout) });
+  using group = await Group.fromEnv({
+    timeoutMs: Number(values.timeout),
+    joinTimeoutMs: Number(values["join-timeout"] ?? values.timeout),
+  });
   const R = group.size;
   await dieIn("buffers");
   const [buffer] = await group.createBuffers({ hidden: 128, maxTokensPerRank: 40, lowLatency: { numExperts: 2 * R } });
