@@ -132,7 +132,7 @@ for (let it = 0; it <= iterations; it++) {
     dispatchMs.push(dispatchTime);
     combineMs.push(combineTime);
   }
-  combined = await Promise.all(backs.map((b) => b.combinedX.readFloat32()));
+  if (it === iterations) combined = await Promise.all(backs.map((b) => b.combinedX.readFloat32())); // checked below
   for (const b of backs) b[Symbol.dispose]();
 }
 
