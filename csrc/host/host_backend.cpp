@@ -2,8 +2,11 @@
 // run as stream tasks (host_ops.cpp).
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 
 #include "../abi/strided.h"
 #include "host_ll.h"
@@ -19,18 +22,77 @@ namespace {
 // buffer sized for the worst case costs only what an operation actually writes.
 constexpr uint64_t kMapThreshold = uint64_t(1) << 20;
 
+// Operation outputs come and go with every call, at a few recurring sizes. A fresh mapping is
+// faulted in page by page, which costs more than writing the pages (most of a host dispatch's
+// time went to page faults): freed mappings are kept, up to kPoolBytes, and handed out again
+// zeroed. Sizes are rounded up to an eighth of their power of two, so near sizes share mappings.
+// Mappings beyond kLargest are not kept: those are the worst-case-sized outputs (low-latency
+// receive buffers) an operation touches only in part, where zeroing all of it would cost more
+// than the faults of the part it touches.
+class MappingPool {
+ public:
+  static constexpr uint64_t kPoolBytes = uint64_t(1) << 30;
+  static constexpr uint64_t kLargest = uint64_t(256) << 20;
+
+  static uint64_t size_class(uint64_t bytes) {
+    uint64_t top = 4096;
+    while (top < bytes) top <<= 1;
+    const uint64_t step = std::max<uint64_t>(top / 8, 4096);
+    return core::align_up(bytes, step);
+  }
+  // A kept mapping of exactly `size` bytes, zeroed; nullptr when there is none.
+  void* take(uint64_t size) {
+    if (size > kLargest) return nullptr;
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = free_.find(size);
+      if (it == free_.end()) return nullptr;
+      p = it->second;
+      free_.erase(it);
+      held_ -= size;
+    }
+    std::memset(p, 0, size);
+    return p;
+  }
+  void give(void* p, uint64_t size) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (size <= kLargest && held_ + size <= kPoolBytes) {
+        free_.emplace(size, p);
+        held_ += size;
+        return;
+      }
+    }
+    munmap(p, size);
+  }
+
+ private:
+  std::mutex mu_;
+  std::multimap<uint64_t, void*> free_;
+  uint64_t held_ = 0;
+};
+
+MappingPool& mapping_pool() {
+  static MappingPool& pool = *new MappingPool;  // never destroyed: outputs may be freed at exit
+  return pool;
+}
+
 Error host_alloc(uint64_t bytes, std::shared_ptr<Memory>* out) {
   auto m = std::make_shared<Memory>();
   m->device = -1;
   if (bytes >= kMapThreshold) {
-    const uint64_t size = core::align_up(bytes, 4096);
-    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) {
-      return fail(SY_ERROR_OUT_OF_MEMORY, "host mapping of " + std::to_string(bytes) + " bytes failed");
+    const uint64_t size = MappingPool::size_class(bytes);
+    void* p = mapping_pool().take(size);
+    if (p == nullptr) {
+      p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED) {
+        return fail(SY_ERROR_OUT_OF_MEMORY, "host mapping of " + std::to_string(bytes) + " bytes failed");
+      }
     }
     m->ptr = p;
     m->bytes = size;
-    m->release = [size](void* q) { munmap(q, size); };
+    m->release = [size](void* q) { mapping_pool().give(q, size); };
   } else {
     // 64-byte alignment covers 16-byte vector access and keeps rows off shared cache lines.
     const uint64_t size = core::align_up(bytes == 0 ? 64 : bytes, 64);
