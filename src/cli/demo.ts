@@ -66,6 +66,13 @@ function median(xs: number[]): number {
 }
 
 const fmtMs = (ms: number) => `${ms.toFixed(2)} ms`;
+
+/** BF16 bits as float32 values (exact: a BF16 value is a float32 with the low 16 bits zero). */
+function bf16ToFloat32(bits: Uint16Array): Float32Array {
+  const words = new Uint32Array(bits.length);
+  for (let i = 0; i < bits.length; i++) words[i] = bits[i] << 16;
+  return new Float32Array(words.buffer);
+}
 const backend = chooseBackend();
 const backendName = backend === "cuda" && backendInfo("cuda").executedOnCpu
   ? "cuda (CUDA backend executed on the CPU, no GPU: times say nothing about a GPU)"
@@ -154,7 +161,7 @@ let maxRel = 0, bad = 0;
 for (let r = 0; r < R; r++) {
   using inRankT = last[r].handle.isTokenInRank();
   const inRank = await inRankT.read();
-  const x = new Float32Array(new Uint32Array(Array.from(inputs[r].xBits, (b) => b << 16)).buffer);
+  const x = bf16ToFloat32(inputs[r].xBits);
   for (let t = 0; t < T; t++) {
     let visits = 0;
     for (let q = 0; q < R; q++) visits += inRank[t * R + q];
@@ -225,7 +232,7 @@ if (decodeTokens > 0 && backend === "host") {
     if (it === iterations) {
       for (let r = 0; r < R; r++) {
         const got = await back[r].combinedX.readFloat32();
-        const x = new Float32Array(new Uint32Array(Array.from(step[r].xBits, (b) => b << 16)).buffer);
+        const x = bf16ToFloat32(step[r].xBits);
         for (let t = 0; t < D; t++) {
           let sum = 0;
           for (let k = 0; k < K; k++) sum += step[r].routing.topkWeights[t * K + k];
