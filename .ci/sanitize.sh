@@ -17,19 +17,6 @@ root="$PWD"
 action="${1:-}"
 shift || true
 [ "$action" = build ] || [ "$action" = run ] || { echo "usage: .ci/sanitize.sh build|run address|thread" >&2; exit 2; }
-# asan_pass PASS: one pass of the suite (scripts/test.ts) on build-asan/, into $out/PASS.log.
-asan_pass() {
-  LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)" \
-    ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
-    UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-    SWITCHYARD_LIBRARY="$root/build-asan/libswitchyard.so" \
-    SWITCHYARD_CUDA_ON_CPU_LIBRARY="$root/build-asan/libswitchyard.so" \
-    SWITCHYARD_TEST_PASSES="$1" \
-    SWITCHYARD_FAULT_JOBS=6 SWITCHYARD_FAULT_TIMEOUT_MS=2000 \
-    SWITCHYARD_TEST_IGNORE=tests/jsr_test.ts,tests/fresh_clone_test.ts \
-    deno run --allow-ffi --allow-env --allow-read --allow-run --allow-write scripts/test.ts >"$out/$1.log" 2>&1
-}
-
 for kind in "$@"; do
   case "$action:$kind" in
     build:address | build:thread)
@@ -45,19 +32,15 @@ for kind in "$@"; do
         deno run --allow-run --allow-read --allow-env scripts/build.ts --cuda-cpu
       ;;
     run:address)
-      # The two passes at once, each into its own log: each is mostly one process, and the
-      # machine has two cores.
-      out="$(mktemp -d)"
-      asan_pass host &
-      host_pid=$!
-      asan_pass cuda-on-cpu &
-      cuda_pid=$!
-      status=0
-      wait "$host_pid" || status=1
-      wait "$cuda_pid" || status=1
-      cat "$out/host.log" "$out/cuda-on-cpu.log"
-      rm -rf "$out"
-      [ "$status" -eq 0 ]
+      LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)" \
+        ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
+        UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+        SWITCHYARD_LIBRARY="$root/build-asan/libswitchyard.so" \
+        SWITCHYARD_CUDA_ON_CPU_LIBRARY="$root/build-asan/libswitchyard.so" \
+        SWITCHYARD_TEST_PASSES=host,cuda-on-cpu \
+        SWITCHYARD_FAULT_JOBS=6 SWITCHYARD_FAULT_TIMEOUT_MS=2000 \
+        SWITCHYARD_TEST_IGNORE=tests/jsr_test.ts,tests/fresh_clone_test.ts \
+        deno run --allow-ffi --allow-env --allow-read --allow-run --allow-write scripts/test.ts
       ;;
     run:thread)
       # Every report counts: the run's exit status is 66 if there was one.
