@@ -13,7 +13,7 @@
  * @module
  */
 
-import { cachedLibraries, cacheRoot } from "./native_cache.ts";
+import { cachedLibraries, cacheRoot, grantedEnv } from "./native_cache.ts";
 import { ALL_STRUCTS } from "./structs.ts";
 import { ABI_VERSION, type Symbols, symbols } from "./symbols.ts";
 
@@ -37,14 +37,9 @@ export type LoadResult =
 
 let cached: LoadResult | undefined;
 
-function envOverride(): string | undefined {
-  const state = Deno.permissions.querySync({ name: "env", variable: LIBRARY_ENV }).state;
-  return state === "granted" ? Deno.env.get(LIBRARY_ENV) || undefined : undefined;
-}
-
 /** The paths the loader tries, in order. */
 export function candidatePaths(): string[] {
-  const override = envOverride();
+  const override = grantedEnv(LIBRARY_ENV);
   if (override) return [override];
   const paths: string[] = [];
   const local = new URL("../build/libswitchyard.so", import.meta.url);
@@ -104,6 +99,24 @@ const capitalized = (s: string) => s[0].toUpperCase() + s.slice(1);
 function cacheNote(): string {
   const cache = cacheRoot();
   return "why" in cache ? ` (the build cache was not searched: ${cache.why})` : "";
+}
+
+/**
+ * Why the library at `path` cannot serve this binding (it does not open, or speaks another ABI),
+ * or undefined when it can. The library is closed again: for a build about to be installed.
+ */
+export function checkLibraryFile(path: string): string | undefined {
+  let lib: Deno.DynamicLibrary<typeof symbols>;
+  try {
+    lib = Deno.dlopen(path, symbols);
+  } catch (e) {
+    return `${path}: ${e instanceof Error ? e.message : e}`;
+  }
+  try {
+    return checkAbi(lib.symbols, path)?.message;
+  } finally {
+    lib.close();
+  }
 }
 
 /** Opens the library on first use; later calls return the same result. */

@@ -25,7 +25,8 @@ export const TARGET_ENV = "SWITCHYARD_TARGET";
 /** The file name of the library in a build directory and in the cache. */
 export const LIBRARY_FILE = "libswitchyard.so";
 
-function grantedEnv(name: string): string | undefined {
+/** An environment variable's value, read only when `--allow-env` grants it (so nothing prompts). */
+export function grantedEnv(name: string): string | undefined {
   return Deno.permissions.querySync({ name: "env", variable: name }).state === "granted"
     ? Deno.env.get(name) || undefined
     : undefined;

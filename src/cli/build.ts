@@ -16,6 +16,7 @@
  */
 
 import { parseArgs } from "node:util";
+import { checkLibraryFile } from "../../ffi/library.ts";
 import { CACHE_ENV, cacheRoot, gpuVisible, LIBRARY_FILE, versionDir } from "../../ffi/native_cache.ts";
 import { NATIVE_SOURCES, PACKAGE_VERSION } from "../../ffi/native_sources.ts";
 import { ABI_VERSION } from "../../ffi/symbols.ts";
@@ -115,10 +116,8 @@ export async function buildIntoCache(options: { cuda?: string; arch?: string; jo
 
   // Checked before it takes the place of a working one: it must speak this package's ABI.
   const built = `${build}/${LIBRARY_FILE}`;
-  const lib = Deno.dlopen(built, { sy_abi_version: { parameters: [], result: "u32" } });
-  const abi = lib.symbols.sy_abi_version();
-  lib.close();
-  if (abi !== ABI_VERSION) throw new Error(`${built} speaks ABI ${abi}, this package ${ABI_VERSION}`);
+  const bad = checkLibraryFile(built);
+  if (bad) throw new Error(bad);
   const installed = `${home}/${target}/${LIBRARY_FILE}`;
   await Deno.copyFile(built, `${installed}.partial`);
   await Deno.rename(`${installed}.partial`, installed);
