@@ -190,7 +190,7 @@ Error prepare_dispatch(BufferCore& buf, const LLDispatchRequest& req, LLWork& w)
   w.wait_stats = req.wait_stats;
 
   const int64_t EL = w.num_local_experts, N = int64_t(w.num_ranks) * w.max_tokens;
-  SY_TRY(new_output(buf, fp8 ? DType::FP8E4M3 : DType::BF16, {EL, N, w.hidden}, &w.recv_x));
+  SY_TRY(new_output(buf, fp8 ? DType::FP8E4M3 : DType::BF16, {EL, N, w.hidden}, &w.recv_x, OutputWritten::Partly));
   if (fp8) {
     const int64_t S = core::ll_scale_words(w.hidden, ue8m0);
     SY_TRY(new_output(buf, ue8m0 ? DType::I32 : DType::F32, {EL, N, S}, &w.recv_x_scales));

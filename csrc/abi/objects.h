@@ -78,6 +78,9 @@ struct ViewGuard {
   std::string what;
 };
 
+// How much of an output its operation writes (Backend::allocate_output).
+enum class OutputWritten : uint8_t { Entirely, Partly };
+
 struct Tensor {
   std::shared_ptr<GroupCore> group;
   std::shared_ptr<ViewGuard> guard;      // set for views into a buffer
@@ -411,7 +414,10 @@ class Backend {
   // Memory for an operation's output, valid in the order of the work on `comm` (the stream the
   // operation runs on) and not initialised: the operation writes every byte its contract
   // defines. Nothing here waits for the device (a GPU backend allocates stream-ordered).
-  virtual Error allocate_output(RankCore& rank, Stream& comm, uint64_t bytes, std::shared_ptr<Memory>* out) {
+  // `written` says whether the operation writes all of it or a part (a low-latency receive
+  // buffer, sized for the worst case), which a backend may allocate differently.
+  virtual Error allocate_output(RankCore& rank, Stream& comm, uint64_t bytes, OutputWritten written,
+                                std::shared_ptr<Memory>* out) {
     return allocate(rank, bytes, out);
   }
   // Bytes of the communication buffer this backend shares per rank: the whole plan, or less

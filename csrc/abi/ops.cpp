@@ -36,10 +36,10 @@ Error new_tensor(const std::shared_ptr<GroupCore>& group, int rank, DType dtype,
 }
 
 Error new_output(const BufferCore& buf, DType dtype, std::initializer_list<int64_t> shape,
-                 std::shared_ptr<Tensor>* out) {
+                 std::shared_ptr<Tensor>* out, OutputWritten written) {
   std::shared_ptr<Tensor> t = dense_tensor(buf.group, buf.rank, dtype, shape);
   SY_TRY(buf.group->backend->allocate_output(*buf.group->rank_by_index(buf.rank), *buf.comm_stream,
-                                             t->dense_bytes(), &t->memory));
+                                             t->dense_bytes(), written, &t->memory));
   *out = std::move(t);
   return ok();
 }

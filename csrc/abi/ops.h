@@ -86,6 +86,6 @@ Error new_tensor(const std::shared_ptr<GroupCore>& group, int rank, core::DType 
 // A new dense tensor for an output of an operation of `buf`, allocated in the order of its
 // communication stream and not initialised (Backend::allocate_output).
 Error new_output(const BufferCore& buf, core::DType dtype, std::initializer_list<int64_t> shape,
-                 std::shared_ptr<Tensor>* out);
+                 std::shared_ptr<Tensor>* out, OutputWritten written = OutputWritten::Entirely);
 
 }  // namespace sy

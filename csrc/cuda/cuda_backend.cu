@@ -103,7 +103,8 @@ class CudaBackend final : public Backend {
 
   // Outputs are allocated in the order of the operation's stream and never zero-filled: no
   // memset, no host wait, per call (the kernels write every byte the contract defines).
-  Error allocate_output(RankCore& rank, Stream& comm, uint64_t bytes, std::shared_ptr<Memory>* out) override {
+  Error allocate_output(RankCore& rank, Stream& comm, uint64_t bytes, OutputWritten,
+                        std::shared_ptr<Memory>* out) override {
     const int dev = rank_state(rank).device;
     const uint64_t size = core::align_up(bytes == 0 ? 256 : bytes, 256);
     void* p = nullptr;

@@ -26,9 +26,10 @@ constexpr uint64_t kMapThreshold = uint64_t(1) << 20;
 // faulted in page by page, which costs more than writing the pages (most of a host dispatch's
 // time went to page faults): freed mappings are kept, up to kPoolBytes, and handed out again
 // zeroed. Sizes are rounded up to an eighth of their power of two, so near sizes share mappings.
-// Mappings beyond kLargest are not kept: those are the worst-case-sized outputs (low-latency
-// receive buffers) an operation touches only in part, where zeroing all of it would cost more
-// than the faults of the part it touches.
+// Outputs an operation writes only in part (low-latency receive buffers, sized for the worst
+// case) never come from the pool: zeroing all of a kept mapping would fault in every page the
+// call leaves alone, where a fresh one commits only the pages written. Nor do mappings beyond
+// kLargest.
 class MappingPool {
  public:
   static constexpr uint64_t kPoolBytes = uint64_t(1) << 30;
@@ -78,12 +79,12 @@ MappingPool& mapping_pool() {
   return pool;
 }
 
-Error host_alloc(uint64_t bytes, std::shared_ptr<Memory>* out) {
+Error host_alloc(uint64_t bytes, std::shared_ptr<Memory>* out, bool pooled = true) {
   auto m = std::make_shared<Memory>();
   m->device = -1;
   if (bytes >= kMapThreshold) {
     const uint64_t size = MappingPool::size_class(bytes);
-    void* p = mapping_pool().take(size);
+    void* p = pooled ? mapping_pool().take(size) : nullptr;
     if (p == nullptr) {
       p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
       if (p == MAP_FAILED) {
@@ -92,7 +93,11 @@ Error host_alloc(uint64_t bytes, std::shared_ptr<Memory>* out) {
     }
     m->ptr = p;
     m->bytes = size;
-    m->release = [size](void* q) { mapping_pool().give(q, size); };
+    if (pooled) {
+      m->release = [size](void* q) { mapping_pool().give(q, size); };
+    } else {
+      m->release = [size](void* q) { munmap(q, size); };
+    }
   } else {
     // 64-byte alignment covers 16-byte vector access and keeps rows off shared cache lines.
     const uint64_t size = core::align_up(bytes == 0 ? 64 : bytes, 64);
@@ -123,6 +128,11 @@ class HostBackend final : public Backend {
 
   Error allocate(RankCore&, uint64_t bytes, std::shared_ptr<Memory>* out) override {
     return host_alloc(bytes, out);
+  }
+
+  Error allocate_output(RankCore&, Stream&, uint64_t bytes, OutputWritten written,
+                        std::shared_ptr<Memory>* out) override {
+    return host_alloc(bytes, out, written == OutputWritten::Entirely);
   }
 
   Error allocate_shared(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) override {

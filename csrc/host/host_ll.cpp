@@ -32,6 +32,7 @@
 #include "../core/routing.h"
 #include "futex.h"
 #include "peers.h"
+#include "populate.h"
 
 namespace sy::host {
 
@@ -225,6 +226,19 @@ Error run_ll_dispatch_send(BufferSet& set, LLWork& w) {
     const int words = core::ll_scale_words(H, w.ue8m0);
     const int payload = w.fp8 ? H : 2 * H;
     std::vector<int32_t> count(size_t(w.num_experts), 0);
+    // Each destination expert's slots from this rank are one dense range of its buffer, written
+    // from slot 0 up: committed up front (populate.h), which on the first calls of a buffer
+    // costs a fraction of the page faults the copies would take.
+    for (int64_t t = 0; t < w.num_tokens; ++t)
+      for (int k = 0; k < w.topk; ++k)
+        if (const int64_t e = load_index(*w.topk_idx, t, k); e >= 0) ++count[size_t(e)];
+    for (int64_t e = 0; e < w.num_experts; ++e) {
+      const int d = core::expert_owner(e, EL);
+      if (count[size_t(e)] == 0 || masked(mask, d)) continue;
+      populate_for_write(peers.base(d) + half + ll.msg(int(e - int64_t(d) * EL), me, 0),
+                         size_t(count[size_t(e)]) * size_t(ll.msg_bytes));
+    }
+    std::fill(count.begin(), count.end(), 0);
     std::vector<uint8_t> q(static_cast<size_t>(H));
     std::vector<uint32_t> scales(static_cast<size_t>(words));
     for (int64_t t = 0; t < w.num_tokens; ++t) {
@@ -293,15 +307,23 @@ Error run_ll_dispatch_recv(BufferSet& set, LLWork& w) {
       auto* src_info = reinterpret_cast<int32_t*>(w.handle->src_info->data());
       auto* range = reinterpret_cast<int64_t*>(w.handle->layout_range->data());
       auto* recv_count = reinterpret_cast<int32_t*>(w.recv_count->data());
+      std::vector<int32_t> source_counts(size_t(R), 0);
       for (int l = 0; l < EL && !e; ++l) {
-        int64_t begin = 0;
-        for (int s = 0; s < R; ++s) {
-          const int32_t c = masked(mask, s) ? 0 : counts[size_t(l) * R + s];
+        int64_t rows = 0;
+        for (int s = 0; s < R && !e; ++s) {  // read once: a peer's memory is validated, then used
+          const int32_t c = source_counts[size_t(s)] = masked(mask, s) ? 0 : counts[size_t(l) * R + s];
           if (c < 0 || c > ll.max_tokens) {
             e = fail(SY_ERROR_INTERNAL, "rank " + std::to_string(s) + " announced " + std::to_string(c) +
                                             " tokens for one expert, more than maxTokensPerRank");
-            break;
           }
+          rows += c;
+        }
+        if (e) break;
+        // The expert's rows are one dense range of the output (a fresh mapping: see populate.h).
+        if (rows > 0) populate_for_write(w.recv_x->element_at({l, 0}), size_t(rows) * size_t(payload));
+        int64_t begin = 0;
+        for (int s = 0; s < R; ++s) {
+          const int32_t c = source_counts[size_t(s)];
           range[size_t(l) * R + s] = (begin << 32) | int64_t(uint32_t(c));
           for (int32_t i = 0; i < c; ++i) {
             const uint8_t* msg = base + ll.msg(l, s, i);
@@ -390,6 +412,7 @@ Error run_ll_combine_send(BufferSet& set, LLWork& w) {
                               ? reinterpret_cast<const uint16_t*>(peers.base(me) + half + ll.send_row(l, row))
                               : reinterpret_cast<const uint16_t*>(w.x->element_at({l, row}));
           uint8_t* dst = peers.base(s) + half + ll.combine_row(e, src_info[size_t(l) * N + size_t(row)]);
+          populate_for_write(dst, size_t(ll.row_bytes));  // see populate.h
           if (!w.logfmt) {
             std::memcpy(dst, y, size_t(H) * 2);
             continue;
