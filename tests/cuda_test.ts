@@ -24,6 +24,7 @@ import {
   assertSameArray,
   bytesOf,
   generate,
+  nativeProgram,
   orderSensitiveBF16,
   paddingZeroed,
   randomBF16,
@@ -395,4 +396,14 @@ Deno.test({ name: "cuda: an SM budget larger than the GPU is refused, naming num
     (e: unknown) => e instanceof SwitchyardError && e.argument === "numSms" && /exceeds the \d+ SMs/.test(e.message),
   );
   for (const b of bufs) b[Symbol.dispose]();
+});
+
+Deno.test({ name: "cuda: device memory is shared between two processes by IPC handle (native)", ignore }, async () => {
+  // The child reads what the parent wrote and the parent what the child wrote; handles of freed,
+  // pooled or interior memory, forged handles and double closes are refused (tests/native/cuda_ipc.cu).
+  const text = await nativeProgram("switchyard_cuda_ipc");
+  assert.match(text, /ok: child: reads all the parent wrote, to the last byte/);
+  assert.match(text, /ok: the child's writes are in this process's memory, to the last byte/);
+  assert.match(text, /ok: child: the handle of memory freed before it was opened is refused/);
+  assert.match(text, /^all ok$/m);
 });

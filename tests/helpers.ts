@@ -14,6 +14,7 @@ import {
   toBF16,
 } from "../mod.ts";
 import type { RankInput, Shape } from "./reference.ts";
+import { candidatePaths } from "../ffi/library.ts";
 
 /** A dispatch scenario: every rank's tokens and routing. */
 export interface Scenario {
@@ -280,4 +281,18 @@ export function paddingZeroed(
     if (owner === null) out.fill(0, row * rowBytes, (row + 1) * rowBytes);
   });
   return out;
+}
+
+/**
+ * Runs a native test program built next to the library under test (CMakeLists.txt) and returns
+ * its output; fails the test if it exits with a failure.
+ */
+export async function nativeProgram(name: string): Promise<string> {
+  const binary = `${candidatePaths()[0].replace(/[^/]*$/, "")}${name}`;
+  const out = await new Deno.Command(binary, { stdout: "piped", stderr: "piped" }).output().catch((e) => {
+    throw new Error(`${binary}: ${e.message}; build it with 'deno task build'`);
+  });
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  assert.ok(out.success, text);
+  return text;
 }

@@ -4,13 +4,13 @@
  */
 
 import assert from "node:assert/strict";
-import { candidatePaths } from "../ffi/library.ts";
 import { ALL_STRUCTS } from "../ffi/structs.ts";
 import { ABI_VERSION } from "../ffi/symbols.ts";
 import { backendInfo, bufferSizeHint, defaultConfig, libraryVersion } from "../mod.ts";
 import { native } from "../src/native.ts";
 import { probeNccl } from "../src/nccl.ts";
 import { Group } from "../mod.ts";
+import { nativeProgram } from "./helpers.ts";
 
 Deno.test("the library speaks this binding's ABI", () => {
   const lib = native();
@@ -81,17 +81,6 @@ Deno.test("NCCL is probed by absolute path and refused with a reason", () => {
   assert.equal(g.nccl.enabled, false);
   assert.match(g.nccl.reason!, /virtual ranks/);
 });
-
-/** Runs a native test program built with the library (CMakeLists.txt); its output. */
-async function nativeProgram(name: string): Promise<string> {
-  const binary = `${candidatePaths()[0].replace(/[^/]*$/, "")}${name}`;
-  const out = await new Deno.Command(binary, { stdout: "piped", stderr: "piped" }).output().catch((e) => {
-    throw new Error(`${binary}: ${e.message}; build it with 'deno task build'`);
-  });
-  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
-  assert.ok(out.success, text);
-  return text;
-}
 
 Deno.test("the barrier's parameter slots survive a fast rank and name a rank that moved on (native)", async () => {
   // The slow rank is played step by step there.

@@ -10,6 +10,7 @@
 #   gpu_bench              bench/gpu_bench.cu, the same way (bench/gpu-check.sh --no-gpu)
 #   kernel_families        tests/native/kernel_families.cpp: one scenario per kernel family
 #                          through the C ABI, for the ThreadSanitizer run in CI
+#   cuda_ipc               tests/native/cuda_ipc.cu: device memory shared between two processes
 set(cuda_on_cpu_dir "${CMAKE_CURRENT_LIST_DIR}")
 set(cuda_on_cpu_includes "${cuda_on_cpu_dir}/include" "${SWITCHYARD_CUDA_INCLUDE}" "${SWITCHYARD_CUDA_INCLUDE}/cccl")
 
@@ -40,7 +41,7 @@ set(cuda_on_cpu_pch <cuda/atomic> <cuda_runtime_api.h> <algorithm> <atomic> <chr
     <cstring> <functional> <map> <memory> <mutex> <string> <thread> <vector>)
 
 # .cu files compiled as C++ (CMake passes -x c++) against the executor's headers.
-set_source_files_properties(${cuda_sources} bench/gpu_bench.cu PROPERTIES LANGUAGE CXX)
+set_source_files_properties(${cuda_sources} bench/gpu_bench.cu tests/native/cuda_ipc.cu PROPERTIES LANGUAGE CXX)
 
 target_sources(switchyard PRIVATE ${cuda_sources} $<TARGET_OBJECTS:switchyard_cuda_on_cpu>)
 target_include_directories(switchyard BEFORE PRIVATE ${cuda_on_cpu_includes})
@@ -59,3 +60,12 @@ if(NOT SWITCHYARD_SANITIZE)
   target_link_libraries(switchyard_gpu_bench PRIVATE switchyard)
   target_link_options(switchyard_gpu_bench PRIVATE -fsanitize=alignment)
 endif()
+
+# CUDA IPC between two processes, on the executor's memfd-backed device memory; in the
+# sanitizer builds too (CMakeLists.txt adds their flags).
+add_executable(switchyard_cuda_ipc tests/native/cuda_ipc.cu)
+target_include_directories(switchyard_cuda_ipc BEFORE PRIVATE ${cuda_on_cpu_includes})
+target_compile_definitions(switchyard_cuda_ipc PRIVATE SY_CUDA_ON_CPU=1)
+target_compile_options(switchyard_cuda_ipc PRIVATE ${cuda_on_cpu_options})
+target_link_libraries(switchyard_cuda_ipc PRIVATE switchyard)
+target_link_options(switchyard_cuda_ipc PRIVATE -fsanitize=alignment)

@@ -1,6 +1,7 @@
 // Memory on the CPU executor. Device, pinned and mapped memory are all host memory of one address
 // space (a device pointer is the host pointer), registered so that copies know which side is
-// pageable. What a GPU leaves undefined is made visible:
+// pageable. cudaMalloc's memory is a memfd mapping, so that CUDA IPC works between processes as
+// on a GPU (see "IPC" below). What a GPU leaves undefined is made visible:
 //   * cudaMalloc*, cudaHostAlloc and cudaMallocAsync memory starts as 0xCB bytes
 //     (SY_CUDA_CPU_POISON=0 turns that off);
 //   * cudaFreeHost frees at once, without waiting for kernels that may still read the memory (a
@@ -8,16 +9,26 @@
 //   * cudaFreeAsync frees when its stream reaches it.
 // cudaFree waits for the device first, as CUDA's does; code that calls it while a peer's kernel
 // waits for the calling thread deadlocks here as it would on a GPU.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "executor.h"
+
+#ifdef SY_CUDA_CPU_ASAN
+#include <sanitizer/asan_interface.h>
+#endif
 
 using namespace sy::cuda_cpu;
 
@@ -25,9 +36,17 @@ namespace {
 
 enum class Kind { Device, Pinned };
 
+// How an allocation was made: from the heap (cudaMallocAsync, pinned memory), as a memfd mapping
+// this process may export (cudaMalloc), or as another process's such mapping, opened by handle.
+enum class Origin { Heap, Exportable, Imported };
+
 struct Allocation {
   size_t bytes;
   Kind kind;
+  Origin origin = Origin::Heap;
+  size_t mapped = 0;  // the mapping's length, its guard page included (not Heap)
+  int fd = -1;        // the memfd (Exportable)
+  uint64_t id = 0;    // the memfd's name says it: a recycled descriptor number is not mistaken for it
 };
 
 // Never destroyed: kernels still running at process exit look allocations up.
@@ -45,15 +64,77 @@ void* allocate(size_t n, Kind kind) {
   return p;
 }
 
+const size_t g_page = size_t(sysconf(_SC_PAGESIZE));
+
+// Maps `fd`'s first `bytes` (rounded up to a page) followed by one inaccessible page, so that an
+// overrun faults as it would on a GPU; under AddressSanitizer the slack between the end and that
+// page is poisoned as well, so an overrun by one byte is reported. nullptr on failure.
+void* map_with_guard(int fd, size_t bytes, size_t* mapped) {
+  const size_t body = (bytes + g_page - 1) / g_page * g_page + (bytes == 0 ? g_page : 0);
+  void* area = mmap(nullptr, body + g_page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (area == MAP_FAILED) return nullptr;
+  if (mmap(area, body, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+    munmap(area, body + g_page);
+    return nullptr;
+  }
+  *mapped = body + g_page;
+#ifdef SY_CUDA_CPU_ASAN
+  __asan_poison_memory_region(static_cast<char*>(area) + bytes, body - bytes);
+#endif
+  return area;
+}
+
+void unmap_with_guard(void* p, size_t mapped) {
+#ifdef SY_CUDA_CPU_ASAN
+  __asan_unpoison_memory_region(p, mapped - g_page);  // the addresses may be mapped again
+#endif
+  munmap(p, mapped);
+}
+
+std::string memfd_name(uint64_t id) {
+  char name[40];
+  std::snprintf(name, sizeof name, "sy-cuda-cpu-%016llx", static_cast<unsigned long long>(id));
+  return name;
+}
+
+// cudaMalloc: device memory another process can open by IPC handle.
+void* allocate_exportable(size_t n) {
+  uint64_t id = 0;
+  if (getrandom(&id, sizeof id, 0) != sizeof id) return nullptr;
+  const int fd = memfd_create(memfd_name(id).c_str(), MFD_CLOEXEC);
+  if (fd < 0) return nullptr;
+  size_t mapped = 0;
+  void* p = nullptr;
+  if (ftruncate(fd, off_t((n + g_page - 1) / g_page * g_page + (n == 0 ? g_page : 0))) != 0 ||
+      (p = map_with_guard(fd, n, &mapped)) == nullptr) {
+    close(fd);
+    return nullptr;
+  }
+  if (g_poison) std::memset(p, 0xCB, n);
+  QuietLock l(g_mu);
+  g_allocations[p] = Allocation{n, Kind::Device, Origin::Exportable, mapped, fd, id};
+  return p;
+}
+
 cudaError_t release(void* p, Kind kind) {
   if (p == nullptr) return cudaSuccess;
+  Allocation a;
   {
     QuietLock l(g_mu);
     auto it = g_allocations.find(p);
-    if (it == g_allocations.end() || it->second.kind != kind) return fail(cudaErrorInvalidValue);
+    // Memory opened by IPC handle is closed with cudaIpcCloseMemHandle, never freed.
+    if (it == g_allocations.end() || it->second.kind != kind || it->second.origin == Origin::Imported) {
+      return fail(cudaErrorInvalidValue);
+    }
+    a = it->second;
     g_allocations.erase(it);
   }
-  std::free(p);
+  if (a.origin == Origin::Heap) {
+    std::free(p);
+  } else {
+    unmap_with_guard(p, a.mapped);
+    close(a.fd);  // a process that opened it keeps its own mapping
+  }
   return cudaSuccess;
 }
 
@@ -81,7 +162,7 @@ bool runtime_memory(const void* p) {
 extern "C" {
 
 cudaError_t cudaMalloc(void** p, size_t n) {
-  *p = allocate(n, Kind::Device);
+  *p = allocate_exportable(n);
   return *p ? cudaSuccess : fail(cudaErrorMemoryAllocation);
 }
 
@@ -181,29 +262,106 @@ cudaError_t cudaMemset(void* p, int v, size_t n) {
   return rc;
 }
 
-// IPC within one process: the handle is the pointer and the process id (another process's
-// handle is refused).
+}  // extern "C"
+
+// IPC. A handle names the exporting process, the descriptor of the allocation's memfd there, the
+// memfd's random id and the allocation's size:
+//   [0, 8) "sycpuipc"  [8, 12) pid  [12, 16) fd  [16, 24) bytes  [24, 32) id   (the rest zero)
+// Opening it opens /proc/<pid>/fd/<fd>, which the kernel allows to processes of the exporter's
+// user only (the ptrace read check), as CUDA's handles are; the descriptor's link must name the
+// memfd of that id, so a handle whose allocation was freed (its descriptor number since reused)
+// or that was forged is refused. A handle opens in any process, its exporter included, each
+// opening a mapping of its own, until the exporter frees the memory or exits.
+namespace {
+
+constexpr char kIpcMagic[8] = {'s', 'y', 'c', 'p', 'u', 'i', 'p', 'c'};
+
+struct IpcFields {
+  pid_t pid;
+  int fd;
+  uint64_t bytes;
+  uint64_t id;
+};
+
+void put_fields(cudaIpcMemHandle_t* h, const IpcFields& f) {
+  std::memset(h, 0, sizeof *h);
+  std::memcpy(h->reserved, kIpcMagic, 8);
+  std::memcpy(h->reserved + 8, &f.pid, 4);
+  std::memcpy(h->reserved + 12, &f.fd, 4);
+  std::memcpy(h->reserved + 16, &f.bytes, 8);
+  std::memcpy(h->reserved + 24, &f.id, 8);
+}
+
+bool get_fields(const cudaIpcMemHandle_t& h, IpcFields* f) {
+  if (std::memcmp(h.reserved, kIpcMagic, 8) != 0) return false;
+  std::memcpy(&f->pid, h.reserved + 8, 4);
+  std::memcpy(&f->fd, h.reserved + 12, 4);
+  std::memcpy(&f->bytes, h.reserved + 16, 8);
+  std::memcpy(&f->id, h.reserved + 24, 8);
+  for (size_t i = 32; i < sizeof h.reserved; ++i)
+    if (h.reserved[i] != 0) return false;
+  return f->pid > 0 && f->fd >= 0;
+}
+
+}  // namespace
+
+extern "C" {
+
 cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* h, void* p) {
+  if (h == nullptr) return fail(cudaErrorInvalidValue);
+  IpcFields f{getpid(), -1, 0, 0};
   {
     QuietLock l(g_mu);
     auto it = g_allocations.find(p);
-    if (it == g_allocations.end() || it->second.kind != Kind::Device) return fail(cudaErrorInvalidValue);
+    // As with CUDA: the start of cudaMalloc's memory (not pooled, not another process's).
+    if (it == g_allocations.end() || it->second.origin != Origin::Exportable) return fail(cudaErrorInvalidValue);
+    f.fd = it->second.fd;
+    f.bytes = it->second.bytes;
+    f.id = it->second.id;
   }
-  std::memset(h, 0, sizeof *h);
-  const pid_t pid = getpid();
-  std::memcpy(h->reserved, &p, sizeof p);
-  std::memcpy(h->reserved + sizeof p, &pid, sizeof pid);
+  put_fields(h, f);
   return cudaSuccess;
 }
 
 cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t h, unsigned int) {
-  pid_t pid;
-  std::memcpy(&pid, h.reserved + sizeof(void*), sizeof pid);
-  if (pid != getpid()) return fail(cudaErrorNotSupported);
-  std::memcpy(p, h.reserved, sizeof *p);
+  if (p == nullptr) return fail(cudaErrorInvalidValue);
+  *p = nullptr;
+  IpcFields f;
+  if (!get_fields(h, &f)) return fail(cudaErrorInvalidResourceHandle);
+  const std::string path = "/proc/" + std::to_string(f.pid) + "/fd/" + std::to_string(f.fd);
+  const std::string expected = "/memfd:" + memfd_name(f.id) + " (deleted)";
+  char link[128];
+  const ssize_t n = readlink(path.c_str(), link, sizeof link - 1);
+  if (n < 0 || size_t(n) != expected.size() || std::memcmp(link, expected.data(), size_t(n)) != 0) {
+    return fail(cudaErrorInvalidResourceHandle);  // freed, exited, another user's, or forged
+  }
+  const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return fail(cudaErrorInvalidResourceHandle);
+  struct stat st;
+  size_t mapped = 0;
+  void* q = nullptr;
+  if (fstat(fd, &st) != 0 || uint64_t(st.st_size) < f.bytes || (q = map_with_guard(fd, f.bytes, &mapped)) == nullptr) {
+    close(fd);
+    return fail(cudaErrorMapBufferObjectFailed);
+  }
+  close(fd);  // the mapping holds the memory
+  QuietLock l(g_mu);
+  g_allocations[q] = Allocation{size_t(f.bytes), Kind::Device, Origin::Imported, mapped, -1, f.id};
+  *p = q;
   return cudaSuccess;
 }
 
-cudaError_t cudaIpcCloseMemHandle(void*) { return cudaSuccess; }
+cudaError_t cudaIpcCloseMemHandle(void* p) {
+  size_t mapped = 0;
+  {
+    QuietLock l(g_mu);
+    auto it = g_allocations.find(p);
+    if (it == g_allocations.end() || it->second.origin != Origin::Imported) return fail(cudaErrorInvalidValue);
+    mapped = it->second.mapped;
+    g_allocations.erase(it);
+  }
+  unmap_with_guard(p, mapped);
+  return cudaSuccess;
+}
 
 }  // extern "C"
