@@ -3,8 +3,8 @@
  * build of the library, then one line per pass and a total.
  *
  *   host          every test file but the CUDA tests, and the doc examples, on `build/`
- *   cuda-gpu      where a GPU can run them: the CUDA tests and the normal-mode suite with
- *                 SWITCHYARD_TEST_BACKEND=cuda, on `build/`
+ *   cuda-gpu      where a GPU can run them: the CUDA tests, the normal-mode suite and the
+ *                 process-group jobs with SWITCHYARD_TEST_BACKEND=cuda, on `build/`
  *   cuda-on-cpu   the same on the CUDA backend executed on CPU threads (`build-cuda-cpu/`, built
  *                 first: `scripts/build.ts --cuda-cpu`), so the kernels run on every machine with
  *                 the CUDA toolkit's headers, GPU or not
@@ -36,6 +36,22 @@ export const NORMAL_MODE_SUITE = [
   "tests/property_test.ts",
   "tests/resources_test.ts",
 ];
+
+/** What the CUDA passes run: the CUDA tests, the normal-mode suite, one rank per process. */
+const CUDA_SUITE = [
+  "tests/cuda_test.ts",
+  "tests/cuda_config_test.ts",
+  "tests/multiprocess_test.ts",
+  ...NORMAL_MODE_SUITE,
+];
+
+/** Fewer fault-injection jobs where each takes longer (unless the caller chose). */
+function faultJobs(jobs: number, timeoutMs: number): Record<string, string> {
+  return {
+    SWITCHYARD_FAULT_JOBS: Deno.env.get("SWITCHYARD_FAULT_JOBS") ?? String(jobs),
+    SWITCHYARD_FAULT_TIMEOUT_MS: Deno.env.get("SWITCHYARD_FAULT_TIMEOUT_MS") ?? String(timeoutMs),
+  };
+}
 
 interface Pass {
   readonly name: string;
@@ -133,9 +149,10 @@ function passes(): Pass[] {
     if (gpu) {
       out.push({
         name: "cuda-gpu",
-        what: `the CUDA tests and the normal-mode suite on ${cuda.deviceName}`,
-        files: ["tests/cuda_test.ts", "tests/cuda_config_test.ts", ...NORMAL_MODE_SUITE],
-        env: { SWITCHYARD_TEST_BACKEND: "cuda" },
+        what: `the CUDA tests, the normal-mode suite and the process groups on ${cuda.deviceName}`,
+        files: CUDA_SUITE,
+        // Processes sharing one GPU take turns on it (no MPS): longer deadlines for the faults.
+        env: { SWITCHYARD_TEST_BACKEND: "cuda", ...faultJobs(4, 2000) },
       });
     } else {
       console.log(`cuda-gpu: no GPU here (${cuda.reason || "this build has no CUDA backend"})`);
@@ -145,9 +162,10 @@ function passes(): Pass[] {
     const library = cudaOnCpuLibrary() ?? `${root}build-cuda-cpu/libswitchyard.so`;
     out.push({
       name: "cuda-on-cpu",
-      what: `the CUDA tests and the normal-mode suite on the CUDA backend executed on the CPU (${library})`,
-      files: ["tests/cuda_test.ts", "tests/cuda_config_test.ts", ...NORMAL_MODE_SUITE],
-      env: { SWITCHYARD_TEST_BACKEND: "cuda", SWITCHYARD_LIBRARY: library },
+      what: `the CUDA tests, the normal-mode suite and the process groups on the CUDA backend executed on the CPU ` +
+        `(${library})`,
+      files: CUDA_SUITE,
+      env: { SWITCHYARD_TEST_BACKEND: "cuda", SWITCHYARD_LIBRARY: library, ...faultJobs(10, 400) },
     });
   }
   return out;

@@ -586,7 +586,7 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
     buf->num_sms = o.num_sms > 0 ? o.num_sms : core::default_config(R).num_sms;
     buf->masking = o.enable_masking != 0;
     SY_TRY(g->backend->create_stream(g, *r, &buf->comm_stream));
-    SY_TRY(g->backend->allocate_shared(*r, g->backend->shared_bytes(plan), &buf->region));
+    SY_TRY(g->backend->allocate_shared(*r, g->backend->shared_bytes(plan, g->process_group), &buf->region));
 
     // Join the n-th set: the buffers every rank creates n-th belong together. In a process
     // group the set is this buffer's own; the peers' buffers arrive through sy_buffer_import.
@@ -660,7 +660,7 @@ SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out) {
     v.max_tokens_per_rank = b->plan.max_tokens_per_rank;
     v.ll_num_experts = b->plan.ll.experts;
     v.enable_masking = b->masking ? 1 : 0;
-    v.bytes = b->group->backend->shared_bytes(b->plan);
+    v.bytes = b->group->backend->shared_bytes(b->plan, true);
     copy_cstr(v.name, sizeof v.name, b->region->share_name);
     return write_struct(out, v, "out");
   });
@@ -682,7 +682,7 @@ SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share
                                           (b->masking ? "on" : "off") + "; every rank must pass the same options");
     }
     if (v.hidden != p.hidden || v.max_tokens_per_rank != p.max_tokens_per_rank || v.ll_num_experts != p.ll.experts ||
-        v.bytes != b->group->backend->shared_bytes(p)) {
+        v.bytes != b->group->backend->shared_bytes(p, true)) {
       return invalid("share", "share: rank " + std::to_string(v.rank) + " created its buffer with hidden " +
                                   std::to_string(v.hidden) + ", maxTokensPerRank " +
                                   std::to_string(v.max_tokens_per_rank) + ", " + std::to_string(v.ll_num_experts) +

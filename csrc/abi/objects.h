@@ -176,8 +176,6 @@ struct BufferSet {
   int64_t timeout_ms = 0;
   std::vector<uint8_t*> bases;                  // peer-visible base of each rank's buffer
   std::vector<std::shared_ptr<Memory>> regions; // keeps every member's region alive
-  // Backend pages each member publishes for its peers' kernels (CUDA: the exchange pages).
-  std::vector<std::shared_ptr<Memory>> pages = std::vector<std::shared_ptr<Memory>>(bases.size());
   int joined;
   std::mutex mu;
   std::condition_variable cv;
@@ -420,9 +418,9 @@ class Backend {
                                 std::shared_ptr<Memory>* out) {
     return allocate(rank, bytes, out);
   }
-  // Bytes of the communication buffer this backend shares per rank: the whole plan, or less
-  // when its operations do not stage payloads there.
-  virtual uint64_t shared_bytes(const core::BufferPlan& plan) const { return plan.total_bytes; }
+  // Bytes of the communication buffer this backend shares per rank (in a process group, or
+  // between virtual ranks): the whole plan, or less when its operations do not stage payloads there.
+  virtual uint64_t shared_bytes(const core::BufferPlan& plan, bool process_group) const { return plan.total_bytes; }
   // The rank's communication buffer: memory its peers can write. In a process group it is
   // exported by name (share_name) for the other processes.
   virtual Error allocate_shared(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) = 0;

@@ -88,8 +88,14 @@ Error capacity_error(int rank, int64_t needed, int64_t capacity, bool expanded_r
                                        std::to_string(capacity) + " rows");
 }
 
-Error failed_handle_error() {
-  return invalid("handle", "handle: its dispatch did not complete (it failed), so there is nothing to combine");
+Error failed_handle_error(Error dispatch_failure) {
+  if (!dispatch_failure) {
+    return invalid("handle", "handle: its dispatch did not complete (it failed), so there is nothing to combine");
+  }
+  // The dispatch's own failure, with its code and the rank it names.
+  dispatch_failure.message = "handle: its dispatch failed, so there is nothing to combine: " + dispatch_failure.message;
+  dispatch_failure.peers_informed = false;  // this combine's peers are told as for any refusal
+  return dispatch_failure;
 }
 
 Error topk_problem_error(core::TopkProblem kind, int64_t token, int entry, int64_t value, int64_t experts) {

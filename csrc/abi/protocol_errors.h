@@ -26,8 +26,9 @@ Error desc_mismatch_error(int rank, uint32_t epoch, uint32_t kind, int peer, con
 Error cached_mismatch_error(int rank, int64_t expected, int64_t sent);
 // Worst-case outputs too small: `received` tokens (or `rows` expanded rows) for `capacity` rows.
 Error capacity_error(int rank, int64_t needed, int64_t capacity, bool expanded_rows);
-// Combine of a handle whose dispatch failed.
-Error failed_handle_error();
+// Combine of a handle whose dispatch failed: that failure (its code, the rank it names) when
+// known, else a plain refusal.
+Error failed_handle_error(Error dispatch_failure = Error{});
 // Bad top-k entry `entry` of token `token` (holding `value`; experts are [0, experts)).
 Error topk_problem_error(core::TopkProblem kind, int64_t token, int entry, int64_t value, int64_t experts);
 // A wait that ran out: "operation N of this buffer; missing: ranks ...".

@@ -93,7 +93,11 @@ class CudaBackend final : public Backend {
   // Only the header: the kernels pull payloads straight from the peers' tensors, so the staging
   // regions of the plan (about 1 GB per rank at DeepSeek-V3 shapes) would never be touched.
   // The low-latency region will join it with the low-latency kernels.
-  uint64_t shared_bytes(const core::BufferPlan& plan) const override { return plan.header_bytes; }
+  // The header and the exchange page; in a process group also the staging areas the peers
+  // pull from (normal_kernels.h).
+  uint64_t shared_bytes(const core::BufferPlan& plan, bool process_group) const override {
+    return normal_shared_bytes(plan, process_group);
+  }
 
   // Tensors and workspaces come from the device's stream-ordered pool and go back to it after
   // all work queued on the library's streams (device_memory.h): never a wait for the device.

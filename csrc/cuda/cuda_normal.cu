@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../abi/ops.h"
+#include "../abi/protocol_errors.h"
 #include "../core/op_desc.h"
 #include "device_memory.h"
 #include "normal_kernels.h"
@@ -26,10 +27,13 @@ namespace {
 // more (device_memory.h). Fewer queues are checked stream by stream (begin_operation).
 constexpr int kMaxRanksPerDevice = 14;
 
-// A rank's per-buffer state: its exchange page (read by the peers) and private workspace.
+// A rank's per-buffer state: where its exchange page and staging areas are in its shared buffer
+// (read by the peers), and its private workspace.
 struct CudaBuffer {
+  SharedLayout sl;
   ExchangeLayout xl;
-  std::shared_ptr<Memory> page, fixed, tables, rank_counts, recv_local, recv_mask;
+  uint8_t* own = nullptr;  // this rank's shared buffer
+  std::shared_ptr<Memory> fixed, tables, rank_counts, recv_local, recv_mask;
   Workspace ws;
   bool tables_ready = false;
   std::vector<int> shared_devices;  // the GPUs that hold two ranks of the group or more
@@ -42,13 +46,6 @@ CudaBuffer& buffer_state(BufferCore& buf) { return *static_cast<CudaBuffer*>(buf
 template <class T>
 T* at(const std::shared_ptr<Memory>& m, uint64_t off = 0) {
   return reinterpret_cast<T*>(static_cast<uint8_t*>(m->ptr) + off);
-}
-
-Error refuse_process_groups(const BufferCore& buf, const char* op) {
-  if (!buf.group->process_group) return ok();
-  return fail(SY_ERROR_UNSUPPORTED,
-              std::string(op) + " between processes is not on the CUDA backend yet (the exchange pages are not "
-                                "shared through CUDA IPC); virtual ranks of one process (Group.local) are");
 }
 
 // Once per buffer, when every rank has joined: the device tables of the peers' buffers and
@@ -64,14 +61,14 @@ Error ensure_tables(BufferCore& buf, CudaStream& comm) {
     const Deadline d = Deadline::after_ms(buf.timeout_ms);
     auto missing = [&] {
       for (int r = 0; r < R; ++r)
-        if (set.bases[size_t(r)] == nullptr || !set.pages[size_t(r)]) return r;
+        if (set.bases[size_t(r)] == nullptr) return r;
       return -1;
     };
     while (missing() >= 0 && !d.expired()) set.cv.wait_for(l, std::chrono::duration<double>(d.remaining_seconds()));
     if (const int first = missing(); first >= 0) {
       std::string list;
       for (int r = 0; r < R; ++r)
-        if (set.bases[size_t(r)] == nullptr || !set.pages[size_t(r)]) list += (list.empty() ? "" : ", ") + std::to_string(r);
+        if (set.bases[size_t(r)] == nullptr) list += (list.empty() ? "" : ", ") + std::to_string(r);
       core::WaitFailure w;
       w.rank = buf.rank;
       w.peer = first;
@@ -83,7 +80,7 @@ Error ensure_tables(BufferCore& buf, CudaStream& comm) {
     }
     for (int r = 0; r < R; ++r) {
       table[size_t(r)] = set.bases[size_t(r)];
-      table[size_t(R + r)] = static_cast<uint8_t*>(set.pages[size_t(r)]->ptr);
+      table[size_t(R + r)] = set.bases[size_t(r)] + st.sl.off_xchg;
     }
   }
 
@@ -149,10 +146,8 @@ Error ensure_tables(BufferCore& buf, CudaStream& comm) {
   return ok();
 }
 
-// What every operation checks first: virtual ranks only, the rank's device current, the peer
-// tables in place.
+// What every operation checks first: the rank's device current, the peer tables in place.
 Error begin_operation(BufferCore& buf, CudaStream& comm, const char* op) {
-  SY_TRY(refuse_process_groups(buf, op));
   const int dev = comm.rank_state_ref().device;
   SY_CUDA(cudaSetDevice(dev));
   SY_TRY(ensure_tables(buf, comm));  // checks the ranks per GPU first: the likelier cause
@@ -210,13 +205,17 @@ int blocks_of(const BufferCore& buf) { return std::max(1, buf.num_sms); }
 
 }  // namespace
 
+uint64_t normal_shared_bytes(const core::BufferPlan& plan, bool process_group) {
+  return shared_layout(plan, process_group).bytes;
+}
+
 Error normal_init_buffer(BufferCore& buf) {
-  if (buf.group->process_group) return ok();  // refused at the first operation
   auto st = std::make_shared<CudaBuffer>();
   const int R = buf.group->num_ranks;
-  st->xl = exchange_layout(R, buf.plan.max_tokens_per_rank);
+  st->sl = shared_layout(buf.plan, buf.group->process_group);
+  st->xl = st->sl.xl;
+  st->own = static_cast<uint8_t*>(buf.region->ptr);
   Backend& be = *buf.group->backend;
-  SY_TRY(be.allocate(buf.rank_core(), st->xl.bytes, &st->page));
   // Fixed workspace: i32 recv_start[R] recv_cnt[R] expert_count[EMAX] rank_totals[max(R, EMAX)]
   // passed[1], then i64 totals[2] group_base[EMAX] pad_prefix[EMAX + 1].
   const uint64_t EMAX = core::kMaxExpertsPerRank;
@@ -245,9 +244,6 @@ Error normal_init_buffer(BufferCore& buf) {
   st->ws.recv_local = at<int32_t>(st->recv_local);
   st->ws.recv_mask = at<uint32_t>(st->recv_mask);
   buf.backend_state = st;
-  std::lock_guard<std::mutex> l(buf.set->mu);
-  buf.set->pages[size_t(buf.rank)] = st->page;
-  buf.set->cv.notify_all();
   return ok();
 }
 
@@ -282,7 +278,7 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   DispatchArgs& a = op->args;
   a.sync = sync_args(buf, w.epoch, st, op->report->device);
   a.xchg = st.d_xchg;
-  a.own_xchg = static_cast<uint8_t*>(st.page->ptr);
+  a.own_xchg = st.own + st.sl.off_xchg;
   a.xl = st.xl;
   a.off_done = buf.plan.off_dispatch_epoch;
   core::dispatch_desc(a.desc, w.x_dtype, w.num_scales, w.scale_dtype, w.topk, w.num_experts, w.cached, false);
@@ -299,6 +295,27 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   a.pub.w_st = stride_bytes(w.topk_weights, 0);
   a.pub.w_sk = stride_bytes(w.topk_weights, 1);
   a.pub.tokens = w.num_tokens;
+  a.pub.origin = st.own;
+  a.shared_pub = a.pub;
+  if (st.sl.staged) {  // the peers read the records the staging kernel writes (normal_kernels.h)
+    const core::BufferPlan& p = buf.plan;
+    a.stage = Staging{st.own + st.sl.off_records, p.record_bytes, p.rec_payload, p.rec_scales, p.rec_topk_idx,
+                      p.rec_topk_weights, 0};
+    Published& s = a.shared_pub;
+    uint8_t* base = a.stage.base;
+    s.x = base + p.rec_payload;
+    s.x_stride = p.record_bytes;
+    s.scales = a.pub.scales ? base + p.rec_scales : nullptr;
+    s.scale_st = p.record_bytes;
+    s.scale_ss = 4;
+    s.topk_idx = a.pub.topk_idx ? base + p.rec_topk_idx : nullptr;
+    s.idx_st = p.record_bytes;
+    s.idx_sk = 4;
+    s.idx_i64 = 0;
+    s.topk_w = a.pub.topk_w ? base + p.rec_topk_weights : nullptr;
+    s.w_st = p.record_bytes;
+    s.w_sk = 4;
+  }
   a.tokens = w.num_tokens;
   a.max_tokens = buf.plan.max_tokens_per_rank;
   a.topk = w.topk;
@@ -475,6 +492,23 @@ Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<Co
   a.pub.expanded_k = h.layout == SY_LAYOUT_EXPANDED ? h.num_topk : 0;
   a.pub.c_rows = w.x->shape[0];
   a.pub.c_tokens = h.recv_capacity;
+  a.pub.origin = st.own;
+  a.shared_pub = a.pub;
+  if (st.sl.staged) {  // the peers read the rows the staging kernel writes, in the compact form
+    const core::BufferPlan& p = buf.plan;
+    const int64_t rows = std::min<int64_t>(a.pub.expanded_k == 0 ? a.pub.c_rows : a.pub.c_tokens, p.max_recv_rows());
+    a.stage = Staging{st.own + st.sl.off_rows, p.combine_row_bytes, p.row_payload, 0, 0, p.row_topk_weights, rows};
+    Published& s = a.shared_pub;
+    s.cx = a.stage.base + p.row_payload;
+    s.cx_stride = p.combine_row_bytes;
+    s.cw = a.pub.cw ? a.stage.base + p.row_topk_weights : nullptr;
+    s.cw_st = p.combine_row_bytes;
+    s.cw_sk = 4;
+    s.expanded_row = nullptr;
+    s.expanded_k = 0;
+    s.c_rows = rows;
+    s.c_tokens = rows;
+  }
   a.tokens = h.num_tokens;
   a.hidden = w.hidden;
   a.topk = w.topk;
@@ -492,7 +526,14 @@ Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<Co
   a.ws = st.ws;
   const uint32_t epoch = w.epoch;
   const int rank = buf.rank;
-  w.status->check_after = [report, rank, epoch]() { return report_error(*report->host, rank, epoch, "combine"); };
+  w.status->check_after = [report, rank, epoch, dispatched = h.status]() {
+    Error e = report_error(*report->host, rank, epoch, "combine");
+    // Refused for a failed dispatch (which ran before it on this stream): that failure, naming its peer.
+    if (e && report->host->fail_kind == int32_t(KernelFailure::DispatchFailed) && dispatched) {
+      e = failed_handle_error(dispatched->result());
+    }
+    return e;
+  };
   bool exchanged = false;
   const cudaError_t rc = launch_combine(a, blocks_of(buf), comm.raw(), &exchanged);
   w.peers_wait_for_it = exchanged;

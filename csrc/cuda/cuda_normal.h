@@ -8,6 +8,8 @@
 
 namespace sy::cuda {
 
+// Bytes of a rank's shared buffer (SharedLayout in normal_kernels.h).
+uint64_t normal_shared_bytes(const core::BufferPlan& plan, bool process_group);
 Error normal_init_buffer(BufferCore& buf);
 Error normal_reject(BufferCore& buf, CudaStream& comm, core::OpKind kind, uint32_t epoch);
 Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work);

@@ -11,8 +11,8 @@ namespace sy::cuda {
 
 namespace {
 
-__device__ __forceinline__ const Published& published(const CombineArgs& a, int owner) {
-  return *reinterpret_cast<const Published*>(a.xchg[owner] + a.xl.off_pub);
+__device__ __forceinline__ Published published(const CombineArgs& a, int owner) {
+  return published_by(a.xchg, a.xl.off_pub, a.sync.bases, owner);
 }
 
 // Ranks that pass handles of different dispatches disagree about rows: reported, never read.
@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kSyncThreads) combine_exchange_kernel(CombineA
   if (threadIdx.x == 0) {
     *a.ws.passed_barrier = 0;
     for (int i = 0; i < core::kDescWords; ++i) desc[i] = a.desc[i];
-    *reinterpret_cast<Published*>(a.xchg[a.sync.rank] + a.xl.off_pub) = a.pub;
+    *reinterpret_cast<Published*>(a.xchg[a.sync.rank] + a.xl.off_pub) = a.shared_pub;
   }
   __syncthreads();
   if (*a.h_state != 1) {
@@ -72,6 +72,35 @@ __device__ void expanded_part(const Published& src, int64_t n, int g, float out[
   }
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[i] = core::bf16_to_float(core::float_to_bf16(part[i]));
+}
+
+// Process groups: one warp per received token n copies what the peers pull for it into row n of
+// this rank's buffer: its row of the combine input (expanded layout: its rows summed and rounded
+// to BF16, exactly what expanded_part gives a reader), and its top-k weights (0 past the rows
+// the input has, which adds nothing where a reader would have skipped them).
+__global__ void __launch_bounds__(kCopyThreads) stage_combine_kernel(CombineArgs a) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  const Published& p = a.pub;
+  const Staging& s = a.stage;
+  for (int64_t n = warp; n < s.rows; n += warps) {
+    uint8_t* row = s.base + n * s.stride;
+    uint8_t* payload = row + s.payload;
+    if (p.expanded_k == 0) {
+      warp_copy_row(p.cx + n * p.cx_stride, [payload](int) { return payload; }, 1, int64_t(a.hidden) * 2, lane);
+    } else {
+      for (int g = lane; g < a.hidden / 8; g += 32) {
+        float v[8];
+        expanded_part(p, n, g, v);
+        store_bf16x8(payload + g * 16, v);
+      }
+    }
+    for (int k = lane; k < a.topk && p.cw != nullptr; k += 32) {
+      reinterpret_cast<float*>(row + s.topk_weights)[k] =
+          n < p.c_rows ? *reinterpret_cast<const float*>(p.cw + n * p.cw_st + k * p.cw_sk) : 0.0f;
+    }
+  }
 }
 
 // One warp per token. The warp first lists the token's sources in rank order (shared memory);
@@ -174,9 +203,18 @@ __global__ void __launch_bounds__(kCopyThreads, 2) combine_reduce_kernel(Combine
 }  // namespace
 
 cudaError_t launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream, bool* exchanged) {
-  SY_LAUNCH(combine_exchange_kernel, 1, kSyncThreads, 0, stream)(a);
-  cudaError_t rc = cudaGetLastError();
-  *exchanged = rc == cudaSuccess;
+  cudaError_t rc = cudaSuccess;
+  if (a.stage.base != nullptr && a.stage.rows > 0) {
+    const int64_t need = (a.stage.rows * 32 + kCopyThreads - 1) / kCopyThreads;
+    SY_LAUNCH(stage_combine_kernel, int(need < blocks ? need : blocks), kCopyThreads, 0, stream)(a);
+    rc = cudaGetLastError();
+  }
+  CombineArgs x = a;
+  if (rc != cudaSuccess) x.desc[core::kDescRejected] = 1u;  // nothing valid to publish: the peers fail now
+  SY_LAUNCH(combine_exchange_kernel, 1, kSyncThreads, 0, stream)(x);
+  const cudaError_t launched = cudaGetLastError();
+  *exchanged = launched == cudaSuccess;  // a rejection too: the peers count on its barrier
+  if (rc == cudaSuccess) rc = launched;
   if (rc != cudaSuccess) return rc;
   int64_t need = (a.tokens * 32 + kCopyThreads - 1) / kCopyThreads;
   if (need < 1) need = 1;

@@ -24,6 +24,22 @@ ExchangeLayout exchange_layout(int ranks, int max_tokens) {
   return l;
 }
 
+SharedLayout shared_layout(const core::BufferPlan& plan, bool staged) {
+  SharedLayout s;
+  s.xl = exchange_layout(plan.ranks, plan.max_tokens_per_rank);
+  s.off_xchg = core::align_up(plan.header_bytes, core::kRegionAlignBytes);
+  uint64_t o = core::align_up(s.off_xchg + s.xl.bytes, core::kRegionAlignBytes);
+  s.staged = staged;
+  if (staged) {
+    s.off_records = o;
+    o = core::align_up(o + uint64_t(plan.max_tokens_per_rank) * uint64_t(plan.record_bytes), core::kRegionAlignBytes);
+    s.off_rows = o;
+    o = core::align_up(o + uint64_t(plan.max_recv_rows()) * uint64_t(plan.combine_row_bytes), core::kRegionAlignBytes);
+  }
+  s.bytes = core::align_up(o, 4096);
+  return s;
+}
+
 __global__ void __launch_bounds__(kRankScanThreads) rank_scan_kernel(int64_t chunks, int keys, int32_t* counts,
                                                                      int32_t* totals) {
   SY_SHARED(int32_t[kRankScanThreads], part);
@@ -60,8 +76,35 @@ __device__ __forceinline__ int32_t* exchange_i32(const DispatchArgs& a, int owne
   return reinterpret_cast<int32_t*>(a.xchg[owner] + off);
 }
 
-__device__ __forceinline__ const Published& published(const DispatchArgs& a, int owner) {
-  return *reinterpret_cast<const Published*>(a.xchg[owner] + a.xl.off_pub);
+__device__ __forceinline__ Published published(const DispatchArgs& a, int owner) {
+  return published_by(a.xchg, a.xl.off_pub, a.sync.bases, owner);
+}
+
+// Process groups: one warp per token copies its row, scales, top-k experts (as i32) and weights
+// into record t of this rank's buffer, where the peers read them (normal_kernels.h).
+__global__ void __launch_bounds__(kCopyThreads) stage_dispatch_kernel(DispatchArgs a) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  const Published& p = a.pub;
+  const Staging& s = a.stage;
+  for (int64_t t = warp; t < a.tokens; t += warps) {
+    uint8_t* rec = s.base + t * s.stride;
+    uint8_t* row = rec + s.payload;
+    warp_copy_row(p.x + t * p.x_stride, [row](int) { return row; }, 1, a.payload_bytes, lane);
+    for (int i = lane; i < a.num_scales; i += 32) {
+      reinterpret_cast<uint32_t*>(rec + s.scales)[i] =
+          *reinterpret_cast<const uint32_t*>(p.scales + t * p.scale_st + i * p.scale_ss);
+    }
+    for (int k = lane; k < a.topk; k += 32) {
+      reinterpret_cast<int32_t*>(rec + s.topk_idx)[k] =
+          int32_t(load_idx(p.topk_idx, t * p.idx_st + k * p.idx_sk, p.idx_i64 != 0));
+      if (p.topk_w != nullptr) {
+        reinterpret_cast<float*>(rec + s.topk_weights)[k] =
+            *reinterpret_cast<const float*>(p.topk_w + t * p.w_st + k * p.w_sk);
+      }
+    }
+  }
 }
 
 // One thread per token: check its top-k row, mark its destinations, count it per
@@ -157,7 +200,7 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(Dispatc
     }
     // Rejected by the host (an earlier launch failed) or by the route kernel (bad routing).
     desc[core::kDescRejected] = a.desc[core::kDescRejected] != 0 || ld_volatile(&rep->problem.flag) != 0 ? 1u : 0u;
-    *reinterpret_cast<Published*>(a.xchg[me] + a.xl.off_pub) = a.pub;
+    *reinterpret_cast<Published*>(a.xchg[me] + a.xl.off_pub) = a.shared_pub;
     *a.ws.passed_barrier = 0;
   }
   __syncthreads();
@@ -520,6 +563,10 @@ cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream
                           a.max_tokens, a.sync.report};
       rc = launch_ordered_rank(rk, a.tokens, R, a.ws.rank_counts, counts, blocks, stream);
     }
+  }
+  if (rc == cudaSuccess && a.stage.base != nullptr && a.tokens > 0) {
+    SY_LAUNCH(stage_dispatch_kernel, grid_for(a.tokens * 32, kCopyThreads, blocks), kCopyThreads, 0, stream)(a);
+    rc = cudaGetLastError();
   }
   DispatchArgs x = a;
   if (rc != cudaSuccess) x.desc[core::kDescRejected] = 1u;  // nothing valid to exchange: the peers fail now

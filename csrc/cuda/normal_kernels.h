@@ -1,6 +1,7 @@
 // Normal-mode dispatch and combine on the CUDA backend, for ranks whose memory is directly
-// addressable from each other's kernels (virtual ranks of one process, on one GPU or on
-// peer-accessible GPUs).
+// addressable from each other's kernels: virtual ranks of one process (on one GPU or on
+// peer-accessible GPUs), and ranks in processes of their own, whose buffers are mapped into
+// each other's address space by CUDA IPC.
 //
 // The design moves every payload byte once: read from where it lives, written to where it
 // ends. Each rank publishes, before the start-of-operation barrier, what its peers need to pull
@@ -12,6 +13,12 @@
 // second pass, no data-dependent spin inside the copy kernels: only two one-block kernels wait
 // for peers (the barrier, and the end, where a rank waits until every peer has finished reading
 // its inputs so that the caller may overwrite them).
+//
+// A rank in a process of its own cannot address its peers' inputs, only their buffers: there
+// each operation first stages its inputs into its own buffer (SharedLayout), and publishes the
+// staged copy instead. Published addresses are in the publisher's address space; a reader
+// shifts them by the difference between its view of the publisher's buffer and the publisher's
+// own (`published`), which for virtual ranks is none.
 //
 // Kernel sequence of a dispatch on rank r, all on r's communication stream:
 //   route       top-k check, token-in-rank rows, tokens per (destination, local expert)
@@ -56,6 +63,7 @@ struct Published {
   int32_t expanded_k, reserved1;
   int64_t c_rows;    // rows of cx
   int64_t c_tokens;  // received tokens of the handle (rows of expanded_row)
+  const uint8_t* origin;  // where the publisher sees its own buffer: readers shift the addresses above
 };
 
 // The exchange page of one rank, identical for every rank of a buffer set.
@@ -68,6 +76,34 @@ struct ExchangeLayout {
 };
 
 ExchangeLayout exchange_layout(int ranks, int max_tokens);
+
+// A rank's shared buffer on the CUDA backend: the header of every backend (core/plan.h), its
+// exchange page, and, when its peers live in other processes, the staging areas they pull from.
+//   [0, header_bytes)   core::BufferPlan's header
+//   off_xchg            the exchange page (xl)
+//   off_records         max_tokens_per_rank token records (core::BufferPlan's record format):
+//                       this rank's dispatch inputs, token t in record t
+//   off_rows            max_recv_rows combine rows (core::BufferPlan's row format): its combine
+//                       inputs, received token n in row n (expanded: its rows summed, in BF16)
+struct SharedLayout {
+  ExchangeLayout xl;
+  uint64_t off_xchg = 0;
+  bool staged = false;
+  uint64_t off_records = 0;
+  uint64_t off_rows = 0;
+  uint64_t bytes = 0;
+};
+
+SharedLayout shared_layout(const core::BufferPlan& plan, bool staged);
+
+// Where an operation stages its inputs (process groups), in the plan's record or row format;
+// base is null for virtual ranks, which publish their inputs where they are.
+struct Staging {
+  uint8_t* base = nullptr;
+  int64_t stride = 0;  // bytes per record or row
+  int32_t payload = 0, scales = 0, topk_idx = 0, topk_weights = 0;  // offsets in a record or row
+  int64_t rows = 0;    // combine: rows staged
+};
 
 // Private per-buffer device scratch of one rank.
 struct Workspace {
@@ -91,7 +127,9 @@ struct DispatchArgs {
   ExchangeLayout xl;
   uint64_t off_done = 0;
   uint32_t desc[core::kDescWords] = {};
-  Published pub{};
+  Published pub{};         // this rank's inputs, where they are
+  Published shared_pub{};  // what the peers read: `pub`, or the staged copy
+  Staging stage;
   int64_t tokens = 0;
   int32_t max_tokens = 0, topk = 0, experts = 0, local_experts = 0;
   int32_t cached = 0, layout = 0, alignment = 1, zero_padding = 0;
@@ -126,7 +164,9 @@ struct CombineArgs {
   ExchangeLayout xl;
   uint64_t off_done = 0;
   uint32_t desc[core::kDescWords] = {};
-  Published pub{};
+  Published pub{};         // as for dispatch
+  Published shared_pub{};
+  Staging stage;
   int64_t tokens = 0;
   int32_t hidden = 0, topk = 0, h_topk = 0;
   const int32_t* h_state = nullptr;
@@ -146,6 +186,29 @@ struct CombineArgs {
 inline constexpr int kSyncThreads = 512;
 // Threads per block of the copy kernels; their grids never exceed the rank's SM budget.
 inline constexpr int kCopyThreads = 512;
+// Rank `owner`'s published inputs as addresses of this rank's address space.
+__device__ __forceinline__ Published published_by(uint8_t* const* xchg, uint64_t off_pub, uint8_t* const* bases,
+                                                  int owner) {
+  Published p = *reinterpret_cast<const Published*>(xchg[owner] + off_pub);
+  const uint8_t* view = bases[owner];
+  // In integers: for virtual ranks the inputs and the buffer are unrelated allocations.
+  auto shift = [&](const uint8_t* q) {
+    return q == nullptr ? q
+                        : reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(view) +
+                                                           (reinterpret_cast<uintptr_t>(q) -
+                                                            reinterpret_cast<uintptr_t>(p.origin)));
+  };
+  p.x = shift(p.x);
+  p.scales = shift(p.scales);
+  p.topk_idx = shift(p.topk_idx);
+  p.topk_w = shift(p.topk_w);
+  p.cx = shift(p.cx);
+  p.cw = shift(p.cw);
+  p.expanded_row = reinterpret_cast<const int32_t*>(shift(reinterpret_cast<const uint8_t*>(p.expanded_row)));
+  p.origin = view;
+  return p;
+}
+
 // Ranks one buffer set may have on this backend (a combine lists a token's sources in shared
 // memory): every rank of a group of virtual ranks.
 inline constexpr int kMaxSources = SY_MAX_LOCAL_RANKS;

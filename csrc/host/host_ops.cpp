@@ -377,7 +377,8 @@ namespace {
 Error combine_body(Peers& peers, CombineWork& w) {
   SY_TRY(peers.wait_joined());
   if (w.handle->state.load() != 1) {
-    return failed_handle_error();
+    // Its dispatch ran before this combine on the same stream: its outcome is known.
+    return failed_handle_error(w.handle->status ? w.handle->status->result() : Error{});
   }
   uint32_t desc[core::kDescWords];
   core::combine_desc(desc, w.topk, false);

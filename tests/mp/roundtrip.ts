@@ -2,7 +2,14 @@
  * One rank of a multi-process test (run through the launcher): meets the others with
  * Group.fromEnv, dispatches and combines, and checks the round trip against the reference.
  * Arguments: [rounds] [--die-at ROUND --die-rank R [--die-phase PHASE] [--die-delay MS]]
- * [--refuse-at ROUND --refuse-rank R] [--timeout MS] [--join-timeout MS (default: --timeout)].
+ * [--refuse-at ROUND --refuse-rank R] [--timeout MS] [--join-timeout MS (default: --timeout)]
+ * [--backend host|cuda]. On the CUDA backend the low-latency parts are left out (its
+ * low-latency kernels do not exist yet).
+ * Rounds cycle through three variants, each checked bit for bit against the reference
+ * (tests/reference.ts): BF16 rows with a padded stride into worst-case sized outputs (compact;
+ * received rows, top-k and weights; combine of order-sensitive rows with the top-k weights summed
+ * back); FP8 with packed UE8M0 scales stored column-major; the expanded layout (alignment 4, zero
+ * padding) whose combine reduces each token's rows first, then a cached dispatch with its handle.
  * With --refuse-at, rank R passes an f32 x to round ROUND's first dispatch and to the first
  * low-latency dispatch: each must be refused there (INVALID_ARGUMENT naming x) and fail on every
  * other rank within milliseconds (PEER_FAILED naming R); then the call runs normally everywhere.
@@ -13,8 +20,14 @@
 
 import { parseArgs } from "node:util";
 import { Group, SwitchyardError, SwitchyardTimeoutError, Tensor } from "../../mod.ts";
-import { generate, type Scenario, upload } from "../helpers.ts";
-import { referenceCombine, referenceDispatch } from "../reference.ts";
+import { bytesOf, generate, orderSensitiveBF16, type Scenario, upload } from "../helpers.ts";
+import {
+  reduceExpanded,
+  referenceCombine,
+  referenceCombineWeights,
+  referenceDispatch,
+  referenceExpanded,
+} from "../reference.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -28,8 +41,11 @@ const { values } = parseArgs({
     "refuse-rank": { type: "string", default: "-1" },
     timeout: { type: "string", default: "20000" },
     "join-timeout": { type: "string" },
+    backend: { type: "string", default: "host" },
   },
 });
+const backend = values.backend === "cuda" ? "cuda" : "host";
+const lowLatency = backend === "host";
 const rounds = Number(values.rounds), dieAt = Number(values["die-at"]), dieRank = Number(values["die-rank"]);
 const started = performance.now();
 const me = Number(Deno.env.get("RANK"));
@@ -47,16 +63,31 @@ async function dieIn(phase: string, work?: () => unknown): Promise<void> {
 try {
   await dieIn("join");
   using group = await Group.fromEnv({
+    backend,
     timeoutMs: Number(values.timeout),
     joinTimeoutMs: Number(values["join-timeout"] ?? values.timeout),
   });
   const R = group.size;
   await dieIn("buffers");
-  const [buffer] = await group.createBuffers({ hidden: 128, maxTokensPerRank: 40, lowLatency: { numExperts: 2 * R } });
+  const [buffer] = await group.createBuffers({
+    hidden: 128,
+    maxTokensPerRank: 40,
+    ...(lowLatency ? { lowLatency: { numExperts: 2 * R } } : {}),
+  });
   const rank = group.ranks[0];
-  console.log(`joined as rank ${me} of ${R}`);
-  if (group.nccl.enabled || !/host backend/.test(group.nccl.reason ?? "")) throw new Error("NCCL status unexpected");
+  console.log(`joined as rank ${me} of ${R} on the ${backend} backend`);
+  if (backend === "host" && (group.nccl.enabled || !/host backend/.test(group.nccl.reason ?? ""))) {
+    throw new Error("NCCL status unexpected");
+  }
+  /** Fails the round unless `got` equals `want` element for element. */
+  const same = (round: number, what: string, got: ArrayLike<number | bigint>, want: ArrayLike<number | bigint>) => {
+    const n = Math.max(got.length, want.length);
+    for (let i = 0; i < n; i++) {
+      if (got[i] !== want[i]) throw new Error(`round ${round}: ${what} differs at ${i}: ${got[i]} != ${want[i]}`);
+    }
+  };
   for (let round = 0; round < rounds; round++) {
+    const variant = ["bf16", "fp8", "expanded"][round % 3];
     const s: Scenario = {
       ranks: R,
       tokens: Array.from({ length: R }, (_, r) => 20 + ((round * 3 + r * 7) % 17)),
@@ -65,20 +96,58 @@ try {
       topk: 3,
       seed: 40 + round,
       drop: 0.1,
+      paddedRows: variant === "bf16",
+      fp8: variant === "fp8",
+      ue8m0: variant === "fp8",
+      columnMajorScales: variant === "fp8",
     };
     const d = generate(s);
     const expected = referenceDispatch(d.inputs, d.shape);
-    const want = referenceCombine(expected, expected.map((e) => new Uint16Array(e.x.buffer)), s.hidden, s.tokens);
+    const mine = expected[me];
+    const alignment = 4;
+    const expanded = variant === "expanded" ? referenceExpanded(mine, d.shape, alignment) : undefined;
+    // What this rank's experts return: values whose float sum depends on the order (and, in the
+    // expanded layout, one row per (token, expert), reduced per token before the ranks' sum).
+    const rowsBack = expanded ? expanded.numRows : mine.rows.length;
+    const ys = expected.map((e, r) =>
+      orderSensitiveBF16((r === me ? rowsBack : e.rows.length) * s.hidden, 700 + 10 * round + r)
+    );
+    const returned = ys.map((y, r) =>
+      r === me && expanded ? reduceExpanded(y, expanded, mine.rows.length, s.topk, s.hidden) : y
+    );
+    // Every rank computes every rank's returned rows; only the expanded one differs in shape.
+    if (variant === "expanded") {
+      for (let r = 0; r < R; r++) {
+        if (r === me) continue;
+        const e = referenceExpanded(expected[r], d.shape, alignment);
+        returned[r] = reduceExpanded(
+          orderSensitiveBF16(e.numRows * s.hidden, 700 + 10 * round + r),
+          e,
+          expected[r].rows.length,
+          s.topk,
+          s.hidden,
+        );
+      }
+    }
+    const want = referenceCombine(expected, returned, s.hidden, s.tokens);
+    const wantWeights = referenceCombineWeights(expected, expected.map((e) => e.weights), s.topk, s.tokens);
     using up = await upload(rank, s, d, me);
+    const options = {
+      xScales: up.scales,
+      topkIdx: up.topkIdx,
+      topkWeights: up.topkWeights,
+      numExperts: s.experts,
+      ...(expanded ? { expand: true, expertAlignment: alignment, zeroPadding: true } : {}),
+      ...(variant === "bf16" ? { numWorstTokens: s.tokens.reduce((a, b) => a + b) } : {}),
+    };
     if (round === Number(values["refuse-at"])) {
       const refusing = Number(values["refuse-rank"]);
       using bad = await Tensor.from(rank, new Float32Array(up.x.numel), { shape: [...up.x.shape] });
       const t0 = performance.now();
-      const e = await buffer.dispatch(me === refusing ? bad : up.x, {
-        topkIdx: up.topkIdx,
-        topkWeights: up.topkWeights,
-        numExperts: s.experts,
-      }).then((d) => (d[Symbol.dispose](), undefined), (err) => err);
+      const e = await buffer.dispatch(me === refusing ? bad : up.x, options).then(
+        (d) => (d[Symbol.dispose](), undefined),
+        (err) => err,
+      );
       const ms = Math.round(performance.now() - t0);
       const want = me === refusing
         ? e instanceof SwitchyardError && e.code === "INVALID_ARGUMENT" && e.argument === "x"
@@ -88,25 +157,55 @@ try {
     }
     if (round === dieAt) {
       // Die with the peers inside the dispatch's collective.
-      await dieIn(
-        "dispatch",
-        () => buffer.dispatch(up.x, { topkIdx: up.topkIdx, topkWeights: up.topkWeights, numExperts: s.experts }),
+      await dieIn("dispatch", () => buffer.dispatch(up.x, options));
+    }
+    using sent = await buffer.dispatch(up.x, options);
+    const rows = mine.rows.length;
+    if (expanded) {
+      same(
+        round,
+        "expanded rows",
+        bytesOf(await sent.recvX.read()).subarray(0, expanded.numRows * 2 * s.hidden),
+        expanded.x,
       );
+      // A cached dispatch with the handle: the same rows again.
+      using again = await buffer.dispatch(up.x, {
+        xScales: up.scales,
+        handle: sent.handle,
+        expand: true,
+        zeroPadding: true,
+      });
+      same(round, "cached expanded rows", bytesOf(await again.recvX.read()).subarray(0, expanded.x.length), expanded.x);
+    } else {
+      const rowBytes = d.shape.rowBytes;
+      same(round, "received rows", bytesOf(await sent.recvX.read()).subarray(0, rows * rowBytes), mine.x);
+      if (sent.recvXScales) {
+        const scales = bytesOf(await sent.recvXScales.read()).subarray(0, rows * d.scaleCols * 4);
+        same(round, "received scales", scales, bytesOf(mine.scales));
+      }
+      const entries = rows * s.topk; // worst-case outputs hold more rows than arrived
+      same(
+        round,
+        "received top-k",
+        Array.from(await sent.recvTopkIdx!.read(), Number).slice(0, entries),
+        mine.topkLocal,
+      );
+      same(round, "received weights", (await sent.recvTopkWeights!.read()).subarray(0, entries), mine.weights);
     }
-    using sent = await buffer.dispatch(up.x, {
-      topkIdx: up.topkIdx,
-      topkWeights: up.topkWeights,
-      numExperts: s.experts,
-    });
-    if (round === dieAt) await dieIn("combine", () => buffer.combine(sent.recvX, sent.handle));
-    using back = await buffer.combine(sent.recvX, sent.handle);
-    const got = await back.combinedX.read();
-    if (got.length !== want[me].length || got.some((v, i) => v !== want[me][i])) {
-      throw new Error(`round ${round}: combine(dispatch(x)) differs from the reference`);
-    }
+    // As many rows as the dispatch's output (worst-case outputs have more than arrived).
+    const outRows = sent.recvX.shape[0];
+    const yRows = new Uint16Array(outRows * s.hidden);
+    yRows.set(ys[me]);
+    using y = await Tensor.from(rank, yRows, { shape: [outRows, s.hidden] });
+    const combineOptions = expanded ? {} : { topkWeights: sent.recvTopkWeights };
+    if (round === dieAt) await dieIn("combine", () => buffer.combine(y, sent.handle, combineOptions));
+    using back = await buffer.combine(y, sent.handle, combineOptions);
+    same(round, "combine", await back.combinedX.read(), want[me]);
+    if (!expanded) same(round, "combined weights", await back.combinedTopkWeights!.read(), wantWeights[me]);
+    console.log(`rank ${me} round ${round} (${variant}) ok`);
   }
   // A low-latency round trip too.
-  {
+  if (lowLatency) {
     const T = 8, K = 2, E = 2 * R, H = 128;
     using x = await Tensor.from(rank, new Uint16Array(T * H).fill(0x3f80), { shape: [T, H] });
     using idx = await Tensor.from(rank, new BigInt64Array(T * K).map((_, i) => BigInt((i + me) % E)), {
