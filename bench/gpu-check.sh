@@ -12,7 +12,9 @@
 #      (the sanitizer runs one kernel at a time, so ranks that wait for each other cannot),
 #   5. benchmarks dispatch and combine: 8 virtual ranks x 4096 tokens x hidden 7168, top-8 of 256
 #      experts, BF16 and FP8, against the GPU's copy bandwidth and a naive baseline
-#      (bench/gpu_bench.cu), and writes the JSON.
+#      (bench/gpu_bench.cu), and writes the JSON,
+#   6. times the same shape with 2 and 8 ranks as virtual ranks and as one process each, all on
+#      the one GPU (bench/process_bench.ts: the same script both ways, so the figures compare).
 #
 # `--no-gpu` runs every step that makes sense without a device against the CUDA backend executed
 # on the CPU (SWITCHYARD_CUDA=CPU, tests/cuda_on_cpu): the build, the tests, the driver, and the
@@ -20,7 +22,8 @@
 # it, so the day a GPU is lent this script cannot fail on its own bugs (with
 # SWITCHYARD_GPU_CHECK_SUITE_RAN=WHERE it leaves out the suite CI's test command has just run).
 #
-# Everything lands in $OUT (default bench/out): gpu-check.log, env.txt, gpu_bench.json. Every
+# Everything lands in $OUT (default bench/out): gpu-check.log, env.txt, gpu_bench.json,
+# process_bench.txt (one JSON line per rank and case). Every
 # step has its own time limit and the whole script ends within 9 minutes; the exit code is the
 # number of failed steps. Before the GPU call: `bash bench/prepare-gpu-carry.sh` here, then run
 # with carry [".carry"], e.g. `bash bench/gpu-check.sh` with timeout_s 600.
@@ -101,23 +104,26 @@ export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 [ -n "$nccl_root" ] && export SWITCHYARD_NCCL_ROOT="$nccl_root"
 test_permissions=(--allow-ffi --allow-env --allow-read --allow-run --allow-write)
 
+
 if [ $gpu -eq 1 ]; then
   export SWITCHYARD_CUDA=ON SWITCHYARD_CUDA_ARCHITECTURES=90
   bin="$root/build"
-  # Limits add up to 520 s (plus 5 s of grace each): the whole call fits a 600 s command.
-  if step "build (CUDA, sm_90)" 160 deno task build; then
-    step "CUDA tests and the normal-mode suite on the GPU" 140 env SWITCHYARD_TEST_PASSES=cuda-gpu \
+  # Limits add up to 515 s (plus 5 s of grace each): the whole call fits a 600 s command.
+  if step "build (CUDA, sm_90)" 120 deno task build; then
+    step "CUDA tests, the normal-mode suite and the process groups on the GPU" 150 env SWITCHYARD_TEST_PASSES=cuda-gpu \
       deno run "${test_permissions[@]}" scripts/test.ts
     step "kernel families through the C ABI, against the host backend" 20 "$bin/switchyard_kernel_families"
     # compute-sanitizer runs one kernel at a time, so ranks that wait for each other cannot run
     # under it: one rank, no gate (bench --sanitize), both layouts.
     for tool in memcheck racecheck synccheck; do
-      step "compute-sanitizer $tool (one rank, compact and expanded)" 35 bash -c \
+      step "compute-sanitizer $tool (one rank, compact and expanded)" 30 bash -c \
         "compute-sanitizer --tool $tool --error-exitcode 9 $bin/switchyard_gpu_bench --sanitize &&
          compute-sanitizer --tool $tool --error-exitcode 9 $bin/switchyard_gpu_bench --sanitize --expand"
     done
     step "benchmark (8 ranks x 4096 tokens x 7168, top-8 of 256)" 75 \
       "$bin/switchyard_gpu_bench" --json "$out/gpu_bench.json"
+    step "processes against virtual ranks, 2 and 8 ranks on the one GPU (4096 x 7168, top-8 of 256)" 60 \
+      bash bench/process-bench.sh "$out/process_bench.txt" 2 8 -- --iterations 5
   fi
 else
   bin="$root/build-cuda-cpu"
@@ -140,6 +146,8 @@ else
       "$bin/switchyard_gpu_bench --sanitize && $bin/switchyard_gpu_bench --sanitize --expand"
     step "benchmark checks: 2 ranks, compact and expanded, with the JSON" 60 bash -c \
       "$bin/switchyard_gpu_bench --small --json '$out/gpu_bench.json' && $bin/switchyard_gpu_bench --small --expand"
+    step "processes against virtual ranks: what the GPU run times, at small sizes" 90 \
+      bash bench/process-bench.sh "$out/process_bench.txt" 2 4 -- --tokens 48 --hidden 256 --experts 16 --topk 4 --iterations 2
     step "the JSON parses, with exact-size rows, host times and read+write fractions" 30 deno eval \
       "const j = JSON.parse(Deno.readTextFileSync('$out/gpu_bench.json')); if (!j.results?.length) throw new Error('no results');
        if (!j.results.some((r) => r.mode === 'exact')) throw new Error('no exact-size rows');

@@ -78,6 +78,7 @@ export const NATIVE_SOURCES: readonly string[] = [
   "csrc/host/host_stream.h",
   "csrc/host/peers.cpp",
   "csrc/host/peers.h",
+  "csrc/host/populate.h",
   "csrc/host/shared_memory.cpp",
   "csrc/host/shared_memory.h",
   "csrc/include/switchyard.h",
