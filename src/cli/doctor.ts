@@ -86,6 +86,7 @@ export async function diagnose(): Promise<Finding[]> {
       text: `${cuda.deviceName}: this library is the test build (SWITCHYARD_CUDA=CPU) that runs the CUDA ` +
         "backend's kernels on CPU threads; for a GPU, build with nvcc (deno task build)",
     });
+    out.push({ level: "OK", text: "CUDA IPC: the CPU executor shares device memory between this user's processes" });
   } else {
     out.push({
       level: cuda.dispatchSupported ? "OK" : "NOTE",
@@ -106,6 +107,7 @@ export async function diagnose(): Promise<Finding[]> {
         });
       }
     }
+    out.push(cudaIpcNote());
   }
 
   const { found, tried } = findNccl();
@@ -147,6 +149,28 @@ export async function diagnose(): Promise<Finding[]> {
 }
 
 /** Who may join a process group's rendezvous, as the environment has it now. */
+/**
+ * What one rank per process on the CUDA backend needs beyond peer access: the processes open each
+ * other's buffers by CUDA IPC handle, which crosses containers only when they share the IPC and
+ * PID namespaces; processes on one GPU run side by side only under MPS.
+ */
+function cudaIpcNote(): Finding {
+  const pipes = Deno.env.get("CUDA_MPS_PIPE_DIRECTORY") ?? "/tmp/nvidia-mps";
+  let mps = false;
+  try {
+    mps = Deno.statSync(`${pipes}/control`).isFile === false;
+  } catch {
+    mps = false;
+  }
+  return {
+    level: "NOTE",
+    text: "CUDA IPC (process groups): the ranks open each other's buffers by IPC handle; ranks in separate " +
+      "containers need shared IPC and PID namespaces (docker --ipc=host --pid=host). MPS " +
+      (mps ? `is running (${pipes}): processes on one GPU run side by side` : "is not running: processes that " +
+        "share a GPU take turns on it (nvidia-cuda-mps-control -d runs them side by side)"),
+  };
+}
+
 function rendezvousRule(get: (name: string) => string | undefined): string {
   if (get("SWITCHYARD_TOKEN")) return "rendezvous: SWITCHYARD_TOKEN is set; every rank must present it";
   const { dir } = jobSecretPlace(get, Number(get("MASTER_PORT") ?? 29500));
