@@ -147,7 +147,8 @@ else
     step "benchmark checks: 2 ranks, compact and expanded, with the JSON" 60 bash -c \
       "$bin/switchyard_gpu_bench --small --json '$out/gpu_bench.json' && $bin/switchyard_gpu_bench --small --expand"
     step "processes against virtual ranks: what the GPU run times, at small sizes" 90 \
-      bash bench/process-bench.sh "$out/process_bench.txt" 2 4 -- --tokens 48 --hidden 256 --experts 16 --topk 4 --iterations 2
+      env SWITCHYARD_LIBRARY="$bin/libswitchyard.so" bash bench/process-bench.sh "$out/process_bench.txt" 2 4 -- \
+      --tokens 48 --hidden 256 --experts 16 --topk 4 --iterations 2
     step "the JSON parses, with exact-size rows, host times and read+write fractions" 30 deno eval \
       "const j = JSON.parse(Deno.readTextFileSync('$out/gpu_bench.json')); if (!j.results?.length) throw new Error('no results');
        if (!j.results.some((r) => r.mode === 'exact')) throw new Error('no exact-size rows');

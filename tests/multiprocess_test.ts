@@ -7,7 +7,7 @@
  */
 
 import assert from "node:assert/strict";
-import { Rng } from "../mod.ts";
+import { backendInfo, Rng } from "../mod.ts";
 import { launch } from "../src/cli/launch.ts";
 import { testBackend } from "./helpers.ts";
 
@@ -15,12 +15,13 @@ const script = new URL("./mp/roundtrip.ts", import.meta.url).pathname;
 const backend = testBackend();
 const lowLatency = backend === "host";
 
-async function job(nproc: number, args: string[], graceSeconds = 15) {
+async function job(nproc: number, args: string[], graceSeconds = 15, env: Record<string, string> = {}) {
   const lines: string[] = [];
   const started = performance.now();
   const result = await launch({
     nproc,
     script,
+    env,
     args: [...args, "--backend", backend],
     graceSeconds,
     timeoutSeconds: 60,
@@ -191,5 +192,25 @@ Deno.test("a dispatch (and a low-latency dispatch) refused in one process fails 
       assert.ok(Number(ll!.match(/after (\d+) ms/)![1]) < 2500, ll);
     }
     assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} ok`), report);
+  }
+});
+
+Deno.test({
+  name: "processes on GPUs without native atomics between them are refused on every rank, naming the peer",
+  // The CPU executor plays two GPUs whose peer access lacks native atomics (PCIe); a process's
+  // GPU is its LOCAL_RANK's, and a peer's is where its buffer, opened by IPC handle, lives.
+  ignore: backend !== "cuda" || !backendInfo("cuda").executedOnCpu,
+}, async () => {
+  const r = await job(2, ["--rounds", "1", "--timeout", "5000"], 15, {
+    SY_CUDA_CPU_DEVICES: "2",
+    SY_CUDA_CPU_P2P_ATOMICS: "0",
+  });
+  const report = r.lines.join("\n");
+  assert.notEqual(r.code, 0, report);
+  for (const [rank, peer] of [[0, 1], [1, 0]]) {
+    const line = r.lines.find((l) => l.startsWith(`[rank ${rank}] rank ${rank} failed after`));
+    assert.ok(line, report);
+    assert.match(line!, new RegExp(`rank ${peer} is on GPU ${peer}.*no native atomics`), report);
+    assert.ok(Number(line!.match(/failed after (\d+) ms/)![1]) < 4000, line); // refused, not timed out
   }
 });

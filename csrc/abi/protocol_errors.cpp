@@ -92,8 +92,10 @@ Error failed_handle_error(Error dispatch_failure) {
   if (!dispatch_failure) {
     return invalid("handle", "handle: its dispatch did not complete (it failed), so there is nothing to combine");
   }
-  // The dispatch's own failure, with its code and the rank it names.
+  // The dispatch's own failure, with its code and the rank it names (a refused argument of the
+  // dispatch is this call's handle).
   dispatch_failure.message = "handle: its dispatch failed, so there is nothing to combine: " + dispatch_failure.message;
+  if (!dispatch_failure.argument.empty()) dispatch_failure.argument = "handle";
   dispatch_failure.peers_informed = false;  // this combine's peers are told as for any refusal
   return dispatch_failure;
 }

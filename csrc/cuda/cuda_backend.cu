@@ -90,11 +90,10 @@ class CudaBackend final : public Backend {
 
   Error init_buffer(BufferCore& buf) override { return normal_init_buffer(buf); }
 
-  // Only the header: the kernels pull payloads straight from the peers' tensors, so the staging
-  // regions of the plan (about 1 GB per rank at DeepSeek-V3 shapes) would never be touched.
-  // The low-latency region will join it with the low-latency kernels.
-  // The header and the exchange page; in a process group also the staging areas the peers
-  // pull from (normal_kernels.h).
+  // Virtual ranks: the header and the exchange page, since the kernels pull payloads straight
+  // from the peers' tensors (the plan's staging regions, about 1 GB per rank at DeepSeek-V3
+  // shapes, would never be touched). A process group adds the staging areas its peers pull
+  // from (normal_kernels.h). The low-latency region will join with the low-latency kernels.
   uint64_t shared_bytes(const core::BufferPlan& plan, bool process_group) const override {
     return normal_shared_bytes(plan, process_group);
   }

@@ -48,6 +48,29 @@ T* at(const std::shared_ptr<Memory>& m, uint64_t off = 0) {
   return reinterpret_cast<T*>(static_cast<uint8_t*>(m->ptr) + off);
 }
 
+// Whether this rank's kernels (on GPU `mine`) can work with peer `rank`'s memory on GPU `dev`.
+Error check_peer_gpu(int rank, int mine, int dev) {
+  int can = 0;
+  SY_CUDA(cudaDeviceCanAccessPeer(&can, mine, dev));
+  if (!can) {
+    return fail(SY_ERROR_UNSUPPORTED, "rank " + std::to_string(rank) + " is on GPU " + std::to_string(dev) +
+                                          ", which GPU " + std::to_string(mine) +
+                                          " cannot address (no peer access); put the ranks on GPUs "
+                                          "connected by NVLink or PCIe peer-to-peer");
+  }
+  // The kernels take the peers' abort records with system-scope atomics, which PCIe
+  // peer-to-peer does not carry: refused rather than racing.
+  int atomics = 0;
+  SY_CUDA(cudaDeviceGetP2PAttribute(&atomics, cudaDevP2PAttrNativeAtomicSupported, mine, dev));
+  if (!atomics) {
+    return fail(SY_ERROR_UNSUPPORTED, "rank " + std::to_string(rank) + " is on GPU " + std::to_string(dev) +
+                                          ", and GPU " + std::to_string(mine) +
+                                          " has no native atomics on its memory (peer-to-peer over PCIe); put "
+                                          "the ranks on GPUs connected by NVLink, or on one GPU");
+  }
+  return ok();
+}
+
 // Once per buffer, when every rank has joined: the device tables of the peers' buffers and
 // exchange pages, and the checks that the ranks' waiting kernels can all be resident at once.
 Error ensure_tables(BufferCore& buf, CudaStream& comm) {
@@ -95,24 +118,20 @@ Error ensure_tables(BufferCore& buf, CudaStream& comm) {
   for (const auto& r : g.ranks) {
     const int dev = rank_state(*r).device;
     if (dev == mine.device) ++on_device;
-    if (dev != mine.device) {
-      int can = 0;
-      SY_CUDA(cudaDeviceCanAccessPeer(&can, mine.device, dev));
-      if (!can) {
-        return fail(SY_ERROR_UNSUPPORTED, "rank " + std::to_string(r->index) + " is on GPU " + std::to_string(dev) +
-                                              ", which GPU " + std::to_string(mine.device) +
-                                              " cannot address (no peer access); put the ranks on GPUs "
-                                              "connected by NVLink or PCIe peer-to-peer");
+    if (dev != mine.device) SY_TRY(check_peer_gpu(r->index, mine.device, dev));
+  }
+  if (g.process_group) {
+    // The peers live in other processes: their GPUs are where their buffers, opened by IPC
+    // handle, live (a GPU this process cannot see is left to the driver, which mapped it).
+    for (int r = 0; r < R; ++r) {
+      if (r == buf.rank) continue;
+      cudaPointerAttributes attr;
+      if (cudaPointerGetAttributes(&attr, table[size_t(r)]) != cudaSuccess) {
+        (void)cudaGetLastError();
+        continue;
       }
-      // The kernels take the peers' abort records with system-scope atomics, which PCIe
-      // peer-to-peer does not carry: refused rather than racing.
-      int atomics = 0;
-      SY_CUDA(cudaDeviceGetP2PAttribute(&atomics, cudaDevP2PAttrNativeAtomicSupported, mine.device, dev));
-      if (!atomics) {
-        return fail(SY_ERROR_UNSUPPORTED, "rank " + std::to_string(r->index) + " is on GPU " + std::to_string(dev) +
-                                              ", and GPU " + std::to_string(mine.device) +
-                                              " has no native atomics on its memory (peer-to-peer over PCIe); put "
-                                              "the ranks on GPUs connected by NVLink, or on one GPU");
+      if (attr.type == cudaMemoryTypeDevice && attr.device >= 0 && attr.device != mine.device) {
+        SY_TRY(check_peer_gpu(r, mine.device, attr.device));
       }
     }
   }
@@ -496,7 +515,10 @@ Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<Co
   a.shared_pub = a.pub;
   if (st.sl.staged) {  // the peers read the rows the staging kernel writes, in the compact form
     const core::BufferPlan& p = buf.plan;
-    const int64_t rows = std::min<int64_t>(a.pub.expanded_k == 0 ? a.pub.c_rows : a.pub.c_tokens, p.max_recv_rows());
+    // The rows that can arrive; once the dispatch has reported, only those it received (a
+    // worst-case output's tail is never read).
+    int64_t rows = std::min<int64_t>(a.pub.expanded_k == 0 ? a.pub.c_rows : a.pub.c_tokens, p.max_recv_rows());
+    if (const int64_t received = h.num_recv_tokens.load(); received >= 0) rows = std::min(rows, received);
     a.stage = Staging{st.own + st.sl.off_rows, p.combine_row_bytes, p.row_payload, 0, 0, p.row_topk_weights, rows};
     Published& s = a.shared_pub;
     s.cx = a.stage.base + p.row_payload;

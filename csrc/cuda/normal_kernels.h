@@ -9,7 +9,8 @@
 // sends there in order (an "exchange page" of its own device memory). After the barrier every
 // rank knows all counts, so it computes its received rows by itself and pulls each row straight
 // from the sender's input into its own output (dispatch), or pulls each token's expert outputs
-// from every rank that holds one and reduces them in registers (combine). No staging copy, no
+// from every rank that holds one and reduces them in registers (combine). No staging copy (between
+// virtual ranks; processes stage, below), no
 // second pass, no data-dependent spin inside the copy kernels: only two one-block kernels wait
 // for peers (the barrier, and the end, where a rank waits until every peer has finished reading
 // its inputs so that the caller may overwrite them).

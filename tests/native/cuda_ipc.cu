@@ -122,6 +122,11 @@ int child(const char* small_hex, const char* large_hex, const char* freed_hex) {
 #endif
   check(cudaFree(large) != cudaSuccess, "child: memory opened by handle cannot be freed");
   cudaGetLastError();
+#if SY_CUDA_ON_CPU
+  // The executor's stream-ordered free checks when it is called (CUDA's may fail later).
+  check(cudaFreeAsync(large, nullptr) != cudaSuccess, "child: nor freed in stream order");
+  cudaGetLastError();
+#endif
   cuda_ok(cudaIpcCloseMemHandle(small), "child: close the small mapping");
   check(cudaIpcCloseMemHandle(small) != cudaSuccess, "child: closing it twice is refused");
   cudaGetLastError();
@@ -183,6 +188,10 @@ int parent() {
   check(cudaIpcGetMemHandle(&h, pooled) != cudaSuccess, "pooled memory (cudaMallocAsync) has no handle");
   cudaGetLastError();
   check(cudaIpcCloseMemHandle(small) != cudaSuccess, "memory this process allocated cannot be closed as opened");
+  cudaGetLastError();
+  void* own = nullptr;
+  check(cudaIpcOpenMemHandle(&own, hs, cudaIpcMemLazyEnablePeerAccess) != cudaSuccess,
+        "a process does not open its own handle");
   cudaGetLastError();
 
   const int status = run_child({"--child", to_hex(hs), to_hex(hl), to_hex(hf)});

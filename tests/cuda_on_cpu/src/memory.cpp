@@ -47,6 +47,7 @@ struct Allocation {
   size_t mapped = 0;  // the mapping's length, its guard page included (not Heap)
   int fd = -1;        // the memfd (Exportable)
   uint64_t id = 0;    // the memfd's name says it: a recycled descriptor number is not mistaken for it
+  int device = 0;     // current when it was allocated or opened
 };
 
 // Never destroyed: kernels still running at process exit look allocations up.
@@ -60,24 +61,28 @@ void* allocate(size_t n, Kind kind) {
   if (posix_memalign(&p, 256, n ? n : 1) != 0) return nullptr;
   if (g_poison) std::memset(p, 0xCB, n);
   QuietLock l(g_mu);
-  g_allocations[p] = Allocation{n, kind};
+  g_allocations[p] = Allocation{n, kind, Origin::Heap, 0, -1, 0, current_device};
   return p;
 }
 
-const size_t g_page = size_t(sysconf(_SC_PAGESIZE));
+// A function, not a global: cudaMalloc may run during another file's static initialisation.
+size_t page_size() {
+  static const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  return page;
+}
 
 // Maps `fd`'s first `bytes` (rounded up to a page) followed by one inaccessible page, so that an
 // overrun faults as it would on a GPU; under AddressSanitizer the slack between the end and that
 // page is poisoned as well, so an overrun by one byte is reported. nullptr on failure.
 void* map_with_guard(int fd, size_t bytes, size_t* mapped) {
-  const size_t body = (bytes + g_page - 1) / g_page * g_page + (bytes == 0 ? g_page : 0);
-  void* area = mmap(nullptr, body + g_page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  const size_t body = (bytes + page_size() - 1) / page_size() * page_size() + (bytes == 0 ? page_size() : 0);
+  void* area = mmap(nullptr, body + page_size(), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (area == MAP_FAILED) return nullptr;
   if (mmap(area, body, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
-    munmap(area, body + g_page);
+    munmap(area, body + page_size());
     return nullptr;
   }
-  *mapped = body + g_page;
+  *mapped = body + page_size();
 #ifdef SY_CUDA_CPU_ASAN
   __asan_poison_memory_region(static_cast<char*>(area) + bytes, body - bytes);
 #endif
@@ -86,7 +91,7 @@ void* map_with_guard(int fd, size_t bytes, size_t* mapped) {
 
 void unmap_with_guard(void* p, size_t mapped) {
 #ifdef SY_CUDA_CPU_ASAN
-  __asan_unpoison_memory_region(p, mapped - g_page);  // the addresses may be mapped again
+  __asan_unpoison_memory_region(p, mapped - page_size());  // the addresses may be mapped again
 #endif
   munmap(p, mapped);
 }
@@ -105,14 +110,14 @@ void* allocate_exportable(size_t n) {
   if (fd < 0) return nullptr;
   size_t mapped = 0;
   void* p = nullptr;
-  if (ftruncate(fd, off_t((n + g_page - 1) / g_page * g_page + (n == 0 ? g_page : 0))) != 0 ||
+  if (ftruncate(fd, off_t((n + page_size() - 1) / page_size() * page_size() + (n == 0 ? page_size() : 0))) != 0 ||
       (p = map_with_guard(fd, n, &mapped)) == nullptr) {
     close(fd);
     return nullptr;
   }
   if (g_poison) std::memset(p, 0xCB, n);
   QuietLock l(g_mu);
-  g_allocations[p] = Allocation{n, Kind::Device, Origin::Exportable, mapped, fd, id};
+  g_allocations[p] = Allocation{n, Kind::Device, Origin::Exportable, mapped, fd, id, current_device};
   return p;
 }
 
@@ -180,6 +185,26 @@ cudaError_t cudaHostAlloc(void** p, size_t n, unsigned int) { return cudaMallocH
 
 cudaError_t cudaFreeHost(void* p) { return release(p, Kind::Pinned); }
 
+// Memory this runtime made or opened: its kind and device (the device current when it was made,
+// in the exporting process for memory opened by IPC handle).
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attr, const void* p) {
+  if (attr == nullptr) return fail(cudaErrorInvalidValue);
+  std::memset(attr, 0, sizeof *attr);
+  QuietLock l(g_mu);
+  const Allocation* a = find(p, 1);
+  if (a == nullptr) {
+    attr->type = cudaMemoryTypeUnregistered;
+    attr->device = -2;
+    attr->hostPointer = const_cast<void*>(p);
+    return cudaSuccess;
+  }
+  attr->type = a->kind == Kind::Device ? cudaMemoryTypeDevice : cudaMemoryTypeHost;
+  attr->device = a->device;
+  attr->devicePointer = const_cast<void*>(p);
+  attr->hostPointer = a->kind == Kind::Device ? nullptr : const_cast<void*>(p);
+  return cudaSuccess;
+}
+
 cudaError_t cudaHostGetDevicePointer(void** device, void* host, unsigned int) {
   {
     QuietLock l(g_mu);
@@ -198,7 +223,11 @@ cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) {
 cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
   {
     QuietLock l(g_mu);
-    if (p != nullptr && g_allocations.count(p) == 0) return fail(cudaErrorInvalidValue);
+    auto it = g_allocations.find(p);
+    // Memory opened by IPC handle is closed, never freed.
+    if (p != nullptr && (it == g_allocations.end() || it->second.origin == Origin::Imported)) {
+      return fail(cudaErrorInvalidValue);
+    }
   }
   enqueue(s, [p] { release(p, Kind::Device); });
   return cudaSuccess;
@@ -266,12 +295,13 @@ cudaError_t cudaMemset(void* p, int v, size_t n) {
 
 // IPC. A handle names the exporting process, the descriptor of the allocation's memfd there, the
 // memfd's random id and the allocation's size:
-//   [0, 8) "sycpuipc"  [8, 12) pid  [12, 16) fd  [16, 24) bytes  [24, 32) id   (the rest zero)
+//   [0, 8) "sycpuipc"  [8, 12) pid  [12, 16) fd  [16, 24) bytes  [24, 32) id  [32, 36) device
+//   (the rest zero; the device is the exporter's, which cudaPointerGetAttributes reports)
 // Opening it opens /proc/<pid>/fd/<fd>, which the kernel allows to processes of the exporter's
 // user only (the ptrace read check), as CUDA's handles are; the descriptor's link must name the
 // memfd of that id, so a handle whose allocation was freed (its descriptor number since reused)
-// or that was forged is refused. A handle opens in any process, its exporter included, each
-// opening a mapping of its own, until the exporter frees the memory or exits.
+// or that was forged is refused. A handle opens in any other process, each opening a mapping of
+// its own, until the exporter frees the memory or exits.
 namespace {
 
 constexpr char kIpcMagic[8] = {'s', 'y', 'c', 'p', 'u', 'i', 'p', 'c'};
@@ -281,6 +311,7 @@ struct IpcFields {
   int fd;
   uint64_t bytes;
   uint64_t id;
+  int device;
 };
 
 void put_fields(cudaIpcMemHandle_t* h, const IpcFields& f) {
@@ -290,6 +321,7 @@ void put_fields(cudaIpcMemHandle_t* h, const IpcFields& f) {
   std::memcpy(h->reserved + 12, &f.fd, 4);
   std::memcpy(h->reserved + 16, &f.bytes, 8);
   std::memcpy(h->reserved + 24, &f.id, 8);
+  std::memcpy(h->reserved + 32, &f.device, 4);
 }
 
 bool get_fields(const cudaIpcMemHandle_t& h, IpcFields* f) {
@@ -298,9 +330,10 @@ bool get_fields(const cudaIpcMemHandle_t& h, IpcFields* f) {
   std::memcpy(&f->fd, h.reserved + 12, 4);
   std::memcpy(&f->bytes, h.reserved + 16, 8);
   std::memcpy(&f->id, h.reserved + 24, 8);
-  for (size_t i = 32; i < sizeof h.reserved; ++i)
+  std::memcpy(&f->device, h.reserved + 32, 4);
+  for (size_t i = 36; i < sizeof h.reserved; ++i)
     if (h.reserved[i] != 0) return false;
-  return f->pid > 0 && f->fd >= 0;
+  return f->pid > 0 && f->fd >= 0 && f->device >= 0;
 }
 
 }  // namespace
@@ -309,7 +342,7 @@ extern "C" {
 
 cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* h, void* p) {
   if (h == nullptr) return fail(cudaErrorInvalidValue);
-  IpcFields f{getpid(), -1, 0, 0};
+  IpcFields f{getpid(), -1, 0, 0, 0};
   {
     QuietLock l(g_mu);
     auto it = g_allocations.find(p);
@@ -318,6 +351,7 @@ cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* h, void* p) {
     f.fd = it->second.fd;
     f.bytes = it->second.bytes;
     f.id = it->second.id;
+    f.device = it->second.device;
   }
   put_fields(h, f);
   return cudaSuccess;
@@ -328,15 +362,21 @@ cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t h, unsigned int) {
   *p = nullptr;
   IpcFields f;
   if (!get_fields(h, &f)) return fail(cudaErrorInvalidResourceHandle);
+  // As in CUDA, a process does not open its own handles (it has the memory already).
+  if (f.pid == getpid()) return fail(cudaErrorDeviceUninitialized);  // "invalid device context"
   const std::string path = "/proc/" + std::to_string(f.pid) + "/fd/" + std::to_string(f.fd);
-  const std::string expected = "/memfd:" + memfd_name(f.id) + " (deleted)";
-  char link[128];
-  const ssize_t n = readlink(path.c_str(), link, sizeof link - 1);
-  if (n < 0 || size_t(n) != expected.size() || std::memcmp(link, expected.data(), size_t(n)) != 0) {
-    return fail(cudaErrorInvalidResourceHandle);  // freed, exited, another user's, or forged
-  }
   const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
-  if (fd < 0) return fail(cudaErrorInvalidResourceHandle);
+  if (fd < 0) return fail(cudaErrorInvalidResourceHandle);  // exited, or another user's
+  // What was opened, not what the path named a moment before: the exporter may have freed the
+  // memory and reused the descriptor number since.
+  const std::string expected = "/memfd:" + memfd_name(f.id) + " (deleted)";
+  const std::string self = "/proc/self/fd/" + std::to_string(fd);
+  char link[128];
+  const ssize_t n = readlink(self.c_str(), link, sizeof link - 1);
+  if (n < 0 || size_t(n) != expected.size() || std::memcmp(link, expected.data(), size_t(n)) != 0) {
+    close(fd);
+    return fail(cudaErrorInvalidResourceHandle);  // freed, or forged
+  }
   struct stat st;
   size_t mapped = 0;
   void* q = nullptr;
@@ -346,7 +386,7 @@ cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t h, unsigned int) {
   }
   close(fd);  // the mapping holds the memory
   QuietLock l(g_mu);
-  g_allocations[q] = Allocation{size_t(f.bytes), Kind::Device, Origin::Imported, mapped, -1, f.id};
+  g_allocations[q] = Allocation{size_t(f.bytes), Kind::Device, Origin::Imported, mapped, -1, f.id, f.device};
   *p = q;
   return cudaSuccess;
 }

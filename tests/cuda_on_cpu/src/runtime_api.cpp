@@ -72,6 +72,7 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
     case cudaErrorMapBufferObjectFailed: return "cudaErrorMapBufferObjectFailed";
+    case cudaErrorDeviceUninitialized: return "cudaErrorDeviceUninitialized";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
     case cudaErrorNotReady: return "cudaErrorNotReady";
     case cudaErrorNotSupported: return "cudaErrorNotSupported";
@@ -90,6 +91,7 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidDevice: return "invalid device ordinal";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case cudaErrorMapBufferObjectFailed: return "mapping of buffer object failed";
+    case cudaErrorDeviceUninitialized: return "invalid device context";
     case cudaErrorNotReady: return "device not ready";
     case cudaErrorNotSupported: return "operation not supported (on the CPU executor)";
     case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
