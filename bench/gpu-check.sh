@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # The GPU check, one call on a machine with one NVIDIA GPU (Hopper or newer, CUDA 13, Python's
-# nvidia-nccl-cu13 wheel for NCCL's headers; nothing can be fetched there):
+# nvidia-nccl-cu13 wheel for NCCL's headers and library; nothing can be fetched there), in the
+# order of what a short lease must not miss:
 #
 #   1. builds the library, the benchmark and the kernel-family driver with the CUDA backend (sm_90),
-#   2. runs the CUDA tests (tests/cuda_test.ts: every normal-mode case against the host backend,
-#      bit for bit, plus the failure cases) and the normal-mode suite with the fixture on the GPU
-#      (scripts/test.ts, pass cuda-gpu),
-#   3. runs tests/native/kernel_families.cpp: one scenario per kernel family through the C ABI,
-#      compared with the host backend,
-#   4. runs compute-sanitizer (memcheck, racecheck, synccheck) on the benchmark's one-rank case
-#      (the sanitizer runs one kernel at a time, so ranks that wait for each other cannot),
-#   5. benchmarks dispatch and combine: 8 virtual ranks x 4096 tokens x hidden 7168, top-8 of 256
+#   2. runs the demo (8 virtual ranks) and tests/native/kernel_families.cpp (one scenario per
+#      kernel family through the C ABI, compared with the host backend),
+#   3. benchmarks dispatch and combine: 8 virtual ranks x 4096 tokens x hidden 7168, top-8 of 256
 #      experts, BF16 and FP8, against the GPU's copy bandwidth and a naive baseline
 #      (bench/gpu_bench.cu), and writes the JSON,
-#   6. times the same shape with 2 and 8 ranks as virtual ranks and as one process each, all on
-#      the one GPU (bench/process_bench.ts: the same script both ways, so the figures compare).
+#   4. runs the CUDA tests (tests/cuda_test.ts: every normal-mode case against the host backend,
+#      bit for bit, plus the failure cases) and compute-sanitizer memcheck on the benchmark's
+#      one-rank case (the sanitizer runs one kernel at a time, so ranks that wait for each other
+#      cannot),
+#   5. times the same shape with 2 and 8 ranks as virtual ranks and as one process each, all on
+#      the one GPU (bench/process_bench.ts: the same script both ways, so the figures compare),
+#   6. runs the normal-mode suite with the fixture on the GPU and the process-group tests,
+#   7. bootstraps NCCL (the wheel's library) for 1 process, and for 2 on the one GPU, where NCCL
+#      refuses and the group must go on without it (tests/mp/nccl_bootstrap.ts),
+#   8. runs compute-sanitizer racecheck and synccheck.
 #
 # `--no-gpu` runs every step that makes sense without a device against the CUDA backend executed
 # on the CPU (SWITCHYARD_CUDA=CPU, tests/cuda_on_cpu): the build, the tests, the driver, and the
@@ -24,8 +28,10 @@
 #
 # Everything lands in $OUT (default bench/out): gpu-check.log, env.txt, gpu_bench.json,
 # process_bench.txt (one JSON line per rank and case). Every
-# step has its own time limit and the whole script ends within 9 minutes; the exit code is the
-# number of failed steps. Before the GPU call: `bash bench/prepare-gpu-carry.sh` here, then run
+# step has its own time limit and the whole script ends within its budget
+# (SWITCHYARD_GPU_CHECK_BUDGET, default 540 s: a step that would outrun it gets what is left, and
+# one that finds under 10 s left is skipped); the exit code is the number of failed or skipped
+# steps. Before the GPU call: `bash bench/prepare-gpu-carry.sh` here, then run
 # with carry [".carry"], e.g. `bash bench/gpu-check.sh` with timeout_s 600.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,10 +50,20 @@ failed=0
 summary=()
 
 note() { printf '%s\n' "$*" | tee -a "$log"; }
+# The whole script's budget: a step gets what is left of it when that is less than its own limit,
+# and is skipped (counted as failed) when under 10 s are left, so the call always returns.
+budget="${SWITCHYARD_GPU_CHECK_BUDGET:-540}"
 # step NAME SECONDS COMMAND...: runs with a time limit, logs, records the outcome.
 step() {
   local name="$1" limit="$2"
   shift 2
+  local left=$((budget - SECONDS))
+  if [ $left -lt 10 ]; then
+    summary+=("SKIPPED         $name (the ${budget}s budget is spent)")
+    failed=$((failed + 1))
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   note ""
   note "=== $name (limit ${limit}s)"
   local t0=$SECONDS
@@ -74,6 +90,7 @@ if [ -n "$deno_tgz" ]; then
   mkdir -p /tmp/deno-bin
   tar -xzf "$deno_tgz" -C /tmp/deno-bin --strip-components=1 package/deno
   export PATH="/tmp/deno-bin:$PATH"
+  export DENO_NO_UPDATE_CHECK=1
 fi
 nccl_root=""
 if command -v python3 >/dev/null; then
@@ -105,25 +122,50 @@ export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 test_permissions=(--allow-ffi --allow-env --allow-read --allow-run --allow-write)
 
 
+nccl_lib=""
+[ -n "$nccl_root" ] && [ -f "$nccl_root/lib/libnccl.so.2" ] && nccl_lib="$nccl_root/lib/libnccl.so.2"
+launch=(deno run "${test_permissions[@]}" --allow-net src/cli/launch.ts)
+# The normal-mode suite, as scripts/test.ts lists it.
+read -r -a normal_suite <<<"$(deno eval "import { NORMAL_MODE_SUITE } from './scripts/test.ts'; console.log(NORMAL_MODE_SUITE.join(' '))")"
+
 if [ $gpu -eq 1 ]; then
   export SWITCHYARD_CUDA=ON SWITCHYARD_CUDA_ARCHITECTURES=90
   bin="$root/build"
-  # Limits add up to 515 s (plus 5 s of grace each): the whole call fits a 600 s command.
+  # In the order of what a short lease must not miss: the build, a first dispatch, the kernels
+  # against the host backend, the figures, then the suites, the processes, NCCL, the sanitizers.
+  # Their limits add up to more than the budget: when a step hangs, the later ones get the rest.
   if step "build (CUDA, sm_90)" 120 deno task build; then
-    step "CUDA tests, the normal-mode suite and the process groups on the GPU" 150 env SWITCHYARD_TEST_PASSES=cuda-gpu \
-      deno run "${test_permissions[@]}" scripts/test.ts
+    step "the demo: 8 virtual ranks on the GPU" 30 deno run --allow-ffi --allow-env --allow-read src/cli/demo.ts
     step "kernel families through the C ABI, against the host backend" 20 "$bin/switchyard_kernel_families"
+    step "benchmark (8 ranks x 4096 tokens x 7168, top-8 of 256)" 75 \
+      "$bin/switchyard_gpu_bench" --json "$out/gpu_bench.json"
+    step "CUDA tests: every normal-mode case against the host backend, and the failures" 90 \
+      env SWITCHYARD_TEST_BACKEND=cuda deno test "${test_permissions[@]}" --allow-net tests/cuda_test.ts tests/cuda_config_test.ts
+    step "compute-sanitizer memcheck (one rank, compact and expanded)" 40 bash -c \
+      "compute-sanitizer --tool memcheck --error-exitcode 9 $bin/switchyard_gpu_bench --sanitize &&
+       compute-sanitizer --tool memcheck --error-exitcode 9 $bin/switchyard_gpu_bench --sanitize --expand"
+    step "processes against virtual ranks, 2 and 8 ranks on the one GPU (4096 x 7168, top-8 of 256)" 60 \
+      bash bench/process-bench.sh "$out/process_bench.txt" 2 8 -- --iterations 5
+    step "the normal-mode suite on the GPU (the shared fixture)" 90 \
+      env SWITCHYARD_TEST_BACKEND=cuda deno test "${test_permissions[@]}" --allow-net "${normal_suite[@]}"
+    step "process groups on the GPU: 2 and 4 processes, killed and missing ranks" 90 \
+      env SWITCHYARD_TEST_BACKEND=cuda SWITCHYARD_FAULT_JOBS=4 SWITCHYARD_FAULT_TIMEOUT_MS=2000 \
+      deno test "${test_permissions[@]}" --allow-net tests/multiprocess_test.ts
+    if [ -n "$nccl_lib" ]; then
+      # One GPU: a single process gets a communicator; two on the one GPU are refused by NCCL
+      # (duplicate GPU), which must turn NCCL off on both ranks with the reason, not fail the group.
+      step "NCCL bootstrap: 1 process gets a communicator, 2 on the one GPU turn NCCL off" 40 \
+        env SWITCHYARD_NCCL="$nccl_lib" bash -c \
+        "${launch[*]} --nproc 1 tests/mp/nccl_bootstrap.ts --expect enabled &&
+         ${launch[*]} --nproc 2 tests/mp/nccl_bootstrap.ts --expect disabled:ncclCommInitRank"
+    fi
     # compute-sanitizer runs one kernel at a time, so ranks that wait for each other cannot run
     # under it: one rank, no gate (bench --sanitize), both layouts.
-    for tool in memcheck racecheck synccheck; do
+    for tool in racecheck synccheck; do
       step "compute-sanitizer $tool (one rank, compact and expanded)" 30 bash -c \
         "compute-sanitizer --tool $tool --error-exitcode 9 $bin/switchyard_gpu_bench --sanitize &&
          compute-sanitizer --tool $tool --error-exitcode 9 $bin/switchyard_gpu_bench --sanitize --expand"
     done
-    step "benchmark (8 ranks x 4096 tokens x 7168, top-8 of 256)" 75 \
-      "$bin/switchyard_gpu_bench" --json "$out/gpu_bench.json"
-    step "processes against virtual ranks, 2 and 8 ranks on the one GPU (4096 x 7168, top-8 of 256)" 60 \
-      bash bench/process-bench.sh "$out/process_bench.txt" 2 8 -- --iterations 5
   fi
 else
   bin="$root/build-cuda-cpu"
@@ -149,6 +191,9 @@ else
     step "processes against virtual ranks: what the GPU run times, at small sizes" 90 \
       env SWITCHYARD_LIBRARY="$bin/libswitchyard.so" bash bench/process-bench.sh "$out/process_bench.txt" 2 4 -- \
       --tokens 48 --hidden 256 --experts 16 --topk 4 --iterations 2
+    step "NCCL bootstrap without a usable NCCL: off on every rank, with the reason" 30 \
+      env SWITCHYARD_LIBRARY="$bin/libswitchyard.so" SWITCHYARD_NCCL=/nonexistent/libnccl.so.2 bash -c \
+      "${launch[*]} --nproc 2 tests/mp/nccl_bootstrap.ts --expect 'disabled:no usable NCCL'"
     step "the JSON parses, with exact-size rows, host times and read+write fractions" 30 deno eval \
       "const j = JSON.parse(Deno.readTextFileSync('$out/gpu_bench.json')); if (!j.results?.length) throw new Error('no results');
        if (!j.results.some((r) => r.mode === 'exact')) throw new Error('no exact-size rows');

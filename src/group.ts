@@ -126,7 +126,10 @@ async function connectToStore(
 
 /**
  * Brings up NCCL for a process group on the CUDA backend: every rank must have a usable NCCL,
- * rank 0's unique id travels through the store, every rank joins the communicator.
+ * rank 0's unique id travels through the store, every rank joins the communicator. Within one
+ * node nothing needs NCCL, so a bootstrap NCCL refuses (several processes on one GPU: "Duplicate
+ * GPU detected") turns it off on every rank, with the reason and the rank that hit it, instead
+ * of failing the group: each rank's outcome goes through the store, so all ranks agree.
  */
 async function bootstrapNccl(pointer: Deno.PointerObject, backend: Backend, store: StoreClient): Promise<NcclStatus> {
   if (backend === "host") {
@@ -138,12 +141,33 @@ async function bootstrapNccl(pointer: Deno.PointerObject, backend: Backend, stor
   if (!found || without >= 0) {
     return { enabled: false, reason: found ? `rank ${without} has no usable NCCL` : ncclNotFound(tried) };
   }
+  const message = (e: unknown) => (e instanceof Error ? e.message : String(e)).replace(/\s+/g, " ");
   const path = new TextEncoder().encode(found.path + "\0");
-  const id = new Uint8Array(128);
-  if (store.rank === 0) check(native().sy_group_nccl_unique_id(pointer, path, id), pointer, "NCCL unique id");
-  const shared = await store.exchange("nccl/id", store.rank === 0 ? btoa(String.fromCharCode(...id)) : "");
-  const rootId = Uint8Array.from(atob(shared[0]), (c) => c.charCodeAt(0));
-  check(await native().sy_group_nccl_init(pointer, path, rootId), pointer, "NCCL communicator");
+  // Rank 0 posts the unique id, or "!" and why it has none.
+  let posted = "";
+  if (store.rank === 0) {
+    const id = new Uint8Array(128);
+    try {
+      check(native().sy_group_nccl_unique_id(pointer, path, id), pointer, "NCCL unique id");
+      posted = btoa(String.fromCharCode(...id));
+    } catch (e) {
+      posted = `!${message(e)}`;
+    }
+  }
+  const root = (await store.exchange("nccl/id", posted))[0];
+  if (root.startsWith("!")) return { enabled: false, reason: `rank 0: ${root.slice(1)}` };
+  let failure = "";
+  try {
+    const rootId = Uint8Array.from(atob(root), (c) => c.charCodeAt(0));
+    check(await native().sy_group_nccl_init(pointer, path, rootId), pointer, "NCCL communicator");
+  } catch (e) {
+    failure = message(e) || "failed";
+  }
+  const outcomes = await store.exchange("nccl/init", failure);
+  const failed = outcomes.findIndex((o) => o !== "");
+  // A rank whose own init succeeded while another's failed keeps its (unused) communicator until
+  // the group is disposed: destroying it here could wait on peers that never joined.
+  if (failed >= 0) return { enabled: false, reason: `rank ${failed}: ${outcomes[failed]}` };
   return { enabled: true, version: found.version, path: found.path };
 }
 
