@@ -136,7 +136,7 @@ if [ $gpu -eq 1 ]; then
   # Their limits add up to more than the budget: when a step hangs, the later ones get the rest.
   if step "build (CUDA, sm_90)" 120 deno task build; then
     step "the demo: 8 virtual ranks on the GPU" 30 deno run --allow-ffi --allow-env --allow-read src/cli/demo.ts
-    step "kernel families through the C ABI, against the host backend" 20 "$bin/switchyard_kernel_families"
+    step "kernel families through the C ABI, against the host backend" 60 "$bin/switchyard_kernel_families"
     step "benchmark (8 ranks x 4096 tokens x 7168, top-8 of 256)" 75 \
       "$bin/switchyard_gpu_bench" --json "$out/gpu_bench.json"
     step "CUDA tests: every normal-mode case against the host backend, and the failures" 90 \

@@ -53,6 +53,8 @@ export const NATIVE_SOURCES: readonly string[] = [
   "csrc/cuda/device_memory.cu",
   "csrc/cuda/device_memory.h",
   "csrc/cuda/device_sync.cuh",
+  "csrc/cuda/host_copy.cu",
+  "csrc/cuda/host_copy.h",
   "csrc/cuda/kernel_report.cu",
   "csrc/cuda/kernel_report.h",
   "csrc/cuda/layout_kernel.cu",

@@ -55,6 +55,24 @@ Deno.test({ name: "cuda: tensors round-trip through device memory, dense and str
   assert.notEqual(side.nativeHandle(), null, "a CUDA stream hands out its cudaStream_t");
 });
 
+Deno.test({ name: "cuda: tensors larger than the pinned staging chunks round-trip exactly", ignore }, async () => {
+  // Copies go through 1 MiB pinned chunks, two at a time: 2.6 MiB (not a whole number of chunks)
+  // takes both chunks twice and a partial third; every element is distinct, so a chunk written at
+  // the wrong offset, or one refilled before its copy completed, shows.
+  using g = Group.local({ ranks: 1, backend: "cuda" });
+  const rank = g.ranks[0];
+  const n = Math.floor(2.6 * (1 << 20) / 4) + 3;
+  const data = new Float32Array(n).map((_, i) => i + 0.25);
+  using dense = await Tensor.from(rank, data, { shape: [n] });
+  assert.deepEqual(await dense.read(), data);
+  // Strided: the span (rows x cols, column-major) is staged both ways around the host scatter.
+  const rows = 1031, cols = 667;
+  const grid = new Float32Array(rows * cols).map((_, i) => -i);
+  using strided = Tensor.empty(rank, { dtype: "f32", shape: [rows, cols], strides: [1, rows] });
+  await strided.write(grid);
+  assert.deepEqual(await strided.read(), grid);
+});
+
 Deno.test({ name: "cuda: the layout kernel agrees with the host backend", ignore }, async (t) => {
   for (
     const [ranks, experts, topk, tokens, zipf, drop] of [

@@ -84,6 +84,8 @@ class CudaBackend final : public Backend {
     SY_CUDA(cudaDeviceGetAttribute(&st->sm_count, cudaDevAttrMultiProcessorCount, st->device));
     st->reports = std::make_shared<ReportPool>(st->device);
     SY_TRY(st->reports->reserve());
+    st->staging = std::make_shared<StagingPool>(st->device);
+    SY_TRY(st->staging->reserve());
     rank.backend_state = st;
     return ok();
   }
@@ -189,32 +191,30 @@ class CudaBackend final : public Backend {
     return ok();
   }
 
+  // Through the rank's pinned chunks, never the driver's pageable path (host_copy.h).
   Error write_tensor(Stream& s, std::shared_ptr<Tensor> t, const void* src, Deadline deadline) override {
     CudaStream& cs = *as_cuda(s);
-    SY_CUDA(cudaSetDevice(cs.rank_state_ref().device));
+    StagingPool& staging = *cs.rank_state_ref().staging;
     if (t->is_dense()) {
-      SY_CUDA(cudaMemcpyAsync(t->data(), src, t->dense_bytes(), cudaMemcpyHostToDevice, cs.raw()));
+      SY_TRY(staging.to_device(t->data(), src, t->dense_bytes(), cs.raw(), deadline, cs.rank));
       return cs.synchronize(deadline);
     }
     // Strided: bring the span over, scatter on the host, send it back.
     std::vector<uint8_t> stage(size_t(span_elements(*t)) * size_t(t->element_size()));
-    SY_CUDA(cudaMemcpyAsync(stage.data(), t->data(), stage.size(), cudaMemcpyDeviceToHost, cs.raw()));
-    SY_TRY(cs.synchronize(deadline));
+    SY_TRY(staging.to_host(stage.data(), t->data(), stage.size(), cs.raw(), deadline, cs.rank));
     dense_to_strided(*t, static_cast<const uint8_t*>(src), stage.data());
-    SY_CUDA(cudaMemcpyAsync(t->data(), stage.data(), stage.size(), cudaMemcpyHostToDevice, cs.raw()));
+    SY_TRY(staging.to_device(t->data(), stage.data(), stage.size(), cs.raw(), deadline, cs.rank));
     return cs.synchronize(deadline);
   }
 
   Error read_tensor(Stream& s, std::shared_ptr<Tensor> t, void* dst, Deadline deadline) override {
     CudaStream& cs = *as_cuda(s);
-    SY_CUDA(cudaSetDevice(cs.rank_state_ref().device));
+    StagingPool& staging = *cs.rank_state_ref().staging;
     if (t->is_dense()) {
-      SY_CUDA(cudaMemcpyAsync(dst, t->data(), t->dense_bytes(), cudaMemcpyDeviceToHost, cs.raw()));
-      SY_TRY(cs.synchronize(deadline));
+      SY_TRY(staging.to_host(dst, t->data(), t->dense_bytes(), cs.raw(), deadline, cs.rank));
     } else {
       std::vector<uint8_t> stage(size_t(span_elements(*t)) * size_t(t->element_size()));
-      SY_CUDA(cudaMemcpyAsync(stage.data(), t->data(), stage.size(), cudaMemcpyDeviceToHost, cs.raw()));
-      SY_TRY(cs.synchronize(deadline));
+      SY_TRY(staging.to_host(stage.data(), t->data(), stage.size(), cs.raw(), deadline, cs.rank));
       strided_to_dense(*t, stage.data(), static_cast<uint8_t*>(dst));
     }
     // The operation that filled the tensor completed before the copy: did it fail?

@@ -155,10 +155,10 @@ Error ensure_tables(BufferCore& buf, CudaStream& comm) {
   for (const auto& [dev, n] : per_device)
     if (n > 1) st.shared_devices.push_back(dev);
   SY_TRY(g.backend->allocate(buf.rank_core(), sizeof(uint8_t*) * table.size(), &st.tables));
-  // In stream order before the kernels that read it (a pageable source is staged before the call
-  // returns, so `table` may go).
-  SY_CUDA(cudaMemcpyAsync(st.tables->ptr, table.data(), sizeof(uint8_t*) * table.size(), cudaMemcpyHostToDevice,
-                          comm.raw()));
+  // In stream order before the kernels that read it, through the rank's pinned chunks (never the
+  // driver's pageable path, host_copy.h); `table` may go once the call returns.
+  SY_TRY(comm.rank_state_ref().staging->to_device(st.tables->ptr, table.data(), sizeof(uint8_t*) * table.size(),
+                                                  comm.raw(), Deadline::after_ms(buf.timeout_ms), buf.rank));
   st.d_bases = at<uint8_t* const>(st.tables);
   st.d_xchg = at<uint8_t* const>(st.tables) + R;
   st.tables_ready = true;

@@ -13,6 +13,7 @@
 
 #include "../abi/objects.h"
 #include "cuda_check.h"
+#include "host_copy.h"
 #include "kernel_report.h"
 
 namespace sy::cuda {
@@ -56,6 +57,7 @@ struct CudaRank {
   int device = 0;
   int sm_count = 0;
   std::shared_ptr<ReportPool> reports;
+  std::shared_ptr<StagingPool> staging;  // every copy between the host and the GPU (host_copy.h)
 };
 
 inline CudaRank& rank_state(RankCore& r) { return *static_cast<CudaRank*>(r.backend_state.get()); }

@@ -8,7 +8,8 @@
 //     GPU does not wait either): under AddressSanitizer such a read is a reported use after free;
 //   * cudaFreeAsync frees when its stream reaches it.
 // cudaFree waits for the device first, as CUDA's does; code that calls it while a peer's kernel
-// waits for the calling thread deadlocks here as it would on a GPU.
+// waits for the calling thread deadlocks here as it would on a GPU. So does a pageable copy
+// behind another thread's pageable copy that waits for its stream (cudaMemcpyAsync below).
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/random.h>
@@ -245,10 +246,19 @@ cudaError_t cudaMemPoolSetAccess(cudaMemPool_t, const cudaMemAccessDesc*, size_t
 
 // As in CUDA: a copy from pageable memory reads its source before returning (it is staged); a
 // copy into pageable memory returns once it is done; between device and pinned memory it is
-// asynchronous.
+// asynchronous. And as on a GPU (seen on an H200, 2026-11-30): the driver stages pageable copies
+// one at a time per device, so a copy into pageable memory that waits for its stream holds up
+// every other thread's pageable copy on that device until it is done, even one on an unrelated
+// stream (a virtual rank's upload behind a peer's read of a dispatch waiting for that upload's
+// rank deadlocks until the kernels' deadline).
+static std::mutex g_pageable[64];
+
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
-  if (!runtime_memory(src)) {
+  const bool pageable_src = !runtime_memory(src), pageable_dst = !runtime_memory(dst);
+  std::unique_lock<std::mutex> staging(g_pageable[current_device & 63], std::defer_lock);
+  if (pageable_src || pageable_dst) staging.lock();
+  if (pageable_src) {
     annotate_read(src, n);
     // Owned by the task alone: it is freed on the stream's thread, after the copy (the race
     // detector sees no ordering through this file's reference counts).
@@ -258,7 +268,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
       annotate_write(dst, n);
       std::memcpy(dst, staged->data(), n);
     });
-    if (!runtime_memory(dst)) resolve(s)->wait_for(seq);  // pageable to pageable: synchronous
+    if (pageable_dst) resolve(s)->wait_for(seq);  // pageable to pageable: synchronous
     return cudaSuccess;
   }
   const uint64_t seq = enqueue(s, [dst, src, n] {
@@ -266,7 +276,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
     annotate_write(dst, n);
     std::memmove(dst, src, n);
   });
-  if (!runtime_memory(dst)) resolve(s)->wait_for(seq);
+  if (pageable_dst) resolve(s)->wait_for(seq);
   return cudaSuccess;
 }
 
