@@ -100,7 +100,10 @@ fi
 [ -f "$nccl_root/include/nccl.h" ] || nccl_root=""
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  # The device's copy of .git may lag the working tree it was sent with: the hash of what the
+  # library is built from says which tree ran (the same command in a checkout gives it).
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "sources: $(find csrc src ffi CMakeLists.txt -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)"
   if [ $gpu -eq 1 ]; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
   else
