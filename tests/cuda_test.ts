@@ -73,6 +73,26 @@ Deno.test({ name: "cuda: tensors larger than the pinned staging chunks round-tri
   assert.deepEqual(await strided.read(), grid);
 });
 
+Deno.test({ name: "cuda: rank masks live in device memory, written and read in stream order", ignore }, async () => {
+  // The mask is in the buffer's header, which a GPU holds in device memory: the host may not
+  // touch it directly (a segfault on a GPU; the executor would not notice), only through copies.
+  using g = Group.local({ ranks: 3, backend: "cuda" });
+  const bufs = await g.createBuffers({ hidden: 128, maxTokensPerRank: 4, enableMasking: true });
+  try {
+    assert.deepEqual(bufs[1].queryMask(), [0, 0, 0]);
+    await bufs[1].updateMask(2);
+    await bufs[1].updateMask(0);
+    assert.deepEqual(bufs[1].queryMask(), [1, 0, 1]);
+    await bufs[1].updateMask(0, false);
+    assert.deepEqual(bufs[1].queryMask(), [0, 0, 1]);
+    assert.deepEqual(bufs[0].queryMask(), [0, 0, 0], "each rank has its own view");
+    await bufs[1].cleanMask();
+    assert.deepEqual(bufs[1].queryMask(), [0, 0, 0]);
+  } finally {
+    for (const b of bufs) b[Symbol.dispose]();
+  }
+});
+
 Deno.test({ name: "cuda: the layout kernel agrees with the host backend", ignore }, async (t) => {
   for (
     const [ranks, experts, topk, tokens, zipf, drop] of [

@@ -1,5 +1,7 @@
 // The C ABI of the low-latency mode and of rank masking (switchyard.h).
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "api_util.h"
 #include "ll_ops.h"
@@ -165,8 +167,8 @@ SY_API sy_status sy_mask_update(sy_buffer buffer, int32_t rank, int32_t masked) 
     std::shared_ptr<BufferCore> b;
     SY_TRY(masking_buffer(buffer, &b));
     SY_TRY(check_range("rank", rank, 0, b->group->num_ranks - 1));
-    __atomic_store_n(&b->mask()[rank], masked ? 1u : 0u, __ATOMIC_RELEASE);
-    return ok();
+    std::lock_guard<std::mutex> order(b->enqueue_mu);
+    return b->group->backend->mask_write(*b, rank, 1, masked ? 1u : 0u);
   });
 }
 
@@ -175,8 +177,13 @@ SY_API sy_status sy_mask_query(sy_buffer buffer, int32_t* mask, int32_t capacity
     std::shared_ptr<BufferCore> b;
     SY_TRY(masking_buffer(buffer, &b));
     if (capacity > 0 && mask == nullptr) return invalid("mask", "mask: NULL");
-    const int n = std::min(capacity, b->group->num_ranks);
-    for (int r = 0; r < n; ++r) mask[r] = int32_t(__atomic_load_n(&b->mask()[r], __ATOMIC_ACQUIRE));
+    const int n = std::max(0, std::min(capacity, b->group->num_ranks));
+    std::vector<uint32_t> v(size_t(n), 0u);
+    {
+      std::lock_guard<std::mutex> order(b->enqueue_mu);
+      SY_TRY(b->group->backend->mask_read(*b, v.data(), n));
+    }
+    for (int r = 0; r < n; ++r) mask[r] = int32_t(v[size_t(r)]);
     return ok();
   });
 }
@@ -185,8 +192,8 @@ SY_API sy_status sy_mask_clean(sy_buffer buffer) {
   return guarded(buffer, [&]() -> Error {
     std::shared_ptr<BufferCore> b;
     SY_TRY(masking_buffer(buffer, &b));
-    for (int r = 0; r < b->group->num_ranks; ++r) __atomic_store_n(&b->mask()[r], 0u, __ATOMIC_RELEASE);
-    return ok();
+    std::lock_guard<std::mutex> order(b->enqueue_mu);
+    return b->group->backend->mask_write(*b, 0, b->group->num_ranks, 0u);
   });
 }
 

@@ -24,6 +24,16 @@ uint32_t* BufferCore::mask() const {
   return reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(region->ptr) + plan.off_mask);
 }
 
+Error Backend::mask_write(BufferCore& buf, int first, int count, uint32_t value) {
+  for (int r = first; r < first + count; ++r) __atomic_store_n(&buf.mask()[r], value, __ATOMIC_RELEASE);
+  return ok();
+}
+
+Error Backend::mask_read(BufferCore& buf, uint32_t* out, int n) {
+  for (int r = 0; r < n; ++r) out[r] = __atomic_load_n(&buf.mask()[r], __ATOMIC_ACQUIRE);
+  return ok();
+}
+
 void DispatchWork::publish_counts(Error e) {
   std::lock_guard<std::mutex> l(mu);
   counts_state = e ? 2 : 1;

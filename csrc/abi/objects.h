@@ -431,6 +431,12 @@ class Backend {
   virtual Error seal_shared(Memory& memory) = 0;
   // A new buffer has joined its set (buf.set): the backend's own per-buffer state.
   virtual Error init_buffer(BufferCore& buf) { return ok(); }
+  // Rank masking: sets `count` entries of this rank's mask from `first` to `value`, or reads the
+  // first `n`. The mask lives in the buffer's own header: the host backend applies these at once
+  // (its stages read the mask when they run); a GPU backend, whose header is device memory,
+  // orders them on the communication stream. Called with the buffer's enqueue_mu held.
+  virtual Error mask_write(BufferCore& buf, int first, int count, uint32_t value);
+  virtual Error mask_read(BufferCore& buf, uint32_t* out, int n);
   // Makes the process's device current on this thread (NCCL calls need it); host: nothing.
   virtual Error bind_thread(RankCore& rank) = 0;
   // Whether the backend communicates through NCCL across processes (and why not).

@@ -191,6 +191,20 @@ class CudaBackend final : public Backend {
     return ok();
   }
 
+  // The mask is in the buffer's own header, device memory: written and read in the order of the
+  // communication stream (after the calls enqueued before), through the rank's pinned chunks.
+  Error mask_write(BufferCore& buf, int first, int count, uint32_t value) override {
+    CudaStream& cs = *as_cuda(*buf.comm_stream);
+    const std::vector<uint32_t> v(size_t(count), value);
+    return cs.rank_state_ref().staging->to_device(buf.mask() + first, v.data(), 4ull * uint64_t(count), cs.raw(),
+                                                  Deadline::after_ms(buf.timeout_ms), buf.rank);
+  }
+  Error mask_read(BufferCore& buf, uint32_t* out, int n) override {
+    CudaStream& cs = *as_cuda(*buf.comm_stream);
+    return cs.rank_state_ref().staging->to_host(out, buf.mask(), 4ull * uint64_t(n), cs.raw(),
+                                                Deadline::after_ms(buf.timeout_ms), buf.rank);
+  }
+
   // Through the rank's pinned chunks, never the driver's pageable path (host_copy.h).
   Error write_tensor(Stream& s, std::shared_ptr<Tensor> t, const void* src, Deadline deadline) override {
     CudaStream& cs = *as_cuda(s);
