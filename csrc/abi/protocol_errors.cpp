@@ -1,6 +1,7 @@
 #include "protocol_errors.h"
 
 #include "../core/op_desc.h"
+#include "../core/plan.h"
 
 namespace sy {
 
@@ -108,6 +109,45 @@ Error topk_problem_error(core::TopkProblem kind, int64_t token, int entry, int64
   return invalid("topkIdx", "topkIdx: token " + std::to_string(token) + ", entry " + std::to_string(entry) +
                                 " holds expert " + std::to_string(value) + ", outside [0, " + std::to_string(experts) +
                                 ") (-1 marks an unused entry)");
+}
+
+Error ll_peer_rejected_error(int rank, int peer, const char* op, uint32_t call) {
+  Error e = fail(SY_ERROR_PEER_FAILED, "rank " + std::to_string(rank) + ": rank " + std::to_string(peer) +
+                                           " rejected its input for low-latency " + op + " (call " +
+                                           std::to_string(call) + "; see rank " + std::to_string(peer) +
+                                           "'s error), so the call failed everywhere",
+                 "operation");
+  e.wait.rank = rank;
+  e.wait.peer = peer;
+  e.peers_informed = true;
+  return e;
+}
+
+Error ll_format_error(int rank, int peer, const char* op, uint32_t theirs, uint32_t mine) {
+  const bool combine = std::string(op) == "combine";
+  auto name = [&](uint32_t f) -> std::string {
+    if (combine) return (f & core::kFormatLogfmt) ? "LogFMT-10" : "BF16";
+    return (f & core::kFormatFp8) ? ((f & core::kFormatUe8m0) ? "FP8 with UE8M0 scales" : "FP8 with f32 scales") : "BF16";
+  };
+  const bool ue8m0_only = ((theirs ^ mine) & ~core::kFormatUe8m0) == 0;
+  const char* arg = combine ? "useLogfmt" : (ue8m0_only ? "useUe8m0" : "useFp8");
+  Error e = invalid(arg, std::string(arg) + ": rank " + std::to_string(peer) + " sent " + name(theirs) + " but rank " +
+                             std::to_string(rank) + " expects " + name(mine) + "; every rank must pass the same options");
+  e.peers_informed = true;
+  return e;
+}
+
+Error ll_overwritten_error(int rank, int peer, const char* what, uint32_t call, uint32_t theirs) {
+  Error e = fail(SY_ERROR_INTERNAL, std::string(what) + " of low-latency call " + std::to_string(call) + " at rank " +
+                                        std::to_string(rank) + " was overwritten by rank " + std::to_string(peer) +
+                                        "'s call " + std::to_string(theirs) + " while it was read");
+  e.peers_informed = true;
+  return e;
+}
+
+Error ll_count_error(int peer, int64_t count) {
+  return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(peer) + " announced " + std::to_string(count) +
+                                     " tokens for one expert, more than maxTokensPerRank");
 }
 
 Error missing_ranks_error(const core::WaitFailure& w, uint32_t epoch, const std::string& missing) {

@@ -31,6 +31,14 @@ Error capacity_error(int rank, int64_t needed, int64_t capacity, bool expanded_r
 Error failed_handle_error(Error dispatch_failure = Error{});
 // Bad top-k entry `entry` of token `token` (holding `value`; experts are [0, experts)).
 Error topk_problem_error(core::TopkProblem kind, int64_t token, int entry, int64_t value, int64_t experts);
+// Low-latency mode (`op` "dispatch" or "combine", call `call`): rank `peer` rejected its own
+// input; rank `peer` sent format word `theirs` where this rank expects `mine` (core::kFormat*);
+// rank `peer` overwrote the half while this rank read it (it is at call `theirs`); rank `peer`
+// announced `count` tokens for one expert, more than `max_tokens`.
+Error ll_peer_rejected_error(int rank, int peer, const char* op, uint32_t call);
+Error ll_format_error(int rank, int peer, const char* op, uint32_t theirs, uint32_t mine);
+Error ll_overwritten_error(int rank, int peer, const char* what, uint32_t call, uint32_t theirs);
+Error ll_count_error(int peer, int64_t count);
 // A wait that ran out: "operation N of this buffer; missing: ranks ...".
 Error missing_ranks_error(const core::WaitFailure& w, uint32_t epoch, const std::string& missing);
 

@@ -119,18 +119,21 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   o = align_up(o + 4 * R, kRegionAlignBytes);
   p.header_bytes = o;
 
+  // The low-latency halves come right after the header: a backend that shares only the header
+  // and what follows it (the CUDA backend, whose normal mode stages nothing here) still has them.
+  if (ll_experts != 0) {
+    Problem ll = plan_low_latency(ranks, hidden, max_tokens_per_rank, ll_experts, &p.ll);
+    if (!ll.ok()) return ll;
+    o = align_up(o, 4096);
+    p.ll.off_halves = o;
+    o += 2 * p.ll.half_bytes;
+  }
   p.off_dispatch = o;
   p.dispatch_region_bytes = R * uint64_t(max_tokens_per_rank) * uint64_t(p.record_bytes);
   o = align_up(o + p.dispatch_region_bytes, kRegionAlignBytes);
   p.off_combine = o;
   p.combine_region_bytes = R * uint64_t(max_tokens_per_rank) * uint64_t(p.combine_row_bytes);
   o = align_up(o + p.combine_region_bytes, 4096);
-  if (ll_experts != 0) {
-    Problem ll = plan_low_latency(ranks, hidden, max_tokens_per_rank, ll_experts, &p.ll);
-    if (!ll.ok()) return ll;
-    p.ll.off_halves = o;
-    o += 2 * p.ll.half_bytes;
-  }
   p.total_bytes = o;
   if (p.total_bytes > (uint64_t(1) << 40)) {
     return {"maxTokensPerRank", "the buffer would need " + std::to_string(p.total_bytes) +

@@ -7,11 +7,11 @@
 //              dispatch, combine)
 //              | per-peer send-count rows [R][R] i32 | per-peer expert-count rows [R][EL] i32
 //              | mask [R] u32
-//              (the CUDA backend's normal mode shares only the header: its ranks pull payloads
-//              straight from each other's tensors)
+//   low latency (when the buffer has experts for it) two identical halves, see LowLatencyPlan
 //   dispatch   [R source ranks][max_tokens_per_rank slots] token records
 //   combine    [R source ranks][max_tokens_per_rank slots] combine rows
-//   low latency (when the buffer has experts for it) two identical halves, see LowLatencyPlan
+// (the CUDA backend shares the header and the low-latency halves, and lays out its own exchange
+// page after them: its normal mode pulls payloads straight from the peers' tensors)
 //
 // A token record holds the payload (BF16 or FP8 channels), the FP8 scales, the sender's top-k
 // expert ids (i32) and weights (f32) and the sender's token index, each at a 16-byte boundary.

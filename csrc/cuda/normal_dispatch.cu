@@ -27,7 +27,9 @@ ExchangeLayout exchange_layout(int ranks, int max_tokens) {
 SharedLayout shared_layout(const core::BufferPlan& plan, bool staged) {
   SharedLayout s;
   s.xl = exchange_layout(plan.ranks, plan.max_tokens_per_rank);
-  s.off_xchg = core::align_up(plan.header_bytes, core::kRegionAlignBytes);
+  // After the header and the low-latency halves (core/plan.h), both read and written by the peers.
+  const uint64_t shared_plan = plan.ll.experts > 0 ? plan.ll.off_halves + 2 * plan.ll.half_bytes : plan.header_bytes;
+  s.off_xchg = core::align_up(shared_plan, core::kRegionAlignBytes);
   uint64_t o = core::align_up(s.off_xchg + s.xl.bytes, core::kRegionAlignBytes);
   s.staged = staged;
   if (staged) {

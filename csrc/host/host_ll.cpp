@@ -30,6 +30,7 @@
 #include "../core/logfmt.h"
 #include "../core/quant.h"
 #include "../core/routing.h"
+#include "../abi/protocol_errors.h"
 #include "futex.h"
 #include "peers.h"
 #include "populate.h"
@@ -40,10 +41,6 @@ namespace {
 
 uint32_t dispatch_format(const LLWork& w) {
   return (w.fp8 ? core::kFormatFp8 : 0u) | (w.ue8m0 ? core::kFormatUe8m0 : 0u);
-}
-
-std::string format_name(uint32_t f) {
-  return (f & core::kFormatFp8) ? ((f & core::kFormatUe8m0) ? "FP8 with UE8M0 scales" : "FP8 with f32 scales") : "BF16";
 }
 
 int64_t load_index(const Tensor& t, int64_t i, int64_t j) {
@@ -78,12 +75,7 @@ Error check_topk(const LLWork& w) {
     int bad = -1;
     auto at = [&](int k) { return load_index(topk, t, k); };
     core::TopkProblem p = core::check_topk_row(at, w.topk, w.num_experts, &bad);
-    if (p == core::TopkProblem::None) continue;
-    std::string what = p == core::TopkProblem::OutOfRange
-                           ? " holds expert " + std::to_string(at(bad)) + ", outside [0, " +
-                                 std::to_string(w.num_experts) + ")"
-                           : " repeats expert " + std::to_string(at(bad));
-    return invalid("topkIdx", "topkIdx: token " + std::to_string(t) + ", entry " + std::to_string(bad) + what);
+    if (p != core::TopkProblem::None) return topk_problem_error(p, t, bad, at(bad), w.num_experts);
   }
   return ok();
 }
@@ -125,12 +117,8 @@ Error wait_consumed(BufferSet& set, const LLWork& w, uint64_t half, uint32_t* ma
 Error check_not_overwritten(Peers& peers, uint64_t off_flags, const uint32_t* mask, const char* what) {
   for (int r = 0; r < peers.num_ranks(); ++r) {
     if (masked(mask, r)) continue;
-    uint32_t f = peers.flag_from(r, off_flags);
-    if (f != peers.epoch()) {
-      return local(fail(SY_ERROR_INTERNAL,
-                        std::string(what) + " of low-latency call " + std::to_string(peers.epoch()) + " at rank " +
-                            std::to_string(peers.rank()) + " was overwritten by rank " + std::to_string(r) +
-                            "'s call " + std::to_string(f) + " while it was read"));
+    if (uint32_t f = peers.flag_from(r, off_flags); f != peers.epoch()) {
+      return ll_overwritten_error(peers.rank(), r, what, peers.epoch(), f);
     }
   }
   return ok();
@@ -141,26 +129,8 @@ Error check_formats(Peers& peers, const uint32_t* formats, const uint32_t* mask,
   for (int s = 0; s < peers.num_ranks(); ++s) {
     if (masked(mask, s)) continue;
     const uint32_t f = load_acquire(&formats[s]);
-    if (f & core::kFormatRejected) {
-      Error e = fail(SY_ERROR_PEER_FAILED, "rank " + std::to_string(peers.rank()) + ": rank " + std::to_string(s) +
-                                               " rejected its input for low-latency " + op + " (call " +
-                                               std::to_string(peers.epoch()) + "; see rank " + std::to_string(s) +
-                                               "'s error), so the call failed everywhere",
-                     "operation");
-      e.wait.rank = peers.rank();
-      e.wait.peer = s;
-      return local(e);
-    }
-    if (f == mine) continue;
-    const bool ue8m0_only = ((f ^ mine) & ~core::kFormatUe8m0) == 0;
-    const char* arg = std::string(op) == "combine" ? "useLogfmt" : (ue8m0_only ? "useUe8m0" : "useFp8");
-    return local(invalid(arg, std::string(arg) + ": rank " + std::to_string(s) + " sent " +
-                                  (std::string(op) == "combine" ? ((f & core::kFormatLogfmt) ? "LogFMT-10" : "BF16")
-                                                                : format_name(f)) +
-                                  " but rank " + std::to_string(peers.rank()) + " expects " +
-                                  (std::string(op) == "combine" ? ((mine & core::kFormatLogfmt) ? "LogFMT-10" : "BF16")
-                                                                : format_name(mine)) +
-                                  "; every rank must pass the same options"));
+    if (f & core::kFormatRejected) return ll_peer_rejected_error(peers.rank(), s, op, peers.epoch());
+    if (f != mine) return ll_format_error(peers.rank(), s, op, f, mine);
   }
   return ok();
 }
@@ -312,10 +282,7 @@ Error run_ll_dispatch_recv(BufferSet& set, LLWork& w) {
         int64_t rows = 0;
         for (int s = 0; s < R && !e; ++s) {  // read once: a peer's memory is validated, then used
           const int32_t c = source_counts[size_t(s)] = masked(mask, s) ? 0 : counts[size_t(l) * R + s];
-          if (c < 0 || c > ll.max_tokens) {
-            e = fail(SY_ERROR_INTERNAL, "rank " + std::to_string(s) + " announced " + std::to_string(c) +
-                                            " tokens for one expert, more than maxTokensPerRank");
-          }
+          if (c < 0 || c > ll.max_tokens) e = ll_count_error(s, c);
           rows += c;
         }
         if (e) break;
