@@ -15,7 +15,8 @@
 #      cannot),
 #   5. times the same shape with 2 and 8 ranks as virtual ranks and as one process each, all on
 #      the one GPU (bench/process_bench.ts: the same script both ways, so the figures compare),
-#   6. runs the normal-mode suite with the fixture on the GPU and the process-group tests,
+#   6. runs the normal-mode and low-latency suites with the fixture on the GPU and the
+#      process-group tests,
 #   7. bootstraps NCCL (the wheel's library) for 1 process, and for 2 on the one GPU, where NCCL
 #      refuses and the group must go on without it (tests/mp/nccl_bootstrap.ts),
 #   8. runs compute-sanitizer racecheck and synccheck.
@@ -151,6 +152,8 @@ if [ $gpu -eq 1 ]; then
       bash bench/process-bench.sh "$out/process_bench.txt" 2 8 -- --iterations 5
     step "the normal-mode suite on the GPU (the shared fixture)" 90 \
       env SWITCHYARD_TEST_BACKEND=cuda deno test "${test_permissions[@]}" --allow-net "${normal_suite[@]}"
+    step "the low-latency suite on the GPU (the shared fixture)" 60 \
+      env SWITCHYARD_TEST_BACKEND=cuda deno test "${test_permissions[@]}" --allow-net tests/low_latency_test.ts
     step "process groups on the GPU: 2 and 4 processes, killed and missing ranks" 90 \
       env SWITCHYARD_TEST_BACKEND=cuda SWITCHYARD_FAULT_JOBS=4 SWITCHYARD_FAULT_TIMEOUT_MS=2000 \
       deno test "${test_permissions[@]}" --allow-net tests/multiprocess_test.ts

@@ -1,12 +1,14 @@
 /**
  * The CUDA backend where a GPU exists: device memory, streams, events, copies (dense and
- * strided), the layout kernel, and normal-mode dispatch and combine on virtual ranks, each
- * compared bit for bit with the host backend on the same inputs; failures (a missing rank, bad
+ * strided, larger than the pinned staging chunks), rank masks, the layout kernel, normal-mode
+ * and low-latency dispatch and combine on virtual ranks, each compared bit for bit with the
+ * host backend on the same inputs; failures (a missing rank, bad
  * routing on one rank, too many ranks per GPU) end in the errors the host backend raises, and
  * the CUDA context survives them. `deno task test` runs them on the GPU where there is one
  * (pass cuda-gpu) and on the CUDA backend executed on CPU threads everywhere (pass cuda-on-cpu,
  * tests/cuda_on_cpu); on a library with neither they are skipped, and say so.
- * (`SWITCHYARD_TEST_BACKEND=cuda` also runs the whole normal-mode suite on the CUDA backend.)
+ * (`SWITCHYARD_TEST_BACKEND=cuda` also runs the normal-mode and low-latency suites on the CUDA
+ * backend.)
  */
 
 import assert from "node:assert/strict";
@@ -16,9 +18,11 @@ import {
   type DispatchResult,
   Group,
   randomRouting,
+  Rng,
   SwitchyardError,
   SwitchyardTimeoutError,
   Tensor,
+  toBF16,
 } from "../mod.ts";
 import {
   assertSameArray,
@@ -445,3 +449,149 @@ Deno.test({ name: "cuda: device memory is shared between two processes by IPC ha
   assert.match(text, /ok: child: the handle of memory freed before it was opened is refused/);
   assert.match(text, /^all ok$/m);
 });
+
+/** One low-latency round on one backend: every rank's outputs (the rows its counts cover). */
+interface LLCase {
+  ranks: number;
+  tokens: number[];
+  hidden: number;
+  experts: number;
+  topk: number;
+  seed: number;
+  fp8?: boolean;
+  roundScale?: boolean;
+  ue8m0?: boolean;
+  logfmt?: boolean;
+  hook?: boolean;
+}
+
+async function lowLatencyOn(backend: Backend, c: LLCase): Promise<Outcome[]> {
+  const maxTokens = Math.max(...c.tokens);
+  const EL = c.experts / c.ranks, N = c.ranks * maxTokens, H = c.hidden;
+  using g = Group.local({ ranks: c.ranks, backend, timeoutMs: 20000 });
+  const bufs = await g.createBuffers({ hidden: H, maxTokensPerRank: maxTokens, lowLatency: { numExperts: c.experts } });
+  try {
+    return await g.all(async (rank, r) => {
+      const T = c.tokens[r];
+      const routing = randomRouting({
+        tokens: T,
+        experts: c.experts,
+        topk: c.topk,
+        seed: c.seed * 10 + r,
+        dropProbability: 0.1,
+      });
+      // Expert outputs whose sum shows the order of addition through the BF16 result: +2^20,
+      // -2^20 or a small value, each a third of the time, with weights 1 (so the large ones
+      // cancel exactly, and a small one added while a large one is pending is lost). LogFMT's
+      // blocks instead get magnitudes from 1e-3 to 1e2, so both of its encodings travel.
+      const rng = new Rng(c.seed * 77 + r);
+      const expertRows = (n: number) => {
+        const f = new Float32Array(n);
+        if (!c.logfmt) {
+          for (let i = 0; i < n; i++) {
+            const u = rng.next();
+            f[i] = u < 1 / 3 ? 2 ** 20 : u < 2 / 3 ? -(2 ** 20) : rng.next() * 2 - 1;
+          }
+          return toBF16(f);
+        }
+        for (let b = 0; b < n / 128; b++) {
+          const scale = 10 ** (rng.next() * 5 - 3);
+          for (let i = b * 128; i < (b + 1) * 128; i++) f[i] = (rng.next() * 2 - 1) * scale;
+        }
+        return toBF16(f);
+      };
+      const weights = c.logfmt ? routing.topkWeights : routing.topkWeights.map(() => 1);
+      using x = await Tensor.from(rank, orderSensitiveBF16(T * H, 40 + r), { shape: [T, H] });
+      using idx = await Tensor.from(rank, routing.topkIdx, { shape: [T, c.topk] });
+      using w = await Tensor.from(rank, weights, { shape: [T, c.topk] });
+      using stats = await Tensor.from(rank, new Int32Array(EL).fill(3), { shape: [EL] });
+      using sent = await bufs[r].lowLatencyDispatch(x, idx, {
+        useFp8: !!c.fp8,
+        roundScale: c.roundScale,
+        useUe8m0: c.ue8m0,
+        returnRecvHook: c.hook,
+        cumulativeLocalExpertRecvStats: stats,
+      });
+      sent.hook?.run();
+      const out: Outcome = {};
+      const counts = await sent.recvCount.read() as Int32Array;
+      out.recvCount = bytesOf(counts);
+      const rowBytes = c.fp8 ? H : 2 * H;
+      const xs = bytesOf(await sent.recvX.read());
+      const scaleWords = sent.recvXScales ? sent.recvXScales.shape[2] : 0;
+      const scales = sent.recvXScales ? new Uint32Array((await sent.recvXScales.read()).buffer) : undefined;
+      using srcT = sent.handle.srcInfo();
+      const src = await srcT.read() as Int32Array;
+      for (let l = 0; l < EL; l++) {
+        // Only the rows the counts cover are written (the rest of the worst-case output is not).
+        out[`recvX ${l}`] = xs.slice(l * N * rowBytes, (l * N + counts[l]) * rowBytes);
+        out[`srcInfo ${l}`] = bytesOf(src.slice(l * N, l * N + counts[l]));
+        if (scales) out[`scales ${l}`] = bytesOf(scales.slice(l * N * scaleWords, (l * N + counts[l]) * scaleWords));
+      }
+      using rangeT = sent.handle.layoutRange();
+      out.layoutRange = bytesOf(await rangeT.read());
+      out.expertStats = bytesOf(await stats.read());
+      using y = await Tensor.from(rank, expertRows(EL * N * H), { shape: [EL, N, H] });
+      using back = await bufs[r].lowLatencyCombine(y, idx, w, sent.handle, {
+        useLogfmt: c.logfmt,
+        returnRecvHook: c.hook,
+      });
+      back.hook?.run();
+      out.combined = bytesOf(await back.combinedX.read());
+      return out;
+    });
+  } finally {
+    for (const b of bufs) b[Symbol.dispose]();
+  }
+}
+
+Deno.test(
+  { name: "cuda: low-latency dispatch and combine agree bit for bit with the host backend", ignore },
+  async (t) => {
+    const tokens = (ranks: number, base: number) => Array.from({ length: ranks }, (_, r) => base + ((r * 5) % 7));
+    const cases: [string, LLCase][] = [
+      ["2 ranks, BF16", { ranks: 2, tokens: tokens(2, 12), hidden: 256, experts: 8, topk: 3, seed: 1 }],
+      ["4 ranks, FP8 f32 scales, hooks", {
+        ranks: 4,
+        tokens: tokens(4, 9),
+        hidden: 512,
+        experts: 16,
+        topk: 4,
+        seed: 2,
+        fp8: true,
+        hook: true,
+      }],
+      ["4 ranks, FP8 round scale, LogFMT", {
+        ranks: 4,
+        tokens: tokens(4, 7),
+        hidden: 256,
+        experts: 8,
+        topk: 2,
+        seed: 3,
+        fp8: true,
+        roundScale: true,
+        logfmt: true,
+      }],
+      ["8 ranks, FP8 UE8M0 (5 scale blocks)", {
+        ranks: 8,
+        tokens: tokens(8, 6),
+        hidden: 640,
+        experts: 32,
+        topk: 5,
+        seed: 4,
+        fp8: true,
+        roundScale: true,
+        ue8m0: true,
+      }],
+    ];
+    for (const [name, c] of cases) {
+      await t.step(name, async () => {
+        const host = await lowLatencyOn("host", c);
+        const gpu = await lowLatencyOn("cuda", c);
+        for (let r = 0; r < c.ranks; r++) {
+          for (const key of Object.keys(host[r])) assertSameArray(gpu[r][key], host[r][key], `rank ${r}: ${key}`);
+        }
+      });
+    }
+  },
+);

@@ -1,5 +1,6 @@
 /**
- * Low-latency mode on the host backend, after DeepEP's low-latency test: rank-valued rows with
+ * Low-latency mode (on the host backend, or with SWITCHYARD_TEST_BACKEND=cuda on the CUDA
+ * backend), after DeepEP's low-latency test: rank-valued rows with
  * token ids in the last 128 columns, random -1 entries, per-expert counts and layout ranges,
  * source indices, FP8 (plain, power-of-two, UE8M0) against a reference quantiser, the weighted
  * combine bit for bit (and x * sum(w) within DeepEP's tolerances), hooks, zero copy, LogFMT,

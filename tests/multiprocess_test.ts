@@ -3,7 +3,7 @@
  * through shared buffers (POSIX shared memory on the host backend, CUDA IPC on the CUDA backend,
  * `SWITCHYARD_TEST_BACKEND=cuda`); a process killed inside a dispatch, a rank that never arrives
  * and a wrong token make the others fail within a bounded time, naming the rank. Every job has a
- * hard time limit. On the CUDA backend the low-latency parts are left out (no kernels yet).
+ * hard time limit. Both backends run the low-latency parts too.
  */
 
 import assert from "node:assert/strict";
@@ -13,7 +13,6 @@ import { testBackend } from "./helpers.ts";
 
 const script = new URL("./mp/roundtrip.ts", import.meta.url).pathname;
 const backend = testBackend();
-const lowLatency = backend === "host";
 
 async function job(nproc: number, args: string[], graceSeconds = 15, env: Record<string, string> = {}) {
   const lines: string[] = [];
@@ -134,7 +133,7 @@ Deno.test(`fault injection: SIGKILL of a random rank at a random point, ${faultJ
   // seeded random phase and delay. Every survivor must fail on its own (the launcher's grace
   // would stop a hung one, leaving no line) with a SwitchyardTimeoutError naming the dead rank.
   const rng = new Rng(2026);
-  const phases = ["join", "buffers", "dispatch", "combine", ...(lowLatency ? ["low-latency"] : [])];
+  const phases = ["join", "buffers", "dispatch", "combine", "low-latency"];
   const timeoutMs = faultTimeoutMs;
   const toFailure: number[] = [];
   for (let trial = 0; trial < faultJobs; trial++) {
@@ -186,11 +185,9 @@ Deno.test("a dispatch (and a low-latency dispatch) refused in one process fails 
     assert.match(line!, rank === 2 ? /INVALID_ARGUMENT$/ : /PEER_FAILED$/);
     assert.ok(Number(line!.match(/after (\d+) ms/)![1]) < 2500, line); // not the 5 s deadline
     const ll = r.lines.find((l) => l.startsWith(`[rank ${rank}] rank ${rank} saw the low-latency refusal of rank 2`));
-    if (lowLatency) {
-      assert.ok(ll, report);
-      assert.match(ll!, rank === 2 ? /INVALID_ARGUMENT$/ : /PEER_FAILED$/);
-      assert.ok(Number(ll!.match(/after (\d+) ms/)![1]) < 2500, ll);
-    }
+    assert.ok(ll, report);
+    assert.match(ll!, rank === 2 ? /INVALID_ARGUMENT$/ : /PEER_FAILED$/);
+    assert.ok(Number(ll!.match(/after (\d+) ms/)![1]) < 2500, ll);
     assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} ok`), report);
   }
 });

@@ -294,6 +294,7 @@ struct LLHandle {
   std::atomic<bool> received{false};       // the receive phase has run (task time)
   std::shared_ptr<OpStatus> status;        // the dispatch's
   uint64_t topk_fingerprint = 0;           // of the routing it dispatched (combine must match)
+  std::shared_ptr<void> backend_state;     // the backend's (CUDA: its device state)
 };
 
 // One low-latency dispatch or combine, validated.
@@ -319,6 +320,7 @@ struct LLWork {
   // An earlier call on this half whose receive hook never ran and now never will: this call
   // acknowledges it before its own send, so the peers waiting to reuse the half go on.
   uint32_t ack_voided_call = 0;
+  std::shared_ptr<void> backend_state;  // the backend's, from the send phase to the receive phase
 };
 
 // A deferred receive phase.

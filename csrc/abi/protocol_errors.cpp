@@ -150,6 +150,13 @@ Error ll_count_error(int peer, int64_t count) {
                                      " tokens for one expert, more than maxTokensPerRank");
 }
 
+Error ll_routing_mismatch_error(uint32_t dispatch_call) {
+  Error e = invalid("topkIdx", "topkIdx: differs from the routing low-latency call " + std::to_string(dispatch_call) +
+                                   " dispatched with; pass the same topkIdx to combine");
+  e.peers_informed = true;
+  return e;
+}
+
 Error missing_ranks_error(const core::WaitFailure& w, uint32_t epoch, const std::string& missing) {
   return timeout_error(w, "operation " + std::to_string(epoch) + " of this buffer; missing: rank" +
                               (missing.find(',') != std::string::npos ? "s " : " ") + missing);

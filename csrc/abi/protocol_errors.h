@@ -39,6 +39,8 @@ Error ll_peer_rejected_error(int rank, int peer, const char* op, uint32_t call);
 Error ll_format_error(int rank, int peer, const char* op, uint32_t theirs, uint32_t mine);
 Error ll_overwritten_error(int rank, int peer, const char* what, uint32_t call, uint32_t theirs);
 Error ll_count_error(int peer, int64_t count);
+// Combine was given other top-k ids than low-latency call `dispatch_call` dispatched with.
+Error ll_routing_mismatch_error(uint32_t dispatch_call);
 // A wait that ran out: "operation N of this buffer; missing: ranks ...".
 Error missing_ranks_error(const core::WaitFailure& w, uint32_t epoch, const std::string& missing);
 

@@ -39,13 +39,10 @@ struct LogfmtMeta {
   uint16_t step;  // 0 = BF16 fallback
 };
 
-SY_HD LogfmtMeta logfmt_plan(const uint16_t* x, int n) {
-  uint16_t m_max = 0, m_min = 0xffff;
-  for (int i = 0; i < n; ++i) {
-    uint16_t m = x[i] & 0x7fffu;
-    if (m > m_max) m_max = m;
-    if (m != 0 && m < m_min) m_min = m;
-  }
+// The block's metadata from its largest magnitude and its smallest non-zero one (0xffff when
+// every channel is zero): what a loop over the block (logfmt_plan) or a reduction across the
+// threads that hold it computes.
+SY_HD LogfmtMeta logfmt_plan_from(uint16_t m_max, uint16_t m_min) {
   LogfmtMeta meta;
   if (m_max >= kLogfmtOne) {
     meta.m_min = 0;
@@ -59,6 +56,16 @@ SY_HD LogfmtMeta logfmt_plan(const uint16_t* x, int n) {
   meta.m_min = m_max == 0 ? 0 : m_min;
   meta.step = uint16_t(step < 1 ? 1 : step);
   return meta;
+}
+
+SY_HD LogfmtMeta logfmt_plan(const uint16_t* x, int n) {
+  uint16_t m_max = 0, m_min = 0xffff;
+  for (int i = 0; i < n; ++i) {
+    uint16_t m = x[i] & 0x7fffu;
+    if (m > m_max) m_max = m;
+    if (m != 0 && m < m_min) m_min = m;
+  }
+  return logfmt_plan_from(m_max, m_min);
 }
 
 SY_HD uint16_t logfmt_code(uint16_t x, LogfmtMeta meta) {
@@ -85,6 +92,13 @@ SY_HD void logfmt_put(uint8_t* block, int i, uint16_t v) {
   uint32_t w = uint32_t(v & 0x3ffu) << shift;
   block[byte] = uint8_t(block[byte] | (w & 0xffu));
   block[byte + 1] = uint8_t(block[byte + 1] | ((w >> 8) & 0xffu));
+}
+
+// Codes 4j .. 4j + 3 of a block fill bytes 5j .. 5j + 4 exactly (40 bits): what logfmt_put
+// writes for them, as one little-endian 40-bit value, so that threads can write disjoint bytes.
+SY_HD uint64_t logfmt_pack4(uint16_t c0, uint16_t c1, uint16_t c2, uint16_t c3) {
+  return uint64_t(c0 & 0x3ffu) | uint64_t(c1 & 0x3ffu) << 10 | uint64_t(c2 & 0x3ffu) << 20 |
+         uint64_t(c3 & 0x3ffu) << 30;
 }
 
 SY_HD uint16_t logfmt_get(const uint8_t* block, int i) {

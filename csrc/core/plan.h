@@ -66,16 +66,16 @@ struct LowLatencyPlan {
   uint64_t half_bytes = 0;
   uint64_t off_halves = 0;          // from the buffer base
 
-  int64_t recv_rows() const { return int64_t(ranks) * max_tokens; }
-  uint64_t half(int h) const { return off_halves + uint64_t(h) * half_bytes; }
-  uint64_t msg(int local, int src, int64_t slot) const {
+  SY_HD int64_t recv_rows() const { return int64_t(ranks) * max_tokens; }
+  SY_HD uint64_t half(int h) const { return off_halves + uint64_t(h) * half_bytes; }
+  SY_HD uint64_t msg(int local, int src, int64_t slot) const {
     return off_dispatch_recv +
            ((uint64_t(local) * ranks + uint64_t(src)) * uint64_t(max_tokens) + uint64_t(slot)) * uint64_t(msg_bytes);
   }
-  uint64_t combine_row(int64_t expert, int64_t token) const {
+  SY_HD uint64_t combine_row(int64_t expert, int64_t token) const {
     return off_combine_recv + (uint64_t(expert) * uint64_t(max_tokens) + uint64_t(token)) * uint64_t(row_bytes);
   }
-  uint64_t send_row(int local, int64_t row) const {
+  SY_HD uint64_t send_row(int local, int64_t row) const {
     return off_send + (uint64_t(local) * uint64_t(recv_rows()) + uint64_t(row)) * uint64_t(hidden) * 2;
   }
 };

@@ -13,6 +13,7 @@
 #include "../abi/strided.h"
 #include "../core/routing.h"
 #include "cuda_check.h"
+#include "cuda_ll.h"
 #include "cuda_normal.h"
 #include "cuda_objects.h"
 #include "layout_kernel.h"
@@ -63,12 +64,6 @@ Error allocate_on(int dev, uint64_t bytes, bool pooled, std::shared_ptr<Memory>*
   return ok();
 }
 
-Error not_yet(const char* what) {
-  return fail(SY_ERROR_UNSUPPORTED,
-              std::string(what) + " is not implemented on the CUDA backend yet; use the host "
-                                  "backend (backend: \"host\") for it");
-}
-
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int devices) : devices_(devices) {}
@@ -92,10 +87,10 @@ class CudaBackend final : public Backend {
 
   Error init_buffer(BufferCore& buf) override { return normal_init_buffer(buf); }
 
-  // Virtual ranks: the header and the exchange page, since the kernels pull payloads straight
-  // from the peers' tensors (the plan's staging regions, about 1 GB per rank at DeepSeek-V3
-  // shapes, would never be touched). A process group adds the staging areas its peers pull
-  // from (normal_kernels.h). The low-latency region will join with the low-latency kernels.
+  // Virtual ranks: the header, the low-latency halves (the senders write into them) and the
+  // exchange page, since the normal-mode kernels pull payloads straight from the peers' tensors
+  // (the plan's staging regions, about 1 GB per rank at DeepSeek-V3 shapes, would never be
+  // touched). A process group adds the staging areas its peers pull from (normal_kernels.h).
   uint64_t shared_bytes(const core::BufferPlan& plan, bool process_group) const override {
     return normal_shared_bytes(plan, process_group);
   }
@@ -264,23 +259,23 @@ class CudaBackend final : public Backend {
   Error combine(BufferCore& buf, Stream& comm, std::shared_ptr<CombineWork> work) override {
     return normal_combine(buf, *as_cuda(comm), work);
   }
-  Error ll_dispatch_send(BufferCore&, Stream&, std::shared_ptr<LLWork>) override {
-    return not_yet("low-latency dispatch");
+  Error ll_dispatch_send(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) override {
+    return ll_send(buf, *as_cuda(s), work, true);
   }
-  Error ll_dispatch_recv(BufferCore&, Stream&, std::shared_ptr<LLWork>) override {
-    return not_yet("low-latency dispatch");
+  Error ll_dispatch_recv(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) override {
+    return ll_receive(buf, *as_cuda(s), work, true);
   }
-  Error ll_combine_send(BufferCore&, Stream&, std::shared_ptr<LLWork>) override {
-    return not_yet("low-latency combine");
+  Error ll_combine_send(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) override {
+    return ll_send(buf, *as_cuda(s), work, false);
   }
-  Error ll_combine_recv(BufferCore&, Stream&, std::shared_ptr<LLWork>) override {
-    return not_yet("low-latency combine");
+  Error ll_combine_recv(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) override {
+    return ll_receive(buf, *as_cuda(s), work, false);
   }
-  Error ll_reject(BufferCore&, Stream&, std::shared_ptr<LLWork>, bool dispatch) override {
-    return not_yet(dispatch ? "low-latency dispatch" : "low-latency combine");
+  Error ll_reject(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work, bool dispatch) override {
+    return cuda::ll_reject(buf, *as_cuda(s), work, dispatch);
   }
-  Error ll_clean(BufferCore&, Stream&, uint32_t, std::shared_ptr<OpStatus>) override {
-    return not_yet("cleanLowLatencyBuffer");
+  Error ll_clean(BufferCore& buf, Stream& s, uint32_t epoch, std::shared_ptr<OpStatus> status) override {
+    return cuda::ll_clean(buf, *as_cuda(s), epoch, status);
   }
 
  private:

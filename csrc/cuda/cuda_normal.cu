@@ -224,6 +224,12 @@ int blocks_of(const BufferCore& buf) { return std::max(1, buf.num_sms); }
 
 }  // namespace
 
+Error begin_buffer_operation(BufferCore& buf, CudaStream& stream, const char* op, uint8_t* const** bases) {
+  SY_TRY(begin_operation(buf, stream, op));
+  *bases = buffer_state(buf).d_bases;
+  return ok();
+}
+
 uint64_t normal_shared_bytes(const core::BufferPlan& plan, bool process_group) {
   return shared_layout(plan, process_group).bytes;
 }

@@ -17,5 +17,9 @@ Error normal_dispatch_wait_counts(DispatchWork& work, Deadline deadline);
 Error normal_dispatch_epilogue(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work);
 void normal_dispatch_abandon(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work);
 Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<CombineWork>& work);
+// What every operation on the buffer does first, the low-latency ones too (its device current,
+// the peer tables in place, the ranks per GPU and the hardware queues checked): `op` names the
+// operation in the errors; `bases` receives the device table of every rank's buffer base.
+Error begin_buffer_operation(BufferCore& buf, CudaStream& stream, const char* op, uint8_t* const** bases);
 
 }  // namespace sy::cuda

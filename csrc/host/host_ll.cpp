@@ -430,11 +430,7 @@ Error run_ll_combine_recv(BufferSet& set, LLWork& w) {
                                   w.logfmt ? core::kFormatLogfmt : 0u, "combine");
     // The routing must be valid, and the one the dispatch used (rows are keyed by it).
     if (!e) e = local(check_topk(w));
-    if (!e && topk_fingerprint(w) != w.handle->topk_fingerprint) {
-      e = local(invalid("topkIdx", "topkIdx: differs from the routing low-latency call " +
-                                       std::to_string(w.handle->call) +
-                                       " dispatched with; pass the same topkIdx to combine"));
-    }
+    if (!e && topk_fingerprint(w) != w.handle->topk_fingerprint) e = ll_routing_mismatch_error(w.handle->call);
     if (!e) {
       const int blocks = H / core::kScaleBlock;
       std::vector<float> acc(static_cast<size_t>(H));

@@ -330,7 +330,9 @@ typedef struct sy_buffer_plan {
   uint64_t header_bytes;
   uint64_t dispatch_region_bytes;
   uint64_t combine_region_bytes;
-  uint64_t total_bytes;              /* what one rank allocates (host backend; CUDA: header_bytes) */
+  uint64_t total_bytes;              /* what one rank allocates on the host backend (the CUDA backend
+                                        allocates the header, the low-latency halves and an exchange
+                                        page; a process group also the staging regions) */
   int64_t max_recv_rows;             /* ranks * max_tokens_per_rank */
   uint64_t ll_half_bytes;            /* one half of the low-latency double buffer, 0 if none */
   int32_t ll_message_bytes;          /* one low-latency dispatch message */

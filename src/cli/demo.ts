@@ -189,10 +189,7 @@ for (const b of buffers) b[Symbol.dispose]();
 // A decode step in the low-latency mode: fixed slots per (expert, source), a double buffer, no
 // host waits. FP8 dispatch is timed; the check runs in BF16, where the "experts" return their
 // input and combine must give x * sum(valid weights).
-if (decodeTokens > 0 && backend === "cuda") {
-  console.log("decode step: skipped (the CUDA backend has no low-latency kernels yet; --backend host runs it)");
-}
-if (decodeTokens > 0 && backend === "host") {
+if (decodeTokens > 0) {
   const D = decodeTokens;
   const ll = await group.createBuffers({ hidden: H, maxTokensPerRank: D, lowLatency: { numExperts: E } });
   const step = await group.all(async (rank, r) => {

@@ -3,8 +3,7 @@
  * Group.fromEnv, dispatches and combines, and checks the round trip against the reference.
  * Arguments: [rounds] [--die-at ROUND --die-rank R [--die-phase PHASE] [--die-delay MS]]
  * [--refuse-at ROUND --refuse-rank R] [--timeout MS] [--join-timeout MS (default: --timeout)]
- * [--backend host|cuda]. On the CUDA backend the low-latency parts are left out (its
- * low-latency kernels do not exist yet).
+ * [--backend host|cuda]. Both backends run the low-latency parts too.
  * Rounds cycle through three variants, each checked bit for bit against the reference
  * (tests/reference.ts): BF16 rows with a padded stride into worst-case sized outputs (compact;
  * received rows, top-k and weights; combine of order-sensitive rows with the top-k weights summed
@@ -19,7 +18,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { Group, SwitchyardError, SwitchyardTimeoutError, Tensor } from "../../mod.ts";
+import { Group, SwitchyardError, SwitchyardTimeoutError, Tensor, toBF16 } from "../../mod.ts";
 import { bytesOf, generate, orderSensitiveBF16, type Scenario, upload } from "../helpers.ts";
 import {
   reduceExpanded,
@@ -45,7 +44,6 @@ const { values } = parseArgs({
   },
 });
 const backend = values.backend === "cuda" ? "cuda" : "host";
-const lowLatency = backend === "host";
 const rounds = Number(values.rounds), dieAt = Number(values["die-at"]), dieRank = Number(values["die-rank"]);
 const started = performance.now();
 const me = Number(Deno.env.get("RANK"));
@@ -72,7 +70,7 @@ try {
   const [buffer] = await group.createBuffers({
     hidden: 128,
     maxTokensPerRank: 40,
-    ...(lowLatency ? { lowLatency: { numExperts: 2 * R } } : {}),
+    lowLatency: { numExperts: 2 * R },
   });
   const rank = group.ranks[0];
   console.log(`joined as rank ${me} of ${R} on the ${backend} backend`);
@@ -204,10 +202,13 @@ try {
     if (!expanded) same(round, "combined weights", await back.combinedTopkWeights!.read(), wantWeights[me]);
     console.log(`rank ${me} round ${round} (${variant}) ok`);
   }
-  // A low-latency round trip too.
-  if (lowLatency) {
+  // A low-latency round trip too: every token's row distinct (exact in BF16, and so are its
+  // halves), two experts of weight 0.5 each, the expert outputs the received rows: each token
+  // must come back as itself, so a row delivered to the wrong token or slot shows.
+  {
     const T = 8, K = 2, E = 2 * R, H = 128;
-    using x = await Tensor.from(rank, new Uint16Array(T * H).fill(0x3f80), { shape: [T, H] });
+    const rows = new Float32Array(T * H).map((_, i) => (me * 8 + Math.floor(i / H) + 1) * 2 ** (i % 4));
+    using x = await Tensor.from(rank, toBF16(rows), { shape: [T, H] });
     using idx = await Tensor.from(rank, new BigInt64Array(T * K).map((_, i) => BigInt((i + me) % E)), {
       shape: [T, K],
     });
@@ -234,7 +235,10 @@ try {
     using sent = await buffer.lowLatencyDispatch(x, idx, { useFp8: false });
     using back = await buffer.lowLatencyCombine(sent.recvX, idx, w, sent.handle);
     const got = await back.combinedX.readFloat32();
-    if (got.some((v) => v !== 1)) throw new Error("low-latency round trip: expected 1.0 * (0.5 + 0.5) everywhere");
+    const wrong = got.findIndex((v, i) => v !== rows[i]);
+    if (wrong >= 0) {
+      throw new Error(`low-latency round trip: element ${wrong} is ${got[wrong]}, expected ${rows[wrong]}`);
+    }
   }
   await group.barrier("done");
   console.log(`rank ${me} ok`);
