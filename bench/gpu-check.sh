@@ -8,7 +8,9 @@
 #      kernel family through the C ABI, compared with the host backend),
 #   3. benchmarks dispatch and combine: 8 virtual ranks x 4096 tokens x hidden 7168, top-8 of 256
 #      experts, BF16 and FP8, against the GPU's copy bandwidth and a naive baseline
-#      (bench/gpu_bench.cu), and writes the JSON,
+#      (bench/gpu_bench.cu), and the low-latency mode at decode shapes, 128 and 1 tokens per rank,
+#      per rank median and p99 next to the bound of the copy bandwidth (bench/ll_bench.cu); both
+#      write their JSON,
 #   4. runs the CUDA tests (tests/cuda_test.ts: every normal-mode case against the host backend,
 #      bit for bit, plus the failure cases) and compute-sanitizer memcheck on the benchmark's
 #      one-rank case (the sanitizer runs one kernel at a time, so ranks that wait for each other
@@ -28,7 +30,7 @@
 # SWITCHYARD_GPU_CHECK_SUITE_RAN=WHERE it leaves out the suite CI's test command has just run).
 #
 # Everything lands in $OUT (default bench/out): gpu-check.log, env.txt, gpu_bench.json,
-# process_bench.txt (one JSON line per rank and case). Every
+# ll_bench.json, process_bench.txt (one JSON line per rank and case). Every
 # step has its own time limit and the whole script ends within its budget
 # (SWITCHYARD_GPU_CHECK_BUDGET, default 540 s: a step that would outrun it gets what is left, and
 # one that finds under 10 s left is skipped); the exit code is the number of failed or skipped
@@ -143,6 +145,8 @@ if [ $gpu -eq 1 ]; then
     step "kernel families through the C ABI, against the host backend" 60 "$bin/switchyard_kernel_families"
     step "benchmark (8 ranks x 4096 tokens x 7168, top-8 of 256)" 75 \
       "$bin/switchyard_gpu_bench" --json "$out/gpu_bench.json"
+    step "low-latency benchmark (8 ranks x 128 and 1 tokens x 7168, top-8 of 256, FP8 dispatch, BF16 combine)" 60 \
+      "$bin/switchyard_ll_bench" --json "$out/ll_bench.json"
     step "CUDA tests: every normal-mode case against the host backend, and the failures" 90 \
       env SWITCHYARD_TEST_BACKEND=cuda deno test "${test_permissions[@]}" --allow-net tests/cuda_test.ts tests/cuda_config_test.ts
     step "compute-sanitizer memcheck (one rank, compact and expanded)" 40 bash -c \
@@ -194,6 +198,8 @@ else
       "$bin/switchyard_gpu_bench --sanitize && $bin/switchyard_gpu_bench --sanitize --expand"
     step "benchmark checks: 2 ranks, compact and expanded, with the JSON" 60 bash -c \
       "$bin/switchyard_gpu_bench --small --json '$out/gpu_bench.json' && $bin/switchyard_gpu_bench --small --expand"
+    step "low-latency benchmark checks at small sizes, with the JSON" 60 \
+      "$bin/switchyard_ll_bench" --small --json "$out/ll_bench.json"
     step "processes against virtual ranks: what the GPU run times, at small sizes" 90 \
       env SWITCHYARD_LIBRARY="$bin/libswitchyard.so" bash bench/process-bench.sh "$out/process_bench.txt" 2 4 -- \
       --tokens 48 --hidden 256 --experts 16 --topk 4 --iterations 2
@@ -206,6 +212,12 @@ else
        for (const r of j.results) {
          if (!(r.host_us_median >= 0 && r.host_us_max >= r.host_us_median)) throw new Error('host time: ' + JSON.stringify(r));
          if (!(r.rw_bytes > 0 && 'fraction_of_copy_rw' in r)) throw new Error('read+write bytes: ' + JSON.stringify(r));
+       }
+       const l = JSON.parse(Deno.readTextFileSync('$out/ll_bench.json'));
+       for (const r of l.results) {
+         if (!(r.counts_ok && r.per_rank.length === l.ranks && r.max_p99_us >= r.max_median_us && r.bound_us > 0)) {
+           throw new Error('low-latency row: ' + JSON.stringify(r).slice(0, 300));
+         }
        }"
   fi
 fi
@@ -213,5 +225,6 @@ fi
 note ""
 note "=== summary"
 for line in "${summary[@]}"; do note "$line"; done
-[ -f "$out/gpu_bench.json" ] && grep -A40 '^op ' "$log" | head -n 8
+[ -f "$out/gpu_bench.json" ] && grep -A40 '^op  ' "$log" | head -n 8
+[ -f "$out/ll_bench.json" ] && grep -A5 '^op .*bound us' "$log" | head -n 6
 exit $failed

@@ -41,7 +41,7 @@ set(cuda_on_cpu_pch <cuda/atomic> <cuda_runtime_api.h> <algorithm> <atomic> <chr
     <cstring> <functional> <map> <memory> <mutex> <string> <thread> <vector>)
 
 # .cu files compiled as C++ (CMake passes -x c++) against the executor's headers.
-set_source_files_properties(${cuda_sources} bench/gpu_bench.cu tests/native/cuda_ipc.cu PROPERTIES LANGUAGE CXX)
+set_source_files_properties(${cuda_sources} tests/native/cuda_ipc.cu PROPERTIES LANGUAGE CXX)
 
 target_sources(switchyard PRIVATE ${cuda_sources} $<TARGET_OBJECTS:switchyard_cuda_on_cpu>)
 target_include_directories(switchyard BEFORE PRIVATE ${cuda_on_cpu_includes})
@@ -51,14 +51,17 @@ target_compile_options(switchyard PRIVATE ${cuda_on_cpu_options})
 target_precompile_headers(switchyard PRIVATE ${cuda_on_cpu_pch})
 target_link_options(switchyard PRIVATE -fsanitize=alignment -Wl,--no-undefined)
 
-# The benchmark in its correctness mode (bench/gpu-check.sh --no-gpu); not in sanitizer builds.
+# The benchmarks in their correctness mode (bench/gpu-check.sh --no-gpu); not in sanitizer builds.
 if(NOT SWITCHYARD_SANITIZE)
-  add_executable(switchyard_gpu_bench bench/gpu_bench.cu)
-  target_include_directories(switchyard_gpu_bench BEFORE PRIVATE ${cuda_on_cpu_includes})
-  target_compile_definitions(switchyard_gpu_bench PRIVATE SY_CUDA_ON_CPU=1)
-  target_compile_options(switchyard_gpu_bench PRIVATE ${cuda_on_cpu_options})
-  target_link_libraries(switchyard_gpu_bench PRIVATE switchyard)
-  target_link_options(switchyard_gpu_bench PRIVATE -fsanitize=alignment)
+  foreach(bench gpu_bench ll_bench)
+    add_executable(switchyard_${bench} bench/${bench}.cu)
+    set_source_files_properties(bench/${bench}.cu PROPERTIES LANGUAGE CXX)
+    target_include_directories(switchyard_${bench} BEFORE PRIVATE ${cuda_on_cpu_includes})
+    target_compile_definitions(switchyard_${bench} PRIVATE SY_CUDA_ON_CPU=1)
+    target_compile_options(switchyard_${bench} PRIVATE ${cuda_on_cpu_options})
+    target_link_libraries(switchyard_${bench} PRIVATE switchyard)
+    target_link_options(switchyard_${bench} PRIVATE -fsanitize=alignment)
+  endforeach()
 endif()
 
 # CUDA IPC between two processes, on the executor's memfd-backed device memory; in the
