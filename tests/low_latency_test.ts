@@ -16,6 +16,7 @@ import {
   type Rank,
   Rng,
   SwitchyardError,
+  SwitchyardTimeoutError,
   Tensor,
   toBF16,
 } from "../mod.ts";
@@ -504,6 +505,31 @@ Deno.test("masking: a rank missing at the deadline is masked, not fatal", async 
   assert.ok(performance.now() - started < 2000);
 });
 
+Deno.test("without masking, ranks missing at the deadline fail the call, every one of them named", async () => {
+  const c: Case = { ranks: 4, hidden: 128, experts: 8, topk: 3, tokens: [5, 5, 5, 5], maxTokens: 5, seed: 9 };
+  const inputs = makeInputs(c);
+  using fx = await llFixture(c, 300);
+  // Ranks 1 and 3 never call: rank 0's and rank 2's receive phases wait for them.
+  await Promise.all([0, 2].map(async (r) => {
+    const rank = fx.group.ranks[r];
+    using x = await Tensor.from(rank, inputs[r].x, { shape: [5, 128] });
+    using idx = await Tensor.from(rank, inputs[r].topkIdx, { shape: [5, 3] });
+    const e = await failureOf(async () => {
+      using sent = await fx.buffers[r].lowLatencyDispatch(x, idx, { useFp8: false });
+      await sent.recvCount.read();
+    });
+    assert.ok(e instanceof SwitchyardTimeoutError, e.message);
+    assert.equal(e.peerRank, 1, e.message);
+    if (e.code === "TIMEOUT") {
+      assert.match(e.message, /missing: ranks 1, 3\b/);
+    } else {
+      // The other waiter timed out first and told this rank, naming whom it waited for.
+      assert.equal(e.code, "PEER_FAILED", e.message);
+      assert.match(e.message, /timed out waiting for rank 1/);
+    }
+  }));
+});
+
 Deno.test("low-latency bad inputs name the argument", async (t) => {
   using g = Group.local({ ranks: 1 });
   const rank = g.ranks[0];
@@ -705,6 +731,30 @@ Deno.test("bad routing fails the call on every rank, and the buffers stay usable
     });
     await roundTrip({ ...c, seed: 51 }, fx);
   });
+  await t.step(
+    "combine with the handles of that failed dispatch: refused on every rank, naming its failure",
+    async () => {
+      await fx.group.all(async (rank, r) => {
+        const topk = inputs[r].topkIdx.slice();
+        if (r === 1) topk[3] = 99n;
+        using x = await Tensor.from(rank, inputs[r].x, { shape: [4, 128] });
+        using idx = await Tensor.from(rank, topk, { shape: [4, 2] });
+        using w = await Tensor.from(rank, inputs[r].weights, { shape: [4, 2] });
+        using sent = await fx.buffers[r].lowLatencyDispatch(x, idx, { useFp8: false });
+        await failureOf(() => sent.recvCount.read());
+        using y = Tensor.empty(rank, { dtype: "bf16", shape: sent.recvX.shape as number[] });
+        const e = await failureOf(async () => {
+          using back = await fx.buffers[r].lowLatencyCombine(y, idx, w, sent.handle);
+          await back.combinedX.read();
+        });
+        assert.match(e.message, /handle: its low-latency dispatch \(call \d+\) failed: /, e.message);
+        assert.equal(e.code, r === 1 ? "INVALID_ARGUMENT" : "PEER_FAILED", e.message);
+      });
+      // Every rank refused it at once and acknowledged the half: the next calls go on.
+      await roundTrip({ ...c, seed: 53 }, fx);
+      await roundTrip({ ...c, seed: 54 }, fx);
+    },
+  );
   await t.step("combine: rank 0 passes other routing than its dispatch", async () => {
     await fx.group.all(async (rank, r) => {
       const buf = fx.buffers[r];

@@ -150,6 +150,17 @@ Error ll_count_error(int peer, int64_t count) {
                                      " tokens for one expert, more than maxTokensPerRank");
 }
 
+Error ll_failed_dispatch_error(uint32_t dispatch_call, Error dispatch_failure) {
+  if (!dispatch_failure) {
+    return invalid("handle", "handle: the receive phase of low-latency call " + std::to_string(dispatch_call) +
+                                 " has not run; run its hook before combining");
+  }
+  dispatch_failure.message = "handle: its low-latency dispatch (call " + std::to_string(dispatch_call) +
+                             ") failed: " + dispatch_failure.message;
+  dispatch_failure.peers_informed = true;
+  return dispatch_failure;
+}
+
 Error ll_routing_mismatch_error(uint32_t dispatch_call) {
   Error e = invalid("topkIdx", "topkIdx: differs from the routing low-latency call " + std::to_string(dispatch_call) +
                                    " dispatched with; pass the same topkIdx to combine");

@@ -39,6 +39,9 @@ Error ll_peer_rejected_error(int rank, int peer, const char* op, uint32_t call);
 Error ll_format_error(int rank, int peer, const char* op, uint32_t theirs, uint32_t mine);
 Error ll_overwritten_error(int rank, int peer, const char* what, uint32_t call, uint32_t theirs);
 Error ll_count_error(int peer, int64_t count);
+// Combine of the handle of low-latency call `dispatch_call`, whose receive phase did not deliver:
+// the dispatch's failure (its code, the rank it names) when known, else that it has not run.
+Error ll_failed_dispatch_error(uint32_t dispatch_call, Error dispatch_failure);
 // Combine was given other top-k ids than low-latency call `dispatch_call` dispatched with.
 Error ll_routing_mismatch_error(uint32_t dispatch_call);
 // A wait that ran out: "operation N of this buffer; missing: ranks ...".

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "dtype.h"
+#include "hd.h"
 #include "plan.h"
 
 namespace sy::core {
@@ -42,6 +43,43 @@ inline void rejected_desc(uint32_t out[kDescWords], OpKind kind) {
   for (int i = 0; i < kDescWords; ++i) out[i] = 0;
   out[0] = uint32_t(kind);
   out[kDescRejected] = 1u;
+}
+
+// What rank `peer`'s barrier slot (its kind `their_kind`, its words `theirs` with the epoch stamp)
+// says against this rank's operation `epoch` with parameters `mine` (word 0 the kind): the first
+// disagreement, in the order both backends report it: the slot already holds a later operation,
+// another kind, the peer rejected its own input, then each parameter word.
+enum class SlotVerdict : int32_t { Agree = 0, MovedOn, OtherKind, Rejected, OtherParameter };
+struct SlotCheck {
+  SlotVerdict verdict = SlotVerdict::Agree;
+  int32_t word = 0;  // OtherParameter: which
+  uint32_t mine = 0, theirs = 0;
+};
+
+SY_HD SlotCheck check_barrier_slot(const uint32_t* mine, uint32_t their_kind, const uint32_t* theirs, uint32_t epoch,
+                                   bool self) {
+  SlotCheck c;
+  if (theirs[kDescEpoch] != epoch) {
+    c.verdict = SlotVerdict::MovedOn;
+    c.mine = epoch;
+    c.theirs = theirs[kDescEpoch];
+  } else if (their_kind != mine[0]) {
+    c.verdict = SlotVerdict::OtherKind;
+    c.mine = mine[0];
+    c.theirs = their_kind;
+  } else if (!self && theirs[kDescRejected] != 0) {
+    c.verdict = SlotVerdict::Rejected;
+  } else {
+    for (int i = 1; i < kDescRejected; ++i) {
+      if (theirs[i] == mine[i]) continue;
+      c.verdict = SlotVerdict::OtherParameter;
+      c.word = i;
+      c.mine = mine[i];
+      c.theirs = theirs[i];
+      break;
+    }
+  }
+  return c;
 }
 
 inline const char* op_kind_name(uint32_t v) {

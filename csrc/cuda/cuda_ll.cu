@@ -21,17 +21,46 @@ struct LLCall {
   LLArgs args;
 };
 
-// A low-latency handle's device state (LLHandleState), made by its dispatch.
+// A low-latency handle's device state (LLHandleState), made by its dispatch, and that
+// dispatch's report (a combine refused for it reports the dispatch's failure).
 struct LLHandleMemory {
   std::shared_ptr<Memory> memory;
+  std::shared_ptr<ReportSlot> report;
+  uint32_t call = 0;
+  int rank = 0;
 };
 
 int64_t stride_bytes(const std::shared_ptr<Tensor>& t, int dim) { return t ? t->strides[dim] * t->element_size() : 0; }
 
+// A timeout as the host backend words it: every rank missing at the deadline (the lowest named),
+// at the operation waited for (`expected`: the call, or call - 2 for the wait for a free half).
+Error timeout_of(const KernelReport& r, int rank) {
+  std::string missing;
+  int listed = 0, more = 0;
+  for (int p = 0; p < core::kMaxRanks; ++p) {
+    if (!(r.missing[p / 32] >> (p % 32) & 1u)) continue;
+    if (listed < 16) {
+      missing += (missing.empty() ? "" : ", ") + std::to_string(p);
+      ++listed;
+    } else {
+      ++more;
+    }
+  }
+  if (missing.empty()) missing = std::to_string(r.peer);
+  core::WaitFailure w;
+  w.rank = rank;
+  w.peer = r.peer;
+  w.role = core::WaitRole(r.role);
+  w.channel = r.peer;
+  w.expected = r.expected;
+  w.observed = r.observed;
+  w.waited_seconds = double(r.waited_ns) * 1e-9;
+  return missing_ranks_error(w, uint32_t(r.expected), missing + (more ? ", ..." : ""));
+}
+
 // The error a call's report stands for: the low-latency failures worded as the host backend
 // words them (protocol_errors.h), the others as the normal mode's.
-Error ll_report_error(const KernelReport& r, int rank, uint32_t call, bool dispatch, uint32_t dispatch_call,
-                      const std::shared_ptr<OpStatus>& dispatched) {
+Error ll_report_error(const KernelReport& r, int rank, uint32_t call, bool dispatch, const LLHandleMemory* handle) {
   const char* op = dispatch ? "dispatch" : "combine";
   if (__atomic_load_n(&r.problem.flag, __ATOMIC_ACQUIRE) == 1 || __atomic_load_n(&r.fail_flag, __ATOMIC_ACQUIRE) != 1) {
     return report_error(r, rank, call, op);  // bad top-k ids, or nothing
@@ -50,18 +79,29 @@ Error ll_report_error(const KernelReport& r, int rank, uint32_t call, bool dispa
       return ll_overwritten_error(rank, r.peer, dispatch ? "the dispatch data" : "the combine data", call,
                                   uint32_t(r.observed));
     case int32_t(LLFailure::RoutingMismatch):
-      return ll_routing_mismatch_error(dispatch_call);
+      return ll_routing_mismatch_error(handle ? handle->call : 0);
+    case int32_t(LLFailure::CorruptHandle): {
+      Error e = invalid("handle", "handle: corrupt layout range or source token index (entry " +
+                                      std::to_string(r.observed) + " of its layout); pass the handle its dispatch returned");
+      e.peers_informed = true;
+      return e;
+    }
     case int32_t(KernelFailure::PeerRejected):
       return ll_peer_rejected_error(rank, r.peer, op, call);
     case int32_t(KernelFailure::DispatchFailed): {
-      Error failed = dispatched ? dispatched->result() : Error{};
-      if (!failed) return invalid("handle", "handle: its low-latency dispatch did not deliver");
-      failed.message = "handle: its low-latency dispatch failed: " + failed.message;
-      failed.peers_informed = true;
-      return failed;
+      // The dispatch ran before this combine's send on some stream; its report says why once it
+      // is complete (if it is not, it has not delivered yet either).
+      Error failed;
+      if (handle && handle->report && handle->report->complete()) {
+        failed = ll_report_error(*handle->report->host, handle->rank, handle->call, true, nullptr);
+      }
+      if (!failed) failed = fail(SY_ERROR_PEER_FAILED, "it did not deliver");
+      return ll_failed_dispatch_error(handle ? handle->call : 0, failed);
     }
+    case int32_t(KernelFailure::Timeout):
+      return timeout_of(r, rank);
     default:
-      return report_error(r, rank, call, op);  // timeouts, a peer's abort
+      return report_error(r, rank, call, op);  // a peer's abort
   }
 }
 
@@ -119,10 +159,14 @@ Error ll_send(BufferCore& buf, CudaStream& stream, const std::shared_ptr<LLWork>
   if (dispatch) {
     auto hm = std::make_shared<LLHandleMemory>();
     SY_TRY(be.allocate_output(rank, stream, sizeof(LLHandleState), OutputWritten::Entirely, &hm->memory));
+    hm->report = call->report;
+    hm->call = w.call;
+    hm->rank = buf.rank;
     h.backend_state = hm;
   }
   if (!h.backend_state) return invalid("handle", "handle: comes from another backend");
-  a.handle = static_cast<LLHandleState*>(static_cast<LLHandleMemory*>(h.backend_state.get())->memory->ptr);
+  auto handle = std::static_pointer_cast<LLHandleMemory>(h.backend_state);
+  a.handle = static_cast<LLHandleState*>(handle->memory->ptr);
 
   a.voided_call = w.ack_voided_call;
   a.topk = w.topk;
@@ -160,10 +204,8 @@ Error ll_send(BufferCore& buf, CudaStream& stream, const std::shared_ptr<LLWork>
   const int me = buf.rank;
   const uint32_t n = w.call;
   std::shared_ptr<ReportSlot> report = call->report;
-  std::shared_ptr<OpStatus> dispatched = dispatch ? nullptr : h.status;
-  const uint32_t dispatch_call = h.call;
-  w.status->check_after = [report, me, n, dispatch, dispatch_call, dispatched]() {
-    return ll_report_error(*report->host, me, n, dispatch, dispatch_call, dispatched);
+  w.status->check_after = [report, me, n, dispatch, handle]() {
+    return ll_report_error(*report->host, me, n, dispatch, handle.get());
   };
   SY_CUDA(launch_ll_send(a, dispatch, grid_of(buf), stream.raw()));
   SY_TRY(report->seal(stream.raw()));
@@ -198,7 +240,14 @@ Error ll_clean(BufferCore& buf, CudaStream& stream, uint32_t epoch, const std::s
   LLArgs a;
   SY_TRY(base_args(buf, stream, "cleanLowLatencyBuffer", epoch, 0, report->device, &a));
   const int me = buf.rank;
-  status->check_after = [report, me, epoch]() { return report_error(*report->host, me, epoch, "cleanLowLatencyBuffer"); };
+  // A failure of the second barrier is at epoch + 1, which its timeouts and stamps carry.
+  status->check_after = [report, me, epoch]() {
+    const KernelReport& r = *report->host;
+    if (__atomic_load_n(&r.fail_flag, __ATOMIC_ACQUIRE) == 1 && r.fail_kind == int32_t(KernelFailure::Timeout)) {
+      return timeout_of(r, me);
+    }
+    return report_error(r, me, epoch, "cleanLowLatencyBuffer");
+  };
   SY_CUDA(launch_ll_clean(a, stream.raw()));
   return report->seal(stream.raw());
 }

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "../core/failure.h"
+#include "../core/op_desc.h"
 #include "../core/plan.h"
 #include "../core/routing.h"
 #include "kernel_report.h"
@@ -193,36 +194,18 @@ __device__ inline bool barrier(const SyncArgs& a, const uint32_t* desc) {
     const uint32_t* theirs =
         header_word(a, a.rank, core::op_slot(a.off_op_desc, a.ranks, r, a.epoch, core::kDescSlotWords));
     const uint32_t kind = *header_word(a, a.rank, core::op_slot(a.off_op_kind, a.ranks, r, a.epoch, 1));
+    const core::SlotCheck c = core::check_barrier_slot(desc, kind, theirs, a.epoch, r == a.rank);
+    if (c.verdict == core::SlotVerdict::Agree) continue;
     FailureInfo f;
     f.peer = r;
-    if (theirs[core::kDescEpoch] != a.epoch) {
-      f.kind = KernelFailure::PeerMovedOn;
-      f.expected = a.epoch;
-      f.observed = theirs[core::kDescEpoch];
-      report_failure(a.report, f);
-      continue;
-    }
-    if (kind != desc[0]) {
-      f.kind = KernelFailure::KindMismatch;
-      f.expected = desc[0];
-      f.observed = kind;
-      report_failure(a.report, f);
-      continue;
-    }
-    if (r != a.rank && theirs[core::kDescRejected] != 0) {
-      f.kind = KernelFailure::PeerRejected;
-      report_failure(a.report, f);
-      continue;
-    }
-    for (int i = 1; i < core::kDescRejected; ++i) {
-      if (theirs[i] == desc[i]) continue;
-      f.kind = KernelFailure::DescMismatch;
-      f.a = i;
-      f.expected = desc[i];
-      f.observed = theirs[i];
-      report_failure(a.report, f);
-      break;
-    }
+    f.expected = c.mine;
+    f.observed = c.theirs;
+    f.a = c.word;
+    f.kind = c.verdict == core::SlotVerdict::MovedOn     ? KernelFailure::PeerMovedOn
+             : c.verdict == core::SlotVerdict::OtherKind ? KernelFailure::KindMismatch
+             : c.verdict == core::SlotVerdict::Rejected  ? KernelFailure::PeerRejected
+                                                         : KernelFailure::DescMismatch;
+    report_failure(a.report, f);
   }
   __syncthreads();
   if (threadIdx.x == 0) verdict = ld_volatile(&a.report->fail_flag) == 0 && desc[core::kDescRejected] == 0;

@@ -49,6 +49,9 @@ struct KernelReport {
   int32_t num_local_experts;
   int64_t num_recv;   // rows received (tokens)
   int32_t expert_counts[core::kMaxExpertsPerRank];  // per local expert, unaligned
+  // A low-latency timeout: bit r set for every rank still missing at the deadline (the report
+  // names the lowest in `peer`), written before the failure's flag.
+  uint32_t missing[core::kMaxRanks / 32];
 };
 
 }  // namespace sy::cuda

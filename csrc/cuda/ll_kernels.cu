@@ -52,12 +52,18 @@ __device__ __forceinline__ void signal(const LLArgs& a, int to, uint64_t off, ui
 }
 
 // Waits until every unmasked rank's flag in this rank's array at `off` has reached `epoch`. With
-// masking, a rank still missing at the deadline is masked; without, the timeout is recorded and
-// the peers told. `waited` (optional) gets the ns each rank took (0 for masked ones). Block-wide;
-// true if the call may go on.
+// masking, a rank still missing at the deadline is masked; without, the timeout is recorded with
+// every missing rank (the lowest named) and the peers told. `waited` (optional) gets the ns each
+// rank took (0 for masked ones). Block-wide; true if the call may go on.
 __device__ bool wait_sources(const LLArgs& a, uint64_t off, uint32_t epoch, core::WaitRole role, int64_t* waited) {
-  SY_SHARED(int, failed);
-  if (threadIdx.x == 0) failed = 0;
+  SY_SHARED(int, failed);  // 1: a peer aborted, 2: the deadline passed
+  SY_SHARED(int, lowest);
+  SY_SHARED(uint32_t[core::kMaxRanks / 32], missing);
+  if (threadIdx.x == 0) {
+    failed = 0;
+    lowest = 0x7fffffff;
+  }
+  for (int i = threadIdx.x; i < core::kMaxRanks / 32; i += blockDim.x) missing[i] = 0;
   __syncthreads();
   const uint64_t start = global_ns();
   const uint32_t* flags = word_at(a, a.sync.rank, off);
@@ -70,36 +76,46 @@ __device__ bool wait_sources(const LLArgs& a, uint64_t off, uint32_t epoch, core
         if (waited) waited[r] = int64_t(global_ns() - start);
         break;
       }
-      if (ld_volatile(&failed)) break;
-      if ((spins & 63u) == 0) {
+      bool late = false;
+      if (const int why = ld_volatile(&failed)) {
+        late = why == 2;  // another rank's deadline passed: this one is missing too
+        if (!late) break;
+      } else if ((spins & 63u) == 0) {
         if (check_aborted(a.sync)) {
           atomicMax(&failed, 1);
           break;
         }
-        const uint64_t w = global_ns() - start;
-        if (w > a.sync.timeout_ns) {
+        if (global_ns() - start > a.sync.timeout_ns) {
           if (a.masking) {  // masked from now on, in this rank's view
             st_release_sys(word_at(a, a.sync.rank, a.off_mask + 4ull * uint64_t(r)), 1u);
             break;
           }
-          FailureInfo f;
-          f.kind = KernelFailure::Timeout;
-          f.peer = r;
-          f.role = role;
-          f.expected = epoch;
-          f.observed = v;
-          f.waited_ns = int64_t(w);
-          report_failure(a.sync.report, f);
+          late = true;
           atomicMax(&failed, 2);
-          break;
         }
-        __nanosleep(64);
       }
+      if (late) {
+        atomicOr(&missing[r / 32], 1u << (r % 32));
+        atomicMin(&lowest, r);
+        break;
+      }
+      if ((spins & 63u) == 0) __nanosleep(64);
     }
   }
   __syncthreads();
   const int why = ld_volatile(&failed);
-  if (why == 2) abort_peers(a.sync, ld_volatile(&a.sync.report->peer), role, uint32_t(SY_ERROR_TIMEOUT));
+  if (why == 2 && threadIdx.x == 0) {
+    for (int i = 0; i < core::kMaxRanks / 32; ++i) a.sync.report->missing[i] = missing[i];
+    FailureInfo f;
+    f.kind = KernelFailure::Timeout;
+    f.peer = lowest;
+    f.role = role;
+    f.expected = epoch;
+    f.observed = ld_acquire_sys(&flags[lowest]);
+    f.waited_ns = int64_t(global_ns() - start);
+    report_failure(a.sync.report, f);
+  }
+  if (why == 2) abort_peers(a.sync, lowest, role, uint32_t(SY_ERROR_TIMEOUT));
   __syncthreads();
   return why == 0;
 }
@@ -211,6 +227,27 @@ __global__ void __launch_bounds__(kLLThreads) ll_send_prepare_kernel(LLArgs a, i
         report_failure(a.sync.report, f);
       }
     }
+    __syncthreads();
+    // The rows it sends back are addressed by the handle's layout: every range and source token
+    // in bounds, or the call is refused (the handle tensors are read-only; this is the check
+    // that a corrupt one cannot make this rank write outside a peer's buffer).
+    if (!reject) {
+      const int R = a.sync.ranks, EL = a.ll.local_experts;
+      const int64_t N = a.ll.recv_rows();
+      for (int p = threadIdx.x; p < EL * R; p += blockDim.x) {
+        const int l = p / R;
+        const int64_t rs = a.layout_range[p], begin = rs >> 32, c = rs & 0xffffffff;
+        bool bad = begin < 0 || c > a.ll.max_tokens || begin + c > N;
+        for (int64_t i = 0; i < c && !bad; ++i) {
+          const int32_t t = a.src_info[uint64_t(l) * uint64_t(N) + uint64_t(begin + i)];
+          bad = t < 0 || t >= a.ll.max_tokens;
+        }
+        if (bad) {
+          record(a, LLFailure::CorruptHandle, -1, p, 0);
+          reject = 1;
+        }
+      }
+    }
   }
   __syncthreads();
   if (reject) {
@@ -293,6 +330,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LLArgs a) 
     }
     __syncthreads();  // the next token's codes go where these were read from
   }
+  __threadfence_system();  // this block's writes, before the finish kernel's flags (another thread's)
 }
 
 // A warp per received row: back to its source, keyed by [global expert][token], as BF16 or as
@@ -349,6 +387,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LLArgs a) {
       }
     }
   }
+  __threadfence_system();  // this block's writes, before the finish kernel's flags (another thread's)
 }
 
 // Per unmasked destination: the counts (dispatch), the format word, then the flag.
@@ -377,11 +416,17 @@ __global__ void __launch_bounds__(kLLThreads) ll_recv_prepare_kernel(LLArgs a, i
   }
   // From here the half is acknowledged whatever is found. One thread checks the sources in
   // order, so the lowest offending rank is the one named, as on the host backend.
+  // Thread 0 decides (the report lives in host memory: read once, not per source).
+  SY_SHARED(int, ok);
   if (threadIdx.x == 0) {
+    bool fine = !call_failed(a);
     const uint32_t* formats =
         word_at(a, a.sync.rank, a.half + (dispatch ? a.ll.off_dispatch_format : a.ll.off_combine_format));
-    if (ld_volatile(&a.s.state[0]) == kSendRejected) record(a, LLFailure::SelfRejected, a.sync.rank, 0, 0);
-    for (int s = 0; s < R && !call_failed(a); ++s) {
+    if (fine && ld_volatile(&a.s.state[0]) == kSendRejected) {
+      record(a, LLFailure::SelfRejected, a.sync.rank, 0, 0);
+      fine = false;
+    }
+    for (int s = 0; s < R && fine; ++s) {
       if (is_masked(a, s)) continue;
       const uint32_t f = ld_acquire_sys(&formats[s]);
       if (f & core::kFormatRejected) {
@@ -389,23 +434,22 @@ __global__ void __launch_bounds__(kLLThreads) ll_recv_prepare_kernel(LLArgs a, i
         fi.kind = KernelFailure::PeerRejected;
         fi.peer = s;
         report_failure(a.sync.report, fi);
+        fine = false;
       } else if (f != a.format) {
         record(a, LLFailure::Format, s, f, a.format);
+        fine = false;
       }
     }
-  }
-  __syncthreads();
-  if (dispatch) {
-    // Per local expert: the sources' counts (each read once, then used), the ranges, the total.
-    if (threadIdx.x == 0 && !call_failed(a)) {
+    if (dispatch) {
+      // Per local expert: the sources' counts (each read once, then used), the ranges, the total.
       const auto* counts = reinterpret_cast<const int32_t*>(a.sync.bases[a.sync.rank] + a.half + a.ll.off_dispatch_count);
-      for (int l = 0; l < a.ll.local_experts && !call_failed(a); ++l) {
+      for (int l = 0; l < a.ll.local_experts && fine; ++l) {
         int64_t begin = 0;
-        for (int s = 0; s < R; ++s) {
+        for (int s = 0; s < R && fine; ++s) {
           const int32_t c = is_masked(a, s) ? 0 : ld_volatile(&counts[size_t(l) * R + s]);
           if (c < 0 || c > a.ll.max_tokens) {
             record(a, LLFailure::Count, s, c, a.ll.max_tokens);
-            break;
+            fine = false;
           }
           a.layout_range[size_t(l) * R + s] = (begin << 32) | int64_t(uint32_t(c));
           begin += c;
@@ -413,15 +457,23 @@ __global__ void __launch_bounds__(kLLThreads) ll_recv_prepare_kernel(LLArgs a, i
         a.recv_count[l] = int32_t(begin);
       }
     }
-  } else {
-    // The routing must be valid, and the one the dispatch used (rows are keyed by it).
-    if (!call_failed(a) && check_topk(a)) {
-      const uint64_t fp = topk_fingerprint(a);
-      if (threadIdx.x == 0 && fp != a.handle->fingerprint) record(a, LLFailure::RoutingMismatch, -1, 0, 0);
-    }
+    ok = fine ? 1 : 0;
   }
   __syncthreads();
-  if (threadIdx.x == 0) a.s.state[1] = call_failed(a) ? 0 : 1;
+  if (!dispatch && ok) {
+    // The routing must be valid, and the one the dispatch used (rows are keyed by it).
+    if (!check_topk(a)) {
+      if (threadIdx.x == 0) ok = 0;
+    } else {
+      const uint64_t fp = topk_fingerprint(a);
+      if (threadIdx.x == 0 && fp != a.handle->fingerprint) {
+        record(a, LLFailure::RoutingMismatch, -1, 0, 0);
+        ok = 0;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) a.s.state[1] = ok;
 }
 
 // A warp per message: payload, source token index and scales (token dimension contiguous).
@@ -455,12 +507,17 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LLArgs a) {
   if (ld_volatile(&a.s.state[1]) != 1) return;
   const int H = a.ll.hidden, K = a.topk, EL = a.ll.local_experts;
   const uint8_t* own = a.sync.bases[a.sync.rank] + a.half;
+  // The mask, read once: it does not change while the call receives (the prepare kernel made
+  // its last changes).
+  SY_SHARED(uint8_t[core::kMaxRanks], masked);
+  for (int r = threadIdx.x; r < a.sync.ranks; r += blockDim.x) masked[r] = is_masked(a, r) ? 1 : 0;
+  __syncthreads();
   for (int64_t t = blockIdx.x; t < a.tokens; t += gridDim.x) {
     for (int c = threadIdx.x; c < H; c += blockDim.x) {
       float acc = 0.0f;
       for (int k = 0; k < K; ++k) {
         const int64_t e = topk_at(a, t, k);
-        if (e < 0 || is_masked(a, int(e / EL))) continue;
+        if (e < 0 || masked[e / EL]) continue;
         const float w = *reinterpret_cast<const float*>(a.weights + t * a.w_st + int64_t(k) * a.w_sk);
         const uint8_t* src = own + a.ll.combine_row(e, t);
         uint16_t v = reinterpret_cast<const uint16_t*>(src)[c];
@@ -530,7 +587,10 @@ __global__ void __launch_bounds__(kLLThreads) ll_clean_barrier_kernel(LLArgs a) 
     return;
   }
   const int R = a.sync.ranks;
-  if (check_aborted(a.sync)) return;
+  SY_SHARED(int, aborted);  // one answer for the whole block: a peer may abort while we look
+  if (threadIdx.x == 0) aborted = check_aborted(a.sync) ? 1 : 0;
+  __syncthreads();
+  if (aborted) return;
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     if (is_masked(a, r)) continue;
     *word_at(a, r, core::op_slot(a.sync.off_op_kind, R, a.sync.rank, a.sync.epoch, 1)) = desc[0];

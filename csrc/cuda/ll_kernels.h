@@ -49,6 +49,7 @@ enum class LLFailure : int32_t {
   Count = 102,            // rank `peer` announced `observed` tokens for one expert
   Overwritten = 103,      // rank `peer` is at call `observed` while this rank read its data
   RoutingMismatch = 104,  // combine's top-k ids are not those its dispatch sent
+  CorruptHandle = 105,    // combine: the handle's range `observed` (local expert x R + source) is out of bounds
 };
 
 // One call's device scratch, shared by its send and receive phases (the receive may run much

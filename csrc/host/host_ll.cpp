@@ -335,20 +335,14 @@ Error run_ll_combine_send(BufferSet& set, LLWork& w) {
     const auto* range = reinterpret_cast<const int64_t*>(h.layout_range->data());
     Error bad;
     if (!h.received.load()) {
-      // Its dispatch failed (a peer died, say): that failure, naming whom it waited for, is
-      // the answer; otherwise the caller skipped the receive hook.
+      // Its dispatch failed (a peer died, say), or the caller skipped the receive hook: refused
+      // like bad input, so every rank fails this combine at once and the half stays usable.
       Error failed;
       if (h.status) {
         std::lock_guard<std::mutex> l(h.status->mu);
         failed = h.status->error;
       }
-      if (failed) {
-        failed.message = "handle: its low-latency dispatch (call " + std::to_string(h.call) + ") failed: " + failed.message;
-        failed.peers_informed = true;
-        return failed;
-      }
-      bad = invalid("handle", "handle: the receive phase of low-latency call " + std::to_string(h.call) +
-                                  " has not run; run its hook before combining");
+      bad = ll_failed_dispatch_error(h.call, failed);
     }
     // The layout must describe rows this buffer can hold (it is the dispatch's, read-only).
     for (int l = 0; l < EL && !bad; ++l) {

@@ -177,18 +177,20 @@ Error Peers::barrier(core::OpKind kind, const uint32_t* desc, const char* const*
     signal(r, plan().off_barrier_epoch);  // release: the kind and parameters are visible first
   }
   SY_TRY(wait_all(plan().off_barrier_epoch, core::WaitRole::Barrier));
+  uint32_t mine[core::kDescWords] = {uint32_t(kind)};  // without parameters, the zeros every rank wrote
+  if (desc)
+    for (int i = 1; i < core::kDescWords; ++i) mine[i] = desc[i];
   for (int r = 0; r < R; ++r) {
     const uint32_t* theirs = word(rank_, core::op_slot(plan().off_op_desc, R, r, epoch_, core::kDescSlotWords));
     const uint32_t k = load_acquire(word(rank_, core::op_slot(plan().off_op_kind, R, r, epoch_, 1)));
-    if (const uint32_t stamp = theirs[core::kDescEpoch]; stamp != epoch_) {
-      return peer_moved_on_error(rank_, epoch_, r, stamp);
-    }
-    if (k != uint32_t(kind)) return kind_mismatch_error(rank_, epoch_, uint32_t(kind), r, k);
-    if (desc && theirs[core::kDescRejected] != 0 && r != rank_) return peer_rejected_error(rank_, epoch_, uint32_t(kind), r);
-    for (int i = 1; desc && i < core::kDescRejected; ++i) {
-      if (theirs[i] != desc[i]) {
-        return desc_mismatch_error(rank_, epoch_, uint32_t(kind), r, names ? names[i] : nullptr, desc[i], theirs[i]);
-      }
+    const core::SlotCheck c = core::check_barrier_slot(mine, k, theirs, epoch_, r == rank_);
+    switch (c.verdict) {
+      case core::SlotVerdict::Agree: continue;
+      case core::SlotVerdict::MovedOn: return peer_moved_on_error(rank_, epoch_, r, c.theirs);
+      case core::SlotVerdict::OtherKind: return kind_mismatch_error(rank_, epoch_, uint32_t(kind), r, c.theirs);
+      case core::SlotVerdict::Rejected: return peer_rejected_error(rank_, epoch_, uint32_t(kind), r);
+      case core::SlotVerdict::OtherParameter:
+        return desc_mismatch_error(rank_, epoch_, uint32_t(kind), r, names ? names[c.word] : nullptr, c.mine, c.theirs);
     }
   }
   return ok();
