@@ -214,8 +214,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_send_prepare_kernel(LLArgs a, i
   }
   SY_SHARED(int, reject);
   if (dispatch) {
-    reject = 0;  // every thread writes the same value before the barrier inside check_topk
-    if (!check_topk(a)) reject = 1;
+    const bool valid = check_topk(a);  // block-wide: every thread gets the same answer
+    if (threadIdx.x == 0) reject = valid ? 0 : 1;
   } else {
     if (threadIdx.x == 0) {
       // Its dispatch did not deliver (a peer died, say): the call is refused everywhere, and the
@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_send_prepare_kernel(LLArgs a, i
         }
         if (bad) {
           record(a, LLFailure::CorruptHandle, -1, p, 0);
-          reject = 1;
+          atomicMax(&reject, 1);
         }
       }
     }

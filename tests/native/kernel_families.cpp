@@ -97,7 +97,7 @@ struct Job {
   std::vector<sy_stream> streams;
   std::vector<sy_buffer> buffers;
 
-  Job(int32_t backend, const Shape& s, int64_t timeout_ms) {
+  Job(int32_t backend, const Shape& s, int64_t timeout_ms, bool low_latency = false) {
     sy_group_options go;
     std::memset(&go, 0, sizeof go);
     go.struct_size = sizeof go;
@@ -118,6 +118,7 @@ struct Job {
       bo.struct_size = sizeof bo;
       bo.hidden = s.hidden;
       bo.max_tokens_per_rank = s.tokens;
+      bo.ll_num_experts = low_latency ? s.experts : 0;
       SY(sy_buffer_create(ranks[size_t(r)], &bo, &buffers[size_t(r)]), ranks[size_t(r)]);
     }
   }
@@ -261,6 +262,82 @@ std::vector<Outputs> dispatch_and_combine(int32_t backend, const Shape& s, const
   return out;
 }
 
+// Low-latency dispatch (`flags`: FP8 and its scale options) and combine (LogFMT-10 with
+// `logfmt`), twice in a row so both halves of the double buffer and their acknowledgements run;
+// returns each rank's outputs: the rows each local expert received, their scales and source
+// tokens, the layout ranges, the counts and the combined tokens.
+std::vector<Outputs> low_latency(int32_t backend, const Shape& s, const Inputs& in, uint32_t flags, bool logfmt) {
+  Job job(backend, s, 20000, true);
+  std::vector<Outputs> out(size_t(s.ranks));
+  const int T = s.tokens, H = s.hidden, K = s.topk, EL = s.experts / s.ranks;
+  const int64_t N = int64_t(s.ranks) * T;
+  each_rank(s.ranks, [&](int r) {
+    Outputs& o = out[size_t(r)];
+    sy_tensor x = job.tensor(r, SY_DTYPE_BF16, {T, H}, in.x[size_t(r)].data(), uint64_t(T) * H * 2);
+    sy_tensor idx = job.tensor(r, SY_DTYPE_I64, {T, K}, in.topk[size_t(r)].data(), uint64_t(T) * K * 8);
+    sy_tensor w = job.tensor(r, SY_DTYPE_F32, {T, K}, in.weights[size_t(r)].data(), uint64_t(T) * K * 4);
+    // Expert outputs for every slot: the expert rows the normal-mode combine uses, cycled.
+    std::vector<uint16_t> ys(size_t(EL) * size_t(N) * size_t(H));
+    const std::vector<uint16_t>& pool = in.expert[size_t(r)];
+    for (size_t i = 0; i < ys.size(); ++i) ys[i] = pool[(i * 7) % pool.size()];
+    sy_tensor y = job.tensor(r, SY_DTYPE_BF16, {EL, N, H}, ys.data(), ys.size() * 2);
+    for (int round = 0; round < 2; ++round) {
+      const std::string at = std::to_string(round) + " ";
+      sy_ll_dispatch_args a;
+      std::memset(&a, 0, sizeof a);
+      a.struct_size = sizeof a;
+      a.flags = flags;
+      a.x = x;
+      a.topk_idx = idx;
+      a.compute_stream = job.streams[size_t(r)];
+      sy_ll_dispatch_result d;
+      std::memset(&d, 0, sizeof d);
+      d.struct_size = sizeof d;
+      SY(sy_ll_dispatch(job.buffers[size_t(r)], &a, &d), job.buffers[size_t(r)]);
+      const Bytes count = job.read(r, d.recv_count);
+      o[at + "recv_count"] = count;
+      const Bytes xs = job.read(r, d.recv_x);
+      const Bytes sc = d.recv_x_scales ? job.read(r, d.recv_x_scales) : Bytes();
+      sy_tensor src = nullptr, range = nullptr;
+      SY(sy_ll_handle_tensor(d.handle, SY_LL_HANDLE_SRC_INFO, &src), d.handle);
+      SY(sy_ll_handle_tensor(d.handle, SY_LL_HANDLE_LAYOUT_RANGE, &range), d.handle);
+      const Bytes srcs = job.read(r, src);
+      o[at + "layout_range"] = job.read(r, range);
+      const size_t row = xs.size() / size_t(EL * N), words = sc.size() / size_t(EL * N * 4);
+      for (int l = 0; l < EL; ++l) {  // only the rows the counts cover are written
+        int32_t c = 0;
+        std::memcpy(&c, count.data() + 4 * l, 4);
+        const size_t first = size_t(l) * size_t(N);
+        o[at + "recv_x " + std::to_string(l)] = Bytes(xs.begin() + long(first * row), xs.begin() + long((first + c) * row));
+        o[at + "src_info " + std::to_string(l)] =
+            Bytes(srcs.begin() + long(first * 4), srcs.begin() + long((first + c) * 4));
+        // The scales read densely are [EL, N, S]: row i of expert l is S words at (l * N + i) * S.
+        o[at + "scales " + std::to_string(l)] =
+            Bytes(sc.begin() + long(first * words * 4), sc.begin() + long((first + c) * words * 4));
+      }
+      sy_ll_combine_args ca;
+      std::memset(&ca, 0, sizeof ca);
+      ca.struct_size = sizeof ca;
+      ca.flags = logfmt ? SY_LL_LOGFMT : 0;
+      ca.x = y;
+      ca.topk_idx = idx;
+      ca.topk_weights = w;
+      ca.handle = d.handle;
+      ca.compute_stream = job.streams[size_t(r)];
+      sy_ll_combine_result cr;
+      std::memset(&cr, 0, sizeof cr);
+      cr.struct_size = sizeof cr;
+      SY(sy_ll_combine(job.buffers[size_t(r)], &ca, &cr), job.buffers[size_t(r)]);
+      o[at + "combined_x"] = job.read(r, cr.combined_x);
+      for (sy_tensor t : {cr.combined_x, d.recv_x, d.recv_x_scales, d.recv_count, src, range})
+        if (t) sy_tensor_destroy(t);
+      sy_ll_handle_destroy(d.handle);
+    }
+    for (sy_tensor t : {x, idx, w, y}) sy_tensor_destroy(t);
+  });
+  return out;
+}
+
 std::vector<Outputs> layout(int32_t backend, const Shape& s, const Inputs& in) {
   Job job(backend, s, 20000);
   std::vector<Outputs> out(size_t(s.ranks));
@@ -376,6 +453,13 @@ int main(int argc, char** argv) {
   };
   for (const Mode& m : modes) {
     bad += compare(m.name, dispatch_and_combine(SY_BACKEND_HOST, s, in, m), dispatch_and_combine(SY_BACKEND_CUDA, s, in, m));
+  }
+  if (s.hidden % 128 == 0) {  // the low-latency mode's FP8 scales cover 128 channels each
+    bad += compare("low-latency FP8 (UE8M0) dispatch + LogFMT-10 combine, both halves",
+                   low_latency(SY_BACKEND_HOST, s, in, SY_LL_FP8 | SY_LL_ROUND_SCALE | SY_LL_UE8M0, true),
+                   low_latency(SY_BACKEND_CUDA, s, in, SY_LL_FP8 | SY_LL_ROUND_SCALE | SY_LL_UE8M0, true));
+    bad += compare("low-latency BF16 dispatch + BF16 combine, both halves", low_latency(SY_BACKEND_HOST, s, in, 0, false),
+                   low_latency(SY_BACKEND_CUDA, s, in, 0, false));
   }
   const bool timed_out = timeout_names_the_missing_rank(s);
   std::printf("missing rank: %s\n", timed_out ? "times out naming it" : "WRONG");
