@@ -106,6 +106,8 @@ export const symbols = {
   sy_buffer_import: { parameters: ["pointer", "buffer"], result: "i32" },
   // sy_status sy_buffer_seal(sy_buffer buffer)
   sy_buffer_seal: { parameters: ["pointer"], result: "i32" },
+  // sy_status sy_buffer_abandon(sy_buffer buffer, int32_t peer)
+  sy_buffer_abandon: { parameters: ["pointer", "i32"], result: "i32" },
   // sy_status sy_buffer_comm_stream(sy_buffer buffer, sy_stream* out)
   sy_buffer_comm_stream: { parameters: ["pointer", "buffer"], result: "i32" },
   // sy_status sy_buffer_plan_get(sy_buffer buffer, sy_buffer_plan* out)

@@ -299,6 +299,15 @@ export class EpBuffer extends NativeResource {
     check(native().sy_buffer_seal(p), p, "seal");
   }
 
+  /**
+   * Process groups: gives up on the buffer set because rank `peer` failed before the first
+   * operation (see `sy_buffer_abandon`): every peer's wait on it ends at once, naming `peer`.
+   */
+  abandon(peer: number): void {
+    const p = this.pointer;
+    check(native().sy_buffer_abandon(p, integerArg("peer", peer, 0, 2 ** 31 - 1)), p, "abandon");
+  }
+
   /** The stream the buffer's operations run on. */
   get commStream(): Stream {
     this.pointer;

@@ -340,7 +340,20 @@ export class Group extends NativeResource {
         shares.forEach((share, r) => {
           if (r !== rv.env.rank) buffer.importShare(share);
         });
-        await rv.store.barrier(`buffer/${n}/mapped`);
+        try {
+          await rv.store.barrier(`buffer/${n}/mapped`);
+        } catch (e) {
+          // Every peer's buffer is mapped here, and the fastest peers may already wait in a first
+          // operation: they learn at once that this rank gave up, and why, instead of timing out.
+          if (e instanceof SwitchyardTimeoutError && e.peerRank >= 0) {
+            try {
+              buffer.abandon(e.peerRank);
+            } catch {
+              // the failure to report is the rendezvous's; the peers then time out on their own
+            }
+          }
+          throw e;
+        }
         buffer.seal(); // every peer has mapped it: its name can go
       }
     } catch (e) {

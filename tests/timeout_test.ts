@@ -83,3 +83,24 @@ Deno.test("awaiting ranks one by one in exact-size mode times out naming the ran
   assert.ok(e instanceof SwitchyardTimeoutError, String(e));
   assert.equal(e.peerRank, 1);
 });
+
+Deno.test("a rank that abandons the buffer set (a peer failed before the first operation) ends the others' waits at once, naming that peer", async () => {
+  // What Group.createBuffers does when the rendezvous loses a rank while the buffers are being
+  // mapped: the peers already waiting in a first operation hear of it through their abort
+  // records instead of timing out on this rank.
+  const timeoutMs = 5000;
+  using fx = await fixture(4, H, T, timeoutMs);
+  const started = performance.now();
+  // Rank 0 "failed" (it never calls); ranks 1 and 2 wait in a dispatch; rank 3 abandons.
+  const waiting = [1, 2].map((r) => dispatchOn(fx.group.ranks[r], fx.buffers[r], r).catch((e) => e));
+  await new Promise((r) => setTimeout(r, 50));
+  fx.buffers[3].abandon(0);
+  for (const e of await Promise.all(waiting)) {
+    assert.ok(e instanceof SwitchyardTimeoutError, String(e));
+    assert.equal(e.code, "PEER_FAILED", e.message);
+    assert.equal(e.peerRank, 0, e.message);
+    assert.match(e.message, /abandoned by rank 3 after rank 0 failed/);
+  }
+  const elapsed = performance.now() - started;
+  assert.ok(elapsed < timeoutMs / 2, `took ${elapsed.toFixed(0)} ms: the abort, not the deadline, ended the waits`);
+});

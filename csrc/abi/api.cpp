@@ -716,6 +716,16 @@ SY_API sy_status sy_buffer_seal(sy_buffer buffer) {
   });
 }
 
+SY_API sy_status sy_buffer_abandon(sy_buffer buffer, int32_t peer) {
+  return guarded(buffer, [&]() -> Error {
+    std::shared_ptr<BufferCore> b;
+    SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
+    SY_TRY(check_range("peer", peer, 0, b->group->num_ranks - 1));
+    std::lock_guard<std::mutex> order(b->enqueue_mu);
+    return b->group->backend->abandon(*b, peer);
+  });
+}
+
 SY_API sy_status sy_buffer_comm_stream(sy_buffer buffer, sy_stream* out) {
   return guarded(buffer, [&]() -> Error {
     std::shared_ptr<BufferCore> b;

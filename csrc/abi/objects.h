@@ -438,6 +438,9 @@ class Backend {
   // (its stages read the mask when they run); a GPU backend, whose header is device memory,
   // orders them on the communication stream. Called with the buffer's enqueue_mu held.
   virtual Error mask_write(BufferCore& buf, int first, int count, uint32_t value);
+  // sy_buffer_abandon: tells every peer of the set (their abort records) that this rank gave up
+  // because rank `peer` failed; the set cannot be used again.
+  virtual Error abandon(BufferCore& buf, int peer) = 0;
   virtual Error mask_read(BufferCore& buf, uint32_t* out, int n);
   // Makes the process's device current on this thread (NCCL calls need it); host: nothing.
   virtual Error bind_thread(RankCore& rank) = 0;

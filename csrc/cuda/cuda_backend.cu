@@ -259,6 +259,7 @@ class CudaBackend final : public Backend {
   Error combine(BufferCore& buf, Stream& comm, std::shared_ptr<CombineWork> work) override {
     return normal_combine(buf, *as_cuda(comm), work);
   }
+  Error abandon(BufferCore& buf, int peer) override { return normal_abandon(buf, *as_cuda(*buf.comm_stream), peer); }
   Error ll_dispatch_send(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work) override {
     return ll_send(buf, *as_cuda(s), work, true);
   }

@@ -32,32 +32,6 @@ struct LLHandleMemory {
 
 int64_t stride_bytes(const std::shared_ptr<Tensor>& t, int dim) { return t ? t->strides[dim] * t->element_size() : 0; }
 
-// A timeout as the host backend words it: every rank missing at the deadline (the lowest named),
-// at the operation waited for (`expected`: the call, or call - 2 for the wait for a free half).
-Error timeout_of(const KernelReport& r, int rank) {
-  std::string missing;
-  int listed = 0, more = 0;
-  for (int p = 0; p < core::kMaxRanks; ++p) {
-    if (!(r.missing[p / 32] >> (p % 32) & 1u)) continue;
-    if (listed < 16) {
-      missing += (missing.empty() ? "" : ", ") + std::to_string(p);
-      ++listed;
-    } else {
-      ++more;
-    }
-  }
-  if (missing.empty()) missing = std::to_string(r.peer);
-  core::WaitFailure w;
-  w.rank = rank;
-  w.peer = r.peer;
-  w.role = core::WaitRole(r.role);
-  w.channel = r.peer;
-  w.expected = r.expected;
-  w.observed = r.observed;
-  w.waited_seconds = double(r.waited_ns) * 1e-9;
-  return missing_ranks_error(w, uint32_t(r.expected), missing + (more ? ", ..." : ""));
-}
-
 // The error a call's report stands for: the low-latency failures worded as the host backend
 // words them (protocol_errors.h), the others as the normal mode's.
 Error ll_report_error(const KernelReport& r, int rank, uint32_t call, bool dispatch, const LLHandleMemory* handle) {
@@ -98,8 +72,8 @@ Error ll_report_error(const KernelReport& r, int rank, uint32_t call, bool dispa
       if (!failed) failed = fail(SY_ERROR_PEER_FAILED, "it did not deliver");
       return ll_failed_dispatch_error(handle ? handle->call : 0, failed);
     }
-    case int32_t(KernelFailure::Timeout):
-      return timeout_of(r, rank);
+    case int32_t(KernelFailure::Timeout):  // at the operation waited for: call - 2 for a busy half
+      return timeout_report_error(r, rank, uint32_t(r.expected));
     default:
       return report_error(r, rank, call, op);  // a peer's abort
   }
@@ -244,7 +218,7 @@ Error ll_clean(BufferCore& buf, CudaStream& stream, uint32_t epoch, const std::s
   status->check_after = [report, me, epoch]() {
     const KernelReport& r = *report->host;
     if (__atomic_load_n(&r.fail_flag, __ATOMIC_ACQUIRE) == 1 && r.fail_kind == int32_t(KernelFailure::Timeout)) {
-      return timeout_of(r, me);
+      return timeout_report_error(r, me, uint32_t(r.expected));
     }
     return report_error(r, me, epoch, "cleanLowLatencyBuffer");
   };

@@ -282,6 +282,14 @@ Error normal_reject(BufferCore& buf, CudaStream& comm, core::OpKind kind, uint32
   return report->seal(comm.raw());  // nobody reads it: the refusal was reported to the caller
 }
 
+Error normal_abandon(BufferCore& buf, CudaStream& comm, int peer) {
+  SY_TRY(begin_operation(buf, comm, "abandon"));
+  std::shared_ptr<ReportSlot> report;
+  SY_TRY(comm.rank_state_ref().reports->take(&report));
+  SY_CUDA(launch_abandon(sync_args(buf, buf.next_epoch, buffer_state(buf), report->device), peer, comm.raw()));
+  return report->seal(comm.raw());
+}
+
 Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work) {
   SY_TRY(begin_operation(buf, comm, "dispatch"));
   CudaBuffer& st = buffer_state(buf);

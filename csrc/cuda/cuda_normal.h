@@ -12,6 +12,8 @@ namespace sy::cuda {
 uint64_t normal_shared_bytes(const core::BufferPlan& plan, bool process_group);
 Error normal_init_buffer(BufferCore& buf);
 Error normal_reject(BufferCore& buf, CudaStream& comm, core::OpKind kind, uint32_t epoch);
+// sy_buffer_abandon: every peer's abort record says this rank gave up because `peer` failed.
+Error normal_abandon(BufferCore& buf, CudaStream& comm, int peer);
 Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work);
 Error normal_dispatch_wait_counts(DispatchWork& work, Deadline deadline);
 Error normal_dispatch_epilogue(BufferCore& buf, CudaStream& comm, const std::shared_ptr<DispatchWork>& work);

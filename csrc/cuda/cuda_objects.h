@@ -122,5 +122,8 @@ inline CudaStream* as_cuda(Stream& s) { return dynamic_cast<CudaStream*>(&s); }
 
 // The failure a report describes, if any (kernel_report.cu). `rank` is the reporting rank.
 Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* op);
+// A timeout record as the error: every rank its `missing` bits name (else the one in `peer`), at
+// operation `epoch`.
+Error timeout_report_error(const KernelReport& r, int rank, uint32_t epoch);
 
 }  // namespace sy::cuda

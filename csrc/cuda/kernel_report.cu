@@ -19,23 +19,38 @@ Error problem_error(const core::InputProblem& p) {
 
 }  // namespace
 
+Error timeout_report_error(const KernelReport& r, int rank, uint32_t epoch) {
+  std::string missing;
+  int listed = 0, more = 0;
+  for (int p = 0; p < core::kMaxRanks; ++p) {
+    if (!(r.missing[p / 32] >> (p % 32) & 1u)) continue;
+    if (listed < 16) {
+      missing += (missing.empty() ? "" : ", ") + std::to_string(p);
+      ++listed;
+    } else {
+      ++more;
+    }
+  }
+  if (missing.empty()) missing = std::to_string(r.peer);  // a wait that records the one it named
+  core::WaitFailure w;
+  w.rank = rank;
+  w.peer = r.peer;
+  w.role = core::WaitRole(r.role);
+  w.channel = r.peer;
+  w.expected = r.expected;
+  w.observed = r.observed;
+  w.waited_seconds = double(r.waited_ns) * 1e-9;
+  return missing_ranks_error(w, epoch, missing + (more ? ", ..." : ""));
+}
+
 Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* op) {
   if (load_flag(&r.problem.flag) == 1u) return problem_error(r.problem);
   if (load_flag(&r.fail_flag) != 1u) return ok();
   const uint32_t kind = op[0] == 'c' ? uint32_t(core::OpKind::Combine) : uint32_t(core::OpKind::Dispatch);
   const char* const* names = kind == uint32_t(core::OpKind::Combine) ? core::kCombineDescNames : core::kDispatchDescNames;
   switch (KernelFailure(r.fail_kind)) {
-    case KernelFailure::Timeout: {
-      core::WaitFailure w;
-      w.rank = rank;
-      w.peer = r.peer;
-      w.role = core::WaitRole(r.role);
-      w.channel = r.peer;
-      w.expected = r.expected;
-      w.observed = r.observed;
-      w.waited_seconds = double(r.waited_ns) * 1e-9;
-      return missing_ranks_error(w, epoch, std::to_string(r.peer));
-    }
+    case KernelFailure::Timeout:
+      return timeout_report_error(r, rank, epoch);
     case KernelFailure::PeerAborted:
       return abandoned_error(rank, uint32_t(r.expected), r.peer, r.a, core::WaitRole(r.b), sy_status(r.c));
     case KernelFailure::PeerRejected:

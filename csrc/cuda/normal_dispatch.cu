@@ -528,6 +528,17 @@ __global__ void __launch_bounds__(kSyncThreads) reject_kernel(SyncArgs a, Reject
 
 }  // namespace
 
+namespace {
+__global__ void __launch_bounds__(kSyncThreads) abandon_kernel(SyncArgs a, int peer) {
+  abort_peers(a, peer, core::WaitRole::BufferPeers, uint32_t(SY_ERROR_PEER_FAILED));
+}
+}  // namespace
+
+cudaError_t launch_abandon(const SyncArgs& a, int peer, cudaStream_t stream) {
+  SY_LAUNCH(abandon_kernel, 1, kSyncThreads, 0, stream)(a, peer);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_reject(const SyncArgs& a, const RejectedDesc& desc, cudaStream_t stream) {
   SY_LAUNCH(reject_kernel, 1, kSyncThreads, 0, stream)(a, desc);
   return cudaGetLastError();

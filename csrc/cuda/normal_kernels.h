@@ -233,6 +233,8 @@ struct RejectedDesc {
   uint32_t words[core::kDescWords];
 };
 cudaError_t launch_reject(const SyncArgs& a, const RejectedDesc& desc, cudaStream_t stream);
+// Writes this rank's abort record into every peer: it gave up because rank `peer` failed.
+cudaError_t launch_abandon(const SyncArgs& a, int peer, cudaStream_t stream);
 
 // The last kernel of every operation (normal_dispatch.cu). `role` names the wait in a timeout.
 __global__ void finish_kernel(SyncArgs a, uint64_t off_done, core::WaitRole role, const int32_t* passed,

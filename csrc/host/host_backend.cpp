@@ -10,6 +10,7 @@
 
 #include "../abi/strided.h"
 #include "host_ll.h"
+#include "peers.h"
 #include "shared_memory.h"
 #include "host_ops.h"
 #include "host_stream.h"
@@ -200,6 +201,14 @@ class HostBackend final : public Backend {
     as_host(comm)->enqueue(
         [set, timeout, work](host::StreamState&) { return host::run_dispatch_notify(*set, timeout, *work); },
         work->status);
+    return ok();
+  }
+
+  Error abandon(BufferCore& buf, int peer) override {
+    Error why = fail(SY_ERROR_PEER_FAILED, "rank " + std::to_string(peer) + " failed");
+    why.wait.peer = peer;
+    why.wait.role = core::WaitRole::BufferPeers;
+    host::Peers(*buf.set, buf.rank, buf.timeout_ms, buf.next_epoch).abort_all(why);
     return ok();
   }
 

@@ -370,6 +370,11 @@ SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share
 /* Once every peer has imported this rank's buffer: drop its name, so the memory is freed with the
  * last mapping (even when a process dies). */
 SY_API sy_status sy_buffer_seal(sy_buffer buffer);
+/* This rank gives up on the buffer set because rank `peer` failed before the first operation
+ * (the rendezvous lost it while the buffers were being mapped, say): every peer's wait on this
+ * set ends at once with SY_ERROR_PEER_FAILED naming `peer`, instead of timing out on this rank.
+ * The set cannot be used again. */
+SY_API sy_status sy_buffer_abandon(sy_buffer buffer, int32_t peer);
 
 /* The stream the buffer's operations run on (a new reference). */
 SY_API sy_status sy_buffer_comm_stream(sy_buffer buffer, sy_stream* out);
