@@ -139,6 +139,9 @@ enum AbortWord : int { kAbortFlag = 0, kAbortRank, kAbortPeer, kAbortRole, kAbor
 // Low-latency format words: what a sender put into a half, so the receiver can refuse data
 // sent with other options, or learn that the sender rejected its own input.
 inline constexpr uint32_t kFormatFp8 = 1, kFormatUe8m0 = 2, kFormatLogfmt = 4, kFormatRejected = 0x100;
+// The format word a sender puts into a half for its low-latency dispatch or combine.
+SY_HD uint32_t ll_dispatch_format(bool fp8, bool ue8m0) { return (fp8 ? kFormatFp8 : 0u) | (ue8m0 ? kFormatUe8m0 : 0u); }
+SY_HD uint32_t ll_combine_format(bool logfmt) { return logfmt ? kFormatLogfmt : 0u; }
 
 // Parameters every rank of a collective must agree on, exchanged at the barrier (word 0 is the
 // kind): dispatch {kind, payload dtype, scale words, scale dtype, top-k, experts, cached},

@@ -150,8 +150,7 @@ Error ll_send(BufferCore& buf, CudaStream& stream, const std::shared_ptr<LLWork>
   a.ue8m0 = w.ue8m0;
   a.logfmt = w.logfmt;
   a.zero_copy = w.zero_copy;
-  a.format = dispatch ? ((w.fp8 ? core::kFormatFp8 : 0u) | (w.ue8m0 ? core::kFormatUe8m0 : 0u))
-                      : (w.logfmt ? core::kFormatLogfmt : 0u);
+  a.format = dispatch ? core::ll_dispatch_format(w.fp8, w.ue8m0) : core::ll_combine_format(w.logfmt);
   a.idx = w.topk_idx->data();
   a.idx_st = stride_bytes(w.topk_idx, 0);
   a.idx_sk = stride_bytes(w.topk_idx, 1);

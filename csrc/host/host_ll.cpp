@@ -40,7 +40,7 @@ namespace sy::host {
 namespace {
 
 uint32_t dispatch_format(const LLWork& w) {
-  return (w.fp8 ? core::kFormatFp8 : 0u) | (w.ue8m0 ? core::kFormatUe8m0 : 0u);
+  return core::ll_dispatch_format(w.fp8, w.ue8m0);
 }
 
 int64_t load_index(const Tensor& t, int64_t i, int64_t j) {
@@ -398,7 +398,7 @@ Error run_ll_combine_send(BufferSet& set, LLWork& w) {
     for (int s = 0; s < R; ++s) {
       if (masked(mask, s)) continue;
       reinterpret_cast<uint32_t*>(peers.base(s) + half + ll.off_combine_format)[me] =
-          w.logfmt ? core::kFormatLogfmt : 0u;
+          core::ll_combine_format(w.logfmt);
       peers.signal(s, half + ll.off_combine_flag);
     }
     return ok();
@@ -421,7 +421,7 @@ Error run_ll_combine_recv(BufferSet& set, LLWork& w) {
     Error e = w.send_state == LLWork::kSendRejected
                   ? local(fail(SY_ERROR_INVALID_ARGUMENT, "this rank rejected its input (see its combine error)"))
                   : check_formats(peers, reinterpret_cast<const uint32_t*>(base + ll.off_combine_format), mask,
-                                  w.logfmt ? core::kFormatLogfmt : 0u, "combine");
+                                  core::ll_combine_format(w.logfmt), "combine");
     // The routing must be valid, and the one the dispatch used (rows are keyed by it).
     if (!e) e = local(check_topk(w));
     if (!e && topk_fingerprint(w) != w.handle->topk_fingerprint) e = ll_routing_mismatch_error(w.handle->call);
