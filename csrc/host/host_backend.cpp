@@ -7,6 +7,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <vector>
 
 #include "../abi/strided.h"
 #include "host_ll.h"
@@ -25,16 +26,18 @@ constexpr uint64_t kMapThreshold = uint64_t(1) << 20;
 
 // Operation outputs come and go with every call, at a few recurring sizes. A fresh mapping is
 // faulted in page by page, which costs more than writing the pages (most of a host dispatch's
-// time went to page faults): freed mappings are kept, up to kPoolBytes, and handed out again
-// zeroed. Sizes are rounded up to an eighth of their power of two, so near sizes share mappings.
-// Outputs an operation writes only in part (low-latency receive buffers, sized for the worst
-// case) never come from the pool: zeroing all of a kept mapping would fault in every page the
-// call leaves alone, where a fresh one commits only the pages written. Nor do mappings beyond
-// kLargest.
+// time went to page faults; in a virtual machine a first touch is dearer still): freed mappings
+// are kept and handed out again. Sizes are rounded up to an eighth of their power of two, so near
+// sizes share mappings. An output the operation writes entirely comes back zeroed; one it writes
+// only in part (a low-latency receive buffer, sized for the worst case) comes back as it was
+// left, as CUDA's pool gives memory (the payload past what a call writes is undefined on both
+// backends): zeroing it would commit every page the call leaves alone. What the pool keeps is
+// bounded by the pages actually resident (mincore), not by the mappings' sizes, so a worst-case
+// mapping with a few rows written costs what those rows cost.
 class MappingPool {
  public:
-  static constexpr uint64_t kPoolBytes = uint64_t(1) << 30;
-  static constexpr uint64_t kLargest = uint64_t(256) << 20;
+  static constexpr uint64_t kResidentBytes = uint64_t(1) << 30;
+  static constexpr size_t kMappings = 64;
 
   static uint64_t size_class(uint64_t bytes) {
     uint64_t top = 4096;
@@ -42,27 +45,27 @@ class MappingPool {
     const uint64_t step = std::max<uint64_t>(top / 8, 4096);
     return core::align_up(bytes, step);
   }
-  // A kept mapping of exactly `size` bytes, zeroed; nullptr when there is none.
-  void* take(uint64_t size) {
-    if (size > kLargest) return nullptr;
+  // A kept mapping of exactly `size` bytes (zeroed if asked); nullptr when there is none.
+  void* take(uint64_t size, bool zeroed) {
     void* p = nullptr;
     {
       std::lock_guard<std::mutex> l(mu_);
       auto it = free_.find(size);
       if (it == free_.end()) return nullptr;
-      p = it->second;
+      p = it->second.ptr;
+      resident_ -= it->second.resident;
       free_.erase(it);
-      held_ -= size;
     }
-    std::memset(p, 0, size);
+    if (zeroed) std::memset(p, 0, size);
     return p;
   }
   void give(void* p, uint64_t size) {
+    const uint64_t resident = resident_bytes(p, size);
     {
       std::lock_guard<std::mutex> l(mu_);
-      if (size <= kLargest && held_ + size <= kPoolBytes) {
-        free_.emplace(size, p);
-        held_ += size;
+      if (free_.size() < kMappings && resident_ + resident <= kResidentBytes) {
+        free_.emplace(size, Kept{p, resident});
+        resident_ += resident;
         return;
       }
     }
@@ -70,9 +73,23 @@ class MappingPool {
   }
 
  private:
+  struct Kept {
+    void* ptr;
+    uint64_t resident;
+  };
+  // Pages of [p, p + size) in memory; all of them when the kernel cannot say.
+  static uint64_t resident_bytes(void* p, uint64_t size) {
+    const uint64_t page = 4096;
+    std::vector<unsigned char> in(size_t((size + page - 1) / page));
+    if (mincore(p, size, in.data()) != 0) return size;
+    uint64_t n = 0;
+    for (unsigned char c : in) n += c & 1;
+    return n * page;
+  }
+
   std::mutex mu_;
-  std::multimap<uint64_t, void*> free_;
-  uint64_t held_ = 0;
+  std::multimap<uint64_t, Kept> free_;
+  uint64_t resident_ = 0;
 };
 
 MappingPool& mapping_pool() {
@@ -80,12 +97,14 @@ MappingPool& mapping_pool() {
   return pool;
 }
 
-Error host_alloc(uint64_t bytes, std::shared_ptr<Memory>* out, bool pooled = true) {
+// `zeroed`: whether the memory must read as zeros (buffers, and outputs written entirely, which
+// the pool hands back zeroed) or may hold what an earlier output left (outputs written in part).
+Error host_alloc(uint64_t bytes, std::shared_ptr<Memory>* out, bool zeroed = true) {
   auto m = std::make_shared<Memory>();
   m->device = -1;
   if (bytes >= kMapThreshold) {
     const uint64_t size = MappingPool::size_class(bytes);
-    void* p = pooled ? mapping_pool().take(size) : nullptr;
+    void* p = mapping_pool().take(size, zeroed);
     if (p == nullptr) {
       p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
       if (p == MAP_FAILED) {
@@ -94,11 +113,7 @@ Error host_alloc(uint64_t bytes, std::shared_ptr<Memory>* out, bool pooled = tru
     }
     m->ptr = p;
     m->bytes = size;
-    if (pooled) {
-      m->release = [size](void* q) { mapping_pool().give(q, size); };
-    } else {
-      m->release = [size](void* q) { munmap(q, size); };
-    }
+    m->release = [size](void* q) { mapping_pool().give(q, size); };
   } else {
     // 64-byte alignment covers 16-byte vector access and keeps rows off shared cache lines.
     const uint64_t size = core::align_up(bytes == 0 ? 64 : bytes, 64);
