@@ -96,6 +96,25 @@ Deno.test("FP8 E4M3: hand-computed roundings", () => {
   cases.forEach(([v, want], i) => assert.equal(got[i], want, `${v}: ${hex(got[i])} vs ${hex(want)}`));
 });
 
+Deno.test("FP8 E4M3: every rounding boundary, its neighbours in float32, both signs", () => {
+  // Each pair of adjacent finite codes has a midpoint where ties go to even; the float32 values
+  // one unit either side of it must round down and up. Covers the subnormal range, the switch to
+  // normals, every exponent's carry into the next, and the top of the range.
+  const f = new Float32Array(1), bits = new Uint32Array(f.buffer);
+  const near = (v: number, units: number) => {
+    f[0] = v;
+    bits[0] += units;
+    return f[0];
+  };
+  const values: number[] = [];
+  for (let code = 0; code < 0x7e; code++) {
+    const mid = (fp8Value(code) + fp8Value(code + 1)) / 2; // exact in float32
+    for (const units of [-1, 0, 1]) values.push(near(mid, units), -near(mid, units));
+  }
+  const got = toFP8E4M3(new Float32Array(values));
+  values.forEach((v, i) => assert.equal(got[i], fp8Round(v), `${v}: ${hex(got[i])} vs ${hex(fp8Round(v))}`));
+});
+
 Deno.test("FP8 E4M3: rounding matches the reference across the range", () => {
   const rng = new Rng(5);
   const values = new Float32Array(30000);

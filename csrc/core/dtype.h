@@ -61,35 +61,25 @@ SY_HD float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(
 
 // FP8 E4M3 (the "fn" variant: no infinities, 0x7f/0xff are NaN, max finite 448).
 // Encoding saturates finite values beyond 448 to +-448, rounds to nearest even, keeps subnormals
-// (smallest 2^-9) and maps NaN to 0x7f.
+// (smallest 2^-9) and maps NaN to 0x7f. Written without data-dependent loops or divisions, so a
+// host loop over a block vectorises (the host backend quantises every low-latency token with it).
 SY_HD uint8_t float_to_fp8e4m3(float f) {
-  uint32_t u = float_bits(f);
-  uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
-  uint32_t mag = u & 0x7fffffffu;
-  if (mag > 0x7f800000u) return 0x7f;              // NaN
-  if (mag >= 0x43e00000u) return sign | 0x7eu;     // >= 448 (and inf): saturate
-  float a = bits_float(mag);
-  if (a < 0.015625f) {                             // below 2^-6: subnormal, unit 2^-9
-    // a * 512 is exact in float; round the quotient to nearest even.
-    float q = a * 512.0f;
-    uint32_t n = static_cast<uint32_t>(q);
-    float frac = q - static_cast<float>(n);
-    if (frac > 0.5f || (frac == 0.5f && (n & 1u))) n += 1;
-    return sign | static_cast<uint8_t>(n);         // n == 8 is the smallest normal: same bits
+  const uint32_t u = float_bits(f);
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
+  const uint32_t mag = u & 0x7fffffffu;
+  if (mag > 0x7f800000u) return 0x7f;           // NaN
+  if (mag >= 0x43e00000u) return sign | 0x7eu;  // >= 448 (and inf): saturate
+  if (mag < 0x3c800000u) {                      // below 2^-6: subnormal, unit 2^-9
+    // |f| * 512 < 8 is exact (so a fused multiply-add gives the same), and adding 2^23 rounds
+    // it to an integer, nearest even, in the low mantissa bits. 8 is the smallest normal's code.
+    const float biased = bits_float(mag) * 512.0f + 8388608.0f;
+    return sign | static_cast<uint8_t>(float_bits(biased) - 0x4b000000u);
   }
-  // Normal: keep 3 mantissa bits of the float's 23, rounding to nearest even.
-  uint32_t exp = (mag >> 23) - 127 + 7;            // 1..15
-  uint32_t man = mag & 0x7fffffu;
-  uint32_t keep = man >> 20;
-  uint32_t rest = man & 0xfffffu;
-  if (rest > 0x80000u || (rest == 0x80000u && (keep & 1u))) keep += 1;
-  if (keep == 8) {
-    keep = 0;
-    exp += 1;
-  }
-  uint32_t code = (exp << 3) | keep;
-  if (code > 0x7eu) code = 0x7eu;                  // rounding up past 448 saturates
-  return sign | static_cast<uint8_t>(code);
+  // Normal: keep 3 of the float's 23 mantissa bits, nearest even (a carry out of the mantissa
+  // steps the exponent, as it should), then rebias the exponent from 127 to 7. Values below 448
+  // round to at most 0x7e.
+  const uint32_t rounded = (mag + 0x7ffffu + ((mag >> 20) & 1u)) >> 20;
+  return sign | static_cast<uint8_t>(rounded - (120u << 3));
 }
 
 SY_HD float fp8e4m3_to_float(uint8_t v) {
