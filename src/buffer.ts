@@ -20,13 +20,13 @@ import {
   LLDispatchArgs,
   LLDispatchResult as LLDispatchStruct,
 } from "../ffi/structs.ts";
-import { LLFlags, Operation } from "../ffi/symbols.ts";
+import { LLFlags, Operation, Status } from "../ffi/symbols.ts";
 import { type BufferPlan, planFromStruct } from "./config.ts";
 import { LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle, RecvHook } from "./low_latency.ts";
 import { SwitchyardError } from "./errors.ts";
 import { Event } from "./event.ts";
 import { DispatchHandle } from "./handle.ts";
-import { Borrowed, check, instanceArg, integerArg, native, NativeResource, OutHandle } from "./native.ts";
+import { Borrowed, check, errorFor, instanceArg, integerArg, native, NativeResource, OutHandle } from "./native.ts";
 import type { Rank } from "./rank.ts";
 import { CombineResult, DispatchLayout, DispatchResult } from "./results.ts";
 import { Stream } from "./stream.ts";
@@ -638,11 +638,21 @@ export class EpBuffer extends NativeResource {
 
   // A collective refused before it reached the library (`why`): in its place in the order, the
   // library is told this rank will not make it, so the peers fail it at once naming this rank
-  // (sy_reject) instead of waiting; then the call rejects with `why`.
+  // (sy_reject) instead of waiting; then the call rejects with `why`. Where even that could not
+  // be enqueued, the error says so: the peers then fail the call only at their deadline.
   #refused<T>(operation: number, why: unknown): Promise<T> {
     return this.#serial(() => {
-      if (!this.disposed) native().sy_reject(this.pointer, operation);
-      throw why;
+      if (this.disposed) throw why;
+      const p = this.pointer;
+      const status = native().sy_reject(p, operation);
+      if (status === Status.OK) throw why;
+      const untold = errorFor(status, p, "telling the peers of the refusal");
+      const reason = why instanceof Error ? why.message : String(why);
+      throw new SwitchyardError(
+        why instanceof SwitchyardError ? why.code : "INVALID_ARGUMENT",
+        `${reason}; the peers could not be told (${untold.message}), so they fail this call at their deadline`,
+        { cause: why },
+      );
     });
   }
 

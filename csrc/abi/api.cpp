@@ -863,7 +863,8 @@ SY_API sy_status sy_reject(sy_buffer buffer, int32_t operation) {
       default:
         return invalid("operation", "operation: expected a sy_operation value (1 to 4), got " + std::to_string(operation));
     }
-    return e.peers_informed ? ok() : fail(SY_ERROR_INTERNAL, "the refusal could not be enqueued");
+    if (e.peers_informed) return ok();
+    return fail(SY_ERROR_INTERNAL, e.message);  // "...; the peers could not be told (why) ..."
   });
 }
 

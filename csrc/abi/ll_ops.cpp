@@ -5,6 +5,7 @@
 #include "../core/limits.h"
 #include "../core/quant.h"
 #include "ops.h"
+#include "protocol_errors.h"
 #include "validate.h"
 
 namespace sy {
@@ -150,7 +151,9 @@ Error check_flags(uint32_t flags, uint32_t allowed) {
 // peers then time out). With enqueue_mu held.
 Error refuse_locked(const std::shared_ptr<BufferCore>& buf, std::shared_ptr<LLWork> w, bool dispatch, Error why) {
   if (!w->call) take_call(*buf, *w);
-  if (buf->group->backend->ll_reject(*buf, *buf->comm_stream, std::move(w), dispatch)) return why;
+  if (Error untold = buf->group->backend->ll_reject(*buf, *buf->comm_stream, std::move(w), dispatch)) {
+    return untold_refusal_error(std::move(why), untold);
+  }
   why.peers_informed = true;
   return why;
 }

@@ -4,6 +4,7 @@
 
 #include "../core/limits.h"
 #include "../core/routing.h"
+#include "protocol_errors.h"
 #include "validate.h"
 
 namespace sy {
@@ -368,7 +369,9 @@ std::vector<int32_t> aligned(const std::vector<int32_t>& counts, int alignment) 
 // buffers stay usable, and every rank's next call lines up. If even that cannot be enqueued,
 // the refusal stands alone (the peers then time out). With enqueue_mu held.
 static Error refuse_locked(BufferCore& buf, core::OpKind kind, Error why) {
-  if (buf.group->backend->reject(buf, *buf.comm_stream, kind, buf.next_epoch)) return why;
+  if (Error untold = buf.group->backend->reject(buf, *buf.comm_stream, kind, buf.next_epoch)) {
+    return untold_refusal_error(std::move(why), untold);
+  }
   buf.next_epoch++;
   why.peers_informed = true;
   return why;

@@ -175,4 +175,9 @@ Error missing_ranks_error(const core::WaitFailure& w, uint32_t epoch, const std:
                               (missing.find(',') != std::string::npos ? "s " : " ") + missing);
 }
 
+Error untold_refusal_error(Error why, const Error& untold) {
+  why.message += "; the peers could not be told (" + untold.message + "), so they fail this call at their deadline";
+  return why;
+}
+
 }  // namespace sy

@@ -44,6 +44,9 @@ Error ll_count_error(int peer, int64_t count);
 Error ll_failed_dispatch_error(uint32_t dispatch_call, Error dispatch_failure);
 // Combine was given other top-k ids than low-latency call `dispatch_call` dispatched with.
 Error ll_routing_mismatch_error(uint32_t dispatch_call);
+// A refusal (`why`) whose rejection could not be enqueued (`untold`): the peers learn of it only
+// at their deadline, and the caller is told so.
+Error untold_refusal_error(Error why, const Error& untold);
 // A wait that ran out: "operation N of this buffer; missing: ranks ...".
 Error missing_ranks_error(const core::WaitFailure& w, uint32_t epoch, const std::string& missing);
 
