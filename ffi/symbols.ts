@@ -10,7 +10,7 @@
  */
 
 /** The ABI version this binding was written for (`SY_ABI_VERSION`). */
-export const ABI_VERSION = 3;
+export const ABI_VERSION = 4;
 
 /** Every libswitchyard function, as `Deno.dlopen` wants it. */
 export const symbols = {
@@ -72,6 +72,8 @@ export const symbols = {
     result: "i32",
     nonblocking: true,
   },
+  // sy_status sy_event_elapsed(sy_event start, sy_event end, double* ms)
+  sy_event_elapsed: { parameters: ["pointer", "pointer", "buffer"], result: "i32" },
 
   // sy_status sy_tensor_create(sy_rank rank, const sy_tensor_desc* desc, sy_tensor* out)
   sy_tensor_create: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },

@@ -52,6 +52,23 @@ export class Event extends NativeResource {
     );
   }
 
+  /**
+   * Milliseconds from this event's completion to `end`'s, by the backend's own clock (the GPU's
+   * event timer on CUDA, the stream thread's clock on the host backend), not the JS clock: record
+   * one event before an operation and one after it on the same stream to time what the stream
+   * ran. Both must be recorded and complete (see {@linkcode Event.synchronize}); `undefined`
+   * while either is still pending. Negative when `end` completed first.
+   */
+  elapsedMs(end: Event): number | undefined {
+    const p = this.pointer;
+    const other = instanceArg("end", end, Event, "Event");
+    const ms = new Float64Array(1);
+    const rc = native().sy_event_elapsed(p, other.pointer, ms);
+    if (rc === Status.NOT_READY) return undefined;
+    check(rc, p, "event elapsed");
+    return ms[0];
+  }
+
   /** Makes `stream` (by default the rank's compute stream) wait for this event. */
   wait(stream: Stream = this.rank.stream): void {
     stream.waitEvent(this);

@@ -282,6 +282,17 @@ Deno.test("the C ABI validates what reaches it directly", async (t) => {
     assert.equal(lib.sy_dispatch(buf.pointer, args.bytes, DispatchStruct.create().bytes), Status.DISPOSED);
     expectLast(buf.pointer, "DISPOSED", "x");
   });
+  await t.step("events answered through a status of their own still report a destroyed handle", () => {
+    const a = fx.group.ranks[0].createEvent(), b = fx.group.ranks[0].createEvent();
+    const raw = a.pointer;
+    a[Symbol.dispose]();
+    // sy_event_query and sy_event_elapsed answer NOT_READY as a status: a failure to resolve the
+    // handle must not be lost behind it.
+    assert.equal(lib.sy_event_query(raw), Status.DISPOSED);
+    assert.equal(lib.sy_event_elapsed(raw, b.pointer, new Float64Array(1)), Status.DISPOSED);
+    assert.equal(lib.sy_event_elapsed(b.pointer, raw, new Float64Array(1)), Status.DISPOSED);
+    b[Symbol.dispose]();
+  });
 });
 
 Deno.test("bad data inside an operation fails every rank fast, naming the culprit", async (t) => {

@@ -36,6 +36,58 @@ Deno.test("events order work across streams", async () => {
   assert.throws(() => side.nativeHandle(), (e: unknown) => e instanceof SwitchyardError && e.code === "UNSUPPORTED");
 });
 
+Deno.test("events time what a stream ran, by the backend's clock", async (t) => {
+  // Rank 0 records `start`, dispatches (worst case: the call returns at once) and records `end`
+  // on its compute stream; the dispatch cannot finish before rank 1 joins, `delayMs` later by
+  // the JS clock. So end - start is at least about delayMs, and at most the JS time around it.
+  using fx = await fixture(2, 32, 4);
+  const delayMs = 150;
+  const [r0, r1] = fx.group.ranks;
+  const inputs = await fx.group.all(async (rank) => ({
+    x: await Tensor.from(rank, randomBF16(4 * 32, rank.index), { shape: [4, 32] }),
+    idx: await Tensor.from(rank, new BigInt64Array([0n, 1n, 0n, 1n]), { shape: [4, 1] }),
+    w: await Tensor.from(rank, new Float32Array(4).fill(1), { shape: [4, 1] }),
+  }));
+  const dispatch = (r: number) =>
+    fx.buffers[r].dispatch(inputs[r].x, {
+      topkIdx: inputs[r].idx,
+      topkWeights: inputs[r].w,
+      numExperts: 2,
+      numWorstTokens: 8,
+    });
+  const t0 = performance.now();
+  using start = r0.stream.record();
+  const first = await dispatch(0); // enqueued; its work waits for rank 1
+  using end = r0.stream.record();
+  await t.step("pending: no answer yet", async () => {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.equal(end.elapsedMs(start), undefined);
+    assert.equal(start.elapsedMs(end), undefined);
+  });
+  await new Promise((resolve) => setTimeout(resolve, delayMs - 20));
+  const second = dispatch(1);
+  await end.synchronize();
+  const wallMs = performance.now() - t0;
+  const elapsed = start.elapsedMs(end)!;
+  assert.ok(elapsed >= delayMs - 30 && elapsed <= wallMs, `elapsed ${elapsed} ms, wall ${wallMs} ms`);
+  assert.equal(end.elapsedMs(start), -elapsed, "reversed: the same time, negative");
+  for (const res of [first, await second]) res[Symbol.dispose]();
+  await t.step("refusals name the argument", () => {
+    using never = r0.createEvent();
+    assert.throws(
+      () => start.elapsedMs(never),
+      (e: unknown) =>
+        e instanceof SwitchyardError && e.code === "INVALID_ARGUMENT" && /end: never recorded/.test(e.message),
+    );
+    using other = r1.stream.record();
+    assert.throws(
+      () => start.elapsedMs(other),
+      (e: unknown) => e instanceof SwitchyardError && e.code === "WRONG_HANDLE",
+    );
+  });
+  for (const i of inputs) for (const x of [i.x, i.idx, i.w]) x[Symbol.dispose]();
+});
+
 Deno.test("dispose is idempotent and use after dispose is a DISPOSED error", async () => {
   const g = Group.local({ ranks: 2 });
   const [buf0, buf1] = await g.createBuffers({ hidden: 32, maxTokensPerRank: 4 });

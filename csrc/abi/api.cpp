@@ -414,14 +414,14 @@ SY_API sy_status sy_event_record(sy_event event, sy_stream stream) {
 
 SY_API sy_status sy_event_query(sy_event event) {
   sy_status st = SY_OK;
-  guarded(event, [&]() -> Error {
+  const sy_status failed = guarded(event, [&]() -> Error {
     std::shared_ptr<Event> e;
     SY_TRY(resolve(event, Kind::Event, "event", &e));
     Error q = e->query();
     st = q.status;
     return q.status == SY_NOT_READY ? ok() : q;  // not ready is an answer, not a failure
   });
-  return st;
+  return failed != SY_OK ? failed : st;
 }
 
 SY_API sy_status sy_event_synchronize(sy_event event, int64_t timeout_ms) {
@@ -430,6 +430,25 @@ SY_API sy_status sy_event_synchronize(sy_event event, int64_t timeout_ms) {
     SY_TRY(resolve(event, Kind::Event, "event", &e));
     return e->synchronize(Deadline::after_ms(timeout_ms > 0 ? timeout_ms : outer_timeout_ms(e->group->timeout_ms)));
   });
+}
+
+SY_API sy_status sy_event_elapsed(sy_event start, sy_event end, double* ms) {
+  sy_status st = SY_OK;
+  const sy_status failed = guarded(start, [&]() -> Error {
+    std::shared_ptr<Event> a, b;
+    SY_TRY(resolve(start, Kind::Event, "start", &a));
+    SY_TRY(resolve(end, Kind::Event, "end", &b));
+    if (ms == nullptr) return invalid("ms", "ms: NULL");
+    if (a->group != b->group || a->rank != b->rank) {
+      return fail(SY_ERROR_WRONG_HANDLE, "end: belongs to rank " + std::to_string(b->rank) +
+                                             ", start to rank " + std::to_string(a->rank),
+                  "end");
+    }
+    Error e = a->elapsed_ms(*b, ms);
+    st = e.status;
+    return e.status == SY_NOT_READY ? ok() : e;  // not ready is an answer, not a failure
+  });
+  return failed != SY_OK ? failed : st;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -156,6 +156,9 @@ class Event {
   virtual Error record(Stream& stream, std::shared_ptr<OpStatus> status = nullptr) = 0;
   virtual Error query() = 0;  // SY_OK, SY_NOT_READY, or the failure it carries
   virtual Error synchronize(Deadline deadline) = 0;
+  // Milliseconds from this event's completion to `end`'s (same backend and rank, both recorded:
+  // the caller checks); SY_NOT_READY while either is pending.
+  virtual Error elapsed_ms(Event& end, double* ms) = 0;
   std::shared_ptr<GroupCore> group;
   int rank;
 };

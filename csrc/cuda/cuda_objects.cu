@@ -96,9 +96,11 @@ CudaEvent::~CudaEvent() {
   }
 }
 
+// The events users hold (their own, and operations' with asyncFinish) keep timing, so that
+// elapsed_ms can measure an operation by the GPU's clock; the library's internal events do not.
 Error CudaEvent::init() {
   SY_CUDA(cudaSetDevice(rank_->device));
-  SY_CUDA(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+  SY_CUDA(cudaEventCreateWithFlags(&event_, cudaEventDefault));
   return ok();
 }
 
@@ -109,6 +111,7 @@ Error CudaEvent::record(Stream& stream, std::shared_ptr<OpStatus> status) {
   SY_CUDA(cudaEventRecord(event_, cs->raw()));
   std::lock_guard<std::mutex> l(mu_);
   status_ = std::move(status);
+  recorded_ = true;
   return ok();
 }
 
@@ -129,6 +132,25 @@ Error CudaEvent::synchronize(Deadline deadline) {
 Error CudaEvent::outcome() {
   std::lock_guard<std::mutex> l(mu_);
   return status_ ? status_->result() : ok();
+}
+
+Error CudaEvent::elapsed_ms(Event& end, double* ms) {
+  auto* other = dynamic_cast<CudaEvent*>(&end);
+  if (other == nullptr) return fail(SY_ERROR_WRONG_HANDLE, "end: not a CUDA-backend event", "end");
+  for (CudaEvent* e : {this, other}) {
+    std::lock_guard<std::mutex> l(e->mu_);
+    if (!e->recorded_) return invalid(e == this ? "start" : "end", std::string(e == this ? "start" : "end") + ": never recorded");
+  }
+  SY_CUDA(cudaSetDevice(rank_->device));
+  for (cudaEvent_t e : {event_, other->event_}) {
+    const cudaError_t rc = cudaEventQuery(e);
+    if (rc == cudaErrorNotReady) return fail(SY_NOT_READY, "event: not complete yet");
+    SY_TRY(cuda_error(rc, "event query"));
+  }
+  float f = 0;
+  SY_CUDA(cudaEventElapsedTime(&f, event_, other->event_));
+  *ms = double(f);
+  return ok();
 }
 
 }  // namespace sy::cuda

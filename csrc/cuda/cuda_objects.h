@@ -107,6 +107,7 @@ class CudaEvent final : public Event {
   Error record(Stream& stream, std::shared_ptr<OpStatus> status) override;
   Error query() override;
   Error synchronize(Deadline deadline) override;
+  Error elapsed_ms(Event& end, double* ms) override;
   cudaEvent_t raw() const { return event_; }
 
  private:
@@ -116,6 +117,7 @@ class CudaEvent final : public Event {
   cudaEvent_t event_ = nullptr;
   std::mutex mu_;
   std::shared_ptr<OpStatus> status_;
+  bool recorded_ = false;
 };
 
 inline CudaStream* as_cuda(Stream& s) { return dynamic_cast<CudaStream*>(&s); }

@@ -6,7 +6,10 @@
 namespace sy::host {
 
 void Marker::complete(Error e) {
+  const int64_t now =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
   std::lock_guard<std::mutex> l(mu);
+  done_ns = now;
   done = true;
   error = std::move(e);
   cv.notify_all();
@@ -179,6 +182,21 @@ Error HostEvent::synchronize(Deadline deadline) {
     return timeout_error(w, "event synchronize");
   }
   return e;
+}
+
+Error HostEvent::elapsed_ms(Event& end, double* ms) {
+  auto* other = dynamic_cast<HostEvent*>(&end);
+  if (other == nullptr) return fail(SY_ERROR_WRONG_HANDLE, "end: not a host-backend event", "end");
+  const std::shared_ptr<Marker> a = marker(), b = other->marker();
+  if (!a || !b) return invalid(a ? "end" : "start", std::string(a ? "end" : "start") + ": never recorded");
+  int64_t from = 0, to = 0;
+  for (auto [m, at] : {std::pair{a.get(), &from}, std::pair{b.get(), &to}}) {
+    std::lock_guard<std::mutex> l(m->mu);
+    if (!m->done) return fail(SY_NOT_READY, "event: not complete yet");
+    *at = m->done_ns;
+  }
+  *ms = double(to - from) * 1e-6;
+  return ok();
 }
 
 }  // namespace sy::host

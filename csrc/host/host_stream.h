@@ -41,6 +41,7 @@ struct Marker {
   std::condition_variable cv;
   bool done = false;
   bool cancelled = false;  // the waiter gave up; a task must not touch the waiter's memory
+  int64_t done_ns = 0;     // steady clock at completion (event timing)
   Error error;
   void complete(Error e);
   // False on timeout.
@@ -69,6 +70,7 @@ class HostEvent final : public Event {
   Error record(Stream& stream, std::shared_ptr<OpStatus> status = nullptr) override;
   Error query() override;
   Error synchronize(Deadline deadline) override;
+  Error elapsed_ms(Event& end, double* ms) override;
   std::shared_ptr<Marker> marker() {
     std::lock_guard<std::mutex> l(mu_);
     return marker_;

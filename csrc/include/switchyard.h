@@ -38,7 +38,7 @@ extern "C" {
 
 /* Bumped on every incompatible change of this header. The loader refuses a library whose
  * `sy_abi_version()` differs from the version it was written for. */
-#define SY_ABI_VERSION 3u
+#define SY_ABI_VERSION 4u
 
 #define SY_MAX_DIMS 8
 #define SY_ERROR_ARGUMENT_CAPACITY 64
@@ -266,6 +266,11 @@ SY_API sy_status sy_event_record(sy_event event, sy_stream stream);
 /* SY_OK when complete, SY_NOT_READY while pending, or the failure of the work it follows. */
 SY_API sy_status sy_event_query(sy_event event);
 SY_API sy_status sy_event_synchronize(sy_event event, int64_t timeout_ms);
+/* Milliseconds from `start`'s completion to `end`'s, by the backend's clock: the GPU's event
+ * timer on CUDA, the stream thread's steady clock on the host backend. Both events of one rank,
+ * recorded (SY_ERROR_INVALID_ARGUMENT otherwise) and complete (SY_NOT_READY otherwise).
+ * Negative when `end` completed first. */
+SY_API sy_status sy_event_elapsed(sy_event start, sy_event end, double* ms);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Tensors                                                                                     */
