@@ -4,7 +4,7 @@
  * target inside it.
  *
  *     $SWITCHYARD_CACHE_DIR                (else $XDG_CACHE_HOME/switchyard, else ~/.cache/switchyard)
- *       0.1.0-abi3/
+ *       0.1.0-abi4/
  *         host/libswitchyard.so            the host backend only (no GPU or no nvcc when built)
  *         sm_90/libswitchyard.so           with CUDA kernels for that architecture
  *
