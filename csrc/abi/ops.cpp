@@ -339,8 +339,12 @@ Error size_handle(const BufferCore& buf, DispatchHandle& h, int64_t capacity, in
 
 Error allocate_outputs(const BufferCore& buf, DispatchWork& w, int64_t rows) {
   w.out_rows = rows;
-  SY_TRY(new_output(buf, w.x_dtype, {rows, w.hidden}, &w.recv_x));
-  if (w.num_scales > 0) SY_TRY(new_output(buf, w.scale_dtype, {rows, w.num_scales}, &w.recv_x_scales));
+  // Payload rows a dispatch does not write (past the received ones in worst-case mode, expanded
+  // padding without zeroPadding) are undefined on both backends, so their memory need not be
+  // zeroed: a worst-case output is sized for every rank's every token.
+  const OutputWritten payload = OutputWritten::Partly;
+  SY_TRY(new_output(buf, w.x_dtype, {rows, w.hidden}, &w.recv_x, payload));
+  if (w.num_scales > 0) SY_TRY(new_output(buf, w.scale_dtype, {rows, w.num_scales}, &w.recv_x_scales, payload));
   if (w.topk > 0) {
     if (w.layout == SY_LAYOUT_COMPACT) {
       SY_TRY(new_output(buf, w.topk_dtype, {rows, w.topk}, &w.recv_topk_idx));

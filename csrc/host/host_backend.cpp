@@ -1,11 +1,11 @@
 // The host backend: CPU memory, one worker thread per stream, and the normal-mode operations
 // run as stream tasks (host_ops.cpp).
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <mutex>
 #include <vector>
 
@@ -29,15 +29,18 @@ constexpr uint64_t kMapThreshold = uint64_t(1) << 20;
 // time went to page faults; in a virtual machine a first touch is dearer still): freed mappings
 // are kept and handed out again. Sizes are rounded up to an eighth of their power of two, so near
 // sizes share mappings. An output the operation writes entirely comes back zeroed; one it writes
-// only in part (a low-latency receive buffer, sized for the worst case) comes back as it was
-// left, as CUDA's pool gives memory (the payload past what a call writes is undefined on both
+// only in part (a low-latency receive buffer or a worst-case dispatch's rows, sized for the
+// worst case) comes back as it was left, as CUDA's pool gives memory (the payload past what a call writes is undefined on both
 // backends): zeroing it would commit every page the call leaves alone. What the pool keeps is
 // bounded by the pages actually resident (mincore), not by the mappings' sizes, so a worst-case
 // mapping with a few rows written costs what those rows cost.
 class MappingPool {
  public:
-  static constexpr uint64_t kResidentBytes = uint64_t(1) << 30;
   static constexpr size_t kMappings = 64;
+  // An eighth of the machine's memory, at least 1 GiB: 8 virtual ranks of a prefill-sized
+  // dispatch hold several outputs of ~100 MiB each.
+  const uint64_t kResidentBytes = std::max<uint64_t>(
+      uint64_t(1) << 30, uint64_t(std::max(0L, sysconf(_SC_PHYS_PAGES))) * uint64_t(sysconf(_SC_PAGESIZE)) / 8);
 
   static uint64_t size_class(uint64_t bytes) {
     uint64_t top = 4096;
@@ -45,36 +48,45 @@ class MappingPool {
     const uint64_t step = std::max<uint64_t>(top / 8, 4096);
     return core::align_up(bytes, step);
   }
-  // A kept mapping of exactly `size` bytes (zeroed if asked); nullptr when there is none.
+  // A kept mapping of exactly `size` bytes (zeroed if asked), the most recently given back;
+  // nullptr when there is none.
   void* take(uint64_t size, bool zeroed) {
     void* p = nullptr;
     {
       std::lock_guard<std::mutex> l(mu_);
-      auto it = free_.find(size);
-      if (it == free_.end()) return nullptr;
-      p = it->second.ptr;
-      resident_ -= it->second.resident;
-      free_.erase(it);
-    }
-    if (zeroed) std::memset(p, 0, size);
-    return p;
-  }
-  void give(void* p, uint64_t size) {
-    const uint64_t resident = resident_bytes(p, size);
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      if (free_.size() < kMappings && resident_ + resident <= kResidentBytes) {
-        free_.emplace(size, Kept{p, resident});
-        resident_ += resident;
-        return;
+      for (auto it = kept_.rbegin(); it != kept_.rend(); ++it) {
+        if (it->size != size) continue;
+        p = it->ptr;
+        resident_ -= it->resident;
+        kept_.erase(std::next(it).base());
+        break;
       }
     }
-    munmap(p, size);
+    if (p != nullptr && zeroed) std::memset(p, 0, size);
+    return p;
+  }
+  // Keeps a mapping; the oldest kept ones go once the pool is over its bounds, so the sizes a
+  // program uses now stay (a benchmark's earlier, larger shapes do not crowd out its later ones).
+  void give(void* p, uint64_t size) {
+    const uint64_t resident = resident_bytes(p, size);
+    std::vector<Kept> dropped;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      kept_.push_back(Kept{p, size, resident});
+      resident_ += resident;
+      while (!kept_.empty() && (kept_.size() > kMappings || resident_ > kResidentBytes)) {
+        resident_ -= kept_.front().resident;
+        dropped.push_back(kept_.front());
+        kept_.erase(kept_.begin());
+      }
+    }
+    for (const Kept& k : dropped) munmap(k.ptr, k.size);
   }
 
  private:
   struct Kept {
     void* ptr;
+    uint64_t size;
     uint64_t resident;
   };
   // Pages of [p, p + size) in memory; all of them when the kernel cannot say.
@@ -88,7 +100,7 @@ class MappingPool {
   }
 
   std::mutex mu_;
-  std::multimap<uint64_t, Kept> free_;
+  std::vector<Kept> kept_;  // oldest first
   uint64_t resident_ = 0;
 };
 

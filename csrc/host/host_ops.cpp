@@ -291,6 +291,12 @@ Error fill_outputs(BufferSet& set, DispatchWork& w) {
     }
     used_rows = N;
   } else {
+    if (w.zero_padding && w.cached) {
+      // A cached dispatch knows the groups, not their counts: the padding is whatever the rows
+      // below leave unwritten, so everything is zeroed first (as the CUDA backend does).
+      std::memset(w.recv_x->data(), 0, size_t(w.out_rows) * size_t(w.payload_bytes));
+      if (w.recv_x_scales) std::memset(w.recv_x_scales->data(), 0, size_t(w.out_rows) * size_t(w.num_scales) * 4);
+    }
     auto* exp_row = reinterpret_cast<int32_t*>(h.expanded_row->data());
     const int K = h.num_topk;
     std::vector<int64_t> group_base(size_t(EL), 0), cursor;
