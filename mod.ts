@@ -77,3 +77,4 @@ export {
 } from "./src/errors.ts";
 export { libraryVersion, NativeResource } from "./src/native.ts";
 export { randomFloats, randomRouting, Rng, type Routing, type RoutingSpec } from "./src/workload.ts";
+export { imbalance, quantile, spread, summarize, type Summary } from "./src/stats.ts";

@@ -10,7 +10,7 @@
  *   EpBuffer.dispatch exact-size  the default mode: a nonblocking FFI call that waits for the
  *                                 counts on a worker thread
  *
- * Run: deno task bench (or deno bench --allow-ffi --allow-env --allow-read bench/).
+ * Run: deno task bench:micro (or deno bench --allow-ffi --allow-env --allow-read bench/).
  */
 
 import { DispatchArgs, DispatchResult as DispatchStruct } from "../ffi/structs.ts";

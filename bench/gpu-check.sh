@@ -126,6 +126,7 @@ tee -a "$log" <"$out/env.txt"
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 [ -n "$nccl_root" ] && export SWITCHYARD_NCCL_ROOT="$nccl_root"
 test_permissions=(--allow-ffi --allow-env --allow-read --allow-run --allow-write)
+bench_permissions=(--allow-ffi --allow-env --allow-read --allow-write --allow-sys=osRelease,systemMemoryInfo,cpus)
 
 
 nccl_lib=""
@@ -147,6 +148,8 @@ if [ $gpu -eq 1 ]; then
       "$bin/switchyard_gpu_bench" --json "$out/gpu_bench.json"
     step "low-latency benchmark (8 ranks x 128 and 1 tokens x 7168, top-8 of 256, FP8 dispatch, BF16 combine)" 60 \
       "$bin/switchyard_ll_bench" --json "$out/ll_bench.json"
+    step "deno task bench on the GPU: prefill 8 x 4096, decode 8 x 128 and 8 x 1, sweeps; JSON, SVG plots" 90 \
+      deno run "${bench_permissions[@]}" src/cli/bench.ts --backend cuda --out "$out/bench" --quiet
     step "CUDA tests: every normal-mode case against the host backend, and the failures" 90 \
       env SWITCHYARD_TEST_BACKEND=cuda deno test "${test_permissions[@]}" --allow-net tests/cuda_test.ts tests/cuda_config_test.ts
     step "compute-sanitizer memcheck (one rank, compact and expanded)" 40 bash -c \
@@ -200,6 +203,9 @@ else
       "$bin/switchyard_gpu_bench --small --json '$out/gpu_bench.json' && $bin/switchyard_gpu_bench --small --expand"
     step "low-latency benchmark checks at small sizes, with the JSON" 60 \
       "$bin/switchyard_ll_bench" --small --json "$out/ll_bench.json"
+    step "deno task bench at small sizes on the CPU executor (what the GPU run invokes)" 90 \
+      env SWITCHYARD_LIBRARY="$bin/libswitchyard.so" deno run "${bench_permissions[@]}" src/cli/bench.ts \
+      --backend cuda --ranks 2 --tokens 16 --iterations 2 --warmup 1 --out "$out/bench" --quiet
     step "processes against virtual ranks: what the GPU run times, at small sizes" 90 \
       env SWITCHYARD_LIBRARY="$bin/libswitchyard.so" bash bench/process-bench.sh "$out/process_bench.txt" 2 4 -- \
       --tokens 48 --hidden 256 --experts 16 --topk 4 --iterations 2

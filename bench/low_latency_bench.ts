@@ -4,7 +4,7 @@
  * same run. "Bytes" are the BF16 rows a dispatch delivers (one per valid top-k entry); the FP8
  * dispatch moves about half of them, plus scales.
  *
- * Run: deno task bench (or deno bench --allow-ffi --allow-env --allow-read bench/low_latency_bench.ts).
+ * Run: deno task bench:micro (or deno bench --allow-ffi --allow-env --allow-read bench/low_latency_bench.ts).
  */
 
 import { Group, randomFloats, randomRouting, Tensor, toBF16 } from "../mod.ts";

@@ -1,0 +1,376 @@
+/**
+ * Runs one benchmark scenario on a group and records what happened: every rank's time per
+ * operation and iteration from the library's own events (the GPU's clock on CUDA), the wall
+ * time around each collective call, the bytes it moved and the tokens each rank and expert got.
+ *
+ * @module
+ */
+
+import type { EpBuffer } from "../buffer.ts";
+import { toBF16, toFP8E4M3 } from "../dtype.ts";
+import { SwitchyardError } from "../errors.ts";
+import type { Event } from "../event.ts";
+import type { Group } from "../group.ts";
+import type { Rank } from "../rank.ts";
+import { Tensor } from "../tensor.ts";
+import { randomFloats } from "../workload.ts";
+import { routeTokens, type Scenario } from "./scenario.ts";
+
+/** The operations a scenario measures. */
+export type OperationName =
+  | "dispatch (exact)"
+  | "dispatch (worst-case)"
+  | "dispatch (cached)"
+  | "combine"
+  | "low-latency dispatch"
+  | "low-latency combine"
+  | "low-latency dispatch (hook)"
+  | "low-latency combine (hook)";
+
+/** One operation's measurements. */
+export interface OperationTimes {
+  /** What ran. */
+  readonly op: OperationName;
+  /** Per rank, per measured iteration: milliseconds between events recorded on the rank's stream
+   * before the call and after it (for hook variants, after `hook.run()`). */
+  readonly rankMs: number[][];
+  /** Hook variants: per rank and iteration, the part before `hook.run()` (the send). */
+  readonly sendMs?: number[][];
+  /** Per measured iteration: JS wall time from the first rank's call to the last rank's end. */
+  readonly wallMs: number[];
+  /** Payload bytes each rank received per call, as DeepEP counts them (rows x row bytes, scales included). */
+  readonly rankBytes: number[];
+}
+
+/** What a scenario run measured. */
+export interface ScenarioRun {
+  /** The scenario as it ran. */
+  readonly scenario: Scenario;
+  /** Warm-up iterations (not measured). */
+  readonly warmup: number;
+  /** Measured iterations. */
+  readonly iterations: number;
+  /** Rows each rank receives per dispatch (tokens in normal mode; token-expert pairs in low-latency mode). */
+  readonly receivedPerRank: number[];
+  /** `[source rank][expert]`: tokens each rank sends to each expert (its layout's counts). */
+  readonly sentPerRankExpert: number[][];
+  /** Tokens each expert receives per dispatch (summed over sources). */
+  readonly receivedPerExpert: number[];
+  /** The measured operations. */
+  readonly operations: OperationTimes[];
+  /** Low-latency mode: `[rank][source]` nanoseconds each rank waited for each source, summed over all dispatch calls. */
+  readonly dispatchWaitNs?: number[][];
+}
+
+/** Options of {@linkcode runScenario}. */
+export interface RunOptions {
+  /** Measured iterations (default 10). */
+  readonly iterations?: number;
+  /** Unmeasured iterations first (default 2). */
+  readonly warmup?: number;
+  /** Seed of the payload and the routing (default 1). */
+  readonly seed?: number;
+  /** Normal mode: dispatch variants to run (default all three); combine always runs. */
+  readonly variants?: readonly ("exact" | "worst-case" | "cached")[];
+  /** Low-latency mode: also run the receive-hook variant (default true). */
+  readonly hook?: boolean;
+  /** Called after each iteration (for a progress bar). */
+  readonly onIteration?: (done: number, total: number) => void;
+}
+
+/** Payload bytes of one received row: BF16, or FP8 with one f32 scale per 128 channels. */
+export function rowBytes(payload: "bf16" | "fp8", hidden: number): number {
+  return payload === "bf16" ? 2 * hidden : hidden + 4 * Math.ceil(hidden / 128);
+}
+
+// Events recorded around one call on every rank's stream; resolved to milliseconds at the end.
+class Timing {
+  readonly marks: Event[][] = [];
+  mark(ranks: readonly Rank[]): void {
+    this.marks.push(ranks.map((r) => r.stream.record()));
+  }
+  async elapsed(from: number, to: number): Promise<number[]> {
+    await Promise.all(this.marks[to].map((e) => e.synchronize()));
+    return this.marks[from].map((start, r) => {
+      const ms = start.elapsedMs(this.marks[to][r]);
+      if (ms === undefined) throw new SwitchyardError("INTERNAL", "an event completed but has no time");
+      return ms;
+    });
+  }
+  [Symbol.dispose](): void {
+    for (const row of this.marks) for (const e of row) e[Symbol.dispose]();
+  }
+}
+
+function newTimes(op: OperationName, ranks: number, hook = false): OperationTimes {
+  return {
+    op,
+    rankMs: Array.from({ length: ranks }, () => []),
+    sendMs: hook ? Array.from({ length: ranks }, () => []) : undefined,
+    wallMs: [],
+    rankBytes: new Array(ranks).fill(0),
+  };
+}
+
+function push(times: OperationTimes, rankMs: number[], wallMs: number, sendMs?: number[]): void {
+  rankMs.forEach((ms, r) => times.rankMs[r].push(ms));
+  if (sendMs) sendMs.forEach((ms, r) => times.sendMs![r].push(ms));
+  times.wallMs.push(wallMs);
+}
+
+// Times one collective call on every rank: events on each rank's stream before and after.
+async function timed<T>(
+  group: Group,
+  call: (r: number) => Promise<T>,
+): Promise<{ out: T[]; ms: number[]; wall: number }> {
+  using timing = new Timing();
+  const t0 = performance.now();
+  timing.mark(group.ranks);
+  const out = await group.all((_, r) => call(r));
+  timing.mark(group.ranks);
+  const ms = await timing.elapsed(0, 1);
+  return { out, ms, wall: performance.now() - t0 };
+}
+
+interface Inputs {
+  readonly x: Tensor;
+  readonly xScales?: Tensor;
+  readonly xBf16: Tensor;
+  readonly topkIdx: Tensor;
+  readonly topkWeights: Tensor;
+}
+
+async function makeInputs(s: Scenario, rank: Rank, r: number, seed: number): Promise<Inputs> {
+  const routing = routeTokens(s, r, seed);
+  const values = randomFloats(s.tokens * s.hidden, seed * 7919 + r);
+  const xBf16 = await Tensor.from(rank, toBF16(values), { shape: [s.tokens, s.hidden] });
+  let x: Tensor = xBf16, xScales: Tensor | undefined;
+  if (s.payload === "fp8" && s.mode === "normal") {
+    // Pre-quantised input, as DeepEP's normal mode takes it: values scaled into E4M3's range
+    // per 128 channels, with the inverse scales.
+    const blocks = Math.ceil(s.hidden / 128);
+    const scales = new Float32Array(s.tokens * blocks);
+    const scaled = new Float32Array(values.length);
+    for (let t = 0; t < s.tokens; t++) {
+      for (let b = 0; b < blocks; b++) {
+        let amax = 1e-4;
+        const from = t * s.hidden + b * 128, to = Math.min(from + 128, (t + 1) * s.hidden);
+        for (let i = from; i < to; i++) amax = Math.max(amax, Math.abs(values[i]));
+        for (let i = from; i < to; i++) scaled[i] = values[i] * (448 / amax);
+        scales[t * blocks + b] = amax / 448;
+      }
+    }
+    x = await Tensor.from(rank, toFP8E4M3(scaled), { dtype: "fp8_e4m3", shape: [s.tokens, s.hidden] });
+    xScales = await Tensor.from(rank, scales, { shape: [s.tokens, blocks] });
+  }
+  return {
+    x,
+    xScales,
+    xBf16,
+    topkIdx: await Tensor.from(rank, routing.topkIdx, { shape: [s.tokens, s.topk] }),
+    topkWeights: await Tensor.from(rank, routing.topkWeights, { shape: [s.tokens, s.topk] }),
+  };
+}
+
+function release(inputs: Inputs[]): void {
+  for (const i of inputs) {
+    for (const t of new Set([i.x, i.xScales, i.xBf16, i.topkIdx, i.topkWeights])) t?.[Symbol.dispose]();
+  }
+}
+
+/**
+ * Runs scenario `s` on `group` (whose size must be `s.ranks`): buffers sized for it, seeded
+ * inputs, `warmup` + `iterations` rounds of every operation, each timed on every rank.
+ */
+export async function runScenario(group: Group, s: Scenario, options: RunOptions = {}): Promise<ScenarioRun> {
+  if (group.size !== s.ranks) {
+    throw new SwitchyardError("INVALID_ARGUMENT", `group: ${group.size} ranks, scenario ${s.name} needs ${s.ranks}`);
+  }
+  const iterations = options.iterations ?? 10, warmup = options.warmup ?? 2, seed = options.seed ?? 1;
+  const buffers = await group.createBuffers({
+    hidden: s.hidden,
+    maxTokensPerRank: s.tokens,
+    lowLatency: s.mode === "low-latency" ? { numExperts: s.experts } : undefined,
+  });
+  const inputs = await group.all((rank, r) => makeInputs(s, rank, r, seed));
+  try {
+    // Who sends what where, from each rank's own layout.
+    const sentPerRankExpert = await group.all(async (_, r) => {
+      using layout = await buffers[r].layout(inputs[r].topkIdx, { numExperts: s.experts });
+      return Array.from(await layout.numTokensPerExpert.read());
+    });
+    const receivedPerExpert = new Array(s.experts).fill(0);
+    for (const row of sentPerRankExpert) row.forEach((n, e) => (receivedPerExpert[e] += n));
+    const run = s.mode === "normal"
+      ? await runNormal(group, s, buffers, inputs, iterations, warmup, options)
+      : await runLowLatency(group, s, buffers, inputs, iterations, warmup, options);
+    return { scenario: s, warmup, iterations, sentPerRankExpert, receivedPerExpert, ...run };
+  } finally {
+    release(inputs);
+    for (const b of buffers) b[Symbol.dispose]();
+  }
+}
+
+type Measured = Pick<ScenarioRun, "receivedPerRank" | "operations" | "dispatchWaitNs">;
+
+async function runNormal(
+  group: Group,
+  s: Scenario,
+  buffers: EpBuffer[],
+  inputs: Inputs[],
+  iterations: number,
+  warmup: number,
+  options: RunOptions,
+): Promise<Measured> {
+  const R = s.ranks;
+  const variants = options.variants ?? ["exact", "worst-case", "cached"];
+  const routed = (r: number) => ({
+    topkIdx: inputs[r].topkIdx,
+    topkWeights: inputs[r].topkWeights,
+    numExperts: s.experts,
+  });
+  const payload = (r: number) => ({ xScales: inputs[r].xScales });
+  // The routing every variant reuses: one exact-size dispatch, kept for cached mode.
+  const first = await group.all((_, r) => buffers[r].dispatch(inputs[r].x, { ...payload(r), ...routed(r) }));
+  const receivedPerRank = first.map((d) => d.numRecvTokens ?? 0);
+  // Combine sends BF16 expert outputs back: the received rows themselves when they are BF16.
+  const combineInput = await group.all((rank, r) =>
+    s.payload === "bf16"
+      ? first[r].recvX
+      : Tensor.empty(rank, { dtype: "bf16", shape: [Math.max(first[r].numRows, 1), s.hidden] })
+  );
+  const ops = new Map<OperationName, OperationTimes>();
+  const record = (op: OperationName, ms: number[], wall: number, it: number) => {
+    if (it < warmup) return;
+    if (!ops.has(op)) ops.set(op, newTimes(op, R));
+    push(ops.get(op)!, ms, wall);
+  };
+  try {
+    for (let it = 0; it < warmup + iterations; it++) {
+      for (const v of variants) {
+        const op: OperationName = `dispatch (${v})`;
+        const { out, ms, wall } = await timed(group, (r) =>
+          buffers[r].dispatch(inputs[r].x, {
+            ...payload(r),
+            ...(v === "cached" ? { handle: first[r].handle } : routed(r)),
+            ...(v === "worst-case" ? { numWorstTokens: R * s.tokens } : {}),
+          }));
+        record(op, ms, wall, it);
+        for (const d of out) d[Symbol.dispose]();
+      }
+      const { out, ms, wall } = await timed(group, (r) => buffers[r].combine(combineInput[r], first[r].handle));
+      record("combine", ms, wall, it);
+      for (const c of out) c[Symbol.dispose]();
+      options.onIteration?.(it + 1, warmup + iterations);
+    }
+  } finally {
+    if (s.payload !== "bf16") { for (const t of combineInput) t[Symbol.dispose](); }
+    for (const d of first) d[Symbol.dispose]();
+  }
+  const dispatchBytes = receivedPerRank.map((n) => n * rowBytes(s.payload, s.hidden));
+  const combineBytes = receivedPerRank.map((n) => n * rowBytes("bf16", s.hidden));
+  const operations = [...ops.values()].map((o) => ({
+    ...o,
+    rankBytes: o.op === "combine" ? combineBytes : dispatchBytes,
+  }));
+  return { receivedPerRank, operations };
+}
+
+async function runLowLatency(
+  group: Group,
+  s: Scenario,
+  buffers: EpBuffer[],
+  inputs: Inputs[],
+  iterations: number,
+  warmup: number,
+  options: RunOptions,
+): Promise<Measured> {
+  const R = s.ranks, useFp8 = s.payload === "fp8";
+  const hook = options.hook ?? true;
+  // BF16 rows in the dispatch's layout, as the experts' outputs that combine sends back.
+  const expertOut = await group.all((_, r) =>
+    buffers[r].lowLatencyDispatch(inputs[r].xBf16, inputs[r].topkIdx, { useFp8: false })
+  );
+  const receivedPerRank = await group.all(async (_, r) =>
+    Array.from(await expertOut[r].recvCount.read()).reduce((a, b) => a + b, 0)
+  );
+  const waitStats = await group.all((rank) => Tensor.from(rank, new BigInt64Array(R), { shape: [R] }));
+  const names: OperationName[] = ["low-latency dispatch", "low-latency combine"];
+  if (hook) names.push("low-latency dispatch (hook)", "low-latency combine (hook)");
+  const ops = new Map(names.map((n) => [n, newTimes(n, R, n.endsWith("(hook)"))]));
+  try {
+    for (let it = 0; it < warmup + iterations; it++) {
+      const measured = it >= warmup;
+      const d = await timed(group, (r) =>
+        buffers[r].lowLatencyDispatch(inputs[r].x, inputs[r].topkIdx, {
+          useFp8,
+          dispatchWaitRecvCostStats: measured ? waitStats[r] : undefined,
+        }));
+      const c = await timed(
+        group,
+        (r) =>
+          buffers[r].lowLatencyCombine(expertOut[r].recvX, inputs[r].topkIdx, inputs[r].topkWeights, d.out[r].handle),
+      );
+      if (measured) {
+        push(ops.get("low-latency dispatch")!, d.ms, d.wall);
+        push(ops.get("low-latency combine")!, c.ms, c.wall);
+      }
+      for (const x of [...c.out, ...d.out]) x[Symbol.dispose]();
+      if (hook) {
+        // Send, then receive when the hook runs: the part in between is free for compute.
+        const dh = await hooked(
+          group,
+          (r) => buffers[r].lowLatencyDispatch(inputs[r].x, inputs[r].topkIdx, { useFp8, returnRecvHook: true }),
+        );
+        const ch = await hooked(
+          group,
+          (r) =>
+            buffers[r].lowLatencyCombine(
+              expertOut[r].recvX,
+              inputs[r].topkIdx,
+              inputs[r].topkWeights,
+              dh.out[r].handle,
+              {
+                returnRecvHook: true,
+              },
+            ),
+        );
+        if (measured) {
+          push(ops.get("low-latency dispatch (hook)")!, dh.ms, dh.wall, dh.sendMs);
+          push(ops.get("low-latency combine (hook)")!, ch.ms, ch.wall, ch.sendMs);
+        }
+        for (const x of [...ch.out, ...dh.out]) x[Symbol.dispose]();
+      }
+      options.onIteration?.(it + 1, warmup + iterations);
+    }
+    const dispatchWaitNs = await group.all(async (_, r) => Array.from(await waitStats[r].read(), Number));
+    const dispatchBytes = receivedPerRank.map((n) => n * rowBytes(s.payload, s.hidden));
+    const combineBytes = receivedPerRank.map((n) => n * rowBytes("bf16", s.hidden));
+    const operations = [...ops.values()].map((o) => ({
+      ...o,
+      rankBytes: o.op.includes("combine") ? combineBytes : dispatchBytes,
+    }));
+    return { receivedPerRank, operations, dispatchWaitNs };
+  } finally {
+    for (const t of waitStats) t[Symbol.dispose]();
+    for (const e of expertOut) e[Symbol.dispose]();
+  }
+}
+
+// A low-latency call with a receive hook: events before the call, after it (the send), and
+// after `hook.run()` (the receive).
+async function hooked<T extends { readonly hook?: { run(): void } }>(
+  group: Group,
+  call: (r: number) => Promise<T>,
+): Promise<{ out: T[]; ms: number[]; sendMs: number[]; wall: number }> {
+  using timing = new Timing();
+  const t0 = performance.now();
+  timing.mark(group.ranks);
+  const out = await group.all((_, r) => call(r));
+  timing.mark(group.ranks);
+  for (const o of out) o.hook!.run();
+  timing.mark(group.ranks);
+  const sendMs = await timing.elapsed(0, 1);
+  const ms = await timing.elapsed(0, 2);
+  return { out, ms, sendMs, wall: performance.now() - t0 };
+}
