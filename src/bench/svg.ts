@@ -46,7 +46,7 @@ export interface Timeline {
   }[];
 }
 
-const W = 720, H = 420, M = { left: 78, right: 180, top: 44, bottom: 58 };
+const W = 820, H = 420, M = { left: 78, right: 260, top: 44, bottom: 58 };
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 
 /** Text safe inside an SVG element or a double-quoted attribute. */
@@ -63,7 +63,7 @@ function label(v: number): string {
 }
 
 /** Tick values spanning [lo, hi]: multiples of 1, 2 or 5 times a power of ten. */
-export function niceTicks(lo: number, hi: number, count = 5): number[] {
+export function niceTicks(lo: number, hi: number, count = 6): number[] {
   if (!(hi > lo)) return [lo];
   const raw = (hi - lo) / count, mag = 10 ** Math.floor(Math.log10(raw));
   const step = [1, 2, 5, 10].map((f) => f * mag).find((s) => s >= raw)!;
