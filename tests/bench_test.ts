@@ -218,7 +218,12 @@ Deno.test("SVG plots are well-formed and carry their series and labels", async (
   });
   await t.step("a heat map has one cell per value", () => {
     const els = checkXml(heatMap({ title: "h", xLabel: "expert", yLabel: "rank", values: [[1, 2, 3], [0, 5, 1]] }));
-    assert.equal(els.filter((e) => e.name === "rect" && e.attrs.fill?.startsWith("rgb(")).length, 6);
+    const cells = els.filter((e) => e.name === "rect" && e.attrs.width === "1");
+    assert.deepEqual(cells.map((e) => `${e.attrs.y},${e.attrs.x}`), ["0,0", "0,1", "0,2", "1,0", "1,1", "1,2"]);
+    // Darker is more: the largest value (5) is the darkest cell, a zero is white.
+    const shade = (e: { attrs: Record<string, string> }) => parseInt(e.attrs.fill.slice(1, 3), 16);
+    assert.equal(Math.min(...cells.map(shade)), shade(cells[4]));
+    assert.equal(cells[3].attrs.fill, "#ffffff");
   });
   await t.step("tick values", () => {
     assert.deepEqual(niceTicks(0, 10), [0, 2, 4, 6, 8, 10]);

@@ -199,7 +199,9 @@ const report: BenchReport = {
 console.log(formatTable(report));
 const out = opt.out!;
 await Deno.mkdir(out, { recursive: true });
-await Deno.writeTextFile(`${out}/report.json`, JSON.stringify(report, null, 1) + "\n");
+// Indented, with arrays of numbers kept on one line each (thousands of samples and counts).
+const json = JSON.stringify(report, null, 1).replace(/\[[-\d.e+,\s]*\]/g, (a) => a.replace(/\s+/g, ""));
+await Deno.writeTextFile(`${out}/report.json`, json + "\n");
 const plots = plotsOf(report);
 for (const p of plots) await Deno.writeTextFile(`${out}/${p.file}`, p.svg);
 await Deno.writeTextFile(`${out}/index.html`, indexHtml(report, plots));
