@@ -34,3 +34,25 @@ Deno.test("the demo reports routing, timings and a passing round trip", async ()
     ]
   ) assert.match(text, line);
 });
+
+Deno.test("the MoE layer example matches the dense layer, in the normal and the low-latency mode", async () => {
+  const example = new URL("../examples/moe_layer.ts", import.meta.url).pathname;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-ffi", "--allow-env", "--allow-read", example, "--ranks", "4", "--tokens", "24"],
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const timer = setTimeout(() => child.kill("SIGKILL"), 60_000);
+  const out = await child.output();
+  clearTimeout(timer);
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 0, text);
+  for (
+    const line of [
+      /normal mode: \d+ tokens\/s; dispatch [\d.]+ ms \(\d+%\), experts [\d.]+ ms \(\d+%\), combine [\d.]+ ms \(\d+%\); against the dense layer: max error [\d.e+-]+ of the token's scale OK/,
+      /low-latency, one micro-batch: [\d.]+ ms .* OK/,
+      /low-latency, two, overlapped with the hook: [\d.]+ ms .* OK/,
+      /overlap gain: [\d.]+x/,
+    ]
+  ) assert.match(text, line);
+});
