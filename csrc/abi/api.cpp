@@ -387,7 +387,7 @@ SY_API sy_status sy_event_create(sy_rank rank, sy_event* out) {
     SY_TRY(resolve(rank, Kind::Rank, "rank", &r));
     if (out == nullptr) return invalid("out", "out: NULL");
     std::shared_ptr<Event> e;
-    SY_TRY(r->group->backend->create_event(group_of(r), *r, &e));
+    SY_TRY(r->group->backend->create_event(group_of(r), *r, &e, true));
     *out = static_cast<sy_event>(register_handle(Kind::Event, e));
     return ok();
   });
@@ -439,7 +439,8 @@ SY_API sy_status sy_event_elapsed(sy_event start, sy_event end, double* ms) {
     SY_TRY(resolve(start, Kind::Event, "start", &a));
     SY_TRY(resolve(end, Kind::Event, "end", &b));
     if (ms == nullptr) return invalid("ms", "ms: NULL");
-    if (a->group != b->group || a->rank != b->rank) {
+    if (a->group != b->group) return fail(SY_ERROR_WRONG_HANDLE, "end: belongs to another group than start", "end");
+    if (a->rank != b->rank) {
       return fail(SY_ERROR_WRONG_HANDLE, "end: belongs to rank " + std::to_string(b->rank) +
                                              ", start to rank " + std::to_string(a->rank),
                   "end");

@@ -371,7 +371,7 @@ Error op_ll_clean(BufferCore& buf, std::shared_ptr<Stream> compute, std::shared_
   SY_TRY(buf.group->backend->ll_clean(buf, *buf.comm_stream, epoch, status));
   // The compute stream waits for the reset, and the event reports how it went.
   std::shared_ptr<Event> ev;
-  SY_TRY(buf.group->backend->create_event(buf.group, buf.rank_core(), &ev));
+  SY_TRY(buf.group->backend->create_event(buf.group, buf.rank_core(), &ev, done != nullptr));
   SY_TRY(ev->record(*buf.comm_stream, status));
   SY_TRY(compute->wait_event(*ev));
   if (done) *done = ev;

@@ -451,8 +451,10 @@ class Backend {
   virtual Error nccl_usable() const = 0;
   virtual Error create_stream(std::shared_ptr<GroupCore> g, RankCore& rank,
                               std::shared_ptr<Stream>* out) = 0;
-  virtual Error create_event(std::shared_ptr<GroupCore> g, RankCore& rank,
-                             std::shared_ptr<Event>* out) = 0;
+  // `timed`: the event can be an end of Event::elapsed_ms (the events users get); the library's
+  // own ordering events are not, which on CUDA makes recording them cheaper.
+  virtual Error create_event(std::shared_ptr<GroupCore> g, RankCore& rank, std::shared_ptr<Event>* out,
+                             bool timed) = 0;
   // Stream-ordered copies between a tensor and dense host memory; return when done.
   virtual Error write_tensor(Stream& s, std::shared_ptr<Tensor> t, const void* src,
                              Deadline deadline) = 0;

@@ -72,7 +72,7 @@ Error begin_on_comm(BufferCore& buf, const StreamOrder& o) {
   if (o.previous) return buf.comm_stream->wait_event(*o.previous);
   std::shared_ptr<Event> ev;
   GroupCore& g = *buf.group;
-  SY_TRY(g.backend->create_event(buf.group, buf.rank_core(), &ev));
+  SY_TRY(g.backend->create_event(buf.group, buf.rank_core(), &ev, false));
   SY_TRY(ev->record(*o.compute));
   return buf.comm_stream->wait_event(*ev);
 }
@@ -82,7 +82,7 @@ Error end_on_comm(BufferCore& buf, const StreamOrder& o, std::shared_ptr<Event>*
                   std::shared_ptr<OpStatus> status) {
   std::shared_ptr<Event> ev;
   GroupCore& g = *buf.group;
-  SY_TRY(g.backend->create_event(buf.group, buf.rank_core(), &ev));
+  SY_TRY(g.backend->create_event(buf.group, buf.rank_core(), &ev, o.async_finish));  // the caller's then
   SY_TRY(ev->record(*buf.comm_stream, std::move(status)));
   if (o.async_finish) {
     *event = ev;

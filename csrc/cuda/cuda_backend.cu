@@ -179,9 +179,10 @@ class CudaBackend final : public Backend {
     return ok();
   }
 
-  Error create_event(std::shared_ptr<GroupCore> g, RankCore& rank, std::shared_ptr<Event>* out) override {
+  Error create_event(std::shared_ptr<GroupCore> g, RankCore& rank, std::shared_ptr<Event>* out,
+                     bool timed) override {
     auto e = std::make_shared<CudaEvent>(std::move(g), rank);
-    SY_TRY(e->init());
+    SY_TRY(e->init(timed));
     *out = std::move(e);
     return ok();
   }

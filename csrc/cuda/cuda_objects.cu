@@ -97,10 +97,11 @@ CudaEvent::~CudaEvent() {
 }
 
 // The events users hold (their own, and operations' with asyncFinish) keep timing, so that
-// elapsed_ms can measure an operation by the GPU's clock; the library's internal events do not.
-Error CudaEvent::init() {
+// elapsed_ms can measure an operation by the GPU's clock; the library's ordering events do not.
+Error CudaEvent::init(bool timed) {
+  timed_ = timed;
   SY_CUDA(cudaSetDevice(rank_->device));
-  SY_CUDA(cudaEventCreateWithFlags(&event_, cudaEventDefault));
+  SY_CUDA(cudaEventCreateWithFlags(&event_, timed ? cudaEventDefault : cudaEventDisableTiming));
   return ok();
 }
 
@@ -139,7 +140,9 @@ Error CudaEvent::elapsed_ms(Event& end, double* ms) {
   if (other == nullptr) return fail(SY_ERROR_WRONG_HANDLE, "end: not a CUDA-backend event", "end");
   for (CudaEvent* e : {this, other}) {
     std::lock_guard<std::mutex> l(e->mu_);
-    if (!e->recorded_) return invalid(e == this ? "start" : "end", std::string(e == this ? "start" : "end") + ": never recorded");
+    const char* which = e == this ? "start" : "end";
+    if (!e->recorded_) return invalid(which, std::string(which) + ": never recorded");
+    if (!e->timed_) return invalid(which, std::string(which) + ": an event of the library's own, without timing");
   }
   SY_CUDA(cudaSetDevice(rank_->device));
   for (cudaEvent_t e : {event_, other->event_}) {

@@ -103,7 +103,7 @@ class CudaEvent final : public Event {
  public:
   CudaEvent(std::shared_ptr<GroupCore> g, RankCore& r) : Event(std::move(g), r.index), rank_(&rank_state(r)) {}
   ~CudaEvent() override;
-  Error init();
+  Error init(bool timed);
   Error record(Stream& stream, std::shared_ptr<OpStatus> status) override;
   Error query() override;
   Error synchronize(Deadline deadline) override;
@@ -118,6 +118,7 @@ class CudaEvent final : public Event {
   std::mutex mu_;
   std::shared_ptr<OpStatus> status_;
   bool recorded_ = false;
+  bool timed_ = false;
 };
 
 inline CudaStream* as_cuda(Stream& s) { return dynamic_cast<CudaStream*>(&s); }

@@ -38,7 +38,8 @@ class MappingPool {
  public:
   static constexpr size_t kMappings = 64;
   // An eighth of the machine's memory, at least 1 GiB: 8 virtual ranks of a prefill-sized
-  // dispatch hold several outputs of ~100 MiB each.
+  // dispatch hold several outputs of ~100 MiB each. Per process: it holds only what the process
+  // freed recently, so a rank per process keeps about one rank's outputs.
   const uint64_t kResidentBytes = std::max<uint64_t>(
       uint64_t(1) << 30, uint64_t(std::max(0L, sysconf(_SC_PHYS_PAGES))) * uint64_t(sysconf(_SC_PAGESIZE)) / 8);
 
@@ -52,17 +53,24 @@ class MappingPool {
   // nullptr when there is none.
   void* take(uint64_t size, bool zeroed) {
     void* p = nullptr;
+    uint64_t resident = 0;
     {
       std::lock_guard<std::mutex> l(mu_);
       for (auto it = kept_.rbegin(); it != kept_.rend(); ++it) {
         if (it->size != size) continue;
         p = it->ptr;
+        resident = it->resident;
         resident_ -= it->resident;
         kept_.erase(std::next(it).base());
         break;
       }
     }
-    if (p != nullptr && zeroed) std::memset(p, 0, size);
+    if (p != nullptr && zeroed) {
+      // Mostly committed: clearing in place keeps the pages. Mostly not (a worst-case buffer a
+      // call barely touched): dropping the pages costs what was committed, where a memset would
+      // commit all of it; they read as zeros again, as in a fresh mapping.
+      if (2 * resident >= size || madvise(p, size, MADV_DONTNEED) != 0) std::memset(p, 0, size);
+    }
     return p;
   }
   // Keeps a mapping; the oldest kept ones go once the pool is over its bounds, so the sizes a
@@ -91,7 +99,7 @@ class MappingPool {
   };
   // Pages of [p, p + size) in memory; all of them when the kernel cannot say.
   static uint64_t resident_bytes(void* p, uint64_t size) {
-    const uint64_t page = 4096;
+    static const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
     std::vector<unsigned char> in(size_t((size + page - 1) / page));
     if (mincore(p, size, in.data()) != 0) return size;
     uint64_t n = 0;
@@ -190,8 +198,8 @@ class HostBackend final : public Backend {
     return ok();
   }
 
-  Error create_event(std::shared_ptr<GroupCore> g, RankCore& rank,
-                     std::shared_ptr<Event>* out) override {
+  Error create_event(std::shared_ptr<GroupCore> g, RankCore& rank, std::shared_ptr<Event>* out,
+                     bool /*timed: the host's clock costs nothing*/) override {
     *out = std::make_shared<host::HostEvent>(std::move(g), rank.index);
     return ok();
   }
