@@ -156,7 +156,7 @@ async function normalMode(buffers: EpBuffer[]) {
     const x = await sent[r].recvX.readFloat32();
     const idx = await sent[r].recvTopkIdx!.read() as BigInt64Array;
     const w = await sent[r].recvTopkWeights!.read();
-    const y = new Float32Array(rows * H);
+    const y = new Float32Array(Math.max(rows, 1) * H); // a rank may receive nothing: one zero row
     for (let l = 0; l < EL; l++) {
       const mine: number[] = [], weight: number[] = [];
       for (let n = 0; n < rows; n++) {

@@ -646,12 +646,13 @@ export class EpBuffer extends NativeResource {
       const p = this.pointer;
       const status = native().sy_reject(p, operation);
       if (status === Status.OK) throw why;
+      // The library's message says what stopped the refusal and that the peers wait it out.
       const untold = errorFor(status, p, "telling the peers of the refusal");
-      const reason = why instanceof Error ? why.message : String(why);
+      const known = why instanceof SwitchyardError ? why : undefined;
       throw new SwitchyardError(
-        why instanceof SwitchyardError ? why.code : "INVALID_ARGUMENT",
-        `${reason}; the peers could not be told (${untold.message}), so they fail this call at their deadline`,
-        { cause: why },
+        known?.code ?? "INVALID_ARGUMENT",
+        `${why instanceof Error ? why.message : String(why)} (${untold.message})`,
+        { argument: known?.argument, rank: known?.rank, cause: why },
       );
     });
   }

@@ -83,23 +83,22 @@ export function rowBytes(payload: "bf16" | "fp8", hidden: number): number {
   return payload === "bf16" ? 2 * hidden : hidden + 4 * Math.ceil(hidden / 128);
 }
 
-// Events recorded around one call on every rank's stream; resolved to milliseconds at the end.
-class Timing {
-  readonly marks: Event[][] = [];
-  mark(ranks: readonly Rank[]): void {
-    this.marks.push(ranks.map((r) => r.stream.record()));
-  }
-  async elapsed(from: number, to: number): Promise<number[]> {
-    await Promise.all(this.marks[to].map((e) => e.synchronize()));
-    return this.marks[from].map((start, r) => {
-      const ms = start.elapsedMs(this.marks[to][r]);
-      if (ms === undefined) throw new SwitchyardError("INTERNAL", "an event completed but has no time");
-      return ms;
-    });
-  }
-  [Symbol.dispose](): void {
-    for (const row of this.marks) for (const e of row) e[Symbol.dispose]();
-  }
+// Milliseconds between two events of one rank, once the later one has completed.
+async function between(start: Event, end: Event): Promise<number> {
+  await end.synchronize();
+  const ms = start.elapsedMs(end);
+  if (ms === undefined) throw new SwitchyardError("INTERNAL", "an event completed but has no time");
+  return ms;
+}
+
+// Runs `call` on every rank; if any rank's call fails, the others' results are released and the
+// first failure is thrown.
+async function onEveryRank<T extends Disposable>(group: Group, call: (r: number) => Promise<T>): Promise<T[]> {
+  const settled = await Promise.allSettled(group.ranks.map((_, r) => call(r)));
+  const failed = settled.find((s) => s.status === "rejected");
+  if (!failed) return settled.map((s) => (s as PromiseFulfilledResult<T>).value);
+  for (const s of settled) if (s.status === "fulfilled") s.value[Symbol.dispose]();
+  throw (failed as PromiseRejectedResult).reason;
 }
 
 function newTimes(op: OperationName, ranks: number, hook = false): OperationTimes {
@@ -118,18 +117,31 @@ function push(times: OperationTimes, rankMs: number[], wallMs: number, sendMs?: 
   times.wallMs.push(wallMs);
 }
 
-// Times one collective call on every rank: events on each rank's stream before and after.
-async function timed<T>(
+// Times one collective call on every rank: events on the rank's stream right before its call and
+// right after it returns (each rank its own, so a fast rank is not charged for a slow one).
+async function timed<T extends Disposable>(
   group: Group,
   call: (r: number) => Promise<T>,
 ): Promise<{ out: T[]; ms: number[]; wall: number }> {
-  using timing = new Timing();
-  const t0 = performance.now();
-  timing.mark(group.ranks);
-  const out = await group.all((_, r) => call(r));
-  timing.mark(group.ranks);
-  const ms = await timing.elapsed(0, 1);
-  return { out, ms, wall: performance.now() - t0 };
+  const events: Event[] = [];
+  try {
+    const t0 = performance.now();
+    const marks: [Event, Event][] = [];
+    const out = await onEveryRank(group, async (r) => {
+      const stream = group.ranks[r].stream;
+      const start = stream.record();
+      events.push(start);
+      const res = await call(r);
+      const end = stream.record();
+      events.push(end);
+      marks[r] = [start, end];
+      return res;
+    });
+    const ms = await Promise.all(marks.map(([start, end]) => between(start, end)));
+    return { out, ms, wall: performance.now() - t0 };
+  } finally {
+    for (const e of events) e[Symbol.dispose]();
+  }
 }
 
 interface Inputs {
@@ -172,8 +184,9 @@ async function makeInputs(s: Scenario, rank: Rank, r: number, seed: number): Pro
   };
 }
 
-function release(inputs: Inputs[]): void {
+function release(inputs: (Inputs | undefined)[]): void {
   for (const i of inputs) {
+    if (!i) continue;
     for (const t of new Set([i.x, i.xScales, i.xBf16, i.topkIdx, i.topkWeights])) t?.[Symbol.dispose]();
   }
 }
@@ -192,8 +205,9 @@ export async function runScenario(group: Group, s: Scenario, options: RunOptions
     maxTokensPerRank: s.tokens,
     lowLatency: s.mode === "low-latency" ? { numExperts: s.experts } : undefined,
   });
-  const inputs = await group.all((rank, r) => makeInputs(s, rank, r, seed));
+  const inputs: Inputs[] = [];
   try {
+    await group.all(async (rank, r) => (inputs[r] = await makeInputs(s, rank, r, seed)));
     // Who sends what where, from each rank's own layout.
     const sentPerRankExpert = await group.all(async (_, r) => {
       using layout = await buffers[r].layout(inputs[r].topkIdx, { numExperts: s.experts });
@@ -231,14 +245,10 @@ async function runNormal(
   });
   const payload = (r: number) => ({ xScales: inputs[r].xScales });
   // The routing every variant reuses: one exact-size dispatch, kept for cached mode.
-  const first = await group.all((_, r) => buffers[r].dispatch(inputs[r].x, { ...payload(r), ...routed(r) }));
+  const first = await onEveryRank(group, (r) => buffers[r].dispatch(inputs[r].x, { ...payload(r), ...routed(r) }));
   const receivedPerRank = first.map((d) => d.numRecvTokens ?? 0);
   // Combine sends BF16 expert outputs back: the received rows themselves when they are BF16.
-  const combineInput = await group.all((rank, r) =>
-    s.payload === "bf16"
-      ? first[r].recvX
-      : Tensor.empty(rank, { dtype: "bf16", shape: [Math.max(first[r].numRows, 1), s.hidden] })
-  );
+  const combineInput: Tensor[] = [];
   const ops = new Map<OperationName, OperationTimes>();
   const record = (op: OperationName, ms: number[], wall: number, it: number) => {
     if (it < warmup) return;
@@ -246,6 +256,13 @@ async function runNormal(
     push(ops.get(op)!, ms, wall);
   };
   try {
+    for (const [r, d] of first.entries()) {
+      combineInput.push(
+        s.payload === "bf16"
+          ? d.recvX
+          : Tensor.empty(group.ranks[r], { dtype: "bf16", shape: [Math.max(d.numRows, 1), s.hidden] }),
+      );
+    }
     for (let it = 0; it < warmup + iterations; it++) {
       for (const v of variants) {
         const op: OperationName = `dispatch (${v})`;
@@ -288,17 +305,19 @@ async function runLowLatency(
   const R = s.ranks, useFp8 = s.payload === "fp8";
   const hook = options.hook ?? true;
   // BF16 rows in the dispatch's layout, as the experts' outputs that combine sends back.
-  const expertOut = await group.all((_, r) =>
-    buffers[r].lowLatencyDispatch(inputs[r].xBf16, inputs[r].topkIdx, { useFp8: false })
+  const expertOut = await onEveryRank(
+    group,
+    (r) => buffers[r].lowLatencyDispatch(inputs[r].xBf16, inputs[r].topkIdx, { useFp8: false }),
   );
-  const receivedPerRank = await group.all(async (_, r) =>
-    Array.from(await expertOut[r].recvCount.read()).reduce((a, b) => a + b, 0)
-  );
-  const waitStats = await group.all((rank) => Tensor.from(rank, new BigInt64Array(R), { shape: [R] }));
+  const waitStats: Tensor[] = [];
   const names: OperationName[] = ["low-latency dispatch", "low-latency combine"];
   if (hook) names.push("low-latency dispatch (hook)", "low-latency combine (hook)");
   const ops = new Map(names.map((n) => [n, newTimes(n, R, n.endsWith("(hook)"))]));
   try {
+    const receivedPerRank = await group.all(async (_, r) =>
+      Array.from(await expertOut[r].recvCount.read()).reduce((a, b) => a + b, 0)
+    );
+    await group.all(async (rank, r) => (waitStats[r] = await Tensor.from(rank, new BigInt64Array(R), { shape: [R] })));
     for (let it = 0; it < warmup + iterations; it++) {
       const measured = it >= warmup;
       const d = await timed(group, (r) =>
@@ -352,25 +371,39 @@ async function runLowLatency(
     }));
     return { receivedPerRank, operations, dispatchWaitNs };
   } finally {
-    for (const t of waitStats) t[Symbol.dispose]();
+    for (const t of waitStats) t?.[Symbol.dispose]();
     for (const e of expertOut) e[Symbol.dispose]();
   }
 }
 
-// A low-latency call with a receive hook: events before the call, after it (the send), and
-// after `hook.run()` (the receive).
-async function hooked<T extends { readonly hook?: { run(): void } }>(
+// A low-latency call with a receive hook: events on each rank's stream before the call, after it
+// (the send), and after `hook.run()` (the receive).
+async function hooked<T extends Disposable & { readonly hook?: { run(): void } }>(
   group: Group,
   call: (r: number) => Promise<T>,
 ): Promise<{ out: T[]; ms: number[]; sendMs: number[]; wall: number }> {
-  using timing = new Timing();
-  const t0 = performance.now();
-  timing.mark(group.ranks);
-  const out = await group.all((_, r) => call(r));
-  timing.mark(group.ranks);
-  for (const o of out) o.hook!.run();
-  timing.mark(group.ranks);
-  const sendMs = await timing.elapsed(0, 1);
-  const ms = await timing.elapsed(0, 2);
-  return { out, ms, sendMs, wall: performance.now() - t0 };
+  const events: Event[] = [];
+  try {
+    const t0 = performance.now();
+    const marks: Event[][] = [];
+    const out = await onEveryRank(group, async (r) => {
+      const stream = group.ranks[r].stream;
+      const mark = () => {
+        const e = stream.record();
+        events.push(e);
+        return e;
+      };
+      const start = mark();
+      const res = await call(r);
+      const sent = mark();
+      res.hook!.run();
+      marks[r] = [start, sent, mark()];
+      return res;
+    });
+    const sendMs = await Promise.all(marks.map(([start, sent]) => between(start, sent)));
+    const ms = await Promise.all(marks.map(([start, , done]) => between(start, done)));
+    return { out, ms, sendMs, wall: performance.now() - t0 };
+  } finally {
+    for (const e of events) e[Symbol.dispose]();
+  }
 }

@@ -171,7 +171,7 @@ export interface Sized {
 
 /**
  * Shrinks a normal-mode scenario's tokens per rank so that one rank's input stays within
- * `bytesPerCore` times the cores (powers of two, at least 16 tokens): the host backend and the
+ * `bytesPerCore` times the cores (halving, down to 16 tokens at the least): the host backend and the
  * CPU-executed CUDA backend move every byte with CPU copies. Low-latency scenarios (at most a
  * few hundred tokens) run as named.
  */
@@ -179,8 +179,7 @@ export function sizeFor(s: Scenario, cores: number, bytesPerCore = 8 * 2 ** 20):
   if (s.mode !== "normal") return { scenario: s };
   const budget = Math.max(1, cores) * bytesPerCore;
   let tokens = s.tokens;
-  while (tokens > 16 && tokens * s.hidden * 2 > budget) tokens /= 2;
-  tokens = Math.floor(tokens);
+  while (tokens > 16 && tokens * s.hidden * 2 > budget) tokens = Math.max(16, Math.floor(tokens / 2));
   if (tokens === s.tokens) return { scenario: s };
   return {
     scenario: { ...s, tokens },

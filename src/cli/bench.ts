@@ -163,7 +163,7 @@ for (const name of names) {
   scenarios.push(scenarioReport(run, sized.scaledDown));
 }
 
-// Sweeps for the plots, at fewer iterations: tokens per rank (halving down to 16) and ranks
+// Sweeps for the plots, at fewer iterations: tokens per rank (quartering down to 16) and ranks
 // (2, 4, 8) around the first normal-mode scenario, exact-size dispatch and combine.
 const sweeps: { tokens: SweepPoint[]; ranks: SweepPoint[] } = { tokens: [], ranks: [] };
 const base = scenarios.find((s) => s.scenario.mode === "normal")?.scenario;
