@@ -23,6 +23,11 @@
 #include "abi_driver.h"
 #include "switchyard.h"
 
+// The CPU executor's watch for calls CUDA-graph capture forbids (tests/cuda_on_cpu/include/
+// cuda_on_cpu/inspect.h); weak, so that a GPU build, which has no executor, leaves them null.
+extern "C" void sy_cuda_cpu_watch_host_waits(int on) __attribute__((weak));
+extern "C" size_t sy_cuda_cpu_host_waits(int polls, char* out, size_t n) __attribute__((weak));
+
 namespace {
 
 using sy::driver::die;
@@ -262,6 +267,20 @@ std::vector<Outputs> dispatch_and_combine(int32_t backend, const Shape& s, const
   return out;
 }
 
+// What the executor's watch saw on this thread during `call`: the waits (returned, so that the
+// comparison with the host backend, which makes no CUDA calls, fails on any), and the polls
+// (printed by rank 0 as a note).
+Bytes watched(int rank, const char* call, bool note_polls) {
+  char seen[1024];
+  if (note_polls && sy_cuda_cpu_host_waits(1, seen, sizeof seen)) {
+    std::printf("  note: %s polls events on the calling thread (%s): CUDA-graph capture in the default mode "
+                "would refuse that\n", call, seen);
+  }
+  const size_t n = sy_cuda_cpu_host_waits(0, seen, sizeof seen);
+  if (n) std::printf("  rank %d: %zu host waits in %s: %s\n", rank, n, call, seen);
+  return Bytes(seen, seen + std::strlen(seen));
+}
+
 // Low-latency dispatch (`flags`: FP8 and its scale options) and combine (LogFMT-10 with
 // `logfmt`), twice in a row so both halves of the double buffer and their acknowledgements run;
 // returns each rank's outputs: the rows each local expert received, their scales and source
@@ -283,6 +302,13 @@ std::vector<Outputs> low_latency(int32_t backend, const Shape& s, const Inputs& 
     sy_tensor y = job.tensor(r, SY_DTYPE_BF16, {EL, N, H}, ys.data(), ys.size() * 2);
     for (int round = 0; round < 2; ++round) {
       const std::string at = std::to_string(round) + " ";
+      // The second round's calls must not block the calling thread on the device nor allocate
+      // outside the stream order, as CUDA-graph capture requires (the first call of a buffer may
+      // wait once, for every rank's tables). Watched where the executor can tell; the event
+      // polls it also sees are printed, not failed: capture in the default mode refuses them,
+      // and the report and memory recycling still make them (README, low-latency mode).
+      const bool watch = round == 1 && sy_cuda_cpu_watch_host_waits != nullptr;
+      if (watch) sy_cuda_cpu_watch_host_waits(1);
       sy_ll_dispatch_args a;
       std::memset(&a, 0, sizeof a);
       a.struct_size = sizeof a;
@@ -294,6 +320,7 @@ std::vector<Outputs> low_latency(int32_t backend, const Shape& s, const Inputs& 
       std::memset(&d, 0, sizeof d);
       d.struct_size = sizeof d;
       SY(sy_ll_dispatch(job.buffers[size_t(r)], &a, &d), job.buffers[size_t(r)]);
+      if (watch) sy_cuda_cpu_watch_host_waits(0);
       const Bytes count = job.read(r, d.recv_count);
       o[at + "recv_count"] = count;
       const Bytes xs = job.read(r, d.recv_x);
@@ -327,7 +354,17 @@ std::vector<Outputs> low_latency(int32_t backend, const Shape& s, const Inputs& 
       sy_ll_combine_result cr;
       std::memset(&cr, 0, sizeof cr);
       cr.struct_size = sizeof cr;
+      if (watch) {
+        // The watch restarts below (reading the outputs above waits, as it may outside a graph),
+        // so what the dispatch saw is taken first.
+        o["host waits in sy_ll_dispatch"] = watched(r, "sy_ll_dispatch", round == 1 && r == 0);
+        sy_cuda_cpu_watch_host_waits(1);
+      }
       SY(sy_ll_combine(job.buffers[size_t(r)], &ca, &cr), job.buffers[size_t(r)]);
+      if (watch) {
+        sy_cuda_cpu_watch_host_waits(0);
+        o["host waits in sy_ll_combine"] = watched(r, "sy_ll_combine", round == 1 && r == 0);
+      }
       o[at + "combined_x"] = job.read(r, cr.combined_x);
       for (sy_tensor t : {cr.combined_x, d.recv_x, d.recv_x_scales, d.recv_count, src, range})
         if (t) sy_tensor_destroy(t);

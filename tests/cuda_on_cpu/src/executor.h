@@ -298,5 +298,9 @@ void synchronize_device(int device);
 // instrumented): a kernel racing with a copy is reported.
 void annotate_read(const void* p, size_t n);
 void annotate_write(void* p, size_t n);
+// A call CUDA-graph capture forbids, made by the calling thread: a wait (a host wait, an
+// allocation outside the stream order) or a poll (`poll`); counted while the thread is watched
+// (cuda_on_cpu/inspect.h).
+void note_host_wait(const char* call, bool poll = false);
 
 }  // namespace sy::cuda_cpu

@@ -168,23 +168,29 @@ bool runtime_memory(const void* p) {
 extern "C" {
 
 cudaError_t cudaMalloc(void** p, size_t n) {
+  note_host_wait("cudaMalloc");
   *p = allocate_exportable(n);
   return *p ? cudaSuccess : fail(cudaErrorMemoryAllocation);
 }
 
 cudaError_t cudaFree(void* p) {
+  note_host_wait("cudaFree");
   synchronize_device(current_device);
   return release(p, Kind::Device);
 }
 
 cudaError_t cudaMallocHost(void** p, size_t n) {
+  note_host_wait("cudaMallocHost");
   *p = allocate(n, Kind::Pinned);
   return *p ? cudaSuccess : fail(cudaErrorMemoryAllocation);
 }
 
-cudaError_t cudaHostAlloc(void** p, size_t n, unsigned int) { return cudaMallocHost(p, n); }
+cudaError_t cudaHostAlloc(void** p, size_t n, unsigned int) { return cudaMallocHost(p, n); }  // counted there
 
-cudaError_t cudaFreeHost(void* p) { return release(p, Kind::Pinned); }
+cudaError_t cudaFreeHost(void* p) {
+  note_host_wait("cudaFreeHost");
+  return release(p, Kind::Pinned);
+}
 
 // Memory this runtime made or opened: its kind and device (the device current when it was made,
 // in the exporting process for memory opened by IPC handle).
@@ -281,6 +287,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
 }
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
+  note_host_wait("cudaMemcpy");
   const cudaError_t rc = cudaMemcpyAsync(dst, src, n, kind, nullptr);
   if (rc == cudaSuccess) resolve(nullptr)->wait_for(resolve(nullptr)->last());
   return rc;
@@ -296,6 +303,7 @@ cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t s) {
 }
 
 cudaError_t cudaMemset(void* p, int v, size_t n) {
+  note_host_wait("cudaMemset");
   const cudaError_t rc = cudaMemsetAsync(p, v, n, nullptr);
   if (rc == cudaSuccess) resolve(nullptr)->wait_for(resolve(nullptr)->last());
   return rc;

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <string>
 
+#include "cuda_on_cpu/inspect.h"
 #include "executor.h"
 
 namespace sy::cuda_cpu {
@@ -18,7 +19,22 @@ namespace {
 
 thread_local cudaError_t tl_last = cudaSuccess;
 
+// The calling thread's watch for calls graph capture forbids (inspect.h).
+struct HostWaitWatch {
+  bool on = false;
+  size_t count[2] = {0, 0};  // waits, polls
+  std::string calls[2];
+};
+thread_local HostWaitWatch tl_watch;
+
 }  // namespace
+
+void note_host_wait(const char* call, bool poll) {
+  if (!tl_watch.on) return;
+  ++tl_watch.count[poll];
+  std::string& calls = tl_watch.calls[poll];
+  if (calls.size() < 4096) calls += (calls.empty() ? "" : ", ") + std::string(call);
+}
 
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
@@ -217,6 +233,7 @@ cudaError_t cudaDeviceGetP2PAttribute(int* v, cudaDeviceP2PAttr attr, int a, int
 }
 
 cudaError_t cudaDeviceSynchronize(void) {
+  note_host_wait("cudaDeviceSynchronize");
   synchronize_device(current_device);
   return cudaSuccess;
 }
@@ -244,12 +261,14 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
 }
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  note_host_wait("cudaStreamSynchronize");
   CUstream_st* st = resolve(s);
   st->wait_for(st->last());
   return cudaSuccess;
 }
 
 cudaError_t cudaStreamQuery(cudaStream_t s) {
+  note_host_wait("cudaStreamQuery", true);
   CUstream_st* st = resolve(s);
   return st->reached(st->last()) ? cudaSuccess : cudaErrorNotReady;
 }
@@ -291,15 +310,21 @@ std::pair<CUstream_st*, uint64_t> last_record(cudaEvent_t e) {
   return {e->stream, e->seq};
 }
 
+bool event_done(cudaEvent_t e) {
+  const auto [s, seq] = last_record(e);
+  return s == nullptr || s->reached(seq);
+}
+
 }  // namespace
 
 cudaError_t cudaEventQuery(cudaEvent_t e) {
+  note_host_wait("cudaEventQuery", true);
   if (e == nullptr) return fail(cudaErrorInvalidResourceHandle);
-  const auto [s, seq] = last_record(e);
-  return s == nullptr || s->reached(seq) ? cudaSuccess : cudaErrorNotReady;
+  return event_done(e) ? cudaSuccess : cudaErrorNotReady;
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+  note_host_wait("cudaEventSynchronize");
   if (e == nullptr) return fail(cudaErrorInvalidResourceHandle);
   const auto [s, seq] = last_record(e);
   if (s != nullptr) s->wait_for(seq);
@@ -317,7 +342,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned int) {
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
   if (a == nullptr || b == nullptr) return fail(cudaErrorInvalidResourceHandle);
   if ((a->flags | b->flags) & cudaEventDisableTiming) return fail(cudaErrorInvalidResourceHandle);
-  if (cudaEventQuery(a) != cudaSuccess || cudaEventQuery(b) != cudaSuccess) return fail(cudaErrorNotReady);
+  if (!event_done(a) || !event_done(b)) return fail(cudaErrorNotReady);
   int64_t from, to;
   {
     QuietLock l(a->mu);
@@ -341,5 +366,22 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, i
 }
 
 cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
+
+// ---- inspection (cuda_on_cpu/inspect.h) ----------------------------------------------------
+
+void sy_cuda_cpu_watch_host_waits(int on) {
+  if (on) tl_watch = HostWaitWatch{};
+  tl_watch.on = on != 0;
+}
+
+size_t sy_cuda_cpu_host_waits(int polls, char* out, size_t n) {
+  const int kind = polls ? 1 : 0;
+  if (out != nullptr && n > 0) {
+    const size_t len = std::min(n - 1, tl_watch.calls[kind].size());
+    std::memcpy(out, tl_watch.calls[kind].data(), len);
+    out[len] = 0;
+  }
+  return tl_watch.count[kind];
+}
 
 }  // extern "C"
