@@ -138,9 +138,26 @@ Deno.test("the benchmark counts what the operations moved", async (t) => {
 Deno.test("routings and sizes", () => {
   assert.deepEqual(parseRouting("zipf:0.8"), { kind: "zipf", s: 0.8 });
   assert.deepEqual(parseRouting("hot:1"), { kind: "hot", share: 1 });
-  for (const bad of ["zipf", "zipf:-1", "hot:2", "uniform:3", "normal"]) {
+  assert.deepEqual(parseRouting("group:8:4"), { kind: "group", groups: 8, perToken: 4 });
+  for (const bad of ["zipf", "zipf:-1", "hot:2", "uniform:3", "normal", "group:4:5", "group:4", "group:4:2:1"]) {
     assert.throws(() => parseRouting(bad), invalid);
   }
+  // Group-limited: every token's experts are distinct and lie in at most 2 of the 4 groups.
+  const grouped = routeTokens({ ...small, routing: { kind: "group", groups: 4, perToken: 2 } }, 1, 3);
+  const size = small.experts / 4, reached = new Set<number>();
+  for (let t = 0; t < small.tokens; t++) {
+    const row = Array.from(grouped.topkIdx.subarray(t * small.topk, (t + 1) * small.topk), Number);
+    assert.equal(new Set(row).size, small.topk, `token ${t}: distinct experts`);
+    assert.ok(new Set(row.map((e) => Math.floor(e / size))).size <= 2, `token ${t}: ${row}`);
+    const w = grouped.topkWeights.subarray(t * small.topk, (t + 1) * small.topk);
+    assert.ok(Math.abs(w.reduce((a, b) => a + b, 0) - 1) < 1e-5);
+    row.forEach((e) => reached.add(e));
+  }
+  assert.ok(reached.size > small.experts / 2, "the groups vary between tokens");
+  assert.throws(
+    () => routeTokens({ ...small, routing: { kind: "group", groups: 4, perToken: 1 }, topk: 5 }, 0, 1),
+    invalid,
+  );
   const hot = routeTokens({ ...small, routing: { kind: "hot", share: 1 } }, 2, 1);
   for (let t = 0; t < small.tokens; t++) {
     const row = Array.from(hot.topkIdx.subarray(t * small.topk, (t + 1) * small.topk), Number);

@@ -14,7 +14,13 @@ export type RoutingKind =
   /** Expert popularity ~ 1 / rank^s. */
   | { readonly kind: "zipf"; readonly s: number }
   /** Expert 0 is in every token's top-k with probability `share`; the rest uniform. */
-  | { readonly kind: "hot"; readonly share: number };
+  | { readonly kind: "hot"; readonly share: number }
+  /**
+   * DeepSeek-V3's group-limited routing: the experts form `groups` contiguous groups (a group per
+   * node, or per rank), each token picks `perToken` groups, and its top-k only among their experts,
+   * so a token reaches at most `perToken` groups.
+   */
+  | { readonly kind: "group"; readonly groups: number; readonly perToken: number };
 
 /** One workload: shape, routing, payload and the operations measured. */
 export interface Scenario {
@@ -120,16 +126,21 @@ export function scenarioNamed(name: string): Scenario {
   return s;
 }
 
-/** Parses `uniform`, `zipf:S` (S > 0) or `hot:P` (0 < P <= 1). */
+/** Parses `uniform`, `zipf:S` (S > 0), `hot:P` (0 < P <= 1) or `group:G:M` (M of G groups). */
 export function parseRouting(text: string): RoutingKind {
-  const [kind, arg] = text.split(":");
-  const value = Number(arg);
-  if (kind === "uniform" && arg === undefined) return UNIFORM;
-  if (kind === "zipf" && value > 0) return { kind: "zipf", s: value };
-  if (kind === "hot" && value > 0 && value <= 1) return { kind: "hot", share: value };
+  const [kind, arg, arg2, ...rest] = text.split(":");
+  const value = Number(arg), second = Number(arg2);
+  if (rest.length === 0 && arg2 === undefined) {
+    if (kind === "uniform" && arg === undefined) return UNIFORM;
+    if (kind === "zipf" && value > 0) return { kind: "zipf", s: value };
+    if (kind === "hot" && value > 0 && value <= 1) return { kind: "hot", share: value };
+  }
+  if (kind === "group" && rest.length === 0 && Number.isInteger(value) && Number.isInteger(second)) {
+    if (value >= 1 && second >= 1 && second <= value) return { kind: "group", groups: value, perToken: second };
+  }
   throw new SwitchyardError(
     "INVALID_ARGUMENT",
-    `routing: expected uniform, zipf:S (S > 0) or hot:P (0 < P <= 1), got ${text}`,
+    `routing: expected uniform, zipf:S (S > 0), hot:P (0 < P <= 1) or group:G:M (1 <= M <= G), got ${text}`,
   );
 }
 
@@ -142,6 +153,8 @@ export function routingName(routing: RoutingKind): string {
       return `zipf:${routing.s}`;
     case "hot":
       return `hot:${routing.share}`;
+    case "group":
+      return `group:${routing.groups}:${routing.perToken}`;
   }
 }
 
@@ -150,6 +163,7 @@ export function routeTokens(s: Scenario, rank: number, seed: number): Routing {
   const spec = { tokens: s.tokens, experts: s.experts, topk: s.topk, seed: seed * 1009 + rank };
   if (s.routing.kind === "uniform") return randomRouting(spec);
   if (s.routing.kind === "zipf") return randomRouting({ ...spec, zipf: s.routing.s });
+  if (s.routing.kind === "group") return groupLimited(s, s.routing.groups, s.routing.perToken, spec.seed);
   // Hot expert: uniform, then expert 0 takes the last slot of a `share` of the tokens that lack it.
   const r = randomRouting(spec);
   const rng = new Rng(spec.seed ^ 0x5bd1e995);
@@ -159,6 +173,40 @@ export function routeTokens(s: Scenario, rank: number, seed: number): Routing {
     row[s.topk - 1] = 0n;
   }
   return r;
+}
+
+// Group-limited routing: `perToken` distinct groups, then top-k distinct experts among theirs,
+// uniformly; weights positive and normalised per token, as randomRouting's.
+function groupLimited(s: Scenario, groups: number, perToken: number, seed: number): Routing {
+  const size = s.experts / groups;
+  if (!Number.isInteger(size) || perToken * size < s.topk) {
+    throw new SwitchyardError(
+      "INVALID_ARGUMENT",
+      `routing: group:${groups}:${perToken} needs experts (${s.experts}) divisible by the groups and top-${s.topk} ` +
+        `within ${perToken} groups of ${size}`,
+    );
+  }
+  const rng = new Rng(seed);
+  const topkIdx = new BigInt64Array(s.tokens * s.topk), topkWeights = new Float32Array(s.tokens * s.topk);
+  const pick = (n: number, k: number) => { // k distinct of 0..n-1 (partial Fisher-Yates)
+    const all = Array.from({ length: n }, (_, i) => i);
+    for (let i = 0; i < k; i++) {
+      const j = i + rng.int(n - i);
+      [all[i], all[j]] = [all[j], all[i]];
+    }
+    return all.slice(0, k);
+  };
+  for (let t = 0; t < s.tokens; t++) {
+    const chosen = pick(groups, perToken);
+    const experts = pick(perToken * size, s.topk).map((i) => chosen[Math.floor(i / size)] * size + (i % size));
+    let sum = 0;
+    experts.forEach((e, k) => {
+      topkIdx[t * s.topk + k] = BigInt(e);
+      sum += topkWeights[t * s.topk + k] = 0.1 + rng.next();
+    });
+    for (let k = 0; k < s.topk; k++) topkWeights[t * s.topk + k] /= sum;
+  }
+  return { topkIdx, topkWeights };
 }
 
 /** A scenario resized for this machine, and why (undefined when it runs as named). */

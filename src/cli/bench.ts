@@ -36,7 +36,8 @@ const USAGE = `deno task bench [options]
 ${SCENARIOS.map((s) => `                       ${s.name}: ${s.about}`).join("\n")}
   --ranks N          override the scenarios' rank count
   --tokens N         override tokens per rank
-  --routing R        uniform, zipf:S or hot:P (expert 0 in a share P of the tokens)
+  --routing R        uniform, zipf:S, hot:P (expert 0 in a share P of the tokens) or group:G:M
+                     (DeepSeek-V3's group-limited routing: M of G expert groups per token)
   --payload P        bf16 or fp8 dispatch payload
   --iterations N     measured iterations (default 10), after --warmup N (default 2)
   --backend B        auto (default: CUDA when a GPU is usable), host or cuda
