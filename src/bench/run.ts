@@ -215,9 +215,8 @@ export async function runScenario(group: Group, s: Scenario, options: RunOptions
     });
     const receivedPerExpert = new Array(s.experts).fill(0);
     for (const row of sentPerRankExpert) row.forEach((n, e) => (receivedPerExpert[e] += n));
-    const run = s.mode === "normal"
-      ? await runNormal(group, s, buffers, inputs, iterations, warmup, options)
-      : await runLowLatency(group, s, buffers, inputs, iterations, warmup, options);
+    const setup: Setup = { group, s, buffers, inputs, iterations, warmup, options };
+    const run = s.mode === "normal" ? await runNormal(setup) : await runLowLatency(setup);
     return { scenario: s, warmup, iterations, sentPerRankExpert, receivedPerExpert, ...run };
   } finally {
     release(inputs);
@@ -227,15 +226,18 @@ export async function runScenario(group: Group, s: Scenario, options: RunOptions
 
 type Measured = Pick<ScenarioRun, "receivedPerRank" | "operations" | "dispatchWaitNs">;
 
-async function runNormal(
-  group: Group,
-  s: Scenario,
-  buffers: EpBuffer[],
-  inputs: Inputs[],
-  iterations: number,
-  warmup: number,
-  options: RunOptions,
-): Promise<Measured> {
+// What one mode's run works with: the group, the scenario, its buffers and inputs, the rounds.
+interface Setup {
+  readonly group: Group;
+  readonly s: Scenario;
+  readonly buffers: EpBuffer[];
+  readonly inputs: Inputs[];
+  readonly iterations: number;
+  readonly warmup: number;
+  readonly options: RunOptions;
+}
+
+async function runNormal({ group, s, buffers, inputs, iterations, warmup, options }: Setup): Promise<Measured> {
   const R = s.ranks;
   const variants = options.variants ?? ["exact", "worst-case", "cached"];
   const routed = (r: number) => ({
@@ -293,15 +295,7 @@ async function runNormal(
   return { receivedPerRank, operations };
 }
 
-async function runLowLatency(
-  group: Group,
-  s: Scenario,
-  buffers: EpBuffer[],
-  inputs: Inputs[],
-  iterations: number,
-  warmup: number,
-  options: RunOptions,
-): Promise<Measured> {
+async function runLowLatency({ group, s, buffers, inputs, iterations, warmup, options }: Setup): Promise<Measured> {
   const R = s.ranks, useFp8 = s.payload === "fp8";
   const hook = options.hook ?? true;
   // BF16 rows in the dispatch's layout, as the experts' outputs that combine sends back.
