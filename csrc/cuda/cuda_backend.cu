@@ -155,10 +155,7 @@ class CudaBackend final : public Backend {
     m->ptr = p;
     m->bytes = bytes;
     m->device = dev;
-    m->release = [dev](void* q) {
-      cudaSetDevice(dev);
-      cudaIpcCloseMemHandle(q);
-    };
+    m->release = [dev](void* q) { release_ipc_mapping(q, dev); };
     *out = std::move(m);
     return ok();
   }

@@ -27,10 +27,12 @@ struct Marker {
   bool complete() const { return cudaEventQuery(event) != cudaErrorNotReady; }
 };
 
-// Memory given back: device memory from the pool, or pinned host memory.
+// Memory given back: device memory from the pool, pinned host memory, or a peer's memory mapped
+// through a CUDA IPC handle.
+enum class Released : uint8_t { Device, Pinned, IpcMapping };
 struct Release {
   void* pointer;
-  bool pinned;
+  Released kind;
 };
 
 // Releases to carry out once every marker has completed.
@@ -72,8 +74,8 @@ struct DeviceMemory {
   std::map<int, DeviceState> devices;
   // Pinned memory whose work is done, freed by the reaper: cudaFreeHost may wait for the whole
   // device, which no thread that enqueues work may do (device_memory.h).
-  std::vector<std::pair<void*, int>> reap;
-  int pinned_pending = 0;  // pinned releases not yet handed to the reaper
+  std::vector<std::pair<Release, int>> reap;
+  int pinned_pending = 0;  // pinned and IPC releases not yet handed to the reaper
   std::condition_variable reaper_wakes;
   bool reaper_started = false;
 
@@ -142,8 +144,8 @@ struct DeviceMemory {
       }
       cudaSetDevice(device);
       for (const Release& r : d.batches[i].releases) {
-        if (r.pinned) {
-          reap.emplace_back(r.pointer, device);
+        if (r.kind != Released::Device) {
+          reap.emplace_back(r, device);
           pinned_pending -= 1;
           reaper_wakes.notify_all();
         } else {
@@ -175,7 +177,7 @@ DeviceMemory& memory() {
 // work is done (nothing else might ask), and frees what is, outside the lock.
 void reap_pinned_memory(DeviceMemory& m) {
   for (;;) {
-    std::vector<std::pair<void*, int>> doomed;
+    std::vector<std::pair<Release, int>> doomed;
     {
       std::unique_lock<std::mutex> l(m.mu);
       m.reaper_wakes.wait_for(l, std::chrono::milliseconds(5), [&] { return !m.reap.empty(); });
@@ -188,9 +190,13 @@ void reap_pinned_memory(DeviceMemory& m) {
       }
       doomed.swap(m.reap);
     }
-    for (const auto& [p, device] : doomed) {
+    for (const auto& [r, device] : doomed) {
       cudaSetDevice(device);
-      cudaFreeHost(p);
+      if (r.kind == Released::Pinned) {
+        cudaFreeHost(r.pointer);
+      } else {
+        cudaIpcCloseMemHandle(r.pointer);
+      }
     }
   }
 }
@@ -232,15 +238,18 @@ cudaError_t allocate_device_memory(int device, uint64_t bytes, void** out) {
 
 namespace {
 
-// Queues `ptr` for freeing once all work queued so far has completed. Pinned memory is rare and
-// large: its batch is sealed at once, behind the work queued now, and the reaper frees it.
-void give_back(void* ptr, int device, bool pinned) {
+// Queues `ptr` for freeing once all work queued so far has completed. Pinned memory and IPC
+// mappings are rare and large: their batch is sealed at once, behind the work queued now, and the
+// reaper frees them (a peer's kernel may still write into a mapping when its buffer is destroyed,
+// as an abandoning rank's does: closing it at once would pull the memory from under the kernel).
+void give_back(void* ptr, int device, Released kind) {
+  const bool pinned = kind != Released::Device;
   DeviceMemory& m = memory();
   KeepDevice keep;
   std::lock_guard<std::mutex> l(m.mu);
   DeviceState* d = m.state(device);
   if (d == nullptr) return;  // CUDA is gone: nothing to give back to
-  d->pending.push_back({ptr, pinned});
+  d->pending.push_back({ptr, kind});
   if (pinned) m.pinned_pending += 1;
   if (pinned || d->pending.size() >= kBatch) m.seal(device, *d);
   m.collect(device, *d);
@@ -253,9 +262,11 @@ void give_back(void* ptr, int device, bool pinned) {
 
 }  // namespace
 
-void release_device_memory(void* ptr, int device) { give_back(ptr, device, false); }
+void release_device_memory(void* ptr, int device) { give_back(ptr, device, Released::Device); }
 
-void release_pinned_memory(void* ptr, int device) { give_back(ptr, device, true); }
+void release_pinned_memory(void* ptr, int device) { give_back(ptr, device, Released::Pinned); }
+
+void release_ipc_mapping(void* ptr, int device) { give_back(ptr, device, Released::IpcMapping); }
 
 cudaError_t acquire_stream(int device, cudaStream_t* out) {
   DeviceMemory& m = memory();

@@ -38,6 +38,9 @@ void release_device_memory(void* ptr, int device);
 // Frees pinned host memory (from cudaHostAlloc) that kernels of `device` may still read, once
 // all work queued so far has completed.
 void release_pinned_memory(void* ptr, int device);
+// Closes a peer's memory mapped with cudaIpcOpenMemHandle once all work queued so far has
+// completed (a kernel may still write into it: an abandoning rank's, for one).
+void release_ipc_mapping(void* ptr, int device);
 // A non-blocking stream of `device` for the library (a recycled one when one is idle).
 cudaError_t acquire_stream(int device, cudaStream_t* out);
 // Gives a stream back; its queued work still counts for every release before it completes.
