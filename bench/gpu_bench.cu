@@ -243,34 +243,12 @@ int main(int argc, char** argv) {
   std::printf("gpu_bench: %s, %d SMs; %d ranks x %d tokens x hidden %d, top-%d of %d experts\n", prop.name,
               prop.multiProcessorCount, R, T, H, K, E);
 
-  sy_group_options go;
-  std::memset(&go, 0, sizeof go);
-  go.struct_size = sizeof go;
-  go.backend = SY_BACKEND_CUDA;
-  go.ranks = R;
-  go.timeout_ms = 30000;
-  sy_group group = nullptr;
-  SY(sy_group_create_local(&go, &group), nullptr);
-  std::vector<sy_rank> ranks(R);
-  std::vector<sy_stream> streams(R);
+  sy::driver::LocalGroup job({SY_BACKEND_CUDA, R, 30000, H, T, 0, o.sms});
+  const std::vector<sy_rank>& ranks = job.ranks;
+  const std::vector<sy_stream>& streams = job.streams;
+  const std::vector<sy_buffer>& buffers = job.buffers;
   std::vector<cudaStream_t> raw(R);
-  std::vector<sy_buffer> buffers(R);
-  for (int r = 0; r < R; ++r) {
-    SY(sy_group_rank(group, r, &ranks[r]), group);
-    SY(sy_stream_create(ranks[r], &streams[r]), ranks[r]);
-    void* s = nullptr;
-    SY(sy_stream_native(streams[r], &s), streams[r]);
-    raw[r] = static_cast<cudaStream_t>(s);
-  }
-  for (int r = 0; r < R; ++r) {
-    sy_buffer_options bo;
-    std::memset(&bo, 0, sizeof bo);
-    bo.struct_size = sizeof bo;
-    bo.hidden = H;
-    bo.max_tokens_per_rank = T;
-    bo.num_sms = o.sms;
-    SY(sy_buffer_create(ranks[r], &bo, &buffers[r]), ranks[r]);
-  }
+  for (int r = 0; r < R; ++r) raw[r] = static_cast<cudaStream_t>(job.native_stream(r));
 
   // Inputs: uniform top-k routing, random payloads.
   std::mt19937_64 rng(12345);

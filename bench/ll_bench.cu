@@ -128,34 +128,12 @@ int main(int argc, char** argv) {
   std::printf("ll_bench: %s, %d SMs; %d ranks, up to %d tokens each, hidden %d, top-%d of %d experts, %s dispatch\n",
               prop.name, prop.multiProcessorCount, R, Tmax, H, K, E, o.fp8 ? "FP8" : "BF16");
 
-  sy_group_options go;
-  std::memset(&go, 0, sizeof go);
-  go.struct_size = sizeof go;
-  go.backend = SY_BACKEND_CUDA;
-  go.ranks = R;
-  go.timeout_ms = 30000;
-  sy_group group = nullptr;
-  SY(sy_group_create_local(&go, &group), nullptr);
-  std::vector<sy_rank> ranks(static_cast<size_t>(R));
-  std::vector<sy_stream> streams(static_cast<size_t>(R));
+  sy::driver::LocalGroup job({SY_BACKEND_CUDA, R, 30000, H, Tmax, E});
+  const std::vector<sy_rank>& ranks = job.ranks;
+  const std::vector<sy_stream>& streams = job.streams;
+  const std::vector<sy_buffer>& buffers = job.buffers;
   std::vector<cudaStream_t> raw(static_cast<size_t>(R));
-  std::vector<sy_buffer> buffers(static_cast<size_t>(R));
-  for (int r = 0; r < R; ++r) {
-    SY(sy_group_rank(group, r, &ranks[size_t(r)]), group);
-    SY(sy_stream_create(ranks[size_t(r)], &streams[size_t(r)]), ranks[size_t(r)]);
-    void* s = nullptr;
-    SY(sy_stream_native(streams[size_t(r)], &s), streams[size_t(r)]);
-    raw[size_t(r)] = static_cast<cudaStream_t>(s);
-  }
-  for (int r = 0; r < R; ++r) {
-    sy_buffer_options bo;
-    std::memset(&bo, 0, sizeof bo);
-    bo.struct_size = sizeof bo;
-    bo.hidden = H;
-    bo.max_tokens_per_rank = Tmax;
-    bo.ll_num_experts = E;
-    SY(sy_buffer_create(ranks[size_t(r)], &bo, &buffers[size_t(r)]), ranks[size_t(r)]);
-  }
+  for (int r = 0; r < R; ++r) raw[size_t(r)] = static_cast<cudaStream_t>(job.native_stream(r));
 
   Gate gate(true);
   std::vector<cudaEvent_t> ends(static_cast<size_t>(R));
@@ -315,10 +293,6 @@ int main(int argc, char** argv) {
   }
   for (sy_tensor t : ty) sy_tensor_destroy(t);
   for (cudaEvent_t e : ends) CU(cudaEventDestroy(e));
-  for (sy_buffer b : buffers) sy_buffer_destroy(b);
-  for (sy_stream s : streams) sy_stream_destroy(s);
-  for (sy_rank r : ranks) sy_rank_destroy(r);
-  sy_group_destroy(group);
   std::printf("\nll_bench: ok\n");
   return 0;
 }

@@ -1,7 +1,8 @@
 // What a native program driving libswitchyard through its C ABI needs again and again: stop with
 // the library's own message, create tensors from host data, read them back (which reports the
-// failure of the operation that produced them), probe the CUDA backend. Used by
-// tests/native/kernel_families.cpp and bench/gpu_bench.cu.
+// failure of the operation that produced them), probe the CUDA backend, set up a group of virtual
+// ranks with a stream and a buffer each. Used by tests/native/kernel_families.cpp,
+// bench/gpu_bench.cu and bench/ll_bench.cu.
 #pragma once
 
 #include <cstdint>
@@ -95,5 +96,77 @@ inline sy_backend_info cuda_backend() {
   if (!info.available) die(std::string("the CUDA backend is not available: ") + info.reason);
   return info;
 }
+
+// What a LocalGroup is made of: the group, and one buffer per rank.
+struct LocalGroupSpec {
+  int32_t backend = SY_BACKEND_CUDA;
+  int ranks = 1;
+  int64_t timeout_ms = 30000;
+  int32_t hidden = 0;
+  int32_t max_tokens_per_rank = 0;
+  int32_t ll_num_experts = 0;  // > 0: with the low-latency double buffer
+  int32_t num_sms = 0;         // 0: the library's default
+};
+
+// A group of virtual ranks in this process, with one stream and one buffer per rank; destroyed
+// with it.
+struct LocalGroup {
+  sy_group group = nullptr;
+  std::vector<sy_rank> ranks;
+  std::vector<sy_stream> streams;
+  std::vector<sy_buffer> buffers;
+
+  explicit LocalGroup(const LocalGroupSpec& spec) {
+    sy_group_options go;
+    std::memset(&go, 0, sizeof go);
+    go.struct_size = sizeof go;
+    go.backend = spec.backend;
+    go.ranks = spec.ranks;
+    go.timeout_ms = spec.timeout_ms;
+    SY(sy_group_create_local(&go, &group), nullptr);
+    ranks.resize(size_t(spec.ranks));
+    streams.resize(size_t(spec.ranks));
+    buffers.resize(size_t(spec.ranks));
+    for (int r = 0; r < spec.ranks; ++r) {
+      SY(sy_group_rank(group, r, &ranks[size_t(r)]), group);
+      SY(sy_stream_create(ranks[size_t(r)], &streams[size_t(r)]), ranks[size_t(r)]);
+    }
+    for (int r = 0; r < spec.ranks; ++r) {
+      sy_buffer_options bo;
+      std::memset(&bo, 0, sizeof bo);
+      bo.struct_size = sizeof bo;
+      bo.hidden = spec.hidden;
+      bo.max_tokens_per_rank = spec.max_tokens_per_rank;
+      bo.ll_num_experts = spec.ll_num_experts;
+      bo.num_sms = spec.num_sms;
+      SY(sy_buffer_create(ranks[size_t(r)], &bo, &buffers[size_t(r)]), ranks[size_t(r)]);
+    }
+  }
+  LocalGroup(const LocalGroup&) = delete;
+  LocalGroup& operator=(const LocalGroup&) = delete;
+  ~LocalGroup() {
+    for (sy_buffer b : buffers) sy_buffer_destroy(b);
+    for (sy_stream s : streams) sy_stream_destroy(s);
+    for (sy_rank r : ranks) sy_rank_destroy(r);
+    sy_group_destroy(group);
+  }
+
+  // Rank r's stream as the backend has it (the cudaStream_t on CUDA).
+  void* native_stream(int r) const {
+    void* s = nullptr;
+    SY(sy_stream_native(streams[size_t(r)], &s), streams[size_t(r)]);
+    return s;
+  }
+
+  // A dense tensor on rank r, filled from `data` on its stream.
+  sy_tensor tensor(int r, int32_t dtype, const std::vector<int64_t>& shape, const void* data, uint64_t bytes) const {
+    return make_tensor(ranks[size_t(r)], streams[size_t(r)], dtype, shape, data, bytes);
+  }
+
+  // The tensor's first `bytes` bytes (all of it when 0), read on rank r's stream.
+  std::vector<uint8_t> read(int r, sy_tensor t, uint64_t bytes = 0) const {
+    return read_tensor(t, streams[size_t(r)], bytes);
+  }
+};
 
 }  // namespace sy::driver

@@ -95,51 +95,10 @@ void each_rank(int ranks, const std::function<void(int)>& fn) {
   for (std::thread& t : threads) t.join();
 }
 
-// A group of virtual ranks with one stream and one buffer each.
-struct Job {
-  sy_group group = nullptr;
-  std::vector<sy_rank> ranks;
-  std::vector<sy_stream> streams;
-  std::vector<sy_buffer> buffers;
-
-  Job(int32_t backend, const Shape& s, int64_t timeout_ms, bool low_latency = false) {
-    sy_group_options go;
-    std::memset(&go, 0, sizeof go);
-    go.struct_size = sizeof go;
-    go.backend = backend;
-    go.ranks = s.ranks;
-    go.timeout_ms = timeout_ms;
-    SY(sy_group_create_local(&go, &group), nullptr);
-    ranks.resize(size_t(s.ranks));
-    streams.resize(size_t(s.ranks));
-    buffers.resize(size_t(s.ranks));
-    for (int r = 0; r < s.ranks; ++r) {
-      SY(sy_group_rank(group, r, &ranks[size_t(r)]), group);
-      SY(sy_stream_create(ranks[size_t(r)], &streams[size_t(r)]), ranks[size_t(r)]);
-    }
-    for (int r = 0; r < s.ranks; ++r) {
-      sy_buffer_options bo;
-      std::memset(&bo, 0, sizeof bo);
-      bo.struct_size = sizeof bo;
-      bo.hidden = s.hidden;
-      bo.max_tokens_per_rank = s.tokens;
-      bo.ll_num_experts = low_latency ? s.experts : 0;
-      SY(sy_buffer_create(ranks[size_t(r)], &bo, &buffers[size_t(r)]), ranks[size_t(r)]);
-    }
-  }
-  ~Job() {
-    for (sy_buffer b : buffers) sy_buffer_destroy(b);
-    for (sy_stream s : streams) sy_stream_destroy(s);
-    for (sy_rank r : ranks) sy_rank_destroy(r);
-    sy_group_destroy(group);
-  }
-
-  sy_tensor tensor(int r, int32_t dtype, std::vector<int64_t> shape, const void* data, uint64_t bytes) {
-    return sy::driver::make_tensor(ranks[size_t(r)], streams[size_t(r)], dtype, shape, data, bytes);
-  }
-
-  // The tensor's first `bytes` bytes (all of it when 0), read on rank r's stream.
-  Bytes read(int r, sy_tensor t, uint64_t bytes = 0) { return sy::driver::read_tensor(t, streams[size_t(r)], bytes); }
+// A group of virtual ranks with one stream and one buffer each, sized for the shape.
+struct Job : sy::driver::LocalGroup {
+  Job(int32_t backend, const Shape& s, int64_t timeout_ms, bool low_latency = false)
+      : LocalGroup({backend, s.ranks, timeout_ms, s.hidden, s.tokens, low_latency ? s.experts : 0}) {}
 };
 
 struct Mode {
