@@ -203,6 +203,8 @@ export const GroupOptions = new StructLayout(
     ["ranks", "i32"],
     ["first_device", "i32"],
     ["timeout_ms", "i64"],
+    ["ranks_per_node", "i32"],
+    ["reserved", "i32"],
   ] as const,
 );
 
@@ -217,6 +219,8 @@ export const RankInfo = new StructLayout(
     ["device", "i32"],
     ["local_ranks", "i32"],
     ["timeout_ms", "i64"],
+    ["node", "i32"],
+    ["ranks_per_node", "i32"],
   ] as const,
 );
 
@@ -306,6 +310,8 @@ export const LayoutResult = new StructLayout(
     ["num_tokens_per_expert", "ptr"],
     ["is_token_in_rank", "ptr"],
     ["event", "ptr"],
+    ["num_tokens_per_node", "ptr"],
+    ["is_token_in_node", "ptr"],
   ] as const,
 );
 

@@ -35,6 +35,7 @@ export const NORMAL_MODE_SUITE = [
   "tests/errors_test.ts",
   "tests/property_test.ts",
   "tests/resources_test.ts",
+  "tests/topology_test.ts",
 ];
 
 /** What the CUDA passes run: the CUDA tests, the normal-mode suite, one rank per process. */

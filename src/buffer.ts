@@ -315,8 +315,8 @@ export class EpBuffer extends NativeResource {
   }
 
   /**
-   * Routing statistics of `topkIdx` (`[T, K]`, -1 = none): tokens per rank and per expert and
-   * the token-in-rank matrix. Local: no other rank takes part.
+   * Routing statistics of `topkIdx` (`[T, K]`, -1 = none): tokens per rank, per node and per
+   * expert, and the token-in-rank and token-in-node matrices. Local: no other rank takes part.
    */
   layout(topkIdx: Tensor, options: LayoutOptions): Promise<DispatchLayout> {
     // Local (not collective): it need not wait for earlier operations of this buffer to be issued.
@@ -330,13 +330,21 @@ export class EpBuffer extends NativeResource {
       const res = LayoutStruct.create();
       const p = this.pointer;
       check(native().sy_layout(p, args.bytes, res.bytes), p, "layout");
-      const t = (f: "num_tokens_per_rank" | "num_tokens_per_expert" | "is_token_in_rank") =>
-        new Tensor(res.pointer(f)!, this.rank);
+      const t = (
+        f:
+          | "num_tokens_per_rank"
+          | "num_tokens_per_expert"
+          | "is_token_in_rank"
+          | "num_tokens_per_node"
+          | "is_token_in_node",
+      ) => new Tensor(res.pointer(f)!, this.rank);
       const ev = res.pointer("event");
       return new DispatchLayout(
         t("num_tokens_per_rank") as Tensor<"i32">,
         t("num_tokens_per_expert") as Tensor<"i32">,
         t("is_token_in_rank") as Tensor<"bool">,
+        t("num_tokens_per_node") as Tensor<"i32">,
+        t("is_token_in_node") as Tensor<"bool">,
         ev ? new Event(ev, this.rank) : undefined,
       );
     }).finally(() => held.release());

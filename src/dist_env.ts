@@ -79,6 +79,18 @@ export function readDistEnv(get: EnvReader = denoEnv): DistEnv {
   const localRank =
     (torchrun ? int(get, "LOCAL_RANK", 0, localWorldSize - 1) : int(get, "SLURM_LOCALID", 0, localWorldSize - 1)) ??
       rank % localWorldSize;
+  // Nodes come from the numbering: rank = node * localWorldSize + localRank, every node alike
+  // (torchrun's numbering; Slurm's block distribution).
+  if (worldSize % localWorldSize !== 0 || rank % localWorldSize !== localRank) {
+    const names = torchrun ? ["LOCAL_WORLD_SIZE", "LOCAL_RANK"] : ["SLURM_NTASKS_PER_NODE", "SLURM_LOCALID"];
+    throw new SwitchyardError(
+      "INVALID_ARGUMENT",
+      `${names[0]}: rank ${rank} of ${worldSize} as local rank ${localRank} of ${localWorldSize} is not node-major ` +
+        `numbering (rank = node * ${names[0]} + ${names[1]}, the same ${names[0]} on every node), which ` +
+        "Switchyard derives the nodes from",
+      { argument: names[0] },
+    );
+  }
   const masterAddr = get("MASTER_ADDR") || get("SLURM_LAUNCH_NODE_IPADDR") || "127.0.0.1";
   const masterPort = int(get, "MASTER_PORT", 1, 65535) ?? 29500;
   const token = get("SWITCHYARD_TOKEN") || undefined;

@@ -29,6 +29,11 @@ export interface LocalGroupOptions {
   readonly timeoutMs?: number;
   /** CUDA: the first device; ranks spread round-robin over the devices from there. */
   readonly firstDevice?: number;
+  /**
+   * Virtual nodes: ranks `[n * ranksPerNode, (n + 1) * ranksPerNode)` form node `n` (default:
+   * one node of every rank). Must divide `ranks`. Layouts count tokens per node.
+   */
+  readonly ranksPerNode?: number;
 }
 
 /** Options of {@linkcode Group.fromEnv}. */
@@ -58,6 +63,20 @@ function backendArg(backend: unknown): Backend {
     });
   }
   return backend;
+}
+
+/** `ranksPerNode` of Group.local: divides `ranks` (0 to the library: one node). */
+function ranksPerNodeArg(value: unknown, ranks: number): number {
+  if (value === undefined) return 0;
+  const perNode = integerArg("ranksPerNode", value, 1, ranks);
+  if (ranks % perNode !== 0) {
+    throw new SwitchyardError(
+      "INVALID_ARGUMENT",
+      `ranksPerNode: ${perNode} does not divide the ${ranks} ranks into whole nodes`,
+      { argument: "ranksPerNode" },
+    );
+  }
+  return perNode;
 }
 
 /** How a process group met (undefined for virtual ranks). */
@@ -225,7 +244,8 @@ export class Group extends NativeResource {
       .set("backend", backend === "host" ? 0 : 1)
       .set("ranks", ranks)
       .set("first_device", integerArg("firstDevice", options.firstDevice ?? 0, 0, 65536))
-      .set("timeout_ms", integerArg("timeoutMs", options.timeoutMs ?? 0, 0, 2 ** 40));
+      .set("timeout_ms", integerArg("timeoutMs", options.timeoutMs ?? 0, 0, 2 ** 40))
+      .set("ranks_per_node", ranksPerNodeArg(options.ranksPerNode, ranks));
     const out = new OutHandle();
     check(native().sy_group_create_local(opts.bytes, out.cell), null, "Group.local");
     return new Group(out.take(), backend, ranks, ranks);

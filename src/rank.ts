@@ -22,6 +22,10 @@ export class Rank extends NativeResource {
   readonly device: number;
   /** Deadline of this rank's waits, in milliseconds. */
   readonly timeoutMs: number;
+  /** The node this rank belongs to: `index / ranksPerNode`. */
+  readonly node: number;
+  /** Ranks per node: `ranksPerNode` of a local group, `LOCAL_WORLD_SIZE` of a process group. */
+  readonly ranksPerNode: number;
   #stream: Stream | undefined;
 
   /** Wraps an owned `sy_rank` handle of `group`. */
@@ -33,6 +37,8 @@ export class Rank extends NativeResource {
     this.index = info.number("rank");
     this.device = info.number("device");
     this.timeoutMs = info.number("timeout_ms");
+    this.node = info.number("node");
+    this.ranksPerNode = info.number("ranks_per_node");
   }
 
   /** The rank's compute stream: the default stream of its operations and copies. */

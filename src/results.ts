@@ -23,13 +23,27 @@ export class DispatchLayout implements Disposable {
     readonly numTokensPerExpert: Tensor<"i32">,
     /** `[T, R]` bool: whether each token goes to each rank. */
     readonly isTokenInRank: Tensor<"bool">,
+    /**
+     * `[N]` i32: tokens going to each node (a token counts once per node; N = ranks / ranksPerNode).
+     * What a two-hop dispatch sends across the network: one copy per (token, node).
+     */
+    readonly numTokensPerNode: Tensor<"i32">,
+    /** `[T, N]` bool: whether each token goes to each node. */
+    readonly isTokenInNode: Tensor<"bool">,
     /** Completion event, with `asyncFinish`. */
     readonly event?: Event,
   ) {}
 
   /** Releases the tensors and the event. */
   [Symbol.dispose](): void {
-    release([this.numTokensPerRank, this.numTokensPerExpert, this.isTokenInRank, this.event]);
+    release([
+      this.numTokensPerRank,
+      this.numTokensPerExpert,
+      this.isTokenInRank,
+      this.numTokensPerNode,
+      this.isTokenInNode,
+      this.event,
+    ]);
   }
 }
 

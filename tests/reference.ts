@@ -104,10 +104,20 @@ export interface Shape {
 }
 
 /** Layout of one rank's top-k: tokens per rank (deduplicated), per expert, token-in-rank. */
-export function referenceLayout(topk: readonly number[], tokens: number, k: number, experts: number, ranks: number) {
+export function referenceLayout(
+  topk: readonly number[],
+  tokens: number,
+  k: number,
+  experts: number,
+  ranks: number,
+  ranksPerNode = ranks,
+) {
+  const nodes = ranks / ranksPerNode;
   const perRank = new Array<number>(ranks).fill(0);
   const perExpert = new Array<number>(experts).fill(0);
+  const perNode = new Array<number>(nodes).fill(0);
   const inRank = new Uint8Array(tokens * ranks);
+  const inNode = new Uint8Array(tokens * nodes);
   const perRankExperts = experts / ranks;
   for (let t = 0; t < tokens; t++) {
     const hit = new Set<number>();
@@ -121,8 +131,12 @@ export function referenceLayout(topk: readonly number[], tokens: number, k: numb
       perRank[r]++;
       inRank[t * ranks + r] = 1;
     }
+    for (const n of new Set([...hit].map((r) => Math.floor(r / ranksPerNode)))) {
+      perNode[n]++;
+      inNode[t * nodes + n] = 1;
+    }
   }
-  return { perRank, perExpert, inRank };
+  return { perRank, perExpert, inRank, perNode, inNode };
 }
 
 /** The ranks token `t` of `input` goes to, ascending. */

@@ -1,6 +1,7 @@
 // The C ABI (switchyard.h): reads the versioned structs, resolves handles, calls the object
 // model, registers the handles it returns, and records every failure on the handle called.
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <exception>
 #include <new>
@@ -238,13 +239,19 @@ SY_API sy_status sy_convert(int32_t src_dtype, const void* src, int32_t dst_dtyp
 SY_API sy_status sy_group_create_local(const sy_group_options* options, sy_group* out) {
   return guarded(nullptr, [&]() -> Error {
     sy_group_options o;
-    SY_TRY(read_struct(options, "options", &o));
+    SY_TRY(read_struct(options, "options", &o, offsetof(sy_group_options, ranks_per_node)));
     if (out == nullptr) return invalid("out", "out: NULL");
     SY_TRY(check_range("ranks", o.ranks, 1, SY_MAX_LOCAL_RANKS));
+    SY_TRY(check_range("ranksPerNode", o.ranks_per_node, 0, o.ranks));
+    if (o.ranks_per_node > 0 && o.ranks % o.ranks_per_node != 0) {
+      return invalid("ranksPerNode", "ranksPerNode: " + std::to_string(o.ranks_per_node) + " does not divide the " +
+                                         std::to_string(o.ranks) + " ranks into whole nodes");
+    }
     SY_TRY(check_range("timeoutMs", o.timeout_ms, 0, int64_t(1) << 40));
     SY_TRY(check_range("firstDevice", o.first_device, 0, 1 << 16));
     auto g = std::make_shared<GroupCore>();
     g->num_ranks = o.ranks;
+    g->ranks_per_node = o.ranks_per_node > 0 ? o.ranks_per_node : o.ranks;
     g->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : core::kDefaultTimeoutMs;
     SY_TRY(attach_backend(o.backend, *g));
     for (int i = 0; i < o.ranks; ++i) {
@@ -269,6 +276,16 @@ SY_API sy_status sy_group_create_process(const sy_process_group_options* options
     SY_TRY(check_range("rank", o.rank, 0, o.world_size - 1));
     SY_TRY(check_range("localWorldSize", o.local_world_size, 1, o.world_size));
     SY_TRY(check_range("localRank", o.local_rank, 0, o.local_world_size - 1));
+    // Nodes are numbered from the ranks, node-major (torchrun's numbering, Slurm's block
+    // distribution): rank = node * localWorldSize + localRank.
+    if (o.world_size % o.local_world_size != 0 || o.rank % o.local_world_size != o.local_rank) {
+      return invalid("localWorldSize",
+                     "localWorldSize: rank " + std::to_string(o.rank) + " of " + std::to_string(o.world_size) +
+                         " with localRank " + std::to_string(o.local_rank) + " of " +
+                         std::to_string(o.local_world_size) +
+                         " is not node-major numbering (rank = node * localWorldSize + localRank, every node "
+                         "alike), which Switchyard's nodes are derived from");
+    }
     SY_TRY(check_range("device", o.device, -1, 1 << 16));
     SY_TRY(check_range("timeoutMs", o.timeout_ms, 0, int64_t(1) << 40));
     auto g = std::make_shared<GroupCore>();
@@ -276,6 +293,7 @@ SY_API sy_status sy_group_create_process(const sy_process_group_options* options
     g->process_group = true;
     g->local_rank = o.local_rank;
     g->local_world_size = o.local_world_size;
+    g->ranks_per_node = o.local_world_size;
     g->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : core::kDefaultTimeoutMs;
     SY_TRY(attach_backend(o.backend, *g));
     auto r = std::make_unique<RankCore>();
@@ -322,6 +340,8 @@ SY_API sy_status sy_rank_info_get(sy_rank rank, sy_rank_info* info) {
     out.device = r->device;
     out.local_ranks = int32_t(r->group->ranks.size());
     out.timeout_ms = r->group->timeout_ms;
+    out.ranks_per_node = r->group->ranks_per_node;
+    out.node = r->index / r->group->ranks_per_node;
     return write_struct(info, out, "info");
   });
 }
@@ -787,6 +807,11 @@ SY_API sy_status sy_layout(sy_buffer buffer, const sy_layout_args* args, sy_layo
     r.num_tokens_per_expert = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.num_tokens_per_expert));
     r.is_token_in_rank = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.is_token_in_rank));
     r.event = static_cast<sy_event>(handle_or_null(Kind::Event, o.event));
+    // A caller built for ABI 4 has no room for the node outputs: no handles it could not free.
+    if (out->struct_size >= offsetof(sy_layout_result, is_token_in_node) + sizeof(sy_tensor)) {
+      r.num_tokens_per_node = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.num_tokens_per_node));
+      r.is_token_in_node = static_cast<sy_tensor>(handle_or_null(Kind::Tensor, o.is_token_in_node));
+    }
     return write_struct(out, r, "out");
   });
 }

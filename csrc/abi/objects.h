@@ -188,6 +188,8 @@ struct GroupCore {
   sy_backend backend_kind = SY_BACKEND_HOST;
   std::unique_ptr<Backend> backend;
   int num_ranks = 0;
+  // Nodes: ranks [n * ranks_per_node, (n + 1) * ranks_per_node) form node n (core/routing.h).
+  int ranks_per_node = 1;
   int64_t timeout_ms = 0;
   // One rank per process (the peers live in other processes and share buffers by name), or
   // every rank in this process (virtual ranks).
@@ -339,11 +341,12 @@ struct Hook {
 // What sy_layout computes, validated.
 struct LayoutWork {
   std::shared_ptr<OpStatus> status = std::make_shared<OpStatus>();
-  int rank = 0, num_ranks = 0, num_experts = 0;
+  int rank = 0, num_ranks = 0, num_experts = 0, ranks_per_node = 1;
   int64_t num_tokens = 0;
   int topk = 0;
   std::shared_ptr<Tensor> topk_idx;
   std::shared_ptr<Tensor> num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank;
+  std::shared_ptr<Tensor> num_tokens_per_node, is_token_in_node;
 };
 
 enum class DispatchMode { Exact, WorstCase, Cached };

@@ -150,11 +150,18 @@ Error op_layout(BufferCore& buf, const LayoutRequest& req, LayoutOutputs* out) {
   w->topk = int(topk.shape[1]);
   w->topk_idx = req.topk_idx;
   const auto& g = buf.group;
+  w->ranks_per_node = g->ranks_per_node;
+  const int nodes = R / g->ranks_per_node;
   SY_TRY(new_output(buf, DType::I32, {R}, &w->num_tokens_per_rank));
   SY_TRY(new_output(buf, DType::I32, {req.num_experts}, &w->num_tokens_per_expert));
   SY_TRY(new_output(buf, DType::Bool, {w->num_tokens, R}, &w->is_token_in_rank));
+  SY_TRY(new_output(buf, DType::I32, {nodes}, &w->num_tokens_per_node));
+  SY_TRY(new_output(buf, DType::Bool, {w->num_tokens, nodes}, &w->is_token_in_node));
 
-  for (auto* t : {&w->num_tokens_per_rank, &w->num_tokens_per_expert, &w->is_token_in_rank}) (*t)->producer = w->status;
+  for (auto* t : {&w->num_tokens_per_rank, &w->num_tokens_per_expert, &w->is_token_in_rank, &w->num_tokens_per_node,
+                  &w->is_token_in_node}) {
+    (*t)->producer = w->status;
+  }
   // Local: no epoch, no peers, so no need to wait for an exact-size dispatch that holds the
   // buffer's enqueue lock while it waits for its counts.
   SY_TRY(begin_on_comm(buf, req.order));
@@ -163,6 +170,8 @@ Error op_layout(BufferCore& buf, const LayoutRequest& req, LayoutOutputs* out) {
   out->num_tokens_per_rank = w->num_tokens_per_rank;
   out->num_tokens_per_expert = w->num_tokens_per_expert;
   out->is_token_in_rank = w->is_token_in_rank;
+  out->num_tokens_per_node = w->num_tokens_per_node;
+  out->is_token_in_node = w->is_token_in_node;
   return ok();
 }
 

@@ -25,6 +25,7 @@ struct LayoutRequest {
 
 struct LayoutOutputs {
   std::shared_ptr<Tensor> num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank;
+  std::shared_ptr<Tensor> num_tokens_per_node, is_token_in_node;
   std::shared_ptr<Event> event;
 };
 

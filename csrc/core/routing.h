@@ -13,6 +13,10 @@ SY_HD int expert_owner(int64_t expert, int experts_per_rank) {
   return static_cast<int>(expert / experts_per_rank);
 }
 
+// Nodes are runs of consecutive ranks: node n is [n * ranks_per_node, (n + 1) * ranks_per_node)
+// (virtual nodes, and process groups numbered node-major as torchrun numbers them).
+SY_HD int node_of(int rank, int ranks_per_node) { return rank / ranks_per_node; }
+
 // The local id of a global expert on `rank`, or -1 when another rank hosts it (or e < 0).
 SY_HD int32_t local_expert(int64_t expert, int rank, int experts_per_rank) {
   if (expert < 0) return -1;

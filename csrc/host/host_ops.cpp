@@ -90,11 +90,17 @@ Error run_layout(LayoutWork& w) {
   auto* per_rank = reinterpret_cast<int32_t*>(w.num_tokens_per_rank->data());
   auto* per_expert = reinterpret_cast<int32_t*>(w.num_tokens_per_expert->data());
   uint8_t* in_rank = w.is_token_in_rank->data();
+  const int N = R / w.ranks_per_node;
+  auto* per_node = reinterpret_cast<int32_t*>(w.num_tokens_per_node->data());
+  uint8_t* in_node = w.is_token_in_node->data();
   std::memset(per_rank, 0, sizeof(int32_t) * size_t(R));
   std::memset(per_expert, 0, sizeof(int32_t) * size_t(w.num_experts));
   std::memset(in_rank, 0, size_t(T) * size_t(R));
+  std::memset(per_node, 0, sizeof(int32_t) * size_t(N));
+  std::memset(in_node, 0, size_t(T) * size_t(N));
   for (int64_t t = 0; t < T; ++t) {
     uint8_t* row = in_rank + t * R;
+    uint8_t* node_row = in_node + t * N;
     for (int k = 0; k < w.topk; ++k) {
       int64_t e = load_index(*w.topk_idx, t, k);
       if (e < 0) continue;
@@ -103,6 +109,11 @@ Error run_layout(LayoutWork& w) {
       if (!row[r]) {
         row[r] = 1;
         per_rank[r] += 1;
+      }
+      int n = core::node_of(r, w.ranks_per_node);
+      if (!node_row[n]) {
+        node_row[n] = 1;
+        per_node[n] += 1;
       }
     }
   }

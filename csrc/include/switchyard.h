@@ -38,7 +38,7 @@ extern "C" {
 
 /* Bumped on every incompatible change of this header. The loader refuses a library whose
  * `sy_abi_version()` differs from the version it was written for. */
-#define SY_ABI_VERSION 4u
+#define SY_ABI_VERSION 5u
 
 #define SY_MAX_DIMS 8
 #define SY_ERROR_ARGUMENT_CAPACITY 64
@@ -205,6 +205,10 @@ typedef struct sy_group_options {
   int32_t ranks;           /* virtual ranks in this process, 1..SY_MAX_LOCAL_RANKS */
   int32_t first_device;    /* cuda: first device to use; ranks spread round-robin; default 0 */
   int64_t timeout_ms;      /* deadline of every wait, default 20000 */
+  /* Virtual nodes: ranks [n * ranks_per_node, (n + 1) * ranks_per_node) form node n. 0 = one
+   * node of every rank. Must divide `ranks`. (Absent from callers of ABI 4: one node.) */
+  int32_t ranks_per_node;
+  int32_t reserved;
 } sy_group_options;
 
 #define SY_MAX_LOCAL_RANKS 64
@@ -222,6 +226,8 @@ typedef struct sy_rank_info {
   int32_t device;          /* cuda device ordinal, -1 on the host backend */
   int32_t local_ranks;     /* ranks of the group living in this process */
   int64_t timeout_ms;
+  int32_t node;            /* rank / ranks_per_node */
+  int32_t ranks_per_node;  /* process groups: local_world_size */
 } sy_rank_info;
 
 /* One rank of a group whose ranks are separate processes (one rank per process, the production
@@ -408,6 +414,8 @@ typedef struct sy_layout_result {
   sy_tensor num_tokens_per_expert;   /* [E] i32 */
   sy_tensor is_token_in_rank;        /* [T, R] bool */
   sy_event event;                    /* with async_finish */
+  sy_tensor num_tokens_per_node;     /* [N] i32, a token counts once per node (N = ranks / ranks_per_node) */
+  sy_tensor is_token_in_node;        /* [T, N] bool */
 } sy_layout_result;
 
 SY_API sy_status sy_layout(sy_buffer buffer, const sy_layout_args* args,

@@ -106,6 +106,7 @@ struct LocalGroupSpec {
   int32_t max_tokens_per_rank = 0;
   int32_t ll_num_experts = 0;  // > 0: with the low-latency double buffer
   int32_t num_sms = 0;         // 0: the library's default
+  int32_t ranks_per_node = 0;  // 0: one node
 };
 
 // A group of virtual ranks in this process, with one stream and one buffer per rank; destroyed
@@ -123,6 +124,7 @@ struct LocalGroup {
     go.backend = spec.backend;
     go.ranks = spec.ranks;
     go.timeout_ms = spec.timeout_ms;
+    go.ranks_per_node = spec.ranks_per_node;
     SY(sy_group_create_local(&go, &group), nullptr);
     ranks.resize(size_t(spec.ranks));
     streams.resize(size_t(spec.ranks));

@@ -335,7 +335,10 @@ std::vector<Outputs> low_latency(int32_t backend, const Shape& s, const Inputs& 
 }
 
 std::vector<Outputs> layout(int32_t backend, const Shape& s, const Inputs& in) {
-  Job job(backend, s, 20000);
+  // Nodes of two ranks where the ranks pair up, so that the per-node counts have work to do.
+  sy::driver::LocalGroupSpec spec{backend, s.ranks, 20000, s.hidden, s.tokens};
+  spec.ranks_per_node = s.ranks % 2 == 0 ? 2 : 1;
+  sy::driver::LocalGroup job(spec);
   std::vector<Outputs> out(size_t(s.ranks));
   each_rank(s.ranks, [&](int r) {
     sy_tensor idx = job.tensor(r, SY_DTYPE_I64, {s.tokens, s.topk}, in.topk[size_t(r)].data(),
@@ -353,7 +356,12 @@ std::vector<Outputs> layout(int32_t backend, const Shape& s, const Inputs& in) {
     out[size_t(r)]["per_rank"] = job.read(r, l.num_tokens_per_rank);
     out[size_t(r)]["per_expert"] = job.read(r, l.num_tokens_per_expert);
     out[size_t(r)]["in_rank"] = job.read(r, l.is_token_in_rank);
-    for (sy_tensor t : {l.num_tokens_per_rank, l.num_tokens_per_expert, l.is_token_in_rank, idx}) sy_tensor_destroy(t);
+    out[size_t(r)]["per_node"] = job.read(r, l.num_tokens_per_node);
+    out[size_t(r)]["in_node"] = job.read(r, l.is_token_in_node);
+    for (sy_tensor t : {l.num_tokens_per_rank, l.num_tokens_per_expert, l.is_token_in_rank, l.num_tokens_per_node,
+                        l.is_token_in_node, idx}) {
+      sy_tensor_destroy(t);
+    }
   });
   return out;
 }

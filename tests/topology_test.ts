@@ -1,0 +1,131 @@
+/**
+ * Nodes: virtual nodes of a local group (`ranksPerNode`), the nodes of a process group (from the
+ * launcher's node-major numbering), and the layout's per-node counts that a two-hop dispatch
+ * sends across the network, against the TypeScript reference, on the fixture's backend.
+ */
+
+import assert from "node:assert/strict";
+import { GroupOptions, LayoutArgs, LayoutResult } from "../ffi/structs.ts";
+import { Group, SwitchyardError, Tensor } from "../mod.ts";
+import { readDistEnv } from "../src/dist_env.ts";
+import { Status } from "../ffi/symbols.ts";
+import { check, native, OutHandle } from "../src/native.ts";
+import { assertSameArray, generate, type Scenario, testBackend } from "./helpers.ts";
+import { referenceLayout } from "./reference.ts";
+
+const backend = testBackend();
+
+function refusal(e: unknown, argument: string): boolean {
+  return e instanceof SwitchyardError && e.code === "INVALID_ARGUMENT" && e.argument === argument;
+}
+
+Deno.test("virtual nodes: each rank knows its node, and ranksPerNode must divide the ranks", async (t) => {
+  await t.step("8 ranks as 2 nodes of 4", () => {
+    using group = Group.local({ ranks: 8, ranksPerNode: 4, backend });
+    assert.deepEqual(group.ranks.map((r) => r.node), [0, 0, 0, 0, 1, 1, 1, 1]);
+    assert.deepEqual(group.ranks.map((r) => r.ranksPerNode), new Array(8).fill(4));
+  });
+  await t.step("no ranksPerNode: one node of every rank", () => {
+    using group = Group.local({ ranks: 3, backend });
+    assert.deepEqual(group.ranks.map((r) => [r.node, r.ranksPerNode]), [[0, 3], [0, 3], [0, 3]]);
+  });
+  await t.step("refused by the binding: 3 does not divide 8, 0 and 9 are out of range", () => {
+    for (const ranksPerNode of [3, 0, 9, 2.5]) {
+      assert.throws(() => Group.local({ ranks: 8, ranksPerNode, backend }), (e) => refusal(e, "ranksPerNode"));
+    }
+  });
+  await t.step("refused by the C ABI itself, naming the argument", () => {
+    for (const perNode of [3, -1, 9]) {
+      const opts = GroupOptions.create().set("backend", backend === "host" ? 0 : 1).set("ranks", 8)
+        .set("ranks_per_node", perNode);
+      const out = new OutHandle();
+      assert.throws(
+        () => check(native().sy_group_create_local(opts.bytes, out.cell), null, "sy_group_create_local"),
+        (e) => refusal(e, "ranksPerNode"),
+      );
+      assert.equal(out.cell[0], 0n);
+    }
+  });
+});
+
+Deno.test("process groups: nodes come from node-major numbering, anything else is refused", () => {
+  const env = (vars: Record<string, string>) => (name: string) => vars[name];
+  const torchrun = (rank: number, local: number, localWorld: number, world = 8) =>
+    readDistEnv(env({
+      RANK: String(rank),
+      WORLD_SIZE: String(world),
+      LOCAL_RANK: String(local),
+      LOCAL_WORLD_SIZE: String(localWorld),
+    }));
+  assert.equal(torchrun(5, 1, 4).localWorldSize, 4);
+  assert.equal(readDistEnv(env({ RANK: "6", WORLD_SIZE: "8" })).localWorldSize, 8); // one node
+  // Round-robin (cyclic) placement: rank 5 as local rank 2 of 4.
+  assert.throws(() => torchrun(5, 2, 4), (e) => refusal(e, "LOCAL_WORLD_SIZE"));
+  // Nodes of different sizes.
+  assert.throws(() => torchrun(5, 2, 3), (e) => refusal(e, "LOCAL_WORLD_SIZE"));
+  const slurm = { SLURM_PROCID: "3", SLURM_NTASKS: "4", SLURM_NTASKS_PER_NODE: "2" };
+  assert.equal(readDistEnv(env({ ...slurm, SLURM_LOCALID: "1" })).localRank, 1);
+  assert.throws(() => readDistEnv(env({ ...slurm, SLURM_LOCALID: "0" })), (e) => refusal(e, "SLURM_NTASKS_PER_NODE"));
+});
+
+Deno.test("layout counts tokens per node: 8 ranks as 1x8, 2x4, 4x2 and 8x1", async (t) => {
+  // Six of 64 experts per token with a quarter dropped (-1): tokens reach several ranks of one
+  // node, a node through a rank that comes after another rank of it in top-k order, and no node.
+  const s: Scenario = {
+    ranks: 8,
+    tokens: [37, 0, 91, 5, 64, 1, 23, 50],
+    hidden: 16,
+    experts: 64,
+    topk: 6,
+    seed: 7,
+    drop: 0.25,
+  };
+  const d = generate(s);
+  for (const ranksPerNode of [8, 4, 2, 1]) {
+    await t.step(`${8 / ranksPerNode} nodes of ${ranksPerNode}`, async () => {
+      using group = Group.local({ ranks: 8, ranksPerNode, backend });
+      const buffers = await group.createBuffers({ hidden: s.hidden, maxTokensPerRank: 128 });
+      try {
+        await group.all(async (rank, r) => {
+          const T = s.tokens[r];
+          const ref = referenceLayout(d.inputs[r].topk!, T, s.topk, s.experts, s.ranks, ranksPerNode);
+          // i64 ids on even ranks, i32 on odd ones: both kernels.
+          const ids = r % 2 === 0 ? d.topkIdx[r] : Int32Array.from(d.topkIdx[r], Number);
+          using topkIdx = await Tensor.from(rank, ids, { shape: [T, s.topk] });
+          using layout = await buffers[r].layout(topkIdx, { numExperts: s.experts });
+          assert.deepEqual(Array.from(await layout.numTokensPerNode.read()), ref.perNode, `rank ${r}: tokens per node`);
+          assertSameArray(await layout.isTokenInNode.read(), ref.inNode, `rank ${r}: token in node`);
+          assert.deepEqual(Array.from(await layout.numTokensPerRank.read()), ref.perRank, `rank ${r}: tokens per rank`);
+          assertSameArray(await layout.isTokenInRank.read(), ref.inRank, `rank ${r}: token in rank`);
+        });
+      } finally {
+        for (const b of buffers) b[Symbol.dispose]();
+      }
+    });
+  }
+  await t.step("a caller of ABI 4 (a shorter result struct) gets no node tensors to leak", async () => {
+    using group = Group.local({ ranks: 2, ranksPerNode: 1, backend });
+    const [buffer] = await group.createBuffers({ hidden: 16, maxTokensPerRank: 4 });
+    try {
+      const rank = group.ranks[0];
+      using topkIdx = await Tensor.from(rank, new BigInt64Array([0n, 3n, -1n, 2n]), { shape: [2, 2] });
+      const args = LayoutArgs.create().set("num_experts", 4).setPointer("topk_idx", topkIdx.pointer)
+        .setPointer("compute_stream", rank.stream.pointer);
+      const res = LayoutResult.create();
+      const abi4Size = LayoutResult.offsets.num_tokens_per_node;
+      res.set("struct_size", abi4Size);
+      assert.equal(native().sy_layout(buffer.pointer, args.bytes, res.bytes), Status.OK);
+      assert.equal(res.number("struct_size"), abi4Size);
+      assert.equal(res.pointer("num_tokens_per_node"), null);
+      assert.equal(res.pointer("is_token_in_node"), null);
+      const perRank = new Tensor(res.pointer("num_tokens_per_rank")!, rank);
+      for (const f of ["num_tokens_per_expert", "is_token_in_rank"] as const) {
+        new Tensor(res.pointer(f)!, rank)[Symbol.dispose]();
+      }
+      assert.deepEqual(Array.from(await perRank.read() as Int32Array), [1, 2]);
+      perRank[Symbol.dispose]();
+    } finally {
+      buffer[Symbol.dispose]();
+    }
+  });
+});
