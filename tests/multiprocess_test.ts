@@ -14,11 +14,18 @@ import { testBackend } from "./helpers.ts";
 const script = new URL("./mp/roundtrip.ts", import.meta.url).pathname;
 const backend = testBackend();
 
-async function job(nproc: number, args: string[], graceSeconds = 15, env: Record<string, string> = {}) {
+async function job(
+  nproc: number,
+  args: string[],
+  graceSeconds = 15,
+  env: Record<string, string> = {},
+  nprocPerNode = nproc,
+) {
   const lines: string[] = [];
   const started = performance.now();
   const result = await launch({
     nproc,
+    nprocPerNode,
     script,
     env,
     args: [...args, "--backend", backend],
@@ -38,12 +45,15 @@ function segmentsOf(pids: number[]): string[] {
   );
 }
 
-for (const nproc of [2, 4]) {
-  Deno.test(`${nproc} processes on the ${backend} backend: round trips through the launcher`, async () => {
-    const r = await job(nproc, ["--rounds", "3"]);
+for (const [nproc, perNode] of [[2, 2], [4, 2]]) {
+  const nodes = nproc / perNode;
+  Deno.test(`${nproc} processes (${nodes} node${nodes > 1 ? "s" : ""} of ${perNode}) on the ${backend} backend: round trips through the launcher`, async () => {
+    const r = await job(nproc, ["--rounds", "3"], 15, {}, perNode);
     assert.equal(r.code, 0, r.lines.join("\n"));
     for (let rank = 0; rank < nproc; rank++) {
       assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} ok`), r.lines.join("\n"));
+      const node = Math.floor(rank / perNode);
+      assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} is on node ${node} of ${nodes}`), r.lines.join("\n"));
     }
     assert.deepEqual(segmentsOf(r.exits.map((e) => e.pid)), []);
   });

@@ -2,9 +2,10 @@
  * The launcher: starts N Deno processes of one script as the ranks of a job, on this machine.
  *
  *     deno task launch --nproc 4 script.ts [args...]
- *     deno run -A src/cli/launch.ts --nproc 4 [--grace 5] [--timeout 600] [--flags "-A"] script.ts [args...]
+ *     deno run -A src/cli/launch.ts --nproc 4 [--nproc-per-node 2] [--grace 5] [--timeout 600] [--flags "-A"] script.ts [args...]
  *
- * Each rank gets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`
+ * Each rank gets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE` (`--nproc-per-node K`
+ * numbers them as K ranks on each of nproc/K nodes, node-major, as torchrun does), `MASTER_ADDR`
  * (loopback), a free `MASTER_PORT` and a fresh `SWITCHYARD_TOKEN` (unless one is set), so
  * `Group.fromEnv()` finds the others. Output lines are prefixed with the rank; SIGINT and
  * SIGTERM are forwarded. When a rank fails (non-zero exit or a signal), the others get `--grace`
@@ -35,6 +36,11 @@ export interface RankExit {
 export interface LaunchOptions {
   /** Ranks to start. */
   readonly nproc: number;
+  /**
+   * Ranks per (simulated) node, as torchrun's `--nproc-per-node` (default `nproc`, one node):
+   * `LOCAL_RANK = RANK % nprocPerNode`, `LOCAL_WORLD_SIZE = nprocPerNode`. Must divide `nproc`.
+   */
+  readonly nprocPerNode?: number;
   /** The script every rank runs, and its arguments. */
   readonly script: string;
   /** Arguments after the script. */
@@ -95,6 +101,10 @@ async function pipeLines(
 /** Runs the job and reports how it ended (it does not exit the process). */
 export async function launch(options: LaunchOptions): Promise<LaunchResult> {
   const n = options.nproc;
+  const perNode = options.nprocPerNode ?? n;
+  if (!Number.isInteger(perNode) || perNode < 1 || n % perNode !== 0) {
+    throw new RangeError(`nprocPerNode: ${perNode} does not divide the ${n} ranks into whole nodes`);
+  }
   const encoder = new TextEncoder();
   const write = options.write ??
     ((stream, line) => (stream === "stdout" ? Deno.stdout : Deno.stderr).writeSync(encoder.encode(line + "\n")));
@@ -108,8 +118,8 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
         ...options.env,
         RANK: String(rank),
         WORLD_SIZE: String(n),
-        LOCAL_RANK: String(rank),
-        LOCAL_WORLD_SIZE: String(n),
+        LOCAL_RANK: String(rank % perNode),
+        LOCAL_WORLD_SIZE: String(perNode),
         MASTER_ADDR: "127.0.0.1",
         MASTER_PORT: String(port),
         SWITCHYARD_TOKEN: token,
@@ -178,7 +188,7 @@ export async function launch(options: LaunchOptions): Promise<LaunchResult> {
 /** Splits the launcher's own options from the script and its arguments. */
 function parseCommandLine(argv: readonly string[]) {
   const args = argv[0] === "--" ? argv.slice(1) : argv; // `deno task launch -- ...`
-  const withValue = new Set(["--nproc", "-n", "--grace", "--timeout", "--flags"]);
+  const withValue = new Set(["--nproc", "-n", "--nproc-per-node", "--grace", "--timeout", "--flags"]);
   let i = 0;
   while (i < args.length && args[i].startsWith("-")) {
     const [flag] = args[i].split("=", 1);
@@ -188,6 +198,7 @@ function parseCommandLine(argv: readonly string[]) {
     args: args.slice(0, i),
     options: {
       nproc: { type: "string", short: "n" },
+      "nproc-per-node": { type: "string" },
       grace: { type: "string", default: "5" },
       timeout: { type: "string" },
       flags: { type: "string" },
@@ -201,12 +212,20 @@ function parseCommandLine(argv: readonly string[]) {
 if (import.meta.main) {
   const { values, script, scriptArgs } = parseCommandLine(Deno.args);
   const nproc = Number(values.nproc);
-  if (values.help || !Number.isInteger(nproc) || nproc < 1 || script === undefined) {
-    console.error('usage: deno task launch --nproc N [--grace S] [--timeout S] [--flags "-A"] script.ts [args...]');
+  const perNode = Number(values["nproc-per-node"] ?? nproc);
+  if (
+    values.help || !Number.isInteger(nproc) || nproc < 1 || !Number.isInteger(perNode) || perNode < 1 ||
+    nproc % perNode !== 0 || script === undefined
+  ) {
+    console.error(
+      "usage: deno task launch --nproc N [--nproc-per-node K, dividing N] [--grace S] [--timeout S] " +
+        '[--flags "-A"] script.ts [args...]',
+    );
     Deno.exit(values.help ? 0 : 2);
   }
   const result = await launch({
     nproc,
+    nprocPerNode: perNode,
     script,
     args: scriptArgs,
     graceSeconds: Number(values.grace),

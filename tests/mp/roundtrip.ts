@@ -26,6 +26,7 @@ import {
   referenceCombineWeights,
   referenceDispatch,
   referenceExpanded,
+  referenceLayout,
 } from "../reference.ts";
 
 const { values } = parseArgs({
@@ -74,6 +75,7 @@ try {
   });
   const rank = group.ranks[0];
   console.log(`joined as rank ${me} of ${R} on the ${backend} backend`);
+  console.log(`rank ${me} is on node ${rank.node} of ${R / rank.ranksPerNode}`);
   if (backend === "host" && (group.nccl.enabled || !/host backend/.test(group.nccl.reason ?? ""))) {
     throw new Error("NCCL status unexpected");
   }
@@ -130,6 +132,13 @@ try {
     const want = referenceCombine(expected, returned, s.hidden, s.tokens);
     const wantWeights = referenceCombineWeights(expected, expected.map((e) => e.weights), s.topk, s.tokens);
     using up = await upload(rank, s, d, me);
+    if (round === 0) {
+      // The nodes the launcher numbered shape the layout's per-node counts.
+      const ref = referenceLayout(d.inputs[me].topk!, s.tokens[me], s.topk, s.experts, R, rank.ranksPerNode);
+      using layout = await buffer.layout(up.topkIdx!, { numExperts: s.experts });
+      same(round, "tokens per node", await layout.numTokensPerNode.read(), ref.perNode);
+      same(round, "token in node", await layout.isTokenInNode.read(), ref.inNode);
+    }
     const options = {
       xScales: up.scales,
       topkIdx: up.topkIdx,
