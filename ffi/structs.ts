@@ -251,6 +251,8 @@ export const BufferOptions = new StructLayout(
     ["timeout_ms", "i64"],
     ["ll_num_experts", "i32"],
     ["enable_masking", "u32"],
+    ["ranks_per_node", "i32"],
+    ["reserved", "i32"],
   ] as const,
 );
 
@@ -270,6 +272,8 @@ export const BufferPlan = new StructLayout(
     ["ll_half_bytes", "u64"],
     ["ll_message_bytes", "i32"],
     ["ll_combine_row_bytes", "i32"],
+    ["net_record_bytes", "i32"],
+    ["net_region_bytes", "u64"],
   ] as const,
 );
 

@@ -254,6 +254,19 @@ export class EpBuffer extends NativeResource {
   }
 
   /**
+   * What this rank has put on the network hop of the two-hop dispatch so far (groups of several
+   * nodes): records (one per token and destination node other than its own) and their bytes.
+   * The host backend's emulated NIC counts them; the CUDA backend moves rows in one hop so far
+   * and reports zeros.
+   */
+  networkStats(): { records: number; bytes: number } {
+    const records = new BigUint64Array(1), bytes = new BigUint64Array(1);
+    const p = this.pointer;
+    check(native().sy_buffer_network_stats(p, records, bytes), p, "networkStats");
+    return { records: Number(records[0]), bytes: Number(bytes[0]) };
+  }
+
+  /**
    * Process groups: what another process needs to map this buffer, as JSON (the rendezvous
    * carries it; `Group.createBuffers` does this for you).
    */

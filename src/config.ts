@@ -59,6 +59,10 @@ export interface BufferPlan {
   readonly lowLatencyMessageBytes: number;
   /** One low-latency combine row. */
   readonly lowLatencyCombineRowBytes: number;
+  /** One network record of the two-hop dispatch (0 on one node). */
+  readonly networkRecordBytes: number;
+  /** Bytes of the network records' region (0 on one node). */
+  readonly networkRegionBytes: number;
 }
 
 /** Decodes a `sy_buffer_plan`. */
@@ -74,6 +78,8 @@ export function planFromStruct(p: ReturnType<typeof PlanStruct.create>): BufferP
     lowLatencyHalfBytes: p.number("ll_half_bytes"),
     lowLatencyMessageBytes: p.number("ll_message_bytes"),
     lowLatencyCombineRowBytes: p.number("ll_combine_row_bytes"),
+    networkRecordBytes: p.number("net_record_bytes"),
+    networkRegionBytes: p.number("net_region_bytes"),
   };
 }
 
@@ -87,6 +93,8 @@ export interface BufferSizeQuery {
   readonly maxTokensPerRank: number;
   /** Size the low-latency double buffer for this many experts too. */
   readonly lowLatencyExperts?: number;
+  /** Ranks per node (default: one node): across nodes a buffer also holds the network records. */
+  readonly ranksPerNode?: number;
 }
 
 /** How much memory a buffer with these settings takes per rank (the library's own plan). */
@@ -95,9 +103,11 @@ export function bufferSizeHint(query: BufferSizeQuery): BufferPlan {
     .set("hidden", integerArg("hidden", query.hidden, 1, 2 ** 31 - 1))
     .set("max_tokens_per_rank", integerArg("maxTokensPerRank", query.maxTokensPerRank, 1, 2 ** 31 - 1))
     .set("ll_num_experts", integerArg("lowLatencyExperts", query.lowLatencyExperts ?? 0, 0, 2 ** 31 - 1));
+  const ranks = integerArg("ranks", query.ranks, 1, 1024);
+  opts.set("ranks_per_node", integerArg("ranksPerNode", query.ranksPerNode ?? ranks, 1, ranks));
   const out = PlanStruct.create();
   check(
-    native().sy_plan_buffer(opts.bytes, integerArg("ranks", query.ranks, 1, 1024), out.bytes),
+    native().sy_plan_buffer(opts.bytes, ranks, out.bytes),
     null,
     "bufferSizeHint",
   );

@@ -62,6 +62,8 @@ export type WaitRole =
   | "buffer-peers"
   | "low-latency-dispatch"
   | "low-latency-combine"
+  | "dispatch-network"
+  | "dispatch-forward"
   | "rendezvous";
 
 const ROLES: readonly WaitRole[] = [
@@ -75,6 +77,8 @@ const ROLES: readonly WaitRole[] = [
   "buffer-peers",
   "low-latency-dispatch",
   "low-latency-combine",
+  "dispatch-network",
+  "dispatch-forward",
 ];
 
 /** Maps `sy_wait_role` to its name. */

@@ -62,7 +62,7 @@ async function checkCompact(res: DispatchResult, exp: CompactExpectation, s: Sce
 async function checkScenario(s: Scenario): Promise<void> {
   const d = generate(s);
   const expected = referenceDispatch(d.inputs, d.shape);
-  using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens));
+  using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens), 20000, {}, s.ranksPerNode);
   await fx.group.all(async (rank, r) => {
     using up = await upload(rank, s, d, r);
     const buf = fx.buffers[r];
@@ -169,6 +169,39 @@ Deno.test("dispatch (exact size) matches the reference", async (t) => {
         ue8m0: true,
       }),
   );
+  // Across virtual nodes the dispatch takes two hops (core/internode.h); what arrives is the same.
+  for (const ranksPerNode of [4, 2]) {
+    for (const [name, extra] of cases) {
+      await t.step(
+        `8 ranks as ${8 / ranksPerNode} nodes of ${ranksPerNode} (two hops), ${name}`,
+        () =>
+          checkScenario({
+            ranks: 8,
+            tokens: tokensFor(8, 31, ranksPerNode),
+            hidden: 128,
+            experts: 32,
+            topk: 5,
+            seed: 90 + ranksPerNode + name.length,
+            ranksPerNode,
+            ...extra,
+          }),
+      );
+    }
+  }
+  await t.step("2 nodes of 2 (two hops), FP8 payload, packed UE8M0 scales column-major", () =>
+    checkScenario({
+      ranks: 4,
+      tokens: tokensFor(4, 22, 7),
+      hidden: 1024,
+      experts: 16,
+      topk: 6,
+      seed: 13,
+      fp8: true,
+      ue8m0: true,
+      columnMajorScales: true,
+      drop: 0.2,
+      ranksPerNode: 2,
+    }));
   await t.step(
     "8 ranks, DeepSeek-like hidden 7168, 32 experts, top-8",
     () =>
@@ -210,7 +243,7 @@ async function exactThen<T extends Disposable>(
   verify: (result: T, r: number) => Promise<void>,
 ): Promise<void> {
   const d = generate(s);
-  using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens));
+  using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens), 20000, {}, s.ranksPerNode);
   const ups = await fx.group.all((rank, r) => upload(rank, s, d, r));
   const exact = await fx.group.all((_, r) =>
     fx.buffers[r].dispatch(ups[r].x, {
@@ -229,110 +262,134 @@ async function exactThen<T extends Disposable>(
   }
 }
 
-Deno.test("worst-case dispatch: same prefix, -1 tail, no host counts", async () => {
-  const s: Scenario = {
-    ranks: 4,
-    tokens: tokensFor(4, 23, 8),
-    hidden: 128,
-    experts: 16,
-    topk: 4,
-    seed: 8,
-    drop: 0.2,
-    fp8: true,
-  };
-  const d = generate(s);
-  const expected = referenceDispatch(d.inputs, d.shape);
-  await exactThen(
-    s,
-    (buf, _exact, up, r) =>
-      buf.dispatch(up.x, {
-        xScales: up.scales,
-        topkIdx: up.topkIdx,
-        topkWeights: up.topkWeights,
-        numExperts: s.experts,
-        numWorstTokens: s.tokens[r] * s.ranks,
-      }),
-    async (res, r) => {
-      const n = expected[r].rows.length;
-      const worst = s.tokens[r] * s.ranks;
-      assert.equal(res.numRecvTokens, null);
-      assert.equal(res.numRows, worst);
-      assert.deepEqual([...res.numRecvTokensPerExpert], []);
-      assert.deepEqual(Array.from(await res.recvCount.read()), [n]);
-      const x = await res.recvX.read();
-      assertSameArray(x.subarray(0, n * s.hidden), expected[r].x);
-      const scales = await res.recvXScales!.read();
-      assertSameArray(bytesOf(scales).subarray(0, n * d.scaleCols * 4), bytesOf(expected[r].scales));
-      const idx = Array.from(await res.recvTopkIdx!.read() as BigInt64Array, Number);
-      assertSameArray(idx.slice(0, n * s.topk), expected[r].topkLocal);
-      assert.ok(idx.slice(n * s.topk).every((v) => v === -1), "tail rows have no expert");
-      assert.equal(res.handle.info().numRecvTokens, n, "the handle learns the count once the work ran");
-    },
-  );
-});
-
-Deno.test("cached dispatch reuses the routing and reproduces the data", async () => {
-  const s: Scenario = { ranks: 4, tokens: tokensFor(4, 27, 12), hidden: 96, experts: 8, topk: 2, seed: 12, drop: 0.1 };
-  const d = generate(s);
-  const expected = referenceDispatch(d.inputs, d.shape);
-  await exactThen(
-    s,
-    (buf, exact, up) => buf.dispatch(up.x, { handle: exact.handle }),
-    async (again, r) => {
-      assert.equal(again.numRecvTokens, expected[r].rows.length);
-      assertSameArray(bytesOf(await again.recvX.read()), expected[r].x);
-      assert.equal(again.recvTopkIdx, undefined, "a cached dispatch returns no top-k");
-      assert.deepEqual([...again.numRecvTokensPerExpert], expected[r].perExpert);
-    },
-  );
-});
-
-Deno.test("expanded layout: one row per (token, local expert), padded per expert", async (t) => {
-  for (const [alignment, zeroPadding, fp8] of [[1, false, false], [4, true, false], [8, true, true]] as const) {
-    await t.step(`alignment ${alignment}${zeroPadding ? ", zero padding" : ""}${fp8 ? ", fp8" : ""}`, async () => {
+Deno.test("worst-case dispatch: same prefix, -1 tail, no host counts", async (t) => {
+  for (const ranksPerNode of [4, 2]) {
+    await t.step(ranksPerNode === 4 ? "one node" : "2 nodes of 2 (two hops)", async () => {
       const s: Scenario = {
         ranks: 4,
-        tokens: tokensFor(4, 19, alignment),
+        tokens: tokensFor(4, 23, 8),
         hidden: 128,
         experts: 16,
         topk: 4,
-        seed: 20 + alignment,
+        seed: 8,
         drop: 0.2,
-        fp8,
-        columnMajorScales: fp8,
+        fp8: true,
+        ranksPerNode,
       };
       const d = generate(s);
-      const compact = referenceDispatch(d.inputs, d.shape);
-      using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens));
-      await fx.group.all(async (rank, r) => {
-        using up = await upload(rank, s, d, r);
-        const exp = referenceExpanded(compact[r], d.shape, alignment);
-        using res = await fx.buffers[r].dispatch(up.x, {
-          xScales: up.scales,
-          topkIdx: up.topkIdx,
-          topkWeights: up.topkWeights,
-          numExperts: s.experts,
-          expand: true,
-          expertAlignment: alignment,
-          zeroPadding,
-        });
-        assert.equal(res.numRows, exp.numRows);
-        assert.equal(res.numRecvTokens, compact[r].rows.length);
-        assert.deepEqual([...res.numRecvTokensPerExpert], exp.perExpertAligned);
-        assert.equal(res.recvTopkIdx, undefined);
-        // Padding rows are zero only when asked for.
-        const x = bytesOf(await res.recvX.read());
-        assertSameArray(zeroPadding ? x : paddingZeroed(x, exp.rowOwner, d.shape.rowBytes), exp.x, `rank ${r}: rows`);
-        if (fp8) assertSameArray(bytesOf(await res.recvXScales!.read()), bytesOf(exp.scales));
-        assertSameArray(await res.recvTopkWeights!.read(), exp.weights);
-        using rows = res.handle.expandedRow();
-        assert.deepEqual(Array.from(await rows.read()), exp.expandedRow);
-        assert.deepEqual(Array.from(await res.recvCount.read()), [exp.numRows]);
-        // A cached expanded dispatch places the rows the same way.
-        using again = await fx.buffers[r].dispatch(up.x, { xScales: up.scales, handle: res.handle, expand: true });
-        const cachedRows = bytesOf(await again.recvX.read()).subarray(0, exp.numRows * d.shape.rowBytes);
-        assertSameArray(paddingZeroed(cachedRows, exp.rowOwner, d.shape.rowBytes), exp.x);
-      });
+      const expected = referenceDispatch(d.inputs, d.shape);
+      await exactThen(
+        s,
+        (buf, _exact, up, r) =>
+          buf.dispatch(up.x, {
+            xScales: up.scales,
+            topkIdx: up.topkIdx,
+            topkWeights: up.topkWeights,
+            numExperts: s.experts,
+            numWorstTokens: s.tokens[r] * s.ranks,
+          }),
+        async (res, r) => {
+          const n = expected[r].rows.length;
+          const worst = s.tokens[r] * s.ranks;
+          assert.equal(res.numRecvTokens, null);
+          assert.equal(res.numRows, worst);
+          assert.deepEqual([...res.numRecvTokensPerExpert], []);
+          assert.deepEqual(Array.from(await res.recvCount.read()), [n]);
+          const x = await res.recvX.read();
+          assertSameArray(x.subarray(0, n * s.hidden), expected[r].x);
+          const scales = await res.recvXScales!.read();
+          assertSameArray(bytesOf(scales).subarray(0, n * d.scaleCols * 4), bytesOf(expected[r].scales));
+          const idx = Array.from(await res.recvTopkIdx!.read() as BigInt64Array, Number);
+          assertSameArray(idx.slice(0, n * s.topk), expected[r].topkLocal);
+          assert.ok(idx.slice(n * s.topk).every((v) => v === -1), "tail rows have no expert");
+          assert.equal(res.handle.info().numRecvTokens, n, "the handle learns the count once the work ran");
+        },
+      );
     });
+  }
+});
+
+Deno.test("cached dispatch reuses the routing and reproduces the data", async (t) => {
+  for (const ranksPerNode of [4, 2]) {
+    await t.step(ranksPerNode === 4 ? "one node" : "2 nodes of 2 (two hops)", async () => {
+      const s: Scenario = {
+        ranks: 4,
+        tokens: tokensFor(4, 27, 12),
+        hidden: 96,
+        experts: 8,
+        topk: 2,
+        seed: 12,
+        drop: 0.1,
+        ranksPerNode,
+      };
+      const d = generate(s);
+      const expected = referenceDispatch(d.inputs, d.shape);
+      await exactThen(
+        s,
+        (buf, exact, up) => buf.dispatch(up.x, { handle: exact.handle }),
+        async (again, r) => {
+          assert.equal(again.numRecvTokens, expected[r].rows.length);
+          assertSameArray(bytesOf(await again.recvX.read()), expected[r].x);
+          assert.equal(again.recvTopkIdx, undefined, "a cached dispatch returns no top-k");
+          assert.deepEqual([...again.numRecvTokensPerExpert], expected[r].perExpert);
+        },
+      );
+    });
+  }
+});
+
+Deno.test("expanded layout: one row per (token, local expert), padded per expert", async (t) => {
+  const variants = [[1, false, false, 4], [4, true, false, 4], [8, true, true, 4], [4, true, true, 2]] as const;
+  for (const [alignment, zeroPadding, fp8, ranksPerNode] of variants) {
+    const nodes = ranksPerNode < 4 ? `, 2 nodes of ${ranksPerNode} (two hops)` : "";
+    await t.step(
+      `alignment ${alignment}${zeroPadding ? ", zero padding" : ""}${fp8 ? ", fp8" : ""}${nodes}`,
+      async () => {
+        const s: Scenario = {
+          ranks: 4,
+          tokens: tokensFor(4, 19, alignment),
+          hidden: 128,
+          experts: 16,
+          topk: 4,
+          seed: 20 + alignment,
+          drop: 0.2,
+          fp8,
+          columnMajorScales: fp8,
+          ranksPerNode,
+        };
+        const d = generate(s);
+        const compact = referenceDispatch(d.inputs, d.shape);
+        using fx = await fixture(s.ranks, s.hidden, Math.max(...s.tokens), 20000, {}, s.ranksPerNode);
+        await fx.group.all(async (rank, r) => {
+          using up = await upload(rank, s, d, r);
+          const exp = referenceExpanded(compact[r], d.shape, alignment);
+          using res = await fx.buffers[r].dispatch(up.x, {
+            xScales: up.scales,
+            topkIdx: up.topkIdx,
+            topkWeights: up.topkWeights,
+            numExperts: s.experts,
+            expand: true,
+            expertAlignment: alignment,
+            zeroPadding,
+          });
+          assert.equal(res.numRows, exp.numRows);
+          assert.equal(res.numRecvTokens, compact[r].rows.length);
+          assert.deepEqual([...res.numRecvTokensPerExpert], exp.perExpertAligned);
+          assert.equal(res.recvTopkIdx, undefined);
+          // Padding rows are zero only when asked for.
+          const x = bytesOf(await res.recvX.read());
+          assertSameArray(zeroPadding ? x : paddingZeroed(x, exp.rowOwner, d.shape.rowBytes), exp.x, `rank ${r}: rows`);
+          if (fp8) assertSameArray(bytesOf(await res.recvXScales!.read()), bytesOf(exp.scales));
+          assertSameArray(await res.recvTopkWeights!.read(), exp.weights);
+          using rows = res.handle.expandedRow();
+          assert.deepEqual(Array.from(await rows.read()), exp.expandedRow);
+          assert.deepEqual(Array.from(await res.recvCount.read()), [exp.numRows]);
+          // A cached expanded dispatch places the rows the same way.
+          using again = await fx.buffers[r].dispatch(up.x, { xScales: up.scales, handle: res.handle, expand: true });
+          const cachedRows = bytesOf(await again.recvX.read()).subarray(0, exp.numRows * d.shape.rowBytes);
+          assertSameArray(paddingZeroed(cachedRows, exp.rowOwner, d.shape.rowBytes), exp.x);
+        });
+      },
+    );
   }
 });

@@ -37,6 +37,8 @@ export interface Scenario {
   readonly routeWithoutTopk?: boolean;
   /** `x` rows padded by 16 bytes (a row stride larger than the row). */
   readonly paddedRows?: boolean;
+  /** Virtual nodes of this many ranks (default: one node): the two-hop dispatch. */
+  readonly ranksPerNode?: number;
 }
 
 /** The generated per-rank data, in host arrays. */
@@ -178,8 +180,9 @@ export function testBackend(): "host" | "cuda" {
 }
 
 /**
- * Creates a group of `ranks` (on {@linkcode testBackend}) with buffers sized for `maxTokens`
- * tokens of `hidden`, and the `extra` buffer options (low-latency mode, masking).
+ * Creates a group of `ranks` (on {@linkcode testBackend}, in nodes of `ranksPerNode`) with
+ * buffers sized for `maxTokens` tokens of `hidden`, and the `extra` buffer options (low-latency
+ * mode, masking).
  */
 export async function fixture(
   ranks: number,
@@ -187,8 +190,9 @@ export async function fixture(
   maxTokens: number,
   timeoutMs = 20000,
   extra: Omit<EpBufferOptions, "hidden" | "maxTokensPerRank"> = {},
+  ranksPerNode?: number,
 ): Promise<Fixture> {
-  const group = Group.local({ ranks, backend: testBackend(), timeoutMs });
+  const group = Group.local({ ranks, backend: testBackend(), timeoutMs, ranksPerNode });
   const buffers = await group.createBuffers({ ...extra, hidden, maxTokensPerRank: Math.max(maxTokens, 1) });
   return {
     group,

@@ -59,25 +59,30 @@ for (const [nproc, perNode] of [[2, 2], [4, 2]]) {
   });
 }
 
-Deno.test("a process killed inside a dispatch: the others fail within the deadline, naming it", async () => {
-  const timeoutMs = 1500;
-  const r = await job(3, ["--rounds", "5", "--die-at", "2", "--die-rank", "2", "--timeout", String(timeoutMs)]);
-  const report = r.lines.join("\n");
-  assert.equal(r.code, 1, report);
-  assert.equal(r.firstFailure?.rank, 2);
-  assert.equal(r.firstFailure?.signal, "SIGKILL");
-  for (const rank of [0, 1]) {
-    const line = r.lines.find((l) => l.startsWith(`[rank ${rank}] rank ${rank} failed after`));
-    assert.ok(line, report);
-    assert.match(line!, /(TIMEOUT|PEER_FAILED) peerRank=2/);
-    const ms = Number(line!.match(/failed after (\d+) ms/)![1]);
-    console.log(`  ${line}`);
-    assert.ok(ms < 4 * timeoutMs + 3000, `rank ${rank} took ${ms} ms`);
-  }
-  assert.ok(r.exits.every((e) => e.code !== 0), "nobody pretends to have finished");
-  // The segments were unlinked once every peer had mapped them, so even the killed rank's are gone.
-  assert.deepEqual(segmentsOf(r.exits.map((e) => e.pid)), []);
-});
+for (const [nproc, perNode] of [[3, 3], [4, 2]]) {
+  const where = perNode < nproc ? ` (${nproc / perNode} nodes of ${perNode}: two hops)` : "";
+  Deno.test(`a process killed inside a dispatch${where}: the others fail within the deadline, naming it`, async () => {
+    const timeoutMs = 1500;
+    const args = ["--rounds", "5", "--die-at", "2", "--die-rank", "2", "--timeout", String(timeoutMs)];
+    const r = await job(nproc, args, 15, {}, perNode);
+    const report = r.lines.join("\n");
+    assert.equal(r.code, 1, report);
+    assert.equal(r.firstFailure?.rank, 2);
+    assert.equal(r.firstFailure?.signal, "SIGKILL");
+    for (let rank = 0; rank < nproc; rank++) {
+      if (rank === 2) continue;
+      const line = r.lines.find((l) => l.startsWith(`[rank ${rank}] rank ${rank} failed after`));
+      assert.ok(line, report);
+      assert.match(line!, /(TIMEOUT|PEER_FAILED) peerRank=2/);
+      const ms = Number(line!.match(/failed after (\d+) ms/)![1]);
+      console.log(`  ${line}`);
+      assert.ok(ms < 4 * timeoutMs + 3000, `rank ${rank} took ${ms} ms`);
+    }
+    assert.ok(r.exits.every((e) => e.code !== 0), "nobody pretends to have finished");
+    // The segments were unlinked once every peer had mapped them, so even the killed rank's are gone.
+    assert.deepEqual(segmentsOf(r.exits.map((e) => e.pid)), []);
+  });
+}
 
 Deno.test("a rank that never arrives, and a rank with the wrong token, are named", async (t) => {
   const port = (() => {

@@ -586,6 +586,8 @@ static sy_buffer_plan plan_to_c(const core::BufferPlan& p) {
   v.ll_half_bytes = p.ll.half_bytes;
   v.ll_message_bytes = p.ll.msg_bytes;
   v.ll_combine_row_bytes = p.ll.row_bytes;
+  v.net_record_bytes = p.net_record_bytes;
+  v.net_region_bytes = p.net_region_bytes;
   return v;
 }
 
@@ -595,7 +597,8 @@ SY_API sy_status sy_plan_buffer(const sy_buffer_options* options, int32_t ranks,
     sy_buffer_options o;
     SY_TRY(read_struct(options, "options", &o, SY_BUFFER_OPTIONS_V1_SIZE));
     core::BufferPlan p;
-    SY_TRY(from_problem(core::plan_buffer(ranks, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &p)));
+    SY_TRY(check_range("ranksPerNode", o.ranks_per_node, 0, ranks));
+    SY_TRY(from_problem(core::plan_buffer(ranks, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &p, o.ranks_per_node)));
     return write_struct(out, plan_to_c(p), "out");
   });
 }
@@ -611,8 +614,13 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
     std::shared_ptr<GroupCore> g = group_of(r);
     const int R = g->num_ranks;
     SY_TRY(check_range("lowLatency.numExperts", o.ll_num_experts, 0, int64_t(R) * core::kMaxExpertsPerRank));
+    if (o.ranks_per_node != 0 && o.ranks_per_node != g->ranks_per_node) {
+      return invalid("ranksPerNode", "ranksPerNode: " + std::to_string(o.ranks_per_node) + " differs from the group's " +
+                                         std::to_string(g->ranks_per_node) + "; leave it 0 (the group's)");
+    }
     core::BufferPlan plan;
-    SY_TRY(from_problem(core::plan_buffer(R, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &plan)));
+    SY_TRY(from_problem(
+        core::plan_buffer(R, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &plan, g->ranks_per_node)));
     if (o.num_sms != 0 && (o.num_sms < 2 || o.num_sms % 2 != 0 || o.num_sms > 1024)) {
       return invalid("numSms", "numSms: must be an even number of SMs in 2..1024 (half send, "
                                "half receive), got " + std::to_string(o.num_sms));
@@ -781,6 +789,18 @@ SY_API sy_status sy_buffer_plan_get(sy_buffer buffer, sy_buffer_plan* out) {
     std::shared_ptr<BufferCore> b;
     SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
     return write_struct(out, plan_to_c(b->plan), "out");
+  });
+}
+
+SY_API sy_status sy_buffer_network_stats(sy_buffer buffer, uint64_t* records, uint64_t* bytes) {
+  return guarded(buffer, [&]() -> Error {
+    std::shared_ptr<BufferCore> b;
+    SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
+    if (records == nullptr || bytes == nullptr) return invalid("records", "records, bytes: NULL");
+    const auto& c = b->set->network[size_t(b->rank)];
+    *records = c.records.load(std::memory_order_relaxed);
+    *bytes = c.bytes.load(std::memory_order_relaxed);
+    return ok();
   });
 }
 

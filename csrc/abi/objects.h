@@ -173,7 +173,7 @@ struct RankCore {
 
 // The buffers of all ranks that were created n-th: one collective communicator.
 struct BufferSet {
-  explicit BufferSet(int ranks) : bases(ranks, nullptr), regions(ranks), joined(0) {}
+  explicit BufferSet(int ranks) : bases(ranks, nullptr), regions(ranks), joined(0), network(size_t(ranks)) {}
   core::BufferPlan plan;
   bool masking = false;   // what the first member chose; every member must agree
   int64_t timeout_ms = 0;
@@ -182,6 +182,11 @@ struct BufferSet {
   int joined;
   std::mutex mu;
   std::condition_variable cv;
+  // What each rank of this process has put on the network hop (the emulated NIC counts).
+  struct NetworkCounters {
+    std::atomic<uint64_t> records{0}, bytes{0};
+  };
+  std::vector<NetworkCounters> network;
 };
 
 struct GroupCore {

@@ -18,6 +18,8 @@ enum class WaitRole : int32_t {
   BufferPeers = 7,
   LLDispatch = 8,
   LLCombine = 9,
+  DispatchNetwork = 10,
+  DispatchForward = 11,
 };
 
 inline const char* wait_role_name(WaitRole r) {
@@ -31,6 +33,8 @@ inline const char* wait_role_name(WaitRole r) {
     case WaitRole::BufferPeers: return "the peers' matching buffers";
     case WaitRole::LLDispatch: return "low-latency dispatch (messages)";
     case WaitRole::LLCombine: return "low-latency combine (expert outputs)";
+    case WaitRole::DispatchNetwork: return "two-hop dispatch, the network hop (the source's records for this node)";
+    case WaitRole::DispatchForward: return "two-hop dispatch, the hop inside the node (the forwarder's records)";
     default: return "nothing";
   }
 }

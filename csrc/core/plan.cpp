@@ -55,7 +55,7 @@ Problem plan_low_latency(int32_t ranks, int32_t hidden, int32_t max_tokens, int3
 }  // namespace
 
 Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, int32_t ll_experts,
-                    BufferPlan* plan) {
+                    BufferPlan* plan, int32_t ranks_per_node) {
   if (ranks < 1 || ranks > kMaxRanks) {
     return {"ranks", "ranks must be in 1.." + std::to_string(kMaxRanks) + ", got " +
                          std::to_string(ranks)};
@@ -68,8 +68,15 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
     return {"maxTokensPerRank",
             "maxTokensPerRank must be in 1..16777216, got " + std::to_string(max_tokens_per_rank)};
   }
+  if (ranks_per_node == 0) ranks_per_node = ranks;
+  if (ranks_per_node < 1 || ranks % ranks_per_node != 0) {
+    return {"ranksPerNode", "ranksPerNode: " + std::to_string(ranks_per_node) + " does not divide the " +
+                                std::to_string(ranks) + " ranks into whole nodes"};
+  }
   BufferPlan p;
   p.ranks = ranks;
+  p.ranks_per_node = ranks_per_node;
+  p.nodes = ranks / ranks_per_node;
   p.hidden = hidden;
   p.max_tokens_per_rank = max_tokens_per_rank;
   p.max_topk = kMaxTopk;
@@ -117,6 +124,14 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   o = align_up(o + 4 * R * uint64_t(kMaxExpertsPerRank), kRegionAlignBytes);
   p.off_mask = o;
   o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_net_epoch = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_net_counts = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_forward_epoch = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_net_stats = o;
+  o = align_up(o + 8 * 2, kRegionAlignBytes);
   p.header_bytes = o;
 
   // The low-latency halves come right after the header: a backend that shares only the header
@@ -133,7 +148,15 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   o = align_up(o + p.dispatch_region_bytes, kRegionAlignBytes);
   p.off_combine = o;
   p.combine_region_bytes = R * uint64_t(max_tokens_per_rank) * uint64_t(p.combine_row_bytes);
-  o = align_up(o + p.combine_region_bytes, 4096);
+  o = align_up(o + p.combine_region_bytes, kRegionAlignBytes);
+  if (p.nodes > 1) {
+    p.net_slots = p.record_bytes;
+    p.net_record_bytes = int32_t(align_up(uint64_t(p.record_bytes) + 4 * uint64_t(ranks_per_node), kAlignBytes));
+    p.off_net = o;
+    p.net_region_bytes = uint64_t(p.nodes) * uint64_t(max_tokens_per_rank) * uint64_t(p.net_record_bytes);
+    o += p.net_region_bytes;
+  }
+  o = align_up(o, 4096);
   p.total_bytes = o;
   if (p.total_bytes > (uint64_t(1) << 40)) {
     return {"maxTokensPerRank", "the buffer would need " + std::to_string(p.total_bytes) +

@@ -86,6 +86,8 @@ struct BufferPlan {
   int32_t max_tokens_per_rank = 0;
   int32_t max_topk = kMaxTopk;
   int32_t max_scales = 0;  // 4-byte scale words per token: ceil(hidden / 128)
+  int32_t ranks_per_node = 0;
+  int32_t nodes = 1;
 
   // Token record (dispatch region), offsets within one record.
   int32_t record_bytes = 0;
@@ -111,12 +113,24 @@ struct BufferPlan {
   uint64_t off_send_counts = 0;     // i32[R][R]: row p = tokens p sends to every rank
   uint64_t off_expert_counts = 0;   // i32[R][kMaxExpertsPerRank]: row p = p's tokens per my expert
   uint64_t off_mask = 0;            // u32[R]: this rank's view of which peers are masked
+  // Across nodes (nodes > 1): the network hop of the two-hop dispatch (core/internode.h).
+  uint64_t off_net_epoch = 0;       // u32[R]: source p has put its network records of dispatch n here
+  uint64_t off_net_counts = 0;      // i32[R]: how many network records source p put here
+  uint64_t off_forward_epoch = 0;   // u32[R]: forwarder p has delivered its forwarded records of dispatch n
+  uint64_t off_net_stats = 0;       // u64[2]: what this rank has put on the network: records, bytes (its own)
   uint64_t header_bytes = 0;
 
   uint64_t off_dispatch = 0;
   uint64_t dispatch_region_bytes = 0;
   uint64_t off_combine = 0;
   uint64_t combine_region_bytes = 0;
+  // Network records (nodes > 1): a token record, then the slot it takes at each rank of the
+  // destination node (-1: not for that rank). [source node][max_tokens] records, from the source
+  // of each node that has this rank's local index.
+  int32_t net_record_bytes = 0;
+  int32_t net_slots = 0;
+  uint64_t off_net = 0;
+  uint64_t net_region_bytes = 0;
   LowLatencyPlan ll;
   uint64_t total_bytes = 0;
 
@@ -128,6 +142,9 @@ struct BufferPlan {
   uint64_t combine_row_offset(int src, int64_t slot) const {
     return off_combine + (uint64_t(src) * uint64_t(max_tokens_per_rank) + uint64_t(slot)) *
                              uint64_t(combine_row_bytes);
+  }
+  uint64_t net_record_offset(int src_node, int64_t j) const {
+    return off_net + (uint64_t(src_node) * uint64_t(max_tokens_per_rank) + uint64_t(j)) * uint64_t(net_record_bytes);
   }
 };
 
@@ -173,10 +190,11 @@ struct Problem {
   bool ok() const { return message.empty(); }
 };
 
-// Fills `plan` for a buffer of `ranks` ranks, with a low-latency region for `ll_experts`
-// experts when that is > 0; returns a Problem naming the offending option.
+// Fills `plan` for a buffer of `ranks` ranks in nodes of `ranks_per_node` (0: one node), with a
+// low-latency region for `ll_experts` experts when that is > 0; returns a Problem naming the
+// offending option.
 Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, int32_t ll_experts,
-                    BufferPlan* plan);
+                    BufferPlan* plan, int32_t ranks_per_node = 0);
 
 inline constexpr uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 

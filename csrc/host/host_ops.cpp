@@ -19,7 +19,9 @@
 #include "../abi/protocol_errors.h"
 #include "../core/op_desc.h"
 #include "../core/reduce.h"
+#include "../core/internode.h"
 #include "../core/routing.h"
+#include "emulated_nic.h"
 #include "futex.h"
 #include "peers.h"
 
@@ -122,6 +124,89 @@ Error run_layout(LayoutWork& w) {
 
 namespace {
 
+// Hop 1 of the two-hop dispatch (core/internode.h): one network record per (token, destination
+// node) into the forwarder of this rank on that node, through the emulated NIC across nodes;
+// then the record counts, and the forwarders' flags.
+template <class WriteRecord>
+void send_network_records(Peers& peers, DispatchWork& w, const int32_t* slots, WriteRecord write_record) {
+  const core::BufferPlan& plan = peers.plan();
+  const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node;
+  const int my_node = core::node_of(me, P);
+  EmulatedNic nic(peers.set().network[size_t(me)]);
+  std::vector<uint8_t> staged(size_t(plan.net_record_bytes));
+  auto* staged_slots = reinterpret_cast<int32_t*>(staged.data() + plan.net_slots);
+  std::vector<int32_t> records(size_t(plan.nodes), 0);
+  for (int64_t t = 0; t < w.num_tokens; ++t) {
+    bool written = false;
+    for (int n = 0; n < plan.nodes; ++n) {
+      bool any = false;
+      for (int q = 0; q < P; ++q) {
+        staged_slots[q] = slots[t * R + n * P + q];
+        any = any || staged_slots[q] >= 0;
+      }
+      if (!any) continue;
+      if (!written) write_record(staged.data(), t);
+      written = true;
+      const int f = core::forwarder(n, me, P);
+      uint8_t* dst = peers.base(f) + plan.net_record_offset(my_node, records[n]++);
+      if (n == my_node) {
+        std::memcpy(dst, staged.data(), staged.size());  // its own forwarder: no network
+      } else {
+        nic.put(dst, staged.data(), staged.size());
+      }
+    }
+  }
+  for (int n = 0; n < plan.nodes; ++n) {
+    const int f = core::forwarder(n, me, P);
+    i32_at(peers.base(f), plan.off_net_counts)[me] = records[n];
+    peers.signal(f, plan.off_net_epoch);
+  }
+}
+
+// Hop 2: once the sources of this rank's local index on every node have put their records,
+// each goes to the ranks of this node it is for, at the slot its source gave it there.
+Error forward_network_records(Peers& peers) {
+  const core::BufferPlan& plan = peers.plan();
+  const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node;
+  const int my_node = core::node_of(me, P);
+  std::vector<uint8_t> sources(size_t(R), 0);
+  for (int n = 0; n < plan.nodes; ++n) sources[size_t(n * P + core::local_index(me, P))] = 1;
+  Peers::WaitPolicy only_sources;
+  only_sources.only = sources.data();
+  SY_TRY(peers.wait_sources(plan.off_net_epoch, core::WaitRole::DispatchNetwork, only_sources));
+  const int32_t* counts = i32_at(peers.base(me), plan.off_net_counts);
+  for (int n = 0; n < plan.nodes; ++n) {
+    const int src = n * P + core::local_index(me, P);
+    const int32_t records = counts[src];
+    if (records < 0 || records > plan.max_tokens_per_rank) {
+      return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(me) + ": rank " + std::to_string(src) + " put " +
+                                         std::to_string(records) + " network records, more than a buffer holds");
+    }
+    for (int32_t j = 0; j < records; ++j) {
+      const uint8_t* rec = peers.base(me) + plan.net_record_offset(n, j);
+      const auto* rec_slots = reinterpret_cast<const int32_t*>(rec + plan.net_slots);
+      for (int q = 0; q < P; ++q) {
+        const int32_t slot = rec_slots[q];
+        if (slot < 0) continue;
+        std::memcpy(peers.base(my_node * P + q) + plan.record_offset(src, slot), rec, size_t(plan.record_bytes));
+      }
+    }
+  }
+  for (int q = 0; q < P; ++q) peers.signal(my_node * P + q, plan.off_forward_epoch);
+  return ok();
+}
+
+// Every forwarder of this rank's node has delivered what it forwards.
+Error wait_forwarders(Peers& peers) {
+  const core::BufferPlan& plan = peers.plan();
+  const int P = plan.ranks_per_node, my_node = core::node_of(peers.rank(), P);
+  std::vector<uint8_t> node(size_t(peers.num_ranks()), 0);
+  for (int q = 0; q < P; ++q) node[size_t(my_node * P + q)] = 1;
+  Peers::WaitPolicy only_node;
+  only_node.only = node.data();
+  return peers.wait_sources(plan.off_forward_epoch, core::WaitRole::DispatchForward, only_node);
+}
+
 Error notify(Peers& peers, DispatchWork& w) {
   SY_TRY(peers.wait_joined());
   // Bad routing data is found here, on the stream; the barrier tells the peers, so that the
@@ -159,34 +244,42 @@ Error notify(Peers& peers, DispatchWork& w) {
     }
   }
 
+  // Token t's record: what the receiver's dispatch region holds for it.
+  auto write_record = [&](uint8_t* rec, int64_t t) {
+    std::memcpy(rec + plan.rec_payload, w.x->element(t), size_t(w.payload_bytes));
+    for (int s = 0; s < w.num_scales; ++s) {
+      uint32_t v = load_word(*w.x_scales, t, s);
+      std::memcpy(rec + plan.rec_scales + 4 * s, &v, 4);
+    }
+    auto* rec_idx = reinterpret_cast<int32_t*>(rec + plan.rec_topk_idx);
+    auto* rec_w = reinterpret_cast<float*>(rec + plan.rec_topk_weights);
+    for (int k = 0; k < w.topk; ++k) {
+      rec_idx[k] = int32_t(load_index(*w.topk_idx, t, k));
+      rec_w[k] = load_f32(*w.topk_weights, t, k);
+    }
+    *reinterpret_cast<int32_t*>(rec + plan.rec_src_idx) = int32_t(t);
+  };
+
+  // Slots: each destination numbers this rank's tokens in token order.
   std::vector<int32_t> sent(size_t(R), 0);
   std::vector<int32_t> expert_sent(w.topk > 0 ? size_t(R) * size_t(EL) : 0, 0);
   for (int64_t t = 0; t < T; ++t) {
-    const uint8_t* x_row = w.x->element(t);
     for (int d = 0; d < R; ++d) {
-      if (!route[t * R + d]) {
-        slots[t * R + d] = -1;
-        continue;
-      }
-      const int32_t slot = sent[d]++;
-      slots[t * R + d] = slot;
-      uint8_t* rec = peers.base(d) + plan.record_offset(me, slot);
-      std::memcpy(rec + plan.rec_payload, x_row, size_t(w.payload_bytes));
-      for (int s = 0; s < w.num_scales; ++s) {
-        uint32_t v = load_word(*w.x_scales, t, s);
-        std::memcpy(rec + plan.rec_scales + 4 * s, &v, 4);
-      }
-      auto* rec_idx = reinterpret_cast<int32_t*>(rec + plan.rec_topk_idx);
-      auto* rec_w = reinterpret_cast<float*>(rec + plan.rec_topk_weights);
+      slots[t * R + d] = route[t * R + d] ? sent[d]++ : -1;
+      if (slots[t * R + d] < 0) continue;
       for (int k = 0; k < w.topk; ++k) {
-        int64_t e = load_index(*w.topk_idx, t, k);
-        rec_idx[k] = int32_t(e);
-        rec_w[k] = load_f32(*w.topk_weights, t, k);
-        int32_t local = core::local_expert(e, d, EL);
+        int32_t local = core::local_expert(load_index(*w.topk_idx, t, k), d, EL);
         if (local >= 0) expert_sent[size_t(d) * EL + local] += 1;
       }
-      *reinterpret_cast<int32_t*>(rec + plan.rec_src_idx) = int32_t(t);
     }
+  }
+
+  if (plan.nodes == 1) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int d = 0; d < R; ++d)
+        if (slots[t * R + d] >= 0) write_record(peers.base(d) + plan.record_offset(me, slots[t * R + d]), t);
+  } else {
+    send_network_records(peers, w, slots, write_record);
   }
 
   for (int d = 0; d < R; ++d) {
@@ -198,7 +291,9 @@ Error notify(Peers& peers, DispatchWork& w) {
     }
     peers.signal(d, plan.off_dispatch_epoch);
   }
+  if (plan.nodes > 1) SY_TRY(forward_network_records(peers));
   SY_TRY(peers.wait_all(plan.off_dispatch_epoch, core::WaitRole::DispatchNotify));
+  if (plan.nodes > 1) SY_TRY(wait_forwarders(peers));
 
   const int32_t* counts = i32_at(peers.base(me), plan.off_send_counts);
   w.rank_prefix.assign(size_t(R) * R, 0);

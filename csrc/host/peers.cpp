@@ -115,7 +115,7 @@ Error Peers::wait_sources(uint64_t off_array, core::WaitRole role, const WaitPol
     SY_TRY(aborted_error());
     for (int r = 0; r < R; ++r) {
       if (done[r]) continue;
-      if (masked(r)) {
+      if (masked(r) || (policy.only != nullptr && !policy.only[r])) {
         done[r] = 1;
         --pending;
       } else if (epoch_reached(load_acquire(&flags[r]), epoch_)) {

@@ -18,6 +18,7 @@ class Peers {
   int num_ranks() const { return int(set_.bases.size()); }
   uint32_t epoch() const { return epoch_; }
   const core::BufferPlan& plan() const { return set_.plan; }
+  BufferSet& set() const { return set_; }
   uint8_t* base(int r) const { return set_.bases[r]; }
   Deadline deadline() const { return Deadline::after_ms(timeout_ms_); }
 
@@ -42,6 +43,7 @@ class Peers {
     uint32_t* mask = nullptr;
     bool mask_on_timeout = false;
     int64_t* waited_ns = nullptr;
+    const uint8_t* only = nullptr;  // [R]: wait for these ranks alone (nullptr: every rank)
   };
   Error wait_sources(uint64_t off_array, core::WaitRole role, const WaitPolicy& policy);
   // Reads my flag from `r` in the array at `off_array`.

@@ -86,7 +86,9 @@ typedef enum sy_wait_role {
   SY_WAIT_STREAM = 6,           /* the host waited for a stream to drain */
   SY_WAIT_BUFFER_PEERS = 7,     /* a peer had not created its matching buffer */
   SY_WAIT_LL_DISPATCH = 8,      /* low-latency dispatch receive: the peer's messages */
-  SY_WAIT_LL_COMBINE = 9        /* low-latency combine receive: the peer's expert outputs */
+  SY_WAIT_LL_COMBINE = 9,       /* low-latency combine receive: the peer's expert outputs */
+  SY_WAIT_DISPATCH_NETWORK = 10, /* two-hop dispatch: the source had not put its network records */
+  SY_WAIT_DISPATCH_FORWARD = 11  /* two-hop dispatch: the forwarder had not delivered its node's records */
 } sy_wait_role;
 
 typedef enum sy_dispatch_layout {
@@ -329,6 +331,9 @@ typedef struct sy_buffer_options {
   /* Since the low-latency mode (callers passing the 24-byte v1 struct get the defaults): */
   int32_t ll_num_experts;            /* > 0: a low-latency double buffer for this many experts */
   uint32_t enable_masking;           /* 1: a timed-out peer is masked instead of failing the call */
+  /* Since ABI 5: the group's ranks per node (0 = the group's own; sy_plan_buffer: one node). */
+  int32_t ranks_per_node;
+  int32_t reserved;
 } sy_buffer_options;
 
 #define SY_BUFFER_OPTIONS_V1_SIZE 24u
@@ -348,6 +353,8 @@ typedef struct sy_buffer_plan {
   uint64_t ll_half_bytes;            /* one half of the low-latency double buffer, 0 if none */
   int32_t ll_message_bytes;          /* one low-latency dispatch message */
   int32_t ll_combine_row_bytes;      /* one low-latency combine row */
+  int32_t net_record_bytes;          /* one network record of the two-hop dispatch, 0 on one node */
+  uint64_t net_region_bytes;         /* the network records' region, 0 on one node */
 } sy_buffer_plan;
 
 /* Buffer size hint: what a buffer with these options allocates per rank. */
@@ -390,6 +397,10 @@ SY_API sy_status sy_buffer_abandon(sy_buffer buffer, int32_t peer);
 /* The stream the buffer's operations run on (a new reference). */
 SY_API sy_status sy_buffer_comm_stream(sy_buffer buffer, sy_stream* out);
 SY_API sy_status sy_buffer_plan_get(sy_buffer buffer, sy_buffer_plan* out);
+
+/* What this rank's buffer has put on the network hop of the two-hop dispatch so far (across
+ * nodes; the emulated NIC of the host backend counts them): records, and their bytes. */
+SY_API sy_status sy_buffer_network_stats(sy_buffer buffer, uint64_t* records, uint64_t* bytes);
 
 /* Stream semantics shared by every operation: the communication stream first waits for
  * `previous_event` (or, without one, for `compute_stream`); the work runs on the communication

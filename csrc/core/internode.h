@@ -1,0 +1,44 @@
+// The two-hop dispatch across nodes: who forwards what. Shared by every backend that runs it.
+//
+// Nodes are runs of consecutive ranks (routing.h: node_of). A token of source s bound for node n
+// crosses the network once, to the forwarder of s on n: the rank of n with s's local index
+// (DeepEP's "same local rank on the target node"); the forwarder hands it to every rank of n it
+// is for. The own node takes the same path without the network: s is its own forwarder there.
+//
+//   hop 1 (network)  s puts one network record per (token, destination node) into forwarder f's
+//                    region at net_record_offset(node_of(s), j), j counting s's records for that
+//                    node in token order; then s writes how many (off_net_counts[s]) and raises
+//                    f's off_net_epoch[s].
+//   hop 2 (node)     f waits for the sources of its local index on every node, then copies each
+//                    record to the ranks of its node whose slot is >= 0, at
+//                    record_offset(s, slot), and raises their off_forward_epoch[f].
+//
+// A network record is the token record of the one-hop dispatch (payload, scales, top-k ids and
+// weights, source token), then the slot the token takes at each rank of the destination node:
+// the sender numbers its tokens per destination rank exactly as the one-hop dispatch does, so
+// every rank's dispatch region, and so every output, is the one-hop dispatch's bit for bit,
+// whatever the node split. The receivers' counts (off_send_counts, off_expert_counts) are small
+// and go to every rank directly, as in the one-hop dispatch.
+//
+// Combine still returns every row in one hop (the reduction contract of reduce.h).
+#pragma once
+
+#include "hd.h"
+#include "routing.h"
+
+namespace sy::core {
+
+// The rank's index inside its node.
+SY_HD int local_index(int rank, int ranks_per_node) { return rank % ranks_per_node; }
+
+// The rank of `node` that forwards what `source` sends there.
+SY_HD int forwarder(int node, int source, int ranks_per_node) {
+  return node * ranks_per_node + local_index(source, ranks_per_node);
+}
+
+// Whether `forwarder_rank` forwards for `source`: they share a local index (on any node).
+SY_HD bool forwards_for(int forwarder_rank, int source, int ranks_per_node) {
+  return local_index(forwarder_rank, ranks_per_node) == local_index(source, ranks_per_node);
+}
+
+}  // namespace sy::core
