@@ -29,7 +29,13 @@
  * @module
  */
 
-export { type Backend, Group, type LocalGroupOptions, type ProcessGroupOptions } from "./src/group.ts";
+export {
+  type Backend,
+  type EmulatedNicModel,
+  Group,
+  type LocalGroupOptions,
+  type ProcessGroupOptions,
+} from "./src/group.ts";
 export { type NcclStatus } from "./src/nccl.ts";
 export { type DistEnv, type EnvReader } from "./src/dist_env.ts";
 export { Rank } from "./src/rank.ts";

@@ -205,6 +205,8 @@ export const GroupOptions = new StructLayout(
     ["timeout_ms", "i64"],
     ["ranks_per_node", "i32"],
     ["reserved", "i32"],
+    ["emulated_nic_bytes_per_second", "f64"],
+    ["emulated_nic_latency_ns", "i64"],
   ] as const,
 );
 

@@ -34,6 +34,20 @@ export interface LocalGroupOptions {
    * one node of every rank). Must divide `ranks`. Layouts count tokens per node.
    */
   readonly ranksPerNode?: number;
+  /**
+   * The host backend's emulated NIC (the network hop across virtual nodes): a link of
+   * `gbPerSecond` (10^9 bytes per second) per rank and `latencyUs` one way, so that what the
+   * network costs shows in the timings (default: copies at memory speed).
+   */
+  readonly emulatedNic?: EmulatedNicModel;
+}
+
+/** A modelled network link: see {@linkcode LocalGroupOptions.emulatedNic}. */
+export interface EmulatedNicModel {
+  /** Bandwidth per rank, in GB/s (10^9 bytes per second), 0.001..10^6; 0 or absent: memory speed. */
+  readonly gbPerSecond?: number;
+  /** One-way latency in microseconds, 0..10^6. */
+  readonly latencyUs?: number;
 }
 
 /** Options of {@linkcode Group.fromEnv}. */
@@ -246,6 +260,25 @@ export class Group extends NativeResource {
       .set("first_device", integerArg("firstDevice", options.firstDevice ?? 0, 0, 65536))
       .set("timeout_ms", integerArg("timeoutMs", options.timeoutMs ?? 0, 0, 2 ** 40))
       .set("ranks_per_node", ranksPerNodeArg(options.ranksPerNode, ranks));
+    const nic = options.emulatedNic ?? {};
+    const gbPerSecond = nic.gbPerSecond ?? 0;
+    if (typeof gbPerSecond !== "number" || !(gbPerSecond === 0 || (gbPerSecond >= 1e-3 && gbPerSecond <= 1e6))) {
+      throw new SwitchyardError(
+        "INVALID_ARGUMENT",
+        `emulatedNic.gbPerSecond: expected 0 or 0.001..1000000, got ${String(gbPerSecond)}`,
+        { argument: "emulatedNic.gbPerSecond" },
+      );
+    }
+    const latencyUs = nic.latencyUs ?? 0;
+    if (typeof latencyUs !== "number" || !(latencyUs >= 0 && latencyUs <= 1e6)) {
+      throw new SwitchyardError(
+        "INVALID_ARGUMENT",
+        `emulatedNic.latencyUs: expected 0..1000000, got ${String(latencyUs)}`,
+        { argument: "emulatedNic.latencyUs" },
+      );
+    }
+    opts.set("emulated_nic_bytes_per_second", gbPerSecond * 1e9)
+      .set("emulated_nic_latency_ns", Math.round(latencyUs * 1000));
     const out = new OutHandle();
     check(native().sy_group_create_local(opts.bytes, out.cell), null, "Group.local");
     return new Group(out.take(), backend, ranks, ranks);

@@ -198,3 +198,55 @@ Deno.test("two-hop dispatch: the network carries one record per (token, other no
     });
   }
 });
+
+Deno.test("the emulated NIC's link model: the network hop takes what its bytes and latency say", async (t) => {
+  await t.step("refused: a negative bandwidth, a latency over a second, by the binding and by the C ABI", () => {
+    for (const emulatedNic of [{ gbPerSecond: -1 }, { latencyUs: 2e6 }, { gbPerSecond: 1e-6 }]) {
+      assert.throws(
+        () => Group.local({ ranks: 2, ranksPerNode: 1, emulatedNic }),
+        (e) => e instanceof SwitchyardError && e.code === "INVALID_ARGUMENT" && /^emulatedNic\./.test(e.argument ?? ""),
+      );
+    }
+    const opts = GroupOptions.create().set("ranks", 2).set("ranks_per_node", 1)
+      .set("emulated_nic_bytes_per_second", 5e5);
+    assert.throws(
+      () => check(native().sy_group_create_local(opts.bytes, new OutHandle().cell), null, "sy_group_create_local"),
+      (e) => refusal(e, "emulatedNic.bytesPerSecond"),
+    );
+  });
+  if (backend !== "host") return; // the CUDA backend has no network hop yet
+  await t.step("1 MB/s and 150 ms: a dispatch across 2 nodes waits for both", async () => {
+    const s: Scenario = {
+      ranks: 4,
+      tokens: [30, 30, 30, 30],
+      hidden: 512,
+      experts: 8,
+      topk: 2,
+      seed: 5,
+      ranksPerNode: 2,
+    };
+    const d = generate(s);
+    using group = Group.local({ ranks: 4, ranksPerNode: 2, emulatedNic: { gbPerSecond: 0.001, latencyUs: 150000 } });
+    const buffers = await group.createBuffers({ hidden: s.hidden, maxTokensPerRank: 30 });
+    try {
+      const ups = await group.all((rank, r) => upload(rank, s, d, r));
+      const started = performance.now();
+      await group.all(async (_, r) => {
+        using _res = await buffers[r].dispatch(ups[r].x, {
+          topkIdx: ups[r].topkIdx,
+          topkWeights: ups[r].topkWeights,
+          numExperts: 8,
+        });
+      });
+      const ms = performance.now() - started;
+      const bytes = Math.max(...buffers.map((b) => b.networkStats().bytes));
+      const modelled = 150 + bytes / 1e6 * 1000;
+      assert.ok(bytes > 20000, `${bytes} bytes crossed the network`);
+      assert.ok(ms >= modelled, `the dispatch took ${ms.toFixed(1)} ms, the link alone ${modelled.toFixed(1)} ms`);
+      assert.ok(ms < modelled + 5000, `the dispatch took ${ms.toFixed(1)} ms, the link ${modelled.toFixed(1)} ms`);
+      for (const u of ups) u[Symbol.dispose]();
+    } finally {
+      for (const b of buffers) b[Symbol.dispose]();
+    }
+  });
+});

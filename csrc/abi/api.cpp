@@ -252,6 +252,16 @@ SY_API sy_status sy_group_create_local(const sy_group_options* options, sy_group
     auto g = std::make_shared<GroupCore>();
     g->num_ranks = o.ranks;
     g->ranks_per_node = o.ranks_per_node > 0 ? o.ranks_per_node : o.ranks;
+    // A link of 1 MB/s or more (below, a test of a few records would take minutes), at most 1 s away.
+    if (!(o.emulated_nic_bytes_per_second == 0 ||
+          (o.emulated_nic_bytes_per_second >= 1e6 && o.emulated_nic_bytes_per_second <= 1e15))) {
+      return invalid("emulatedNic.bytesPerSecond",
+                     "emulatedNic.bytesPerSecond: 0 (memory speed) or 1e6..1e15, got " +
+                         std::to_string(o.emulated_nic_bytes_per_second));
+    }
+    SY_TRY(check_range("emulatedNic.latencyNs", o.emulated_nic_latency_ns, 0, 1000000000));
+    g->nic_bytes_per_second = o.emulated_nic_bytes_per_second;
+    g->nic_latency_ns = o.emulated_nic_latency_ns;
     g->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : core::kDefaultTimeoutMs;
     SY_TRY(attach_backend(o.backend, *g));
     for (int i = 0; i < o.ranks; ++i) {
@@ -644,6 +654,7 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
       set->plan = plan;
       set->masking = buf->masking;
       set->timeout_ms = buf->timeout_ms;
+      set->nic = {g->nic_bytes_per_second, g->nic_latency_ns};
     } else {
       std::lock_guard<std::mutex> l(g->sets_mu);
       size_t n = size_t(r->buffers_created);
@@ -671,6 +682,7 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
         set->plan = plan;
         set->masking = buf->masking;
         set->timeout_ms = buf->timeout_ms;
+        set->nic = {g->nic_bytes_per_second, g->nic_latency_ns};
         g->sets[n] = set;
       }
       r->buffers_created += 1;

@@ -187,6 +187,11 @@ struct BufferSet {
     std::atomic<uint64_t> records{0}, bytes{0};
   };
   std::vector<NetworkCounters> network;
+  // The emulated NIC's link (the group's): bytes per second (0: memory speed) and latency.
+  struct NicModel {
+    double bytes_per_second = 0;
+    int64_t latency_ns = 0;
+  } nic;
 };
 
 struct GroupCore {
@@ -195,6 +200,9 @@ struct GroupCore {
   int num_ranks = 0;
   // Nodes: ranks [n * ranks_per_node, (n + 1) * ranks_per_node) form node n (core/routing.h).
   int ranks_per_node = 1;
+  // The emulated NIC's link model (host backend, across nodes): 0, 0 = memory speed.
+  double nic_bytes_per_second = 0;
+  int64_t nic_latency_ns = 0;
   int64_t timeout_ms = 0;
   // One rank per process (the peers live in other processes and share buffers by name), or
   // every rank in this process (virtual ranks).

@@ -132,7 +132,7 @@ void send_network_records(Peers& peers, DispatchWork& w, const int32_t* slots, W
   const core::BufferPlan& plan = peers.plan();
   const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node;
   const int my_node = core::node_of(me, P);
-  EmulatedNic nic(peers.set().network[size_t(me)]);
+  EmulatedNic nic(peers.set().network[size_t(me)], peers.set().nic);
   std::vector<uint8_t> staged(size_t(plan.net_record_bytes));
   auto* staged_slots = reinterpret_cast<int32_t*>(staged.data() + plan.net_slots);
   std::vector<int32_t> records(size_t(plan.nodes), 0);
@@ -156,6 +156,7 @@ void send_network_records(Peers& peers, DispatchWork& w, const int32_t* slots, W
       }
     }
   }
+  nic.arrived();
   for (int n = 0; n < plan.nodes; ++n) {
     const int f = core::forwarder(n, me, P);
     i32_at(peers.base(f), plan.off_net_counts)[me] = records[n];

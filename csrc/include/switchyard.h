@@ -211,6 +211,10 @@ typedef struct sy_group_options {
    * node of every rank. Must divide `ranks`. (Absent from callers of ABI 4: one node.) */
   int32_t ranks_per_node;
   int32_t reserved;
+  /* The emulated NIC of the host backend's network hop: a link of this many bytes per second
+   * per rank and this one-way latency (0, 0 = copies at memory speed). */
+  double emulated_nic_bytes_per_second;
+  int64_t emulated_nic_latency_ns;
 } sy_group_options;
 
 #define SY_MAX_LOCAL_RANKS 64

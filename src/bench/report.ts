@@ -157,6 +157,12 @@ export function formatTable(report: BenchReport): string {
       `${sc.name}: ${sc.ranks} ranks x ${sc.tokens} tokens, hidden ${sc.hidden}, top-${sc.topk} of ${sc.experts}, ` +
         `${sc.payload}, routing ${sc.routingName}; ${s.iterations} iterations after ${s.warmup} warm-up`,
     );
+    if (sc.ranksPerNode && sc.ranksPerNode < sc.ranks) {
+      const nic = sc.emulatedNic
+        ? `emulated NIC ${sc.emulatedNic.gbPerSecond} GB/s, ${sc.emulatedNic.latencyUs} us`
+        : "emulated NIC at memory speed";
+      lines.push(`  ${sc.ranks / sc.ranksPerNode} nodes of ${sc.ranksPerNode}: dispatch in two hops, ${nic}`);
+    }
     if (s.scaledDown) lines.push(`  scaled down: ${s.scaledDown}`);
     lines.push(
       `  received per rank: ${s.received.perRank.join(" ")} (imbalance ${s.received.perRankImbalance.toFixed(2)}); ` +

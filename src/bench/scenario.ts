@@ -44,6 +44,10 @@ export interface Scenario {
   readonly routing: RoutingKind;
   /** Dispatch payload; combine is BF16 always, as in DeepEP. */
   readonly payload: "bf16" | "fp8";
+  /** Virtual nodes of this many ranks (default: one node); dispatch takes two hops across them. */
+  readonly ranksPerNode?: number;
+  /** The host backend's emulated NIC between the nodes (default: memory speed). */
+  readonly emulatedNic?: { readonly gbPerSecond: number; readonly latencyUs: number };
 }
 
 const DEEPSEEK = { hidden: 7168, experts: 256, topk: 8 } as const;

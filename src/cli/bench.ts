@@ -36,6 +36,8 @@ const USAGE = `deno task bench [options]
 ${SCENARIOS.map((s) => `                       ${s.name}: ${s.about}`).join("\n")}
   --ranks N          override the scenarios' rank count
   --tokens N         override tokens per rank
+  --ranks-per-node K virtual nodes of K ranks: dispatch crosses the (emulated) network in two hops
+  --nic GBPS,US      the emulated NIC between nodes (host backend): GB/s per rank, one-way microseconds
   --routing R        uniform, zipf:S, hot:P (expert 0 in a share P of the tokens) or group:G:M
                      (DeepSeek-V3's group-limited routing: M of G expert groups per token)
   --payload P        bf16 or fp8 dispatch payload
@@ -52,6 +54,8 @@ const { values: opt } = parseArgs({
     scenario: { type: "string" },
     ranks: { type: "string" },
     tokens: { type: "string" },
+    "ranks-per-node": { type: "string" },
+    nic: { type: "string" },
     routing: { type: "string" },
     payload: { type: "string" },
     iterations: { type: "string", default: "10" },
@@ -115,13 +119,30 @@ function machine(): MachineInfo {
   };
 }
 
+function emulatedNic(): Scenario["emulatedNic"] {
+  if (opt.nic === undefined) return undefined;
+  const [gbPerSecond, latencyUs] = opt.nic.split(",").map(Number);
+  if (!(gbPerSecond > 0) || !(latencyUs >= 0)) {
+    console.error(`bench: --nic expects GBPS,US (for example 50,3), got ${opt.nic}`);
+    Deno.exit(2);
+  }
+  return { gbPerSecond, latencyUs };
+}
+
 function configured(s: Scenario): Scenario {
   const ranks = positive("ranks", opt.ranks, s.ranks);
   const experts = Math.ceil(s.experts / ranks) * ranks;
+  const ranksPerNode = positive("ranks-per-node", opt["ranks-per-node"], ranks);
+  if (ranks % ranksPerNode !== 0) {
+    console.error(`bench: --ranks-per-node ${ranksPerNode} does not divide ${ranks} ranks into whole nodes`);
+    Deno.exit(2);
+  }
   return {
     ...s,
     ranks,
     experts,
+    ranksPerNode,
+    emulatedNic: emulatedNic(),
     tokens: positive("tokens", opt.tokens, s.tokens),
     routing: opt.routing ? parseRouting(opt.routing) : s.routing,
     payload: opt.payload === "fp8" || opt.payload === "bf16" ? opt.payload : s.payload,
@@ -139,7 +160,9 @@ function show(label: string, done: number, total: number): void {
 }
 
 async function measure(s: Scenario, label: string, runOptions: Parameters<typeof runScenario>[2] = {}) {
-  using group = Group.local({ ranks: s.ranks, backend });
+  // A sweep's rank count may not split into the nodes asked for: one node then.
+  const ranksPerNode = s.ranksPerNode && s.ranks % s.ranksPerNode === 0 ? s.ranksPerNode : undefined;
+  using group = Group.local({ ranks: s.ranks, backend, ranksPerNode, emulatedNic: s.emulatedNic });
   return await runScenario(group, s, {
     iterations,
     warmup,
