@@ -502,6 +502,8 @@ export const ProcessGroupOptions = new StructLayout(
     ["device", "i32"],
     ["reserved", "i32"],
     ["timeout_ms", "i64"],
+    ["emulated_nic_bytes_per_second", "f64"],
+    ["emulated_nic_latency_ns", "i64"],
   ] as const,
 );
 

@@ -63,6 +63,8 @@ export interface ProcessGroupOptions {
   readonly joinTimeoutMs?: number;
   /** CUDA: the device of this process (default: LOCAL_RANK). */
   readonly device?: number;
+  /** The host backend's emulated NIC between the job's nodes (see {@linkcode LocalGroupOptions.emulatedNic}). */
+  readonly emulatedNic?: EmulatedNicModel;
   /** Where to read the variables (default: `Deno.env`, as far as `--allow-env` grants). */
   readonly env?: EnvReader;
 }
@@ -91,6 +93,31 @@ function ranksPerNodeArg(value: unknown, ranks: number): number {
     );
   }
   return perNode;
+}
+
+/** Validates an emulated NIC model and writes it into a group options struct. */
+function setNicModel(
+  opts: { set(field: "emulated_nic_bytes_per_second" | "emulated_nic_latency_ns", value: number): unknown },
+  nic: EmulatedNicModel = {},
+): void {
+  const gbPerSecond = nic.gbPerSecond ?? 0;
+  if (typeof gbPerSecond !== "number" || !(gbPerSecond === 0 || (gbPerSecond >= 1e-3 && gbPerSecond <= 1e6))) {
+    throw new SwitchyardError(
+      "INVALID_ARGUMENT",
+      `emulatedNic.gbPerSecond: expected 0 or 0.001..1000000, got ${String(gbPerSecond)}`,
+      { argument: "emulatedNic.gbPerSecond" },
+    );
+  }
+  const latencyUs = nic.latencyUs ?? 0;
+  if (typeof latencyUs !== "number" || !(latencyUs >= 0 && latencyUs <= 1e6)) {
+    throw new SwitchyardError(
+      "INVALID_ARGUMENT",
+      `emulatedNic.latencyUs: expected 0..1000000, got ${String(latencyUs)}`,
+      { argument: "emulatedNic.latencyUs" },
+    );
+  }
+  opts.set("emulated_nic_bytes_per_second", gbPerSecond * 1e9);
+  opts.set("emulated_nic_latency_ns", Math.round(latencyUs * 1000));
 }
 
 /** How a process group met (undefined for virtual ranks). */
@@ -260,25 +287,7 @@ export class Group extends NativeResource {
       .set("first_device", integerArg("firstDevice", options.firstDevice ?? 0, 0, 65536))
       .set("timeout_ms", integerArg("timeoutMs", options.timeoutMs ?? 0, 0, 2 ** 40))
       .set("ranks_per_node", ranksPerNodeArg(options.ranksPerNode, ranks));
-    const nic = options.emulatedNic ?? {};
-    const gbPerSecond = nic.gbPerSecond ?? 0;
-    if (typeof gbPerSecond !== "number" || !(gbPerSecond === 0 || (gbPerSecond >= 1e-3 && gbPerSecond <= 1e6))) {
-      throw new SwitchyardError(
-        "INVALID_ARGUMENT",
-        `emulatedNic.gbPerSecond: expected 0 or 0.001..1000000, got ${String(gbPerSecond)}`,
-        { argument: "emulatedNic.gbPerSecond" },
-      );
-    }
-    const latencyUs = nic.latencyUs ?? 0;
-    if (typeof latencyUs !== "number" || !(latencyUs >= 0 && latencyUs <= 1e6)) {
-      throw new SwitchyardError(
-        "INVALID_ARGUMENT",
-        `emulatedNic.latencyUs: expected 0..1000000, got ${String(latencyUs)}`,
-        { argument: "emulatedNic.latencyUs" },
-      );
-    }
-    opts.set("emulated_nic_bytes_per_second", gbPerSecond * 1e9)
-      .set("emulated_nic_latency_ns", Math.round(latencyUs * 1000));
+    setNicModel(opts, options.emulatedNic);
     const out = new OutHandle();
     check(native().sy_group_create_local(opts.bytes, out.cell), null, "Group.local");
     return new Group(out.take(), backend, ranks, ranks);
@@ -334,6 +343,7 @@ export class Group extends NativeResource {
         .set("local_world_size", env.localWorldSize)
         .set("device", integerArg("device", options.device ?? -1, -1, 65536))
         .set("timeout_ms", timeoutMs);
+      setNicModel(opts, options.emulatedNic);
       const out = new OutHandle();
       check(native().sy_group_create_process(opts.bytes, out.cell), null, "Group.fromEnv");
       const rv: Rendezvous = { env, store, server, secret, nccl: { enabled: false } };

@@ -84,6 +84,26 @@ for (const [nproc, perNode] of [[3, 3], [4, 2]]) {
   });
 }
 
+Deno.test("a process killed on the network hop (3 nodes of 1): the others fail naming it and the hop", async () => {
+  // Rank 2 dies 250 ms into its dispatch, while its records are on a link with 1 s of latency:
+  // past the barrier, before the flags. Ranks 0 and 1 forward for it and wait for its records.
+  const timeoutMs = 1500;
+  const args = ["--rounds", "4", "--die-at", "1", "--die-rank", "2", "--die-delay", "250", "--nic-latency-ms", "1000"];
+  const r = await job(3, [...args, "--timeout", String(timeoutMs)], 15, {}, 1);
+  const report = r.lines.join("\n");
+  assert.equal(r.code, 1, report);
+  assert.equal(r.firstFailure?.rank, 2, report);
+  for (const rank of [0, 1]) {
+    const line = r.lines.find((l) => l.startsWith(`[rank ${rank}] rank ${rank} failed after`));
+    assert.ok(line, report);
+    console.log(`  ${line}`);
+    assert.match(line!, /(TIMEOUT|PEER_FAILED) peerRank=2/);
+    assert.match(line!, /waiting for rank 2 in two-hop dispatch, the network hop/);
+    const ms = Number(line!.match(/failed after (\d+) ms/)![1]);
+    assert.ok(ms < 1000 + 4 * timeoutMs + 3000, `rank ${rank} took ${ms} ms`);
+  }
+});
+
 Deno.test("a rank that never arrives, and a rank with the wrong token, are named", async (t) => {
   const port = (() => {
     const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });

@@ -236,6 +236,23 @@ SY_API sy_status sy_convert(int32_t src_dtype, const void* src, int32_t dst_dtyp
 // ---------------------------------------------------------------------------------------------
 // Groups and ranks
 
+namespace {
+
+// The emulated NIC's link model of a group: a link of 1 MB/s or more (below, a test of a few
+// records would take minutes), at most 1 s away; 0, 0 = memory speed.
+Error set_nic_model(GroupCore& g, double bytes_per_second, int64_t latency_ns) {
+  if (!(bytes_per_second == 0 || (bytes_per_second >= 1e6 && bytes_per_second <= 1e15))) {
+    return invalid("emulatedNic.bytesPerSecond",
+                   "emulatedNic.bytesPerSecond: 0 (memory speed) or 1e6..1e15, got " + std::to_string(bytes_per_second));
+  }
+  SY_TRY(check_range("emulatedNic.latencyNs", latency_ns, 0, 1000000000));
+  g.nic_bytes_per_second = bytes_per_second;
+  g.nic_latency_ns = latency_ns;
+  return ok();
+}
+
+}  // namespace
+
 SY_API sy_status sy_group_create_local(const sy_group_options* options, sy_group* out) {
   return guarded(nullptr, [&]() -> Error {
     sy_group_options o;
@@ -252,16 +269,7 @@ SY_API sy_status sy_group_create_local(const sy_group_options* options, sy_group
     auto g = std::make_shared<GroupCore>();
     g->num_ranks = o.ranks;
     g->ranks_per_node = o.ranks_per_node > 0 ? o.ranks_per_node : o.ranks;
-    // A link of 1 MB/s or more (below, a test of a few records would take minutes), at most 1 s away.
-    if (!(o.emulated_nic_bytes_per_second == 0 ||
-          (o.emulated_nic_bytes_per_second >= 1e6 && o.emulated_nic_bytes_per_second <= 1e15))) {
-      return invalid("emulatedNic.bytesPerSecond",
-                     "emulatedNic.bytesPerSecond: 0 (memory speed) or 1e6..1e15, got " +
-                         std::to_string(o.emulated_nic_bytes_per_second));
-    }
-    SY_TRY(check_range("emulatedNic.latencyNs", o.emulated_nic_latency_ns, 0, 1000000000));
-    g->nic_bytes_per_second = o.emulated_nic_bytes_per_second;
-    g->nic_latency_ns = o.emulated_nic_latency_ns;
+    SY_TRY(set_nic_model(*g, o.emulated_nic_bytes_per_second, o.emulated_nic_latency_ns));
     g->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : core::kDefaultTimeoutMs;
     SY_TRY(attach_backend(o.backend, *g));
     for (int i = 0; i < o.ranks; ++i) {
@@ -280,7 +288,7 @@ SY_API sy_status sy_group_create_local(const sy_group_options* options, sy_group
 SY_API sy_status sy_group_create_process(const sy_process_group_options* options, sy_group* out) {
   return guarded(nullptr, [&]() -> Error {
     sy_process_group_options o;
-    SY_TRY(read_struct(options, "options", &o));
+    SY_TRY(read_struct(options, "options", &o, offsetof(sy_process_group_options, emulated_nic_bytes_per_second)));
     if (out == nullptr) return invalid("out", "out: NULL");
     SY_TRY(check_range("worldSize", o.world_size, 1, core::kMaxRanks));
     SY_TRY(check_range("rank", o.rank, 0, o.world_size - 1));
@@ -304,6 +312,7 @@ SY_API sy_status sy_group_create_process(const sy_process_group_options* options
     g->local_rank = o.local_rank;
     g->local_world_size = o.local_world_size;
     g->ranks_per_node = o.local_world_size;
+    SY_TRY(set_nic_model(*g, o.emulated_nic_bytes_per_second, o.emulated_nic_latency_ns));
     g->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : core::kDefaultTimeoutMs;
     SY_TRY(attach_backend(o.backend, *g));
     auto r = std::make_unique<RankCore>();

@@ -20,7 +20,19 @@
 // whatever the node split. The receivers' counts (off_send_counts, off_expert_counts) are small
 // and go to every rank directly, as in the one-hop dispatch.
 //
-// Combine still returns every row in one hop (the reduction contract of reduce.h).
+// Combine still returns every row in one hop (the reduction contract of reduce.h). Reducing
+// inside the node first cannot keep that contract: it is one float left fold over the ranks in
+// ascending order, bias first, so a node's partial sum started from zero rounds differently.
+// The ways out, for the two-hop combine still to come:
+//   chain         the accumulator itself travels: source (biases) -> node 0 -> node 1 -> ...
+//                 -> source, each node folding its rows in; today's results bit for bit, for
+//                 any split, at 4 bytes per channel per (token, node) and a latency that grows
+//                 with the nodes a token visits;
+//   hierarchical  each node folds its rows from zero and sends one partial (DeepEP's way); the
+//                 source folds biases then partials in node order. As many bytes as DeepEP (2 per
+//                 channel as BF16, 4 as float), results that depend on the node split;
+//   exact         the sum computed exactly and rounded once: independent of order and split,
+//                 but an exact partial of a node does not fit in 2 or 4 bytes per channel.
 #pragma once
 
 #include "hd.h"

@@ -189,6 +189,13 @@ Error forward_network_records(Peers& peers) {
       for (int q = 0; q < P; ++q) {
         const int32_t slot = rec_slots[q];
         if (slot < 0) continue;
+        // Written by another process: a slot outside the region would be a write past it.
+        if (slot >= plan.max_tokens_per_rank) {
+          return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(me) + ": network record " + std::to_string(j) +
+                                             " of rank " + std::to_string(src) + " names slot " + std::to_string(slot) +
+                                             ", beyond the " + std::to_string(plan.max_tokens_per_rank) +
+                                             " a buffer holds");
+        }
         std::memcpy(peers.base(my_node * P + q) + plan.record_offset(src, slot), rec, size_t(plan.record_bytes));
       }
     }

@@ -249,6 +249,9 @@ typedef struct sy_process_group_options {
   int32_t device;            /* cuda: the device; -1 = local_rank */
   int32_t reserved;
   int64_t timeout_ms;
+  /* Since ABI 5: the emulated NIC between nodes, as in sy_group_options (0, 0 = memory speed). */
+  double emulated_nic_bytes_per_second;
+  int64_t emulated_nic_latency_ns;
 } sy_process_group_options;
 
 SY_API sy_status sy_group_create_process(const sy_process_group_options* options, sy_group* out);

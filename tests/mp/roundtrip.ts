@@ -40,6 +40,7 @@ const { values } = parseArgs({
     "refuse-at": { type: "string", default: "-1" },
     "refuse-rank": { type: "string", default: "-1" },
     timeout: { type: "string", default: "20000" },
+    "nic-latency-ms": { type: "string", default: "0" },
     "join-timeout": { type: "string" },
     backend: { type: "string", default: "host" },
   },
@@ -65,6 +66,7 @@ try {
     backend,
     timeoutMs: Number(values.timeout),
     joinTimeoutMs: Number(values["join-timeout"] ?? values.timeout),
+    emulatedNic: { latencyUs: Number(values["nic-latency-ms"]) * 1000 },
   });
   const R = group.size;
   await dieIn("buffers");
