@@ -275,6 +275,7 @@ export const BufferPlan = new StructLayout(
     ["ll_message_bytes", "i32"],
     ["ll_combine_row_bytes", "i32"],
     ["net_record_bytes", "i32"],
+    ["reserved", "i32"],
     ["net_region_bytes", "u64"],
   ] as const,
 );
@@ -519,6 +520,8 @@ export const BufferShare = new StructLayout(
     ["enable_masking", "i32"],
     ["bytes", "u64"],
     ["name", "chars:256"],
+    ["ranks_per_node", "i32"],
+    ["reserved", "i32"],
   ] as const,
 );
 

@@ -281,6 +281,7 @@ export class EpBuffer extends NativeResource {
       lowLatencyExperts: s.number("ll_num_experts"),
       bytes: s.number("bytes"),
       name: s.string("name"),
+      ranksPerNode: s.number("ranks_per_node"),
     });
   }
 
@@ -297,7 +298,8 @@ export class EpBuffer extends NativeResource {
       .set("hidden", integerArg("share.hidden", v.hidden, 0, 2 ** 31 - 1))
       .set("max_tokens_per_rank", integerArg("share.maxTokensPerRank", v.maxTokensPerRank, 0, 2 ** 31 - 1))
       .set("ll_num_experts", integerArg("share.lowLatencyExperts", v.lowLatencyExperts, 0, 2 ** 31 - 1))
-      .set("bytes", BigInt(integerArg("share.bytes", v.bytes, 0, Number.MAX_SAFE_INTEGER)));
+      .set("bytes", BigInt(integerArg("share.bytes", v.bytes, 0, Number.MAX_SAFE_INTEGER)))
+      .set("ranks_per_node", integerArg("share.ranksPerNode", v.ranksPerNode, 1, 2 ** 31 - 1));
     if (typeof v.name !== "string" || v.name.length >= 256) {
       throw new SwitchyardError("INVALID_ARGUMENT", "share.name: expected a segment name", { argument: "share.name" });
     }

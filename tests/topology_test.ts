@@ -250,3 +250,48 @@ Deno.test("the emulated NIC's link model: the network hop takes what its bytes a
     }
   });
 });
+
+Deno.test("across nodes: a link too slow for the deadline is refused at buffer creation", async () => {
+  if (backend !== "host") return;
+  // 2 nodes, 4096 tokens of hidden 7168 at 1 MB/s: minutes for a worst-case dispatch.
+  using group = Group.local({ ranks: 2, ranksPerNode: 1, timeoutMs: 20000, emulatedNic: { gbPerSecond: 0.001 } });
+  await assert.rejects(
+    () => group.createBuffers({ hidden: 7168, maxTokensPerRank: 4096 }),
+    (e) => refusal(e, "emulatedNic") && /over half the 20000 ms deadline/.test((e as Error).message),
+  );
+});
+
+Deno.test("across nodes: a dispatch refused on one rank fails everywhere, and the next one is exact", async () => {
+  const s: Scenario = { ranks: 4, tokens: [12, 7, 12, 9], hidden: 64, experts: 8, topk: 3, seed: 21, ranksPerNode: 2 };
+  const d = generate(s);
+  const expected = referenceDispatch(d.inputs, d.shape);
+  using fx = await fixture(s.ranks, s.hidden, 12, 5000, {}, 2);
+  const ups = await fx.group.all((rank, r) => upload(rank, s, d, r));
+  try {
+    // Rank 3 routes a token to expert 8 of 8: INVALID_ARGUMENT there, PEER_FAILED at the others.
+    using bad = await Tensor.from(fx.group.ranks[3], new BigInt64Array([8n, 0n, 1n]), { shape: [1, 3] });
+    const outcomes = await Promise.allSettled(fx.buffers.map((b, r) =>
+      b.dispatch(ups[r].x, {
+        topkIdx: r === 3 ? bad : ups[r].topkIdx,
+        topkWeights: ups[r].topkWeights,
+        numExperts: s.experts,
+      })
+    ));
+    for (const [r, o] of outcomes.entries()) {
+      assert.equal(o.status, "rejected", `rank ${r}`);
+      const e = (o as PromiseRejectedResult).reason;
+      assert.ok(e instanceof SwitchyardError, String(e));
+      assert.equal(e.code, r === 3 ? "INVALID_ARGUMENT" : "PEER_FAILED", `rank ${r}: ${e.message}`);
+    }
+    await fx.group.all(async (_, r) => {
+      using res = await fx.buffers[r].dispatch(ups[r].x, {
+        topkIdx: ups[r].topkIdx,
+        topkWeights: ups[r].topkWeights,
+        numExperts: s.experts,
+      });
+      assertSameArray(bytesOf(await res.recvX.read()), expected[r].x, `rank ${r}: rows after the refusal`);
+    });
+  } finally {
+    for (const u of ups) u[Symbol.dispose]();
+  }
+});

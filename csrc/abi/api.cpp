@@ -616,7 +616,6 @@ SY_API sy_status sy_plan_buffer(const sy_buffer_options* options, int32_t ranks,
     sy_buffer_options o;
     SY_TRY(read_struct(options, "options", &o, SY_BUFFER_OPTIONS_V1_SIZE));
     core::BufferPlan p;
-    SY_TRY(check_range("ranksPerNode", o.ranks_per_node, 0, ranks));
     SY_TRY(from_problem(core::plan_buffer(ranks, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &p, o.ranks_per_node)));
     return write_struct(out, plan_to_c(p), "out");
   });
@@ -652,6 +651,21 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
     buf->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : g->timeout_ms;
     buf->num_sms = o.num_sms > 0 ? o.num_sms : core::default_config(R).num_sms;
     buf->masking = o.enable_masking != 0;
+    // The modelled link must carry a worst-case dispatch well within the deadline the peers wait
+    // on it with: a dispatch that cannot make it would time out every time.
+    if (plan.nodes > 1 && (g->nic_bytes_per_second > 0 || g->nic_latency_ns > 0)) {
+      const double worst_ms =
+          1e3 * ((g->nic_bytes_per_second > 0 ? double(plan.nodes - 1) * double(plan.max_tokens_per_rank) *
+                                                     double(plan.net_record_bytes) / g->nic_bytes_per_second
+                                               : 0.0) +
+                 double(g->nic_latency_ns) * 1e-9);
+      if (2 * worst_ms > double(buf->timeout_ms)) {
+        return invalid("emulatedNic",
+                       "emulatedNic: the modelled link takes up to " + std::to_string(int64_t(worst_ms)) +
+                           " ms for a worst-case dispatch, over half the " + std::to_string(buf->timeout_ms) +
+                           " ms deadline; a faster link, a longer timeoutMs or a smaller maxTokensPerRank");
+      }
+    }
     SY_TRY(g->backend->create_stream(g, *r, &buf->comm_stream));
     SY_TRY(g->backend->allocate_shared(*r, g->backend->shared_bytes(plan, g->process_group), &buf->region));
 
@@ -731,6 +745,7 @@ SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out) {
     v.enable_masking = b->masking ? 1 : 0;
     v.bytes = b->group->backend->shared_bytes(b->plan, true);
     copy_cstr(v.name, sizeof v.name, b->region->share_name);
+    v.ranks_per_node = b->group->ranks_per_node;
     return write_struct(out, v, "out");
   });
 }
@@ -740,7 +755,7 @@ SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share
     std::shared_ptr<BufferCore> b;
     SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
     sy_buffer_share v;
-    SY_TRY(read_struct(share, "share", &v));
+    SY_TRY(read_struct(share, "share", &v, offsetof(sy_buffer_share, ranks_per_node)));
     v.name[sizeof v.name - 1] = 0;
     const core::BufferPlan& p = b->plan;
     SY_TRY(check_range("share.rank", v.rank, 0, b->group->num_ranks - 1));
@@ -749,6 +764,13 @@ SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share
       return invalid("enableMasking", "enableMasking: rank " + std::to_string(v.rank) + " created its buffer with masking " +
                                           (v.enable_masking ? "on" : "off") + ", this rank with masking " +
                                           (b->masking ? "on" : "off") + "; every rank must pass the same options");
+    }
+    const int peer_per_node = v.ranks_per_node > 0 ? v.ranks_per_node : b->group->num_ranks;
+    if (peer_per_node != b->group->ranks_per_node) {
+      return invalid("localWorldSize", "localWorldSize: rank " + std::to_string(v.rank) + " has " +
+                                           std::to_string(peer_per_node) + " ranks per node, this rank " +
+                                           std::to_string(b->group->ranks_per_node) +
+                                           "; every process of a job must see the same LOCAL_WORLD_SIZE");
     }
     if (v.hidden != p.hidden || v.max_tokens_per_rank != p.max_tokens_per_rank || v.ll_num_experts != p.ll.experts ||
         v.bytes != b->group->backend->shared_bytes(p, true)) {

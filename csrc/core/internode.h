@@ -11,7 +11,9 @@
 //                    f's off_net_epoch[s].
 //   hop 2 (node)     f waits for the sources of its local index on every node, then copies each
 //                    record to the ranks of its node whose slot is >= 0, at
-//                    record_offset(s, slot), and raises their off_forward_epoch[f].
+//                    record_offset(s, slot), writes how many it delivered there
+//                    (off_forwarded[s], which the receiver checks against what s announced),
+//                    and raises their off_forward_epoch[f].
 //
 // A network record is the token record of the one-hop dispatch (payload, scales, top-k ids and
 // weights, source token), then the slot the token takes at each rank of the destination node:
@@ -46,11 +48,6 @@ SY_HD int local_index(int rank, int ranks_per_node) { return rank % ranks_per_no
 // The rank of `node` that forwards what `source` sends there.
 SY_HD int forwarder(int node, int source, int ranks_per_node) {
   return node * ranks_per_node + local_index(source, ranks_per_node);
-}
-
-// Whether `forwarder_rank` forwards for `source`: they share a local index (on any node).
-SY_HD bool forwards_for(int forwarder_rank, int source, int ranks_per_node) {
-  return local_index(forwarder_rank, ranks_per_node) == local_index(source, ranks_per_node);
 }
 
 }  // namespace sy::core

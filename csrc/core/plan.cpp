@@ -130,8 +130,8 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   o = align_up(o + 4 * R, kRegionAlignBytes);
   p.off_forward_epoch = o;
   o = align_up(o + 4 * R, kRegionAlignBytes);
-  p.off_net_stats = o;
-  o = align_up(o + 8 * 2, kRegionAlignBytes);
+  p.off_forwarded = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
   p.header_bytes = o;
 
   // The low-latency halves come right after the header: a backend that shares only the header

@@ -117,7 +117,8 @@ struct BufferPlan {
   uint64_t off_net_epoch = 0;       // u32[R]: source p has put its network records of dispatch n here
   uint64_t off_net_counts = 0;      // i32[R]: how many network records source p put here
   uint64_t off_forward_epoch = 0;   // u32[R]: forwarder p has delivered its forwarded records of dispatch n
-  uint64_t off_net_stats = 0;       // u64[2]: what this rank has put on the network: records, bytes (its own)
+  uint64_t off_forwarded = 0;       // i32[R]: records of source p a forwarder delivered here (checked
+                                    // against what p announced in off_send_counts)
   uint64_t header_bytes = 0;
 
   uint64_t off_dispatch = 0;

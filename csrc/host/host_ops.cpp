@@ -176,8 +176,10 @@ Error forward_network_records(Peers& peers) {
   only_sources.only = sources.data();
   SY_TRY(peers.wait_sources(plan.off_net_epoch, core::WaitRole::DispatchNetwork, only_sources));
   const int32_t* counts = i32_at(peers.base(me), plan.off_net_counts);
+  std::vector<int32_t> delivered(static_cast<size_t>(P), 0);
   for (int n = 0; n < plan.nodes; ++n) {
     const int src = n * P + core::local_index(me, P);
+    std::fill(delivered.begin(), delivered.end(), 0);
     const int32_t records = counts[src];
     if (records < 0 || records > plan.max_tokens_per_rank) {
       return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(me) + ": rank " + std::to_string(src) + " put " +
@@ -197,22 +199,35 @@ Error forward_network_records(Peers& peers) {
                                              " a buffer holds");
         }
         std::memcpy(peers.base(my_node * P + q) + plan.record_offset(src, slot), rec, size_t(plan.record_bytes));
+        ++delivered[q];
       }
     }
+    for (int q = 0; q < P; ++q) i32_at(peers.base(my_node * P + q), plan.off_forwarded)[src] = delivered[q];
   }
   for (int q = 0; q < P; ++q) peers.signal(my_node * P + q, plan.off_forward_epoch);
   return ok();
 }
 
-// Every forwarder of this rank's node has delivered what it forwards.
+// Every forwarder of this rank's node has delivered what it forwards, as many records from each
+// source as that source announced (off_send_counts, come directly).
 Error wait_forwarders(Peers& peers) {
   const core::BufferPlan& plan = peers.plan();
-  const int P = plan.ranks_per_node, my_node = core::node_of(peers.rank(), P);
-  std::vector<uint8_t> node(size_t(peers.num_ranks()), 0);
+  const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node, my_node = core::node_of(me, P);
+  std::vector<uint8_t> node(size_t(R), 0);
   for (int q = 0; q < P; ++q) node[size_t(my_node * P + q)] = 1;
   Peers::WaitPolicy only_node;
   only_node.only = node.data();
-  return peers.wait_sources(plan.off_forward_epoch, core::WaitRole::DispatchForward, only_node);
+  SY_TRY(peers.wait_sources(plan.off_forward_epoch, core::WaitRole::DispatchForward, only_node));
+  const int32_t* announced = i32_at(peers.base(me), plan.off_send_counts);
+  const int32_t* forwarded = i32_at(peers.base(me), plan.off_forwarded);
+  for (int s = 0; s < R; ++s) {
+    if (forwarded[s] == announced[size_t(s) * R + me]) continue;
+    return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(me) + ": rank " + std::to_string(core::forwarder(my_node, s, P)) +
+                                       " forwarded " + std::to_string(forwarded[s]) + " records of rank " +
+                                       std::to_string(s) + ", which announced " +
+                                       std::to_string(announced[size_t(s) * R + me]));
+  }
+  return ok();
 }
 
 Error notify(Peers& peers, DispatchWork& w) {

@@ -361,6 +361,7 @@ typedef struct sy_buffer_plan {
   int32_t ll_message_bytes;          /* one low-latency dispatch message */
   int32_t ll_combine_row_bytes;      /* one low-latency combine row */
   int32_t net_record_bytes;          /* one network record of the two-hop dispatch, 0 on one node */
+  int32_t reserved;
   uint64_t net_region_bytes;         /* the network records' region, 0 on one node */
 } sy_buffer_plan;
 
@@ -387,6 +388,8 @@ typedef struct sy_buffer_share {
   int32_t enable_masking; /* must agree too: a masked rank is masked everywhere */
   uint64_t bytes;
   char name[256];
+  int32_t ranks_per_node; /* since ABI 5; must agree (0 from older callers: one node) */
+  int32_t reserved;
 } sy_buffer_share;
 
 SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out);

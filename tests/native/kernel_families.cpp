@@ -97,8 +97,8 @@ void each_rank(int ranks, const std::function<void(int)>& fn) {
 
 // A group of virtual ranks with one stream and one buffer each, sized for the shape.
 struct Job : sy::driver::LocalGroup {
-  Job(int32_t backend, const Shape& s, int64_t timeout_ms, bool low_latency = false)
-      : LocalGroup({backend, s.ranks, timeout_ms, s.hidden, s.tokens, low_latency ? s.experts : 0}) {}
+  Job(int32_t backend, const Shape& s, int64_t timeout_ms, bool low_latency = false, int32_t ranks_per_node = 0)
+      : LocalGroup({backend, s.ranks, timeout_ms, s.hidden, s.tokens, low_latency ? s.experts : 0, 0, ranks_per_node}) {}
 };
 
 struct Mode {
@@ -108,12 +108,13 @@ struct Mode {
   bool worst = false;
   bool cached = false;
   bool zero_padding = false;
+  int32_t ranks_per_node = 0;  // > 0: virtual nodes (the host backend's dispatch takes two hops)
 };
 
 // One dispatch (and, for cached mode, a second one on its handle) and a combine back, on every
 // rank; returns each rank's outputs.
 std::vector<Outputs> dispatch_and_combine(int32_t backend, const Shape& s, const Inputs& in, const Mode& m) {
-  Job job(backend, s, 20000);
+  Job job(backend, s, 20000, false, m.ranks_per_node);
   std::vector<Outputs> out(size_t(s.ranks));
   each_rank(s.ranks, [&](int r) {
     const int T = s.tokens, H = s.hidden, K = s.topk;
@@ -457,6 +458,32 @@ int main(int argc, char** argv) {
   };
   for (const Mode& m : modes) {
     bad += compare(m.name, dispatch_and_combine(SY_BACKEND_HOST, s, in, m), dispatch_and_combine(SY_BACKEND_CUDA, s, in, m));
+  }
+  // Across virtual nodes: two nodes where the ranks split evenly, else nodes of one rank.
+  const int32_t per_node = s.ranks % 2 == 0 ? s.ranks / 2 : 1;
+  const Mode across[] = {
+      {"dispatch compact (exact size) + combine, across nodes (host: two hops)", SY_LAYOUT_COMPACT, 1, false, false,
+       false, per_node},
+      {"dispatch expanded, cached + combine, across nodes (host: two hops)", SY_LAYOUT_EXPANDED, 2, false, true, true,
+       per_node},
+  };
+  for (const Mode& m : across) {
+    bad += compare(m.name, dispatch_and_combine(SY_BACKEND_HOST, s, in, m), dispatch_and_combine(SY_BACKEND_CUDA, s, in, m));
+  }
+  {
+    // The host backend's forwarding between threads (nodes of two ranks), against its own one-hop
+    // dispatch: on four ranks whatever the shape's count (the CPU executor's fibers stay out of it,
+    // so that a ThreadSanitizer run of three ranks can afford a fourth).
+    Shape four = s;
+    four.ranks = 4;
+    four.experts = (s.experts + 3) / 4 * 4;
+    const Inputs in4 = generate(four);
+    const Mode one_node{"one node"};
+    Mode two_nodes{"two nodes"};
+    two_nodes.ranks_per_node = 2;
+    bad += compare("dispatch compact (exact size) + combine, host: 2 nodes of 2 (two hops) against one node",
+                   dispatch_and_combine(SY_BACKEND_HOST, four, in4, one_node),
+                   dispatch_and_combine(SY_BACKEND_HOST, four, in4, two_nodes));
   }
   if (s.hidden % 128 == 0) {  // the low-latency mode's FP8 scales cover 128 channels each
     bad += compare("low-latency FP8 (UE8M0) dispatch + LogFMT-10 combine, both halves",
