@@ -43,6 +43,8 @@ interface Case {
   logfmt?: boolean;
   /** Ranks that do not take part; the others mask them. */
   masked?: number[];
+  /** Virtual nodes of this many ranks (the low-latency mode is the same across them). */
+  ranksPerNode?: number;
 }
 
 interface Inputs {
@@ -77,7 +79,7 @@ function llFixture(c: Case, timeoutMs = 5000, enableMasking = false): Promise<Fi
   return fixture(c.ranks, c.hidden, c.maxTokens, timeoutMs, {
     lowLatency: { numExperts: c.experts },
     enableMasking: enableMasking || !!c.masked?.length,
-  });
+  }, c.ranksPerNode);
 }
 
 /** The expected received row bytes and scale words of (source, token) under the case's format. */
@@ -304,6 +306,21 @@ Deno.test("low-latency dispatch and combine match the reference", async (t) => {
         maxTokens: 12,
         masked: [1, 3],
         fp8: true,
+      }),
+  );
+  await t.step(
+    "3 nodes of 2 (a buffer with the two-hop network region), masked rank 4, hook",
+    () =>
+      runCase({
+        ...base,
+        ranks: 6,
+        experts: 12,
+        topk: 4,
+        tokens: [5, 6, 7, 8, 9, 10],
+        maxTokens: 12,
+        masked: [4],
+        hook: true,
+        ranksPerNode: 2,
       }),
   );
   await t.step(
