@@ -3,6 +3,8 @@
  * build of the library, then one line per pass and a total.
  *
  *   host          every test file but the CUDA tests, and the doc examples, on `build/`
+ *   host-nodes    the normal-mode suite again with its groups split into virtual nodes of two
+ *                 ranks (the two-hop dispatch), on `build/`
  *   cuda-gpu      where a GPU can run them: the CUDA tests, the normal-mode suite and the
  *                 process-group jobs with SWITCHYARD_TEST_BACKEND=cuda, on `build/`
  *   cuda-on-cpu   the same on the CUDA backend executed on CPU threads (`build-cuda-cpu/`, built
@@ -129,7 +131,7 @@ function ignored(): string[] {
 }
 
 function passes(): Pass[] {
-  const chosen = (Deno.env.get("SWITCHYARD_TEST_PASSES") ?? "host,cuda-gpu,cuda-on-cpu").split(",");
+  const chosen = (Deno.env.get("SWITCHYARD_TEST_PASSES") ?? "host,host-nodes,cuda-gpu,cuda-on-cpu").split(",");
   const cuda = backendInfo("cuda");
   const gpu = cuda.available && !cuda.executedOnCpu;
   const out: Pass[] = [];
@@ -145,6 +147,15 @@ function passes(): Pass[] {
         `--ignore=${["tests/cuda_test.ts", "tests/cuda_config_test.ts", ...ignored()].join(",")}`,
       ],
       env: {},
+    });
+  }
+  if (chosen.includes("host-nodes")) {
+    out.push({
+      name: "host-nodes",
+      what: "the normal-mode suite with every group of more than two ranks split into virtual nodes of two " +
+        "(dispatch in two hops: the results must not change)",
+      files: NORMAL_MODE_SUITE,
+      env: { SWITCHYARD_TEST_RANKS_PER_NODE: "2", ...faultJobs(10, 400) },
     });
   }
   if (chosen.includes("cuda-gpu")) {

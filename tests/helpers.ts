@@ -180,7 +180,19 @@ export function testBackend(): "host" | "cuda" {
 }
 
 /**
- * Creates a group of `ranks` (on {@linkcode testBackend}, in nodes of `ranksPerNode`) with
+ * The nodes the shared fixture splits its groups into when a test does not say:
+ * `SWITCHYARD_TEST_RANKS_PER_NODE=K` makes nodes of K ranks wherever K divides a group of more
+ * than K ranks (the `host-nodes` pass of scripts/test.ts runs the normal-mode suite so); one node
+ * otherwise.
+ */
+export function testRanksPerNode(ranks: number): number | undefined {
+  const k = Number(Deno.env.get("SWITCHYARD_TEST_RANKS_PER_NODE") ?? 0);
+  return Number.isInteger(k) && k > 0 && ranks > k && ranks % k === 0 ? k : undefined;
+}
+
+/**
+ * Creates a group of `ranks` (on {@linkcode testBackend}, in nodes of `ranksPerNode`, by default
+ * {@linkcode testRanksPerNode}'s) with
  * buffers sized for `maxTokens` tokens of `hidden`, and the `extra` buffer options (low-latency
  * mode, masking).
  */
@@ -192,7 +204,12 @@ export async function fixture(
   extra: Omit<EpBufferOptions, "hidden" | "maxTokensPerRank"> = {},
   ranksPerNode?: number,
 ): Promise<Fixture> {
-  const group = Group.local({ ranks, backend: testBackend(), timeoutMs, ranksPerNode });
+  const group = Group.local({
+    ranks,
+    backend: testBackend(),
+    timeoutMs,
+    ranksPerNode: ranksPerNode ?? testRanksPerNode(ranks),
+  });
   const buffers = await group.createBuffers({ ...extra, hidden, maxTokensPerRank: Math.max(maxTokens, 1) });
   return {
     group,
