@@ -5,9 +5,15 @@
  */
 
 import assert from "node:assert/strict";
-import { Group, imbalance, quantile, spread, summarize, SwitchyardError } from "../mod.ts";
+import { bufferSizeHint, Group, imbalance, quantile, spread, summarize, SwitchyardError } from "../mod.ts";
 import { plotsOf } from "../src/bench/plots.ts";
-import { type BenchReport, REPORT_SCHEMA, summarizeOperation } from "../src/bench/report.ts";
+import {
+  type BenchReport,
+  formatTable,
+  REPORT_SCHEMA,
+  scenarioReport,
+  summarizeOperation,
+} from "../src/bench/report.ts";
 import { rowBytes, runScenario } from "../src/bench/run.ts";
 import { parseRouting, routeTokens, type Scenario, sizeFor } from "../src/bench/scenario.ts";
 import { escapeXml, heatMap, lineChart, niceTicks } from "../src/bench/svg.ts";
@@ -67,8 +73,9 @@ const small: Scenario = {
 
 // What every rank receives, recomputed from the routing: tokens (normal mode) or token-expert
 // pairs (low-latency mode) per destination rank, tokens per expert, and per source and expert.
-function expected(s: Scenario, seed: number) {
+function expected(s: Scenario, seed: number, ranksPerNode = s.ranks) {
   const EL = s.experts / s.ranks;
+  const otherNodes = new Array(s.ranks).fill(0);
   const perRank = new Array(s.ranks).fill(0), pairs = new Array(s.ranks).fill(0);
   const perExpert = new Array(s.experts).fill(0);
   const sent = Array.from({ length: s.ranks }, () => new Array(s.experts).fill(0));
@@ -85,9 +92,12 @@ function expected(s: Scenario, seed: number) {
         dests.add(Math.floor(e / EL));
       }
       for (const d of dests) perRank[d]++;
+      const nodes = new Set([...dests].map((d) => Math.floor(d / ranksPerNode)));
+      nodes.delete(Math.floor(src / ranksPerNode));
+      otherNodes[src] += nodes.size;
     }
   }
-  return { perRank, pairs, perExpert, sent };
+  return { perRank, pairs, perExpert, sent, otherNodes };
 }
 
 Deno.test("the benchmark counts what the operations moved", async (t) => {
@@ -133,6 +143,30 @@ Deno.test("the benchmark counts what the operations moved", async (t) => {
     assert.equal(run.dispatchWaitNs!.length, s.ranks);
     assert.ok(run.dispatchWaitNs!.every((row) => row.length === s.ranks && row.every((ns) => ns >= 0)));
   });
+});
+
+Deno.test("across nodes: the benchmark counts what crossed the network hop", async () => {
+  const s: Scenario = { ...small, ranks: 4, ranksPerNode: 2 };
+  using group = Group.local({ ranks: 4, ranksPerNode: 2, backend: testBackend(), timeoutMs: 20000 });
+  const run = await runScenario(group, s, { iterations: 1, warmup: 0, seed: 7, variants: ["exact"] });
+  const want = expected(s, 7, 2);
+  assert.ok(want.otherNodes.some((n) => n > 0));
+  assert.ok(run.network, "a run across nodes reports the network hop");
+  assert.deepEqual(run.network.expectedRecordsPerRank, want.otherNodes);
+  const recordBytes = bufferSizeHint({ ranks: 4, hidden: s.hidden, maxTokensPerRank: s.tokens, ranksPerNode: 2 })
+    .networkRecordBytes;
+  // The CUDA backend moves rows in one hop so far: nothing crosses its (absent) network.
+  const records = testBackend() === "host" ? want.otherNodes : want.otherNodes.map(() => 0);
+  assert.deepEqual(run.network.recordsPerRank, records);
+  assert.deepEqual(run.network.bytesPerRank, records.map((n) => n * recordBytes));
+  const table = formatTable({
+    schema: REPORT_SCHEMA,
+    createdAt: "",
+    machine: { os: "", cpu: "", cores: 2, memoryBytes: 0, backend: "host", libraryVersion: "", deno: "" },
+    scenarios: [scenarioReport(run)],
+  });
+  assert.match(table, /2 nodes of 2: dispatch in two hops/);
+  assert.match(table, new RegExp(`network hop per dispatch: ${records.join(" ")} records per rank`));
 });
 
 Deno.test("routings and sizes", () => {

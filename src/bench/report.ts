@@ -71,6 +71,8 @@ export interface ScenarioReport {
   readonly operations: OperationReport[];
   /** Low-latency mode: `[rank][source]` mean microseconds waited per dispatch call. */
   readonly dispatchWaitUsPerCall?: number[][];
+  /** Normal mode across nodes: what one dispatch put on the network hop, per rank, and what the layouts expect. */
+  readonly network?: ScenarioRun["network"];
 }
 
 /** The whole document. */
@@ -136,6 +138,7 @@ export function scenarioReport(run: ScenarioRun, scaledDown?: string): ScenarioR
     },
     operations: run.operations.map(summarizeOperation),
     dispatchWaitUsPerCall: run.dispatchWaitNs?.map((row) => row.map((ns) => ns / 1000 / run.iterations)),
+    network: run.network,
   };
 }
 
@@ -162,6 +165,13 @@ export function formatTable(report: BenchReport): string {
         ? `emulated NIC ${sc.emulatedNic.gbPerSecond} GB/s, ${sc.emulatedNic.latencyUs} us`
         : "emulated NIC at memory speed";
       lines.push(`  ${sc.ranks / sc.ranksPerNode} nodes of ${sc.ranksPerNode}: dispatch in two hops, ${nic}`);
+    }
+    if (s.network) {
+      const most = Math.max(...s.network.bytesPerRank);
+      lines.push(
+        `  network hop per dispatch: ${s.network.recordsPerRank.join(" ")} records per rank ` +
+          `(at most ${(most / 2 ** 20).toFixed(2)} MiB from one rank)`,
+      );
     }
     if (s.scaledDown) lines.push(`  scaled down: ${s.scaledDown}`);
     lines.push(

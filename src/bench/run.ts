@@ -60,6 +60,15 @@ export interface ScenarioRun {
   readonly operations: OperationTimes[];
   /** Low-latency mode: `[rank][source]` nanoseconds each rank waited for each source, summed over all dispatch calls. */
   readonly dispatchWaitNs?: number[][];
+  /**
+   * Normal mode across nodes: what one dispatch put on the network hop, per rank (`buffer.networkStats()`
+   * around it), and what the layouts say it should be (tokens per other node).
+   */
+  readonly network?: {
+    readonly recordsPerRank: number[];
+    readonly bytesPerRank: number[];
+    readonly expectedRecordsPerRank: number[];
+  };
 }
 
 /** Options of {@linkcode runScenario}. */
@@ -209,22 +218,30 @@ export async function runScenario(group: Group, s: Scenario, options: RunOptions
   try {
     await group.all(async (rank, r) => (inputs[r] = await makeInputs(s, rank, r, seed)));
     // Who sends what where, from each rank's own layout.
-    const sentPerRankExpert = await group.all(async (_, r) => {
+    const layouts = await group.all(async (rank, r) => {
       using layout = await buffers[r].layout(inputs[r].topkIdx, { numExperts: s.experts });
-      return Array.from(await layout.numTokensPerExpert.read());
+      const perNode = Array.from(await layout.numTokensPerNode.read());
+      return {
+        perExpert: Array.from(await layout.numTokensPerExpert.read()),
+        otherNodes: perNode.reduce((a, n, node) => a + (node === rank.node ? 0 : n), 0),
+      };
     });
+    const sentPerRankExpert = layouts.map((l) => l.perExpert);
     const receivedPerExpert = new Array(s.experts).fill(0);
     for (const row of sentPerRankExpert) row.forEach((n, e) => (receivedPerExpert[e] += n));
     const setup: Setup = { group, s, buffers, inputs, iterations, warmup, options };
     const run = s.mode === "normal" ? await runNormal(setup) : await runLowLatency(setup);
-    return { scenario: s, warmup, iterations, sentPerRankExpert, receivedPerExpert, ...run };
+    const network = run.network && { ...run.network, expectedRecordsPerRank: layouts.map((l) => l.otherNodes) };
+    return { scenario: s, warmup, iterations, sentPerRankExpert, receivedPerExpert, ...run, network };
   } finally {
     release(inputs);
     for (const b of buffers) b[Symbol.dispose]();
   }
 }
 
-type Measured = Pick<ScenarioRun, "receivedPerRank" | "operations" | "dispatchWaitNs">;
+type Measured = Pick<ScenarioRun, "receivedPerRank" | "operations" | "dispatchWaitNs"> & {
+  network?: { recordsPerRank: number[]; bytesPerRank: number[] };
+};
 
 // What one mode's run works with: the group, the scenario, its buffers and inputs, the rounds.
 interface Setup {
@@ -246,8 +263,17 @@ async function runNormal({ group, s, buffers, inputs, iterations, warmup, option
     numExperts: s.experts,
   });
   const payload = (r: number) => ({ xScales: inputs[r].xScales });
-  // The routing every variant reuses: one exact-size dispatch, kept for cached mode.
+  // The routing every variant reuses: one exact-size dispatch, kept for cached mode. What it puts
+  // on the network hop (across nodes) is what every dispatch of this routing does.
+  const before = buffers.map((b) => b.networkStats());
   const first = await onEveryRank(group, (r) => buffers[r].dispatch(inputs[r].x, { ...payload(r), ...routed(r) }));
+  const after = buffers.map((b) => b.networkStats());
+  const network = group.ranks[0].ranksPerNode < R
+    ? {
+      recordsPerRank: after.map((a, r) => a.records - before[r].records),
+      bytesPerRank: after.map((a, r) => a.bytes - before[r].bytes),
+    }
+    : undefined;
   const receivedPerRank = first.map((d) => d.numRecvTokens ?? 0);
   // Combine sends BF16 expert outputs back: the received rows themselves when they are BF16.
   const combineInput: Tensor[] = [];
@@ -292,7 +318,7 @@ async function runNormal({ group, s, buffers, inputs, iterations, warmup, option
     ...o,
     rankBytes: o.op === "combine" ? combineBytes : dispatchBytes,
   }));
-  return { receivedPerRank, operations };
+  return { receivedPerRank, operations, network };
 }
 
 async function runLowLatency({ group, s, buffers, inputs, iterations, warmup, options }: Setup): Promise<Measured> {
