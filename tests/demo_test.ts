@@ -17,6 +17,9 @@ Deno.test("the demo reports routing, timings and a passing round trip", async ()
       "1024",
       "--iterations",
       "2",
+      // 16 decode tokens, not 128: the same low-latency steps, in a fraction of a sanitizer run's time.
+      "--decode-tokens",
+      "16",
     ],
     stdout: "piped",
     stderr: "piped",
@@ -31,6 +34,8 @@ Deno.test("the demo reports routing, timings and a passing round trip", async ()
       /dispatch: [\d.]+ ms median of 2/,
       /combine: +[\d.]+ ms median of 2/,
       /round trip combine\(dispatch\(x\)\) == x: OK/,
+      /decode step \(low-latency mode\): 16 tokens\/rank, top-8/,
+      /round trip combine\(dispatch\(x\)\) == x \* sum\(w\): OK/,
     ]
   ) assert.match(text, line);
 });
