@@ -3,12 +3,14 @@
 // Nodes are runs of consecutive ranks (routing.h: node_of). A token of source s bound for node n
 // crosses the network once, to the forwarder of s on n: the rank of n with s's local index
 // (DeepEP's "same local rank on the target node"); the forwarder hands it to every rank of n it
-// is for. The own node takes the same path without the network: s is its own forwarder there.
+// is for. On its own node s is its own forwarder: those records go straight to the ranks they
+// are for, as in the one-hop dispatch.
 //
-//   hop 1 (network)  s puts one network record per (token, destination node) into forwarder f's
-//                    region at net_record_offset(node_of(s), j), j counting s's records for that
-//                    node in token order; then s writes how many (off_net_counts[s]) and raises
-//                    f's off_net_epoch[s].
+//   hop 1 (network)  s puts one network record per (token, destination node other than its own)
+//                    into forwarder f's region at net_record_offset(node_of(s), j), j counting s's
+//                    records for that node in token order; then s writes how many
+//                    (off_net_counts[s]) and raises f's off_net_epoch[s]. Its own node's records it
+//                    writes straight to their ranks, with off_forwarded[s] as a forwarder would.
 //   hop 2 (node)     f waits for the sources of its local index on every node, then copies each
 //                    record to the ranks of its node whose slot is >= 0, at
 //                    record_offset(s, slot), writes how many it delivered there

@@ -125,8 +125,9 @@ Error run_layout(LayoutWork& w) {
 namespace {
 
 // Hop 1 of the two-hop dispatch (core/internode.h): one network record per (token, destination
-// node) into the forwarder of this rank on that node, through the emulated NIC across nodes;
-// then the record counts, and the forwarders' flags.
+// node) into the forwarder of this rank on that node, through the emulated NIC; then the record
+// counts, and the forwarders' flags. This rank's own node needs no forwarder: its records go
+// straight to the ranks they are for, with their forwarded counts.
 template <class WriteRecord>
 void send_network_records(Peers& peers, DispatchWork& w, const int32_t* slots, WriteRecord write_record) {
   const core::BufferPlan& plan = peers.plan();
@@ -136,6 +137,7 @@ void send_network_records(Peers& peers, DispatchWork& w, const int32_t* slots, W
   std::vector<uint8_t> staged(size_t(plan.net_record_bytes));
   auto* staged_slots = reinterpret_cast<int32_t*>(staged.data() + plan.net_slots);
   std::vector<int32_t> records(size_t(plan.nodes), 0);
+  std::vector<int32_t> direct(size_t(P), 0);
   for (int64_t t = 0; t < w.num_tokens; ++t) {
     bool written = false;
     for (int n = 0; n < plan.nodes; ++n) {
@@ -147,15 +149,20 @@ void send_network_records(Peers& peers, DispatchWork& w, const int32_t* slots, W
       if (!any) continue;
       if (!written) write_record(staged.data(), t);
       written = true;
-      const int f = core::forwarder(n, me, P);
-      uint8_t* dst = peers.base(f) + plan.net_record_offset(my_node, records[n]++);
       if (n == my_node) {
-        std::memcpy(dst, staged.data(), staged.size());  // its own forwarder: no network
-      } else {
-        nic.put(dst, staged.data(), staged.size());
+        for (int q = 0; q < P; ++q) {
+          if (staged_slots[q] < 0) continue;
+          std::memcpy(peers.base(n * P + q) + plan.record_offset(me, staged_slots[q]), staged.data(),
+                      size_t(plan.record_bytes));
+          ++direct[q];
+        }
+        continue;
       }
+      const int f = core::forwarder(n, me, P);
+      nic.put(peers.base(f) + plan.net_record_offset(my_node, records[n]++), staged.data(), staged.size());
     }
   }
+  for (int q = 0; q < P; ++q) i32_at(peers.base(my_node * P + q), plan.off_forwarded)[me] = direct[q];
   nic.arrived();
   for (int n = 0; n < plan.nodes; ++n) {
     const int f = core::forwarder(n, me, P);
@@ -179,6 +186,7 @@ Error forward_network_records(Peers& peers) {
   std::vector<int32_t> delivered(static_cast<size_t>(P), 0);
   for (int n = 0; n < plan.nodes; ++n) {
     const int src = n * P + core::local_index(me, P);
+    if (n == my_node) continue;  // this rank itself: its own node's records went straight (hop 1)
     std::fill(delivered.begin(), delivered.end(), 0);
     const int32_t records = counts[src];
     if (records < 0 || records > plan.max_tokens_per_rank) {
