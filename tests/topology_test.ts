@@ -11,12 +11,10 @@ import { readDistEnv } from "../src/dist_env.ts";
 import { Status } from "../ffi/symbols.ts";
 import { check, native, OutHandle } from "../src/native.ts";
 import { assertSameArray, bytesOf, fixture, generate, type Scenario, testBackend, upload } from "./helpers.ts";
-import { destinations, referenceDispatch, referenceLayout } from "./reference.ts";
+import { bf16Value, destinations, referenceDispatch, referenceLayout } from "./reference.ts";
 
 /** The float32 value of `v` rounded to BF16. */
-function toFloat32OfBF16(v: number): number {
-  return new Float32Array(new Uint32Array([toBF16(new Float32Array([v]))[0] << 16]).buffer)[0];
-}
+const toFloat32OfBF16 = (v: number) => bf16Value(toBF16(new Float32Array([v]))[0]);
 
 const backend = testBackend();
 

@@ -47,7 +47,8 @@ namespace sy::core {
 // The rank's index inside its node.
 SY_HD int local_index(int rank, int ranks_per_node) { return rank % ranks_per_node; }
 
-// The rank of `node` that forwards what `source` sends there.
+// The rank of `node` that forwards what `source` sends there; read the other way, the source on
+// `node` that a forwarder forwards for (the relation is symmetric: the same local index).
 SY_HD int forwarder(int node, int source, int ranks_per_node) {
   return node * ranks_per_node + local_index(source, ranks_per_node);
 }

@@ -178,14 +178,15 @@ Error forward_network_records(Peers& peers) {
   const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node;
   const int my_node = core::node_of(me, P);
   std::vector<uint8_t> sources(size_t(R), 0);
-  for (int n = 0; n < plan.nodes; ++n) sources[size_t(n * P + core::local_index(me, P))] = 1;
+  // The sources this rank forwards for: the rank of each node with its own local index.
+  for (int n = 0; n < plan.nodes; ++n) sources[size_t(core::forwarder(n, me, P))] = 1;
   Peers::WaitPolicy only_sources;
   only_sources.only = sources.data();
   SY_TRY(peers.wait_sources(plan.off_net_epoch, core::WaitRole::DispatchNetwork, only_sources));
   const int32_t* counts = i32_at(peers.base(me), plan.off_net_counts);
   std::vector<int32_t> delivered(static_cast<size_t>(P), 0);
   for (int n = 0; n < plan.nodes; ++n) {
-    const int src = n * P + core::local_index(me, P);
+    const int src = core::forwarder(n, me, P);
     if (n == my_node) continue;  // this rank itself: its own node's records went straight (hop 1)
     std::fill(delivered.begin(), delivered.end(), 0);
     const int32_t records = counts[src];
