@@ -78,6 +78,8 @@ export const NATIVE_SOURCES: readonly string[] = [
   "csrc/host/futex.cpp",
   "csrc/host/futex.h",
   "csrc/host/host_backend.cpp",
+  "csrc/host/host_internode.cpp",
+  "csrc/host/host_internode.h",
   "csrc/host/host_ll.cpp",
   "csrc/host/host_ll.h",
   "csrc/host/host_ops.cpp",

@@ -275,7 +275,7 @@ export const BufferPlan = new StructLayout(
     ["ll_message_bytes", "i32"],
     ["ll_combine_row_bytes", "i32"],
     ["net_record_bytes", "i32"],
-    ["reserved", "i32"],
+    ["net_partial_bytes", "i32"],
     ["net_region_bytes", "u64"],
   ] as const,
 );

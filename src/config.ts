@@ -61,7 +61,12 @@ export interface BufferPlan {
   readonly lowLatencyCombineRowBytes: number;
   /** One network record of the two-hop dispatch (0 on one node). */
   readonly networkRecordBytes: number;
-  /** Bytes of the network records' region (0 on one node). */
+  /**
+   * One partial sum of the two-hop combine (0 on one node): float channels and top-k weights,
+   * what a node passes to the next node a token visits.
+   */
+  readonly networkPartialBytes: number;
+  /** Bytes of the network region of the two hops (0 on one node). */
   readonly networkRegionBytes: number;
 }
 
@@ -79,6 +84,7 @@ export function planFromStruct(p: ReturnType<typeof PlanStruct.create>): BufferP
     lowLatencyMessageBytes: p.number("ll_message_bytes"),
     lowLatencyCombineRowBytes: p.number("ll_combine_row_bytes"),
     networkRecordBytes: p.number("net_record_bytes"),
+    networkPartialBytes: p.number("net_partial_bytes"),
     networkRegionBytes: p.number("net_region_bytes"),
   };
 }

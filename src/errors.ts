@@ -64,6 +64,7 @@ export type WaitRole =
   | "low-latency-combine"
   | "dispatch-network"
   | "dispatch-forward"
+  | "combine-network"
   | "rendezvous";
 
 const ROLES: readonly WaitRole[] = [
@@ -79,6 +80,7 @@ const ROLES: readonly WaitRole[] = [
   "low-latency-combine",
   "dispatch-network",
   "dispatch-forward",
+  "combine-network",
 ];
 
 /** Maps `sy_wait_role` to its name. */

@@ -31,7 +31,7 @@ function tokensFor(ranks: number, base: number, seed: number): number[] {
   return Array.from({ length: ranks }, (_, r) => base + ((seed * 5 + r * 11) % 13));
 }
 
-async function checkCombine(s: Scenario, biases: number): Promise<void> {
+async function checkCombine(s: Scenario, biases: number, ranksPerNode?: number): Promise<void> {
   const d = generate(s);
   const expected = referenceDispatch(d.inputs, d.shape);
   const H = s.hidden, K = s.topk;
@@ -46,7 +46,7 @@ async function checkCombine(s: Scenario, biases: number): Promise<void> {
   const want = referenceCombine(expected, returned, H, s.tokens, bias);
   const wantWeights = referenceCombineWeights(expected, returnedWeights, K, s.tokens);
 
-  using fx = await fixture(s.ranks, H, Math.max(...s.tokens));
+  using fx = await fixture(s.ranks, H, Math.max(...s.tokens), 20000, {}, ranksPerNode);
   await fx.group.all(async (rank, r) => {
     using up = await upload(rank, s, d, r);
     using sent = await fx.buffers[r].dispatch(up.x, {
@@ -92,6 +92,28 @@ Deno.test("combine is bit-exact against the reference", async (t) => {
     "hidden 7168, 8 ranks, two biases",
     () => checkCombine({ ranks: 8, tokens: tokensFor(8, 5, 3), hidden: 7168, experts: 64, topk: 8, seed: 3 }, 2),
   );
+});
+
+Deno.test("across nodes, combine is the one-node reference bit for bit: 8 ranks as 2x4, 4x2 and 8x1", async (t) => {
+  // The reference knows no nodes: the chain of partial sums must fold in the same order.
+  for (const ranksPerNode of [4, 2, 1]) {
+    for (const biases of [0, 1, 2]) {
+      await t.step(`8 ranks in nodes of ${ranksPerNode}, ${biases} biases`, () =>
+        checkCombine(
+          {
+            ranks: 8,
+            tokens: tokensFor(8, 23, ranksPerNode + biases),
+            hidden: 128,
+            experts: 32,
+            topk: 6,
+            seed: 40 + ranksPerNode + biases,
+            drop: 0.15,
+          },
+          biases,
+          ranksPerNode,
+        ));
+    }
+  }
 });
 
 Deno.test("DeepEP round trip: combine(dispatch(x)) / receiving ranks == x, weights restored", async () => {

@@ -84,28 +84,34 @@ for (const [nproc, perNode] of [[3, 3], [4, 2]]) {
   });
 }
 
-Deno.test({
-  name: "a process killed on the network hop (3 nodes of 1): the others fail naming it and the hop",
-  ignore: backend !== "host", // the CUDA backend's dispatch takes one hop so far
-}, async () => {
-  // Rank 2 dies 250 ms into its dispatch, while its records are on a link with 1 s of latency:
-  // past the barrier, before the flags. Ranks 0 and 1 forward for it and wait for its records.
-  const timeoutMs = 2500; // the link's latency must stay under half of it (buffer creation checks)
-  const args = ["--rounds", "4", "--die-at", "1", "--die-rank", "2", "--die-delay", "250", "--nic-latency-ms", "1000"];
-  const r = await job(3, [...args, "--timeout", String(timeoutMs)], 15, {}, 1);
-  const report = r.lines.join("\n");
-  assert.equal(r.code, 1, report);
-  assert.equal(r.firstFailure?.rank, 2, report);
-  for (const rank of [0, 1]) {
-    const line = r.lines.find((l) => l.startsWith(`[rank ${rank}] rank ${rank} failed after`));
-    assert.ok(line, report);
-    console.log(`  ${line}`);
-    assert.match(line!, /(TIMEOUT|PEER_FAILED) peerRank=2/);
-    assert.match(line!, /waiting for rank 2 in two-hop dispatch, the network hop/);
-    const ms = Number(line!.match(/failed after (\d+) ms/)![1]);
-    assert.ok(ms < 1000 + 4 * timeoutMs + 3000, `rank ${rank} took ${ms} ms`);
-  }
-});
+for (const phase of ["dispatch", "combine"]) {
+  Deno.test({
+    name: `a process killed on the network hop of a ${phase} (3 nodes of 1): the others fail naming it and the hop`,
+    ignore: backend !== "host", // the CUDA backend takes one hop so far
+  }, async () => {
+    // Rank 2 dies 250 ms into its operation, while records or partial sums are on a link with
+    // 1 s of latency: past the barrier, before its flags. In a dispatch ranks 0 and 1 forward
+    // for it and wait for its records; in a combine they wait for its partials and results.
+    const timeoutMs = 2500; // the link's latency must stay under half of it (buffer creation checks)
+    const args = [
+      ...["--rounds", "4", "--die-at", "1", "--die-rank", "2", "--die-phase", phase],
+      ...["--die-delay", "250", "--nic-latency-ms", "1000"],
+    ];
+    const r = await job(3, [...args, "--timeout", String(timeoutMs)], 15, {}, 1);
+    const report = r.lines.join("\n");
+    assert.equal(r.code, 1, report);
+    assert.equal(r.firstFailure?.rank, 2, report);
+    for (const rank of [0, 1]) {
+      const line = r.lines.find((l) => l.startsWith(`[rank ${rank}] rank ${rank} failed after`));
+      assert.ok(line, report);
+      console.log(`  ${line}`);
+      assert.match(line!, /(TIMEOUT|PEER_FAILED) peerRank=2/);
+      assert.match(line!, new RegExp(`waiting for rank 2 in two-hop ${phase}, the network hop`));
+      const ms = Number(line!.match(/failed after (\d+) ms/)![1]);
+      assert.ok(ms < 2000 + 4 * timeoutMs + 3000, `rank ${rank} took ${ms} ms`);
+    }
+  });
+}
 
 Deno.test("a rank that never arrives, and a rank with the wrong token, are named", async (t) => {
   const port = (() => {

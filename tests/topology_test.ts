@@ -133,7 +133,38 @@ Deno.test("layout counts tokens per node: 8 ranks as 1x8, 2x4, 4x2 and 8x1", asy
   });
 });
 
-Deno.test("two-hop dispatch: the network carries one record per (token, other node), and combine brings the rows back", async (t) => {
+/** What one two-hop combine puts on the network per rank: partial sums and results. */
+interface ChainTraffic {
+  partials: number[];
+  results: number[];
+}
+
+/**
+ * The chain's network traffic, counted from the routing alone (core/internode.h): each token's
+ * float partial goes from node to node in ascending order, the last node sends the BF16 result
+ * home unless home is that node, and with biases the source sends the starting partial to the
+ * first node unless that is its own. The rank of node k that carries source s's tokens is the
+ * one with s's local index.
+ */
+function chainTraffic(d: ReturnType<typeof generate>, ranksPerNode: number, biased: boolean): ChainTraffic {
+  const R = d.inputs.length;
+  const traffic: ChainTraffic = { partials: new Array(R).fill(0), results: new Array(R).fill(0) };
+  const column = (node: number, s: number) => node * ranksPerNode + (s % ranksPerNode);
+  d.inputs.forEach((input, s) => {
+    const home = Math.floor(s / ranksPerNode);
+    for (let t = 0; t < input.tokens; t++) {
+      const nodes = [...new Set(destinations(input, t, d.shape).map((r) => Math.floor(r / ranksPerNode)))]
+        .sort((a, b) => a - b);
+      if (nodes.length === 0) continue;
+      if (biased && nodes[0] !== home) traffic.partials[s]++;
+      for (let i = 0; i + 1 < nodes.length; i++) traffic.partials[column(nodes[i], s)]++;
+      if (nodes[nodes.length - 1] !== home) traffic.results[column(nodes[nodes.length - 1], s)]++;
+    }
+  });
+  return traffic;
+}
+
+Deno.test("two hops: dispatch puts one record per (token, other node) on the network, combine the chain's partials and results", async (t) => {
   for (const ranksPerNode of [4, 2, 1]) {
     await t.step(`8 ranks as ${8 / ranksPerNode} nodes of ${ranksPerNode}`, async () => {
       const s: Scenario = {
@@ -161,38 +192,77 @@ Deno.test("two-hop dispatch: the network carries one record per (token, other no
       });
       assert.ok(ranksPerNode === 8 || records.some((n) => n > 0));
       using fx = await fixture(s.ranks, s.hidden, 40, 20000, {}, ranksPerNode);
-      const before = fx.buffers.map((b) => b.networkStats());
-      await fx.group.all(async (rank, r) => {
-        using up = await upload(rank, s, d, r);
-        const buffer = fx.buffers[r];
-        using sent = await buffer.dispatch(up.x, {
-          topkIdx: up.topkIdx,
-          topkWeights: up.topkWeights,
-          numExperts: s.experts,
-        });
-        assertSameArray(bytesOf(await sent.recvX.read()), expected[r].x, `rank ${r}: rows`);
-        // The "experts" return what they received: each token comes back once per rank it visited.
-        using back = await buffer.combine(sent.recvX, sent.handle);
-        const got = await back.combinedX.readFloat32();
-        const x = await up.x.readFloat32();
-        for (let tok = 0; tok < s.tokens[r]; tok++) {
-          const visits = destinations(d.inputs[r], tok, d.shape).length;
-          for (let c = 0; c < s.hidden; c++) {
-            const want = Math.fround(x[tok * s.hidden + c] * visits);
-            if (got[tok * s.hidden + c] !== toFloat32OfBF16(want)) {
-              assert.fail(`rank ${r}: token ${tok} channel ${c}: ${got[tok * s.hidden + c]} != ${want}`);
-            }
-          }
-        }
-      });
       const plan = fx.buffers[0].plan;
-      for (let r = 0; r < s.ranks; r++) {
-        const { records: got, bytes } = fx.buffers[r].networkStats();
-        const want = backend === "host" ? records[r] : 0; // the CUDA backend moves rows in one hop so far
-        assert.equal(got - before[r].records, want, `rank ${r}: network records`);
-        assert.equal(bytes - before[r].bytes, want * plan.networkRecordBytes, `rank ${r}: network bytes`);
+      // The CUDA backend moves rows in one hop so far: nothing on the network.
+      const twoHop = backend === "host";
+      const stats = () => fx.buffers.map((b) => b.networkStats());
+      const assertTraffic = (
+        before: ReturnType<typeof stats>,
+        want: (r: number) => { records: number; bytes: number },
+        what: string,
+      ) => {
+        const after = stats();
+        for (let r = 0; r < s.ranks; r++) {
+          const w = twoHop ? want(r) : { records: 0, bytes: 0 };
+          assert.equal(after[r].records - before[r].records, w.records, `rank ${r}: ${what} network records`);
+          assert.equal(after[r].bytes - before[r].bytes, w.bytes, `rank ${r}: ${what} network bytes`);
+        }
+      };
+      const ups = await fx.group.all((rank, r) => upload(rank, s, d, r));
+      try {
+        let before = stats();
+        const sent = await fx.group.all(async (_, r) => {
+          const up = ups[r];
+          const out = await fx.buffers[r].dispatch(up.x, {
+            topkIdx: up.topkIdx,
+            topkWeights: up.topkWeights,
+            numExperts: s.experts,
+          });
+          assertSameArray(bytesOf(await out.recvX.read()), expected[r].x, `rank ${r}: rows`);
+          return out;
+        });
+        assertTraffic(
+          before,
+          (r) => ({ records: records[r], bytes: records[r] * plan.networkRecordBytes }),
+          "dispatch",
+        );
+        try {
+          for (const biased of [false, true]) {
+            const chain = chainTraffic(d, ranksPerNode, biased);
+            assert.ok(ranksPerNode === 8 || chain.partials.some((n) => n > 0));
+            before = stats();
+            // The "experts" return what they received: each token comes back once per rank it
+            // visited (plus a zero bias: the starting partials travel, the values stay).
+            await fx.group.all(async (rank, r) => {
+              using zero = await Tensor.from(rank, new Uint16Array(s.tokens[r] * s.hidden), {
+                shape: [s.tokens[r], s.hidden],
+              });
+              using back = await fx.buffers[r].combine(sent[r].recvX, sent[r].handle, biased ? { bias: [zero] } : {});
+              const got = await back.combinedX.readFloat32();
+              const x = await ups[r].x.readFloat32();
+              for (let tok = 0; tok < s.tokens[r]; tok++) {
+                const visits = destinations(d.inputs[r], tok, d.shape).length;
+                for (let c = 0; c < s.hidden; c++) {
+                  const want = Math.fround(x[tok * s.hidden + c] * visits);
+                  if (got[tok * s.hidden + c] !== toFloat32OfBF16(want)) {
+                    assert.fail(`rank ${r}: token ${tok} channel ${c}: ${got[tok * s.hidden + c]} != ${want}`);
+                  }
+                }
+              }
+            });
+            assertTraffic(before, (r) => ({
+              records: chain.partials[r] + chain.results[r],
+              bytes: chain.partials[r] * plan.networkPartialBytes + chain.results[r] * plan.combineRowBytes,
+            }), biased ? "combine with a bias" : "combine");
+          }
+        } finally {
+          for (const o of sent) o[Symbol.dispose]();
+        }
+      } finally {
+        for (const u of ups) u[Symbol.dispose]();
       }
       assert.equal(plan.networkRecordBytes > 0, ranksPerNode < 8);
+      assert.equal(plan.networkPartialBytes > 0, ranksPerNode < 8);
     });
   }
 });

@@ -606,6 +606,7 @@ static sy_buffer_plan plan_to_c(const core::BufferPlan& p) {
   v.ll_message_bytes = p.ll.msg_bytes;
   v.ll_combine_row_bytes = p.ll.row_bytes;
   v.net_record_bytes = p.net_record_bytes;
+  v.net_partial_bytes = p.net_partial_bytes;
   v.net_region_bytes = p.net_region_bytes;
   return v;
 }
@@ -651,18 +652,19 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
     buf->timeout_ms = o.timeout_ms > 0 ? o.timeout_ms : g->timeout_ms;
     buf->num_sms = o.num_sms > 0 ? o.num_sms : core::default_config(R).num_sms;
     buf->masking = o.enable_masking != 0;
-    // The modelled link must carry a worst-case dispatch well within the deadline the peers wait
-    // on it with: a dispatch that cannot make it would time out every time.
+    // The modelled link must carry a worst-case dispatch or combine well within the deadline the
+    // peers wait on it with: an operation that cannot make it would time out every time. A rank
+    // puts at most one network entry per (source node, token) of its column in either.
     if (plan.nodes > 1 && (g->nic_bytes_per_second > 0 || g->nic_latency_ns > 0)) {
       const double worst_ms =
-          1e3 * ((g->nic_bytes_per_second > 0 ? double(plan.nodes - 1) * double(plan.max_tokens_per_rank) *
-                                                     double(plan.net_record_bytes) / g->nic_bytes_per_second
+          1e3 * ((g->nic_bytes_per_second > 0 ? double(plan.nodes) * double(plan.max_tokens_per_rank) *
+                                                     double(plan.net_entry_bytes) / g->nic_bytes_per_second
                                                : 0.0) +
                  double(g->nic_latency_ns) * 1e-9);
       if (2 * worst_ms > double(buf->timeout_ms)) {
         return invalid("emulatedNic",
                        "emulatedNic: the modelled link takes up to " + std::to_string(int64_t(worst_ms)) +
-                           " ms for a worst-case dispatch, over half the " + std::to_string(buf->timeout_ms) +
+                           " ms for a worst-case dispatch or combine, over half the " + std::to_string(buf->timeout_ms) +
                            " ms deadline; a faster link, a longer timeoutMs or a smaller maxTokensPerRank");
       }
     }

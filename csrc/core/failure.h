@@ -20,6 +20,7 @@ enum class WaitRole : int32_t {
   LLCombine = 9,
   DispatchNetwork = 10,
   DispatchForward = 11,
+  CombineNetwork = 12,
 };
 
 inline const char* wait_role_name(WaitRole r) {
@@ -35,6 +36,7 @@ inline const char* wait_role_name(WaitRole r) {
     case WaitRole::LLCombine: return "low-latency combine (expert outputs)";
     case WaitRole::DispatchNetwork: return "two-hop dispatch, the network hop (the source's records for this node)";
     case WaitRole::DispatchForward: return "two-hop dispatch, the hop inside the node (the forwarder's records)";
+    case WaitRole::CombineNetwork: return "two-hop combine, the network hop (partial sums and results)";
     default: return "nothing";
   }
 }

@@ -1,5 +1,7 @@
 #include "plan.h"
 
+#include <algorithm>
+
 namespace sy::core {
 
 namespace {
@@ -132,6 +134,12 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   o = align_up(o + 4 * R, kRegionAlignBytes);
   p.off_forwarded = o;
   o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_chain_start_epoch = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_chain_starts = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_chain_epoch = o;
+  o = align_up(o + 4 * R, kRegionAlignBytes);
   p.header_bytes = o;
 
   // The low-latency halves come right after the header: a backend that shares only the header
@@ -151,9 +159,14 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   o = align_up(o + p.combine_region_bytes, kRegionAlignBytes);
   if (p.nodes > 1) {
     p.net_slots = p.record_bytes;
-    p.net_record_bytes = int32_t(align_up(uint64_t(p.record_bytes) + 4 * uint64_t(ranks_per_node), kAlignBytes));
+    p.net_chain_next = p.net_slots + 4 * ranks_per_node;
+    p.net_chain_first = p.net_chain_next + 4;
+    p.net_record_bytes = int32_t(align_up(uint64_t(p.net_chain_first) + 4, kAlignBytes));
+    p.net_partial_weights = int32_t(align_up(4 * uint64_t(hidden), kAlignBytes));
+    p.net_partial_bytes = int32_t(align_up(uint64_t(p.net_partial_weights) + 4 * uint64_t(kMaxTopk), kAlignBytes));
+    p.net_entry_bytes = std::max(std::max(p.net_record_bytes, p.net_partial_bytes), p.combine_row_bytes);
     p.off_net = o;
-    p.net_region_bytes = uint64_t(p.nodes) * uint64_t(max_tokens_per_rank) * uint64_t(p.net_record_bytes);
+    p.net_region_bytes = uint64_t(p.nodes) * uint64_t(max_tokens_per_rank) * uint64_t(p.net_entry_bytes);
     o += p.net_region_bytes;
   }
   o = align_up(o, 4096);

@@ -119,17 +119,32 @@ struct BufferPlan {
   uint64_t off_forward_epoch = 0;   // u32[R]: forwarder p has delivered its forwarded records of dispatch n
   uint64_t off_forwarded = 0;       // i32[R]: records of source p a forwarder delivered here (checked
                                     // against what p announced in off_send_counts)
+  // Across nodes: the network hop of the two-hop combine (core/internode.h, "the chain").
+  uint64_t off_chain_start_epoch = 0;  // u32[R]: rank p has put the starting sums of its tokens (biases)
+  uint64_t off_chain_starts = 0;       // u32[R]: 1 when rank p's starting sums carry biases
+  uint64_t off_chain_epoch = 0;        // u32[R]: rank p has put every partial sum and result it sends here
   uint64_t header_bytes = 0;
 
   uint64_t off_dispatch = 0;
   uint64_t dispatch_region_bytes = 0;
   uint64_t off_combine = 0;
   uint64_t combine_region_bytes = 0;
-  // Network records (nodes > 1): a token record, then the slot it takes at each rank of the
-  // destination node (-1: not for that rank). [source node][max_tokens] records, from the source
-  // of each node that has this rank's local index.
+  // The network region (nodes > 1): [source node][max_tokens] entries from the rank of each node
+  // that has this rank's local index. Dispatch puts network records there (entry j: the source's
+  // j-th record for this node); combine puts partial sums and results (entry t: the source's
+  // token t). An entry is large enough for either.
+  //   network record  a token record, then the slot it takes at each rank of the destination node
+  //                   (-1: not for that rank), then the chain words: the next node the token
+  //                   visits (-1: none) and whether this node is its first
+  //   partial sum     float channels [hidden], float top-k weights [max_topk]
+  //   result          a combine row (BF16 channels, top-k weights), for the token's source
   int32_t net_record_bytes = 0;
   int32_t net_slots = 0;
+  int32_t net_chain_next = 0;
+  int32_t net_chain_first = 0;
+  int32_t net_partial_bytes = 0;
+  int32_t net_partial_weights = 0;
+  int32_t net_entry_bytes = 0;
   uint64_t off_net = 0;
   uint64_t net_region_bytes = 0;
   LowLatencyPlan ll;
@@ -144,8 +159,8 @@ struct BufferPlan {
     return off_combine + (uint64_t(src) * uint64_t(max_tokens_per_rank) + uint64_t(slot)) *
                              uint64_t(combine_row_bytes);
   }
-  uint64_t net_record_offset(int src_node, int64_t j) const {
-    return off_net + (uint64_t(src_node) * uint64_t(max_tokens_per_rank) + uint64_t(j)) * uint64_t(net_record_bytes);
+  uint64_t net_offset(int src_node, int64_t entry) const {
+    return off_net + (uint64_t(src_node) * uint64_t(max_tokens_per_rank) + uint64_t(entry)) * uint64_t(net_entry_bytes);
   }
 };
 

@@ -10,6 +10,7 @@
 //             (by source rank, then slot = the sender's token order).
 // Combine mirrors it: every received row goes back into its sender's combine region at the same
 // [source][slot], and each rank reduces its tokens in the order core/reduce.h defines.
+// Across nodes both take two hops (host_internode.cpp, core/internode.h).
 #include "host_ops.h"
 
 #include <cstring>
@@ -21,8 +22,8 @@
 #include "../core/reduce.h"
 #include "../core/internode.h"
 #include "../core/routing.h"
-#include "emulated_nic.h"
 #include "futex.h"
+#include "host_internode.h"
 #include "peers.h"
 
 namespace sy::host {
@@ -70,8 +71,6 @@ Error check_topk(const Tensor& topk, int64_t experts) {
 // Failures that every rank detects on its own need no abort; anything else leaves peers
 // waiting for us, so they are told.
 bool peers_must_be_told(const Error& e) { return e.status != SY_ERROR_PEER_FAILED && !e.peers_informed; }
-
-int32_t* i32_at(uint8_t* base, uint64_t off) { return reinterpret_cast<int32_t*>(base + off); }
 
 // Runs one rank's part of a collective stage; a failure the peers cannot see is sent to them.
 template <class Body>
@@ -123,121 +122,6 @@ Error run_layout(LayoutWork& w) {
 }
 
 namespace {
-
-// Hop 1 of the two-hop dispatch (core/internode.h): one network record per (token, destination
-// node) into the forwarder of this rank on that node, through the emulated NIC; then the record
-// counts, and the forwarders' flags. This rank's own node needs no forwarder: its records go
-// straight to the ranks they are for, with their forwarded counts.
-template <class WriteRecord>
-void send_network_records(Peers& peers, DispatchWork& w, const int32_t* slots, WriteRecord write_record) {
-  const core::BufferPlan& plan = peers.plan();
-  const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node;
-  const int my_node = core::node_of(me, P);
-  EmulatedNic nic(peers.set().network[size_t(me)], peers.set().nic);
-  std::vector<uint8_t> staged(size_t(plan.net_record_bytes));
-  auto* staged_slots = reinterpret_cast<int32_t*>(staged.data() + plan.net_slots);
-  std::vector<int32_t> records(size_t(plan.nodes), 0);
-  std::vector<int32_t> direct(size_t(P), 0);
-  for (int64_t t = 0; t < w.num_tokens; ++t) {
-    bool written = false;
-    for (int n = 0; n < plan.nodes; ++n) {
-      bool any = false;
-      for (int q = 0; q < P; ++q) {
-        staged_slots[q] = slots[t * R + n * P + q];
-        any = any || staged_slots[q] >= 0;
-      }
-      if (!any) continue;
-      if (!written) write_record(staged.data(), t);
-      written = true;
-      if (n == my_node) {
-        for (int q = 0; q < P; ++q) {
-          if (staged_slots[q] < 0) continue;
-          std::memcpy(peers.base(n * P + q) + plan.record_offset(me, staged_slots[q]), staged.data(),
-                      size_t(plan.record_bytes));
-          ++direct[q];
-        }
-        continue;
-      }
-      const int f = core::forwarder(n, me, P);
-      nic.put(peers.base(f) + plan.net_record_offset(my_node, records[n]++), staged.data(), staged.size());
-    }
-  }
-  for (int q = 0; q < P; ++q) i32_at(peers.base(my_node * P + q), plan.off_forwarded)[me] = direct[q];
-  nic.arrived();
-  for (int n = 0; n < plan.nodes; ++n) {
-    const int f = core::forwarder(n, me, P);
-    i32_at(peers.base(f), plan.off_net_counts)[me] = records[n];
-    peers.signal(f, plan.off_net_epoch);
-  }
-}
-
-// Hop 2: once the sources of this rank's local index on every node have put their records,
-// each goes to the ranks of this node it is for, at the slot its source gave it there.
-Error forward_network_records(Peers& peers) {
-  const core::BufferPlan& plan = peers.plan();
-  const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node;
-  const int my_node = core::node_of(me, P);
-  std::vector<uint8_t> sources(size_t(R), 0);
-  // The sources this rank forwards for: the rank of each node with its own local index.
-  for (int n = 0; n < plan.nodes; ++n) sources[size_t(core::forwarder(n, me, P))] = 1;
-  Peers::WaitPolicy only_sources;
-  only_sources.only = sources.data();
-  SY_TRY(peers.wait_sources(plan.off_net_epoch, core::WaitRole::DispatchNetwork, only_sources));
-  const int32_t* counts = i32_at(peers.base(me), plan.off_net_counts);
-  std::vector<int32_t> delivered(static_cast<size_t>(P), 0);
-  for (int n = 0; n < plan.nodes; ++n) {
-    const int src = core::forwarder(n, me, P);
-    if (n == my_node) continue;  // this rank itself: its own node's records went straight (hop 1)
-    std::fill(delivered.begin(), delivered.end(), 0);
-    const int32_t records = counts[src];
-    if (records < 0 || records > plan.max_tokens_per_rank) {
-      return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(me) + ": rank " + std::to_string(src) + " put " +
-                                         std::to_string(records) + " network records, more than a buffer holds");
-    }
-    for (int32_t j = 0; j < records; ++j) {
-      const uint8_t* rec = peers.base(me) + plan.net_record_offset(n, j);
-      const auto* rec_slots = reinterpret_cast<const int32_t*>(rec + plan.net_slots);
-      for (int q = 0; q < P; ++q) {
-        const int32_t slot = rec_slots[q];
-        if (slot < 0) continue;
-        // Written by another process: a slot outside the region would be a write past it.
-        if (slot >= plan.max_tokens_per_rank) {
-          return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(me) + ": network record " + std::to_string(j) +
-                                             " of rank " + std::to_string(src) + " names slot " + std::to_string(slot) +
-                                             ", beyond the " + std::to_string(plan.max_tokens_per_rank) +
-                                             " a buffer holds");
-        }
-        std::memcpy(peers.base(my_node * P + q) + plan.record_offset(src, slot), rec, size_t(plan.record_bytes));
-        ++delivered[q];
-      }
-    }
-    for (int q = 0; q < P; ++q) i32_at(peers.base(my_node * P + q), plan.off_forwarded)[src] = delivered[q];
-  }
-  for (int q = 0; q < P; ++q) peers.signal(my_node * P + q, plan.off_forward_epoch);
-  return ok();
-}
-
-// Every forwarder of this rank's node has delivered what it forwards, as many records from each
-// source as that source announced (off_send_counts, come directly).
-Error wait_forwarders(Peers& peers) {
-  const core::BufferPlan& plan = peers.plan();
-  const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node, my_node = core::node_of(me, P);
-  std::vector<uint8_t> node(size_t(R), 0);
-  for (int q = 0; q < P; ++q) node[size_t(my_node * P + q)] = 1;
-  Peers::WaitPolicy only_node;
-  only_node.only = node.data();
-  SY_TRY(peers.wait_sources(plan.off_forward_epoch, core::WaitRole::DispatchForward, only_node));
-  const int32_t* announced = i32_at(peers.base(me), plan.off_send_counts);
-  const int32_t* forwarded = i32_at(peers.base(me), plan.off_forwarded);
-  for (int s = 0; s < R; ++s) {
-    if (forwarded[s] == announced[size_t(s) * R + me]) continue;
-    return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(me) + ": rank " + std::to_string(core::forwarder(my_node, s, P)) +
-                                       " forwarded " + std::to_string(forwarded[s]) + " records of rank " +
-                                       std::to_string(s) + ", which announced " +
-                                       std::to_string(announced[size_t(s) * R + me]));
-  }
-  return ok();
-}
 
 Error notify(Peers& peers, DispatchWork& w) {
   SY_TRY(peers.wait_joined());
@@ -311,7 +195,7 @@ Error notify(Peers& peers, DispatchWork& w) {
       for (int d = 0; d < R; ++d)
         if (slots[t * R + d] >= 0) write_record(peers.base(d) + plan.record_offset(me, slots[t * R + d]), t);
   } else {
-    send_network_records(peers, w, slots, write_record);
+    send_network_records(peers, T, slots, write_record);
   }
 
   for (int d = 0; d < R; ++d) {
@@ -323,7 +207,7 @@ Error notify(Peers& peers, DispatchWork& w) {
     }
     peers.signal(d, plan.off_dispatch_epoch);
   }
-  if (plan.nodes > 1) SY_TRY(forward_network_records(peers));
+  if (plan.nodes > 1) SY_TRY(forward_network_records(peers, h));
   SY_TRY(peers.wait_all(plan.off_dispatch_epoch, core::WaitRole::DispatchNotify));
   if (plan.nodes > 1) SY_TRY(wait_forwarders(peers));
 
@@ -536,14 +420,17 @@ Error combine_body(Peers& peers, CombineWork& w) {
   const auto* exp_row = h.expanded_row ? reinterpret_cast<const int32_t*>(h.expanded_row->data()) : nullptr;
   std::vector<float> acc(static_cast<size_t>(H));
 
-  // Send every received row back to its sender, at the slot it came from.
+  // Send every received row back towards its sender, at the slot it came from: to the sender
+  // itself on one node, across nodes to the sender's forwarder on this node (core/internode.h).
+  const int P = plan.ranks_per_node;
   for (int p = 0; p < R; ++p) {
     auto column = [&](int i) { return prefix[size_t(i) * R + me]; };
     const int64_t start = core::compact_row(column, p, 0);
     const int64_t count = core::rows_from(column, p);
+    const int to = core::forwarder(core::node_of(me, P), p, P);
     for (int64_t j = 0; j < count; ++j) {
       const int64_t n = start + j;
-      uint8_t* dst = peers.base(p) + plan.combine_row_offset(me, j);
+      uint8_t* dst = peers.base(to) + plan.combine_row_offset(core::forwarded_row_index(p, me, P), j);
       if (h.layout == SY_LAYOUT_COMPACT) {
         std::memcpy(dst + plan.row_payload, w.x->element(n), size_t(H) * 2);
       } else {
@@ -560,7 +447,11 @@ Error combine_body(Peers& peers, CombineWork& w) {
       auto* wdst = reinterpret_cast<float*>(dst + plan.row_topk_weights);
       for (int k = 0; k < w.topk; ++k) wdst[k] = load_f32(*w.topk_weights, n, k);
     }
-    peers.signal(p, plan.off_combine_epoch);
+    if (plan.nodes == 1) peers.signal(p, plan.off_combine_epoch);
+  }
+  if (plan.nodes > 1) {
+    for (int q = 0; q < P; ++q) peers.signal(core::node_of(me, P) * P + q, plan.off_combine_epoch);
+    return combine_across_nodes(peers, w);
   }
   SY_TRY(peers.wait_all(plan.off_combine_epoch, core::WaitRole::CombineNotify));
 

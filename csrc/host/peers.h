@@ -66,6 +66,9 @@ class Peers {
   uint32_t epoch_;
 };
 
+// The i32 array at `off` of a buffer mapped at `base`.
+inline int32_t* i32_at(uint8_t* base, uint64_t off) { return reinterpret_cast<int32_t*>(base + off); }
+
 // Epochs wrap around; "a has reached b" is a signed comparison of the difference.
 inline bool epoch_reached(uint32_t value, uint32_t epoch) { return int32_t(value - epoch) >= 0; }
 

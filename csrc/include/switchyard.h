@@ -88,7 +88,8 @@ typedef enum sy_wait_role {
   SY_WAIT_LL_DISPATCH = 8,      /* low-latency dispatch receive: the peer's messages */
   SY_WAIT_LL_COMBINE = 9,       /* low-latency combine receive: the peer's expert outputs */
   SY_WAIT_DISPATCH_NETWORK = 10, /* two-hop dispatch: the source had not put its network records */
-  SY_WAIT_DISPATCH_FORWARD = 11  /* two-hop dispatch: the forwarder had not delivered its node's records */
+  SY_WAIT_DISPATCH_FORWARD = 11, /* two-hop dispatch: the forwarder had not delivered its node's records */
+  SY_WAIT_COMBINE_NETWORK = 12   /* two-hop combine: the rank had not put its partial sums or results */
 } sy_wait_role;
 
 typedef enum sy_dispatch_layout {
@@ -361,8 +362,8 @@ typedef struct sy_buffer_plan {
   int32_t ll_message_bytes;          /* one low-latency dispatch message */
   int32_t ll_combine_row_bytes;      /* one low-latency combine row */
   int32_t net_record_bytes;          /* one network record of the two-hop dispatch, 0 on one node */
-  int32_t reserved;
-  uint64_t net_region_bytes;         /* the network records' region, 0 on one node */
+  int32_t net_partial_bytes;         /* one partial sum of the two-hop combine, 0 on one node */
+  uint64_t net_region_bytes;         /* the network region of the two hops, 0 on one node */
 } sy_buffer_plan;
 
 /* Buffer size hint: what a buffer with these options allocates per rank. */
