@@ -47,6 +47,7 @@ export {
   type DispatchOptions,
   EpBuffer,
   type EpBufferOptions,
+  type InternodeReduction,
   type LayoutOptions,
   type LowLatencyCombineOptions,
   type LowLatencyDispatchOptions,
@@ -61,7 +62,14 @@ export {
 } from "./src/low_latency.ts";
 export { DispatchHandle, type HandleInfo } from "./src/handle.ts";
 export { CombineResult, DispatchLayout, type DispatchParts, DispatchResult } from "./src/results.ts";
-export { type BufferPlan, bufferSizeHint, type BufferSizeQuery, type Config, defaultConfig } from "./src/config.ts";
+export {
+  type BufferPlan,
+  bufferSizeHint,
+  type BufferSizeQuery,
+  type Config,
+  defaultConfig,
+  type InternodePath,
+} from "./src/config.ts";
 export { type BackendInfo, backendInfo } from "./src/backend.ts";
 export {
   type DType,

@@ -254,7 +254,7 @@ export const BufferOptions = new StructLayout(
     ["ll_num_experts", "i32"],
     ["enable_masking", "u32"],
     ["ranks_per_node", "i32"],
-    ["reserved", "i32"],
+    ["internode_path", "i32"],
   ] as const,
 );
 
@@ -370,7 +370,7 @@ export const CombineArgs = new StructLayout(
   "sy_combine_args",
   [
     ["struct_size", "u32"],
-    ["reserved", "u32"],
+    ["internode_reduction", "u32"],
     ["x", "ptr"],
     ["handle", "ptr"],
     ["topk_weights", "ptr"],
@@ -521,7 +521,7 @@ export const BufferShare = new StructLayout(
     ["bytes", "u64"],
     ["name", "chars:256"],
     ["ranks_per_node", "i32"],
-    ["reserved", "i32"],
+    ["internode_path", "i32"],
   ] as const,
 );
 

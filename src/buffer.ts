@@ -21,12 +21,22 @@ import {
   LLDispatchResult as LLDispatchStruct,
 } from "../ffi/structs.ts";
 import { LLFlags, Operation, Status } from "../ffi/symbols.ts";
-import { type BufferPlan, planFromStruct } from "./config.ts";
+import { type BufferPlan, INTERNODE_PATHS, type InternodePath, planFromStruct } from "./config.ts";
 import { LowLatencyCombineResult, LowLatencyDispatchResult, LowLatencyHandle, RecvHook } from "./low_latency.ts";
 import { SwitchyardError } from "./errors.ts";
 import { Event } from "./event.ts";
 import { DispatchHandle } from "./handle.ts";
-import { Borrowed, check, errorFor, instanceArg, integerArg, native, NativeResource, OutHandle } from "./native.ts";
+import {
+  Borrowed,
+  check,
+  choiceArg,
+  errorFor,
+  instanceArg,
+  integerArg,
+  native,
+  NativeResource,
+  OutHandle,
+} from "./native.ts";
 import type { Rank } from "./rank.ts";
 import { CombineResult, DispatchLayout, DispatchResult } from "./results.ts";
 import { Stream } from "./stream.ts";
@@ -46,7 +56,19 @@ export interface EpBufferOptions {
   readonly lowLatency?: { readonly numExperts: number };
   /** Rank masking: masked ranks are skipped, and a rank missing at a low-latency deadline is masked. */
   readonly enableMasking?: boolean;
+  /**
+   * How the normal mode crosses nodes (groups with `ranksPerNode`): `"two-hop"` (default) sends a
+   * token once per destination node, to the rank there with the sender's local index, which
+   * forwards it inside its node; `"direct"` sends it once per destination rank, the baseline the
+   * two hops save network bytes on. Every rank must pass the same.
+   */
+  readonly internodePath?: InternodePath;
 }
+
+/** How a two-hop combine reduces across nodes: see {@linkcode CombineOptions.internodeReduction}. */
+export type InternodeReduction = "chain" | "hierarchical";
+/** The `sy_internode_reduction` values, in order. */
+export const INTERNODE_REDUCTIONS: readonly InternodeReduction[] = ["chain", "hierarchical"];
 
 /** Options of {@linkcode EpBuffer.lowLatencyDispatch}. */
 export interface LowLatencyDispatchOptions {
@@ -142,6 +164,14 @@ export interface CombineOptions extends StreamOptions {
   readonly bias?: Tensor | readonly [Tensor] | readonly [Tensor, Tensor];
   /** `[T, hidden]` bf16 tensor to write into. */
   readonly out?: Tensor;
+  /**
+   * Across nodes, in two hops: `"chain"` (default) passes each token's float32 sum from node to
+   * node in ascending order, so the result is the one-node result bit for bit whatever the
+   * split; `"hierarchical"` (DeepEP's way) has every node send one BF16 partial home at once:
+   * half the bytes per partial and one network latency, results that depend on the split.
+   * Every rank must pass the same. The host backend only; the CUDA backend combines in one hop.
+   */
+  readonly internodeReduction?: InternodeReduction;
 }
 
 function optionalTensor(name: string, t: unknown, held: Borrowed): Deno.PointerObject | null {
@@ -247,7 +277,8 @@ export class EpBuffer extends NativeResource {
       .set("num_sms", integerArg("numSms", options.numSms ?? 0, 0, 1024))
       .set("timeout_ms", integerArg("timeoutMs", options.timeoutMs ?? 0, 0, 2 ** 40))
       .set("ll_num_experts", lowLatencyExperts(options.lowLatency))
-      .set("enable_masking", flag("enableMasking", options.enableMasking));
+      .set("enable_masking", flag("enableMasking", options.enableMasking))
+      .set("internode_path", choiceArg("internodePath", options.internodePath, INTERNODE_PATHS));
     const out = new OutHandle();
     check(native().sy_buffer_create(rank.pointer, opts.bytes, out.cell), rank.pointer, "buffer create");
     return new EpBuffer(out.take(), rank, options);
@@ -282,6 +313,7 @@ export class EpBuffer extends NativeResource {
       bytes: s.number("bytes"),
       name: s.string("name"),
       ranksPerNode: s.number("ranks_per_node"),
+      internodePath: s.number("internode_path"),
     });
   }
 
@@ -299,7 +331,8 @@ export class EpBuffer extends NativeResource {
       .set("max_tokens_per_rank", integerArg("share.maxTokensPerRank", v.maxTokensPerRank, 0, 2 ** 31 - 1))
       .set("ll_num_experts", integerArg("share.lowLatencyExperts", v.lowLatencyExperts, 0, 2 ** 31 - 1))
       .set("bytes", BigInt(integerArg("share.bytes", v.bytes, 0, Number.MAX_SAFE_INTEGER)))
-      .set("ranks_per_node", integerArg("share.ranksPerNode", v.ranksPerNode, 1, 2 ** 31 - 1));
+      .set("ranks_per_node", integerArg("share.ranksPerNode", v.ranksPerNode, 1, 2 ** 31 - 1))
+      .set("internode_path", integerArg("share.internodePath", v.internodePath ?? 0, 0, INTERNODE_PATHS.length - 1));
     if (typeof v.name !== "string" || v.name.length >= 256) {
       throw new SwitchyardError("INVALID_ARGUMENT", "share.name: expected a segment name", { argument: "share.name" });
     }
@@ -439,6 +472,7 @@ export class EpBuffer extends NativeResource {
     // Inputs taken now, refusals told to the peers: as in dispatch().
     return this.#call(Operation.COMBINE, (held) => {
       const o = optionsObject("options", options ?? {}) as CombineOptions;
+      const reduction = choiceArg("internodeReduction", o.internodeReduction, INTERNODE_REDUCTIONS);
       const bias = o.bias === undefined ? [] : o.bias instanceof Tensor ? [o.bias] : [...o.bias];
       if (bias.length > 2) {
         throw new SwitchyardError("INVALID_ARGUMENT", "bias: at most two bias tensors", { argument: "bias" });
@@ -449,7 +483,8 @@ export class EpBuffer extends NativeResource {
         .setPointer("topk_weights", optionalTensor("topkWeights", o.topkWeights, held))
         .setPointer("bias0", optionalTensor("bias", bias[0], held))
         .setPointer("bias1", optionalTensor("bias", bias[1], held))
-        .setPointer("out", optionalTensor("out", o.out, held));
+        .setPointer("out", optionalTensor("out", o.out, held))
+        .set("internode_reduction", reduction);
       setStreamOptions(args, this.rank, o, held);
       return args;
     }, (args) => {

@@ -5,7 +5,12 @@
  */
 
 import { BufferOptions, BufferPlan as PlanStruct, ConfigStruct } from "../ffi/structs.ts";
-import { check, integerArg, native } from "./native.ts";
+import { check, choiceArg, integerArg, native } from "./native.ts";
+
+/** How the normal mode crosses nodes: see `EpBufferOptions.internodePath`. */
+export type InternodePath = "two-hop" | "direct";
+/** The `sy_internode_path` values, in order. */
+export const INTERNODE_PATHS: readonly InternodePath[] = ["two-hop", "direct"];
 
 /** Kernel tuning: SM budget and chunk sizes (tokens). */
 export interface Config {
@@ -101,6 +106,8 @@ export interface BufferSizeQuery {
   readonly lowLatencyExperts?: number;
   /** Ranks per node (default: one node): across nodes a buffer also holds the network records. */
   readonly ranksPerNode?: number;
+  /** How the buffer crosses nodes (default two hops; direct needs no network region). */
+  readonly internodePath?: InternodePath;
 }
 
 /** How much memory a buffer with these settings takes per rank (the library's own plan). */
@@ -110,7 +117,8 @@ export function bufferSizeHint(query: BufferSizeQuery): BufferPlan {
     .set("max_tokens_per_rank", integerArg("maxTokensPerRank", query.maxTokensPerRank, 1, 2 ** 31 - 1))
     .set("ll_num_experts", integerArg("lowLatencyExperts", query.lowLatencyExperts ?? 0, 0, 2 ** 31 - 1));
   const ranks = integerArg("ranks", query.ranks, 1, 1024);
-  opts.set("ranks_per_node", integerArg("ranksPerNode", query.ranksPerNode ?? ranks, 1, ranks));
+  opts.set("ranks_per_node", integerArg("ranksPerNode", query.ranksPerNode ?? ranks, 1, ranks))
+    .set("internode_path", choiceArg("internodePath", query.internodePath, INTERNODE_PATHS));
   const out = PlanStruct.create();
   check(
     native().sy_plan_buffer(opts.bytes, ranks, out.bytes),

@@ -214,6 +214,26 @@ export function integerArg(name: string, value: unknown, min: number, max: numbe
   return value;
 }
 
+/**
+ * Validates a string argument that names one of `choices` (undefined: the first) and returns its
+ * index, the value the C ABI's enum gives it.
+ */
+export function choiceArg(name: string, value: unknown, choices: readonly string[]): number {
+  if (value === undefined) return 0;
+  const i = typeof value === "string" ? choices.indexOf(value) : -1;
+  if (i < 0) {
+    const got = typeof value === "string" ? JSON.stringify(value) : String(value);
+    throw new SwitchyardError(
+      "INVALID_ARGUMENT",
+      `${name}: expected ${choices.map((c) => `"${c}"`).join(" or ")}, got ${got}`,
+      {
+        argument: name,
+      },
+    );
+  }
+  return i;
+}
+
 /** Validates that `value` is an instance of `type` (and names the argument if not). */
 export function instanceArg<T>(
   name: string,

@@ -14,6 +14,7 @@ import {
   orderSensitiveBF16,
   orderSensitiveFloats,
   type Scenario,
+  testBackend,
   upload,
 } from "./helpers.ts";
 import {
@@ -25,13 +26,20 @@ import {
   referenceCombineWeights,
   referenceDispatch,
   referenceExpanded,
+  referenceHierarchicalCombine,
 } from "./reference.ts";
 
 function tokensFor(ranks: number, base: number, seed: number): number[] {
   return Array.from({ length: ranks }, (_, r) => base + ((seed * 5 + r * 11) % 13));
 }
 
-async function checkCombine(s: Scenario, biases: number, ranksPerNode?: number): Promise<void> {
+/** Across nodes of `ranksPerNode`, reducing as `internodeReduction` says (the reference follows). */
+interface Across {
+  readonly ranksPerNode: number;
+  readonly internodeReduction?: "chain" | "hierarchical";
+}
+
+async function checkCombine(s: Scenario, biases: number, across?: Across): Promise<void> {
   const d = generate(s);
   const expected = referenceDispatch(d.inputs, d.shape);
   const H = s.hidden, K = s.topk;
@@ -43,10 +51,15 @@ async function checkCombine(s: Scenario, biases: number, ranksPerNode?: number):
     { length: biases },
     (_, b) => s.tokens.map((T, r) => orderSensitiveBF16(T * H, 500 + 10 * b + r)),
   );
-  const want = referenceCombine(expected, returned, H, s.tokens, bias);
-  const wantWeights = referenceCombineWeights(expected, returnedWeights, K, s.tokens);
+  const hierarchical = across?.internodeReduction === "hierarchical";
+  const { rows: want, weights: wantWeights } = hierarchical
+    ? referenceHierarchicalCombine(expected, returned, returnedWeights, H, K, s.tokens, bias, across.ranksPerNode)
+    : {
+      rows: referenceCombine(expected, returned, H, s.tokens, bias),
+      weights: referenceCombineWeights(expected, returnedWeights, K, s.tokens),
+    };
 
-  using fx = await fixture(s.ranks, H, Math.max(...s.tokens), 20000, {}, ranksPerNode);
+  using fx = await fixture(s.ranks, H, Math.max(...s.tokens), 20000, {}, across?.ranksPerNode);
   await fx.group.all(async (rank, r) => {
     using up = await upload(rank, s, d, r);
     using sent = await fx.buffers[r].dispatch(up.x, {
@@ -62,6 +75,7 @@ async function checkCombine(s: Scenario, biases: number, ranksPerNode?: number):
       using back = await fx.buffers[r].combine(y, sent.handle, {
         topkWeights: w,
         bias: biasTensors as [Tensor] | [Tensor, Tensor],
+        internodeReduction: across?.internodeReduction,
       });
       assert.deepEqual(back.combinedX.shape, [s.tokens[r], H]);
       assertSameArray(await back.combinedX.read(), want[r], `rank ${r}: combined rows`);
@@ -110,7 +124,32 @@ Deno.test("across nodes, combine is the one-node reference bit for bit: 8 ranks 
             drop: 0.15,
           },
           biases,
-          ranksPerNode,
+          { ranksPerNode },
+        ));
+    }
+  }
+});
+
+Deno.test({
+  name: "across nodes, hierarchical combine: one BF16 partial per node, the hierarchical reference bit for bit",
+  ignore: testBackend() !== "host", // the CUDA backend combines in one hop (refused: topology_test)
+}, async (t) => {
+  // Rows whose per-node sums round: a reference that reduced in one pass would differ.
+  for (const ranksPerNode of [4, 2, 1]) {
+    for (const biases of [0, 2]) {
+      await t.step(`8 ranks in nodes of ${ranksPerNode}, ${biases} biases`, () =>
+        checkCombine(
+          {
+            ranks: 8,
+            tokens: tokensFor(8, 23, ranksPerNode + biases),
+            hidden: 128,
+            experts: 32,
+            topk: 6,
+            seed: 50 + ranksPerNode + biases,
+            drop: 0.15,
+          },
+          biases,
+          { ranksPerNode, internodeReduction: "hierarchical" },
         ));
     }
   }

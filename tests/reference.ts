@@ -300,6 +300,66 @@ export function referenceCombine(
   });
 }
 
+/**
+ * Hierarchical combine across nodes of `ranksPerNode` (DeepEP's way): each node sums the returned
+ * rows of its ranks, ascending, in float32 from zero and rounds once to BF16; the source then sums
+ * bias0, bias1 and those partials in node order in float32 and rounds again. The top-k weights
+ * likewise, with float32 partials. Returns the rows and the weights.
+ */
+export function referenceHierarchicalCombine(
+  expectations: readonly CompactExpectation[],
+  returned: readonly Uint16Array[],
+  returnedWeights: readonly Float32Array[],
+  hidden: number,
+  k: number,
+  tokensPerRank: readonly number[],
+  bias: readonly (readonly Uint16Array[])[],
+  ranksPerNode: number,
+): { rows: Uint16Array[]; weights: Float32Array[] } {
+  const R = expectations.length, N = R / ranksPerNode;
+  const rows: Uint16Array[] = [], weights: Float32Array[] = [];
+  for (let s = 0; s < R; s++) {
+    const T = tokensPerRank[s];
+    // Per node: the float partials of every token of s, and whether the node saw it.
+    const part = Array.from({ length: N }, () => new Float32Array(T * hidden));
+    const partW = Array.from({ length: N }, () => new Float32Array(T * k));
+    const seen = Array.from({ length: N }, () => new Uint8Array(T));
+    for (let r = 0; r < R; r++) {
+      const node = Math.floor(r / ranksPerNode);
+      expectations[r].rows.forEach(({ src, token }, n) => {
+        if (src !== s) return;
+        seen[node][token] = 1;
+        for (let c = 0; c < hidden; c++) {
+          part[node][token * hidden + c] = addF32(
+            part[node][token * hidden + c],
+            bf16Value(returned[r][n * hidden + c]),
+          );
+        }
+        for (let j = 0; j < k; j++) {
+          partW[node][token * k + j] = addF32(partW[node][token * k + j], returnedWeights[r][n * k + j]);
+        }
+      });
+    }
+    const acc = new Float32Array(T * hidden), accW = new Float32Array(T * k);
+    for (const b of bias) for (let i = 0; i < T * hidden; i++) acc[i] = addF32(acc[i], bf16Value(b[s][i]));
+    for (let node = 0; node < N; node++) {
+      for (let t = 0; t < T; t++) {
+        if (!seen[node][t]) continue;
+        for (let c = 0; c < hidden; c++) {
+          const i = t * hidden + c;
+          acc[i] = addF32(acc[i], bf16Value(bf16Round(part[node][i])));
+        }
+        for (let j = 0; j < k; j++) accW[t * k + j] = addF32(accW[t * k + j], partW[node][t * k + j]);
+      }
+    }
+    const out = new Uint16Array(T * hidden);
+    for (let i = 0; i < out.length; i++) out[i] = bf16Round(acc[i]);
+    rows.push(out);
+    weights.push(accW);
+  }
+  return { rows, weights };
+}
+
 /** Combined top-k weights: the returned weights summed over ranks ascending, in float32. */
 export function referenceCombineWeights(
   expectations: readonly CompactExpectation[],

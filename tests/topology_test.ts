@@ -5,7 +5,13 @@
  */
 
 import assert from "node:assert/strict";
-import { GroupOptions, LayoutArgs, LayoutResult } from "../ffi/structs.ts";
+import {
+  BufferOptions,
+  BufferPlan as BufferPlanStruct,
+  GroupOptions,
+  LayoutArgs,
+  LayoutResult,
+} from "../ffi/structs.ts";
 import { Group, SwitchyardError, Tensor, toBF16 } from "../mod.ts";
 import { readDistEnv } from "../src/dist_env.ts";
 import { Status } from "../ffi/symbols.ts";
@@ -140,13 +146,19 @@ interface ChainTraffic {
 }
 
 /**
- * The chain's network traffic, counted from the routing alone (core/internode.h): each token's
- * float partial goes from node to node in ascending order, the last node sends the BF16 result
- * home unless home is that node, and with biases the source sends the starting partial to the
- * first node unless that is its own. The rank of node k that carries source s's tokens is the
- * one with s's local index.
+ * A two-hop combine's network traffic, counted from the routing alone (core/internode.h). The
+ * chain: each token's float partial goes from node to node in ascending order, the last node
+ * sends the BF16 result home unless home is that node, and with biases the source sends the
+ * starting partial to the first node unless that is its own. Hierarchical: every node but home
+ * sends one BF16 partial home. The rank of node k that carries source s's tokens is the one with
+ * s's local index.
  */
-function chainTraffic(d: ReturnType<typeof generate>, ranksPerNode: number, biased: boolean): ChainTraffic {
+function combineTraffic(
+  d: ReturnType<typeof generate>,
+  ranksPerNode: number,
+  reduction: "chain" | "hierarchical",
+  biased: boolean,
+): ChainTraffic {
   const R = d.inputs.length;
   const traffic: ChainTraffic = { partials: new Array(R).fill(0), results: new Array(R).fill(0) };
   const column = (node: number, s: number) => node * ranksPerNode + (s % ranksPerNode);
@@ -156,6 +168,11 @@ function chainTraffic(d: ReturnType<typeof generate>, ranksPerNode: number, bias
       const nodes = [...new Set(destinations(input, t, d.shape).map((r) => Math.floor(r / ranksPerNode)))]
         .sort((a, b) => a - b);
       if (nodes.length === 0) continue;
+      if (reduction === "hierarchical") {
+        // Every other node sends its BF16 partial home, as a combine row.
+        for (const node of nodes) if (node !== home) traffic.results[column(node, s)]++;
+        continue;
+      }
       if (biased && nodes[0] !== home) traffic.partials[s]++;
       for (let i = 0; i + 1 < nodes.length; i++) traffic.partials[column(nodes[i], s)]++;
       if (nodes[nodes.length - 1] !== home) traffic.results[column(nodes[nodes.length - 1], s)]++;
@@ -227,18 +244,25 @@ Deno.test("two hops: dispatch puts one record per (token, other node) on the net
           "dispatch",
         );
         try {
-          for (const biased of [false, true]) {
-            const chain = chainTraffic(d, ranksPerNode, biased);
-            assert.ok(ranksPerNode === 8 || chain.partials.some((n) => n > 0));
+          const variants = [["chain", false], ["chain", true], ["hierarchical", false]] as const;
+          for (const [internodeReduction, biased] of variants) {
+            if (internodeReduction === "hierarchical" && !twoHop) continue; // refused: one hop (below)
+            const chain = combineTraffic(d, ranksPerNode, internodeReduction, biased);
+            assert.ok(ranksPerNode === 8 || chain.results.some((n) => n > 0));
             before = stats();
             // The "experts" return what they received: each token comes back once per rank it
-            // visited (plus a zero bias: the starting partials travel, the values stay).
+            // visited (plus a zero bias: the starting partials travel, the values stay). The
+            // hierarchical combine rounds per node: combine_test checks its values.
             await fx.group.all(async (rank, r) => {
               using zero = await Tensor.from(rank, new Uint16Array(s.tokens[r] * s.hidden), {
                 shape: [s.tokens[r], s.hidden],
               });
-              using back = await fx.buffers[r].combine(sent[r].recvX, sent[r].handle, biased ? { bias: [zero] } : {});
-              const got = await back.combinedX.readFloat32();
+              using back = await fx.buffers[r].combine(sent[r].recvX, sent[r].handle, {
+                internodeReduction,
+                ...(biased ? { bias: [zero] } : {}),
+              });
+              const got = await back.combinedX.readFloat32(); // the operation is done once it is read
+              if (internodeReduction === "hierarchical") return;
               const x = await ups[r].x.readFloat32();
               for (let tok = 0; tok < s.tokens[r]; tok++) {
                 const visits = destinations(d.inputs[r], tok, d.shape).length;
@@ -253,7 +277,7 @@ Deno.test("two hops: dispatch puts one record per (token, other node) on the net
             assertTraffic(before, (r) => ({
               records: chain.partials[r] + chain.results[r],
               bytes: chain.partials[r] * plan.networkPartialBytes + chain.results[r] * plan.combineRowBytes,
-            }), biased ? "combine with a bias" : "combine");
+            }), `${internodeReduction} combine${biased ? " with a bias" : ""}`);
           }
         } finally {
           for (const o of sent) o[Symbol.dispose]();
@@ -265,6 +289,153 @@ Deno.test("two hops: dispatch puts one record per (token, other node) on the net
       assert.equal(plan.networkPartialBytes > 0, ranksPerNode < 8);
     });
   }
+});
+
+Deno.test("the direct path across nodes: the one-node results, one record per (token, rank of another node)", async () => {
+  const s: Scenario = {
+    ranks: 8,
+    tokens: [31, 7, 0, 25, 40, 12, 33, 19],
+    hidden: 96,
+    experts: 32,
+    topk: 5,
+    seed: 11,
+    drop: 0.1,
+    ranksPerNode: 4,
+  };
+  const d = generate(s);
+  const expected = referenceDispatch(d.inputs, d.shape);
+  const node = (r: number) => Math.floor(r / 4);
+  // Counted from the routing alone: a record per (token, destination on another node); back, a
+  // row per received token whose source is on another node.
+  const records = d.inputs.map((input, src) => {
+    let n = 0;
+    for (let t = 0; t < input.tokens; t++) {
+      n += destinations(input, t, d.shape).filter((r) => node(r) !== node(src)).length;
+    }
+    return n;
+  });
+  const rows = expected.map((e, r) => e.rows.filter((row) => node(row.src) !== node(r)).length);
+  assert.ok(records.some((n) => n > 0) && rows.some((n) => n > 0));
+  using group = Group.local({ ranks: 8, ranksPerNode: 4, backend });
+  const buffers = await group.createBuffers({ hidden: s.hidden, maxTokensPerRank: 40, internodePath: "direct" });
+  try {
+    const plan = buffers[0].plan;
+    assert.equal(plan.networkRegionBytes, 0);
+    assert.equal(plan.networkRecordBytes, 0);
+    const twoHop = backend === "host"; // the CUDA backend moves rows in one hop, with no NIC
+    const counted = (want: number[], bytes: number, before: { records: number; bytes: number }[], what: string) => {
+      buffers.forEach((b, r) => {
+        const now = b.networkStats();
+        assert.equal(now.records - before[r].records, twoHop ? want[r] : 0, `rank ${r}: ${what} records`);
+        assert.equal(now.bytes - before[r].bytes, twoHop ? want[r] * bytes : 0, `rank ${r}: ${what} bytes`);
+      });
+    };
+    const ups = await group.all((rank, r) => upload(rank, s, d, r));
+    try {
+      let before = buffers.map((b) => b.networkStats());
+      const sent = await group.all(async (_, r) => {
+        const out = await buffers[r].dispatch(ups[r].x, {
+          topkIdx: ups[r].topkIdx,
+          topkWeights: ups[r].topkWeights,
+          numExperts: s.experts,
+        });
+        assertSameArray(bytesOf(await out.recvX.read()), expected[r].x, `rank ${r}: rows`);
+        return out;
+      });
+      counted(records, plan.recordBytes, before, "dispatch");
+      before = buffers.map((b) => b.networkStats());
+      await group.all(async (_, r) => {
+        using back = await buffers[r].combine(sent[r].recvX, sent[r].handle);
+        const got = await back.combinedX.readFloat32();
+        const x = await ups[r].x.readFloat32();
+        for (let tok = 0; tok < s.tokens[r]; tok++) {
+          const visits = destinations(d.inputs[r], tok, d.shape).length;
+          for (let c = 0; c < s.hidden; c++) {
+            const want = toFloat32OfBF16(Math.fround(x[tok * s.hidden + c] * visits));
+            if (got[tok * s.hidden + c] !== want) assert.fail(`rank ${r}: token ${tok} channel ${c}`);
+          }
+        }
+        sent[r][Symbol.dispose]();
+      });
+      counted(rows, plan.combineRowBytes, before, "combine");
+    } finally {
+      for (const u of ups) u[Symbol.dispose]();
+    }
+  } finally {
+    for (const b of buffers) b[Symbol.dispose]();
+  }
+});
+
+Deno.test("across nodes, the path and the reduction are checked on both sides of the FFI and across ranks", async (t) => {
+  await t.step("refused by the binding: an unknown path or reduction", async () => {
+    using group = Group.local({ ranks: 4, ranksPerNode: 2, backend });
+    assert.throws(
+      () => group.ranks[0].createBuffer({ hidden: 64, maxTokensPerRank: 4, internodePath: "sideways" as "direct" }),
+      (e) => refusal(e, "internodePath"),
+    );
+    const buffers = await group.createBuffers({ hidden: 64, maxTokensPerRank: 4 });
+    try {
+      await assert.rejects(
+        // The options are checked before the tensors.
+        // deno-lint-ignore no-explicit-any
+        () => buffers[0].combine(null as any, null as any, { internodeReduction: "flat" as "chain" }),
+        (e) => refusal(e, "internodeReduction"),
+      );
+    } finally {
+      for (const b of buffers) b[Symbol.dispose]();
+    }
+  });
+  await t.step("refused by the C ABI itself, naming the argument", () => {
+    const opts = BufferOptions.create().set("hidden", 64).set("max_tokens_per_rank", 4).set("ranks_per_node", 2)
+      .set("internode_path", 2);
+    assert.throws(
+      () => check(native().sy_plan_buffer(opts.bytes, 4, BufferPlanStruct.create().bytes), null, "sy_plan_buffer"),
+      (e) => refusal(e, "internodePath"),
+    );
+  });
+  await t.step("ranks whose buffers cross nodes differently are refused, naming the option", () => {
+    using group = Group.local({ ranks: 4, ranksPerNode: 2, backend });
+    using first = group.ranks[0].createBuffer({ hidden: 64, maxTokensPerRank: 4, internodePath: "direct" });
+    assert.throws(
+      () => group.ranks[1].createBuffer({ hidden: 64, maxTokensPerRank: 4 }),
+      (e) => refusal(e, "internodePath"),
+    );
+    assert.ok(first);
+  });
+  await t.step(
+    backend === "host"
+      ? "a combine whose ranks reduce differently fails on every rank, naming the reductions; the next works"
+      : "the CUDA backend refuses the hierarchical reduction across nodes (it combines in one hop)",
+    async () => {
+      const s: Scenario = { ranks: 4, tokens: [6, 5, 4, 3], hidden: 64, experts: 8, topk: 2, seed: 9, ranksPerNode: 2 };
+      const d = generate(s);
+      using fx = await fixture(4, 64, 8, 5000, {}, 2);
+      await fx.group.all(async (rank, r) => {
+        using up = await upload(rank, s, d, r);
+        using sent = await fx.buffers[r].dispatch(up.x, {
+          topkIdx: up.topkIdx,
+          topkWeights: up.topkWeights,
+          numExperts: s.experts,
+        });
+        const internodeReduction = r === 3 ? "hierarchical" : "chain";
+        // A collective's failure surfaces where its result is read.
+        const err = await (async () => {
+          using back = await fx.buffers[r].combine(sent.recvX, sent.handle, { internodeReduction });
+          await back.combinedX.read();
+        })().then(() => undefined, (e) => e);
+        if (backend === "host") {
+          assert.ok(err instanceof SwitchyardError, `rank ${r}: ${err}`);
+          assert.match(err.message, /reductions across nodes/);
+        } else if (r === 3) {
+          assert.ok(err instanceof SwitchyardError && err.code === "UNSUPPORTED", `rank ${r}: ${err}`);
+        } else {
+          assert.ok(err instanceof SwitchyardError && err.code === "PEER_FAILED", `rank ${r}: ${err}`);
+        }
+        using again = await fx.buffers[r].combine(sent.recvX, sent.handle);
+        await again.combinedX.read();
+      });
+    },
+  );
 });
 
 Deno.test("the emulated NIC's link model: the network hop takes what its bytes and latency say", async (t) => {

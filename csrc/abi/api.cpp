@@ -611,13 +611,21 @@ static sy_buffer_plan plan_to_c(const core::BufferPlan& p) {
   return v;
 }
 
+static Error check_internode_path(const sy_buffer_options& o) {
+  if (o.internode_path == SY_INTERNODE_TWO_HOP || o.internode_path == SY_INTERNODE_DIRECT) return ok();
+  return invalid("internodePath", "internodePath: expected 0 (two hops) or 1 (direct), got " +
+                                      std::to_string(o.internode_path));
+}
+
 SY_API sy_status sy_plan_buffer(const sy_buffer_options* options, int32_t ranks,
                                 sy_buffer_plan* out) {
   return guarded(nullptr, [&]() -> Error {
     sy_buffer_options o;
     SY_TRY(read_struct(options, "options", &o, SY_BUFFER_OPTIONS_V1_SIZE));
     core::BufferPlan p;
-    SY_TRY(from_problem(core::plan_buffer(ranks, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &p, o.ranks_per_node)));
+    SY_TRY(check_internode_path(o));
+    SY_TRY(from_problem(core::plan_buffer(ranks, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &p, o.ranks_per_node,
+                                          o.internode_path == SY_INTERNODE_DIRECT)));
     return write_struct(out, plan_to_c(p), "out");
   });
 }
@@ -633,13 +641,15 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
     std::shared_ptr<GroupCore> g = group_of(r);
     const int R = g->num_ranks;
     SY_TRY(check_range("lowLatency.numExperts", o.ll_num_experts, 0, int64_t(R) * core::kMaxExpertsPerRank));
+    SY_TRY(check_internode_path(o));
     if (o.ranks_per_node != 0 && o.ranks_per_node != g->ranks_per_node) {
       return invalid("ranksPerNode", "ranksPerNode: " + std::to_string(o.ranks_per_node) + " differs from the group's " +
                                          std::to_string(g->ranks_per_node) + "; leave it 0 (the group's)");
     }
     core::BufferPlan plan;
     SY_TRY(from_problem(
-        core::plan_buffer(R, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &plan, g->ranks_per_node)));
+        core::plan_buffer(R, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &plan, g->ranks_per_node,
+                          o.internode_path == SY_INTERNODE_DIRECT)));
     if (o.num_sms != 0 && (o.num_sms < 2 || o.num_sms % 2 != 0 || o.num_sms > 1024)) {
       return invalid("numSms", "numSms: must be an even number of SMs in 2..1024 (half send, "
                                "half receive), got " + std::to_string(o.num_sms));
@@ -653,13 +663,10 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
     buf->num_sms = o.num_sms > 0 ? o.num_sms : core::default_config(R).num_sms;
     buf->masking = o.enable_masking != 0;
     // The modelled link must carry a worst-case dispatch or combine well within the deadline the
-    // peers wait on it with: an operation that cannot make it would time out every time. A rank
-    // puts at most one network entry per (source node, token) of its column in either.
+    // peers wait on it with: an operation that cannot make it would time out every time.
     if (plan.nodes > 1 && (g->nic_bytes_per_second > 0 || g->nic_latency_ns > 0)) {
       const double worst_ms =
-          1e3 * ((g->nic_bytes_per_second > 0 ? double(plan.nodes) * double(plan.max_tokens_per_rank) *
-                                                     double(plan.net_entry_bytes) / g->nic_bytes_per_second
-                                               : 0.0) +
+          1e3 * ((g->nic_bytes_per_second > 0 ? double(plan.worst_network_bytes()) / g->nic_bytes_per_second : 0.0) +
                  double(g->nic_latency_ns) * 1e-9);
       if (2 * worst_ms > double(buf->timeout_ms)) {
         return invalid("emulatedNic",
@@ -692,6 +699,7 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
                           : set->plan.ll.experts != plan.ll.experts                   ? "lowLatency.numExperts"
                           : set->masking != buf->masking                              ? "enableMasking"
                           : set->timeout_ms != buf->timeout_ms                        ? "timeoutMs"
+                          : set->plan.direct != plan.direct                           ? "internodePath"
                                                                                       : nullptr;
         if (arg) {
           return invalid(arg, std::string(arg) + ": buffer " + std::to_string(n) + " of the other ranks has hidden " +
@@ -699,7 +707,8 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
                                   std::to_string(set->plan.max_tokens_per_rank) + ", " +
                                   std::to_string(set->plan.ll.experts) + " low-latency experts, masking " +
                                   (set->masking ? "on" : "off") + ", timeout " + std::to_string(set->timeout_ms) +
-                                  " ms; every rank must create the same buffers in the same order");
+                                  " ms, " + (set->plan.direct ? "direct" : "two-hop") +
+                                  " across nodes; every rank must create the same buffers in the same order");
         }
       }
       if (!set) {
@@ -748,6 +757,7 @@ SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out) {
     v.bytes = b->group->backend->shared_bytes(b->plan, true);
     copy_cstr(v.name, sizeof v.name, b->region->share_name);
     v.ranks_per_node = b->group->ranks_per_node;
+    v.internode_path = b->plan.direct ? SY_INTERNODE_DIRECT : SY_INTERNODE_TWO_HOP;
     return write_struct(out, v, "out");
   });
 }
@@ -773,6 +783,12 @@ SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share
                                            std::to_string(peer_per_node) + " ranks per node, this rank " +
                                            std::to_string(b->group->ranks_per_node) +
                                            "; every process of a job must see the same LOCAL_WORLD_SIZE");
+    }
+    if ((v.internode_path == SY_INTERNODE_DIRECT) != p.direct) {
+      return invalid("internodePath", "internodePath: rank " + std::to_string(v.rank) + " crosses nodes " +
+                                          (v.internode_path == SY_INTERNODE_DIRECT ? "directly" : "in two hops") +
+                                          ", this rank " + (p.direct ? "directly" : "in two hops") +
+                                          "; every rank must pass the same options");
     }
     if (v.hidden != p.hidden || v.max_tokens_per_rank != p.max_tokens_per_rank || v.ll_num_experts != p.ll.experts ||
         v.bytes != b->group->backend->shared_bytes(p, true)) {
@@ -944,6 +960,7 @@ SY_API sy_status sy_combine(sy_buffer buffer, const sy_combine_args* args,
       SY_TRY(resolve_tensor_opt(a.bias0, "bias", &req.bias0));
       SY_TRY(resolve_tensor_opt(a.bias1, "bias", &req.bias1));
       SY_TRY(resolve_tensor_opt(a.out, "out", &req.out));
+      req.internode_reduction = a.internode_reduction;
       return resolve_order(a.compute_stream, a.previous_event, a.async_finish, a.allocate_on_comm_stream, &req.order);
     }();
     if (resolved) return refuse(*b, core::OpKind::Combine, std::move(resolved));

@@ -417,6 +417,7 @@ struct CombineWork {
   bool peers_wait_for_it = false;  // as DispatchWork's: the epoch is spent even if the call fails
   int hidden = 0;
   int topk = 0;  // weights columns, 0 if no weights
+  uint32_t internode_reduction = SY_INTERNODE_CHAIN;  // across nodes (core/internode.h)
   std::shared_ptr<DispatchHandle> handle;
   std::shared_ptr<Tensor> x, topk_weights, bias0, bias1;
   std::shared_ptr<Tensor> out, out_topk_weights;
@@ -507,6 +508,8 @@ class Backend {
   virtual Error ll_reject(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work, bool dispatch) = 0;
   // Whether dispatch/combine run on this backend in this build.
   virtual bool dispatch_supported() const = 0;
+  // Whether dispatch/combine take two hops across nodes (core/internode.h); otherwise one.
+  virtual bool two_hop_supported() const { return false; }
 };
 
 std::unique_ptr<Backend> make_host_backend();

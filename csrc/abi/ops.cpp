@@ -513,11 +513,22 @@ Error prepare_combine(BufferCore& buf, const CombineRequest& req, std::shared_pt
     SY_TRY(check_shape("bias", **b, {h.num_tokens, H}, "tokens, hidden"));
     SY_TRY(check_rows_contiguous("bias", **b));
   }
+  if (req.internode_reduction != SY_INTERNODE_CHAIN && req.internode_reduction != SY_INTERNODE_HIERARCHICAL) {
+    return invalid("internodeReduction", "internodeReduction: expected 0 (chain) or 1 (hierarchical), got " +
+                                             std::to_string(req.internode_reduction));
+  }
+  if (req.internode_reduction == SY_INTERNODE_HIERARCHICAL && buf.plan.two_hop() &&
+      !buf.group->backend->two_hop_supported()) {
+    return fail(SY_ERROR_UNSUPPORTED, "internodeReduction: this backend's combine takes one hop across nodes, "
+                                      "so it reduces as the chain does; \"hierarchical\" runs on the host backend",
+                "internodeReduction");
+  }
   auto w = std::make_shared<CombineWork>();
   w->rank = buf.rank;
   w->num_ranks = buf.group->num_ranks;
   w->hidden = H;
   w->topk = topk;
+  w->internode_reduction = req.internode_reduction;
   w->handle = req.handle;
   w->x = req.x;
   w->topk_weights = req.topk_weights;

@@ -53,6 +53,7 @@ struct DispatchOutputs {
 struct CombineRequest {
   std::shared_ptr<Tensor> x, topk_weights, bias0, bias1, out;
   std::shared_ptr<DispatchHandle> handle;
+  uint32_t internode_reduction = SY_INTERNODE_CHAIN;
   StreamOrder order;
 };
 

@@ -59,6 +59,16 @@
 // DeepEP's hierarchical combine sends |V| - 1 (or |V|) BF16 partials instead, in parallel; the
 // chain keeps the results independent of the split at twice the bytes per partial and one
 // network latency per node visited.
+//
+// The hierarchical combine (sy_internode_reduction, per call; every rank must agree): each
+// forwarder folds its node's rows of a token from zero, rounds once to BF16 and puts that
+// partial (a combine row) home at entry net_offset(its node, t), all nodes at once; home folds
+// bias0, bias1, then the partials in node order, and rounds again. One network round, |V| - 1 or
+// |V| BF16 partials; results that depend on the node split (one more rounding per node).
+//
+// The direct path (sy_internode_path, per buffer): no forwarding; every record and every combine
+// row goes straight to its rank as on one node, the ones for other nodes over the network: one
+// copy per (token, destination rank). It exists to measure what the two hops save.
 #pragma once
 
 #include "hd.h"

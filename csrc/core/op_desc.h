@@ -15,7 +15,8 @@ namespace sy::core {
 inline constexpr const char* kDispatchDescNames[kDescWords] = {
     "operation", "payload dtypes", "scale words per token", "scale dtypes", "top-k widths",
     "expert counts", "modes (cached or not)", nullptr};
-inline constexpr const char* kCombineDescNames[kDescWords] = {"operation", "top-k weight widths", nullptr};
+inline constexpr const char* kCombineDescNames[kDescWords] = {"operation", "top-k weight widths",
+                                                               "reductions across nodes", nullptr};
 
 // Receivers trust the senders' rows: the parameters that shape them must agree.
 inline void dispatch_desc(uint32_t out[kDescWords], DType x_dtype, int num_scales, DType scale_dtype, int topk,
@@ -30,10 +31,11 @@ inline void dispatch_desc(uint32_t out[kDescWords], DType x_dtype, int num_scale
   out[kDescRejected] = rejected ? 1u : 0u;
 }
 
-inline void combine_desc(uint32_t out[kDescWords], int topk, bool rejected) {
+inline void combine_desc(uint32_t out[kDescWords], int topk, uint32_t internode_reduction, bool rejected) {
   for (int i = 0; i < kDescWords; ++i) out[i] = 0;
   out[0] = uint32_t(OpKind::Combine);
   out[1] = uint32_t(topk);
+  out[2] = internode_reduction;
   out[kDescRejected] = rejected ? 1u : 0u;
 }
 

@@ -57,7 +57,7 @@ Problem plan_low_latency(int32_t ranks, int32_t hidden, int32_t max_tokens, int3
 }  // namespace
 
 Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, int32_t ll_experts,
-                    BufferPlan* plan, int32_t ranks_per_node) {
+                    BufferPlan* plan, int32_t ranks_per_node, bool direct) {
   if (ranks < 1 || ranks > kMaxRanks) {
     return {"ranks", "ranks must be in 1.." + std::to_string(kMaxRanks) + ", got " +
                          std::to_string(ranks)};
@@ -79,6 +79,7 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   p.ranks = ranks;
   p.ranks_per_node = ranks_per_node;
   p.nodes = ranks / ranks_per_node;
+  p.direct = direct;
   p.hidden = hidden;
   p.max_tokens_per_rank = max_tokens_per_rank;
   p.max_topk = kMaxTopk;
@@ -157,7 +158,7 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   p.off_combine = o;
   p.combine_region_bytes = R * uint64_t(max_tokens_per_rank) * uint64_t(p.combine_row_bytes);
   o = align_up(o + p.combine_region_bytes, kRegionAlignBytes);
-  if (p.nodes > 1) {
+  if (p.two_hop()) {
     p.net_slots = p.record_bytes;
     p.net_chain_next = p.net_slots + 4 * ranks_per_node;
     p.net_chain_first = p.net_chain_next + 4;

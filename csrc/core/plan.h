@@ -88,6 +88,10 @@ struct BufferPlan {
   int32_t max_scales = 0;  // 4-byte scale words per token: ceil(hidden / 128)
   int32_t ranks_per_node = 0;
   int32_t nodes = 1;
+  // Across nodes: two hops (core/internode.h), or direct: every record and row straight to its
+  // rank over the network, the baseline the two hops are measured against.
+  bool direct = false;
+  bool two_hop() const { return nodes > 1 && !direct; }
 
   // Token record (dispatch region), offsets within one record.
   int32_t record_bytes = 0;
@@ -159,6 +163,15 @@ struct BufferPlan {
     return off_combine + (uint64_t(src) * uint64_t(max_tokens_per_rank) + uint64_t(slot)) *
                              uint64_t(combine_row_bytes);
   }
+  // The most one rank puts on the network in one dispatch or combine: in two hops one network
+  // entry per (source node, token) of the ranks it forwards for, directly one record or row per
+  // (token, rank of another node).
+  uint64_t worst_network_bytes() const {
+    if (nodes == 1) return 0;
+    if (two_hop()) return uint64_t(nodes) * uint64_t(max_tokens_per_rank) * uint64_t(net_entry_bytes);
+    return uint64_t(ranks - ranks_per_node) * uint64_t(max_tokens_per_rank) *
+           uint64_t(record_bytes > combine_row_bytes ? record_bytes : combine_row_bytes);
+  }
   uint64_t net_offset(int src_node, int64_t entry) const {
     return off_net + (uint64_t(src_node) * uint64_t(max_tokens_per_rank) + uint64_t(entry)) * uint64_t(net_entry_bytes);
   }
@@ -206,11 +219,11 @@ struct Problem {
   bool ok() const { return message.empty(); }
 };
 
-// Fills `plan` for a buffer of `ranks` ranks in nodes of `ranks_per_node` (0: one node), with a
-// low-latency region for `ll_experts` experts when that is > 0; returns a Problem naming the
-// offending option.
+// Fills `plan` for a buffer of `ranks` ranks in nodes of `ranks_per_node` (0: one node), crossing
+// them `direct`ly or in two hops, with a low-latency region for `ll_experts` experts when that is
+// > 0; returns a Problem naming the offending option.
 Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, int32_t ll_experts,
-                    BufferPlan* plan, int32_t ranks_per_node = 0);
+                    BufferPlan* plan, int32_t ranks_per_node = 0, bool direct = false);
 
 inline constexpr uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 

@@ -515,7 +515,7 @@ Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<Co
   a.xchg = st.d_xchg;
   a.xl = st.xl;
   a.off_done = buf.plan.off_combine_epoch;
-  core::combine_desc(a.desc, w.topk, false);
+  core::combine_desc(a.desc, w.topk, w.internode_reduction, false);
   a.pub.cx = w.x->data();
   a.pub.cx_stride = stride_bytes(w.x, 0);
   a.pub.cw = bytes_of(w.topk_weights);

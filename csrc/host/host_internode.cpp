@@ -228,21 +228,84 @@ void store_result(const core::BufferPlan& plan, const uint8_t* row, CombineWork&
   for (int k = 0; k < w.topk; ++k) *w.out_topk_weights->at<float>(t, k) = wv[k];
 }
 
-}  // namespace
-
-Error combine_across_nodes(Peers& peers, CombineWork& w) {
+// What both reductions across nodes work with: this rank's place, the tokens it forwards (the
+// handle's forwarding table) and its own tokens' routing (the handle's slots).
+struct CombineAcrossNodes {
+  Peers& peers;
+  CombineWork& w;
   const core::BufferPlan& plan = peers.plan();
   const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node, N = plan.nodes;
   const int my_node = core::node_of(me, P);
-  auto column = [&](int node) { return core::forwarder(node, me, P); };  // this rank's peer on `node`
-  DispatchHandle& h = *w.handle;
-  auto table = std::static_pointer_cast<ForwardTable>(h.backend_state);
-  if (!table || int(table->rows.size()) != N) {
-    return fail(SY_ERROR_INTERNAL, rank_name(me) + ": the handle holds no forwarding table of a two-hop dispatch");
+  const ForwardTable* table = nullptr;
+  const int32_t* slots = reinterpret_cast<const int32_t*>(w.handle->send_slot->data());
+  const int64_t T = w.handle->num_tokens;
+
+  int column(int node) const { return core::forwarder(node, me, P); }  // this rank's peer on `node`
+  Visits visits(int64_t t) const { return Visits{slots + t * R, P, N}; }
+  // [R] bytes for a wait: the ranks of this node; the columns of the nodes `pick` chooses.
+  std::vector<uint8_t> node_ranks() const {
+    std::vector<uint8_t> v(size_t(R), 0);
+    for (int q = 0; q < P; ++q) v[size_t(my_node * P + q)] = 1;
+    return v;
   }
-  const auto* slots = reinterpret_cast<const int32_t*>(h.send_slot->data());
-  const int64_t T = h.num_tokens;
-  auto visits = [&](int64_t t) { return Visits{slots + t * R, P, N}; };
+  template <class Pick>
+  std::vector<uint8_t> columns(Pick pick) const {
+    std::vector<uint8_t> v(size_t(R), 0);
+    for (int k = 0; k < N; ++k)
+      if (k != my_node && pick(k)) v[size_t(column(k))] = 1;
+    return v;
+  }
+  // Adds this node's rows of a token of source node m to `acc`, ranks ascending.
+  template <class SlotOf>
+  void add_rows(Partial& acc, int m, SlotOf slot_of) const {
+    for (int q = 0; q < P; ++q) {
+      const int32_t slot = slot_of(q);
+      if (slot >= 0) acc.add_row(peers.base(me) + plan.combine_row_offset(m * P + q, slot));
+    }
+  }
+  // Calls f(m, token, slot_of, first, next) for every token this rank forwards: its own node's
+  // tokens (m == my_node; `first` and `next` from its routing), then each other node's (from the
+  // table), in node order.
+  template <class F>
+  void for_each_forwarded(F f) const {
+    for (int m = 0; m < N; ++m) {
+      if (m == my_node) {
+        for (int64_t t = 0; t < T; ++t) {
+          const Visits v = visits(t);
+          if (!v.at(my_node)) continue;
+          f(m, t, [&](int q) { return slots[t * R + my_node * P + q]; }, v.next(-1) == my_node, v.next(my_node));
+        }
+        continue;
+      }
+      const std::vector<int32_t>& rows = table->rows[size_t(m)];
+      for (size_t j = 0; j < rows.size(); j += size_t(table->stride)) {
+        const int32_t* e = rows.data() + j;
+        f(m, int64_t(e[ForwardTable::kToken]), [e](int q) { return e[ForwardTable::kSlots + q]; },
+          e[ForwardTable::kFirst] != 0, e[ForwardTable::kNext]);
+      }
+    }
+  }
+
+  Error chain();
+  Error hierarchical();
+};
+
+}  // namespace
+
+Error combine_across_nodes(Peers& peers, CombineWork& w) {
+  CombineAcrossNodes c{peers, w};
+  c.table = static_cast<const ForwardTable*>(w.handle->backend_state.get());
+  if (!c.table || int(c.table->rows.size()) != c.N) {
+    return fail(SY_ERROR_INTERNAL, rank_name(c.me) + ": the handle holds no forwarding table of a two-hop dispatch");
+  }
+  return w.internode_reduction == SY_INTERNODE_HIERARCHICAL ? c.hierarchical() : c.chain();
+}
+
+namespace {
+
+// The chain (core/internode.h): a token's float partial goes from node to node in ascending
+// order; the result is the one-node combine's bit for bit.
+Error CombineAcrossNodes::chain() {
   const bool biased = w.bias0 || w.bias1;
   Partial acc(plan, w.hidden, w.topk);
   std::vector<uint8_t> row(size_t(plan.combine_row_bytes));
@@ -266,70 +329,45 @@ Error combine_across_nodes(Peers& peers, CombineWork& w) {
 
   // The chain: this node's rows of every token this rank forwards, once the partials before them
   // are in.
-  std::vector<uint8_t> node(size_t(R), 0), others(size_t(R), 0), lower(size_t(R), 0), higher(size_t(R), 0);
-  for (int q = 0; q < P; ++q) node[size_t(my_node * P + q)] = 1;
-  for (int k = 0; k < N; ++k) {
-    if (k == my_node) continue;
-    others[size_t(column(k))] = 1;
-    (k < my_node ? lower : higher)[size_t(column(k))] = 1;
-  }
-  SY_TRY(peers.wait_sources(plan.off_combine_epoch, core::WaitRole::CombineNotify, only(node)));
-  SY_TRY(peers.wait_sources(plan.off_chain_start_epoch, core::WaitRole::CombineNetwork, only(others)));
-  SY_TRY(peers.wait_sources(plan.off_chain_epoch, core::WaitRole::CombineNetwork, only(lower)));
+  SY_TRY(peers.wait_sources(plan.off_combine_epoch, core::WaitRole::CombineNotify, only(node_ranks())));
+  SY_TRY(peers.wait_sources(plan.off_chain_start_epoch, core::WaitRole::CombineNetwork,
+                            only(columns([](int) { return true; }))));
+  SY_TRY(peers.wait_sources(plan.off_chain_epoch, core::WaitRole::CombineNetwork,
+                            only(columns([&](int k) { return k < my_node; }))));
   {
     uint8_t* base = peers.base(me);
     const auto* starts = reinterpret_cast<const uint32_t*>(base + plan.off_chain_starts);
     EmulatedNic nic(peers.set().network[size_t(me)], peers.set().nic);
-    // One token of source `src` (on node m) here: fold this node's rows into its partial, then
-    // pass it on, or round it and send it home.
-    auto fold = [&](int m, int64_t t, auto slot_of, int next) {
-      for (int q = 0; q < P; ++q) {
-        const int32_t slot = slot_of(q);
-        if (slot >= 0) acc.add_row(base + plan.combine_row_offset(m * P + q, slot));
+    // One token of source node m: start, or take the partial the previous node put; fold this
+    // node's rows in; pass it on, or round it and send it home.
+    for_each_forwarded([&](int m, int64_t t, auto slot_of, bool first, int next) {
+      if (first && m == my_node) {
+        acc.start(w.bias0.get(), w.bias1.get(), t);
+      } else if (first && !starts[column(m)]) {
+        acc.zero();
+      } else {
+        acc.load(base + plan.net_offset(m, t));
       }
+      add_rows(acc, m, slot_of);
       if (next >= 0) {
         nic.put(peers.base(column(next)) + plan.net_offset(m, t), acc.data(), size_t(plan.net_partial_bytes));
-      } else if (m == my_node) {
-        acc.result(row.data());
+        return;
+      }
+      acc.result(row.data());
+      if (m == my_node) {
         store_result(plan, row.data(), w, t);
       } else {
-        acc.result(row.data());
         nic.put(peers.base(column(m)) + plan.net_offset(m, t), row.data(), row.size());
       }
-    };
-    for (int m = 0; m < N; ++m) {
-      if (m == my_node) {
-        for (int64_t t = 0; t < T; ++t) {
-          const Visits v = visits(t);
-          if (!v.at(my_node)) continue;
-          if (v.next(-1) == my_node) {
-            acc.start(w.bias0.get(), w.bias1.get(), t);
-          } else {
-            acc.load(base + plan.net_offset(my_node, t));
-          }
-          fold(m, t, [&](int q) { return slots[t * R + my_node * P + q]; }, v.next(my_node));
-        }
-        continue;
-      }
-      const std::vector<int32_t>& rows = table->rows[size_t(m)];
-      for (size_t j = 0; j < rows.size(); j += size_t(table->stride)) {
-        const int32_t* e = rows.data() + j;
-        const int64_t t = e[ForwardTable::kToken];
-        if (e[ForwardTable::kFirst] && !starts[column(m)]) {
-          acc.zero();
-        } else {
-          acc.load(base + plan.net_offset(m, t));
-        }
-        fold(m, t, [&](int q) { return e[ForwardTable::kSlots + q]; }, e[ForwardTable::kNext]);
-      }
-    }
+    });
     nic.arrived();
     for (int k = 0; k < N; ++k)
       if (k != my_node) peers.signal(column(k), plan.off_chain_epoch);
   }
 
   // Results: what the last node of each token sent here, or the biases alone.
-  SY_TRY(peers.wait_sources(plan.off_chain_epoch, core::WaitRole::CombineNetwork, only(higher)));
+  SY_TRY(peers.wait_sources(plan.off_chain_epoch, core::WaitRole::CombineNetwork,
+                            only(columns([&](int k) { return k > my_node; }))));
   for (int64_t t = 0; t < T; ++t) {
     const int last = visits(t).last();
     if (last == my_node) continue;  // folded and stored in the chain
@@ -343,5 +381,46 @@ Error combine_across_nodes(Peers& peers, CombineWork& w) {
   }
   return ok();
 }
+
+// Hierarchical (DeepEP's way): each node folds its rows of a token from zero and sends that
+// partial home rounded to BF16, all nodes at once; home folds its biases, then the partials in
+// node order, and rounds again. One network round and 2 bytes per channel, but the result
+// depends on how the ranks are split into nodes.
+Error CombineAcrossNodes::hierarchical() {
+  Partial acc(plan, w.hidden, w.topk);
+  std::vector<uint8_t> row(size_t(plan.combine_row_bytes));
+  SY_TRY(peers.wait_sources(plan.off_combine_epoch, core::WaitRole::CombineNotify, only(node_ranks())));
+  {
+    EmulatedNic nic(peers.set().network[size_t(me)], peers.set().nic);
+    // A partial from node k for source node m's token t lands at entry (k, t) of its source; the
+    // own node's stays here, at (my_node, t).
+    for_each_forwarded([&](int m, int64_t t, auto slot_of, bool, int) {
+      acc.zero();
+      add_rows(acc, m, slot_of);
+      uint8_t* home = peers.base(column(m)) + plan.net_offset(my_node, t);
+      if (m == my_node) {
+        acc.result(home);
+      } else {
+        acc.result(row.data());
+        nic.put(home, row.data(), row.size());
+      }
+    });
+    nic.arrived();
+    for (int k = 0; k < N; ++k)
+      if (k != my_node) peers.signal(column(k), plan.off_chain_epoch);
+  }
+  SY_TRY(peers.wait_sources(plan.off_chain_epoch, core::WaitRole::CombineNetwork,
+                            only(columns([](int) { return true; }))));
+  for (int64_t t = 0; t < T; ++t) {
+    const Visits v = visits(t);
+    acc.start(w.bias0.get(), w.bias1.get(), t);
+    for (int k = v.next(-1); k >= 0; k = v.next(k)) acc.add_row(peers.base(me) + plan.net_offset(k, t));
+    acc.result(row.data());
+    store_result(plan, row.data(), w, t);
+  }
+  return ok();
+}
+
+}  // namespace
 
 }  // namespace sy::host

@@ -22,6 +22,7 @@
 #include "../core/reduce.h"
 #include "../core/internode.h"
 #include "../core/routing.h"
+#include "emulated_nic.h"
 #include "futex.h"
 #include "host_internode.h"
 #include "peers.h"
@@ -190,10 +191,24 @@ Error notify(Peers& peers, DispatchWork& w) {
     }
   }
 
-  if (plan.nodes == 1) {
+  if (!plan.two_hop()) {
+    // One hop: straight into every destination's region; a destination on another node (the
+    // direct path across nodes) over the emulated NIC.
+    EmulatedNic nic(peers.set().network[size_t(me)], peers.set().nic);
+    std::vector<uint8_t> staged(size_t(plan.record_bytes));
+    const int P = plan.ranks_per_node;
     for (int64_t t = 0; t < T; ++t)
-      for (int d = 0; d < R; ++d)
-        if (slots[t * R + d] >= 0) write_record(peers.base(d) + plan.record_offset(me, slots[t * R + d]), t);
+      for (int d = 0; d < R; ++d) {
+        if (slots[t * R + d] < 0) continue;
+        uint8_t* dst = peers.base(d) + plan.record_offset(me, slots[t * R + d]);
+        if (core::node_of(d, P) == core::node_of(me, P)) {
+          write_record(dst, t);
+        } else {
+          write_record(staged.data(), t);
+          nic.put(dst, staged.data(), staged.size());
+        }
+      }
+    nic.arrived();
   } else {
     send_network_records(peers, T, slots, write_record);
   }
@@ -207,9 +222,9 @@ Error notify(Peers& peers, DispatchWork& w) {
     }
     peers.signal(d, plan.off_dispatch_epoch);
   }
-  if (plan.nodes > 1) SY_TRY(forward_network_records(peers, h));
+  if (plan.two_hop()) SY_TRY(forward_network_records(peers, h));
   SY_TRY(peers.wait_all(plan.off_dispatch_epoch, core::WaitRole::DispatchNotify));
-  if (plan.nodes > 1) SY_TRY(wait_forwarders(peers));
+  if (plan.two_hop()) SY_TRY(wait_forwarders(peers));
 
   const int32_t* counts = i32_at(peers.base(me), plan.off_send_counts);
   w.rank_prefix.assign(size_t(R) * R, 0);
@@ -409,7 +424,7 @@ Error combine_body(Peers& peers, CombineWork& w) {
     return failed_handle_error(w.handle->status ? w.handle->status->result() : Error{});
   }
   uint32_t desc[core::kDescWords];
-  core::combine_desc(desc, w.topk, false);
+  core::combine_desc(desc, w.topk, w.internode_reduction, false);
   SY_TRY(peers.barrier(core::OpKind::Combine, desc, core::kCombineDescNames));
   const core::BufferPlan& plan = peers.plan();
   const int R = peers.num_ranks();
@@ -420,17 +435,24 @@ Error combine_body(Peers& peers, CombineWork& w) {
   const auto* exp_row = h.expanded_row ? reinterpret_cast<const int32_t*>(h.expanded_row->data()) : nullptr;
   std::vector<float> acc(static_cast<size_t>(H));
 
-  // Send every received row back towards its sender, at the slot it came from: to the sender
-  // itself on one node, across nodes to the sender's forwarder on this node (core/internode.h).
+  // Send every received row back towards its sender, at the slot it came from: in two hops to
+  // the sender's forwarder on this node (core/internode.h), otherwise to the sender itself, over
+  // the emulated NIC if that is on another node (the direct path).
   const int P = plan.ranks_per_node;
+  const bool two_hop = plan.two_hop();
+  EmulatedNic nic(peers.set().network[size_t(me)], peers.set().nic);
+  std::vector<uint8_t> staged(size_t(plan.combine_row_bytes));
   for (int p = 0; p < R; ++p) {
     auto column = [&](int i) { return prefix[size_t(i) * R + me]; };
     const int64_t start = core::compact_row(column, p, 0);
     const int64_t count = core::rows_from(column, p);
-    const int to = core::forwarder(core::node_of(me, P), p, P);
+    const int to = two_hop ? core::forwarder(core::node_of(me, P), p, P) : p;
+    const int index = two_hop ? core::forwarded_row_index(p, me, P) : me;
+    const bool network = core::node_of(to, P) != core::node_of(me, P);
     for (int64_t j = 0; j < count; ++j) {
       const int64_t n = start + j;
-      uint8_t* dst = peers.base(to) + plan.combine_row_offset(core::forwarded_row_index(p, me, P), j);
+      uint8_t* const row = peers.base(to) + plan.combine_row_offset(index, j);
+      uint8_t* dst = network ? staged.data() : row;
       if (h.layout == SY_LAYOUT_COMPACT) {
         std::memcpy(dst + plan.row_payload, w.x->element(n), size_t(H) * 2);
       } else {
@@ -446,10 +468,13 @@ Error combine_body(Peers& peers, CombineWork& w) {
       }
       auto* wdst = reinterpret_cast<float*>(dst + plan.row_topk_weights);
       for (int k = 0; k < w.topk; ++k) wdst[k] = load_f32(*w.topk_weights, n, k);
+      if (network) nic.put(row, staged.data(), staged.size());
     }
-    if (plan.nodes == 1) peers.signal(p, plan.off_combine_epoch);
+    if (two_hop) continue;
+    if (network) nic.arrived();
+    peers.signal(p, plan.off_combine_epoch);
   }
-  if (plan.nodes > 1) {
+  if (two_hop) {
     for (int q = 0; q < P; ++q) peers.signal(core::node_of(me, P) * P + q, plan.off_combine_epoch);
     return combine_across_nodes(peers, w);
   }

@@ -330,6 +330,12 @@ typedef struct sy_config {
 /* The tuned defaults for `ranks` ranks (DeepEP's tables for 2..160, extrapolated otherwise). */
 SY_API sy_status sy_default_config(int32_t ranks, sy_config* out);
 
+/* How the normal mode crosses nodes. */
+typedef enum sy_internode_path {
+  SY_INTERNODE_TWO_HOP = 0,  /* once per (token, node), then forwarded inside it (core/internode.h) */
+  SY_INTERNODE_DIRECT = 1    /* once per (token, rank), straight to it: the baseline the two hops save on */
+} sy_internode_path;
+
 typedef struct sy_buffer_options {
   uint32_t struct_size;
   int32_t hidden;                    /* channels per token */
@@ -341,7 +347,7 @@ typedef struct sy_buffer_options {
   uint32_t enable_masking;           /* 1: a timed-out peer is masked instead of failing the call */
   /* Since ABI 5: the group's ranks per node (0 = the group's own; sy_plan_buffer: one node). */
   int32_t ranks_per_node;
-  int32_t reserved;
+  int32_t internode_path;            /* sy_internode_path: how normal mode crosses nodes */
 } sy_buffer_options;
 
 #define SY_BUFFER_OPTIONS_V1_SIZE 24u
@@ -390,7 +396,7 @@ typedef struct sy_buffer_share {
   uint64_t bytes;
   char name[256];
   int32_t ranks_per_node; /* since ABI 5; must agree (0 from older callers: one node) */
-  int32_t reserved;
+  int32_t internode_path; /* must agree */
 } sy_buffer_share;
 
 SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out);
@@ -481,9 +487,17 @@ typedef struct sy_dispatch_result {
 SY_API sy_status sy_dispatch(sy_buffer buffer, const sy_dispatch_args* args,
                              sy_dispatch_result* out);
 
+/* How combine reduces across nodes (buffers whose group spans nodes, two-hop mode). */
+typedef enum sy_internode_reduction {
+  SY_INTERNODE_CHAIN = 0,        /* a token's float sum travels node to node: the one-node result bit for
+                                    bit, whatever the split (core/internode.h) */
+  SY_INTERNODE_HIERARCHICAL = 1  /* each node sends one BF16 partial home, in parallel (DeepEP's way):
+                                    fewer bytes, results that depend on the split */
+} sy_internode_reduction;
+
 typedef struct sy_combine_args {
   uint32_t struct_size;
-  uint32_t reserved;
+  uint32_t internode_reduction;      /* sy_internode_reduction (0 before ABI 5: the chain) */
   sy_tensor x;                       /* [N, H] bf16 rows in dispatch's output layout */
   sy_handle handle;
   sy_tensor topk_weights;            /* compact only: [N, K] f32 (optional) */
