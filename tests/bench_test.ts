@@ -75,7 +75,13 @@ const small: Scenario = {
 // pairs (low-latency mode) per destination rank, tokens per expert, and per source and expert.
 function expected(s: Scenario, seed: number, ranksPerNode = s.ranks) {
   const EL = s.experts / s.ranks;
-  const otherNodes = new Array(s.ranks).fill(0);
+  const node = (r: number) => Math.floor(r / ranksPerNode);
+  // Across nodes, per rank: dispatch records in two hops (token, other node) and directly (token,
+  // rank of another node); the hierarchical combine's partials (sent by the rank of each other
+  // node with the source's local index) and the direct combine's rows (token received from a
+  // source on another node).
+  const otherNodes = new Array(s.ranks).fill(0), otherRanks = new Array(s.ranks).fill(0);
+  const partials = new Array(s.ranks).fill(0), rowsBack = new Array(s.ranks).fill(0);
   const perRank = new Array(s.ranks).fill(0), pairs = new Array(s.ranks).fill(0);
   const perExpert = new Array(s.experts).fill(0);
   const sent = Array.from({ length: s.ranks }, () => new Array(s.experts).fill(0));
@@ -92,12 +98,18 @@ function expected(s: Scenario, seed: number, ranksPerNode = s.ranks) {
         dests.add(Math.floor(e / EL));
       }
       for (const d of dests) perRank[d]++;
-      const nodes = new Set([...dests].map((d) => Math.floor(d / ranksPerNode)));
-      nodes.delete(Math.floor(src / ranksPerNode));
+      for (const d of dests) {
+        if (node(d) === node(src)) continue;
+        otherRanks[src]++;
+        rowsBack[d]++;
+      }
+      const nodes = new Set([...dests].map(node));
+      nodes.delete(node(src));
       otherNodes[src] += nodes.size;
+      for (const n of nodes) partials[n * ranksPerNode + (src % ranksPerNode)]++;
     }
   }
-  return { perRank, pairs, perExpert, sent, otherNodes };
+  return { perRank, pairs, perExpert, sent, otherNodes, otherRanks, partials, rowsBack };
 }
 
 Deno.test("the benchmark counts what the operations moved", async (t) => {
@@ -145,28 +157,52 @@ Deno.test("the benchmark counts what the operations moved", async (t) => {
   });
 });
 
-Deno.test("across nodes: the benchmark counts what crossed the network hop", async () => {
+Deno.test("across nodes: the benchmark counts what crossed the network, two hops next to the direct path", async () => {
   const s: Scenario = { ...small, ranks: 4, ranksPerNode: 2 };
   using group = Group.local({ ranks: 4, ranksPerNode: 2, backend: testBackend(), timeoutMs: 20000 });
   const run = await runScenario(group, s, { iterations: 1, warmup: 0, seed: 7, variants: ["exact"] });
   const want = expected(s, 7, 2);
   assert.ok(want.otherNodes.some((n) => n > 0));
-  assert.ok(run.network, "a run across nodes reports the network hop");
-  assert.deepEqual(run.network.expectedRecordsPerRank, want.otherNodes);
-  const recordBytes = bufferSizeHint({ ranks: 4, hidden: s.hidden, maxTokensPerRank: s.tokens, ranksPerNode: 2 })
-    .networkRecordBytes;
+  assert.deepEqual(run.operations.map((o) => o.op), [
+    "dispatch (exact)",
+    "combine",
+    "combine (hierarchical)",
+    "dispatch (exact, direct)",
+    "combine (direct)",
+  ]);
+  assert.ok(run.network, "a run across nodes reports the network");
+  assert.deepEqual(run.network.expectedDispatchRecordsPerRank, { twoHop: want.otherNodes, direct: want.otherRanks });
+  const plan = bufferSizeHint({ ranks: 4, hidden: s.hidden, maxTokensPerRank: s.tokens, ranksPerNode: 2 });
   // The CUDA backend moves rows in one hop so far: nothing crosses its (absent) network.
-  const records = testBackend() === "host" ? want.otherNodes : want.otherNodes.map(() => 0);
-  assert.deepEqual(run.network.recordsPerRank, records);
-  assert.deepEqual(run.network.bytesPerRank, records.map((n) => n * recordBytes));
+  const host = testBackend() === "host";
+  const counted = (op: string) => run.network!.perOperation.find((o) => o.op === op)!;
+  for (
+    const [op, records, bytes] of [
+      ["dispatch (exact)", want.otherNodes, plan.networkRecordBytes],
+      ["combine (hierarchical)", want.partials, plan.combineRowBytes],
+      ["dispatch (exact, direct)", want.otherRanks, plan.recordBytes],
+      ["combine (direct)", want.rowsBack, plan.combineRowBytes],
+    ] as const
+  ) {
+    const n = host ? records : records.map(() => 0);
+    assert.deepEqual(counted(op).recordsPerRank, n, op);
+    assert.deepEqual(counted(op).bytesPerRank, n.map((x) => x * bytes), op);
+  }
+  // The chain's count is topology_test's; here: it moves something, the float partials.
+  assert.equal(counted("combine").recordsPerRank.some((n) => n > 0), host);
   const table = formatTable({
     schema: REPORT_SCHEMA,
     createdAt: "",
     machine: { os: "", cpu: "", cores: 2, memoryBytes: 0, backend: "host", libraryVersion: "", deno: "" },
     scenarios: [scenarioReport(run)],
   });
-  assert.match(table, /2 nodes of 2: dispatch in two hops/);
-  assert.match(table, new RegExp(`network hop per dispatch: ${records.join(" ")} records per rank`));
+  assert.match(table, /2 nodes of 2: two hops/);
+  const records = host ? want.otherNodes : want.otherNodes.map(() => 0);
+  assert.match(table, new RegExp(`dispatch \\(exact\\) +${records.join(" ")};`));
+  if (host) {
+    const ratio = (a: number[], b: number[]) => (a.reduce((x, y) => x + y) / b.reduce((x, y) => x + y)).toFixed(2);
+    assert.match(table, new RegExp(`the layouts: ${ratio(want.otherRanks, want.otherNodes)}x the records`));
+  }
 });
 
 Deno.test("routings and sizes", () => {

@@ -7,11 +7,11 @@
  */
 
 import { imbalance, spread, summarize, type Summary } from "../stats.ts";
-import type { OperationTimes, ScenarioRun } from "./run.ts";
+import type { NetworkUse, OperationTimes, ScenarioRun } from "./run.ts";
 import { routingName, type Scenario } from "./scenario.ts";
 
 /** Version of the JSON layout below; bumped on any incompatible change. */
-export const REPORT_SCHEMA = 1;
+export const REPORT_SCHEMA = 2;
 
 /** Where the numbers came from. */
 export interface MachineInfo {
@@ -71,7 +71,7 @@ export interface ScenarioReport {
   readonly operations: OperationReport[];
   /** Low-latency mode: `[rank][source]` mean microseconds waited per dispatch call. */
   readonly dispatchWaitUsPerCall?: number[][];
-  /** Normal mode across nodes: what one dispatch put on the network hop, per rank, and what the layouts expect. */
+  /** Normal mode across nodes: what one call of each operation put on the network, per rank, and what the layouts expect. */
   readonly network?: ScenarioRun["network"];
 }
 
@@ -145,6 +145,28 @@ export function scenarioReport(run: ScenarioRun, scaledDown?: string): ScenarioR
 const pad = (s: string, n: number, right = false) => right ? s.padStart(n) : s.padEnd(n);
 const fmt = (ms: number) => ms >= 100 ? ms.toFixed(0) : ms >= 10 ? ms.toFixed(1) : ms.toFixed(2);
 
+const total = (xs: readonly number[]) => xs.reduce((a, b) => a + b, 0);
+
+// What crossed the network per call, and what the two hops save against the direct path.
+function networkLines(n: NetworkUse): string[] {
+  const lines = ["  on the network per call (records per rank; the most bytes one rank sent):"];
+  for (const o of n.perOperation) {
+    lines.push(
+      `    ${pad(o.op, 26)} ${o.recordsPerRank.join(" ")}; ${(Math.max(...o.bytesPerRank) / 2 ** 20).toFixed(2)} MiB`,
+    );
+  }
+  const bytes = (op: string) => total(n.perOperation.find((o) => o.op === op)?.bytesPerRank ?? []);
+  const ratio = (a: number, b: number) => b > 0 ? `${(a / b).toFixed(2)}x` : "n/a";
+  const e = n.expectedDispatchRecordsPerRank;
+  lines.push(
+    `  the direct path puts ${ratio(bytes("dispatch (exact, direct)"), bytes("dispatch (exact)"))} the two hops' ` +
+      `dispatch bytes on the network (the layouts: ${ratio(total(e.direct), total(e.twoHop))} the records), ` +
+      `${ratio(bytes("combine (direct)"), bytes("combine"))} the chain's combine bytes, ` +
+      `${ratio(bytes("combine (direct)"), bytes("combine (hierarchical)"))} the hierarchical combine's`,
+  );
+  return lines;
+}
+
 /** The report as a terminal table: one block per scenario, one row per operation. */
 export function formatTable(report: BenchReport): string {
   const m = report.machine;
@@ -164,15 +186,9 @@ export function formatTable(report: BenchReport): string {
       const nic = sc.emulatedNic
         ? `emulated NIC ${sc.emulatedNic.gbPerSecond} GB/s, ${sc.emulatedNic.latencyUs} us`
         : "emulated NIC at memory speed";
-      lines.push(`  ${sc.ranks / sc.ranksPerNode} nodes of ${sc.ranksPerNode}: dispatch in two hops, ${nic}`);
+      lines.push(`  ${sc.ranks / sc.ranksPerNode} nodes of ${sc.ranksPerNode}: two hops, ${nic}`);
     }
-    if (s.network) {
-      const most = Math.max(...s.network.bytesPerRank);
-      lines.push(
-        `  network hop per dispatch: ${s.network.recordsPerRank.join(" ")} records per rank ` +
-          `(at most ${(most / 2 ** 20).toFixed(2)} MiB from one rank)`,
-      );
-    }
+    if (s.network) lines.push(...networkLines(s.network));
     if (s.scaledDown) lines.push(`  scaled down: ${s.scaledDown}`);
     lines.push(
       `  received per rank: ${s.received.perRank.join(" ")} (imbalance ${s.received.perRankImbalance.toFixed(2)}); ` +

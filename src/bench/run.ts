@@ -22,6 +22,9 @@ export type OperationName =
   | "dispatch (worst-case)"
   | "dispatch (cached)"
   | "combine"
+  | "combine (hierarchical)"
+  | "dispatch (exact, direct)"
+  | "combine (direct)"
   | "low-latency dispatch"
   | "low-latency combine"
   | "low-latency dispatch (hook)"
@@ -61,14 +64,25 @@ export interface ScenarioRun {
   /** Low-latency mode: `[rank][source]` nanoseconds each rank waited for each source, summed over all dispatch calls. */
   readonly dispatchWaitNs?: number[][];
   /**
-   * Normal mode across nodes: what one dispatch put on the network hop, per rank (`buffer.networkStats()`
-   * around it), and what the layouts say it should be (tokens per other node).
+   * Normal mode across nodes: what one call of each operation put on the network, per rank
+   * (`buffer.networkStats()` around it), and what the layouts say one dispatch puts there.
    */
-  readonly network?: {
+  readonly network?: NetworkUse;
+}
+
+/** What crossed the (emulated) network in a run across nodes. */
+export interface NetworkUse {
+  /** Per operation that ran: records and bytes one call put on the network, per rank. */
+  readonly perOperation: readonly {
+    readonly op: OperationName;
     readonly recordsPerRank: number[];
     readonly bytesPerRank: number[];
-    readonly expectedRecordsPerRank: number[];
-  };
+  }[];
+  /**
+   * From the layouts, what one dispatch puts on the network per rank: in two hops a record per
+   * (token, other node), directly one per (token, rank of another node).
+   */
+  readonly expectedDispatchRecordsPerRank: { readonly twoHop: number[]; readonly direct: number[] };
 }
 
 /** Options of {@linkcode runScenario}. */
@@ -79,7 +93,11 @@ export interface RunOptions {
   readonly warmup?: number;
   /** Seed of the payload and the routing (default 1). */
   readonly seed?: number;
-  /** Normal mode: dispatch variants to run (default all three); combine always runs. */
+  /**
+   * Normal mode: dispatch variants to run (default all three); combine always runs. Across nodes
+   * the hierarchical combine and the direct path (exact dispatch, combine) run too, on a second
+   * set of buffers: what the two hops save.
+   */
   readonly variants?: readonly ("exact" | "worst-case" | "cached")[];
   /** Low-latency mode: also run the receive-hook variant (default true). */
   readonly hook?: boolean;
@@ -214,33 +232,46 @@ export async function runScenario(group: Group, s: Scenario, options: RunOptions
     maxTokensPerRank: s.tokens,
     lowLatency: s.mode === "low-latency" ? { numExperts: s.experts } : undefined,
   });
+  const acrossNodes = s.mode === "normal" && group.ranks[0].ranksPerNode < group.size;
   const inputs: Inputs[] = [];
+  let direct: EpBuffer[] | undefined;
   try {
+    if (acrossNodes) {
+      direct = await group.createBuffers({ hidden: s.hidden, maxTokensPerRank: s.tokens, internodePath: "direct" });
+    }
     await group.all(async (rank, r) => (inputs[r] = await makeInputs(s, rank, r, seed)));
     // Who sends what where, from each rank's own layout.
     const layouts = await group.all(async (rank, r) => {
       using layout = await buffers[r].layout(inputs[r].topkIdx, { numExperts: s.experts });
       const perNode = Array.from(await layout.numTokensPerNode.read());
+      const perRank = Array.from(await layout.numTokensPerRank.read());
       return {
         perExpert: Array.from(await layout.numTokensPerExpert.read()),
         otherNodes: perNode.reduce((a, n, node) => a + (node === rank.node ? 0 : n), 0),
+        otherNodeRanks: perRank.reduce((a, n, d) => a + (Math.floor(d / rank.ranksPerNode) === rank.node ? 0 : n), 0),
       };
     });
     const sentPerRankExpert = layouts.map((l) => l.perExpert);
     const receivedPerExpert = new Array(s.experts).fill(0);
     for (const row of sentPerRankExpert) row.forEach((n, e) => (receivedPerExpert[e] += n));
-    const setup: Setup = { group, s, buffers, inputs, iterations, warmup, options };
+    const setup: Setup = { group, s, buffers, direct, inputs, iterations, warmup, options };
     const run = s.mode === "normal" ? await runNormal(setup) : await runLowLatency(setup);
-    const network = run.network && { ...run.network, expectedRecordsPerRank: layouts.map((l) => l.otherNodes) };
+    const network: NetworkUse | undefined = run.network && {
+      perOperation: run.network,
+      expectedDispatchRecordsPerRank: {
+        twoHop: layouts.map((l) => l.otherNodes),
+        direct: layouts.map((l) => l.otherNodeRanks),
+      },
+    };
     return { scenario: s, warmup, iterations, sentPerRankExpert, receivedPerExpert, ...run, network };
   } finally {
     release(inputs);
-    for (const b of buffers) b[Symbol.dispose]();
+    for (const b of [...buffers, ...direct ?? []]) b[Symbol.dispose]();
   }
 }
 
 type Measured = Pick<ScenarioRun, "receivedPerRank" | "operations" | "dispatchWaitNs"> & {
-  network?: { recordsPerRank: number[]; bytesPerRank: number[] };
+  network?: NetworkUse["perOperation"][number][];
 };
 
 // What one mode's run works with: the group, the scenario, its buffers and inputs, the rounds.
@@ -248,13 +279,15 @@ interface Setup {
   readonly group: Group;
   readonly s: Scenario;
   readonly buffers: EpBuffer[];
+  /** Across nodes, normal mode: buffers on the direct path, the baseline. */
+  readonly direct?: EpBuffer[];
   readonly inputs: Inputs[];
   readonly iterations: number;
   readonly warmup: number;
   readonly options: RunOptions;
 }
 
-async function runNormal({ group, s, buffers, inputs, iterations, warmup, options }: Setup): Promise<Measured> {
+async function runNormal({ group, s, buffers, direct, inputs, iterations, warmup, options }: Setup): Promise<Measured> {
   const R = s.ranks;
   const variants = options.variants ?? ["exact", "worst-case", "cached"];
   const routed = (r: number) => ({
@@ -263,22 +296,36 @@ async function runNormal({ group, s, buffers, inputs, iterations, warmup, option
     numExperts: s.experts,
   });
   const payload = (r: number) => ({ xScales: inputs[r].xScales });
-  // The routing every variant reuses: one exact-size dispatch, kept for cached mode. What it puts
-  // on the network hop (across nodes) is what every dispatch of this routing does.
-  const before = buffers.map((b) => b.networkStats());
+  // The routing every variant reuses: one exact-size dispatch, kept for cached mode and combine
+  // (and one on the direct path, for its combine).
   const first = await onEveryRank(group, (r) => buffers[r].dispatch(inputs[r].x, { ...payload(r), ...routed(r) }));
-  const after = buffers.map((b) => b.networkStats());
-  const network = group.ranks[0].ranksPerNode < R
-    ? {
-      recordsPerRank: after.map((a, r) => a.records - before[r].records),
-      bytesPerRank: after.map((a, r) => a.bytes - before[r].bytes),
-    }
-    : undefined;
+  const firstDirect = direct &&
+    await onEveryRank(group, (r) => direct[r].dispatch(inputs[r].x, { ...payload(r), ...routed(r) }));
   const receivedPerRank = first.map((d) => d.numRecvTokens ?? 0);
-  // Combine sends BF16 expert outputs back: the received rows themselves when they are BF16.
+  // Combine sends BF16 expert outputs back: the received rows themselves when they are BF16
+  // (the direct path receives the same rows, so it sends the same tensors back).
   const combineInput: Tensor[] = [];
   const ops = new Map<OperationName, OperationTimes>();
-  const record = (op: OperationName, ms: number[], wall: number, it: number) => {
+  const network = new Map<OperationName, NetworkUse["perOperation"][number]>();
+  // Times one collective on every rank; the first time, across nodes, also counts what it put
+  // on the network (the operation is over once its end event is).
+  const measure = async <T extends Disposable>(
+    op: OperationName,
+    on: EpBuffer[],
+    it: number,
+    call: (r: number) => Promise<T>,
+  ) => {
+    const before = direct && !network.has(op) ? on.map((b) => b.networkStats()) : undefined;
+    const { out, ms, wall } = await timed(group, call);
+    for (const o of out) o[Symbol.dispose]();
+    if (before) {
+      const after = on.map((b) => b.networkStats());
+      network.set(op, {
+        op,
+        recordsPerRank: after.map((a, r) => a.records - before[r].records),
+        bytesPerRank: after.map((a, r) => a.bytes - before[r].bytes),
+      });
+    }
     if (it < warmup) return;
     if (!ops.has(op)) ops.set(op, newTimes(op, R));
     push(ops.get(op)!, ms, wall);
@@ -293,32 +340,42 @@ async function runNormal({ group, s, buffers, inputs, iterations, warmup, option
     }
     for (let it = 0; it < warmup + iterations; it++) {
       for (const v of variants) {
-        const op: OperationName = `dispatch (${v})`;
-        const { out, ms, wall } = await timed(group, (r) =>
+        await measure(`dispatch (${v})`, buffers, it, (r) =>
           buffers[r].dispatch(inputs[r].x, {
             ...payload(r),
             ...(v === "cached" ? { handle: first[r].handle } : routed(r)),
             ...(v === "worst-case" ? { numWorstTokens: R * s.tokens } : {}),
           }));
-        record(op, ms, wall, it);
-        for (const d of out) d[Symbol.dispose]();
       }
-      const { out, ms, wall } = await timed(group, (r) => buffers[r].combine(combineInput[r], first[r].handle));
-      record("combine", ms, wall, it);
-      for (const c of out) c[Symbol.dispose]();
+      await measure("combine", buffers, it, (r) => buffers[r].combine(combineInput[r], first[r].handle));
+      if (direct && firstDirect) {
+        await measure(
+          "combine (hierarchical)",
+          buffers,
+          it,
+          (r) => buffers[r].combine(combineInput[r], first[r].handle, { internodeReduction: "hierarchical" }),
+        );
+        await measure(
+          "dispatch (exact, direct)",
+          direct,
+          it,
+          (r) => direct[r].dispatch(inputs[r].x, { ...payload(r), ...routed(r) }),
+        );
+        await measure("combine (direct)", direct, it, (r) => direct[r].combine(combineInput[r], firstDirect[r].handle));
+      }
       options.onIteration?.(it + 1, warmup + iterations);
     }
   } finally {
     if (s.payload !== "bf16") { for (const t of combineInput) t[Symbol.dispose](); }
-    for (const d of first) d[Symbol.dispose]();
+    for (const d of [...first, ...firstDirect ?? []]) d[Symbol.dispose]();
   }
   const dispatchBytes = receivedPerRank.map((n) => n * rowBytes(s.payload, s.hidden));
   const combineBytes = receivedPerRank.map((n) => n * rowBytes("bf16", s.hidden));
   const operations = [...ops.values()].map((o) => ({
     ...o,
-    rankBytes: o.op === "combine" ? combineBytes : dispatchBytes,
+    rankBytes: o.op.startsWith("combine") ? combineBytes : dispatchBytes,
   }));
-  return { receivedPerRank, operations, network };
+  return { receivedPerRank, operations, network: direct ? [...network.values()] : undefined };
 }
 
 async function runLowLatency({ group, s, buffers, inputs, iterations, warmup, options }: Setup): Promise<Measured> {

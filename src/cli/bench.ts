@@ -36,7 +36,8 @@ const USAGE = `deno task bench [options]
 ${SCENARIOS.map((s) => `                       ${s.name}: ${s.about}`).join("\n")}
   --ranks N          override the scenarios' rank count
   --tokens N         override tokens per rank
-  --ranks-per-node K virtual nodes of K ranks: dispatch crosses the (emulated) network in two hops
+  --ranks-per-node K virtual nodes of K ranks: two hops across the (emulated) network, next to the
+                     hierarchical combine and the direct path (what the two hops save)
   --nic GBPS,US      the emulated NIC between nodes (host backend): GB/s per rank, one-way microseconds
   --routing R        uniform, zipf:S, hot:P (expert 0 in a share P of the tokens) or group:G:M
                      (DeepSeek-V3's group-limited routing: M of G expert groups per token)
