@@ -2,6 +2,7 @@
 
 import assert from "node:assert/strict";
 import { ABI_VERSION } from "../ffi/symbols.ts";
+import { acrossNodesFindings } from "../src/cli/doctor_nodes.ts";
 
 const root = new URL("..", import.meta.url).pathname;
 const run = (args: string[]) =>
@@ -34,12 +35,66 @@ Deno.test("doctor: one verdict per line, covering the library, backends, NCCL an
       /CUDA/,
       /NCCL/,
       /\/dev\/shm/,
+      /^NOTE +across nodes: /,
+      /libibverbs/,
       /^OK +rendezvous: /,
     ]
   ) {
     assert.ok(lines.some((l) => topic.test(l)), `${topic} in:\n${text(o)}`);
   }
   assert.equal(o.code, lines.some((l) => l.startsWith("FIX")) ? 1 : 0);
+});
+
+Deno.test("doctor across nodes: NICs, their ports, libibverbs and GPU-NIC affinity, from sysfs", async (t) => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const put = async (path: string, text: string) => {
+      await Deno.mkdir(`${dir}/${path.slice(0, path.lastIndexOf("/"))}`, { recursive: true });
+      await Deno.writeTextFile(`${dir}/${path}`, text + "\n");
+    };
+    const roots = { sys: `${dir}/sys`, proc: `${dir}/proc` };
+    await t.step("no NIC: said so; libibverbs missing is then only a note", () => {
+      const f = acrossNodesFindings(roots, () => ({ ok: false, reason: "not found" }));
+      assert.match(f[0].text, /^across nodes: two hops on the host backend/);
+      assert.ok(f.some((x) => x.level === "NOTE" && /no device in .*class\/infiniband/.test(x.text)));
+      assert.ok(f.some((x) => x.level === "NOTE" && /libibverbs.so.1 does not load/.test(x.text)));
+    });
+    // Two NICs on NUMA nodes 0 and 1 (one port down), two GPUs on nodes 1 and 2.
+    await put("sys/class/infiniband/mlx5_0/device/numa_node", "0");
+    await put("sys/class/infiniband/mlx5_0/ports/1/state", "4: ACTIVE");
+    await put("sys/class/infiniband/mlx5_0/ports/1/link_layer", "InfiniBand");
+    await put("sys/class/infiniband/mlx5_0/ports/1/rate", "400 Gb/sec (4X NDR)");
+    await put("sys/class/infiniband/mlx5_1/device/numa_node", "1");
+    await put("sys/class/infiniband/mlx5_1/ports/1/state", "1: DOWN");
+    await put("sys/class/infiniband/mlx5_1/ports/1/link_layer", "Ethernet");
+    await put("sys/class/infiniband/mlx5_1/ports/1/rate", "200 Gb/sec (4X HDR)");
+    await put("proc/driver/nvidia/gpus/0000:1A:00.0/information", "Model: H200");
+    await put("sys/bus/pci/devices/0000:1a:00.0/numa_node", "1");
+    await put("proc/driver/nvidia/gpus/0000:9B:00.0/information", "Model: H200");
+    await put("sys/bus/pci/devices/0000:9b:00.0/numa_node", "2");
+    await t.step("two NICs, two GPUs: ports, states, and which NIC shares each GPU's NUMA node", () => {
+      const f = acrossNodesFindings(roots, () => ({ ok: false, reason: "libibverbs.so.1: cannot open" }));
+      const line = (re: RegExp) => f.find((x) => re.test(x.text));
+      assert.equal(
+        line(/mlx5_0/)?.text,
+        "RDMA NIC mlx5_0 (NUMA node 0): port 1 ACTIVE InfiniBand 400 Gb/sec (4X NDR)",
+      );
+      assert.equal(line(/mlx5_0/)?.level, "OK");
+      assert.equal(line(/RDMA NIC mlx5_1/)?.level, "NOTE");
+      assert.match(line(/RDMA NIC mlx5_1/)!.text, /port 1 DOWN Ethernet .*; no port is ACTIVE/);
+      assert.equal(line(/libibverbs/)?.level, "FIX");
+      assert.match(line(/libibverbs/)!.text, /install rdma-core/);
+      assert.equal(line(/GPU 0000:1A:00.0/)?.text, "GPU 0000:1A:00.0 (NUMA node 1): RDMA NICs on its node: mlx5_1");
+      assert.equal(line(/GPU 0000:9B:00.0/)?.level, "NOTE");
+      assert.match(line(/GPU 0000:9B:00.0/)!.text, /no RDMA NIC on its NUMA node/);
+      assert.equal(
+        acrossNodesFindings(roots, () => ({ ok: true })).find((x) => /libibverbs/.test(x.text))?.level,
+        "OK",
+      );
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 Deno.test("launch: usage errors exit 2 with the usage line", async () => {

@@ -14,6 +14,7 @@ import { findNccl, NCCL_ENV, ncclNotFound, ncclVersionString, probeNccl } from "
 import { check, native } from "../native.ts";
 import { denoEnv } from "../dist_env.ts";
 import { jobSecretPlace } from "../job_secret.ts";
+import { acrossNodesFindings } from "./doctor_nodes.ts";
 
 /** One finding. */
 export interface Finding {
@@ -128,6 +129,8 @@ export async function diagnose(): Promise<Finding[]> {
       text: `NCCL: ${ncclNotFound(wheel ? [...tried, probeNccl(wheel)] : tried)}. Within one node nothing needs it.`,
     });
   }
+
+  out.push(...acrossNodesFindings());
 
   const host = HostInfo.create();
   check(native().sy_host_info_get(host.bytes), null, "host info");
