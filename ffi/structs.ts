@@ -255,6 +255,8 @@ export const BufferOptions = new StructLayout(
     ["enable_masking", "u32"],
     ["ranks_per_node", "i32"],
     ["internode_path", "i32"],
+    ["network_ring_entries", "i32"],
+    ["reserved", "i32"],
   ] as const,
 );
 
@@ -277,6 +279,8 @@ export const BufferPlan = new StructLayout(
     ["net_record_bytes", "i32"],
     ["net_partial_bytes", "i32"],
     ["net_region_bytes", "u64"],
+    ["net_result_bytes", "i32"],
+    ["net_ring_entries", "i32"],
   ] as const,
 );
 
@@ -522,6 +526,8 @@ export const BufferShare = new StructLayout(
     ["name", "chars:256"],
     ["ranks_per_node", "i32"],
     ["internode_path", "i32"],
+    ["network_ring_entries", "i32"],
+    ["reserved", "i32"],
   ] as const,
 );
 

@@ -152,10 +152,10 @@ function passes(): Pass[] {
   if (chosen.includes("host-nodes")) {
     out.push({
       name: "host-nodes",
-      what: "the normal-mode suite with every group of more than two ranks split into virtual nodes of two " +
-        "(dispatch in two hops: the results must not change)",
+      what: "the normal-mode suite with every group of more than two ranks split into virtual nodes of two, " +
+        "their network rings 3 entries long (two hops that wrap their rings: the results must not change)",
       files: NORMAL_MODE_SUITE,
-      env: { SWITCHYARD_TEST_RANKS_PER_NODE: "2", ...faultJobs(10, 400) },
+      env: { SWITCHYARD_TEST_RANKS_PER_NODE: "2", SWITCHYARD_TEST_NETWORK_RING: "3", ...faultJobs(10, 400) },
     });
   }
   if (chosen.includes("cuda-gpu")) {

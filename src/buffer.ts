@@ -63,6 +63,13 @@ export interface EpBufferOptions {
    * two hops save network bytes on. Every rank must pass the same.
    */
   readonly internodePath?: InternodePath;
+  /**
+   * Two hops: entries of each network ring (one ring per sender node at every rank; a sender puts
+   * entry i once entry i - networkRingEntries has been taken). Default: DeepEP's receive chunk
+   * for the rank count (128 up to 160 ranks); at most `maxTokensPerRank` are used. Every rank
+   * must pass the same.
+   */
+  readonly networkRingEntries?: number;
 }
 
 /** How a two-hop combine reduces across nodes: see {@linkcode CombineOptions.internodeReduction}. */
@@ -278,7 +285,8 @@ export class EpBuffer extends NativeResource {
       .set("timeout_ms", integerArg("timeoutMs", options.timeoutMs ?? 0, 0, 2 ** 40))
       .set("ll_num_experts", lowLatencyExperts(options.lowLatency))
       .set("enable_masking", flag("enableMasking", options.enableMasking))
-      .set("internode_path", choiceArg("internodePath", options.internodePath, INTERNODE_PATHS));
+      .set("internode_path", choiceArg("internodePath", options.internodePath, INTERNODE_PATHS))
+      .set("network_ring_entries", integerArg("networkRingEntries", options.networkRingEntries ?? 0, 0, 2 ** 24));
     const out = new OutHandle();
     check(native().sy_buffer_create(rank.pointer, opts.bytes, out.cell), rank.pointer, "buffer create");
     return new EpBuffer(out.take(), rank, options);
@@ -314,6 +322,7 @@ export class EpBuffer extends NativeResource {
       name: s.string("name"),
       ranksPerNode: s.number("ranks_per_node"),
       internodePath: s.number("internode_path"),
+      networkRingEntries: s.number("network_ring_entries"),
     });
   }
 
@@ -332,7 +341,8 @@ export class EpBuffer extends NativeResource {
       .set("ll_num_experts", integerArg("share.lowLatencyExperts", v.lowLatencyExperts, 0, 2 ** 31 - 1))
       .set("bytes", BigInt(integerArg("share.bytes", v.bytes, 0, Number.MAX_SAFE_INTEGER)))
       .set("ranks_per_node", integerArg("share.ranksPerNode", v.ranksPerNode, 1, 2 ** 31 - 1))
-      .set("internode_path", integerArg("share.internodePath", v.internodePath ?? 0, 0, INTERNODE_PATHS.length - 1));
+      .set("internode_path", integerArg("share.internodePath", v.internodePath ?? 0, 0, INTERNODE_PATHS.length - 1))
+      .set("network_ring_entries", integerArg("share.networkRingEntries", v.networkRingEntries ?? 0, 0, 2 ** 24));
     if (typeof v.name !== "string" || v.name.length >= 256) {
       throw new SwitchyardError("INVALID_ARGUMENT", "share.name: expected a segment name", { argument: "share.name" });
     }

@@ -67,11 +67,15 @@ export interface BufferPlan {
   /** One network record of the two-hop dispatch (0 on one node). */
   readonly networkRecordBytes: number;
   /**
-   * One partial sum of the two-hop combine (0 on one node): float channels and top-k weights,
-   * what a node passes to the next node a token visits.
+   * What one partial sum of the two-hop combine puts on the network (0 on one node): a header,
+   * float channels and top-k weights, what a node passes to the next node a token visits.
    */
   readonly networkPartialBytes: number;
-  /** Bytes of the network region of the two hops (0 on one node). */
+  /** What one result (or hierarchical partial) of the two-hop combine puts on the network: a header and a combine row. */
+  readonly networkResultBytes: number;
+  /** Entries of each network ring: one ring per sender node at every rank (0 on one node). */
+  readonly networkRingEntries: number;
+  /** Bytes of the network rings of the two hops (0 on one node). */
   readonly networkRegionBytes: number;
 }
 
@@ -90,6 +94,8 @@ export function planFromStruct(p: ReturnType<typeof PlanStruct.create>): BufferP
     lowLatencyCombineRowBytes: p.number("ll_combine_row_bytes"),
     networkRecordBytes: p.number("net_record_bytes"),
     networkPartialBytes: p.number("net_partial_bytes"),
+    networkResultBytes: p.number("net_result_bytes"),
+    networkRingEntries: p.number("net_ring_entries"),
     networkRegionBytes: p.number("net_region_bytes"),
   };
 }
@@ -108,6 +114,8 @@ export interface BufferSizeQuery {
   readonly ranksPerNode?: number;
   /** How the buffer crosses nodes (default two hops; direct needs no network region). */
   readonly internodePath?: InternodePath;
+  /** Entries of each network ring (default: DeepEP's for the rank count). */
+  readonly networkRingEntries?: number;
 }
 
 /** How much memory a buffer with these settings takes per rank (the library's own plan). */
@@ -118,7 +126,8 @@ export function bufferSizeHint(query: BufferSizeQuery): BufferPlan {
     .set("ll_num_experts", integerArg("lowLatencyExperts", query.lowLatencyExperts ?? 0, 0, 2 ** 31 - 1));
   const ranks = integerArg("ranks", query.ranks, 1, 1024);
   opts.set("ranks_per_node", integerArg("ranksPerNode", query.ranksPerNode ?? ranks, 1, ranks))
-    .set("internode_path", choiceArg("internodePath", query.internodePath, INTERNODE_PATHS));
+    .set("internode_path", choiceArg("internodePath", query.internodePath, INTERNODE_PATHS))
+    .set("network_ring_entries", integerArg("networkRingEntries", query.networkRingEntries ?? 0, 0, 2 ** 24));
   const out = PlanStruct.create();
   check(
     native().sy_plan_buffer(opts.bytes, ranks, out.bytes),

@@ -179,7 +179,7 @@ Deno.test("across nodes: the benchmark counts what crossed the network, two hops
   for (
     const [op, records, bytes] of [
       ["dispatch (exact)", want.otherNodes, plan.networkRecordBytes],
-      ["combine (hierarchical)", want.partials, plan.combineRowBytes],
+      ["combine (hierarchical)", want.partials, plan.networkResultBytes],
       ["dispatch (exact, direct)", want.otherRanks, plan.recordBytes],
       ["combine (direct)", want.rowsBack, plan.combineRowBytes],
     ] as const

@@ -191,6 +191,16 @@ export function testRanksPerNode(ranks: number): number | undefined {
 }
 
 /**
+ * The network rings' entries the shared fixture's buffers take: `SWITCHYARD_TEST_NETWORK_RING`
+ * (the `host-nodes` pass of scripts/test.ts sets a few, so that the rings wrap and senders wait
+ * for credit in every test), else the library's default.
+ */
+export function testNetworkRingEntries(): number | undefined {
+  const n = Number(Deno.env.get("SWITCHYARD_TEST_NETWORK_RING") ?? 0);
+  return Number.isInteger(n) && n > 0 ? n : undefined;
+}
+
+/**
  * Creates a group of `ranks` (on {@linkcode testBackend}, in nodes of `ranksPerNode`, by default
  * {@linkcode testRanksPerNode}'s) with
  * buffers sized for `maxTokens` tokens of `hidden`, and the `extra` buffer options (low-latency
@@ -210,7 +220,12 @@ export async function fixture(
     timeoutMs,
     ranksPerNode: ranksPerNode ?? testRanksPerNode(ranks),
   });
-  const buffers = await group.createBuffers({ ...extra, hidden, maxTokensPerRank: Math.max(maxTokens, 1) });
+  const buffers = await group.createBuffers({
+    networkRingEntries: testNetworkRingEntries(),
+    ...extra,
+    hidden,
+    maxTokensPerRank: Math.max(maxTokens, 1),
+  });
   return {
     group,
     buffers,

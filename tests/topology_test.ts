@@ -182,8 +182,15 @@ function combineTraffic(
 }
 
 Deno.test("two hops: dispatch puts one record per (token, other node) on the network, combine the chain's partials and results", async (t) => {
-  for (const ranksPerNode of [4, 2, 1]) {
-    await t.step(`8 ranks as ${8 / ranksPerNode} nodes of ${ranksPerNode}`, async () => {
+  // Rings of one entry (every put waits for the previous one to be taken), a few, and the default.
+  for (
+    const [ranksPerNode, networkRingEntries] of [[4, undefined], [4, 1], [2, 3], [2, undefined], [1, 2]] as [
+      number,
+      number | undefined,
+    ][]
+  ) {
+    const ring = networkRingEntries ? `rings of ${networkRingEntries}` : "default rings";
+    await t.step(`8 ranks as ${8 / ranksPerNode} nodes of ${ranksPerNode}, ${ring}`, async () => {
       const s: Scenario = {
         ranks: 8,
         tokens: [40, 3, 0, 27, 33, 18, 40, 9],
@@ -208,8 +215,9 @@ Deno.test("two hops: dispatch puts one record per (token, other node) on the net
         return n;
       });
       assert.ok(ranksPerNode === 8 || records.some((n) => n > 0));
-      using fx = await fixture(s.ranks, s.hidden, 40, 20000, {}, ranksPerNode);
+      using fx = await fixture(s.ranks, s.hidden, 40, 20000, { networkRingEntries }, ranksPerNode);
       const plan = fx.buffers[0].plan;
+      if (ranksPerNode < 8) assert.equal(plan.networkRingEntries, networkRingEntries ?? 40);
       // The CUDA backend moves rows in one hop so far: nothing on the network.
       const twoHop = backend === "host";
       const stats = () => fx.buffers.map((b) => b.networkStats());
@@ -276,7 +284,7 @@ Deno.test("two hops: dispatch puts one record per (token, other node) on the net
             });
             assertTraffic(before, (r) => ({
               records: chain.partials[r] + chain.results[r],
-              bytes: chain.partials[r] * plan.networkPartialBytes + chain.results[r] * plan.combineRowBytes,
+              bytes: chain.partials[r] * plan.networkPartialBytes + chain.results[r] * plan.networkResultBytes,
             }), `${internodeReduction} combine${biased ? " with a bias" : ""}`);
           }
         } finally {

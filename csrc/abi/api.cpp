@@ -607,8 +607,18 @@ static sy_buffer_plan plan_to_c(const core::BufferPlan& p) {
   v.ll_combine_row_bytes = p.ll.row_bytes;
   v.net_record_bytes = p.net_record_bytes;
   v.net_partial_bytes = p.net_partial_bytes;
+  v.net_result_bytes = p.net_result_bytes;
+  v.net_ring_entries = p.net_ring_entries;
   v.net_region_bytes = p.net_region_bytes;
   return v;
+}
+
+static core::NetworkOptions network_options(const sy_buffer_options& o, int32_t ranks_per_node) {
+  core::NetworkOptions n;
+  n.ranks_per_node = ranks_per_node;
+  n.direct = o.internode_path == SY_INTERNODE_DIRECT;
+  n.ring_entries = o.network_ring_entries;
+  return n;
 }
 
 static Error check_internode_path(const sy_buffer_options& o) {
@@ -624,8 +634,8 @@ SY_API sy_status sy_plan_buffer(const sy_buffer_options* options, int32_t ranks,
     SY_TRY(read_struct(options, "options", &o, SY_BUFFER_OPTIONS_V1_SIZE));
     core::BufferPlan p;
     SY_TRY(check_internode_path(o));
-    SY_TRY(from_problem(core::plan_buffer(ranks, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &p, o.ranks_per_node,
-                                          o.internode_path == SY_INTERNODE_DIRECT)));
+    SY_TRY(from_problem(core::plan_buffer(ranks, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &p,
+                                          network_options(o, o.ranks_per_node))));
     return write_struct(out, plan_to_c(p), "out");
   });
 }
@@ -648,8 +658,8 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
     }
     core::BufferPlan plan;
     SY_TRY(from_problem(
-        core::plan_buffer(R, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &plan, g->ranks_per_node,
-                          o.internode_path == SY_INTERNODE_DIRECT)));
+        core::plan_buffer(R, o.hidden, o.max_tokens_per_rank, o.ll_num_experts, &plan,
+                          network_options(o, g->ranks_per_node))));
     if (o.num_sms != 0 && (o.num_sms < 2 || o.num_sms % 2 != 0 || o.num_sms > 1024)) {
       return invalid("numSms", "numSms: must be an even number of SMs in 2..1024 (half send, "
                                "half receive), got " + std::to_string(o.num_sms));
@@ -700,6 +710,7 @@ SY_API sy_status sy_buffer_create(sy_rank rank, const sy_buffer_options* options
                           : set->masking != buf->masking                              ? "enableMasking"
                           : set->timeout_ms != buf->timeout_ms                        ? "timeoutMs"
                           : set->plan.direct != plan.direct                           ? "internodePath"
+                          : set->plan.net_ring_entries != plan.net_ring_entries       ? "networkRingEntries"
                                                                                       : nullptr;
         if (arg) {
           return invalid(arg, std::string(arg) + ": buffer " + std::to_string(n) + " of the other ranks has hidden " +
@@ -758,6 +769,7 @@ SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out) {
     copy_cstr(v.name, sizeof v.name, b->region->share_name);
     v.ranks_per_node = b->group->ranks_per_node;
     v.internode_path = b->plan.direct ? SY_INTERNODE_DIRECT : SY_INTERNODE_TWO_HOP;
+    v.network_ring_entries = b->plan.net_ring_entries;
     return write_struct(out, v, "out");
   });
 }
@@ -789,6 +801,12 @@ SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share
                                           (v.internode_path == SY_INTERNODE_DIRECT ? "directly" : "in two hops") +
                                           ", this rank " + (p.direct ? "directly" : "in two hops") +
                                           "; every rank must pass the same options");
+    }
+    if (v.network_ring_entries != p.net_ring_entries) {
+      return invalid("networkRingEntries", "networkRingEntries: rank " + std::to_string(v.rank) + "'s network rings hold " +
+                                               std::to_string(v.network_ring_entries) + " entries, this rank's " +
+                                               std::to_string(p.net_ring_entries) +
+                                               "; every rank must pass the same options");
     }
     if (v.hidden != p.hidden || v.max_tokens_per_rank != p.max_tokens_per_rank || v.ll_num_experts != p.ll.experts ||
         v.bytes != b->group->backend->shared_bytes(p, true)) {

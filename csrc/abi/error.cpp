@@ -19,13 +19,13 @@ Deadline Deadline::after_ms(int64_t ms) {
 
 double Deadline::remaining_seconds() const { return at - now_seconds(); }
 
-Error timeout_error(const core::WaitFailure& w, const std::string& what) {
+Error timeout_error(const core::WaitFailure& w, const std::string& what, const char* counter) {
   char buf[768];
   if (w.peer >= 0) {
     std::snprintf(buf, sizeof buf,
-                  "rank %d timed out after %.3f s waiting for rank %d in %s (%s; its flag: "
+                  "rank %d timed out after %.3f s waiting for rank %d in %s (%s; %s: "
                   "expected %lld, saw %lld)",
-                  w.rank, w.waited_seconds, w.peer, core::wait_role_name(w.role), what.c_str(),
+                  w.rank, w.waited_seconds, w.peer, core::wait_role_name(w.role), what.c_str(), counter,
                   (long long)w.expected, (long long)w.observed);
   } else {
     std::snprintf(buf, sizeof buf, "rank %d timed out after %.3f s waiting for %s (%s)", w.rank,

@@ -66,6 +66,7 @@ double now_seconds();
 inline int64_t outer_timeout_ms(int64_t ms) { return 2 * ms + 1000; }
 
 // A timeout error with a message that names the waiter, the peer and the counter.
-Error timeout_error(const core::WaitFailure& w, const std::string& what);
+// `counter` names what expected/observed count.
+Error timeout_error(const core::WaitFailure& w, const std::string& what, const char* counter = "its flag");
 
 }  // namespace sy

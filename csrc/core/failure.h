@@ -34,9 +34,9 @@ inline const char* wait_role_name(WaitRole r) {
     case WaitRole::BufferPeers: return "the peers' matching buffers";
     case WaitRole::LLDispatch: return "low-latency dispatch (messages)";
     case WaitRole::LLCombine: return "low-latency combine (expert outputs)";
-    case WaitRole::DispatchNetwork: return "two-hop dispatch, the network hop (the source's records for this node)";
+    case WaitRole::DispatchNetwork: return "two-hop dispatch, the network hop (network records)";
     case WaitRole::DispatchForward: return "two-hop dispatch, the hop inside the node (the forwarder's records)";
-    case WaitRole::CombineNetwork: return "two-hop combine, the network hop (partial sums and results)";
+    case WaitRole::CombineNetwork: return "two-hop combine, the network hop (starts, partial sums and results)";
     default: return "nothing";
   }
 }

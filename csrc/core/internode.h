@@ -8,15 +8,29 @@
 // are for, as in the one-hop dispatch.
 //
 //   hop 1 (network)  s puts one network record per (token, destination node other than its own)
-//                    into forwarder f's region at net_offset(node_of(s), j), j counting s's
-//                    records for that node in token order; then s writes how many
-//                    (off_net_counts[s]) and raises f's off_net_epoch[s]. Its own node's records it
-//                    writes straight to their ranks, with off_forwarded[s] as a forwarder would.
-//   hop 2 (node)     f waits for the sources of its local index on every node, then copies each
-//                    record to the ranks of its node whose slot is >= 0, at
-//                    record_offset(s, slot), writes how many it delivered there
-//                    (off_forwarded[s], which the receiver checks against what s announced),
-//                    and raises their off_forward_epoch[f].
+//                    into the ring forwarder f keeps for s's node (lane 0), in token order, as
+//                    f's credit allows; it has announced how many (off_net_counts[s]) first. Its
+//                    own node's records it writes straight to their ranks, with off_forwarded[s]
+//                    as a forwarder would.
+//   hop 2 (node)     f takes each record as it arrives and copies it to the ranks of its node
+//                    whose slot is >= 0, at record_offset(s, slot); once it has taken all of every
+//                    source's, it writes how many it delivered from each (off_forwarded[s], which
+//                    the receiver checks against what s announced) and raises the flags of its
+//                    node's ranks (off_forward_epoch[f]).
+//
+// The network rings (BufferPlan::off_net): every rank keeps, per sender node, two rings of
+// net_ring_entries entries, written only by the rank of that node with its local index. The
+// sender counts its puts (off_net_tail, published once the NIC says they arrived), the receiver
+// what it has taken (off_net_credit, its credit back); entry i waits for entry i - entries to be
+// taken. Memory per rank: nodes x 2 x entries, whatever the token count (DeepEP's
+// num_max_rdma_chunked_recv_tokens; the default is its value for the rank count). Every rank runs
+// each operation as one loop that sends what has room, takes what has arrived, and sleeps only
+// when neither moved; a stall longer than the deadline names the peer and the hop.
+// Lane 0 carries what the receiver passes on (records; the chain's starts and partials), lane 1
+// what it keeps (results, hierarchical partials). Nothing can wait in a cycle: taking from lane 1
+// never waits; taking from lane 0 waits only for room towards a higher node (a partial) or in a
+// lane 1; the highest node's lane 0 entries go to lane 1 only. (With one lane, a start waiting
+// for room to a higher node could hold up the results that node needs taken to make room.)
 //
 // A network record is the token record of the one-hop dispatch (payload, scales, top-k ids and
 // weights, source token), then the slot the token takes at each rank of the destination node:
@@ -36,34 +50,30 @@
 //                    the token's source on its own node, at combine row
 //                    forwarded_row_index(source, writer) and the writer's slot; then raises the
 //                    combine flags of its node's ranks.
-//   starts (network) with biases, the source s folds them (0 + bias0 + bias1) and puts that
-//                    float partial to its forwarder on the token's first node, unless that is
-//                    its own; then it tells every forwarder whether it did (off_chain_starts)
-//                    and raises their off_chain_start_epoch.
-//   chain (network)  the forwarder f on node n, once the rows of its node, the starts and the
-//                    chains of the forwarders of lower nodes are in: for each token it forwards
-//                    (the own node's source is f itself), it starts from the start or from the
-//                    partial the previous node put, adds the rows of its node's ranks in
-//                    ascending order, and puts the float partial (channels and top-k weights) to
-//                    the forwarder of the next node, or, on the token's last node, rounds once
-//                    and puts the result (a combine row) to the source. It then raises
-//                    off_chain_epoch at the forwarders of every other node.
-//   results          the source waits for the chains of the higher nodes and takes its results.
+//   starts (network) every source tells the forwarders of its column on the other nodes whether
+//                    its tokens start from biases (off_chain_starts, off_chain_start_epoch); if
+//                    so it folds them (0 + bias0 + bias1) and puts that float partial, a start,
+//                    to the token's first node, unless that is its own.
+//   chain (network)  the forwarder f on node n, once the rows of its node are in, passes on each
+//                    token it forwards (the own node's source is f itself) when what it starts
+//                    from is there: the biases (its own tokens), zero, a start, or the partial the
+//                    previous node put. It adds the rows of its node's ranks in ascending order
+//                    and puts the float partial (channels and top-k weights) to the next node,
+//                    or, on the token's last node, rounds once and puts the result (a combine
+//                    row) home. The starts and partials come in lane 0, in the order their
+//                    senders made them; the results in lane 1, and the source stores them.
 //
-// Partials, starts and results for source s's token t go to the network region entry
-// net_offset(node_of(s), t) of their receiver; one entry is written at most once between
-// reads (a source that forwards its own token in mid-chain reads the partial before it raises
-// the flag that lets a later node put the result there). What crosses the network per token
-// with |V| nodes visited: |V| - 1 float partials, one BF16 result unless the source's own node
-// is the last, and one float start if biases are given and the first node is not the source's.
-// DeepEP's hierarchical combine sends |V| - 1 (or |V|) BF16 partials instead, in parallel; the
-// chain keeps the results independent of the split at twice the bytes per partial and one
-// network latency per node visited.
+// What crosses the network per token with |V| nodes visited: |V| - 1 float partials, one BF16
+// result unless the source's own node is the last, and one float start if biases are given and
+// the first node is not the source's. DeepEP's hierarchical combine sends |V| - 1 (or |V|) BF16
+// partials instead, in parallel; the chain keeps the results independent of the split at twice
+// the bytes per partial and one network latency per node visited (its first node's ranks send
+// the most).
 //
 // The hierarchical combine (sy_internode_reduction, per call; every rank must agree): each
 // forwarder folds its node's rows of a token from zero, rounds once to BF16 and puts that
-// partial (a combine row) home at entry net_offset(its node, t), all nodes at once; home folds
-// bias0, bias1, then the partials in node order, and rounds again. One network round, |V| - 1 or
+// partial (a combine row) home in lane 1, all nodes at once, each in its source's token order;
+// home folds bias0, bias1, then the partials in node order, token by token, and rounds again. One network round, |V| - 1 or
 // |V| BF16 partials; results that depend on the node split (one more rounding per node).
 //
 // The direct path (sy_internode_path, per buffer): no forwarding; every record and every combine

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "config.h"
+
 namespace sy::core {
 
 namespace {
@@ -57,7 +59,8 @@ Problem plan_low_latency(int32_t ranks, int32_t hidden, int32_t max_tokens, int3
 }  // namespace
 
 Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, int32_t ll_experts,
-                    BufferPlan* plan, int32_t ranks_per_node, bool direct) {
+                    BufferPlan* plan, const NetworkOptions& network) {
+  int32_t ranks_per_node = network.ranks_per_node;
   if (ranks < 1 || ranks > kMaxRanks) {
     return {"ranks", "ranks must be in 1.." + std::to_string(kMaxRanks) + ", got " +
                          std::to_string(ranks)};
@@ -79,7 +82,7 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   p.ranks = ranks;
   p.ranks_per_node = ranks_per_node;
   p.nodes = ranks / ranks_per_node;
-  p.direct = direct;
+  p.direct = network.direct;
   p.hidden = hidden;
   p.max_tokens_per_rank = max_tokens_per_rank;
   p.max_topk = kMaxTopk;
@@ -139,8 +142,12 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   o = align_up(o + 4 * R, kRegionAlignBytes);
   p.off_chain_starts = o;
   o = align_up(o + 4 * R, kRegionAlignBytes);
-  p.off_chain_epoch = o;
+  p.off_net_tail = o;
+  o = align_up(o + 4 * kNetLanes * R, kRegionAlignBytes);
+  p.off_net_credit_epoch = o;
   o = align_up(o + 4 * R, kRegionAlignBytes);
+  p.off_net_credit = o;
+  o = align_up(o + 4 * kNetLanes * R, kRegionAlignBytes);
   p.header_bytes = o;
 
   // The low-latency halves come right after the header: a backend that shares only the header
@@ -159,15 +166,24 @@ Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, 
   p.combine_region_bytes = R * uint64_t(max_tokens_per_rank) * uint64_t(p.combine_row_bytes);
   o = align_up(o + p.combine_region_bytes, kRegionAlignBytes);
   if (p.two_hop()) {
+    if (network.ring_entries < 0 || network.ring_entries > (1 << 24)) {
+      return {"networkRingEntries", "networkRingEntries must be in 0..16777216 (0: the default), got " +
+                                        std::to_string(network.ring_entries)};
+    }
+    const int32_t ring = network.ring_entries > 0 ? network.ring_entries : default_config(ranks).rdma_chunk_recv;
+    p.net_ring_entries = std::min(ring, max_tokens_per_rank);
     p.net_slots = p.record_bytes;
     p.net_chain_next = p.net_slots + 4 * ranks_per_node;
-    p.net_chain_first = p.net_chain_next + 4;
-    p.net_record_bytes = int32_t(align_up(uint64_t(p.net_chain_first) + 4, kAlignBytes));
+    p.net_chain_prev = p.net_chain_next + 4;
+    p.net_record_bytes = int32_t(align_up(uint64_t(p.net_chain_prev) + 4, kAlignBytes));
+    p.net_payload = kNetEntryHeaderBytes;
     p.net_partial_weights = int32_t(align_up(4 * uint64_t(hidden), kAlignBytes));
-    p.net_partial_bytes = int32_t(align_up(uint64_t(p.net_partial_weights) + 4 * uint64_t(kMaxTopk), kAlignBytes));
-    p.net_entry_bytes = std::max(std::max(p.net_record_bytes, p.net_partial_bytes), p.combine_row_bytes);
+    p.net_partial_bytes =
+        p.net_payload + int32_t(align_up(uint64_t(p.net_partial_weights) + 4 * uint64_t(kMaxTopk), kAlignBytes));
+    p.net_result_bytes = p.net_payload + p.combine_row_bytes;
+    p.net_entry_bytes = std::max({p.net_record_bytes, p.net_partial_bytes, p.net_result_bytes});
     p.off_net = o;
-    p.net_region_bytes = uint64_t(p.nodes) * uint64_t(max_tokens_per_rank) * uint64_t(p.net_entry_bytes);
+    p.net_region_bytes = uint64_t(p.nodes) * kNetLanes * uint64_t(p.net_ring_entries) * uint64_t(p.net_entry_bytes);
     o += p.net_region_bytes;
   }
   o = align_up(o, 4096);

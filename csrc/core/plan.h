@@ -26,6 +26,12 @@
 
 namespace sy::core {
 
+// The network's lanes (BufferPlan::off_net): 0 what the receiver passes on, 1 what it keeps.
+inline constexpr int kNetLanes = 2;
+// The header of a combine entry on the network: kind, source node, token, one spare word.
+inline constexpr int kNetEntryHeaderBytes = 16;
+enum class NetEntry : uint32_t { Start = 1, Partial = 2, Result = 3, NodePartial = 4 };
+
 // The low-latency double buffer. Consecutive low-latency calls alternate between two halves, so
 // one call's data survives the next call; a half holds, from its base:
 //
@@ -92,6 +98,8 @@ struct BufferPlan {
   // rank over the network, the baseline the two hops are measured against.
   bool direct = false;
   bool two_hop() const { return nodes > 1 && !direct; }
+  // Two hops: the entries of each network ring (one ring per sender node at every rank).
+  int32_t net_ring_entries = 0;
 
   // Token record (dispatch region), offsets within one record.
   int32_t record_bytes = 0;
@@ -117,37 +125,44 @@ struct BufferPlan {
   uint64_t off_send_counts = 0;     // i32[R][R]: row p = tokens p sends to every rank
   uint64_t off_expert_counts = 0;   // i32[R][kMaxExpertsPerRank]: row p = p's tokens per my expert
   uint64_t off_mask = 0;            // u32[R]: this rank's view of which peers are masked
-  // Across nodes (nodes > 1): the network hop of the two-hop dispatch (core/internode.h).
-  uint64_t off_net_epoch = 0;       // u32[R]: source p has put its network records of dispatch n here
-  uint64_t off_net_counts = 0;      // i32[R]: how many network records source p put here
+  // Across nodes, two hops (core/internode.h): the network rings' counters, and the forwarding.
+  uint64_t off_net_epoch = 0;       // u32[R]: operation n: the counters below from rank p are of it
+  uint64_t off_net_tail = 0;        // u32[kNetLanes][R]: entries rank p has put into its ring here
+  uint64_t off_net_counts = 0;      // i32[R]: dispatch: the network records rank p puts here in all
+  uint64_t off_net_credit_epoch = 0;  // u32[R]: operation n: off_net_credit from rank p is of it
+  uint64_t off_net_credit = 0;      // u32[kNetLanes][R]: entries rank p has taken from this rank's ring there
   uint64_t off_forward_epoch = 0;   // u32[R]: forwarder p has delivered its forwarded records of dispatch n
   uint64_t off_forwarded = 0;       // i32[R]: records of source p a forwarder delivered here (checked
                                     // against what p announced in off_send_counts)
-  // Across nodes: the network hop of the two-hop combine (core/internode.h, "the chain").
-  uint64_t off_chain_start_epoch = 0;  // u32[R]: rank p has put the starting sums of its tokens (biases)
-  uint64_t off_chain_starts = 0;       // u32[R]: 1 when rank p's starting sums carry biases
-  uint64_t off_chain_epoch = 0;        // u32[R]: rank p has put every partial sum and result it sends here
+  uint64_t off_chain_start_epoch = 0;  // u32[R]: combine n: rank p says whether its tokens start with biases
+  uint64_t off_chain_starts = 0;       // u32[R]: 1 when rank p's tokens start from biases it sends
   uint64_t header_bytes = 0;
 
   uint64_t off_dispatch = 0;
   uint64_t dispatch_region_bytes = 0;
   uint64_t off_combine = 0;
   uint64_t combine_region_bytes = 0;
-  // The network region (nodes > 1): [source node][max_tokens] entries from the rank of each node
-  // that has this rank's local index. Dispatch puts network records there (entry j: the source's
-  // j-th record for this node); combine puts partial sums and results (entry t: the source's
-  // token t). An entry is large enough for either.
-  //   network record  a token record, then the slot it takes at each rank of the destination node
-  //                   (-1: not for that rank), then the chain words: the next node the token
-  //                   visits (-1: none) and whether this node is its first
-  //   partial sum     float channels [hidden], float top-k weights [max_topk]
-  //   result          a combine row (BF16 channels, top-k weights), for the token's source
+  // The network region (two hops): per sender node, the rank of that node with this rank's local
+  // index, two rings (lanes) of net_ring_entries entries: lane 0 carries what the receiver passes
+  // on (dispatch records; the chain's starts and partials), lane 1 what it keeps (results,
+  // hierarchical partials), so that a receiver waiting to pass something on never holds up what
+  // it keeps (core/internode.h). Entry i of a lane goes to position i % net_ring_entries once the
+  // receiver has taken entry i - net_ring_entries (the sender's credit). An entry is large enough
+  // for each kind:
+  //   network record  (dispatch) a token record, then the slot it takes at each rank of the
+  //                   destination node (-1: not for that rank), then the chain words: the next and
+  //                   the previous node the token visits (-1: none)
+  //   combine entry   a 16-byte header (kind, the token's source node, the token), then
+  //     start, partial  float channels [hidden], float top-k weights [max_topk]
+  //     result          a combine row (BF16 channels, top-k weights)
   int32_t net_record_bytes = 0;
   int32_t net_slots = 0;
   int32_t net_chain_next = 0;
-  int32_t net_chain_first = 0;
-  int32_t net_partial_bytes = 0;
-  int32_t net_partial_weights = 0;
+  int32_t net_chain_prev = 0;
+  int32_t net_payload = 0;          // combine entries: where the payload starts
+  int32_t net_partial_weights = 0;  // from the payload
+  int32_t net_partial_bytes = 0;    // a start or partial entry, header included
+  int32_t net_result_bytes = 0;     // a result entry, header included
   int32_t net_entry_bytes = 0;
   uint64_t off_net = 0;
   uint64_t net_region_bytes = 0;
@@ -172,9 +187,14 @@ struct BufferPlan {
     return uint64_t(ranks - ranks_per_node) * uint64_t(max_tokens_per_rank) *
            uint64_t(record_bytes > combine_row_bytes ? record_bytes : combine_row_bytes);
   }
-  uint64_t net_offset(int src_node, int64_t entry) const {
-    return off_net + (uint64_t(src_node) * uint64_t(max_tokens_per_rank) + uint64_t(entry)) * uint64_t(net_entry_bytes);
+  // Where entry `i` (counted from 0 in each operation) of lane `lane` from sender node `node` lies.
+  uint64_t net_entry(int node, int lane, uint32_t i) const {
+    const uint64_t ring = uint64_t(node) * kNetLanes + uint64_t(lane);
+    return off_net + (ring * uint64_t(net_ring_entries) + uint64_t(i % uint32_t(net_ring_entries))) *
+                         uint64_t(net_entry_bytes);
   }
+  // A lane's counter of peer p in a header array of kNetLanes x R words.
+  uint64_t net_counter(uint64_t base, int lane, int p) const { return base + 4ull * (uint64_t(lane) * uint64_t(ranks) + uint64_t(p)); }
 };
 
 // The abort record a rank writes into every peer's header when it gives up on an operation, so
@@ -219,11 +239,18 @@ struct Problem {
   bool ok() const { return message.empty(); }
 };
 
-// Fills `plan` for a buffer of `ranks` ranks in nodes of `ranks_per_node` (0: one node), crossing
-// them `direct`ly or in two hops, with a low-latency region for `ll_experts` experts when that is
-// > 0; returns a Problem naming the offending option.
+// Fills `plan` for a buffer of `ranks` ranks spanning nodes as `network` says, with a low-latency
+// region for `ll_experts` experts when that is > 0; returns a Problem naming the offending option.
+// How a buffer spans nodes: ranks per node (0: one node), the direct path or two hops, and the
+// entries of each network ring (0: the default for the rank count, at most max_tokens_per_rank).
+struct NetworkOptions {
+  int32_t ranks_per_node = 0;
+  bool direct = false;
+  int32_t ring_entries = 0;
+};
+
 Problem plan_buffer(int32_t ranks, int32_t hidden, int32_t max_tokens_per_rank, int32_t ll_experts,
-                    BufferPlan* plan, int32_t ranks_per_node = 0, bool direct = false);
+                    BufferPlan* plan, const NetworkOptions& network = {});
 
 inline constexpr uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 

@@ -1,11 +1,18 @@
 // The two-hop normal mode of the host backend across nodes; core/internode.h has the protocol
-// and the reasons for it. Every put onto another node goes through the emulated NIC, which
-// counts it and, with a link model, delays the flag that follows it; the small header words
-// (counts, flags) go directly, as they do on one node.
+// and the reasons for it. Every put onto another node goes through the emulated NIC into a
+// bounded ring of the receiver (NetworkRings); the NIC counts it and, with a link model, delays
+// the counter that publishes it. The small header words (counts, flags) go directly, as they do
+// on one node.
+//
+// Each rank runs one loop per operation that never blocks on a single peer: it sends what its
+// receivers have room for, takes what has arrived, and sleeps on its doorbell only when neither
+// moved. Whatever waits for room passes things on towards higher nodes or to a ring that is
+// always drained, so some rank can always move (core/internode.h: why the rings cannot deadlock).
 #include "host_internode.h"
 
 #include <algorithm>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "../core/dtype.h"
@@ -17,13 +24,7 @@ namespace sy::host {
 
 namespace {
 
-// What a forwarder keeps of a two-hop dispatch for the combine of the same handle (a later
-// dispatch reuses the network region): per source node, one row per network record it forwarded.
-struct ForwardTable {
-  static constexpr int kToken = 0, kNext = 1, kFirst = 2, kSlots = 3;
-  int stride = 0;                           // kSlots + ranks per node
-  std::vector<std::vector<int32_t>> rows;   // [source node][record * stride + field]
-};
+constexpr int kPassOn = 0, kKeep = 1;  // the lanes (core::kNetLanes)
 
 std::string rank_name(int r) { return "rank " + std::to_string(r); }
 
@@ -42,11 +43,13 @@ struct Visits {
       if (at(k)) return k;
     return -1;
   }
-  int last() const {
-    for (int k = nodes - 1; k >= 0; --k)
+  // The last node before `node` the token visits (-1: none).
+  int prev(int node) const {
+    for (int k = node - 1; k >= 0; --k)
       if (at(k)) return k;
     return -1;
   }
+  int last() const { return prev(nodes); }
 };
 
 // [R] bytes: 1 for the ranks a wait is for.
@@ -56,104 +59,255 @@ Peers::WaitPolicy only(const std::vector<uint8_t>& ranks) {
   return p;
 }
 
+// What a forwarder keeps of a two-hop dispatch for the combine of the same handle (a later
+// dispatch reuses the rings): per source node, one row per network record it forwarded.
+struct ForwardTable {
+  static constexpr int kToken = 0, kNext = 1, kPrev = 2, kSlots = 3;
+  int stride = 0;                          // kSlots + ranks per node
+  std::vector<std::vector<int32_t>> rows;  // [source node][record * stride + field]
+};
+
+// This rank's side of the network rings in one operation: it puts entries into the rings its
+// column peers on other nodes keep for its node, and takes entries from the rings it keeps for
+// theirs. Indexed by the peer's node; lanes as in core::BufferPlan::off_net.
+class NetworkRings {
+ public:
+  NetworkRings(Peers& peers, EmulatedNic& nic)
+      : peers_(peers), nic_(nic), plan_(peers.plan()), me_(peers.rank()), P_(plan_.ranks_per_node),
+        my_node_(core::node_of(me_, P_)), sent_(size_t(plan_.nodes) * core::kNetLanes, 0),
+        published_(sent_), taken_(sent_), credited_(sent_) {}
+
+  int column(int node) const { return core::forwarder(node, me_, P_); }
+  uint32_t sent(int node, int lane) const { return sent_[at(node, lane)]; }
+  uint32_t taken(int node, int lane) const { return taken_[at(node, lane)]; }
+
+  // Starts the operation's counters at every column peer: tails and credits 0, then the epochs
+  // that make them this operation's (the counters before the epoch, so nobody reads a stale one).
+  void open() {
+    for (int n = 0; n < plan_.nodes; ++n) {
+      if (n == my_node_) continue;
+      const int c = column(n);
+      for (int lane = 0; lane < core::kNetLanes; ++lane) {
+        store_release(peers_.word(c, plan_.net_counter(plan_.off_net_tail, lane, me_)), 0u);
+        store_release(peers_.word(c, plan_.net_counter(plan_.off_net_credit, lane, me_)), 0u);
+      }
+      store_release(peers_.word(c, plan_.off_net_credit_epoch + 4ull * uint64_t(me_)), peers_.epoch());
+      peers_.signal(c, plan_.off_net_epoch);
+    }
+  }
+
+  // Sender: whether the ring of `node`'s column peer has room for one more entry of `lane`.
+  bool has_room(int node, int lane) const {
+    const uint32_t used = sent(node, lane) - credit(node, lane);
+    return used < uint32_t(plan_.net_ring_entries);
+  }
+  // Puts an entry (room checked first) into that ring.
+  void put(int node, int lane, const void* entry, size_t bytes) {
+    uint32_t& i = sent_[at(node, lane)];
+    nic_.put(peers_.base(column(node)) + plan_.net_entry(my_node_, lane, i), entry, bytes);
+    ++i;
+  }
+  // What `node`'s column peer has taken from its ring of `lane` (0 before it has said so).
+  uint32_t credit(int node, int lane) const {
+    const int c = column(node);
+    if (load_acquire(peers_.word(me_, plan_.off_net_credit_epoch + 4ull * uint64_t(c))) != peers_.epoch()) return 0;
+    return load_acquire(peers_.word(me_, plan_.net_counter(plan_.off_net_credit, lane, c)));
+  }
+
+  // Receiver: the next entry of `lane` from `node`'s column peer, or nullptr while it has not
+  // arrived. A counter that claims more than the ring holds is an error (it came from outside).
+  Error next(int node, int lane, const uint8_t** entry) {
+    *entry = nullptr;
+    const int c = column(node);
+    if (peers_.flag_from(c, plan_.off_net_epoch) != peers_.epoch()) return ok();
+    const uint32_t tail = load_acquire(peers_.word(me_, plan_.net_counter(plan_.off_net_tail, lane, c)));
+    const uint32_t have = tail - taken(node, lane);
+    if (have > uint32_t(plan_.net_ring_entries)) {
+      return fail(SY_ERROR_INTERNAL, rank_name(me_) + ": " + rank_name(c) + " claims " + std::to_string(have) +
+                                         " entries in a network ring of " + std::to_string(plan_.net_ring_entries));
+    }
+    if (have > 0) *entry = peers_.base(me_) + plan_.net_entry(node, lane, taken(node, lane));
+    return ok();
+  }
+  void take(int node, int lane) { ++taken_[at(node, lane)]; }
+
+  // Publishes what changed: the tails of the rings this rank put into (once the NIC says the
+  // entries would be there), then the credits of the rings it took from; rings the doorbells.
+  void publish() {
+    bool tails = false;
+    for (size_t i = 0; i < sent_.size(); ++i) tails = tails || sent_[i] != published_[i];
+    if (tails) nic_.arrived();
+    for (int n = 0; n < plan_.nodes; ++n) {
+      if (n == my_node_) continue;
+      const int c = column(n);
+      bool rang = false;
+      for (int lane = 0; lane < core::kNetLanes; ++lane) {
+        const size_t i = at(n, lane);
+        if (sent_[i] != published_[i]) {
+          store_release(peers_.word(c, plan_.net_counter(plan_.off_net_tail, lane, me_)), sent_[i]);
+          published_[i] = sent_[i];
+          rang = true;
+        }
+        if (taken_[i] != credited_[i]) {
+          store_release(peers_.word(c, plan_.net_counter(plan_.off_net_credit, lane, me_)), taken_[i]);
+          credited_[i] = taken_[i];
+          rang = true;
+        }
+      }
+      if (rang) peers_.ring(c);
+    }
+  }
+
+  // Whom a stalled loop waits for: `node`'s column peer, for room (its credit) or for entries.
+  Peers::Stall waiting_for_room(int node, int lane) const {
+    return {column(node), int64_t(sent(node, lane)) - plan_.net_ring_entries + 1, int64_t(credit(node, lane)),
+            "room in its network ring, entries it has taken"};
+  }
+  Peers::Stall waiting_for_entries(int node, int lane, int64_t expected) const {
+    return {column(node), expected, int64_t(taken(node, lane)), "its network entries, taken here"};
+  }
+
+ private:
+  size_t at(int node, int lane) const { return size_t(node) * core::kNetLanes + size_t(lane); }
+  Peers& peers_;
+  EmulatedNic& nic_;
+  const core::BufferPlan& plan_;
+  const int me_, P_, my_node_;
+  std::vector<uint32_t> sent_, published_, taken_, credited_;
+};
+
 }  // namespace
 
-void send_network_records(Peers& peers, int64_t num_tokens, const int32_t* slots, const RecordWriter& write_record) {
+Error exchange_network_records(Peers& peers, DispatchHandle& handle, int64_t num_tokens, const int32_t* slots,
+                               const RecordWriter& write_record) {
   const core::BufferPlan& plan = peers.plan();
-  const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node;
+  const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node, N = plan.nodes;
   const int my_node = core::node_of(me, P);
   EmulatedNic nic(peers.set().network[size_t(me)], peers.set().nic);
+  NetworkRings rings(peers, nic);
   std::vector<uint8_t> staged(size_t(plan.net_record_bytes));
   auto* staged_slots = reinterpret_cast<int32_t*>(staged.data() + plan.net_slots);
-  std::vector<int32_t> records(size_t(plan.nodes), 0);
+
+  // This rank's own node takes no network: its records go straight to their ranks.
   std::vector<int32_t> direct(size_t(P), 0);
+  std::vector<std::vector<int64_t>> tokens(static_cast<size_t>(N));  // per other node: the tokens going there
   for (int64_t t = 0; t < num_tokens; ++t) {
-    const Visits visits{slots + t * R, P, plan.nodes};
-    bool written = false;
-    for (int n = visits.next(-1), first = 1; n >= 0; n = visits.next(n), first = 0) {
-      for (int q = 0; q < P; ++q) staged_slots[q] = slots[t * R + n * P + q];
-      if (!written) write_record(staged.data(), t);
-      written = true;
-      if (n == my_node) {
-        for (int q = 0; q < P; ++q) {
-          if (staged_slots[q] < 0) continue;
-          std::memcpy(peers.base(n * P + q) + plan.record_offset(me, staged_slots[q]), staged.data(),
-                      size_t(plan.record_bytes));
-          ++direct[q];
-        }
+    const Visits v{slots + t * R, P, N};
+    for (int n = v.next(-1); n >= 0; n = v.next(n)) {
+      if (n != my_node) {
+        tokens[size_t(n)].push_back(t);
         continue;
       }
-      *reinterpret_cast<int32_t*>(staged.data() + plan.net_chain_next) = visits.next(n);
-      *reinterpret_cast<int32_t*>(staged.data() + plan.net_chain_first) = first;
-      const int f = core::forwarder(n, me, P);
-      nic.put(peers.base(f) + plan.net_offset(my_node, records[n]++), staged.data(), staged.size());
+      write_record(staged.data(), t);
+      for (int q = 0; q < P; ++q) {
+        const int32_t slot = slots[t * R + n * P + q];
+        if (slot < 0) continue;
+        std::memcpy(peers.base(n * P + q) + plan.record_offset(me, slot), staged.data(), size_t(plan.record_bytes));
+        ++direct[q];
+      }
     }
   }
   for (int q = 0; q < P; ++q) i32_at(peers.base(my_node * P + q), plan.off_forwarded)[me] = direct[q];
-  nic.arrived();
-  for (int n = 0; n < plan.nodes; ++n) {
-    const int f = core::forwarder(n, me, P);
-    i32_at(peers.base(f), plan.off_net_counts)[me] = records[n];
-    peers.signal(f, plan.off_net_epoch);
-  }
-}
+  for (int n = 0; n < N; ++n)
+    if (n != my_node) i32_at(peers.base(rings.column(n)), plan.off_net_counts)[me] = int32_t(tokens[size_t(n)].size());
+  rings.open();
 
-Error forward_network_records(Peers& peers, DispatchHandle& handle) {
-  const core::BufferPlan& plan = peers.plan();
-  const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node;
-  const int my_node = core::node_of(me, P);
-  std::vector<uint8_t> sources(size_t(R), 0);
-  // The sources this rank forwards for: the rank of each node with its own local index.
-  for (int n = 0; n < plan.nodes; ++n) sources[size_t(core::forwarder(n, me, P))] = 1;
-  SY_TRY(peers.wait_sources(plan.off_net_epoch, core::WaitRole::DispatchNetwork, only(sources)));
   auto table = std::make_shared<ForwardTable>();
   table->stride = ForwardTable::kSlots + P;
-  table->rows.resize(size_t(plan.nodes));
-  const int32_t* counts = i32_at(peers.base(me), plan.off_net_counts);
-  std::vector<int32_t> delivered(static_cast<size_t>(P), 0);
-  for (int n = 0; n < plan.nodes; ++n) {
-    const int src = core::forwarder(n, me, P);
-    if (n == my_node) continue;  // this rank itself: its own node's records went straight (hop 1)
-    std::fill(delivered.begin(), delivered.end(), 0);
-    const int32_t records = counts[src];
-    if (records < 0 || records > plan.max_tokens_per_rank) {
-      return fail(SY_ERROR_INTERNAL, rank_name(me) + ": " + rank_name(src) + " put " + std::to_string(records) +
-                                         " network records, more than a buffer holds");
+  table->rows.resize(size_t(N));
+  std::vector<int32_t> announced(size_t(N), -1);  // records each source node puts here (-1: not known yet)
+  std::vector<std::vector<int32_t>> delivered(size_t(N), std::vector<int32_t>(size_t(P), 0));
+
+  // Forwards one record of source node m: to each rank of this node it is for, at its slot.
+  auto forward = [&](int m, const uint8_t* rec) -> Error {
+    const int src = rings.column(m);
+    const uint32_t j = rings.taken(m, kPassOn);
+    const auto* rec_slots = reinterpret_cast<const int32_t*>(rec + plan.net_slots);
+    // Written by another process: what indexes a region is bounded before it is used.
+    const int32_t token = *reinterpret_cast<const int32_t*>(rec + plan.rec_src_idx);
+    const int32_t next = *reinterpret_cast<const int32_t*>(rec + plan.net_chain_next);
+    const int32_t prev = *reinterpret_cast<const int32_t*>(rec + plan.net_chain_prev);
+    const std::string record = "network record " + std::to_string(j) + " of " + rank_name(src);
+    if (token < 0 || token >= plan.max_tokens_per_rank || (next != -1 && (next <= my_node || next >= N)) ||
+        (prev != -1 && (prev < 0 || prev >= my_node))) {
+      return fail(SY_ERROR_INTERNAL, rank_name(me) + ": " + record + " names token " + std::to_string(token) +
+                                         ", next node " + std::to_string(next) + ", previous node " +
+                                         std::to_string(prev) + ": out of range");
     }
-    std::vector<int32_t>& rows = table->rows[size_t(n)];
-    rows.assign(size_t(records) * size_t(table->stride), 0);
-    for (int32_t j = 0; j < records; ++j) {
-      const uint8_t* rec = peers.base(me) + plan.net_offset(n, j);
-      const auto* rec_slots = reinterpret_cast<const int32_t*>(rec + plan.net_slots);
-      int32_t* row = rows.data() + size_t(j) * size_t(table->stride);
-      // Written by another process: what indexes a region is bounded before it is used.
-      const int32_t token = *reinterpret_cast<const int32_t*>(rec + plan.rec_src_idx);
-      const int32_t next = *reinterpret_cast<const int32_t*>(rec + plan.net_chain_next);
-      const int32_t first = *reinterpret_cast<const int32_t*>(rec + plan.net_chain_first);
-      const std::string record = "network record " + std::to_string(j) + " of " + rank_name(src);
-      if (token < 0 || token >= plan.max_tokens_per_rank || (next != -1 && (next <= my_node || next >= plan.nodes)) ||
-          (first != 0 && first != 1)) {
-        return fail(SY_ERROR_INTERNAL, rank_name(me) + ": " + record + " names token " + std::to_string(token) +
-                                           ", next node " + std::to_string(next) + ", first " + std::to_string(first) +
-                                           ": out of range");
+    std::vector<int32_t>& rows = table->rows[size_t(m)];
+    rows.insert(rows.end(), {token, next, prev});
+    for (int q = 0; q < P; ++q) {
+      const int32_t slot = rec_slots[q];
+      rows.push_back(slot < 0 ? -1 : slot);
+      if (slot < 0) continue;
+      if (slot >= plan.max_tokens_per_rank) {
+        return fail(SY_ERROR_INTERNAL, rank_name(me) + ": " + record + " names slot " + std::to_string(slot) +
+                                           ", beyond the " + std::to_string(plan.max_tokens_per_rank) +
+                                           " a buffer holds");
       }
-      row[ForwardTable::kToken] = token;
-      row[ForwardTable::kNext] = next;
-      row[ForwardTable::kFirst] = first;
-      for (int q = 0; q < P; ++q) {
-        const int32_t slot = rec_slots[q];
-        row[ForwardTable::kSlots + q] = slot < 0 ? -1 : slot;
-        if (slot < 0) continue;
-        if (slot >= plan.max_tokens_per_rank) {
-          return fail(SY_ERROR_INTERNAL, rank_name(me) + ": " + record + " names slot " + std::to_string(slot) +
-                                             ", beyond the " + std::to_string(plan.max_tokens_per_rank) +
-                                             " a buffer holds");
+      std::memcpy(peers.base(my_node * P + q) + plan.record_offset(src, slot), rec, size_t(plan.record_bytes));
+      ++delivered[size_t(m)][size_t(q)];
+    }
+    return ok();
+  };
+
+  std::vector<size_t> cursor(size_t(N), 0);  // per other node: tokens put so far
+  Peers::Stall stall;
+  SY_TRY(peers.progress(
+      core::WaitRole::DispatchNetwork,
+      [&](Peers::Step* step) -> Error {
+        bool moved = false, done = true;
+        stall = {};
+        for (int n = 0; n < N; ++n) {  // hop 1: this rank's records, as the receivers have room
+          const std::vector<int64_t>& list = tokens[size_t(n)];
+          for (; cursor[size_t(n)] < list.size() && rings.has_room(n, kPassOn); ++cursor[size_t(n)], moved = true) {
+            const int64_t t = list[cursor[size_t(n)]];
+            const Visits v{slots + t * R, P, N};
+            write_record(staged.data(), t);
+            for (int q = 0; q < P; ++q) staged_slots[q] = slots[t * R + n * P + q];
+            *reinterpret_cast<int32_t*>(staged.data() + plan.net_chain_next) = v.next(n);
+            *reinterpret_cast<int32_t*>(staged.data() + plan.net_chain_prev) = v.prev(n);
+            rings.put(n, kPassOn, staged.data(), staged.size());
+          }
+          if (cursor[size_t(n)] < list.size()) {
+            done = false;
+            if (stall.peer < 0) stall = rings.waiting_for_room(n, kPassOn);
+          }
         }
-        std::memcpy(peers.base(my_node * P + q) + plan.record_offset(src, slot), rec, size_t(plan.record_bytes));
-        ++delivered[q];
-      }
-    }
-    for (int q = 0; q < P; ++q) i32_at(peers.base(my_node * P + q), plan.off_forwarded)[src] = delivered[q];
+        for (int m = 0; m < N; ++m) {  // hop 2: the records this rank forwards, as they arrive
+          if (m == my_node) continue;
+          const int src = rings.column(m);
+          if (announced[size_t(m)] < 0 && peers.flag_from(src, plan.off_net_epoch) == peers.epoch()) {
+            const int32_t n = i32_at(peers.base(me), plan.off_net_counts)[src];
+            if (n < 0 || n > plan.max_tokens_per_rank) {
+              return fail(SY_ERROR_INTERNAL, rank_name(me) + ": " + rank_name(src) + " announced " +
+                                                 std::to_string(n) + " network records, more than a buffer holds");
+            }
+            announced[size_t(m)] = n;
+          }
+          for (const uint8_t* rec = nullptr; announced[size_t(m)] >= 0 &&
+                                             int64_t(rings.taken(m, kPassOn)) < announced[size_t(m)];) {
+            SY_TRY(rings.next(m, kPassOn, &rec));
+            if (!rec) break;
+            SY_TRY(forward(m, rec));
+            rings.take(m, kPassOn);
+            moved = true;
+          }
+          if (announced[size_t(m)] < 0 || int64_t(rings.taken(m, kPassOn)) < announced[size_t(m)]) {
+            done = false;
+            if (stall.peer < 0) stall = rings.waiting_for_entries(m, kPassOn, std::max(announced[size_t(m)], 0));
+          }
+        }
+        rings.publish();
+        *step = done ? Peers::Step::Done : moved ? Peers::Step::Moved : Peers::Step::Idle;
+        return ok();
+      },
+      [&] { return stall; }));
+
+  for (int m = 0; m < N; ++m) {
+    if (m == my_node) continue;
+    for (int q = 0; q < P; ++q)
+      i32_at(peers.base(my_node * P + q), plan.off_forwarded)[rings.column(m)] = delivered[size_t(m)][size_t(q)];
   }
   for (int q = 0; q < P; ++q) peers.signal(my_node * P + q, plan.off_forward_epoch);
   handle.backend_state = std::move(table);
@@ -179,46 +333,74 @@ Error wait_forwarders(Peers& peers) {
 
 namespace {
 
-// One token's float accumulator on its way along the chain: channels, then top-k weights, laid
-// out as a network partial (plan.net_partial_weights) so it is put as it is.
+// One token's float accumulator: channels, then top-k weights, laid out as a combine entry's
+// payload (plan.net_partial_weights) behind its header, so that it is put as it is.
 class Partial {
  public:
   Partial(const core::BufferPlan& plan, int hidden, int topk)
-      : plan_(plan), hidden_(hidden), topk_(topk), bytes_(size_t(plan.net_partial_bytes) / 4, 0.0f) {}
+      : plan_(plan), hidden_(hidden), topk_(topk), words_(size_t(plan.net_partial_bytes) / 4, 0) {}
 
-  void zero() { std::fill(bytes_.begin(), bytes_.end(), 0.0f); }
+  void zero() { std::fill(words_.begin() + kHeaderWords, words_.end(), 0u); }
   // The contract's start: 0 + bias0 + bias1, top-k weights from 0.
   void start(const Tensor* bias0, const Tensor* bias1, int64_t t) {
     zero();
     for (const Tensor* b : {bias0, bias1}) {
       if (!b) continue;
       const auto* v = reinterpret_cast<const uint16_t*>(b->element(t));
-      for (int c = 0; c < hidden_; ++c) bytes_[size_t(c)] += core::bf16_to_float(v[c]);
+      for (int c = 0; c < hidden_; ++c) channels()[c] += core::bf16_to_float(v[c]);
     }
   }
-  void load(const uint8_t* entry) { std::memcpy(bytes_.data(), entry, size_t(plan_.net_partial_bytes)); }
+  // A start or partial entry's payload.
+  void load(const uint8_t* entry) {
+    std::memcpy(channels(), entry + plan_.net_payload, size_t(plan_.net_partial_bytes - plan_.net_payload));
+  }
   // A combine row folded in: its BF16 channels and its top-k weights.
   void add_row(const uint8_t* row) {
     const auto* v = reinterpret_cast<const uint16_t*>(row + plan_.row_payload);
-    for (int c = 0; c < hidden_; ++c) bytes_[size_t(c)] += core::bf16_to_float(v[c]);
+    for (int c = 0; c < hidden_; ++c) channels()[c] += core::bf16_to_float(v[c]);
     const auto* wv = reinterpret_cast<const float*>(row + plan_.row_topk_weights);
-    float* acc_w = weights();
-    for (int k = 0; k < topk_; ++k) acc_w[k] += wv[k];
+    for (int k = 0; k < topk_; ++k) weights()[k] += wv[k];
   }
-  // Rounded once: the token's result, as a combine row.
+  // Rounded once, as a combine row.
   void result(uint8_t* row) const {
     auto* out = reinterpret_cast<uint16_t*>(row + plan_.row_payload);
-    for (int c = 0; c < hidden_; ++c) out[c] = core::float_to_bf16(bytes_[size_t(c)]);
+    for (int c = 0; c < hidden_; ++c) out[c] = core::float_to_bf16(channels()[c]);
     std::memcpy(row + plan_.row_topk_weights, weights(), 4 * size_t(topk_));
   }
-  const void* data() const { return bytes_.data(); }
+  // The whole entry: header (kind, source node, token), then the partial.
+  const void* entry(core::NetEntry kind, int node, int64_t t) {
+    words_[0] = uint32_t(kind);
+    words_[1] = uint32_t(node);
+    words_[2] = uint32_t(t);
+    words_[3] = 0;
+    return words_.data();
+  }
 
  private:
-  float* weights() { return bytes_.data() + plan_.net_partial_weights / 4; }
-  const float* weights() const { return bytes_.data() + plan_.net_partial_weights / 4; }
+  static constexpr int kHeaderWords = core::kNetEntryHeaderBytes / 4;
+  float* channels() { return reinterpret_cast<float*>(words_.data() + kHeaderWords); }
+  const float* channels() const { return reinterpret_cast<const float*>(words_.data() + kHeaderWords); }
+  float* weights() { return channels() + plan_.net_partial_weights / 4; }
+  const float* weights() const { return channels() + plan_.net_partial_weights / 4; }
   const core::BufferPlan& plan_;
   int hidden_, topk_;
-  std::vector<float> bytes_;
+  std::vector<uint32_t> words_;
+};
+
+// A result entry being written: header, then a combine row.
+struct ResultEntry {
+  explicit ResultEntry(const core::BufferPlan& plan) : plan(plan), bytes(size_t(plan.net_result_bytes)) {}
+  uint8_t* row() { return bytes.data() + plan.net_payload; }
+  const void* entry(core::NetEntry kind, int node, int64_t t) {
+    auto* w = reinterpret_cast<uint32_t*>(bytes.data());
+    w[0] = uint32_t(kind);
+    w[1] = uint32_t(node);
+    w[2] = uint32_t(t);
+    w[3] = 0;
+    return bytes.data();
+  }
+  const core::BufferPlan& plan;
+  std::vector<uint8_t> bytes;
 };
 
 // The source's results: BF16 channels into `out`, top-k weights into `out_weights`.
@@ -228,62 +410,74 @@ void store_result(const core::BufferPlan& plan, const uint8_t* row, CombineWork&
   for (int k = 0; k < w.topk; ++k) *w.out_topk_weights->at<float>(t, k) = wv[k];
 }
 
+// A token this rank forwards in a combine: its source node, its slots at this node's ranks,
+// and the nodes before and after this one on its way (-1: none).
+struct Forwarded {
+  int m = 0;
+  int64_t t = 0;
+  int prev = -1, next = -1;
+  const int32_t* slots = nullptr;  // [ranks per node]
+  bool done = false;
+};
+
 // What both reductions across nodes work with: this rank's place, the tokens it forwards (the
-// handle's forwarding table) and its own tokens' routing (the handle's slots).
+// handle's forwarding table, and its own tokens' routing), and the rings.
 struct CombineAcrossNodes {
   Peers& peers;
   CombineWork& w;
   const core::BufferPlan& plan = peers.plan();
   const int R = peers.num_ranks(), me = peers.rank(), P = plan.ranks_per_node, N = plan.nodes;
   const int my_node = core::node_of(me, P);
-  const ForwardTable* table = nullptr;
   const int32_t* slots = reinterpret_cast<const int32_t*>(w.handle->send_slot->data());
   const int64_t T = w.handle->num_tokens;
+  EmulatedNic nic{peers.set().network[size_t(me)], peers.set().nic};
+  NetworkRings rings{peers, nic};
+  std::vector<Forwarded> forwarded{};  // own node's tokens first, then each other source node's
+  std::unordered_map<int64_t, size_t> index{};  // (source node, token) -> forwarded
+  Partial acc{plan, w.hidden, w.topk};
+  ResultEntry result{plan};
 
   int column(int node) const { return core::forwarder(node, me, P); }  // this rank's peer on `node`
   Visits visits(int64_t t) const { return Visits{slots + t * R, P, N}; }
-  // [R] bytes for a wait: the ranks of this node; the columns of the nodes `pick` chooses.
-  std::vector<uint8_t> node_ranks() const {
-    std::vector<uint8_t> v(size_t(R), 0);
-    for (int q = 0; q < P; ++q) v[size_t(my_node * P + q)] = 1;
-    return v;
-  }
-  template <class Pick>
-  std::vector<uint8_t> columns(Pick pick) const {
-    std::vector<uint8_t> v(size_t(R), 0);
-    for (int k = 0; k < N; ++k)
-      if (k != my_node && pick(k)) v[size_t(column(k))] = 1;
-    return v;
-  }
-  // Adds this node's rows of a token of source node m to `acc`, ranks ascending.
-  template <class SlotOf>
-  void add_rows(Partial& acc, int m, SlotOf slot_of) const {
-    for (int q = 0; q < P; ++q) {
-      const int32_t slot = slot_of(q);
-      if (slot >= 0) acc.add_row(peers.base(me) + plan.combine_row_offset(m * P + q, slot));
+  int64_t key(int m, int64_t t) const { return int64_t(m) * plan.max_tokens_per_rank + t; }
+
+  Error load(const ForwardTable& table) {
+    for (int64_t t = 0; t < T; ++t) {
+      const Visits v = visits(t);
+      if (v.at(my_node)) forwarded.push_back({my_node, t, v.prev(my_node), v.next(my_node), slots + t * R + my_node * P});
     }
-  }
-  // Calls f(m, token, slot_of, first, next) for every token this rank forwards: its own node's
-  // tokens (m == my_node; `first` and `next` from its routing), then each other node's (from the
-  // table), in node order.
-  template <class F>
-  void for_each_forwarded(F f) const {
     for (int m = 0; m < N; ++m) {
-      if (m == my_node) {
-        for (int64_t t = 0; t < T; ++t) {
-          const Visits v = visits(t);
-          if (!v.at(my_node)) continue;
-          f(m, t, [&](int q) { return slots[t * R + my_node * P + q]; }, v.next(-1) == my_node, v.next(my_node));
-        }
-        continue;
-      }
-      const std::vector<int32_t>& rows = table->rows[size_t(m)];
-      for (size_t j = 0; j < rows.size(); j += size_t(table->stride)) {
+      if (m == my_node) continue;
+      const std::vector<int32_t>& rows = table.rows[size_t(m)];
+      for (size_t j = 0; j < rows.size(); j += size_t(table.stride)) {
         const int32_t* e = rows.data() + j;
-        f(m, int64_t(e[ForwardTable::kToken]), [e](int q) { return e[ForwardTable::kSlots + q]; },
-          e[ForwardTable::kFirst] != 0, e[ForwardTable::kNext]);
+        forwarded.push_back({m, e[ForwardTable::kToken], e[ForwardTable::kPrev], e[ForwardTable::kNext],
+                             e + ForwardTable::kSlots});
       }
     }
+    for (size_t i = 0; i < forwarded.size(); ++i) index[key(forwarded[i].m, forwarded[i].t)] = i;
+    return ok();
+  }
+  // Adds this node's rows of a forwarded token to `acc`, ranks ascending.
+  void add_rows(const Forwarded& f) {
+    for (int q = 0; q < P; ++q)
+      if (f.slots[q] >= 0) acc.add_row(peers.base(me) + plan.combine_row_offset(f.m * P + q, f.slots[q]));
+  }
+  // An entry of `lane` from `node` as this rank expects it: its kind, a token of a source node
+  // it forwards (or, `own`, one of its own), else a protocol error naming the sender.
+  Error check_entry(const uint8_t* e, int node, core::NetEntry kind, bool own, int* m, int64_t* t) const {
+    const auto* h = reinterpret_cast<const uint32_t*>(e);
+    *m = int(h[1]);
+    *t = int64_t(int32_t(h[2]));
+    const bool known = own ? (*m == my_node && *t >= 0 && *t < T) : index.count(key(*m, *t)) > 0;
+    if (h[0] == uint32_t(kind) && *m >= 0 && *m < N && *t >= 0 && *t < plan.max_tokens_per_rank && known) return ok();
+    return unexpected(e, node);
+  }
+  Error unexpected(const uint8_t* e, int node) const {
+    const auto* h = reinterpret_cast<const uint32_t*>(e);
+    return fail(SY_ERROR_INTERNAL, rank_name(me) + ": " + rank_name(column(node)) + " put a network entry of kind " +
+                                       std::to_string(h[0]) + " for token " + std::to_string(int32_t(h[2])) +
+                                       " of node " + std::to_string(h[1]) + ", which this rank does not expect now");
   }
 
   Error chain();
@@ -294,92 +488,164 @@ struct CombineAcrossNodes {
 
 Error combine_across_nodes(Peers& peers, CombineWork& w) {
   CombineAcrossNodes c{peers, w};
-  c.table = static_cast<const ForwardTable*>(w.handle->backend_state.get());
-  if (!c.table || int(c.table->rows.size()) != c.N) {
+  const auto* table = static_cast<const ForwardTable*>(w.handle->backend_state.get());
+  if (!table || int(table->rows.size()) != c.N) {
     return fail(SY_ERROR_INTERNAL, rank_name(c.me) + ": the handle holds no forwarding table of a two-hop dispatch");
   }
+  SY_TRY(c.load(*table));
   return w.internode_reduction == SY_INTERNODE_HIERARCHICAL ? c.hierarchical() : c.chain();
 }
 
 namespace {
 
 // The chain (core/internode.h): a token's float partial goes from node to node in ascending
-// order; the result is the one-node combine's bit for bit.
+// order; the last node rounds it and sends the result home. The result is the one-node
+// combine's bit for bit.
 Error CombineAcrossNodes::chain() {
   const bool biased = w.bias0 || w.bias1;
-  Partial acc(plan, w.hidden, w.topk);
-  std::vector<uint8_t> row(size_t(plan.combine_row_bytes));
-
-  // Starts: with biases, the partial a token begins with on its first node, unless that is ours.
-  {
-    EmulatedNic nic(peers.set().network[size_t(me)], peers.set().nic);
-    for (int64_t t = 0; biased && t < T; ++t) {
-      const int first = visits(t).next(-1);
-      if (first < 0 || first == my_node) continue;
-      acc.start(w.bias0.get(), w.bias1.get(), t);
-      nic.put(peers.base(column(first)) + plan.net_offset(my_node, t), acc.data(), size_t(plan.net_partial_bytes));
-    }
-    nic.arrived();
-    for (int k = 0; k < N; ++k) {
-      if (k == my_node) continue;
-      reinterpret_cast<uint32_t*>(peers.base(column(k)) + plan.off_chain_starts)[me] = biased ? 1 : 0;
-      peers.signal(column(k), plan.off_chain_start_epoch);
-    }
+  // Whether a source's tokens start from biases it sends (then their first node waits for them).
+  for (int k = 0; k < N; ++k) {
+    if (k == my_node) continue;
+    store_release(peers.word(column(k), plan.off_chain_starts + 4ull * uint64_t(me)), biased ? 1u : 0u);
+    peers.signal(column(k), plan.off_chain_start_epoch);
   }
+  std::vector<uint8_t> node(size_t(R), 0), others(size_t(R), 0);
+  for (int q = 0; q < P; ++q) node[size_t(my_node * P + q)] = 1;
+  for (int k = 0; k < N; ++k)
+    if (k != my_node) others[size_t(column(k))] = 1;
+  SY_TRY(peers.wait_sources(plan.off_combine_epoch, core::WaitRole::CombineNotify, only(node)));
+  SY_TRY(peers.wait_sources(plan.off_chain_start_epoch, core::WaitRole::CombineNetwork, only(others)));
+  const auto* starts = reinterpret_cast<const uint32_t*>(peers.base(me) + plan.off_chain_starts);
+  rings.open();
 
-  // The chain: this node's rows of every token this rank forwards, once the partials before them
-  // are in.
-  SY_TRY(peers.wait_sources(plan.off_combine_epoch, core::WaitRole::CombineNotify, only(node_ranks())));
-  SY_TRY(peers.wait_sources(plan.off_chain_start_epoch, core::WaitRole::CombineNetwork,
-                            only(columns([](int) { return true; }))));
-  SY_TRY(peers.wait_sources(plan.off_chain_epoch, core::WaitRole::CombineNetwork,
-                            only(columns([&](int k) { return k < my_node; }))));
-  {
-    uint8_t* base = peers.base(me);
-    const auto* starts = reinterpret_cast<const uint32_t*>(base + plan.off_chain_starts);
-    EmulatedNic nic(peers.set().network[size_t(me)], peers.set().nic);
-    // One token of source node m: start, or take the partial the previous node put; fold this
-    // node's rows in; pass it on, or round it and send it home.
-    for_each_forwarded([&](int m, int64_t t, auto slot_of, bool first, int next) {
-      if (first && m == my_node) {
-        acc.start(w.bias0.get(), w.bias1.get(), t);
-      } else if (first && !starts[column(m)]) {
-        acc.zero();
-      } else {
-        acc.load(base + plan.net_offset(m, t));
-      }
-      add_rows(acc, m, slot_of);
-      if (next >= 0) {
-        nic.put(peers.base(column(next)) + plan.net_offset(m, t), acc.data(), size_t(plan.net_partial_bytes));
-        return;
-      }
-      acc.result(row.data());
-      if (m == my_node) {
-        store_result(plan, row.data(), w, t);
-      } else {
-        nic.put(peers.base(column(m)) + plan.net_offset(m, t), row.data(), row.size());
-      }
-    });
-    nic.arrived();
-    for (int k = 0; k < N; ++k)
-      if (k != my_node) peers.signal(column(k), plan.off_chain_epoch);
-  }
-
-  // Results: what the last node of each token sent here, or the biases alone.
-  SY_TRY(peers.wait_sources(plan.off_chain_epoch, core::WaitRole::CombineNetwork,
-                            only(columns([&](int k) { return k > my_node; }))));
+  // What this rank sends on its own: the starts of its tokens whose first node is another, and
+  // the tokens it forwards that begin here (no partial to wait for). The rest it does as their
+  // partials arrive; and it keeps the results of its own tokens.
+  std::vector<int64_t> own_starts;
+  std::vector<size_t> begin_here;
+  std::vector<int64_t> expected(size_t(N) * core::kNetLanes, 0);  // [node][lane]: entries to take
   for (int64_t t = 0; t < T; ++t) {
-    const int last = visits(t).last();
-    if (last == my_node) continue;  // folded and stored in the chain
-    if (last < 0) {
+    const Visits v = visits(t);
+    const int first = v.next(-1), last = v.last();
+    if (first < 0) {  // goes nowhere: the biases alone
       acc.start(w.bias0.get(), w.bias1.get(), t);
-      acc.result(row.data());
-      store_result(plan, row.data(), w, t);
+      acc.result(result.row());
+      store_result(plan, result.row(), w, t);
+      continue;
+    }
+    if (biased && first != my_node) own_starts.push_back(t);
+    if (last != my_node) expected[size_t(last) * core::kNetLanes + kKeep] += 1;
+  }
+  for (size_t i = 0; i < forwarded.size(); ++i) {
+    const Forwarded& f = forwarded[i];
+    if (f.prev >= 0) {
+      expected[size_t(f.prev) * core::kNetLanes + kPassOn] += 1;
+    } else if (f.m != my_node && starts[column(f.m)]) {
+      expected[size_t(f.m) * core::kNetLanes + kPassOn] += 1;
     } else {
-      store_result(plan, peers.base(me) + plan.net_offset(my_node, t), w, t);
+      begin_here.push_back(i);
     }
   }
-  return ok();
+
+  // Folds this node's rows into the partial of forwarded token f and sends it on: to the next
+  // node, home as a result, or (its own token, here last) into the output. False: no room yet.
+  auto pass_on = [&](Forwarded& f) -> bool {
+    const int to = f.next >= 0 ? f.next : f.m;
+    const int lane = f.next >= 0 ? kPassOn : kKeep;
+    if (to != my_node && !rings.has_room(to, lane)) return false;
+    add_rows(f);
+    if (f.next >= 0) {
+      rings.put(to, lane, acc.entry(core::NetEntry::Partial, f.m, f.t), size_t(plan.net_partial_bytes));
+    } else {
+      acc.result(result.row());
+      if (f.m == my_node) {
+        store_result(plan, result.row(), w, f.t);
+      } else {
+        rings.put(to, lane, result.entry(core::NetEntry::Result, f.m, f.t), result.bytes.size());
+      }
+    }
+    f.done = true;
+    return true;
+  };
+
+  size_t next_start = 0, next_begin = 0;
+  Peers::Stall stall;
+  return peers.progress(
+      core::WaitRole::CombineNetwork,
+      [&](Peers::Step* step) -> Error {
+        bool moved = false, done = true;
+        stall = {};
+        for (; next_start < own_starts.size(); ++next_start, moved = true) {
+          const int64_t t = own_starts[next_start];
+          const int first = visits(t).next(-1);
+          if (!rings.has_room(first, kPassOn)) {
+            done = false;
+            stall = rings.waiting_for_room(first, kPassOn);
+            break;
+          }
+          acc.start(w.bias0.get(), w.bias1.get(), t);
+          rings.put(first, kPassOn, acc.entry(core::NetEntry::Start, my_node, t), size_t(plan.net_partial_bytes));
+        }
+        for (; next_begin < begin_here.size(); ++next_begin, moved = true) {
+          Forwarded& f = forwarded[begin_here[next_begin]];
+          if (f.m == my_node) {
+            acc.start(w.bias0.get(), w.bias1.get(), f.t);
+          } else {
+            acc.zero();
+          }
+          if (!pass_on(f)) {
+            done = false;
+            if (stall.peer < 0) stall = rings.waiting_for_room(f.next >= 0 ? f.next : f.m, f.next >= 0 ? kPassOn : kKeep);
+            break;
+          }
+        }
+        for (int k = 0; k < N; ++k) {
+          if (k == my_node) continue;
+          // Starts and partials from node k: fold and pass on, in the order they came.
+          for (const uint8_t* e = nullptr;
+               int64_t(rings.taken(k, kPassOn)) < expected[size_t(k) * core::kNetLanes + kPassOn];) {
+            SY_TRY(rings.next(k, kPassOn, &e));
+            if (!e) break;
+            int m;
+            int64_t t;
+            const auto kind = core::NetEntry(reinterpret_cast<const uint32_t*>(e)[0]);
+            SY_TRY(check_entry(e, k, kind == core::NetEntry::Start ? kind : core::NetEntry::Partial, false, &m, &t));
+            Forwarded& f = forwarded[index[key(m, t)]];
+            const bool from_here = kind == core::NetEntry::Start ? f.prev < 0 && f.m == k : f.prev == k;
+            if (f.done || !from_here) return unexpected(e, k);
+            acc.load(e);
+            if (!pass_on(f)) {
+              if (stall.peer < 0) stall = rings.waiting_for_room(f.next >= 0 ? f.next : f.m, f.next >= 0 ? kPassOn : kKeep);
+              break;
+            }
+            rings.take(k, kPassOn);
+            moved = true;
+          }
+          // Results of this rank's own tokens from node k: kept.
+          for (const uint8_t* e = nullptr;
+               int64_t(rings.taken(k, kKeep)) < expected[size_t(k) * core::kNetLanes + kKeep];) {
+            SY_TRY(rings.next(k, kKeep, &e));
+            if (!e) break;
+            int m;
+            int64_t t;
+            SY_TRY(check_entry(e, k, core::NetEntry::Result, true, &m, &t));
+            if (visits(t).last() != k) return unexpected(e, k);
+            store_result(plan, e + plan.net_payload, w, t);
+            rings.take(k, kKeep);
+            moved = true;
+          }
+          for (int lane = 0; lane < core::kNetLanes; ++lane) {
+            const int64_t want = expected[size_t(k) * core::kNetLanes + lane];
+            if (int64_t(rings.taken(k, lane)) >= want) continue;
+            done = false;
+            if (stall.peer < 0) stall = rings.waiting_for_entries(k, lane, want);
+          }
+        }
+        rings.publish();
+        *step = done ? Peers::Step::Done : moved ? Peers::Step::Moved : Peers::Step::Idle;
+        return ok();
+      },
+      [&] { return stall; });
 }
 
 // Hierarchical (DeepEP's way): each node folds its rows of a token from zero and sends that
@@ -387,38 +653,84 @@ Error CombineAcrossNodes::chain() {
 // node order, and rounds again. One network round and 2 bytes per channel, but the result
 // depends on how the ranks are split into nodes.
 Error CombineAcrossNodes::hierarchical() {
-  Partial acc(plan, w.hidden, w.topk);
-  std::vector<uint8_t> row(size_t(plan.combine_row_bytes));
-  SY_TRY(peers.wait_sources(plan.off_combine_epoch, core::WaitRole::CombineNotify, only(node_ranks())));
-  {
-    EmulatedNic nic(peers.set().network[size_t(me)], peers.set().nic);
-    // A partial from node k for source node m's token t lands at entry (k, t) of its source; the
-    // own node's stays here, at (my_node, t).
-    for_each_forwarded([&](int m, int64_t t, auto slot_of, bool, int) {
-      acc.zero();
-      add_rows(acc, m, slot_of);
-      uint8_t* home = peers.base(column(m)) + plan.net_offset(my_node, t);
-      if (m == my_node) {
-        acc.result(home);
-      } else {
-        acc.result(row.data());
-        nic.put(home, row.data(), row.size());
-      }
-    });
-    nic.arrived();
-    for (int k = 0; k < N; ++k)
-      if (k != my_node) peers.signal(column(k), plan.off_chain_epoch);
-  }
-  SY_TRY(peers.wait_sources(plan.off_chain_epoch, core::WaitRole::CombineNetwork,
-                            only(columns([](int) { return true; }))));
+  std::vector<uint8_t> node(size_t(R), 0);
+  for (int q = 0; q < P; ++q) node[size_t(my_node * P + q)] = 1;
+  SY_TRY(peers.wait_sources(plan.off_combine_epoch, core::WaitRole::CombineNotify, only(node)));
+  rings.open();
+
+  // Per source node: the tokens this rank forwards there, in order; home's own come from its
+  // rows when it folds them.
+  std::vector<std::vector<size_t>> to_home(static_cast<size_t>(N));
+  for (size_t i = 0; i < forwarded.size(); ++i)
+    if (forwarded[i].m != my_node) to_home[size_t(forwarded[i].m)].push_back(i);
+  std::vector<size_t> sent(size_t(N), 0);
+  std::vector<int64_t> expected(size_t(N), 0);  // per node: partials of this rank's tokens to take
   for (int64_t t = 0; t < T; ++t) {
     const Visits v = visits(t);
-    acc.start(w.bias0.get(), w.bias1.get(), t);
-    for (int k = v.next(-1); k >= 0; k = v.next(k)) acc.add_row(peers.base(me) + plan.net_offset(k, t));
-    acc.result(row.data());
-    store_result(plan, row.data(), w, t);
+    for (int k = v.next(-1); k >= 0; k = v.next(k))
+      if (k != my_node) expected[size_t(k)] += 1;
   }
-  return ok();
+  int64_t t = 0;  // home: the token being folded, and the node it needs next (-2: not begun)
+  int k_next = -2;
+  Partial home(plan, w.hidden, w.topk);
+  Peers::Stall stall;
+  return peers.progress(
+      core::WaitRole::CombineNetwork,
+      [&](Peers::Step* step) -> Error {
+        bool moved = false, done = true;
+        stall = {};
+        for (int m = 0; m < N; ++m) {  // this node's partials, home to each source node
+          const std::vector<size_t>& list = to_home[size_t(m)];
+          for (; sent[size_t(m)] < list.size() && rings.has_room(m, kKeep); ++sent[size_t(m)], moved = true) {
+            const Forwarded& f = forwarded[list[sent[size_t(m)]]];
+            acc.zero();
+            add_rows(f);
+            acc.result(result.row());
+            rings.put(m, kKeep, result.entry(core::NetEntry::NodePartial, m, f.t), result.bytes.size());
+          }
+          if (sent[size_t(m)] < list.size()) {
+            done = false;
+            if (stall.peer < 0) stall = rings.waiting_for_room(m, kKeep);
+          }
+        }
+        for (; t < T; ++t, k_next = -2, moved = true) {  // home: this rank's tokens, in order
+          const Visits v = visits(t);
+          if (k_next == -2) {
+            home.start(w.bias0.get(), w.bias1.get(), t);
+            k_next = v.next(-1);
+          }
+          for (; k_next >= 0; k_next = v.next(k_next)) {
+            if (k_next == my_node) {
+              acc.zero();
+              add_rows(forwarded[index[key(my_node, t)]]);
+              acc.result(result.row());
+              home.add_row(result.row());
+              continue;
+            }
+            const uint8_t* e = nullptr;
+            SY_TRY(rings.next(k_next, kKeep, &e));
+            if (!e) break;
+            int m;
+            int64_t et;
+            SY_TRY(check_entry(e, k_next, core::NetEntry::NodePartial, true, &m, &et));
+            if (et != t) return unexpected(e, k_next);
+            home.add_row(e + plan.net_payload);
+            rings.take(k_next, kKeep);
+            moved = true;
+          }
+          if (k_next >= 0) {
+            done = false;
+            if (stall.peer < 0) stall = rings.waiting_for_entries(k_next, kKeep, expected[size_t(k_next)]);
+            break;
+          }
+          home.result(result.row());
+          store_result(plan, result.row(), w, t);
+        }
+        rings.publish();
+        *step = done ? Peers::Step::Done : moved ? Peers::Step::Moved : Peers::Step::Idle;
+        return ok();
+      },
+      [&] { return stall; });
 }
 
 }  // namespace

@@ -14,13 +14,12 @@ namespace sy::host {
 // Writes token `token`'s record (the one-hop dispatch's token record) at `record`.
 using RecordWriter = std::function<void(uint8_t* record, int64_t token)>;
 
-// Hop 1 of the dispatch: this rank's network records into its forwarders, its own node's
-// records straight to their ranks; then the counts and the forwarders' flags. `slots` [T][R]:
-// the slot of each token at each rank (-1: not sent there).
-void send_network_records(Peers& peers, int64_t num_tokens, const int32_t* slots, const RecordWriter& write_record);
-// Hop 2 of the dispatch: the records this rank forwards, delivered to the ranks of its node.
-// What the combine of `handle` needs of them stays in the handle.
-Error forward_network_records(Peers& peers, DispatchHandle& handle);
+// Both hops of the dispatch's network part: this rank's records to the forwarders of the other
+// nodes (its own node's straight to their ranks), and the records it forwards, to the ranks of
+// its node, as they arrive. `slots` [T][R]: the slot of each token at each rank (-1: not sent
+// there). What the combine of `handle` needs of the forwarding stays in the handle.
+Error exchange_network_records(Peers& peers, DispatchHandle& handle, int64_t num_tokens, const int32_t* slots,
+                               const RecordWriter& write_record);
 // Every forwarder of this rank's node has delivered what its sources announced.
 Error wait_forwarders(Peers& peers);
 

@@ -209,8 +209,6 @@ Error notify(Peers& peers, DispatchWork& w) {
         }
       }
     nic.arrived();
-  } else {
-    send_network_records(peers, T, slots, write_record);
   }
 
   for (int d = 0; d < R; ++d) {
@@ -222,7 +220,8 @@ Error notify(Peers& peers, DispatchWork& w) {
     }
     peers.signal(d, plan.off_dispatch_epoch);
   }
-  if (plan.two_hop()) SY_TRY(forward_network_records(peers, h));
+  // Two hops: the records go through the forwarders (their flags say when they are in).
+  if (plan.two_hop()) SY_TRY(exchange_network_records(peers, h, T, slots, write_record));
   SY_TRY(peers.wait_all(plan.off_dispatch_epoch, core::WaitRole::DispatchNotify));
   if (plan.two_hop()) SY_TRY(wait_forwarders(peers));
 

@@ -150,6 +150,19 @@ Error Peers::wait_sources(uint64_t off_array, core::WaitRole role, const WaitPol
   }
 }
 
+Error Peers::stalled_error(core::WaitRole role, const Stall& s, double waited) const {
+  core::WaitFailure w;
+  w.rank = rank_;
+  w.peer = s.peer;
+  w.role = role;
+  w.channel = s.peer;
+  w.expected = s.expected;
+  w.observed = s.observed;
+  w.waited_seconds = waited;
+  return timeout_error(w, "operation " + std::to_string(epoch_) + " of this buffer; missing: rank " +
+                              std::to_string(s.peer), s.counter);
+}
+
 Error Peers::masked_barrier(core::OpKind kind, uint32_t* mask, bool mask_on_timeout) {
   SY_TRY(aborted_error());
   const int R = num_ranks();

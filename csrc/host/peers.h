@@ -53,12 +53,26 @@ class Peers {
   // Gives up on this operation: tells every rank why, so nobody waits for us.
   void abort_all(const Error& why);
 
- private:
+  // Waits on counters rather than flags (the network rings): `step` does what it can and says
+  // whether it moved anything; between steps that did not, this rank sleeps on its doorbell.
+  // After the deadline without progress it fails, naming the rank `stalled` says it waited for.
+  struct Stall {
+    int peer = -1;
+    int64_t expected = 0, observed = 0;
+    const char* counter = "its counter";  // what expected/observed count
+  };
+  enum class Step { Moved, Idle, Done };
+  template <class StepFn, class Stalled>
+  Error progress(core::WaitRole role, StepFn step, Stalled stalled);
+  // Bumps `owner`'s doorbell and wakes its waiters (after writing into its header).
+  void ring(int owner);
   uint32_t* word(int owner, uint64_t off) const {
     return reinterpret_cast<uint32_t*>(base(owner) + off);
   }
-  void ring(int owner);
+
+ private:
   Error aborted_error() const;  // SY_OK unless my header holds an abort record
+  Error stalled_error(core::WaitRole role, const Stall& s, double waited) const;
 
   BufferSet& set_;
   int rank_;
@@ -68,6 +82,28 @@ class Peers {
 
 // The i32 array at `off` of a buffer mapped at `base`.
 inline int32_t* i32_at(uint8_t* base, uint64_t off) { return reinterpret_cast<int32_t*>(base + off); }
+
+template <class StepFn, class Stalled>
+Error Peers::progress(core::WaitRole role, StepFn step, Stalled stalled) {
+  uint32_t* bell = word(rank_, plan().off_doorbell);
+  Deadline d = deadline();
+  double since = now_seconds();
+  for (;;) {
+    const uint32_t seen = load_acquire(bell);
+    SY_TRY(aborted_error());
+    Step s = Step::Idle;
+    SY_TRY(step(&s));
+    if (s == Step::Done) return ok();
+    if (s == Step::Moved) {  // the deadline counts from the last progress
+      d = deadline();
+      since = now_seconds();
+      continue;
+    }
+    const double left = d.remaining_seconds();
+    if (left <= 0) return stalled_error(role, stalled(), now_seconds() - since);
+    futex_wait(bell, seen, left < 0.05 ? left : 0.05);
+  }
+}
 
 // Epochs wrap around; "a has reached b" is a signed comparison of the difference.
 inline bool epoch_reached(uint32_t value, uint32_t epoch) { return int32_t(value - epoch) >= 0; }

@@ -38,7 +38,7 @@ extern "C" {
 
 /* Bumped on every incompatible change of this header. The loader refuses a library whose
  * `sy_abi_version()` differs from the version it was written for. */
-#define SY_ABI_VERSION 5u
+#define SY_ABI_VERSION 6u
 
 #define SY_MAX_DIMS 8
 #define SY_ERROR_ARGUMENT_CAPACITY 64
@@ -87,9 +87,11 @@ typedef enum sy_wait_role {
   SY_WAIT_BUFFER_PEERS = 7,     /* a peer had not created its matching buffer */
   SY_WAIT_LL_DISPATCH = 8,      /* low-latency dispatch receive: the peer's messages */
   SY_WAIT_LL_COMBINE = 9,       /* low-latency combine receive: the peer's expert outputs */
-  SY_WAIT_DISPATCH_NETWORK = 10, /* two-hop dispatch: the source had not put its network records */
+  SY_WAIT_DISPATCH_NETWORK = 10, /* two-hop dispatch: a peer had not put its network records, or had not
+                                    taken ours (its network ring was full) */
   SY_WAIT_DISPATCH_FORWARD = 11, /* two-hop dispatch: the forwarder had not delivered its node's records */
-  SY_WAIT_COMBINE_NETWORK = 12   /* two-hop combine: the rank had not put its partial sums or results */
+  SY_WAIT_COMBINE_NETWORK = 12   /* two-hop combine: a peer had not put its partial sums or results, or
+                                    had not taken ours */
 } sy_wait_role;
 
 typedef enum sy_dispatch_layout {
@@ -348,6 +350,10 @@ typedef struct sy_buffer_options {
   /* Since ABI 5: the group's ranks per node (0 = the group's own; sy_plan_buffer: one node). */
   int32_t ranks_per_node;
   int32_t internode_path;            /* sy_internode_path: how normal mode crosses nodes */
+  /* Since ABI 6: */
+  int32_t network_ring_entries;      /* two hops: entries of each network ring (0: the default for
+                                        the rank count; at most max_tokens_per_rank are used) */
+  int32_t reserved;
 } sy_buffer_options;
 
 #define SY_BUFFER_OPTIONS_V1_SIZE 24u
@@ -368,8 +374,11 @@ typedef struct sy_buffer_plan {
   int32_t ll_message_bytes;          /* one low-latency dispatch message */
   int32_t ll_combine_row_bytes;      /* one low-latency combine row */
   int32_t net_record_bytes;          /* one network record of the two-hop dispatch, 0 on one node */
-  int32_t net_partial_bytes;         /* one partial sum of the two-hop combine, 0 on one node */
-  uint64_t net_region_bytes;         /* the network region of the two hops, 0 on one node */
+  int32_t net_partial_bytes;         /* one partial sum of the two-hop combine on the network, 0 on one node */
+  uint64_t net_region_bytes;         /* the network rings of the two hops, 0 on one node */
+  /* Since ABI 6: */
+  int32_t net_result_bytes;          /* one result (or hierarchical partial) of the two-hop combine */
+  int32_t net_ring_entries;          /* entries of each network ring (one ring per sender node) */
 } sy_buffer_plan;
 
 /* Buffer size hint: what a buffer with these options allocates per rank. */
@@ -397,6 +406,8 @@ typedef struct sy_buffer_share {
   char name[256];
   int32_t ranks_per_node; /* since ABI 5; must agree (0 from older callers: one node) */
   int32_t internode_path; /* must agree */
+  int32_t network_ring_entries; /* since ABI 6; must agree (0: the default) */
+  int32_t reserved;
 } sy_buffer_share;
 
 SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out);
