@@ -107,6 +107,7 @@ struct LocalGroupSpec {
   int32_t ll_num_experts = 0;  // > 0: with the low-latency double buffer
   int32_t num_sms = 0;         // 0: the library's default
   int32_t ranks_per_node = 0;  // 0: one node
+  int32_t network_ring_entries = 0;  // across nodes, two hops: 0 is the library's default
 };
 
 // A group of virtual ranks in this process, with one stream and one buffer per rank; destroyed
@@ -141,6 +142,7 @@ struct LocalGroup {
       bo.max_tokens_per_rank = spec.max_tokens_per_rank;
       bo.ll_num_experts = spec.ll_num_experts;
       bo.num_sms = spec.num_sms;
+      bo.network_ring_entries = spec.network_ring_entries;
       SY(sy_buffer_create(ranks[size_t(r)], &bo, &buffers[size_t(r)]), ranks[size_t(r)]);
     }
   }
