@@ -3,7 +3,8 @@
  * Group.fromEnv, dispatches and combines, and checks the round trip against the reference.
  * Arguments: [rounds] [--die-at ROUND --die-rank R [--die-phase PHASE] [--die-delay MS]]
  * [--refuse-at ROUND --refuse-rank R] [--timeout MS] [--join-timeout MS (default: --timeout)]
- * [--backend host|cuda]. Both backends run the low-latency parts too.
+ * [--backend host|cuda] [--nic-latency-ms MS] [--network-ring N (entries of each network ring
+ * across nodes; 0: the default)]. Both backends run the low-latency parts too.
  * Rounds cycle through three variants, each checked bit for bit against the reference
  * (tests/reference.ts): BF16 rows with a padded stride into worst-case sized outputs (compact;
  * received rows, top-k and weights; combine of order-sensitive rows with the top-k weights summed
@@ -41,6 +42,7 @@ const { values } = parseArgs({
     "refuse-rank": { type: "string", default: "-1" },
     timeout: { type: "string", default: "20000" },
     "nic-latency-ms": { type: "string", default: "0" },
+    "network-ring": { type: "string", default: "0" },
     "join-timeout": { type: "string" },
     backend: { type: "string", default: "host" },
   },
@@ -74,6 +76,7 @@ try {
     hidden: 128,
     maxTokensPerRank: 40,
     lowLatency: { numExperts: 2 * R },
+    networkRingEntries: Number(values["network-ring"]) || undefined,
   });
   const rank = group.ranks[0];
   console.log(`joined as rank ${me} of ${R} on the ${backend} backend`);
