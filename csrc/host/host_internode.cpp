@@ -176,6 +176,34 @@ class NetworkRings {
   std::vector<uint32_t> sent_, published_, taken_, credited_;
 };
 
+// What one pass of an operation's network loop found: whether it moved anything, and if
+// something is left, whom it waits for (the first it met).
+struct Pass {
+  bool moved = false, done = true;
+  Peers::Stall stall;
+  void wait(const Peers::Stall& s) {
+    done = false;
+    if (stall.peer < 0) stall = s;
+  }
+};
+
+// Runs an operation's network loop (Peers::progress): `pass` does what it can and says so in its
+// Pass; the rings publish after each pass.
+template <class PassFn>
+Error run_passes(Peers& peers, NetworkRings& rings, core::WaitRole role, PassFn pass) {
+  Pass last;
+  return peers.progress(
+      role,
+      [&](Peers::Step* step) -> Error {
+        last = Pass{};
+        SY_TRY(pass(last));
+        rings.publish();
+        *step = last.done ? Peers::Step::Done : last.moved ? Peers::Step::Moved : Peers::Step::Idle;
+        return ok();
+      },
+      [&] { return last.stall; });
+}
+
 }  // namespace
 
 Error exchange_network_records(Peers& peers, DispatchHandle& handle, int64_t num_tokens, const int32_t* slots,
@@ -252,57 +280,43 @@ Error exchange_network_records(Peers& peers, DispatchHandle& handle, int64_t num
   };
 
   std::vector<size_t> cursor(size_t(N), 0);  // per other node: tokens put so far
-  Peers::Stall stall;
-  SY_TRY(peers.progress(
-      core::WaitRole::DispatchNetwork,
-      [&](Peers::Step* step) -> Error {
-        bool moved = false, done = true;
-        stall = {};
-        for (int n = 0; n < N; ++n) {  // hop 1: this rank's records, as the receivers have room
-          const std::vector<int64_t>& list = tokens[size_t(n)];
-          for (; cursor[size_t(n)] < list.size() && rings.has_room(n, kPassOn); ++cursor[size_t(n)], moved = true) {
-            const int64_t t = list[cursor[size_t(n)]];
-            const Visits v{slots + t * R, P, N};
-            write_record(staged.data(), t);
-            for (int q = 0; q < P; ++q) staged_slots[q] = slots[t * R + n * P + q];
-            *reinterpret_cast<int32_t*>(staged.data() + plan.net_chain_next) = v.next(n);
-            *reinterpret_cast<int32_t*>(staged.data() + plan.net_chain_prev) = v.prev(n);
-            rings.put(n, kPassOn, staged.data(), staged.size());
-          }
-          if (cursor[size_t(n)] < list.size()) {
-            done = false;
-            if (stall.peer < 0) stall = rings.waiting_for_room(n, kPassOn);
-          }
+  SY_TRY(run_passes(peers, rings, core::WaitRole::DispatchNetwork, [&](Pass& pass) -> Error {
+    for (int n = 0; n < N; ++n) {  // hop 1: this rank's records, as the receivers have room
+      const std::vector<int64_t>& list = tokens[size_t(n)];
+      for (; cursor[size_t(n)] < list.size() && rings.has_room(n, kPassOn); ++cursor[size_t(n)], pass.moved = true) {
+        const int64_t t = list[cursor[size_t(n)]];
+        const Visits v{slots + t * R, P, N};
+        write_record(staged.data(), t);
+        for (int q = 0; q < P; ++q) staged_slots[q] = slots[t * R + n * P + q];
+        *reinterpret_cast<int32_t*>(staged.data() + plan.net_chain_next) = v.next(n);
+        *reinterpret_cast<int32_t*>(staged.data() + plan.net_chain_prev) = v.prev(n);
+        rings.put(n, kPassOn, staged.data(), staged.size());
+      }
+      if (cursor[size_t(n)] < list.size()) pass.wait(rings.waiting_for_room(n, kPassOn));
+    }
+    for (int m = 0; m < N; ++m) {  // hop 2: the records this rank forwards, as they arrive
+      if (m == my_node) continue;
+      const int src = rings.column(m);
+      if (announced[size_t(m)] < 0 && peers.flag_from(src, plan.off_net_epoch) == peers.epoch()) {
+        const int32_t n = i32_at(peers.base(me), plan.off_net_counts)[src];
+        if (n < 0 || n > plan.max_tokens_per_rank) {
+          return fail(SY_ERROR_INTERNAL, rank_name(me) + ": " + rank_name(src) + " announced " +
+                                             std::to_string(n) + " network records, more than a buffer holds");
         }
-        for (int m = 0; m < N; ++m) {  // hop 2: the records this rank forwards, as they arrive
-          if (m == my_node) continue;
-          const int src = rings.column(m);
-          if (announced[size_t(m)] < 0 && peers.flag_from(src, plan.off_net_epoch) == peers.epoch()) {
-            const int32_t n = i32_at(peers.base(me), plan.off_net_counts)[src];
-            if (n < 0 || n > plan.max_tokens_per_rank) {
-              return fail(SY_ERROR_INTERNAL, rank_name(me) + ": " + rank_name(src) + " announced " +
-                                                 std::to_string(n) + " network records, more than a buffer holds");
-            }
-            announced[size_t(m)] = n;
-          }
-          for (const uint8_t* rec = nullptr; announced[size_t(m)] >= 0 &&
-                                             int64_t(rings.taken(m, kPassOn)) < announced[size_t(m)];) {
-            SY_TRY(rings.next(m, kPassOn, &rec));
-            if (!rec) break;
-            SY_TRY(forward(m, rec));
-            rings.take(m, kPassOn);
-            moved = true;
-          }
-          if (announced[size_t(m)] < 0 || int64_t(rings.taken(m, kPassOn)) < announced[size_t(m)]) {
-            done = false;
-            if (stall.peer < 0) stall = rings.waiting_for_entries(m, kPassOn, std::max(announced[size_t(m)], 0));
-          }
-        }
-        rings.publish();
-        *step = done ? Peers::Step::Done : moved ? Peers::Step::Moved : Peers::Step::Idle;
-        return ok();
-      },
-      [&] { return stall; }));
+        announced[size_t(m)] = n;
+      }
+      for (const uint8_t* rec = nullptr; announced[size_t(m)] >= 0 &&
+                                         int64_t(rings.taken(m, kPassOn)) < announced[size_t(m)];) {
+        SY_TRY(rings.next(m, kPassOn, &rec));
+        if (!rec) break;
+        SY_TRY(forward(m, rec));
+        rings.take(m, kPassOn);
+        pass.moved = true;
+      }
+      if (announced[size_t(m)] < 0 || int64_t(rings.taken(m, kPassOn)) < announced[size_t(m)]) pass.wait(rings.waiting_for_entries(m, kPassOn, std::max(announced[size_t(m)], 0)));
+    }
+    return ok();
+  }));
 
   for (int m = 0; m < N; ++m) {
     if (m == my_node) continue;
@@ -439,6 +453,9 @@ struct CombineAcrossNodes {
 
   int column(int node) const { return core::forwarder(node, me, P); }  // this rank's peer on `node`
   Visits visits(int64_t t) const { return Visits{slots + t * R, P, N}; }
+  // Where a forwarded token goes from here: on to the next node (lane 0), or home (lane 1).
+  static int to_node(const Forwarded& f) { return f.next >= 0 ? f.next : f.m; }
+  static int to_lane(const Forwarded& f) { return f.next >= 0 ? kPassOn : kKeep; }
   int64_t key(int m, int64_t t) const { return int64_t(m) * plan.max_tokens_per_rank + t; }
 
   Error load(const ForwardTable& table) {
@@ -550,8 +567,7 @@ Error CombineAcrossNodes::chain() {
   // Folds this node's rows into the partial of forwarded token f and sends it on: to the next
   // node, home as a result, or (its own token, here last) into the output. False: no room yet.
   auto pass_on = [&](Forwarded& f) -> bool {
-    const int to = f.next >= 0 ? f.next : f.m;
-    const int lane = f.next >= 0 ? kPassOn : kKeep;
+    const int to = to_node(f), lane = to_lane(f);
     if (to != my_node && !rings.has_room(to, lane)) return false;
     add_rows(f);
     if (f.next >= 0) {
@@ -569,83 +585,74 @@ Error CombineAcrossNodes::chain() {
   };
 
   size_t next_start = 0, next_begin = 0;
-  Peers::Stall stall;
-  return peers.progress(
-      core::WaitRole::CombineNetwork,
-      [&](Peers::Step* step) -> Error {
-        bool moved = false, done = true;
-        stall = {};
-        for (; next_start < own_starts.size(); ++next_start, moved = true) {
-          const int64_t t = own_starts[next_start];
-          const int first = visits(t).next(-1);
-          if (!rings.has_room(first, kPassOn)) {
-            done = false;
-            stall = rings.waiting_for_room(first, kPassOn);
-            break;
-          }
-          acc.start(w.bias0.get(), w.bias1.get(), t);
-          rings.put(first, kPassOn, acc.entry(core::NetEntry::Start, my_node, t), size_t(plan.net_partial_bytes));
+  return run_passes(peers, rings, core::WaitRole::CombineNetwork, [&](Pass& pass) -> Error {
+    for (; next_start < own_starts.size(); ++next_start, pass.moved = true) {
+      const int64_t t = own_starts[next_start];
+      const int first = visits(t).next(-1);
+      if (!rings.has_room(first, kPassOn)) {
+        pass.wait(rings.waiting_for_room(first, kPassOn));
+        break;
+      }
+      acc.start(w.bias0.get(), w.bias1.get(), t);
+      rings.put(first, kPassOn, acc.entry(core::NetEntry::Start, my_node, t), size_t(plan.net_partial_bytes));
+    }
+    for (; next_begin < begin_here.size(); ++next_begin, pass.moved = true) {
+      Forwarded& f = forwarded[begin_here[next_begin]];
+      if (f.m == my_node) {
+        acc.start(w.bias0.get(), w.bias1.get(), f.t);
+      } else {
+        acc.zero();
+      }
+      if (!pass_on(f)) {
+        pass.wait(rings.waiting_for_room(to_node(f), to_lane(f)));
+        break;
+      }
+    }
+    for (int k = 0; k < N; ++k) {
+      if (k == my_node) continue;
+      // Starts and partials from node k: fold and pass on, in the order they came.
+      for (const uint8_t* e = nullptr;
+           int64_t(rings.taken(k, kPassOn)) < expected[size_t(k) * core::kNetLanes + kPassOn];) {
+        SY_TRY(rings.next(k, kPassOn, &e));
+        if (!e) break;
+        int m;
+        int64_t t;
+        const auto kind = core::NetEntry(reinterpret_cast<const uint32_t*>(e)[0]);
+        SY_TRY(check_entry(e, k, kind == core::NetEntry::Start ? kind : core::NetEntry::Partial, false, &m, &t));
+        Forwarded& f = forwarded[index[key(m, t)]];
+        // A start only from a source that said it sends them, a partial only from the node before.
+        const bool from_here = kind == core::NetEntry::Start ? f.prev < 0 && f.m == k && starts[column(k)] != 0
+                                                             : f.prev == k;
+        if (f.done || !from_here) return unexpected(e, k);
+        acc.load(e);
+        if (!pass_on(f)) {
+          pass.wait(rings.waiting_for_room(to_node(f), to_lane(f)));
+          break;
         }
-        for (; next_begin < begin_here.size(); ++next_begin, moved = true) {
-          Forwarded& f = forwarded[begin_here[next_begin]];
-          if (f.m == my_node) {
-            acc.start(w.bias0.get(), w.bias1.get(), f.t);
-          } else {
-            acc.zero();
-          }
-          if (!pass_on(f)) {
-            done = false;
-            if (stall.peer < 0) stall = rings.waiting_for_room(f.next >= 0 ? f.next : f.m, f.next >= 0 ? kPassOn : kKeep);
-            break;
-          }
-        }
-        for (int k = 0; k < N; ++k) {
-          if (k == my_node) continue;
-          // Starts and partials from node k: fold and pass on, in the order they came.
-          for (const uint8_t* e = nullptr;
-               int64_t(rings.taken(k, kPassOn)) < expected[size_t(k) * core::kNetLanes + kPassOn];) {
-            SY_TRY(rings.next(k, kPassOn, &e));
-            if (!e) break;
-            int m;
-            int64_t t;
-            const auto kind = core::NetEntry(reinterpret_cast<const uint32_t*>(e)[0]);
-            SY_TRY(check_entry(e, k, kind == core::NetEntry::Start ? kind : core::NetEntry::Partial, false, &m, &t));
-            Forwarded& f = forwarded[index[key(m, t)]];
-            const bool from_here = kind == core::NetEntry::Start ? f.prev < 0 && f.m == k : f.prev == k;
-            if (f.done || !from_here) return unexpected(e, k);
-            acc.load(e);
-            if (!pass_on(f)) {
-              if (stall.peer < 0) stall = rings.waiting_for_room(f.next >= 0 ? f.next : f.m, f.next >= 0 ? kPassOn : kKeep);
-              break;
-            }
-            rings.take(k, kPassOn);
-            moved = true;
-          }
-          // Results of this rank's own tokens from node k: kept.
-          for (const uint8_t* e = nullptr;
-               int64_t(rings.taken(k, kKeep)) < expected[size_t(k) * core::kNetLanes + kKeep];) {
-            SY_TRY(rings.next(k, kKeep, &e));
-            if (!e) break;
-            int m;
-            int64_t t;
-            SY_TRY(check_entry(e, k, core::NetEntry::Result, true, &m, &t));
-            if (visits(t).last() != k) return unexpected(e, k);
-            store_result(plan, e + plan.net_payload, w, t);
-            rings.take(k, kKeep);
-            moved = true;
-          }
-          for (int lane = 0; lane < core::kNetLanes; ++lane) {
-            const int64_t want = expected[size_t(k) * core::kNetLanes + lane];
-            if (int64_t(rings.taken(k, lane)) >= want) continue;
-            done = false;
-            if (stall.peer < 0) stall = rings.waiting_for_entries(k, lane, want);
-          }
-        }
-        rings.publish();
-        *step = done ? Peers::Step::Done : moved ? Peers::Step::Moved : Peers::Step::Idle;
-        return ok();
-      },
-      [&] { return stall; });
+        rings.take(k, kPassOn);
+        pass.moved = true;
+      }
+      // Results of this rank's own tokens from node k: kept.
+      for (const uint8_t* e = nullptr;
+           int64_t(rings.taken(k, kKeep)) < expected[size_t(k) * core::kNetLanes + kKeep];) {
+        SY_TRY(rings.next(k, kKeep, &e));
+        if (!e) break;
+        int m;
+        int64_t t;
+        SY_TRY(check_entry(e, k, core::NetEntry::Result, true, &m, &t));
+        if (visits(t).last() != k) return unexpected(e, k);
+        store_result(plan, e + plan.net_payload, w, t);
+        rings.take(k, kKeep);
+        pass.moved = true;
+      }
+      for (int lane = 0; lane < core::kNetLanes; ++lane) {
+        const int64_t want = expected[size_t(k) * core::kNetLanes + lane];
+        if (int64_t(rings.taken(k, lane)) >= want) continue;
+        pass.wait(rings.waiting_for_entries(k, lane, want));
+      }
+    }
+    return ok();
+  });
 }
 
 // Hierarchical (DeepEP's way): each node folds its rows of a token from zero and sends that
@@ -673,64 +680,52 @@ Error CombineAcrossNodes::hierarchical() {
   int64_t t = 0;  // home: the token being folded, and the node it needs next (-2: not begun)
   int k_next = -2;
   Partial home(plan, w.hidden, w.topk);
-  Peers::Stall stall;
-  return peers.progress(
-      core::WaitRole::CombineNetwork,
-      [&](Peers::Step* step) -> Error {
-        bool moved = false, done = true;
-        stall = {};
-        for (int m = 0; m < N; ++m) {  // this node's partials, home to each source node
-          const std::vector<size_t>& list = to_home[size_t(m)];
-          for (; sent[size_t(m)] < list.size() && rings.has_room(m, kKeep); ++sent[size_t(m)], moved = true) {
-            const Forwarded& f = forwarded[list[sent[size_t(m)]]];
-            acc.zero();
-            add_rows(f);
-            acc.result(result.row());
-            rings.put(m, kKeep, result.entry(core::NetEntry::NodePartial, m, f.t), result.bytes.size());
-          }
-          if (sent[size_t(m)] < list.size()) {
-            done = false;
-            if (stall.peer < 0) stall = rings.waiting_for_room(m, kKeep);
-          }
+  return run_passes(peers, rings, core::WaitRole::CombineNetwork, [&](Pass& pass) -> Error {
+    for (int m = 0; m < N; ++m) {  // this node's partials, home to each source node
+      const std::vector<size_t>& list = to_home[size_t(m)];
+      for (; sent[size_t(m)] < list.size() && rings.has_room(m, kKeep); ++sent[size_t(m)], pass.moved = true) {
+        const Forwarded& f = forwarded[list[sent[size_t(m)]]];
+        acc.zero();
+        add_rows(f);
+        acc.result(result.row());
+        rings.put(m, kKeep, result.entry(core::NetEntry::NodePartial, m, f.t), result.bytes.size());
+      }
+      if (sent[size_t(m)] < list.size()) pass.wait(rings.waiting_for_room(m, kKeep));
+    }
+    for (; t < T; ++t, k_next = -2, pass.moved = true) {  // home: this rank's tokens, in order
+      const Visits v = visits(t);
+      if (k_next == -2) {
+        home.start(w.bias0.get(), w.bias1.get(), t);
+        k_next = v.next(-1);
+      }
+      for (; k_next >= 0; k_next = v.next(k_next)) {
+        if (k_next == my_node) {
+          acc.zero();
+          add_rows(forwarded[index[key(my_node, t)]]);
+          acc.result(result.row());
+          home.add_row(result.row());
+          continue;
         }
-        for (; t < T; ++t, k_next = -2, moved = true) {  // home: this rank's tokens, in order
-          const Visits v = visits(t);
-          if (k_next == -2) {
-            home.start(w.bias0.get(), w.bias1.get(), t);
-            k_next = v.next(-1);
-          }
-          for (; k_next >= 0; k_next = v.next(k_next)) {
-            if (k_next == my_node) {
-              acc.zero();
-              add_rows(forwarded[index[key(my_node, t)]]);
-              acc.result(result.row());
-              home.add_row(result.row());
-              continue;
-            }
-            const uint8_t* e = nullptr;
-            SY_TRY(rings.next(k_next, kKeep, &e));
-            if (!e) break;
-            int m;
-            int64_t et;
-            SY_TRY(check_entry(e, k_next, core::NetEntry::NodePartial, true, &m, &et));
-            if (et != t) return unexpected(e, k_next);
-            home.add_row(e + plan.net_payload);
-            rings.take(k_next, kKeep);
-            moved = true;
-          }
-          if (k_next >= 0) {
-            done = false;
-            if (stall.peer < 0) stall = rings.waiting_for_entries(k_next, kKeep, expected[size_t(k_next)]);
-            break;
-          }
-          home.result(result.row());
-          store_result(plan, result.row(), w, t);
-        }
-        rings.publish();
-        *step = done ? Peers::Step::Done : moved ? Peers::Step::Moved : Peers::Step::Idle;
-        return ok();
-      },
-      [&] { return stall; });
+        const uint8_t* e = nullptr;
+        SY_TRY(rings.next(k_next, kKeep, &e));
+        if (!e) break;
+        int m;
+        int64_t et;
+        SY_TRY(check_entry(e, k_next, core::NetEntry::NodePartial, true, &m, &et));
+        if (et != t) return unexpected(e, k_next);
+        home.add_row(e + plan.net_payload);
+        rings.take(k_next, kKeep);
+        pass.moved = true;
+      }
+      if (k_next >= 0) {
+        pass.wait(rings.waiting_for_entries(k_next, kKeep, expected[size_t(k_next)]));
+        break;
+      }
+      home.result(result.row());
+      store_result(plan, result.row(), w, t);
+    }
+    return ok();
+  });
 }
 
 }  // namespace
