@@ -496,6 +496,32 @@ Deno.test("the emulated NIC's link model: the network hop takes what its bytes a
       for (const b of buffers) b[Symbol.dispose]();
     }
   });
+  await t.step("100 ms per hop: the chain across 3 nodes pays one latency per node it passes", async () => {
+    // 3 nodes of one rank, every token to every rank: rank 0's tokens go 0 -> 1 -> 2, then the
+    // result comes home: two partials and a result, one after the other.
+    const s: Scenario = { ranks: 3, tokens: [4, 4, 4], hidden: 64, experts: 3, topk: 3, seed: 2, ranksPerNode: 1 };
+    const d = generate(s);
+    using group = Group.local({ ranks: 3, ranksPerNode: 1, emulatedNic: { latencyUs: 100000 } });
+    const buffers = await group.createBuffers({ hidden: s.hidden, maxTokensPerRank: 4 });
+    try {
+      const ups = await group.all((rank, r) => upload(rank, s, d, r));
+      const sent = await group.all((_, r) =>
+        buffers[r].dispatch(ups[r].x, { topkIdx: ups[r].topkIdx, topkWeights: ups[r].topkWeights, numExperts: 3 })
+      );
+      await Promise.all(sent.map((o) => o.recvX.read()));
+      const started = performance.now();
+      await group.all(async (_, r) => {
+        using back = await buffers[r].combine(sent[r].recvX, sent[r].handle);
+        await back.combinedX.read();
+      });
+      const ms = performance.now() - started;
+      assert.ok(ms >= 300, `the combine took ${ms.toFixed(1)} ms, three hops of 100 ms`);
+      assert.ok(ms < 300 + 5000, `the combine took ${ms.toFixed(1)} ms`);
+      for (const o of [...sent, ...ups]) o[Symbol.dispose]();
+    } finally {
+      for (const b of buffers) b[Symbol.dispose]();
+    }
+  });
 });
 
 Deno.test("across nodes: a link too slow for the deadline is refused at buffer creation", async () => {

@@ -179,11 +179,11 @@ struct BufferPlan {
                              uint64_t(combine_row_bytes);
   }
   // The most one rank puts on the network in one dispatch or combine: in two hops one network
-  // entry per (source node, token) of the ranks it forwards for, directly one record or row per
-  // (token, rank of another node).
+  // entry per (source node, token) of the ranks it forwards for, plus a chain's start for each of
+  // its own tokens; directly one record or row per (token, rank of another node).
   uint64_t worst_network_bytes() const {
     if (nodes == 1) return 0;
-    if (two_hop()) return uint64_t(nodes) * uint64_t(max_tokens_per_rank) * uint64_t(net_entry_bytes);
+    if (two_hop()) return uint64_t(nodes + 1) * uint64_t(max_tokens_per_rank) * uint64_t(net_entry_bytes);
     return uint64_t(ranks - ranks_per_node) * uint64_t(max_tokens_per_rank) *
            uint64_t(record_bytes > combine_row_bytes ? record_bytes : combine_row_bytes);
   }

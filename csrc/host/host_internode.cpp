@@ -131,31 +131,15 @@ class NetworkRings {
   }
   void take(int node, int lane) { ++taken_[at(node, lane)]; }
 
-  // Publishes what changed: the tails of the rings this rank put into (once the NIC says the
-  // entries would be there), then the credits of the rings it took from; rings the doorbells.
+  // Publishes what changed: the credits of the rings this rank took from, then the tails of the
+  // rings it put into, once the NIC says the entries would be there; rings the doorbells.
   void publish() {
+    publish_counters(plan_.off_net_credit, taken_, credited_);
     bool tails = false;
     for (size_t i = 0; i < sent_.size(); ++i) tails = tails || sent_[i] != published_[i];
-    if (tails) nic_.arrived();
-    for (int n = 0; n < plan_.nodes; ++n) {
-      if (n == my_node_) continue;
-      const int c = column(n);
-      bool rang = false;
-      for (int lane = 0; lane < core::kNetLanes; ++lane) {
-        const size_t i = at(n, lane);
-        if (sent_[i] != published_[i]) {
-          store_release(peers_.word(c, plan_.net_counter(plan_.off_net_tail, lane, me_)), sent_[i]);
-          published_[i] = sent_[i];
-          rang = true;
-        }
-        if (taken_[i] != credited_[i]) {
-          store_release(peers_.word(c, plan_.net_counter(plan_.off_net_credit, lane, me_)), taken_[i]);
-          credited_[i] = taken_[i];
-          rang = true;
-        }
-      }
-      if (rang) peers_.ring(c);
-    }
+    if (!tails) return;
+    nic_.arrived();
+    publish_counters(plan_.off_net_tail, sent_, published_);
   }
 
   // Whom a stalled loop waits for: `node`'s column peer, for room (its credit) or for entries.
@@ -169,6 +153,21 @@ class NetworkRings {
 
  private:
   size_t at(int node, int lane) const { return size_t(node) * core::kNetLanes + size_t(lane); }
+  // Stores each changed counter of `now` into the column peers' array at `base` and rings them.
+  void publish_counters(uint64_t base, const std::vector<uint32_t>& now, std::vector<uint32_t>& told) {
+    for (int n = 0; n < plan_.nodes; ++n) {
+      if (n == my_node_) continue;
+      bool rang = false;
+      for (int lane = 0; lane < core::kNetLanes; ++lane) {
+        const size_t i = at(n, lane);
+        if (now[i] == told[i]) continue;
+        store_release(peers_.word(column(n), plan_.net_counter(base, lane, me_)), now[i]);
+        told[i] = now[i];
+        rang = true;
+      }
+      if (rang) peers_.ring(column(n));
+    }
+  }
   Peers& peers_;
   EmulatedNic& nic_;
   const core::BufferPlan& plan_;
@@ -584,6 +583,7 @@ Error CombineAcrossNodes::chain() {
     return true;
   };
 
+  std::vector<uint8_t> stored(size_t(T), 0);  // results kept: a second one for a token is refused
   size_t next_start = 0, next_begin = 0;
   return run_passes(peers, rings, core::WaitRole::CombineNetwork, [&](Pass& pass) -> Error {
     for (; next_start < own_starts.size(); ++next_start, pass.moved = true) {
@@ -640,8 +640,9 @@ Error CombineAcrossNodes::chain() {
         int m;
         int64_t t;
         SY_TRY(check_entry(e, k, core::NetEntry::Result, true, &m, &t));
-        if (visits(t).last() != k) return unexpected(e, k);
+        if (visits(t).last() != k || stored[size_t(t)]) return unexpected(e, k);
         store_result(plan, e + plan.net_payload, w, t);
+        stored[size_t(t)] = 1;
         rings.take(k, kKeep);
         pass.moved = true;
       }

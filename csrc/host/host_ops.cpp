@@ -225,7 +225,20 @@ Error notify(Peers& peers, DispatchWork& w) {
   SY_TRY(peers.wait_all(plan.off_dispatch_epoch, core::WaitRole::DispatchNotify));
   if (plan.two_hop()) SY_TRY(wait_forwarders(peers));
 
+  // Written by the peers (other processes, perhaps): every count indexes a region below, so each
+  // is bounded by what one rank can send first.
   const int32_t* counts = i32_at(peers.base(me), plan.off_send_counts);
+  const int32_t* per_expert = i32_at(peers.base(me), plan.off_expert_counts);
+  for (int p = 0; p < R; ++p) {
+    for (int j = 0; j < R + (w.topk > 0 ? EL : 0); ++j) {
+      const int32_t c = j < R ? counts[size_t(p) * R + j] : per_expert[size_t(p) * core::kMaxExpertsPerRank + (j - R)];
+      if (c >= 0 && c <= plan.max_tokens_per_rank) continue;
+      return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(me) + ": rank " + std::to_string(p) + " announced " +
+                                         std::to_string(c) + " tokens for " +
+                                         (j < R ? "rank " + std::to_string(j) : "local expert " + std::to_string(j - R)) +
+                                         ", outside 0.." + std::to_string(plan.max_tokens_per_rank));
+    }
+  }
   w.rank_prefix.assign(size_t(R) * R, 0);
   for (int j = 0; j < R; ++j) {
     int32_t acc = 0;
@@ -242,9 +255,8 @@ Error notify(Peers& peers, DispatchWork& w) {
   }
   if (w.topk > 0) {
     w.expert_counts_exact.assign(size_t(EL), 0);
-    const int32_t* er = i32_at(peers.base(me), plan.off_expert_counts);
     for (int p = 0; p < R; ++p)
-      for (int l = 0; l < EL; ++l) w.expert_counts_exact[l] += er[size_t(p) * core::kMaxExpertsPerRank + l];
+      for (int l = 0; l < EL; ++l) w.expert_counts_exact[l] += per_expert[size_t(p) * core::kMaxExpertsPerRank + l];
   }
   if (w.cached && n != h.num_recv_tokens.load()) {
     return cached_mismatch_error(me, h.num_recv_tokens.load(), n);
