@@ -133,8 +133,11 @@ function emulatedNic(): Scenario["emulatedNic"] {
 function configured(s: Scenario): Scenario {
   const ranks = positive("ranks", opt.ranks, s.ranks);
   const experts = Math.ceil(s.experts / ranks) * ranks;
-  const ranksPerNode = positive("ranks-per-node", opt["ranks-per-node"], ranks);
-  if (ranks % ranksPerNode !== 0) {
+  // One node unless asked: a sweep over ranks then stays on one node too.
+  const ranksPerNode = opt["ranks-per-node"] === undefined
+    ? undefined
+    : positive("ranks-per-node", opt["ranks-per-node"], ranks);
+  if (ranksPerNode !== undefined && ranks % ranksPerNode !== 0) {
     console.error(`bench: --ranks-per-node ${ranksPerNode} does not divide ${ranks} ranks into whole nodes`);
     Deno.exit(2);
   }
