@@ -81,6 +81,8 @@
 // copy per (token, destination rank). It exists to measure what the two hops save.
 #pragma once
 
+#include <cstdint>
+
 #include "hd.h"
 #include "routing.h"
 
@@ -101,5 +103,30 @@ SY_HD int forwarder(int node, int source, int ranks_per_node) {
 SY_HD int forwarded_row_index(int source, int writer, int ranks_per_node) {
   return node_of(source, ranks_per_node) * ranks_per_node + local_index(writer, ranks_per_node);
 }
+
+// The nodes a token visits, in ascending order (the chain's order), from its slots at every rank
+// (-1: not sent there): where its network records go in dispatch, and its way in combine.
+struct TokenNodes {
+  const int32_t* slots;  // the token's row of [T][R]
+  int ranks_per_node, nodes;
+  SY_HD bool at(int node) const {
+    for (int q = 0; q < ranks_per_node; ++q)
+      if (slots[node * ranks_per_node + q] >= 0) return true;
+    return false;
+  }
+  // The first node after `node` the token visits (-1: none); after -1, its first node.
+  SY_HD int next(int node) const {
+    for (int k = node + 1; k < nodes; ++k)
+      if (at(k)) return k;
+    return -1;
+  }
+  // The last node before `node` the token visits (-1: none); before `nodes`, its last node.
+  SY_HD int prev(int node) const {
+    for (int k = node - 1; k >= 0; --k)
+      if (at(k)) return k;
+    return -1;
+  }
+  SY_HD int last() const { return prev(nodes); }
+};
 
 }  // namespace sy::core

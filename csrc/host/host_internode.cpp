@@ -28,30 +28,6 @@ constexpr int kPassOn = 0, kKeep = 1;  // the lanes (core::kNetLanes)
 
 std::string rank_name(int r) { return "rank " + std::to_string(r); }
 
-// The nodes a token visits, in ascending order, from its slots at every rank.
-struct Visits {
-  const int32_t* slots;  // the token's row of [T][R]
-  int ranks_per_node, nodes;
-  bool at(int node) const {
-    for (int q = 0; q < ranks_per_node; ++q)
-      if (slots[node * ranks_per_node + q] >= 0) return true;
-    return false;
-  }
-  // The first node after `node` the token visits (-1: none); after -1, its first node.
-  int next(int node) const {
-    for (int k = node + 1; k < nodes; ++k)
-      if (at(k)) return k;
-    return -1;
-  }
-  // The last node before `node` the token visits (-1: none).
-  int prev(int node) const {
-    for (int k = node - 1; k >= 0; --k)
-      if (at(k)) return k;
-    return -1;
-  }
-  int last() const { return prev(nodes); }
-};
-
 // [R] bytes: 1 for the ranks a wait is for.
 Peers::WaitPolicy only(const std::vector<uint8_t>& ranks) {
   Peers::WaitPolicy p;
@@ -219,7 +195,7 @@ Error exchange_network_records(Peers& peers, DispatchHandle& handle, int64_t num
   std::vector<int32_t> direct(size_t(P), 0);
   std::vector<std::vector<int64_t>> tokens(static_cast<size_t>(N));  // per other node: the tokens going there
   for (int64_t t = 0; t < num_tokens; ++t) {
-    const Visits v{slots + t * R, P, N};
+    const core::TokenNodes v{slots + t * R, P, N};
     for (int n = v.next(-1); n >= 0; n = v.next(n)) {
       if (n != my_node) {
         tokens[size_t(n)].push_back(t);
@@ -284,7 +260,7 @@ Error exchange_network_records(Peers& peers, DispatchHandle& handle, int64_t num
       const std::vector<int64_t>& list = tokens[size_t(n)];
       for (; cursor[size_t(n)] < list.size() && rings.has_room(n, kPassOn); ++cursor[size_t(n)], pass.moved = true) {
         const int64_t t = list[cursor[size_t(n)]];
-        const Visits v{slots + t * R, P, N};
+        const core::TokenNodes v{slots + t * R, P, N};
         write_record(staged.data(), t);
         for (int q = 0; q < P; ++q) staged_slots[q] = slots[t * R + n * P + q];
         *reinterpret_cast<int32_t*>(staged.data() + plan.net_chain_next) = v.next(n);
@@ -451,7 +427,7 @@ struct CombineAcrossNodes {
   ResultEntry result{plan};
 
   int column(int node) const { return core::forwarder(node, me, P); }  // this rank's peer on `node`
-  Visits visits(int64_t t) const { return Visits{slots + t * R, P, N}; }
+  core::TokenNodes visits(int64_t t) const { return core::TokenNodes{slots + t * R, P, N}; }
   // Where a forwarded token goes from here: on to the next node (lane 0), or home (lane 1).
   static int to_node(const Forwarded& f) { return f.next >= 0 ? f.next : f.m; }
   static int to_lane(const Forwarded& f) { return f.next >= 0 ? kPassOn : kKeep; }
@@ -459,7 +435,7 @@ struct CombineAcrossNodes {
 
   Error load(const ForwardTable& table) {
     for (int64_t t = 0; t < T; ++t) {
-      const Visits v = visits(t);
+      const core::TokenNodes v = visits(t);
       if (v.at(my_node)) forwarded.push_back({my_node, t, v.prev(my_node), v.next(my_node), slots + t * R + my_node * P});
     }
     for (int m = 0; m < N; ++m) {
@@ -541,7 +517,7 @@ Error CombineAcrossNodes::chain() {
   std::vector<size_t> begin_here;
   std::vector<int64_t> expected(size_t(N) * core::kNetLanes, 0);  // [node][lane]: entries to take
   for (int64_t t = 0; t < T; ++t) {
-    const Visits v = visits(t);
+    const core::TokenNodes v = visits(t);
     const int first = v.next(-1), last = v.last();
     if (first < 0) {  // goes nowhere: the biases alone
       acc.start(w.bias0.get(), w.bias1.get(), t);
@@ -674,7 +650,7 @@ Error CombineAcrossNodes::hierarchical() {
   std::vector<size_t> sent(size_t(N), 0);
   std::vector<int64_t> expected(size_t(N), 0);  // per node: partials of this rank's tokens to take
   for (int64_t t = 0; t < T; ++t) {
-    const Visits v = visits(t);
+    const core::TokenNodes v = visits(t);
     for (int k = v.next(-1); k >= 0; k = v.next(k))
       if (k != my_node) expected[size_t(k)] += 1;
   }
@@ -694,7 +670,7 @@ Error CombineAcrossNodes::hierarchical() {
       if (sent[size_t(m)] < list.size()) pass.wait(rings.waiting_for_room(m, kKeep));
     }
     for (; t < T; ++t, k_next = -2, pass.moved = true) {  // home: this rank's tokens, in order
-      const Visits v = visits(t);
+      const core::TokenNodes v = visits(t);
       if (k_next == -2) {
         home.start(w.bias0.get(), w.bias1.get(), t);
         k_next = v.next(-1);
