@@ -7,8 +7,9 @@
 #             build in build-asan/. Deno itself is not instrumented, so the runtimes are preloaded.
 #             Not tests/jsr_test.ts and tests/fresh_clone_test.ts: they build and load libraries
 #             of their own.
-#   thread    tests/native/kernel_families.cpp (every kernel family, no Deno) against a
-#             ThreadSanitizer build in build-tsan/; any report fails the run.
+#   thread    tests/native/kernel_families.cpp (every kernel family, no Deno) and
+#             tests/native/rdma_transport.cu (the CPU proxy) against a ThreadSanitizer build in
+#             build-tsan/; any report fails the run.
 #
 # Usage: .ci/sanitize.sh build|run address|thread   (build both first: `build address thread`)
 set -euo pipefail
@@ -26,8 +27,8 @@ for kind in "$@"; do
       [ "$kind" = thread ] && dir="$root/build-tsan"
       # Only what each run uses: the library and the native test programs (address), the library
       # and the kernel-family driver (thread).
-      targets=switchyard,switchyard_barrier_slots,switchyard_segment_checks,switchyard_cuda_ipc
-      [ "$kind" = thread ] && targets=switchyard,switchyard_kernel_families
+      targets=switchyard,switchyard_barrier_slots,switchyard_segment_checks,switchyard_cuda_ipc,switchyard_rdma_transport
+      [ "$kind" = thread ] && targets=switchyard,switchyard_kernel_families,switchyard_rdma_transport
       SWITCHYARD_BUILD_DIR="$dir" SWITCHYARD_SANITIZE="$flags" SWITCHYARD_BUILD_TARGETS="$targets" \
         deno run --allow-run --allow-read --allow-env scripts/build.ts --cuda-cpu
       ;;
@@ -45,7 +46,8 @@ for kind in "$@"; do
     run:thread)
       # Every report counts: the run's exit status is 66 if there was one.
       TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1" \
-        "$root/build-tsan/switchyard_kernel_families" --ranks 3 --tokens 24 --experts 12
+        "$root/build-tsan/switchyard_kernel_families" --ranks 3 --tokens 24 --experts 12 &&
+        TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1" "$root/build-tsan/switchyard_rdma_transport"
       ;;
     *)
       echo "usage: .ci/sanitize.sh build|run address|thread" >&2

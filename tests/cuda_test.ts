@@ -450,6 +450,18 @@ Deno.test({ name: "cuda: device memory is shared between two processes by IPC ha
   assert.match(text, /^all ok$/m);
 });
 
+Deno.test({ name: "cuda: the CPU proxy carries kernels' puts and signals in order (native)", ignore }, async () => {
+  // Four ranks' kernels put odd-sized messages through their proxies' wrapping rings, with and
+  // without a link model; a wait nobody answers times out naming the source; a put past the
+  // peer's window is refused and the proxy recovers (tests/native/rdma_transport.cu).
+  const text = await nativeProgram("switchyard_rdma_transport");
+  assert.match(text, /ok: exchange: every wait succeeded and every signal came after its data/);
+  assert.match(text, /ok: link model: every window holds exactly the messages put into it/);
+  assert.match(text, /ok: a wait for a signal nobody sends times out naming the source/);
+  assert.match(text, /ok: after a refusal and reset\(\): the signals and what the NIC carried match/);
+  assert.match(text, /^all ok$/m);
+});
+
 /** One low-latency round on one backend: every rank's outputs (the rows its counts cover). */
 interface LLCase {
   ranks: number;

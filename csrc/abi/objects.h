@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../core/dtype.h"
+#include "../core/link_model.h"
 #include "../core/plan.h"
 #include "error.h"
 #include "switchyard.h"
@@ -188,10 +189,7 @@ struct BufferSet {
   };
   std::vector<NetworkCounters> network;
   // The emulated NIC's link (the group's): bytes per second (0: memory speed) and latency.
-  struct NicModel {
-    double bytes_per_second = 0;
-    int64_t latency_ns = 0;
-  } nic;
+  core::LinkModel nic;
 };
 
 struct GroupCore {

@@ -70,6 +70,20 @@ __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
   ::cuda::atomic_ref<uint32_t, ::cuda::thread_scope_system>(*p).store(v, ::cuda::memory_order_release);
 }
 
+// The 64-bit counters the transports share with the host (transport/proxy_ring.h).
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+  const uint64_t v = ::cuda::atomic_ref<uint64_t, ::cuda::thread_scope_system>(*const_cast<uint64_t*>(p))
+                         .load(::cuda::memory_order_acquire);
+#if SY_CUDA_ON_CPU
+  ::sy::cuda_cpu::polled();
+#endif
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+  ::cuda::atomic_ref<uint64_t, ::cuda::thread_scope_system>(*p).store(v, ::cuda::memory_order_release);
+}
+
 // A volatile load: in CUDA's memory model a relaxed load at system scope that is never cached
 // or merged, which is how kernels look at a flag another thread may be setting (a race
 // detector must see it as the atomic it is, not as a plain read).

@@ -11,6 +11,8 @@
 #   kernel_families        tests/native/kernel_families.cpp: one scenario per kernel family
 #                          through the C ABI, for the ThreadSanitizer run in CI
 #   cuda_ipc               tests/native/cuda_ipc.cu: device memory shared between two processes
+#   rdma_transport         tests/native/rdma_transport.cu: the CPU proxy and the emulated NIC
+#                          driven by kernels
 set(cuda_on_cpu_dir "${CMAKE_CURRENT_LIST_DIR}")
 set(cuda_on_cpu_includes "${cuda_on_cpu_dir}/include" "${SWITCHYARD_CUDA_INCLUDE}" "${SWITCHYARD_CUDA_INCLUDE}/cccl")
 
@@ -72,3 +74,14 @@ target_compile_definitions(switchyard_cuda_ipc PRIVATE SY_CUDA_ON_CPU=1)
 target_compile_options(switchyard_cuda_ipc PRIVATE ${cuda_on_cpu_options})
 target_link_libraries(switchyard_cuda_ipc PRIVATE switchyard)
 target_link_options(switchyard_cuda_ipc PRIVATE -fsanitize=alignment)
+
+# The CPU proxy and the emulated NIC driven by kernels; in the sanitizer builds too. It compiles
+# its own copy of the proxy (the library exports only the executor).
+set_source_files_properties(tests/native/rdma_transport.cu PROPERTIES LANGUAGE CXX)
+add_executable(switchyard_rdma_transport ${rdma_transport_sources})
+target_include_directories(switchyard_rdma_transport BEFORE PRIVATE ${cuda_on_cpu_includes})
+target_include_directories(switchyard_rdma_transport PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/csrc/include)
+target_compile_definitions(switchyard_rdma_transport PRIVATE SY_CUDA_ON_CPU=1)
+target_compile_options(switchyard_rdma_transport PRIVATE ${cuda_on_cpu_options})
+target_link_libraries(switchyard_rdma_transport PRIVATE switchyard Threads::Threads)
+target_link_options(switchyard_rdma_transport PRIVATE -fsanitize=alignment)

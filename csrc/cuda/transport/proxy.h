@@ -1,0 +1,130 @@
+// The CPU proxy (rdma.h): one thread per rank takes the descriptors its kernels post
+// (proxy_ring.h) and carries them out through a NIC engine. The engine here is the emulated NIC:
+// the ranks of one process (virtual nodes) attach their windows and signal arrays to an
+// EmulatedFabric, and the proxy copies with the CUDA runtime on a stream of its own, so the same
+// code runs on a GPU and on the CPU executor. With a link model (core/link_model.h) each put
+// leaves when the rank's link is free (its source is read then, as a NIC's DMA reads it), and
+// is complete, its signal raised and its ring slot freed, when it would have arrived.
+//
+// Every descriptor is checked before it is carried out (proxy_ring.h, check_descriptor): a
+// kernel's bad put is refused, never executed; the proxy then takes nothing more from that
+// rank until reset(), and the kernel's waits return Refused.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../../abi/error.h"
+#include "../../core/link_model.h"
+#include "proxy_channel.cuh"
+
+namespace sy::cuda::transport {
+
+// The ranks of one process the emulated NIC connects: their windows and signal arrays, and what
+// it carried for each (records and bytes put by that rank).
+class EmulatedFabric {
+ public:
+  EmulatedFabric(int ranks, int slots, core::LinkModel model);
+  int ranks() const { return ranks_; }
+  int slots() const { return slots_; }
+  const core::LinkModel& model() const { return model_; }
+
+  struct Window {
+    uint8_t* base = nullptr;  // device memory
+    uint64_t bytes = 0;
+    uint64_t* signals = nullptr;  // host-mapped, [ranks][slots]
+  };
+  void attach(int rank, const Window& w);
+  void detach(int rank);
+  // The rank's window; base == nullptr if it has none.
+  Window window(int rank) const;
+
+  struct Counters {
+    std::atomic<uint64_t> records{0}, bytes{0};
+  };
+  const Counters& carried(int rank) const { return carried_[size_t(rank)]; }
+  Counters& carried_by(int rank) { return carried_[size_t(rank)]; }
+
+ private:
+  int ranks_, slots_;
+  core::LinkModel model_;
+  mutable std::mutex mu_;
+  std::vector<Window> windows_;
+  std::unique_ptr<Counters[]> carried_;
+};
+
+struct ProxyOptions {
+  int rank = 0;
+  int device = 0;
+  int channels = 1;
+  uint32_t entries = 64;  // descriptors per channel ring
+};
+
+class Proxy {
+ public:
+  // Allocates the rings and this rank's signals, attaches `window` to the fabric and starts the
+  // thread.
+  static Error create(const ProxyOptions& o, EmulatedFabric& fabric, uint8_t* window, uint64_t window_bytes,
+                      std::unique_ptr<Proxy>* out);
+  ~Proxy();
+  Proxy(const Proxy&) = delete;
+  Proxy& operator=(const Proxy&) = delete;
+
+  // What a kernel driving channel `c` receives.
+  ProxyChannel channel(int c, uint64_t timeout_ns) const;
+  // The refusal that stopped the proxy, as an error naming the rank, channel and descriptor; ok()
+  // if none.
+  Error refusal() const;
+  // After a refusal, with no kernel of this rank running: drops what was posted and not carried
+  // out, clears the refusal, and takes descriptors again.
+  Error reset();
+  // This rank's signal (source, slot), read on the host.
+  uint64_t signal(int source, int slot) const;
+
+ private:
+  struct InFlight;
+  using Queue = std::deque<InFlight>;
+  Proxy(const ProxyOptions& o, EmulatedFabric& fabric);
+  void run();
+  bool take(Queue& q);
+  bool issue(Queue& q);
+  bool complete(Queue& q);
+  void refuse(int channel, uint64_t index, Refusal why, const std::string& detail);
+  void restart(Queue& q);
+
+  ProxyOptions o_;
+  EmulatedFabric& fabric_;
+  uint8_t* window_ = nullptr;
+  uint64_t window_bytes_ = 0;
+  // Host-mapped: [channels] rings and controls; this rank's signals.
+  RdmaDescriptor* rings_ = nullptr;
+  ProxyControl* controls_ = nullptr;
+  uint64_t* signals_ = nullptr;
+  RdmaDescriptor* d_rings_ = nullptr;
+  ProxyControl* d_controls_ = nullptr;
+  uint64_t* d_signals_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  std::vector<cudaEvent_t> events_;  // one per batch of copies, reused in order
+  uint64_t batches_issued_ = 0, batches_done_ = 0;
+  std::vector<uint64_t> taken_;  // per channel: descriptors taken
+  core::Link link_;
+
+  std::atomic<bool> stop_{false};
+  bool refused_ = false;  // the thread's: take nothing more
+  std::mutex mu_;         // refusal_ and the reset handshake
+  std::condition_variable cv_;
+  std::string refusal_;
+  uint64_t resets_requested_ = 0, resets_done_ = 0;
+  std::thread thread_;
+};
+
+}  // namespace sy::cuda::transport

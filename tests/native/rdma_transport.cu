@@ -1,0 +1,443 @@
+// The CPU proxy and the emulated NIC (csrc/cuda/transport/proxy.h) driven by kernels, as the
+// two hops across nodes will drive them: four ranks on one device, each with a window and a
+// proxy of two channels whose rings (8 descriptors) wrap many times.
+//
+//   exchange        every rank puts 24 messages of odd sizes (1..640 bytes, at unaligned
+//                   offsets) to every other rank on each channel, interleaving the peers, from 11
+//                   staging slots that it reuses after a flush; every third message, and the
+//                   last, is a put with a signal. Each receiver waits for every signal value in
+//                   turn and checks, at each, every message up to the one that raised it: a
+//                   signal seen before its data, or before an earlier put's, fails. Then the host
+//                   checks every window byte for byte (the bytes after each message too), the
+//                   signals and what the NIC says it carried, each computed here from the
+//                   message sizes alone.
+//   link model      the same under a link of 40 MB/s and 300 us: the sources are read when a
+//                   put leaves the link, so a flush that returned early lets the sender
+//                   overwrite a source before it was read; and the exchange takes at least the
+//                   busiest link's bytes over the bandwidth plus the latency.
+//   timeout         a receiver waits for a signal nobody sends: its wait ends after its deadline
+//                   and names the source, the slot and the values.
+//   refusal         a put past the peer's window is refused, never carried out: the sender's
+//                   flush says so, the proxy's error names the rank, channel, descriptor and
+//                   reason, the peer's window is untouched; after reset() the exchange runs again
+//                   on the same proxies.
+//
+// Every line "ok: ..." is a check that passed; the exit status is 0 only if all did. Kernels'
+// waits have deadlines of 10 s, so nothing here can hang.
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../../csrc/cuda/transport/proxy.h"
+
+namespace tr = sy::cuda::transport;
+
+namespace {
+
+constexpr int kRanks = 4, kChannels = 2, kMessages = 24, kStaging = 11, kMaxMessage = 640;
+constexpr uint32_t kEntries = 8;
+constexpr int kThreads = 64;
+constexpr uint64_t kTimeoutNs = 10'000'000'000ull;
+
+// The window: the channels' staging slots, then one receive region per (source, channel).
+constexpr uint64_t kStageBytes = uint64_t(kChannels) * kStaging * kMaxMessage;
+constexpr uint64_t kRegionBytes = uint64_t(kMessages) * kMaxMessage;
+constexpr uint64_t kWindowBytes = kStageBytes + uint64_t(kRanks) * kChannels * kRegionBytes;
+
+__host__ __device__ inline uint32_t mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// Message m from src to dst on channel c: its size (odd sizes, 1..640), its byte i, whether it
+// signals, and where it lands (each message right after the previous one: unaligned offsets).
+__host__ __device__ inline uint32_t message_bytes(int src, int dst, int c, int m) {
+  return 1 + mix(uint32_t(((src * 8 + dst) * 8 + c) * 64 + m) * 2654435761u) % (kMaxMessage - 1);
+}
+__host__ __device__ inline uint8_t message_byte(int src, int dst, int c, int m, uint32_t i) {
+  return uint8_t(mix(uint32_t(((src * 8 + dst) * 8 + c) * 64 + m) ^ (i * 0x9e3779b9u)) | 1u);  // never 0
+}
+__host__ __device__ inline bool message_signals(int m) { return m % 3 == 2 || m == kMessages - 1; }
+__host__ __device__ inline uint64_t region_offset(int src, int c) {
+  return kStageBytes + (uint64_t(src) * kChannels + uint64_t(c)) * kRegionBytes;
+}
+__host__ __device__ inline uint64_t message_offset(int src, int dst, int c, int m) {
+  uint64_t o = region_offset(src, c);
+  for (int j = 0; j < m; ++j) o += message_bytes(src, dst, c, j);
+  return o;
+}
+
+// What a block saw: its transport status, and the bytes that did not match.
+struct Outcome {
+  tr::TransportStatus status;
+  unsigned long long mismatches;
+};
+
+struct SendArgs {
+  int rank;
+  uint8_t* window;
+  tr::ProxyChannel channels[kChannels];
+  Outcome* out;  // [channels]
+};
+
+__global__ void send_kernel(SendArgs a) {
+  SY_SHARED(tr::TransportStatus, status);
+  const int c = blockIdx.x;
+  const tr::ProxyChannel& ch = a.channels[c];
+  if (threadIdx.x == 0) status = tr::TransportStatus{};
+  __syncthreads();
+  for (int n = 0; n < kMessages * (kRanks - 1); ++n) {
+    const int m = n / (kRanks - 1), dst = (a.rank + 1 + n % (kRanks - 1)) % kRanks;
+    const int s = n % kStaging;
+    // Before a staging slot is written again, every put that read it must have read it.
+    if (s == 0 && n > 0) {
+      __syncthreads();  // every thread has read the last put's status
+      if (threadIdx.x == 0) status = tr::flush(ch);
+      __syncthreads();
+      if (!status.ok()) break;
+    }
+    const uint64_t src_off = uint64_t(c) * kStaging * kMaxMessage + uint64_t(s) * kMaxMessage;
+    const uint32_t bytes = message_bytes(a.rank, dst, c, m);
+    for (uint32_t i = threadIdx.x; i < bytes; i += blockDim.x)
+      a.window[src_off + i] = message_byte(a.rank, dst, c, m, i);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const uint64_t dst_off = message_offset(a.rank, dst, c, m);
+      status = message_signals(m) ? tr::put_signal(ch, dst, src_off, dst_off, bytes, uint32_t(c), 1)
+                                  : tr::put(ch, dst, src_off, dst_off, bytes);
+    }
+    __syncthreads();
+    if (!status.ok()) break;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (status.ok()) status = tr::flush(ch);
+    a.out[c].status = status;
+    a.out[c].mismatches = 0;
+  }
+}
+
+struct RecvArgs {
+  int rank;
+  const uint8_t* window;
+  tr::ProxyChannel channel;  // any of the rank's: signals are per rank
+  uint64_t signal_base[kRanks][kChannels];  // the signals' values before this exchange
+  Outcome* out;  // [sources][channels]
+};
+
+// Block (source, channel): waits for each signal value in turn; at each, checks every message up
+// to the one that raised it.
+__global__ void recv_kernel(RecvArgs a) {
+  SY_SHARED(tr::TransportStatus, status);
+  SY_SHARED(unsigned long long, bad);
+  const int src = blockIdx.x / kChannels, c = blockIdx.x % kChannels;
+  if (src == a.rank) return;
+  if (threadIdx.x == 0) {
+    status = tr::TransportStatus{};
+    bad = 0;
+  }
+  __syncthreads();
+  uint64_t seen = 0;
+  int checked = 0;
+  for (int m = 0; m < kMessages; ++m) {
+    if (!message_signals(m)) continue;
+    ++seen;
+    if (threadIdx.x == 0) status = tr::wait_signal(a.channel, src, c, a.signal_base[src][c] + seen);
+    __syncthreads();
+    if (!status.ok()) break;
+    for (; checked <= m; ++checked) {
+      const uint64_t o = message_offset(src, a.rank, c, checked);
+      const uint32_t bytes = message_bytes(src, a.rank, c, checked);
+      for (uint32_t i = threadIdx.x; i < bytes; i += blockDim.x)
+        if (a.window[o + i] != message_byte(src, a.rank, c, checked, i)) atomicAdd(&bad, 1ull);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    a.out[blockIdx.x].status = status;
+    a.out[blockIdx.x].mismatches = bad;
+  }
+}
+
+// Waits for one signal (source, slot) to reach `least` (the timeout case).
+__global__ void wait_kernel(tr::ProxyChannel ch, int source, int slot, uint64_t least, Outcome* out) {
+  out->status = tr::wait_signal(ch, source, slot, least);
+  out->mismatches = 0;
+}
+
+// Posts one put and flushes (the refusal case).
+__global__ void bad_put_kernel(tr::ProxyChannel ch, int peer, uint64_t dst_off, uint64_t bytes, Outcome* out) {
+  tr::TransportStatus s = tr::put(ch, peer, 0, dst_off, bytes);
+  if (s.ok()) s = tr::flush(ch);
+  out->status = s;
+  out->mismatches = 0;
+}
+
+int failures = 0;
+
+void check(bool ok, const std::string& what) {
+  std::printf("%s: %s\n", ok ? "ok" : "FAILED", what.c_str());
+  std::fflush(stdout);
+  if (!ok) ++failures;
+}
+
+void must(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return;
+  std::printf("FAILED: %s: %s\n", what, cudaGetErrorString(e));
+  std::exit(1);
+}
+
+void must(const sy::Error& e, const char* what) {
+  if (!e) return;
+  std::printf("FAILED: %s: %s\n", what, e.message.c_str());
+  std::exit(1);
+}
+
+std::string describe(const tr::TransportStatus& s) {
+  return "result " + std::to_string(int(s.result)) + ", waited for " + std::to_string(int(s.waited_for)) +
+         ", peer " + std::to_string(s.peer) + ", slot " + std::to_string(s.slot) + ", expected " +
+         std::to_string(s.expected) + ", observed " + std::to_string(s.observed) + ", refusal " +
+         std::to_string(s.refusal);
+}
+
+struct World {
+  std::unique_ptr<tr::EmulatedFabric> fabric;
+  std::vector<uint8_t*> windows;
+  std::vector<std::unique_ptr<tr::Proxy>> proxies;
+  std::vector<cudaStream_t> send_streams, recv_streams;
+  Outcome* outcomes = nullptr;  // [ranks][kChannels] sends, then [ranks][ranks * kChannels] receives
+
+  explicit World(sy::core::LinkModel model) {
+    fabric = std::make_unique<tr::EmulatedFabric>(kRanks, kChannels, model);
+    must(cudaMalloc(&outcomes, sizeof(Outcome) * kRanks * (kChannels + kRanks * kChannels)), "cudaMalloc");
+    for (int r = 0; r < kRanks; ++r) {
+      uint8_t* w = nullptr;
+      must(cudaMalloc(&w, kWindowBytes), "cudaMalloc window");
+      windows.push_back(w);
+      std::unique_ptr<tr::Proxy> p;
+      tr::ProxyOptions o;
+      o.rank = r;
+      o.channels = kChannels;
+      o.entries = kEntries;
+      must(tr::Proxy::create(o, *fabric, w, kWindowBytes, &p), "Proxy::create");
+      proxies.push_back(std::move(p));
+      cudaStream_t s1, s2;
+      must(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking), "stream");
+      must(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking), "stream");
+      send_streams.push_back(s1);
+      recv_streams.push_back(s2);
+    }
+  }
+  ~World() {
+    proxies.clear();
+    for (auto w : windows) cudaFree(w);
+    for (auto s : send_streams) cudaStreamDestroy(s);
+    for (auto s : recv_streams) cudaStreamDestroy(s);
+    cudaFree(outcomes);
+  }
+  Outcome* send_out(int r) { return outcomes + r * kChannels; }
+  Outcome* recv_out(int r) { return outcomes + kRanks * kChannels + r * kRanks * kChannels; }
+};
+
+// One exchange (see the top); returns the seconds it took.
+double exchange(World& w, const std::string& label) {
+  for (int r = 0; r < kRanks; ++r) must(cudaMemset(w.windows[size_t(r)], 0, kWindowBytes), "cudaMemset");
+  must(cudaMemset(w.outcomes, 0xff, sizeof(Outcome) * kRanks * (kChannels + kRanks * kChannels)), "cudaMemset");
+  must(cudaDeviceSynchronize(), "sync");
+  uint64_t before[kRanks][kRanks][kChannels];
+  uint64_t carried_before[kRanks][2];
+  for (int r = 0; r < kRanks; ++r) {
+    carried_before[r][0] = w.fabric->carried(r).records.load();
+    carried_before[r][1] = w.fabric->carried(r).bytes.load();
+    for (int s = 0; s < kRanks; ++s)
+      for (int c = 0; c < kChannels; ++c) before[r][s][c] = w.proxies[size_t(r)]->signal(s, c);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  for (int r = 0; r < kRanks; ++r) {
+    RecvArgs a{};
+    a.rank = r;
+    a.window = w.windows[size_t(r)];
+    a.channel = w.proxies[size_t(r)]->channel(0, kTimeoutNs);
+    std::memcpy(a.signal_base, before[r], sizeof(a.signal_base));
+    a.out = w.recv_out(r);
+    SY_LAUNCH(recv_kernel, kRanks * kChannels, kThreads, 0, w.recv_streams[size_t(r)])(a);
+    must(cudaGetLastError(), "recv_kernel launch");
+  }
+  for (int r = 0; r < kRanks; ++r) {
+    SendArgs a{};
+    a.rank = r;
+    a.window = w.windows[size_t(r)];
+    for (int c = 0; c < kChannels; ++c) a.channels[c] = w.proxies[size_t(r)]->channel(c, kTimeoutNs);
+    a.out = w.send_out(r);
+    SY_LAUNCH(send_kernel, kChannels, kThreads, 0, w.send_streams[size_t(r)])(a);
+    must(cudaGetLastError(), "send_kernel launch");
+  }
+  must(cudaDeviceSynchronize(), "the exchange");
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+  std::vector<Outcome> out(size_t(kRanks) * (kChannels + kRanks * kChannels));
+  must(cudaMemcpy(out.data(), w.outcomes, sizeof(Outcome) * out.size(), cudaMemcpyDeviceToHost), "copy back");
+  std::string bad;
+  for (int r = 0; r < kRanks; ++r) {
+    for (int c = 0; c < kChannels; ++c) {
+      const Outcome& o = out[size_t(r * kChannels + c)];
+      if (!o.status.ok()) bad += " send " + std::to_string(r) + "/" + std::to_string(c) + ": " + describe(o.status);
+    }
+    for (int b = 0; b < kRanks * kChannels; ++b) {
+      if (b / kChannels == r) continue;
+      const Outcome& o = out[size_t(kRanks * kChannels + r * kRanks * kChannels + b)];
+      if (!o.status.ok() || o.mismatches != 0)
+        bad += " recv " + std::to_string(r) + " from " + std::to_string(b / kChannels) + "/" +
+               std::to_string(b % kChannels) + ": " + describe(o.status) + ", " + std::to_string(o.mismatches) +
+               " bytes wrong";
+    }
+  }
+  check(bad.empty(), label + ": every wait succeeded and every signal came after its data" + bad);
+
+  // The windows, byte for byte: each message where it belongs, nothing after the last one.
+  std::vector<uint8_t> host(kWindowBytes);
+  uint64_t wrong = 0, first_wrong = ~0ull;
+  for (int r = 0; r < kRanks; ++r) {
+    must(cudaMemcpy(host.data(), w.windows[size_t(r)], kWindowBytes, cudaMemcpyDeviceToHost), "copy window");
+    for (int s = 0; s < kRanks; ++s) {
+      for (int c = 0; c < kChannels; ++c) {
+        const uint64_t region = region_offset(s, c);
+        uint64_t o = region;
+        for (int m = 0; s != r && m < kMessages; ++m) {
+          const uint32_t bytes = message_bytes(s, r, c, m);
+          for (uint32_t i = 0; i < bytes; ++i)
+            if (host[o + i] != message_byte(s, r, c, m, i) && wrong++ == 0) first_wrong = o + i;
+          o += bytes;
+        }
+        for (; o < region + kRegionBytes; ++o)
+          if (host[o] != 0 && wrong++ == 0) first_wrong = o;
+      }
+    }
+  }
+  check(wrong == 0, label + ": every window holds exactly the messages put into it" +
+                        (wrong ? " (" + std::to_string(wrong) + " bytes wrong, the first at " +
+                                     std::to_string(first_wrong) + ")"
+                               : std::string()));
+
+  std::string counts;
+  for (int r = 0; r < kRanks; ++r) {
+    uint64_t records = 0, bytes = 0;
+    for (int dst = 0; dst < kRanks; ++dst) {
+      if (dst == r) continue;
+      int signals = 0;
+      for (int c = 0; c < kChannels; ++c)
+        for (int m = 0; m < kMessages; ++m) {
+          ++records;
+          bytes += message_bytes(r, dst, c, m);
+          signals += c == 0 && message_signals(m);
+        }
+      for (int c = 0; c < kChannels; ++c) {
+        const uint64_t got = w.proxies[size_t(dst)]->signal(r, c) - before[dst][r][c];
+        if (got != uint64_t(signals))
+          counts += " signal (" + std::to_string(r) + "->" + std::to_string(dst) + ", " + std::to_string(c) +
+                    ") grew by " + std::to_string(got) + ", not " + std::to_string(signals);
+      }
+    }
+    const uint64_t got_records = w.fabric->carried(r).records.load() - carried_before[r][0];
+    const uint64_t got_bytes = w.fabric->carried(r).bytes.load() - carried_before[r][1];
+    if (got_records != records || got_bytes != bytes)
+      counts += " rank " + std::to_string(r) + " carried " + std::to_string(got_records) + " puts, " +
+                std::to_string(got_bytes) + " bytes, not " + std::to_string(records) + ", " + std::to_string(bytes);
+  }
+  check(counts.empty(), label + ": the signals and what the NIC carried match the messages" + counts);
+  return seconds;
+}
+
+void timeout_case() {
+  World w({});
+  Outcome* out = w.outcomes;
+  const uint64_t timeout_ns = 300'000'000ull;
+  const auto start = std::chrono::steady_clock::now();
+  SY_LAUNCH(wait_kernel, 1, 1, 0, w.recv_streams[0])(w.proxies[0]->channel(0, timeout_ns), 1, 1, 1, out);
+  must(cudaStreamSynchronize(w.recv_streams[0]), "wait_kernel");
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  Outcome o;
+  must(cudaMemcpy(&o, out, sizeof(o), cudaMemcpyDeviceToHost), "copy back");
+  const tr::TransportStatus& s = o.status;
+  check(s.result == tr::TransportResult::Timeout && s.waited_for == tr::TransportWait::Signal && s.peer == 1 &&
+            s.slot == 1 && s.expected == 1 && s.observed == 0 && s.waited_ns >= int64_t(timeout_ns),
+        "a wait for a signal nobody sends times out naming the source, the slot and the values (" + describe(s) +
+            ", " + std::to_string(s.waited_ns / 1000000) + " ms)");
+  check(seconds < 5.0, "and it ends within its deadline (" + std::to_string(seconds) + " s for 0.3 s)");
+}
+
+void refusal_case() {
+  World w({});
+  Outcome* out = w.outcomes;
+  must(cudaMemset(w.windows[1], 0, kWindowBytes), "cudaMemset");
+  must(cudaDeviceSynchronize(), "sync");
+  // 64 bytes at 10 bytes before the end of rank 1's window.
+  SY_LAUNCH(bad_put_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), 1, kWindowBytes - 10,
+                                                        64, out);
+  must(cudaStreamSynchronize(w.send_streams[0]), "bad_put_kernel");
+  Outcome o;
+  must(cudaMemcpy(&o, out, sizeof(o), cudaMemcpyDeviceToHost), "copy back");
+  check(o.status.result == tr::TransportResult::Refused &&
+            o.status.refusal == uint32_t(tr::Refusal::Destination) && o.status.slot == 0 &&
+            o.status.refused_index == 0,
+        "a put past the peer's window is refused and the sender's flush says so (" + describe(o.status) + ")");
+  const sy::Error e = w.proxies[0]->refusal();
+  check(bool(e) && e.message.find("rank 0, channel 0, descriptor 0") != std::string::npos &&
+            e.message.find("the destination range leaves the peer's window") != std::string::npos,
+        "the proxy's error names the rank, channel, descriptor and reason: " + e.message);
+  std::vector<uint8_t> tail(64);
+  must(cudaMemcpy(tail.data(), w.windows[1] + kWindowBytes - 64, 64, cudaMemcpyDeviceToHost), "copy back");
+  bool untouched = true;
+  for (uint8_t b : tail) untouched = untouched && b == 0;
+  check(untouched, "the peer's window is untouched");
+  must(w.proxies[0]->reset(), "reset");
+  check(!w.proxies[0]->refusal(), "reset() clears the refusal");
+  exchange(w, "after a refusal and reset()");
+}
+
+}  // namespace
+
+int main() {
+  {
+    World w({});
+    exchange(w, "exchange");
+    exchange(w, "a second exchange on the same proxies (signals go on counting)");
+  }
+  {
+    sy::core::LinkModel model;
+    model.bytes_per_second = 40e6;
+    model.latency_ns = 300000;
+    World w(model);
+    const double seconds = exchange(w, "link model");
+    double busiest = 0;
+    for (int r = 0; r < kRanks; ++r) {
+      uint64_t bytes = 0;
+      for (int dst = 0; dst < kRanks; ++dst)
+        for (int c = 0; c < kChannels; ++c)
+          for (int m = 0; dst != r && m < kMessages; ++m) bytes += message_bytes(r, dst, c, m);
+      busiest = std::max(busiest, double(bytes) / model.bytes_per_second);
+    }
+    const double bound = busiest + 300e-6;
+    check(seconds >= bound, "link model: the exchange takes at least the busiest link's bytes over the bandwidth "
+                            "plus the latency (" + std::to_string(seconds * 1e3) + " ms >= " +
+                                std::to_string(bound * 1e3) + " ms)");
+  }
+  timeout_case();
+  refusal_case();
+  if (failures) {
+    std::printf("%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all ok\n");
+  return 0;
+}
