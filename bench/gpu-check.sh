@@ -10,7 +10,8 @@
 #      experts, BF16 and FP8, against the GPU's copy bandwidth and a naive baseline
 #      (bench/gpu_bench.cu), and the low-latency mode at decode shapes, 128 and 1 tokens per rank,
 #      per rank median and p99 next to the bound of the copy bandwidth (bench/ll_bench.cu); both
-#      write their JSON,
+#      write their JSON; then `deno task bench` and `deno bench` (bench/cuda_bench.ts: each
+#      operation next to a device-to-device copy of its bytes, timed by CUDA events),
 #   4. runs the CUDA tests (tests/cuda_test.ts: every normal-mode case against the host backend,
 #      bit for bit, plus the failure cases) and compute-sanitizer memcheck on the benchmark's
 #      one-rank case (the sanitizer runs one kernel at a time, so ranks that wait for each other
@@ -150,6 +151,8 @@ if [ $gpu -eq 1 ]; then
       "$bin/switchyard_ll_bench" --json "$out/ll_bench.json"
     step "deno task bench on the GPU: prefill 8 x 4096, decode 8 x 128 and 8 x 1, sweeps; JSON, SVG plots" 90 \
       deno run "${bench_permissions[@]}" src/cli/bench.ts --backend cuda --out "$out/bench" --quiet
+    step "deno bench on the GPU: dispatch and combine next to device copies, timed by CUDA events" 60 \
+      deno bench --allow-ffi --allow-env --allow-read bench/cuda_bench.ts
     step "CUDA tests: every normal-mode case against the host backend, and the failures" 90 \
       env SWITCHYARD_TEST_BACKEND=cuda deno test "${test_permissions[@]}" --allow-net tests/cuda_test.ts tests/cuda_config_test.ts
     step "compute-sanitizer memcheck (one rank, compact and expanded)" 40 bash -c \
@@ -206,6 +209,8 @@ else
     step "deno task bench at small sizes on the CPU executor (what the GPU run invokes)" 90 \
       env SWITCHYARD_LIBRARY="$bin/libswitchyard.so" deno run "${bench_permissions[@]}" src/cli/bench.ts \
       --backend cuda --ranks 2 --tokens 16 --iterations 2 --warmup 1 --out "$out/bench" --quiet
+    step "deno bench at small sizes on the CPU executor (what the GPU run invokes)" 60 \
+      env SWITCHYARD_LIBRARY="$bin/libswitchyard.so" deno bench --allow-ffi --allow-env --allow-read bench/cuda_bench.ts
     step "processes against virtual ranks: what the GPU run times, at small sizes" 90 \
       env SWITCHYARD_LIBRARY="$bin/libswitchyard.so" bash bench/process-bench.sh "$out/process_bench.txt" 2 4 -- \
       --tokens 48 --hidden 256 --experts 16 --topk 4 --iterations 2

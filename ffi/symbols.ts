@@ -10,7 +10,7 @@
  */
 
 /** The ABI version this binding was written for (`SY_ABI_VERSION`). */
-export const ABI_VERSION = 6;
+export const ABI_VERSION = 7;
 
 /** Every libswitchyard function, as `Deno.dlopen` wants it. */
 export const symbols = {
@@ -93,6 +93,9 @@ export const symbols = {
     result: "i32",
     nonblocking: true,
   },
+
+  // sy_status sy_tensor_copy(sy_tensor dst, sy_tensor src, sy_stream stream): enqueues only
+  sy_tensor_copy: { parameters: ["pointer", "pointer", "pointer"], result: "i32" },
 
   // sy_status sy_default_config(int32_t ranks, sy_config* out)
   sy_default_config: { parameters: ["i32", "buffer"], result: "i32" },

@@ -255,6 +255,19 @@ export class Tensor<D extends DType = DType> extends NativeResource {
     return out;
   }
 
+  /**
+   * Enqueues a copy of `src` into this tensor on the stream (default: the rank's compute stream)
+   * and returns at once: both dense, of one rank, with the same dtype and element count. On the
+   * CUDA backend it is a device-to-device copy, the baseline the benchmarks time next to each
+   * operation.
+   */
+  copyFrom(src: Tensor<D>, options: { readonly stream?: Stream } = {}): void {
+    instanceArg("src", src, Tensor, "Tensor");
+    const stream = this.#stream(options);
+    const p = this.pointer;
+    check(native().sy_tensor_copy(p, src.pointer, stream.pointer), p, "tensor copy");
+  }
+
   /** Reads a bf16, fp8_e4m3 or f32 tensor as floats. */
   async readFloat32(options: CopyOptions = {}): Promise<Float32Array> {
     const raw: TensorArray = await this.read(options);

@@ -249,6 +249,41 @@ function expectLast(handle: Deno.PointerObject, code: ErrorCode, argument: strin
   assert.equal(e.argument, argument, e.message);
 }
 
+Deno.test("copyFrom copies in stream order and refuses what it cannot copy", async (t) => {
+  using fx = await fixture(2, H, 16, 2000);
+  const [r0, r1] = fx.group.ranks;
+  await t.step("the bytes arrive in stream order: after the writes before, before the writes after", async () => {
+    const data = randomBF16(4 * 33, 5);
+    using src = await Tensor.from(r0, randomBF16(4 * 33, 4), { shape: [4, 33] });
+    using dst = Tensor.empty(r0, { dtype: "bf16", shape: [132] });
+    await src.write(data);
+    dst.copyFrom(src);
+    await src.write(randomBF16(4 * 33, 6)); // after the copy in stream order: must not reach dst
+    assert.deepEqual(await dst.read(), data);
+    // On another stream, ordered by an event.
+    using side = Stream.create(r0);
+    const other = randomBF16(4 * 33, 7);
+    await src.write(other);
+    side.waitEvent(r0.stream.record());
+    dst.copyFrom(src, { stream: side });
+    await side.synchronize();
+    assert.deepEqual(await dst.read(), other);
+  });
+  await t.step("refusals name the argument", async () => {
+    using src = Tensor.empty(r0, { dtype: "bf16", shape: [4, 33] });
+    using f32 = Tensor.empty(r0, { dtype: "f32", shape: [132] });
+    using short = Tensor.empty(r0, { dtype: "bf16", shape: [131] });
+    using elsewhere = Tensor.empty(r1, { dtype: "bf16", shape: [132] });
+    using strided = Tensor.empty(r0, { dtype: "bf16", shape: [4, 33], strides: [40, 1] });
+    await expectError(() => f32.copyFrom(src as unknown as Tensor<"f32">), "INVALID_ARGUMENT", "dst");
+    await expectError(() => short.copyFrom(src), "INVALID_ARGUMENT", "dst");
+    await expectError(() => elsewhere.copyFrom(src), "WRONG_HANDLE", "src");
+    await expectError(() => strided.copyFrom(src), "INVALID_ARGUMENT", "dst");
+    await expectError(() => src.copyFrom(strided), "INVALID_ARGUMENT", "src");
+    await expectError(() => src.copyFrom({} as Tensor<"bf16">), "WRONG_HANDLE", "src");
+  });
+});
+
 Deno.test("the C ABI validates what reaches it directly", async (t) => {
   using fx = await fixture(1, H, 16, 2000);
   const buf = fx.buffers[0];
@@ -263,6 +298,18 @@ Deno.test("the C ABI validates what reaches it directly", async (t) => {
     const args = DispatchArgs.create().set("struct_size", 8);
     assert.equal(lib.sy_dispatch(buf.pointer, args.bytes, DispatchStruct.create().bytes), Status.INVALID_ARGUMENT);
     expectLast(buf.pointer, "INVALID_ARGUMENT", "args");
+  });
+  await t.step("sy_tensor_copy checks ranks, dtypes and sizes itself", () => {
+    using a = Tensor.empty(fx.group.ranks[0], { dtype: "f32", shape: [4] });
+    using b = Tensor.empty(fx.group.ranks[0], { dtype: "i32", shape: [4] });
+    using c = Tensor.empty(fx.group.ranks[0], { dtype: "f32", shape: [5] });
+    assert.equal(lib.sy_tensor_copy(a.pointer, b.pointer, stream.pointer), Status.INVALID_ARGUMENT);
+    expectLast(a.pointer, "INVALID_ARGUMENT", "dst");
+    assert.equal(lib.sy_tensor_copy(a.pointer, c.pointer, stream.pointer), Status.INVALID_ARGUMENT);
+    assert.equal(lib.sy_tensor_copy(a.pointer, null, stream.pointer), Status.INVALID_ARGUMENT);
+    expectLast(a.pointer, "INVALID_ARGUMENT", "src");
+    assert.equal(lib.sy_tensor_copy(a.pointer, a.pointer, null), Status.INVALID_ARGUMENT);
+    expectLast(a.pointer, "INVALID_ARGUMENT", "stream");
   });
   await t.step("a destroyed handle stays destroyed when a new object is created", () => {
     const a = Tensor.empty(fx.group.ranks[0], { dtype: "f32", shape: [1] });

@@ -577,6 +577,36 @@ SY_API sy_status sy_tensor_read(sy_tensor tensor, sy_stream stream, void* dst, u
   });
 }
 
+SY_API sy_status sy_tensor_copy(sy_tensor dst, sy_tensor src, sy_stream stream) {
+  return guarded(dst, [&]() -> Error {
+    std::shared_ptr<Tensor> d, from;
+    std::shared_ptr<Stream> s;
+    SY_TRY(resolve(dst, Kind::Tensor, "dst", &d));
+    SY_TRY(resolve(src, Kind::Tensor, "src", &from));
+    SY_TRY(resolve(stream, Kind::Stream, "stream", &s));
+    for (const auto* t : {&d, &from}) {
+      if (s->group != (*t)->group || s->rank != (*t)->rank) {
+        return fail(SY_ERROR_WRONG_HANDLE, std::string(t == &d ? "dst" : "src") + ": belongs to rank " +
+                                               std::to_string((*t)->rank) + ", the stream to rank " +
+                                               std::to_string(s->rank),
+                    t == &d ? "dst" : "src");
+      }
+    }
+    SY_TRY(check_view("dst", *d));
+    SY_TRY(check_view("src", *from));
+    SY_TRY(check_writable("dst", *d));
+    if (!d->is_dense()) return invalid("dst", "dst: must be dense (row-major, no strides) for a copy");
+    if (!from->is_dense()) return invalid("src", "src: must be dense (row-major, no strides) for a copy");
+    if (d->dtype != from->dtype || d->dense_bytes() != from->dense_bytes()) {
+      return invalid("dst", "dst: " + shape_string(*d) + " " + core::dtype_name(d->dtype) + " cannot hold src, " +
+                                shape_string(*from) + " " + core::dtype_name(from->dtype) +
+                                " (same dtype and element count needed)");
+    }
+    if (d.get() == from.get()) return ok();
+    return d->group->backend->copy_tensor(*s, d, from);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Configuration and buffers
 

@@ -475,6 +475,8 @@ class Backend {
                              Deadline deadline) = 0;
   virtual Error read_tensor(Stream& s, std::shared_ptr<Tensor> t, void* dst,
                             Deadline deadline) = 0;
+  // Enqueues a copy of src's dense bytes into dst's (checked: same rank, dense, same bytes).
+  virtual Error copy_tensor(Stream& s, std::shared_ptr<Tensor> dst, std::shared_ptr<Tensor> src) = 0;
 
   virtual Error layout(Stream& comm, std::shared_ptr<LayoutWork> work) = 0;
   // A call refused on this rank before it was enqueued (bad arguments): takes its place in

@@ -214,6 +214,12 @@ class CudaBackend final : public Backend {
     return cs.synchronize(deadline);
   }
 
+  Error copy_tensor(Stream& s, std::shared_ptr<Tensor> dst, std::shared_ptr<Tensor> src) override {
+    CudaStream& cs = *as_cuda(s);
+    SY_CUDA(cudaMemcpyAsync(dst->data(), src->data(), size_t(src->dense_bytes()), cudaMemcpyDeviceToDevice, cs.raw()));
+    return ok();
+  }
+
   Error read_tensor(Stream& s, std::shared_ptr<Tensor> t, void* dst, Deadline deadline) override {
     CudaStream& cs = *as_cuda(s);
     StagingPool& staging = *cs.rank_state_ref().staging;

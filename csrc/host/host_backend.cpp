@@ -227,6 +227,14 @@ class HostBackend final : public Backend {
         deadline);
   }
 
+  Error copy_tensor(Stream& s, std::shared_ptr<Tensor> dst, std::shared_ptr<Tensor> src) override {
+    as_host(s)->enqueue([dst, src](host::StreamState&) -> Error {
+      std::memcpy(dst->data(), src->data(), size_t(src->dense_bytes()));
+      return ok();
+    });
+    return ok();
+  }
+
   Error layout(Stream& comm, std::shared_ptr<LayoutWork> work) override {
     as_host(comm)->enqueue([work](host::StreamState&) { return host::run_layout(*work); }, work->status);
     return ok();

@@ -38,7 +38,7 @@ extern "C" {
 
 /* Bumped on every incompatible change of this header. The loader refuses a library whose
  * `sy_abi_version()` differs from the version it was written for. */
-#define SY_ABI_VERSION 6u
+#define SY_ABI_VERSION 7u
 
 #define SY_MAX_DIMS 8
 #define SY_ERROR_ARGUMENT_CAPACITY 64
@@ -316,6 +316,11 @@ SY_API sy_status sy_tensor_write(sy_tensor tensor, sy_stream stream, const void*
                                  uint64_t bytes, int64_t timeout_ms);
 SY_API sy_status sy_tensor_read(sy_tensor tensor, sy_stream stream, void* dst, uint64_t bytes,
                                 int64_t timeout_ms);
+/* Since ABI 7. Stream-ordered copy of `src` into `dst`: tensors of one rank, both dense, of
+ * the same dtype and element count (shapes may differ). Enqueued on `stream` and returns at
+ * once; a device-to-device copy on the CUDA backend (the baseline the benchmarks time next to
+ * each operation). It copies the bytes as they are when the stream gets there. */
+SY_API sy_status sy_tensor_copy(sy_tensor dst, sy_tensor src, sy_stream stream);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Configuration and sizing                                                                    */

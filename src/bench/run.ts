@@ -144,9 +144,13 @@ function push(times: OperationTimes, rankMs: number[], wallMs: number, sendMs?: 
   times.wallMs.push(wallMs);
 }
 
-// Times one collective call on every rank: events on the rank's stream right before its call and
-// right after it returns (each rank its own, so a fast rank is not charged for a slow one).
-async function timed<T extends Disposable>(
+/**
+ * Times one collective call on every rank: events on the rank's stream right before its call and
+ * right after it returns (each rank its own, so a fast rank is not charged for a slow one).
+ * Returns each rank's results and milliseconds between its events (the GPU's clock on the CUDA
+ * backend), and the wall time of the whole.
+ */
+export async function timeOnEveryRank<T extends Disposable>(
   group: Group,
   call: (r: number) => Promise<T>,
 ): Promise<{ out: T[]; ms: number[]; wall: number }> {
@@ -316,7 +320,7 @@ async function runNormal({ group, s, buffers, direct, inputs, iterations, warmup
     call: (r: number) => Promise<T>,
   ) => {
     const before = direct && !network.has(op) ? on.map((b) => b.networkStats()) : undefined;
-    const { out, ms, wall } = await timed(group, call);
+    const { out, ms, wall } = await timeOnEveryRank(group, call);
     for (const o of out) o[Symbol.dispose]();
     if (before) {
       const after = on.map((b) => b.networkStats());
@@ -400,12 +404,12 @@ async function runLowLatency({ group, s, buffers, inputs, iterations, warmup, op
     await group.all(async (rank, r) => (waitStats[r] = await Tensor.from(rank, new BigInt64Array(R), { shape: [R] })));
     for (let it = 0; it < warmup + iterations; it++) {
       const measured = it >= warmup;
-      const d = await timed(group, (r) =>
+      const d = await timeOnEveryRank(group, (r) =>
         buffers[r].lowLatencyDispatch(inputs[r].x, inputs[r].topkIdx, {
           useFp8,
           dispatchWaitRecvCostStats: measured ? waitStats[r] : undefined,
         }));
-      const c = await timed(
+      const c = await timeOnEveryRank(
         group,
         (r) =>
           buffers[r].lowLatencyCombine(expertOut[r].recvX, inputs[r].topkIdx, inputs[r].topkWeights, d.out[r].handle),
