@@ -27,7 +27,7 @@ for kind in "$@"; do
       [ "$kind" = thread ] && dir="$root/build-tsan"
       # Only what each run uses: the library and the native test programs (address), the library
       # and the kernel-family driver (thread).
-      targets=switchyard,switchyard_barrier_slots,switchyard_segment_checks,switchyard_cuda_ipc,switchyard_rdma_transport
+      targets=switchyard,switchyard_barrier_slots,switchyard_segment_checks,switchyard_hostile_counts,switchyard_cuda_ipc,switchyard_rdma_transport
       [ "$kind" = thread ] && targets=switchyard,switchyard_kernel_families,switchyard_rdma_transport
       SWITCHYARD_BUILD_DIR="$dir" SWITCHYARD_SANITIZE="$flags" SWITCHYARD_BUILD_TARGETS="$targets" \
         deno run --allow-run --allow-read --allow-env scripts/build.ts --cuda-cpu

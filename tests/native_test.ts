@@ -89,6 +89,16 @@ Deno.test("the barrier's parameter slots survive a fast rank and name a rank tha
   assert.match(text, /ok: stamp/);
 });
 
+Deno.test("counts a peer announces are bounded before they index a buffer (native)", async () => {
+  // Rank 1 is played there, announcing counts no honest rank could (tests/native/hostile_counts.cpp).
+  const text = await nativeProgram("switchyard_hostile_counts");
+  assert.match(text, /ok: more tokens for a rank than a buffer holds: .*announced 1000000 tokens for rank 0/);
+  assert.match(text, /ok: a negative count for a rank/);
+  assert.match(text, /ok: more tokens for a local expert than a buffer holds/);
+  assert.match(text, /ok: honest counts are accepted/);
+  assert.match(text, /hostile_counts: every case passed/);
+});
+
 Deno.test("a peer's segment is mapped only if it is this user's, mode 0600 (native)", async () => {
   const text = await nativeProgram("switchyard_segment_checks");
   assert.match(text, /ok: a segment anyone may write is refused/);
