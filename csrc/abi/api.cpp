@@ -602,7 +602,14 @@ SY_API sy_status sy_tensor_copy(sy_tensor dst, sy_tensor src, sy_stream stream) 
                                 shape_string(*from) + " " + core::dtype_name(from->dtype) +
                                 " (same dtype and element count needed)");
     }
-    if (d.get() == from.get()) return ok();
+    // Overlapping bytes (a tensor and a view of it) would make the copy's result undefined.
+    const uint8_t* a0 = d->data();
+    const uint8_t* b0 = from->data();
+    const uint64_t n = d->dense_bytes();
+    if (n > 0 && a0 < b0 + n && b0 < a0 + n) {
+      if (a0 == b0) return ok();  // the same bytes: nothing to do
+      return invalid("dst", "dst: overlaps src in memory; copy through a third tensor");
+    }
     return d->group->backend->copy_tensor(*s, d, from);
   });
 }

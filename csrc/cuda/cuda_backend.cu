@@ -216,7 +216,8 @@ class CudaBackend final : public Backend {
 
   Error copy_tensor(Stream& s, std::shared_ptr<Tensor> dst, std::shared_ptr<Tensor> src) override {
     CudaStream& cs = *as_cuda(s);
-    SY_CUDA(cudaMemcpyAsync(dst->data(), src->data(), size_t(src->dense_bytes()), cudaMemcpyDeviceToDevice, cs.raw()));
+    SY_CUDA(cudaSetDevice(cs.rank_state_ref().device));
+    SY_CUDA(cudaMemcpyAsync(dst->data(), src->data(), size_t(src->dense_bytes()), cudaMemcpyDefault, cs.raw()));
     return ok();
   }
 

@@ -32,6 +32,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../../csrc/cuda/transport/proxy.h"
@@ -40,7 +41,7 @@ namespace tr = sy::cuda::transport;
 
 namespace {
 
-constexpr int kRanks = 4, kChannels = 2, kMessages = 24, kStaging = 11, kMaxMessage = 640;
+constexpr int kRanks = 4, kChannels = 2, kMessages = 25, kStaging = 11, kMaxMessage = 640;
 constexpr uint32_t kEntries = 8;
 constexpr int kThreads = 64;
 constexpr uint64_t kTimeoutNs = 10'000'000'000ull;
@@ -62,12 +63,15 @@ __host__ __device__ inline uint32_t mix(uint32_t x) {
 // Message m from src to dst on channel c: its size (odd sizes, 1..640), its byte i, whether it
 // signals, and where it lands (each message right after the previous one: unaligned offsets).
 __host__ __device__ inline uint32_t message_bytes(int src, int dst, int c, int m) {
+  if (m == 7) return 0;  // a put of nothing is a put too
   return 1 + mix(uint32_t(((src * 8 + dst) * 8 + c) * 64 + m) * 2654435761u) % (kMaxMessage - 1);
 }
 __host__ __device__ inline uint8_t message_byte(int src, int dst, int c, int m, uint32_t i) {
   return uint8_t(mix(uint32_t(((src * 8 + dst) * 8 + c) * 64 + m) ^ (i * 0x9e3779b9u)) | 1u);  // never 0
 }
-__host__ __device__ inline bool message_signals(int m) { return m % 3 == 2 || m == kMessages - 1; }
+// The last message is a plain put: the signal without data that ends each (source, channel)
+// covers it.
+__host__ __device__ inline bool message_signals(int m) { return m % 3 == 2 && m != kMessages - 1; }
 __host__ __device__ inline uint64_t region_offset(int src, int c) {
   return kStageBytes + (uint64_t(src) * kChannels + uint64_t(c)) * kRegionBytes;
 }
@@ -121,6 +125,9 @@ __global__ void send_kernel(SendArgs a) {
   }
   __syncthreads();
   if (threadIdx.x == 0) {
+    // A signal without data to every peer: after every put to it of this channel.
+    for (int k = 0; k < kRanks - 1 && status.ok(); ++k)
+      status = tr::signal(ch, (a.rank + 1 + k) % kRanks, uint32_t(c), 1);
     if (status.ok()) status = tr::flush(ch);
     a.out[c].status = status;
     a.out[c].mismatches = 0;
@@ -135,8 +142,15 @@ struct RecvArgs {
   Outcome* out;  // [sources][channels]
 };
 
+__device__ void check_message(const RecvArgs& a, int src, int c, int m, unsigned long long* bad) {
+  const uint64_t o = message_offset(src, a.rank, c, m);
+  const uint32_t bytes = message_bytes(src, a.rank, c, m);
+  for (uint32_t i = threadIdx.x; i < bytes; i += blockDim.x)
+    if (a.window[o + i] != message_byte(src, a.rank, c, m, i)) atomicAdd(bad, 1ull);
+}
+
 // Block (source, channel): waits for each signal value in turn; at each, checks every message up
-// to the one that raised it.
+// to the one that raised it; then the signal without data, and the rest.
 __global__ void recv_kernel(RecvArgs a) {
   SY_SHARED(tr::TransportStatus, status);
   SY_SHARED(unsigned long long, bad);
@@ -155,12 +169,18 @@ __global__ void recv_kernel(RecvArgs a) {
     if (threadIdx.x == 0) status = tr::wait_signal(a.channel, src, c, a.signal_base[src][c] + seen);
     __syncthreads();
     if (!status.ok()) break;
-    for (; checked <= m; ++checked) {
-      const uint64_t o = message_offset(src, a.rank, c, checked);
-      const uint32_t bytes = message_bytes(src, a.rank, c, checked);
-      for (uint32_t i = threadIdx.x; i < bytes; i += blockDim.x)
-        if (a.window[o + i] != message_byte(src, a.rank, c, checked, i)) atomicAdd(&bad, 1ull);
-    }
+    for (; checked <= m; ++checked) check_message(a, src, c, checked, &bad);
+    __syncthreads();
+  }
+  // The signal without data: every message is there.
+  __syncthreads();
+  const bool go = status.ok();
+  __syncthreads();  // read by all before thread 0 writes it again
+  if (go) {
+    if (threadIdx.x == 0) status = tr::wait_signal(a.channel, src, c, a.signal_base[src][c] + seen + 1);
+    __syncthreads();
+    if (status.ok())
+      for (; checked < kMessages; ++checked) check_message(a, src, c, checked, &bad);
     __syncthreads();
   }
   if (threadIdx.x == 0) {
@@ -240,7 +260,8 @@ struct World {
   }
   ~World() {
     proxies.clear();
-    for (auto w : windows) cudaFree(w);
+    for (auto w : windows)
+      if (w) cudaFree(w);
     for (auto s : send_streams) cudaStreamDestroy(s);
     for (auto s : recv_streams) cudaStreamDestroy(s);
     cudaFree(outcomes);
@@ -334,14 +355,14 @@ double exchange(World& w, const std::string& label) {
     uint64_t records = 0, bytes = 0;
     for (int dst = 0; dst < kRanks; ++dst) {
       if (dst == r) continue;
-      int signals = 0;
       for (int c = 0; c < kChannels; ++c)
         for (int m = 0; m < kMessages; ++m) {
           ++records;
           bytes += message_bytes(r, dst, c, m);
-          signals += c == 0 && message_signals(m);
         }
       for (int c = 0; c < kChannels; ++c) {
+        int signals = 1;  // the one without data
+        for (int m = 0; m < kMessages; ++m) signals += message_signals(m);
         const uint64_t got = w.proxies[size_t(dst)]->signal(r, c) - before[dst][r][c];
         if (got != uint64_t(signals))
           counts += " signal (" + std::to_string(r) + "->" + std::to_string(dst) + ", " + std::to_string(c) +
@@ -405,12 +426,119 @@ void refusal_case() {
   exchange(w, "after a refusal and reset()");
 }
 
+// Posts one put of `bytes` to `peer` without waiting for it (the teardown case).
+__global__ void post_kernel(tr::ProxyChannel ch, int peer, uint64_t dst_off, uint64_t bytes, Outcome* out) {
+  out->status = tr::put_signal(ch, peer, 0, dst_off, bytes, 0, 1);
+  out->mismatches = 0;
+}
+
+// Flushes (the teardown case: the put to the rank that went away completed before it did).
+__global__ void flush_kernel(tr::ProxyChannel ch, Outcome* out) {
+  out->status = tr::flush(ch);
+  out->mismatches = 0;
+}
+
+// The proxy's checks of a descriptor, on values no kernel of ours makes: wrapping ranges,
+// negative and missing peers, ops and slots that do not exist.
+void descriptor_checks() {
+  const uint64_t W = 4096, huge = ~0ull;
+  auto d = [](uint32_t op, int peer, uint64_t src, uint64_t dst, uint64_t bytes, uint32_t slot) {
+    tr::RdmaDescriptor x{};
+    x.op = op;
+    x.peer = peer;
+    x.src_offset = src;
+    x.dst_offset = dst;
+    x.bytes = bytes;
+    x.signal = slot;
+    return x;
+  };
+  const uint32_t put = uint32_t(tr::RdmaOp::Put), ps = uint32_t(tr::RdmaOp::PutSignal),
+                 sig = uint32_t(tr::RdmaOp::Signal);
+  struct Case {
+    const char* what;
+    tr::RdmaDescriptor desc;
+    bool attached;
+    tr::Refusal expected;
+  } cases[] = {
+      {"a put that fits exactly", d(put, 1, W - 8, W - 8, 8, 0), true, tr::Refusal::None},
+      {"an unknown op", d(0, 1, 0, 0, 8, 0), true, tr::Refusal::Op},
+      {"op 4", d(4, 1, 0, 0, 8, 0), true, tr::Refusal::Op},
+      {"a negative peer", d(put, -1, 0, 0, 8, 0), true, tr::Refusal::Peer},
+      {"a peer past the ranks", d(put, kRanks, 0, 0, 8, 0), true, tr::Refusal::Peer},
+      {"a peer without a window", d(put, 1, 0, 0, 8, 0), false, tr::Refusal::PeerWindow},
+      {"a source that wraps around", d(put, 1, huge - 3, 0, 8, 0), true, tr::Refusal::Source},
+      {"a source one byte long past the end", d(put, 1, W - 7, 0, 8, 0), true, tr::Refusal::Source},
+      {"a length that wraps around (the source is checked first)", d(put, 1, 0, 16, huge, 0), true, tr::Refusal::Source},
+      {"a destination past the end", d(put, 1, 0, W, 1, 0), true, tr::Refusal::Destination},
+      {"a destination offset near 2^64", d(put, 1, 0, huge, 2, 0), true, tr::Refusal::Destination},
+      {"a signal slot that does not exist", d(ps, 1, 0, 0, 8, kChannels), true, tr::Refusal::Signal},
+      {"a signal without data ignores the ranges", d(sig, 1, huge, huge, huge, 1), true, tr::Refusal::None},
+      {"a signal without data, slot past the end", d(sig, 1, 0, 0, 0, 99), true, tr::Refusal::Signal},
+  };
+  std::string bad;
+  for (const Case& c : cases) {
+    const tr::Refusal got = tr::check_descriptor(c.desc, kRanks, kChannels, W, c.attached, W);
+    if (got != c.expected)
+      bad += std::string(" ") + c.what + ": " + tr::refusal_text(got) + ", not " + tr::refusal_text(c.expected) + ";";
+  }
+  check(bad.empty(), "the proxy's descriptor checks refuse wrapping ranges, bad peers, ops and slots" + bad);
+}
+
+// One put with a signal under a link of 100 ms latency: the signal comes one latency later, not
+// sooner and not much later.
+void latency_case() {
+  sy::core::LinkModel model;
+  model.latency_ns = 100'000'000;
+  World w(model);
+  Outcome* out = w.outcomes;
+  const auto start = std::chrono::steady_clock::now();
+  SY_LAUNCH(post_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), 1, kStageBytes, 64, out);
+  SY_LAUNCH(wait_kernel, 1, 1, 0, w.recv_streams[1])(w.proxies[1]->channel(0, kTimeoutNs), 0, 0, 1, out + 1);
+  must(cudaDeviceSynchronize(), "the put");
+  const double ms = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3;
+  Outcome o[2];
+  must(cudaMemcpy(o, out, sizeof(o), cudaMemcpyDeviceToHost), "copy back");
+  check(o[0].status.ok() && o[1].status.ok() && ms >= 100.0 && ms < 400.0,
+        "link model: a put's signal comes one latency later (" + std::to_string(ms) + " ms for 100 ms)");
+}
+
+// A rank's proxy goes away while a peer's put to it is in flight (a slow link): the destructor
+// waits for that put, which lands and completes; a later put to the rank is refused.
+void teardown_case() {
+  sy::core::LinkModel model;
+  model.latency_ns = 150'000'000;
+  World w(model);
+  Outcome* out = w.outcomes;
+  SY_LAUNCH(post_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), 1, kStageBytes, 64, out);
+  must(cudaStreamSynchronize(w.send_streams[0]), "post_kernel");
+  // The put has been posted; give the proxy a moment to take it, then take rank 1 away.
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const auto start = std::chrono::steady_clock::now();
+  w.proxies[1].reset();
+  const double ms = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3;
+  must(cudaFree(w.windows[1]), "cudaFree");
+  w.windows[1] = nullptr;
+  SY_LAUNCH(flush_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), out);
+  SY_LAUNCH(bad_put_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(1, kTimeoutNs), 1, kStageBytes, 64,
+                                                        out + 1);
+  must(cudaStreamSynchronize(w.send_streams[0]), "flush and put");
+  Outcome o[2];
+  must(cudaMemcpy(o, out, sizeof(o), cudaMemcpyDeviceToHost), "copy back");
+  check(ms >= 100.0 && o[0].status.ok(),
+        "a proxy going away waits for a peer's put in flight to it (" + std::to_string(ms) +
+            " ms), which completes: " + describe(o[0].status));
+  check(o[1].status.result == tr::TransportResult::Refused && o[1].status.refusal == uint32_t(tr::Refusal::PeerWindow),
+        "a put to a rank that went away is refused: " + describe(o[1].status));
+}
+
 }  // namespace
 
 int main() {
+  descriptor_checks();
   {
     World w({});
-    exchange(w, "exchange");
+    const double plain = exchange(w, "exchange");
+    std::printf("note: the exchange without a link model took %.1f ms\n", plain * 1e3);
     exchange(w, "a second exchange on the same proxies (signals go on counting)");
   }
   {
@@ -432,8 +560,10 @@ int main() {
                             "plus the latency (" + std::to_string(seconds * 1e3) + " ms >= " +
                                 std::to_string(bound * 1e3) + " ms)");
   }
+  latency_case();
   timeout_case();
   refusal_case();
+  teardown_case();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

@@ -1,16 +1,23 @@
 // The RDMA transport (rdma.h) over NCCL GIN, device-initiated: the same calls as the CPU proxy's
 // channel (proxy_channel.cuh), carried by NCCL's GPU-initiated networking. A channel is a GIN
 // context (one queue pair per peer, ordered); the window is the rank's buffer registered as a
-// symmetric NCCL window; my signal (source, slot) is GIN signal signal_index(source, slot).
+// symmetric NCCL window (the same size on every rank); my signal (source, slot) is GIN signal
+// signal_index(source, slot).
 //
 // Compiled only against NCCL >= 2.29.7 headers (nccl_headers.cu instantiates every call), so a
 // header change that breaks it fails the build. Not yet driven by any operation: the host side
-// (ncclDevCommCreate with ginSignalCount = ranks x slots, window registration) comes with the
-// two-hop kernels, and one GPU cannot host two NCCL ranks to run it here.
+// (ncclDevCommCreate with ginSignalCount = ranks x slots and one counter per channel, the window
+// registration, the context index checked against ginContextCount) comes with the two-hop
+// kernels, and one GPU cannot host two NCCL ranks to run it here.
 //
-// GIN's own waits have no deadline; wait_signal polls readSignal with one, as every wait here.
-// GIN's flush() says the sources may be reused, not that the data has landed: rdma.h promises no
-// more; landing is what signals say.
+// Where GIN's own calls differ from the contract:
+//   - deadlines: GIN's waits have none. wait_signal and flush poll with one here (flush through
+//     a counter every put increments once its source is read, not GIN's flush(), which can also
+//     return before a later peer's puts are flushed); but put and signal may still wait inside
+//     NCCL for room in its queue, without a deadline.
+//   - refusals: GIN does not check ranges; put checks both against the window here and returns
+//     Refused (Source, Destination) instead of posting.
+//   - flush says the sources may be reused, not that the data landed (rdma.h).
 #pragma once
 
 #include <nccl.h>
@@ -27,27 +34,60 @@ namespace sy::cuda::transport {
 struct GinChannel {
   ncclDevComm comm;  // by value: trivially copyable
   ncclWindow_t window;
+  uint64_t window_bytes = 0;
   int32_t context = 0;  // the channel
   int32_t slots = 0;
+  ncclGinCounter_t counter = 0;  // this channel's: puts whose sources were read
+  uint64_t* posted = nullptr;    // device memory, this channel's: puts posted (the posting thread's)
   uint64_t timeout_ns = 0;
 };
 
-__device__ inline TransportStatus put(const GinChannel& ch, int peer, uint64_t src, uint64_t dst, uint64_t bytes) {
+namespace detail {
+
+__device__ inline TransportStatus gin_refused(const GinChannel& ch, Refusal why) {
+  TransportStatus s;
+  s.result = TransportResult::Refused;
+  s.slot = ch.context;
+  s.refusal = uint32_t(why);
+  s.refused_index = *ch.posted;
+  return s;
+}
+
+// GIN counters carry 56 bits: "v has reached least" within them.
+__device__ inline bool counter_reached(uint64_t v, uint64_t least) {
+  constexpr uint64_t mask = (uint64_t(1) << 56) - 1;
+  return ((v - least) & mask) <= (mask >> 1);
+}
+
+template <class RemoteAction>
+__device__ inline TransportStatus gin_put(const GinChannel& ch, int peer, uint64_t src, uint64_t dst, uint64_t bytes,
+                                          RemoteAction action) {
+  if (!range_in(src, bytes, ch.window_bytes)) return gin_refused(ch, Refusal::Source);
+  if (!range_in(dst, bytes, ch.window_bytes)) return gin_refused(ch, Refusal::Destination);
+  if (peer < 0 || peer >= ch.comm.nRanks) return gin_refused(ch, Refusal::Peer);
   ncclGin gin(ch.comm, ch.context);
-  gin.put(ncclTeamWorld(ch.comm), peer, ch.window, size_t(dst), ch.window, size_t(src), size_t(bytes));
+  gin.put(ncclTeamWorld(ch.comm), peer, ch.window, size_t(dst), ch.window, size_t(src), size_t(bytes), action,
+          ncclGin_CounterInc{ch.counter});
+  *ch.posted += 1;
   return {};
+}
+
+}  // namespace detail
+
+__device__ inline TransportStatus put(const GinChannel& ch, int peer, uint64_t src, uint64_t dst, uint64_t bytes) {
+  return detail::gin_put(ch, peer, src, dst, bytes, ncclGin_None{});
 }
 
 __device__ inline TransportStatus put_signal(const GinChannel& ch, int peer, uint64_t src, uint64_t dst,
                                              uint64_t bytes, uint32_t slot, uint64_t add) {
-  ncclGin gin(ch.comm, ch.context);
+  if (slot >= uint32_t(ch.slots)) return detail::gin_refused(ch, Refusal::Signal);
   const ncclGinSignal_t id = ncclGinSignal_t(signal_index(ch.comm.rank, int(slot), ch.slots));
-  gin.put(ncclTeamWorld(ch.comm), peer, ch.window, size_t(dst), ch.window, size_t(src), size_t(bytes),
-          ncclGin_SignalAdd{id, add});
-  return {};
+  return detail::gin_put(ch, peer, src, dst, bytes, ncclGin_SignalAdd{id, add});
 }
 
 __device__ inline TransportStatus signal(const GinChannel& ch, int peer, uint32_t slot, uint64_t add) {
+  if (slot >= uint32_t(ch.slots)) return detail::gin_refused(ch, Refusal::Signal);
+  if (peer < 0 || peer >= ch.comm.nRanks) return detail::gin_refused(ch, Refusal::Peer);
   ncclGin gin(ch.comm, ch.context);
   const ncclGinSignal_t id = ncclGinSignal_t(signal_index(ch.comm.rank, int(slot), ch.slots));
   gin.signal(ncclTeamWorld(ch.comm), peer, ncclGin_SignalAdd{id, add});
@@ -56,8 +96,26 @@ __device__ inline TransportStatus signal(const GinChannel& ch, int peer, uint32_
 
 __device__ inline TransportStatus flush(const GinChannel& ch) {
   ncclGin gin(ch.comm, ch.context);
-  gin.flush(ncclCoopThread());
-  return {};
+  const uint64_t least = *ch.posted;
+  const uint64_t start = global_ns();
+  for (uint32_t spins = 0;; ++spins) {
+    const uint64_t v = gin.readCounter(ch.counter);
+    if (detail::counter_reached(v, least)) return {};
+    if ((spins & 63u) == 63u) {
+      const uint64_t waited = global_ns() - start;
+      if (waited > ch.timeout_ns) {
+        TransportStatus s;
+        s.result = TransportResult::Timeout;
+        s.waited_for = TransportWait::Flush;
+        s.slot = ch.context;
+        s.expected = least;
+        s.observed = v;
+        s.waited_ns = int64_t(waited);
+        return s;
+      }
+      __nanosleep(256);
+    }
+  }
 }
 
 __device__ inline uint64_t read_signal(const GinChannel& ch, int source, int slot) {
@@ -66,9 +124,11 @@ __device__ inline uint64_t read_signal(const GinChannel& ch, int source, int slo
 }
 
 __device__ inline TransportStatus wait_signal(const GinChannel& ch, int source, int slot, uint64_t least) {
+  ncclGin gin(ch.comm, ch.context);
+  const ncclGinSignal_t id = ncclGinSignal_t(signal_index(source, slot, ch.slots));
   const uint64_t start = global_ns();
   for (uint32_t spins = 0;; ++spins) {
-    const uint64_t v = read_signal(ch, source, slot);
+    const uint64_t v = gin.readSignal(id);
     if (signal_reached(v, least)) return {};
     if ((spins & 63u) == 63u) {
       const uint64_t waited = global_ns() - start;

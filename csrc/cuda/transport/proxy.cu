@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 
 #include "../cuda_check.h"
@@ -36,21 +37,34 @@ void store_release(T& v, T x) {
 }  // namespace
 
 EmulatedFabric::EmulatedFabric(int ranks, int slots, core::LinkModel model)
-    : ranks_(ranks), slots_(slots), model_(model), windows_(size_t(ranks)), carried_(new Counters[size_t(ranks)]) {}
+    : ranks_(ranks),
+      slots_(slots),
+      model_(model),
+      windows_(size_t(ranks)),
+      in_flight_(size_t(ranks), 0),
+      carried_(new Counters[size_t(ranks)]) {}
 
 void EmulatedFabric::attach(int rank, const Window& w) {
   std::lock_guard<std::mutex> l(mu_);
   windows_[size_t(rank)] = w;
 }
 
-void EmulatedFabric::detach(int rank) {
-  std::lock_guard<std::mutex> l(mu_);
+bool EmulatedFabric::detach(int rank, int64_t timeout_ms) {
+  std::unique_lock<std::mutex> l(mu_);
   windows_[size_t(rank)] = {};
+  return cv_.wait_for(l, std::chrono::milliseconds(timeout_ms), [&] { return in_flight_[size_t(rank)] == 0; });
 }
 
-EmulatedFabric::Window EmulatedFabric::window(int rank) const {
+EmulatedFabric::Window EmulatedFabric::acquire(int rank) {
   std::lock_guard<std::mutex> l(mu_);
-  return windows_[size_t(rank)];
+  const Window w = windows_[size_t(rank)];
+  if (w.base != nullptr) ++in_flight_[size_t(rank)];
+  return w;
+}
+
+void EmulatedFabric::release(int rank) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (--in_flight_[size_t(rank)] == 0) cv_.notify_all();
 }
 
 struct Proxy::InFlight {
@@ -71,6 +85,7 @@ Error Proxy::create(const ProxyOptions& o, EmulatedFabric& fabric, uint8_t* wind
                     std::unique_ptr<Proxy>* out) {
   if (o.rank < 0 || o.rank >= fabric.ranks()) return invalid("rank", "the proxy's rank is not in the fabric");
   if (o.channels < 1 || o.entries < 1) return invalid("channels", "a proxy needs a channel of at least one entry");
+  if (window == nullptr || window_bytes == 0) return invalid("window", "a proxy needs its rank's window");
   std::unique_ptr<Proxy> p(new Proxy(o, fabric));
   p->window_ = window;
   p->window_bytes_ = window_bytes;
@@ -88,20 +103,32 @@ Error Proxy::create(const ProxyOptions& o, EmulatedFabric& fabric, uint8_t* wind
   SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&p->d_rings_), p->rings_, 0));
   SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&p->d_controls_), p->controls_, 0));
   SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&p->d_signals_), p->signals_, 0));
-  SY_CUDA(cudaStreamCreateWithFlags(&p->stream_, cudaStreamNonBlocking));
+  // The highest priority there is: the copies are what kernels on other ranks wait for. (They
+  // still share the device's hardware queues with every other stream: a CUDA backend that runs
+  // a proxy counts its stream in the co-residency check.)
+  int least = 0, greatest = 0;
+  SY_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  SY_CUDA(cudaStreamCreateWithPriority(&p->stream_, cudaStreamNonBlocking, greatest));
   p->events_.resize(kEvents, nullptr);
   for (auto& e : p->events_) SY_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   p->taken_.assign(size_t(o.channels), 0);
   fabric.attach(o.rank, {window, window_bytes, p->signals_});
+  p->attached_ = true;
   p->thread_ = std::thread([raw = p.get()] { raw->run(); });
   *out = std::move(p);
   return ok();
 }
 
 Proxy::~Proxy() {
+  // First the peers' puts into this rank's memory (refused from now on), then its own: their
+  // sources are its window, which the caller frees next.
+  if (attached_ && !fabric_.detach(o_.rank, 30000)) {
+    std::fprintf(stderr, "switchyard: rank %d: peers' puts still in flight to it after 30 s; its memory stays\n",
+                 o_.rank);
+    return;  // leaked rather than freed under a copy
+  }
   stop_.store(true);
   if (thread_.joinable()) thread_.join();
-  fabric_.detach(o_.rank);
   if (stream_) {
     (void)cudaStreamSynchronize(stream_);
     (void)cudaStreamDestroy(stream_);
@@ -132,24 +159,25 @@ uint64_t Proxy::signal(int source, int slot) const {
 }
 
 Error Proxy::refusal() const {
-  std::lock_guard<std::mutex> l(const_cast<std::mutex&>(mu_));
+  std::lock_guard<std::mutex> l(mu_);
   if (refusal_.empty()) return ok();
   return fail(SY_ERROR_INTERNAL, refusal_);  // a kernel posted it: a bug of ours, not of the input
 }
 
-Error Proxy::reset() {
+Error Proxy::reset(int64_t timeout_ms) {
   std::unique_lock<std::mutex> l(mu_);
   const uint64_t mine = ++resets_requested_;
-  const Deadline d = Deadline::after_ms(10000);
-  while (resets_done_ < mine && !d.expired()) cv_.wait_for(l, std::chrono::duration<double>(d.remaining_seconds()));
-  if (resets_done_ < mine) {
-    return fail(SY_ERROR_TIMEOUT, "rank " + std::to_string(o_.rank) +
-                                      ": the proxy did not finish the puts in flight within 10 s of the reset");
+  if (!cv_.wait_for(l, std::chrono::milliseconds(timeout_ms), [&] { return resets_done_ >= mine; })) {
+    return fail(SY_ERROR_TIMEOUT, "rank " + std::to_string(o_.rank) + ": the proxy did not finish the puts in " +
+                                      "flight within " + std::to_string(timeout_ms) + " ms of the reset");
   }
+  if (!refusal_.empty()) return fail(SY_ERROR_CUDA, refusal_);  // the drain met a CUDA error
   return ok();
 }
 
 void Proxy::refuse(int channel, uint64_t index, Refusal why, const std::string& detail) {
+  if (why == Refusal::Device) device_error_ = true;
+  if (refused_) return;  // the first refusal is the one reported
   {
     std::lock_guard<std::mutex> l(mu_);
     refusal_ = "rank " + std::to_string(o_.rank) + ", channel " + std::to_string(channel) + ", descriptor " +
@@ -161,6 +189,11 @@ void Proxy::refuse(int channel, uint64_t index, Refusal why, const std::string& 
     store_release(ctl.refused_index, c == channel ? index : taken_[size_t(c)]);
     store_release(ctl.refused, uint32_t(why));
   }
+}
+
+void Proxy::drop(Queue& q) {
+  for (const InFlight& f : q) fabric_.release(f.d.peer);
+  q.clear();
 }
 
 // Takes every complete descriptor the rings hold, in each channel's order; checks each.
@@ -179,10 +212,11 @@ bool Proxy::take(Queue& q) {
       f.index = index;
       std::memcpy(&f.d, &slot, sizeof(RdmaDescriptor));
       const bool peer_ok = f.d.peer >= 0 && f.d.peer < fabric_.ranks();
-      const EmulatedFabric::Window peer = peer_ok ? fabric_.window(f.d.peer) : EmulatedFabric::Window{};
+      const EmulatedFabric::Window peer = peer_ok ? fabric_.acquire(f.d.peer) : EmulatedFabric::Window{};
       const Refusal why = check_descriptor(f.d, fabric_.ranks(), fabric_.slots(), window_bytes_,
                                            peer.base != nullptr, peer.bytes);
       if (why != Refusal::None) {
+        if (peer.base != nullptr) fabric_.release(f.d.peer);
         refuse(c, index, why,
                " (peer " + std::to_string(f.d.peer) + ", source offset " + std::to_string(f.d.src_offset) +
                    ", destination offset " + std::to_string(f.d.dst_offset) + ", " + std::to_string(f.d.bytes) +
@@ -207,7 +241,7 @@ bool Proxy::take(Queue& q) {
 
 // Starts the copies of the puts whose time to leave has come, as one batch with one event.
 bool Proxy::issue(Queue& q) {
-  if (batches_issued_ - batches_done_ >= kEvents) return false;
+  if (device_error_ || batches_issued_ - batches_done_ >= kEvents) return false;
   const int64_t now = now_ns();
   bool any = false;
   for (InFlight& f : q) {
@@ -217,7 +251,7 @@ bool Proxy::issue(Queue& q) {
       const cudaError_t rc = cudaMemcpyAsync(f.dst, f.src, f.d.bytes, cudaMemcpyDefault, stream_);
       if (rc != cudaSuccess) {
         refuse(f.channel, f.index, Refusal::Device, std::string(": ") + cudaGetErrorString(rc));
-        return true;
+        return true;  // what went out in this pass has no event: restart() waits for the stream
       }
     }
     f.issued = true;
@@ -227,7 +261,8 @@ bool Proxy::issue(Queue& q) {
   if (!any) return false;
   const cudaError_t rc = cudaEventRecord(events_[batches_issued_ % kEvents], stream_);
   if (rc != cudaSuccess) {
-    refuse(q.front().channel, q.front().index, Refusal::Device, std::string(": ") + cudaGetErrorString(rc));
+    refuse(q.front().channel, q.front().index, Refusal::Device,
+           std::string(": recording the copies' event: ") + cudaGetErrorString(rc));
     return true;
   }
   ++batches_issued_;
@@ -237,6 +272,7 @@ bool Proxy::issue(Queue& q) {
 // Completes puts in order: copied and, under the link model, arrived. Then the signal, then the
 // channel's consumed count (the kernel may reuse the source and the ring slot).
 bool Proxy::complete(Queue& q) {
+  if (device_error_) return false;  // whether the copies ran is unknown: nothing completes
   bool moved = false;
   const int64_t now = now_ns();
   while (!q.empty()) {
@@ -259,20 +295,28 @@ bool Proxy::complete(Queue& q) {
     }
     if (f.signal) __atomic_fetch_add(f.signal, f.d.signal_add, __ATOMIC_RELEASE);
     store_release(controls_[f.channel].consumed, f.index + 1);
+    fabric_.release(f.d.peer);
     q.pop_front();
     moved = true;
   }
   return moved;
 }
 
-// A reset: the puts in flight finish (they were accepted), then every channel starts afresh
-// after what its kernel posted.
+// A reset: the puts it accepted finish (after a CUDA error: its stream is waited for and they
+// are dropped, their completion unknown), then every channel starts afresh after what its
+// kernel posted.
 void Proxy::restart(Queue& q) {
-  while (!q.empty() && !stop_.load(std::memory_order_relaxed)) {
-    if (!issue(q) && !complete(q)) std::this_thread::sleep_for(std::chrono::microseconds(20));
-    if (refused_ && !q.empty() && !q.front().issued) q.clear();  // a device error: they never go
+  while (!q.empty() && !device_error_ && !stop_.load(std::memory_order_relaxed)) {
+    if (!issue(q) && !complete(q)) {
+      std::this_thread::sleep_for(std::chrono::nanoseconds(std::clamp<int64_t>(next_wake_ns(q), 1000, 1000000)));
+    }
   }
-  q.clear();
+  const bool device_error = device_error_;
+  if (device_error) {
+    (void)cudaStreamSynchronize(stream_);  // nothing of ours reads or writes memory after this
+    batches_done_ = batches_issued_;
+  }
+  drop(q);
   for (int c = 0; c < o_.channels; ++c) {
     ProxyControl& ctl = controls_[c];
     const uint64_t posted = load_acquire(ctl.posted);
@@ -282,8 +326,20 @@ void Proxy::restart(Queue& q) {
     store_release(ctl.refused, uint32_t(0));
   }
   refused_ = false;
+  device_error_ = false;
   std::lock_guard<std::mutex> l(mu_);
-  refusal_.clear();
+  if (!device_error) refusal_.clear();  // kept for reset() to report
+}
+
+// Nanoseconds until the queue's front can move: its time to leave, or to arrive once copied
+// (a copy still running: soon).
+int64_t Proxy::next_wake_ns(const Queue& q) const {
+  if (q.empty()) return 50000;
+  const InFlight& f = q.front();
+  const int64_t now = now_ns();
+  if (!f.issued) return f.t.leaves_ns - now;
+  if (batches_done_ > f.batch) return f.t.arrives_ns - now;
+  return 2000;
 }
 
 void Proxy::run() {
@@ -309,17 +365,22 @@ void Proxy::run() {
       idle = 0;
       continue;
     }
-    // Idle: poll eagerly for a while (a kernel posting a burst), then sleep briefly; a put that
-    // waits for its modelled arrival is woken at that time.
+    // Idle: poll eagerly for a while (a kernel posting a burst), then sleep until the front put
+    // can move (its time to leave or arrive under the link model), 50 us at most.
     if (++idle < 256) {
       std::this_thread::yield();
       continue;
     }
-    int64_t sleep_ns = 50000;
-    if (!q.empty() && q.front().issued && batches_done_ > q.front().batch)
-      sleep_ns = std::clamp<int64_t>(q.front().t.arrives_ns - now_ns(), 0, sleep_ns);
-    std::this_thread::sleep_for(std::chrono::nanoseconds(sleep_ns));
+    std::this_thread::sleep_for(std::chrono::nanoseconds(std::clamp<int64_t>(next_wake_ns(q), 0, 50000)));
   }
+  // Stopping (the destructor): the copies already issued finish there; the rest never go.
+  if (!device_error_) {
+    while (!q.empty() && q.front().issued) {
+      (void)cudaStreamSynchronize(stream_);
+      if (!complete(q)) break;
+    }
+  }
+  drop(q);
 }
 
 }  // namespace sy::cuda::transport

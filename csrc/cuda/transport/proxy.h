@@ -44,9 +44,13 @@ class EmulatedFabric {
     uint64_t* signals = nullptr;  // host-mapped, [ranks][slots]
   };
   void attach(int rank, const Window& w);
-  void detach(int rank);
-  // The rank's window; base == nullptr if it has none.
-  Window window(int rank) const;
+  // Refuses new puts to the rank, then waits until the peers' puts in flight to it are complete
+  // (their copies and signals write into its memory), at most `timeout_ms`; false if they were not.
+  bool detach(int rank, int64_t timeout_ms);
+  // The rank's window for one put, counted as in flight to it until release(rank); base ==
+  // nullptr (nothing counted) if it has none.
+  Window acquire(int rank);
+  void release(int rank);
 
   struct Counters {
     std::atomic<uint64_t> records{0}, bytes{0};
@@ -57,8 +61,10 @@ class EmulatedFabric {
  private:
   int ranks_, slots_;
   core::LinkModel model_;
-  mutable std::mutex mu_;
+  std::mutex mu_;
+  std::condition_variable cv_;
   std::vector<Window> windows_;
+  std::vector<int64_t> in_flight_;  // puts taken to each rank and not yet complete
   std::unique_ptr<Counters[]> carried_;
 };
 
@@ -79,14 +85,16 @@ class Proxy {
   Proxy(const Proxy&) = delete;
   Proxy& operator=(const Proxy&) = delete;
 
-  // What a kernel driving channel `c` receives.
+  // What a kernel driving channel `c` (0 <= c < channels) receives.
   ProxyChannel channel(int c, uint64_t timeout_ns) const;
-  // The refusal that stopped the proxy, as an error naming the rank, channel and descriptor; ok()
-  // if none.
+  // The refusal that stopped the proxy (the first), as an error naming the rank, channel and
+  // descriptor; ok() if none.
   Error refusal() const;
-  // After a refusal, with no kernel of this rank running: drops what was posted and not carried
-  // out, clears the refusal, and takes descriptors again.
-  Error reset();
+  // After a refusal, with no kernel of this rank running: lets the puts it accepted finish (or,
+  // after a CUDA error, waits for its stream and drops them), drops what was posted after, clears
+  // the refusal and takes descriptors again. Waits at most `timeout_ms`; the reset goes on after
+  // a timeout, and a later reset() waits for it again. An error if the drain met a CUDA error.
+  Error reset(int64_t timeout_ms = 10000);
   // This rank's signal (source, slot), read on the host.
   uint64_t signal(int source, int slot) const;
 
@@ -100,6 +108,8 @@ class Proxy {
   bool complete(Queue& q);
   void refuse(int channel, uint64_t index, Refusal why, const std::string& detail);
   void restart(Queue& q);
+  void drop(Queue& q);  // forgets every put of the queue (their peers' in-flight counts too)
+  int64_t next_wake_ns(const Queue& q) const;
 
   ProxyOptions o_;
   EmulatedFabric& fabric_;
@@ -119,8 +129,10 @@ class Proxy {
   core::Link link_;
 
   std::atomic<bool> stop_{false};
-  bool refused_ = false;  // the thread's: take nothing more
-  std::mutex mu_;         // refusal_ and the reset handshake
+  bool attached_ = false;
+  bool refused_ = false;       // the thread's: take nothing more
+  bool device_error_ = false;  // the thread's: a CUDA call failed; what is in flight is unknown
+  mutable std::mutex mu_;  // refusal_ and the reset handshake
   std::condition_variable cv_;
   std::string refusal_;
   uint64_t resets_requested_ = 0, resets_done_ = 0;

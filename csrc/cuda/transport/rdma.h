@@ -20,6 +20,13 @@
 //
 // Every wait has a deadline and returns a TransportStatus naming whom it waited for; nothing
 // traps. Signal values wrap: "reached" compares differences (proxy_ring.h, signal_reached).
+// Callers rely on signals alone for "the data is there", never on flush.
+//
+// What an implementation must do to keep the contract: raise a signal only once the data it
+// follows is visible to the receiver's kernels. A NIC proxy using ibverbs does the signal as a
+// fenced atomic on the same queue pair after the writes, or as a write with immediate that the
+// receiver's proxy turns into the signal only after a GPUDirect flush (a loopback read or
+// cuFlushGPUDirectRDMAWrites); an immediate's 32 bits carry the slot and a small `add`, not 64.
 //
 // Implementations:
 //   proxy_channel.cuh   the CPU proxy: kernels post descriptors into a ring in host-mapped memory;
@@ -43,7 +50,7 @@ struct TransportStatus {
   TransportResult result = TransportResult::Ok;
   TransportWait waited_for = TransportWait::None;
   int32_t peer = -1;  // Signal: the source; Room and Flush: -1 (this rank's own proxy)
-  int32_t slot = -1;  // Signal: the slot; Refused: the channel
+  int32_t slot = -1;  // Signal: the slot; Room, Flush and Refused: the channel
   uint64_t expected = 0, observed = 0;
   int64_t waited_ns = 0;
   uint32_t refusal = 0;        // proxy_ring.h Refusal, when Refused

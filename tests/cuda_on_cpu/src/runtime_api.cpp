@@ -252,6 +252,13 @@ cudaError_t cudaStreamCreateWithPriority(cudaStream_t* s, unsigned int flags, in
   return cudaStreamCreateWithFlags(s, flags);
 }
 
+// Hopper's range (lower is more urgent); priorities do not change how the executor schedules.
+cudaError_t cudaDeviceGetStreamPriorityRange(int* least, int* greatest) {
+  if (least) *least = 0;
+  if (greatest) *greatest = -5;
+  return cudaSuccess;
+}
+
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
   if (s == nullptr) return fail(cudaErrorInvalidResourceHandle);
   s->wait_for(s->last());  // its work completes first, as in CUDA
