@@ -69,6 +69,7 @@ export const NATIVE_SOURCES: readonly string[] = [
   "csrc/cuda/normal_combine.cu",
   "csrc/cuda/normal_dispatch.cu",
   "csrc/cuda/normal_kernels.h",
+  "csrc/cuda/normal_network.cu",
   "csrc/cuda/ordered_rank.cuh",
   "csrc/cuda/portable.cuh",
   "csrc/cuda/row_copy.cuh",

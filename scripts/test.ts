@@ -10,6 +10,8 @@
  *   cuda-on-cpu   the same on the CUDA backend executed on CPU threads (`build-cuda-cpu/`, built
  *                 first: `scripts/build.ts --cuda-cpu`), so the kernels run on every machine with
  *                 the CUDA toolkit's headers, GPU or not
+ *   cuda-on-cpu-nodes  the normal-mode suite there with its groups split into virtual nodes of
+ *                 two ranks (the CUDA backend's two-hop dispatch through its proxy)
  *
  * Arguments go to every `deno test` (`--filter`, ...). `--junit-path=P` writes one JUnit report
  * of all passes, each suite named after its pass. `SWITCHYARD_TEST_PASSES=host,cuda-on-cpu`
@@ -131,7 +133,8 @@ function ignored(): string[] {
 }
 
 function passes(): Pass[] {
-  const chosen = (Deno.env.get("SWITCHYARD_TEST_PASSES") ?? "host,host-nodes,cuda-gpu,cuda-on-cpu").split(",");
+  const chosen = (Deno.env.get("SWITCHYARD_TEST_PASSES") ?? "host,host-nodes,cuda-gpu,cuda-on-cpu,cuda-on-cpu-nodes")
+    .split(",");
   const cuda = backendInfo("cuda");
   const gpu = cuda.available && !cuda.executedOnCpu;
   const out: Pass[] = [];
@@ -179,6 +182,22 @@ function passes(): Pass[] {
         `(${library})`,
       files: CUDA_SUITE,
       env: { SWITCHYARD_TEST_BACKEND: "cuda", SWITCHYARD_LIBRARY: library, ...faultJobs(10, 400) },
+    });
+  }
+  if (chosen.includes("cuda-on-cpu-nodes")) {
+    const library = cudaOnCpuLibrary() ?? `${root}build-cuda-cpu/libswitchyard.so`;
+    out.push({
+      name: "cuda-on-cpu-nodes",
+      what: "the normal-mode suite on the CUDA backend executed on the CPU, every group of more than two ranks split " +
+        "into virtual nodes of two with network rings of 3 entries (its dispatch takes two hops through the proxy)",
+      files: NORMAL_MODE_SUITE,
+      env: {
+        SWITCHYARD_TEST_BACKEND: "cuda",
+        SWITCHYARD_LIBRARY: library,
+        SWITCHYARD_TEST_RANKS_PER_NODE: "2",
+        SWITCHYARD_TEST_NETWORK_RING: "3",
+        ...faultJobs(10, 400),
+      },
     });
   }
   return out;
@@ -232,17 +251,19 @@ if (import.meta.main) {
   const reports: { name: string; xml: string; failedOutside: boolean }[] = [];
   const lines: string[] = [];
   let ok = true;
+  let built = false; // build-cuda-cpu/, once for both of its passes
   for (const p of passes()) {
-    if (p.name === "cuda-on-cpu" && !cudaOnCpuLibrary()) {
+    if (p.name.startsWith("cuda-on-cpu") && !cudaOnCpuLibrary()) {
       if (!cudaIncludeDir()) {
-        lines.push("cuda-on-cpu: skipped (no CUDA toolkit headers here; set CUDA_HOME to run the kernels on the CPU)");
+        lines.push(`${p.name}: skipped (no CUDA toolkit headers here; set CUDA_HOME to run the kernels on the CPU)`);
         continue;
       }
-      if (!await buildCudaOnCpu()) {
-        lines.push("cuda-on-cpu: the build failed");
+      if (!built && !await buildCudaOnCpu()) {
+        lines.push(`${p.name}: the build failed`);
         ok = false;
         continue;
       }
+      built = true;
     }
     const { code, xml } = await runPass(p, rest, dir);
     const c = countCases(xml);

@@ -33,6 +33,7 @@ async function rounds(
   unset: string[] = [],
   mode: "worst" | "exact" = "worst",
   timeoutMs = 3000,
+  ranksPerNode?: number,
 ): Promise<string[]> {
   const environment = { ...Deno.env.toObject(), ...env };
   for (const name of unset) delete environment[name];
@@ -47,6 +48,7 @@ async function rounds(
       String(n),
       mode,
       String(timeoutMs),
+      ...(ranksPerNode ? [String(ranksPerNode)] : []),
     ],
     env: environment,
     clearEnv: true,
@@ -123,6 +125,25 @@ Deno.test({
       assert.match(second, /^ok \d+/, `the epochs stayed in step: ${second}`);
     });
   }
+  await t.step(
+    "dispatch_network_kernel (two hops): the peers fail in milliseconds; the buffers are given up",
+    async () => {
+      // 4 ranks as 2 nodes of 2: the peers' network hops wait for this rank's, which never runs.
+      const [first, second] = await rounds(4, 2, env("dispatch_network_kernel"), [], "worst", 3000, 2);
+      const failed = [0, 1, 2, 3].find((r) => /LaunchOutOfResources/.test(errorOf(first, r)?.message ?? ""));
+      assert.ok(failed !== undefined, first);
+      for (const r of [0, 1, 2, 3].filter((r) => r !== failed)) {
+        const peer = errorOf(first, r);
+        assert.equal(peer?.code, "PEER_FAILED", first);
+        assert.match(peer!.message, new RegExp(`abandoned by rank ${failed}`));
+        assert.ok(peer!.ms < 2000, first);
+      }
+      // The network rings' counters are out of step now: every rank fails the next dispatch.
+      for (const r of [0, 1, 2, 3]) {
+        assert.match(errorOf(second, r)?.message ?? "", /cannot be used again|counters out of step/, second);
+      }
+    },
+  );
   await t.step("combine_reduce_kernel: the end handshake still runs; the peer's combine completes", async () => {
     const [first, second] = await rounds(2, 2, env("combine_reduce_kernel"));
     const failed = [0, 1].filter((r) => errorOf(first, r) !== undefined);

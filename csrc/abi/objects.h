@@ -184,12 +184,12 @@ struct BufferSet {
   std::mutex mu;
   std::condition_variable cv;
   // What each rank of this process has put on the network hop (the emulated NIC counts).
-  struct NetworkCounters {
-    std::atomic<uint64_t> records{0}, bytes{0};
-  };
+  using NetworkCounters = core::NetworkCounters;
   std::vector<NetworkCounters> network;
   // The emulated NIC's link (the group's): bytes per second (0: memory speed) and latency.
   core::LinkModel nic;
+  // The backend's, shared by the set's members (CUDA: the emulated NIC's fabric); under mu.
+  std::shared_ptr<void> backend_state;
 };
 
 struct GroupCore {

@@ -5,6 +5,7 @@
 // bytes waits longer, as on a NIC of that line rate.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "hd.h"
@@ -15,6 +16,12 @@ struct LinkModel {
   double bytes_per_second = 0;  // 0: memory speed
   int64_t latency_ns = 0;
   SY_HD bool active() const { return bytes_per_second > 0 || latency_ns > 0; }
+};
+
+// What an emulated NIC carried for one rank: puts and their bytes (tests and benchmarks count
+// what crossed the network).
+struct NetworkCounters {
+  std::atomic<uint64_t> records{0}, bytes{0};
 };
 
 // When one put is on the wire, in nanoseconds of the caller's clock.

@@ -15,6 +15,7 @@
 #include "device_memory.h"
 #include "normal_kernels.h"
 #include "ordered_rank.cuh"
+#include "transport/proxy.h"
 
 namespace sy::cuda {
 
@@ -39,6 +40,27 @@ struct CudaBuffer {
   std::vector<int> shared_devices;  // the GPUs that hold two ranks of the group or more
   uint8_t* const* d_bases = nullptr;
   uint8_t* const* d_xchg = nullptr;
+  // Two hops (normal_network.cu): the set's emulated NIC, this rank's proxy and the device's NIC
+  // stream its copies go on, its channels and network counters in device memory.
+  std::shared_ptr<BufferSet> set;  // what the proxy counts into, and the windows it writes
+  std::shared_ptr<transport::EmulatedFabric> fabric;
+  std::unique_ptr<transport::Proxy> proxy;
+  cudaStream_t proxy_stream = nullptr;
+  int device = -1;
+  std::shared_ptr<Memory> net_state;
+  NetworkArgs net;
+
+  CudaBuffer() = default;
+  CudaBuffer(const CudaBuffer&) = delete;
+  CudaBuffer& operator=(const CudaBuffer&) = delete;
+  ~CudaBuffer() {
+    if (!proxy) return;
+    // Kernels queued before may still post to the proxy, and its puts write into the peers'
+    // windows: it goes once the work queued so far has completed, the set (counters, windows)
+    // and the fabric kept until then.
+    transport::Proxy* p = proxy.release();
+    run_when_done([p, keep_set = set, keep_fabric = fabric]() { delete p; }, device);
+  }
 };
 
 CudaBuffer& buffer_state(BufferCore& buf) { return *static_cast<CudaBuffer*>(buf.backend_state.get()); }
@@ -68,6 +90,73 @@ Error check_peer_gpu(int rank, int mine, int dev) {
                                           " has no native atomics on its memory (peer-to-peer over PCIe); put "
                                           "the ranks on GPUs connected by NVLink, or on one GPU");
   }
+  return ok();
+}
+
+// Two hops, once per buffer: the set's emulated NIC (the first member makes it), this rank's
+// proxy on its buffer, the proxy's channels and the network counters in device memory.
+Error start_network(BufferCore& buf, CudaStream& comm) {
+  CudaBuffer& st = buffer_state(buf);
+  if (st.proxy) return ok();  // an earlier call got this far
+  const core::BufferPlan& plan = buf.plan;
+  const int R = buf.group->num_ranks, N = plan.nodes;
+  if (N > kMaxNodes) {
+    return fail(SY_ERROR_UNSUPPORTED, "ranksPerNode: the CUDA backend's two-hop dispatch spans up to " +
+                                          std::to_string(kMaxNodes) + " nodes, this group has " + std::to_string(N));
+  }
+  BufferSet& set = *buf.set;
+  {
+    std::lock_guard<std::mutex> l(set.mu);
+    if (!set.backend_state) {
+      set.backend_state = std::make_shared<transport::EmulatedFabric>(R, kNetworkSignals, set.nic, set.network.data());
+    }
+    st.fabric = std::static_pointer_cast<transport::EmulatedFabric>(set.backend_state);
+  }
+  st.set = buf.set;
+  st.device = comm.rank_state_ref().device;
+  // A stream on a hardware queue of its own (device_memory.h): the copies never wait behind a
+  // kernel that waits for them.
+  if (!st.proxy_stream) SY_CUDA(acquire_nic_stream(st.device, &st.proxy_stream));
+  transport::ProxyOptions o;
+  o.rank = buf.rank;
+  o.device = st.device;
+  o.channels = 2 * N;
+  o.entries = 64;
+  o.stream = st.proxy_stream;
+  SY_TRY(transport::Proxy::create(o, *st.fabric, st.own, st.sl.bytes, &st.proxy));
+  std::vector<transport::ProxyChannel> channels(size_t(2 * N));
+  for (int c = 0; c < 2 * N; ++c) channels[size_t(c)] = st.proxy->channel(c, uint64_t(buf.timeout_ms) * 1000000ull);
+  // [2N] channels, then u64 sent[N], taken[N], then i32 broken.
+  const uint64_t off_counters = core::align_up(sizeof(transport::ProxyChannel) * channels.size(), 16);
+  const uint64_t bytes = off_counters + 16 * uint64_t(N) + 16;
+  SY_TRY(buf.group->backend->allocate(buf.rank_core(), bytes, &st.net_state));
+  SY_CUDA(cudaMemsetAsync(at<uint8_t>(st.net_state, off_counters), 0, bytes - off_counters, comm.raw()));
+  SY_TRY(comm.rank_state_ref().staging->to_device(st.net_state->ptr, channels.data(),
+                                                  sizeof(transport::ProxyChannel) * channels.size(), comm.raw(),
+                                                  Deadline::after_ms(buf.timeout_ms), buf.rank));
+  NetworkArgs& n = st.net;
+  n.ranks_per_node = plan.ranks_per_node;
+  n.nodes = N;
+  n.relay = st.own + st.sl.off_relay;
+  n.off_relay = st.sl.off_relay;
+  n.off_net_in = st.sl.off_net_in;
+  n.off_net_out = st.sl.off_net_out;
+  n.entries = plan.net_ring_entries;
+  n.record_bytes = plan.record_bytes;
+  n.rec_payload = plan.rec_payload;
+  n.rec_scales = plan.rec_scales;
+  n.rec_topk_idx = plan.rec_topk_idx;
+  n.rec_topk_weights = plan.rec_topk_weights;
+  n.rec_src_idx = plan.rec_src_idx;
+  n.net_record_bytes = plan.net_record_bytes;
+  n.net_slots = plan.net_slots;
+  n.net_chain_next = plan.net_chain_next;
+  n.net_chain_prev = plan.net_chain_prev;
+  n.off_forward_epoch = plan.off_forward_epoch;
+  n.channels = at<const transport::ProxyChannel>(st.net_state);
+  n.sent = at<uint64_t>(st.net_state, off_counters);
+  n.taken = n.sent + N;
+  n.broken = reinterpret_cast<int32_t*>(n.taken + N);
   return ok();
 }
 
@@ -154,6 +243,7 @@ Error ensure_tables(BufferCore& buf, CudaStream& comm) {
   for (const auto& r : g.ranks) per_device[rank_state(*r).device] += 1;
   for (const auto& [dev, n] : per_device)
     if (n > 1) st.shared_devices.push_back(dev);
+  if (st.sl.two_hop) SY_TRY(start_network(buf, comm));
   SY_TRY(g.backend->allocate(buf.rank_core(), sizeof(uint8_t*) * table.size(), &st.tables));
   // In stream order before the kernels that read it, through the rank's pinned chunks (never the
   // driver's pageable path, host_copy.h); `table` may go once the call returns.
@@ -374,6 +464,7 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   a.cached_tokens = w.cached ? h.num_recv_tokens.load() : 0;
   a.cached_rows = w.cached ? h.num_rows : 0;
   a.ws = st.ws;
+  if (st.sl.two_hop) a.net = st.net;
 
   const uint32_t epoch = w.epoch;
   const int rank = buf.rank;
@@ -382,7 +473,14 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   w.backend_state = op;
   // The report is sealed by the epilogue, or by the abandonment that follows a failure.
   bool exchanged = false;
-  const cudaError_t rc = launch_dispatch_notify(a, blocks_of(buf), comm.raw(), &exchanged);
+  cudaError_t rc = launch_dispatch_notify(a, blocks_of(buf), comm.raw(), &exchanged);
+  // Two hops: the network hop and the forwarding follow the exchange at once (the host's wait
+  // for the counts does not hold them up).
+  if (rc == cudaSuccess && a.net.relay != nullptr) {
+    rc = launch_dispatch_network(a, comm.raw());
+    // The peers wait for this rank's network hop: they hear at once that it will not come.
+    if (rc != cudaSuccess) (void)launch_abandon(a.sync, -1, comm.raw());
+  }
   w.peers_wait_for_it = exchanged;
   // Without the exchange nothing more follows: the report's end goes after what was launched
   // (with it, dispatch_abandon seals it), so it is not reused while those kernels may write it.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <condition_variable>
 #include <map>
 #include <memory>
@@ -28,11 +29,12 @@ struct Marker {
 };
 
 // Memory given back: device memory from the pool, pinned host memory, or a peer's memory mapped
-// through a CUDA IPC handle.
-enum class Released : uint8_t { Device, Pinned, IpcMapping };
+// through a CUDA IPC handle; or an action to run, as the reaper frees pinned memory.
+enum class Released : uint8_t { Device, Pinned, IpcMapping, Action };
 struct Release {
   void* pointer;
   Released kind;
+  std::shared_ptr<std::function<void()>> action;
 };
 
 // Releases to carry out once every marker has completed.
@@ -56,6 +58,7 @@ struct DeviceState {
   std::vector<QueuedStream> idle_streams;
   std::vector<QueuedStream> live;  // handed out, not given back
   int created = 0;                 // streams created on the device (the legacy one aside)
+  cudaStream_t nic = nullptr;      // the emulated NIC's copies (acquire_nic_stream), kept for good
 };
 
 // Keeps the calling thread's current device across the switches below.
@@ -194,6 +197,8 @@ void reap_pinned_memory(DeviceMemory& m) {
       cudaSetDevice(device);
       if (r.kind == Released::Pinned) {
         cudaFreeHost(r.pointer);
+      } else if (r.kind == Released::Action) {
+        (*r.action)();
       } else {
         cudaIpcCloseMemHandle(r.pointer);
       }
@@ -242,14 +247,14 @@ namespace {
 // mappings are rare and large: their batch is sealed at once, behind the work queued now, and the
 // reaper frees them (a peer's kernel may still write into a mapping when its buffer is destroyed,
 // as an abandoning rank's does: closing it at once would pull the memory from under the kernel).
-void give_back(void* ptr, int device, Released kind) {
+void give_back(void* ptr, int device, Released kind, std::shared_ptr<std::function<void()>> action = nullptr) {
   const bool pinned = kind != Released::Device;
   DeviceMemory& m = memory();
   KeepDevice keep;
   std::lock_guard<std::mutex> l(m.mu);
   DeviceState* d = m.state(device);
   if (d == nullptr) return;  // CUDA is gone: nothing to give back to
-  d->pending.push_back({ptr, kind});
+  d->pending.push_back({ptr, kind, std::move(action)});
   if (pinned) m.pinned_pending += 1;
   if (pinned || d->pending.size() >= kBatch) m.seal(device, *d);
   m.collect(device, *d);
@@ -267,6 +272,36 @@ void release_device_memory(void* ptr, int device) { give_back(ptr, device, Relea
 void release_pinned_memory(void* ptr, int device) { give_back(ptr, device, Released::Pinned); }
 
 void release_ipc_mapping(void* ptr, int device) { give_back(ptr, device, Released::IpcMapping); }
+
+cudaError_t acquire_nic_stream(int device, cudaStream_t* out) {
+  DeviceMemory& m = memory();
+  {
+    std::lock_guard<std::mutex> l(m.mu);
+    DeviceState* d = m.state(device);
+    if (d == nullptr) return cudaErrorInitializationError;
+    if (d->nic) {
+      *out = d->nic;
+      return cudaSuccess;
+    }
+  }
+  cudaStream_t s = nullptr;
+  const cudaError_t rc = acquire_stream(device, &s);
+  if (rc != cudaSuccess) return rc;
+  bool first = false;
+  {
+    std::lock_guard<std::mutex> l(m.mu);
+    DeviceState* d = m.state(device);
+    first = d->nic == nullptr;
+    if (first) d->nic = s;
+    *out = d->nic;
+  }
+  if (!first) return_stream(s, device);  // another thread made one first
+  return cudaSuccess;
+}
+
+void run_when_done(std::function<void()> action, int device) {
+  give_back(nullptr, device, Released::Action, std::make_shared<std::function<void()>>(std::move(action)));
+}
 
 cudaError_t acquire_stream(int device, cudaStream_t* out) {
   DeviceMemory& m = memory();

@@ -26,6 +26,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace sy::cuda {
@@ -41,8 +42,14 @@ void release_pinned_memory(void* ptr, int device);
 // Closes a peer's memory mapped with cudaIpcOpenMemHandle once all work queued so far has
 // completed (a kernel may still write into it: an abandoning rank's, for one).
 void release_ipc_mapping(void* ptr, int device);
+// Runs `action` on the reaper thread once all work queued so far has completed (what kernels
+// may still drive, as a buffer's proxy, goes after them).
+void run_when_done(std::function<void()> action, int device);
 // A non-blocking stream of `device` for the library (a recycled one when one is idle).
 cudaError_t acquire_stream(int device, cudaStream_t* out);
+// The device's stream for the emulated NIC's copies (transport/proxy.h), shared by every proxy
+// of the process on it and kept for good: made once, on a queue of its own when one is free.
+cudaError_t acquire_nic_stream(int device, cudaStream_t* out);
 // Gives a stream back; its queued work still counts for every release before it completes.
 void return_stream(cudaStream_t stream, int device);
 // The hardware queues of every device's context (CUDA_DEVICE_MAX_CONNECTIONS as the context

@@ -6,6 +6,7 @@
 #include "../core/op_desc.h"
 #include "../core/routing.h"
 #include "cuda_objects.h"
+#include "transport/proxy_ring.h"
 
 namespace sy::cuda {
 
@@ -74,6 +75,21 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
                                    " rows where rank " + std::to_string(rank) + "'s handle expects row " +
                                    std::to_string(r.observed) + "; every rank must pass the handle of the same dispatch");
     case KernelFailure::Internal:
+      if (r.a == -3) {
+        return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": " + op +
+                                           ": an earlier two-hop dispatch failed in its network hop, which left the "
+                                           "network rings' counters out of step with the peers'; create the buffers "
+                                           "again");
+      }
+      if (r.a == -4) {
+        return fail(SY_ERROR_INTERNAL,
+                    "rank " + std::to_string(rank) + ": " + op + ": its proxy " +
+                        (r.b == 2 ? std::string("refused a put to rank ") + std::to_string(r.peer) + " (" +
+                                        transport::refusal_text(transport::Refusal(r.c)) + ", channel " +
+                                        std::to_string(r.observed) + ", descriptor " + std::to_string(r.expected) + ")"
+                                  : std::string("took no descriptor of channel ") + std::to_string(r.observed) +
+                                        " within the deadline (a put to rank " + std::to_string(r.peer) + ")"));
+      }
       if (r.a < 0) {
         return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": rank " + std::to_string(r.peer) +
                                            " listed token " + std::to_string(r.observed) + " of its " +

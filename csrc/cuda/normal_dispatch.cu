@@ -8,7 +8,7 @@
 
 namespace sy::cuda {
 
-ExchangeLayout exchange_layout(int ranks, int max_tokens) {
+ExchangeLayout exchange_layout(int ranks, int max_tokens, int nodes) {
   ExchangeLayout l;
   const uint64_t R = uint64_t(ranks);
   uint64_t o = 0;
@@ -20,13 +20,15 @@ ExchangeLayout exchange_layout(int ranks, int max_tokens) {
   o = core::align_up(o + 4 * R * uint64_t(core::kMaxExpertsPerRank), core::kRegionAlignBytes);
   l.off_send_list = o;
   o = core::align_up(o + 4 * R * uint64_t(max_tokens), core::kRegionAlignBytes);
+  l.off_node_send = o;
+  o = core::align_up(o + 4 * uint64_t(nodes), core::kRegionAlignBytes);
   l.bytes = o;
   return l;
 }
 
 SharedLayout shared_layout(const core::BufferPlan& plan, bool staged) {
   SharedLayout s;
-  s.xl = exchange_layout(plan.ranks, plan.max_tokens_per_rank);
+  s.xl = exchange_layout(plan.ranks, plan.max_tokens_per_rank, plan.nodes);
   // After the header and the low-latency halves (core/plan.h), both read and written by the peers.
   const uint64_t shared_plan = plan.ll.experts > 0 ? plan.ll.off_halves + 2 * plan.ll.half_bytes : plan.header_bytes;
   s.off_xchg = core::align_up(shared_plan, core::kRegionAlignBytes);
@@ -37,6 +39,18 @@ SharedLayout shared_layout(const core::BufferPlan& plan, bool staged) {
     o = core::align_up(o + uint64_t(plan.max_tokens_per_rank) * uint64_t(plan.record_bytes), core::kRegionAlignBytes);
     s.off_rows = o;
     o = core::align_up(o + uint64_t(plan.max_recv_rows()) * uint64_t(plan.combine_row_bytes), core::kRegionAlignBytes);
+  }
+  s.two_hop = cuda_two_hop(plan, staged);
+  if (s.two_hop) {
+    const uint64_t ring = uint64_t(plan.nodes) * uint64_t(plan.net_ring_entries) * uint64_t(plan.net_record_bytes);
+    s.off_relay = o;
+    o = core::align_up(o + uint64_t(plan.ranks - plan.ranks_per_node) * uint64_t(plan.max_tokens_per_rank) *
+                               uint64_t(plan.record_bytes),
+                       core::kRegionAlignBytes);
+    s.off_net_in = o;
+    o = core::align_up(o + ring, core::kRegionAlignBytes);
+    s.off_net_out = o;
+    o = core::align_up(o + ring, core::kRegionAlignBytes);
   }
   s.bytes = core::align_up(o, 4096);
   return s;
@@ -109,6 +123,18 @@ __global__ void __launch_bounds__(kCopyThreads) stage_dispatch_kernel(DispatchAr
   }
 }
 
+// Two hops: counts the token once for every node it goes to (`to(d)`: whether it goes to rank d).
+template <class To>
+__device__ __forceinline__ void count_nodes(const DispatchArgs& a, To to) {
+  int32_t* node_send = exchange_i32(a, a.sync.rank, a.xl.off_node_send);
+  const int P = a.net.ranks_per_node;
+  for (int m = 0; m < a.net.nodes; ++m) {
+    bool any = false;
+    for (int q = 0; q < P && !any; ++q) any = to(m * P + q);
+    if (any) atomicAdd(&node_send[m], 1);
+  }
+}
+
 // One thread per token: check its top-k row, mark its destinations, count it per
 // (destination, local expert) for the destinations it goes to.
 __global__ void route_kernel(DispatchArgs a) {
@@ -143,6 +169,7 @@ __global__ void route_kernel(DispatchArgs a) {
       const int owner = core::expert_owner(e, EL);
       if (row[owner]) atomicAdd(&expert_send[owner * EL + int(e - int64_t(owner) * EL)], 1);
     }
+    if (a.net.relay != nullptr) count_nodes(a, [&](int d) { return row[d] != 0; });
   }
 }
 
@@ -174,6 +201,9 @@ __global__ void cached_sends_kernel(DispatchArgs a) {
   for (int64_t i = first; i < a.tokens * R; i += stride) {
     const int32_t s = a.h_slot[i];
     if (s >= 0) list[int64_t(i % R) * a.max_tokens + s] = int32_t(i / R);
+  }
+  if (a.net.relay != nullptr) {
+    for (int64_t t = first; t < a.tokens; t += stride) count_nodes(a, [&](int d) { return a.h_slot[t * R + d] >= 0; });
   }
   for (int64_t d = first; d < R; d += stride) {
     counts[d] = int32_t(core::rows_from([&](int i) { return a.h_prefix[int64_t(i) * R + d]; }, me));
@@ -275,11 +305,44 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_exchange_kernel(Dispatc
   if (stop) abort_peers(a.sync, -1, core::WaitRole::None, uint32_t(SY_ERROR_INVALID_ARGUMENT));
 }
 
-// Where received row n comes from: its source rank (binary search over the row starts) and
-// the sender's token index.
+// Whether rank `r`'s records reach this rank through a forwarder (two hops, another node).
+__device__ __forceinline__ bool relayed(const DispatchArgs& a, int r) {
+  return a.net.relay != nullptr &&
+         core::node_of(r, a.net.ranks_per_node) != core::node_of(a.sync.rank, a.net.ranks_per_node);
+}
+
+// Where this rank reads rank `owner`'s tokens: its published inputs, or, two hops away, the
+// records its forwarder delivered into this rank's relay region, indexed by slot (a view with
+// the records' strides: i32 top-k entries, f32 weights and scale words).
+__device__ __forceinline__ Published dispatch_view(const DispatchArgs& a, int owner) {
+  Published p = published(a, owner);
+  if (!relayed(a, owner)) return p;
+  const NetworkArgs& n = a.net;
+  const uint8_t* base = n.relay + uint64_t(relay_index(owner, core::node_of(a.sync.rank, n.ranks_per_node),
+                                                       n.ranks_per_node)) *
+                                      uint64_t(a.max_tokens) * uint64_t(n.record_bytes);
+  p.x = base + n.rec_payload;
+  p.x_stride = n.record_bytes;
+  p.scales = p.scales ? base + n.rec_scales : nullptr;
+  p.scale_st = n.record_bytes;
+  p.scale_ss = 4;
+  p.topk_idx = p.topk_idx ? base + n.rec_topk_idx : nullptr;
+  p.idx_st = n.record_bytes;
+  p.idx_sk = 4;
+  p.idx_i64 = 0;
+  p.topk_w = p.topk_w ? base + n.rec_topk_weights : nullptr;
+  p.w_st = n.record_bytes;
+  p.w_sk = 4;
+  p.tokens = a.max_tokens;
+  return p;
+}
+
+// Where received row n comes from: its source rank (binary search over the row starts), the
+// row of the source's view that holds it (dispatch_view), and the sender's token index.
 struct Source {
   int rank;
-  int32_t token;
+  int32_t token;   // in dispatch_view(rank); -1: nothing to read
+  int32_t origin;  // the sender's token index (the handle's)
 };
 
 __device__ __forceinline__ Source find_source(const DispatchArgs& a, const int32_t* starts, int64_t n) {
@@ -293,20 +356,34 @@ __device__ __forceinline__ Source find_source(const DispatchArgs& a, const int32
     }
   }
   const int32_t slot = int32_t(n - starts[lo]);
-  const int32_t* list = exchange_i32(a, lo, a.xl.off_send_list) + int64_t(a.sync.rank) * a.max_tokens;
-  const int32_t token = slot < a.max_tokens ? list[slot] : -1;
-  if (token < 0 || token >= published(a, lo).tokens) {
+  const int64_t tokens = published(a, lo).tokens;
+  auto wrong = [&](int32_t token) {
     // Never read past the sender's rows, whatever the lists say (they come from another rank).
     FailureInfo f;
     f.kind = KernelFailure::Internal;
     f.a = -1;
     f.peer = lo;
-    f.expected = published(a, lo).tokens;
+    f.expected = tokens;
     f.observed = token;
     report_failure(a.sync.report, f);
-    return {lo, -1};
+    return Source{lo, -1, -1};
+  };
+  if (relayed(a, lo)) {
+    // The relay region holds the source's records by slot; each says which token it is.
+    if (slot >= a.max_tokens) return wrong(slot);
+    const uint8_t* rec = a.net.relay + (uint64_t(relay_index(lo, core::node_of(a.sync.rank, a.net.ranks_per_node),
+                                                             a.net.ranks_per_node)) *
+                                            uint64_t(a.max_tokens) +
+                                        uint64_t(slot)) *
+                                           uint64_t(a.net.record_bytes);
+    const int32_t origin = *reinterpret_cast<const int32_t*>(rec + a.net.rec_src_idx);
+    if (origin < 0 || origin >= tokens) return wrong(origin);
+    return {lo, slot, origin};
   }
-  return {lo, token};
+  const int32_t* list = exchange_i32(a, lo, a.xl.off_send_list) + int64_t(a.sync.rank) * a.max_tokens;
+  const int32_t token = slot < a.max_tokens ? list[slot] : -1;
+  if (token < 0 || token >= tokens) return wrong(token);
+  return {lo, token, token};
 }
 
 __device__ __forceinline__ void store_idx(uint8_t* base, int64_t i, bool i64, int64_t v) {
@@ -354,7 +431,7 @@ __global__ void __launch_bounds__(kCopyThreads) receive_compact_kernel(DispatchA
   for (int64_t n = warp; n < N; n += warps) {
     const Source src = find_source(a, starts, n);
     if (src.token < 0) continue;
-    const Published& p = published(a, src.rank);
+    const Published p = dispatch_view(a, src.rank);
     uint8_t* dst = a.recv_x + n * a.payload_bytes;
     warp_copy_row(p.x + src.token * p.x_stride, [dst](int) { return dst; }, 1, a.payload_bytes, lane);
     copy_scales(a, p, src.token, [n](int) { return n; }, 1, lane);
@@ -366,7 +443,7 @@ __global__ void __launch_bounds__(kCopyThreads) receive_compact_kernel(DispatchA
           local >= 0 ? *reinterpret_cast<const float*>(p.topk_w + src.token * p.w_st + k * p.w_sk) : 0.0f;
     }
     if (lane == 0) {
-      a.h_src_idx[n] = src.token;
+      a.h_src_idx[n] = src.origin;
       a.h_src_rank[n] = src.rank;
     }
   }
@@ -403,7 +480,7 @@ __global__ void __launch_bounds__(kCopyThreads) gather_experts_kernel(DispatchAr
     }
     const Source src = find_source(a, starts, n);
     if (src.token < 0) continue;
-    const Published& p = published(a, src.rank);
+    const Published p = dispatch_view(a, src.rank);
     uint32_t* mask = a.ws.recv_mask + n * W;
     for (int w = 0; w < W; ++w) mask[w] = 0;
     for (int k = 0; k < K; ++k) {
@@ -413,7 +490,7 @@ __global__ void __launch_bounds__(kCopyThreads) gather_experts_kernel(DispatchAr
       if (l >= 0) mask[l / 32] |= 1u << (l % 32);
       a.h_exp_row[n * K + k] = -1;
     }
-    a.h_src_idx[n] = src.token;
+    a.h_src_idx[n] = src.origin;
     a.h_src_rank[n] = src.rank;
   }
 }
@@ -471,7 +548,7 @@ __global__ void __launch_bounds__(kCopyThreads) receive_expanded_kernel(Dispatch
     const Source src = find_source(a, starts, n);
     const int32_t t = src.token;
     if (t < 0) continue;
-    const Published& p = published(a, src.rank);
+    const Published p = dispatch_view(a, src.rank);
     // The token's rows, one per top-k entry (-1: not a local expert), shared by the warp.
     int32_t* rows = rows_of[threadIdx.x / 32];
     if (lane < K) rows[lane] = a.h_exp_row[n * K + lane];
@@ -557,10 +634,13 @@ int grid_for(int64_t work, int threads, int budget) {
 cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream_t stream, bool* exchanged) {
   const int R = a.sync.ranks;
   cudaError_t rc = cudaSuccess;
-  if (a.cached) {
+  if (a.net.relay != nullptr) {
+    rc = cudaMemsetAsync(a.own_xchg + a.xl.off_node_send, 0, sizeof(int32_t) * size_t(a.net.nodes), stream);
+  }
+  if (rc == cudaSuccess && a.cached) {
     SY_LAUNCH(cached_sends_kernel, grid_for(a.tokens * R, 256, blocks), 256, 0, stream)(a);
     rc = cudaGetLastError();
-  } else {
+  } else if (rc == cudaSuccess) {
     auto* counts = reinterpret_cast<int32_t*>(a.own_xchg + a.xl.off_send_counts);
     rc = cudaMemsetAsync(counts, 0, sizeof(int32_t) * size_t(R), stream);
     if (rc == cudaSuccess && a.topk > 0) {

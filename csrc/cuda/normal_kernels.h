@@ -38,6 +38,7 @@
 
 #include "../core/plan.h"
 #include "device_sync.cuh"
+#include "transport/proxy_channel.cuh"
 
 namespace sy::cuda {
 
@@ -73,10 +74,11 @@ struct ExchangeLayout {
   uint64_t off_send_counts = 0;  // i32[R]: tokens this rank sends to each rank
   uint64_t off_expert_send = 0;  // i32[R][EL]: of those, per local expert of the destination
   uint64_t off_send_list = 0;    // i32[R][max_tokens]: the tokens sent to each rank, in order
+  uint64_t off_node_send = 0;    // i32[nodes]: tokens this rank sends to each node (two hops)
   uint64_t bytes = 0;
 };
 
-ExchangeLayout exchange_layout(int ranks, int max_tokens);
+ExchangeLayout exchange_layout(int ranks, int max_tokens, int nodes);
 
 // A rank's shared buffer on the CUDA backend: the header of every backend (core/plan.h), its
 // exchange page, and, when its peers live in other processes, the staging areas they pull from.
@@ -86,14 +88,37 @@ ExchangeLayout exchange_layout(int ranks, int max_tokens);
 //                       this rank's dispatch inputs, token t in record t
 //   off_rows            max_recv_rows combine rows (core::BufferPlan's row format): its combine
 //                       inputs, received token n in row n (expanded: its rows summed, in BF16)
+// and, when the ranks span nodes and dispatch takes two hops (normal_network.cu):
+//   off_relay           the records of the sources on other nodes, as their forwarders deliver
+//                       them: source s's token in slot j at record relay_index(s) * max_tokens + j
+//   off_net_in          per sender node, a ring of net_ring_entries network records: what this
+//                       rank forwards (core/internode.h)
+//   off_net_out         per destination node, a ring of as many: the network records this rank
+//                       puts, staged in its window (the NIC reads them from there)
 struct SharedLayout {
   ExchangeLayout xl;
   uint64_t off_xchg = 0;
   bool staged = false;
   uint64_t off_records = 0;
   uint64_t off_rows = 0;
+  bool two_hop = false;
+  uint64_t off_relay = 0;
+  uint64_t off_net_in = 0;
+  uint64_t off_net_out = 0;
   uint64_t bytes = 0;
 };
+
+// Whether a buffer's dispatch takes two hops on this backend: across nodes, on the two-hop path,
+// between virtual ranks of one process (process groups pull across nodes in one hop, for now).
+inline bool cuda_two_hop(const core::BufferPlan& plan, bool process_group) {
+  return plan.two_hop() && !process_group;
+}
+
+// Where the relay region keeps the records of source `s` at a rank of node `node`: the sources
+// of the other nodes, in rank order.
+__host__ __device__ __forceinline__ int relay_index(int s, int node, int ranks_per_node) {
+  return s < node * ranks_per_node ? s : s - ranks_per_node;
+}
 
 SharedLayout shared_layout(const core::BufferPlan& plan, bool staged);
 
@@ -120,6 +145,32 @@ struct Workspace {
   int32_t* recv_local = nullptr;    // [capacity][K] local expert of each received entry, or -1
   uint32_t* recv_mask = nullptr;    // [capacity][ceil(EL / 32)] bit l: the entry's token has local expert l
 };
+
+// The two hops of dispatch across nodes on this backend (normal_network.cu, core/internode.h).
+struct NetworkArgs {
+  int32_t ranks_per_node = 0, nodes = 1;
+  uint8_t* relay = nullptr;  // this rank's relay region; null: one hop
+  uint64_t off_relay = 0, off_net_in = 0, off_net_out = 0;
+  int32_t entries = 0;  // of each network ring
+  // The plan's record format, and the network record's fields after it (core/plan.h).
+  int32_t record_bytes = 0, rec_payload = 0, rec_scales = 0, rec_topk_idx = 0, rec_topk_weights = 0, rec_src_idx = 0;
+  int32_t net_record_bytes = 0, net_slots = 0, net_chain_next = 0, net_chain_prev = 0;
+  uint64_t off_forward_epoch = 0;
+  // Device memory: this rank's proxy channels, [nodes] to send to each node, then [nodes] to
+  // credit each node's sender; the network counters that persist across operations (entries
+  // put to each node's column peer, taken from each node's); 1 once a failure left them wrong.
+  const transport::ProxyChannel* channels = nullptr;
+  uint64_t* sent = nullptr;
+  uint64_t* taken = nullptr;
+  int32_t* broken = nullptr;
+};
+
+// Signal slots of the network rings: the records that landed in a forwarder's ring from a
+// source, and the entries the forwarder has taken (the source's credit).
+inline constexpr int kSignalRecords = 0, kSignalCredit = 1, kNetworkSignals = 2;
+// The nodes a two-hop dispatch may span: the network kernel gives each node a sending and a
+// forwarding warp in one block of kSyncThreads.
+inline constexpr int kMaxNodes = 8;
 
 struct DispatchArgs {
   SyncArgs sync;
@@ -157,6 +208,7 @@ struct DispatchArgs {
   int64_t out_rows = 0;
   int32_t* recv_count = nullptr;
   Workspace ws;
+  NetworkArgs net;
 };
 
 struct CombineArgs {
@@ -219,6 +271,8 @@ inline constexpr int kMaxSources = SY_MAX_LOCAL_RANKS;
 // once instead of waiting); `exchanged` says whether it was, i.e. whether the peers count on
 // this epoch.
 cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream_t stream, bool* exchanged);
+// Two hops: the network hop and the forwarding (normal_network.cu), after stage 1.
+cudaError_t launch_dispatch_network(const DispatchArgs& a, cudaStream_t stream);
 // Stage 2 (receive, finish).
 cudaError_t launch_dispatch_receive(const DispatchArgs& a, int blocks, cudaStream_t stream);
 // Instead of stage 2 when the host gave up after stage 1: only the end handshake.

@@ -158,6 +158,7 @@ function networkLines(n: NetworkUse): string[] {
   const bytes = (op: string) => total(n.perOperation.find((o) => o.op === op)?.bytesPerRank ?? []);
   const ratio = (a: number, b: number) => b > 0 ? `${(a / b).toFixed(2)}x` : "n/a";
   const e = n.expectedDispatchRecordsPerRank;
+  if (!n.perOperation.some((o) => o.op.endsWith("direct)"))) return lines; // no baseline ran (the CUDA backend)
   lines.push(
     `  the direct path puts ${ratio(bytes("dispatch (exact, direct)"), bytes("dispatch (exact)"))} the two hops' ` +
       `dispatch bytes on the network (the layouts: ${ratio(total(e.direct), total(e.twoHop))} the records), ` +

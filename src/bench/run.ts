@@ -240,7 +240,9 @@ export async function runScenario(group: Group, s: Scenario, options: RunOptions
   const inputs: Inputs[] = [];
   let direct: EpBuffer[] | undefined;
   try {
-    if (acrossNodes) {
+    // The direct path crosses the emulated NIC on the host backend only (the CUDA backend pulls
+    // across nodes in one hop there): the baseline runs where it means something.
+    if (acrossNodes && group.backend === "host") {
       direct = await group.createBuffers({ hidden: s.hidden, maxTokensPerRank: s.tokens, internodePath: "direct" });
     }
     await group.all(async (rank, r) => (inputs[r] = await makeInputs(s, rank, r, seed)));
@@ -258,7 +260,7 @@ export async function runScenario(group: Group, s: Scenario, options: RunOptions
     const sentPerRankExpert = layouts.map((l) => l.perExpert);
     const receivedPerExpert = new Array(s.experts).fill(0);
     for (const row of sentPerRankExpert) row.forEach((n, e) => (receivedPerExpert[e] += n));
-    const setup: Setup = { group, s, buffers, direct, inputs, iterations, warmup, options };
+    const setup: Setup = { group, s, buffers, direct, acrossNodes, inputs, iterations, warmup, options };
     const run = s.mode === "normal" ? await runNormal(setup) : await runLowLatency(setup);
     const network: NetworkUse | undefined = run.network && {
       perOperation: run.network,
@@ -283,15 +285,19 @@ interface Setup {
   readonly group: Group;
   readonly s: Scenario;
   readonly buffers: EpBuffer[];
-  /** Across nodes, normal mode: buffers on the direct path, the baseline. */
+  /** Across nodes, normal mode, host backend: buffers on the direct path, the baseline. */
   readonly direct?: EpBuffer[];
+  /** Normal mode across nodes: what each operation puts on the network is counted. */
+  readonly acrossNodes: boolean;
   readonly inputs: Inputs[];
   readonly iterations: number;
   readonly warmup: number;
   readonly options: RunOptions;
 }
 
-async function runNormal({ group, s, buffers, direct, inputs, iterations, warmup, options }: Setup): Promise<Measured> {
+async function runNormal(
+  { group, s, buffers, direct, acrossNodes, inputs, iterations, warmup, options }: Setup,
+): Promise<Measured> {
   const R = s.ranks;
   const variants = options.variants ?? ["exact", "worst-case", "cached"];
   const routed = (r: number) => ({
@@ -305,6 +311,8 @@ async function runNormal({ group, s, buffers, direct, inputs, iterations, warmup
   const first = await onEveryRank(group, (r) => buffers[r].dispatch(inputs[r].x, { ...payload(r), ...routed(r) }));
   const firstDirect = direct &&
     await onEveryRank(group, (r) => direct[r].dispatch(inputs[r].x, { ...payload(r), ...routed(r) }));
+  // Over before anything is counted or timed (a CUDA dispatch returns before its network hop ends).
+  await group.all((rank) => rank.stream.synchronize());
   const receivedPerRank = first.map((d) => d.numRecvTokens ?? 0);
   // Combine sends BF16 expert outputs back: the received rows themselves when they are BF16
   // (the direct path receives the same rows, so it sends the same tensors back).
@@ -319,7 +327,7 @@ async function runNormal({ group, s, buffers, direct, inputs, iterations, warmup
     it: number,
     call: (r: number) => Promise<T>,
   ) => {
-    const before = direct && !network.has(op) ? on.map((b) => b.networkStats()) : undefined;
+    const before = acrossNodes && !network.has(op) ? on.map((b) => b.networkStats()) : undefined;
     const { out, ms, wall } = await timeOnEveryRank(group, call);
     for (const o of out) o[Symbol.dispose]();
     if (before) {
@@ -382,7 +390,7 @@ async function runNormal({ group, s, buffers, direct, inputs, iterations, warmup
     ...o,
     rankBytes: o.op.startsWith("combine") ? combineBytes : dispatchBytes,
   }));
-  return { receivedPerRank, operations, network: direct ? [...network.values()] : undefined };
+  return { receivedPerRank, operations, network: acrossNodes ? [...network.values()] : undefined };
 }
 
 async function runLowLatency({ group, s, buffers, inputs, iterations, warmup, options }: Setup): Promise<Measured> {

@@ -5,7 +5,8 @@
  * same buffers. Prints one line per round: `ok N` (rows received in all) or, per rank that
  * failed, `error RANK CODE ARGUMENT MS: MESSAGE` (MS: how long its round took).
  * Arguments: the number of ranks, the number of rounds (default 1), the dispatch mode (`worst`,
- * the default, or `exact`: the host waits for the received counts), the timeout in ms (3000).
+ * the default, or `exact`: the host waits for the received counts), the timeout in ms (3000), the
+ * ranks per node (default: one node; fewer: the dispatch takes two hops).
  */
 
 import { Group, SwitchyardError, Tensor } from "../../mod.ts";
@@ -14,10 +15,11 @@ const ranks = Number(Deno.args[0] ?? "2");
 const rounds = Number(Deno.args[1] ?? "1");
 const exact = Deno.args[2] === "exact";
 const timeoutMs = Number(Deno.args[3] ?? "3000");
+const ranksPerNode = Deno.args[4] ? Number(Deno.args[4]) : undefined;
 const H = 64, T = 8, K = 2, E = 4 * ranks;
 
 try {
-  using g = Group.local({ ranks, backend: "cuda", timeoutMs });
+  using g = Group.local({ ranks, backend: "cuda", timeoutMs, ranksPerNode });
   const bufs = await g.createBuffers({ hidden: H, maxTokensPerRank: T });
   for (let round = 0; round < rounds; round++) {
     const outcomes = await Promise.all(g.ranks.map(async (rk, r) => {

@@ -464,9 +464,9 @@ int main(int argc, char** argv) {
   // Across virtual nodes: two nodes where the ranks split evenly, else nodes of one rank.
   const int32_t per_node = s.ranks % 2 == 0 ? s.ranks / 2 : 1;
   const Mode across[] = {
-      {"dispatch compact (exact size) + combine, across nodes (host: two hops)", SY_LAYOUT_COMPACT, 1, false, false,
+      {"dispatch compact (exact size) + combine, across nodes (two hops)", SY_LAYOUT_COMPACT, 1, false, false,
        false, per_node},
-      {"dispatch expanded, cached + combine, across nodes (host: two hops)", SY_LAYOUT_EXPANDED, 2, false, true, true,
+      {"dispatch expanded, cached + combine, across nodes (two hops)", SY_LAYOUT_EXPANDED, 2, false, true, true,
        per_node},
   };
   for (const Mode& m : across) {

@@ -36,13 +36,14 @@ void store_release(T& v, T x) {
 
 }  // namespace
 
-EmulatedFabric::EmulatedFabric(int ranks, int slots, core::LinkModel model)
+EmulatedFabric::EmulatedFabric(int ranks, int slots, core::LinkModel model, core::NetworkCounters* counters)
     : ranks_(ranks),
       slots_(slots),
       model_(model),
       windows_(size_t(ranks)),
       in_flight_(size_t(ranks), 0),
-      carried_(new Counters[size_t(ranks)]) {}
+      own_counters_(counters ? nullptr : new Counters[size_t(ranks)]),
+      counters_(counters ? counters : own_counters_.get()) {}
 
 void EmulatedFabric::attach(int rank, const Window& w) {
   std::lock_guard<std::mutex> l(mu_);
@@ -106,9 +107,14 @@ Error Proxy::create(const ProxyOptions& o, EmulatedFabric& fabric, uint8_t* wind
   // The highest priority there is: the copies are what kernels on other ranks wait for. (They
   // still share the device's hardware queues with every other stream: a CUDA backend that runs
   // a proxy counts its stream in the co-residency check.)
-  int least = 0, greatest = 0;
-  SY_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  SY_CUDA(cudaStreamCreateWithPriority(&p->stream_, cudaStreamNonBlocking, greatest));
+  if (o.stream != nullptr) {
+    p->stream_ = o.stream;
+  } else {
+    int least = 0, greatest = 0;
+    SY_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    SY_CUDA(cudaStreamCreateWithPriority(&p->stream_, cudaStreamNonBlocking, greatest));
+    p->own_stream_ = true;
+  }
   p->events_.resize(kEvents, nullptr);
   for (auto& e : p->events_) SY_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   p->taken_.assign(size_t(o.channels), 0);
@@ -131,7 +137,7 @@ Proxy::~Proxy() {
   if (thread_.joinable()) thread_.join();
   if (stream_) {
     (void)cudaStreamSynchronize(stream_);
-    (void)cudaStreamDestroy(stream_);
+    if (own_stream_) (void)cudaStreamDestroy(stream_);
   }
   for (auto e : events_)
     if (e) (void)cudaEventDestroy(e);

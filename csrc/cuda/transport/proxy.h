@@ -30,10 +30,11 @@
 namespace sy::cuda::transport {
 
 // The ranks of one process the emulated NIC connects: their windows and signal arrays, and what
-// it carried for each (records and bytes put by that rank).
+// it carried for each (records and bytes put by that rank: into `counters[rank]` when given, an
+// array of `ranks` that outlives the fabric, else its own).
 class EmulatedFabric {
  public:
-  EmulatedFabric(int ranks, int slots, core::LinkModel model);
+  EmulatedFabric(int ranks, int slots, core::LinkModel model, core::NetworkCounters* counters = nullptr);
   int ranks() const { return ranks_; }
   int slots() const { return slots_; }
   const core::LinkModel& model() const { return model_; }
@@ -52,11 +53,9 @@ class EmulatedFabric {
   Window acquire(int rank);
   void release(int rank);
 
-  struct Counters {
-    std::atomic<uint64_t> records{0}, bytes{0};
-  };
-  const Counters& carried(int rank) const { return carried_[size_t(rank)]; }
-  Counters& carried_by(int rank) { return carried_[size_t(rank)]; }
+  using Counters = core::NetworkCounters;
+  const Counters& carried(int rank) const { return counters_[rank]; }
+  Counters& carried_by(int rank) { return counters_[rank]; }
 
  private:
   int ranks_, slots_;
@@ -65,7 +64,8 @@ class EmulatedFabric {
   std::condition_variable cv_;
   std::vector<Window> windows_;
   std::vector<int64_t> in_flight_;  // puts taken to each rank and not yet complete
-  std::unique_ptr<Counters[]> carried_;
+  std::unique_ptr<Counters[]> own_counters_;
+  Counters* counters_;
 };
 
 struct ProxyOptions {
@@ -73,6 +73,9 @@ struct ProxyOptions {
   int device = 0;
   int channels = 1;
   uint32_t entries = 64;  // descriptors per channel ring
+  // The stream the copies go on: the owner's (kept, never destroyed here), or null for one of
+  // the proxy's own at the highest priority.
+  cudaStream_t stream = nullptr;
 };
 
 class Proxy {
@@ -123,6 +126,7 @@ class Proxy {
   ProxyControl* d_controls_ = nullptr;
   uint64_t* d_signals_ = nullptr;
   cudaStream_t stream_ = nullptr;
+  bool own_stream_ = false;
   std::vector<cudaEvent_t> events_;  // one per batch of copies, reused in order
   uint64_t batches_issued_ = 0, batches_done_ = 0;
   std::vector<uint64_t> taken_;  // per channel: descriptors taken

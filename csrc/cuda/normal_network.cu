@@ -1,0 +1,329 @@
+// The two hops of dispatch across nodes on the CUDA backend (core/internode.h has the protocol,
+// transport/rdma.h the network): after the exchange, each rank puts one network record per
+// (token, other node it goes to) into the ring its column peer on that node keeps for its node,
+// through its proxy; each forwarder takes the records from its rings as they land and copies
+// each into the relay region of every rank of its node the record is for (normal_kernels.h,
+// SharedLayout); once every forwarder of a node has delivered, its ranks read the records of
+// other nodes' sources from their relay regions as they read their own node's sources' inputs.
+//
+// One block per rank, a warp per role, so that the roles never wait for each other's launch:
+//   warp m            sends to node m's column peer (m != own node): for each of its tokens
+//                     bound there, in token order, it waits for room in that peer's ring (the
+//                     peer's credit signal), stages the network record in its own out ring
+//                     (the NIC reads it from this rank's window) and puts it with a records
+//                     signal.
+//   warp nodes + m    forwards for node m's column source: it learns from the source's exchange
+//                     page how many records come, and for each waits for the records signal,
+//                     copies the record to the ranks of this node its slots name, and credits
+//                     the source.
+// Then the block tells the ranks of its node that its forwarding is done and waits for their
+// forwarders. Every wait has the operation's deadline and names the peer and the hop.
+//
+// The counts go directly, as the host backend's do (core/internode.h): a forwarder reads how many
+// records come from the source's exchange page, written before the barrier. Only the records
+// cross the network.
+//
+// The rings' counters (records put, taken, credited) are signals, which only grow: each rank
+// keeps how far it got across operations (NetworkArgs::sent, taken). A failure in the middle of
+// the network hop leaves them out of step with the peers', so the buffer is given up: every later
+// two-hop dispatch fails at once, saying so. A rejected call never gets here (it fails at the
+// barrier, before anything is put), so the buffers stay usable after one.
+#include <cstdint>
+
+#include "../core/internode.h"
+#include "../core/routing.h"
+#include "normal_kernels.h"
+#include "row_copy.cuh"
+
+namespace sy::cuda {
+
+namespace {
+
+// Block-wide state of the network kernel: the first failure stops every role.
+struct NetState {
+  int failed;
+};
+
+__device__ __forceinline__ int32_t* exchange_page_i32(const DispatchArgs& a, int owner, uint64_t off) {
+  return reinterpret_cast<int32_t*>(a.xchg[owner] + off);
+}
+
+// Copies `bytes` (a multiple of 16, 16-byte aligned) with coherent loads: the source was written
+// by the NIC, and a ring slot is read again on the next lap (the read-only path could serve a
+// stale line). Warp-wide.
+__device__ __forceinline__ void warp_copy_landed(const uint8_t* src, uint8_t* dst, int64_t bytes, int lane) {
+  const auto* s = reinterpret_cast<const int4*>(src);
+  auto* d = reinterpret_cast<int4*>(dst);
+  for (int64_t i = lane; i < bytes / 16; i += 32) d[i] = s[i];
+}
+
+// Lane 0 polls `ready()` until it holds, the block failed, a peer aborted, or the deadline
+// passed (then the failure is recorded naming `peer` in `role`); every lane gets the verdict.
+template <class Ready, class Observed>
+__device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int peer, core::WaitRole role,
+                          int64_t expected, Ready ready, Observed observed) {
+  int ok = 1;
+  if (lane == 0) {
+    const uint64_t start = global_ns();
+    for (uint32_t spins = 0; !ready(); ++spins) {
+      if (ld_volatile(&st.failed)) {
+        ok = 0;
+        break;
+      }
+      if ((spins & 63u) != 63u) continue;
+      if (check_aborted(a.sync)) {
+        atomicMax(&st.failed, 1);
+        ok = 0;
+        break;
+      }
+      const uint64_t waited = global_ns() - start;
+      if (waited > a.sync.timeout_ns) {
+        FailureInfo f;
+        f.kind = KernelFailure::Timeout;
+        f.peer = peer;
+        f.role = role;
+        f.expected = expected;
+        f.observed = observed();
+        f.waited_ns = int64_t(waited);
+        report_failure(a.sync.report, f);
+        atomicMax(&st.failed, 2);  // ours: the peers must hear of it
+        ok = 0;
+        break;
+      }
+      __nanosleep(256);
+    }
+  }
+  return __shfl_sync(0xffffffffu, ok, 0) != 0;
+}
+
+// A transport call that failed (refused by the proxy, or its ring full past the deadline).
+__device__ void transport_failed(const DispatchArgs& a, NetState& st, int peer, const transport::TransportStatus& s) {
+  FailureInfo f;
+  f.kind = KernelFailure::Internal;
+  f.a = -4;
+  f.b = int32_t(s.result);
+  f.c = int32_t(s.refusal);
+  f.peer = peer;
+  f.expected = int64_t(s.refused_index);
+  f.observed = s.slot;
+  report_failure(a.sync.report, f);
+  atomicMax(&st.failed, 2);
+}
+
+// Warp `m`: this rank's tokens bound for node m, one network record each, in token order.
+__device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lane) {
+  const NetworkArgs& n = a.net;
+  const int R = a.sync.ranks, me = a.sync.rank, P = n.ranks_per_node;
+  const int my_node = core::node_of(me, P);
+  const int column = core::forwarder(m, me, P);
+  const transport::ProxyChannel& ch = n.channels[m];
+  const Published& p = a.pub;
+  uint8_t* own = a.sync.bases[me];
+  uint64_t sent = n.sent[m];
+  for (int64_t t = 0; t < a.tokens; ++t) {
+    bool to_node = false;
+    for (int q = 0; q < P && !to_node; ++q) to_node = a.h_route[t * R + m * P + q] != 0;
+    if (!to_node) continue;
+    // Entry `sent` goes where entry sent - entries was: the column peer must have taken that one.
+    const uint64_t need = sent + 1 > uint64_t(n.entries) ? sent + 1 - uint64_t(n.entries) : 0;
+    const auto credit = [&] { return transport::read_signal(ch, column, kSignalCredit); };
+    if (!warp_wait(a, st, lane, column, core::WaitRole::DispatchNetwork, int64_t(need),
+                   [&] { return transport::signal_reached(credit(), need); }, [&] { return int64_t(credit()); })) {
+      break;
+    }
+    const uint64_t slot = sent % uint64_t(n.entries);
+    const uint64_t out_off = n.off_net_out + (uint64_t(m) * uint64_t(n.entries) + slot) * uint64_t(n.net_record_bytes);
+    uint8_t* rec = own + out_off;
+    warp_copy_row(p.x + t * p.x_stride, [&](int) { return rec + n.rec_payload; }, 1, a.payload_bytes, lane);
+    for (int s = lane; s < a.num_scales; s += 32) {
+      reinterpret_cast<uint32_t*>(rec + n.rec_scales)[s] =
+          *reinterpret_cast<const uint32_t*>(p.scales + t * p.scale_st + s * p.scale_ss);
+    }
+    for (int k = lane; k < a.topk; k += 32) {
+      const int64_t e = p.idx_i64 ? *reinterpret_cast<const int64_t*>(p.topk_idx + t * p.idx_st + k * p.idx_sk)
+                                  : *reinterpret_cast<const int32_t*>(p.topk_idx + t * p.idx_st + k * p.idx_sk);
+      reinterpret_cast<int32_t*>(rec + n.rec_topk_idx)[k] = int32_t(e);
+      if (p.topk_w != nullptr) {
+        reinterpret_cast<float*>(rec + n.rec_topk_weights)[k] =
+            *reinterpret_cast<const float*>(p.topk_w + t * p.w_st + k * p.w_sk);
+      }
+    }
+    for (int q = lane; q < P; q += 32) reinterpret_cast<int32_t*>(rec + n.net_slots)[q] = a.h_slot[t * R + m * P + q];
+    if (lane == 0) {
+      *reinterpret_cast<int32_t*>(rec + n.rec_src_idx) = int32_t(t);
+      const core::TokenNodes visits{a.h_slot + t * R, P, n.nodes};
+      *reinterpret_cast<int32_t*>(rec + n.net_chain_next) = visits.next(m);
+      *reinterpret_cast<int32_t*>(rec + n.net_chain_prev) = visits.prev(m);
+    }
+    __syncwarp();
+    transport::TransportStatus put;
+    if (lane == 0) {
+      const uint64_t in_off =
+          n.off_net_in + (uint64_t(my_node) * uint64_t(n.entries) + slot) * uint64_t(n.net_record_bytes);
+      put = transport::put_signal(ch, column, out_off, in_off, uint64_t(n.net_record_bytes), kSignalRecords, 1);
+      if (!put.ok()) transport_failed(a, st, column, put);
+    }
+    if (__shfl_sync(0xffffffffu, int(put.ok()), 0) == 0) break;
+    ++sent;
+  }
+  if (lane == 0) n.sent[m] = sent;
+}
+
+// Warp nodes + m: the records of node m's column source, each to the ranks of this node it
+// names, then credited.
+__device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, int lane) {
+  const NetworkArgs& n = a.net;
+  const int me = a.sync.rank, P = n.ranks_per_node;
+  const int my_node = core::node_of(me, P);
+  const int source = core::forwarder(m, me, P);
+  const transport::ProxyChannel& ch = n.channels[n.nodes + m];
+  // How many come: from the source's exchange page, bounded (it comes from another rank).
+  const int32_t count = exchange_page_i32(a, source, a.xl.off_node_send)[my_node];
+  if (count < 0 || count > a.max_tokens) {
+    if (lane == 0) {
+      FailureInfo f;
+      f.kind = KernelFailure::Internal;
+      f.a = -1;
+      f.peer = source;
+      f.expected = a.max_tokens;
+      f.observed = count;
+      report_failure(a.sync.report, f);
+      atomicMax(&st.failed, 2);
+    }
+    return;
+  }
+  const uint8_t* own = a.sync.bases[me];
+  const int relay = relay_index(source, my_node, P);
+  uint64_t taken = n.taken[m];
+  for (int32_t k = 0; k < count; ++k) {
+    const auto landed = [&] { return transport::read_signal(ch, source, kSignalRecords); };
+    if (!warp_wait(a, st, lane, source, core::WaitRole::DispatchForward, int64_t(taken + 1),
+                   [&] { return transport::signal_reached(landed(), taken + 1); }, [&] { return int64_t(landed()); })) {
+      break;
+    }
+    __syncwarp();
+    const uint8_t* rec =
+        own + n.off_net_in +
+        (uint64_t(m) * uint64_t(n.entries) + taken % uint64_t(n.entries)) * uint64_t(n.net_record_bytes);
+    bool bad = false;
+    for (int q = 0; q < P; ++q) {
+      const int32_t slot = ld_volatile(reinterpret_cast<const int32_t*>(rec + n.net_slots) + q);
+      if (slot < 0) continue;
+      if (slot >= a.max_tokens) {  // a slot past the relay region: refused, whoever sent it
+        bad = true;
+        if (lane == 0) {
+          FailureInfo f;
+          f.kind = KernelFailure::Internal;
+          f.a = -1;
+          f.peer = source;
+          f.expected = a.max_tokens;
+          f.observed = slot;
+          report_failure(a.sync.report, f);
+          atomicMax(&st.failed, 2);
+        }
+        break;
+      }
+      uint8_t* dst = a.sync.bases[my_node * P + q] + n.off_relay +
+                     (uint64_t(relay) * uint64_t(a.max_tokens) + uint64_t(slot)) * uint64_t(n.record_bytes);
+      warp_copy_landed(rec, dst, n.record_bytes, lane);
+    }
+    if (bad) break;
+    __syncwarp();  // every lane's copy of this entry before the credit frees its slot
+    transport::TransportStatus credit;
+    if (lane == 0) {
+      credit = transport::signal(ch, source, kSignalCredit, 1);
+      if (!credit.ok()) transport_failed(a, st, source, credit);
+    }
+    if (__shfl_sync(0xffffffffu, int(credit.ok()), 0) == 0) break;
+    ++taken;
+  }
+  if (lane == 0) n.taken[m] = taken;
+}
+
+__global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(DispatchArgs a) {
+  SY_SHARED(NetState, st);
+  SY_SHARED(int, go);
+  const NetworkArgs& n = a.net;
+  const int me = a.sync.rank, P = n.ranks_per_node;
+  const int my_node = core::node_of(me, P);
+  if (threadIdx.x == 0) {
+    st.failed = 0;
+    // Only an operation past its barrier puts anything (a rejected one stops there, everywhere).
+    go = *a.ws.passed_barrier == 1 ? 1 : 0;
+    if (go && *n.broken != 0) {
+      FailureInfo f;
+      f.kind = KernelFailure::Internal;
+      f.a = -3;
+      report_failure(a.sync.report, f);
+      st.failed = 2;
+    }
+  }
+  __syncthreads();
+  if (!go) return;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  if (ld_volatile(&st.failed) == 0) {
+    if (warp < n.nodes && warp != my_node) {
+      send_to_node(a, st, warp, lane);
+    } else if (warp >= n.nodes && warp < 2 * n.nodes && warp - n.nodes != my_node) {
+      forward_from_node(a, st, warp - n.nodes, lane);
+    }
+  }
+  __syncthreads();
+  if (ld_volatile(&st.failed) == 0) {
+    // Delivered: the relay writes before the flags, for every rank of the node.
+    for (int q = threadIdx.x; q < P; q += blockDim.x) {
+      __threadfence_system();
+      st_release_sys(header_word(a.sync, my_node * P + q, n.off_forward_epoch + 4ull * uint64_t(me)), a.sync.epoch);
+    }
+    // Wait for the node's forwarders (each thread one), with the deadline.
+    const uint64_t start = global_ns();
+    for (int q = threadIdx.x; q < P; q += blockDim.x) {
+      const int f = my_node * P + q;
+      const uint32_t* flag = header_word(a.sync, me, n.off_forward_epoch + 4ull * uint64_t(f));
+      for (uint32_t spins = 0;; ++spins) {
+        const uint32_t v = ld_acquire_sys(flag);
+        if (epoch_reached(v, a.sync.epoch)) break;
+        if (ld_volatile(&st.failed)) break;
+        if ((spins & 63u) != 63u) continue;
+        if (check_aborted(a.sync)) {
+          atomicMax(&st.failed, 1);
+          break;
+        }
+        const uint64_t waited = global_ns() - start;
+        if (waited > a.sync.timeout_ns) {
+          FailureInfo fi;
+          fi.kind = KernelFailure::Timeout;
+          fi.peer = f;
+          fi.role = core::WaitRole::DispatchForward;
+          fi.expected = a.sync.epoch;
+          fi.observed = v;
+          fi.waited_ns = int64_t(waited);
+          report_failure(a.sync.report, fi);
+          atomicMax(&st.failed, 2);
+          break;
+        }
+        __nanosleep(256);
+      }
+    }
+  }
+  __syncthreads();
+  const int why = ld_volatile(&st.failed);
+  if (why != 0) {
+    // The rings' counters are out of step with the peers' now: the buffer is given up.
+    if (threadIdx.x == 0) *n.broken = 1;
+    if (why == 2) {
+      const bool timed_out = ld_volatile(&a.sync.report->fail_kind) == int32_t(KernelFailure::Timeout);
+      abort_peers(a.sync, ld_volatile(&a.sync.report->peer), core::WaitRole::DispatchNetwork,
+                  uint32_t(timed_out ? SY_ERROR_TIMEOUT : SY_ERROR_INTERNAL));
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_dispatch_network(const DispatchArgs& a, cudaStream_t stream) {
+  SY_LAUNCH(dispatch_network_kernel, 1, kSyncThreads, 0, stream)(a);
+  return cudaGetLastError();
+}
+
+}  // namespace sy::cuda
