@@ -96,6 +96,19 @@ __device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int pee
   return __shfl_sync(0xffffffffu, ok, 0) != 0;
 }
 
+// Something another rank wrote that cannot be right (a count or slot past what a buffer holds):
+// refused before it indexes anything.
+__device__ void peer_value_wrong(const DispatchArgs& a, NetState& st, int peer, int64_t limit, int64_t value) {
+  FailureInfo f;
+  f.kind = KernelFailure::Internal;
+  f.a = -1;
+  f.peer = peer;
+  f.expected = limit;
+  f.observed = value;
+  report_failure(a.sync.report, f);
+  atomicMax(&st.failed, 2);
+}
+
 // A transport call that failed (refused by the proxy, or its ring full past the deadline).
 __device__ void transport_failed(const DispatchArgs& a, NetState& st, int peer, const transport::TransportStatus& s) {
   FailureInfo f;
@@ -180,16 +193,7 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
   // How many come: from the source's exchange page, bounded (it comes from another rank).
   const int32_t count = exchange_page_i32(a, source, a.xl.off_node_send)[my_node];
   if (count < 0 || count > a.max_tokens) {
-    if (lane == 0) {
-      FailureInfo f;
-      f.kind = KernelFailure::Internal;
-      f.a = -1;
-      f.peer = source;
-      f.expected = a.max_tokens;
-      f.observed = count;
-      report_failure(a.sync.report, f);
-      atomicMax(&st.failed, 2);
-    }
+    if (lane == 0) peer_value_wrong(a, st, source, a.max_tokens, count);
     return;
   }
   const uint8_t* own = a.sync.bases[me];
@@ -211,16 +215,7 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
       if (slot < 0) continue;
       if (slot >= a.max_tokens) {  // a slot past the relay region: refused, whoever sent it
         bad = true;
-        if (lane == 0) {
-          FailureInfo f;
-          f.kind = KernelFailure::Internal;
-          f.a = -1;
-          f.peer = source;
-          f.expected = a.max_tokens;
-          f.observed = slot;
-          report_failure(a.sync.report, f);
-          atomicMax(&st.failed, 2);
-        }
+        if (lane == 0) peer_value_wrong(a, st, source, a.max_tokens, slot);
         break;
       }
       uint8_t* dst = a.sync.bases[my_node * P + q] + n.off_relay +

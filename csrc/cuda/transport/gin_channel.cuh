@@ -103,16 +103,7 @@ __device__ inline TransportStatus flush(const GinChannel& ch) {
     if (detail::counter_reached(v, least)) return {};
     if ((spins & 63u) == 63u) {
       const uint64_t waited = global_ns() - start;
-      if (waited > ch.timeout_ns) {
-        TransportStatus s;
-        s.result = TransportResult::Timeout;
-        s.waited_for = TransportWait::Flush;
-        s.slot = ch.context;
-        s.expected = least;
-        s.observed = v;
-        s.waited_ns = int64_t(waited);
-        return s;
-      }
+      if (waited > ch.timeout_ns) return timed_out(TransportWait::Flush, -1, ch.context, least, v, waited);
       __nanosleep(256);
     }
   }
@@ -132,17 +123,7 @@ __device__ inline TransportStatus wait_signal(const GinChannel& ch, int source, 
     if (signal_reached(v, least)) return {};
     if ((spins & 63u) == 63u) {
       const uint64_t waited = global_ns() - start;
-      if (waited > ch.timeout_ns) {
-        TransportStatus s;
-        s.result = TransportResult::Timeout;
-        s.waited_for = TransportWait::Signal;
-        s.peer = source;
-        s.slot = slot;
-        s.expected = least;
-        s.observed = v;
-        s.waited_ns = int64_t(waited);
-        return s;
-      }
+      if (waited > ch.timeout_ns) return timed_out(TransportWait::Signal, source, slot, least, v, waited);
       __nanosleep(256);
     }
   }

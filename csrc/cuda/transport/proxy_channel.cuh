@@ -33,19 +33,6 @@ __device__ inline TransportStatus refused(const ProxyChannel& ch, uint32_t why) 
   return s;
 }
 
-__device__ inline TransportStatus timed_out(TransportWait what, int32_t peer, int32_t slot, uint64_t expected,
-                                            uint64_t observed, uint64_t waited) {
-  TransportStatus s;
-  s.result = TransportResult::Timeout;
-  s.waited_for = what;
-  s.peer = peer;
-  s.slot = slot;
-  s.expected = expected;
-  s.observed = observed;
-  s.waited_ns = int64_t(waited);
-  return s;
-}
-
 // Waits until the proxy has consumed `least` descriptors (a refusal ends it at once).
 __device__ inline TransportStatus wait_consumed(const ProxyChannel& ch, uint64_t least, TransportWait what) {
   const uint64_t start = global_ns();
@@ -119,7 +106,7 @@ __device__ inline TransportStatus wait_signal(const ProxyChannel& ch, int source
     if (signal_reached(v, least)) return {};
     if ((spins & 63u) == 63u) {
       const uint64_t waited = global_ns() - start;
-      if (waited > ch.timeout_ns) return detail::timed_out(TransportWait::Signal, source, slot, least, v, waited);
+      if (waited > ch.timeout_ns) return timed_out(TransportWait::Signal, source, slot, least, v, waited);
       __nanosleep(256);
     }
   }

@@ -58,4 +58,18 @@ struct TransportStatus {
   SY_HD bool ok() const { return result == TransportResult::Ok; }
 };
 
+// A wait that ran out of time: for `what`, from `peer` (-1: this rank's proxy), on `slot`.
+SY_HD TransportStatus timed_out(TransportWait what, int32_t peer, int32_t slot, uint64_t expected, uint64_t observed,
+                                uint64_t waited_ns) {
+  TransportStatus s;
+  s.result = TransportResult::Timeout;
+  s.waited_for = what;
+  s.peer = peer;
+  s.slot = slot;
+  s.expected = expected;
+  s.observed = observed;
+  s.waited_ns = int64_t(waited_ns);
+  return s;
+}
+
 }  // namespace sy::cuda::transport
