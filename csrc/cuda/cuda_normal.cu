@@ -37,7 +37,7 @@ struct CudaBuffer {
   std::shared_ptr<Memory> fixed, tables, rank_counts, recv_local, recv_mask;
   Workspace ws;
   bool tables_ready = false;
-  std::vector<int> shared_devices;  // the GPUs that hold two ranks of the group or more
+  std::vector<int> shared_devices;  // the GPUs whose queues must not be shared (two ranks or more, or a NIC stream)
   uint8_t* const* d_bases = nullptr;
   uint8_t* const* d_xchg = nullptr;
   // Two hops (normal_network.cu): the set's emulated NIC, this rank's proxy and the device's NIC
@@ -45,7 +45,6 @@ struct CudaBuffer {
   std::shared_ptr<BufferSet> set;  // what the proxy counts into, and the windows it writes
   std::shared_ptr<transport::EmulatedFabric> fabric;
   std::unique_ptr<transport::Proxy> proxy;
-  cudaStream_t proxy_stream = nullptr;
   int device = -1;
   std::shared_ptr<Memory> net_state;
   NetworkArgs net;
@@ -97,41 +96,42 @@ Error check_peer_gpu(int rank, int mine, int dev) {
 // proxy on its buffer, the proxy's channels and the network counters in device memory.
 Error start_network(BufferCore& buf, CudaStream& comm) {
   CudaBuffer& st = buffer_state(buf);
-  if (st.proxy) return ok();  // an earlier call got this far
+  if (st.proxy) return ok();  // an earlier call got all the way (everything is set last)
   const core::BufferPlan& plan = buf.plan;
   const int R = buf.group->num_ranks, N = plan.nodes;
-  if (N > kMaxNodes) {
-    return fail(SY_ERROR_UNSUPPORTED, "ranksPerNode: the CUDA backend's two-hop dispatch spans up to " +
-                                          std::to_string(kMaxNodes) + " nodes, this group has " + std::to_string(N));
-  }
   BufferSet& set = *buf.set;
+  std::shared_ptr<transport::EmulatedFabric> fabric;
   {
     std::lock_guard<std::mutex> l(set.mu);
     if (!set.backend_state) {
       set.backend_state = std::make_shared<transport::EmulatedFabric>(R, kNetworkSignals, set.nic, set.network.data());
     }
-    st.fabric = std::static_pointer_cast<transport::EmulatedFabric>(set.backend_state);
+    fabric = std::static_pointer_cast<transport::EmulatedFabric>(set.backend_state);
   }
-  st.set = buf.set;
-  st.device = comm.rank_state_ref().device;
-  // A stream on a hardware queue of its own (device_memory.h): the copies never wait behind a
-  // kernel that waits for them.
-  if (!st.proxy_stream) SY_CUDA(acquire_nic_stream(st.device, &st.proxy_stream));
+  const int device = comm.rank_state_ref().device;
+  // The device's NIC stream, on a hardware queue of its own (device_memory.h): the copies never
+  // wait behind a kernel that waits for them.
+  cudaStream_t nic = nullptr;
+  SY_CUDA(acquire_nic_stream(device, &nic));
+  // The proxy, then what its kernels need; a failure on the way drops the proxy again (no kernel
+  // has seen it), so that a later call starts over.
   transport::ProxyOptions o;
   o.rank = buf.rank;
-  o.device = st.device;
+  o.device = device;
   o.channels = 2 * N;
   o.entries = 64;
-  o.stream = st.proxy_stream;
-  SY_TRY(transport::Proxy::create(o, *st.fabric, st.own, st.sl.bytes, &st.proxy));
+  o.stream = nic;
+  std::unique_ptr<transport::Proxy> proxy;
+  SY_TRY(transport::Proxy::create(o, *fabric, st.own, st.sl.bytes, &proxy));
   std::vector<transport::ProxyChannel> channels(size_t(2 * N));
-  for (int c = 0; c < 2 * N; ++c) channels[size_t(c)] = st.proxy->channel(c, uint64_t(buf.timeout_ms) * 1000000ull);
+  for (int c = 0; c < 2 * N; ++c) channels[size_t(c)] = proxy->channel(c, uint64_t(buf.timeout_ms) * 1000000ull);
   // [2N] channels, then u64 sent[N], taken[N], then i32 broken.
   const uint64_t off_counters = core::align_up(sizeof(transport::ProxyChannel) * channels.size(), 16);
   const uint64_t bytes = off_counters + 16 * uint64_t(N) + 16;
-  SY_TRY(buf.group->backend->allocate(buf.rank_core(), bytes, &st.net_state));
-  SY_CUDA(cudaMemsetAsync(at<uint8_t>(st.net_state, off_counters), 0, bytes - off_counters, comm.raw()));
-  SY_TRY(comm.rank_state_ref().staging->to_device(st.net_state->ptr, channels.data(),
+  std::shared_ptr<Memory> net_state;
+  SY_TRY(buf.group->backend->allocate(buf.rank_core(), bytes, &net_state));
+  SY_CUDA(cudaMemsetAsync(at<uint8_t>(net_state, off_counters), 0, bytes - off_counters, comm.raw()));
+  SY_TRY(comm.rank_state_ref().staging->to_device(net_state->ptr, channels.data(),
                                                   sizeof(transport::ProxyChannel) * channels.size(), comm.raw(),
                                                   Deadline::after_ms(buf.timeout_ms), buf.rank));
   NetworkArgs& n = st.net;
@@ -153,10 +153,16 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   n.net_chain_next = plan.net_chain_next;
   n.net_chain_prev = plan.net_chain_prev;
   n.off_forward_epoch = plan.off_forward_epoch;
-  n.channels = at<const transport::ProxyChannel>(st.net_state);
-  n.sent = at<uint64_t>(st.net_state, off_counters);
+  n.off_forwarded = plan.off_forwarded;
+  n.channels = at<const transport::ProxyChannel>(net_state);
+  n.sent = at<uint64_t>(net_state, off_counters);
   n.taken = n.sent + N;
   n.broken = reinterpret_cast<int32_t*>(n.taken + N);
+  st.set = buf.set;
+  st.fabric = fabric;
+  st.device = device;
+  st.net_state = net_state;
+  st.proxy = std::move(proxy);
   return ok();
 }
 
@@ -241,8 +247,10 @@ Error ensure_tables(BufferCore& buf, CudaStream& comm) {
 
   std::map<int, int> per_device;
   for (const auto& r : g.ranks) per_device[rank_state(*r).device] += 1;
+  // Two hops: a rank's network kernel also waits for its device's NIC stream, which must not
+  // share its queue either, whatever the ranks per GPU.
   for (const auto& [dev, n] : per_device)
-    if (n > 1) st.shared_devices.push_back(dev);
+    if (n > 1 || st.sl.two_hop) st.shared_devices.push_back(dev);
   if (st.sl.two_hop) SY_TRY(start_network(buf, comm));
   SY_TRY(g.backend->allocate(buf.rank_core(), sizeof(uint8_t*) * table.size(), &st.tables));
   // In stream order before the kernels that read it, through the rank's pinned chunks (never the
@@ -267,7 +275,8 @@ Error begin_operation(BufferCore& buf, CudaStream& comm, const char* op) {
   for (const int shared : buffer_state(buf).shared_devices) {
     if (const QueueSharing q = queue_sharing(shared); q.shared) {
       return fail(SY_ERROR_UNSUPPORTED,
-                  std::string(op) + ": ranks share GPU " + std::to_string(shared) + ", whose " +
+                  std::string(op) + ": " + (buffer_state(buf).sl.two_hop ? "the ranks and the NIC stream" : "ranks") +
+                      " share GPU " + std::to_string(shared) + ", whose " +
                       std::to_string(q.streams) + " streams (the library's own and the legacy one included) share its " +
                       std::to_string(q.queues) + " hardware queues (" + q.source +
                       "): a kernel waiting for a peer could hold up the very kernel it waits for. Set "
@@ -328,6 +337,11 @@ Error normal_init_buffer(BufferCore& buf) {
   auto st = std::make_shared<CudaBuffer>();
   const int R = buf.group->num_ranks;
   st->sl = shared_layout(buf.plan, buf.group->process_group);
+  if (st->sl.two_hop && buf.plan.nodes > kMaxNodes) {
+    return fail(SY_ERROR_UNSUPPORTED, "ranksPerNode: the CUDA backend's two-hop dispatch spans up to " +
+                                          std::to_string(kMaxNodes) + " nodes, this group has " +
+                                          std::to_string(buf.plan.nodes) + " (use fewer, larger nodes)");
+  }
   st->xl = st->sl.xl;
   st->own = static_cast<uint8_t*>(buf.region->ptr);
   Backend& be = *buf.group->backend;

@@ -90,6 +90,18 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
                                   : std::string("took no descriptor of channel ") + std::to_string(r.observed) +
                                         " within the deadline (a put to rank " + std::to_string(r.peer) + ")"));
       }
+      if (r.a == -5 || r.a == -6) {
+        return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": " + op + ": rank " + std::to_string(r.peer) +
+                                           (r.a == -5 ? " sent a network record for slot " : " announced ") +
+                                           std::to_string(r.observed) +
+                                           (r.a == -5 ? "" : " network records") + ", past the " +
+                                           std::to_string(r.expected) + " tokens a buffer holds per rank");
+      }
+      if (r.a == -7) {
+        return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": " + op + ": forwarder " +
+                                           std::to_string(r.peer) + " delivered " + std::to_string(r.observed) +
+                                           " records here, the source announced " + std::to_string(r.expected));
+      }
       if (r.a < 0) {
         return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": rank " + std::to_string(r.peer) +
                                            " listed token " + std::to_string(r.observed) + " of its " +

@@ -155,7 +155,7 @@ struct NetworkArgs {
   // The plan's record format, and the network record's fields after it (core/plan.h).
   int32_t record_bytes = 0, rec_payload = 0, rec_scales = 0, rec_topk_idx = 0, rec_topk_weights = 0, rec_src_idx = 0;
   int32_t net_record_bytes = 0, net_slots = 0, net_chain_next = 0, net_chain_prev = 0;
-  uint64_t off_forward_epoch = 0;
+  uint64_t off_forward_epoch = 0, off_forwarded = 0;
   // Device memory: this rank's proxy channels, [nodes] to send to each node, then [nodes] to
   // credit each node's sender; the network counters that persist across operations (entries
   // put to each node's column peer, taken from each node's); 1 once a failure left them wrong.

@@ -39,22 +39,33 @@ namespace sy::cuda {
 
 namespace {
 
-// Block-wide state of the network kernel: the first failure stops every role.
+// Block-wide state of the network kernel: the first failure stops every role; the kernel's own
+// failure (what the peers are told) is kept apart from earlier ones of the operation.
 struct NetState {
-  int failed;
+  int failed;     // 0, 1 (a peer aborted), 2 (this kernel failed: the peers must hear of it)
+  int peer;       // whom this kernel's failure names
+  int timed_out;  // whether it was a timeout
 };
+
+// This kernel's failure (the first one wins for what the peers are told).
+__device__ void net_failed(const DispatchArgs& a, NetState& st, const FailureInfo& f) {
+  report_failure(a.sync.report, f);
+  if (atomicCAS(&st.failed, 0, 2) == 0) {
+    st.peer = f.peer;
+    st.timed_out = f.kind == KernelFailure::Timeout ? 1 : 0;
+  }
+}
 
 __device__ __forceinline__ int32_t* exchange_page_i32(const DispatchArgs& a, int owner, uint64_t off) {
   return reinterpret_cast<int32_t*>(a.xchg[owner] + off);
 }
 
-// Copies `bytes` (a multiple of 16, 16-byte aligned) with coherent loads: the source was written
-// by the NIC, and a ring slot is read again on the next lap (the read-only path could serve a
-// stale line). Warp-wide.
+// Copies `bytes` (a multiple of 16, 16-byte aligned) with L2 loads: the source was written by the
+// NIC, and a ring slot is read again on the next lap (a cached line could be stale). Warp-wide.
 __device__ __forceinline__ void warp_copy_landed(const uint8_t* src, uint8_t* dst, int64_t bytes, int lane) {
   const auto* s = reinterpret_cast<const int4*>(src);
   auto* d = reinterpret_cast<int4*>(dst);
-  for (int64_t i = lane; i < bytes / 16; i += 32) d[i] = s[i];
+  for (int64_t i = lane; i < bytes / 16; i += 32) d[i] = __ldcg(s + i);
 }
 
 // Lane 0 polls `ready()` until it holds, the block failed, a peer aborted, or the deadline
@@ -72,7 +83,7 @@ __device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int pee
       }
       if ((spins & 63u) != 63u) continue;
       if (check_aborted(a.sync)) {
-        atomicMax(&st.failed, 1);
+        atomicCAS(&st.failed, 0, 1);
         ok = 0;
         break;
       }
@@ -85,8 +96,7 @@ __device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int pee
         f.expected = expected;
         f.observed = observed();
         f.waited_ns = int64_t(waited);
-        report_failure(a.sync.report, f);
-        atomicMax(&st.failed, 2);  // ours: the peers must hear of it
+        net_failed(a, st, f);
         ok = 0;
         break;
       }
@@ -98,15 +108,17 @@ __device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int pee
 
 // Something another rank wrote that cannot be right (a count or slot past what a buffer holds):
 // refused before it indexes anything.
-__device__ void peer_value_wrong(const DispatchArgs& a, NetState& st, int peer, int64_t limit, int64_t value) {
+// `what`: -5 a record's slot, -6 a count of network records, -7 the records a forwarder says it
+// delivered (kernel_report.cu words each).
+__device__ void peer_value_wrong(const DispatchArgs& a, NetState& st, int what, int peer, int64_t limit,
+                                 int64_t value) {
   FailureInfo f;
   f.kind = KernelFailure::Internal;
-  f.a = -1;
+  f.a = what;
   f.peer = peer;
   f.expected = limit;
   f.observed = value;
-  report_failure(a.sync.report, f);
-  atomicMax(&st.failed, 2);
+  net_failed(a, st, f);
 }
 
 // A transport call that failed (refused by the proxy, or its ring full past the deadline).
@@ -119,8 +131,7 @@ __device__ void transport_failed(const DispatchArgs& a, NetState& st, int peer, 
   f.peer = peer;
   f.expected = int64_t(s.refused_index);
   f.observed = s.slot;
-  report_failure(a.sync.report, f);
-  atomicMax(&st.failed, 2);
+  net_failed(a, st, f);
 }
 
 // Warp `m`: this rank's tokens bound for node m, one network record each, in token order.
@@ -193,12 +204,14 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
   // How many come: from the source's exchange page, bounded (it comes from another rank).
   const int32_t count = exchange_page_i32(a, source, a.xl.off_node_send)[my_node];
   if (count < 0 || count > a.max_tokens) {
-    if (lane == 0) peer_value_wrong(a, st, source, a.max_tokens, count);
+    if (lane == 0) peer_value_wrong(a, st, -6, source, a.max_tokens, count);
     return;
   }
   const uint8_t* own = a.sync.bases[me];
   const int relay = relay_index(source, my_node, P);
   uint64_t taken = n.taken[m];
+  // Records delivered to each rank q of the node: lane q % 32 counts q (nodes of up to 64 ranks).
+  int32_t delivered[2] = {0, 0};
   for (int32_t k = 0; k < count; ++k) {
     const auto landed = [&] { return transport::read_signal(ch, source, kSignalRecords); };
     if (!warp_wait(a, st, lane, source, core::WaitRole::DispatchForward, int64_t(taken + 1),
@@ -211,13 +224,17 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
         (uint64_t(m) * uint64_t(n.entries) + taken % uint64_t(n.entries)) * uint64_t(n.net_record_bytes);
     bool bad = false;
     for (int q = 0; q < P; ++q) {
-      const int32_t slot = ld_volatile(reinterpret_cast<const int32_t*>(rec + n.net_slots) + q);
+      // Lane 0 reads the slot and every lane acts on its answer (one verdict per warp).
+      int32_t slot = 0;
+      if (lane == 0) slot = ld_volatile(reinterpret_cast<const int32_t*>(rec + n.net_slots) + q);
+      slot = __shfl_sync(0xffffffffu, slot, 0);
       if (slot < 0) continue;
       if (slot >= a.max_tokens) {  // a slot past the relay region: refused, whoever sent it
         bad = true;
-        if (lane == 0) peer_value_wrong(a, st, source, a.max_tokens, slot);
+        if (lane == 0) peer_value_wrong(a, st, -5, source, a.max_tokens, slot);
         break;
       }
+      if (lane == q % 32) delivered[q / 32] += 1;
       uint8_t* dst = a.sync.bases[my_node * P + q] + n.off_relay +
                      (uint64_t(relay) * uint64_t(a.max_tokens) + uint64_t(slot)) * uint64_t(n.record_bytes);
       warp_copy_landed(rec, dst, n.record_bytes, lane);
@@ -233,6 +250,12 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
     ++taken;
   }
   if (lane == 0) n.taken[m] = taken;
+  // What each rank of the node received from this source through this forwarder (it checks the
+  // count against what the source announced, once the forward flag is up).
+  for (int q = lane; q < P; q += 32) {
+    *reinterpret_cast<int32_t*>(header_word(a.sync, my_node * P + q, n.off_forwarded + 4ull * uint64_t(source))) =
+        delivered[q / 32];
+  }
 }
 
 __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(DispatchArgs a) {
@@ -243,14 +266,15 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
   const int my_node = core::node_of(me, P);
   if (threadIdx.x == 0) {
     st.failed = 0;
+    st.peer = -1;
+    st.timed_out = 0;
     // Only an operation past its barrier puts anything (a rejected one stops there, everywhere).
     go = *a.ws.passed_barrier == 1 ? 1 : 0;
     if (go && *n.broken != 0) {
       FailureInfo f;
       f.kind = KernelFailure::Internal;
       f.a = -3;
-      report_failure(a.sync.report, f);
-      st.failed = 2;
+      net_failed(a, st, f);
     }
   }
   __syncthreads();
@@ -281,7 +305,7 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
         if (ld_volatile(&st.failed)) break;
         if ((spins & 63u) != 63u) continue;
         if (check_aborted(a.sync)) {
-          atomicMax(&st.failed, 1);
+          atomicCAS(&st.failed, 0, 1);
           break;
         }
         const uint64_t waited = global_ns() - start;
@@ -293,12 +317,21 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
           fi.expected = a.sync.epoch;
           fi.observed = v;
           fi.waited_ns = int64_t(waited);
-          report_failure(a.sync.report, fi);
-          atomicMax(&st.failed, 2);
+          net_failed(a, st, fi);
           break;
         }
         __nanosleep(256);
       }
+    }
+  }
+  __syncthreads();
+  if (ld_volatile(&st.failed) == 0) {
+    // Every source of another node: its forwarder here delivered what it announced for this rank.
+    for (int s = threadIdx.x; s < a.sync.ranks; s += blockDim.x) {
+      if (core::node_of(s, P) == my_node) continue;
+      const int32_t got =
+          ld_volatile(reinterpret_cast<const int32_t*>(header_word(a.sync, me, n.off_forwarded + 4ull * uint64_t(s))));
+      if (got != a.ws.recv_cnt[s]) peer_value_wrong(a, st, -7, core::forwarder(my_node, s, P), a.ws.recv_cnt[s], got);
     }
   }
   __syncthreads();
@@ -307,9 +340,8 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
     // The rings' counters are out of step with the peers' now: the buffer is given up.
     if (threadIdx.x == 0) *n.broken = 1;
     if (why == 2) {
-      const bool timed_out = ld_volatile(&a.sync.report->fail_kind) == int32_t(KernelFailure::Timeout);
-      abort_peers(a.sync, ld_volatile(&a.sync.report->peer), core::WaitRole::DispatchNetwork,
-                  uint32_t(timed_out ? SY_ERROR_TIMEOUT : SY_ERROR_INTERNAL));
+      abort_peers(a.sync, ld_volatile(&st.peer), core::WaitRole::DispatchNetwork,
+                  uint32_t(ld_volatile(&st.timed_out) ? SY_ERROR_TIMEOUT : SY_ERROR_INTERNAL));
     }
   }
 }

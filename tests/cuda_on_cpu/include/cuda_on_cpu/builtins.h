@@ -224,6 +224,11 @@ template <class T>
 inline T __ldg(const T* p) {
   return *p;
 }
+// L2-only loads (data another agent wrote): every load is coherent here.
+template <class T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
