@@ -44,6 +44,7 @@ namespace {
 struct NetState {
   int failed;     // 0, 1 (a peer aborted), 2 (this kernel failed: the peers must hear of it)
   int peer;       // whom this kernel's failure names
+  int role;       // in which hop (core::WaitRole)
   int timed_out;  // whether it was a timeout
 };
 
@@ -52,6 +53,7 @@ __device__ void net_failed(const DispatchArgs& a, NetState& st, const FailureInf
   report_failure(a.sync.report, f);
   if (atomicCAS(&st.failed, 0, 2) == 0) {
     st.peer = f.peer;
+    st.role = int(f.role == core::WaitRole::None ? core::WaitRole::DispatchNetwork : f.role);
     st.timed_out = f.kind == KernelFailure::Timeout ? 1 : 0;
   }
 }
@@ -267,6 +269,7 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
   if (threadIdx.x == 0) {
     st.failed = 0;
     st.peer = -1;
+    st.role = int(core::WaitRole::DispatchNetwork);
     st.timed_out = 0;
     // Only an operation past its barrier puts anything (a rejected one stops there, everywhere).
     go = *a.ws.passed_barrier == 1 ? 1 : 0;
@@ -340,7 +343,7 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
     // The rings' counters are out of step with the peers' now: the buffer is given up.
     if (threadIdx.x == 0) *n.broken = 1;
     if (why == 2) {
-      abort_peers(a.sync, ld_volatile(&st.peer), core::WaitRole::DispatchNetwork,
+      abort_peers(a.sync, ld_volatile(&st.peer), core::WaitRole(ld_volatile(&st.role)),
                   uint32_t(ld_volatile(&st.timed_out) ? SY_ERROR_TIMEOUT : SY_ERROR_INTERNAL));
     }
   }

@@ -341,8 +341,9 @@ bool injected_launch_failure(const char* kernel) {
   return seen.fetch_add(1) + 1 == nth;
 }
 
-// SY_CUDA_CPU_DELAY_START=KERNEL:MS: every launch of KERNEL starts MS milliseconds after its
-// turn, as if work queued before it on its stream ran that long (its queue waits too).
+// SY_CUDA_CPU_DELAY_START=KERNEL:MS[:N]: every launch of KERNEL (only the N-th, with N) starts
+// MS milliseconds after its turn, as if work queued before it on its stream ran that long (its
+// queue waits too). One late launch is one rank that falls behind its peers.
 int injected_start_delay_ms(const char* kernel) {
   static const std::string& spec = *new std::string([] {
     const char* v = std::getenv("SY_CUDA_CPU_DELAY_START");
@@ -350,7 +351,11 @@ int injected_start_delay_ms(const char* kernel) {
   }());
   const size_t colon = spec.find(':');
   if (colon == std::string::npos || spec.compare(0, colon, kernel) != 0) return 0;
-  return std::max(0, std::atoi(spec.c_str() + colon + 1));
+  const int ms = std::max(0, std::atoi(spec.c_str() + colon + 1));
+  const size_t second = spec.find(':', colon + 1);
+  if (second == std::string::npos) return ms;
+  static std::atomic<long> seen{0};
+  return seen.fetch_add(1) + 1 == std::atol(spec.c_str() + second + 1) ? ms : 0;
 }
 
 }  // namespace
