@@ -374,12 +374,19 @@ void Proxy::run() {
       continue;
     }
     // Idle: poll eagerly for a while (a kernel posting a burst), then sleep until the front put
-    // can move (its time to leave or arrive under the link model), 50 us at most.
-    if (++idle < 256) {
+    // can move (its time to leave or arrive under the link model), 50 us at most. With nothing in
+    // flight the naps grow to 1 ms: a buffer's proxy outlives its last operation until the work
+    // queued before its release is done, and idle proxies must not take the cores from the
+    // kernels that work (the first put after a quiet spell waits that much longer).
+    if (idle < 64) {
+      ++idle;
       std::this_thread::yield();
       continue;
     }
-    std::this_thread::sleep_for(std::chrono::nanoseconds(std::clamp<int64_t>(next_wake_ns(q), 0, 50000)));
+    idle = std::min<uint32_t>(idle + 1, 64 + 50);  // 20 us more per quiet nap, up to 1 ms
+    const int64_t quiet_ns = int64_t(idle - 64) * 20000;
+    const int64_t nap = q.empty() ? quiet_ns : std::clamp<int64_t>(next_wake_ns(q), 0, 50000);
+    std::this_thread::sleep_for(std::chrono::nanoseconds(nap));
   }
   // Stopping (the destructor): the copies already issued finish there; the rest never go.
   if (!device_error_) {
