@@ -28,6 +28,7 @@
 #include "../portable.cuh"
 #include "proxy_ring.h"
 #include "rdma.h"
+#include "signal_wait.cuh"
 
 namespace sy::cuda::transport {
 
@@ -115,18 +116,7 @@ __device__ inline uint64_t read_signal(const GinChannel& ch, int source, int slo
 }
 
 __device__ inline TransportStatus wait_signal(const GinChannel& ch, int source, int slot, uint64_t least) {
-  ncclGin gin(ch.comm, ch.context);
-  const ncclGinSignal_t id = ncclGinSignal_t(signal_index(source, slot, ch.slots));
-  const uint64_t start = global_ns();
-  for (uint32_t spins = 0;; ++spins) {
-    const uint64_t v = gin.readSignal(id);
-    if (signal_reached(v, least)) return {};
-    if ((spins & 63u) == 63u) {
-      const uint64_t waited = global_ns() - start;
-      if (waited > ch.timeout_ns) return timed_out(TransportWait::Signal, source, slot, least, v, waited);
-      __nanosleep(256);
-    }
-  }
+  return poll_signal([&] { return read_signal(ch, source, slot); }, source, slot, least, ch.timeout_ns);
 }
 
 }  // namespace sy::cuda::transport

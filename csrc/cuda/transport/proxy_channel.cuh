@@ -9,6 +9,7 @@
 #include "../portable.cuh"
 #include "proxy_ring.h"
 #include "rdma.h"
+#include "signal_wait.cuh"
 
 namespace sy::cuda::transport {
 
@@ -100,16 +101,7 @@ __device__ inline uint64_t read_signal(const ProxyChannel& ch, int source, int s
 // Waits for my signal (source, slot) to reach `least`. A source that never signals ends in a
 // Timeout naming it; its refusals reach me through the protocol's abort records, not here.
 __device__ inline TransportStatus wait_signal(const ProxyChannel& ch, int source, int slot, uint64_t least) {
-  const uint64_t start = global_ns();
-  for (uint32_t spins = 0;; ++spins) {
-    const uint64_t v = read_signal(ch, source, slot);
-    if (signal_reached(v, least)) return {};
-    if ((spins & 63u) == 63u) {
-      const uint64_t waited = global_ns() - start;
-      if (waited > ch.timeout_ns) return timed_out(TransportWait::Signal, source, slot, least, v, waited);
-      __nanosleep(256);
-    }
-  }
+  return poll_signal([&] { return read_signal(ch, source, slot); }, source, slot, least, ch.timeout_ns);
 }
 
 }  // namespace sy::cuda::transport

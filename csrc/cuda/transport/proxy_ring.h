@@ -77,8 +77,6 @@ struct alignas(64) ProxyControl {
 static_assert(sizeof(ProxyControl) == 128, "the kernel's and the proxy's words on separate lines");
 
 SY_HD uint64_t ring_slot(uint64_t index, uint32_t entries) { return index % entries; }
-// Descriptor `posted` may be written once the proxy has consumed the one a lap before it.
-SY_HD bool ring_has_room(uint64_t posted, uint64_t consumed, uint32_t entries) { return posted - consumed < entries; }
 SY_HD uint64_t signal_index(int source, int slot, int slots) { return uint64_t(source) * uint64_t(slots) + uint64_t(slot); }
 // Counters wrap: "v has reached least" compares the difference, as GIN's rolling comparison.
 SY_HD bool signal_reached(uint64_t v, uint64_t least) { return int64_t(v - least) >= 0; }
