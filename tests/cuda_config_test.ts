@@ -144,6 +144,28 @@ Deno.test({
       }
     },
   );
+  await t.step(
+    "combine_network_kernel (two hops): the peers fail in milliseconds; the buffers are given up",
+    async () => {
+      // The dispatch goes through; the chains that pass through this rank wait for it, which never
+      // runs. A rank whose tokens do not need it (another column) may finish its combine first.
+      const [first, second] = await rounds(4, 2, env("combine_network_kernel"), [], "worst", 3000, 2);
+      const failed = [0, 1, 2, 3].find((r) => /LaunchOutOfResources/.test(errorOf(first, r)?.message ?? ""));
+      assert.ok(failed !== undefined, first);
+      assert.match(errorOf(first, failed)!.message, /combine: launching its kernels/, first);
+      const peers = [0, 1, 2, 3].filter((r) => r !== failed && errorOf(first, r));
+      assert.ok(peers.length > 0, first);
+      for (const r of peers) {
+        const peer = errorOf(first, r);
+        assert.equal(peer?.code, "PEER_FAILED", first);
+        assert.match(peer!.message, new RegExp(`abandoned by rank ${failed}`));
+        assert.ok(peer!.ms < 2000, first);
+      }
+      for (const r of [0, 1, 2, 3]) {
+        assert.match(errorOf(second, r)?.message ?? "", /cannot be used again|counters out of step/, second);
+      }
+    },
+  );
   await t.step("combine_reduce_kernel: the end handshake still runs; the peer's combine completes", async () => {
     const [first, second] = await rounds(2, 2, env("combine_reduce_kernel"));
     const failed = [0, 1].filter((r) => errorOf(first, r) !== undefined);
@@ -173,6 +195,29 @@ Deno.test({
     // A waiter names it and the hop; the others hear from a waiter, which names it too.
     assert.ok(code === "TIMEOUT" || code === "PEER_FAILED", line);
     assert.match(message, new RegExp(`rank ${late} in two-hop dispatch, (the network hop|the hop inside the node)`));
+    assert.ok(Number(ms) < 2000, `rank ${r} took ${ms} ms: ${line}`);
+  }
+});
+
+Deno.test({
+  name: "cuda config: a rank late for the network hop of a two-hop combine fails every peer, naming it and the hop",
+  ignore: ignore || !onCpu, // the CPU executor holds the kernel back
+}, async () => {
+  // As for dispatch: 4 ranks as 2 nodes of 2, a 300 ms deadline, one rank's chain 2.5 s late. The
+  // peers wait for it directly or through a partial it holds up; either way the late one is named
+  // (it has not started the hop).
+  const env = { SY_CUDA_CPU_DEVICES: "1", SY_CUDA_CPU_DELAY_START: "combine_network_kernel:2500:1" };
+  const [line] = await rounds(4, 1, env, [], "worst", 300, 2);
+  const errors = line.split(" | ").map((e) => e.match(/^error (\d) (\w+) \S+ (\d+): (.*)$/));
+  assert.equal(errors.filter((e) => e).length, 4, line);
+  const named = line.match(/waiting for rank (\d) in two-hop combine/);
+  assert.ok(named, line);
+  const late = Number(named[1]);
+  for (const e of errors) {
+    const [, r, code, ms, message] = e!;
+    if (Number(r) === late) continue;
+    assert.ok(code === "TIMEOUT" || code === "PEER_FAILED", line);
+    assert.match(message, new RegExp(`rank ${late} in two-hop combine, the network hop`));
     assert.ok(Number(ms) < 2000, `rank ${r} took ${ms} ms: ${line}`);
   }
 });

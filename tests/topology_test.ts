@@ -218,19 +218,15 @@ Deno.test("two hops: dispatch puts one record per (token, other node) on the net
       using fx = await fixture(s.ranks, s.hidden, 40, 20000, { networkRingEntries }, ranksPerNode);
       const plan = fx.buffers[0].plan;
       if (ranksPerNode < 8) assert.equal(plan.networkRingEntries, networkRingEntries ?? 40);
-      // Both backends dispatch in two hops; the CUDA backend combines in one hop so far: nothing
-      // of its combine on the network.
-      const twoHop = backend === "host";
       const stats = () => fx.buffers.map((b) => b.networkStats());
       const assertTraffic = (
         before: ReturnType<typeof stats>,
         want: (r: number) => { records: number; bytes: number },
         what: string,
-        counted = twoHop,
       ) => {
         const after = stats();
         for (let r = 0; r < s.ranks; r++) {
-          const w = counted ? want(r) : { records: 0, bytes: 0 };
+          const w = want(r);
           assert.equal(after[r].records - before[r].records, w.records, `rank ${r}: ${what} network records`);
           assert.equal(after[r].bytes - before[r].bytes, w.bytes, `rank ${r}: ${what} network bytes`);
         }
@@ -252,12 +248,10 @@ Deno.test("two hops: dispatch puts one record per (token, other node) on the net
           before,
           (r) => ({ records: records[r], bytes: records[r] * plan.networkRecordBytes }),
           "dispatch",
-          true,
         );
         try {
           const variants = [["chain", false], ["chain", true], ["hierarchical", false]] as const;
           for (const [internodeReduction, biased] of variants) {
-            if (internodeReduction === "hierarchical" && !twoHop) continue; // refused: one hop (below)
             const chain = combineTraffic(d, ranksPerNode, internodeReduction, biased);
             assert.ok(ranksPerNode === 8 || chain.results.some((n) => n > 0));
             before = stats();
@@ -414,9 +408,7 @@ Deno.test("across nodes, the path and the reduction are checked on both sides of
     assert.ok(first);
   });
   await t.step(
-    backend === "host"
-      ? "a combine whose ranks reduce differently fails on every rank, naming the reductions; the next works"
-      : "the CUDA backend refuses the hierarchical reduction across nodes (it combines in one hop)",
+    "a combine whose ranks reduce differently fails on every rank, naming the reductions; the next works",
     async () => {
       const s: Scenario = { ranks: 4, tokens: [6, 5, 4, 3], hidden: 64, experts: 8, topk: 2, seed: 9, ranksPerNode: 2 };
       const d = generate(s);
@@ -434,14 +426,8 @@ Deno.test("across nodes, the path and the reduction are checked on both sides of
           using back = await fx.buffers[r].combine(sent.recvX, sent.handle, { internodeReduction });
           await back.combinedX.read();
         })().then(() => undefined, (e) => e);
-        if (backend === "host") {
-          assert.ok(err instanceof SwitchyardError, `rank ${r}: ${err}`);
-          assert.match(err.message, /reductions across nodes/);
-        } else if (r === 3) {
-          assert.ok(err instanceof SwitchyardError && err.code === "UNSUPPORTED", `rank ${r}: ${err}`);
-        } else {
-          assert.ok(err instanceof SwitchyardError && err.code === "PEER_FAILED", `rank ${r}: ${err}`);
-        }
+        assert.ok(err instanceof SwitchyardError, `rank ${r}: ${err}`);
+        assert.match(err.message, /reductions across nodes/);
         using again = await fx.buffers[r].combine(sent.recvX, sent.handle);
         await again.combinedX.read();
       });

@@ -508,8 +508,9 @@ class Backend {
   virtual Error ll_reject(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work, bool dispatch) = 0;
   // Whether dispatch/combine run on this backend in this build.
   virtual bool dispatch_supported() const = 0;
-  // Whether dispatch/combine take two hops across nodes (core/internode.h); otherwise one.
-  virtual bool two_hop_supported() const { return false; }
+  // Whether this buffer's dispatch/combine take two hops across nodes (core/internode.h);
+  // otherwise one.
+  virtual bool two_hop(const BufferCore& buf) const = 0;
 };
 
 std::unique_ptr<Backend> make_host_backend();

@@ -28,6 +28,7 @@ namespace sy::core {
 
 // The network's lanes (BufferPlan::off_net): 0 what the receiver passes on, 1 what it keeps.
 inline constexpr int kNetLanes = 2;
+inline constexpr int kPassOn = 0, kKeep = 1;
 // The header of a combine entry on the network: kind, source node, token, one spare word.
 inline constexpr int kNetEntryHeaderBytes = 16;
 enum class NetEntry : uint32_t { Start = 1, Partial = 2, Result = 3, NodePartial = 4 };

@@ -69,6 +69,7 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(int devices) : devices_(devices) {}
   sy_backend kind() const override { return SY_BACKEND_CUDA; }
   bool dispatch_supported() const override { return true; }
+  bool two_hop(const BufferCore& buf) const override { return normal_two_hop(buf); }
 
   Error init_rank(GroupCore& group, RankCore& rank) override {
     auto st = std::make_shared<CudaRank>();

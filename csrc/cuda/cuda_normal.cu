@@ -125,9 +125,10 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   SY_TRY(transport::Proxy::create(o, *fabric, st.own, st.sl.bytes, &proxy));
   std::vector<transport::ProxyChannel> channels(size_t(2 * N));
   for (int c = 0; c < 2 * N; ++c) channels[size_t(c)] = proxy->channel(c, uint64_t(buf.timeout_ms) * 1000000ull);
-  // [2N] channels, then u64 sent[N], taken[N], then i32 broken.
+  // [2N] channels, then u64 sent[lanes][N], taken[lanes][N], then i32 broken.
   const uint64_t off_counters = core::align_up(sizeof(transport::ProxyChannel) * channels.size(), 16);
-  const uint64_t bytes = off_counters + 16 * uint64_t(N) + 16;
+  const uint64_t counters = uint64_t(core::kNetLanes) * uint64_t(N);
+  const uint64_t bytes = off_counters + 16 * counters + 16;
   std::shared_ptr<Memory> net_state;
   SY_TRY(buf.group->backend->allocate(buf.rank_core(), bytes, &net_state));
   SY_CUDA(cudaMemsetAsync(at<uint8_t>(net_state, off_counters), 0, bytes - off_counters, comm.raw()));
@@ -142,6 +143,7 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   n.off_net_in = st.sl.off_net_in;
   n.off_net_out = st.sl.off_net_out;
   n.entries = plan.net_ring_entries;
+  n.entry_bytes = plan.net_entry_bytes;
   n.record_bytes = plan.record_bytes;
   n.rec_payload = plan.rec_payload;
   n.rec_scales = plan.rec_scales;
@@ -152,12 +154,19 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   n.net_slots = plan.net_slots;
   n.net_chain_next = plan.net_chain_next;
   n.net_chain_prev = plan.net_chain_prev;
+  n.net_payload = plan.net_payload;
+  n.net_partial_weights = plan.net_partial_weights;
+  n.net_partial_bytes = plan.net_partial_bytes;
+  n.net_result_bytes = plan.net_result_bytes;
+  n.row_payload = plan.row_payload;
+  n.row_topk_weights = plan.row_topk_weights;
   n.off_forward_epoch = plan.off_forward_epoch;
   n.off_forwarded = plan.off_forwarded;
+  n.off_started = plan.off_net_epoch;
   n.channels = at<const transport::ProxyChannel>(net_state);
   n.sent = at<uint64_t>(net_state, off_counters);
-  n.taken = n.sent + N;
-  n.broken = reinterpret_cast<int32_t*>(n.taken + N);
+  n.taken = n.sent + counters;
+  n.broken = reinterpret_cast<int32_t*>(n.taken + counters);
   st.set = buf.set;
   st.fabric = fabric;
   st.device = device;
@@ -317,7 +326,18 @@ struct DispatchOp {
 
 struct HandleState {
   std::shared_ptr<Tensor> state;  // i32[1] on the device: 1 complete, 2 failed (combine checks it)
+  std::shared_ptr<Tensor> forward;  // two hops: what this rank forwards in the combine (ForwardTable)
 };
+
+ForwardTable forward_table(const BufferCore& buf, const HandleState& hs) {
+  ForwardTable f;
+  if (!hs.forward) return f;
+  f.base = reinterpret_cast<int32_t*>(hs.forward->data());
+  f.nodes = buf.plan.nodes;
+  f.tokens = buf.plan.max_tokens_per_rank;
+  f.ranks_per_node = buf.plan.ranks_per_node;
+  return f;
+}
 
 int blocks_of(const BufferCore& buf) { return std::max(1, buf.num_sms); }
 
@@ -332,6 +352,8 @@ Error begin_buffer_operation(BufferCore& buf, CudaStream& stream, const char* op
 uint64_t normal_shared_bytes(const core::BufferPlan& plan, bool process_group) {
   return shared_layout(plan, process_group).bytes;
 }
+
+bool normal_two_hop(const BufferCore& buf) { return cuda_two_hop(buf.plan, buf.group->process_group); }
 
 Error normal_init_buffer(BufferCore& buf) {
   auto st = std::make_shared<CudaBuffer>();
@@ -407,6 +429,11 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   if (!w.cached) {
     auto hs = std::make_shared<HandleState>();
     SY_TRY(sy::new_output(buf, core::DType::I32, {1}, &hs->state));
+    if (st.sl.two_hop) {
+      const core::BufferPlan& p = buf.plan;
+      const uint64_t words = ForwardTable::words(p.nodes, p.max_tokens_per_rank, p.ranks_per_node);
+      SY_TRY(sy::new_output(buf, core::DType::I32, {int64_t(words)}, &hs->forward));
+    }
     h.backend_state = hs;
   }
   if (!h.backend_state) return invalid("handle", "handle: comes from another backend");
@@ -478,7 +505,11 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   a.cached_tokens = w.cached ? h.num_recv_tokens.load() : 0;
   a.cached_rows = w.cached ? h.num_rows : 0;
   a.ws = st.ws;
-  if (st.sl.two_hop) a.net = st.net;
+  if (st.sl.two_hop) {
+    a.net = st.net;
+    // A cached dispatch routes as its handle's did: the table stays as that one wrote it.
+    if (!w.cached) a.fwd = forward_table(buf, *static_cast<HandleState*>(h.backend_state.get()));
+  }
 
   const uint32_t epoch = w.epoch;
   const int rank = buf.rank;
@@ -672,6 +703,14 @@ Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<Co
   a.out_stride = stride_bytes(w.out, 0);
   a.out_w = w.out_topk_weights ? reinterpret_cast<float*>(w.out_topk_weights->data()) : nullptr;
   a.ws = st.ws;
+  if (st.sl.two_hop) {
+    const auto& hs = *static_cast<HandleState*>(h.backend_state.get());
+    if (!hs.forward) return invalid("handle", "handle: comes from a dispatch that did not take two hops");
+    a.net = st.net;
+    a.fwd = forward_table(buf, hs);
+    a.hierarchical = w.internode_reduction == SY_INTERNODE_HIERARCHICAL ? 1 : 0;
+    a.shared_pub.chain_starts = a.pub.chain_starts = (a.bias0 != nullptr || a.bias1 != nullptr) ? 1 : 0;
+  }
   const uint32_t epoch = w.epoch;
   const int rank = buf.rank;
   w.status->check_after = [report, rank, epoch, dispatched = h.status]() {

@@ -127,9 +127,29 @@ __device__ inline void signal_peers(const SyncArgs& a, uint64_t off) {
   }
 }
 
+// A hop every rank announces when it starts it (two hops across nodes: network_state.cuh), so
+// that a wait that runs out names a rank that never started it, the one everybody waits for,
+// rather than a peer that only waits for that one itself. off_started 0: none.
+struct LateHop {
+  uint64_t off_started = 0;
+  core::WaitRole role = core::WaitRole::None;
+};
+
+// The first peer that has not announced the hop of this epoch at `off_started`; -1: none.
+__device__ inline int first_not_started(const SyncArgs& a, uint64_t off_started, uint32_t* seen) {
+  for (int p = 0; p < a.ranks; ++p) {
+    if (p == a.rank) continue;
+    const uint32_t v = ld_acquire_sys(header_word(a, a.rank, off_started + 4ull * uint64_t(p)));
+    if (epoch_reached(v, a.epoch)) continue;
+    *seen = v;
+    return p;
+  }
+  return -1;
+}
+
 // Waits until every peer's flag in my array at `off` has reached this epoch. Block-wide; every
 // thread returns the same answer. On a timeout the failure is recorded and the peers told.
-__device__ inline bool wait_peers(const SyncArgs& a, uint64_t off, core::WaitRole role) {
+__device__ inline bool wait_peers(const SyncArgs& a, uint64_t off, core::WaitRole role, LateHop late = {}) {
   SY_SHARED(int, failed);
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();
@@ -154,6 +174,12 @@ __device__ inline bool wait_peers(const SyncArgs& a, uint64_t off, core::WaitRol
           f.expected = a.epoch;
           f.observed = v;
           f.waited_ns = int64_t(waited);
+          uint32_t seen = 0;
+          if (const int p = late.off_started ? first_not_started(a, late.off_started, &seen) : -1; p >= 0) {
+            f.peer = p;
+            f.role = late.role;
+            f.observed = seen;
+          }
           report_failure(a.report, f);
           atomicMax(&failed, 2);  // a timeout of ours outranks a peer's abort: the peers must hear of it
           break;
@@ -165,8 +191,13 @@ __device__ inline bool wait_peers(const SyncArgs& a, uint64_t off, core::WaitRol
   __syncthreads();
   const int why = ld_volatile(&failed);
   if (why == 2) {
-    // Name the peer the report names (the first timeout recorded).
-    abort_peers(a, ld_volatile(&a.report->peer), role, uint32_t(SY_ERROR_TIMEOUT));
+    // Name the peer the report names (the first timeout recorded), in the hop it never started
+    // if it did not.
+    const int peer = ld_volatile(&a.report->peer);
+    const bool late_one =
+        late.off_started != 0 && peer >= 0 && peer < a.ranks &&
+        !epoch_reached(ld_acquire_sys(header_word(a, a.rank, late.off_started + 4ull * uint64_t(peer))), a.epoch);
+    abort_peers(a, peer, late_one ? late.role : role, uint32_t(SY_ERROR_TIMEOUT));
   }
   __syncthreads();
   return why == 0;

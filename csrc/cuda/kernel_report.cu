@@ -102,6 +102,21 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
                                            std::to_string(r.peer) + " delivered " + std::to_string(r.observed) +
                                            " records here, the source announced " + std::to_string(r.expected));
       }
+      if (r.a == -8) {
+        return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": " + op + ": rank " + std::to_string(r.peer) +
+                                           " (node " + std::to_string(r.expected) + ") put a network entry of kind " +
+                                           std::to_string(r.b) + " for token " + std::to_string(r.observed) +
+                                           " of node " + std::to_string(r.c) +
+                                           ", which this rank does not expect from it now");
+      }
+      if (r.a == -9) {
+        return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": " + op + ": rank " + std::to_string(r.peer) +
+                                           " sent a network record for token " + std::to_string(r.observed) +
+                                           " (after token " + std::to_string(r.expected) +
+                                           ") on its way from node " + std::to_string(r.b) + " to node " +
+                                           std::to_string(r.c) +
+                                           "; records come in token order, from a node before this one to one after");
+      }
       if (r.a < 0) {
         return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": rank " + std::to_string(r.peer) +
                                            " listed token " + std::to_string(r.observed) + " of its " +

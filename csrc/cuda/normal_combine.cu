@@ -4,8 +4,8 @@
 // sums a rank's rows of the token and rounds that to BF16, as the host backend does).
 #include <cstdint>
 
-#include "normal_kernels.h"
-#include "row_copy.cuh"
+#include "../core/routing.h"
+#include "combine_rows.cuh"
 
 namespace sy::cuda {
 
@@ -56,24 +56,6 @@ __global__ void __launch_bounds__(kSyncThreads) combine_exchange_kernel(CombineA
 constexpr int kSourceBatch = 4;
 constexpr int kWarpsPerBlock = kCopyThreads / 32;
 
-// Expanded layout at rank p: its rows of received token n summed in top-k order and rounded to
-// BF16 (what the host backend sends back), for 8 channels of group g. Each row's load waits for
-// its index: batching them (2 or 4 at a time) spills within the 64 registers that let two
-// blocks share an SM (-Xptxas -v, sm_90), so the latency is hidden by the SM's 32 warps instead.
-__device__ void expanded_part(const Published& src, int64_t n, int g, float out[8]) {
-  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  float v[8];
-  for (int k = 0; k < src.expanded_k; ++k) {
-    const int32_t row = src.expanded_row[n * src.expanded_k + k];
-    if (row < 0 || row >= src.c_rows) continue;
-    load_bf16x8(src.cx + row * src.cx_stride + g * 16, v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) part[i] += v[i];
-  }
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = core::bf16_to_float(core::float_to_bf16(part[i]));
-}
-
 // Process groups: one warp per received token n copies what the peers pull for it into row n of
 // this rank's buffer: its row of the combine input (expanded layout: its rows summed and rounded
 // to BF16, exactly what expanded_part gives a reader), and its top-k weights (0 past the rows
@@ -122,8 +104,16 @@ __global__ void __launch_bounds__(kCopyThreads, 2) combine_reduce_kernel(Combine
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int groups = a.hidden / 8;
+  const int P = a.net.ranks_per_node, my_node = a.net.relay != nullptr ? core::node_of(me, P) : 0;
   for (int64_t t = warp; t < a.tokens; t += warps) {
     const int32_t* slots = a.h_slot + t * R;
+    if (a.net.relay != nullptr) {
+      // Two hops: a token that visits another node takes the chain (combine_network.cu), and
+      // the hierarchical reduction takes every token (it rounds each node's part).
+      bool away = a.hierarchical != 0;
+      for (int p = lane; p < R; p += 32) away = away || (slots[p] >= 0 && core::node_of(p, P) != my_node);
+      if (__any_sync(0xffffffffu, away)) continue;
+    }
     int count = 0;
     for (int p0 = 0; p0 < R; p0 += 32) {
       const int p = p0 + lane;
@@ -135,7 +125,7 @@ __global__ void __launch_bounds__(kCopyThreads, 2) combine_reduce_kernel(Combine
         // Rank p received our rows after those of the ranks below us.
         n = core::compact_row([&](int i) { return a.h_prefix[int64_t(i) * R + p]; }, me, slot);
         const Published& src = published(a, p);
-        const int64_t bound = src.expanded_k == 0 ? src.c_rows : src.c_tokens;
+        const int64_t bound = received_bound(src);
         if (n < bound) {
           has = true;
           if (src.expanded_k == 0) row = src.cx + n * src.cx_stride;
@@ -189,11 +179,7 @@ __global__ void __launch_bounds__(kCopyThreads, 2) combine_reduce_kernel(Combine
     }
     for (int k = lane; k < a.topk; k += 32) {
       float sum = 0.0f;
-      for (int i = 0; i < count; ++i) {
-        const Published& src = published(a, source_of[w][i]);
-        if (src.cw == nullptr || index_of[w][i] >= src.c_rows) continue;
-        sum += *reinterpret_cast<const float*>(src.cw + index_of[w][i] * src.cw_st + k * src.cw_sk);
-      }
+      for (int i = 0; i < count; ++i) add_contribution_weight(published(a, source_of[w][i]), index_of[w][i], k, sum);
       a.out_w[t * a.topk + k] = sum;
     }
     __syncwarp();  // the lists are rewritten for the next token
@@ -218,12 +204,21 @@ cudaError_t launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream
   if (rc != cudaSuccess) return rc;
   int64_t need = (a.tokens * 32 + kCopyThreads - 1) / kCopyThreads;
   if (need < 1) need = 1;
-  SY_LAUNCH(combine_reduce_kernel, int(need < blocks ? need : blocks), kCopyThreads, 0, stream)(a);
-  rc = cudaGetLastError();
+  if (a.net.relay != nullptr) {
+    // Two hops: the chain first (the peers wait for it), then what stays on this node.
+    rc = launch_combine_network(a, stream);
+    // The peers wait for this rank's chain: they hear at once that it will not come.
+    if (rc != cudaSuccess) (void)launch_abandon(a.sync, -1, stream);
+  }
+  if (rc == cudaSuccess) {
+    SY_LAUNCH(combine_reduce_kernel, int(need < blocks ? need : blocks), kCopyThreads, 0, stream)(a);
+    rc = cudaGetLastError();
+  }
   // The end handshake whatever happened to the reduction: the peers wait for it. (A failed
   // reduction leaves this rank's output unwritten; the call reports the launch error.)
   SY_LAUNCH(finish_kernel, 1, kSyncThreads, 0, stream)(a.sync, a.off_done, core::WaitRole::CombineNotify,
-                                                      a.ws.passed_barrier, nullptr);
+                                                      a.ws.passed_barrier, nullptr,
+                                                      late_network_hop(a.net, core::WaitRole::CombineNetwork));
   const cudaError_t finished = cudaGetLastError();
   return rc != cudaSuccess ? rc : finished;
 }

@@ -42,7 +42,7 @@ SharedLayout shared_layout(const core::BufferPlan& plan, bool staged) {
   }
   s.two_hop = cuda_two_hop(plan, staged);
   if (s.two_hop) {
-    const uint64_t ring = uint64_t(plan.nodes) * uint64_t(plan.net_ring_entries) * uint64_t(plan.net_record_bytes);
+    const uint64_t ring = uint64_t(plan.nodes) * core::kNetLanes * uint64_t(plan.net_ring_entries) * uint64_t(plan.net_entry_bytes);
     s.off_relay = o;
     o = core::align_up(o + uint64_t(plan.ranks - plan.ranks_per_node) * uint64_t(plan.max_tokens_per_rank) *
                                uint64_t(plan.record_bytes),
@@ -583,10 +583,10 @@ __global__ void __launch_bounds__(kCopyThreads) receive_expanded_kernel(Dispatch
 // have been read, and wait until every peer has read ours (the caller may overwrite them once
 // the operation completes). Skipped when the barrier failed: then nobody read anything.
 __global__ void __launch_bounds__(kSyncThreads) finish_kernel(SyncArgs a, uint64_t off_done, core::WaitRole role,
-                                                               const int32_t* passed, int32_t* state) {
+                                                               const int32_t* passed, int32_t* state, LateHop late) {
   if (*passed == 1) {
     signal_peers(a, off_done);
-    wait_peers(a, off_done, role);
+    wait_peers(a, off_done, role, late);
   }
   if (threadIdx.x == 0 && state != nullptr) *state = op_failed(a.report) ? 2 : 1;
 }
@@ -686,13 +686,15 @@ cudaError_t launch_dispatch_receive(const DispatchArgs& a, int blocks, cudaStrea
     SY_LAUNCH(receive_expanded_kernel, blocks, kCopyThreads, starts, stream)(a);
   }
   SY_LAUNCH(finish_kernel, 1, kSyncThreads, 0, stream)(a.sync, a.off_done, core::WaitRole::DispatchNotify,
-                                                      a.ws.passed_barrier, a.cached ? nullptr : a.h_state);
+                                                      a.ws.passed_barrier, a.cached ? nullptr : a.h_state,
+                                                      late_network_hop(a.net, core::WaitRole::DispatchNetwork));
   return cudaGetLastError();
 }
 
 cudaError_t launch_dispatch_abandon(const DispatchArgs& a, cudaStream_t stream) {
   SY_LAUNCH(finish_kernel, 1, kSyncThreads, 0, stream)(a.sync, a.off_done, core::WaitRole::DispatchNotify,
-                                                      a.ws.passed_barrier, nullptr);
+                                                      a.ws.passed_barrier, nullptr,
+                                                      late_network_hop(a.net, core::WaitRole::DispatchNetwork));
   return cudaGetLastError();
 }
 

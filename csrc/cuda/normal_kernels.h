@@ -62,7 +62,8 @@ struct Published {
   const uint8_t* cw;
   int64_t cw_st, cw_sk;
   const int32_t* expanded_row;  // the dispatch handle's [received tokens][k] rows (expanded)
-  int32_t expanded_k, reserved1;
+  int32_t expanded_k;
+  int32_t chain_starts;  // two-hop combine: 1 when the publisher's tokens start from biases it sends
   int64_t c_rows;    // rows of cx
   int64_t c_tokens;  // received tokens of the handle (rows of expanded_row)
   const uint8_t* origin;  // where the publisher sees its own buffer: readers shift the addresses above
@@ -91,9 +92,10 @@ ExchangeLayout exchange_layout(int ranks, int max_tokens, int nodes);
 // and, when the ranks span nodes and dispatch takes two hops (normal_network.cu):
 //   off_relay           the records of the sources on other nodes, as their forwarders deliver
 //                       them: source s's token in slot j at record relay_index(s) * max_tokens + j
-//   off_net_in          per sender node, a ring of net_ring_entries network records: what this
-//                       rank forwards (core/internode.h)
-//   off_net_out         per destination node, a ring of as many: the network records this rank
+//   off_net_in          per sender node and lane (core::kNetLanes), a ring of net_ring_entries
+//                       network entries (core::BufferPlan::net_entry_bytes): what this rank
+//                       forwards, passes on or keeps (core/internode.h)
+//   off_net_out         per destination node and lane, a ring of as many: the entries this rank
 //                       puts, staged in its window (the NIC reads them from there)
 struct SharedLayout {
   ExchangeLayout xl;
@@ -108,8 +110,9 @@ struct SharedLayout {
   uint64_t bytes = 0;
 };
 
-// Whether a buffer's dispatch takes two hops on this backend: across nodes, on the two-hop path,
-// between virtual ranks of one process (process groups pull across nodes in one hop, for now).
+// Whether a buffer's dispatch and combine take two hops on this backend: across nodes, on the
+// two-hop path, between virtual ranks of one process (process groups pull across nodes in one hop,
+// for now).
 inline bool cuda_two_hop(const core::BufferPlan& plan, bool process_group) {
   return plan.two_hop() && !process_group;
 }
@@ -146,30 +149,94 @@ struct Workspace {
   uint32_t* recv_mask = nullptr;    // [capacity][ceil(EL / 32)] bit l: the entry's token has local expert l
 };
 
-// The two hops of dispatch across nodes on this backend (normal_network.cu, core/internode.h).
+// What a forwarder keeps of a two-hop dispatch for the combine of the same handle (the handle's
+// device memory; the dispatch's network kernel writes it, the combine's reads it), per source node
+// m, the tokens of m's source in this rank's column that visit this rank's node (its own node:
+// this rank's own tokens that visit it):
+//   count[N]            how many
+//   list[N][T]          which, in token order
+//   entry[N][T][F]      by token: its index in the list, the node before and after this one on
+//                       its way (-1: none), the combine that passed it on (its epoch), and its slot
+//                       at each rank of this node
+//   stored[T]           this rank's own tokens: the combine that stored its result
+// A token's entry is the handle's when its index leads back to it through the list (what arrives
+// from the network names a token; anything else is refused).
+struct ForwardTable {
+  static constexpr int kIndex = 0, kPrev = 1, kNext = 2, kDone = 3, kSlots = 4;
+  int32_t* base = nullptr;
+  int32_t nodes = 0, tokens = 0, ranks_per_node = 0;
+
+  __host__ __device__ static uint64_t words(int nodes, int tokens, int ranks_per_node) {
+    return uint64_t(nodes) * (1 + uint64_t(tokens) * (1 + uint64_t(kSlots + ranks_per_node))) + uint64_t(tokens);
+  }
+  __host__ __device__ int32_t* count() const { return base; }
+  __host__ __device__ int32_t* list(int m) const { return base + nodes + int64_t(m) * tokens; }
+  __host__ __device__ int32_t* entry(int m, int64_t t) const {
+    return base + nodes + int64_t(nodes) * tokens + (int64_t(m) * tokens + t) * (kSlots + ranks_per_node);
+  }
+  __host__ __device__ int32_t* stored() const {
+    return base + nodes + int64_t(nodes) * tokens * (1 + kSlots + ranks_per_node);
+  }
+  // Token t's entry from source node m, if this handle's dispatch forwarded it here; else null.
+  __device__ const int32_t* find(int m, int64_t t) const {
+    if (m < 0 || m >= nodes || t < 0 || t >= tokens) return nullptr;
+    const int32_t* e = entry(m, t);
+    const int32_t k = e[kIndex];
+    return k >= 0 && k < count()[m] && list(m)[k] == int32_t(t) ? e : nullptr;
+  }
+};
+
+// The two hops across nodes on this backend (normal_network.cu, combine_network.cu,
+// core/internode.h).
 struct NetworkArgs {
   int32_t ranks_per_node = 0, nodes = 1;
   uint8_t* relay = nullptr;  // this rank's relay region; null: one hop
   uint64_t off_relay = 0, off_net_in = 0, off_net_out = 0;
-  int32_t entries = 0;  // of each network ring
+  int32_t entries = 0, entry_bytes = 0;  // of each lane's ring (core::BufferPlan::net_entry_bytes)
   // The plan's record format, and the network record's fields after it (core/plan.h).
   int32_t record_bytes = 0, rec_payload = 0, rec_scales = 0, rec_topk_idx = 0, rec_topk_weights = 0, rec_src_idx = 0;
   int32_t net_record_bytes = 0, net_slots = 0, net_chain_next = 0, net_chain_prev = 0;
+  // The combine entries (core/plan.h) and the combine row a result carries.
+  int32_t net_payload = 0, net_partial_weights = 0, net_partial_bytes = 0, net_result_bytes = 0;
+  int32_t row_payload = 0, row_topk_weights = 0;
   uint64_t off_forward_epoch = 0, off_forwarded = 0;
+  uint64_t off_started = 0;  // u32[R]: rank p started the network kernel of operation n (network_state.cuh)
   // Device memory: this rank's proxy channels, [nodes] to send to each node, then [nodes] to
-  // credit each node's sender; the network counters that persist across operations (entries
-  // put to each node's column peer, taken from each node's); 1 once a failure left them wrong.
+  // credit each node's sender; the network counters that persist across operations, per lane
+  // and node (entries put to each node's column peer, taken from each node's); 1 once a failure
+  // left them wrong.
   const transport::ProxyChannel* channels = nullptr;
   uint64_t* sent = nullptr;
   uint64_t* taken = nullptr;
   int32_t* broken = nullptr;
+
+  // Where entry `index` of `lane` from (in) or to (out) `node` lies in a rank's window.
+  __host__ __device__ uint64_t ring_entry(uint64_t ring, int node, int lane, uint64_t index) const {
+    return ring + ((uint64_t(node) * core::kNetLanes + uint64_t(lane)) * uint64_t(entries) + index % uint64_t(entries)) *
+                      uint64_t(entry_bytes);
+  }
+  __host__ __device__ uint64_t& sent_to(int node, int lane) const { return sent[lane * nodes + node]; }
+  __host__ __device__ uint64_t& taken_from(int node, int lane) const { return taken[lane * nodes + node]; }
 };
 
-// Signal slots of the network rings: the records that landed in a forwarder's ring from a
-// source, and the entries the forwarder has taken (the source's credit).
-inline constexpr int kSignalRecords = 0, kSignalCredit = 1, kNetworkSignals = 2;
-// The nodes a two-hop dispatch may span: the network kernel gives each node a sending and a
-// forwarding warp in one block of kSyncThreads.
+// The end handshake of a two-hop operation names a rank that never started its network hop
+// (device_sync.cuh); one hop: nothing to name.
+inline LateHop late_network_hop(const NetworkArgs& n, core::WaitRole role) {
+  LateHop h;
+  if (n.relay != nullptr) {
+    h.off_started = n.off_started;
+    h.role = role;
+  }
+  return h;
+}
+
+// Signal slots of the network rings, per lane (core::kNetLanes): the entries that landed in a
+// receiver's ring from a sender, and the entries the receiver has taken (the sender's credit).
+__host__ __device__ constexpr int signal_landed(int lane) { return lane; }
+__host__ __device__ constexpr int signal_credit(int lane) { return core::kNetLanes + lane; }
+inline constexpr int kNetworkSignals = 2 * core::kNetLanes;
+// The nodes a two-hop operation may span: the dispatch's network kernel gives each node a sending
+// and a forwarding warp in one block of kSyncThreads.
 inline constexpr int kMaxNodes = 8;
 
 struct DispatchArgs {
@@ -209,6 +276,7 @@ struct DispatchArgs {
   int32_t* recv_count = nullptr;
   Workspace ws;
   NetworkArgs net;
+  ForwardTable fwd;  // two hops, not cached: the handle's, written by the network kernel
 };
 
 struct CombineArgs {
@@ -232,6 +300,9 @@ struct CombineArgs {
   int64_t out_stride = 0;
   float* out_w = nullptr;  // [T][topk] dense
   Workspace ws;
+  NetworkArgs net;  // two hops (combine_network.cu); else relay is null
+  ForwardTable fwd;
+  int32_t hierarchical = 0;  // two hops: reduce per node, DeepEP's way (core/internode.h), instead of the chain
 };
 
 // Threads of the kernels that wait for peers (one block each per rank): what the co-residency
@@ -271,8 +342,10 @@ inline constexpr int kMaxSources = SY_MAX_LOCAL_RANKS;
 // once instead of waiting); `exchanged` says whether it was, i.e. whether the peers count on
 // this epoch.
 cudaError_t launch_dispatch_notify(const DispatchArgs& a, int blocks, cudaStream_t stream, bool* exchanged);
-// Two hops: the network hop and the forwarding (normal_network.cu), after stage 1.
+// Two hops: the network hop and the forwarding (normal_network.cu), after stage 1; the chain of
+// the combine (combine_network.cu), after its barrier.
 cudaError_t launch_dispatch_network(const DispatchArgs& a, cudaStream_t stream);
+cudaError_t launch_combine_network(const CombineArgs& a, cudaStream_t stream);
 // Stage 2 (receive, finish).
 cudaError_t launch_dispatch_receive(const DispatchArgs& a, int blocks, cudaStream_t stream);
 // Instead of stage 2 when the host gave up after stage 1: only the end handshake.
@@ -292,7 +365,7 @@ cudaError_t launch_abandon(const SyncArgs& a, int peer, cudaStream_t stream);
 
 // The last kernel of every operation (normal_dispatch.cu). `role` names the wait in a timeout.
 __global__ void finish_kernel(SyncArgs a, uint64_t off_done, core::WaitRole role, const int32_t* passed,
-                              int32_t* state);
+                              int32_t* state, LateHop late);
 
 // The kernel that waits for peers, for the occupancy check.
 const void* sync_kernel_for_occupancy();

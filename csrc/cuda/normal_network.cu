@@ -19,6 +19,10 @@
 // Then the block tells the ranks of its node that its forwarding is done and waits for their
 // forwarders. Every wait has the operation's deadline and names the peer and the hop.
 //
+// The forwarders also write what the combine of the same handle needs into the handle
+// (ForwardTable): per source node, the tokens they forwarded, in order, with their slots here and
+// their way; the warp of the own node writes this rank's own tokens that visit it.
+//
 // The counts go directly, as the host backend's do (core/internode.h): a forwarder reads how many
 // records come from the source's exchange page, written before the barrier. Only the records
 // cross the network.
@@ -32,6 +36,7 @@
 
 #include "../core/internode.h"
 #include "../core/routing.h"
+#include "network_state.cuh"
 #include "normal_kernels.h"
 #include "row_copy.cuh"
 
@@ -39,24 +44,7 @@ namespace sy::cuda {
 
 namespace {
 
-// Block-wide state of the network kernel: the first failure stops every role; the kernel's own
-// failure (what the peers are told) is kept apart from earlier ones of the operation.
-struct NetState {
-  int failed;     // 0, 1 (a peer aborted), 2 (this kernel failed: the peers must hear of it)
-  int peer;       // whom this kernel's failure names
-  int role;       // in which hop (core::WaitRole)
-  int timed_out;  // whether it was a timeout
-};
-
-// This kernel's failure (the first one wins for what the peers are told).
-__device__ void net_failed(const DispatchArgs& a, NetState& st, const FailureInfo& f) {
-  report_failure(a.sync.report, f);
-  if (atomicCAS(&st.failed, 0, 2) == 0) {
-    st.peer = f.peer;
-    st.role = int(f.role == core::WaitRole::None ? core::WaitRole::DispatchNetwork : f.role);
-    st.timed_out = f.kind == KernelFailure::Timeout ? 1 : 0;
-  }
-}
+constexpr auto kHop = core::WaitRole::DispatchNetwork;
 
 __device__ __forceinline__ int32_t* exchange_page_i32(const DispatchArgs& a, int owner, uint64_t off) {
   return reinterpret_cast<int32_t*>(a.xchg[owner] + off);
@@ -79,26 +67,13 @@ __device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int pee
   if (lane == 0) {
     const uint64_t start = global_ns();
     for (uint32_t spins = 0; !ready(); ++spins) {
-      if (ld_volatile(&st.failed)) {
+      if (net_stopped(a.sync, st, spins)) {
         ok = 0;
         break;
       }
       if ((spins & 63u) != 63u) continue;
-      if (check_aborted(a.sync)) {
-        atomicCAS(&st.failed, 0, 1);
-        ok = 0;
-        break;
-      }
-      const uint64_t waited = global_ns() - start;
-      if (waited > a.sync.timeout_ns) {
-        FailureInfo f;
-        f.kind = KernelFailure::Timeout;
-        f.peer = peer;
-        f.role = role;
-        f.expected = expected;
-        f.observed = observed();
-        f.waited_ns = int64_t(waited);
-        net_failed(a, st, f);
+      if (const uint64_t waited = global_ns() - start; waited > a.sync.timeout_ns) {
+        net_timed_out(a.sync, st, a.net.off_started, peer, role, expected, observed(), waited);
         ok = 0;
         break;
       }
@@ -106,34 +81,6 @@ __device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int pee
     }
   }
   return __shfl_sync(0xffffffffu, ok, 0) != 0;
-}
-
-// Something another rank wrote that cannot be right (a count or slot past what a buffer holds):
-// refused before it indexes anything.
-// `what`: -5 a record's slot, -6 a count of network records, -7 the records a forwarder says it
-// delivered (kernel_report.cu words each).
-__device__ void peer_value_wrong(const DispatchArgs& a, NetState& st, int what, int peer, int64_t limit,
-                                 int64_t value) {
-  FailureInfo f;
-  f.kind = KernelFailure::Internal;
-  f.a = what;
-  f.peer = peer;
-  f.expected = limit;
-  f.observed = value;
-  net_failed(a, st, f);
-}
-
-// A transport call that failed (refused by the proxy, or its ring full past the deadline).
-__device__ void transport_failed(const DispatchArgs& a, NetState& st, int peer, const transport::TransportStatus& s) {
-  FailureInfo f;
-  f.kind = KernelFailure::Internal;
-  f.a = -4;
-  f.b = int32_t(s.result);
-  f.c = int32_t(s.refusal);
-  f.peer = peer;
-  f.expected = int64_t(s.refused_index);
-  f.observed = s.slot;
-  net_failed(a, st, f);
 }
 
 // Warp `m`: this rank's tokens bound for node m, one network record each, in token order.
@@ -145,20 +92,19 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
   const transport::ProxyChannel& ch = n.channels[m];
   const Published& p = a.pub;
   uint8_t* own = a.sync.bases[me];
-  uint64_t sent = n.sent[m];
+  uint64_t sent = n.sent_to(m, core::kPassOn);
   for (int64_t t = 0; t < a.tokens; ++t) {
     bool to_node = false;
     for (int q = 0; q < P && !to_node; ++q) to_node = a.h_route[t * R + m * P + q] != 0;
     if (!to_node) continue;
     // Entry `sent` goes where entry sent - entries was: the column peer must have taken that one.
     const uint64_t need = sent + 1 > uint64_t(n.entries) ? sent + 1 - uint64_t(n.entries) : 0;
-    const auto credit = [&] { return transport::read_signal(ch, column, kSignalCredit); };
-    if (!warp_wait(a, st, lane, column, core::WaitRole::DispatchNetwork, int64_t(need),
+    const auto credit = [&] { return transport::read_signal(ch, column, signal_credit(core::kPassOn)); };
+    if (!warp_wait(a, st, lane, column, kHop, int64_t(need),
                    [&] { return transport::signal_reached(credit(), need); }, [&] { return int64_t(credit()); })) {
       break;
     }
-    const uint64_t slot = sent % uint64_t(n.entries);
-    const uint64_t out_off = n.off_net_out + (uint64_t(m) * uint64_t(n.entries) + slot) * uint64_t(n.net_record_bytes);
+    const uint64_t out_off = n.ring_entry(n.off_net_out, m, core::kPassOn, sent);
     uint8_t* rec = own + out_off;
     warp_copy_row(p.x + t * p.x_stride, [&](int) { return rec + n.rec_payload; }, 1, a.payload_bytes, lane);
     for (int s = lane; s < a.num_scales; s += 32) {
@@ -184,15 +130,15 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
     __syncwarp();
     transport::TransportStatus put;
     if (lane == 0) {
-      const uint64_t in_off =
-          n.off_net_in + (uint64_t(my_node) * uint64_t(n.entries) + slot) * uint64_t(n.net_record_bytes);
-      put = transport::put_signal(ch, column, out_off, in_off, uint64_t(n.net_record_bytes), kSignalRecords, 1);
-      if (!put.ok()) transport_failed(a, st, column, put);
+      const uint64_t in_off = n.ring_entry(n.off_net_in, my_node, core::kPassOn, sent);
+      put = transport::put_signal(ch, column, out_off, in_off, uint64_t(n.net_record_bytes),
+                                  signal_landed(core::kPassOn), 1);
+      if (!put.ok()) transport_failed(a.sync, st, kHop, column, put);
     }
     if (__shfl_sync(0xffffffffu, int(put.ok()), 0) == 0) break;
     ++sent;
   }
-  if (lane == 0) n.sent[m] = sent;
+  if (lane == 0) n.sent_to(m, core::kPassOn) = sent;
 }
 
 // Warp nodes + m: the records of node m's column source, each to the ranks of this node it
@@ -206,34 +152,59 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
   // How many come: from the source's exchange page, bounded (it comes from another rank).
   const int32_t count = exchange_page_i32(a, source, a.xl.off_node_send)[my_node];
   if (count < 0 || count > a.max_tokens) {
-    if (lane == 0) peer_value_wrong(a, st, -6, source, a.max_tokens, count);
+    if (lane == 0) peer_value_wrong(a.sync, st, kHop, -6, source, a.max_tokens, count);
     return;
   }
   const uint8_t* own = a.sync.bases[me];
   const int relay = relay_index(source, my_node, P);
-  uint64_t taken = n.taken[m];
+  uint64_t taken = n.taken_from(m, core::kPassOn);
+  int32_t last_token = -1;
+  if (a.fwd.base != nullptr && lane == 0) a.fwd.count()[m] = 0;
   // Records delivered to each rank q of the node: lane q % 32 counts q (nodes of up to 64 ranks).
   int32_t delivered[2] = {0, 0};
   for (int32_t k = 0; k < count; ++k) {
-    const auto landed = [&] { return transport::read_signal(ch, source, kSignalRecords); };
+    const auto landed = [&] { return transport::read_signal(ch, source, signal_landed(core::kPassOn)); };
     if (!warp_wait(a, st, lane, source, core::WaitRole::DispatchForward, int64_t(taken + 1),
                    [&] { return transport::signal_reached(landed(), taken + 1); }, [&] { return int64_t(landed()); })) {
       break;
     }
     __syncwarp();
-    const uint8_t* rec =
-        own + n.off_net_in +
-        (uint64_t(m) * uint64_t(n.entries) + taken % uint64_t(n.entries)) * uint64_t(n.net_record_bytes);
+    const uint8_t* rec = own + n.ring_entry(n.off_net_in, m, core::kPassOn, taken);
+    // The token and its way, for the combine of this handle: in token order, within the nodes.
+    int32_t token = 0, prev = 0, next = 0;
+    if (lane == 0) {
+      token = ld_volatile(reinterpret_cast<const int32_t*>(rec + n.rec_src_idx));
+      prev = ld_volatile(reinterpret_cast<const int32_t*>(rec + n.net_chain_prev));
+      next = ld_volatile(reinterpret_cast<const int32_t*>(rec + n.net_chain_next));
+    }
+    token = __shfl_sync(0xffffffffu, token, 0);
+    prev = __shfl_sync(0xffffffffu, prev, 0);
+    next = __shfl_sync(0xffffffffu, next, 0);
+    if (token <= last_token || token >= a.max_tokens || prev < -1 || prev >= my_node ||
+        (next != -1 && (next <= my_node || next >= n.nodes))) {
+      if (lane == 0) peer_value_wrong(a.sync, st, kHop, -9, source, last_token, token, prev, next);
+      break;
+    }
+    last_token = token;
+    int32_t* table = a.fwd.base != nullptr ? a.fwd.entry(m, token) : nullptr;
+    if (table != nullptr && lane == 0) {
+      a.fwd.list(m)[k] = token;
+      table[ForwardTable::kIndex] = k;
+      table[ForwardTable::kPrev] = prev;
+      table[ForwardTable::kNext] = next;
+      table[ForwardTable::kDone] = 0;
+    }
     bool bad = false;
     for (int q = 0; q < P; ++q) {
       // Lane 0 reads the slot and every lane acts on its answer (one verdict per warp).
       int32_t slot = 0;
       if (lane == 0) slot = ld_volatile(reinterpret_cast<const int32_t*>(rec + n.net_slots) + q);
       slot = __shfl_sync(0xffffffffu, slot, 0);
+      if (table != nullptr && lane == 0) table[ForwardTable::kSlots + q] = slot < 0 ? -1 : slot;
       if (slot < 0) continue;
       if (slot >= a.max_tokens) {  // a slot past the relay region: refused, whoever sent it
         bad = true;
-        if (lane == 0) peer_value_wrong(a, st, -5, source, a.max_tokens, slot);
+        if (lane == 0) peer_value_wrong(a.sync, st, kHop, -5, source, a.max_tokens, slot);
         break;
       }
       if (lane == q % 32) delivered[q / 32] += 1;
@@ -245,19 +216,47 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
     __syncwarp();  // every lane's copy of this entry before the credit frees its slot
     transport::TransportStatus credit;
     if (lane == 0) {
-      credit = transport::signal(ch, source, kSignalCredit, 1);
-      if (!credit.ok()) transport_failed(a, st, source, credit);
+      credit = transport::signal(ch, source, signal_credit(core::kPassOn), 1);
+      if (!credit.ok()) transport_failed(a.sync, st, kHop, source, credit);
     }
     if (__shfl_sync(0xffffffffu, int(credit.ok()), 0) == 0) break;
     ++taken;
+    if (a.fwd.base != nullptr && lane == 0) a.fwd.count()[m] = k + 1;
   }
-  if (lane == 0) n.taken[m] = taken;
+  if (lane == 0) n.taken_from(m, core::kPassOn) = taken;
   // What each rank of the node received from this source through this forwarder (it checks the
   // count against what the source announced, once the forward flag is up).
   for (int q = lane; q < P; q += 32) {
     *reinterpret_cast<int32_t*>(header_word(a.sync, my_node * P + q, n.off_forwarded + 4ull * uint64_t(source))) =
         delivered[q / 32];
   }
+}
+
+// Warp `own node`: this rank's own tokens that visit its node, in the forwarding table (the
+// combine passes them on from here or keeps them), and no result stored yet.
+__device__ void own_forward_entries(const DispatchArgs& a, int lane) {
+  const ForwardTable& f = a.fwd;
+  const int R = a.sync.ranks, P = a.net.ranks_per_node, my_node = core::node_of(a.sync.rank, P);
+  int32_t count = 0;
+  for (int64_t t0 = 0; t0 < a.tokens; t0 += 32) {
+    const int64_t t = t0 + lane;
+    const core::TokenNodes visits{a.h_slot + t * R, P, a.net.nodes};
+    const bool here = t < a.tokens && visits.at(my_node);
+    const unsigned mask = __ballot_sync(0xffffffffu, here);
+    if (here) {
+      const int32_t k = count + __popc(mask & ((1u << lane) - 1u));
+      int32_t* e = f.entry(my_node, t);
+      f.list(my_node)[k] = int32_t(t);
+      e[ForwardTable::kIndex] = k;
+      e[ForwardTable::kPrev] = visits.prev(my_node);
+      e[ForwardTable::kNext] = visits.next(my_node);
+      e[ForwardTable::kDone] = 0;
+      for (int q = 0; q < P; ++q) e[ForwardTable::kSlots + q] = a.h_slot[t * R + my_node * P + q];
+    }
+    count += __popc(mask);
+  }
+  for (int64_t t = lane; t < f.tokens; t += 32) f.stored()[t] = 0;
+  if (lane == 0) f.count()[my_node] = count;
 }
 
 __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(DispatchArgs a) {
@@ -267,24 +266,19 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
   const int me = a.sync.rank, P = n.ranks_per_node;
   const int my_node = core::node_of(me, P);
   if (threadIdx.x == 0) {
-    st.failed = 0;
-    st.peer = -1;
-    st.role = int(core::WaitRole::DispatchNetwork);
-    st.timed_out = 0;
+    net_begin(st, kHop);
     // Only an operation past its barrier puts anything (a rejected one stops there, everywhere).
     go = *a.ws.passed_barrier == 1 ? 1 : 0;
-    if (go && *n.broken != 0) {
-      FailureInfo f;
-      f.kind = KernelFailure::Internal;
-      f.a = -3;
-      net_failed(a, st, f);
-    }
+    if (go && *n.broken != 0) peer_value_wrong(a.sync, st, kHop, -3, -1, 0, 0);
   }
   __syncthreads();
   if (!go) return;
+  net_announce(a.sync, n.off_started);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   if (ld_volatile(&st.failed) == 0) {
-    if (warp < n.nodes && warp != my_node) {
+    if (warp == my_node) {
+      if (a.fwd.base != nullptr) own_forward_entries(a, lane);
+    } else if (warp < n.nodes) {
       send_to_node(a, st, warp, lane);
     } else if (warp >= n.nodes && warp < 2 * n.nodes && warp - n.nodes != my_node) {
       forward_from_node(a, st, warp - n.nodes, lane);
@@ -304,23 +298,10 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
       const uint32_t* flag = header_word(a.sync, me, n.off_forward_epoch + 4ull * uint64_t(f));
       for (uint32_t spins = 0;; ++spins) {
         const uint32_t v = ld_acquire_sys(flag);
-        if (epoch_reached(v, a.sync.epoch)) break;
-        if (ld_volatile(&st.failed)) break;
+        if (epoch_reached(v, a.sync.epoch) || net_stopped(a.sync, st, spins)) break;
         if ((spins & 63u) != 63u) continue;
-        if (check_aborted(a.sync)) {
-          atomicCAS(&st.failed, 0, 1);
-          break;
-        }
-        const uint64_t waited = global_ns() - start;
-        if (waited > a.sync.timeout_ns) {
-          FailureInfo fi;
-          fi.kind = KernelFailure::Timeout;
-          fi.peer = f;
-          fi.role = core::WaitRole::DispatchForward;
-          fi.expected = a.sync.epoch;
-          fi.observed = v;
-          fi.waited_ns = int64_t(waited);
-          net_failed(a, st, fi);
+        if (const uint64_t waited = global_ns() - start; waited > a.sync.timeout_ns) {
+          net_timed_out(a.sync, st, n.off_started, f, core::WaitRole::DispatchForward, a.sync.epoch, v, waited);
           break;
         }
         __nanosleep(256);
@@ -334,19 +315,12 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
       if (core::node_of(s, P) == my_node) continue;
       const int32_t got =
           ld_volatile(reinterpret_cast<const int32_t*>(header_word(a.sync, me, n.off_forwarded + 4ull * uint64_t(s))));
-      if (got != a.ws.recv_cnt[s]) peer_value_wrong(a, st, -7, core::forwarder(my_node, s, P), a.ws.recv_cnt[s], got);
+      if (got != a.ws.recv_cnt[s]) {
+        peer_value_wrong(a.sync, st, kHop, -7, core::forwarder(my_node, s, P), a.ws.recv_cnt[s], got);
+      }
     }
   }
-  __syncthreads();
-  const int why = ld_volatile(&st.failed);
-  if (why != 0) {
-    // The rings' counters are out of step with the peers' now: the buffer is given up.
-    if (threadIdx.x == 0) *n.broken = 1;
-    if (why == 2) {
-      abort_peers(a.sync, ld_volatile(&st.peer), core::WaitRole(ld_volatile(&st.role)),
-                  uint32_t(ld_volatile(&st.timed_out) ? SY_ERROR_TIMEOUT : SY_ERROR_INTERNAL));
-    }
-  }
+  net_end(a.sync, st, n.broken);
 }
 
 }  // namespace

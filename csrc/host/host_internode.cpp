@@ -24,7 +24,8 @@ namespace sy::host {
 
 namespace {
 
-constexpr int kPassOn = 0, kKeep = 1;  // the lanes (core::kNetLanes)
+using core::kKeep;
+using core::kPassOn;
 
 std::string rank_name(int r) { return "rank " + std::to_string(r); }
 

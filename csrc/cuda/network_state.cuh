@@ -1,0 +1,125 @@
+// What the two network kernels (normal_network.cu for dispatch, combine_network.cu for combine)
+// share: the block's failure state, the waits with a deadline, and how each failure is recorded
+// (kernel_report.cu words each one).
+#pragma once
+
+#include <cstdint>
+
+#include "device_sync.cuh"
+#include "transport/proxy_channel.cuh"
+
+namespace sy::cuda {
+
+// Block-wide state of a network kernel: the first failure stops every role; the kernel's own
+// failure (what the peers are told) is kept apart from earlier ones of the operation.
+struct NetState {
+  int failed;     // 0, 1 (a peer aborted), 2 (this kernel failed: the peers must hear of it)
+  int peer;       // whom this kernel's failure names
+  int role;       // in which hop (core::WaitRole)
+  int timed_out;  // whether it was a timeout
+};
+
+__device__ inline void net_begin(NetState& st, core::WaitRole role) {
+  st.failed = 0;
+  st.peer = -1;
+  st.role = int(role);
+  st.timed_out = 0;
+}
+
+// This kernel's failure (the first one wins for what the peers are told); `role` names the hop
+// when the failure does not.
+__device__ inline void net_failed(const SyncArgs& s, NetState& st, const FailureInfo& f, core::WaitRole role) {
+  report_failure(s.report, f);
+  if (atomicCAS(&st.failed, 0, 2) == 0) {
+    st.peer = f.peer;
+    st.role = int(f.role == core::WaitRole::None ? role : f.role);
+    st.timed_out = f.kind == KernelFailure::Timeout ? 1 : 0;
+  }
+}
+
+// Every network kernel tells every rank that it has started this operation's hop, in the header
+// words at `off_started` (core::BufferPlan::off_net_epoch, which this backend uses for nothing
+// else). A waiter whose deadline passes names a rank that has not started, before the peer it
+// waited for directly: that peer may only be waiting for the late one itself.
+__device__ inline void net_announce(const SyncArgs& s, uint64_t off_started) {
+  for (int r = threadIdx.x; r < s.ranks; r += blockDim.x) {
+    st_release_sys(header_word(s, r, off_started + 4ull * uint64_t(s.rank)), s.epoch);
+  }
+}
+
+// A wait for `peer` in `role` that passed its deadline (named: a rank that has not started the
+// hop, if any, else `peer`).
+__device__ inline void net_timed_out(const SyncArgs& s, NetState& st, uint64_t off_started, int peer,
+                                     core::WaitRole role, int64_t expected, int64_t observed, uint64_t waited) {
+  uint32_t seen = 0;
+  if (const int p = first_not_started(s, off_started, &seen); p >= 0) {
+    peer = p;
+    expected = s.epoch;
+    observed = seen;
+  }
+  FailureInfo f;
+  f.kind = KernelFailure::Timeout;
+  f.peer = peer;
+  f.role = role;
+  f.expected = expected;
+  f.observed = observed;
+  f.waited_ns = int64_t(waited);
+  net_failed(s, st, f, role);
+}
+
+// Something another rank wrote that cannot be right (a count, slot or entry past what a buffer
+// holds or what this rank expects): refused before it indexes anything.
+// `what`: -5 a record's slot, -6 a count of network records, -7 the records a forwarder says it
+// delivered, -8 a combine entry this rank does not expect (b: its kind, c: its source node).
+__device__ inline void peer_value_wrong(const SyncArgs& s, NetState& st, core::WaitRole role, int what, int peer,
+                                        int64_t limit, int64_t value, int32_t b = 0, int32_t c = 0) {
+  FailureInfo f;
+  f.kind = KernelFailure::Internal;
+  f.a = what;
+  f.b = b;
+  f.c = c;
+  f.peer = peer;
+  f.expected = limit;
+  f.observed = value;
+  net_failed(s, st, f, role);
+}
+
+// A transport call that failed (refused by the proxy, or its ring full past the deadline).
+__device__ inline void transport_failed(const SyncArgs& s, NetState& st, core::WaitRole role, int peer,
+                                        const transport::TransportStatus& t) {
+  FailureInfo f;
+  f.kind = KernelFailure::Internal;
+  f.a = -4;
+  f.b = int32_t(t.result);
+  f.c = int32_t(t.refusal);
+  f.peer = peer;
+  f.expected = int64_t(t.refused_index);
+  f.observed = t.slot;
+  net_failed(s, st, f, role);
+}
+
+// Whether the block should stop polling: it failed already, or a peer aborted (then recorded).
+__device__ inline bool net_stopped(const SyncArgs& s, NetState& st, uint32_t spins) {
+  if (ld_volatile(&st.failed)) return true;
+  if ((spins & 63u) != 63u) return false;
+  if (check_aborted(s)) {
+    atomicCAS(&st.failed, 0, 1);
+    return true;
+  }
+  return false;
+}
+
+// The end of a network kernel, every thread: a failure leaves the rings' counters out of step
+// with the peers', so the buffer is given up; the kernel's own failure goes to every peer.
+__device__ inline void net_end(const SyncArgs& s, NetState& st, int32_t* broken) {
+  __syncthreads();
+  const int why = ld_volatile(&st.failed);
+  if (why == 0) return;
+  if (threadIdx.x == 0) *broken = 1;
+  if (why == 2) {
+    abort_peers(s, ld_volatile(&st.peer), core::WaitRole(ld_volatile(&st.role)),
+                uint32_t(ld_volatile(&st.timed_out) ? SY_ERROR_TIMEOUT : SY_ERROR_INTERNAL));
+  }
+}
+
+}  // namespace sy::cuda
