@@ -176,7 +176,8 @@ export interface CombineOptions extends StreamOptions {
    * node in ascending order, so the result is the one-node result bit for bit whatever the
    * split; `"hierarchical"` (DeepEP's way) has every node send one BF16 partial home at once:
    * half the bytes per partial and one network latency, results that depend on the split.
-   * Every rank must pass the same. The host backend only; the CUDA backend combines in one hop.
+   * Every rank must pass the same. Between CUDA-backend processes, where combine takes one hop,
+   * `"hierarchical"` is refused.
    */
   readonly internodeReduction?: InternodeReduction;
 }

@@ -490,13 +490,12 @@ Deno.test("the emulated NIC's link model: the network hop takes what its bytes a
       for (const b of buffers) b[Symbol.dispose]();
     }
   });
-  if (backend !== "host") return; // the CUDA backend combines in one hop: no chain yet
   await t.step("100 ms per hop: the chain across 3 nodes pays one latency per node it passes", async () => {
     // 3 nodes of one rank, every token to every rank: rank 0's tokens go 0 -> 1 -> 2, then the
     // result comes home: two partials and a result, one after the other.
     const s: Scenario = { ranks: 3, tokens: [4, 4, 4], hidden: 64, experts: 3, topk: 3, seed: 2, ranksPerNode: 1 };
     const d = generate(s);
-    using group = Group.local({ ranks: 3, ranksPerNode: 1, emulatedNic: { latencyUs: 100000 } });
+    using group = Group.local({ ranks: 3, ranksPerNode: 1, emulatedNic: { latencyUs: 100000 }, backend });
     const buffers = await group.createBuffers({ hidden: s.hidden, maxTokensPerRank: 4 });
     try {
       const ups = await group.all((rank, r) => upload(rank, s, d, r));

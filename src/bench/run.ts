@@ -96,7 +96,8 @@ export interface RunOptions {
   /**
    * Normal mode: dispatch variants to run (default all three); combine always runs. Across nodes
    * the direct path (exact dispatch, combine) runs too, on a second set of buffers (what the two
-   * hops save), and on the host backend the hierarchical combine.
+   * hops save) on the host backend, and the hierarchical combine wherever combine takes two hops
+   * (not between CUDA-backend processes).
    */
   readonly variants?: readonly ("exact" | "worst-case" | "cached")[];
   /** Low-latency mode: also run the receive-hook variant (default true). */
@@ -300,6 +301,9 @@ async function runNormal(
 ): Promise<Measured> {
   const R = s.ranks;
   const variants = options.variants ?? ["exact", "worst-case", "cached"];
+  // Combine takes two hops across nodes, and so can reduce hierarchically, except between
+  // processes on the CUDA backend (one hop there, so far).
+  const twoHopCombine = acrossNodes && (group.backend === "host" || !group.isProcessGroup);
   const routed = (r: number) => ({
     topkIdx: inputs[r].topkIdx,
     topkWeights: inputs[r].topkWeights,
@@ -360,16 +364,15 @@ async function runNormal(
           }));
       }
       await measure("combine", buffers, it, (r) => buffers[r].combine(combineInput[r], first[r].handle));
+      if (twoHopCombine) {
+        await measure(
+          "combine (hierarchical)",
+          buffers,
+          it,
+          (r) => buffers[r].combine(combineInput[r], first[r].handle, { internodeReduction: "hierarchical" }),
+        );
+      }
       if (direct && firstDirect) {
-        // The CUDA backend combines in one hop: it has no hierarchical reduction to measure.
-        if (group.backend === "host") {
-          await measure(
-            "combine (hierarchical)",
-            buffers,
-            it,
-            (r) => buffers[r].combine(combineInput[r], first[r].handle, { internodeReduction: "hierarchical" }),
-          );
-        }
         await measure(
           "dispatch (exact, direct)",
           direct,

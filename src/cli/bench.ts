@@ -38,7 +38,7 @@ ${SCENARIOS.map((s) => `                       ${s.name}: ${s.about}`).join("\n"
   --tokens N         override tokens per rank
   --ranks-per-node K virtual nodes of K ranks: two hops across the (emulated) network, next to the
                      hierarchical combine and the direct path (what the two hops save)
-  --nic GBPS,US      the emulated NIC between nodes (host backend): GB/s per rank, one-way microseconds
+  --nic GBPS,US      the emulated NIC between nodes: GB/s per rank, one-way microseconds
   --routing R        uniform, zipf:S, hot:P (expert 0 in a share P of the tokens) or group:G:M
                      (DeepSeek-V3's group-limited routing: M of G expert groups per token)
   --payload P        bf16 or fp8 dispatch payload

@@ -111,6 +111,7 @@ struct Mode {
   bool cached = false;
   bool zero_padding = false;
   int32_t ranks_per_node = 0;  // > 0: virtual nodes (the host backend's dispatch takes two hops)
+  int32_t reduction = SY_INTERNODE_CHAIN;  // across nodes: how combine reduces
 };
 
 // One dispatch (and, for cached mode, a second one on its handle) and a combine back, on every
@@ -209,6 +210,7 @@ std::vector<Outputs> dispatch_and_combine(int32_t backend, const Shape& s, const
     ca.handle = res.handle;
     ca.topk_weights = m.layout == SY_LAYOUT_COMPACT ? first.recv_topk_weights : nullptr;
     ca.bias0 = bias;
+    ca.internode_reduction = uint32_t(m.reduction);
     ca.compute_stream = job.streams[size_t(r)];
     sy_combine_result cr;
     std::memset(&cr, 0, sizeof cr);
@@ -468,6 +470,8 @@ int main(int argc, char** argv) {
        false, per_node},
       {"dispatch expanded, cached + combine, across nodes (two hops)", SY_LAYOUT_EXPANDED, 2, false, true, true,
        per_node},
+      {"dispatch compact, worst case + hierarchical combine, across nodes (two hops)", SY_LAYOUT_COMPACT, 1, true,
+       false, false, per_node, SY_INTERNODE_HIERARCHICAL},
   };
   for (const Mode& m : across) {
     bad += compare(m.name, dispatch_and_combine(SY_BACKEND_HOST, s, in, m), dispatch_and_combine(SY_BACKEND_CUDA, s, in, m));
