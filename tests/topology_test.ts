@@ -562,3 +562,53 @@ Deno.test("across nodes: a dispatch refused on one rank fails everywhere, and th
     for (const u of ups) u[Symbol.dispose]();
   }
 });
+
+Deno.test("across nodes, CUDA: ranks that pass handles of different dispatches fail the combine, naming the peer", async () => {
+  if (backend !== "cuda") return; // the host backend's chain has no announced counts (a peer times out there)
+  // 4 ranks as 2 nodes of 2, one expert per rank. Dispatch A sends every token to every rank;
+  // dispatch B keeps each token at home. Rank 3 combines B's handle, the others A's: rank 1
+  // passes on, on A's ways, the partials of its own 4 tokens and of rank 3's 4 to rank 3, which
+  // takes nothing from it on B's.
+  const T = 4, H = 64;
+  using fx = await fixture(4, H, T, 2000, {}, 2);
+  const handles = await fx.group.all(async (rank, r) => {
+    using x = await Tensor.from(rank, new Uint16Array(T * H).fill(0x3f80 + r), { shape: [T, H], dtype: "bf16" });
+    using every = await Tensor.from(rank, new BigInt64Array(T * 4).map((_, i) => BigInt(i % 4)), { shape: [T, 4] });
+    using home = await Tensor.from(rank, new BigInt64Array(T).fill(BigInt(r)), { shape: [T, 1] });
+    using w4 = await Tensor.from(rank, new Float32Array(T * 4).fill(0.25), { shape: [T, 4] });
+    using w1 = await Tensor.from(rank, new Float32Array(T).fill(1), { shape: [T, 1] });
+    const a = await fx.buffers[r].dispatch(x, { topkIdx: every, topkWeights: w4, numExperts: 4 });
+    const b = await fx.buffers[r].dispatch(x, { topkIdx: home, topkWeights: w1, numExperts: 4 });
+    await Promise.all([a.recvX.read(), b.recvX.read()]);
+    return [a, b] as const;
+  });
+  try {
+    const outcomes = await Promise.allSettled(fx.buffers.map(async (buf, r) => {
+      const [a, b] = handles[r];
+      const started = performance.now();
+      try {
+        using back = await buf.combine(r === 3 ? b.recvX : a.recvX, r === 3 ? b.handle : a.handle);
+        await back.combinedX.read();
+      } finally {
+        assert.ok(performance.now() - started < 5000, `rank ${r} took ${performance.now() - started} ms`);
+      }
+    }));
+    const failure = (r: number) => {
+      const o = outcomes[r];
+      assert.equal(o.status, "rejected", `rank ${r} succeeded`);
+      const e = (o as PromiseRejectedResult).reason;
+      assert.ok(e instanceof SwitchyardError, String(e));
+      return e;
+    };
+    assert.match(
+      failure(3).message,
+      /rank 1 announced 8 network entries in lane 0, this rank took 0 .*the handle of the same dispatch/,
+    );
+    assert.equal(failure(1).code, "PEER_FAILED");
+  } finally {
+    for (const [a, b] of handles) {
+      a[Symbol.dispose]();
+      b[Symbol.dispose]();
+    }
+  }
+});

@@ -63,7 +63,9 @@ struct Chain {
   NetState st;
   Decision d;
   int64_t rows[kMaxSources];  // the token's received row at each rank of this node (-1: none)
+  Published pub[kMaxSources];  // what the ranks of this node published (their combine inputs)
   uint64_t sent[core::kNetLanes][kMaxNodes], taken[core::kNetLanes][kMaxNodes];
+  uint64_t credit_seen[core::kNetLanes][kMaxNodes], landed_seen[core::kNetLanes][kMaxNodes];  // signals last read
   int32_t expected[core::kNetLanes][kMaxNodes];  // entries to take this combine, per lane and node
   int32_t got[core::kNetLanes][kMaxNodes];
   int32_t starts[kMaxNodes];  // whether node m's column source sends starts
@@ -87,13 +89,23 @@ struct Here {
   __device__ int column(int node) const { return core::forwarder(node, me, P); }
   __device__ core::TokenNodes visits(int64_t t) const { return core::TokenNodes{a.h_slot + t * R, P, N}; }
   __device__ bool biased() const { return a.bias0 != nullptr || a.bias1 != nullptr; }
+  // Whether a token visits a node other than this one.
+  __device__ bool away(const core::TokenNodes& v) const {
+    for (int k = v.next(-1); k >= 0; k = v.next(k))
+      if (k != M) return true;
+    return false;
+  }
 
   // Whether the ring of `node`'s column peer has room for one more entry of `lane`.
+  // (The signals only grow: what was seen last answers first. On a GPU a read of host-mapped
+  // memory crosses PCIe.)
   __device__ bool room(int node, int lane) {
     const uint64_t sent = c.sent[lane][node];
     if (sent < uint64_t(a.net.entries)) return true;
     const uint64_t need = sent + 1 - uint64_t(a.net.entries);
+    if (transport::signal_reached(c.credit_seen[lane][node], need)) return true;
     const uint64_t credit = transport::read_signal(a.net.channels[node], column(node), signal_credit(lane));
+    c.credit_seen[lane][node] = credit;
     if (transport::signal_reached(credit, need)) return true;
     c.wait_peer = column(node);
     c.wait_expected = int64_t(need);
@@ -103,7 +115,9 @@ struct Here {
   // Whether the next entry of `lane` from `node` has landed.
   __device__ bool landed(int node, int lane) {
     const uint64_t want = c.taken[lane][node] + 1;
+    if (transport::signal_reached(c.landed_seen[lane][node], want)) return true;
     const uint64_t v = transport::read_signal(a.net.channels[node], column(node), signal_landed(lane));
+    c.landed_seen[lane][node] = v;
     if (transport::signal_reached(v, want)) return true;
     c.wait_peer = column(node);
     c.wait_expected = int64_t(want);
@@ -123,7 +137,7 @@ struct Here {
       if (slots == nullptr || slots[q] < 0) continue;
       const int p = M * P + q;
       const int64_t n = core::compact_row([&](int i) { return a.h_prefix[int64_t(i) * R + p]; }, source, slots[q]);
-      const int64_t bound = received_bound(published(a, p));
+      const int64_t bound = received_bound(c.pub[q]);
       if (n >= bound) {
         FailureInfo f;
         f.kind = KernelFailure::HandleMismatch;
@@ -157,6 +171,66 @@ struct Here {
     return find_rows(slots, d.source) ? step : Step::Failed;
   }
 
+  // Thread 0, all taken: what each column peer announced it would put here (at its start, with
+  // its started flag) is what this rank took. Anything else (an extra entry, ranks that passed
+  // handles of different dispatches) would leave the rings out of step: refused, naming it.
+  __device__ Step announced_agree() {
+    for (int k = 0; k < N; ++k) {
+      if (k == M) continue;
+      const int p = column(k);
+      const uint32_t started = ld_acquire_sys(header_word(a.sync, me, a.net.off_started + 4ull * uint64_t(p)));
+      if (!epoch_reached(started, a.sync.epoch)) {  // not started yet: waited for, with the deadline
+        c.wait_peer = p;
+        c.wait_expected = a.sync.epoch;
+        c.wait_observed = started;
+        return Step::Idle;
+      }
+      for (int lane = 0; lane < core::kNetLanes; ++lane) {
+        const int32_t said = int32_t(ld_volatile(header_word(a.sync, me, a.net.off_announced + 4ull * (uint64_t(lane) * uint64_t(R) + uint64_t(p)))));
+        if (said != c.expected[lane][k]) {
+          peer_value_wrong(a.sync, c.st, kHop, -10, p, c.expected[lane][k], said, lane);
+          return Step::Failed;
+        }
+      }
+    }
+    return Step::Done;
+  }
+
+  // Thread 0, before anything is put: how many entries this rank puts to each node in each lane,
+  // announced to the column peer there (announced_agree checks it).
+  __device__ void announce_puts() {
+    int32_t puts[core::kNetLanes][kMaxNodes] = {};
+    const ForwardTable& f = a.fwd;
+    if (a.hierarchical) {
+      for (int m = 0; m < N; ++m)
+        if (m != M) puts[core::kKeep][m] += f.count()[m];
+    } else {
+      for (int64_t t = 0; t < a.tokens; ++t) {
+        const int first = visits(t).next(-1);
+        if (biased() && first >= 0 && first != M) puts[core::kPassOn][first] += 1;
+      }
+      for (int m = 0; m < N; ++m) {
+        for (int32_t k = 0; k < f.count()[m]; ++k) {
+          const int32_t* e = f.entry(m, f.list(m)[k]);
+          const int next = e[ForwardTable::kNext];
+          if (next >= 0) {
+            puts[core::kPassOn][next] += 1;
+          } else if (m != M) {
+            puts[core::kKeep][m] += 1;
+          }
+        }
+      }
+    }
+    for (int k = 0; k < N; ++k) {
+      if (k == M) continue;
+      for (int lane = 0; lane < core::kNetLanes; ++lane) {
+        *header_word(a.sync, column(k), a.net.off_announced + 4ull * (uint64_t(lane) * uint64_t(R) + uint64_t(me))) =
+            uint32_t(puts[lane][k]);
+      }
+    }
+    __threadfence_system();  // before the started flags (net_announce)
+  }
+
   // Thread 0: the first step that can go now, Done, Failed, or Idle.
   __device__ Step decide() {
     c.d.node_in = -1;
@@ -176,6 +250,8 @@ struct Here {
         return go(Step::Begin, From::Zero, m, t, m, core::kKeep, f.entry(m, t));
       }
     }
+    // Own tokens that stay on this node are the grid's (normal_combine.cu).
+    while (c.next_start < a.tokens && !away(visits(c.next_start))) ++c.next_start;
     if (c.next_start < a.tokens) {
       const int64_t t = c.next_start;
       const core::TokenNodes v = visits(t);
@@ -197,7 +273,7 @@ struct Here {
     bool done = c.next_start >= a.tokens;
     for (int m = 0; m < N; ++m) done = done && (m == M || c.next_begin[m] >= f.count()[m]);
     for (int k = 0; k < N; ++k) done = done && c.got[core::kKeep][k] >= c.expected[core::kKeep][k];
-    return done ? Step::Done : Step::Idle;
+    return done ? announced_agree() : Step::Idle;
   }
 
   // The chain.
@@ -268,7 +344,7 @@ struct Here {
     for (int m = 0; m < N; ++m) done = done && c.next_begin[m] >= f.count()[m];
     for (int k = 0; k < N; ++k)
       for (int lane = 0; lane < core::kNetLanes; ++lane) done = done && c.got[lane][k] >= c.expected[lane][k];
-    return done ? Step::Done : Step::Idle;
+    return done ? announced_agree() : Step::Idle;
   }
 
   // Thread 0: decides, polling until a step can go, the deadline passes or a peer aborts.
@@ -278,7 +354,8 @@ struct Here {
       if (s == Step::Idle && net_stopped(a.sync, c.st, spins)) s = Step::Failed;
       if (s == Step::Idle && (spins & 63u) == 63u) {
         if (const uint64_t waited = global_ns() - c.progress; waited > a.sync.timeout_ns) {
-          net_timed_out(a.sync, c.st, a.net.off_started, c.wait_peer, kHop, c.wait_expected, c.wait_observed, waited);
+          net_timed_out(a.sync, c.st, a.net.off_started, P, c.wait_peer, kHop, c.wait_expected, c.wait_observed,
+                        waited);
           s = Step::Failed;
         }
       }
@@ -301,8 +378,7 @@ struct Here {
     if (d.step == Step::Keep) {  // a result: BF16 channels and weights, as they are
       const uint8_t* row = in + n.net_payload;
       for (int g = threadIdx.x; g < groups; g += blockDim.x) {
-        *reinterpret_cast<int4*>(a.out + d.t * a.out_stride + g * 16) =
-            __ldcg(reinterpret_cast<const int4*>(row + n.row_payload) + g);
+        store_raw16(a.out + d.t * a.out_stride + g * 16, __ldcg(reinterpret_cast<const int4*>(row + n.row_payload) + g));
       }
       for (int k = threadIdx.x; k < a.topk && a.out_w != nullptr; k += blockDim.x) {
         a.out_w[int64_t(d.t) * a.topk + k] = __ldcg(reinterpret_cast<const float*>(row + n.row_topk_weights) + k);
@@ -333,7 +409,7 @@ struct Here {
       }
       for (int q = 0; q < P; ++q) {  // this node's ranks, ascending
         if (c.rows[q] < 0) continue;
-        contribution(published(a, M * P + q), c.rows[q], g, v);
+        contribution(c.pub[q], c.rows[q], g, v);
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[i] += v[i];
       }
@@ -355,7 +431,7 @@ struct Here {
       if (k < a.topk) {
         if (d.from == From::Entry) sum = __ldcg(reinterpret_cast<const float*>(in + n.net_payload + n.net_partial_weights) + k);
         for (int q = 0; q < P; ++q)
-          if (c.rows[q] >= 0) add_contribution_weight(published(a, M * P + q), c.rows[q], k, sum);
+          if (c.rows[q] >= 0) add_contribution_weight(c.pub[q], c.rows[q], k, sum);
       }
       if (partial) {
         reinterpret_cast<float*>(out + n.net_payload + n.net_partial_weights)[k] = sum;
@@ -398,7 +474,7 @@ struct Here {
           float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
           for (int q = 0; q < P; ++q) {
             if (c.rows[q] < 0) continue;
-            contribution(published(a, M * P + q), c.rows[q], g, v8);
+            contribution(c.pub[q], c.rows[q], g, v8);
 #pragma unroll
             for (int i = 0; i < 8; ++i) part[i] += v8[i];
           }
@@ -420,7 +496,7 @@ struct Here {
         if (node == M) {
           float part = 0.0f;
           for (int q = 0; q < P; ++q)
-            if (c.rows[q] >= 0) add_contribution_weight(published(a, M * P + q), c.rows[q], k, part);
+            if (c.rows[q] >= 0) add_contribution_weight(c.pub[q], c.rows[q], k, part);
           sum += part;
         } else {
           sum += __ldcg(reinterpret_cast<const float*>(a.sync.bases[me] + c.home_in[node] + n.net_payload +
@@ -501,6 +577,9 @@ __global__ void __launch_bounds__(kSyncThreads) combine_network_kernel(CombineAr
       for (int lane = 0; lane < core::kNetLanes; ++lane) {
         c.sent[lane][k] = n.sent_to(k, lane);
         c.taken[lane][k] = n.taken_from(k, lane);
+        // Lower bounds of the signals: the credit for what was sent a ring before, what was taken.
+        c.credit_seen[lane][k] = c.sent[lane][k] > uint64_t(n.entries) ? c.sent[lane][k] - uint64_t(n.entries) : 0;
+        c.landed_seen[lane][k] = c.taken[lane][k];
         c.expected[lane][k] = 0;
         c.got[lane][k] = 0;
       }
@@ -517,6 +596,9 @@ __global__ void __launch_bounds__(kSyncThreads) combine_network_kernel(CombineAr
     net_end(a.sync, c.st, n.broken);
     return;
   }
+  for (int q = threadIdx.x; q < P; q += blockDim.x) c.pub[q] = published(a, h.M * P + q);
+  if (threadIdx.x == 0) h.announce_puts();
+  __syncthreads();
   net_announce(a.sync, n.off_started);
   // What comes from each node: results of own tokens whose last node is another (lane 1); starts
   // and partials of the tokens forwarded here (lane 0).

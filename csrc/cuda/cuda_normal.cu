@@ -163,6 +163,7 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   n.off_forward_epoch = plan.off_forward_epoch;
   n.off_forwarded = plan.off_forwarded;
   n.off_started = plan.off_net_epoch;
+  n.off_announced = plan.off_net_tail;
   n.channels = at<const transport::ProxyChannel>(net_state);
   n.sent = at<uint64_t>(net_state, off_counters);
   n.taken = n.sent + counters;
@@ -329,9 +330,15 @@ struct HandleState {
   std::shared_ptr<Tensor> forward;  // two hops: what this rank forwards in the combine (ForwardTable)
 };
 
+uint64_t forward_words(const core::BufferPlan& p) {
+  return ForwardTable::words(p.nodes, p.max_tokens_per_rank, p.ranks_per_node);
+}
+
+// The handle's table as the buffer's plan lays it out; nothing if the handle has none, or one
+// laid out for another plan.
 ForwardTable forward_table(const BufferCore& buf, const HandleState& hs) {
   ForwardTable f;
-  if (!hs.forward) return f;
+  if (!hs.forward || uint64_t(hs.forward->numel()) != forward_words(buf.plan)) return f;
   f.base = reinterpret_cast<int32_t*>(hs.forward->data());
   f.nodes = buf.plan.nodes;
   f.tokens = buf.plan.max_tokens_per_rank;
@@ -429,11 +436,7 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   if (!w.cached) {
     auto hs = std::make_shared<HandleState>();
     SY_TRY(sy::new_output(buf, core::DType::I32, {1}, &hs->state));
-    if (st.sl.two_hop) {
-      const core::BufferPlan& p = buf.plan;
-      const uint64_t words = ForwardTable::words(p.nodes, p.max_tokens_per_rank, p.ranks_per_node);
-      SY_TRY(sy::new_output(buf, core::DType::I32, {int64_t(words)}, &hs->forward));
-    }
+    if (st.sl.two_hop) SY_TRY(sy::new_output(buf, core::DType::I32, {int64_t(forward_words(buf.plan))}, &hs->forward));
     h.backend_state = hs;
   }
   if (!h.backend_state) return invalid("handle", "handle: comes from another backend");
@@ -704,10 +707,9 @@ Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<Co
   a.out_w = w.out_topk_weights ? reinterpret_cast<float*>(w.out_topk_weights->data()) : nullptr;
   a.ws = st.ws;
   if (st.sl.two_hop) {
-    const auto& hs = *static_cast<HandleState*>(h.backend_state.get());
-    if (!hs.forward) return invalid("handle", "handle: comes from a dispatch that did not take two hops");
     a.net = st.net;
-    a.fwd = forward_table(buf, hs);
+    a.fwd = forward_table(buf, *static_cast<HandleState*>(h.backend_state.get()));
+    if (a.fwd.base == nullptr) return invalid("handle", "handle: comes from a dispatch that did not take two hops here");
     a.hierarchical = w.internode_reduction == SY_INTERNODE_HIERARCHICAL ? 1 : 0;
     a.shared_pub.chain_starts = a.pub.chain_starts = (a.bias0 != nullptr || a.bias1 != nullptr) ? 1 : 0;
   }

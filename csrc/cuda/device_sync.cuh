@@ -135,9 +135,11 @@ struct LateHop {
   core::WaitRole role = core::WaitRole::None;
 };
 
-// The first peer that has not announced the hop of this epoch at `off_started`; -1: none.
-__device__ inline int first_not_started(const SyncArgs& a, uint64_t off_started, uint32_t* seen) {
-  for (int p = 0; p < a.ranks; ++p) {
+// The first peer (of ranks first, first + step, ...) that has not announced the hop of this
+// epoch at `off_started`; -1: none.
+__device__ inline int first_not_started(const SyncArgs& a, uint64_t off_started, uint32_t* seen, int first = 0,
+                                        int step = 1) {
+  for (int p = first; p < a.ranks; p += step) {
     if (p == a.rank) continue;
     const uint32_t v = ld_acquire_sys(header_word(a, a.rank, off_started + 4ull * uint64_t(p)));
     if (epoch_reached(v, a.epoch)) continue;

@@ -117,6 +117,13 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
                                            std::to_string(r.c) +
                                            "; records come in token order, from a node before this one to one after");
       }
+      if (r.a == -10) {
+        return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": " + op + ": rank " + std::to_string(r.peer) +
+                                           " announced " + std::to_string(r.observed) + " network entries in lane " +
+                                           std::to_string(r.b) + ", this rank took " + std::to_string(r.expected) +
+                                           " (the ranks disagree about the routing: every rank must pass the handle "
+                                           "of the same dispatch)");
+      }
       if (r.a < 0) {
         return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": rank " + std::to_string(r.peer) +
                                            " listed token " + std::to_string(r.observed) + " of its " +

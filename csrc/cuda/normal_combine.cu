@@ -89,7 +89,11 @@ __global__ void __launch_bounds__(kCopyThreads) stage_combine_kernel(CombineArgs
 // then each lane takes 8 channels at a time and issues the loads of a whole batch of sources
 // before adding them, in rank order, so the reduction keeps the host backend's order while
 // many loads are in flight.
-__global__ void __launch_bounds__(kCopyThreads, 2) combine_reduce_kernel(CombineArgs a) {
+// kNodePart: the hierarchical reduction across nodes (core/internode.h), for the tokens that stay
+// on this rank's node: the ranks' rows summed from zero and rounded, then added to the biases and
+// rounded again, as home folds its own node's part.
+template <bool kNodePart>
+__device__ __forceinline__ void reduce_tokens(const CombineArgs& a) {
   SY_SHARED(const uint8_t* [kWarpsPerBlock][kMaxSources], row_of);  // compact: the row; expanded: null
   SY_SHARED(int32_t[kWarpsPerBlock][kMaxSources], source_of);
   SY_SHARED(int64_t[kWarpsPerBlock][kMaxSources], index_of);  // the row's index in the source's receive order
@@ -108,9 +112,8 @@ __global__ void __launch_bounds__(kCopyThreads, 2) combine_reduce_kernel(Combine
   for (int64_t t = warp; t < a.tokens; t += warps) {
     const int32_t* slots = a.h_slot + t * R;
     if (a.net.relay != nullptr) {
-      // Two hops: a token that visits another node takes the chain (combine_network.cu), and
-      // the hierarchical reduction takes every token (it rounds each node's part).
-      bool away = a.hierarchical != 0;
+      // Two hops: a token that visits another node takes the network kernel (combine_network.cu).
+      bool away = false;
       for (int p = lane; p < R; p += 32) away = away || (slots[p] >= 0 && core::node_of(p, P) != my_node);
       if (__any_sync(0xffffffffu, away)) continue;
     }
@@ -145,6 +148,7 @@ __global__ void __launch_bounds__(kCopyThreads, 2) combine_reduce_kernel(Combine
     __syncwarp();
     for (int g = lane; g < groups; g += 32) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // kNodePart: the node's part, from zero
       float v[8];
       if (a.bias0 != nullptr) {
         load_bf16x8(a.bias0 + t * a.bias0_stride + g * 16, v);
@@ -172,8 +176,12 @@ __global__ void __launch_bounds__(kCopyThreads, 2) combine_reduce_kernel(Combine
             expanded_part(published(a, source_of[w][i0 + j]), index_of[w][i0 + j], g, v);
           }
 #pragma unroll
-          for (int i = 0; i < 8; ++i) acc[i] += v[i];
+          for (int i = 0; i < 8; ++i) (kNodePart ? part[i] : acc[i]) += v[i];
         }
+      }
+      if (kNodePart && count > 0) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += core::bf16_to_float(core::float_to_bf16(part[i]));
       }
       store_bf16x8(a.out + t * a.out_stride + g * 16, acc);
     }
@@ -184,6 +192,11 @@ __global__ void __launch_bounds__(kCopyThreads, 2) combine_reduce_kernel(Combine
     }
     __syncwarp();  // the lists are rewritten for the next token
   }
+}
+
+__global__ void __launch_bounds__(kCopyThreads, 2) combine_reduce_kernel(CombineArgs a) { reduce_tokens<false>(a); }
+__global__ void __launch_bounds__(kCopyThreads, 2) combine_reduce_node_parts_kernel(CombineArgs a) {
+  reduce_tokens<true>(a);
 }
 
 }  // namespace
@@ -211,7 +224,11 @@ cudaError_t launch_combine(const CombineArgs& a, int blocks, cudaStream_t stream
     if (rc != cudaSuccess) (void)launch_abandon(a.sync, -1, stream);
   }
   if (rc == cudaSuccess) {
-    SY_LAUNCH(combine_reduce_kernel, int(need < blocks ? need : blocks), kCopyThreads, 0, stream)(a);
+    if (a.net.relay != nullptr && a.hierarchical) {
+      SY_LAUNCH(combine_reduce_node_parts_kernel, int(need < blocks ? need : blocks), kCopyThreads, 0, stream)(a);
+    } else {
+      SY_LAUNCH(combine_reduce_kernel, int(need < blocks ? need : blocks), kCopyThreads, 0, stream)(a);
+    }
     rc = cudaGetLastError();
   }
   // The end handshake whatever happened to the reduction: the peers wait for it. (A failed

@@ -201,6 +201,7 @@ struct NetworkArgs {
   int32_t row_payload = 0, row_topk_weights = 0;
   uint64_t off_forward_epoch = 0, off_forwarded = 0;
   uint64_t off_started = 0;  // u32[R]: rank p started the network kernel of operation n (network_state.cuh)
+  uint64_t off_announced = 0;  // u32[lanes][R]: combine: the entries rank p puts here (combine_network.cu)
   // Device memory: this rank's proxy channels, [nodes] to send to each node, then [nodes] to
   // credit each node's sender; the network counters that persist across operations, per lane
   // and node (entries put to each node's column peer, taken from each node's); 1 once a failure

@@ -73,7 +73,7 @@ __device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int pee
       }
       if ((spins & 63u) != 63u) continue;
       if (const uint64_t waited = global_ns() - start; waited > a.sync.timeout_ns) {
-        net_timed_out(a.sync, st, a.net.off_started, peer, role, expected, observed(), waited);
+        net_timed_out(a.sync, st, a.net.off_started, a.net.ranks_per_node, peer, role, expected, observed(), waited);
         ok = 0;
         break;
       }
@@ -93,15 +93,20 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
   const Published& p = a.pub;
   uint8_t* own = a.sync.bases[me];
   uint64_t sent = n.sent_to(m, core::kPassOn);
+  uint64_t credit_seen = sent > uint64_t(n.entries) ? sent - uint64_t(n.entries) : 0;  // lane 0's
   for (int64_t t = 0; t < a.tokens; ++t) {
     bool to_node = false;
     for (int q = 0; q < P && !to_node; ++q) to_node = a.h_route[t * R + m * P + q] != 0;
     if (!to_node) continue;
     // Entry `sent` goes where entry sent - entries was: the column peer must have taken that one.
     const uint64_t need = sent + 1 > uint64_t(n.entries) ? sent + 1 - uint64_t(n.entries) : 0;
-    const auto credit = [&] { return transport::read_signal(ch, column, signal_credit(core::kPassOn)); };
+    // (Signals only grow: the last value seen answers first; on a GPU a read crosses PCIe.)
+    const auto credit = [&] {
+      return credit_seen = transport::read_signal(ch, column, signal_credit(core::kPassOn));
+    };
     if (!warp_wait(a, st, lane, column, kHop, int64_t(need),
-                   [&] { return transport::signal_reached(credit(), need); }, [&] { return int64_t(credit()); })) {
+                   [&] { return transport::signal_reached(credit_seen, need) || transport::signal_reached(credit(), need); },
+                   [&] { return int64_t(credit()); })) {
       break;
     }
     const uint64_t out_off = n.ring_entry(n.off_net_out, m, core::kPassOn, sent);
@@ -158,14 +163,19 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
   const uint8_t* own = a.sync.bases[me];
   const int relay = relay_index(source, my_node, P);
   uint64_t taken = n.taken_from(m, core::kPassOn);
+  uint64_t landed_seen = taken;  // lane 0's
   int32_t last_token = -1;
   if (a.fwd.base != nullptr && lane == 0) a.fwd.count()[m] = 0;
   // Records delivered to each rank q of the node: lane q % 32 counts q (nodes of up to 64 ranks).
   int32_t delivered[2] = {0, 0};
   for (int32_t k = 0; k < count; ++k) {
-    const auto landed = [&] { return transport::read_signal(ch, source, signal_landed(core::kPassOn)); };
+    const auto landed = [&] { return landed_seen = transport::read_signal(ch, source, signal_landed(core::kPassOn)); };
     if (!warp_wait(a, st, lane, source, core::WaitRole::DispatchForward, int64_t(taken + 1),
-                   [&] { return transport::signal_reached(landed(), taken + 1); }, [&] { return int64_t(landed()); })) {
+                   [&] {
+                     return transport::signal_reached(landed_seen, taken + 1) ||
+                            transport::signal_reached(landed(), taken + 1);
+                   },
+                   [&] { return int64_t(landed()); })) {
       break;
     }
     __syncwarp();
@@ -301,7 +311,7 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
         if (epoch_reached(v, a.sync.epoch) || net_stopped(a.sync, st, spins)) break;
         if ((spins & 63u) != 63u) continue;
         if (const uint64_t waited = global_ns() - start; waited > a.sync.timeout_ns) {
-          net_timed_out(a.sync, st, n.off_started, f, core::WaitRole::DispatchForward, a.sync.epoch, v, waited);
+          net_timed_out(a.sync, st, n.off_started, P, f, core::WaitRole::DispatchForward, a.sync.epoch, v, waited);
           break;
         }
         __nanosleep(256);

@@ -86,22 +86,28 @@ __device__ __forceinline__ void unpack_bf16x8(int4 v, float out[8]) {
 // Eight BF16 channels at `p` as floats.
 __device__ __forceinline__ void load_bf16x8(const uint8_t* p, float out[8]) { unpack_bf16x8(load_raw16(p), out); }
 
-__device__ __forceinline__ void store_bf16x8(uint8_t* p, const float in[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    w[i] = uint32_t(core::float_to_bf16(in[2 * i])) | (uint32_t(core::float_to_bf16(in[2 * i + 1])) << 16);
-  }
+// 16 bytes to `p` (2-byte aligned): one vector store when 16-byte aligned.
+__device__ __forceinline__ void store_raw16(uint8_t* p, int4 v) {
   if (aligned16(p)) {
-    *reinterpret_cast<int4*>(p) = make_int4(int(w[0]), int(w[1]), int(w[2]), int(w[3]));
+    *reinterpret_cast<int4*>(p) = v;
     return;
   }
+  const uint32_t w[4] = {uint32_t(v.x), uint32_t(v.y), uint32_t(v.z), uint32_t(v.w)};
   auto* h = reinterpret_cast<uint16_t*>(p);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     h[2 * i] = uint16_t(w[i] & 0xffffu);
     h[2 * i + 1] = uint16_t(w[i] >> 16);
   }
+}
+
+__device__ __forceinline__ void store_bf16x8(uint8_t* p, const float in[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    w[i] = uint32_t(core::float_to_bf16(in[2 * i])) | (uint32_t(core::float_to_bf16(in[2 * i + 1])) << 16);
+  }
+  store_raw16(p, make_int4(int(w[0]), int(w[1]), int(w[2]), int(w[3])));
 }
 
 }  // namespace sy::cuda
