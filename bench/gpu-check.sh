@@ -11,7 +11,8 @@
 #      (bench/gpu_bench.cu), and the low-latency mode at decode shapes, 128 and 1 tokens per rank,
 #      per rank median and p99 next to the bound of the copy bandwidth (bench/ll_bench.cu); both
 #      write their JSON; then `deno task bench` and `deno bench` (bench/cuda_bench.ts: each
-#      operation next to a device-to-device copy of its bytes, timed by CUDA events),
+#      operation next to a device-to-device copy of its bytes, timed by CUDA events), and the two
+#      hops across 2 virtual nodes of 4 (the proxy, the NIC stream, the network kernels),
 #   4. runs the CUDA tests (tests/cuda_test.ts: every normal-mode case against the host backend,
 #      bit for bit, plus the failure cases) and compute-sanitizer memcheck on the benchmark's
 #      one-rank case (the sanitizer runs one kernel at a time, so ranks that wait for each other
@@ -153,6 +154,9 @@ if [ $gpu -eq 1 ]; then
       deno run "${bench_permissions[@]}" src/cli/bench.ts --backend cuda --out "$out/bench" --quiet
     step "deno bench on the GPU: dispatch and combine next to device copies, timed by CUDA events" 60 \
       deno bench --allow-ffi --allow-env --allow-read bench/cuda_bench.ts
+    step "two hops on the GPU: 8 ranks as 2 virtual nodes of 4, 1024 tokens, the proxy and its NIC stream" 60 \
+      deno run "${bench_permissions[@]}" src/cli/bench.ts --backend cuda --scenario deepseek-v3-prefill --ranks 8 \
+      --tokens 1024 --ranks-per-node 4 --no-sweep --iterations 3 --warmup 1 --out "$out/bench-nodes" --quiet
     step "CUDA tests: every normal-mode case against the host backend, and the failures" 90 \
       env SWITCHYARD_TEST_BACKEND=cuda deno test "${test_permissions[@]}" --allow-net tests/cuda_test.ts tests/cuda_config_test.ts
     step "compute-sanitizer memcheck (one rank, compact and expanded)" 40 bash -c \
@@ -209,6 +213,10 @@ else
     step "deno task bench at small sizes on the CPU executor (what the GPU run invokes)" 90 \
       env SWITCHYARD_LIBRARY="$bin/libswitchyard.so" deno run "${bench_permissions[@]}" src/cli/bench.ts \
       --backend cuda --ranks 2 --tokens 16 --iterations 2 --warmup 1 --out "$out/bench" --quiet
+    step "two hops at small sizes on the CPU executor (what the GPU run invokes)" 90 \
+      env SWITCHYARD_LIBRARY="$bin/libswitchyard.so" deno run "${bench_permissions[@]}" src/cli/bench.ts \
+      --backend cuda --scenario deepseek-v3-prefill --ranks 4 --tokens 16 --ranks-per-node 2 --no-sweep \
+      --iterations 2 --warmup 1 --out "$out/bench-nodes" --quiet
     step "deno bench at small sizes on the CPU executor (what the GPU run invokes)" 60 \
       env SWITCHYARD_LIBRARY="$bin/libswitchyard.so" deno bench --allow-ffi --allow-env --allow-read bench/cuda_bench.ts
     step "processes against virtual ranks: what the GPU run times, at small sizes" 90 \

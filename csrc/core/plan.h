@@ -127,6 +127,9 @@ struct BufferPlan {
   uint64_t off_expert_counts = 0;   // i32[R][kMaxExpertsPerRank]: row p = p's tokens per my expert
   uint64_t off_mask = 0;            // u32[R]: this rank's view of which peers are masked
   // Across nodes, two hops (core/internode.h): the network rings' counters, and the forwarding.
+  // (The CUDA backend's signals live with its transport: there off_net_epoch says that rank p has
+  // started operation n's network hop, and off_net_tail how many entries p puts here in a combine,
+  // written before it; cuda/network_state.cuh, cuda/combine_network.cu.)
   uint64_t off_net_epoch = 0;       // u32[R]: operation n: the counters below from rank p are of it
   uint64_t off_net_tail = 0;        // u32[kNetLanes][R]: entries rank p has put into its ring here
   uint64_t off_net_counts = 0;      // i32[R]: dispatch: the network records rank p puts here in all
