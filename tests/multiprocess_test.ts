@@ -56,6 +56,13 @@ for (const [nproc, perNode] of [[2, 2], [4, 4], [4, 2]]) {
       assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} ok`), r.lines.join("\n"));
       const node = Math.floor(rank / perNode);
       assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} is on node ${node} of ${nodes}`), r.lines.join("\n"));
+      if (nodes > 1) {
+        const hierarchical = backend === "cuda" ? "was refused (one hop)" : "ran";
+        assert.ok(
+          r.lines.includes(`[rank ${rank}] rank ${rank}: the hierarchical combine ${hierarchical}`),
+          r.lines.join("\n"),
+        );
+      }
     }
     assert.deepEqual(segmentsOf(r.exits.map((e) => e.pid)), []);
   });

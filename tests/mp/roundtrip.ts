@@ -214,6 +214,20 @@ try {
     using back = await buffer.combine(y, sent.handle, combineOptions);
     same(round, "combine", await back.combinedX.read(), want[me]);
     if (!expanded) same(round, "combined weights", await back.combinedTopkWeights!.read(), wantWeights[me]);
+    if (round === 0 && rank.ranksPerNode < R) {
+      // The hierarchical reduction: it runs on the host backend (combine_test checks its values);
+      // between CUDA processes combine takes one hop, and every rank refuses it, naming the option.
+      const e = await buffer.combine(y, sent.handle, { ...combineOptions, internodeReduction: "hierarchical" }).then(
+        async (b) => {
+          using _ = b;
+          await b.combinedX.read();
+        },
+        (err) => err,
+      );
+      const refused = e instanceof SwitchyardError && e.code === "UNSUPPORTED" && e.argument === "internodeReduction";
+      if (backend === "cuda" ? !refused : e !== undefined) throw new Error(`the hierarchical combine ended with ${e}`);
+      console.log(`rank ${me}: the hierarchical combine ${refused ? "was refused (one hop)" : "ran"}`);
+    }
     console.log(`rank ${me} round ${round} (${variant}) ok`);
   }
   // A low-latency round trip too: every token's row distinct (exact in BF16, and so are its
