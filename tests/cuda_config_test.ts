@@ -175,52 +175,36 @@ Deno.test({
   });
 });
 
-Deno.test({
-  name: "cuda config: a rank late for the network hop of a two-hop dispatch fails every peer, naming it and the hop",
-  ignore: ignore || !onCpu, // the CPU executor holds the kernel back
-}, async () => {
-  // 4 ranks as 2 nodes of 2, a 300 ms deadline; one rank's network kernel starts 2.5 s late (the
-  // first launch of it in the process: whichever rank got there first).
-  const env = { SY_CUDA_CPU_DEVICES: "1", SY_CUDA_CPU_DELAY_START: "dispatch_network_kernel:2500:1" };
-  const [line] = await rounds(4, 1, env, [], "worst", 300, 2);
-  const errors = line.split(" | ").map((e) => e.match(/^error (\d) (\w+) \S+ (\d+): (.*)$/));
-  assert.equal(errors.filter((e) => e).length, 4, line);
-  // The late rank: the one the waiters name.
-  const named = line.match(/waiting for rank (\d) in two-hop dispatch/);
-  assert.ok(named, line);
-  const late = Number(named[1]);
-  for (const e of errors) {
-    const [, r, code, ms, message] = e!;
-    if (Number(r) === late) continue;
-    // A waiter names it and the hop; the others hear from a waiter, which names it too.
-    assert.ok(code === "TIMEOUT" || code === "PEER_FAILED", line);
-    assert.match(message, new RegExp(`rank ${late} in two-hop dispatch, (the network hop|the hop inside the node)`));
-    assert.ok(Number(ms) < 2000, `rank ${r} took ${ms} ms: ${line}`);
-  }
-});
-
-Deno.test({
-  name: "cuda config: a rank late for the network hop of a two-hop combine fails every peer, naming it and the hop",
-  ignore: ignore || !onCpu, // the CPU executor holds the kernel back
-}, async () => {
-  // As for dispatch: 4 ranks as 2 nodes of 2, a 300 ms deadline, one rank's chain 2.5 s late. The
-  // peers wait for it directly or through a partial it holds up; either way the late one is named
-  // (it has not started the hop).
-  const env = { SY_CUDA_CPU_DEVICES: "1", SY_CUDA_CPU_DELAY_START: "combine_network_kernel:2500:1" };
-  const [line] = await rounds(4, 1, env, [], "worst", 300, 2);
-  const errors = line.split(" | ").map((e) => e.match(/^error (\d) (\w+) \S+ (\d+): (.*)$/));
-  assert.equal(errors.filter((e) => e).length, 4, line);
-  const named = line.match(/waiting for rank (\d) in two-hop combine/);
-  assert.ok(named, line);
-  const late = Number(named[1]);
-  for (const e of errors) {
-    const [, r, code, ms, message] = e!;
-    if (Number(r) === late) continue;
-    assert.ok(code === "TIMEOUT" || code === "PEER_FAILED", line);
-    assert.match(message, new RegExp(`rank ${late} in two-hop combine, the network hop`));
-    assert.ok(Number(ms) < 2000, `rank ${r} took ${ms} ms: ${line}`);
-  }
-});
+// 4 ranks as 2 nodes of 2, a 300 ms deadline; one rank's network kernel of `op` starts 2.5 s late
+// (the first launch of it in the process: whichever rank got there first). The peers wait for it
+// directly or through what it holds up; a waiter names it and the hop (`hops`: the hop's name as
+// the messages give it), and the others hear from a waiter, which names it too.
+for (
+  const [op, kernel, hops] of [
+    ["dispatch", "dispatch_network_kernel", "(the network hop|the hop inside the node)"],
+    ["combine", "combine_network_kernel", "the network hop"],
+  ]
+) {
+  Deno.test({
+    name: `cuda config: a rank late for the network hop of a two-hop ${op} fails every peer, naming it and the hop`,
+    ignore: ignore || !onCpu, // the CPU executor holds the kernel back
+  }, async () => {
+    const env = { SY_CUDA_CPU_DEVICES: "1", SY_CUDA_CPU_DELAY_START: `${kernel}:2500:1` };
+    const [line] = await rounds(4, 1, env, [], "worst", 300, 2);
+    const errors = line.split(" | ").map((e) => e.match(/^error (\d) (\w+) \S+ (\d+): (.*)$/));
+    assert.equal(errors.filter((e) => e).length, 4, line);
+    const named = line.match(new RegExp(`waiting for rank (\\d) in two-hop ${op}`));
+    assert.ok(named, line);
+    const late = Number(named[1]);
+    for (const e of errors) {
+      const [, r, code, ms, message] = e!;
+      if (Number(r) === late) continue;
+      assert.ok(code === "TIMEOUT" || code === "PEER_FAILED", line);
+      assert.match(message, new RegExp(`rank ${late} in two-hop ${op}, ${hops}`));
+      assert.ok(Number(ms) < 2000, `rank ${r} took ${ms} ms: ${line}`);
+    }
+  });
+}
 
 Deno.test({
   name: "cuda config: the host's wait for the received counts runs from the exchange kernel's start",
