@@ -46,6 +46,7 @@ export const NORMAL_MODE_SUITE = [
 const CUDA_SUITE = [
   "tests/cuda_test.ts",
   "tests/cuda_config_test.ts",
+  "tests/bench_test.ts",
   "tests/multiprocess_test.ts",
   "tests/low_latency_test.ts",
   ...NORMAL_MODE_SUITE,

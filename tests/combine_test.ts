@@ -130,6 +130,14 @@ Deno.test("across nodes, 8 ranks as 2x4, 4x2 and 8x1: the chain and the hierarch
           ));
       }
     }
+    // Top-2 of 8 experts: about a third of the tokens stay on their node (the grid's part of
+    // the two-hop combine, rounded per node in the hierarchical reduction), some go nowhere.
+    await t.step(`${internodeReduction}, 8 ranks in nodes of 4, top-2 of 8, 2 biases`, () =>
+      checkCombine(
+        { ranks: 8, tokens: tokensFor(8, 23, 7), hidden: 128, experts: 8, topk: 2, seed: 61, drop: 0.2 },
+        2,
+        { ranksPerNode: 4, internodeReduction },
+      ));
   }
 });
 

@@ -71,6 +71,8 @@ struct Chain {
   int32_t starts[kMaxNodes];  // whether node m's column source sends starts
   int32_t next_start;         // own tokens: the next to consider for a start
   int32_t next_begin[kMaxNodes];
+  int32_t puts[core::kNetLanes][kMaxNodes];  // entries this rank puts, per lane and node (announced)
+  int32_t agreed[kMaxNodes];                 // node k's column peer announced what this rank expects
   uint64_t home_in[kMaxNodes];  // hierarchical, home: where each node's partial of the token landed
   uint64_t progress;  // when a step last went
   // Whom thread 0 waits for while nothing can go (the deadline names it).
@@ -171,64 +173,70 @@ struct Here {
     return find_rows(slots, d.source) ? step : Step::Failed;
   }
 
-  // Thread 0, all taken: what each column peer announced it would put here (at its start, with
-  // its started flag) is what this rank took. Anything else (an extra entry, ranks that passed
-  // handles of different dispatches) would leave the rings out of step: refused, naming it.
-  __device__ Step announced_agree() {
+  // Thread 0: what each column peer announced it puts here (at its start, before its started
+  // flag) is what this rank expects to take. Anything else (an extra or a missing entry, ranks
+  // that passed handles of different dispatches) would leave the rings out of step, or wait for
+  // ever: refused at once, naming the peer. `all_taken`: Done once every peer agrees (a peer not
+  // started yet is waited for, with the deadline); else only the peers started so far are checked.
+  __device__ Step announced_agree(bool all_taken) {
     for (int k = 0; k < N; ++k) {
-      if (k == M) continue;
+      if (k == M || c.agreed[k]) continue;
       const int p = column(k);
       const uint32_t started = ld_acquire_sys(header_word(a.sync, me, a.net.off_started + 4ull * uint64_t(p)));
-      if (!epoch_reached(started, a.sync.epoch)) {  // not started yet: waited for, with the deadline
+      if (!epoch_reached(started, a.sync.epoch)) {
+        if (!all_taken) continue;
         c.wait_peer = p;
         c.wait_expected = a.sync.epoch;
         c.wait_observed = started;
         return Step::Idle;
       }
       for (int lane = 0; lane < core::kNetLanes; ++lane) {
-        const int32_t said = int32_t(ld_volatile(header_word(a.sync, me, a.net.off_announced + 4ull * (uint64_t(lane) * uint64_t(R) + uint64_t(p)))));
+        const uint64_t at = a.net.off_announced + 4ull * (uint64_t(lane) * uint64_t(R) + uint64_t(p));
+        const int32_t said = int32_t(ld_volatile(header_word(a.sync, me, at)));
         if (said != c.expected[lane][k]) {
           peer_value_wrong(a.sync, c.st, kHop, -10, p, c.expected[lane][k], said, lane);
           return Step::Failed;
         }
       }
+      c.agreed[k] = 1;
     }
-    return Step::Done;
+    return all_taken ? Step::Done : Step::Idle;
   }
 
-  // Thread 0, before anything is put: how many entries this rank puts to each node in each lane,
-  // announced to the column peer there (announced_agree checks it).
+  // Block-wide, before anything is put: how many entries this rank puts to each node in each
+  // lane (c.puts), announced by thread 0 to the column peer there (announced_agree checks it).
   __device__ void announce_puts() {
-    int32_t puts[core::kNetLanes][kMaxNodes] = {};
     const ForwardTable& f = a.fwd;
     if (a.hierarchical) {
-      for (int m = 0; m < N; ++m)
-        if (m != M) puts[core::kKeep][m] += f.count()[m];
+      for (int m = threadIdx.x; m < N; m += blockDim.x)
+        if (m != M) atomicAdd(&c.puts[core::kKeep][m], f.count()[m]);
     } else {
-      for (int64_t t = 0; t < a.tokens; ++t) {
+      for (int64_t t = threadIdx.x; t < a.tokens && biased(); t += blockDim.x) {  // starts
         const int first = visits(t).next(-1);
-        if (biased() && first >= 0 && first != M) puts[core::kPassOn][first] += 1;
+        if (first >= 0 && first != M) atomicAdd(&c.puts[core::kPassOn][first], 1);
       }
       for (int m = 0; m < N; ++m) {
-        for (int32_t k = 0; k < f.count()[m]; ++k) {
-          const int32_t* e = f.entry(m, f.list(m)[k]);
-          const int next = e[ForwardTable::kNext];
+        for (int32_t k = threadIdx.x; k < f.count()[m]; k += blockDim.x) {
+          const int next = f.entry(m, f.list(m)[k])[ForwardTable::kNext];
           if (next >= 0) {
-            puts[core::kPassOn][next] += 1;
+            atomicAdd(&c.puts[core::kPassOn][next], 1);
           } else if (m != M) {
-            puts[core::kKeep][m] += 1;
+            atomicAdd(&c.puts[core::kKeep][m], 1);
           }
         }
       }
     }
-    for (int k = 0; k < N; ++k) {
-      if (k == M) continue;
-      for (int lane = 0; lane < core::kNetLanes; ++lane) {
-        *header_word(a.sync, column(k), a.net.off_announced + 4ull * (uint64_t(lane) * uint64_t(R) + uint64_t(me))) =
-            uint32_t(puts[lane][k]);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < N; ++k) {
+        if (k == M) continue;
+        for (int lane = 0; lane < core::kNetLanes; ++lane) {
+          const uint64_t at = a.net.off_announced + 4ull * (uint64_t(lane) * uint64_t(R) + uint64_t(me));
+          *header_word(a.sync, column(k), at) = uint32_t(c.puts[lane][k]);
+        }
       }
+      __threadfence_system();  // before the started flags (net_announce)
     }
-    __threadfence_system();  // before the started flags (net_announce)
   }
 
   // Thread 0: the first step that can go now, Done, Failed, or Idle.
@@ -273,7 +281,7 @@ struct Here {
     bool done = c.next_start >= a.tokens;
     for (int m = 0; m < N; ++m) done = done && (m == M || c.next_begin[m] >= f.count()[m]);
     for (int k = 0; k < N; ++k) done = done && c.got[core::kKeep][k] >= c.expected[core::kKeep][k];
-    return done ? announced_agree() : Step::Idle;
+    return done ? announced_agree(true) : Step::Idle;
   }
 
   // The chain.
@@ -344,7 +352,7 @@ struct Here {
     for (int m = 0; m < N; ++m) done = done && c.next_begin[m] >= f.count()[m];
     for (int k = 0; k < N; ++k)
       for (int lane = 0; lane < core::kNetLanes; ++lane) done = done && c.got[lane][k] >= c.expected[lane][k];
-    return done ? announced_agree() : Step::Idle;
+    return done ? announced_agree(true) : Step::Idle;
   }
 
   // Thread 0: decides, polling until a step can go, the deadline passes or a peer aborts.
@@ -352,10 +360,12 @@ struct Here {
     for (uint32_t spins = 0;; ++spins) {
       Step s = decide();
       if (s == Step::Idle && net_stopped(a.sync, c.st, spins)) s = Step::Failed;
+      // Waiting: a peer that announced other counts will not send what is waited for.
+      if (s == Step::Idle && (spins & 63u) == 0) s = announced_agree(false) == Step::Failed ? Step::Failed : s;
       if (s == Step::Idle && (spins & 63u) == 63u) {
         if (const uint64_t waited = global_ns() - c.progress; waited > a.sync.timeout_ns) {
-          net_timed_out(a.sync, c.st, a.net.off_started, P, c.wait_peer, kHop, c.wait_expected, c.wait_observed,
-                        waited);
+          net_timed_out(a.sync, c.st, late_network_hop(a.net, kHop), c.wait_peer, kHop, c.wait_expected,
+                        c.wait_observed, waited);
           s = Step::Failed;
         }
       }
@@ -585,6 +595,8 @@ __global__ void __launch_bounds__(kSyncThreads) combine_network_kernel(CombineAr
       }
       c.starts[k] = k != h.M && published(a, h.column(k)).chain_starts != 0 ? 1 : 0;
       c.next_begin[k] = 0;
+      c.agreed[k] = 0;
+      for (int lane = 0; lane < core::kNetLanes; ++lane) c.puts[lane][k] = 0;
     }
     c.next_start = 0;
     c.progress = global_ns();
@@ -597,7 +609,7 @@ __global__ void __launch_bounds__(kSyncThreads) combine_network_kernel(CombineAr
     return;
   }
   for (int q = threadIdx.x; q < P; q += blockDim.x) c.pub[q] = published(a, h.M * P + q);
-  if (threadIdx.x == 0) h.announce_puts();
+  h.announce_puts();
   __syncthreads();
   net_announce(a.sync, n.off_started);
   // What comes from each node: results of own tokens whose last node is another (lane 1); starts

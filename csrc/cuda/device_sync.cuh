@@ -133,6 +133,7 @@ __device__ inline void signal_peers(const SyncArgs& a, uint64_t off) {
 struct LateHop {
   uint64_t off_started = 0;
   core::WaitRole role = core::WaitRole::None;
+  int32_t ranks_per_node = 1;
 };
 
 // The first peer (of ranks first, first + step, ...) that has not announced the hop of this
@@ -147,6 +148,15 @@ __device__ inline int first_not_started(const SyncArgs& a, uint64_t off_started,
     return p;
   }
   return -1;
+}
+
+// The rank that never started the hop, if any: this rank's column first (its network peers, the
+// ranks with its index on the other nodes), then any.
+__device__ inline int late_peer(const SyncArgs& a, const LateHop& late, uint32_t* seen) {
+  if (late.off_started == 0) return -1;
+  const int P = late.ranks_per_node > 0 ? late.ranks_per_node : 1;
+  const int p = first_not_started(a, late.off_started, seen, a.rank % P, P);
+  return p >= 0 ? p : first_not_started(a, late.off_started, seen);
 }
 
 // Waits until every peer's flag in my array at `off` has reached this epoch. Block-wide; every
@@ -177,7 +187,7 @@ __device__ inline bool wait_peers(const SyncArgs& a, uint64_t off, core::WaitRol
           f.observed = v;
           f.waited_ns = int64_t(waited);
           uint32_t seen = 0;
-          if (const int p = late.off_started ? first_not_started(a, late.off_started, &seen) : -1; p >= 0) {
+          if (const int p = late_peer(a, late, &seen); p >= 0) {
             f.peer = p;
             f.role = late.role;
             f.observed = seen;

@@ -120,7 +120,8 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
       if (r.a == -10) {
         return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": " + op + ": rank " + std::to_string(r.peer) +
                                            " announced " + std::to_string(r.observed) + " network entries in lane " +
-                                           std::to_string(r.b) + ", this rank took " + std::to_string(r.expected) +
+                                           std::to_string(r.b) + " for this rank, which expects " +
+                                           std::to_string(r.expected) +
                                            " (the ranks disagree about the routing: every rank must pass the handle "
                                            "of the same dispatch)");
       }

@@ -47,16 +47,14 @@ __device__ inline void net_announce(const SyncArgs& s, uint64_t off_started) {
   }
 }
 
-// A wait for `peer` in `role` that passed its deadline (named: a rank that has not started the
-// hop, if any, this rank's column first (its network peers), else `peer`).
-__device__ inline void net_timed_out(const SyncArgs& s, NetState& st, uint64_t off_started, int ranks_per_node,
-                                     int peer, core::WaitRole role, int64_t expected, int64_t observed,
-                                     uint64_t waited) {
+// A wait for `peer` in `role` that passed its deadline. Named instead, in the kernel's network
+// hop `late.role`: a rank that has not started that hop, if any (late_peer).
+__device__ inline void net_timed_out(const SyncArgs& s, NetState& st, const LateHop& late, int peer,
+                                     core::WaitRole role, int64_t expected, int64_t observed, uint64_t waited) {
   uint32_t seen = 0;
-  int p = first_not_started(s, off_started, &seen, s.rank % ranks_per_node, ranks_per_node);
-  if (p < 0) p = first_not_started(s, off_started, &seen);
-  if (p >= 0) {
+  if (const int p = late_peer(s, late, &seen); p >= 0) {
     peer = p;
+    role = late.role;
     expected = s.epoch;
     observed = seen;
   }
@@ -75,7 +73,7 @@ __device__ inline void net_timed_out(const SyncArgs& s, NetState& st, uint64_t o
 // `what`: -5 a record's slot, -6 a count of network records, -7 the records a forwarder says it
 // delivered, -8 a combine entry this rank does not expect (b: its kind, c: its source node), -9 a
 // network record out of order or off its way (b, c: its previous and next node), -10 a count of
-// combine entries a peer announced that differs from what this rank took (b: the lane).
+// combine entries a peer announced that differs from what this rank expects (b: the lane).
 __device__ inline void peer_value_wrong(const SyncArgs& s, NetState& st, core::WaitRole role, int what, int peer,
                                         int64_t limit, int64_t value, int32_t b = 0, int32_t c = 0) {
   FailureInfo f;

@@ -222,11 +222,12 @@ struct NetworkArgs {
 
 // The end handshake of a two-hop operation names a rank that never started its network hop
 // (device_sync.cuh); one hop: nothing to name.
-inline LateHop late_network_hop(const NetworkArgs& n, core::WaitRole role) {
+__host__ __device__ inline LateHop late_network_hop(const NetworkArgs& n, core::WaitRole role) {
   LateHop h;
   if (n.relay != nullptr) {
     h.off_started = n.off_started;
     h.role = role;
+    h.ranks_per_node = n.ranks_per_node;
   }
   return h;
 }

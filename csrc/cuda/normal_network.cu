@@ -73,7 +73,7 @@ __device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int pee
       }
       if ((spins & 63u) != 63u) continue;
       if (const uint64_t waited = global_ns() - start; waited > a.sync.timeout_ns) {
-        net_timed_out(a.sync, st, a.net.off_started, a.net.ranks_per_node, peer, role, expected, observed(), waited);
+        net_timed_out(a.sync, st, late_network_hop(a.net, kHop), peer, role, expected, observed(), waited);
         ok = 0;
         break;
       }
@@ -311,7 +311,8 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
         if (epoch_reached(v, a.sync.epoch) || net_stopped(a.sync, st, spins)) break;
         if ((spins & 63u) != 63u) continue;
         if (const uint64_t waited = global_ns() - start; waited > a.sync.timeout_ns) {
-          net_timed_out(a.sync, st, n.off_started, P, f, core::WaitRole::DispatchForward, a.sync.epoch, v, waited);
+          net_timed_out(a.sync, st, late_network_hop(n, kHop), f, core::WaitRole::DispatchForward, a.sync.epoch, v,
+                        waited);
           break;
         }
         __nanosleep(256);
