@@ -1,7 +1,8 @@
-// The chain of the two-hop combine on the CUDA backend (core/internode.h has the protocol and why
-// it cannot deadlock, transport/rdma.h the network). After the combine's barrier, one block per
-// rank takes every token that visits another node; the grid's reduction (normal_combine.cu)
-// takes the tokens that stay on this rank's node, as on one node.
+// The two-hop combine on the CUDA backend, the chain and the hierarchical reduction
+// (core/internode.h has the protocol and why it cannot deadlock, transport/rdma.h the network).
+// After the combine's barrier, one block per rank takes every token that visits another node; the
+// grid's reduction (normal_combine.cu) takes the tokens that stay on this rank's node, as on one
+// node (hierarchical: the node's part rounded, then added to the biases).
 //
 // A token's float partial travels its nodes in ascending order, in the column of its source: the
 // forwarder on each node adds the rows of its node's ranks, pulled from their combine inputs, in
@@ -18,12 +19,20 @@
 //   pass on  a start or partial that landed in lane 0: its node's rows added, on to the next
 //            node (lane 0), home (lane 1) or, an own token, into the output
 //   keep     a result that landed in lane 1: into the output
+// Hierarchical: begin is this node's part of another node's token, from zero, rounded, home in
+// lane 1; home takes an own token once every other node's part of it has landed (each node sends
+// them in token order: they are its ring's heads), folds the biases, then the parts in node order
+// (its own node's folded here), and rounds again.
 // What goes where and how many come is known from the handle's forwarding table (ForwardTable,
 // written by the dispatch) and the routing; an entry naming a token the table does not lead to
 // from that sender, or one already taken, is refused (kernel_report.cu, -8).
 //
-// A stall longer than the deadline names the peer it waited for and the hop; a failure gives the
-// buffer up, as in dispatch (normal_network.cu), because the rings' counters are out of step.
+// Every rank announces, before its started flag, how many entries it puts to each column peer per
+// lane; a rank checks a peer's counts against what it expects as soon as that peer has started, so
+// ranks that disagree (handles of different dispatches) fail at once, naming each other. A stall
+// longer than the deadline names a rank that never started the hop, else the peer it waited for;
+// a failure gives the buffer up, as in dispatch (normal_network.cu): the rings' counters are out
+// of step.
 #include <cstdint>
 
 #include "../core/internode.h"
@@ -242,6 +251,7 @@ struct Here {
   // Thread 0: the first step that can go now, Done, Failed, or Idle.
   __device__ Step decide() {
     c.d.node_in = -1;
+    c.d.in_off = 0;  // no entry taken (work() forms its address whatever the step)
     return a.hierarchical ? decide_hierarchical() : decide_chain();
   }
 
