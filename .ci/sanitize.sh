@@ -7,7 +7,8 @@
 #             build in build-asan/. Deno itself is not instrumented, so the runtimes are preloaded.
 #             Not tests/jsr_test.ts and tests/fresh_clone_test.ts: they build and load libraries
 #             of their own.
-#   thread    tests/native/kernel_families.cpp (every kernel family, no Deno) and
+#   thread    tests/native/kernel_families.cpp (every kernel family, no Deno; deadlines of 120 s: the
+#             lane runs at low priority and can be starved for tens of seconds) and
 #             tests/native/rdma_transport.cu (the CPU proxy) against a ThreadSanitizer build in
 #             build-tsan/; any report fails the run.
 #
@@ -46,7 +47,7 @@ for kind in "$@"; do
     run:thread)
       # Every report counts: the run's exit status is 66 if there was one.
       TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1" \
-        "$root/build-tsan/switchyard_kernel_families" --ranks 3 --tokens 24 --experts 12 &&
+        "$root/build-tsan/switchyard_kernel_families" --ranks 3 --tokens 24 --experts 12 --timeout-ms 120000 &&
         TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1" "$root/build-tsan/switchyard_rdma_transport"
       ;;
     *)

@@ -8,7 +8,7 @@
 // edges CUDA promises and no others (tests/cuda_on_cpu/README.md). Exit status 0 means every
 // scenario agreed; ThreadSanitizer's reports make it non-zero (TSAN_OPTIONS exitcode).
 //
-//   kernel_families [--ranks 4] [--tokens 40] [--hidden 256] [--experts 16] [--topk 4]
+//   kernel_families [--ranks 4] [--tokens 40] [--hidden 256] [--experts 16] [--topk 4] [--timeout-ms 20000]
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -36,6 +36,9 @@ using Outputs = std::map<std::string, Bytes>;  // one rank's outputs of one scen
 
 struct Shape {
   int ranks = 4, tokens = 40, hidden = 256, experts = 16, topk = 4;
+  // The operations' deadline: longer under a sanitizer in CI, whose lane runs at low priority
+  // beside the main steps and can be starved for tens of seconds.
+  int timeout_ms = 20000;
 };
 
 // Every rank's inputs, generated once and uploaded to both backends.
@@ -117,7 +120,7 @@ struct Mode {
 // One dispatch (and, for cached mode, a second one on its handle) and a combine back, on every
 // rank; returns each rank's outputs.
 std::vector<Outputs> dispatch_and_combine(int32_t backend, const Shape& s, const Inputs& in, const Mode& m) {
-  Job job(backend, s, 20000, false, m.ranks_per_node);
+  Job job(backend, s, s.timeout_ms, false, m.ranks_per_node);
   std::vector<Outputs> out(size_t(s.ranks));
   each_rank(s.ranks, [&](int r) {
     const int T = s.tokens, H = s.hidden, K = s.topk;
@@ -250,7 +253,7 @@ Bytes watched(int rank, const char* call, bool note_polls) {
 // returns each rank's outputs: the rows each local expert received, their scales and source
 // tokens, the layout ranges, the counts and the combined tokens.
 std::vector<Outputs> low_latency(int32_t backend, const Shape& s, const Inputs& in, uint32_t flags, bool logfmt) {
-  Job job(backend, s, 20000, true);
+  Job job(backend, s, s.timeout_ms, true);
   std::vector<Outputs> out(size_t(s.ranks));
   const int T = s.tokens, H = s.hidden, K = s.topk, EL = s.experts / s.ranks;
   const int64_t N = int64_t(s.ranks) * T;
@@ -341,7 +344,7 @@ std::vector<Outputs> low_latency(int32_t backend, const Shape& s, const Inputs& 
 
 std::vector<Outputs> layout(int32_t backend, const Shape& s, const Inputs& in) {
   // Nodes of two ranks where the ranks pair up, so that the per-node counts have work to do.
-  sy::driver::LocalGroupSpec spec{backend, s.ranks, 20000, s.hidden, s.tokens};
+  sy::driver::LocalGroupSpec spec{backend, s.ranks, s.timeout_ms, s.hidden, s.tokens};
   spec.ranks_per_node = s.ranks % 2 == 0 ? 2 : 1;
   sy::driver::LocalGroup job(spec);
   std::vector<Outputs> out(size_t(s.ranks));
@@ -436,7 +439,8 @@ Shape parse(int argc, char** argv) {
     else if (k == "--hidden") s.hidden = v;
     else if (k == "--experts") s.experts = v;
     else if (k == "--topk") s.topk = v;
-    else die("unknown option " + k + " (--ranks --tokens --hidden --experts --topk)");
+    else if (k == "--timeout-ms") s.timeout_ms = v;
+    else die("unknown option " + k + " (--ranks --tokens --hidden --experts --topk --timeout-ms)");
   }
   if (s.ranks < 2 || s.experts % s.ranks != 0 || s.topk > s.experts || s.hidden % 8 != 0) die("inconsistent shape");
   return s;
