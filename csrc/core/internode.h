@@ -84,6 +84,7 @@
 #include <cstdint>
 
 #include "hd.h"
+#include "plan.h"
 #include "routing.h"
 
 namespace sy::core {
@@ -128,5 +129,83 @@ struct TokenNodes {
   }
   SY_HD int last() const { return prev(nodes); }
 };
+
+// The two-hop combine's routing rules, per token, for both reductions: what a rank takes from and
+// puts into the network rings, and in which lane. Both backends schedule by them, and count by
+// them what each lane brings (and the CUDA backend what it announces), so they cannot disagree
+// about the protocol. `my_node` is the rank's node; a forwarded token is described by its source
+// node and the nodes before and after this one on its way (-1: none), as the dispatch's
+// forwarding table keeps them.
+
+// An entry's destination: a node's column peer and a lane; node -1: this rank's own output.
+struct NetHop {
+  int node, lane;
+};
+
+// The chain: where a forwarded token goes once this node's rows are added. On to the next node it
+// visits (lane 0: that node passes it on); from its last node home (lane 1: home keeps it), or,
+// home being this node, into the output.
+SY_HD NetHop chain_onward(int source_node, int next, int my_node) {
+  if (next >= 0) return {next, kPassOn};
+  return {source_node == my_node ? -1 : source_node, kKeep};
+}
+
+// The chain: what a forwarded token's fold starts from here. The partial of the node before it;
+// else its biases, folded here when its source is on this node, or there and sent as a start if
+// the source sends starts (it has biases); else zero.
+enum class ChainFrom : int32_t { Zero = 0, Biases, Start, Partial };
+SY_HD ChainFrom chain_from(int source_node, int prev, int my_node, bool source_sends_starts) {
+  if (prev >= 0) return ChainFrom::Partial;
+  if (source_node == my_node) return ChainFrom::Biases;
+  return source_sends_starts ? ChainFrom::Start : ChainFrom::Zero;
+}
+// The node whose lane 0 brings what a forwarded token starts from (-1: nothing comes).
+SY_HD int chain_from_node(ChainFrom from, int source_node, int prev) {
+  return from == ChainFrom::Partial ? prev : from == ChainFrom::Start ? source_node : -1;
+}
+
+// The chain: the start an own token's source puts, in lane 0, when it has biases and the token's
+// first node is another: that node (-1: none).
+SY_HD int chain_start_node(const TokenNodes& v, int my_node, bool biased) {
+  const int first = v.next(-1);
+  return biased && first >= 0 && first != my_node ? first : -1;
+}
+
+// The chain: the node an own token's result comes home from, in lane 1: its last node, unless
+// that is this one (-1: none).
+SY_HD int chain_result_node(const TokenNodes& v, int my_node) {
+  const int last = v.last();
+  return last >= 0 && last != my_node ? last : -1;
+}
+
+// Calls f(node, lane) once per entry that comes to this rank for one of its own tokens: the
+// chain's result; the hierarchical parts, one from every other node it visits.
+template <class F>
+SY_HD void own_token_arrivals(const TokenNodes& v, int my_node, bool hierarchical, F&& f) {
+  if (!hierarchical) {
+    if (const int k = chain_result_node(v, my_node); k >= 0) f(k, kKeep);
+    return;
+  }
+  for (int k = v.next(-1); k >= 0; k = v.next(k))
+    if (k != my_node) f(k, kKeep);
+}
+
+// Calls f(node, lane) for the entry, if any, that comes to this rank for a token it forwards: the
+// chain's start or partial to fold (lane 0). The hierarchical reduction's parts start from zero.
+template <class F>
+SY_HD void forwarded_arrival(int source_node, int prev, int my_node, bool source_sends_starts, bool hierarchical,
+                             F&& f) {
+  if (hierarchical) return;
+  const int from = chain_from_node(chain_from(source_node, prev, my_node, source_sends_starts), source_node, prev);
+  if (from >= 0) f(from, kPassOn);
+}
+
+// Where a token this rank forwards goes after its node's rows: the chain's next step, or (the
+// hierarchical reduction) its source node's part, home in lane 1; node -1 for a token of this
+// node's own source that stays here (the rank's output, no entry).
+SY_HD NetHop forwarded_departure(int source_node, int next, int my_node, bool hierarchical) {
+  if (!hierarchical) return chain_onward(source_node, next, my_node);
+  return {source_node == my_node ? -1 : source_node, kKeep};
+}
 
 }  // namespace sy::core

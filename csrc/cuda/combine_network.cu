@@ -100,6 +100,10 @@ struct Here {
   __device__ int column(int node) const { return core::forwarder(node, me, P); }
   __device__ core::TokenNodes visits(int64_t t) const { return core::TokenNodes{a.h_slot + t * R, P, N}; }
   __device__ bool biased() const { return a.bias0 != nullptr || a.bias1 != nullptr; }
+  // The chain: what forwarded token `e` of source node m starts from here (core/internode.h).
+  __device__ core::ChainFrom chain_from(int m, const int32_t* e) const {
+    return core::chain_from(m, e[ForwardTable::kPrev], M, m != M && c.starts[m] != 0);
+  }
   // Whether a token visits a node other than this one.
   __device__ bool away(const core::TokenNodes& v) const {
     for (int k = v.next(-1); k >= 0; k = v.next(k))
@@ -216,23 +220,16 @@ struct Here {
   // lane (c.puts), announced by thread 0 to the column peer there (announced_agree checks it).
   __device__ void announce_puts() {
     const ForwardTable& f = a.fwd;
-    if (a.hierarchical) {
-      for (int m = threadIdx.x; m < N; m += blockDim.x)
-        if (m != M) atomicAdd(&c.puts[core::kKeep][m], f.count()[m]);
-    } else {
-      for (int64_t t = threadIdx.x; t < a.tokens && biased(); t += blockDim.x) {  // starts
-        const int first = visits(t).next(-1);
-        if (first >= 0 && first != M) atomicAdd(&c.puts[core::kPassOn][first], 1);
+    for (int64_t t = threadIdx.x; t < a.tokens && biased() && !a.hierarchical; t += blockDim.x) {  // starts
+      if (const int first = core::chain_start_node(visits(t), M, true); first >= 0) {
+        atomicAdd(&c.puts[core::kPassOn][first], 1);
       }
-      for (int m = 0; m < N; ++m) {
-        for (int32_t k = threadIdx.x; k < f.count()[m]; k += blockDim.x) {
-          const int next = f.entry(m, f.list(m)[k])[ForwardTable::kNext];
-          if (next >= 0) {
-            atomicAdd(&c.puts[core::kPassOn][next], 1);
-          } else if (m != M) {
-            atomicAdd(&c.puts[core::kKeep][m], 1);
-          }
-        }
+    }
+    for (int m = 0; m < N; ++m) {
+      for (int32_t k = threadIdx.x; k < f.count()[m]; k += blockDim.x) {
+        const int next = f.entry(m, f.list(m)[k])[ForwardTable::kNext];
+        const core::NetHop to = core::forwarded_departure(m, next, M, a.hierarchical != 0);
+        if (to.node >= 0) atomicAdd(&c.puts[to.lane][to.node], 1);
       }
     }
     __syncthreads();
@@ -299,8 +296,8 @@ struct Here {
     const ForwardTable& f = a.fwd;
     // Starts of own tokens whose first node is another.
     for (; c.next_start < a.tokens; ++c.next_start) {
-      const int first = visits(c.next_start).next(-1);
-      if (!biased() || first < 0 || first == M) continue;
+      const int first = core::chain_start_node(visits(c.next_start), M, biased());
+      if (first < 0) continue;
       if (!room(first, core::kPassOn)) break;
       return go(Step::Start, From::Biases, M, c.next_start, first, core::kPassOn, nullptr);
     }
@@ -309,12 +306,13 @@ struct Here {
       for (; c.next_begin[m] < f.count()[m]; ++c.next_begin[m]) {
         const int32_t t = f.list(m)[c.next_begin[m]];
         int32_t* e = f.entry(m, t);
-        const int prev = e[ForwardTable::kPrev], next = e[ForwardTable::kNext];
-        // An own token that stays on this node is the grid's (normal_combine.cu).
-        if (prev >= 0 || (m == M ? next < 0 : c.starts[m] != 0)) continue;
-        const int to = next >= 0 ? next : m, lane = next >= 0 ? core::kPassOn : core::kKeep;
-        if (!room(to, lane)) break;
-        return go(Step::Begin, m == M ? From::Biases : From::Zero, m, t, to, lane, e);
+        const core::ChainFrom from = chain_from(m, e);
+        const core::NetHop to = core::chain_onward(m, e[ForwardTable::kNext], M);
+        // Only what starts here; an own token that stays on this node is the grid's
+        // (normal_combine.cu).
+        if (from == core::ChainFrom::Partial || from == core::ChainFrom::Start || to.node < 0) continue;
+        if (!room(to.node, to.lane)) break;
+        return go(Step::Begin, from == core::ChainFrom::Biases ? From::Biases : From::Zero, m, t, to.node, to.lane, e);
       }
     }
     for (int k = 0; k < N; ++k) {
@@ -331,16 +329,15 @@ struct Here {
                          ? const_cast<int32_t*>(f.find(m, int32_t(h[2])))
                          : nullptr;
         // A start only from a source that said it sends them, a partial only from the node before.
-        const bool from_there = e != nullptr && (start ? e[ForwardTable::kPrev] < 0 && m == k && c.starts[k] != 0
-                                                       : e[ForwardTable::kPrev] == k);
+        const core::ChainFrom wanted = e != nullptr ? chain_from(m, e) : core::ChainFrom::Zero;
+        const bool from_there = wanted == (start ? core::ChainFrom::Start : core::ChainFrom::Partial) &&
+                                core::chain_from_node(wanted, m, e[ForwardTable::kPrev]) == k;
         if (!from_there || e[ForwardTable::kDone] == int32_t(a.sync.epoch)) return unexpected(k, h);
-        const int next = e[ForwardTable::kNext];
-        const int to = next >= 0 ? next : (m == M ? -1 : m);
-        const int lane = next >= 0 ? core::kPassOn : core::kKeep;
-        if (to < 0 || room(to, lane)) {
+        const core::NetHop to = core::chain_onward(m, e[ForwardTable::kNext], M);
+        if (to.node < 0 || room(to.node, to.lane)) {
           c.d.node_in = k;
           c.d.in_off = in;
-          return go(Step::PassOn, From::Entry, m, h[2], to, lane, e);
+          return go(Step::PassOn, From::Entry, m, h[2], to.node, to.lane, e);
         }
       }
       // Results of this rank's own tokens from node k.
@@ -350,7 +347,7 @@ struct Here {
         const uint32_t h[4] = {uint32_t(raw.x), uint32_t(raw.y), uint32_t(raw.z), uint32_t(raw.w)};
         const int64_t t = int32_t(h[2]);
         if (h[0] != uint32_t(core::NetEntry::Result) || int(h[1]) != M || t < 0 || t >= a.tokens ||
-            visits(t).last() != k || f.stored()[t] == int32_t(a.sync.epoch)) {
+            core::chain_result_node(visits(t), M) != k || f.stored()[t] == int32_t(a.sync.epoch)) {
           return unexpected(k, h);
         }
         c.d.node_in = k;
@@ -624,24 +621,13 @@ __global__ void __launch_bounds__(kSyncThreads) combine_network_kernel(CombineAr
   net_announce(a.sync, n.off_started);
   // What comes from each node: results of own tokens whose last node is another (lane 1); starts
   // and partials of the tokens forwarded here (lane 0).
-  for (int64_t t = threadIdx.x; t < a.tokens; t += blockDim.x) {
-    const core::TokenNodes v = h.visits(t);
-    if (a.hierarchical) {  // a part from every other node it visits
-      for (int k = v.next(-1); k >= 0; k = v.next(k))
-        if (k != h.M) atomicAdd(&c.expected[core::kKeep][k], 1);
-      continue;
-    }
-    const int last = v.last();
-    if (last >= 0 && last != h.M) atomicAdd(&c.expected[core::kKeep][last], 1);
-  }
-  for (int m = 0; m < N && !a.hierarchical; ++m) {
+  const auto expect = [&](int node, int lane) { atomicAdd(&c.expected[lane][node], 1); };
+  for (int64_t t = threadIdx.x; t < a.tokens; t += blockDim.x)
+    core::own_token_arrivals(h.visits(t), h.M, a.hierarchical != 0, expect);
+  for (int m = 0; m < N; ++m) {
     for (int32_t k = threadIdx.x; k < a.fwd.count()[m]; k += blockDim.x) {
       const int prev = a.fwd.entry(m, a.fwd.list(m)[k])[ForwardTable::kPrev];
-      if (prev >= 0) {
-        atomicAdd(&c.expected[core::kPassOn][prev], 1);
-      } else if (m != h.M && c.starts[m]) {
-        atomicAdd(&c.expected[core::kPassOn][m], 1);
-      }
+      core::forwarded_arrival(m, prev, h.M, m != h.M && c.starts[m] != 0, a.hierarchical != 0, expect);
     }
   }
   __syncthreads();

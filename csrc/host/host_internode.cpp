@@ -429,9 +429,6 @@ struct CombineAcrossNodes {
 
   int column(int node) const { return core::forwarder(node, me, P); }  // this rank's peer on `node`
   core::TokenNodes visits(int64_t t) const { return core::TokenNodes{slots + t * R, P, N}; }
-  // Where a forwarded token goes from here: on to the next node (lane 0), or home (lane 1).
-  static int to_node(const Forwarded& f) { return f.next >= 0 ? f.next : f.m; }
-  static int to_lane(const Forwarded& f) { return f.next >= 0 ? kPassOn : kKeep; }
   int64_t key(int m, int64_t t) const { return int64_t(m) * plan.max_tokens_per_rank + t; }
 
   Error load(const ForwardTable& table) {
@@ -517,24 +514,26 @@ Error CombineAcrossNodes::chain() {
   std::vector<int64_t> own_starts;
   std::vector<size_t> begin_here;
   std::vector<int64_t> expected(size_t(N) * core::kNetLanes, 0);  // [node][lane]: entries to take
+  const auto expect = [&](int node, int lane) { expected[size_t(node) * core::kNetLanes + size_t(lane)] += 1; };
+  // What a forwarded token starts from here (the node that sends it starts if its source does).
+  const auto from = [&](const Forwarded& f) {
+    return core::chain_from(f.m, f.prev, my_node, f.m != my_node && starts[column(f.m)] != 0);
+  };
   for (int64_t t = 0; t < T; ++t) {
     const core::TokenNodes v = visits(t);
-    const int first = v.next(-1), last = v.last();
-    if (first < 0) {  // goes nowhere: the biases alone
+    if (v.next(-1) < 0) {  // goes nowhere: the biases alone
       acc.start(w.bias0.get(), w.bias1.get(), t);
       acc.result(result.row());
       store_result(plan, result.row(), w, t);
       continue;
     }
-    if (biased && first != my_node) own_starts.push_back(t);
-    if (last != my_node) expected[size_t(last) * core::kNetLanes + kKeep] += 1;
+    if (core::chain_start_node(v, my_node, biased) >= 0) own_starts.push_back(t);
+    core::own_token_arrivals(v, my_node, false, expect);
   }
   for (size_t i = 0; i < forwarded.size(); ++i) {
     const Forwarded& f = forwarded[i];
-    if (f.prev >= 0) {
-      expected[size_t(f.prev) * core::kNetLanes + kPassOn] += 1;
-    } else if (f.m != my_node && starts[column(f.m)]) {
-      expected[size_t(f.m) * core::kNetLanes + kPassOn] += 1;
+    if (const int k = core::chain_from_node(from(f), f.m, f.prev); k >= 0) {
+      expect(k, kPassOn);
     } else {
       begin_here.push_back(i);
     }
@@ -543,21 +542,26 @@ Error CombineAcrossNodes::chain() {
   // Folds this node's rows into the partial of forwarded token f and sends it on: to the next
   // node, home as a result, or (its own token, here last) into the output. False: no room yet.
   auto pass_on = [&](Forwarded& f) -> bool {
-    const int to = to_node(f), lane = to_lane(f);
-    if (to != my_node && !rings.has_room(to, lane)) return false;
+    const core::NetHop to = core::chain_onward(f.m, f.next, my_node);
+    if (to.node >= 0 && !rings.has_room(to.node, to.lane)) return false;
     add_rows(f);
-    if (f.next >= 0) {
-      rings.put(to, lane, acc.entry(core::NetEntry::Partial, f.m, f.t), size_t(plan.net_partial_bytes));
+    if (to.lane == kPassOn) {
+      rings.put(to.node, to.lane, acc.entry(core::NetEntry::Partial, f.m, f.t), size_t(plan.net_partial_bytes));
     } else {
       acc.result(result.row());
-      if (f.m == my_node) {
+      if (to.node < 0) {
         store_result(plan, result.row(), w, f.t);
       } else {
-        rings.put(to, lane, result.entry(core::NetEntry::Result, f.m, f.t), result.bytes.size());
+        rings.put(to.node, to.lane, result.entry(core::NetEntry::Result, f.m, f.t), result.bytes.size());
       }
     }
     f.done = true;
     return true;
+  };
+  // Whom pass_on waits for when it has no room.
+  auto room_for = [&](const Forwarded& f) {
+    const core::NetHop to = core::chain_onward(f.m, f.next, my_node);
+    return rings.waiting_for_room(to.node, to.lane);
   };
 
   std::vector<uint8_t> stored(size_t(T), 0);  // results kept: a second one for a token is refused
@@ -565,7 +569,7 @@ Error CombineAcrossNodes::chain() {
   return run_passes(peers, rings, core::WaitRole::CombineNetwork, [&](Pass& pass) -> Error {
     for (; next_start < own_starts.size(); ++next_start, pass.moved = true) {
       const int64_t t = own_starts[next_start];
-      const int first = visits(t).next(-1);
+      const int first = core::chain_start_node(visits(t), my_node, biased);
       if (!rings.has_room(first, kPassOn)) {
         pass.wait(rings.waiting_for_room(first, kPassOn));
         break;
@@ -581,7 +585,7 @@ Error CombineAcrossNodes::chain() {
         acc.zero();
       }
       if (!pass_on(f)) {
-        pass.wait(rings.waiting_for_room(to_node(f), to_lane(f)));
+        pass.wait(room_for(f));
         break;
       }
     }
@@ -598,12 +602,13 @@ Error CombineAcrossNodes::chain() {
         SY_TRY(check_entry(e, k, kind == core::NetEntry::Start ? kind : core::NetEntry::Partial, false, &m, &t));
         Forwarded& f = forwarded[index[key(m, t)]];
         // A start only from a source that said it sends them, a partial only from the node before.
-        const bool from_here = kind == core::NetEntry::Start ? f.prev < 0 && f.m == k && starts[column(k)] != 0
-                                                             : f.prev == k;
+        const core::ChainFrom wanted = from(f);
+        const core::ChainFrom came = kind == core::NetEntry::Start ? core::ChainFrom::Start : core::ChainFrom::Partial;
+        const bool from_here = wanted == came && core::chain_from_node(wanted, f.m, f.prev) == k;
         if (f.done || !from_here) return unexpected(e, k);
         acc.load(e);
         if (!pass_on(f)) {
-          pass.wait(rings.waiting_for_room(to_node(f), to_lane(f)));
+          pass.wait(room_for(f));
           break;
         }
         rings.take(k, kPassOn);
@@ -617,7 +622,7 @@ Error CombineAcrossNodes::chain() {
         int m;
         int64_t t;
         SY_TRY(check_entry(e, k, core::NetEntry::Result, true, &m, &t));
-        if (visits(t).last() != k || stored[size_t(t)]) return unexpected(e, k);
+        if (core::chain_result_node(visits(t), my_node) != k || stored[size_t(t)]) return unexpected(e, k);
         store_result(plan, e + plan.net_payload, w, t);
         stored[size_t(t)] = 1;
         rings.take(k, kKeep);
@@ -646,15 +651,14 @@ Error CombineAcrossNodes::hierarchical() {
   // Per source node: the tokens this rank forwards there, in order; home's own come from its
   // rows when it folds them.
   std::vector<std::vector<size_t>> to_home(static_cast<size_t>(N));
-  for (size_t i = 0; i < forwarded.size(); ++i)
-    if (forwarded[i].m != my_node) to_home[size_t(forwarded[i].m)].push_back(i);
+  for (size_t i = 0; i < forwarded.size(); ++i) {
+    const core::NetHop to = core::forwarded_departure(forwarded[i].m, forwarded[i].next, my_node, true);
+    if (to.node >= 0) to_home[size_t(to.node)].push_back(i);
+  }
   std::vector<size_t> sent(size_t(N), 0);
   std::vector<int64_t> expected(size_t(N), 0);  // per node: partials of this rank's tokens to take
-  for (int64_t t = 0; t < T; ++t) {
-    const core::TokenNodes v = visits(t);
-    for (int k = v.next(-1); k >= 0; k = v.next(k))
-      if (k != my_node) expected[size_t(k)] += 1;
-  }
+  for (int64_t t = 0; t < T; ++t)
+    core::own_token_arrivals(visits(t), my_node, true, [&](int k, int) { expected[size_t(k)] += 1; });
   int64_t t = 0;  // home: the token being folded, and the node it needs next (-2: not begun)
   int k_next = -2;
   Partial home(plan, w.hidden, w.topk);
