@@ -294,10 +294,12 @@ export class EpBuffer extends NativeResource {
   }
 
   /**
-   * What this rank has put on the network hop of the two-hop dispatch so far (groups of several
-   * nodes): records (one per token and destination node other than its own) and their bytes.
-   * The host backend's emulated NIC counts them; the CUDA backend moves rows in one hop so far
-   * and reports zeros.
+   * What this rank has put on the network so far (groups of several nodes): entries and their
+   * bytes, summed over its operations. A two-hop dispatch puts one record per token and
+   * destination node other than its own; a combine its starts, partials and results (the chain)
+   * or its node parts (hierarchical). The emulated NIC counts them: the host backend's, and the
+   * CUDA backend's CPU proxy between virtual ranks. CUDA ranks in separate processes move rows
+   * in one hop so far and report zeros.
    */
   networkStats(): { records: number; bytes: number } {
     const records = new BigUint64Array(1), bytes = new BigUint64Array(1);

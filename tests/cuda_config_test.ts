@@ -125,47 +125,32 @@ Deno.test({
       assert.match(second, /^ok \d+/, `the epochs stayed in step: ${second}`);
     });
   }
-  await t.step(
-    "dispatch_network_kernel (two hops): the peers fail in milliseconds; the buffers are given up",
-    async () => {
-      // 4 ranks as 2 nodes of 2: the peers' network hops wait for this rank's, which never runs.
-      const [first, second] = await rounds(4, 2, env("dispatch_network_kernel"), [], "worst", 3000, 2);
-      const failed = [0, 1, 2, 3].find((r) => /LaunchOutOfResources/.test(errorOf(first, r)?.message ?? ""));
-      assert.ok(failed !== undefined, first);
-      for (const r of [0, 1, 2, 3].filter((r) => r !== failed)) {
-        const peer = errorOf(first, r);
-        assert.equal(peer?.code, "PEER_FAILED", first);
-        assert.match(peer!.message, new RegExp(`abandoned by rank ${failed}`));
-        assert.ok(peer!.ms < 2000, first);
-      }
-      // The network rings' counters are out of step now: every rank fails the next dispatch.
-      for (const r of [0, 1, 2, 3]) {
-        assert.match(errorOf(second, r)?.message ?? "", /cannot be used again|counters out of step/, second);
-      }
-    },
-  );
-  await t.step(
-    "combine_network_kernel (two hops): the peers fail in milliseconds; the buffers are given up",
-    async () => {
-      // The dispatch goes through; the chains that pass through this rank wait for it, which never
-      // runs. A rank whose tokens do not need it (another column) may finish its combine first.
-      const [first, second] = await rounds(4, 2, env("combine_network_kernel"), [], "worst", 3000, 2);
-      const failed = [0, 1, 2, 3].find((r) => /LaunchOutOfResources/.test(errorOf(first, r)?.message ?? ""));
-      assert.ok(failed !== undefined, first);
-      assert.match(errorOf(first, failed)!.message, /combine: launching its kernels/, first);
-      const peers = [0, 1, 2, 3].filter((r) => r !== failed && errorOf(first, r));
-      assert.ok(peers.length > 0, first);
-      for (const r of peers) {
-        const peer = errorOf(first, r);
-        assert.equal(peer?.code, "PEER_FAILED", first);
-        assert.match(peer!.message, new RegExp(`abandoned by rank ${failed}`));
-        assert.ok(peer!.ms < 2000, first);
-      }
-      for (const r of [0, 1, 2, 3]) {
-        assert.match(errorOf(second, r)?.message ?? "", /cannot be used again|counters out of step/, second);
-      }
-    },
-  );
+  // Two hops, 4 ranks as 2 nodes of 2: the peers' network hops wait for this rank's, which never
+  // runs. In dispatch every peer waits for it; in combine only the chains that pass through it do,
+  // and a rank whose tokens do not need it (another column) may finish its combine first.
+  for (const op of ["dispatch", "combine"]) {
+    await t.step(
+      `${op}_network_kernel (two hops): the peers fail in milliseconds; the buffers are given up`,
+      async () => {
+        const [first, second] = await rounds(4, 2, env(`${op}_network_kernel`), [], "worst", 3000, 2);
+        const failed = [0, 1, 2, 3].find((r) => /LaunchOutOfResources/.test(errorOf(first, r)?.message ?? ""));
+        assert.ok(failed !== undefined, first);
+        if (op === "combine") assert.match(errorOf(first, failed)!.message, /combine: launching its kernels/, first);
+        const peers = [0, 1, 2, 3].filter((r) => r !== failed && (op === "dispatch" || errorOf(first, r)));
+        assert.ok(peers.length > 0, first);
+        for (const r of peers) {
+          const peer = errorOf(first, r);
+          assert.equal(peer?.code, "PEER_FAILED", first);
+          assert.match(peer!.message, new RegExp(`abandoned by rank ${failed}`));
+          assert.ok(peer!.ms < 2000, first);
+        }
+        // The network rings' counters are out of step now: every rank fails the next operation.
+        for (const r of [0, 1, 2, 3]) {
+          assert.match(errorOf(second, r)?.message ?? "", /cannot be used again|counters out of step/, second);
+        }
+      },
+    );
+  }
   await t.step("combine_reduce_kernel: the end handshake still runs; the peer's combine completes", async () => {
     const [first, second] = await rounds(2, 2, env("combine_reduce_kernel"));
     const failed = [0, 1].filter((r) => errorOf(first, r) !== undefined);

@@ -431,8 +431,9 @@ SY_API sy_status sy_buffer_abandon(sy_buffer buffer, int32_t peer);
 SY_API sy_status sy_buffer_comm_stream(sy_buffer buffer, sy_stream* out);
 SY_API sy_status sy_buffer_plan_get(sy_buffer buffer, sy_buffer_plan* out);
 
-/* What this rank's buffer has put on the network hop of the two-hop dispatch so far (across
- * nodes; the emulated NIC of the host backend counts them): records, and their bytes. */
+/* What this rank's buffer has put on the network so far (across nodes: dispatch records and
+ * combine entries, counted by the emulated NIC of the host backend or of the CUDA backend's CPU
+ * proxy): entries, and their bytes. */
 SY_API sy_status sy_buffer_network_stats(sy_buffer buffer, uint64_t* records, uint64_t* bytes);
 
 /* Stream semantics shared by every operation: the communication stream first waits for
