@@ -170,7 +170,7 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
   int32_t delivered[2] = {0, 0};
   for (int32_t k = 0; k < count; ++k) {
     const auto landed = [&] { return landed_seen = transport::read_signal(ch, source, signal_landed(core::kPassOn)); };
-    if (!warp_wait(a, st, lane, source, core::WaitRole::DispatchForward, int64_t(taken + 1),
+    if (!warp_wait(a, st, lane, source, kHop, int64_t(taken + 1),
                    [&] {
                      return transport::signal_reached(landed_seen, taken + 1) ||
                             transport::signal_reached(landed(), taken + 1);
