@@ -176,8 +176,7 @@ export interface CombineOptions extends StreamOptions {
    * node in ascending order, so the result is the one-node result bit for bit whatever the
    * split; `"hierarchical"` (DeepEP's way) has every node send one BF16 partial home at once:
    * half the bytes per partial and one network latency, results that depend on the split.
-   * Every rank must pass the same. Between CUDA-backend processes, where combine takes one hop,
-   * `"hierarchical"` is refused.
+   * Every rank must pass the same.
    */
   readonly internodeReduction?: InternodeReduction;
 }
@@ -298,8 +297,7 @@ export class EpBuffer extends NativeResource {
    * bytes, summed over its operations. A two-hop dispatch puts one record per token and
    * destination node other than its own; a combine its starts, partials and results (the chain)
    * or its node parts (hierarchical). The emulated NIC counts them: the host backend's, and the
-   * CUDA backend's CPU proxy between virtual ranks. CUDA ranks in separate processes move rows
-   * in one hop so far and report zeros.
+   * CUDA backend's CPU proxy.
    */
   networkStats(): { records: number; bytes: number } {
     const records = new BigUint64Array(1), bytes = new BigUint64Array(1);

@@ -34,6 +34,9 @@ struct Memory {
   uint64_t bytes = 0;
   int device = -1;  // cuda device, -1 = host memory
   std::string share_name;  // how other processes map it (shm name, CUDA IPC handle), if shared
+  // Memory shared with it under the same name, and kept as long as it (the CUDA backend's two hops
+  // between processes: the rank's proxy signals, in a shared segment).
+  std::shared_ptr<Memory> companion;
   std::function<void(void*)> release;
   Memory() = default;
   Memory(const Memory&) = delete;
@@ -508,9 +511,6 @@ class Backend {
   virtual Error ll_reject(BufferCore& buf, Stream& s, std::shared_ptr<LLWork> work, bool dispatch) = 0;
   // Whether dispatch/combine run on this backend in this build.
   virtual bool dispatch_supported() const = 0;
-  // Whether this buffer's dispatch/combine take two hops across nodes (core/internode.h);
-  // otherwise one.
-  virtual bool two_hop(const BufferCore& buf) const = 0;
 };
 
 std::unique_ptr<Backend> make_host_backend();

@@ -517,12 +517,6 @@ Error prepare_combine(BufferCore& buf, const CombineRequest& req, std::shared_pt
     return invalid("internodeReduction", "internodeReduction: expected 0 (chain) or 1 (hierarchical), got " +
                                              std::to_string(req.internode_reduction));
   }
-  if (req.internode_reduction == SY_INTERNODE_HIERARCHICAL && buf.plan.two_hop() && !buf.group->backend->two_hop(buf)) {
-    return fail(SY_ERROR_UNSUPPORTED, "internodeReduction: this buffer's combine takes one hop across nodes (the CUDA "
-                                      "backend's process groups, so far), so it reduces as the chain does; "
-                                      "\"hierarchical\" runs on virtual ranks and on the host backend",
-                "internodeReduction");
-  }
   auto w = std::make_shared<CombineWork>();
   w->rank = buf.rank;
   w->num_ranks = buf.group->num_ranks;

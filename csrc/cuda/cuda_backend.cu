@@ -3,6 +3,7 @@
 // machine without a driver every call fails cleanly and the backend reports why.
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -12,6 +13,7 @@
 
 #include "../abi/strided.h"
 #include "../core/routing.h"
+#include "../host/shared_memory.h"
 #include "cuda_check.h"
 #include "cuda_ll.h"
 #include "cuda_normal.h"
@@ -69,7 +71,6 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(int devices) : devices_(devices) {}
   sy_backend kind() const override { return SY_BACKEND_CUDA; }
   bool dispatch_supported() const override { return true; }
-  bool two_hop(const BufferCore& buf) const override { return normal_two_hop(buf); }
 
   Error init_rank(GroupCore& group, RankCore& rank) override {
     auto st = std::make_shared<CudaRank>();
@@ -86,7 +87,18 @@ class CudaBackend final : public Backend {
     return ok();
   }
 
-  Error init_buffer(BufferCore& buf) override { return normal_init_buffer(buf); }
+  // Between processes, a buffer whose dispatch and combine take two hops shares a second piece of
+  // memory under its name: its proxy's signal array, which the peers' proxies raise (a POSIX
+  // shared segment, like the host backend's buffers; transport/proxy.h).
+  Error init_buffer(BufferCore& buf) override {
+    SY_TRY(normal_init_buffer(buf));
+    if (!buf.group->process_group || !buf.plan.two_hop()) return ok();
+    std::shared_ptr<Memory> signals;
+    SY_TRY(host::create_segment(network_signal_bytes(buf.group->num_ranks), &signals));
+    buf.region->share_name += kSignalsTag + signals->share_name;
+    buf.region->companion = std::move(signals);
+    return ok();
+  }
 
   // Virtual ranks: the header, the low-latency halves (the senders write into them) and the
   // exchange page, since the normal-mode kernels pull payloads straight from the peers' tensors
@@ -138,11 +150,21 @@ class CudaBackend final : public Backend {
     return ok();
   }
 
-  Error import_shared(RankCore& rank, const std::string& name, uint64_t bytes, std::shared_ptr<Memory>* out) override {
+  // The name is the buffer's IPC handle, then, for two hops, its signal segment's name.
+  Error import_shared(RankCore& rank, const std::string& share, uint64_t bytes, std::shared_ptr<Memory>* out) override {
+    const size_t tag = share.find(kSignalsTag);
+    const std::string name = share.substr(0, tag);
     cudaIpcMemHandle_t h;
     const std::string prefix = "cuda-ipc:";
-    if (name.rfind(prefix, 0) != 0 || name.size() != prefix.size() + 2 * sizeof h.reserved) {
+    const auto hex_digit = [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); };
+    if (name.rfind(prefix, 0) != 0 || name.size() != prefix.size() + 2 * sizeof h.reserved ||
+        !std::all_of(name.begin() + std::ptrdiff_t(prefix.size()), name.end(), hex_digit)) {
       return invalid("share", "share: '" + name.substr(0, 40) + "' is not a CUDA IPC handle");
+    }
+    std::shared_ptr<Memory> signals;
+    if (tag != std::string::npos) {
+      SY_TRY(host::open_segment(share.substr(tag + std::strlen(kSignalsTag)),
+                                network_signal_bytes(rank.group->num_ranks), &signals));
     }
     auto nibble = [](char c) { return c <= '9' ? c - '0' : c - 'a' + 10; };
     for (size_t i = 0; i < sizeof h.reserved; ++i) {
@@ -157,11 +179,15 @@ class CudaBackend final : public Backend {
     m->bytes = bytes;
     m->device = dev;
     m->release = [dev](void* q) { release_ipc_mapping(q, dev); };
+    m->companion = std::move(signals);
     *out = std::move(m);
     return ok();
   }
 
-  Error seal_shared(Memory&) override { return ok(); }  // IPC handles have no name to drop
+  // IPC handles have no name to drop; a signal segment has.
+  Error seal_shared(Memory& memory) override {
+    return memory.companion ? host::unlink_segment(*memory.companion) : ok();
+  }
 
   Error bind_thread(RankCore& rank) override {
     SY_CUDA(cudaSetDevice(rank_state(rank).device));
@@ -286,6 +312,7 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  static constexpr const char* kSignalsTag = ";signals=";
   int devices_;
 };
 

@@ -92,8 +92,29 @@ Error check_peer_gpu(int rank, int mine, int dev) {
   return ok();
 }
 
+// A process group's rank `r`: its proxy's signal array, as this process maps it (shared with its
+// buffer, cuda_backend.cu).
+Error peer_signals(const BufferSet& set, int r, uint64_t** out) {
+  const std::shared_ptr<Memory>& m = set.regions[size_t(r)];
+  if (!m || !m->companion || m->companion->bytes < network_signal_bytes(int(set.bases.size()))) {
+    return invalid("share", "share: rank " + std::to_string(r) +
+                                "'s buffer came without the signal segment its two hops across nodes need; every "
+                                "process must load the same library");
+  }
+  *out = static_cast<uint64_t*>(m->companion->ptr);
+  return ok();
+}
+
+}  // namespace
+
+uint64_t network_signal_bytes(int ranks) { return sizeof(uint64_t) * uint64_t(ranks) * uint64_t(kNetworkSignals); }
+
+namespace {
+
 // Two hops, once per buffer: the set's emulated NIC (the first member makes it), this rank's
-// proxy on its buffer, the proxy's channels and the network counters in device memory.
+// proxy on its buffer, the proxy's channels and the network counters in device memory. Between
+// processes the set is this process's view: the fabric also holds the peers' buffers and signal
+// arrays as mapped here, and this rank's signals are its shared segment.
 Error start_network(BufferCore& buf, CudaStream& comm) {
   CudaBuffer& st = buffer_state(buf);
   if (st.proxy) return ok();  // an earlier call got all the way (everything is set last)
@@ -121,6 +142,15 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   o.channels = 2 * N;
   o.entries = 64;
   o.stream = nic;
+  if (buf.group->process_group) {
+    SY_TRY(peer_signals(set, buf.rank, &o.signals));
+    for (int r = 0; r < R; ++r) {
+      if (r == buf.rank) continue;
+      transport::EmulatedFabric::Window w{set.bases[size_t(r)], st.sl.bytes, nullptr};
+      SY_TRY(peer_signals(set, r, &w.signals));
+      fabric->attach(r, w);
+    }
+  }
   std::unique_ptr<transport::Proxy> proxy;
   SY_TRY(transport::Proxy::create(o, *fabric, st.own, st.sl.bytes, &proxy));
   std::vector<transport::ProxyChannel> channels(size_t(2 * N));
@@ -360,7 +390,6 @@ uint64_t normal_shared_bytes(const core::BufferPlan& plan, bool process_group) {
   return shared_layout(plan, process_group).bytes;
 }
 
-bool normal_two_hop(const BufferCore& buf) { return cuda_two_hop(buf.plan, buf.group->process_group); }
 
 Error normal_init_buffer(BufferCore& buf) {
   auto st = std::make_shared<CudaBuffer>();

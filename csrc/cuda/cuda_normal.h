@@ -11,8 +11,10 @@ namespace sy::cuda {
 // Bytes of a rank's shared buffer (SharedLayout in normal_kernels.h).
 uint64_t normal_shared_bytes(const core::BufferPlan& plan, bool process_group);
 // Whether the buffer's dispatch and combine take two hops across nodes (normal_kernels.h).
-bool normal_two_hop(const BufferCore& buf);
 Error normal_init_buffer(BufferCore& buf);
+// Two hops between processes: the bytes of a rank's proxy signal array, which the peers' proxies
+// raise (a shared segment exported with its buffer; transport/proxy.h).
+uint64_t network_signal_bytes(int ranks);
 Error normal_reject(BufferCore& buf, CudaStream& comm, core::OpKind kind, uint32_t epoch);
 // sy_buffer_abandon: every peer's abort record says this rank gave up because `peer` failed.
 Error normal_abandon(BufferCore& buf, CudaStream& comm, int peer);

@@ -40,7 +40,7 @@ SharedLayout shared_layout(const core::BufferPlan& plan, bool staged) {
     s.off_rows = o;
     o = core::align_up(o + uint64_t(plan.max_recv_rows()) * uint64_t(plan.combine_row_bytes), core::kRegionAlignBytes);
   }
-  s.two_hop = cuda_two_hop(plan, staged);
+  s.two_hop = plan.two_hop();
   if (s.two_hop) {
     const uint64_t ring = uint64_t(plan.nodes) * core::kNetLanes * uint64_t(plan.net_ring_entries) * uint64_t(plan.net_entry_bytes);
     s.off_relay = o;

@@ -110,13 +110,6 @@ struct SharedLayout {
   uint64_t bytes = 0;
 };
 
-// Whether a buffer's dispatch and combine take two hops on this backend: across nodes, on the
-// two-hop path, between virtual ranks of one process (process groups pull across nodes in one hop,
-// for now).
-inline bool cuda_two_hop(const core::BufferPlan& plan, bool process_group) {
-  return plan.two_hop() && !process_group;
-}
-
 // Where the relay region keeps the records of source `s` at a rank of node `node`: the sources
 // of the other nodes, in rank order.
 __host__ __device__ __forceinline__ int relay_index(int s, int node, int ranks_per_node) {

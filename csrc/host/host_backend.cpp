@@ -158,7 +158,6 @@ class HostBackend final : public Backend {
  public:
   sy_backend kind() const override { return SY_BACKEND_HOST; }
   bool dispatch_supported() const override { return true; }
-  bool two_hop(const BufferCore& buf) const override { return buf.plan.two_hop(); }
 
   Error init_rank(GroupCore&, RankCore& rank) override {
     rank.device = -1;

@@ -433,7 +433,7 @@ SY_API sy_status sy_buffer_plan_get(sy_buffer buffer, sy_buffer_plan* out);
 
 /* What this rank's buffer has put on the network so far (across nodes: dispatch records and
  * combine entries, counted by the emulated NIC of the host backend or of the CUDA backend's CPU
- * proxy): entries, and their bytes. */
+ * proxy; nothing on the direct path of the CUDA backend, which pulls): entries, and their bytes. */
 SY_API sy_status sy_buffer_network_stats(sy_buffer buffer, uint64_t* records, uint64_t* bytes);
 
 /* Stream semantics shared by every operation: the communication stream first waits for

@@ -301,9 +301,6 @@ async function runNormal(
 ): Promise<Measured> {
   const R = s.ranks;
   const variants = options.variants ?? ["exact", "worst-case", "cached"];
-  // Combine takes two hops across nodes, and so can reduce hierarchically, except between
-  // processes on the CUDA backend (one hop there, so far).
-  const twoHopCombine = acrossNodes && (group.backend === "host" || !group.isProcessGroup);
   const routed = (r: number) => ({
     topkIdx: inputs[r].topkIdx,
     topkWeights: inputs[r].topkWeights,
@@ -364,7 +361,7 @@ async function runNormal(
           }));
       }
       await measure("combine", buffers, it, (r) => buffers[r].combine(combineInput[r], first[r].handle));
-      if (twoHopCombine) {
+      if (acrossNodes) { // two hops: combine can reduce hierarchically too
         await measure(
           "combine (hierarchical)",
           buffers,

@@ -27,6 +27,7 @@ import {
   referenceCombineWeights,
   referenceDispatch,
   referenceExpanded,
+  referenceHierarchicalCombine,
   referenceLayout,
 } from "../reference.ts";
 
@@ -137,13 +138,19 @@ try {
     const want = referenceCombine(expected, returned, s.hidden, s.tokens);
     const wantWeights = referenceCombineWeights(expected, expected.map((e) => e.weights), s.topk, s.tokens);
     using up = await upload(rank, s, d, me);
+    // Across nodes, the network records this rank's dispatch puts: one per (token, other node it
+    // goes to), counted by the emulated NIC (both backends take two hops).
+    let wantRecords = 0;
     if (round === 0) {
       // The nodes the launcher numbered shape the layout's per-node counts.
       const ref = referenceLayout(d.inputs[me].topk!, s.tokens[me], s.topk, s.experts, R, rank.ranksPerNode);
       using layout = await buffer.layout(up.topkIdx!, { numExperts: s.experts });
       same(round, "tokens per node", await layout.numTokensPerNode.read(), ref.perNode);
       same(round, "token in node", await layout.isTokenInNode.read(), ref.inNode);
+      const nodes = R / rank.ranksPerNode;
+      ref.inNode.forEach((v, i) => wantRecords += v !== 0 && i % nodes !== rank.node ? 1 : 0);
     }
+    const recordsBefore = buffer.networkStats().records;
     const options = {
       xScales: up.scales,
       topkIdx: up.topkIdx,
@@ -172,6 +179,10 @@ try {
       await dieIn("dispatch", () => buffer.dispatch(up.x, options));
     }
     using sent = await buffer.dispatch(up.x, options);
+    if (round === 0) {
+      await sent.recvX.read(); // a worst-case dispatch returns before its work is done
+      same(round, "network records put", [buffer.networkStats().records - recordsBefore], [wantRecords]);
+    }
     const rows = mine.rows.length;
     if (expanded) {
       same(
@@ -215,18 +226,22 @@ try {
     same(round, "combine", await back.combinedX.read(), want[me]);
     if (!expanded) same(round, "combined weights", await back.combinedTopkWeights!.read(), wantWeights[me]);
     if (round === 0 && rank.ranksPerNode < R) {
-      // The hierarchical reduction: it runs on the host backend (combine_test checks its values);
-      // between CUDA processes combine takes one hop, and every rank refuses it, naming the option.
-      const e = await buffer.combine(y, sent.handle, { ...combineOptions, internodeReduction: "hierarchical" }).then(
-        async (b) => {
-          using _ = b;
-          await b.combinedX.read();
-        },
-        (err) => err,
+      // The hierarchical reduction (each node's part rounded, then home's sum): its own reference,
+      // which differs from the chain's whenever a token's nodes round differently.
+      const hier = referenceHierarchicalCombine(
+        expected,
+        returned,
+        expected.map((e) => e.weights),
+        s.hidden,
+        s.topk,
+        s.tokens,
+        [],
+        rank.ranksPerNode,
       );
-      const refused = e instanceof SwitchyardError && e.code === "UNSUPPORTED" && e.argument === "internodeReduction";
-      if (backend === "cuda" ? !refused : e !== undefined) throw new Error(`the hierarchical combine ended with ${e}`);
-      console.log(`rank ${me}: the hierarchical combine ${refused ? "was refused (one hop)" : "ran"}`);
+      using h = await buffer.combine(y, sent.handle, { ...combineOptions, internodeReduction: "hierarchical" });
+      same(round, "hierarchical combine", await h.combinedX.read(), hier.rows[me]);
+      same(round, "hierarchical combined weights", await h.combinedTopkWeights!.read(), hier.weights[me]);
+      console.log(`rank ${me}: the hierarchical combine ran`);
     }
     console.log(`rank ${me} round ${round} (${variant}) ok`);
   }

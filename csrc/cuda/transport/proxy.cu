@@ -97,10 +97,18 @@ Error Proxy::create(const ProxyOptions& o, EmulatedFabric& fabric, uint8_t* wind
   const unsigned flags = cudaHostAllocMapped | cudaHostAllocPortable;
   SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&p->rings_), ring_bytes, flags));
   SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&p->controls_), control_bytes, flags));
-  SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&p->signals_), signal_bytes, flags));
+  if (o.signals != nullptr) {
+    // Zero already, and written only by the peers' puts of an operation, none of which can come
+    // before this rank's kernels run: not cleared here.
+    SY_CUDA(cudaHostRegister(o.signals, signal_bytes, cudaHostRegisterMapped | cudaHostRegisterPortable));
+    p->signals_ = o.signals;
+    p->signals_registered_ = true;
+  } else {
+    SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&p->signals_), signal_bytes, flags));
+    std::memset(p->signals_, 0, signal_bytes);
+  }
   std::memset(p->rings_, 0, ring_bytes);
   std::memset(p->controls_, 0, control_bytes);
-  std::memset(p->signals_, 0, signal_bytes);
   SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&p->d_rings_), p->rings_, 0));
   SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&p->d_controls_), p->controls_, 0));
   SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&p->d_signals_), p->signals_, 0));
@@ -139,7 +147,9 @@ Proxy::~Proxy() {
     if (e) (void)cudaEventDestroy(e);
   if (rings_) (void)cudaFreeHost(rings_);
   if (controls_) (void)cudaFreeHost(controls_);
-  if (!drained) {
+  if (signals_registered_) {
+    (void)cudaHostUnregister(signals_);  // the owner's mapping stays until it frees it
+  } else if (!drained) {
     // A peer's put may still raise a signal here: its array is leaked rather than freed under it.
     std::fprintf(stderr, "switchyard: rank %d: peers' puts still in flight to it after 30 s; its signals stay\n",
                  o_.rank);

@@ -1,8 +1,11 @@
 // The CPU proxy (rdma.h): one thread per rank takes the descriptors its kernels post
 // (proxy_ring.h) and carries them out through a NIC engine. The engine here is the emulated NIC:
-// the ranks of one process (virtual nodes) attach their windows and signal arrays to an
-// EmulatedFabric, and the proxy copies with the CUDA runtime on a stream of its own, so the same
-// code runs on a GPU and on the CPU executor. With a link model (core/link_model.h) each put
+// the ranks attach their windows and signal arrays to an EmulatedFabric, and the proxy copies with
+// the CUDA runtime on a stream of its own, so the same code runs on a GPU and on the CPU executor.
+// The ranks of one process (virtual nodes) attach their own; between processes, each process's
+// fabric holds its own rank's and the peers' as mapped here (their buffers by CUDA IPC, their
+// signal arrays in POSIX shared memory, registered where the owner's kernels read them), so a
+// signal the proxy raises is a host atomic either way, and stays valid memory after a peer exits. With a link model (core/link_model.h) each put
 // leaves when the rank's link is free (its source is read then, as a NIC's DMA reads it), and
 // is complete, its signal raised and its ring slot freed, when it would have arrived.
 //
@@ -29,9 +32,9 @@
 
 namespace sy::cuda::transport {
 
-// The ranks of one process the emulated NIC connects: their windows and signal arrays, and what
-// it carried for each (records and bytes put by that rank: into `counters[rank]` when given, an
-// array of `ranks` that outlives the fabric, else its own).
+// The ranks the emulated NIC connects, as this process addresses them: their windows and signal
+// arrays, and what it carried for each (records and bytes put by that rank: into
+// `counters[rank]` when given, an array of `ranks` that outlives the fabric, else its own).
 class EmulatedFabric {
  public:
   EmulatedFabric(int ranks, int slots, core::LinkModel model, core::NetworkCounters* counters = nullptr);
@@ -76,6 +79,10 @@ struct ProxyOptions {
   // The stream the copies go on: the owner's (kept, never destroyed here), or null for one of
   // the proxy's own at the highest priority.
   cudaStream_t stream = nullptr;
+  // This rank's signal array ([ranks][slots] words, zero-filled) in host memory the caller owns
+  // and keeps until the proxy is gone (a shared segment other processes' proxies write),
+  // registered with CUDA here; null: allocated here.
+  uint64_t* signals = nullptr;
 };
 
 class Proxy {
@@ -122,6 +129,7 @@ class Proxy {
   RdmaDescriptor* rings_ = nullptr;
   ProxyControl* controls_ = nullptr;
   uint64_t* signals_ = nullptr;
+  bool signals_registered_ = false;  // the caller's (ProxyOptions::signals): unregistered, not freed
   RdmaDescriptor* d_rings_ = nullptr;
   ProxyControl* d_controls_ = nullptr;
   uint64_t* d_signals_ = nullptr;

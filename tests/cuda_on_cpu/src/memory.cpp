@@ -38,8 +38,10 @@ namespace {
 enum class Kind { Device, Pinned };
 
 // How an allocation was made: from the heap (cudaMallocAsync, pinned memory), as a memfd mapping
-// this process may export (cudaMalloc), or as another process's such mapping, opened by handle.
-enum class Origin { Heap, Exportable, Imported };
+// this process may export (cudaMalloc), as another process's such mapping, opened by handle, or
+// as the caller's own memory, registered (cudaHostRegister: the caller frees it, after
+// cudaHostUnregister).
+enum class Origin { Heap, Exportable, Imported, Registered };
 
 struct Allocation {
   size_t bytes;
@@ -128,8 +130,10 @@ cudaError_t release(void* p, Kind kind) {
   {
     QuietLock l(g_mu);
     auto it = g_allocations.find(p);
-    // Memory opened by IPC handle is closed with cudaIpcCloseMemHandle, never freed.
-    if (it == g_allocations.end() || it->second.kind != kind || it->second.origin == Origin::Imported) {
+    // Memory opened by IPC handle is closed with cudaIpcCloseMemHandle, registered memory
+    // unregistered: never freed here.
+    if (it == g_allocations.end() || it->second.kind != kind || it->second.origin == Origin::Imported ||
+        it->second.origin == Origin::Registered) {
       return fail(cudaErrorInvalidValue);
     }
     a = it->second;
@@ -190,6 +194,32 @@ cudaError_t cudaHostAlloc(void** p, size_t n, unsigned int) { return cudaMallocH
 cudaError_t cudaFreeHost(void* p) {
   note_host_wait("cudaFreeHost");
   return release(p, Kind::Pinned);
+}
+
+// The caller's memory becomes pinned and mapped (its device pointer is its own address); as in
+// CUDA, a range that overlaps memory already registered or allocated here is refused.
+cudaError_t cudaHostRegister(void* p, size_t n, unsigned int) {
+  note_host_wait("cudaHostRegister");
+  if (p == nullptr || n == 0) return fail(cudaErrorInvalidValue);
+  QuietLock l(g_mu);
+  auto next = g_allocations.lower_bound(p);
+  if (next != g_allocations.end() && static_cast<char*>(next->first) < static_cast<char*>(p) + n) {
+    return fail(cudaErrorHostMemoryAlreadyRegistered);
+  }
+  if (find(p, 1) != nullptr) return fail(cudaErrorHostMemoryAlreadyRegistered);
+  g_allocations[p] = Allocation{n, Kind::Pinned, Origin::Registered, 0, -1, 0, current_device};
+  return cudaSuccess;
+}
+
+cudaError_t cudaHostUnregister(void* p) {
+  note_host_wait("cudaHostUnregister");
+  QuietLock l(g_mu);
+  auto it = g_allocations.find(p);
+  if (it == g_allocations.end() || it->second.origin != Origin::Registered) {
+    return fail(cudaErrorHostMemoryNotRegistered);
+  }
+  g_allocations.erase(it);
+  return cudaSuccess;
 }
 
 // Memory this runtime made or opened: its kind and device (the device current when it was made,

@@ -11,7 +11,7 @@ extern "C" {
 //   waits  block the thread on the device or allocate outside the stream order:
 //          cudaStreamSynchronize, cudaEventSynchronize, cudaDeviceSynchronize, a synchronous
 //          cudaMemcpy or cudaMemset, cudaMalloc, cudaFree, cudaMallocHost, cudaHostAlloc,
-//          cudaFreeHost;
+//          cudaFreeHost, cudaHostRegister, cudaHostUnregister;
 //   polls  cudaStreamQuery and cudaEventQuery: they do not block, but capture in the default
 //          (global) mode refuses them too, and in any mode on an event recorded during capture.
 void sy_cuda_cpu_watch_host_waits(int on);
