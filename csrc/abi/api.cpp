@@ -862,7 +862,7 @@ SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share
       }
     }
     std::shared_ptr<Memory> m;
-    SY_TRY(b->group->backend->import_shared(b->rank_core(), v.name, v.bytes, &m));
+    SY_TRY(b->group->backend->import_shared(b->rank_core(), v.name, v.bytes, b->plan, &m));
     std::lock_guard<std::mutex> l(set.mu);
     set.bases[size_t(v.rank)] = static_cast<uint8_t*>(m->ptr);
     set.regions[size_t(v.rank)] = m;

@@ -447,8 +447,9 @@ class Backend {
   // The rank's communication buffer: memory its peers can write. In a process group it is
   // exported by name (share_name) for the other processes.
   virtual Error allocate_shared(RankCore& rank, uint64_t bytes, std::shared_ptr<Memory>* out) = 0;
-  // Maps a peer process's buffer by the name it exported.
-  virtual Error import_shared(RankCore& rank, const std::string& name, uint64_t bytes,
+  // Maps a peer process's buffer by the name it exported, for a buffer of `plan` (what else the
+  // name must carry may depend on it).
+  virtual Error import_shared(RankCore& rank, const std::string& name, uint64_t bytes, const core::BufferPlan& plan,
                               std::shared_ptr<Memory>* out) = 0;
   // Every peer has mapped `memory`: drop its name, so it disappears with the last mapping.
   virtual Error seal_shared(Memory& memory) = 0;

@@ -95,7 +95,13 @@ class CudaBackend final : public Backend {
     if (!buf.group->process_group || !buf.plan.two_hop()) return ok();
     std::shared_ptr<Memory> signals;
     SY_TRY(host::create_segment(network_signal_bytes(buf.group->num_ranks), &signals));
-    buf.region->share_name += kSignalsTag + signals->share_name;
+    // Both names must fit the share (sy_buffer_share::name, NUL included).
+    const std::string name = buf.region->share_name + kSignalsTag + signals->share_name;
+    if (name.size() >= sizeof(sy_buffer_share::name)) {
+      return fail(SY_ERROR_INTERNAL, "the buffer's share name (" + std::to_string(name.size()) +
+                                         " bytes) does not fit sy_buffer_share");
+    }
+    buf.region->share_name = name;
     buf.region->companion = std::move(signals);
     return ok();
   }
@@ -151,8 +157,16 @@ class CudaBackend final : public Backend {
   }
 
   // The name is the buffer's IPC handle, then, for two hops, its signal segment's name.
-  Error import_shared(RankCore& rank, const std::string& share, uint64_t bytes, std::shared_ptr<Memory>* out) override {
+  Error import_shared(RankCore& rank, const std::string& share, uint64_t bytes, const core::BufferPlan& plan,
+                      std::shared_ptr<Memory>* out) override {
     const size_t tag = share.find(kSignalsTag);
+    if ((tag != std::string::npos) != plan.two_hop()) {
+      return invalid("share", std::string("share: the peer's buffer ") +
+                                  (plan.two_hop() ? "comes without the signal segment" : "comes with a signal segment") +
+                                  " of the two hops across nodes, which this rank's buffer " +
+                                  (plan.two_hop() ? "takes" : "does not take") +
+                                  "; every process must load the same library and pass the same options");
+    }
     const std::string name = share.substr(0, tag);
     cudaIpcMemHandle_t h;
     const std::string prefix = "cuda-ipc:";

@@ -396,9 +396,12 @@ Error normal_init_buffer(BufferCore& buf) {
   const int R = buf.group->num_ranks;
   st->sl = shared_layout(buf.plan, buf.group->process_group);
   if (st->sl.two_hop && buf.plan.nodes > kMaxNodes) {
-    return fail(SY_ERROR_UNSUPPORTED, "ranksPerNode: the CUDA backend's two-hop dispatch spans up to " +
+    const char* what = buf.group->process_group ? "LOCAL_WORLD_SIZE" : "ranksPerNode";
+    return fail(SY_ERROR_UNSUPPORTED, std::string(what) + ": the CUDA backend's two hops span up to " +
                                           std::to_string(kMaxNodes) + " nodes, this group has " +
-                                          std::to_string(buf.plan.nodes) + " (use fewer, larger nodes)");
+                                          std::to_string(buf.plan.nodes) + " (use fewer, larger nodes, or " +
+                                          "internodePath: \"direct\")",
+                what);
   }
   st->xl = st->sl.xl;
   st->own = static_cast<uint8_t*>(buf.region->ptr);

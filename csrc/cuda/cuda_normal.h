@@ -10,7 +10,7 @@ namespace sy::cuda {
 
 // Bytes of a rank's shared buffer (SharedLayout in normal_kernels.h).
 uint64_t normal_shared_bytes(const core::BufferPlan& plan, bool process_group);
-// Whether the buffer's dispatch and combine take two hops across nodes (normal_kernels.h).
+// A new buffer's state: its layout in the shared region, its workspace (normal_kernels.h).
 Error normal_init_buffer(BufferCore& buf);
 // Two hops between processes: the bytes of a rank's proxy signal array, which the peers' proxies
 // raise (a shared segment exported with its buffer; transport/proxy.h).

@@ -179,7 +179,8 @@ class HostBackend final : public Backend {
     return rank.group->process_group ? host::create_segment(bytes, out) : host_alloc(bytes, out);
   }
 
-  Error import_shared(RankCore&, const std::string& name, uint64_t bytes, std::shared_ptr<Memory>* out) override {
+  Error import_shared(RankCore&, const std::string& name, uint64_t bytes, const core::BufferPlan&,
+                      std::shared_ptr<Memory>* out) override {
     return host::open_segment(name, bytes, out);
   }
 

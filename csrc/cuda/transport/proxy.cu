@@ -134,8 +134,9 @@ Error Proxy::create(const ProxyOptions& o, EmulatedFabric& fabric, uint8_t* wind
 }
 
 Proxy::~Proxy() {
-  // First the peers' puts into this rank's memory (refused from now on), then its own: their
-  // sources are its window, which the caller frees next.
+  // First the puts into this rank's memory by the proxies of this process (refused from now on;
+  // other processes' proxies are not waited for, proxy.h), then its own: their sources are its
+  // window, which the caller frees next.
   const bool drained = !attached_ || fabric_.detach(o_.rank, 30000);
   stop_.store(true);
   if (thread_.joinable()) thread_.join();

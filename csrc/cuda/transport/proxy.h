@@ -5,7 +5,12 @@
 // The ranks of one process (virtual nodes) attach their own; between processes, each process's
 // fabric holds its own rank's and the peers' as mapped here (their buffers by CUDA IPC, their
 // signal arrays in POSIX shared memory, registered where the owner's kernels read them), so a
-// signal the proxy raises is a host atomic either way, and stays valid memory after a peer exits. With a link model (core/link_model.h) each put
+// signal the proxy raises is a host atomic either way, into memory that stays mapped here after
+// the peer has gone. (Not so its buffer: every data put is awaited by its receiver, but after a
+// failure a put may still be copying into a peer that has freed its buffer or exited. The CPU
+// executor's IPC memory outlives the exporter; CUDA does not promise that.)
+//
+// With a link model (core/link_model.h) each put
 // leaves when the rank's link is free (its source is read then, as a NIC's DMA reads it), and
 // is complete, its signal raised and its ring slot freed, when it would have arrived.
 //
