@@ -209,6 +209,11 @@ struct NetworkArgs {
     return ring + ((uint64_t(node) * core::kNetLanes + uint64_t(lane)) * uint64_t(entries) + index % uint64_t(entries)) *
                       uint64_t(entry_bytes);
   }
+  // Where dispatch record `index` from (in) or to (out) `node` lies: in lane 0's ring, packed at
+  // the record's size, so that a put of consecutive records carries no gaps.
+  __host__ __device__ uint64_t ring_record(uint64_t ring, int node, uint64_t index) const {
+    return ring_entry(ring, node, core::kPassOn, 0) + index % uint64_t(entries) * uint64_t(net_record_bytes);
+  }
   __host__ __device__ uint64_t& sent_to(int node, int lane) const { return sent[lane * nodes + node]; }
   __host__ __device__ uint64_t& taken_from(int node, int lane) const { return taken[lane * nodes + node]; }
 };

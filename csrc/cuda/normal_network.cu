@@ -10,8 +10,11 @@
 //   warp m            sends to node m's column peer (m != own node): for each of its tokens
 //                     bound there, in token order, it waits for room in that peer's ring (the
 //                     peer's credit signal), stages the network record in its own out ring
-//                     (the NIC reads it from this rank's window) and puts it with a records
-//                     signal.
+//                     (the NIC reads it from this rank's window), and puts the records it has
+//                     staged as one put with a records signal that grows by their count: every
+//                     kPutBatch records, at the ring's end (a put is contiguous in both rings),
+//                     before it waits for room, and at the end (DeepEP's chunked sends). One
+//                     put per record would cost a proxy descriptor and a copy each.
 //   warp nodes + m    forwards for node m's column source: it learns from the source's exchange
 //                     page how many records come, and for each waits for the records signal,
 //                     copies the record to the ranks of this node its slots name, and credits
@@ -83,6 +86,10 @@ __device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int pee
   return __shfl_sync(0xffffffffu, ok, 0) != 0;
 }
 
+// Records a put carries at most: a ring of 2 * kPutBatch entries or more takes one batch while the
+// next is staged; smaller rings put half of theirs at a time.
+constexpr uint64_t kPutBatch = 16;
+
 // Warp `m`: this rank's tokens bound for node m, one network record each, in token order.
 __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lane) {
   const NetworkArgs& n = a.net;
@@ -94,6 +101,22 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
   uint8_t* own = a.sync.bases[me];
   uint64_t sent = n.sent_to(m, core::kPassOn);
   uint64_t credit_seen = sent > uint64_t(n.entries) ? sent - uint64_t(n.entries) : 0;  // lane 0's
+  const uint64_t batch = uint64_t(n.entries) >= 2 * kPutBatch ? kPutBatch : (uint64_t(n.entries) + 1) / 2;
+  uint64_t posted = sent;  // records [posted, sent) are staged and not put yet
+  // Puts the staged records, warp-wide (lane 0 posts); false if the put failed (recorded).
+  const auto put_staged = [&]() -> bool {
+    transport::TransportStatus put;
+    if (lane == 0 && sent > posted) {
+      const uint64_t k = sent - posted;
+      put = transport::put_signal(ch, column, n.ring_record(n.off_net_out, m, posted),
+                                  n.ring_record(n.off_net_in, my_node, posted), k * uint64_t(n.net_record_bytes),
+                                  signal_landed(core::kPassOn), k);
+      if (!put.ok()) transport_failed(a.sync, st, kHop, column, put);
+    }
+    posted = sent;
+    return __shfl_sync(0xffffffffu, int(put.ok()), 0) != 0;
+  };
+  bool failed = false;
   for (int64_t t = 0; t < a.tokens; ++t) {
     bool to_node = false;
     for (int q = 0; q < P && !to_node; ++q) to_node = a.h_route[t * R + m * P + q] != 0;
@@ -104,13 +127,14 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
     const auto credit = [&] {
       return credit_seen = transport::read_signal(ch, column, signal_credit(core::kPassOn));
     };
-    if (!warp_wait(a, st, lane, column, kHop, int64_t(need),
-                   [&] { return transport::signal_reached(credit_seen, need) || transport::signal_reached(credit(), need); },
-                   [&] { return int64_t(credit()); })) {
+    const auto room = [&] { return transport::signal_reached(credit_seen, need) || transport::signal_reached(credit(), need); };
+    // No room yet: what is staged goes first (the peer makes room by taking it), then the wait.
+    if (__shfl_sync(0xffffffffu, lane == 0 ? int(room()) : 0, 0) == 0 &&
+        (!put_staged() || !warp_wait(a, st, lane, column, kHop, int64_t(need), room, [&] { return int64_t(credit()); }))) {
+      failed = true;
       break;
     }
-    const uint64_t out_off = n.ring_entry(n.off_net_out, m, core::kPassOn, sent);
-    uint8_t* rec = own + out_off;
+    uint8_t* rec = own + n.ring_record(n.off_net_out, m, sent);
     warp_copy_row(p.x + t * p.x_stride, [&](int) { return rec + n.rec_payload; }, 1, a.payload_bytes, lane);
     for (int s = lane; s < a.num_scales; s += 32) {
       reinterpret_cast<uint32_t*>(rec + n.rec_scales)[s] =
@@ -133,17 +157,15 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
       *reinterpret_cast<int32_t*>(rec + n.net_chain_prev) = visits.prev(m);
     }
     __syncwarp();
-    transport::TransportStatus put;
-    if (lane == 0) {
-      const uint64_t in_off = n.ring_entry(n.off_net_in, my_node, core::kPassOn, sent);
-      put = transport::put_signal(ch, column, out_off, in_off, uint64_t(n.net_record_bytes),
-                                  signal_landed(core::kPassOn), 1);
-      if (!put.ok()) transport_failed(a.sync, st, kHop, column, put);
-    }
-    if (__shfl_sync(0xffffffffu, int(put.ok()), 0) == 0) break;
     ++sent;
+    // A full batch, or the ring's last entry (the next one is not contiguous): put them.
+    if ((sent - posted >= batch || sent % uint64_t(n.entries) == 0) && !put_staged()) {
+      failed = true;
+      break;
+    }
   }
-  if (lane == 0) n.sent_to(m, core::kPassOn) = sent;
+  if (!failed) (void)put_staged();
+  if (lane == 0) n.sent_to(m, core::kPassOn) = sent;  // after a failure the buffer is given up
 }
 
 // Warp nodes + m: the records of node m's column source, each to the ranks of this node it
@@ -179,7 +201,7 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
       break;
     }
     __syncwarp();
-    const uint8_t* rec = own + n.ring_entry(n.off_net_in, m, core::kPassOn, taken);
+    const uint8_t* rec = own + n.ring_record(n.off_net_in, m, taken);
     // The token and its way, for the combine of this handle: in token order, within the nodes.
     int32_t token = 0, prev = 0, next = 0;
     if (lane == 0) {

@@ -101,9 +101,10 @@ void each_rank(int ranks, const std::function<void(int)>& fn) {
 // A group of virtual ranks with one stream and one buffer each, sized for the shape.
 struct Job : sy::driver::LocalGroup {
   Job(int32_t backend, const Shape& s, int64_t timeout_ms, bool low_latency = false, int32_t ranks_per_node = 0)
-      // Across nodes, rings of 2 entries: the two hops wrap them and wait for credit.
+      // Across nodes, rings of 4 entries: the two hops wrap them and wait for credit, and the
+      // dispatch puts two records at a time (normal_network.cu).
       : LocalGroup({backend, s.ranks, timeout_ms, s.hidden, s.tokens, low_latency ? s.experts : 0, 0, ranks_per_node,
-                    ranks_per_node > 0 ? 2 : 0}) {}
+                    ranks_per_node > 0 ? 4 : 0}) {}
 };
 
 struct Mode {

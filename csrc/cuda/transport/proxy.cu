@@ -309,7 +309,10 @@ bool Proxy::complete(Queue& q) {
     if (batches_done_ <= f.batch || now < f.t.arrives_ns) break;
     EmulatedFabric::Counters& carried = fabric_.carried_by(o_.rank);
     if (f.d.op != uint32_t(RdmaOp::Signal)) {
-      carried.records.fetch_add(1, std::memory_order_relaxed);
+      // A put with a signal carries as many entries as it raises the signal by (the two hops'
+      // records and combine entries: a dispatch puts several records at once); a bare put one.
+      const uint64_t entries = f.d.op == uint32_t(RdmaOp::PutSignal) ? f.d.signal_add : 1;
+      carried.records.fetch_add(entries, std::memory_order_relaxed);
       carried.bytes.fetch_add(f.d.bytes, std::memory_order_relaxed);
     }
     if (f.signal) __atomic_fetch_add(f.signal, f.d.signal_add, __ATOMIC_RELEASE);

@@ -38,8 +38,9 @@
 namespace sy::cuda::transport {
 
 // The ranks the emulated NIC connects, as this process addresses them: their windows and signal
-// arrays, and what it carried for each (records and bytes put by that rank: into
-// `counters[rank]` when given, an array of `ranks` that outlives the fabric, else its own).
+// arrays, and what it carried for each (entries and bytes put by that rank, a put with a signal
+// counting as many entries as it raises the signal by: into `counters[rank]` when given, an array
+// of `ranks` that outlives the fabric, else its own).
 class EmulatedFabric {
  public:
   EmulatedFabric(int ranks, int slots, core::LinkModel model, core::NetworkCounters* counters = nullptr);
