@@ -47,10 +47,11 @@ function segmentsOf(pids: number[]): string[] {
 
 for (const [nproc, perNode] of [[2, 2], [4, 4], [4, 2]]) {
   const nodes = nproc / perNode;
-  // Across nodes, network rings of 2 entries in shared memory: the processes wait on each other's credit.
-  const rings = nodes > 1 ? ", rings of 2" : "";
+  // Across nodes, network rings of 4 entries: the processes wait on each other's credit (and the
+  // CUDA dispatch puts runs of two records).
+  const rings = nodes > 1 ? ", rings of 4" : "";
   Deno.test(`${nproc} processes (${nodes} node${nodes > 1 ? "s" : ""} of ${perNode}${rings}) on the ${backend} backend: round trips through the launcher`, async () => {
-    const r = await job(nproc, ["--rounds", "3", ...(nodes > 1 ? ["--network-ring", "2"] : [])], 15, {}, perNode);
+    const r = await job(nproc, ["--rounds", "3", ...(nodes > 1 ? ["--network-ring", "4"] : [])], 15, {}, perNode);
     assert.equal(r.code, 0, r.lines.join("\n"));
     for (let rank = 0; rank < nproc; rank++) {
       assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} ok`), r.lines.join("\n"));

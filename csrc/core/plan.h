@@ -151,8 +151,9 @@ struct BufferPlan {
   // on (dispatch records; the chain's starts and partials), lane 1 what it keeps (results,
   // hierarchical partials), so that a receiver waiting to pass something on never holds up what
   // it keeps (core/internode.h). Entry i of a lane goes to position i % net_ring_entries once the
-  // receiver has taken entry i - net_ring_entries (the sender's credit). An entry is large enough
-  // for each kind:
+  // receiver has taken entry i - net_ring_entries (the sender's credit). (The CUDA backend packs
+  // dispatch records at their own size in lane 0, so that it puts runs of them without gaps:
+  // normal_kernels.h, ring_record.) An entry is large enough for each kind:
   //   network record  (dispatch) a token record, then the slot it takes at each rank of the
   //                   destination node (-1: not for that rank), then the chain words: the next and
   //                   the previous node the token visits (-1: none)

@@ -93,8 +93,9 @@ ExchangeLayout exchange_layout(int ranks, int max_tokens, int nodes);
 //   off_relay           the records of the sources on other nodes, as their forwarders deliver
 //                       them: source s's token in slot j at record relay_index(s) * max_tokens + j
 //   off_net_in          per sender node and lane (core::kNetLanes), a ring of net_ring_entries
-//                       network entries (core::BufferPlan::net_entry_bytes): what this rank
-//                       forwards, passes on or keeps (core/internode.h)
+//                       network entries (core::BufferPlan::net_entry_bytes; a dispatch packs its
+//                       records at their own size: ring_record): what this rank forwards, passes
+//                       on or keeps (core/internode.h)
 //   off_net_out         per destination node and lane, a ring of as many: the entries this rank
 //                       puts, staged in its window (the NIC reads them from there)
 struct SharedLayout {
@@ -210,7 +211,10 @@ struct NetworkArgs {
                       uint64_t(entry_bytes);
   }
   // Where dispatch record `index` from (in) or to (out) `node` lies: in lane 0's ring, packed at
-  // the record's size, so that a put of consecutive records carries no gaps.
+  // the record's size, so that a put of consecutive records carries no gaps. Dispatch and combine
+  // count lane 0's entries on together but place index i at different bytes: that is safe because
+  // every operation ends with its rings empty (each receiver has taken every entry it was sent),
+  // so no slot is in use across an operation's boundary.
   __host__ __device__ uint64_t ring_record(uint64_t ring, int node, uint64_t index) const {
     return ring_entry(ring, node, core::kPassOn, 0) + index % uint64_t(entries) * uint64_t(net_record_bytes);
   }

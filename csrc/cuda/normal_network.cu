@@ -10,11 +10,13 @@
 //   warp m            sends to node m's column peer (m != own node): for each of its tokens
 //                     bound there, in token order, it waits for room in that peer's ring (the
 //                     peer's credit signal), stages the network record in its own out ring
-//                     (the NIC reads it from this rank's window), and puts the records it has
-//                     staged as one put with a records signal that grows by their count: every
-//                     kPutBatch records, at the ring's end (a put is contiguous in both rings),
-//                     before it waits for room, and at the end (DeepEP's chunked sends). One
-//                     put per record would cost a proxy descriptor and a copy each.
+//                     (the NIC reads it from this rank's window), in runs: it waits for room for a
+//                     whole run (up to kPutBatch records, never past the ring's end, so that a
+//                     put is contiguous in both rings), stages the run and puts it as one put
+//                     with a records signal that grows by its length (DeepEP's chunked sends).
+//                     One put per record would cost a proxy descriptor and a copy each; room for
+//                     one record at a time would shrink the runs to one whenever the receiver
+//                     is the slower.
 //   warp nodes + m    forwards for node m's column source: it learns from the source's exchange
 //                     page how many records come, and for each waits for the records signal,
 //                     copies the record to the ranks of this node its slots name, and credits
@@ -86,7 +88,7 @@ __device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int pee
   return __shfl_sync(0xffffffffu, ok, 0) != 0;
 }
 
-// Records a put carries at most: a ring of 2 * kPutBatch entries or more takes one batch while the
+// Records a put carries at most: a ring of 2 * kPutBatch entries or more takes one run while the
 // next is staged; smaller rings put half of theirs at a time.
 constexpr uint64_t kPutBatch = 16;
 
@@ -99,10 +101,17 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
   const transport::ProxyChannel& ch = n.channels[m];
   const Published& p = a.pub;
   uint8_t* own = a.sync.bases[me];
+  const uint64_t entries = uint64_t(n.entries);
   uint64_t sent = n.sent_to(m, core::kPassOn);
-  uint64_t credit_seen = sent > uint64_t(n.entries) ? sent - uint64_t(n.entries) : 0;  // lane 0's
-  const uint64_t batch = uint64_t(n.entries) >= 2 * kPutBatch ? kPutBatch : (uint64_t(n.entries) + 1) / 2;
+  uint64_t credit_seen = sent > entries ? sent - entries : 0;  // lane 0's
+  const uint64_t batch = entries >= 2 * kPutBatch ? kPutBatch : (entries + 1) / 2;
+  // The records that go there (this rank's count, written before the barrier; the forwarder reads
+  // the same), so that a run never waits for room it will not fill.
+  const int32_t counted = exchange_page_i32(a, me, a.xl.off_node_send)[m];
+  const uint64_t total = counted > 0 ? uint64_t(counted) : 0;
+  const uint64_t first = sent;
   uint64_t posted = sent;  // records [posted, sent) are staged and not put yet
+  uint64_t run_left = 0;   // records the current run still takes (room for them is there)
   // Puts the staged records, warp-wide (lane 0 posts); false if the put failed (recorded).
   const auto put_staged = [&]() -> bool {
     transport::TransportStatus put;
@@ -121,18 +130,27 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
     bool to_node = false;
     for (int q = 0; q < P && !to_node; ++q) to_node = a.h_route[t * R + m * P + q] != 0;
     if (!to_node) continue;
-    // Entry `sent` goes where entry sent - entries was: the column peer must have taken that one.
-    const uint64_t need = sent + 1 > uint64_t(n.entries) ? sent + 1 - uint64_t(n.entries) : 0;
-    // (Signals only grow: the last value seen answers first; on a GPU a read crosses PCIe.)
-    const auto credit = [&] {
-      return credit_seen = transport::read_signal(ch, column, signal_credit(core::kPassOn));
-    };
-    const auto room = [&] { return transport::signal_reached(credit_seen, need) || transport::signal_reached(credit(), need); };
-    // No room yet: what is staged goes first (the peer makes room by taking it), then the wait.
-    if (__shfl_sync(0xffffffffu, lane == 0 ? int(room()) : 0, 0) == 0 &&
-        (!put_staged() || !warp_wait(a, st, lane, column, kHop, int64_t(need), room, [&] { return int64_t(credit()); }))) {
-      failed = true;
-      break;
+    if (run_left == 0) {
+      // A new run of b records: entry sent + b - 1 goes where entry sent + b - 1 - entries was, so
+      // the column peer must have taken that one. Nothing is staged now (the last run was put), so
+      // whatever the peer waits for to make room is on its way.
+      const uint64_t left = total > sent - first ? total - (sent - first) : 1;
+      const uint64_t to_end = entries - sent % entries;  // a run never wraps
+      uint64_t b = batch < left ? batch : left;
+      b = b < to_end ? b : to_end;
+      const uint64_t need = sent + b > entries ? sent + b - entries : 0;
+      // (Signals only grow: the last value seen answers first; on a GPU a read crosses PCIe.)
+      const auto credit = [&] {
+        return credit_seen = transport::read_signal(ch, column, signal_credit(core::kPassOn));
+      };
+      const auto room = [&] {
+        return transport::signal_reached(credit_seen, need) || transport::signal_reached(credit(), need);
+      };
+      if (!warp_wait(a, st, lane, column, kHop, int64_t(need), room, [&] { return int64_t(credit()); })) {
+        failed = true;
+        break;
+      }
+      run_left = b;
     }
     uint8_t* rec = own + n.ring_record(n.off_net_out, m, sent);
     warp_copy_row(p.x + t * p.x_stride, [&](int) { return rec + n.rec_payload; }, 1, a.payload_bytes, lane);
@@ -158,8 +176,7 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
     }
     __syncwarp();
     ++sent;
-    // A full batch, or the ring's last entry (the next one is not contiguous): put them.
-    if ((sent - posted >= batch || sent % uint64_t(n.entries) == 0) && !put_staged()) {
+    if (--run_left == 0 && !put_staged()) {  // the run is staged: put it
       failed = true;
       break;
     }

@@ -69,9 +69,12 @@ __host__ __device__ inline uint32_t message_bytes(int src, int dst, int c, int m
 __host__ __device__ inline uint8_t message_byte(int src, int dst, int c, int m, uint32_t i) {
   return uint8_t(mix(uint32_t(((src * 8 + dst) * 8 + c) * 64 + m) ^ (i * 0x9e3779b9u)) | 1u);  // never 0
 }
-// The last message is a plain put: the signal without data that ends each (source, channel)
-// covers it.
-__host__ __device__ inline bool message_signals(int m) { return m % 3 == 2 && m != kMessages - 1; }
+// What message m raises its signal by (0: a plain put): 1, 2 or 3, as a put of that many entries
+// would (the NIC then counts it as that many). The last message is a plain put: the signal without
+// data that ends each (source, channel) covers it.
+__host__ __device__ inline uint64_t message_signals(int m) {
+  return m % 3 == 2 && m != kMessages - 1 ? 1 + uint64_t(m / 3) % 3 : 0;
+}
 __host__ __device__ inline uint64_t region_offset(int src, int c) {
   return kStageBytes + (uint64_t(src) * kChannels + uint64_t(c)) * kRegionBytes;
 }
@@ -117,7 +120,7 @@ __global__ void send_kernel(SendArgs a) {
     __syncthreads();
     if (threadIdx.x == 0) {
       const uint64_t dst_off = message_offset(a.rank, dst, c, m);
-      status = message_signals(m) ? tr::put_signal(ch, dst, src_off, dst_off, bytes, uint32_t(c), 1)
+      status = message_signals(m) ? tr::put_signal(ch, dst, src_off, dst_off, bytes, uint32_t(c), message_signals(m))
                                   : tr::put(ch, dst, src_off, dst_off, bytes);
     }
     __syncthreads();
@@ -165,7 +168,7 @@ __global__ void recv_kernel(RecvArgs a) {
   int checked = 0;
   for (int m = 0; m < kMessages; ++m) {
     if (!message_signals(m)) continue;
-    ++seen;
+    seen += message_signals(m);
     if (threadIdx.x == 0) status = tr::wait_signal(a.channel, src, c, a.signal_base[src][c] + seen);
     __syncthreads();
     if (!status.ok()) break;
@@ -357,14 +360,14 @@ double exchange(World& w, const std::string& label) {
       if (dst == r) continue;
       for (int c = 0; c < kChannels; ++c)
         for (int m = 0; m < kMessages; ++m) {
-          ++records;
+          records += message_signals(m) ? message_signals(m) : 1;  // a put with a signal: that many entries
           bytes += message_bytes(r, dst, c, m);
         }
       for (int c = 0; c < kChannels; ++c) {
-        int signals = 1;  // the one without data
+        uint64_t signals = 1;  // the one without data
         for (int m = 0; m < kMessages; ++m) signals += message_signals(m);
         const uint64_t got = w.proxies[size_t(dst)]->signal(r, c) - before[dst][r][c];
-        if (got != uint64_t(signals))
+        if (got != signals)
           counts += " signal (" + std::to_string(r) + "->" + std::to_string(dst) + ", " + std::to_string(c) +
                     ") grew by " + std::to_string(got) + ", not " + std::to_string(signals);
       }
@@ -372,7 +375,7 @@ double exchange(World& w, const std::string& label) {
     const uint64_t got_records = w.fabric->carried(r).records.load() - carried_before[r][0];
     const uint64_t got_bytes = w.fabric->carried(r).bytes.load() - carried_before[r][1];
     if (got_records != records || got_bytes != bytes)
-      counts += " rank " + std::to_string(r) + " carried " + std::to_string(got_records) + " puts, " +
+      counts += " rank " + std::to_string(r) + " carried " + std::to_string(got_records) + " entries, " +
                 std::to_string(got_bytes) + " bytes, not " + std::to_string(records) + ", " + std::to_string(bytes);
   }
   check(counts.empty(), label + ": the signals and what the NIC carried match the messages" + counts);
