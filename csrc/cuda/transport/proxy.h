@@ -10,9 +10,9 @@
 // failure a put may still be copying into a peer that has freed its buffer or exited. The CPU
 // executor's IPC memory outlives the exporter; CUDA does not promise that.)
 //
-// With a link model (core/link_model.h) each put
-// leaves when the rank's link is free (its source is read then, as a NIC's DMA reads it), and
-// is complete, its signal raised and its ring slot freed, when it would have arrived.
+// With a link model (core/link_model.h) each put leaves when the rank's link is free (its source
+// is read then, as a NIC's DMA reads it), and is complete, its signal raised and its ring slot
+// freed, when it would have arrived.
 //
 // Every descriptor is checked before it is carried out (proxy_ring.h, check_descriptor): a
 // kernel's bad put is refused, never executed; the proxy then takes nothing more from that
