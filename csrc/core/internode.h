@@ -163,6 +163,15 @@ SY_HD ChainFrom chain_from(int source_node, int prev, int my_node, bool source_s
 SY_HD int chain_from_node(ChainFrom from, int source_node, int prev) {
   return from == ChainFrom::Partial ? prev : from == ChainFrom::Start ? source_node : -1;
 }
+// The chain: whether an entry of `kind` that came in lane 0 from node `from_node` is what a
+// forwarded token starts from (`wanted`, chain_from): a start only from a source that said it
+// sends them, a partial only from the node before; any other kind never.
+SY_HD bool chain_accepts(ChainFrom wanted, uint32_t kind, int source_node, int prev, int from_node) {
+  const ChainFrom came = kind == uint32_t(NetEntry::Start)     ? ChainFrom::Start
+                         : kind == uint32_t(NetEntry::Partial) ? ChainFrom::Partial
+                                                               : ChainFrom::Zero;
+  return came != ChainFrom::Zero && wanted == came && chain_from_node(wanted, source_node, prev) == from_node;
+}
 
 // The chain: the start an own token's source puts, in lane 0, when it has biases and the token's
 // first node is another: that node (-1: none).
@@ -204,8 +213,7 @@ SY_HD void forwarded_arrival(int source_node, int prev, int my_node, bool source
 // hierarchical reduction) its source node's part, home in lane 1; node -1 for a token of this
 // node's own source that stays here (the rank's output, no entry).
 SY_HD NetHop forwarded_departure(int source_node, int next, int my_node, bool hierarchical) {
-  if (!hierarchical) return chain_onward(source_node, next, my_node);
-  return {source_node == my_node ? -1 : source_node, kKeep};
+  return chain_onward(source_node, hierarchical ? -1 : next, my_node);
 }
 
 }  // namespace sy::core

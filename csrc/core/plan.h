@@ -33,6 +33,15 @@ inline constexpr int kPassOn = 0, kKeep = 1;
 inline constexpr int kNetEntryHeaderBytes = 16;
 enum class NetEntry : uint32_t { Start = 1, Partial = 2, Result = 3, NodePartial = 4 };
 
+// Where entry `index` (counted on across the lane's puts) of lane `lane` from sender node `node`
+// lies, from the start of the rings: one ring of `entries` slots of `entry_bytes` per (node, lane),
+// entry i in slot i % entries (BufferPlan::off_net says why). Both backends address their rings
+// by it; where the rings start is each one's (BufferPlan::net_entry, cuda NetworkArgs::ring_entry).
+SY_HD uint64_t net_ring_slot(int node, int lane, uint64_t index, int entries, int entry_bytes) {
+  const uint64_t ring = uint64_t(node) * kNetLanes + uint64_t(lane);
+  return (ring * uint64_t(entries) + index % uint64_t(entries)) * uint64_t(entry_bytes);
+}
+
 // The low-latency double buffer. Consecutive low-latency calls alternate between two halves, so
 // one call's data survives the next call; a half holds, from its base:
 //
@@ -194,9 +203,7 @@ struct BufferPlan {
   }
   // Where entry `i` (counted from 0 in each operation) of lane `lane` from sender node `node` lies.
   uint64_t net_entry(int node, int lane, uint32_t i) const {
-    const uint64_t ring = uint64_t(node) * kNetLanes + uint64_t(lane);
-    return off_net + (ring * uint64_t(net_ring_entries) + uint64_t(i % uint32_t(net_ring_entries))) *
-                         uint64_t(net_entry_bytes);
+    return off_net + net_ring_slot(node, lane, i, net_ring_entries, net_entry_bytes);
   }
   // A lane's counter of peer p in a header array of kNetLanes x R words.
   uint64_t net_counter(uint64_t base, int lane, int p) const { return base + 4ull * (uint64_t(lane) * uint64_t(ranks) + uint64_t(p)); }

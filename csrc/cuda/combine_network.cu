@@ -262,7 +262,8 @@ struct Here {
       if (m == M) continue;
       if (c.next_begin[m] < f.count()[m] && room(m, core::kKeep)) {
         const int32_t t = f.list(m)[c.next_begin[m]];
-        return go(Step::Begin, From::Zero, m, t, m, core::kKeep, f.entry(m, t));
+        const core::NetHop to = core::forwarded_departure(m, -1, M, true);
+        return go(Step::Begin, From::Zero, m, t, to.node, to.lane, f.entry(m, t));
       }
     }
     // Own tokens that stay on this node are the grid's (normal_combine.cu).
@@ -324,14 +325,8 @@ struct Here {
         const int4 raw = __ldcg(reinterpret_cast<const int4*>(a.sync.bases[me] + in));
         h[0] = uint32_t(raw.x), h[1] = uint32_t(raw.y), h[2] = uint32_t(raw.z), h[3] = uint32_t(raw.w);
         const int m = int(h[1]);
-        const bool start = h[0] == uint32_t(core::NetEntry::Start);
-        int32_t* e = start || h[0] == uint32_t(core::NetEntry::Partial)
-                         ? const_cast<int32_t*>(f.find(m, int32_t(h[2])))
-                         : nullptr;
-        // A start only from a source that said it sends them, a partial only from the node before.
-        const core::ChainFrom wanted = e != nullptr ? chain_from(m, e) : core::ChainFrom::Zero;
-        const bool from_there = wanted == (start ? core::ChainFrom::Start : core::ChainFrom::Partial) &&
-                                core::chain_from_node(wanted, m, e[ForwardTable::kPrev]) == k;
+        int32_t* e = const_cast<int32_t*>(f.find(m, int32_t(h[2])));
+        const bool from_there = e != nullptr && core::chain_accepts(chain_from(m, e), h[0], m, e[ForwardTable::kPrev], k);
         if (!from_there || e[ForwardTable::kDone] == int32_t(a.sync.epoch)) return unexpected(k, h);
         const core::NetHop to = core::chain_onward(m, e[ForwardTable::kNext], M);
         if (to.node < 0 || room(to.node, to.lane)) {

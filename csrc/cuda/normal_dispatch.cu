@@ -42,15 +42,14 @@ SharedLayout shared_layout(const core::BufferPlan& plan, bool staged) {
   }
   s.two_hop = plan.two_hop();
   if (s.two_hop) {
-    const uint64_t ring = uint64_t(plan.nodes) * core::kNetLanes * uint64_t(plan.net_ring_entries) * uint64_t(plan.net_entry_bytes);
     s.off_relay = o;
     o = core::align_up(o + uint64_t(plan.ranks - plan.ranks_per_node) * uint64_t(plan.max_tokens_per_rank) *
                                uint64_t(plan.record_bytes),
                        core::kRegionAlignBytes);
     s.off_net_in = o;
-    o = core::align_up(o + ring, core::kRegionAlignBytes);
+    o = core::align_up(o + plan.net_region_bytes, core::kRegionAlignBytes);
     s.off_net_out = o;
-    o = core::align_up(o + ring, core::kRegionAlignBytes);
+    o = core::align_up(o + plan.net_region_bytes, core::kRegionAlignBytes);
   }
   s.bytes = core::align_up(o, 4096);
   return s;

@@ -207,8 +207,7 @@ struct NetworkArgs {
 
   // Where entry `index` of `lane` from (in) or to (out) `node` lies in a rank's window.
   __host__ __device__ uint64_t ring_entry(uint64_t ring, int node, int lane, uint64_t index) const {
-    return ring + ((uint64_t(node) * core::kNetLanes + uint64_t(lane)) * uint64_t(entries) + index % uint64_t(entries)) *
-                      uint64_t(entry_bytes);
+    return ring + core::net_ring_slot(node, lane, index, entries, entry_bytes);
   }
   // Where dispatch record `index` from (in) or to (out) `node` lies: in lane 0's ring, packed at
   // the record's size, so that a put of consecutive records carries no gaps. Dispatch and combine

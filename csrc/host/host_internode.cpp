@@ -601,11 +601,7 @@ Error CombineAcrossNodes::chain() {
         const auto kind = core::NetEntry(reinterpret_cast<const uint32_t*>(e)[0]);
         SY_TRY(check_entry(e, k, kind == core::NetEntry::Start ? kind : core::NetEntry::Partial, false, &m, &t));
         Forwarded& f = forwarded[index[key(m, t)]];
-        // A start only from a source that said it sends them, a partial only from the node before.
-        const core::ChainFrom wanted = from(f);
-        const core::ChainFrom came = kind == core::NetEntry::Start ? core::ChainFrom::Start : core::ChainFrom::Partial;
-        const bool from_here = wanted == came && core::chain_from_node(wanted, f.m, f.prev) == k;
-        if (f.done || !from_here) return unexpected(e, k);
+        if (f.done || !core::chain_accepts(from(f), uint32_t(kind), f.m, f.prev, k)) return unexpected(e, k);
         acc.load(e);
         if (!pass_on(f)) {
           pass.wait(room_for(f));
