@@ -51,6 +51,7 @@ export {
   type LayoutOptions,
   type LowLatencyCombineOptions,
   type LowLatencyDispatchOptions,
+  type NetworkStats,
   type StreamOptions,
 } from "./src/buffer.ts";
 export {

@@ -556,6 +556,18 @@ export const HostInfo = new StructLayout(
   ] as const,
 );
 
+/** `sy_network_stats` */
+export const NetworkStats = new StructLayout(
+  "sy_network_stats",
+  [
+    ["struct_size", "u32"],
+    ["reserved", "u32"],
+    ["records", "u64"],
+    ["bytes", "u64"],
+    ["puts", "u64"],
+  ] as const,
+);
+
 /** Every struct in `sy_struct_id` order, for the load-time size check. */
 export const ALL_STRUCTS: readonly StructLayout<string>[] = [
   ErrorInfo,
@@ -582,4 +594,5 @@ export const ALL_STRUCTS: readonly StructLayout<string>[] = [
   BufferShare,
   NcclInfo,
   HostInfo,
+  NetworkStats,
 ];

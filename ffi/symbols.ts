@@ -10,7 +10,7 @@
  */
 
 /** The ABI version this binding was written for (`SY_ABI_VERSION`). */
-export const ABI_VERSION = 7;
+export const ABI_VERSION = 8;
 
 /** Every libswitchyard function, as `Deno.dlopen` wants it. */
 export const symbols = {
@@ -117,8 +117,8 @@ export const symbols = {
   sy_buffer_comm_stream: { parameters: ["pointer", "buffer"], result: "i32" },
   // sy_status sy_buffer_plan_get(sy_buffer buffer, sy_buffer_plan* out)
   sy_buffer_plan_get: { parameters: ["pointer", "buffer"], result: "i32" },
-  // sy_status sy_buffer_network_stats(sy_buffer buffer, uint64_t* records, uint64_t* bytes)
-  sy_buffer_network_stats: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },
+  // sy_status sy_buffer_network_stats(sy_buffer buffer, sy_network_stats* out)
+  sy_buffer_network_stats: { parameters: ["pointer", "buffer"], result: "i32" },
 
   // sy_status sy_layout(sy_buffer buffer, const sy_layout_args* args, sy_layout_result* out)
   sy_layout: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },

@@ -19,6 +19,7 @@ import {
   LLCombineResult as LLCombineStruct,
   LLDispatchArgs,
   LLDispatchResult as LLDispatchStruct,
+  NetworkStats as NetworkStatsStruct,
 } from "../ffi/structs.ts";
 import { LLFlags, Operation, Status } from "../ffi/symbols.ts";
 import { type BufferPlan, INTERNODE_PATHS, type InternodePath, planFromStruct } from "./config.ts";
@@ -113,6 +114,24 @@ export interface LowLatencyCombineOptions {
   readonly out?: Tensor;
   /** `[R]` i64 counters, incremented by the nanoseconds spent waiting for each source rank. */
   readonly combineWaitRecvCostStats?: Tensor;
+}
+
+/**
+ * What a rank has put on the network across nodes, summed over its buffer's operations
+ * (`EpBuffer.networkStats`).
+ */
+export interface NetworkStats {
+  /** Entries: dispatch records (one per token and destination node) and combine entries. */
+  records: number;
+  /** Their bytes. */
+  bytes: number;
+  /**
+   * The one-sided puts that carried them (what a NIC counts as work requests): one per entry on
+   * the host backend; on the CUDA backend one per proxy descriptor, a dispatch putting a run of
+   * up to 16 consecutive records for a node as one (never past the end of its ring, at most half
+   * of it).
+   */
+  puts: number;
 }
 
 /**
@@ -299,11 +318,11 @@ export class EpBuffer extends NativeResource {
    * or its node parts (hierarchical). The emulated NIC counts them: the host backend's, and the
    * CUDA backend's CPU proxy.
    */
-  networkStats(): { records: number; bytes: number } {
-    const records = new BigUint64Array(1), bytes = new BigUint64Array(1);
+  networkStats(): NetworkStats {
+    const out = NetworkStatsStruct.create();
     const p = this.pointer;
-    check(native().sy_buffer_network_stats(p, records, bytes), p, "networkStats");
-    return { records: Number(records[0]), bytes: Number(bytes[0]) };
+    check(native().sy_buffer_network_stats(p, out.bytes), p, "networkStats");
+    return { records: out.number("records"), bytes: out.number("bytes"), puts: out.number("puts") };
   }
 
   /**

@@ -163,6 +163,7 @@ SY_API sy_status sy_struct_sizes(uint32_t* sizes, uint32_t count) {
       sizeof(sy_ll_dispatch_args), sizeof(sy_ll_dispatch_result), sizeof(sy_ll_combine_args),
       sizeof(sy_ll_combine_result), sizeof(sy_ll_handle_info), sizeof(sy_process_group_options),
       sizeof(sy_buffer_share), sizeof(sy_nccl_info), sizeof(sy_host_info),
+      sizeof(sy_network_stats),
   };
   for (uint32_t i = 0; i < count && i < SY_STRUCT_COUNT; ++i) sizes[i] = all[i];
   return SY_OK;
@@ -908,15 +909,18 @@ SY_API sy_status sy_buffer_plan_get(sy_buffer buffer, sy_buffer_plan* out) {
   });
 }
 
-SY_API sy_status sy_buffer_network_stats(sy_buffer buffer, uint64_t* records, uint64_t* bytes) {
+SY_API sy_status sy_buffer_network_stats(sy_buffer buffer, sy_network_stats* out) {
   return guarded(buffer, [&]() -> Error {
     std::shared_ptr<BufferCore> b;
     SY_TRY(resolve(buffer, Kind::Buffer, "buffer", &b));
-    if (records == nullptr || bytes == nullptr) return invalid("records", "records, bytes: NULL");
     const auto& c = b->set->network[size_t(b->rank)];
-    *records = c.records.load(std::memory_order_relaxed);
-    *bytes = c.bytes.load(std::memory_order_relaxed);
-    return ok();
+    sy_network_stats v;
+    std::memset(&v, 0, sizeof v);
+    v.struct_size = sizeof v;
+    v.records = c.records.load(std::memory_order_relaxed);
+    v.bytes = c.bytes.load(std::memory_order_relaxed);
+    v.puts = c.puts.load(std::memory_order_relaxed);
+    return write_struct(out, v, "out");
   });
 }
 

@@ -18,10 +18,11 @@ struct LinkModel {
   SY_HD bool active() const { return bytes_per_second > 0 || latency_ns > 0; }
 };
 
-// What an emulated NIC carried for one rank: puts and their bytes (tests and benchmarks count
-// what crossed the network).
+// What an emulated NIC carried for one rank (tests and benchmarks count what crossed the network):
+// entries (dispatch records, combine entries), their bytes, and the puts that carried them (one
+// put may carry a run of entries: sy_network_stats).
 struct NetworkCounters {
-  std::atomic<uint64_t> records{0}, bytes{0};
+  std::atomic<uint64_t> records{0}, bytes{0}, puts{0};
 };
 
 // When one put is on the wire, in nanoseconds of the caller's clock.

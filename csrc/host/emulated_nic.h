@@ -27,6 +27,7 @@ class EmulatedNic {
   void put(uint8_t* dst, const void* src, size_t bytes) {
     std::memcpy(dst, src, bytes);
     counters_.records.fetch_add(1, std::memory_order_relaxed);
+    counters_.puts.fetch_add(1, std::memory_order_relaxed);
     counters_.bytes.fetch_add(bytes, std::memory_order_relaxed);
     if (!model_.active()) return;
     const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();

@@ -38,7 +38,7 @@ extern "C" {
 
 /* Bumped on every incompatible change of this header. The loader refuses a library whose
  * `sy_abi_version()` differs from the version it was written for. */
-#define SY_ABI_VERSION 7u
+#define SY_ABI_VERSION 8u
 
 #define SY_MAX_DIMS 8
 #define SY_ERROR_ARGUMENT_CAPACITY 64
@@ -173,6 +173,7 @@ typedef enum sy_struct_id {
   SY_STRUCT_BUFFER_SHARE,
   SY_STRUCT_NCCL_INFO,
   SY_STRUCT_HOST_INFO,
+  SY_STRUCT_NETWORK_STATS,
   SY_STRUCT_COUNT
 } sy_struct_id;
 SY_API sy_status sy_struct_sizes(uint32_t* sizes, uint32_t count);
@@ -431,10 +432,19 @@ SY_API sy_status sy_buffer_abandon(sy_buffer buffer, int32_t peer);
 SY_API sy_status sy_buffer_comm_stream(sy_buffer buffer, sy_stream* out);
 SY_API sy_status sy_buffer_plan_get(sy_buffer buffer, sy_buffer_plan* out);
 
-/* What this rank's buffer has put on the network so far (across nodes: dispatch records and
- * combine entries, counted by the emulated NIC of the host backend or of the CUDA backend's CPU
- * proxy; nothing on the direct path of the CUDA backend, which pulls): entries, and their bytes. */
-SY_API sy_status sy_buffer_network_stats(sy_buffer buffer, uint64_t* records, uint64_t* bytes);
+/* What this rank's buffer has put on the network so far, summed over its operations (across
+ * nodes; counted by the emulated NIC of the host backend or of the CUDA backend's CPU proxy;
+ * nothing on the direct path of the CUDA backend, which pulls). */
+typedef struct sy_network_stats {
+  uint32_t struct_size;
+  uint32_t reserved;
+  uint64_t records;  /* entries: dispatch records and combine entries */
+  uint64_t bytes;    /* their bytes */
+  uint64_t puts;     /* the one-sided puts that carried them (a NIC's work requests): one per entry on
+                        the host backend; one per proxy descriptor on the CUDA backend, whose
+                        dispatch puts a run of up to 16 consecutive records as one */
+} sy_network_stats;
+SY_API sy_status sy_buffer_network_stats(sy_buffer buffer, sy_network_stats* out);
 
 /* Stream semantics shared by every operation: the communication stream first waits for
  * `previous_event` (or, without one, for `compute_stream`); the work runs on the communication

@@ -149,11 +149,12 @@ const total = (xs: readonly number[]) => xs.reduce((a, b) => a + b, 0);
 
 // What crossed the network per call, and what the two hops save against the direct path.
 function networkLines(n: NetworkUse): string[] {
-  const lines = ["  on the network per call (records per rank; the most bytes one rank sent):"];
+  const lines = [
+    "  on the network per call (records per rank; the most bytes one rank sent; puts that carried the records, all ranks):",
+  ];
   for (const o of n.perOperation) {
-    lines.push(
-      `    ${pad(o.op, 26)} ${o.recordsPerRank.join(" ")}; ${(Math.max(...o.bytesPerRank) / 2 ** 20).toFixed(2)} MiB`,
-    );
+    const mib = (Math.max(...o.bytesPerRank) / 2 ** 20).toFixed(2);
+    lines.push(`    ${pad(o.op, 26)} ${o.recordsPerRank.join(" ")}; ${mib} MiB; ${total(o.putsPerRank ?? [])} puts`);
   }
   const bytes = (op: string) => total(n.perOperation.find((o) => o.op === op)?.bytesPerRank ?? []);
   const ratio = (a: number, b: number) => b > 0 ? `${(a / b).toFixed(2)}x` : "n/a";

@@ -72,11 +72,15 @@ export interface ScenarioRun {
 
 /** What crossed the (emulated) network in a run across nodes. */
 export interface NetworkUse {
-  /** Per operation that ran: records and bytes one call put on the network, per rank. */
+  /**
+   * Per operation that ran: records, bytes and the puts that carried them (a NIC's work requests)
+   * one call put on the network, per rank.
+   */
   readonly perOperation: readonly {
     readonly op: OperationName;
     readonly recordsPerRank: number[];
     readonly bytesPerRank: number[];
+    readonly putsPerRank: number[];
   }[];
   /**
    * From the layouts, what one dispatch puts on the network per rank: in two hops a record per
@@ -337,6 +341,7 @@ async function runNormal(
         op,
         recordsPerRank: after.map((a, r) => a.records - before[r].records),
         bytesPerRank: after.map((a, r) => a.bytes - before[r].bytes),
+        putsPerRank: after.map((a, r) => a.puts - before[r].puts),
       });
     }
     if (it < warmup) return;

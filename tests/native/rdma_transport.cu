@@ -279,10 +279,11 @@ double exchange(World& w, const std::string& label) {
   must(cudaMemset(w.outcomes, 0xff, sizeof(Outcome) * kRanks * (kChannels + kRanks * kChannels)), "cudaMemset");
   must(cudaDeviceSynchronize(), "sync");
   uint64_t before[kRanks][kRanks][kChannels];
-  uint64_t carried_before[kRanks][2];
+  uint64_t carried_before[kRanks][3];
   for (int r = 0; r < kRanks; ++r) {
     carried_before[r][0] = w.fabric->carried(r).records.load();
     carried_before[r][1] = w.fabric->carried(r).bytes.load();
+    carried_before[r][2] = w.fabric->carried(r).puts.load();
     for (int s = 0; s < kRanks; ++s)
       for (int c = 0; c < kChannels; ++c) before[r][s][c] = w.proxies[size_t(r)]->signal(s, c);
   }
@@ -355,12 +356,13 @@ double exchange(World& w, const std::string& label) {
 
   std::string counts;
   for (int r = 0; r < kRanks; ++r) {
-    uint64_t records = 0, bytes = 0;
+    uint64_t records = 0, bytes = 0, puts = 0;
     for (int dst = 0; dst < kRanks; ++dst) {
       if (dst == r) continue;
       for (int c = 0; c < kChannels; ++c)
         for (int m = 0; m < kMessages; ++m) {
           records += message_signals(m) ? message_signals(m) : 1;  // a put with a signal: that many entries
+          puts += 1;  // whatever it carries
           bytes += message_bytes(r, dst, c, m);
         }
       for (int c = 0; c < kChannels; ++c) {
@@ -374,9 +376,11 @@ double exchange(World& w, const std::string& label) {
     }
     const uint64_t got_records = w.fabric->carried(r).records.load() - carried_before[r][0];
     const uint64_t got_bytes = w.fabric->carried(r).bytes.load() - carried_before[r][1];
-    if (got_records != records || got_bytes != bytes)
+    const uint64_t got_puts = w.fabric->carried(r).puts.load() - carried_before[r][2];
+    if (got_records != records || got_bytes != bytes || got_puts != puts)
       counts += " rank " + std::to_string(r) + " carried " + std::to_string(got_records) + " entries, " +
-                std::to_string(got_bytes) + " bytes, not " + std::to_string(records) + ", " + std::to_string(bytes);
+                std::to_string(got_bytes) + " bytes in " + std::to_string(got_puts) + " puts, not " +
+                std::to_string(records) + ", " + std::to_string(bytes) + ", " + std::to_string(puts);
   }
   check(counts.empty(), label + ": the signals and what the NIC carried match the messages" + counts);
   return seconds;

@@ -313,6 +313,7 @@ bool Proxy::complete(Queue& q) {
       // records and combine entries: a dispatch puts several records at once); a bare put one.
       const uint64_t entries = f.d.op == uint32_t(RdmaOp::PutSignal) ? f.d.signal_add : 1;
       carried.records.fetch_add(entries, std::memory_order_relaxed);
+      carried.puts.fetch_add(1, std::memory_order_relaxed);
       carried.bytes.fetch_add(f.d.bytes, std::memory_order_relaxed);
     }
     if (f.signal) __atomic_fetch_add(f.signal, f.d.signal_add, __ATOMIC_RELEASE);
