@@ -12,7 +12,11 @@
 //
 // Thread 0 schedules, the block works: thread 0 picks one step that can go now (nothing waits for
 // one peer while another could be served), the block folds the token's channels (8 per thread at
-// a time) and thread 0 posts the put and the credit. The steps:
+// a time) into its staging slot (or the output) and thread 0 books it. Entries go as dispatch records do: packed at
+// their lane's size (NetworkArgs::ring_combine), consecutive entries for one ring put as one run of
+// up to put_run_limit (never past the ring's end), credits for taken entries as one signal; thread
+// 0 flushes what is staged or owed before it waits for anything and at the end, so no peer waits
+// on what this rank holds back. The steps:
 //   start    an own token whose first node is another, with biases: 0 + bias0 + bias1, to it
 //   begin    a token whose way begins here and needs nothing from the network: this rank's own
 //            (from its biases) or another node's source without biases (from zero)
@@ -74,6 +78,10 @@ struct Chain {
   int64_t rows[kMaxSources];  // the token's received row at each rank of this node (-1: none)
   Published pub[kMaxSources];  // what the ranks of this node published (their combine inputs)
   uint64_t sent[core::kNetLanes][kMaxNodes], taken[core::kNetLanes][kMaxNodes];
+  // Entries put so far (those in [posted, sent) are staged, waiting to go as one run), and credits
+  // owed for entries taken, not signalled yet, per lane and node.
+  uint64_t posted[core::kNetLanes][kMaxNodes];
+  int32_t owed[core::kNetLanes][kMaxNodes];
   uint64_t credit_seen[core::kNetLanes][kMaxNodes], landed_seen[core::kNetLanes][kMaxNodes];  // signals last read
   int32_t expected[core::kNetLanes][kMaxNodes];  // entries to take this combine, per lane and node
   int32_t got[core::kNetLanes][kMaxNodes];
@@ -181,7 +189,7 @@ struct Here {
     d.lane = lane;
     d.source = core::forwarder(m, me, P);
     d.entry = entry;
-    d.out_off = to >= 0 ? a.net.ring_entry(a.net.off_net_out, to, lane, c.sent[lane][to]) : 0;
+    d.out_off = to >= 0 ? a.net.ring_combine(a.net.off_net_out, to, lane, c.sent[lane][to]) : 0;
     const int32_t* slots = entry != nullptr ? entry + ForwardTable::kSlots : nullptr;
     return find_rows(slots, d.source) ? step : Step::Failed;
   }
@@ -276,7 +284,7 @@ struct Here {
         if (k == M) continue;
         ready = c.got[core::kKeep][k] < c.expected[core::kKeep][k] && landed(k, core::kKeep);
         if (!ready) break;
-        const uint64_t in = a.net.ring_entry(a.net.off_net_in, k, core::kKeep, c.taken[core::kKeep][k]);
+        const uint64_t in = a.net.ring_combine(a.net.off_net_in, k, core::kKeep, c.taken[core::kKeep][k]);
         const int4 raw = __ldcg(reinterpret_cast<const int4*>(a.sync.bases[me] + in));
         const uint32_t h[4] = {uint32_t(raw.x), uint32_t(raw.y), uint32_t(raw.z), uint32_t(raw.w)};
         if (h[0] != uint32_t(core::NetEntry::NodePartial) || int(h[1]) != M || int32_t(h[2]) != int32_t(t)) {
@@ -320,7 +328,7 @@ struct Here {
       if (k == M) continue;
       // Starts and partials from node k, in the order they came.
       if (c.got[core::kPassOn][k] < c.expected[core::kPassOn][k] && landed(k, core::kPassOn)) {
-        const uint64_t in = a.net.ring_entry(a.net.off_net_in, k, core::kPassOn, c.taken[core::kPassOn][k]);
+        const uint64_t in = a.net.ring_combine(a.net.off_net_in, k, core::kPassOn, c.taken[core::kPassOn][k]);
         uint32_t h[4];
         const int4 raw = __ldcg(reinterpret_cast<const int4*>(a.sync.bases[me] + in));
         h[0] = uint32_t(raw.x), h[1] = uint32_t(raw.y), h[2] = uint32_t(raw.z), h[3] = uint32_t(raw.w);
@@ -337,7 +345,7 @@ struct Here {
       }
       // Results of this rank's own tokens from node k.
       if (c.got[core::kKeep][k] < c.expected[core::kKeep][k] && landed(k, core::kKeep)) {
-        const uint64_t in = a.net.ring_entry(a.net.off_net_in, k, core::kKeep, c.taken[core::kKeep][k]);
+        const uint64_t in = a.net.ring_combine(a.net.off_net_in, k, core::kKeep, c.taken[core::kKeep][k]);
         const int4 raw = __ldcg(reinterpret_cast<const int4*>(a.sync.bases[me] + in));
         const uint32_t h[4] = {uint32_t(raw.x), uint32_t(raw.y), uint32_t(raw.z), uint32_t(raw.w)};
         const int64_t t = int32_t(h[2]);
@@ -361,6 +369,8 @@ struct Here {
   __device__ void next_step() {
     for (uint32_t spins = 0;; ++spins) {
       Step s = decide();
+      // Nothing staged or owed may wait while this rank waits, or at its end: a peer may need it.
+      if ((s == Step::Idle || s == Step::Done) && !flush()) s = Step::Failed;
       if (s == Step::Idle && net_stopped(a.sync, c.st, spins)) s = Step::Failed;
       // Waiting: a peer that announced other counts will not send what is waited for.
       if (s == Step::Idle && (spins & 63u) == 0) s = announced_agree(false) == Step::Failed ? Step::Failed : s;
@@ -519,46 +529,65 @@ struct Here {
     }
   }
 
-  // Thread 0, after the block's work: the put, the credit, and the books.
+  // Thread 0: the staged run of `lane` to `node`, put as one put whose landed signal grows by its
+  // length (false if the put failed: recorded).
+  __device__ bool put_run(int lane, int node) {
+    const NetworkArgs& n = a.net;
+    const uint64_t from = c.posted[lane][node], k = c.sent[lane][node] - from;
+    if (k == 0) return true;
+    const transport::TransportStatus put = transport::put_signal(
+        n.channels[node], column(node), n.ring_combine(n.off_net_out, node, lane, from),
+        n.ring_combine(n.off_net_in, M, lane, from), k * n.combine_entry_bytes(lane), signal_landed(lane), k);
+    if (!put.ok()) {
+      transport_failed(a.sync, c.st, kHop, column(node), put);
+      return false;
+    }
+    c.posted[lane][node] = c.sent[lane][node];
+    return true;
+  }
+  // Thread 0: the credits owed to `node`'s column peer for `lane`, as one signal.
+  __device__ bool pay(int lane, int node) {
+    const int32_t k = c.owed[lane][node];
+    if (k == 0) return true;
+    const transport::TransportStatus credit =
+        transport::signal(a.net.channels[N + node], column(node), signal_credit(lane), uint64_t(k));
+    if (!credit.ok()) {
+      transport_failed(a.sync, c.st, kHop, column(node), credit);
+      return false;
+    }
+    c.owed[lane][node] = 0;
+    return true;
+  }
+  // Thread 0: every staged run and owed credit, before this rank waits or ends.
+  __device__ bool flush() {
+    for (int k = 0; k < N; ++k)
+      for (int lane = 0; lane < core::kNetLanes; ++lane)
+        if (k != M && !(put_run(lane, k) && pay(lane, k))) return false;
+    return true;
+  }
+  // Thread 0: an entry taken from `node`'s `lane`, its credit owed.
+  __device__ bool took(int lane, int node) {
+    c.taken[lane][node] += 1;
+    c.got[lane][node] += 1;
+    c.owed[lane][node] += 1;
+    return uint64_t(c.owed[lane][node]) < put_run_limit(uint64_t(a.net.entries)) || pay(lane, node);
+  }
+
+  // Thread 0, after the block's work: the entry staged (its run put once full or at the ring's
+  // end), the credits owed, and the books. Runs and credits go in batches, as in dispatch: a put
+  // per entry would cost a proxy descriptor each (flush() sends what is left before any wait).
   __device__ void commit() {
     const Decision& d = c.d;
-    const NetworkArgs& n = a.net;
     if (d.to >= 0) {
-      const uint64_t i = c.sent[d.lane][d.to];
-      const uint64_t bytes = uint64_t(d.lane == core::kPassOn ? n.net_partial_bytes : n.net_result_bytes);
-      const transport::TransportStatus put =
-          transport::put_signal(n.channels[d.to], column(d.to), d.out_off, n.ring_entry(n.off_net_in, M, d.lane, i),
-                                bytes, signal_landed(d.lane), 1);
-      if (!put.ok()) {
-        transport_failed(a.sync, c.st, kHop, column(d.to), put);
-        return;
-      }
-      c.sent[d.lane][d.to] = i + 1;
+      const uint64_t sent = ++c.sent[d.lane][d.to], entries = uint64_t(a.net.entries);
+      const bool full = sent - c.posted[d.lane][d.to] >= put_run_limit(entries) || sent % entries == 0;
+      if (full && !put_run(d.lane, d.to)) return;
     }
-    if (d.node_in >= 0) {
-      const int lane = d.step == Step::Keep ? core::kKeep : core::kPassOn;
-      const transport::TransportStatus credit =
-          transport::signal(n.channels[N + d.node_in], column(d.node_in), signal_credit(lane), 1);
-      if (!credit.ok()) {
-        transport_failed(a.sync, c.st, kHop, column(d.node_in), credit);
-        return;
-      }
-      c.taken[lane][d.node_in] += 1;
-      c.got[lane][d.node_in] += 1;
-    }
+    if (d.node_in >= 0 && !took(d.step == Step::Keep ? core::kKeep : core::kPassOn, d.node_in)) return;
     if (d.step == Step::Home) {  // a credit to every node whose part it took
       const core::TokenNodes v = visits(d.t);
-      for (int k = v.next(-1); k >= 0; k = v.next(k)) {
-        if (k == M) continue;
-        const transport::TransportStatus credit =
-            transport::signal(n.channels[N + k], column(k), signal_credit(core::kKeep), 1);
-        if (!credit.ok()) {
-          transport_failed(a.sync, c.st, kHop, column(k), credit);
-          return;
-        }
-        c.taken[core::kKeep][k] += 1;
-        c.got[core::kKeep][k] += 1;
-      }
+      for (int k = v.next(-1); k >= 0; k = v.next(k))
+        if (k != M && !took(core::kKeep, k)) return;
     }
     switch (d.step) {
       case Step::Start:
@@ -589,6 +618,8 @@ __global__ void __launch_bounds__(kSyncThreads) combine_network_kernel(CombineAr
       for (int lane = 0; lane < core::kNetLanes; ++lane) {
         c.sent[lane][k] = n.sent_to(k, lane);
         c.taken[lane][k] = n.taken_from(k, lane);
+        c.posted[lane][k] = c.sent[lane][k];
+        c.owed[lane][k] = 0;
         // Lower bounds of the signals: the credit for what was sent a ring before, what was taken.
         c.credit_seen[lane][k] = c.sent[lane][k] > uint64_t(n.entries) ? c.sent[lane][k] - uint64_t(n.entries) : 0;
         c.landed_seen[lane][k] = c.taken[lane][k];

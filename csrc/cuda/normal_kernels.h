@@ -205,21 +205,37 @@ struct NetworkArgs {
   uint64_t* taken = nullptr;
   int32_t* broken = nullptr;
 
-  // Where entry `index` of `lane` from (in) or to (out) `node` lies in a rank's window.
-  __host__ __device__ uint64_t ring_entry(uint64_t ring, int node, int lane, uint64_t index) const {
-    return ring + core::net_ring_slot(node, lane, index, entries, entry_bytes);
+  // Where the ring of `lane` from (in) or to (out) `node` starts in a rank's window: each is
+  // `entries` slots of the plan's largest entry (core::net_ring_slot).
+  __host__ __device__ uint64_t ring_base(uint64_t ring, int node, int lane) const {
+    return ring + core::net_ring_slot(node, lane, 0, entries, entry_bytes);
   }
   // Where dispatch record `index` from (in) or to (out) `node` lies: in lane 0's ring, packed at
-  // the record's size, so that a put of consecutive records carries no gaps. Dispatch and combine
-  // count lane 0's entries on together but place index i at different bytes: that is safe because
-  // every operation ends with its rings empty (each receiver has taken every entry it was sent),
-  // so no slot is in use across an operation's boundary.
+  // the record's size, so that a put of consecutive records carries no gaps. Combine entries are
+  // packed at their own sizes (ring_combine). Dispatch and combine count lane 0's entries on
+  // together but place index i at different bytes: that is safe because every operation ends with
+  // its rings empty (each receiver has taken every entry it was sent), so no slot is in use across
+  // an operation's boundary.
   __host__ __device__ uint64_t ring_record(uint64_t ring, int node, uint64_t index) const {
-    return ring_entry(ring, node, core::kPassOn, 0) + index % uint64_t(entries) * uint64_t(net_record_bytes);
+    return ring_base(ring, node, core::kPassOn) + index % uint64_t(entries) * uint64_t(net_record_bytes);
+  }
+  // A combine entry's size in `lane`: starts and partials in lane 0, results and node parts in 1.
+  __host__ __device__ uint64_t combine_entry_bytes(int lane) const {
+    return uint64_t(lane == core::kPassOn ? net_partial_bytes : net_result_bytes);
+  }
+  // Where combine entry `index` of `lane` from (in) or to (out) `node` lies, packed at the lane's
+  // entry size, so that a put of consecutive entries carries no gaps.
+  __host__ __device__ uint64_t ring_combine(uint64_t ring, int node, int lane, uint64_t index) const {
+    return ring_base(ring, node, lane) + index % uint64_t(entries) * combine_entry_bytes(lane);
   }
   __host__ __device__ uint64_t& sent_to(int node, int lane) const { return sent[lane * nodes + node]; }
   __host__ __device__ uint64_t& taken_from(int node, int lane) const { return taken[lane * nodes + node]; }
 };
+
+// Entries one put of the two hops carries at most (a run of consecutive entries for one ring): 16,
+// DeepEP's chunk, from rings of 32 entries or more, so that one run is in flight while the next is
+// staged; smaller rings half of theirs. Runs never pass a ring's end (a put is contiguous).
+__host__ __device__ inline uint64_t put_run_limit(uint64_t entries) { return entries >= 32 ? 16 : (entries + 1) / 2; }
 
 // The end handshake of a two-hop operation names a rank that never started its network hop
 // (device_sync.cuh); one hop: nothing to name.

@@ -11,7 +11,7 @@
 //                     bound there, in token order, it waits for room in that peer's ring (the
 //                     peer's credit signal), stages the network record in its own out ring
 //                     (the NIC reads it from this rank's window), in runs: it waits for room for a
-//                     whole run (up to kPutBatch records, never past the ring's end, so that a
+//                     whole run (up to put_run_limit records, never past the ring's end, so that a
 //                     put is contiguous in both rings), stages the run and puts it as one put
 //                     with a records signal that grows by its length (DeepEP's chunked sends).
 //                     One put per record would cost a proxy descriptor and a copy each; room for
@@ -88,10 +88,6 @@ __device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int pee
   return __shfl_sync(0xffffffffu, ok, 0) != 0;
 }
 
-// Records a put carries at most: a ring of 2 * kPutBatch entries or more takes one run while the
-// next is staged; smaller rings put half of theirs at a time.
-constexpr uint64_t kPutBatch = 16;
-
 // Warp `m`: this rank's tokens bound for node m, one network record each, in token order.
 __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lane) {
   const NetworkArgs& n = a.net;
@@ -104,7 +100,7 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
   const uint64_t entries = uint64_t(n.entries);
   uint64_t sent = n.sent_to(m, core::kPassOn);
   uint64_t credit_seen = sent > entries ? sent - entries : 0;  // lane 0's
-  const uint64_t batch = entries >= 2 * kPutBatch ? kPutBatch : (entries + 1) / 2;
+  const uint64_t batch = put_run_limit(entries);
   // The records that go there (this rank's count, written before the barrier; the forwarder reads
   // the same), so that a run never waits for room it will not fill.
   const int32_t counted = exchange_page_i32(a, me, a.xl.off_node_send)[m];
