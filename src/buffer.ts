@@ -127,9 +127,9 @@ export interface NetworkStats {
   bytes: number;
   /**
    * The one-sided puts that carried them (what a NIC counts as work requests): one per entry on
-   * the host backend; on the CUDA backend one per proxy descriptor, a dispatch putting a run of
-   * up to 16 consecutive records for a node as one (never past the end of its ring, at most half
-   * of it).
+   * the host backend; on the CUDA backend one per proxy descriptor, a run of up to 16 consecutive
+   * entries for one ring going as one (dispatch records, and combine entries as they are ready;
+   * never past the end of the ring, at most half of it).
    */
   puts: number;
 }

@@ -441,8 +441,8 @@ typedef struct sy_network_stats {
   uint64_t records;  /* entries: dispatch records and combine entries */
   uint64_t bytes;    /* their bytes */
   uint64_t puts;     /* the one-sided puts that carried them (a NIC's work requests): one per entry on
-                        the host backend; one per proxy descriptor on the CUDA backend, whose
-                        dispatch puts a run of up to 16 consecutive records as one */
+                        the host backend; one per proxy descriptor on the CUDA backend, which
+                        puts a run of up to 16 consecutive entries for one ring as one */
 } sy_network_stats;
 SY_API sy_status sy_buffer_network_stats(sy_buffer buffer, sy_network_stats* out);
 
