@@ -6,7 +6,9 @@
 #             CPU-executed CUDA backend) against an AddressSanitizer + UndefinedBehaviorSanitizer
 #             build in build-asan/. Deno itself is not instrumented, so the runtimes are preloaded.
 #             Not tests/jsr_test.ts and tests/fresh_clone_test.ts: they build and load libraries
-#             of their own.
+#             of their own; nor tests/bench_test.ts and tests/demo_test.ts: they drive the same
+#             operations as the rest through the benchmark and the demo, and cost the lane a
+#             minute (the plain passes run them).
 #   thread    tests/native/kernel_families.cpp (every kernel family, no Deno; deadlines of 120 s: the
 #             lane runs at low priority and can be starved for tens of seconds) and
 #             tests/native/rdma_transport.cu (the CPU proxy) against a ThreadSanitizer build in
@@ -41,7 +43,7 @@ for kind in "$@"; do
         SWITCHYARD_CUDA_ON_CPU_LIBRARY="$root/build-asan/libswitchyard.so" \
         SWITCHYARD_TEST_PASSES=host,cuda-on-cpu \
         SWITCHYARD_FAULT_JOBS=6 SWITCHYARD_FAULT_TIMEOUT_MS=2000 \
-        SWITCHYARD_TEST_IGNORE=tests/jsr_test.ts,tests/fresh_clone_test.ts \
+        SWITCHYARD_TEST_IGNORE=tests/jsr_test.ts,tests/fresh_clone_test.ts,tests/bench_test.ts,tests/demo_test.ts \
         deno run --allow-ffi --allow-env --allow-read --allow-run --allow-write scripts/test.ts
       ;;
     run:thread)

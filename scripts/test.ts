@@ -15,7 +15,7 @@
  *
  * Arguments go to every `deno test` (`--filter`, ...). `--junit-path=P` writes one JUnit report
  * of all passes, each suite named after its pass. `SWITCHYARD_TEST_PASSES=host,cuda-on-cpu`
- * chooses passes, `SWITCHYARD_TEST_IGNORE=tests/a_test.ts,...` leaves files out of the host pass;
+ * chooses passes, `SWITCHYARD_TEST_IGNORE=tests/a_test.ts,...` leaves files out of every pass;
  * `SWITCHYARD_LIBRARY` replaces `build/` and `SWITCHYARD_CUDA_ON_CPU_LIBRARY`
  * replaces `build-cuda-cpu/` (nothing is built then: the sanitizer runs of .ci/sanitize.sh). The
  * library build (`deno task build`) comes first; the task does that.
@@ -133,6 +133,11 @@ function ignored(): string[] {
   return (Deno.env.get("SWITCHYARD_TEST_IGNORE") ?? "").split(",").filter((f) => f);
 }
 
+/** A pass's list of files without those the caller leaves out. */
+function kept(files: string[]): string[] {
+  return files.filter((f) => !ignored().includes(f));
+}
+
 function passes(): Pass[] {
   const chosen = (Deno.env.get("SWITCHYARD_TEST_PASSES") ?? "host,host-nodes,cuda-gpu,cuda-on-cpu,cuda-on-cpu-nodes")
     .split(",");
@@ -158,7 +163,7 @@ function passes(): Pass[] {
       name: "host-nodes",
       what: "the normal-mode suite with every group of more than two ranks split into virtual nodes of two, " +
         "their network rings 3 entries long (two hops that wrap their rings: the results must not change)",
-      files: NORMAL_MODE_SUITE,
+      files: kept(NORMAL_MODE_SUITE),
       env: { SWITCHYARD_TEST_RANKS_PER_NODE: "2", SWITCHYARD_TEST_NETWORK_RING: "3", ...faultJobs(10, 400) },
     });
   }
@@ -167,7 +172,7 @@ function passes(): Pass[] {
       out.push({
         name: "cuda-gpu",
         what: `the CUDA tests, the normal-mode suite and the process groups on ${cuda.deviceName}`,
-        files: CUDA_SUITE,
+        files: kept(CUDA_SUITE),
         // Processes sharing one GPU take turns on it (no MPS): longer deadlines for the faults.
         env: { SWITCHYARD_TEST_BACKEND: "cuda", ...faultJobs(4, 2000) },
       });
@@ -181,7 +186,7 @@ function passes(): Pass[] {
       name: "cuda-on-cpu",
       what: `the CUDA tests, the normal-mode suite and the process groups on the CUDA backend executed on the CPU ` +
         `(${library})`,
-      files: CUDA_SUITE,
+      files: kept(CUDA_SUITE),
       env: { SWITCHYARD_TEST_BACKEND: "cuda", SWITCHYARD_LIBRARY: library, ...faultJobs(10, 400) },
     });
   }
@@ -191,7 +196,7 @@ function passes(): Pass[] {
       name: "cuda-on-cpu-nodes",
       what: "the normal-mode suite on the CUDA backend executed on the CPU, every group of more than two ranks split " +
         "into virtual nodes of two with network rings of 3 entries (its dispatch takes two hops through the proxy)",
-      files: NORMAL_MODE_SUITE,
+      files: kept(NORMAL_MODE_SUITE),
       env: {
         SWITCHYARD_TEST_BACKEND: "cuda",
         SWITCHYARD_LIBRARY: library,
