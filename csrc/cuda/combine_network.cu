@@ -81,6 +81,7 @@ struct Chain {
   // Entries put so far (those in [posted, sent) are staged, waiting to go as one run), and credits
   // owed for entries taken, not signalled yet, per lane and node.
   uint64_t posted[core::kNetLanes][kMaxNodes];
+  uint64_t first_sent[core::kNetLanes][kMaxNodes];  // sent when this combine began
   int32_t owed[core::kNetLanes][kMaxNodes];
   uint64_t credit_seen[core::kNetLanes][kMaxNodes], landed_seen[core::kNetLanes][kMaxNodes];  // signals last read
   int32_t expected[core::kNetLanes][kMaxNodes];  // entries to take this combine, per lane and node
@@ -370,7 +371,7 @@ struct Here {
     for (uint32_t spins = 0;; ++spins) {
       Step s = decide();
       // Nothing staged or owed may wait while this rank waits, or at its end: a peer may need it.
-      if ((s == Step::Idle || s == Step::Done) && !flush()) s = Step::Failed;
+      if ((s == Step::Idle || s == Step::Done) && !ld_volatile(&c.st.failed) && !flush()) s = Step::Failed;
       if (s == Step::Idle && net_stopped(a.sync, c.st, spins)) s = Step::Failed;
       // Waiting: a peer that announced other counts will not send what is waited for.
       if (s == Step::Idle && (spins & 63u) == 0) s = announced_agree(false) == Step::Failed ? Step::Failed : s;
@@ -570,7 +571,10 @@ struct Here {
     c.taken[lane][node] += 1;
     c.got[lane][node] += 1;
     c.owed[lane][node] += 1;
-    return uint64_t(c.owed[lane][node]) < put_run_limit(uint64_t(a.net.entries)) || pay(lane, node);
+    // Paid once a run's worth is owed, or the last entry this combine expects from there is taken.
+    const bool due = uint64_t(c.owed[lane][node]) >= put_run_limit(uint64_t(a.net.entries)) ||
+                     c.got[lane][node] >= c.expected[lane][node];
+    return !due || pay(lane, node);
   }
 
   // Thread 0, after the block's work: the entry staged (its run put once full or at the ring's
@@ -580,7 +584,9 @@ struct Here {
     const Decision& d = c.d;
     if (d.to >= 0) {
       const uint64_t sent = ++c.sent[d.lane][d.to], entries = uint64_t(a.net.entries);
-      const bool full = sent - c.posted[d.lane][d.to] >= put_run_limit(entries) || sent % entries == 0;
+      // A run goes once full, at the ring's end, or with the last entry this combine puts there.
+      const bool full = sent - c.posted[d.lane][d.to] >= put_run_limit(entries) || sent % entries == 0 ||
+                        sent - c.first_sent[d.lane][d.to] >= uint64_t(c.puts[d.lane][d.to]);
       if (full && !put_run(d.lane, d.to)) return;
     }
     if (d.node_in >= 0 && !took(d.step == Step::Keep ? core::kKeep : core::kPassOn, d.node_in)) return;
@@ -619,6 +625,7 @@ __global__ void __launch_bounds__(kSyncThreads) combine_network_kernel(CombineAr
         c.sent[lane][k] = n.sent_to(k, lane);
         c.taken[lane][k] = n.taken_from(k, lane);
         c.posted[lane][k] = c.sent[lane][k];
+        c.first_sent[lane][k] = c.sent[lane][k];
         c.owed[lane][k] = 0;
         // Lower bounds of the signals: the credit for what was sent a ring before, what was taken.
         c.credit_seen[lane][k] = c.sent[lane][k] > uint64_t(n.entries) ? c.sent[lane][k] - uint64_t(n.entries) : 0;
