@@ -12,11 +12,12 @@
 //
 // Thread 0 schedules, the block works: thread 0 picks one step that can go now (nothing waits for
 // one peer while another could be served), the block folds the token's channels (8 per thread at
-// a time) into its staging slot (or the output) and thread 0 books it. Entries go as dispatch records do: packed at
-// their lane's size (NetworkArgs::ring_combine), consecutive entries for one ring put as one run of
-// up to put_run_limit (never past the ring's end), credits for taken entries as one signal; thread
-// 0 flushes what is staged or owed before it waits for anything and at the end, so no peer waits
-// on what this rank holds back. The steps:
+// a time) into its staging slot (or the output) and thread 0 books it. Entries go as dispatch
+// records do: packed at their lane's size (NetworkArgs::ring_combine), consecutive entries for one
+// ring put as one run of up to put_run_limit (never past the ring's end; the last entry for a ring
+// ends its run), credits for taken entries as one signal; thread 0 flushes what is staged or owed
+// before it waits for anything and at the end, so no peer waits on what this rank holds back.
+// The steps:
 //   start    an own token whose first node is another, with biases: 0 + bias0 + bias1, to it
 //   begin    a token whose way begins here and needs nothing from the network: this rank's own
 //            (from its biases) or another node's source without biases (from zero)
