@@ -11,7 +11,8 @@
 #             minute (the plain passes run them).
 #   thread    tests/native/kernel_families.cpp (every kernel family, no Deno; deadlines of 120 s: the
 #             lane runs at low priority and can be starved for tens of seconds) and
-#             tests/native/rdma_transport.cu (the CPU proxy) against a ThreadSanitizer build in
+#             tests/native/rdma_transport.cu (the CPU proxy, on the emulated NIC and through the ibverbs
+#             engine on the software NIC) against a ThreadSanitizer build in
 #             build-tsan/; any report fails the run.
 #
 # Usage: .ci/sanitize.sh build|run address|thread   (build both first: `build address thread`)

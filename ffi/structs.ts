@@ -257,6 +257,7 @@ export const BufferOptions = new StructLayout(
     ["internode_path", "i32"],
     ["network_ring_entries", "i32"],
     ["reserved", "i32"],
+    ["network_endpoint", "chars:1024"],
   ] as const,
 );
 
@@ -528,6 +529,7 @@ export const BufferShare = new StructLayout(
     ["internode_path", "i32"],
     ["network_ring_entries", "i32"],
     ["reserved", "i32"],
+    ["network_endpoint", "chars:1024"],
   ] as const,
 );
 

@@ -10,7 +10,7 @@
  */
 
 /** The ABI version this binding was written for (`SY_ABI_VERSION`). */
-export const ABI_VERSION = 8;
+export const ABI_VERSION = 9;
 
 /** Every libswitchyard function, as `Deno.dlopen` wants it. */
 export const symbols = {

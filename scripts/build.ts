@@ -6,7 +6,8 @@
  *
  * Environment: `SWITCHYARD_CUDA` (AUTO, ON, OFF, CPU; default AUTO: kernels are compiled when nvcc
  * and an NVIDIA GPU are found), `SWITCHYARD_CUDA_ARCHITECTURES` (default 90), `SWITCHYARD_NCCL_ROOT` (NCCL headers;
- * default `.tools/nccl` when `.ci/fetch-nccl-headers.sh` has put them there),
+ * default `.tools/nccl` when `.ci/fetch-headers.sh` has put them there; the ibverbs headers come from `.tools/verbs`
+ * likewise, or `SWITCHYARD_VERBS_INCLUDE`),
  * `SWITCHYARD_SANITIZE` (e.g. `address,undefined` or `thread`: instrumented host code and, in the
  * CPU build, kernels), `SWITCHYARD_BUILD_DIR` (default `build`, or `build-cuda-cpu`),
  * `SWITCHYARD_BUILD_TARGETS` (the CMake targets to build, comma-separated; default all), `CUDA_HOME`

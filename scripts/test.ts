@@ -12,6 +12,8 @@
  *                 the CUDA toolkit's headers, GPU or not
  *   cuda-on-cpu-nodes  the normal-mode suite there with its groups split into virtual nodes of
  *                 two ranks (the CUDA backend's two-hop dispatch through its proxy)
+ *   cuda-on-cpu-ibverbs  the two-hop tests there with the proxy's ibverbs engine on the software
+ *                 NIC (tests/native/soft_verbs.cpp) instead of the emulated NIC
  *
  * Arguments go to every `deno test` (`--filter`, ...). `--junit-path=P` writes one JUnit report
  * of all passes, each suite named after its pass. `SWITCHYARD_TEST_PASSES=host,cuda-on-cpu`
@@ -123,6 +125,14 @@ async function buildCudaOnCpu(): Promise<boolean> {
   return code === 0;
 }
 
+function fileExists(path: string): boolean {
+  try {
+    return Deno.statSync(path).isFile;
+  } catch {
+    return false;
+  }
+}
+
 /** A CPU-executed build given by the caller (then nothing is built). */
 function cudaOnCpuLibrary(): string | undefined {
   return Deno.env.get("SWITCHYARD_CUDA_ON_CPU_LIBRARY") || undefined;
@@ -139,7 +149,8 @@ function kept(files: string[]): string[] {
 }
 
 function passes(): Pass[] {
-  const chosen = (Deno.env.get("SWITCHYARD_TEST_PASSES") ?? "host,host-nodes,cuda-gpu,cuda-on-cpu,cuda-on-cpu-nodes")
+  const chosen = (Deno.env.get("SWITCHYARD_TEST_PASSES") ??
+    "host,host-nodes,cuda-gpu,cuda-on-cpu,cuda-on-cpu-nodes,cuda-on-cpu-ibverbs")
     .split(",");
   const cuda = backendInfo("cuda");
   const gpu = cuda.available && !cuda.executedOnCpu;
@@ -203,6 +214,29 @@ function passes(): Pass[] {
         SWITCHYARD_TEST_RANKS_PER_NODE: "2",
         SWITCHYARD_TEST_NETWORK_RING: "3",
         ...faultJobs(10, 400),
+      },
+    });
+  }
+  const softVerbs = (cudaOnCpuLibrary() ?? `${root}build-cuda-cpu/libswitchyard.so`).replace(
+    /[^/]*$/,
+    "libsoft_verbs.so",
+  );
+  if (chosen.includes("cuda-on-cpu-ibverbs")) {
+    const library = cudaOnCpuLibrary() ?? `${root}build-cuda-cpu/libswitchyard.so`;
+    out.push({
+      name: "cuda-on-cpu-ibverbs",
+      what: "the two-hop dispatch and combine on the CUDA backend executed on the CPU, virtual nodes of two with " +
+        "network rings of 3 entries, their puts as RDMA writes through the ibverbs engine on the software NIC " +
+        "(tests/native/soft_verbs.cpp, with up to 20 us of jitter per work request)",
+      files: kept(["tests/topology_test.ts", "tests/dispatch_test.ts", "tests/combine_test.ts"]),
+      env: {
+        SWITCHYARD_TEST_BACKEND: "cuda",
+        SWITCHYARD_LIBRARY: library,
+        SWITCHYARD_TEST_RANKS_PER_NODE: "2",
+        SWITCHYARD_TEST_NETWORK_RING: "3",
+        SWITCHYARD_NIC: "ibverbs",
+        SWITCHYARD_IBVERBS_LIBRARY: softVerbs,
+        SOFT_VERBS_JITTER_US: "20",
       },
     });
   }
@@ -270,6 +304,13 @@ if (import.meta.main) {
         continue;
       }
       built = true;
+    }
+    const softVerbs = p.env.SWITCHYARD_IBVERBS_LIBRARY;
+    if (softVerbs && !fileExists(softVerbs)) {
+      // Built without the ibverbs headers: a skip when the pass came by default, a failure when asked for.
+      lines.push(`${p.name}: skipped (no ${softVerbs}: the ibverbs headers come from bash .ci/fetch-headers.sh)`);
+      ok = ok && !Deno.env.get("SWITCHYARD_TEST_PASSES");
+      continue;
     }
     const { code, xml } = await runPass(p, rest, dir);
     const c = countCases(xml);

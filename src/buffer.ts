@@ -343,6 +343,7 @@ export class EpBuffer extends NativeResource {
       ranksPerNode: s.number("ranks_per_node"),
       internodePath: s.number("internode_path"),
       networkRingEntries: s.number("network_ring_entries"),
+      networkEndpoint: s.string("network_endpoint"),
     });
   }
 
@@ -367,6 +368,13 @@ export class EpBuffer extends NativeResource {
       throw new SwitchyardError("INVALID_ARGUMENT", "share.name: expected a segment name", { argument: "share.name" });
     }
     s.setString("name", v.name);
+    const endpoint = v.networkEndpoint ?? "";
+    if (typeof endpoint !== "string" || endpoint.length >= 1024 || !/^[0-9a-f]*$/.test(endpoint)) {
+      throw new SwitchyardError("INVALID_ARGUMENT", "share.networkEndpoint: expected lowercase hex", {
+        argument: "share.networkEndpoint",
+      });
+    }
+    s.setString("network_endpoint", endpoint);
     const p = this.pointer;
     check(native().sy_buffer_import(p, s.bytes), p, "importShare");
   }

@@ -33,6 +33,7 @@ import {
   paddingZeroed,
   randomBF16,
   type Scenario,
+  softVerbsBuilt,
   upload,
 } from "./helpers.ts";
 
@@ -453,12 +454,22 @@ Deno.test({ name: "cuda: device memory is shared between two processes by IPC ha
 Deno.test({ name: "cuda: the CPU proxy carries kernels' puts and signals in order (native)", ignore }, async () => {
   // Four ranks' kernels put odd-sized messages through their proxies' wrapping rings, with and
   // without a link model; a wait nobody answers times out naming the source; a put past the
-  // peer's window is refused and the proxy recovers (tests/native/rdma_transport.cu).
+  // peer's window is refused and the proxy recovers (tests/native/rdma_transport.cu); on the CPU
+  // executor again through the ibverbs engine on the software NIC.
   const text = await nativeProgram("switchyard_rdma_transport");
   assert.match(text, /ok: exchange: every wait succeeded and every signal came after its data/);
   assert.match(text, /ok: link model: every window holds exactly the messages put into it/);
   assert.match(text, /ok: a wait for a signal nobody sends times out naming the source/);
   assert.match(text, /ok: after a refusal and reset\(\): the signals and what the NIC carried match/);
+  if (cuda.executedOnCpu && softVerbsBuilt()) {
+    // The same through the ibverbs engine on the software NIC built beside the program (with the
+    // ibverbs headers: .ci/fetch-headers.sh).
+    assert.match(text, /ok: ibverbs: exchange: every wait succeeded and every signal came after its data/);
+    assert.match(text, /ok: ibverbs: after a refusal and reset\(\): the signals and what the NIC carried match/);
+    assert.match(text, /ok: ibverbs: a signal of \d+ and a put with a signal of \d+ \(more than one immediate/);
+    assert.match(text, /ok: ibverbs: a proxy going away waits for a peer's put in flight to it/);
+    assert.match(text, /ok: ibverbs: the proxy's error names the ranks and the NIC's status/);
+  }
   assert.match(text, /^all ok$/m);
 });
 

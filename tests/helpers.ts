@@ -323,6 +323,15 @@ export function paddingZeroed(
  * Runs a native test program built next to the library under test (CMakeLists.txt) and returns
  * its output; fails the test if it exits with a failure.
  */
+/** Whether the software ibverbs NIC (tests/native/soft_verbs.cpp) was built beside the library. */
+export function softVerbsBuilt(): boolean {
+  try {
+    return Deno.statSync(`${candidatePaths()[0].replace(/[^/]*$/, "")}libsoft_verbs.so`).isFile;
+  } catch {
+    return false;
+  }
+}
+
 export async function nativeProgram(name: string): Promise<string> {
   const binary = `${candidatePaths()[0].replace(/[^/]*$/, "")}${name}`;
   const out = await new Deno.Command(binary, { stdout: "piped", stderr: "piped" }).output().catch((e) => {

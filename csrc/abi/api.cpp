@@ -808,6 +808,13 @@ SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out) {
     v.ranks_per_node = b->group->ranks_per_node;
     v.internode_path = b->plan.direct ? SY_INTERNODE_DIRECT : SY_INTERNODE_TWO_HOP;
     v.network_ring_entries = b->plan.net_ring_entries;
+    std::string endpoint;
+    SY_TRY(b->group->backend->export_network(*b, &endpoint));
+    if (endpoint.size() >= sizeof v.network_endpoint) {
+      return fail(SY_ERROR_INTERNAL, "the network endpoint (" + std::to_string(endpoint.size()) +
+                                         " characters) does not fit sy_buffer_share");
+    }
+    copy_cstr(v.network_endpoint, sizeof v.network_endpoint, endpoint);
     return write_struct(out, v, "out");
   });
 }
@@ -862,6 +869,8 @@ SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share
         return invalid("share.rank", "share.rank: rank " + std::to_string(v.rank) + "'s buffer is already imported");
       }
     }
+    v.network_endpoint[sizeof v.network_endpoint - 1] = 0;
+    SY_TRY(b->group->backend->import_network(*b, v.rank, v.network_endpoint));
     std::shared_ptr<Memory> m;
     SY_TRY(b->group->backend->import_shared(b->rank_core(), v.name, v.bytes, b->plan, &m));
     std::lock_guard<std::mutex> l(set.mu);

@@ -455,6 +455,19 @@ class Backend {
   virtual Error seal_shared(Memory& memory) = 0;
   // A new buffer has joined its set (buf.set): the backend's own per-buffer state.
   virtual Error init_buffer(BufferCore& buf) { return ok(); }
+  // Process groups across nodes: what the peers need to reach this rank's network engine
+  // (sy_buffer_share.network_endpoint; "" where they need nothing), and a peer's, which comes
+  // from another process: checked before use.
+  virtual Error export_network(BufferCore& buf, std::string* endpoint) {
+    endpoint->clear();
+    return ok();
+  }
+  virtual Error import_network(BufferCore& buf, int peer, const std::string& endpoint) {
+    if (endpoint.empty()) return ok();
+    return invalid("share.networkEndpoint", "share.networkEndpoint: rank " + std::to_string(peer) +
+                                                " reaches the network through an engine this rank does not run; "
+                                                "every process must set SWITCHYARD_NIC alike");
+  }
   // Rank masking: sets `count` entries of this rank's mask from `first` to `value`, or reads the
   // first `n`. The mask lives in the buffer's own header: the host backend applies these at once
   // (its stages read the mask when they run); a GPU backend, whose header is device memory,

@@ -90,6 +90,11 @@ class CudaBackend final : public Backend {
   // Between processes, a buffer whose dispatch and combine take two hops shares a second piece of
   // memory under its name: its proxy's signal array, which the peers' proxies raise (a POSIX
   // shared segment, like the host backend's buffers; transport/proxy.h).
+  Error export_network(BufferCore& buf, std::string* endpoint) override { return normal_export_network(buf, endpoint); }
+  Error import_network(BufferCore& buf, int peer, const std::string& endpoint) override {
+    return normal_import_network(buf, peer, endpoint);
+  }
+
   Error init_buffer(BufferCore& buf) override {
     SY_TRY(normal_init_buffer(buf));
     if (!buf.group->process_group || !buf.plan.two_hop()) return ok();

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <thread>
@@ -15,7 +16,9 @@
 #include "device_memory.h"
 #include "normal_kernels.h"
 #include "ordered_rank.cuh"
+#include "transport/emulated_nic.h"
 #include "transport/proxy.h"
+#include "transport/verbs_engine.h"
 
 namespace sy::cuda {
 
@@ -40,10 +43,14 @@ struct CudaBuffer {
   std::vector<int> shared_devices;  // the GPUs whose queues must not be shared (two ranks or more, or a NIC stream)
   uint8_t* const* d_bases = nullptr;
   uint8_t* const* d_xchg = nullptr;
-  // Two hops (normal_network.cu): the set's emulated NIC, this rank's proxy and the device's NIC
-  // stream its copies go on, its channels and network counters in device memory.
+  // Two hops (normal_network.cu): the set's network fabric (the emulated NIC's, or ibverbs'
+  // directory), this rank's proxy and the device's NIC stream the emulated NIC's copies go on,
+  // its channels and network counters in device memory.
   std::shared_ptr<BufferSet> set;  // what the proxy counts into, and the windows it writes
-  std::shared_ptr<transport::EmulatedFabric> fabric;
+  std::shared_ptr<void> fabric;  // the set's NetworkFabric
+  // Between processes with ibverbs: the engine, made when the buffer is exported (its queue
+  // pairs' numbers go with the share) and connected to each peer on import; the proxy takes it.
+  std::unique_ptr<transport::NicEngine> pending_engine;
   std::unique_ptr<transport::Proxy> proxy;
   int device = -1;
   std::shared_ptr<Memory> net_state;
@@ -111,24 +118,71 @@ uint64_t network_signal_bytes(int ranks) { return sizeof(uint64_t) * uint64_t(ra
 
 namespace {
 
-// Two hops, once per buffer: the set's emulated NIC (the first member makes it), this rank's
+// What the two hops' network puts go through, one per buffer set: the emulated NIC's fabric, or
+// the directory where the ranks' ibverbs engines find each other (SWITCHYARD_NIC).
+struct NetworkFabric {
+  bool verbs = false;
+  std::shared_ptr<transport::EmulatedFabric> emulated;
+  std::shared_ptr<transport::VerbsDirectory> directory;
+  transport::VerbsSettings verbs_settings;
+};
+
+// SWITCHYARD_NIC: "emulated" (the default) or "ibverbs".
+Error make_network_fabric(const BufferCore& buf, std::shared_ptr<NetworkFabric>* out) {
+  auto f = std::make_shared<NetworkFabric>();
+  const char* v = std::getenv("SWITCHYARD_NIC");
+  const std::string kind = v == nullptr ? "" : v;
+  const int R = buf.group->num_ranks;
+  if (kind.empty() || kind == "emulated") {
+    f->emulated = std::make_shared<transport::EmulatedFabric>(R, kNetworkSignals, buf.set->nic);
+  } else if (kind == "ibverbs") {
+    if (buf.set->nic.active()) {
+      return invalid("emulatedNic", "emulatedNic: a link model is the emulated NIC's; with SWITCHYARD_NIC=ibverbs "
+                                    "the network hop is the NIC's own");
+    }
+    SY_TRY(transport::VerbsSettings::from_environment(&f->verbs_settings));
+    f->verbs = true;
+    f->directory = transport::make_verbs_directory(R);
+  } else {
+    return invalid("SWITCHYARD_NIC", "SWITCHYARD_NIC=" + kind + ": expected emulated or ibverbs");
+  }
+  *out = std::move(f);
+  return ok();
+}
+
+// Two hops, once per buffer: the set's network fabric (the first member makes it), this rank's
 // proxy on its buffer, the proxy's channels and the network counters in device memory. Between
-// processes the set is this process's view: the fabric also holds the peers' buffers and signal
-// arrays as mapped here, and this rank's signals are its shared segment.
+// processes the set is this process's view: the emulated fabric also holds the peers' buffers
+// and signal arrays as mapped here, and this rank's signals are its shared segment.
+// The set's network fabric; the first member to ask makes it.
+Error network_fabric(BufferCore& buf, std::shared_ptr<NetworkFabric>* out) {
+  BufferSet& set = *buf.set;
+  std::lock_guard<std::mutex> l(set.mu);
+  if (!set.backend_state) {
+    std::shared_ptr<NetworkFabric> made;
+    SY_TRY(make_network_fabric(buf, &made));
+    set.backend_state = made;
+  }
+  *out = std::static_pointer_cast<NetworkFabric>(set.backend_state);
+  return ok();
+}
+
+// This rank's ibverbs engine on its buffer, made once.
+Error make_verbs_engine(BufferCore& buf, const NetworkFabric& fabric, int device,
+                        std::unique_ptr<transport::NicEngine>* out) {
+  CudaBuffer& st = buffer_state(buf);
+  return transport::create_verbs_engine(fabric.directory, buf.rank, kNetworkSignals, device, st.own, st.sl.bytes,
+                                        fabric.verbs_settings, out);
+}
+
 Error start_network(BufferCore& buf, CudaStream& comm) {
   CudaBuffer& st = buffer_state(buf);
   if (st.proxy) return ok();  // an earlier call got all the way (everything is set last)
   const core::BufferPlan& plan = buf.plan;
   const int R = buf.group->num_ranks, N = plan.nodes;
   BufferSet& set = *buf.set;
-  std::shared_ptr<transport::EmulatedFabric> fabric;
-  {
-    std::lock_guard<std::mutex> l(set.mu);
-    if (!set.backend_state) {
-      set.backend_state = std::make_shared<transport::EmulatedFabric>(R, kNetworkSignals, set.nic, set.network.data());
-    }
-    fabric = std::static_pointer_cast<transport::EmulatedFabric>(set.backend_state);
-  }
+  std::shared_ptr<NetworkFabric> fabric;
+  SY_TRY(network_fabric(buf, &fabric));
   const int device = comm.rank_state_ref().device;
   // The device's NIC stream, on a hardware queue of its own (device_memory.h): the copies never
   // wait behind a kernel that waits for them.
@@ -141,18 +195,26 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   o.device = device;
   o.channels = 2 * N;
   o.entries = 64;
-  o.stream = nic;
+  o.counters = &set.network[size_t(buf.rank)];
   if (buf.group->process_group) {
     SY_TRY(peer_signals(set, buf.rank, &o.signals));
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < R && !fabric->verbs; ++r) {
       if (r == buf.rank) continue;
       transport::EmulatedFabric::Window w{set.bases[size_t(r)], st.sl.bytes, nullptr};
       SY_TRY(peer_signals(set, r, &w.signals));
-      fabric->attach(r, w);
+      fabric->emulated->attach(r, w);
     }
   }
+  std::unique_ptr<transport::NicEngine> engine;
+  if (fabric->verbs && st.pending_engine) {
+    engine = std::move(st.pending_engine);  // a process group's, connected to every peer on import
+  } else if (fabric->verbs) {
+    SY_TRY(make_verbs_engine(buf, *fabric, device, &engine));
+  } else {
+    SY_TRY(transport::EmulatedNic::create(*fabric->emulated, buf.rank, st.own, st.sl.bytes, nic, &engine));
+  }
   std::unique_ptr<transport::Proxy> proxy;
-  SY_TRY(transport::Proxy::create(o, *fabric, st.own, st.sl.bytes, &proxy));
+  SY_TRY(transport::Proxy::create(o, std::move(engine), &proxy));
   std::vector<transport::ProxyChannel> channels(size_t(2 * N));
   for (int c = 0; c < 2 * N; ++c) channels[size_t(c)] = proxy->channel(c, uint64_t(buf.timeout_ms) * 1000000ull);
   // [2N] channels, then u64 sent[lanes][N], taken[lanes][N], then i32 broken.
@@ -205,6 +267,41 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   st.proxy = std::move(proxy);
   return ok();
 }
+
+}  // namespace
+
+Error normal_export_network(BufferCore& buf, std::string* endpoint) {
+  endpoint->clear();
+  CudaBuffer& st = buffer_state(buf);
+  if (!st.sl.two_hop) return ok();
+  std::shared_ptr<NetworkFabric> fabric;
+  SY_TRY(network_fabric(buf, &fabric));
+  if (!fabric->verbs) return ok();
+  if (!st.pending_engine && !st.proxy) {
+    SY_TRY(make_verbs_engine(buf, *fabric, rank_state(buf.rank_core()).device, &st.pending_engine));
+  }
+  if (!st.pending_engine) return fail(SY_ERROR_INTERNAL, "the buffer's network started before it was exported");
+  return transport::verbs_endpoint_text(*st.pending_engine, endpoint);
+}
+
+Error normal_import_network(BufferCore& buf, int peer, const std::string& endpoint) {
+  CudaBuffer& st = buffer_state(buf);
+  std::shared_ptr<NetworkFabric> fabric;
+  if (st.sl.two_hop) SY_TRY(network_fabric(buf, &fabric));
+  if (!fabric || !fabric->verbs) {
+    if (endpoint.empty()) return ok();
+    return invalid("share.networkEndpoint", "share.networkEndpoint: rank " + std::to_string(peer) +
+                                                " reaches the network through ibverbs, this rank does not; every "
+                                                "process must set SWITCHYARD_NIC alike");
+  }
+  if (!st.pending_engine) {
+    std::string mine;  // made now: a peer's share came first
+    SY_TRY(normal_export_network(buf, &mine));
+  }
+  return transport::verbs_import_endpoint(*st.pending_engine, peer, endpoint);
+}
+
+namespace {
 
 // Once per buffer, when every rank has joined: the device tables of the peers' buffers and
 // exchange pages, and the checks that the ranks' waiting kernels can all be resident at once.

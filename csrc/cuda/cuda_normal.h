@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "cuda_objects.h"
 
@@ -15,6 +16,10 @@ Error normal_init_buffer(BufferCore& buf);
 // Two hops between processes: the bytes of a rank's proxy signal array, which the peers' proxies
 // raise (a shared segment exported with its buffer; transport/proxy.h).
 uint64_t network_signal_bytes(int ranks);
+// Two hops between processes: what the peers need to reach this rank's network engine, and a
+// peer's (Backend::export_network, import_network; ibverbs: transport/verbs_engine.h).
+Error normal_export_network(BufferCore& buf, std::string* endpoint);
+Error normal_import_network(BufferCore& buf, int peer, const std::string& endpoint);
 Error normal_reject(BufferCore& buf, CudaStream& comm, core::OpKind kind, uint32_t epoch);
 // sy_buffer_abandon: every peer's abort record says this rank gave up because `peer` failed.
 Error normal_abandon(BufferCore& buf, CudaStream& comm, int peer);

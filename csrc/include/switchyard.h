@@ -38,7 +38,7 @@ extern "C" {
 
 /* Bumped on every incompatible change of this header. The loader refuses a library whose
  * `sy_abi_version()` differs from the version it was written for. */
-#define SY_ABI_VERSION 8u
+#define SY_ABI_VERSION 9u
 
 #define SY_MAX_DIMS 8
 #define SY_ERROR_ARGUMENT_CAPACITY 64
@@ -414,6 +414,10 @@ typedef struct sy_buffer_share {
   int32_t internode_path; /* must agree */
   int32_t network_ring_entries; /* since ABI 6; must agree (0: the default) */
   int32_t reserved;
+  /* Since ABI 9: what the peers need to reach this rank's network engine across nodes, as
+   * NUL-terminated lowercase hex; "" where they need nothing (the emulated NIC maps the peers'
+   * buffers). SWITCHYARD_NIC=ibverbs: its queue pairs, port address and registered window. */
+  char network_endpoint[1024];
 } sy_buffer_share;
 
 SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out);

@@ -11,8 +11,10 @@
 #   kernel_families        tests/native/kernel_families.cpp: one scenario per kernel family
 #                          through the C ABI, for the ThreadSanitizer run in CI
 #   cuda_ipc               tests/native/cuda_ipc.cu: device memory shared between two processes
-#   rdma_transport         tests/native/rdma_transport.cu: the CPU proxy and the emulated NIC
-#                          driven by kernels
+#   rdma_transport         tests/native/rdma_transport.cu: the CPU proxy driven by kernels, on
+#                          the emulated NIC and through the ibverbs engine on the software NIC
+#   soft_verbs             tests/native/soft_verbs.cpp: that software NIC (a libibverbs that the
+#                          tests load by path), beside the programs; with the ibverbs headers
 set(cuda_on_cpu_dir "${CMAKE_CURRENT_LIST_DIR}")
 set(cuda_on_cpu_includes "${cuda_on_cpu_dir}/include" "${SWITCHYARD_CUDA_INCLUDE}" "${SWITCHYARD_CUDA_INCLUDE}/cccl")
 
@@ -85,3 +87,13 @@ target_compile_definitions(switchyard_rdma_transport PRIVATE SY_CUDA_ON_CPU=1)
 target_compile_options(switchyard_rdma_transport PRIVATE ${cuda_on_cpu_options})
 target_link_libraries(switchyard_rdma_transport PRIVATE switchyard Threads::Threads)
 target_link_options(switchyard_rdma_transport PRIVATE -fsanitize=alignment)
+
+# The software ibverbs provider the NIC engine's tests load (tests/native/soft_verbs.cpp), beside
+# the transport test, which finds it there.
+if(verbs_include)
+  add_library(switchyard_soft_verbs SHARED tests/native/soft_verbs.cpp)
+  target_include_directories(switchyard_soft_verbs SYSTEM PRIVATE ${verbs_include})
+  set_target_properties(switchyard_soft_verbs PROPERTIES OUTPUT_NAME soft_verbs CXX_VISIBILITY_PRESET hidden)
+  target_link_libraries(switchyard_soft_verbs PRIVATE Threads::Threads)
+  add_dependencies(switchyard_rdma_transport switchyard_soft_verbs)
+endif()

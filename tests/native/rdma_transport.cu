@@ -25,8 +25,11 @@
 // Every line "ok: ..." is a check that passed; the exit status is 0 only if all did. Kernels'
 // waits have deadlines of 10 s, so nothing here can hang.
 #include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -35,7 +38,9 @@
 #include <thread>
 #include <vector>
 
+#include "../../csrc/cuda/transport/emulated_nic.h"
 #include "../../csrc/cuda/transport/proxy.h"
+#include "../../csrc/cuda/transport/verbs_engine.h"
 
 namespace tr = sy::cuda::transport;
 
@@ -207,9 +212,25 @@ __global__ void bad_put_kernel(tr::ProxyChannel ch, int peer, uint64_t dst_off, 
 }
 
 int failures = 0;
+// The NIC engine the worlds are made with: the emulated NIC, or ibverbs on the provider at
+// `verbs_library` (the software NIC, tests/native/soft_verbs.cpp, on the CPU executor).
+bool use_verbs = false;
+std::string verbs_library;
+
+// A test hook of the software NIC (tests/native/soft_verbs.cpp), from the copy the engine loaded.
+template <class F>
+F soft_verbs(const char* name) {
+  void* h = dlopen(verbs_library.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  void* f = h ? dlsym(h, name) : nullptr;
+  if (f == nullptr) {
+    std::printf("FAILED: %s: no %s\n", verbs_library.c_str(), name);
+    std::exit(1);
+  }
+  return reinterpret_cast<F>(f);
+}
 
 void check(bool ok, const std::string& what) {
-  std::printf("%s: %s\n", ok ? "ok" : "FAILED", what.c_str());
+  std::printf("%s: %s%s\n", ok ? "ok" : "FAILED", use_verbs ? "ibverbs: " : "", what.c_str());
   std::fflush(stdout);
   if (!ok) ++failures;
 }
@@ -235,24 +256,49 @@ std::string describe(const tr::TransportStatus& s) {
 
 struct World {
   std::unique_ptr<tr::EmulatedFabric> fabric;
+  std::shared_ptr<tr::VerbsDirectory> directory;
+  sy::core::NetworkCounters counters[kRanks];  // what each rank's proxy carried
   std::vector<uint8_t*> windows;
   std::vector<std::unique_ptr<tr::Proxy>> proxies;
   std::vector<cudaStream_t> send_streams, recv_streams;
   Outcome* outcomes = nullptr;  // [ranks][kChannels] sends, then [ranks][ranks * kChannels] receives
 
-  explicit World(sy::core::LinkModel model) {
+  // `apart`: ibverbs as between processes: every rank has a directory of its own, and the
+  // ranks reach each other only through the endpoints they export as text and import.
+  explicit World(sy::core::LinkModel model, bool apart = false) {
     fabric = std::make_unique<tr::EmulatedFabric>(kRanks, kChannels, model);
+    directory = tr::make_verbs_directory(kRanks);
+    tr::VerbsSettings settings;
+    settings.library = verbs_library;
     must(cudaMalloc(&outcomes, sizeof(Outcome) * kRanks * (kChannels + kRanks * kChannels)), "cudaMalloc");
+    std::vector<std::unique_ptr<tr::NicEngine>> engines(kRanks);
     for (int r = 0; r < kRanks; ++r) {
       uint8_t* w = nullptr;
       must(cudaMalloc(&w, kWindowBytes), "cudaMalloc window");
       windows.push_back(w);
+      if (use_verbs) {
+        const auto dir = apart ? tr::make_verbs_directory(kRanks) : directory;
+        must(tr::create_verbs_engine(dir, r, kChannels, 0, w, kWindowBytes, settings, &engines[size_t(r)]),
+             "create_verbs_engine");
+      } else {
+        must(tr::EmulatedNic::create(*fabric, r, w, kWindowBytes, nullptr, &engines[size_t(r)]), "EmulatedNic::create");
+      }
+    }
+    if (apart) {
+      std::vector<std::string> endpoints(kRanks);
+      for (int r = 0; r < kRanks; ++r) must(tr::verbs_endpoint_text(*engines[size_t(r)], &endpoints[size_t(r)]), "export");
+      for (int r = 0; r < kRanks; ++r)
+        for (int p = 0; p < kRanks; ++p)
+          if (p != r) must(tr::verbs_import_endpoint(*engines[size_t(r)], p, endpoints[size_t(p)]), "import");
+    }
+    for (int r = 0; r < kRanks; ++r) {
       std::unique_ptr<tr::Proxy> p;
       tr::ProxyOptions o;
       o.rank = r;
       o.channels = kChannels;
       o.entries = kEntries;
-      must(tr::Proxy::create(o, *fabric, w, kWindowBytes, &p), "Proxy::create");
+      o.counters = &counters[r];
+      must(tr::Proxy::create(o, std::move(engines[size_t(r)]), &p), "Proxy::create");
       proxies.push_back(std::move(p));
       cudaStream_t s1, s2;
       must(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking), "stream");
@@ -281,9 +327,9 @@ double exchange(World& w, const std::string& label) {
   uint64_t before[kRanks][kRanks][kChannels];
   uint64_t carried_before[kRanks][3];
   for (int r = 0; r < kRanks; ++r) {
-    carried_before[r][0] = w.fabric->carried(r).records.load();
-    carried_before[r][1] = w.fabric->carried(r).bytes.load();
-    carried_before[r][2] = w.fabric->carried(r).puts.load();
+    carried_before[r][0] = w.counters[r].records.load();
+    carried_before[r][1] = w.counters[r].bytes.load();
+    carried_before[r][2] = w.counters[r].puts.load();
     for (int s = 0; s < kRanks; ++s)
       for (int c = 0; c < kChannels; ++c) before[r][s][c] = w.proxies[size_t(r)]->signal(s, c);
   }
@@ -374,9 +420,9 @@ double exchange(World& w, const std::string& label) {
                     ") grew by " + std::to_string(got) + ", not " + std::to_string(signals);
       }
     }
-    const uint64_t got_records = w.fabric->carried(r).records.load() - carried_before[r][0];
-    const uint64_t got_bytes = w.fabric->carried(r).bytes.load() - carried_before[r][1];
-    const uint64_t got_puts = w.fabric->carried(r).puts.load() - carried_before[r][2];
+    const uint64_t got_records = w.counters[r].records.load() - carried_before[r][0];
+    const uint64_t got_bytes = w.counters[r].bytes.load() - carried_before[r][1];
+    const uint64_t got_puts = w.counters[r].puts.load() - carried_before[r][2];
     if (got_records != records || got_bytes != bytes || got_puts != puts)
       counts += " rank " + std::to_string(r) + " carried " + std::to_string(got_records) + " entries, " +
                 std::to_string(got_bytes) + " bytes in " + std::to_string(got_puts) + " puts, not " +
@@ -514,12 +560,14 @@ void latency_case() {
 void teardown_case() {
   sy::core::LinkModel model;
   model.latency_ns = 150'000'000;
-  World w(model);
+  World w(use_verbs ? sy::core::LinkModel{} : model);  // ibverbs: the software NIC's delay instead
   Outcome* out = w.outcomes;
+  if (use_verbs) soft_verbs<void (*)(uint32_t)>("soft_verbs_set_delay_us")(150000);
   SY_LAUNCH(post_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), 1, kStageBytes, 64, out);
   must(cudaStreamSynchronize(w.send_streams[0]), "post_kernel");
   // The put has been posted; give the proxy a moment to take it, then take rank 1 away.
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  if (use_verbs) soft_verbs<void (*)(uint32_t)>("soft_verbs_set_delay_us")(0);
   const auto start = std::chrono::steady_clock::now();
   w.proxies[1].reset();
   const double ms = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3;
@@ -540,7 +588,155 @@ void teardown_case() {
 
 }  // namespace
 
-int main() {
+// Raises a peer's signal by `add`, with `bytes` of data from the window's start (none: a signal
+// alone), and flushes (the ibverbs case of a large signal).
+__global__ void signal_kernel(tr::ProxyChannel ch, int peer, uint64_t dst, uint64_t bytes, uint32_t slot, uint64_t add,
+                              Outcome* out) {
+  tr::TransportStatus s = bytes == 0 ? tr::signal(ch, peer, slot, add) : tr::put_signal(ch, peer, 0, dst, bytes, slot, add);
+  if (s.ok()) s = tr::flush(ch);
+  out->status = s;
+  out->mismatches = 0;
+}
+
+// ibverbs: an immediate carries at most 2^24 - 1: a signal of more goes as several (after the
+// put's data, for a put with a signal), and the receiver's signal grows by exactly the amount; a
+// signal that would take more work requests than a queue pair holds is refused, not left waiting.
+void large_signal_case() {
+  World w({});
+  Outcome* out = w.outcomes;
+  const uint64_t big = (1ull << 24) * 2 + 12345, put_add = (1ull << 24) + 7;
+  const uint64_t before = w.proxies[2]->signal(3, 1);
+  std::vector<uint8_t> data(200);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = uint8_t(i * 7 + 3);
+  must(cudaMemcpy(w.windows[3], data.data(), data.size(), cudaMemcpyHostToDevice), "stage");
+  SY_LAUNCH(signal_kernel, 1, 1, 0, w.send_streams[3])(w.proxies[3]->channel(1, kTimeoutNs), 2, 0, 0, 1, big, out);
+  SY_LAUNCH(signal_kernel, 1, 1, 0, w.send_streams[3])(w.proxies[3]->channel(1, kTimeoutNs), 2, kStageBytes, 200, 1,
+                                                       put_add, out + 2);
+  SY_LAUNCH(wait_kernel, 1, 1, 0, w.recv_streams[2])(w.proxies[2]->channel(0, kTimeoutNs), 3, 1,
+                                                     before + big + put_add, out + 1);
+  must(cudaDeviceSynchronize(), "the signals");
+  Outcome o[3];
+  must(cudaMemcpy(o, out, sizeof(o), cudaMemcpyDeviceToHost), "copy back");
+  std::vector<uint8_t> landed(200);
+  must(cudaMemcpy(landed.data(), w.windows[2] + kStageBytes, 200, cudaMemcpyDeviceToHost), "copy back");
+  const uint64_t got = w.proxies[2]->signal(3, 1) - before;
+  check(o[0].status.ok() && o[1].status.ok() && o[2].status.ok() && got == big + put_add && landed == data,
+        "a signal of " + std::to_string(big) + " and a put with a signal of " + std::to_string(put_add) +
+            " (more than one immediate carries) raise the peer's by exactly that: " + std::to_string(got) +
+            ", the put's bytes landed (" + describe(o[0].status) + "; " + describe(o[2].status) + ")");
+  SY_LAUNCH(signal_kernel, 1, 1, 0, w.send_streams[3])(w.proxies[3]->channel(0, kTimeoutNs), 2, 0, 0, 1,
+                                                       ((1ull << 24) - 1) * 257, out);
+  must(cudaDeviceSynchronize(), "too large a signal");
+  must(cudaMemcpy(o, out, sizeof(o[0]), cudaMemcpyDeviceToHost), "copy back");
+  check(o[0].status.result == tr::TransportResult::Refused && o[0].status.refusal == uint32_t(tr::Refusal::Size),
+        "a signal of 257 immediates' worth is refused (" + describe(o[0].status) + ")");
+}
+
+// ibverbs: a work request the NIC fails (as a NIC reports a fault; here the software NIC's
+// soft_verbs_fail_next): the sender's proxy refuses the put, naming both ranks and the NIC's
+// status; its queue pairs are then in error, so reset() reports the failure and every later put
+// is refused saying the buffer must be made again. Nothing waits until a deadline.
+void nic_failure_case() {
+  World w({});
+  Outcome* out = w.outcomes;
+  soft_verbs<void (*)(int)>("soft_verbs_fail_next")(10);  // IBV_WC_REM_ACCESS_ERR
+  const auto start = std::chrono::steady_clock::now();
+  SY_LAUNCH(bad_put_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), 1, kStageBytes, 64, out);
+  must(cudaStreamSynchronize(w.send_streams[0]), "the put that fails");
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  Outcome o;
+  must(cudaMemcpy(&o, out, sizeof(o), cudaMemcpyDeviceToHost), "copy back");
+  check(o.status.result == tr::TransportResult::Refused && o.status.refusal == uint32_t(tr::Refusal::Device) &&
+            seconds < 5.0,
+        "a put the NIC fails is refused at once (" + describe(o.status) + ", " + std::to_string(seconds) + " s)");
+  const sy::Error e = w.proxies[0]->refusal();
+  check(bool(e) && e.message.find("rank 0, channel 0, descriptor 0") != std::string::npos &&
+            e.message.find("rank 0 to rank 1: ibverbs: a put failed: remote access error") != std::string::npos,
+        "the proxy's error names the ranks and the NIC's status: " + e.message);
+  const sy::Error r = w.proxies[0]->reset(10000);
+  check(bool(r), "reset() reports the failure: " + r.message);
+  SY_LAUNCH(bad_put_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(1, kTimeoutNs), 2, kStageBytes, 64,
+                                                        out + 1);
+  must(cudaStreamSynchronize(w.send_streams[0]), "a later put");
+  must(cudaMemcpy(&o, out + 1, sizeof(o), cudaMemcpyDeviceToHost), "copy back");
+  const sy::Error later = w.proxies[0]->refusal();
+  check(o.status.result == tr::TransportResult::Refused && o.status.refusal == uint32_t(tr::Refusal::Device) &&
+            later.message.find("the buffer must be made again") != std::string::npos,
+        "a later put is refused: the queue pairs are gone (" + later.message + ")");
+}
+
+// ibverbs, as between processes: an endpoint comes from another process, so every way it can be
+// wrong is refused, naming the peer, and leaves the engine usable; the right one connects.
+void endpoint_case() {
+  sy::core::NetworkCounters unused;
+  (void)unused;
+  tr::VerbsSettings settings;
+  settings.library = verbs_library;
+  uint8_t* w[2] = {nullptr, nullptr};
+  std::unique_ptr<tr::NicEngine> e[2];
+  for (int r = 0; r < 2; ++r) {
+    must(cudaMalloc(&w[r], kWindowBytes), "cudaMalloc window");
+    must(tr::create_verbs_engine(tr::make_verbs_directory(kRanks), r, kChannels, 0, w[r], kWindowBytes, settings, &e[r]),
+         "create_verbs_engine");
+  }
+  std::string good;
+  must(tr::verbs_endpoint_text(*e[1], &good), "export");
+  auto flip = [&](size_t at, char c) {
+    std::string x = good;
+    x[at] = c;
+    return x;
+  };
+  const std::string rank_field = good.substr(16, 8);  // bytes 8..11: the rank
+  struct Bad {
+    const char* what;
+    std::string text;
+    const char* says;
+  } bad[] = {
+      {"an empty endpoint", "", "is missing"},
+      {"a short one", good.substr(0, good.size() - 2), "bytes, not"},
+      {"a long one", good + "00", "bytes, not"},
+      {"not hex", flip(10, 'g'), "not lowercase hex"},
+      {"uppercase hex", flip(1, 'F'), "not lowercase hex"},
+      {"another magic", flip(0, good[0] == '0' ? '1' : '0'), "magic or version"},
+      {"another rank's", good.substr(0, 16) + "02000000" + good.substr(24), "another rank or group size"},
+      {"a window of another size", good.substr(0, 96) + "0100000000000000" + good.substr(112), "window of"},
+      {"no queue pair for this rank", good.substr(0, 112) + "00000000" + good.substr(120), "no queue pair"},
+  };
+  std::string failures;
+  for (const Bad& b : bad) {
+    const sy::Error err = tr::verbs_import_endpoint(*e[0], 1, b.text);
+    if (!err || err.message.find(b.says) == std::string::npos || err.message.find("rank 1") == std::string::npos)
+      failures += std::string(" ") + b.what + ": " + (err ? err.message : "accepted") + ";";
+  }
+  const sy::Error self = tr::verbs_import_endpoint(*e[0], 0, good);
+  if (!self) failures += " its own rank: accepted;";
+  const sy::Error right = tr::verbs_import_endpoint(*e[0], 1, good);
+  const sy::Error again = tr::verbs_import_endpoint(*e[0], 1, good);
+  check(failures.empty() && !right && again && again.message.find("imported already") != std::string::npos &&
+            rank_field == "01000000",
+        "a peer's endpoint is refused when missing, short, long, not hex, of another magic, rank or window, or "
+        "without a queue pair for this rank, naming the peer; the right one connects, once" + failures +
+            (right ? " right: " + right.message : ""));
+  e[0].reset();
+  e[1].reset();
+  for (uint8_t* x : w) cudaFree(x);
+}
+
+// The ibverbs provider the ibverbs cases run on: SWITCHYARD_IBVERBS_LIBRARY, or on the CPU
+// executor the software NIC built beside this program (on a GPU it would copy into device memory
+// from the CPU: there the cases need a real provider, named by the variable).
+std::string find_verbs_library(const char* argv0) {
+  if (const char* v = std::getenv("SWITCHYARD_IBVERBS_LIBRARY"); v != nullptr && *v != 0) return v;
+#if defined(SY_CUDA_ON_CPU)
+  std::string dir = argv0;
+  dir = dir.find('/') == std::string::npos ? "." : dir.substr(0, dir.rfind('/'));
+  return dir + "/libsoft_verbs.so";
+#else
+  return "";
+#endif
+}
+
+int main(int argc, char** argv) {
   descriptor_checks();
   {
     World w({});
@@ -571,6 +767,30 @@ int main() {
   timeout_case();
   refusal_case();
   teardown_case();
+  verbs_library = find_verbs_library(argv[0]);
+  if (!tr::verbs_compiled()) {
+    std::printf("note: built without the ibverbs headers (bash .ci/fetch-headers.sh): the ibverbs cases did not run\n");
+  } else if (verbs_library.empty() || access(verbs_library.c_str(), R_OK) != 0) {
+    std::printf("note: no ibverbs provider (SWITCHYARD_IBVERBS_LIBRARY): the ibverbs cases did not run\n");
+  } else {
+    use_verbs = true;
+    {
+      World w({});
+      exchange(w, "exchange");
+      exchange(w, "a second exchange on the same proxies (signals go on counting)");
+    }
+    {
+      World w({}, true);
+      exchange(w, "ranks apart, connected by the endpoints they exchanged as text");
+    }
+    endpoint_case();
+    timeout_case();
+    refusal_case();
+    large_signal_case();
+    teardown_case();
+    nic_failure_case();
+    use_verbs = false;
+  }
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

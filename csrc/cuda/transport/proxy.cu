@@ -1,4 +1,4 @@
-// The CPU proxy and the emulated NIC (proxy.h).
+// The CPU proxy (proxy.h).
 #include "proxy.h"
 
 #include <algorithm>
@@ -15,8 +15,6 @@ namespace {
 // Puts taken and not yet complete, per rank: beyond this the proxy lets the rings fill (the
 // kernels then wait for room).
 constexpr size_t kMaxInFlight = 4096;
-// Batches of copies whose completion is tracked by one event each, in order.
-constexpr uint64_t kEvents = 64;
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -36,64 +34,17 @@ void store_release(T& v, T x) {
 
 }  // namespace
 
-EmulatedFabric::EmulatedFabric(int ranks, int slots, core::LinkModel model, core::NetworkCounters* counters)
-    : ranks_(ranks),
-      slots_(slots),
-      model_(model),
-      windows_(size_t(ranks)),
-      in_flight_(size_t(ranks), 0),
-      own_counters_(counters ? nullptr : new Counters[size_t(ranks)]),
-      counters_(counters ? counters : own_counters_.get()) {}
-
-void EmulatedFabric::attach(int rank, const Window& w) {
-  std::lock_guard<std::mutex> l(mu_);
-  windows_[size_t(rank)] = w;
-}
-
-bool EmulatedFabric::detach(int rank, int64_t timeout_ms) {
-  std::unique_lock<std::mutex> l(mu_);
-  windows_[size_t(rank)] = {};
-  return cv_.wait_for(l, std::chrono::milliseconds(timeout_ms), [&] { return in_flight_[size_t(rank)] == 0; });
-}
-
-EmulatedFabric::Window EmulatedFabric::acquire(int rank) {
-  std::lock_guard<std::mutex> l(mu_);
-  const Window w = windows_[size_t(rank)];
-  if (w.base != nullptr) ++in_flight_[size_t(rank)];
-  return w;
-}
-
-void EmulatedFabric::release(int rank) {
-  std::lock_guard<std::mutex> l(mu_);
-  if (--in_flight_[size_t(rank)] == 0) cv_.notify_all();
-}
-
-struct Proxy::InFlight {
-  int channel = 0;
-  uint64_t index = 0;
-  RdmaDescriptor d{};
-  uint8_t* dst = nullptr;
-  const uint8_t* src = nullptr;
-  uint64_t* signal = nullptr;  // the peer's counter for me, host-mapped
-  core::LinkTimes t;
-  bool issued = false;
-  uint64_t batch = 0;  // the batch of copies it went out with
-};
-
-Proxy::Proxy(const ProxyOptions& o, EmulatedFabric& fabric) : o_(o), fabric_(fabric) {}
-
-Error Proxy::create(const ProxyOptions& o, EmulatedFabric& fabric, uint8_t* window, uint64_t window_bytes,
-                    std::unique_ptr<Proxy>* out) {
-  if (o.rank < 0 || o.rank >= fabric.ranks()) return invalid("rank", "the proxy's rank is not in the fabric");
+Error Proxy::create(const ProxyOptions& o, std::unique_ptr<NicEngine> engine, std::unique_ptr<Proxy>* out) {
+  if (!engine) return invalid("engine", "a proxy needs a NIC engine");
+  if (o.rank < 0 || o.rank >= engine->ranks()) return invalid("rank", "the proxy's rank is not in the fabric");
   if (o.channels < 1 || o.entries < 1) return invalid("channels", "a proxy needs a channel of at least one entry");
-  if (window == nullptr || window_bytes == 0) return invalid("window", "a proxy needs its rank's window");
-  std::unique_ptr<Proxy> p(new Proxy(o, fabric));
-  p->window_ = window;
-  p->window_bytes_ = window_bytes;
+  std::unique_ptr<Proxy> p(new Proxy(o));
+  p->engine_ = std::move(engine);
+  if (p->o_.counters == nullptr) p->o_.counters = &p->own_counters_;
   SY_CUDA(cudaSetDevice(o.device));
   const size_t ring_bytes = sizeof(RdmaDescriptor) * size_t(o.entries) * size_t(o.channels);
   const size_t control_bytes = sizeof(ProxyControl) * size_t(o.channels);
-  const size_t signal_bytes = sizeof(uint64_t) * size_t(fabric.ranks()) * size_t(fabric.slots());
+  const size_t signal_bytes = sizeof(uint64_t) * size_t(p->engine_->ranks()) * size_t(p->engine_->slots());
   const unsigned flags = cudaHostAllocMapped | cudaHostAllocPortable;
   SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&p->rings_), ring_bytes, flags));
   SY_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&p->controls_), control_bytes, flags));
@@ -112,40 +63,22 @@ Error Proxy::create(const ProxyOptions& o, EmulatedFabric& fabric, uint8_t* wind
   SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&p->d_rings_), p->rings_, 0));
   SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&p->d_controls_), p->controls_, 0));
   SY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&p->d_signals_), p->signals_, 0));
-  // The highest priority there is: the copies are what kernels on other ranks wait for. (They
-  // still share the device's hardware queues with every other stream: a CUDA backend that runs
-  // a proxy counts its stream in the co-residency check.)
-  if (o.stream != nullptr) {
-    p->stream_ = o.stream;
-  } else {
-    int least = 0, greatest = 0;
-    SY_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    SY_CUDA(cudaStreamCreateWithPriority(&p->stream_, cudaStreamNonBlocking, greatest));
-    p->own_stream_ = true;
-  }
-  p->events_.resize(kEvents, nullptr);
-  for (auto& e : p->events_) SY_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   p->taken_.assign(size_t(o.channels), 0);
-  fabric.attach(o.rank, {window, window_bytes, p->signals_});
-  p->attached_ = true;
+  p->started_ = true;  // from here on the engine may have let peers in: detach() before freeing
+  SY_TRY(p->engine_->start(p->signals_));
   p->thread_ = std::thread([raw = p.get()] { raw->run(); });
   *out = std::move(p);
   return ok();
 }
 
 Proxy::~Proxy() {
-  // First the puts into this rank's memory by the proxies of this process (refused from now on;
-  // other processes' proxies are not waited for, proxy.h), then its own: their sources are its
+  // First the puts into this rank's memory by its peers (refused from now on; what an engine
+  // cannot wait for: emulated_nic.h, verbs_engine.h), then its own: their sources are its
   // window, which the caller frees next.
-  const bool drained = !attached_ || fabric_.detach(o_.rank, 30000);
+  const bool drained = !started_ || engine_->detach(30000);
   stop_.store(true);
   if (thread_.joinable()) thread_.join();
-  if (stream_) {
-    (void)cudaStreamSynchronize(stream_);
-    if (own_stream_) (void)cudaStreamDestroy(stream_);
-  }
-  for (auto e : events_)
-    if (e) (void)cudaEventDestroy(e);
+  engine_.reset();
   if (rings_) (void)cudaFreeHost(rings_);
   if (controls_) (void)cudaFreeHost(controls_);
   if (signals_registered_) {
@@ -167,14 +100,14 @@ ProxyChannel Proxy::channel(int c, uint64_t timeout_ns) const {
   ch.entries = o_.entries;
   ch.channel = c;
   ch.rank = o_.rank;
-  ch.ranks = fabric_.ranks();
-  ch.slots = fabric_.slots();
+  ch.ranks = engine_->ranks();
+  ch.slots = engine_->slots();
   ch.timeout_ns = timeout_ns;
   return ch;
 }
 
 uint64_t Proxy::signal(int source, int slot) const {
-  return load_acquire(signals_[signal_index(source, slot, fabric_.slots())]);
+  return load_acquire(signals_[signal_index(source, slot, engine_->slots())]);
 }
 
 Error Proxy::refusal() const {
@@ -190,7 +123,7 @@ Error Proxy::reset(int64_t timeout_ms) {
     return fail(SY_ERROR_TIMEOUT, "rank " + std::to_string(o_.rank) + ": the proxy did not finish the puts in " +
                                       "flight within " + std::to_string(timeout_ms) + " ms of the reset");
   }
-  if (!refusal_.empty()) return fail(SY_ERROR_CUDA, refusal_);  // the drain met a CUDA error
+  if (!refusal_.empty()) return fail(SY_ERROR_CUDA, refusal_);  // the drain met an engine's failure
   return ok();
 }
 
@@ -210,13 +143,13 @@ void Proxy::refuse(int channel, uint64_t index, Refusal why, const std::string& 
   }
 }
 
-void Proxy::drop(Queue& q) {
-  for (const InFlight& f : q) fabric_.release(f.d.peer);
+void Proxy::drop(NicQueue& q) {
+  for (NicPut& f : q) engine_->forget(f);
   q.clear();
 }
 
-// Takes every complete descriptor the rings hold, in each channel's order; checks each.
-bool Proxy::take(Queue& q) {
+// Takes every complete descriptor the rings hold, in each channel's order; the engine checks each.
+bool Proxy::take(NicQueue& q) {
   if (refused_) return false;
   bool moved = false;
   const int64_t now = now_ns();
@@ -226,30 +159,18 @@ bool Proxy::take(Queue& q) {
       const uint64_t index = taken_[size_t(c)];
       RdmaDescriptor& slot = ring[ring_slot(index, o_.entries)];
       if (load_acquire(slot.seq) != index + 1) break;
-      InFlight f;
+      NicPut f;
       f.channel = c;
       f.index = index;
       std::memcpy(&f.d, &slot, sizeof(RdmaDescriptor));
-      const bool peer_ok = f.d.peer >= 0 && f.d.peer < fabric_.ranks();
-      const EmulatedFabric::Window peer = peer_ok ? fabric_.acquire(f.d.peer) : EmulatedFabric::Window{};
-      const Refusal why = check_descriptor(f.d, fabric_.ranks(), fabric_.slots(), window_bytes_,
-                                           peer.base != nullptr, peer.bytes);
+      const Refusal why = engine_->accept(f, now);
       if (why != Refusal::None) {
-        if (peer.base != nullptr) fabric_.release(f.d.peer);
         refuse(c, index, why,
                " (peer " + std::to_string(f.d.peer) + ", source offset " + std::to_string(f.d.src_offset) +
                    ", destination offset " + std::to_string(f.d.dst_offset) + ", " + std::to_string(f.d.bytes) +
                    " bytes, slot " + std::to_string(f.d.signal) + ")");
         return true;
       }
-      if (f.d.op != uint32_t(RdmaOp::Signal)) {
-        f.src = window_ + f.d.src_offset;
-        f.dst = peer.base + f.d.dst_offset;
-      } else {
-        f.d.bytes = 0;
-      }
-      if (f.d.op != uint32_t(RdmaOp::Put)) f.signal = peer.signals + signal_index(o_.rank, int(f.d.signal), fabric_.slots());
-      f.t = fabric_.model().active() ? link_.send(now, f.d.bytes, fabric_.model()) : core::LinkTimes{now, now, now};
       q.push_back(f);
       taken_[size_t(c)] = index + 1;
       moved = true;
@@ -258,87 +179,70 @@ bool Proxy::take(Queue& q) {
   return moved;
 }
 
-// Starts the copies of the puts whose time to leave has come, as one batch with one event.
-bool Proxy::issue(Queue& q) {
-  if (device_error_ || batches_issued_ - batches_done_ >= kEvents) return false;
-  const int64_t now = now_ns();
-  bool any = false;
-  for (InFlight& f : q) {
-    if (f.issued) continue;
-    if (f.t.leaves_ns > now) break;  // puts leave in order
-    if (f.d.bytes > 0) {
-      const cudaError_t rc = cudaMemcpyAsync(f.dst, f.src, f.d.bytes, cudaMemcpyDefault, stream_);
-      if (rc != cudaSuccess) {
-        refuse(f.channel, f.index, Refusal::Device, std::string(": ") + cudaGetErrorString(rc));
-        return true;  // what went out in this pass has no event: restart() waits for the stream
-      }
-    }
-    f.issued = true;
-    f.batch = batches_issued_;
-    any = true;
+bool Proxy::issue(NicQueue& q) {
+  if (device_error_ || q.empty()) return false;
+  std::string error;
+  size_t failed = 0;
+  const NicStep step = engine_->issue(q, now_ns(), &error, &failed);
+  if (step == NicStep::Failed) {
+    const NicPut& at = q[std::min(failed, q.size() - 1)];
+    refuse(at.channel, at.index, Refusal::Device, error);
   }
-  if (!any) return false;
-  const cudaError_t rc = cudaEventRecord(events_[batches_issued_ % kEvents], stream_);
-  if (rc != cudaSuccess) {
-    refuse(q.front().channel, q.front().index, Refusal::Device,
-           std::string(": recording the copies' event: ") + cudaGetErrorString(rc));
-    return true;
-  }
-  ++batches_issued_;
-  return true;
+  return step != NicStep::Idle;
 }
 
-// Completes puts in order: copied and, under the link model, arrived. Then the signal, then the
-// channel's consumed count (the kernel may reuse the source and the ring slot).
-bool Proxy::complete(Queue& q) {
-  if (device_error_) return false;  // whether the copies ran is unknown: nothing completes
+// Completes puts in order, then counts what crossed and advances the channel's consumed count
+// (the kernel may reuse the source and the ring slot).
+bool Proxy::complete(NicQueue& q) {
+  if (device_error_) return false;  // whether the puts ran is unknown: nothing completes
   bool moved = false;
   const int64_t now = now_ns();
   while (!q.empty()) {
-    InFlight& f = q.front();
+    NicPut& f = q.front();
     if (!f.issued) break;
-    while (batches_done_ <= f.batch) {
-      const cudaError_t rc = cudaEventQuery(events_[batches_done_ % kEvents]);
-      if (rc == cudaErrorNotReady) break;
-      if (rc != cudaSuccess) {
-        refuse(f.channel, f.index, Refusal::Device, std::string(": ") + cudaGetErrorString(rc));
-        return true;
-      }
-      ++batches_done_;
+    std::string error;
+    const NicStep step = engine_->done(f, now, &error);
+    if (step == NicStep::Failed) {
+      refuse(f.channel, f.index, Refusal::Device, error);
+      return true;
     }
-    if (batches_done_ <= f.batch || now < f.t.arrives_ns) break;
-    EmulatedFabric::Counters& carried = fabric_.carried_by(o_.rank);
+    if (step == NicStep::Idle) break;
     if (f.d.op != uint32_t(RdmaOp::Signal)) {
       // A put with a signal carries as many entries as it raises the signal by (the two hops'
       // records and combine entries: a dispatch puts several records at once); a bare put one.
       const uint64_t entries = f.d.op == uint32_t(RdmaOp::PutSignal) ? f.d.signal_add : 1;
-      carried.records.fetch_add(entries, std::memory_order_relaxed);
-      carried.puts.fetch_add(1, std::memory_order_relaxed);
-      carried.bytes.fetch_add(f.d.bytes, std::memory_order_relaxed);
+      o_.counters->records.fetch_add(entries, std::memory_order_relaxed);
+      o_.counters->puts.fetch_add(1, std::memory_order_relaxed);
+      o_.counters->bytes.fetch_add(f.d.bytes, std::memory_order_relaxed);
     }
-    if (f.signal) __atomic_fetch_add(f.signal, f.d.signal_add, __ATOMIC_RELEASE);
+    engine_->finish(f);
     store_release(controls_[f.channel].consumed, f.index + 1);
-    fabric_.release(f.d.peer);
     q.pop_front();
     moved = true;
   }
   return moved;
 }
 
-// A reset: the puts it accepted finish (after a CUDA error: its stream is waited for and they
-// are dropped, their completion unknown), then every channel starts afresh after what its
-// kernel posted.
-void Proxy::restart(Queue& q) {
+bool Proxy::progress() {
+  if (device_error_) return false;
+  std::string error;
+  const NicStep step = engine_->progress(&error);
+  if (step == NicStep::Failed) refuse(0, taken_[0], Refusal::Device, error);
+  return step != NicStep::Idle;
+}
+
+// A reset: the puts it accepted finish (after an engine's failure: the engine quiesces and they
+// are dropped, their completion unknown), then every channel starts afresh after what its kernel
+// posted.
+void Proxy::restart(NicQueue& q) {
   while (!q.empty() && !device_error_ && !stop_.load(std::memory_order_relaxed)) {
-    if (!issue(q) && !complete(q)) {
+    const bool moved = progress();
+    if (!issue(q) && !complete(q) && !moved) {
       std::this_thread::sleep_for(std::chrono::nanoseconds(std::clamp<int64_t>(next_wake_ns(q), 1000, 1000000)));
     }
   }
   const bool device_error = device_error_;
-  if (device_error) {
-    (void)cudaStreamSynchronize(stream_);  // nothing of ours reads or writes memory after this
-    batches_done_ = batches_issued_;
-  }
+  if (device_error) engine_->quiesce();
   drop(q);
   for (int c = 0; c < o_.channels; ++c) {
     ProxyControl& ctl = controls_[c];
@@ -354,20 +258,15 @@ void Proxy::restart(Queue& q) {
   if (!device_error) refusal_.clear();  // kept for reset() to report
 }
 
-// Nanoseconds until the queue's front can move: its time to leave, or to arrive once copied
-// (a copy still running: soon).
-int64_t Proxy::next_wake_ns(const Queue& q) const {
+// Nanoseconds until the queue's front can move (its time to leave, or to arrive once sent).
+int64_t Proxy::next_wake_ns(const NicQueue& q) const {
   if (q.empty()) return 50000;
-  const InFlight& f = q.front();
-  const int64_t now = now_ns();
-  if (!f.issued) return f.t.leaves_ns - now;
-  if (batches_done_ > f.batch) return f.t.arrives_ns - now;
-  return 2000;
+  return engine_->wake_in_ns(q.front(), now_ns());
 }
 
 void Proxy::run() {
   (void)cudaSetDevice(o_.device);
-  Queue q;
+  NicQueue q;
   uint32_t idle = 0;
   while (!stop_.load(std::memory_order_relaxed)) {
     {
@@ -381,7 +280,8 @@ void Proxy::run() {
         cv_.notify_all();
       }
     }
-    bool moved = take(q);
+    bool moved = progress();
+    moved = take(q) || moved;
     moved = issue(q) || moved;
     moved = complete(q) || moved;
     if (moved) {
@@ -403,13 +303,15 @@ void Proxy::run() {
     const int64_t nap = q.empty() ? quiet_ns : std::clamp<int64_t>(next_wake_ns(q), 0, 50000);
     std::this_thread::sleep_for(std::chrono::nanoseconds(nap));
   }
-  // Stopping (the destructor): the copies already issued finish there; the rest never go.
+  // Stopping (the destructor): what the engine already started finishes there; the rest never goes.
   if (!device_error_) {
-    while (!q.empty() && q.front().issued) {
-      (void)cudaStreamSynchronize(stream_);
-      if (!complete(q)) break;
+    const int64_t give_up = now_ns() + 30'000'000'000;
+    while (!q.empty() && q.front().issued && !device_error_ && now_ns() < give_up) {
+      (void)progress();
+      if (!complete(q)) std::this_thread::sleep_for(std::chrono::microseconds(10));
     }
   }
+  if (device_error_ || !q.empty()) engine_->quiesce();
   drop(q);
 }
 

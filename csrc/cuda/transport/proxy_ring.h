@@ -48,7 +48,8 @@ enum class Refusal : uint32_t {
   Source,       // the source range leaves my window
   Destination,  // the destination range leaves the peer's window
   Signal,       // no such signal slot
-  Device,       // the copy could not be issued (a CUDA error)
+  Device,       // the NIC engine failed (a CUDA error for the emulated NIC, a failed work request for ibverbs)
+  Size,         // more than the engine carries in one put (ibverbs: a signal of too many immediates)
 };
 
 inline const char* refusal_text(Refusal r) {
@@ -60,7 +61,8 @@ inline const char* refusal_text(Refusal r) {
     case Refusal::Source: return "the source range leaves this rank's window";
     case Refusal::Destination: return "the destination range leaves the peer's window";
     case Refusal::Signal: return "no such signal slot";
-    case Refusal::Device: return "the copy could not be issued";
+    case Refusal::Device: return "the NIC engine failed";
+    case Refusal::Size: return "more than the NIC carries in one put";
   }
   return "unknown";
 }

@@ -1,6 +1,7 @@
 // The rest of the CUDA runtime API on the CPU executor: errors, devices, streams, events,
 // occupancy. The devices are SY_CUDA_CPU_DEVICES (default 1) virtual sm_90 GPUs with 132 SMs,
 // named so that nobody mistakes them for hardware; every pair may access each other.
+#include <atomic>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -209,6 +210,10 @@ cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = int(p.sharedMemPerBlockOptin); break;
     case cudaDevAttrCanMapHostMemory: *v = 1; break;
     case cudaDevAttrUnifiedAddressing: *v = 1; break;
+    // A NIC's writes (the ibverbs engine's, into host memory here) are flushed like a GPU's:
+    // the flush is a fence, and nothing orders them without it.
+    case cudaDevAttrGPUDirectRDMAFlushWritesOptions: *v = cudaFlushGPUDirectRDMAWritesOptionHost; break;
+    case cudaDevAttrGPUDirectRDMAWritesOrdering: *v = cudaGPUDirectRDMAWritesOrderingNone; break;
     default: return fail(cudaErrorInvalidValue);
   }
   return cudaSuccess;
@@ -229,6 +234,13 @@ cudaError_t cudaDeviceGetP2PAttribute(int* v, cudaDeviceP2PAttr attr, int a, int
   if (!valid_device(a) || !valid_device(b)) return fail(cudaErrorInvalidDevice);
   static const bool atomics = env_int("SY_CUDA_CPU_P2P_ATOMICS", 1) != 0;
   *v = attr == cudaDevP2PAttrNativeAtomicSupported && a != b ? (atomics ? 1 : 0) : 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceFlushGPUDirectRDMAWrites(cudaFlushGPUDirectRDMAWritesTarget target,
+                                               cudaFlushGPUDirectRDMAWritesScope) {
+  if (target != cudaFlushGPUDirectRDMAWritesTargetCurrentDevice) return fail(cudaErrorInvalidValue);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
   return cudaSuccess;
 }
 
