@@ -257,7 +257,6 @@ export const BufferOptions = new StructLayout(
     ["internode_path", "i32"],
     ["network_ring_entries", "i32"],
     ["reserved", "i32"],
-    ["network_endpoint", "chars:1024"],
   ] as const,
 );
 

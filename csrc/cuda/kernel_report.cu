@@ -81,6 +81,19 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
                                            "network rings' counters out of step with the peers'; create the buffers "
                                            "again");
       }
+      if (r.a == -4 && r.b == 2 && transport::Refusal(r.c) == transport::Refusal::Device) {
+        // Not a bug of ours: the NIC could not carry a put to that rank (ibverbs: the rank is gone,
+        // so its queue pair no longer answers, or the NIC failed; the proxy's error says which).
+        Error e = fail(SY_ERROR_PEER_FAILED, "rank " + std::to_string(rank) + ": " + op +
+                                                 ": the network failed on the way to rank " + std::to_string(r.peer) +
+                                                 " (its proxy's NIC engine failed at channel " +
+                                                 std::to_string(r.observed) + ", descriptor " +
+                                                 std::to_string(r.expected) + "): rank " + std::to_string(r.peer) +
+                                                 " may have gone, or the NIC failed");
+        e.wait.rank = rank;
+        e.wait.peer = r.peer;
+        return e;
+      }
       if (r.a == -4) {
         return fail(SY_ERROR_INTERNAL,
                     "rank " + std::to_string(rank) + ": " + op + ": its proxy " +
