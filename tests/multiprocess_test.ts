@@ -9,7 +9,8 @@
 import assert from "node:assert/strict";
 import { backendInfo, Rng } from "../mod.ts";
 import { launch } from "../src/cli/launch.ts";
-import { testBackend } from "./helpers.ts";
+import { candidatePaths } from "../ffi/library.ts";
+import { softVerbsBuilt, testBackend } from "./helpers.ts";
 
 const script = new URL("./mp/roundtrip.ts", import.meta.url).pathname;
 const backend = testBackend();
@@ -65,12 +66,38 @@ for (const [nproc, perNode] of [[2, 2], [4, 4], [4, 2]]) {
   });
 }
 
-for (const [nproc, perNode] of [[3, 3], [4, 2]]) {
-  const where = perNode < nproc ? ` (${nproc / perNode} nodes of ${perNode}: two hops)` : "";
-  Deno.test(`a process killed inside a dispatch${where}: the others fail within the deadline, naming it`, async () => {
+// The CUDA backend's network hop through the proxy's ibverbs engine, between processes: each
+// process's software NIC (tests/native/soft_verbs.cpp) carries the RDMA writes to the others
+// through shared memory, the queue pairs connected from the endpoints the buffers' shares carry.
+const softVerbs = softVerbsBuilt() && backendInfo("cuda").executedOnCpu && backend === "cuda";
+const ibverbsEnv = (): Record<string, string> => ({
+  SWITCHYARD_NIC: "ibverbs",
+  SWITCHYARD_IBVERBS_LIBRARY: `${candidatePaths()[0].replace(/[^/]*$/, "")}libsoft_verbs.so`,
+  SOFT_VERBS_JITTER_US: "20",
+});
+Deno.test({
+  name: "4 processes (2 nodes of 2, rings of 4) on the CUDA backend, the network hop through ibverbs: round trips",
+  ignore: !softVerbs,
+}, async () => {
+  const r = await job(4, ["--rounds", "3", "--network-ring", "4"], 15, ibverbsEnv(), 2);
+  assert.equal(r.code, 0, r.lines.join("\n"));
+  for (let rank = 0; rank < 4; rank++) {
+    assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} ok`), r.lines.join("\n"));
+    assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank}: the hierarchical combine ran`), r.lines.join("\n"));
+  }
+  assert.deepEqual(segmentsOf(r.exits.map((e) => e.pid)), []);
+});
+
+for (const [nproc, perNode, nic] of [[3, 3, ""], [4, 2, ""], [4, 2, "ibverbs"]] as const) {
+  const where = (perNode < nproc ? ` (${nproc / perNode} nodes of ${perNode}: two hops)` : "") +
+    (nic ? ", the network hop through ibverbs" : "");
+  Deno.test({
+    name: `a process killed inside a dispatch${where}: the others fail within the deadline, naming it`,
+    ignore: nic === "ibverbs" && !softVerbs,
+  }, async () => {
     const timeoutMs = 1500;
     const args = ["--rounds", "5", "--die-at", "2", "--die-rank", "2", "--timeout", String(timeoutMs)];
-    const r = await job(nproc, args, 15, {}, perNode);
+    const r = await job(nproc, args, 15, nic ? ibverbsEnv() : {}, perNode);
     const report = r.lines.join("\n");
     assert.equal(r.code, 1, report);
     assert.equal(r.firstFailure?.rank, 2);

@@ -1,17 +1,40 @@
-// soft_verbs: a software RC NIC for tests, inside one process.
+// soft_verbs: a software RC NIC for tests, within one process and between the processes of one
+// user on one machine.
 //
 // A shared library exporting the subset of the libibverbs C API that the ibverbs NIC engine
 // (csrc/cuda/transport/) uses, so that the engine runs, and fails, here the way it would on a
 // real NIC. Tests load it by path (SWITCHYARD_IBVERBS_LIBRARY); the engine resolves each function
 // with dlsym by its plain name and calls post_send, post_recv and poll_cq through the context's
-// ops table, as the inline wrappers in verbs.h do. Several ranks of one process each open their
-// own context on the one device, "soft_verbs0", and connect RC QPs to each other in loopback.
+// ops table, as the inline wrappers in verbs.h do. Each process has one device, "soft_verbs0",
+// with one port that all its contexts share: the ranks of one process connect RC QPs to each
+// other in loopback, and to the ranks of other processes through those processes' ports.
+//
+// Port addresses. A port's LID is unique among this user's live processes: when the first
+// context opens, the NIC creates the POSIX shared-memory segment "/soft_verbs.<euid>.<lid>"
+// (O_CREAT|O_EXCL, mode 0600) for LID 1, 2, ... until one is free; a segment whose owner (its pid
+// and start time, stored in it) is gone is unlinked and its LID taken. The NIC unlinks its segment
+// when the last context closes, at unload and at exit; those left by killed processes are unlinked
+// by the next NIC that sends to one, and by every NIC as it starts and stops. The GID encodes the LID,
+// fe80::25e:ffff:fe00:<lid>. An address vector names a port by dlid, or by a GRH whose dgid is such
+// a GID (a dlid beside it must agree); it must be this port or another live one.
+//
+// The wire. That segment is the port's inbound wire: a ring of packets (Packet) that the other
+// processes' NIC threads append under a process-shared robust mutex and that the owner's NIC thread
+// consumes, sleeping on a futex in the segment in between. A write to a QP in another process is
+// one WR on the wire per QP at a time, as packets of at most 64 KiB; the receiving NIC validates
+// each packet (its framing, then everything the in-process path checks), places it, and answers
+// into the sender's wire with an ACK or a NAK naming its reason. The WR completes when its last
+// packet is acknowledged. A NAK resends from the packet it names, after the receiver's RNR timer
+// for RNR, at once for a destination not (yet) ready; an ACK timeout without any answer resends
+// too; a duplicate PSN (a packet already placed) is acknowledged again, never placed twice. A full
+// wire makes the sender try again later; it never waits on it or overwrites it. Within one process
+// a WR still executes directly (memmove under the NIC's lock), as before.
 //
 // What it checks, as a real NIC would (the failures surface where the real ones do: a return code
 // from the call, or an error completion that moves the QP to ERR and flushes the rest):
 //   * the QP state machine and the exact attribute masks of each transition (IB spec / kernel
 //     table: missing or unexpected bits are EINVAL), and the attribute values: port 1, pkey 0,
-//     an address vector that names this port (dlid 1, or a GRH with our GID), path MTU <= 4096;
+//     an address vector that names a live soft_verbs port (above), path MTU <= 4096;
 //   * posting: only in RTS (ERR flushes), RDMA WRITE and WRITE_WITH_IMM only, the SGE and depth
 //     limits; a send WR keeps its slot until a signaled completion at or after it is polled, a
 //     receive WR until its own completion is polled (ENOMEM beyond the depth);
@@ -19,32 +42,50 @@
 //     (IBV_WC_LOC_PROT_ERR); the remote range inside an MR of the target's PD with that rkey and
 //     IBV_ACCESS_REMOTE_WRITE, and the target QP allowing remote writes (IBV_WC_REM_ACCESS_ERR);
 //     lkeys and rkeys are disjoint sets, so swapping them fails;
-//   * connection: the target QP exists, is in RTR/RTS, is connected back to the sender, expects
-//     the sender's PSN and accepts its MTU, else the packet is retransmitted until the transport
-//     timeout (IBV_WC_RETRY_EXC_ERR); a WRITE_WITH_IMM with no receive posted is retried after the
-//     receiver's RNR timer, rnr_retry times (7: forever), then IBV_WC_RNR_RETRY_EXC_ERR;
+//   * connection: the target QP exists, is in RTR/RTS, is connected back to the sender (its LID
+//     and QP), expects the sender's PSN and accepts its MTU, else the packet is retransmitted until
+//     the transport timeout, (retry_cnt + 1) * 4.096 us * 2^timeout without progress
+//     (IBV_WC_RETRY_EXC_ERR), which is also how a peer process that died or stalls is reported; a
+//     WRITE_WITH_IMM with no receive posted is retried after the receiver's RNR timer, rnr_retry
+//     times (7: forever), then IBV_WC_RNR_RETRY_EXC_ERR;
 //   * completion queues: more unpolled completions than cqe is an overflow, after which poll_cq
 //     returns -1; destroying a CQ, PD or context still in use is EBUSY.
-// Execution is asynchronous, on one NIC thread, in order per QP. For tests,
+// Execution is asynchronous, on one NIC thread per process, in order per QP. For tests,
 // soft_verbs_set_delay_us(N) delays every WR posted after it by N us, soft_verbs_fail_next(status)
-// fails the next WR that reaches its destination; SOFT_VERBS_JITTER_US=N delays
-// each WR by a pseudo-random 0..N us so that QPs interleave differently from run to run.
+// fails the next WR this process's NIC executes (to a QP here or in another process);
+// SOFT_VERBS_JITTER_US=N delays each WR by a pseudo-random 0..N us so that QPs interleave
+// differently from run to run; soft_verbs_stats counts what this process's NIC did.
 //
-// What it does not model: a network (there is none: bytes move with memmove under the lock),
-// other processes, sends/reads/atomics, UD/UC/XRC, SRQs, completion channels and async events,
-// memory windows, alternate paths, and the partial placement of a failed write.
+// What it does not model: a network (only the processes of one machine, and a packet is lost
+// only when its receiver dies), sends/reads/atomics, UD/UC/XRC, SRQs, completion channels and
+// async events, memory windows, alternate paths, the partial placement of a failed write within a
+// process (between processes the packets acknowledged before the failing one stay placed, as on a
+// real NIC), a QP reset and reconnected while packets of its old connection are still on a wire,
+// and fork: a child inherits no usable NIC (as without ibv_fork_init).
 
 #include <infiniband/verbs.h>
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
-#include <condition_variable>
+#include <climits>
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -69,14 +110,23 @@ using Clock = std::chrono::steady_clock;
 using Nanos = std::chrono::nanoseconds;
 
 constexpr uint8_t kPort = 1;
-constexpr uint16_t kLid = 1;
+constexpr uint16_t kMaxLid = 0xBFFF;  // the unicast LIDs are 1..0xBFFF
 constexpr ibv_mtu kActiveMtu = IBV_MTU_4096;
 constexpr uint32_t kMaxWr = 32768, kMaxSge = 30, kMaxInline = 256, kMaxRdAtomic = 16;
 constexpr int kMaxCqe = 1 << 22;
 constexpr uint32_t kPsnMask = 0xFFFFFF;
+constexpr uint64_t kMaxMessage = 1ull << 31;  // the port's max_msg_sz
 // While a packet goes undelivered it is re-tried at least this often, so that a peer reaching
 // RTR late is found quickly; the transport timeout still decides when the sender gives up.
 constexpr Nanos kRetryPoll = std::chrono::microseconds(50);
+// Between processes: a full wire is tried again this often.
+constexpr Nanos kBackpressurePoll = std::chrono::microseconds(20);
+// Between processes: the least silence before packets are sent again (a short ACK timeout would
+// fill a slow receiver's wire with copies; a receiver that is there answers every packet).
+constexpr Nanos kMinRetransmit = std::chrono::milliseconds(1);
+// A segment still without its magic this long after it was made was left by a process that
+// died while making it.
+constexpr time_t kUnfinishedSegmentSeconds = 10;
 
 // RNR NAK timer values of the IB spec (table 45), in units of 10 us; code 0 is the longest.
 constexpr uint32_t kRnrTimer10us[32] = {65536, 1,    2,    3,    4,    6,     8,     12,
@@ -84,11 +134,30 @@ constexpr uint32_t kRnrTimer10us[32] = {65536, 1,    2,    3,    4,    6,     8,
                                         256,   384,  512,  768,  1024, 1536,  2048,  3072,
                                         4096,  6144, 8192, 12288, 16384, 24576, 32768, 49152};
 
-ibv_gid port_gid() {  // fe80::25e:ffff:fe00:1, link-local, fixed so peers can compare it
+constexpr uint8_t kGidPrefix[14] = {0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x02, 0x5e, 0xff, 0xfe, 0, 0};
+
+// fe80::25e:ffff:fe00:<lid>: link-local, the LID in the last two bytes, so that an address vector
+// by GID names a port as one by LID does.
+ibv_gid port_gid(uint16_t lid) {
   ibv_gid gid{};
-  const uint8_t raw[16] = {0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x02, 0x5e, 0xff, 0xfe, 0, 0, 0, 1};
-  std::memcpy(gid.raw, raw, sizeof raw);
+  std::memcpy(gid.raw, kGidPrefix, sizeof kGidPrefix);
+  gid.raw[14] = uint8_t(lid >> 8);
+  gid.raw[15] = uint8_t(lid);
   return gid;
+}
+
+// The LID a soft_verbs GID encodes; 0 when it is not one.
+uint16_t lid_of_gid(const ibv_gid& gid) {
+  if (std::memcmp(gid.raw, kGidPrefix, sizeof kGidPrefix) != 0) return 0;
+  const uint16_t lid = uint16_t(gid.raw[14] << 8 | gid.raw[15]);
+  return lid <= kMaxLid ? lid : 0;
+}
+
+uint32_t mtu_bytes(uint32_t mtu) { return 128u << mtu; }
+
+// The PSNs a write of `length` bytes takes: one per MTU-sized packet, one for no bytes.
+uint32_t psn_span(uint64_t length, uint32_t mtu) {
+  return length == 0 ? 1 : uint32_t((length + mtu_bytes(mtu) - 1) / mtu_bytes(mtu));
 }
 
 ibv_device g_device = [] {
@@ -99,6 +168,222 @@ ibv_device g_device = [] {
   std::snprintf(d.dev_name, sizeof d.dev_name, "uverbs0");
   return d;
 }();
+
+// ---- Why a write is not accepted: the same checks within a process and between processes ----
+
+enum class Reason : uint8_t {
+  None,
+  // Not delivered: the sender retransmits until its transport timeout.
+  NoQp, NotReady, OtherPeer, Mtu, Psn,
+  // IBV_WC_REM_ACCESS_ERR.
+  QpAccess, NoMr, OtherPd, MrAccess, Range,
+  // An RNR NAK: the sender retries after the receiver's RNR timer.
+  NoReceive,
+  Count
+};
+
+const char* reason_text(Reason r) {
+  static const char* const text[] = {
+      "accepted",
+      "destination QP does not exist",
+      "destination QP is not in RTR/RTS",
+      "destination QP is connected to another QP",
+      "path MTU larger than the destination's",
+      "sq_psn differs from the destination's expected rq_psn",
+      "destination QP lacks IBV_ACCESS_REMOTE_WRITE",
+      "rkey names no registered MR",
+      "rkey's MR is on another PD than the destination QP",
+      "rkey's MR lacks IBV_ACCESS_REMOTE_WRITE",
+      "remote range outside the rkey's MR",
+      "no receive posted at the destination"};
+  static_assert(sizeof text / sizeof text[0] == size_t(Reason::Count), "one text per reason");
+  return text[size_t(r)];
+}
+
+bool access_denied(Reason r) { return r >= Reason::QpAccess && r <= Reason::Range; }
+
+// ---- The wire: one port's inbound ring of packets, in its shared-memory segment ----
+
+constexpr uint32_t kWireMagic = 0x31575653;  // "SVW1"
+constexpr uint32_t kWireVersion = 1;
+constexpr uint64_t kRingBytes = 4ull << 20;     // a power of two, a multiple of 8
+constexpr uint32_t kPacketPayload = 64u << 10;  // a multiple of every MTU: packets take whole PSNs
+
+enum PacketKind : uint8_t { kWrite = 1, kAck = 2 };
+enum PacketFlags : uint8_t { kLast = 1, kWithImm = 2 };
+
+// One packet as it lies on a wire; a WRITE's payload follows it, and the next packet follows that
+// at the next multiple of 8 bytes. Nothing in it is trusted by its reader.
+struct Packet {
+  uint32_t size;       // this header and the payload, rounded up to 8
+  uint8_t kind;        // kWrite or kAck
+  uint8_t flags;       // kWrite: kLast on a write's last packet, kWithImm beside it for WRITE_WITH_IMM
+  uint8_t status;      // kAck: the Reason (None: an ACK, else a NAK)
+  uint8_t mtu;         // kWrite: the sender's path MTU (enum ibv_mtu)
+  uint16_t src_lid;    // the port that sent it, where the answer goes
+  uint8_t rnr_timer;   // kAck, an RNR NAK: the receiver's min_rnr_timer code
+  uint8_t reserved0;
+  uint32_t src_qpn, dst_qpn;
+  uint32_t psn;        // kWrite: this packet's first PSN; kAck: the PSN of the packet answered
+  uint32_t rkey;
+  uint32_t length;     // payload bytes
+  uint64_t wr_addr, wr_length;  // kWrite: the write's whole remote range, checked by every packet
+  uint64_t offset;              // kWrite: where this payload goes, from wr_addr
+  uint32_t imm;                 // kWrite, last packet of a WRITE_WITH_IMM: network order
+  uint32_t reserved1;
+};
+static_assert(sizeof(Packet) == 64, "the packet header is 64 bytes");
+
+uint32_t packet_size(uint32_t length) { return (uint32_t(sizeof(Packet)) + length + 7) & ~7u; }
+
+// A shared-memory segment of its owner's port. The owner writes the identity once, `magic`
+// last; producers append under `producers` and then ring `doorbell`; only the owner moves `tail`.
+struct Wire {
+  uint32_t magic, version;
+  int32_t owner_pid;
+  uint32_t lid;
+  uint64_t owner_start;  // the owner's start time (/proc/<pid>/stat): a reused pid is not the owner
+  uint32_t closed;       // the owner stopped: senders unmap it
+  uint32_t doorbell;     // a futex word, bumped after each append and by the owner's own posts
+  pthread_mutex_t producers;     // process-shared, robust
+  alignas(64) uint64_t head;     // bytes ever appended (under `producers`)
+  alignas(64) uint64_t tail;     // bytes ever consumed (by the owner)
+  alignas(64) uint8_t ring[kRingBytes];
+};
+
+void futex_wake(uint32_t* word) { syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0); }
+
+void futex_wait(uint32_t* word, uint32_t seen, Nanos timeout) {
+  if (timeout <= Nanos(0)) return;
+  const timespec ts{time_t(timeout.count() / 1000000000), long(timeout.count() % 1000000000)};
+  syscall(SYS_futex, word, FUTEX_WAIT, seen, &ts, nullptr, 0);
+}
+
+void ring_doorbell(Wire* w) {
+  __atomic_fetch_add(&w->doorbell, 1, __ATOMIC_SEQ_CST);
+  futex_wake(&w->doorbell);
+}
+
+void ring_write(Wire* w, uint64_t pos, const void* src, size_t length) {
+  const size_t at = size_t(pos % kRingBytes), first = std::min<size_t>(length, kRingBytes - at);
+  std::memcpy(w->ring + at, src, first);
+  std::memcpy(w->ring, static_cast<const uint8_t*>(src) + first, length - first);
+}
+
+void ring_read(const Wire* w, uint64_t pos, void* dst, size_t length) {
+  const size_t at = size_t(pos % kRingBytes), first = std::min<size_t>(length, kRingBytes - at);
+  std::memcpy(dst, w->ring + at, first);
+  std::memcpy(static_cast<uint8_t*>(dst) + first, w->ring, length - first);
+}
+
+enum class Append { Done, Full, Broken };
+
+// Appends one packet to another port's wire, or says it is full (the caller tries again later).
+Append append(Wire* w, const Packet& p, const uint8_t* payload) {
+  int rc = pthread_mutex_lock(&w->producers);
+  // A producer died holding the lock: it had not moved `head` yet, so the ring is intact.
+  if (rc == EOWNERDEAD) rc = pthread_mutex_consistent(&w->producers);
+  if (rc != 0) return Append::Broken;
+  const uint64_t head = w->head, tail = __atomic_load_n(&w->tail, __ATOMIC_ACQUIRE);
+  Append result = Append::Done;
+  if (head - tail > kRingBytes) {
+    result = Append::Broken;
+  } else if (kRingBytes - (head - tail) < p.size) {
+    result = Append::Full;
+  } else {
+    ring_write(w, head, &p, sizeof p);
+    if (p.length) ring_write(w, head + sizeof p, payload, p.length);
+    __atomic_store_n(&w->head, head + p.size, __ATOMIC_RELEASE);
+  }
+  pthread_mutex_unlock(&w->producers);
+  if (result == Append::Done) ring_doorbell(w);
+  return result;
+}
+
+// ---- Which processes are alive, and the segments' names ----
+
+// Field 3 (state) and 22 (start time) of /proc/<pid>/stat; false when it cannot be read.
+bool read_stat(pid_t pid, char* state, uint64_t* start) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", int(pid));
+  const int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char buf[1024];
+  const ssize_t got = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (got <= 0) return false;
+  buf[got] = 0;
+  const char* p = std::strrchr(buf, ')');  // the command may hold spaces and parentheses
+  if (!p || p[1] != ' ') return false;
+  p += 2;
+  *state = *p;
+  for (int field = 3; field < 22; ++field) {
+    p = std::strchr(p, ' ');
+    if (!p) return false;
+    ++p;
+  }
+  *start = std::strtoull(p, nullptr, 10);
+  return true;
+}
+
+uint64_t own_start() {
+  char state;
+  uint64_t start = 0;
+  return read_stat(getpid(), &state, &start) ? start : 0;
+}
+
+// Whether the process that made a segment still runs: the pid exists, is not a zombie, and
+// started when the segment says (else the pid was reused).
+bool owner_alive(int32_t pid, uint64_t start) {
+  if (pid <= 0) return false;
+  if (kill(pid_t(pid), 0) != 0 && errno == ESRCH) return false;
+  char state;
+  uint64_t started = 0;
+  if (!read_stat(pid_t(pid), &state, &started)) return own_start() == 0;  // gone, unless there is no /proc
+  return state != 'Z' && state != 'X' && (start == 0 || started == start);
+}
+
+std::string wire_name(uint32_t lid) {
+  return "/soft_verbs." + std::to_string(geteuid()) + "." + std::to_string(lid);
+}
+
+// The identity a segment starts with (the first fields of Wire), read without mapping it.
+struct WireIdentity {
+  uint32_t magic, version;
+  int32_t owner_pid;
+  uint32_t lid;
+  uint64_t owner_start;
+};
+
+// Unlinks the segment of `lid` if its owner is gone; true if it did, or the name is free now.
+// Reclaimers of one segment take its flock in turn and unlink only the segment they inspected, so
+// that one cannot unlink the segment another has just made under the same name.
+bool reclaim_if_dead(uint32_t lid) {
+  const std::string name = wire_name(lid);
+  const int fd = shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
+  if (fd < 0) return errno == ENOENT;
+  bool freed = false;
+  struct stat st {};
+  if (flock(fd, LOCK_EX) == 0 && fstat(fd, &st) == 0 && st.st_uid == geteuid()) {
+    struct stat now {};
+    const int again = shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
+    const bool same = again >= 0 && fstat(again, &now) == 0 && now.st_ino == st.st_ino && now.st_dev == st.st_dev;
+    if (again >= 0) close(again);
+    WireIdentity id{};
+    const bool made = size_t(st.st_size) >= sizeof(Wire) && pread(fd, &id, sizeof id, 0) == ssize_t(sizeof id) &&
+                      id.magic == kWireMagic;
+    const bool dead = made ? !owner_alive(id.owner_pid, id.owner_start)
+                           : std::time(nullptr) - st.st_mtime > kUnfinishedSegmentSeconds;
+    if (!same) {
+      freed = true;  // replaced or removed meanwhile: try the name again
+    } else if (dead && shm_unlink(name.c_str()) == 0) {
+      freed = true;
+      if (made) std::fprintf(stderr, "soft_verbs: removed %s, left by process %d\n", name.c_str(), int(id.owner_pid));
+    }
+  }
+  close(fd);  // drops the flock
+  return freed;
+}
 
 // ---- Objects. Each embeds the ibv_* struct handed to the caller as its first member. ----
 
@@ -138,6 +423,14 @@ struct SendWr {
   Clock::time_point ready_at, first_try{};  // first_try: when the first undelivered attempt was
   bool tried = false;
   uint32_t rnr_tries = 0;
+  // To another process: the write as packets of kPacketPayload bytes, [0, sent) on the wire,
+  // [0, acked) acknowledged (in order).
+  bool started = false;
+  uint64_t length = 0;
+  uint32_t start_psn = 0, packets = 0, sent = 0, acked = 0;
+  Clock::time_point progress_at{}, sent_at{};  // the last answer that moved it on; the last sending
+  Clock::time_point looked_at{};               // the last look at whether a full wire's reader lives
+  Reason last_nak = Reason::None;              // why the last attempt was not delivered
 };
 
 struct Qp {
@@ -148,7 +441,9 @@ struct Qp {
   uint32_t generation = 0;
   int access = 0;
   ibv_mtu mtu = IBV_MTU_256;
+  uint16_t dest_lid = 0;  // the port of the destination QP: this process's, or another's
   uint32_t dest_qpn = 0, expected_psn = 0, next_psn = 0;
+  uint64_t psns_taken = 0;  // since rq_psn was set: only those PSNs can come again as duplicates
   uint8_t timeout = 0, retry_cnt = 0, rnr_retry = 0, min_rnr_timer = 0;
   uint64_t sq_posted = 0, sq_released = 0;  // depth in use = posted - released
   std::deque<SendWr> pending;               // posted, not yet executed; the head runs next
@@ -160,7 +455,6 @@ struct Qp {
 
 struct Nic {
   std::mutex mu;
-  std::condition_variable wake;
   std::map<uint32_t, Qp*> qps;
   std::unordered_map<uint32_t, Mr*> by_lkey, by_rkey;
   uint32_t next_qpn = 0x101, next_key = 1, next_handle = 1;
@@ -173,6 +467,15 @@ struct Nic {
   uint64_t rng = 0x9E3779B97F4A7C15ull;
   std::atomic<uint64_t> stats[4] = {};  // WRs executed, bytes written, receive CQEs, retries
 
+  // The port, while a context is open: its LID and its inbound wire (the segment it allocated).
+  uint16_t lid = 0;
+  Wire* wire = nullptr;
+  ino_t wire_inode = 0;
+  pid_t wire_pid = 0;                // the process that made it: a forked child never unlinks it
+  std::map<uint16_t, Wire*> peers;   // other ports' wires, mapped when first needed
+  std::map<uint16_t, std::deque<Packet>> replies;  // ACKs and NAKs waiting for room on a full wire
+  std::vector<uint8_t> payload = std::vector<uint8_t>(kPacketPayload);  // one packet's, gathered
+
   Nic() {
     if (const char* j = std::getenv("SOFT_VERBS_JITTER_US")) jitter_us = uint32_t(std::strtoul(j, nullptr, 10));
   }
@@ -183,6 +486,11 @@ struct Nic {
 Nic& nic() { static Nic* n = new Nic; return *n; }
 
 void count(int what, uint64_t by = 1) { nic().stats[what].fetch_add(by, std::memory_order_relaxed); }
+
+// Wakes the NIC thread (call with the lock held): it sleeps on its own wire's doorbell.
+void kick(Nic& n) {
+  if (n.wire) ring_doorbell(n.wire);
+}
 
 Context& as_context(ibv_context* c) { return *reinterpret_cast<Context*>(c); }
 Pd& as_pd(ibv_pd* p) { return *reinterpret_cast<Pd*>(p); }
@@ -212,6 +520,154 @@ std::string mask_names(int mask) {
 bool inside(const Mr& mr, uint64_t addr, uint64_t length) {
   const uint64_t base = uint64_t(uintptr_t(mr.mr.addr)), end = base + mr.mr.length;
   return addr >= base && addr <= end && length <= end - addr;
+}
+
+// ---- The port's segment: allocated with the LID, unlinked when the NIC stops ----
+
+// Unlinks every segment of this user whose owner is gone (killed processes leave theirs), as
+// listed in /dev/shm, where Linux keeps POSIX shared memory.
+void reclaim_dead_segments() {
+  DIR* dir = opendir("/dev/shm");
+  if (!dir) return;
+  const std::string prefix = "soft_verbs." + std::to_string(geteuid()) + ".";
+  std::vector<uint32_t> lids;
+  while (const dirent* e = readdir(dir)) {
+    char* end = nullptr;
+    if (std::strncmp(e->d_name, prefix.c_str(), prefix.size()) != 0) continue;
+    const unsigned long lid = std::strtoul(e->d_name + prefix.size(), &end, 10);
+    if (*end == 0 && lid >= 1 && lid <= kMaxLid) lids.push_back(uint32_t(lid));
+  }
+  closedir(dir);
+  for (uint32_t lid : lids) reclaim_if_dead(lid);
+}
+
+// Creates this process's segment for the first free LID (call with the lock held); false, with
+// errno and a line on stderr, if there is none.
+bool open_port(Nic& n) {
+  if (n.wire) return true;  // the last close has not taken it down yet
+  reclaim_dead_segments();
+  const uint64_t start = own_start();
+  for (uint32_t lid = 1, tries = 0; lid <= kMaxLid; ++lid) {
+    const std::string name = wire_name(lid);
+    const int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) {
+      if (errno != EEXIST) {
+        const int err = errno;
+        std::fprintf(stderr, "soft_verbs: cannot create %s: %s\n", name.c_str(), std::strerror(err));
+        errno = err;
+        return false;
+      }
+      if (reclaim_if_dead(lid) && ++tries < 8) --lid;  // free again: this LID once more
+      else tries = 0;
+      continue;
+    }
+    // fchmod: exactly 0600 whatever the umask. posix_fallocate, not ftruncate: a full /dev/shm
+    // fails here rather than with SIGBUS when the ring is first written.
+    struct stat st {};
+    void* map = MAP_FAILED;
+    int err = fchmod(fd, 0600) == 0 ? posix_fallocate(fd, 0, sizeof(Wire)) : errno;
+    if (err == 0 && fstat(fd, &st) != 0) err = errno;
+    if (err == 0 && (map = mmap(nullptr, sizeof(Wire), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED) err = errno;
+    close(fd);
+    if (map == MAP_FAILED) {
+      shm_unlink(name.c_str());
+      std::fprintf(stderr, "soft_verbs: cannot size or map %s: %s\n", name.c_str(), std::strerror(err));
+      errno = err;
+      return false;
+    }
+    auto* w = static_cast<Wire*>(map);
+    w->version = kWireVersion;
+    w->owner_pid = int32_t(getpid());
+    w->owner_start = start;
+    w->lid = lid;
+    pthread_mutexattr_t attr;
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(&w->producers, &attr);
+    pthread_mutexattr_destroy(&attr);
+    __atomic_store_n(&w->magic, kWireMagic, __ATOMIC_RELEASE);
+    n.wire = w;
+    n.lid = uint16_t(lid);
+    n.wire_inode = st.st_ino;
+    n.wire_pid = getpid();
+    return true;
+  }
+  std::fprintf(stderr, "soft_verbs: no free LID: %u segments /soft_verbs.%u.* of live processes\n",
+               unsigned(kMaxLid), unsigned(geteuid()));
+  errno = EBUSY;
+  return false;
+}
+
+// Unmaps another port's wire and forgets it; unlinks its segment too if its owner is gone.
+void forget_peer(Nic& n, uint16_t lid) {
+  auto it = n.peers.find(lid);
+  if (it == n.peers.end()) return;
+  Wire* w = it->second;
+  const bool dead = !__atomic_load_n(&w->closed, __ATOMIC_ACQUIRE) && !owner_alive(w->owner_pid, w->owner_start);
+  munmap(w, sizeof(Wire));
+  n.peers.erase(it);
+  if (dead) reclaim_if_dead(lid);
+}
+
+// Takes this process's port down (call with the lock held, the NIC thread joined): senders that
+// still have the segment mapped see `closed`, and its name is free for another process.
+void close_port(Nic& n) {
+  while (!n.peers.empty()) {
+    munmap(n.peers.begin()->second, sizeof(Wire));
+    n.peers.erase(n.peers.begin());
+  }
+  n.replies.clear();
+  if (!n.wire) return;
+  if (n.wire_pid == getpid()) {
+    __atomic_store_n(&n.wire->closed, 1u, __ATOMIC_RELEASE);
+    const std::string name = wire_name(n.lid);
+    const int fd = shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
+    struct stat st {};
+    if (fd >= 0 && fstat(fd, &st) == 0 && st.st_ino == n.wire_inode) shm_unlink(name.c_str());
+    if (fd >= 0) close(fd);
+    reclaim_dead_segments();  // peers that died while this port ran, if nothing removed theirs yet
+  }
+  munmap(n.wire, sizeof(Wire));
+  n.wire = nullptr;
+  n.lid = 0;
+}
+
+// Another port's wire, mapped; nullptr if there is no such port. Only a segment of this user
+// that nobody else may read or write, of this library's layout, is used.
+Wire* peer_wire(Nic& n, uint16_t lid) {
+  auto it = n.peers.find(lid);
+  if (it != n.peers.end()) {
+    if (!__atomic_load_n(&it->second->closed, __ATOMIC_ACQUIRE)) return it->second;
+    forget_peer(n, lid);  // its owner stopped: the LID may belong to another process by now
+  }
+  if (lid == 0 || lid > kMaxLid || lid == n.lid) return nullptr;
+  const int fd = shm_open(wire_name(lid).c_str(), O_RDWR | O_CLOEXEC, 0);
+  if (fd < 0) return nullptr;
+  struct stat st {};
+  void* map = MAP_FAILED;
+  if (fstat(fd, &st) == 0 && st.st_uid == geteuid() && (st.st_mode & 077) == 0 && size_t(st.st_size) == sizeof(Wire))
+    map = mmap(nullptr, sizeof(Wire), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (map == MAP_FAILED) return nullptr;
+  auto* w = static_cast<Wire*>(map);
+  if (__atomic_load_n(&w->magic, __ATOMIC_ACQUIRE) != kWireMagic || w->version != kWireVersion || w->lid != lid ||
+      __atomic_load_n(&w->closed, __ATOMIC_ACQUIRE)) {
+    munmap(map, sizeof(Wire));
+    return nullptr;
+  }
+  n.peers[lid] = w;
+  return w;
+}
+
+// Another port's wire if its owner still runs (reading /proc: for the slow paths only).
+Wire* live_peer_wire(Nic& n, uint16_t lid) {
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    Wire* w = peer_wire(n, lid);
+    if (!w || owner_alive(w->owner_pid, w->owner_start)) return w;
+    forget_peer(n, lid);  // a killed owner's segment: unlinked, and the name looked up once more
+  }
+  return nullptr;
 }
 
 // ---- Completions ----
@@ -252,6 +708,20 @@ void complete_recv(Qp& q, uint64_t wr_id, ibv_wc_status status) {
   push(q.qp.recv_cq, e);
 }
 
+// A WRITE_WITH_IMM arrived whole (the data is placed): its receive completion, as the target saw it.
+void complete_write_with_imm(Qp& t, uint64_t length, uint32_t imm, uint32_t src_qpn, uint16_t slid) {
+  Cqe e = completion(t, t.recvs.front(), IBV_WC_SUCCESS, IBV_WC_RECV_RDMA_WITH_IMM);
+  t.recvs.pop_front();
+  e.wc.wc_flags = IBV_WC_WITH_IMM;
+  e.wc.imm_data = imm;
+  e.wc.byte_len = uint32_t(length);
+  e.wc.src_qp = src_qpn;
+  e.wc.slid = slid;
+  e.recv = true;
+  push(t.qp.recv_cq, e);
+  count(2);
+}
+
 // Entering ERR flushes every outstanding WR, signaled or not, in order.
 void enter_error(Qp& q) {
   q.state = IBV_QPS_ERR;
@@ -271,67 +741,108 @@ void fail_head(Qp& q, ibv_wc_status status, const char* why) {
   enter_error(q);
 }
 
-// ---- Execution of one WR by the NIC thread (the lock is held) ----
-
-// Why a packet from `s` would not be accepted by `t`; nullptr when it would.
-const char* undeliverable(const Qp& s, const Qp* t) {
-  if (!t) return "destination QP does not exist";
-  if (t->state != IBV_QPS_RTR && t->state != IBV_QPS_RTS) return "destination QP is not in RTR/RTS";
-  if (t->dest_qpn != s.qp.qp_num) return "destination QP is connected to another QP";
-  if (s.mtu > t->mtu) return "path MTU larger than the destination's";
-  if (s.next_psn != t->expected_psn) return "sq_psn differs from the destination's expected rq_psn";
-  return nullptr;
+// The head WR succeeded: it is written, and acknowledged.
+void complete_head(Qp& s, uint64_t length) {
+  count(0);
+  count(1, length);
+  if (s.pending.front().signaled) complete_send(s, s.pending.front(), IBV_WC_SUCCESS);
+  s.pending.pop_front();
 }
 
-const char* remote_access_error(const Qp& t, const SendWr& wr, uint64_t length) {
-  if (!(t.access & IBV_ACCESS_REMOTE_WRITE)) return "destination QP lacks IBV_ACCESS_REMOTE_WRITE";
-  if (length == 0) return nullptr;  // a zero-length write validates no rkey (IB spec C9-88)
-  auto it = nic().by_rkey.find(wr.rkey);
-  if (it == nic().by_rkey.end()) return "rkey names no registered MR";
+// ---- The checks a write meets at its destination (the lock is held) ----
+
+// Why the target would not take a packet from QP `src_qpn` at port `src_lid` (PSN aside).
+Reason not_accepting(const Qp* t, uint16_t src_lid, uint32_t src_qpn, uint32_t mtu) {
+  if (!t) return Reason::NoQp;
+  if (t->state != IBV_QPS_RTR && t->state != IBV_QPS_RTS) return Reason::NotReady;
+  if (t->dest_lid != src_lid || t->dest_qpn != src_qpn) return Reason::OtherPeer;
+  if (mtu > uint32_t(t->mtu)) return Reason::Mtu;
+  return Reason::None;
+}
+
+Reason remote_access_error(const Qp& t, uint32_t rkey, uint64_t addr, uint64_t length) {
+  if (!(t.access & IBV_ACCESS_REMOTE_WRITE)) return Reason::QpAccess;
+  if (length == 0) return Reason::None;  // a zero-length write validates no rkey (IB spec C9-88)
+  auto it = nic().by_rkey.find(rkey);
+  if (it == nic().by_rkey.end()) return Reason::NoMr;
   const Mr& mr = *it->second;
-  if (mr.mr.pd != t.qp.pd) return "rkey's MR is on another PD than the destination QP";
-  if (!(mr.access & IBV_ACCESS_REMOTE_WRITE)) return "rkey's MR lacks IBV_ACCESS_REMOTE_WRITE";
-  if (!inside(mr, wr.remote_addr, length)) return "remote range outside the rkey's MR";
-  return nullptr;
+  if (mr.mr.pd != t.qp.pd) return Reason::OtherPd;
+  if (!(mr.access & IBV_ACCESS_REMOTE_WRITE)) return Reason::MrAccess;
+  if (!inside(mr, addr, length)) return Reason::Range;
+  return Reason::None;
 }
 
-void execute_head(Qp& s, Clock::time_point now) {
+// The WR's length, checking that the NIC may read its local memory now (at execution: an MR gone
+// by then fails); false if an SGE is not inside an MR of the QP's PD with that lkey.
+bool local_length(const Qp& s, const SendWr& wr, uint64_t* length) {
+  *length = wr.inline_bytes.size();
+  if (wr.is_inline) return true;
+  for (const ibv_sge& sge : wr.sges) {
+    auto it = nic().by_lkey.find(sge.lkey);
+    if (it == nic().by_lkey.end() || it->second->mr.pd != s.qp.pd || !inside(*it->second, sge.addr, sge.length))
+      return false;
+    *length += sge.length;
+  }
+  return true;
+}
+
+// Bytes [offset, offset + length) of the WR's local data, into `out`.
+void gather(const SendWr& wr, uint64_t offset, uint32_t length, uint8_t* out) {
+  if (wr.is_inline) {
+    std::memcpy(out, wr.inline_bytes.data() + offset, length);
+    return;
+  }
+  for (const ibv_sge& sge : wr.sges) {
+    if (length == 0) return;
+    if (offset >= sge.length) { offset -= sge.length; continue; }
+    const uint32_t take = uint32_t(std::min<uint64_t>(length, sge.length - offset));
+    std::memcpy(out, reinterpret_cast<const uint8_t*>(uintptr_t(sge.addr)) + offset, take);
+    out += take;
+    length -= take;
+    offset = 0;
+  }
+}
+
+bool fail_on_purpose(Qp& s) {
+  Nic& n = nic();
+  if (n.fail_next < 0) return false;
+  const auto status = ibv_wc_status(n.fail_next);
+  n.fail_next = -1;
+  fail_head(s, status, "failed on purpose (soft_verbs_fail_next)");
+  return true;
+}
+
+// ---- Execution of one WR to a QP of this process (the lock is held) ----
+
+void execute_local(Qp& s, Clock::time_point now) {
   Nic& n = nic();
   SendWr& wr = s.pending.front();
 
-  // The NIC reads local memory when it executes the WR, so an MR gone by then fails here.
-  uint64_t length = wr.inline_bytes.size();
-  if (!wr.is_inline) {
-    for (const ibv_sge& sge : wr.sges) {
-      auto it = n.by_lkey.find(sge.lkey);
-      if (it == n.by_lkey.end() || it->second->mr.pd != s.qp.pd || !inside(*it->second, sge.addr, sge.length))
-        return fail_head(s, IBV_WC_LOC_PROT_ERR, "SGE not inside an MR of this QP's PD with that lkey");
-      length += sge.length;
-    }
-  }
+  uint64_t length = 0;
+  if (!local_length(s, wr, &length))
+    return fail_head(s, IBV_WC_LOC_PROT_ERR, "SGE not inside an MR of this QP's PD with that lkey");
 
   auto found = n.qps.find(s.dest_qpn);
   Qp* t = found == n.qps.end() ? nullptr : found->second;
-  if (const char* why = undeliverable(s, t)) {
+  Reason why = not_accepting(t, n.lid, s.qp.qp_num, s.mtu);
+  if (why == Reason::None && s.next_psn != t->expected_psn) why = Reason::Psn;
+  if (why != Reason::None) {
     // Retransmitted until (retry_cnt + 1) transport timeouts of 4.096 us * 2^timeout have passed;
     // timeout 0 means wait forever (IB spec).
     if (!wr.tried) { wr.tried = true; wr.first_try = now; }
     const Nanos period(int64_t(4096) << s.timeout);
     if (s.timeout != 0 && now - wr.first_try >= period * (s.retry_cnt + 1))
-      return fail_head(s, IBV_WC_RETRY_EXC_ERR, why);
+      return fail_head(s, IBV_WC_RETRY_EXC_ERR, reason_text(why));
     wr.ready_at = now + std::min(period, kRetryPoll);
     return count(3);
   }
-  if (const char* why = remote_access_error(*t, wr, length)) return fail_head(s, IBV_WC_REM_ACCESS_ERR, why);
-  if (n.fail_next >= 0) {
-    const auto status = ibv_wc_status(n.fail_next);
-    n.fail_next = -1;
-    return fail_head(s, status, "failed on purpose (soft_verbs_fail_next)");
-  }
+  if (Reason r = remote_access_error(*t, wr.rkey, wr.remote_addr, length); r != Reason::None)
+    return fail_head(s, IBV_WC_REM_ACCESS_ERR, reason_text(r));
+  if (fail_on_purpose(s)) return;
   if (wr.opcode == IBV_WR_RDMA_WRITE_WITH_IMM && t->recvs.empty()) {
     // Receiver not ready: nothing is written; retried after the receiver's RNR timer.
     if (s.rnr_retry != 7 && wr.rnr_tries >= s.rnr_retry)
-      return fail_head(s, IBV_WC_RNR_RETRY_EXC_ERR, "no receive posted at the destination");
+      return fail_head(s, IBV_WC_RNR_RETRY_EXC_ERR, reason_text(Reason::NoReceive));
     ++wr.rnr_tries;
     wr.ready_at = now + std::chrono::microseconds(10ull * kRnrTimer10us[t->min_rnr_timer]);
     return count(3);
@@ -346,44 +857,284 @@ void execute_head(Qp& s, Clock::time_point now) {
       dst += sge.length;
     }
   }
-  const uint32_t mtu_bytes = 128u << s.mtu;
-  const uint32_t packets = length == 0 ? 1 : uint32_t((length + mtu_bytes - 1) / mtu_bytes);
+  const uint32_t packets = psn_span(length, s.mtu);
   s.next_psn = (s.next_psn + packets) & kPsnMask;
   t->expected_psn = (t->expected_psn + packets) & kPsnMask;
-  count(0);
-  count(1, length);
 
   // Both completions are queued under the lock that covered the copy: a poller that sees them
   // (taking the same lock) sees the data.
-  if (wr.opcode == IBV_WR_RDMA_WRITE_WITH_IMM) {
-    Cqe e = completion(*t, t->recvs.front(), IBV_WC_SUCCESS, IBV_WC_RECV_RDMA_WITH_IMM);
-    t->recvs.pop_front();
-    e.wc.wc_flags = IBV_WC_WITH_IMM;
-    e.wc.imm_data = wr.imm;
-    e.wc.byte_len = uint32_t(length);
-    e.wc.src_qp = s.qp.qp_num;
-    e.wc.slid = kLid;
-    e.recv = true;
-    push(t->qp.recv_cq, e);
-    count(2);
-  }
-  if (wr.signaled) complete_send(s, wr, IBV_WC_SUCCESS);
-  s.pending.pop_front();
+  if (wr.opcode == IBV_WR_RDMA_WRITE_WITH_IMM) complete_write_with_imm(*t, length, wr.imm, s.qp.qp_num, n.lid);
+  complete_head(s, length);
 }
 
-// One WR per QP per sweep, so QPs interleave; sleeps until the earliest delayed WR is due.
+// ---- Between processes: the answers (the lock is held) ----
+
+// Sends an ACK or NAK for `p` to the port it came from; queued behind earlier answers to that
+// port while its wire is full, dropped if the port is gone (its sender is too).
+void answer(Nic& n, const Packet& p, Reason why, uint8_t rnr_timer) {
+  Packet a{};
+  a.size = packet_size(0);
+  a.kind = kAck;
+  a.status = uint8_t(why);
+  a.rnr_timer = rnr_timer;
+  a.src_lid = n.lid;
+  a.src_qpn = p.dst_qpn;
+  a.dst_qpn = p.src_qpn;
+  a.psn = p.psn;
+  auto queued = n.replies.find(p.src_lid);
+  if (queued != n.replies.end()) return queued->second.push_back(a);
+  Wire* w = peer_wire(n, p.src_lid);
+  if (w && append(w, a, nullptr) == Append::Full) n.replies[p.src_lid].push_back(a);
+}
+
+// Sends queued answers; true if any went. `waiting` is set when some wait for room.
+bool send_answers(Nic& n, bool* waiting) {
+  bool sent = false;
+  for (auto it = n.replies.begin(); it != n.replies.end();) {
+    Wire* w = peer_wire(n, it->first);
+    std::deque<Packet>& q = it->second;
+    while (w && !q.empty()) {
+      const Append r = append(w, q.front(), nullptr);
+      if (r == Append::Full) break;
+      if (r == Append::Broken) w = nullptr;
+      else { q.pop_front(); sent = true; }
+    }
+    if (!w || q.empty()) { it = n.replies.erase(it); continue; }
+    *waiting = true;
+    ++it;
+  }
+  return sent;
+}
+
+// ---- Between processes: the receiving end of a write (the lock is held) ----
+
+// What is wrong with a WRITE packet's own fields, before anything it names is looked at.
+const char* malformed_write(const Nic& n, const Packet& p) {
+  if (p.length > kPacketPayload || p.size != packet_size(p.length)) return "size and length disagree";
+  if (p.mtu < IBV_MTU_256 || p.mtu > kActiveMtu) return "no valid MTU";
+  if (p.flags & ~(kLast | kWithImm) || ((p.flags & kWithImm) && !(p.flags & kLast))) return "unknown flags";
+  if (p.src_lid == 0 || p.src_lid > kMaxLid || p.src_lid == n.lid) return "no valid source LID";
+  if (p.src_qpn == 0 || p.src_qpn > kPsnMask || p.dst_qpn == 0 || p.dst_qpn > kPsnMask || p.psn > kPsnMask)
+    return "QP number or PSN beyond 24 bits";
+  if (p.wr_length > kMaxMessage || p.offset > p.wr_length || p.length > p.wr_length - p.offset)
+    return "payload outside the write";
+  if (p.wr_addr + p.wr_length < p.wr_addr) return "remote range wraps around";
+  const bool last = p.offset + p.length == p.wr_length;
+  if (last != bool(p.flags & kLast)) return "kLast on a packet that does not end the write, or missing";
+  if (!last && (p.length == 0 || p.length % mtu_bytes(p.mtu) != 0)) return "a packet before the last is not whole MTUs";
+  if (p.offset % kPacketPayload != 0) return "offset not at a packet boundary";
+  return nullptr;
+}
+
+// One WRITE packet from another process, its payload at `payload_at` on this port's wire: placed
+// and acknowledged, or NAKed with the reason, or dropped if malformed.
+void receive_write(Nic& n, const Packet& p, uint64_t payload_at) {
+  if (const char* bad = malformed_write(n, p)) {
+    std::fprintf(stderr, "soft_verbs: dropped a malformed WRITE packet (from LID %u QP 0x%x): %s\n",
+                 unsigned(p.src_lid), p.src_qpn, bad);
+    return;
+  }
+  auto found = n.qps.find(p.dst_qpn);
+  Qp* t = found == n.qps.end() ? nullptr : found->second;
+  Reason why = not_accepting(t, p.src_lid, p.src_qpn, p.mtu);
+  if (why == Reason::None && p.psn != t->expected_psn) {
+    // A PSN this QP has taken already (a retransmission) is acknowledged again, not placed again;
+    // any other is a PSN mismatch, as within a process.
+    const uint32_t behind = (t->expected_psn - p.psn) & kPsnMask;
+    if (behind <= std::min<uint64_t>(t->psns_taken, kPsnMask / 2)) return answer(n, p, Reason::None, 0);
+    why = Reason::Psn;
+  }
+  if (why == Reason::None) why = remote_access_error(*t, p.rkey, p.wr_addr, p.wr_length);
+  if (why == Reason::None && (p.flags & kWithImm) && t->recvs.empty()) why = Reason::NoReceive;
+  if (why != Reason::None) return answer(n, p, why, t ? t->min_rnr_timer : 0);
+
+  if (p.length) ring_read(n.wire, payload_at, reinterpret_cast<uint8_t*>(uintptr_t(p.wr_addr + p.offset)), p.length);
+  t->expected_psn = (t->expected_psn + psn_span(p.length, p.mtu)) & kPsnMask;
+  t->psns_taken += psn_span(p.length, p.mtu);
+  if (p.flags & kWithImm) complete_write_with_imm(*t, p.wr_length, p.imm, p.src_qpn, p.src_lid);
+  answer(n, p, Reason::None, 0);
+}
+
+// ---- Between processes: the sending end (the lock is held) ----
+
+Nanos transport_period(const Qp& s) { return Nanos(int64_t(4096) << s.timeout); }
+Nanos retransmit_after(const Qp& s) { return std::max(transport_period(s), kMinRetransmit); }
+
+// When the sender gives up on a WR without progress, or max() for timeout 0 (wait forever).
+Clock::time_point give_up_at(const Qp& s, const SendWr& wr) {
+  return s.timeout == 0 ? Clock::time_point::max() : wr.progress_at + transport_period(s) * (s.retry_cnt + 1);
+}
+
+uint32_t psns_per_packet(const Qp& s) { return kPacketPayload / mtu_bytes(s.mtu); }
+
+// One ACK or NAK for the head WR of one of this process's QPs.
+void receive_answer(Nic& n, const Packet& p, Clock::time_point now) {
+  if (p.size != packet_size(0) || p.length != 0 || p.status >= uint8_t(Reason::Count) || p.rnr_timer > 31 ||
+      p.psn > kPsnMask) {
+    std::fprintf(stderr, "soft_verbs: dropped a malformed ACK packet (from LID %u QP 0x%x)\n", unsigned(p.src_lid),
+                 p.src_qpn);
+    return;
+  }
+  auto found = n.qps.find(p.dst_qpn);
+  if (found == n.qps.end()) return;  // the QP is gone: a late answer
+  Qp& s = *found->second;
+  if (s.state != IBV_QPS_RTS || s.dest_lid != p.src_lid || s.dest_qpn != p.src_qpn || s.pending.empty()) return;
+  SendWr& wr = s.pending.front();
+  const uint32_t distance = (p.psn - wr.start_psn) & kPsnMask;
+  if (!wr.started || distance % psns_per_packet(s) != 0 || distance / psns_per_packet(s) != wr.acked) return;  // stale
+
+  const Reason why = Reason(p.status);
+  if (why == Reason::None) {
+    ++wr.acked;
+    wr.sent = std::max(wr.sent, wr.acked);  // an answer to a packet sent before a retransmission
+    wr.progress_at = now;
+    if (wr.acked < wr.packets) return;
+    s.next_psn = (wr.start_psn + psn_span(wr.length, s.mtu)) & kPsnMask;
+    return complete_head(s, wr.length);
+  }
+  if (access_denied(why)) return fail_head(s, IBV_WC_REM_ACCESS_ERR, reason_text(why));
+  wr.sent = wr.acked;  // go back to the packet that was refused
+  count(3);
+  if (why == Reason::NoReceive) {
+    if (s.rnr_retry != 7 && wr.rnr_tries >= s.rnr_retry)
+      return fail_head(s, IBV_WC_RNR_RETRY_EXC_ERR, reason_text(why));
+    ++wr.rnr_tries;
+    wr.progress_at = now;  // the receiver answered: the transport timer starts again
+    wr.ready_at = now + std::chrono::microseconds(10ull * kRnrTimer10us[p.rnr_timer]);
+    return;
+  }
+  wr.last_nak = why;  // not delivered: tried again soon, until the transport timeout
+  wr.ready_at = std::min(now + std::min(transport_period(s), kRetryPoll), give_up_at(s, wr));
+}
+
+// Runs the head WR of a QP connected to another process: starts it, puts (more of) its packets on
+// the destination's wire, or, when its answers are overdue, sends them again or gives up.
+void execute_remote(Qp& s, Clock::time_point now) {
+  Nic& n = nic();
+  SendWr& wr = s.pending.front();
+  uint64_t length = 0;
+  if (!local_length(s, wr, &length))
+    return fail_head(s, IBV_WC_LOC_PROT_ERR, "SGE not inside an MR of this QP's PD with that lkey");
+  if (!wr.started) {
+    if (fail_on_purpose(s)) return;
+    wr.started = true;
+    wr.length = length;
+    wr.packets = length == 0 ? 1 : uint32_t((length + kPacketPayload - 1) / kPacketPayload);
+    wr.start_psn = s.next_psn;
+    wr.progress_at = now;
+  }
+  if (now >= give_up_at(s, wr)) {
+    live_peer_wire(n, s.dest_lid);  // if its owner died: unmapped, and its segment unlinked
+    const std::string lid = std::to_string(s.dest_lid);
+    const std::string why = (wr.last_nak != Reason::None ? std::string(reason_text(wr.last_nak)) + " (NAK from LID " + lid + ")"
+                                                         : "no answer from LID " + lid + " (its process gone or stalled?)") +
+                            ", " + std::to_string(wr.acked) + " of " + std::to_string(wr.packets) + " packets acknowledged";
+    return fail_head(s, IBV_WC_RETRY_EXC_ERR, why.c_str());
+  }
+  if (wr.sent == wr.packets) {  // all on the wire, some unanswered
+    const auto resend_at = std::max(wr.sent_at, wr.progress_at) + retransmit_after(s);
+    if (now < resend_at) { wr.ready_at = std::min(resend_at, give_up_at(s, wr)); return; }
+    wr.sent = wr.acked;
+    wr.last_nak = Reason::None;
+    count(3);
+    live_peer_wire(n, s.dest_lid);  // a port whose owner died: unmapped, and its segment unlinked
+  }
+  Wire* w = peer_wire(n, s.dest_lid);
+  for (int budget = 16; wr.sent < wr.packets; ++wr.sent) {  // a few per sweep, so that QPs interleave
+    if (!w) { wr.sent = wr.packets; break; }  // no port there: lost, as a packet on a dead link
+    if (budget-- == 0) { wr.ready_at = now; return; }
+    Packet p{};
+    const uint64_t offset = uint64_t(wr.sent) * kPacketPayload;
+    p.length = uint32_t(std::min<uint64_t>(kPacketPayload, length - offset));
+    p.size = packet_size(p.length);
+    p.kind = kWrite;
+    const bool last = wr.sent + 1 == wr.packets;
+    p.flags = uint8_t((last ? kLast : 0) | (last && wr.opcode == IBV_WR_RDMA_WRITE_WITH_IMM ? kWithImm : 0));
+    p.mtu = uint8_t(s.mtu);
+    p.src_lid = n.lid;
+    p.src_qpn = s.qp.qp_num;
+    p.dst_qpn = s.dest_qpn;
+    p.psn = (wr.start_psn + wr.sent * psns_per_packet(s)) & kPsnMask;
+    p.rkey = wr.rkey;
+    p.wr_addr = wr.remote_addr;
+    p.wr_length = length;
+    p.offset = offset;
+    p.imm = last ? wr.imm : 0;
+    if (p.length) gather(wr, offset, p.length, n.payload.data());
+    const Append r = append(w, p, n.payload.data());
+    if (r == Append::Full) {  // backpressure; once per ACK timeout without progress, is its reader alive?
+      if (now - std::max(wr.progress_at, wr.looked_at) >= retransmit_after(s)) {
+        wr.looked_at = now;
+        live_peer_wire(n, s.dest_lid);  // a dead owner's wire is unmapped: the packets are lost from now on
+      }
+      wr.ready_at = now + kBackpressurePoll;
+      return;
+    }
+    if (r == Append::Broken) w = nullptr;
+  }
+  wr.sent_at = now;
+  wr.ready_at = std::min(now + retransmit_after(s), give_up_at(s, wr));
+}
+
+// Reads this port's wire, a bounded number of packets per sweep so that posters and pollers get
+// the lock in between. True if any was read.
+bool drain_wire(Nic& n, Clock::time_point now) {
+  Wire* w = n.wire;
+  uint64_t tail = w->tail;
+  const uint64_t head = __atomic_load_n(&w->head, __ATOMIC_ACQUIRE);
+  if (head == tail) return false;
+  if (head - tail > kRingBytes || (head - tail) % 8 != 0) {
+    std::fprintf(stderr, "soft_verbs: LID %u: the wire's head is corrupt: %llu bytes dropped\n", unsigned(n.lid),
+                 static_cast<unsigned long long>(head - tail));
+    __atomic_store_n(&w->tail, head, __ATOMIC_RELEASE);
+    return true;
+  }
+  for (int budget = 32; tail != head && budget > 0; --budget) {  // 2 MiB at most under the lock
+    Packet p;
+    ring_read(w, tail, &p, sizeof p);
+    if (head - tail < sizeof p || p.size < sizeof p || p.size > head - tail || p.size % 8 != 0 ||
+        p.size > packet_size(kPacketPayload)) {
+      // The framing cannot be trusted: nothing after this point can be.
+      std::fprintf(stderr, "soft_verbs: LID %u: dropped %llu bytes of the wire: a packet of size %u\n",
+                   unsigned(n.lid), static_cast<unsigned long long>(head - tail), p.size);
+      tail = head;
+      break;
+    }
+    if (p.kind == kWrite) {
+      receive_write(n, p, tail + sizeof p);
+    } else if (p.kind == kAck) {
+      receive_answer(n, p, now);
+    } else {
+      std::fprintf(stderr, "soft_verbs: LID %u: dropped a packet of unknown kind %u\n", unsigned(n.lid), unsigned(p.kind));
+    }
+    tail += p.size;
+  }
+  __atomic_store_n(&w->tail, tail, __ATOMIC_RELEASE);  // after the payloads were read
+  return true;
+}
+
+// ---- The NIC thread ----
+
+// Drains the wire, sends waiting answers, then runs one WR per QP per sweep, so QPs interleave;
+// sleeps on the doorbell until the earliest delayed WR is due.
 void nic_loop(uint64_t epoch) {
   Nic& n = nic();
   std::unique_lock<std::mutex> lock(n.mu);
   while (n.epoch == epoch) {
+    Wire* wire = n.wire;  // stays mapped until this thread is joined
+    // Read before looking for work: a packet or post after this changes it, so the wait returns.
+    const uint32_t bell = __atomic_load_n(&wire->doorbell, __ATOMIC_ACQUIRE);
     const auto now = Clock::now();
     auto next = Clock::time_point::max();
-    bool progressed = false;
+    bool progressed = drain_wire(n, now), waiting = false;
+    progressed |= send_answers(n, &waiting);
+    if (waiting) next = now + kBackpressurePoll;
     for (auto& entry : n.qps) {
       Qp& q = *entry.second;
       if (q.pending.empty()) continue;
       if (q.pending.front().ready_at > now) { next = std::min(next, q.pending.front().ready_at); continue; }
-      execute_head(q, now);
+      if (q.dest_lid == n.lid) execute_local(q, now);
+      else execute_remote(q, now);
       progressed = true;
     }
     if (progressed) {  // let posters and pollers in between sweeps
@@ -392,8 +1143,12 @@ void nic_loop(uint64_t epoch) {
       lock.lock();
       continue;
     }
-    if (next == Clock::time_point::max()) n.wake.wait(lock);
-    else n.wake.wait_until(lock, next);
+    // Woken by the doorbell; a timeout bounds the sleep anyway (a peer that died holds no bell).
+    const Nanos wait = next == Clock::time_point::max() ? Nanos(std::chrono::milliseconds(100))
+                                                        : std::chrono::duration_cast<Nanos>(next - now);
+    lock.unlock();
+    futex_wait(&wire->doorbell, bell, wait);
+    lock.lock();
   }
 }
 
@@ -401,16 +1156,20 @@ void nic_loop(uint64_t epoch) {
 std::thread stop_nic_locked() {
   Nic& n = nic();
   ++n.epoch;
-  n.wake.notify_all();
+  kick(n);
   return std::move(n.thread);
 }
 
-// Stops the NIC thread at unload or exit if contexts were left open.
+// Stops the NIC thread and takes the port down at unload or exit if contexts were left open.
 struct NicStopper {
   ~NicStopper() {
+    Nic& n = nic();
+    if (n.wire_pid != getpid()) return;  // never opened, or a forked child: no thread or port of its own
     std::thread t;
-    { std::lock_guard<std::mutex> lock(nic().mu); t = stop_nic_locked(); }
+    { std::lock_guard<std::mutex> lock(n.mu); t = stop_nic_locked(); }
     if (t.joinable()) t.join();
+    std::lock_guard<std::mutex> lock(n.mu);
+    close_port(n);
   }
 } g_nic_stopper;
 
@@ -448,7 +1207,7 @@ int post_send(ibv_qp* qp, ibv_send_wr* wr, ibv_send_wr** bad_wr) {
   for (; wr; wr = wr->next) {
     if (int err = check_send(q, *wr)) {
       if (bad_wr) *bad_wr = wr;
-      n.wake.notify_one();
+      kick(n);
       return err;
     }
     SendWr w{};
@@ -471,7 +1230,7 @@ int post_send(ibv_qp* qp, ibv_send_wr* wr, ibv_send_wr** bad_wr) {
     if (q.state == IBV_QPS_ERR) complete_send(q, w, IBV_WC_WR_FLUSH_ERR);
     else q.pending.push_back(std::move(w));
   }
-  n.wake.notify_one();
+  kick(n);
   return 0;
 }
 
@@ -547,8 +1306,18 @@ bool transition_masks(ibv_qp_state cur, ibv_qp_state next, int* required, int* o
   return true;
 }
 
+// The port an address vector names (by GID if it has a GRH, else by LID), or 0 with `why`.
+uint16_t av_lid(const ibv_ah_attr& av, const char** why) {
+  if (!av.is_global) return av.dlid;
+  const uint16_t lid = lid_of_gid(av.grh.dgid);
+  if (lid == 0) *why = "ah_attr.grh.dgid is not a soft_verbs port's GID (fe80::25e:ffff:fe00:<lid>)";
+  else if (av.dlid != 0 && av.dlid != lid) *why = "ah_attr.dlid and ah_attr.grh.dgid name different ports";
+  else return lid;
+  return 0;
+}
+
 // The attribute values the mask says are present; nullptr when they are acceptable.
-const char* bad_attribute(const ibv_qp_attr& a, int mask) {
+const char* bad_attribute(Nic& n, const ibv_qp_attr& a, int mask) {
   const int access_bits =
       IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_ATOMIC;
   if ((mask & IBV_QP_PKEY_INDEX) && a.pkey_index != 0) return "pkey_index must be 0 (one P_Key)";
@@ -557,14 +1326,12 @@ const char* bad_attribute(const ibv_qp_attr& a, int mask) {
   if (mask & IBV_QP_AV) {
     const ibv_ah_attr& av = a.ah_attr;
     if (av.port_num != kPort) return "ah_attr.port_num must be 1";
-    if (av.is_global) {
-      const ibv_gid gid = port_gid();
-      if (std::memcmp(av.grh.dgid.raw, gid.raw, sizeof gid.raw) != 0)
-        return "ah_attr.grh.dgid is not this port's GID";
-      if (av.grh.sgid_index != 0) return "ah_attr.grh.sgid_index must be 0";
-    } else if (av.dlid != kLid) {
-      return "ah_attr.dlid must be 1 (this port's LID)";
-    }
+    if (av.is_global && av.grh.sgid_index != 0) return "ah_attr.grh.sgid_index must be 0";
+    const char* why = nullptr;
+    const uint16_t lid = av_lid(av, &why);
+    if (why) return why;
+    if (lid != n.lid && !live_peer_wire(n, lid))
+      return "the address vector names no live soft_verbs port (neither this process's LID nor another process's)";
   }
   if ((mask & IBV_QP_PATH_MTU) && (a.path_mtu < IBV_MTU_256 || a.path_mtu > kActiveMtu))
     return "path_mtu invalid or above the port's active MTU";
@@ -622,7 +1389,17 @@ SOFT_VERBS_EXPORT ibv_context* ibv_open_device(ibv_device* device) {
   ctx.abi_compat = nullptr;  // not a verbs_context: verbs.h's inline wrappers use the plain calls
   Nic& n = nic();
   std::lock_guard<std::mutex> lock(n.mu);
-  if (n.contexts++ == 0) n.thread = std::thread(nic_loop, n.epoch);
+  if (n.contexts == 0) {  // the port comes up: its LID and wire, then the NIC thread that reads it
+    if (!open_port(n)) {
+      const int err = errno;
+      pthread_mutex_destroy(&ctx.mutex);
+      delete c;
+      errno = err;
+      return nullptr;
+    }
+    n.thread = std::thread(nic_loop, n.epoch);
+  }
+  ++n.contexts;
   return &ctx;
 }
 
@@ -634,7 +1411,11 @@ SOFT_VERBS_EXPORT int ibv_close_device(ibv_context* context) {
     if (as_context(context).users > 0) return EBUSY;
     if (--n.contexts == 0) finished = stop_nic_locked();
   }
-  if (finished.joinable()) finished.join();
+  if (finished.joinable()) {
+    finished.join();
+    std::lock_guard<std::mutex> lock(n.mu);
+    if (n.contexts == 0) close_port(n);  // unless another context opened meanwhile
+  }
   pthread_mutex_destroy(&context->mutex);
   delete &as_context(context);
   return 0;
@@ -644,15 +1425,17 @@ SOFT_VERBS_EXPORT int ibv_close_device(ibv_context* context) {
 // up to `flags`. Callers may pass either struct, so only that prefix is written.
 SOFT_VERBS_EXPORT int ibv_query_port(ibv_context* context, uint8_t port_num, _compat_ibv_port_attr* out) {
   if (!context || port_num != kPort) return EINVAL;
+  Nic& n = nic();
+  std::lock_guard<std::mutex> lock(n.mu);
   ibv_port_attr a{};
   a.state = IBV_PORT_ACTIVE;
   a.max_mtu = kActiveMtu;
   a.active_mtu = kActiveMtu;
   a.gid_tbl_len = 1;
-  a.max_msg_sz = 1u << 31;
+  a.max_msg_sz = uint32_t(kMaxMessage);
   a.pkey_tbl_len = 1;
-  a.lid = kLid;
-  a.sm_lid = kLid;
+  a.lid = n.lid;
+  a.sm_lid = n.lid;
   a.max_vl_num = 1;
   a.active_width = 2;  // 4x
   a.active_speed = 32; // 25 Gb/s (EDR lane)
@@ -664,7 +1447,9 @@ SOFT_VERBS_EXPORT int ibv_query_port(ibv_context* context, uint8_t port_num, _co
 
 SOFT_VERBS_EXPORT int ibv_query_gid(ibv_context* context, uint8_t port_num, int index, ibv_gid* gid) {
   if (!context || port_num != kPort || index != 0) return -1;
-  *gid = port_gid();
+  Nic& n = nic();
+  std::lock_guard<std::mutex> lock(n.mu);
+  *gid = port_gid(n.lid);
   return 0;
 }
 
@@ -802,7 +1587,7 @@ SOFT_VERBS_EXPORT int ibv_modify_qp(ibv_qp* qp, ibv_qp_attr* attr, int mask) {
                  from, to, mask_names(missing).c_str(), mask_names(unexpected).c_str());
     return EINVAL;
   }
-  if (const char* why = bad_attribute(*attr, mask)) {
+  if (const char* why = bad_attribute(n, *attr, mask)) {
     std::fprintf(stderr, "soft_verbs: QP 0x%x: modify_qp %s -> %s: %s\n", qp->qp_num, from, to, why);
     return EINVAL;
   }
@@ -810,9 +1595,16 @@ SOFT_VERBS_EXPORT int ibv_modify_qp(ibv_qp* qp, ibv_qp_attr* attr, int mask) {
     reset_qp(q);
   } else {
     if (mask & IBV_QP_ACCESS_FLAGS) q.access = attr->qp_access_flags;
+    if (mask & IBV_QP_AV) {
+      const char* checked_above = nullptr;
+      q.dest_lid = av_lid(attr->ah_attr, &checked_above);
+    }
     if (mask & IBV_QP_PATH_MTU) q.mtu = attr->path_mtu;
     if (mask & IBV_QP_DEST_QPN) q.dest_qpn = attr->dest_qp_num;
-    if (mask & IBV_QP_RQ_PSN) q.expected_psn = attr->rq_psn & kPsnMask;
+    if (mask & IBV_QP_RQ_PSN) {
+      q.expected_psn = attr->rq_psn & kPsnMask;
+      q.psns_taken = 0;
+    }
     if (mask & IBV_QP_SQ_PSN) q.next_psn = attr->sq_psn & kPsnMask;
     if (mask & IBV_QP_TIMEOUT) q.timeout = attr->timeout;
     if (mask & IBV_QP_RETRY_CNT) q.retry_cnt = attr->retry_cnt;
@@ -822,7 +1614,7 @@ SOFT_VERBS_EXPORT int ibv_modify_qp(ibv_qp* qp, ibv_qp_attr* attr, int mask) {
     q.state = next;
   }
   qp->state = next;
-  n.wake.notify_one();
+  kick(n);
   return 0;
 }
 
