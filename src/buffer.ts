@@ -370,7 +370,7 @@ export class EpBuffer extends NativeResource {
     s.setString("name", v.name);
     const endpoint = v.networkEndpoint ?? "";
     if (typeof endpoint !== "string" || endpoint.length >= 1024 || !/^[0-9a-f]*$/.test(endpoint)) {
-      throw new SwitchyardError("INVALID_ARGUMENT", "share.networkEndpoint: expected lowercase hex", {
+      throw new SwitchyardError("INVALID_ARGUMENT", `share.networkEndpoint: rank ${v.rank}'s: expected lowercase hex`, {
         argument: "share.networkEndpoint",
       });
     }

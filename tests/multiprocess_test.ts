@@ -88,6 +88,20 @@ Deno.test({
   assert.deepEqual(segmentsOf(r.exits.map((e) => e.pid)), []);
 });
 
+Deno.test({
+  name: "the processes really take the ibverbs engine: with no provider library there, the job fails saying so",
+  ignore: !softVerbs,
+}, async () => {
+  const env = { ...ibverbsEnv(), SWITCHYARD_IBVERBS_LIBRARY: "/nonexistent/libibverbs.so.1" };
+  const r = await job(4, ["--rounds", "1", "--network-ring", "4"], 15, env, 2);
+  const report = r.lines.join("\n");
+  assert.notEqual(r.code, 0, report);
+  // The first to fail says why; the others may see it go first (the rendezvous, the barrier).
+  const said = /rank \d: ibverbs: cannot open \/nonexistent\/libibverbs\.so\.1/;
+  assert.ok(r.lines.some((l) => said.test(l)), report);
+  assert.ok(r.exits.every((e) => e.code !== 0), report);
+});
+
 for (const [nproc, perNode, nic] of [[3, 3, ""], [4, 2, ""], [4, 2, "ibverbs"]] as const) {
   const where = (perNode < nproc ? ` (${nproc / perNode} nodes of ${perNode}: two hops)` : "") +
     (nic ? ", the network hop through ibverbs" : "");

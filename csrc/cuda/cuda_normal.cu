@@ -208,6 +208,11 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   std::unique_ptr<transport::NicEngine> engine;
   if (fabric->verbs && st.pending_engine) {
     engine = std::move(st.pending_engine);  // a process group's, connected to every peer on import
+  } else if (fabric->verbs && buf.group->process_group) {
+    // Its queue pairs were connected to the peers' on import; an engine made now would not be.
+    return fail(SY_ERROR_UNSUPPORTED, "rank " + std::to_string(buf.rank) +
+                                          ": the buffer's ibverbs engine went with an earlier failed start of its "
+                                          "network (or the buffer was never exported); create the buffers again");
   } else if (fabric->verbs) {
     SY_TRY(make_verbs_engine(buf, *fabric, device, &engine));
   } else {

@@ -701,6 +701,13 @@ void endpoint_case() {
       {"another rank's", good.substr(0, 16) + "02000000" + good.substr(24), "another rank or group size"},
       {"a window of another size", good.substr(0, 96) + "0100000000000000" + good.substr(112), "window of"},
       {"no queue pair for this rank", good.substr(0, 112) + "00000000" + good.substr(120), "no queue pair"},
+      {"a queue pair to itself", good.substr(0, 120) + "01000000" + good.substr(128), "cannot be (24 bits"},
+      {"a queue-pair number past 24 bits", good.substr(0, 112) + "01000001" + good.substr(120), "cannot be (24 bits"},
+      {"no valid MTU", good.substr(0, 12) + "09" + good.substr(14), "no valid MTU"},
+      {"addressing by GID", good.substr(0, 14) + "01" + good.substr(16), "addresses by GID"},
+      {"reserved bytes set", good.substr(0, 36) + "0100" + good.substr(40), "reserved bytes"},
+      {"no LID", good.substr(0, 32) + "0000" + good.substr(36), "has no LID"},
+      {"a LID no port answers to", good.substr(0, 32) + "3412" + good.substr(36), "cannot be connected to"},
   };
   std::string failures;
   for (const Bad& b : bad) {
@@ -714,8 +721,9 @@ void endpoint_case() {
   const sy::Error again = tr::verbs_import_endpoint(*e[0], 1, good);
   check(failures.empty() && !right && again && again.message.find("imported already") != std::string::npos &&
             rank_field == "01000000",
-        "a peer's endpoint is refused when missing, short, long, not hex, of another magic, rank or window, or "
-        "without a queue pair for this rank, naming the peer; the right one connects, once" + failures +
+        "a peer's endpoint is refused when missing, short, long, not hex, of another magic, rank, window, MTU, "
+        "addressing or LID, a LID no port answers to, with reserved bytes set, without a queue pair for this rank or with impossible ones, "
+        "naming the peer; the engine stays usable, and the right one then connects, once" + failures +
             (right ? " right: " + right.message : ""));
   e[0].reset();
   e[1].reset();

@@ -455,10 +455,20 @@ Error VerbsEngine::import(int peer, const VerbsEndpoint& e) {
                                                 (global_ ? "GID" : "LID") +
                                                 ": every process must see the same link layer and SWITCHYARD_IBVERBS_GID_INDEX");
   }
+  bool numbers_ok = e.qpn[size_t(peer)] == 0;  // no queue pair to itself
+  for (uint32_t q : e.qpn) numbers_ok = numbers_ok && q <= 0xFFFFFF;
+  if (!numbers_ok) return invalid("share.networkEndpoint", who + "names queue pairs that cannot be (24 bits, none to itself)");
+  bool gid_set = false;
+  for (uint8_t x : e.gid.raw) gid_set = gid_set || x != 0;
+  if (e.global ? !gid_set : e.lid == 0) {
+    return invalid("share.networkEndpoint", who + "has no " + (e.global ? "GID" : "LID"));
+  }
+  // Connected before it is published: an endpoint the NIC refuses leaves this engine as it was
+  // (the queue pair stays in INIT), usable with the other peers and with a right endpoint later.
+  if (Error err = connect(peer, e)) {
+    return invalid("share.networkEndpoint", who + "cannot be connected to: " + err.message);
+  }
   dir_->publish(peer, e);
-  connect_published();
-  if (broken_) return fail(SY_ERROR_UNSUPPORTED, broken_why_);
-  if (!peers_[size_t(peer)].connected) return fail(SY_ERROR_INTERNAL, who + "was published but not connected");
   dir_->mark_ready(peer, rank_);
   return ok();
 }
@@ -829,6 +839,7 @@ Error decode_endpoint(const std::string& hex, int peer, int ranks, VerbsEndpoint
   if (int64_t(int32_t(get_le(b, 8, 4))) != peer || int64_t(int32_t(get_le(b, 12, 4))) != ranks) {
     return invalid("share.networkEndpoint", who + "names another rank or group size");
   }
+  if (get_le(b, 18, 2) != 0) return invalid("share.networkEndpoint", who + "has reserved bytes set");
   VerbsEndpoint e;
   e.mtu = uint8_t(get_le(b, 6, 1));
   e.global = get_le(b, 7, 1) != 0;
@@ -856,7 +867,10 @@ Error create_verbs_engine(const std::shared_ptr<VerbsDirectory>& directory, int 
   if (window == nullptr || window_bytes == 0) return invalid("window", "a proxy needs its rank's window");
   if (slots < 1 || slots > 255) return invalid("slots", "ibverbs immediates carry up to 255 signal slots");
   const Verbs* v = nullptr;
-  SY_TRY(load_verbs(settings.library, &v));
+  if (Error e = load_verbs(settings.library, &v)) {
+    e.message = "rank " + std::to_string(rank) + ": " + e.message;
+    return e;
+  }
   auto e = std::make_unique<VerbsEngine>(directory, rank, slots, *v);
   SY_TRY(e->open(device, window, window_bytes, settings));
   *out = std::move(e);
