@@ -55,7 +55,7 @@ Deno.test("doctor across nodes: NICs, their ports, libibverbs and GPU-NIC affini
     const roots = { sys: `${dir}/sys`, proc: `${dir}/proc` };
     await t.step("no NIC: said so; libibverbs missing is then only a note", () => {
       const f = acrossNodesFindings(roots, () => ({ ok: false, reason: "not found" }));
-      assert.match(f[0].text, /^across nodes: two hops on the host backend/);
+      assert.match(f[0].text, /^across nodes: two hops over an emulated NIC .* over ibverbs/);
       assert.ok(f.some((x) => x.level === "NOTE" && /no device in .*class\/infiniband/.test(x.text)));
       assert.ok(f.some((x) => x.level === "NOTE" && /libibverbs.so.1 does not load/.test(x.text)));
     });
@@ -68,6 +68,21 @@ Deno.test("doctor across nodes: NICs, their ports, libibverbs and GPU-NIC affini
     await put("sys/class/infiniband/mlx5_1/ports/1/state", "1: DOWN");
     await put("sys/class/infiniband/mlx5_1/ports/1/link_layer", "Ethernet");
     await put("sys/class/infiniband/mlx5_1/ports/1/rate", "200 Gb/sec (4X HDR)");
+    // mlx5_2: RoCE, up, with a RoCE v1 and a RoCE v2 GID of an IPv4 address and an empty v2 entry.
+    await put("sys/class/infiniband/mlx5_2/device/numa_node", "3");
+    await put("sys/class/infiniband/mlx5_2/ports/1/state", "4: ACTIVE");
+    await put("sys/class/infiniband/mlx5_2/ports/1/link_layer", "Ethernet");
+    await put("sys/class/infiniband/mlx5_2/ports/1/rate", "400 Gb/sec (4X NDR)");
+    for (
+      const [i, type, gid] of [[2, "IB/RoCE v1", "0000:0000:0000:0000:0000:ffff:0a4d:0001"], [
+        3,
+        "RoCE v2",
+        "0000:0000:0000:0000:0000:ffff:0a4d:0001",
+      ], [5, "RoCE v2", "0000:0000:0000:0000:0000:0000:0000:0000"]]
+    ) {
+      await put(`sys/class/infiniband/mlx5_2/ports/1/gid_attrs/types/${i}`, String(type));
+      await put(`sys/class/infiniband/mlx5_2/ports/1/gids/${i}`, String(gid));
+    }
     await put("proc/driver/nvidia/gpus/0000:1A:00.0/information", "Model: H200");
     await put("sys/bus/pci/devices/0000:1a:00.0/numa_node", "1");
     await put("proc/driver/nvidia/gpus/0000:9B:00.0/information", "Model: H200");
@@ -91,6 +106,30 @@ Deno.test("doctor across nodes: NICs, their ports, libibverbs and GPU-NIC affini
         acrossNodesFindings(roots, () => ({ ok: true })).find((x) => /libibverbs/.test(x.text))?.level,
         "OK",
       );
+      assert.equal(line(/^RoCE mlx5_2/)?.text, "RoCE mlx5_2 port 1: RoCE v2 GIDs 3");
+      assert.equal(line(/^RoCE mlx5_2/)?.level, "OK");
+      assert.ok(!f.some((x) => /^RoCE mlx5_1/.test(x.text)), "a port that is down is not checked");
+    });
+    await t.step("RoCE without a RoCE v2 GID: the fallback to RoCE v1 is said", async () => {
+      await put("sys/class/infiniband/mlx5_2/ports/1/gid_attrs/types/3", "IB/RoCE v1");
+      const f = acrossNodesFindings(roots, () => ({ ok: true }));
+      const roce = f.find((x) => /^RoCE mlx5_2/.test(x.text));
+      assert.equal(roce?.level, "NOTE");
+      assert.match(roce!.text, /no RoCE v2 GID .* GID 0, RoCE v1/);
+    });
+    await t.step("GPU memory registration: peer memory, dma-buf, or neither", async () => {
+      const registration = () =>
+        acrossNodesFindings(roots, () => ({ ok: true })).find((x) => /^GPU memory/.test(x.text))!;
+      assert.equal(registration().level, "FIX");
+      assert.match(registration().text, /modprobe nvidia-peermem/);
+      await put("proc/driver/nvidia/version", "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  575.57.08");
+      assert.equal(registration().level, "OK");
+      assert.match(registration().text, /through dma-buf/);
+      assert.doesNotMatch(registration().text, /nvidia-peermem/);
+      await Deno.mkdir(`${dir}/sys/module/nvidia_peermem`, { recursive: true });
+      assert.match(registration().text, /through dma-buf .*, or with ibv_reg_mr \(nvidia-peermem is loaded\)/);
+      await put("proc/driver/nvidia/version", "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01");
+      assert.equal(registration().text, "GPU memory registers with the NIC with ibv_reg_mr (nvidia-peermem is loaded)");
     });
   } finally {
     await Deno.remove(dir, { recursive: true });

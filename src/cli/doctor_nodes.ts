@@ -33,6 +33,8 @@ export interface RdmaPort {
   readonly linkLayer: string;
   /** As the kernel says it, e.g. `400 Gb/sec (4X NDR)`. */
   readonly rate: string;
+  /** Ethernet (RoCE): the indices of its populated RoCE v2 GIDs. */
+  readonly rocev2Gids: number[];
 }
 
 /** An RDMA device the kernel knows. */
@@ -84,6 +86,10 @@ export function rdmaDevices(roots: SystemRoots): RdmaDevice[] {
         state: (read(`${dir}/state`) ?? "unknown").replace(/^\d+:\s*/, ""),
         linkLayer: read(`${dir}/link_layer`) ?? "unknown",
         rate: read(`${dir}/rate`) ?? "unknown",
+        rocev2Gids: names(`${dir}/gid_attrs/types`).filter((i) => /^\d+$/.test(i))
+          .filter((i) => read(`${dir}/gid_attrs/types/${i}`) === "RoCE v2")
+          .filter((i) => !/^[0:]*$/.test(read(`${dir}/gids/${i}`) ?? ""))
+          .map(Number).sort((a, b) => a - b),
       };
     }),
   }));
@@ -95,6 +101,20 @@ export function gpuPlaces(roots: SystemRoots): GpuPlace[] {
     busId,
     numaNode: numaNode(`${roots.sys}/bus/pci/devices/${busId.toLowerCase()}/numa_node`),
   }));
+}
+
+/**
+ * How GPU memory can be registered with a NIC here: the `nvidia-peermem` module loaded (for
+ * `ibv_reg_mr`), and NVIDIA's open kernel module (whose driver exports GPU memory as dma-buf).
+ */
+export function gpuMemoryRegistration(roots: SystemRoots): { peermem: boolean; openKernelModule: boolean } {
+  let peermem = false;
+  try {
+    peermem = Deno.statSync(`${roots.sys}/module/nvidia_peermem`).isDirectory;
+  } catch {
+    // not loaded
+  }
+  return { peermem, openKernelModule: /Open Kernel Module/.test(read(`${roots.proc}/driver/nvidia/version`) ?? "") };
 }
 
 /** Whether `libibverbs.so.1` loads here (it is opened and closed again, no symbol bound). */
@@ -117,9 +137,9 @@ export function acrossNodesFindings(
 ): NodeFinding[] {
   const out: NodeFinding[] = [{
     level: "NOTE",
-    text: "across nodes: two hops on the host backend over an emulated NIC, with virtual nodes (ranksPerNode, or " +
-      "launch --nproc-per-node); the RDMA transports (NCCL GIN, a CPU proxy over ibverbs) are not built yet, " +
-      "so ranks on separate machines cannot reach each other",
+    text: "across nodes: two hops over an emulated NIC on one machine (virtual nodes with ranksPerNode, or " +
+      "launch --nproc-per-node), and on the CUDA backend over ibverbs (SWITCHYARD_NIC=ibverbs, tested on a " +
+      "software NIC, not yet on a real one); NCCL GIN is compiled, not used",
   }];
   const nics = rdmaDevices(roots);
   if (nics.length === 0) {
@@ -132,6 +152,17 @@ export function acrossNodesFindings(
       level: up ? "OK" : "NOTE",
       text: `RDMA NIC ${nic.name} (NUMA node ${nic.numaNode}): ${ports}` + (up ? "" : "; no port is ACTIVE"),
     });
+    for (const p of nic.ports.filter((p) => p.linkLayer === "Ethernet" && p.state === "ACTIVE")) {
+      out.push(
+        p.rocev2Gids.length
+          ? { level: "OK", text: `RoCE ${nic.name} port ${p.port}: RoCE v2 GIDs ${p.rocev2Gids.join(", ")}` }
+          : {
+            level: "NOTE",
+            text: `RoCE ${nic.name} port ${p.port}: no RoCE v2 GID (no IP address on its interface?); the ibverbs ` +
+              "engine would use GID 0, RoCE v1, which does not cross an IP router (SWITCHYARD_IBVERBS_GID_INDEX)",
+          },
+      );
+    }
   }
   const v = verbs();
   if (v.ok) {
@@ -141,7 +172,26 @@ export function acrossNodesFindings(
   } else {
     out.push({ level: "NOTE", text: "libibverbs.so.1 does not load (no RDMA NIC either)" });
   }
-  for (const gpu of gpuPlaces(roots)) {
+  const gpus = gpuPlaces(roots);
+  if (nics.length > 0 && gpus.length > 0) {
+    const r = gpuMemoryRegistration(roots);
+    out.push(
+      r.peermem || r.openKernelModule
+        ? {
+          level: "OK",
+          text: "GPU memory registers with the NIC " + [
+            r.openKernelModule ? "through dma-buf (NVIDIA's open kernel module; rdma-core 34 or later)" : "",
+            r.peermem ? "with ibv_reg_mr (nvidia-peermem is loaded)" : "",
+          ].filter((x) => x).join(", or "),
+        }
+        : {
+          level: "FIX",
+          text: "GPU memory cannot be registered with the NIC: nvidia-peermem is not loaded (modprobe " +
+            "nvidia-peermem) and the driver is not NVIDIA's open kernel module (which exports dma-buf)",
+        },
+    );
+  }
+  for (const gpu of gpus) {
     if (nics.length === 0) break;
     const near = nics.filter((n) => n.numaNode >= 0 && n.numaNode === gpu.numaNode).map((n) => n.name);
     out.push({
