@@ -186,6 +186,8 @@ void block_finished(Block* b);
 // Whether p lies in memory the runtime allocated (device, pinned or mapped); else it is
 // pageable host memory.
 bool runtime_memory(const void* p);
+// The driver call `symbol` of memory.cpp (dma-buf export) at CUDA `version`, or nullptr.
+void* memory_driver_call(const char* symbol, unsigned int version);
 
 // ---- errors ----------------------------------------------------------------------------------
 

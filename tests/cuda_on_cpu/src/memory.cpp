@@ -25,6 +25,8 @@
 #include <string>
 #include <vector>
 
+#include <cuda.h>
+
 #include "executor.h"
 
 #ifdef SY_CUDA_CPU_ASAN
@@ -453,3 +455,55 @@ cudaError_t cudaIpcCloseMemHandle(void* p) {
 }
 
 }  // extern "C"
+
+// Driver calls, handed out by cudaGetDriverEntryPointByVersion (runtime_api.cpp) as the runtime
+// hands out the driver's: the two a NIC needs to register device memory through dma-buf (the ibverbs engine's
+// ibv_reg_dmabuf_mr). A dma-buf of device memory is one more view of its pages; here it is the
+// allocation's memfd, which is exactly that. Where CUDA hands out a dma-buf for any page-aligned
+// range inside an allocation, this runtime hands out only one that starts at the allocation's
+// start (a memfd cannot carry an offset): CUDA_ERROR_NOT_SUPPORTED for the others, so code that
+// needs them finds out here rather than on a GPU.
+namespace {
+
+CUresult CUDAAPI mem_get_address_range(CUdeviceptr* base, size_t* size, CUdeviceptr p) {
+  QuietLock l(g_mu);
+  auto it = g_allocations.upper_bound(reinterpret_cast<void*>(p));
+  if (it == g_allocations.begin()) return CUDA_ERROR_NOT_FOUND;
+  --it;
+  const auto start = reinterpret_cast<CUdeviceptr>(it->first);
+  if (it->second.kind != Kind::Device || p >= start + it->second.bytes) return CUDA_ERROR_NOT_FOUND;
+  if (base) *base = start;
+  if (size) *size = it->second.bytes;
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI mem_get_handle_for_address_range(void* handle, CUdeviceptr p, size_t size, CUmemRangeHandleType type,
+                                                  unsigned long long flags) {
+  if (handle == nullptr || type != CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD) return CUDA_ERROR_INVALID_VALUE;
+  if (flags != 0) return CUDA_ERROR_NOT_SUPPORTED;  // a BAR1 mapping: no PCIe here
+  if (size == 0 || p % page_size() != 0 || size % page_size() != 0) return CUDA_ERROR_INVALID_VALUE;
+  QuietLock l(g_mu);
+  auto it = g_allocations.find(reinterpret_cast<void*>(p));
+  if (it == g_allocations.end()) return CUDA_ERROR_NOT_SUPPORTED;  // inside an allocation, or not one
+  const Allocation& a = it->second;
+  const size_t pages = (a.bytes + page_size() - 1) / page_size() * page_size();
+  if (a.origin != Origin::Exportable || size > pages) return CUDA_ERROR_INVALID_VALUE;
+  const int fd = fcntl(a.fd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
+  *static_cast<int*>(handle) = fd;
+  return CUDA_SUCCESS;
+}
+
+}  // namespace
+
+namespace sy::cuda_cpu {
+
+void* memory_driver_call(const char* symbol, unsigned int version) {
+  if (std::strcmp(symbol, "cuMemGetAddressRange") == 0 && version >= 3020)
+    return reinterpret_cast<void*>(&mem_get_address_range);
+  if (std::strcmp(symbol, "cuMemGetHandleForAddressRange") == 0 && version >= 11070)
+    return reinterpret_cast<void*>(&mem_get_handle_for_address_range);
+  return nullptr;
+}
+
+}  // namespace sy::cuda_cpu

@@ -131,7 +131,8 @@ cudaError_t cudaSetDevice(int d) {
 
 namespace {
 
-// The one driver entry point the library asks for: whether a device's primary context exists.
+// Driver calls the library asks for: whether a device's primary context exists (here), and the
+// dma-buf export of device memory (memory.cpp).
 int primary_context_state(int device, unsigned int* flags, int* active) {
   if (!valid_device(device)) return 101;  // CUDA_ERROR_INVALID_DEVICE
   if (flags != nullptr) *flags = 0;
@@ -141,11 +142,13 @@ int primary_context_state(int device, unsigned int* flags, int* active) {
 
 }  // namespace
 
-cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int, unsigned long long,
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int version, unsigned long long,
                                              cudaDriverEntryPointQueryResult* status) {
-  const bool known = std::string(symbol) == "cuDevicePrimaryCtxGetState";
-  *fn = known ? reinterpret_cast<void*>(&primary_context_state) : nullptr;
-  if (status != nullptr) *status = known ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
+  if (symbol == nullptr || fn == nullptr || version > CUDART_VERSION) return fail(cudaErrorInvalidValue);
+  *fn = std::string(symbol) == "cuDevicePrimaryCtxGetState" && version >= 7000
+            ? reinterpret_cast<void*>(&primary_context_state)
+            : memory_driver_call(symbol, version);
+  if (status != nullptr) *status = *fn != nullptr ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
   return cudaSuccess;
 }
 
