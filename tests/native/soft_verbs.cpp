@@ -15,8 +15,34 @@
 // and start time, stored in it) is gone is unlinked and its LID taken. The NIC unlinks its segment
 // when the last context closes, at unload and at exit; those left by killed processes are unlinked
 // by the next NIC that sends to one, and by every NIC as it starts and stops. The GID encodes the LID,
-// fe80::25e:ffff:fe00:<lid>. An address vector names a port by dlid, or by a GRH whose dgid is such
+// fe80::25e:fffe:0:<lid>. An address vector names a port by dlid, or by a GRH whose dgid is such
 // a GID (a dlid beside it must agree); it must be this port or another live one.
+//
+// Link layer. SOFT_VERBS_LINK_LAYER (read once per process, when the NIC is first used) is
+// `infiniband` (the default, all of the above) or `ethernet`: a RoCE port, as an mlx5 one reports
+// it. ibv_query_port then says IBV_LINK_LAYER_ETHERNET, lid and sm_lid 0 and gid_tbl_len 4 (the LID
+// above still names the port's segment; only what is reported changes), and the GID table is:
+// 0 RoCE v1 and 1 RoCE v2 of fe80::25e:fffe:0:<lid>, 2 RoCE v1 and 3 RoCE v2 of the IPv4-mapped
+// ::ffff:10.77.<lid / 256>.<lid % 256> (on InfiniBand: entry 0 only, type IB). ibv_query_gid and
+// _ibv_query_gid_ex (behind verbs.h's ibv_query_gid_ex; its errno values: EINVAL for a bad port,
+// flags or entry, ENODATA beyond the table) answer for each entry. An address vector must have a
+// GRH (is_global), sgid_index < 4 (on InfiniBand: 0) and a dgid of either form of a live port; its
+// dlid is ignored. The fabric is L3-routed, so only RoCE v2 crosses it, within a family: a QP whose
+// sgid_index names a v1 entry, or whose sgid and dgid are of different families, connects, but
+// none of its packets arrives (its writes, and, as a destination, its ACKs and NAKs): its sender
+// retransmits until the transport timeout (IBV_WC_RETRY_EXC_ERR), within a process and between
+// processes alike. Ports of different link layers are on different fabrics: an address vector
+// naming one is EINVAL (the wire records each port's link layer).
+//
+// Memory. ibv_reg_mr registers the caller's addresses as they are. ibv_reg_dmabuf_mr registers
+// [offset, offset + length) of a dma-buf fd, which the NIC maps MAP_SHARED itself (not keeping the
+// fd), as [iova, iova + length): the NIC reaches every MR through a translation, host = base +
+// (addr - mr.addr), base being addr itself or the mapping + offset, for local SGEs and for remote
+// writes, within a process and between processes; so the bytes land in every other mapping of the
+// buffer, as a NIC's DMA does. SOFT_VERBS_PEERMEM=0 (read once per process) models a host without
+// nvidia-peermem: every ibv_reg_mr fails with EFAULT (the engine registers only GPU memory);
+// ibv_reg_dmabuf_mr still works; soft_verbs_set_peermem(0 or 1) changes it from then on. A value
+// other than those named for either variable makes every ibv_open_device fail with EINVAL.
 //
 // The wire (soft_verbs_wire.h). That segment is the port's inbound wire: a ring of packets (Packet)
 // that the other processes' NIC threads append under a process-shared robust mutex and that the
@@ -38,6 +64,9 @@
 //   * posting: only in RTS (ERR flushes), RDMA WRITE and WRITE_WITH_IMM only, the SGE and depth
 //     limits; a send WR keeps its slot until a signaled completion at or after it is polled, a
 //     receive WR until its own completion is polled (ENOMEM beyond the depth);
+//   * registration: access (remote write or atomic needs local write) and length; for a dma-buf,
+//     an open fd (EBADF), a regular file at least offset + length long, iova congruent to offset
+//     modulo the page size (EINVAL), as the kernel and mlx5 check them;
 //   * memory: every local SGE inside an MR of the QP's PD with that lkey, at execution
 //     (IBV_WC_LOC_PROT_ERR); the remote range inside an MR of the target's PD with that rkey and
 //     IBV_ACCESS_REMOTE_WRITE, and the target QP allowing remote writes (IBV_WC_REM_ACCESS_ERR);
@@ -45,9 +74,9 @@
 //   * connection: the target QP exists, is in RTR/RTS, is connected back to the sender (its LID
 //     and QP), expects the sender's PSN and accepts its MTU, else the packet is retransmitted until
 //     the transport timeout, (retry_cnt + 1) * 4.096 us * 2^timeout without progress
-//     (IBV_WC_RETRY_EXC_ERR), which is also how a peer process that died or stalls is reported; a
-//     WRITE_WITH_IMM with no receive posted is retried after the receiver's RNR timer, rnr_retry
-//     times (7: forever), then IBV_WC_RNR_RETRY_EXC_ERR;
+//     (IBV_WC_RETRY_EXC_ERR), which is also how a peer process that died or stalls, or a RoCE
+//     path that is not routed, is reported; a WRITE_WITH_IMM with no receive posted is retried
+//     after the receiver's RNR timer, rnr_retry times (7: forever), then IBV_WC_RNR_RETRY_EXC_ERR;
 //   * completion queues: more unpolled completions than cqe is an overflow, after which poll_cq
 //     returns -1; destroying a CQ, PD or context still in use is EBUSY.
 // Execution is asynchronous, on one NIC thread per process, in order per QP. For tests,
@@ -57,7 +86,8 @@
 // differently from run to run; soft_verbs_stats counts what this process's NIC did.
 //
 // What it does not model: a network (only the processes of one machine, and a packet is lost
-// only when its receiver dies), sends/reads/atomics, UD/UC/XRC, SRQs, completion channels and
+// only when its receiver dies or, on Ethernet, its QP's path is not routed: no ARP/ND, hop limits,
+// traffic classes or VLANs), sends/reads/atomics, UD/UC/XRC, SRQs, completion channels and
 // async events, memory windows, alternate paths, the partial placement of a failed write within a
 // process (between processes the packets acknowledged before the failing one stay placed, as on a
 // real NIC), a QP reset and reconnected while packets of its old connection are still on a wire,
@@ -135,22 +165,82 @@ constexpr uint32_t kRnrTimer10us[32] = {65536, 1,    2,    3,    4,    6,     8,
                                         4096,  6144, 8192, 12288, 16384, 24576, 32768, 49152};
 
 constexpr uint8_t kGidPrefix[14] = {0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x02, 0x5e, 0xff, 0xfe, 0, 0};
+// ::ffff:10.77.<lid >> 8>.<lid & 255>: the port's IPv4 address as a RoCE GID (Ethernet mode).
+constexpr uint8_t kIpv4GidPrefix[14] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 77};
 
-// fe80::25e:ffff:fe00:<lid>: link-local, the LID in the last two bytes, so that an address vector
-// by GID names a port as one by LID does.
-ibv_gid port_gid(uint16_t lid) {
+// The GID table: one entry on InfiniBand; on Ethernet, as on an mlx5 RoCE port with one IPv6
+// link-local and one IPv4 address, each address once as RoCE v1 and once as RoCE v2.
+constexpr uint32_t kIbGids = 1, kRoceGids = 4;
+constexpr uint32_t kRoceIfindex = 2;  // the netdev a RoCE GID belongs to (ibv_gid_entry::ndev_ifindex)
+
+enum class GidFamily : uint8_t { LinkLocal, Ipv4 };
+
+// A GID encoding `lid`: fe80::25e:fffe:0:<lid> (link-local, the LID in the last two bytes, so
+// that an address vector by GID names a port as one by LID does), or its IPv4-mapped twin.
+ibv_gid port_gid(uint16_t lid, GidFamily family = GidFamily::LinkLocal) {
   ibv_gid gid{};
-  std::memcpy(gid.raw, kGidPrefix, sizeof kGidPrefix);
+  std::memcpy(gid.raw, family == GidFamily::LinkLocal ? kGidPrefix : kIpv4GidPrefix, sizeof kGidPrefix);
   gid.raw[14] = uint8_t(lid >> 8);
   gid.raw[15] = uint8_t(lid);
   return gid;
 }
 
-// The LID a soft_verbs GID encodes; 0 when it is not one.
-uint16_t lid_of_gid(const ibv_gid& gid) {
-  if (std::memcmp(gid.raw, kGidPrefix, sizeof kGidPrefix) != 0) return 0;
+// The LID a soft_verbs GID encodes, and its family; 0 when it is not one. The IPv4-mapped form is
+// a port's address on Ethernet only.
+uint16_t lid_of_gid(const ibv_gid& gid, bool ethernet, GidFamily* family) {
+  if (std::memcmp(gid.raw, kGidPrefix, sizeof kGidPrefix) == 0) *family = GidFamily::LinkLocal;
+  else if (ethernet && std::memcmp(gid.raw, kIpv4GidPrefix, sizeof kIpv4GidPrefix) == 0) *family = GidFamily::Ipv4;
+  else return 0;
   const uint16_t lid = uint16_t(gid.raw[14] << 8 | gid.raw[15]);
   return lid <= kMaxLid ? lid : 0;
+}
+
+uint32_t gid_table_length(bool ethernet) { return ethernet ? kRoceGids : kIbGids; }
+
+// Entry `index` of the port's GID table; false beyond it.
+bool gid_entry(bool ethernet, uint16_t lid, uint32_t index, ibv_gid_entry* e) {
+  if (index >= gid_table_length(ethernet)) return false;
+  *e = ibv_gid_entry{};
+  e->gid_index = index;
+  e->port_num = kPort;
+  if (!ethernet) {
+    e->gid = port_gid(lid);
+    e->gid_type = IBV_GID_TYPE_IB;
+    return true;
+  }
+  e->gid = port_gid(lid, index < 2 ? GidFamily::LinkLocal : GidFamily::Ipv4);
+  e->gid_type = index % 2 == 0 ? IBV_GID_TYPE_ROCE_V1 : IBV_GID_TYPE_ROCE_V2;
+  e->ndev_ifindex = kRoceIfindex;
+  return true;
+}
+
+// Whether an Ethernet QP's packets cross the fabric, which is L3-routed: RoCE v1 (an Ethernet
+// frame, not IP) stops at the first router, and so does a packet from one address family to the
+// other. Such a QP connects, but nothing it sends arrives; no error says so, as on a real network.
+enum class Route : uint8_t { Ok, RoceV1, MixedFamilies };
+
+Route route_of(uint8_t sgid_index, GidFamily dgid_family) {
+  if (sgid_index % 2 == 0) return Route::RoceV1;
+  const GidFamily sgid_family = sgid_index < 2 ? GidFamily::LinkLocal : GidFamily::Ipv4;
+  return sgid_family == dgid_family ? Route::Ok : Route::MixedFamilies;
+}
+
+// Why the packets of a QP with this route are dropped: its own (the sender's) or, for an answer
+// lost on its way back, the destination QP's.
+const char* route_text(Route r, bool own) {
+  switch (r) {
+    case Route::RoceV1:
+      return own ? "packets dropped by the routed fabric: this QP's sgid_index names a RoCE v1 GID (only RoCE v2 is routed)"
+                 : "answers dropped by the routed fabric: the destination QP's sgid_index names a RoCE v1 GID "
+                   "(only RoCE v2 is routed)";
+    case Route::MixedFamilies:
+      return own ? "packets dropped by the routed fabric: this QP's sgid and dgid are of different families "
+                   "(link-local vs IPv4-mapped)"
+                 : "answers dropped by the routed fabric: the destination QP's sgid and dgid are of different "
+                   "families (link-local vs IPv4-mapped)";
+    default:
+      return "routed";
+  }
 }
 
 uint32_t mtu_bytes(uint32_t mtu) { return 128u << mtu; }
@@ -206,7 +296,16 @@ bool access_denied(Reason r) { return r >= Reason::QpAccess && r <= Reason::Rang
 
 struct Context { ibv_context ctx; int users = 0; };  // users: PDs and CQs
 struct Pd { ibv_pd pd; int users = 0; };              // users: MRs and QPs
-struct Mr { ibv_mr mr; int access; };
+struct Mr {
+  ibv_mr mr;
+  int access;
+  // Where byte mr.addr lies in this process, as the NIC reaches it: mr.addr itself (ibv_reg_mr),
+  // or `offset` into this library's own mapping of a dma-buf (ibv_reg_dmabuf_mr), whose mr.addr
+  // is an iova the caller chose.
+  uint8_t* host = nullptr;
+  void* map = nullptr;  // a dma-buf MR's mapping of its fd, unmapped at ibv_dereg_mr
+  size_t map_length = 0;
+};
 
 // A completion as queued: the work completion plus what polling it releases on its QP.
 struct Cqe {
@@ -248,6 +347,7 @@ struct SendWr {
   Clock::time_point progress_at{}, sent_at{};  // the last answer that moved it on; the last sending
   Clock::time_point looked_at{};               // the last look at whether a full wire's reader lives
   Reason last_nak = Reason::None;              // why the last attempt was not delivered
+  bool placed = false;  // within a process: written, but the destination's answer is lost (Route)
 };
 
 struct Qp {
@@ -259,6 +359,7 @@ struct Qp {
   int access = 0;
   ibv_mtu mtu = IBV_MTU_256;
   uint16_t dest_lid = 0;  // the port of the destination QP: this process's, or another's
+  Route route = Route::Ok;  // Ethernet: whether its packets cross the fabric, set with the AV at RTR
   uint32_t dest_qpn = 0, expected_psn = 0, next_psn = 0;
   uint64_t psns_taken = 0;  // since rq_psn was set: only those PSNs can come again as duplicates
   uint8_t timeout = 0, retry_cnt = 0, rnr_retry = 0, min_rnr_timer = 0;
@@ -293,9 +394,27 @@ struct Nic {
   std::map<uint16_t, std::deque<Packet>> replies;  // ACKs and NAKs waiting for room on a full wire
   std::vector<uint8_t> payload = std::vector<uint8_t>(kPacketPayload);  // one packet's, gathered
 
+  // Read once, from the environment: the port's link layer (SOFT_VERBS_LINK_LAYER), whether
+  // ibv_reg_mr can pin GPU memory (SOFT_VERBS_PEERMEM; soft_verbs_set_peermem changes it later),
+  // and what was wrong with either (every ibv_open_device then fails).
+  bool ethernet = false;
+  std::atomic<bool> peermem{true};
+  std::string config_error;
+
   Nic() {
     if (const char* j = std::getenv("SOFT_VERBS_JITTER_US")) jitter_us = uint32_t(std::strtoul(j, nullptr, 10));
+    const char* link = std::getenv("SOFT_VERBS_LINK_LAYER");
+    if (link && *link && std::strcmp(link, "infiniband") != 0) {
+      if (std::strcmp(link, "ethernet") == 0) ethernet = true;
+      else config_error = "SOFT_VERBS_LINK_LAYER=" + std::string(link) + ": must be infiniband or ethernet";
+    }
+    const char* peer = std::getenv("SOFT_VERBS_PEERMEM");
+    if (peer && *peer && std::strcmp(peer, "1") != 0) {
+      if (std::strcmp(peer, "0") == 0) peermem = false;
+      else config_error = "SOFT_VERBS_PEERMEM=" + std::string(peer) + ": must be 0 or 1";
+    }
   }
+  uint32_t link_layer() const { return ethernet ? IBV_LINK_LAYER_ETHERNET : IBV_LINK_LAYER_INFINIBAND; }
   uint64_t random() { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
 };
 
@@ -338,6 +457,10 @@ bool inside(const Mr& mr, uint64_t addr, uint64_t length) {
   const uint64_t base = uint64_t(uintptr_t(mr.mr.addr)), end = base + mr.mr.length;
   return addr >= base && addr <= end && length <= end - addr;
 }
+
+// Where the NIC reaches `addr` of an MR (checked inside it): every access to MR memory, local
+// SGEs and remote writes, goes through this, as a NIC's DMA goes through its translation table.
+uint8_t* host_address(const Mr& mr, uint64_t addr) { return mr.host + (addr - uint64_t(uintptr_t(mr.mr.addr))); }
 
 // ---- The port's segment: allocated with the LID, unlinked when the NIC stops ----
 
@@ -397,6 +520,7 @@ bool open_port(Nic& n) {
     w->owner_pid = int32_t(getpid());
     w->owner_start = start;
     w->lid = lid;
+    w->link_layer = n.link_layer();
     pthread_mutexattr_t attr;
     pthread_mutexattr_init(&attr);
     pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
@@ -451,8 +575,9 @@ void close_port(Nic& n) {
 }
 
 // Another port's wire, mapped; nullptr if there is no such port. Only a segment of this user
-// that nobody else may read or write, of this library's layout, is used.
-Wire* peer_wire(Nic& n, uint16_t lid) {
+// that nobody else may read or write, of this library's layout, is used; a port of the other link
+// layer is on another fabric, not there (`other_fabric` says when that was why).
+Wire* peer_wire(Nic& n, uint16_t lid, bool* other_fabric = nullptr) {
   auto it = n.peers.find(lid);
   if (it != n.peers.end()) {
     if (!__atomic_load_n(&it->second->closed, __ATOMIC_ACQUIRE)) return it->second;
@@ -468,8 +593,10 @@ Wire* peer_wire(Nic& n, uint16_t lid) {
   close(fd);
   if (map == MAP_FAILED) return nullptr;
   auto* w = static_cast<Wire*>(map);
-  if (__atomic_load_n(&w->magic, __ATOMIC_ACQUIRE) != kWireMagic || w->version != kWireVersion || w->lid != lid ||
-      __atomic_load_n(&w->closed, __ATOMIC_ACQUIRE)) {
+  const bool port = __atomic_load_n(&w->magic, __ATOMIC_ACQUIRE) == kWireMagic && w->version == kWireVersion &&
+                    w->lid == lid && !__atomic_load_n(&w->closed, __ATOMIC_ACQUIRE);
+  if (!port || w->link_layer != n.link_layer()) {
+    if (port && other_fabric) *other_fabric = true;
     munmap(map, sizeof(Wire));
     return nullptr;
   }
@@ -478,9 +605,9 @@ Wire* peer_wire(Nic& n, uint16_t lid) {
 }
 
 // Another port's wire if its owner still runs (reading /proc: for the slow paths only).
-Wire* live_peer_wire(Nic& n, uint16_t lid) {
+Wire* live_peer_wire(Nic& n, uint16_t lid, bool* other_fabric = nullptr) {
   for (int attempt = 0; attempt < 2; ++attempt) {
-    Wire* w = peer_wire(n, lid);
+    Wire* w = peer_wire(n, lid, other_fabric);
     if (!w || owner_alive(w->owner_pid, w->owner_start)) return w;
     forget_peer(n, lid);  // a killed owner's segment: unlinked, and the name looked up once more
   }
@@ -603,7 +730,10 @@ bool local_length(const Qp& s, const SendWr& wr, uint64_t* length) {
   return true;
 }
 
-// Bytes [offset, offset + length) of the WR's local data, into `out`.
+// Where the NIC reads an SGE that local_length has just accepted (under the same hold of the lock).
+const uint8_t* sge_bytes(const ibv_sge& sge) { return host_address(*nic().by_lkey.at(sge.lkey), sge.addr); }
+
+// Bytes [offset, offset + length) of the WR's local data, into `out` (local_length accepted it).
 void gather(const SendWr& wr, uint64_t offset, uint32_t length, uint8_t* out) {
   if (wr.is_inline) {
     std::memcpy(out, wr.inline_bytes.data() + offset, length);
@@ -613,7 +743,7 @@ void gather(const SendWr& wr, uint64_t offset, uint32_t length, uint8_t* out) {
     if (length == 0) return;
     if (offset >= sge.length) { offset -= sge.length; continue; }
     const uint32_t take = uint32_t(std::min<uint64_t>(length, sge.length - offset));
-    std::memcpy(out, reinterpret_cast<const uint8_t*>(uintptr_t(sge.addr)) + offset, take);
+    std::memcpy(out, sge_bytes(sge) + offset, take);
     out += take;
     length -= take;
     offset = 0;
@@ -631,6 +761,18 @@ bool fail_on_purpose(Qp& s) {
 
 // ---- Execution of one WR to a QP of this process (the lock is held) ----
 
+// The head WR was not delivered, or its answer was lost: retransmitted until (retry_cnt + 1)
+// transport timeouts of 4.096 us * 2^timeout have passed; timeout 0 means wait forever (IB spec).
+void undelivered(Qp& s, Clock::time_point now, const char* why) {
+  SendWr& wr = s.pending.front();
+  if (!wr.tried) { wr.tried = true; wr.first_try = now; }
+  const Nanos period(int64_t(4096) << s.timeout);
+  if (s.timeout != 0 && now - wr.first_try >= period * (s.retry_cnt + 1))
+    return fail_head(s, IBV_WC_RETRY_EXC_ERR, why);
+  wr.ready_at = now + std::min(period, kRetryPoll);
+  count(3);
+}
+
 void execute_local(Qp& s, Clock::time_point now) {
   Nic& n = nic();
   SendWr& wr = s.pending.front();
@@ -638,25 +780,23 @@ void execute_local(Qp& s, Clock::time_point now) {
   uint64_t length = 0;
   if (!local_length(s, wr, &length))
     return fail_head(s, IBV_WC_LOC_PROT_ERR, "SGE not inside an MR of this QP's PD with that lkey");
+  if (s.route != Route::Ok) return undelivered(s, now, route_text(s.route, true));
 
   auto found = n.qps.find(s.dest_qpn);
   Qp* t = found == n.qps.end() ? nullptr : found->second;
+  // Written already, the answer lost: each retransmission is a duplicate, answered (and lost) again.
+  if (wr.placed && t && t->route != Route::Ok) return undelivered(s, now, route_text(t->route, false));
   Reason why = not_accepting(t, n.lid, s.qp.qp_num, s.mtu);
   if (why == Reason::None && s.next_psn != t->expected_psn) why = Reason::Psn;
-  if (why != Reason::None) {
-    // Retransmitted until (retry_cnt + 1) transport timeouts of 4.096 us * 2^timeout have passed;
-    // timeout 0 means wait forever (IB spec).
-    if (!wr.tried) { wr.tried = true; wr.first_try = now; }
-    const Nanos period(int64_t(4096) << s.timeout);
-    if (s.timeout != 0 && now - wr.first_try >= period * (s.retry_cnt + 1))
-      return fail_head(s, IBV_WC_RETRY_EXC_ERR, reason_text(why));
-    wr.ready_at = now + std::min(period, kRetryPoll);
-    return count(3);
-  }
+  if (why != Reason::None) return undelivered(s, now, reason_text(why));
+  // From here the destination answers; a destination whose packets do not cross the fabric acts
+  // on the write all the same, but its NAK or ACK never arrives.
+  const char* answer_lost = t->route == Route::Ok ? nullptr : route_text(t->route, false);
   if (Reason r = remote_access_error(*t, wr.rkey, wr.remote_addr, length); r != Reason::None)
-    return fail_head(s, IBV_WC_REM_ACCESS_ERR, reason_text(r));
+    return answer_lost ? undelivered(s, now, answer_lost) : fail_head(s, IBV_WC_REM_ACCESS_ERR, reason_text(r));
   if (fail_on_purpose(s)) return;
   if (wr.opcode == IBV_WR_RDMA_WRITE_WITH_IMM && t->recvs.empty()) {
+    if (answer_lost) return undelivered(s, now, answer_lost);
     // Receiver not ready: nothing is written; retried after the receiver's RNR timer.
     if (s.rnr_retry != 7 && wr.rnr_tries >= s.rnr_retry)
       return fail_head(s, IBV_WC_RNR_RETRY_EXC_ERR, reason_text(Reason::NoReceive));
@@ -665,13 +805,15 @@ void execute_local(Qp& s, Clock::time_point now) {
     return count(3);
   }
 
-  auto* dst = reinterpret_cast<uint8_t*>(uintptr_t(wr.remote_addr));
-  if (wr.is_inline) {
-    if (length) std::memcpy(dst, wr.inline_bytes.data(), length);
-  } else {
-    for (const ibv_sge& sge : wr.sges) {  // memmove: loopback tests may overlap source and target
-      std::memmove(dst, reinterpret_cast<const void*>(uintptr_t(sge.addr)), sge.length);
-      dst += sge.length;
+  if (length) {  // a zero-length write names no memory (its rkey is not even checked)
+    uint8_t* dst = host_address(*n.by_rkey.at(wr.rkey), wr.remote_addr);
+    if (wr.is_inline) {
+      std::memcpy(dst, wr.inline_bytes.data(), length);
+    } else {
+      for (const ibv_sge& sge : wr.sges) {  // memmove: loopback tests may overlap source and target
+        std::memmove(dst, sge_bytes(sge), sge.length);
+        dst += sge.length;
+      }
     }
   }
   const uint32_t packets = psn_span(length, s.mtu);
@@ -681,6 +823,10 @@ void execute_local(Qp& s, Clock::time_point now) {
   // Both completions are queued under the lock that covered the copy: a poller that sees them
   // (taking the same lock) sees the data.
   if (wr.opcode == IBV_WR_RDMA_WRITE_WITH_IMM) complete_write_with_imm(*t, length, wr.imm, s.qp.qp_num, n.lid);
+  if (answer_lost) {
+    wr.placed = true;
+    return undelivered(s, now, answer_lost);
+  }
   complete_head(s, length);
 }
 
@@ -744,7 +890,8 @@ const char* malformed_write(const Nic& n, const Packet& p) {
 }
 
 // One WRITE packet from another process, its payload at `payload_at` on this port's wire: placed
-// and acknowledged, or NAKed with the reason, or dropped if malformed.
+// and acknowledged, or NAKed with the reason, or dropped if malformed. A destination QP whose own
+// packets do not cross the fabric (Route) acts on it all the same, but its answer is lost.
 void receive_write(Nic& n, const Packet& p, uint64_t payload_at) {
   if (const char* bad = malformed_write(n, p)) {
     std::fprintf(stderr, "soft_verbs: dropped a malformed WRITE packet (from LID %u QP 0x%x): %s\n",
@@ -753,23 +900,28 @@ void receive_write(Nic& n, const Packet& p, uint64_t payload_at) {
   }
   auto found = n.qps.find(p.dst_qpn);
   Qp* t = found == n.qps.end() ? nullptr : found->second;
+  const bool answers_lost = t && t->route != Route::Ok;
+  auto reply = [&](Reason why, uint8_t rnr_timer) {
+    if (!answers_lost) answer(n, p, why, rnr_timer);
+  };
   Reason why = not_accepting(t, p.src_lid, p.src_qpn, p.mtu);
   if (why == Reason::None && p.psn != t->expected_psn) {
     // A PSN this QP has taken already (a retransmission) is acknowledged again, not placed again;
     // any other is a PSN mismatch, as within a process.
     const uint32_t behind = (t->expected_psn - p.psn) & kPsnMask;
-    if (behind <= std::min<uint64_t>(t->psns_taken, kPsnMask / 2)) return answer(n, p, Reason::None, 0);
+    if (behind <= std::min<uint64_t>(t->psns_taken, kPsnMask / 2)) return reply(Reason::None, 0);
     why = Reason::Psn;
   }
   if (why == Reason::None) why = remote_access_error(*t, p.rkey, p.wr_addr, p.wr_length);
   if (why == Reason::None && (p.flags & kWithImm) && t->recvs.empty()) why = Reason::NoReceive;
-  if (why != Reason::None) return answer(n, p, why, t ? t->min_rnr_timer : 0);
+  if (why != Reason::None) return reply(why, t ? t->min_rnr_timer : 0);
 
-  if (p.length) ring_read(n.wire, payload_at, reinterpret_cast<uint8_t*>(uintptr_t(p.wr_addr + p.offset)), p.length);
+  // remote_access_error found the rkey's MR for any write with bytes (a zero-length one has none).
+  if (p.length) ring_read(n.wire, payload_at, host_address(*n.by_rkey.at(p.rkey), p.wr_addr + p.offset), p.length);
   t->expected_psn = (t->expected_psn + psn_span(p.length, p.mtu)) & kPsnMask;
   t->psns_taken += psn_span(p.length, p.mtu);
   if (p.flags & kWithImm) complete_write_with_imm(*t, p.wr_length, p.imm, p.src_qpn, p.src_lid);
-  answer(n, p, Reason::None, 0);
+  reply(Reason::None, 0);
 }
 
 // ---- Between processes: the sending end (the lock is held) ----
@@ -843,9 +995,12 @@ void execute_remote(Qp& s, Clock::time_point now) {
   if (now >= give_up_at(s, wr)) {
     live_peer_wire(n, s.dest_lid);  // if its owner died: unmapped, and its segment unlinked
     const std::string lid = std::to_string(s.dest_lid);
-    const std::string why = (wr.last_nak != Reason::None ? std::string(reason_text(wr.last_nak)) + " (NAK from LID " + lid + ")"
-                                                         : "no answer from LID " + lid + " (its process gone or stalled?)") +
-                            ", " + std::to_string(wr.acked) + " of " + std::to_string(wr.packets) + " packets acknowledged";
+    const std::string why =
+        (s.route != Route::Ok          ? std::string(route_text(s.route, true)) + " (to LID " + lid + ")"
+         : wr.last_nak != Reason::None ? std::string(reason_text(wr.last_nak)) + " (NAK from LID " + lid + ")"
+         : n.ethernet ? "no answer from LID " + lid + " (its process gone or stalled, or its QP's answers not routed?)"
+                      : "no answer from LID " + lid + " (its process gone or stalled?)") +
+        ", " + std::to_string(wr.acked) + " of " + std::to_string(wr.packets) + " packets acknowledged";
     return fail_head(s, IBV_WC_RETRY_EXC_ERR, why.c_str());
   }
   if (wr.sent == wr.packets) {  // all on the wire, some unanswered
@@ -856,9 +1011,10 @@ void execute_remote(Qp& s, Clock::time_point now) {
     count(3);
     live_peer_wire(n, s.dest_lid);  // a port whose owner died: unmapped, and its segment unlinked
   }
-  Wire* w = peer_wire(n, s.dest_lid);
+  // A QP whose packets do not cross the fabric sends them all the same; none arrives.
+  Wire* w = s.route == Route::Ok ? peer_wire(n, s.dest_lid) : nullptr;
   for (int budget = 16; wr.sent < wr.packets; ++wr.sent) {  // a few per sweep, so that QPs interleave
-    if (!w) { wr.sent = wr.packets; break; }  // no port there: lost, as a packet on a dead link
+    if (!w) { wr.sent = wr.packets; break; }  // no port there, or dropped on the way: lost, as on a dead link
     if (budget-- == 0) { wr.ready_at = now; return; }
     Packet p{};
     const uint64_t offset = uint64_t(wr.sent) * kPacketPayload;
@@ -1123,12 +1279,17 @@ bool transition_masks(ibv_qp_state cur, ibv_qp_state next, int* required, int* o
   return true;
 }
 
-// The port an address vector names (by GID if it has a GRH, else by LID), or 0 with `why`.
-uint16_t av_lid(const ibv_ah_attr& av, const char** why) {
+// The port an address vector names (by GID if it has a GRH, else by LID; on Ethernet by GID
+// only, dlid ignored) and the dgid's family, or 0 with `why`.
+uint16_t av_lid(const Nic& n, const ibv_ah_attr& av, const char** why, GidFamily* family) {
+  *family = GidFamily::LinkLocal;
   if (!av.is_global) return av.dlid;
-  const uint16_t lid = lid_of_gid(av.grh.dgid);
-  if (lid == 0) *why = "ah_attr.grh.dgid is not a soft_verbs port's GID (fe80::25e:ffff:fe00:<lid>)";
-  else if (av.dlid != 0 && av.dlid != lid) *why = "ah_attr.dlid and ah_attr.grh.dgid name different ports";
+  const uint16_t lid = lid_of_gid(av.grh.dgid, n.ethernet, family);
+  if (lid == 0)
+    *why = n.ethernet ? "ah_attr.grh.dgid is not a soft_verbs port's GID (fe80::25e:fffe:0:<lid> or "
+                        "::ffff:10.77.<lid / 256>.<lid % 256>)"
+                      : "ah_attr.grh.dgid is not a soft_verbs port's GID (fe80::25e:fffe:0:<lid>)";
+  else if (!n.ethernet && av.dlid != 0 && av.dlid != lid) *why = "ah_attr.dlid and ah_attr.grh.dgid name different ports";
   else return lid;
   return 0;
 }
@@ -1143,12 +1304,22 @@ const char* bad_attribute(Nic& n, const ibv_qp_attr& a, int mask) {
   if (mask & IBV_QP_AV) {
     const ibv_ah_attr& av = a.ah_attr;
     if (av.port_num != kPort) return "ah_attr.port_num must be 1";
-    if (av.is_global && av.grh.sgid_index != 0) return "ah_attr.grh.sgid_index must be 0";
+    if (n.ethernet) {
+      if (!av.is_global) return "ah_attr.is_global must be 1 on a RoCE port (every packet carries a GRH)";
+      if (av.grh.sgid_index >= kRoceGids) return "ah_attr.grh.sgid_index must be below 4 (the port's GID table length)";
+    } else if (av.is_global && av.grh.sgid_index != 0) {
+      return "ah_attr.grh.sgid_index must be 0";
+    }
     const char* why = nullptr;
-    const uint16_t lid = av_lid(av, &why);
+    GidFamily family;
+    const uint16_t lid = av_lid(n, av, &why, &family);
     if (why) return why;
-    if (lid != n.lid && !live_peer_wire(n, lid))
-      return "the address vector names no live soft_verbs port (neither this process's LID nor another process's)";
+    bool other_fabric = false;
+    if (lid != n.lid && !live_peer_wire(n, lid, &other_fabric))
+      return other_fabric ? "the address vector names a port of the other link layer (SOFT_VERBS_LINK_LAYER differs "
+                            "between the processes): not on this fabric"
+                          : "the address vector names no live soft_verbs port (neither this process's LID nor "
+                            "another process's)";
   }
   if ((mask & IBV_QP_PATH_MTU) && (a.path_mtu < IBV_MTU_256 || a.path_mtu > kActiveMtu))
     return "path_mtu invalid or above the port's active MTU";
@@ -1194,6 +1365,11 @@ SOFT_VERBS_EXPORT const char* ibv_get_device_name(ibv_device* device) {
 
 SOFT_VERBS_EXPORT ibv_context* ibv_open_device(ibv_device* device) {
   if (device != &g_device) { errno = ENODEV; return nullptr; }
+  if (const std::string& bad = nic().config_error; !bad.empty()) {  // set once, before any thread could read it
+    std::fprintf(stderr, "soft_verbs: ibv_open_device: %s\n", bad.c_str());
+    errno = EINVAL;
+    return nullptr;
+  }
   auto* c = new Context{};
   ibv_context& ctx = c->ctx;
   ctx.device = device;
@@ -1248,26 +1424,38 @@ SOFT_VERBS_EXPORT int ibv_query_port(ibv_context* context, uint8_t port_num, _co
   a.state = IBV_PORT_ACTIVE;
   a.max_mtu = kActiveMtu;
   a.active_mtu = kActiveMtu;
-  a.gid_tbl_len = 1;
+  a.gid_tbl_len = int(gid_table_length(n.ethernet));
   a.max_msg_sz = uint32_t(kMaxMessage);
   a.pkey_tbl_len = 1;
-  a.lid = n.lid;
-  a.sm_lid = n.lid;
+  a.lid = n.ethernet ? 0 : n.lid;  // RoCE has no LIDs: the port is addressed by GID only
+  a.sm_lid = n.ethernet ? 0 : n.lid;
   a.max_vl_num = 1;
   a.active_width = 2;  // 4x
   a.active_speed = 32; // 25 Gb/s (EDR lane)
   a.phys_state = 5;    // LinkUp
-  a.link_layer = IBV_LINK_LAYER_INFINIBAND;
+  a.link_layer = uint8_t(n.link_layer());
   std::memcpy(out, &a, offsetof(ibv_port_attr, flags) + sizeof a.flags);
   return 0;
 }
 
 SOFT_VERBS_EXPORT int ibv_query_gid(ibv_context* context, uint8_t port_num, int index, ibv_gid* gid) {
-  if (!context || port_num != kPort || index != 0) return -1;
+  if (!context || port_num != kPort || index < 0) return -1;
   Nic& n = nic();
   std::lock_guard<std::mutex> lock(n.mu);
-  *gid = port_gid(n.lid);
+  ibv_gid_entry e;
+  if (!gid_entry(n.ethernet, n.lid, uint32_t(index), &e)) return -1;
+  *gid = e.gid;
   return 0;
+}
+
+// The symbol behind verbs.h's inline ibv_query_gid_ex: 0 or an errno value, as rdma-core's.
+// Only sizeof(ibv_gid_entry) bytes are written when the caller's entry is larger.
+SOFT_VERBS_EXPORT int _ibv_query_gid_ex(ibv_context* context, uint32_t port_num, uint32_t gid_index,
+                                        ibv_gid_entry* entry, uint32_t flags, size_t entry_size) {
+  if (!context || port_num != kPort || flags != 0 || !entry || entry_size < sizeof(ibv_gid_entry)) return EINVAL;
+  Nic& n = nic();
+  std::lock_guard<std::mutex> lock(n.mu);
+  return gid_entry(n.ethernet, n.lid, gid_index, entry) ? 0 : ENODATA;
 }
 
 SOFT_VERBS_EXPORT ibv_pd* ibv_alloc_pd(ibv_context* context) {
@@ -1288,13 +1476,18 @@ SOFT_VERBS_EXPORT int ibv_dealloc_pd(ibv_pd* pd) {
   return 0;
 }
 
-SOFT_VERBS_EXPORT ibv_mr* ibv_reg_mr(ibv_pd* pd, void* addr, size_t length, int access) {
-  // As the kernel: remote write (or atomic) access requires local write access.
+namespace {
+
+// The checks ibv_reg_mr and ibv_reg_dmabuf_mr share. As the kernel: remote write (or atomic)
+// access requires local write access.
+bool valid_registration(const ibv_pd* pd, size_t length, int access) {
   const bool remote = access & (IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_ATOMIC);
-  if (!pd || length == 0 || (remote && !(access & IBV_ACCESS_LOCAL_WRITE))) {
-    errno = EINVAL;
-    return nullptr;
-  }
+  return pd && length != 0 && (!remote || (access & IBV_ACCESS_LOCAL_WRITE));
+}
+
+// Registers [addr, addr + length) of the caller's, which the NIC reaches at `host` (a dma-buf's
+// `map` is unmapped at ibv_dereg_mr).
+ibv_mr* register_mr(ibv_pd* pd, void* addr, size_t length, int access, uint8_t* host, void* map, size_t map_length) {
   Nic& n = nic();
   std::lock_guard<std::mutex> lock(n.mu);
   auto* m = new Mr{};
@@ -1302,6 +1495,9 @@ SOFT_VERBS_EXPORT ibv_mr* ibv_reg_mr(ibv_pd* pd, void* addr, size_t length, int 
   m->mr.pd = pd;
   m->mr.addr = addr;
   m->mr.length = length;
+  m->host = host;
+  m->map = map;
+  m->map_length = map_length;
   m->mr.handle = n.next_handle++;
   // Distinct low bytes keep lkeys and rkeys disjoint: using one for the other never resolves.
   const uint32_t k = n.next_key++;
@@ -1314,13 +1510,71 @@ SOFT_VERBS_EXPORT ibv_mr* ibv_reg_mr(ibv_pd* pd, void* addr, size_t length, int 
   return &m->mr;
 }
 
+}  // namespace
+
+// Pins user memory. SOFT_VERBS_PEERMEM=0 models a host without nvidia-peermem: the kernel cannot
+// pin GPU memory, and since the engine registers nothing else, every registration fails as that
+// one would (EFAULT from the page pinning), after the argument checks.
+SOFT_VERBS_EXPORT ibv_mr* ibv_reg_mr(ibv_pd* pd, void* addr, size_t length, int access) {
+  if (!valid_registration(pd, length, access)) {
+    errno = EINVAL;
+    return nullptr;
+  }
+  if (!nic().peermem.load(std::memory_order_relaxed)) {
+    std::fprintf(stderr, "soft_verbs: ibv_reg_mr(%p, %zu): EFAULT: no GPUDirect peer memory on this host "
+                 "(SOFT_VERBS_PEERMEM=0: nvidia-peermem not loaded); use ibv_reg_dmabuf_mr\n", addr, length);
+    errno = EFAULT;
+    return nullptr;
+  }
+  return register_mr(pd, addr, length, access, static_cast<uint8_t*>(addr), nullptr, 0);
+}
+
+// Registers [offset, offset + length) of a dma-buf, addressed as [iova, iova + length). The NIC
+// maps the fd itself (as the kernel takes its own reference, the caller may close it at once) and
+// reaches the bytes through that mapping only: a second view of the same pages, as a NIC's DMA.
+// The checks are the kernel's (ib_umem_dmabuf_get, mlx5): the offset range must not wrap and the
+// buffer must cover it, and iova and offset must lie at the same offset within a page.
+SOFT_VERBS_EXPORT ibv_mr* ibv_reg_dmabuf_mr(ibv_pd* pd, uint64_t offset, size_t length, uint64_t iova, int fd,
+                                            int access) {
+  const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
+  uint64_t end = 0, iova_end = 0;
+  if (!valid_registration(pd, length, access) || __builtin_add_overflow(offset, uint64_t(length), &end) ||
+      __builtin_add_overflow(iova, uint64_t(length), &iova_end) || end > uint64_t(SIZE_MAX) - page) {
+    errno = EINVAL;
+    return nullptr;
+  }
+  struct stat st {};
+  if (fd < 0 || fcntl(fd, F_GETFD) < 0 || fstat(fd, &st) != 0) {
+    errno = EBADF;
+    return nullptr;
+  }
+  if (!S_ISREG(st.st_mode) || uint64_t(st.st_size) < end || (iova ^ offset) % page != 0) {
+    errno = EINVAL;  // not a buffer (as a non-dma-buf fd), too small, or iova and offset not congruent
+    return nullptr;
+  }
+  const size_t map_length = size_t((end + page - 1) / page * page);
+  void* map = mmap(nullptr, map_length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (map == MAP_FAILED) return nullptr;  // errno from mmap: EACCES for an fd not open for writing
+  return register_mr(pd, reinterpret_cast<void*>(uintptr_t(iova)), length, access, static_cast<uint8_t*>(map) + offset,
+                     map, map_length);
+}
+
 SOFT_VERBS_EXPORT int ibv_dereg_mr(ibv_mr* mr) {
   Nic& n = nic();
-  std::lock_guard<std::mutex> lock(n.mu);
-  n.by_lkey.erase(mr->lkey);
-  n.by_rkey.erase(mr->rkey);
-  --as_pd(mr->pd).users;
-  delete reinterpret_cast<Mr*>(mr);
+  void* map;
+  size_t map_length;
+  {
+    std::lock_guard<std::mutex> lock(n.mu);
+    n.by_lkey.erase(mr->lkey);
+    n.by_rkey.erase(mr->rkey);
+    --as_pd(mr->pd).users;
+    Mr* m = reinterpret_cast<Mr*>(mr);
+    map = m->map;
+    map_length = m->map_length;
+    delete m;
+  }
+  // Unreachable by the NIC since it left the tables (every access looks the key up under the lock).
+  if (map) munmap(map, map_length);
   return 0;
 }
 
@@ -1414,7 +1668,9 @@ SOFT_VERBS_EXPORT int ibv_modify_qp(ibv_qp* qp, ibv_qp_attr* attr, int mask) {
     if (mask & IBV_QP_ACCESS_FLAGS) q.access = attr->qp_access_flags;
     if (mask & IBV_QP_AV) {
       const char* checked_above = nullptr;
-      q.dest_lid = av_lid(attr->ah_attr, &checked_above);
+      GidFamily family;
+      q.dest_lid = av_lid(n, attr->ah_attr, &checked_above, &family);
+      q.route = n.ethernet ? route_of(attr->ah_attr.grh.sgid_index, family) : Route::Ok;
     }
     if (mask & IBV_QP_PATH_MTU) q.mtu = attr->path_mtu;
     if (mask & IBV_QP_DEST_QPN) q.dest_qpn = attr->dest_qp_num;
@@ -1470,6 +1726,11 @@ SOFT_VERBS_EXPORT uint64_t soft_verbs_stats(int what) {
 // For tests: every WR posted from now on waits `us` microseconds before it executes, as on a slow
 // link (a put that is still in flight when its target goes away).
 SOFT_VERBS_EXPORT void soft_verbs_set_delay_us(uint32_t us) { nic().delay_us.store(us, std::memory_order_relaxed); }
+
+// For tests: from now on this process's host has GPUDirect peer memory (nonzero: ibv_reg_mr works)
+// or not (0: every ibv_reg_mr fails with EFAULT), as SOFT_VERBS_PEERMEM set it at the start. MRs
+// registered already stay.
+SOFT_VERBS_EXPORT void soft_verbs_set_peermem(int on) { nic().peermem.store(on != 0, std::memory_order_relaxed); }
 
 // For tests: the next WR to reach its destination fails with `status` (an ibv_wc_status), as a
 // NIC reports a fault: its QP goes to the error state.

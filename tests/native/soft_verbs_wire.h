@@ -35,7 +35,7 @@ constexpr time_t kUnfinishedSegmentSeconds = 10;
 // ---- The wire: one port's inbound ring of packets, in its shared-memory segment ----
 
 constexpr uint32_t kWireMagic = 0x31575653;  // "SVW1"
-constexpr uint32_t kWireVersion = 1;
+constexpr uint32_t kWireVersion = 2;  // 2: link_layer
 constexpr uint64_t kRingBytes = 4ull << 20;     // a power of two, a multiple of 8
 constexpr uint32_t kPacketPayload = 64u << 10;  // a multiple of every MTU: packets take whole PSNs
 
@@ -75,6 +75,10 @@ struct Wire {
   uint64_t owner_start;  // the owner's start time (/proc/<pid>/stat): a reused pid is not the owner
   uint32_t closed;       // the owner stopped: senders unmap it
   uint32_t doorbell;     // a futex word, bumped after each append and by the owner's own posts
+  // The owner's port's link layer (IBV_LINK_LAYER_INFINIBAND or _ETHERNET): an InfiniBand port
+  // and a RoCE port are on different fabrics, so neither sends to the other.
+  uint32_t link_layer;
+  uint32_t reserved;
   pthread_mutex_t producers;     // process-shared, robust
   alignas(64) uint64_t head;     // bytes ever appended (under `producers`)
   alignas(64) uint64_t tail;     // bytes ever consumed (by the owner)
