@@ -469,7 +469,37 @@ Deno.test({ name: "cuda: the CPU proxy carries kernels' puts and signals in orde
     assert.match(text, /ok: ibverbs: a signal of \d+ and a put with a signal of \d+ \(more than one immediate/);
     assert.match(text, /ok: ibverbs: a proxy going away waits for a peer's put in flight to it/);
     assert.match(text, /ok: ibverbs: the proxy's error names the ranks and the NIC's status/);
+    // The window registered through dma-buf (also from inside its allocation), as peer memory,
+    // and neither: the error says why each way failed.
+    assert.match(
+      text,
+      /ok: ibverbs: windows 4288 bytes into their allocations, registered through dma-buf only: every window holds exactly/,
+    );
+    assert.match(
+      text,
+      /ok: ibverbs: windows registered as peer memory only \(ibv_reg_mr\): every window holds exactly/,
+    );
+    assert.match(text, /ok: ibverbs: no peer memory on the host: the default registers through dma-buf: every wait/);
+    assert.match(text, /ok: ibverbs: peer memory only, on a host without it: the error says why/);
+    assert.match(text, /ok: ibverbs: dma-buf only, of memory the driver cannot export: the error says why/);
   }
+  assert.match(text, /^all ok$/m);
+});
+
+Deno.test({
+  name: "cuda: the ibverbs engine over RoCE chooses a RoCE v2 GID by itself (native)",
+  ignore: ignore || !cuda.executedOnCpu || !softVerbsBuilt(),
+}, async () => {
+  // The software NIC as a RoCE port on a routed fabric (tests/native/soft_verbs.cpp): GIDs of
+  // RoCE v1 and v2, of a link-local and an IPv4 address, and RoCE v1 frames dropped.
+  const text = await nativeProgram("switchyard_rdma_transport", ["--roce"], { SOFT_VERBS_LINK_LAYER: "ethernet" });
+  assert.match(text, /ok: ibverbs: RoCE: exchange: every window holds exactly the messages put into it/);
+  assert.match(text, /ok: ibverbs: RoCE: ranks apart, connected by the endpoints they exchanged as text: every wait/);
+  assert.match(text, /ok: ibverbs: RoCE: the GID chosen is the RoCE v2 one of an IPv4 address/);
+  assert.match(
+    text,
+    /ok: ibverbs: RoCE: a put from GID 0 \(RoCE v1\) fails at the transport timeout, naming the ranks/,
+  );
   assert.match(text, /^all ok$/m);
 });
 

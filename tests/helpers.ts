@@ -319,22 +319,34 @@ export function paddingZeroed(
   return out;
 }
 
-/**
- * Runs a native test program built next to the library under test (CMakeLists.txt) and returns
- * its output; fails the test if it exits with a failure.
- */
-/** Whether the software ibverbs NIC (tests/native/soft_verbs.cpp) was built beside the library. */
+/** The path of `name` in the folder of the library under test (where CMake builds the native tests). */
+export function besideLibrary(name: string): string {
+  return `${candidatePaths()[0].replace(/[^/]*$/, "")}${name}`;
+}
+
+/** The software ibverbs NIC (tests/native/soft_verbs.cpp), built beside the library. */
+export const softVerbsLibrary = (): string => besideLibrary("libsoft_verbs.so");
+
+/** Whether the software ibverbs NIC was built. */
 export function softVerbsBuilt(): boolean {
   try {
-    return Deno.statSync(`${candidatePaths()[0].replace(/[^/]*$/, "")}libsoft_verbs.so`).isFile;
+    return Deno.statSync(softVerbsLibrary()).isFile;
   } catch {
     return false;
   }
 }
 
-export async function nativeProgram(name: string): Promise<string> {
-  const binary = `${candidatePaths()[0].replace(/[^/]*$/, "")}${name}`;
-  const out = await new Deno.Command(binary, { stdout: "piped", stderr: "piped" }).output().catch((e) => {
+/**
+ * Runs a native test program built next to the library under test (CMakeLists.txt) and returns
+ * its output; fails the test if it exits with a failure.
+ */
+export async function nativeProgram(
+  name: string,
+  args: string[] = [],
+  env: Record<string, string> = {},
+): Promise<string> {
+  const binary = besideLibrary(name);
+  const out = await new Deno.Command(binary, { args, env, stdout: "piped", stderr: "piped" }).output().catch((e) => {
     throw new Error(`${binary}: ${e.message}; build it with 'deno task build'`);
   });
   const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);

@@ -254,27 +254,42 @@ std::string describe(const tr::TransportStatus& s) {
          std::to_string(s.refusal);
 }
 
+// How a world's ibverbs engines are made.
+struct Setup {
+  // As between processes: every rank has a directory of its own, and the ranks reach each other
+  // only through the endpoints they export as text and import.
+  bool apart = false;
+  tr::VerbsSettings::DmaBuf dmabuf = tr::VerbsSettings::DmaBuf::Auto;
+  uint64_t window_offset = 0;  // each window starts this far into its allocation
+  int gid_index = -1;
+  int timeout = 14;
+};
+
 struct World {
   std::unique_ptr<tr::EmulatedFabric> fabric;
   std::shared_ptr<tr::VerbsDirectory> directory;
   sy::core::NetworkCounters counters[kRanks];  // what each rank's proxy carried
-  std::vector<uint8_t*> windows;
+  std::vector<uint8_t*> windows, allocations;
   std::vector<std::unique_ptr<tr::Proxy>> proxies;
   std::vector<cudaStream_t> send_streams, recv_streams;
   Outcome* outcomes = nullptr;  // [ranks][kChannels] sends, then [ranks][ranks * kChannels] receives
 
-  // `apart`: ibverbs as between processes: every rank has a directory of its own, and the
-  // ranks reach each other only through the endpoints they export as text and import.
-  explicit World(sy::core::LinkModel model, bool apart = false) {
+  explicit World(sy::core::LinkModel model, Setup setup = {}) {
+    const bool apart = setup.apart;
     fabric = std::make_unique<tr::EmulatedFabric>(kRanks, kChannels, model);
     directory = tr::make_verbs_directory(kRanks);
     tr::VerbsSettings settings;
     settings.library = verbs_library;
+    settings.dmabuf = setup.dmabuf;
+    settings.gid_index = setup.gid_index;
+    settings.timeout = setup.timeout;
     must(cudaMalloc(&outcomes, sizeof(Outcome) * kRanks * (kChannels + kRanks * kChannels)), "cudaMalloc");
     std::vector<std::unique_ptr<tr::NicEngine>> engines(kRanks);
     for (int r = 0; r < kRanks; ++r) {
-      uint8_t* w = nullptr;
-      must(cudaMalloc(&w, kWindowBytes), "cudaMalloc window");
+      uint8_t* a = nullptr;
+      must(cudaMalloc(&a, kWindowBytes + setup.window_offset), "cudaMalloc window");
+      allocations.push_back(a);
+      uint8_t* w = a + setup.window_offset;
       windows.push_back(w);
       if (use_verbs) {
         const auto dir = apart ? tr::make_verbs_directory(kRanks) : directory;
@@ -309,8 +324,8 @@ struct World {
   }
   ~World() {
     proxies.clear();
-    for (auto w : windows)
-      if (w) cudaFree(w);
+    for (auto a : allocations)
+      if (a) cudaFree(a);
     for (auto s : send_streams) cudaStreamDestroy(s);
     for (auto s : recv_streams) cudaStreamDestroy(s);
     cudaFree(outcomes);
@@ -571,8 +586,8 @@ void teardown_case() {
   const auto start = std::chrono::steady_clock::now();
   w.proxies[1].reset();
   const double ms = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3;
-  must(cudaFree(w.windows[1]), "cudaFree");
-  w.windows[1] = nullptr;
+  must(cudaFree(w.allocations[1]), "cudaFree");
+  w.allocations[1] = w.windows[1] = nullptr;
   SY_LAUNCH(flush_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), out);
   SY_LAUNCH(bad_put_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(1, kTimeoutNs), 1, kStageBytes, 64,
                                                         out + 1);
@@ -668,8 +683,6 @@ void nic_failure_case() {
 // ibverbs, as between processes: an endpoint comes from another process, so every way it can be
 // wrong is refused, naming the peer, and leaves the engine usable; the right one connects.
 void endpoint_case() {
-  sy::core::NetworkCounters unused;
-  (void)unused;
   tr::VerbsSettings settings;
   settings.library = verbs_library;
   uint8_t* w[2] = {nullptr, nullptr};
@@ -730,6 +743,92 @@ void endpoint_case() {
   for (uint8_t* x : w) cudaFree(x);
 }
 
+// ibverbs: how the window (device memory) is registered. Through dma-buf by default, also for a
+// window that starts inside its allocation (the dma-buf is the allocation's, the region starts at
+// the window's offset in it); as peer memory only; without peer memory (a host without
+// nvidia-peermem), the default still registers; and when neither way works the error says why
+// each did not.
+void registration_case() {
+  using D = tr::VerbsSettings::DmaBuf;
+  {
+    World w({}, {.dmabuf = D::Only, .window_offset = 4096 + 192});
+    exchange(w, "windows 4288 bytes into their allocations, registered through dma-buf only");
+  }
+  {
+    World w({}, {.dmabuf = D::Never});
+    exchange(w, "windows registered as peer memory only (ibv_reg_mr)");
+  }
+  const auto set_peermem = soft_verbs<void (*)(int)>("soft_verbs_set_peermem");
+  set_peermem(0);
+  {
+    World w({});
+    exchange(w, "no peer memory on the host: the default registers through dma-buf");
+  }
+  tr::VerbsSettings settings;
+  settings.library = verbs_library;
+  settings.dmabuf = D::Never;
+  uint8_t* device = nullptr;
+  uint8_t* pinned = nullptr;
+  must(cudaMalloc(&device, kWindowBytes), "cudaMalloc");
+  must(cudaMallocHost(&pinned, kWindowBytes), "cudaMallocHost");
+  std::unique_ptr<tr::NicEngine> e;
+  const sy::Error neither =
+      tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 0, kChannels, 0, device, kWindowBytes, settings, &e);
+  check(bool(neither) &&
+            neither.message.find("through dma-buf: not tried (SWITCHYARD_IBVERBS_DMABUF=0); with ibv_reg_mr: Bad "
+                                 "address (GPU memory needs the nvidia-peermem module)") != std::string::npos,
+        "peer memory only, on a host without it: the error says why: " + neither.message);
+  settings.dmabuf = D::Only;
+  const sy::Error no_dmabuf =
+      tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 0, kChannels, 0, pinned, kWindowBytes, settings, &e);
+  check(bool(no_dmabuf) && no_dmabuf.message.find("through dma-buf: cuMemGetAddressRange failed") != std::string::npos &&
+            no_dmabuf.message.find("with ibv_reg_mr: not tried (SWITCHYARD_IBVERBS_DMABUF=1)") != std::string::npos,
+        "dma-buf only, of memory the driver cannot export: the error says why: " + no_dmabuf.message);
+  set_peermem(1);
+  cudaFree(device);
+  cudaFreeHost(pinned);
+}
+
+// RoCE (the software NIC's Ethernet mode, SOFT_VERBS_LINK_LAYER=ethernet): the engine chooses a
+// RoCE v2 GID of an IPv4 address by itself and the exchange goes through, with the ranks together
+// and apart; GID 0, RoCE v1, crosses no IP router (the software NIC's fabric is routed, so its
+// packets are dropped): the put fails at the transport timeout, naming the ranks.
+void roce_case() {
+  {
+    World w({});
+    exchange(w, "RoCE: exchange");
+  }
+  {
+    World w({}, {.apart = true});
+    exchange(w, "RoCE: ranks apart, connected by the endpoints they exchanged as text");
+    std::string endpoint;
+    tr::VerbsSettings settings;
+    settings.library = verbs_library;
+    std::unique_ptr<tr::NicEngine> e;
+    must(tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 0, kChannels, 0, w.windows[0], kWindowBytes,
+                                 settings, &e),
+         "create_verbs_engine");
+    must(tr::verbs_endpoint_text(*e, &endpoint), "export");
+    check(endpoint.find("00000000000000000000ffff0a4d") != std::string::npos,
+          "RoCE: the GID chosen is the RoCE v2 one of an IPv4 address (::ffff:10.77.x.y): " + endpoint);
+  }
+  World w({}, {.gid_index = 0, .timeout = 8});
+  Outcome* out = w.outcomes;
+  const auto start = std::chrono::steady_clock::now();
+  SY_LAUNCH(bad_put_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), 1, kStageBytes, 64, out);
+  must(cudaStreamSynchronize(w.send_streams[0]), "the put over RoCE v1");
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  Outcome o;
+  must(cudaMemcpy(&o, out, sizeof(o), cudaMemcpyDeviceToHost), "copy back");
+  const sy::Error e = w.proxies[0]->refusal();
+  check(o.status.result == tr::TransportResult::Refused && o.status.refusal == uint32_t(tr::Refusal::Device) &&
+            e.message.find("rank 0 to rank 1: ibverbs: a put failed: transport retry counter exceeded") !=
+                std::string::npos &&
+            seconds < 5.0,
+        "RoCE: a put from GID 0 (RoCE v1) fails at the transport timeout, naming the ranks (" +
+            std::to_string(seconds) + " s): " + e.message);
+}
+
 // The ibverbs provider the ibverbs cases run on: SWITCHYARD_IBVERBS_LIBRARY, or on the CPU
 // executor the software NIC built beside this program (on a GPU it would copy into device memory
 // from the CPU: there the cases need a real provider, named by the variable).
@@ -744,7 +843,20 @@ std::string find_verbs_library(const char* argv0) {
 #endif
 }
 
+// With --roce (and SOFT_VERBS_LINK_LAYER=ethernet for the software NIC): the RoCE cases only.
 int main(int argc, char** argv) {
+  const bool roce = argc > 1 && std::string(argv[1]) == "--roce";
+  verbs_library = find_verbs_library(argv[0]);
+  if (roce) {
+    if (!tr::verbs_compiled() || verbs_library.empty() || access(verbs_library.c_str(), R_OK) != 0) {
+      std::printf("note: no ibverbs engine or provider: the RoCE cases did not run\n");
+      return 0;
+    }
+    use_verbs = true;
+    roce_case();
+    std::printf(failures ? "%d check(s) failed\n" : "all ok\n", failures);
+    return failures ? 1 : 0;
+  }
   descriptor_checks();
   {
     World w({});
@@ -775,7 +887,6 @@ int main(int argc, char** argv) {
   timeout_case();
   refusal_case();
   teardown_case();
-  verbs_library = find_verbs_library(argv[0]);
   if (!tr::verbs_compiled()) {
     std::printf("note: built without the ibverbs headers (bash .ci/fetch-headers.sh): the ibverbs cases did not run\n");
   } else if (verbs_library.empty() || access(verbs_library.c_str(), R_OK) != 0) {
@@ -788,7 +899,7 @@ int main(int argc, char** argv) {
       exchange(w, "a second exchange on the same proxies (signals go on counting)");
     }
     {
-      World w({}, true);
+      World w({}, {.apart = true});
       exchange(w, "ranks apart, connected by the endpoints they exchanged as text");
     }
     endpoint_case();
@@ -797,6 +908,7 @@ int main(int argc, char** argv) {
     large_signal_case();
     teardown_case();
     nic_failure_case();
+    registration_case();
     use_verbs = false;
   }
   if (failures) {

@@ -3,6 +3,8 @@
 #include "verbs_engine.h"
 
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -53,6 +55,13 @@ Error VerbsSettings::from_environment(VerbsSettings* out) {
   SY_TRY(env_int("SWITCHYARD_IBVERBS_PORT", 1, 255, &s.port));
   SY_TRY(env_int("SWITCHYARD_IBVERBS_GID_INDEX", 0, 255, &s.gid_index));
   SY_TRY(env_int("SWITCHYARD_IBVERBS_TIMEOUT", 1, 31, &s.timeout));
+  if (const char* v = std::getenv("SWITCHYARD_IBVERBS_DMABUF"); v != nullptr && *v != 0) {
+    const std::string x = v;
+    if (x == "auto") s.dmabuf = VerbsSettings::DmaBuf::Auto;
+    else if (x == "1") s.dmabuf = VerbsSettings::DmaBuf::Only;
+    else if (x == "0") s.dmabuf = VerbsSettings::DmaBuf::Never;
+    else return invalid("SWITCHYARD_IBVERBS_DMABUF", "SWITCHYARD_IBVERBS_DMABUF=" + x + ": expected auto, 1 or 0");
+  }
   *out = s;
   return ok();
 }
@@ -90,6 +99,9 @@ struct Verbs {
   int (*modify_qp)(ibv_qp*, ibv_qp_attr*, int) = nullptr;
   int (*destroy_qp)(ibv_qp*) = nullptr;
   const char* (*wc_status_str)(ibv_wc_status) = nullptr;
+  // Optional: rdma-core 34 and 32 have them, older ones do not.
+  ibv_mr* (*reg_dmabuf_mr)(ibv_pd*, uint64_t, size_t, uint64_t, int, int) = nullptr;
+  int (*query_gid_ex)(ibv_context*, uint32_t, uint32_t, ibv_gid_entry*, uint32_t, size_t) = nullptr;
 };
 
 // Opens the library once per path; a failure is reported, and tried again on the next call.
@@ -132,6 +144,8 @@ Error load_verbs(const std::string& path, const Verbs** out) {
   get(v->modify_qp, "ibv_modify_qp");
   get(v->destroy_qp, "ibv_destroy_qp");
   get(v->wc_status_str, "ibv_wc_status_str");
+  v->reg_dmabuf_mr = reinterpret_cast<decltype(v->reg_dmabuf_mr)>(dlsym(h, "ibv_reg_dmabuf_mr"));
+  v->query_gid_ex = reinterpret_cast<decltype(v->query_gid_ex)>(dlsym(h, "_ibv_query_gid_ex"));
   if (!missing.empty()) {
     dlclose(h);
     return fail(SY_ERROR_UNSUPPORTED, "ibverbs: " + path + " lacks " + missing);
@@ -142,6 +156,67 @@ Error load_verbs(const std::string& path, const Verbs** out) {
 }
 
 std::string errno_text(int rc) { return std::string(std::strerror(rc > 0 ? rc : errno)); }
+
+// RoCE without SWITCHYARD_IBVERBS_GID_INDEX: the port's first RoCE v2 GID of an IPv4 address
+// (::ffff:a.b.c.d), else its first of a global IPv6 address, else its first link-local one
+// (fe80::/10); GID 0 where the port has no RoCE v2 GID, or rdma-core cannot say a GID's type
+// (before 32). Every rank chooses by the same rule, so the two ends of a queue pair agree.
+int roce_gid_index(const Verbs& v, ibv_context* ctx, int port, int table_length) {
+  if (v.query_gid_ex == nullptr) return 0;
+  int best = -1, best_kind = 3;  // 0: IPv4, 1: global IPv6, 2: link-local
+  for (int i = 0; i < table_length && i < 256; ++i) {
+    ibv_gid_entry e{};
+    if (v.query_gid_ex(ctx, uint32_t(port), uint32_t(i), &e, 0, sizeof e) != 0) continue;  // an empty entry
+    if (e.gid_type != IBV_GID_TYPE_ROCE_V2) continue;
+    const uint8_t* g = e.gid.raw;
+    if (std::all_of(g, g + 16, [](uint8_t b) { return b == 0; })) continue;
+    const bool ipv4 = std::all_of(g, g + 10, [](uint8_t b) { return b == 0; }) && g[10] == 0xff && g[11] == 0xff;
+    const bool link_local = g[0] == 0xfe && (g[1] & 0xc0) == 0x80;
+    const int kind = ipv4 ? 0 : link_local ? 2 : 1;
+    if (kind < best_kind) {
+      best = i;
+      best_kind = kind;
+    }
+  }
+  return best >= 0 ? best : 0;
+}
+
+// Registers `[window, window + bytes)` through a dma-buf of the device allocation it lies in
+// (from the allocation's page-aligned start, as the driver exports whole pages); the region's
+// addresses stay the window's own (iova = window). "" when registered, else why not.
+std::string register_dmabuf(const Verbs& v, ibv_pd* pd, uint8_t* window, uint64_t bytes, int access, ibv_mr** out) {
+  if (v.reg_dmabuf_mr == nullptr) return "this libibverbs has no ibv_reg_dmabuf_mr (rdma-core 34 or later has)";
+  void* range_fn = nullptr;
+  void* handle_fn = nullptr;
+  if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &range_fn, 12000, cudaEnableDefault, nullptr) !=
+          cudaSuccess ||
+      cudaGetDriverEntryPointByVersion("cuMemGetHandleForAddressRange", &handle_fn, 12000, cudaEnableDefault,
+                                       nullptr) != cudaSuccess ||
+      range_fn == nullptr || handle_fn == nullptr) {
+    (void)cudaGetLastError();
+    return "the CUDA driver does not export device memory as dma-buf (no cuMemGetHandleForAddressRange)";
+  }
+  const auto address_range = reinterpret_cast<PFN_cuMemGetAddressRange_v3020>(range_fn);
+  const auto handle_for = reinterpret_cast<PFN_cuMemGetHandleForAddressRange_v11070>(handle_fn);
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  if (const CUresult rc = address_range(&base, &size, CUdeviceptr(window)); rc != CUDA_SUCCESS) {
+    return "cuMemGetAddressRange failed (CUresult " + std::to_string(int(rc)) + ")";
+  }
+  const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
+  const uint64_t start = base / page * page;
+  const uint64_t span = (uint64_t(base) + size - start + page - 1) / page * page;
+  int fd = -1;
+  if (const CUresult rc = handle_for(&fd, CUdeviceptr(start), size_t(span), CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, 0);
+      rc != CUDA_SUCCESS) {
+    return "cuMemGetHandleForAddressRange failed (CUresult " + std::to_string(int(rc)) +
+           "; dma-buf needs NVIDIA's open GPU kernel module)";
+  }
+  *out = v.reg_dmabuf_mr(pd, uint64_t(window) - start, size_t(bytes), uint64_t(window), fd, access);
+  const int err = errno;
+  close(fd);  // the registration holds the memory by a reference of its own
+  return *out != nullptr ? "" : "ibv_reg_dmabuf_mr failed: " + errno_text(err);
+}
 
 }  // namespace
 
@@ -255,6 +330,7 @@ class VerbsEngine final : public NicEngine {
     uint64_t done_through = 0;  // the last ticket completed (tickets complete in order per peer)
     std::string failure;        // a put to it failed: done() reports it for the first put not done
   };
+  Error register_window(const std::string& who);
   Error connect(int peer, const VerbsEndpoint& e);
   void connect_published();
   uint64_t work_requests(const NicPut& p) const;
@@ -276,6 +352,7 @@ class VerbsEngine final : public NicEngine {
   ibv_cq* recv_cq_ = nullptr;
   ibv_port_attr port_{};
   ibv_gid gid_{};
+  int gid_index_ = 0;    // gid_'s (VerbsSettings::gid_index, or chosen)
   bool global_ = false;  // address peers by GID (RoCE, or a GID index set)
   uint64_t max_write_ = kMaxWrite;
   uint8_t* window_ = nullptr;
@@ -357,19 +434,14 @@ Error VerbsEngine::open(int device, uint8_t* window, uint64_t window_bytes, cons
   if (port_.max_msg_sz > 0) max_write_ = std::min<uint64_t>(kMaxWrite, port_.max_msg_sz);
   global_ = s.gid_index >= 0 || port_.link_layer == IBV_LINK_LAYER_ETHERNET;
   if (global_) {
-    const int index = s.gid_index >= 0 ? s.gid_index : 0;
-    if (int rc = v_.query_gid(ctx_, uint8_t(s.port), index, &gid_); rc != 0) {
-      return fail(SY_ERROR_UNSUPPORTED, who + "cannot read GID " + std::to_string(index) + ": " + errno_text(rc));
+    gid_index_ = s.gid_index >= 0 ? s.gid_index : roce_gid_index(v_, ctx_, s.port, port_.gid_tbl_len);
+    if (int rc = v_.query_gid(ctx_, uint8_t(s.port), gid_index_, &gid_); rc != 0) {
+      return fail(SY_ERROR_UNSUPPORTED, who + "cannot read GID " + std::to_string(gid_index_) + ": " + errno_text(rc));
     }
   }
   pd_ = v_.alloc_pd(ctx_);
   if (pd_ == nullptr) return fail(SY_ERROR_UNSUPPORTED, who + "cannot allocate a protection domain: " + errno_text(0));
-  mr_ = v_.reg_mr(pd_, window, window_bytes, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
-  if (mr_ == nullptr) {
-    return fail(SY_ERROR_UNSUPPORTED, who + "cannot register the " + std::to_string(window_bytes) +
-                                          "-byte window: " + errno_text(0) +
-                                          " (GPU memory needs GPUDirect RDMA: the nvidia-peermem module)");
-  }
+  SY_TRY(register_window(who));
   const int R = ranks();
   send_cq_ = v_.create_cq(ctx_, kSendDepth * R, nullptr, nullptr, 0);
   recv_cq_ = v_.create_cq(ctx_, kRecvDepth * R, nullptr, nullptr, 0);
@@ -411,6 +483,25 @@ Error VerbsEngine::open(int device, uint8_t* window, uint64_t window_bytes, cons
     ++unconnected_;
   }
   return ok();
+}
+
+// The window, through dma-buf or as peer memory, as VerbsSettings::dmabuf says (see the top).
+Error VerbsEngine::register_window(const std::string& who) {
+  const int access = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE;
+  std::string dmabuf = "not tried (SWITCHYARD_IBVERBS_DMABUF=0)";
+  if (settings_.dmabuf != VerbsSettings::DmaBuf::Never) {
+    dmabuf = register_dmabuf(v_, pd_, window_, window_bytes_, access, &mr_);
+    if (mr_ != nullptr) return ok();
+  }
+  std::string peer_memory = "not tried (SWITCHYARD_IBVERBS_DMABUF=1)";
+  if (settings_.dmabuf != VerbsSettings::DmaBuf::Only) {
+    mr_ = v_.reg_mr(pd_, window_, window_bytes_, access);
+    if (mr_ != nullptr) return ok();
+    peer_memory = errno_text(0) + " (GPU memory needs the nvidia-peermem module)";
+  }
+  return fail(SY_ERROR_UNSUPPORTED, who + "cannot register the " + std::to_string(window_bytes_) +
+                                        "-byte window (GPU memory): through dma-buf: " + dmabuf +
+                                        "; with ibv_reg_mr: " + peer_memory);
 }
 
 VerbsEndpoint VerbsEngine::endpoint() const {
@@ -488,7 +579,7 @@ Error VerbsEngine::connect(int peer, const VerbsEndpoint& e) {
   if (global_) {
     a.ah_attr.is_global = 1;
     a.ah_attr.grh.dgid = e.gid;
-    a.ah_attr.grh.sgid_index = uint8_t(settings_.gid_index >= 0 ? settings_.gid_index : 0);
+    a.ah_attr.grh.sgid_index = uint8_t(gid_index_);
     a.ah_attr.grh.hop_limit = 255;
   }
   if (int rc = v_.modify_qp(p.qp, &a,

@@ -33,14 +33,25 @@
 //   SWITCHYARD_IBVERBS_LIBRARY    the library to open (default libibverbs.so.1)
 //   SWITCHYARD_IBVERBS_DEVICE     the device (default: the first)
 //   SWITCHYARD_IBVERBS_PORT       its port (default 1)
-//   SWITCHYARD_IBVERBS_GID_INDEX  the GID to address peers by (default: by LID on InfiniBand,
-//                                 GID 0 on Ethernet, RoCE); set it for RoCE v2 (often 3)
+//   SWITCHYARD_IBVERBS_GID_INDEX  the GID to address peers by (default: by LID on InfiniBand;
+//                                 on Ethernet, RoCE, the port's first RoCE v2 GID of an IPv4
+//                                 address, else of a global IPv6 one, else a link-local one, else
+//                                 GID 0: RoCE v1 frames do not cross an IP router, and every rank
+//                                 chooses alike, so both ends of a queue pair speak one version)
+//   SWITCHYARD_IBVERBS_DMABUF     how the window (GPU memory) is registered: auto (default:
+//                                 dma-buf where the driver and rdma-core have it, else peer
+//                                 memory), 1 (dma-buf only), 0 (peer memory only)
 //   SWITCHYARD_IBVERBS_TIMEOUT    the queue pairs' local ACK timeout exponent (default 14:
 //                                 4.096 us * 2^14, about 67 ms, before a retry)
 //
 // After a failed work request the queue pairs are in error and stay so: every later put fails,
-// and the buffer must be made again. Device memory is registered with ibv_reg_mr, which needs
-// GPUDirect RDMA (the nvidia-peermem module); without it registration fails and says so.
+// and the buffer must be made again.
+//
+// The window is device memory. It is registered through dma-buf where it can be (the driver
+// exports the allocation's pages, cuMemGetHandleForAddressRange, and ibv_reg_dmabuf_mr registers
+// them: an open GPU kernel module and rdma-core 34 or later, no extra module), else with
+// ibv_reg_mr, which needs the nvidia-peermem module; when neither works the error says why each
+// did not.
 #pragma once
 
 #include <cstdint>
@@ -55,8 +66,10 @@ struct VerbsSettings {
   std::string library = "libibverbs.so.1";
   std::string device;  // empty: the first
   int port = 1;
-  int gid_index = -1;  // -1: by LID on InfiniBand, GID 0 on Ethernet
+  int gid_index = -1;  // -1: by LID on InfiniBand, chosen on Ethernet (RoCE v2 first)
   int timeout = 14;
+  // How the window is registered: dma-buf, then peer memory (Auto); dma-buf only; peer memory only.
+  enum class DmaBuf { Auto, Only, Never } dmabuf = DmaBuf::Auto;
   static Error from_environment(VerbsSettings* out);
 };
 
