@@ -9,8 +9,7 @@
 import assert from "node:assert/strict";
 import { backendInfo, Rng } from "../mod.ts";
 import { launch } from "../src/cli/launch.ts";
-import { candidatePaths } from "../ffi/library.ts";
-import { softVerbsBuilt, testBackend } from "./helpers.ts";
+import { softVerbsBuilt, softVerbsLibrary, testBackend } from "./helpers.ts";
 
 const script = new URL("./mp/roundtrip.ts", import.meta.url).pathname;
 const backend = testBackend();
@@ -72,20 +71,51 @@ for (const [nproc, perNode] of [[2, 2], [4, 4], [4, 2]]) {
 const softVerbs = softVerbsBuilt() && backendInfo("cuda").executedOnCpu && backend === "cuda";
 const ibverbsEnv = (): Record<string, string> => ({
   SWITCHYARD_NIC: "ibverbs",
-  SWITCHYARD_IBVERBS_LIBRARY: `${candidatePaths()[0].replace(/[^/]*$/, "")}libsoft_verbs.so`,
+  SWITCHYARD_IBVERBS_LIBRARY: softVerbsLibrary(),
   SOFT_VERBS_JITTER_US: "20",
 });
 Deno.test({
-  name: "4 processes (2 nodes of 2, rings of 4) on the CUDA backend, the network hop through ibverbs: round trips",
+  name: "4 processes (2 nodes of 2, rings of 4) on the CUDA backend, the network hop through ibverbs over RoCE, " +
+    "GPU memory registered through dma-buf: round trips",
   ignore: !softVerbs,
 }, async () => {
-  const r = await job(4, ["--rounds", "3", "--network-ring", "4"], 15, ibverbsEnv(), 2);
+  // Each process's NIC a RoCE port on a routed fabric (only RoCE v2 arrives: each engine must
+  // choose such a GID by itself) on a host without nvidia-peermem (only dma-buf registers).
+  const env = { ...ibverbsEnv(), SOFT_VERBS_LINK_LAYER: "ethernet", SOFT_VERBS_PEERMEM: "0" };
+  const r = await job(4, ["--rounds", "3", "--network-ring", "4"], 15, env, 2);
   assert.equal(r.code, 0, r.lines.join("\n"));
   for (let rank = 0; rank < 4; rank++) {
     assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank} ok`), r.lines.join("\n"));
     assert.ok(r.lines.includes(`[rank ${rank}] rank ${rank}: the hierarchical combine ran`), r.lines.join("\n"));
   }
   assert.deepEqual(segmentsOf(r.exits.map((e) => e.pid)), []);
+});
+
+Deno.test({
+  name: "RoCE v1 set on a routed fabric (SWITCHYARD_IBVERBS_GID_INDEX=0): every process fails as soon as its NIC " +
+    "gives up, naming a peer and the NIC's status, long before the deadline",
+  ignore: !softVerbs,
+}, async () => {
+  // Every queue pair's packets are dropped: each NIC fails its first put after the transport
+  // timeout (4.096 us * 2^10 * 8 tries, about 34 ms); the kernels see their proxy's refusal
+  // while they wait for the peers, not only when they post.
+  const env = {
+    ...ibverbsEnv(),
+    SOFT_VERBS_LINK_LAYER: "ethernet",
+    SWITCHYARD_IBVERBS_GID_INDEX: "0",
+    SWITCHYARD_IBVERBS_TIMEOUT: "10",
+  };
+  const r = await job(4, ["--rounds", "1", "--network-ring", "4", "--timeout", "20000"], 30, env, 2);
+  const report = r.lines.join("\n");
+  assert.equal(r.code, 1, report);
+  for (let rank = 0; rank < 4; rank++) {
+    const line = r.lines.find((l) => l.startsWith(`[rank ${rank}] rank ${rank} failed after`));
+    assert.ok(line, report);
+    console.log(`  ${line}`);
+    assert.match(line!, /PEER_FAILED peerRank=\d/);
+    assert.ok(Number(line!.match(/failed after (\d+) ms/)![1]) < 5000, report);
+  }
+  assert.ok(r.lines.some((l) => /ibverbs: a put failed: transport retry counter exceeded/.test(l)), report);
 });
 
 Deno.test({

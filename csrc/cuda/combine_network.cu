@@ -373,7 +373,7 @@ struct Here {
       Step s = decide();
       // Nothing staged or owed may wait while this rank waits, or at its end: a peer may need it.
       if ((s == Step::Idle || s == Step::Done) && !ld_volatile(&c.st.failed) && !flush()) s = Step::Failed;
-      if (s == Step::Idle && net_stopped(a.sync, c.st, spins)) s = Step::Failed;
+      if (s == Step::Idle && net_stopped(a.sync, c.st, spins, kHop, a.net.channels, 2 * N)) s = Step::Failed;
       // Waiting: a peer that announced other counts will not send what is waited for.
       if (s == Step::Idle && (spins & 63u) == 0) s = announced_agree(false) == Step::Failed ? Step::Failed : s;
       if (s == Step::Idle && (spins & 63u) == 63u) {

@@ -51,7 +51,7 @@ struct CudaBuffer {
   // Between processes with ibverbs: the engine, made when the buffer is exported (its queue
   // pairs' numbers go with the share) and connected to each peer on import; the proxy takes it.
   std::unique_ptr<transport::NicEngine> pending_engine;
-  std::unique_ptr<transport::Proxy> proxy;
+  std::shared_ptr<transport::Proxy> proxy;  // shared: an operation's error may ask it what its NIC said
   int device = -1;
   std::shared_ptr<Memory> net_state;
   NetworkArgs net;
@@ -64,12 +64,20 @@ struct CudaBuffer {
     // Kernels queued before may still post to the proxy, and its puts write into the peers'
     // windows: it goes once the work queued so far has completed, the set (counters, windows)
     // and the fabric kept until then.
-    transport::Proxy* p = proxy.release();
-    run_when_done([p, keep_set = set, keep_fabric = fabric]() { delete p; }, device);
+    run_when_done([p = std::move(proxy), keep_set = set, keep_fabric = fabric]() mutable { p.reset(); }, device);
   }
 };
 
 CudaBuffer& buffer_state(BufferCore& buf) { return *static_cast<CudaBuffer*>(buf.backend_state.get()); }
+
+// What the buffer's proxy's NIC engine said when it failed (its refusal names both ranks and the
+// NIC's status), for an operation's error that says so; nothing once the proxy is gone.
+std::function<std::string()> nic_said(const CudaBuffer& st) {
+  return [proxy = std::weak_ptr<transport::Proxy>(st.proxy)] {
+    const std::shared_ptr<transport::Proxy> p = proxy.lock();
+    return p ? p->refusal().message : std::string();
+  };
+}
 
 template <class T>
 T* at(const std::shared_ptr<Memory>& m, uint64_t off = 0) {
@@ -651,7 +659,9 @@ Error normal_dispatch_notify(BufferCore& buf, CudaStream& comm, const std::share
   const uint32_t epoch = w.epoch;
   const int rank = buf.rank;
   std::shared_ptr<ReportSlot> report = op->report;
-  w.status->check_after = [report, rank, epoch]() { return report_error(*report->host, rank, epoch, "dispatch"); };
+  w.status->check_after = [report, rank, epoch, nic = nic_said(st)]() {
+    return report_error(*report->host, rank, epoch, "dispatch", nic);
+  };
   w.backend_state = op;
   // The report is sealed by the epilogue, or by the abandonment that follows a failure.
   bool exchanged = false;
@@ -849,8 +859,8 @@ Error normal_combine(BufferCore& buf, CudaStream& comm, const std::shared_ptr<Co
   }
   const uint32_t epoch = w.epoch;
   const int rank = buf.rank;
-  w.status->check_after = [report, rank, epoch, dispatched = h.status]() {
-    Error e = report_error(*report->host, rank, epoch, "combine");
+  w.status->check_after = [report, rank, epoch, dispatched = h.status, nic = nic_said(st)]() {
+    Error e = report_error(*report->host, rank, epoch, "combine", nic);
     // Refused for a failed dispatch (which ran before it on this stream): that failure, naming its peer.
     if (e && report->host->fail_kind == int32_t(KernelFailure::DispatchFailed) && dispatched) {
       e = failed_handle_error(dispatched->result());

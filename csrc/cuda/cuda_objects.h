@@ -124,7 +124,10 @@ class CudaEvent final : public Event {
 inline CudaStream* as_cuda(Stream& s) { return dynamic_cast<CudaStream*>(&s); }
 
 // The failure a report describes, if any (kernel_report.cu). `rank` is the reporting rank.
-Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* op);
+// `nic_said`: where the network hop has a proxy, what its NIC engine said when it failed (added
+// to an error that says the NIC failed).
+Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* op,
+                   const std::function<std::string()>& nic_said = {});
 // A timeout record as the error: every rank its `missing` bits name (else the one in `peer`), at
 // operation `epoch`.
 Error timeout_report_error(const KernelReport& r, int rank, uint32_t epoch);

@@ -1,5 +1,6 @@
 // A kernel report (kernel_report.h) as the error the operation fails with: the same errors,
 // worded the same way, as the host backend raises for the same situations.
+#include <functional>
 #include <string>
 
 #include "../abi/protocol_errors.h"
@@ -44,7 +45,8 @@ Error timeout_report_error(const KernelReport& r, int rank, uint32_t epoch) {
   return missing_ranks_error(w, epoch, missing + (more ? ", ..." : ""));
 }
 
-Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* op) {
+Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* op,
+                   const std::function<std::string()>& nic_said) {
   if (load_flag(&r.problem.flag) == 1u) return problem_error(r.problem);
   if (load_flag(&r.fail_flag) != 1u) return ok();
   const uint32_t kind = op[0] == 'c' ? uint32_t(core::OpKind::Combine) : uint32_t(core::OpKind::Dispatch);
@@ -81,7 +83,7 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
                                            "network rings' counters out of step with the peers'; create the buffers "
                                            "again");
       }
-      if (r.a == -4 && r.b == 2 && transport::Refusal(r.c) == transport::Refusal::Device) {
+      if (nic_failed_put(r.a, r.b, r.c)) {
         // Not a bug of ours: the NIC could not carry a put to that rank (ibverbs: the rank is gone,
         // so its queue pair no longer answers, or the NIC failed; the proxy's error says which).
         Error e = fail(SY_ERROR_PEER_FAILED, "rank " + std::to_string(rank) + ": " + op +
@@ -90,6 +92,7 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
                                                  std::to_string(r.observed) + ", descriptor " +
                                                  std::to_string(r.expected) + "): rank " + std::to_string(r.peer) +
                                                  " may have gone, or the NIC failed");
+        if (const std::string said = nic_said ? nic_said() : std::string(); !said.empty()) e.message += ": " + said;
         e.wait.rank = rank;
         e.wait.peer = r.peer;
         return e;

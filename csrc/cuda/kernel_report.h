@@ -9,6 +9,8 @@
 
 #include "../core/failure.h"
 #include "../core/limits.h"
+#include "transport/proxy_ring.h"
+#include "transport/rdma.h"
 
 namespace sy::cuda {
 
@@ -29,6 +31,15 @@ enum class KernelFailure : int32_t {
   HandleMismatch = 11,  // combine: rank `peer` holds no row `observed` (its handle has `expected`)
   PeerMovedOn = 12,     // rank `peer`'s parameters for operation `expected` were overwritten by `observed`
 };
+
+// An Internal failure of a network kernel's transport call (a = -4, b = its TransportResult,
+// c = the proxy's Refusal): whether it was the NIC failing a put to rank `peer`, the peer's or
+// the network's doing rather than ours. The error (kernel_report.cu) and what the peers are told
+// (network_state.cuh) both say so.
+SY_HD bool nic_failed_put(int32_t a, int32_t b, int32_t c) {
+  return a == -4 && b == int32_t(transport::TransportResult::Refused) &&
+         transport::Refusal(c) == transport::Refusal::Device;
+}
 
 struct KernelReport {
   // Bad top-k entries (the first one wins).

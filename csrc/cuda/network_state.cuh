@@ -16,14 +16,14 @@ struct NetState {
   int failed;     // 0, 1 (a peer aborted), 2 (this kernel failed: the peers must hear of it)
   int peer;       // whom this kernel's failure names
   int role;       // in which hop (core::WaitRole)
-  int timed_out;  // whether it was a timeout
+  int code;       // what the peers are told it was (sy_status)
 };
 
 __device__ inline void net_begin(NetState& st, core::WaitRole role) {
   st.failed = 0;
   st.peer = -1;
   st.role = int(role);
-  st.timed_out = 0;
+  st.code = SY_OK;
 }
 
 // This kernel's failure (the first one wins for what the peers are told); `role` names the hop
@@ -33,7 +33,10 @@ __device__ inline void net_failed(const SyncArgs& s, NetState& st, const Failure
   if (atomicCAS(&st.failed, 0, 2) == 0) {
     st.peer = f.peer;
     st.role = int(f.role == core::WaitRole::None ? role : f.role);
-    st.timed_out = f.kind == KernelFailure::Timeout ? 1 : 0;
+    // A timeout, the NIC failing a put to a rank (as kernel_report.cu words it), or our fault.
+    st.code = f.kind == KernelFailure::Timeout                                   ? SY_ERROR_TIMEOUT
+              : f.kind == KernelFailure::Internal && nic_failed_put(f.a, f.b, f.c) ? SY_ERROR_PEER_FAILED
+                                                                                    : SY_ERROR_INTERNAL;
   }
 }
 
@@ -101,12 +104,23 @@ __device__ inline void transport_failed(const SyncArgs& s, NetState& st, core::W
   net_failed(s, st, f, role);
 }
 
-// Whether the block should stop polling: it failed already, or a peer aborted (then recorded).
-__device__ inline bool net_stopped(const SyncArgs& s, NetState& st, uint32_t spins) {
+// Whether the block should stop polling: it failed already, a peer aborted (then recorded), or
+// this rank's proxy (whose `count` channels these are) refused a descriptor. A put the NIC failed
+// after it was posted is seen only so (nothing of this rank waits for it to complete): recorded
+// naming the put's peer, every rank hears of it now rather than at its deadline.
+__device__ inline bool net_stopped(const SyncArgs& s, NetState& st, uint32_t spins, core::WaitRole role,
+                                   const transport::ProxyChannel* channels, int count) {
   if (ld_volatile(&st.failed)) return true;
   if ((spins & 63u) != 63u) return false;
   if (check_aborted(s)) {
     atomicCAS(&st.failed, 0, 1);
+    return true;
+  }
+  // Every control holds the proxy's refusal: the first says which channel's descriptor it was.
+  if (const transport::TransportStatus t = count > 0 ? transport::refusal(channels[0]) : transport::TransportStatus{};
+      !t.ok()) {
+    const int peer = t.slot >= 0 && t.slot < count ? transport::posted_peer(channels[t.slot], t.refused_index) : -1;
+    transport_failed(s, st, role, peer, t);
     return true;
   }
   return false;
@@ -121,7 +135,7 @@ __device__ inline void net_end(const SyncArgs& s, NetState& st, int32_t* broken)
   if (threadIdx.x == 0) *broken = 1;
   if (why == 2) {
     abort_peers(s, ld_volatile(&st.peer), core::WaitRole(ld_volatile(&st.role)),
-                uint32_t(ld_volatile(&st.timed_out) ? SY_ERROR_TIMEOUT : SY_ERROR_INTERNAL));
+                uint32_t(ld_volatile(&st.code)));
   }
 }
 

@@ -72,7 +72,7 @@ __device__ bool warp_wait(const DispatchArgs& a, NetState& st, int lane, int pee
   if (lane == 0) {
     const uint64_t start = global_ns();
     for (uint32_t spins = 0; !ready(); ++spins) {
-      if (net_stopped(a.sync, st, spins)) {
+      if (net_stopped(a.sync, st, spins, role, a.net.channels, 2 * a.net.nodes)) {
         ok = 0;
         break;
       }
@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
       const uint32_t* flag = header_word(a.sync, me, n.off_forward_epoch + 4ull * uint64_t(f));
       for (uint32_t spins = 0;; ++spins) {
         const uint32_t v = ld_acquire_sys(flag);
-        if (epoch_reached(v, a.sync.epoch) || net_stopped(a.sync, st, spins)) break;
+        if (epoch_reached(v, a.sync.epoch) || net_stopped(a.sync, st, spins, core::WaitRole::DispatchForward, n.channels, 2 * n.nodes)) break;
         if ((spins & 63u) != 63u) continue;
         if (const uint64_t waited = global_ns() - start; waited > a.sync.timeout_ns) {
           net_timed_out(a.sync, st, late_network_hop(n, kHop), f, core::WaitRole::DispatchForward, a.sync.epoch, v,

@@ -138,7 +138,8 @@ void Proxy::refuse(int channel, uint64_t index, Refusal why, const std::string& 
   refused_ = true;
   for (int c = 0; c < o_.channels; ++c) {
     ProxyControl& ctl = controls_[c];
-    store_release(ctl.refused_index, c == channel ? index : taken_[size_t(c)]);
+    store_release(ctl.refused_channel, uint32_t(channel));
+    store_release(ctl.refused_index, index);
     store_release(ctl.refused, uint32_t(why));
   }
 }
@@ -250,6 +251,7 @@ void Proxy::restart(NicQueue& q) {
     taken_[size_t(c)] = posted;
     store_release(ctl.consumed, posted);
     store_release(ctl.refused_index, uint64_t(0));
+    store_release(ctl.refused_channel, uint32_t(0));
     store_release(ctl.refused, uint32_t(0));
   }
   refused_ = false;

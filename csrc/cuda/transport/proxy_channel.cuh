@@ -25,10 +25,11 @@ struct ProxyChannel {
 
 namespace detail {
 
+// The proxy's refusal, as every channel's control has it: the channel and descriptor refused.
 __device__ inline TransportStatus refused(const ProxyChannel& ch, uint32_t why) {
   TransportStatus s;
   s.result = TransportResult::Refused;
-  s.slot = ch.channel;
+  s.slot = int32_t(ld_volatile(&ch.control->refused_channel));
   s.refusal = why;
   s.refused_index = ld_volatile(&ch.control->refused_index);
   return s;
@@ -92,6 +93,19 @@ __device__ inline TransportStatus signal(const ProxyChannel& ch, int peer, uint3
 
 __device__ inline TransportStatus flush(const ProxyChannel& ch) {
   return detail::wait_consumed(ch, ld_volatile(&ch.control->posted), TransportWait::Flush);
+}
+
+// Whether the proxy has refused a descriptor, also one posted earlier and accepted then (its NIC
+// failed the put): Refused, naming the channel (`slot`) and descriptor; ok() if not.
+__device__ inline TransportStatus refusal(const ProxyChannel& ch) {
+  const uint32_t why = ld_acquire_sys(&ch.control->refused);
+  return why == 0 ? TransportStatus{} : detail::refused(ch, why);
+}
+
+// The peer of this channel's descriptor `index` as its kernel posted it (a refused one's ring
+// slot is not written again: the proxy consumes nothing after it).
+__device__ inline int posted_peer(const ProxyChannel& ch, uint64_t index) {
+  return ld_volatile(&ch.ring[ring_slot(index, ch.entries)].peer);
 }
 
 __device__ inline uint64_t read_signal(const ProxyChannel& ch, int source, int slot) {

@@ -9,7 +9,8 @@
 //               the previous lap is never taken.
 //   control     `posted` (the kernel's count, for the host's diagnostics), `consumed` (the
 //               proxy's: descriptors whose puts have completed, so their sources may be reused
-//               and their ring slots refilled; release), and a refusal.
+//               and their ring slots refilled; release), and a refusal: the proxy's first, the
+//               same in every channel's control (why, and which channel's which descriptor).
 //   signals     uint64 counters, each written by one source's proxy only (fetch-add, release,
 //               after the data of every earlier put of that source's channel to this rank is in
 //               the window); the kernel reads them with acquire loads.
@@ -72,7 +73,7 @@ struct alignas(64) ProxyControl {
   uint64_t reserved0[7];
   uint64_t consumed;
   uint32_t refused;  // Refusal, stored with release before the kernel can see its descriptor stuck
-  uint32_t reserved1;
+  uint32_t refused_channel;
   uint64_t refused_index;
   uint64_t reserved2[5];
 };
