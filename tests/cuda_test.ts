@@ -482,6 +482,10 @@ Deno.test({ name: "cuda: the CPU proxy carries kernels' puts and signals in orde
     assert.match(text, /ok: ibverbs: no peer memory on the host: the default registers through dma-buf: every wait/);
     assert.match(text, /ok: ibverbs: peer memory only, on a host without it: the error says why/);
     assert.match(text, /ok: ibverbs: dma-buf only, of memory the driver cannot export: the error says why/);
+    // Two hops' queue pairs: only to the ranks of the other nodes with the rank's local index.
+    assert.match(text, /ok: ibverbs: two hops: one queue pair per rank, to the rank of the other node/);
+    assert.match(text, /ok: ibverbs: two hops: a put to the other node's rank goes/);
+    assert.match(text, /ok: ibverbs: two hops: a rank of its own node's endpoint is taken, one that offers it a queue/);
   }
   assert.match(text, /^all ok$/m);
 });
@@ -496,6 +500,7 @@ Deno.test({
   assert.match(text, /ok: ibverbs: RoCE: exchange: every window holds exactly the messages put into it/);
   assert.match(text, /ok: ibverbs: RoCE: ranks apart, connected by the endpoints they exchanged as text: every wait/);
   assert.match(text, /ok: ibverbs: RoCE: the GID chosen is the RoCE v2 one of an IPv4 address/);
+  assert.match(text, /ok: ibverbs: RoCE: a peer's GID of the other address family is refused/);
   assert.match(
     text,
     /ok: ibverbs: RoCE: a put from GID 0 \(RoCE v1\) fails at the transport timeout, naming the ranks/,

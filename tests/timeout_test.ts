@@ -99,7 +99,7 @@ Deno.test("a rank that abandons the buffer set (a peer failed before the first o
     assert.ok(e instanceof SwitchyardTimeoutError, String(e));
     assert.equal(e.code, "PEER_FAILED", e.message);
     assert.equal(e.peerRank, 0, e.message);
-    assert.match(e.message, /abandoned by rank 3 after rank 0 failed/);
+    assert.match(e.message, /abandoned by rank 3 after rank 0 failed or could not be reached/);
   }
   const elapsed = performance.now() - started;
   assert.ok(elapsed < timeoutMs / 2, `took ${elapsed.toFixed(0)} ms: the abort, not the deadline, ended the waits`);

@@ -11,7 +11,8 @@ Error abandoned_error(int rank, uint32_t epoch, int failed, int peer, core::Wait
   if (status == SY_ERROR_TIMEOUT && peer >= 0) {
     msg += ", which timed out waiting for rank " + std::to_string(peer) + " in " + core::wait_role_name(role);
   } else if (status == SY_ERROR_PEER_FAILED && peer >= 0) {
-    msg += " after rank " + std::to_string(peer) + " failed (" + core::wait_role_name(role) + ")";
+    // The peer itself, or the network on the way to it (a NIC's failed put): the same to this rank.
+    msg += " after rank " + std::to_string(peer) + " failed or could not be reached (" + core::wait_role_name(role) + ")";
   } else if (status == SY_ERROR_INVALID_ARGUMENT) {
     msg += " because its input was invalid (see rank " + std::to_string(failed) + "'s error)";
   } else {

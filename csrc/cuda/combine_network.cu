@@ -541,7 +541,7 @@ struct Here {
         n.channels[node], column(node), n.ring_combine(n.off_net_out, node, lane, from),
         n.ring_combine(n.off_net_in, M, lane, from), k * n.combine_entry_bytes(lane), signal_landed(lane), k);
     if (!put.ok()) {
-      transport_failed(a.sync, c.st, kHop, column(node), put);
+      transport_failed(a.sync, c.st, kHop, column(node), put, a.net.channels, 2 * N);
       return false;
     }
     c.posted[lane][node] = c.sent[lane][node];
@@ -554,7 +554,7 @@ struct Here {
     const transport::TransportStatus credit =
         transport::signal(a.net.channels[N + node], column(node), signal_credit(lane), uint64_t(k));
     if (!credit.ok()) {
-      transport_failed(a.sync, c.st, kHop, column(node), credit);
+      transport_failed(a.sync, c.st, kHop, column(node), credit, a.net.channels, 2 * N);
       return false;
     }
     c.owed[lane][node] = 0;

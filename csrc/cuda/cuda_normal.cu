@@ -12,6 +12,7 @@
 
 #include "../abi/ops.h"
 #include "../abi/protocol_errors.h"
+#include "../core/internode.h"
 #include "../core/op_desc.h"
 #include "device_memory.h"
 #include "normal_kernels.h"
@@ -51,7 +52,7 @@ struct CudaBuffer {
   // Between processes with ibverbs: the engine, made when the buffer is exported (its queue
   // pairs' numbers go with the share) and connected to each peer on import; the proxy takes it.
   std::unique_ptr<transport::NicEngine> pending_engine;
-  std::shared_ptr<transport::Proxy> proxy;  // shared: an operation's error may ask it what its NIC said
+  std::unique_ptr<transport::Proxy> proxy;
   int device = -1;
   std::shared_ptr<Memory> net_state;
   NetworkArgs net;
@@ -64,19 +65,17 @@ struct CudaBuffer {
     // Kernels queued before may still post to the proxy, and its puts write into the peers'
     // windows: it goes once the work queued so far has completed, the set (counters, windows)
     // and the fabric kept until then.
-    run_when_done([p = std::move(proxy), keep_set = set, keep_fabric = fabric]() mutable { p.reset(); }, device);
+    transport::Proxy* p = proxy.release();
+    run_when_done([p, keep_set = set, keep_fabric = fabric]() { delete p; }, device);
   }
 };
 
 CudaBuffer& buffer_state(BufferCore& buf) { return *static_cast<CudaBuffer*>(buf.backend_state.get()); }
 
 // What the buffer's proxy's NIC engine said when it failed (its refusal names both ranks and the
-// NIC's status), for an operation's error that says so; nothing once the proxy is gone.
+// NIC's status), for an operation's error that says so.
 std::function<std::string()> nic_said(const CudaBuffer& st) {
-  return [proxy = std::weak_ptr<transport::Proxy>(st.proxy)] {
-    const std::shared_ptr<transport::Proxy> p = proxy.lock();
-    return p ? p->refusal().message : std::string();
-  };
+  return st.proxy ? st.proxy->refusal_reader() : std::function<std::string()>();
 }
 
 template <class T>
@@ -175,12 +174,17 @@ Error network_fabric(BufferCore& buf, std::shared_ptr<NetworkFabric>* out) {
   return ok();
 }
 
-// This rank's ibverbs engine on its buffer, made once.
+// This rank's ibverbs engine on its buffer, made once, with queue pairs to the ranks its network
+// hop reaches: the ranks of the other nodes with its local index (core/internode.h).
 Error make_verbs_engine(BufferCore& buf, const NetworkFabric& fabric, int device,
                         std::unique_ptr<transport::NicEngine>* out) {
   CudaBuffer& st = buffer_state(buf);
-  return transport::create_verbs_engine(fabric.directory, buf.rank, kNetworkSignals, device, st.own, st.sl.bytes,
-                                        fabric.verbs_settings, out);
+  const int P = buf.group->ranks_per_node, N = buf.group->num_ranks / P;
+  std::vector<int> column;
+  for (int m = 0; m < N; ++m)
+    if (m != core::node_of(buf.rank, P)) column.push_back(core::forwarder(m, buf.rank, P));
+  return transport::create_verbs_engine(fabric.directory, buf.rank, column, kNetworkSignals, device, st.own,
+                                        st.sl.bytes, fabric.verbs_settings, out);
 }
 
 Error start_network(BufferCore& buf, CudaStream& comm) {

@@ -86,12 +86,13 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
       if (nic_failed_put(r.a, r.b, r.c)) {
         // Not a bug of ours: the NIC could not carry a put to that rank (ibverbs: the rank is gone,
         // so its queue pair no longer answers, or the NIC failed; the proxy's error says which).
-        Error e = fail(SY_ERROR_PEER_FAILED, "rank " + std::to_string(rank) + ": " + op +
-                                                 ": the network failed on the way to rank " + std::to_string(r.peer) +
-                                                 " (its proxy's NIC engine failed at channel " +
-                                                 std::to_string(r.observed) + ", descriptor " +
-                                                 std::to_string(r.expected) + "): rank " + std::to_string(r.peer) +
-                                                 " may have gone, or the NIC failed");
+        Error e = r.peer < 0 ? fail(SY_ERROR_PEER_FAILED, "rank " + std::to_string(rank) + ": " + op +
+                                                              ": its proxy's NIC engine failed, on none of its puts")
+                             : fail(SY_ERROR_PEER_FAILED,
+                                    "rank " + std::to_string(rank) + ": " + op + ": the network failed on the way to rank " +
+                                        std::to_string(r.peer) + " (its proxy's NIC engine failed at channel " +
+                                        std::to_string(r.observed) + ", descriptor " + std::to_string(r.expected) +
+                                        "): rank " + std::to_string(r.peer) + " may have gone, or the NIC failed");
         if (const std::string said = nic_said ? nic_said() : std::string(); !said.empty()) e.message += ": " + said;
         e.wait.rank = rank;
         e.wait.peer = r.peer;

@@ -90,9 +90,26 @@ __device__ inline void peer_value_wrong(const SyncArgs& s, NetState& st, core::W
   net_failed(s, st, f, role);
 }
 
-// A transport call that failed (refused by the proxy, or its ring full past the deadline).
+// The descriptor a refusal names, in this rank's `count` channels: null for an engine's failure
+// that belongs to none (kNoChannel).
+__device__ inline const transport::RdmaDescriptor* refused_descriptor(const transport::TransportStatus& t,
+                                                                      const transport::ProxyChannel* channels,
+                                                                      int count) {
+  return t.slot >= 0 && t.slot < count ? &transport::posted(channels[t.slot], t.refused_index) : nullptr;
+}
+
+// A transport call that failed: its ring full past the deadline (naming `peer`, whom it was for),
+// or refused by the proxy. A refusal names the descriptor refused, maybe an earlier one than this
+// call's (a put the NIC failed after accepting it): the failure names that descriptor's peer,
+// read from this rank's `count` channels, or none (-1) for an engine's failure of no descriptor.
 __device__ inline void transport_failed(const SyncArgs& s, NetState& st, core::WaitRole role, int peer,
-                                        const transport::TransportStatus& t) {
+                                        const transport::TransportStatus& t, const transport::ProxyChannel* channels,
+                                        int count) {
+  if (t.result == transport::TransportResult::Refused) {
+    const transport::RdmaDescriptor* d = refused_descriptor(t, channels, count);
+    peer = d != nullptr ? ld_volatile(&d->peer) : -1;
+    if (peer < 0 || peer >= s.ranks) peer = -1;  // a descriptor refused for its peer
+  }
   FailureInfo f;
   f.kind = KernelFailure::Internal;
   f.a = -4;
@@ -107,7 +124,9 @@ __device__ inline void transport_failed(const SyncArgs& s, NetState& st, core::W
 // Whether the block should stop polling: it failed already, a peer aborted (then recorded), or
 // this rank's proxy (whose `count` channels these are) refused a descriptor. A put the NIC failed
 // after it was posted is seen only so (nothing of this rank waits for it to complete): recorded
-// naming the put's peer, every rank hears of it now rather than at its deadline.
+// naming the put's peer, every rank hears of it now rather than at its deadline. Not a refused
+// signal alone (a credit): the rank it was for may have finished the operation and gone, as it
+// may; what this rank waits for still comes or not, and its next post meets the refusal.
 __device__ inline bool net_stopped(const SyncArgs& s, NetState& st, uint32_t spins, core::WaitRole role,
                                    const transport::ProxyChannel* channels, int count) {
   if (ld_volatile(&st.failed)) return true;
@@ -119,8 +138,9 @@ __device__ inline bool net_stopped(const SyncArgs& s, NetState& st, uint32_t spi
   // Every control holds the proxy's refusal: the first says which channel's descriptor it was.
   if (const transport::TransportStatus t = count > 0 ? transport::refusal(channels[0]) : transport::TransportStatus{};
       !t.ok()) {
-    const int peer = t.slot >= 0 && t.slot < count ? transport::posted_peer(channels[t.slot], t.refused_index) : -1;
-    transport_failed(s, st, role, peer, t);
+    const transport::RdmaDescriptor* d = refused_descriptor(t, channels, count);
+    if (d != nullptr && ld_volatile(&d->op) == uint32_t(transport::RdmaOp::Signal)) return false;
+    transport_failed(s, st, role, -1, t, channels, count);
     return true;
   }
   return false;

@@ -116,7 +116,7 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
       put = transport::put_signal(ch, column, n.ring_record(n.off_net_out, m, posted),
                                   n.ring_record(n.off_net_in, my_node, posted), k * uint64_t(n.net_record_bytes),
                                   signal_landed(core::kPassOn), k);
-      if (!put.ok()) transport_failed(a.sync, st, kHop, column, put);
+      if (!put.ok()) transport_failed(a.sync, st, kHop, column, put, n.channels, 2 * n.nodes);
     }
     posted = sent;
     return __shfl_sync(0xffffffffu, int(put.ok()), 0) != 0;
@@ -262,7 +262,7 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
     transport::TransportStatus credit;
     if (lane == 0) {
       credit = transport::signal(ch, source, signal_credit(core::kPassOn), 1);
-      if (!credit.ok()) transport_failed(a.sync, st, kHop, source, credit);
+      if (!credit.ok()) transport_failed(a.sync, st, kHop, source, credit, n.channels, 2 * n.nodes);
     }
     if (__shfl_sync(0xffffffffu, int(credit.ok()), 0) == 0) break;
     ++taken;
@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(kSyncThreads) dispatch_network_kernel(Dispatch
       const uint32_t* flag = header_word(a.sync, me, n.off_forward_epoch + 4ull * uint64_t(f));
       for (uint32_t spins = 0;; ++spins) {
         const uint32_t v = ld_acquire_sys(flag);
-        if (epoch_reached(v, a.sync.epoch) || net_stopped(a.sync, st, spins, core::WaitRole::DispatchForward, n.channels, 2 * n.nodes)) break;
+        if (epoch_reached(v, a.sync.epoch) || net_stopped(a.sync, st, spins, kHop, n.channels, 2 * n.nodes)) break;
         if ((spins & 63u) != 63u) continue;
         if (const uint64_t waited = global_ns() - start; waited > a.sync.timeout_ns) {
           net_timed_out(a.sync, st, late_network_hop(n, kHop), f, core::WaitRole::DispatchForward, a.sync.epoch, v,

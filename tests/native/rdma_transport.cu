@@ -263,6 +263,8 @@ struct Setup {
   uint64_t window_offset = 0;  // each window starts this far into its allocation
   int gid_index = -1;
   int timeout = 14;
+  // As two hops across 2 nodes of 2: each rank reaches only rank ^ 2 (else every other rank).
+  bool columns = false;
 };
 
 struct World {
@@ -270,6 +272,7 @@ struct World {
   std::shared_ptr<tr::VerbsDirectory> directory;
   sy::core::NetworkCounters counters[kRanks];  // what each rank's proxy carried
   std::vector<uint8_t*> windows, allocations;
+  std::vector<std::string> endpoints;  // apart: each rank's, as text
   std::vector<std::unique_ptr<tr::Proxy>> proxies;
   std::vector<cudaStream_t> send_streams, recv_streams;
   Outcome* outcomes = nullptr;  // [ranks][kChannels] sends, then [ranks][ranks * kChannels] receives
@@ -293,14 +296,15 @@ struct World {
       windows.push_back(w);
       if (use_verbs) {
         const auto dir = apart ? tr::make_verbs_directory(kRanks) : directory;
-        must(tr::create_verbs_engine(dir, r, kChannels, 0, w, kWindowBytes, settings, &engines[size_t(r)]),
+        const std::vector<int> peers = setup.columns ? std::vector<int>{r ^ 2} : std::vector<int>{};
+        must(tr::create_verbs_engine(dir, r, peers, kChannels, 0, w, kWindowBytes, settings, &engines[size_t(r)]),
              "create_verbs_engine");
       } else {
         must(tr::EmulatedNic::create(*fabric, r, w, kWindowBytes, nullptr, &engines[size_t(r)]), "EmulatedNic::create");
       }
     }
     if (apart) {
-      std::vector<std::string> endpoints(kRanks);
+      endpoints.resize(kRanks);
       for (int r = 0; r < kRanks; ++r) must(tr::verbs_endpoint_text(*engines[size_t(r)], &endpoints[size_t(r)]), "export");
       for (int r = 0; r < kRanks; ++r)
         for (int p = 0; p < kRanks; ++p)
@@ -689,7 +693,7 @@ void endpoint_case() {
   std::unique_ptr<tr::NicEngine> e[2];
   for (int r = 0; r < 2; ++r) {
     must(cudaMalloc(&w[r], kWindowBytes), "cudaMalloc window");
-    must(tr::create_verbs_engine(tr::make_verbs_directory(kRanks), r, kChannels, 0, w[r], kWindowBytes, settings, &e[r]),
+    must(tr::create_verbs_engine(tr::make_verbs_directory(kRanks), r, {}, kChannels, 0, w[r], kWindowBytes, settings, &e[r]),
          "create_verbs_engine");
   }
   std::string good;
@@ -743,6 +747,45 @@ void endpoint_case() {
   for (uint8_t* x : w) cudaFree(x);
 }
 
+// ibverbs with the queue pairs of two hops: 4 ranks as 2 nodes of 2, each reaching only the rank
+// of the other node with its local index (rank ^ 2): one queue pair each, not three. A put there
+// goes; one to a rank of its own node is refused (not a rank it puts to); the endpoint of a rank
+// it does not reach is checked and taken without a connection, unless it offers a queue pair to
+// this rank (the ranks disagree about the nodes).
+void columns_case() {
+  const auto qps_made = soft_verbs<uint64_t (*)(int)>("soft_verbs_stats");
+  const uint64_t before = qps_made(4);
+  World w({}, {.apart = true, .columns = true});
+  const uint64_t made = qps_made(4) - before;
+  check(made == kRanks, "two hops: one queue pair per rank, to the rank of the other node (" + std::to_string(made) +
+                            " made for " + std::to_string(kRanks) + " ranks)");
+  Outcome* out = w.outcomes;
+  SY_LAUNCH(bad_put_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), 2, kStageBytes, 64, out);
+  SY_LAUNCH(bad_put_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(1, kTimeoutNs), 1, kStageBytes, 64,
+                                                        out + 1);
+  must(cudaStreamSynchronize(w.send_streams[0]), "the two puts");
+  Outcome o[2];
+  must(cudaMemcpy(o, out, sizeof(o), cudaMemcpyDeviceToHost), "copy back");
+  check(o[0].status.ok() && o[1].status.result == tr::TransportResult::Refused &&
+            o[1].status.refusal == uint32_t(tr::Refusal::Peer),
+        "two hops: a put to the other node's rank goes (" + describe(o[0].status) +
+            "), one to a rank of its own node is refused (" + describe(o[1].status) + ")");
+  tr::VerbsSettings settings;
+  settings.library = verbs_library;
+  std::unique_ptr<tr::NicEngine> e;
+  must(tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 0, {2}, kChannels, 0, w.windows[0], kWindowBytes,
+                               settings, &e),
+       "create_verbs_engine");
+  const std::string& of_rank1 = w.endpoints[1];
+  const sy::Error plain = tr::verbs_import_endpoint(*e, 1, of_rank1);
+  const sy::Error forged =
+      tr::verbs_import_endpoint(*e, 3, w.endpoints[3].substr(0, 112) + "01000000" + w.endpoints[3].substr(120));
+  check(!plain && forged && forged.message.find("has a queue pair for this rank, which puts nothing to it") !=
+                                std::string::npos,
+        "two hops: a rank of its own node's endpoint is taken, one that offers it a queue pair is refused: " +
+            (plain ? plain.message : std::string("taken")) + "; " + (forged ? forged.message : std::string("taken")));
+}
+
 // ibverbs: how the window (device memory) is registered. Through dma-buf by default, also for a
 // window that starts inside its allocation (the dma-buf is the allocation's, the region starts at
 // the window's offset in it); as peer memory only; without peer memory (a host without
@@ -773,14 +816,14 @@ void registration_case() {
   must(cudaMallocHost(&pinned, kWindowBytes), "cudaMallocHost");
   std::unique_ptr<tr::NicEngine> e;
   const sy::Error neither =
-      tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 0, kChannels, 0, device, kWindowBytes, settings, &e);
+      tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 0, {}, kChannels, 0, device, kWindowBytes, settings, &e);
   check(bool(neither) &&
             neither.message.find("through dma-buf: not tried (SWITCHYARD_IBVERBS_DMABUF=0); with ibv_reg_mr: Bad "
                                  "address (GPU memory needs the nvidia-peermem module)") != std::string::npos,
         "peer memory only, on a host without it: the error says why: " + neither.message);
   settings.dmabuf = D::Only;
   const sy::Error no_dmabuf =
-      tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 0, kChannels, 0, pinned, kWindowBytes, settings, &e);
+      tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 0, {}, kChannels, 0, pinned, kWindowBytes, settings, &e);
   check(bool(no_dmabuf) && no_dmabuf.message.find("through dma-buf: cuMemGetAddressRange failed") != std::string::npos &&
             no_dmabuf.message.find("with ibv_reg_mr: not tried (SWITCHYARD_IBVERBS_DMABUF=1)") != std::string::npos,
         "dma-buf only, of memory the driver cannot export: the error says why: " + no_dmabuf.message);
@@ -805,12 +848,25 @@ void roce_case() {
     tr::VerbsSettings settings;
     settings.library = verbs_library;
     std::unique_ptr<tr::NicEngine> e;
-    must(tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 0, kChannels, 0, w.windows[0], kWindowBytes,
+    must(tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 0, {}, kChannels, 0, w.windows[0], kWindowBytes,
                                  settings, &e),
          "create_verbs_engine");
     must(tr::verbs_endpoint_text(*e, &endpoint), "export");
     check(endpoint.find("00000000000000000000ffff0a4d") != std::string::npos,
           "RoCE: the GID chosen is the RoCE v2 one of an IPv4 address (::ffff:10.77.x.y): " + endpoint);
+    // A peer whose host has only a link-local RoCE v2 GID (here: set to GID 1): no packet would
+    // pass between the two families, so its endpoint is refused, saying why.
+    settings.gid_index = 1;
+    std::unique_ptr<tr::NicEngine> link_local;
+    std::string other;
+    must(tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 1, {}, kChannels, 0, w.windows[1], kWindowBytes,
+                                 settings, &link_local),
+         "create_verbs_engine");
+    must(tr::verbs_endpoint_text(*link_local, &other), "export");
+    const sy::Error mixed = tr::verbs_import_endpoint(*e, 1, other);
+    check(bool(mixed) && mixed.message.find("rank 1's endpoint is a GID of an IPv6 address, this rank's (GID 3) of an "
+                                            "IPv4 one") != std::string::npos,
+          "RoCE: a peer's GID of the other address family is refused: " + mixed.message);
   }
   World w({}, {.gid_index = 0, .timeout = 8});
   Outcome* out = w.outcomes;
@@ -909,6 +965,7 @@ int main(int argc, char** argv) {
     teardown_case();
     nic_failure_case();
     registration_case();
+    columns_case();
     use_verbs = false;
   }
   if (failures) {

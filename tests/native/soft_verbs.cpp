@@ -383,7 +383,7 @@ struct Nic {
   std::atomic<uint32_t> delay_us{0};  // every WR posted from now on waits this much more (soft_verbs_set_delay_us)
   int fail_next = -1;  // under mu: the status the next WR to execute fails with (soft_verbs_fail_next), or -1
   uint64_t rng = 0x9E3779B97F4A7C15ull;
-  std::atomic<uint64_t> stats[4] = {};  // WRs executed, bytes written, receive CQEs, retries
+  std::atomic<uint64_t> stats[5] = {};  // WRs executed, bytes written, receive CQEs, retries, QPs created
 
   // The port, while a context is open: its LID and its inbound wire (the segment it allocated).
   uint16_t lid = 0;
@@ -1635,6 +1635,7 @@ SOFT_VERBS_EXPORT ibv_qp* ibv_create_qp(ibv_pd* pd, ibv_qp_init_attr* attr) {
   ++as_cq(qp.recv_cq).users;
   ++as_pd(pd).users;
   n.qps[qp.qp_num] = q;
+  count(4);
   return &qp;
 }
 
@@ -1720,7 +1721,7 @@ SOFT_VERBS_EXPORT const char* ibv_wc_status_str(ibv_wc_status status) {
 // For tests: 0 WRs executed, 1 bytes written, 2 receive completions, 3 retries (transport
 // retransmissions and RNR retries).
 SOFT_VERBS_EXPORT uint64_t soft_verbs_stats(int what) {
-  return what >= 0 && what < 4 ? nic().stats[what].load(std::memory_order_relaxed) : 0;
+  return what >= 0 && what < 5 ? nic().stats[what].load(std::memory_order_relaxed) : 0;
 }
 
 // For tests: every WR posted from now on waits `us` microseconds before it executes, as on a slow

@@ -15,7 +15,7 @@ constexpr uint64_t kEvents = 64;
 }  // namespace
 
 EmulatedFabric::EmulatedFabric(int ranks, int slots, core::LinkModel model)
-    : ranks_(ranks), slots_(slots), model_(model), windows_(size_t(ranks)), in_flight_(size_t(ranks), 0) {}
+    : ranks_(ranks), slots_(slots), model_(model), windows_(size_t(ranks)), in_flight_(ranks) {}
 
 void EmulatedFabric::attach(int rank, const Window& w) {
   std::lock_guard<std::mutex> l(mu_);
@@ -25,19 +25,19 @@ void EmulatedFabric::attach(int rank, const Window& w) {
 bool EmulatedFabric::detach(int rank, int64_t timeout_ms) {
   std::unique_lock<std::mutex> l(mu_);
   windows_[size_t(rank)] = {};
-  return cv_.wait_for(l, std::chrono::milliseconds(timeout_ms), [&] { return in_flight_[size_t(rank)] == 0; });
+  return in_flight_.wait_none(l, rank, timeout_ms);
 }
 
 EmulatedFabric::Window EmulatedFabric::acquire(int rank) {
   std::lock_guard<std::mutex> l(mu_);
   const Window w = windows_[size_t(rank)];
-  if (w.base != nullptr) ++in_flight_[size_t(rank)];
+  if (w.base != nullptr) in_flight_.add(rank);
   return w;
 }
 
 void EmulatedFabric::release(int rank) {
   std::lock_guard<std::mutex> l(mu_);
-  if (--in_flight_[size_t(rank)] == 0) cv_.notify_all();
+  in_flight_.done(rank);
 }
 
 Error EmulatedNic::create(EmulatedFabric& fabric, int rank, uint8_t* window, uint64_t window_bytes,

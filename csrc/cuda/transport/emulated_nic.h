@@ -16,7 +16,6 @@
 
 #include <cuda_runtime.h>
 
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -53,9 +52,8 @@ class EmulatedFabric {
   int ranks_, slots_;
   core::LinkModel model_;
   std::mutex mu_;
-  std::condition_variable cv_;
   std::vector<Window> windows_;
-  std::vector<int64_t> in_flight_;  // puts taken to each rank and not yet complete
+  PutsInFlight in_flight_;  // puts taken to each rank and not yet complete
 };
 
 // One rank's engine on the fabric. `stream` is the owner's (kept, never destroyed here), or null

@@ -11,9 +11,13 @@
 // The proxy's thread is the only caller, so an engine needs no locks of its own for this.
 #pragma once
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "../../abi/error.h"
 #include "../../core/link_model.h"
@@ -39,6 +43,27 @@ struct NicPut {
 };
 
 using NicQueue = std::deque<NicPut>;
+
+// Per rank, the peers' puts in flight to it, so that a rank going away waits until nothing writes
+// into its memory any more. Each engine's directory of ranks keeps one under its own lock: every
+// call is made with `lock`, that mutex, held.
+class PutsInFlight {
+ public:
+  explicit PutsInFlight(int ranks) : count_(size_t(ranks), 0) {}
+  void add(int rank) { ++count_[size_t(rank)]; }
+  void done(int rank) {
+    if (--count_[size_t(rank)] == 0) cv_.notify_all();
+  }
+  // Waits (at most `timeout_ms`, releasing `lock` meanwhile) until none is in flight to `rank`;
+  // false if some still are.
+  bool wait_none(std::unique_lock<std::mutex>& lock, int rank, int64_t timeout_ms) {
+    return cv_.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] { return count_[size_t(rank)] == 0; });
+  }
+
+ private:
+  std::vector<int64_t> count_;
+  std::condition_variable cv_;
+};
 
 // What an engine step came to: nothing to do, progress, or a failure (the proxy then refuses the
 // put at hand with Refusal::Device and the text).
@@ -69,7 +94,7 @@ class NicEngine {
   virtual void forget(NicPut& p) = 0;
   // Work of the engine's own, whatever the queue holds (ibverbs: the peers' immediates into this
   // rank's signals; connecting queue pairs). Its failures belong to no put: the proxy reports
-  // them on channel 0.
+  // them on no channel (the controls say kNoChannel), naming no peer.
   virtual NicStep progress(std::string* error) { return NicStep::Idle; }
   // After a failure: returns once nothing the engine started can still read or write memory;
   // what it started is then forgotten by the caller.

@@ -111,9 +111,16 @@ uint64_t Proxy::signal(int source, int slot) const {
 }
 
 Error Proxy::refusal() const {
-  std::lock_guard<std::mutex> l(mu_);
-  if (refusal_.empty()) return ok();
-  return fail(SY_ERROR_INTERNAL, refusal_);  // a kernel posted it: a bug of ours, not of the input
+  std::lock_guard<std::mutex> l(refusal_->mu);
+  if (refusal_->text.empty()) return ok();
+  return fail(SY_ERROR_INTERNAL, refusal_->text);  // a kernel posted it: a bug of ours, not of the input
+}
+
+std::function<std::string()> Proxy::refusal_reader() const {
+  return [r = refusal_] {
+    std::lock_guard<std::mutex> l(r->mu);
+    return r->text;
+  };
 }
 
 Error Proxy::reset(int64_t timeout_ms) {
@@ -123,7 +130,9 @@ Error Proxy::reset(int64_t timeout_ms) {
     return fail(SY_ERROR_TIMEOUT, "rank " + std::to_string(o_.rank) + ": the proxy did not finish the puts in " +
                                       "flight within " + std::to_string(timeout_ms) + " ms of the reset");
   }
-  if (!refusal_.empty()) return fail(SY_ERROR_CUDA, refusal_);  // the drain met an engine's failure
+  l.unlock();
+  std::lock_guard<std::mutex> t(refusal_->mu);
+  if (!refusal_->text.empty()) return fail(SY_ERROR_CUDA, refusal_->text);  // the drain met an engine's failure
   return ok();
 }
 
@@ -131,15 +140,17 @@ void Proxy::refuse(int channel, uint64_t index, Refusal why, const std::string& 
   if (why == Refusal::Device) device_error_ = true;
   if (refused_) return;  // the first refusal is the one reported
   {
-    std::lock_guard<std::mutex> l(mu_);
-    refusal_ = "rank " + std::to_string(o_.rank) + ", channel " + std::to_string(channel) + ", descriptor " +
-               std::to_string(index) + ": the proxy refused it: " + refusal_text(why) + detail;
+    std::lock_guard<std::mutex> l(refusal_->mu);
+    refusal_->text = channel < 0 ? "rank " + std::to_string(o_.rank) + ": the proxy stopped: " + refusal_text(why) + detail
+                                 : "rank " + std::to_string(o_.rank) + ", channel " + std::to_string(channel) +
+                                       ", descriptor " + std::to_string(index) + ": the proxy refused it: " +
+                                       refusal_text(why) + detail;
   }
   refused_ = true;
   for (int c = 0; c < o_.channels; ++c) {
     ProxyControl& ctl = controls_[c];
-    store_release(ctl.refused_channel, uint32_t(channel));
-    store_release(ctl.refused_index, index);
+    store_release(ctl.refused_channel, channel < 0 ? kNoChannel : uint32_t(channel));
+    store_release(ctl.refused_index, channel < 0 ? 0 : index);
     store_release(ctl.refused, uint32_t(why));
   }
 }
@@ -228,7 +239,7 @@ bool Proxy::progress() {
   if (device_error_) return false;
   std::string error;
   const NicStep step = engine_->progress(&error);
-  if (step == NicStep::Failed) refuse(0, taken_[0], Refusal::Device, error);
+  if (step == NicStep::Failed) refuse(-1, 0, Refusal::Device, error);
   return step != NicStep::Idle;
 }
 
@@ -256,8 +267,8 @@ void Proxy::restart(NicQueue& q) {
   }
   refused_ = false;
   device_error_ = false;
-  std::lock_guard<std::mutex> l(mu_);
-  if (!device_error) refusal_.clear();  // kept for reset() to report
+  std::lock_guard<std::mutex> l(refusal_->mu);
+  if (!device_error) refusal_->text.clear();  // kept for reset() to report
 }
 
 // Nanoseconds until the queue's front can move (its time to leave, or to arrive once sent).

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -50,6 +51,9 @@ class Proxy {
   // The refusal that stopped the proxy (the first), as an error naming the rank, channel and
   // descriptor; ok() if none.
   Error refusal() const;
+  // Reads the refusal's text ("" if none), also after the proxy is gone (an operation's error is
+  // worded when its work has completed, maybe after its buffer was released).
+  std::function<std::string()> refusal_reader() const;
   // After a refusal, with no kernel of this rank running: lets the puts it accepted finish (or,
   // after an engine's failure, waits until nothing it started touches memory and drops them), drops what was posted after, clears
   // the refusal and takes descriptors again. Waits at most `timeout_ms`; the reset goes on after
@@ -65,6 +69,7 @@ class Proxy {
   bool issue(NicQueue& q);
   bool complete(NicQueue& q);
   bool progress();
+  // `channel` -1: an engine's failure that belongs to no descriptor.
   void refuse(int channel, uint64_t index, Refusal why, const std::string& detail);
   void restart(NicQueue& q);
   void drop(NicQueue& q);  // forgets every put of the queue
@@ -87,9 +92,13 @@ class Proxy {
   bool started_ = false;  // the engine was started: detach() before the window goes
   bool refused_ = false;       // the thread's: take nothing more
   bool device_error_ = false;  // the thread's: the engine failed; what is in flight is unknown
-  mutable std::mutex mu_;  // refusal_ and the reset handshake
+  mutable std::mutex mu_;  // the reset handshake
   std::condition_variable cv_;
-  std::string refusal_;
+  struct RefusalText {
+    std::mutex mu;
+    std::string text;
+  };
+  std::shared_ptr<RefusalText> refusal_ = std::make_shared<RefusalText>();
   uint64_t resets_requested_ = 0, resets_done_ = 0;
   std::thread thread_;
 };

@@ -102,10 +102,10 @@ __device__ inline TransportStatus refusal(const ProxyChannel& ch) {
   return why == 0 ? TransportStatus{} : detail::refused(ch, why);
 }
 
-// The peer of this channel's descriptor `index` as its kernel posted it (a refused one's ring
-// slot is not written again: the proxy consumes nothing after it).
-__device__ inline int posted_peer(const ProxyChannel& ch, uint64_t index) {
-  return ld_volatile(&ch.ring[ring_slot(index, ch.entries)].peer);
+// This channel's descriptor `index` as its kernel posted it (a refused one's ring slot is not
+// written again: the proxy consumes nothing after it).
+__device__ inline const RdmaDescriptor& posted(const ProxyChannel& ch, uint64_t index) {
+  return ch.ring[ring_slot(index, ch.entries)];
 }
 
 __device__ inline uint64_t read_signal(const ProxyChannel& ch, int source, int slot) {

@@ -44,7 +44,7 @@ static_assert(sizeof(RdmaDescriptor) == 64, "one cache line per descriptor");
 enum class Refusal : uint32_t {
   None = 0,
   Op,           // not an RdmaOp
-  Peer,         // no such rank
+  Peer,         // no such rank, or not one this rank reaches
   PeerWindow,   // the peer has no window (never attached, or gone)
   Source,       // the source range leaves my window
   Destination,  // the destination range leaves the peer's window
@@ -57,7 +57,7 @@ inline const char* refusal_text(Refusal r) {
   switch (r) {
     case Refusal::None: return "none";
     case Refusal::Op: return "not a put, put-with-signal or signal";
-    case Refusal::Peer: return "the peer is not a rank of the group";
+    case Refusal::Peer: return "the peer is not a rank this one puts to";
     case Refusal::PeerWindow: return "the peer has no window";
     case Refusal::Source: return "the source range leaves this rank's window";
     case Refusal::Destination: return "the destination range leaves the peer's window";
@@ -73,11 +73,12 @@ struct alignas(64) ProxyControl {
   uint64_t reserved0[7];
   uint64_t consumed;
   uint32_t refused;  // Refusal, stored with release before the kernel can see its descriptor stuck
-  uint32_t refused_channel;
+  uint32_t refused_channel;  // kNoChannel: the NIC engine failed, on no descriptor
   uint64_t refused_index;
   uint64_t reserved2[5];
 };
 static_assert(sizeof(ProxyControl) == 128, "the kernel's and the proxy's words on separate lines");
+constexpr uint32_t kNoChannel = 0xFFFFFFFFu;
 
 SY_HD uint64_t ring_slot(uint64_t index, uint32_t entries) { return index % entries; }
 SY_HD uint64_t signal_index(int source, int slot, int slots) { return uint64_t(source) * uint64_t(slots) + uint64_t(slot); }

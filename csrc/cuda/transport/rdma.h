@@ -30,9 +30,10 @@
 //
 // Implementations:
 //   proxy_channel.cuh   the CPU proxy: kernels post descriptors into a ring in host-mapped memory;
-//                       a proxy thread per rank executes them through a NIC engine (proxy.h: the
-//                       emulated NIC, with an optional link model, between the ranks of one
-//                       process or the processes of one machine)
+//                       a proxy thread per rank (proxy.h) executes them through a NIC engine
+//                       (nic_engine.h): the emulated NIC (emulated_nic.h, with an optional link
+//                       model, between the ranks of one process or the processes of one machine)
+//                       or ibverbs (verbs_engine.h, RDMA writes over RC queue pairs)
 //   gin_channel.cuh     NCCL GIN (device-initiated, NCCL >= 2.29.7 device API); compiled against
 //                       the fetched headers, used where the loaded NCCL has GIN
 #pragma once

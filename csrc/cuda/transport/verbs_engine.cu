@@ -157,10 +157,17 @@ Error load_verbs(const std::string& path, const Verbs** out) {
 
 std::string errno_text(int rc) { return std::string(std::strerror(rc > 0 ? rc : errno)); }
 
+// A GID of an IPv4 address (::ffff:a.b.c.d).
+bool ipv4_gid(const ibv_gid& gid) {
+  const uint8_t* g = gid.raw;
+  return std::all_of(g, g + 10, [](uint8_t b) { return b == 0; }) && g[10] == 0xff && g[11] == 0xff;
+}
+
 // RoCE without SWITCHYARD_IBVERBS_GID_INDEX: the port's first RoCE v2 GID of an IPv4 address
 // (::ffff:a.b.c.d), else its first of a global IPv6 address, else its first link-local one
 // (fe80::/10); GID 0 where the port has no RoCE v2 GID, or rdma-core cannot say a GID's type
-// (before 32). Every rank chooses by the same rule, so the two ends of a queue pair agree.
+// (before 32). Every rank chooses by the same rule; where the hosts' tables differ, a peer's GID of
+// the other family is refused when its endpoint is imported.
 int roce_gid_index(const Verbs& v, ibv_context* ctx, int port, int table_length) {
   if (v.query_gid_ex == nullptr) return 0;
   int best = -1, best_kind = 3;  // 0: IPv4, 1: global IPv6, 2: link-local
@@ -170,7 +177,7 @@ int roce_gid_index(const Verbs& v, ibv_context* ctx, int port, int table_length)
     if (e.gid_type != IBV_GID_TYPE_ROCE_V2) continue;
     const uint8_t* g = e.gid.raw;
     if (std::all_of(g, g + 16, [](uint8_t b) { return b == 0; })) continue;
-    const bool ipv4 = std::all_of(g, g + 10, [](uint8_t b) { return b == 0; }) && g[10] == 0xff && g[11] == 0xff;
+    const bool ipv4 = ipv4_gid(e.gid);
     const bool link_local = g[0] == 0xfe && (g[1] & 0xc0) == 0x80;
     const int kind = ipv4 ? 0 : link_local ? 2 : 1;
     if (kind < best_kind) {
@@ -184,8 +191,19 @@ int roce_gid_index(const Verbs& v, ibv_context* ctx, int port, int table_length)
 // Registers `[window, window + bytes)` through a dma-buf of the device allocation it lies in
 // (from the allocation's page-aligned start, as the driver exports whole pages); the region's
 // addresses stay the window's own (iova = window). "" when registered, else why not.
-std::string register_dmabuf(const Verbs& v, ibv_pd* pd, uint8_t* window, uint64_t bytes, int access, ibv_mr** out) {
+std::string register_dmabuf(const Verbs& v, ibv_pd* pd, int device, uint8_t* window, uint64_t bytes, int access,
+                            ibv_mr** out) {
   if (v.reg_dmabuf_mr == nullptr) return "this libibverbs has no ibv_reg_dmabuf_mr (rdma-core 34 or later has)";
+  // The driver calls act on the current device's context: the window's, for as long as they run.
+  int previous = -1;
+  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return "GPU " + std::to_string(device) + " cannot be made current";
+  }
+  struct Restore {
+    int device;
+    ~Restore() { (void)cudaSetDevice(device); }
+  } restore{previous};
   void* range_fn = nullptr;
   void* handle_fn = nullptr;
   if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &range_fn, 12000, cudaEnableDefault, nullptr) !=
@@ -236,7 +254,7 @@ struct VerbsEndpoint {
 class VerbsDirectory {
  public:
   explicit VerbsDirectory(int ranks)
-      : endpoints_(size_t(ranks)), in_flight_(size_t(ranks), 0), ready_(size_t(ranks) * size_t(ranks), 0) {}
+      : endpoints_(size_t(ranks)), in_flight_(ranks), ready_(size_t(ranks) * size_t(ranks), 0) {}
   int ranks() const { return int(endpoints_.size()); }
   void publish(int rank, const VerbsEndpoint& e) {
     std::lock_guard<std::mutex> l(mu_);
@@ -251,7 +269,7 @@ class VerbsDirectory {
     endpoints_[size_t(rank)] = {};
     for (int p = 0; p < ranks(); ++p) ready_[size_t(rank) * size_t(ranks()) + size_t(p)] = 0;
     version_.fetch_add(1, std::memory_order_release);
-    return cv_.wait_for(l, std::chrono::milliseconds(timeout_ms), [&] { return in_flight_[size_t(rank)] == 0; });
+    return in_flight_.wait_none(l, rank, timeout_ms);
   }
   bool lookup(int rank, VerbsEndpoint* out) {
     std::lock_guard<std::mutex> l(mu_);
@@ -265,12 +283,12 @@ class VerbsDirectory {
   bool acquire(int rank) {
     std::lock_guard<std::mutex> l(mu_);
     if (!endpoints_[size_t(rank)].published) return false;
-    ++in_flight_[size_t(rank)];
+    in_flight_.add(rank);
     return true;
   }
   void release(int rank) {
     std::lock_guard<std::mutex> l(mu_);
-    if (--in_flight_[size_t(rank)] == 0) cv_.notify_all();
+    in_flight_.done(rank);
   }
   // `rank`'s queue pair for `peer` has reached RTR: what `peer` writes to it is received, not
   // dropped into a retransmission.
@@ -285,10 +303,9 @@ class VerbsDirectory {
 
  private:
   std::mutex mu_;
-  std::condition_variable cv_;
   std::vector<VerbsEndpoint> endpoints_;
-  std::vector<int64_t> in_flight_;  // puts accepted to each rank and not yet finished
-  std::vector<uint8_t> ready_;      // [rank][peer]
+  PutsInFlight in_flight_;      // puts accepted to each rank and not yet finished
+  std::vector<uint8_t> ready_;  // [rank][peer]
   std::atomic<uint64_t> version_{0};
 };
 
@@ -296,8 +313,8 @@ namespace {
 
 class VerbsEngine final : public NicEngine {
  public:
-  VerbsEngine(std::shared_ptr<VerbsDirectory> dir, int rank, int slots, const Verbs& v)
-      : dir_(std::move(dir)), rank_(rank), slots_(slots), v_(v) {}
+  VerbsEngine(std::shared_ptr<VerbsDirectory> dir, int rank, std::vector<uint8_t> reach, int slots, const Verbs& v)
+      : dir_(std::move(dir)), rank_(rank), slots_(slots), v_(v), reach_(std::move(reach)) {}
   ~VerbsEngine() override;
 
   Error open(int device, uint8_t* window, uint64_t window_bytes, const VerbsSettings& s);
@@ -330,7 +347,7 @@ class VerbsEngine final : public NicEngine {
     uint64_t done_through = 0;  // the last ticket completed (tickets complete in order per peer)
     std::string failure;        // a put to it failed: done() reports it for the first put not done
   };
-  Error register_window(const std::string& who);
+  Error register_window(const std::string& who, int device);
   Error connect(int peer, const VerbsEndpoint& e);
   void connect_published();
   uint64_t work_requests(const NicPut& p) const;
@@ -344,6 +361,7 @@ class VerbsEngine final : public NicEngine {
   std::shared_ptr<VerbsDirectory> dir_;
   int rank_, slots_;
   const Verbs& v_;
+  std::vector<uint8_t> reach_;  // [rank]: 1 for the peers this rank puts to (and takes puts from)
   VerbsSettings settings_;
   ibv_context* ctx_ = nullptr;
   ibv_pd* pd_ = nullptr;
@@ -441,16 +459,17 @@ Error VerbsEngine::open(int device, uint8_t* window, uint64_t window_bytes, cons
   }
   pd_ = v_.alloc_pd(ctx_);
   if (pd_ == nullptr) return fail(SY_ERROR_UNSUPPORTED, who + "cannot allocate a protection domain: " + errno_text(0));
-  SY_TRY(register_window(who));
+  SY_TRY(register_window(who, device));
   const int R = ranks();
-  send_cq_ = v_.create_cq(ctx_, kSendDepth * R, nullptr, nullptr, 0);
-  recv_cq_ = v_.create_cq(ctx_, kRecvDepth * R, nullptr, nullptr, 0);
+  const int reached = std::max(1, int(std::count(reach_.begin(), reach_.end(), uint8_t(1))));
+  send_cq_ = v_.create_cq(ctx_, kSendDepth * reached, nullptr, nullptr, 0);
+  recv_cq_ = v_.create_cq(ctx_, kRecvDepth * reached, nullptr, nullptr, 0);
   if (send_cq_ == nullptr || recv_cq_ == nullptr) {
     return fail(SY_ERROR_UNSUPPORTED, who + "cannot create completion queues: " + errno_text(0));
   }
   peers_.resize(size_t(R));
   for (int p = 0; p < R; ++p) {
-    if (p == rank_) continue;
+    if (!reach_[size_t(p)]) continue;
     ibv_qp_init_attr init{};
     init.send_cq = send_cq_;
     init.recv_cq = recv_cq_;
@@ -486,11 +505,11 @@ Error VerbsEngine::open(int device, uint8_t* window, uint64_t window_bytes, cons
 }
 
 // The window, through dma-buf or as peer memory, as VerbsSettings::dmabuf says (see the top).
-Error VerbsEngine::register_window(const std::string& who) {
+Error VerbsEngine::register_window(const std::string& who, int device) {
   const int access = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE;
   std::string dmabuf = "not tried (SWITCHYARD_IBVERBS_DMABUF=0)";
   if (settings_.dmabuf != VerbsSettings::DmaBuf::Never) {
-    dmabuf = register_dmabuf(v_, pd_, window_, window_bytes_, access, &mr_);
+    dmabuf = register_dmabuf(v_, pd_, device, window_, window_bytes_, access, &mr_);
     if (mr_ != nullptr) return ok();
   }
   std::string peer_memory = "not tried (SWITCHYARD_IBVERBS_DMABUF=1)";
@@ -533,8 +552,11 @@ Error VerbsEngine::import(int peer, const VerbsEndpoint& e) {
   const std::string who = "rank " + std::to_string(rank_) + ": ibverbs: rank " + std::to_string(peer) + "'s endpoint ";
   if (peer < 0 || peer >= ranks() || peer == rank_) return invalid("share.rank", who + "is not a peer's");
   if (peers_[size_t(peer)].connected) return invalid("share.rank", who + "was imported already");
-  if (e.qpn.size() != size_t(ranks()) || e.qpn[size_t(rank_)] == 0) {
-    return invalid("share.networkEndpoint", who + "has no queue pair for this rank");
+  if (e.qpn.size() != size_t(ranks()) || (e.qpn[size_t(rank_)] == 0) == bool(reach_[size_t(peer)])) {
+    return invalid("share.networkEndpoint", who + (reach_[size_t(peer)] ? "has no queue pair for this rank"
+                                                                        : "has a queue pair for this rank, which puts "
+                                                                          "nothing to it (do the ranks agree on the "
+                                                                          "nodes?)"));
   }
   if (e.bytes != window_bytes_) {
     return invalid("share.networkEndpoint", who + "registers a window of " + std::to_string(e.bytes) +
@@ -554,6 +576,16 @@ Error VerbsEngine::import(int peer, const VerbsEndpoint& e) {
   if (e.global ? !gid_set : e.lid == 0) {
     return invalid("share.networkEndpoint", who + "has no " + (e.global ? "GID" : "LID"));
   }
+  if (e.global && ipv4_gid(e.gid) != ipv4_gid(gid_)) {
+    // RoCE v2 carries no packet between an IPv4 and an IPv6 address; the queue pair would connect
+    // and every put would fail at the transport timeout.
+    return invalid("share.networkEndpoint",
+                   who + "is a GID of an " + (ipv4_gid(e.gid) ? "IPv4" : "IPv6") + " address, this rank's (GID " +
+                       std::to_string(gid_index_) + ") of an " + (ipv4_gid(gid_) ? "IPv4" : "IPv6") +
+                       " one: give every host's RoCE interface an address of one family, or set "
+                       "SWITCHYARD_IBVERBS_GID_INDEX");
+  }
+  if (!reach_[size_t(peer)]) return ok();  // checked: a rank of this rank's node, say
   // Connected before it is published: an endpoint the NIC refuses leaves this engine as it was
   // (the queue pair stays in INIT), usable with the other peers and with a right endpoint later.
   if (Error err = connect(peer, e)) {
@@ -619,7 +651,7 @@ void VerbsEngine::connect_published() {
   if (version == seen_version_) return;
   seen_version_ = version;
   for (int p = 0; p < ranks(); ++p) {
-    if (p == rank_ || peers_[size_t(p)].connected) continue;
+    if (!reach_[size_t(p)] || peers_[size_t(p)].connected) continue;
     VerbsEndpoint e;
     if (!dir_->lookup(p, &e) || e.qpn.size() != size_t(ranks())) continue;
     if (Error err = connect(p, e)) {  // the next progress() reports it
@@ -642,8 +674,8 @@ uint64_t VerbsEngine::work_requests(const NicPut& f) const {
 
 Refusal VerbsEngine::accept(NicPut& p, int64_t) {
   const RdmaDescriptor& d = p.d;
-  // No queue pair to itself: a rank's own puts never cross the network.
-  const bool peer_ok = d.peer >= 0 && d.peer < ranks() && d.peer != rank_;
+  // Queue pairs only to the ranks it reaches (never itself: its own puts do not cross the network).
+  const bool peer_ok = d.peer >= 0 && d.peer < ranks() && reach_[size_t(d.peer)];
   if (peer_ok) connect_published();
   const bool attached = peer_ok && peers_[size_t(d.peer)].connected && dir_->acquire(d.peer);
   const Refusal why =
@@ -651,7 +683,7 @@ Refusal VerbsEngine::accept(NicPut& p, int64_t) {
   const Refusal refused = why == Refusal::None && work_requests(p) > uint64_t(kSendDepth) ? Refusal::Size : why;
   if (refused != Refusal::None) {
     if (attached) dir_->release(d.peer);
-    return d.peer == rank_ && refused == Refusal::PeerWindow ? Refusal::Peer : refused;
+    return !peer_ok && refused == Refusal::PeerWindow ? Refusal::Peer : refused;
   }
   if (d.op == uint32_t(RdmaOp::Signal)) p.d.bytes = 0;
   return Refusal::None;
@@ -706,6 +738,9 @@ NicStep VerbsEngine::post(NicPut& f, std::string* error) {
 }
 
 NicStep VerbsEngine::issue(NicQueue& q, int64_t, std::string* error, size_t* failed) {
+  // A put failed and done() has not reported it yet: nothing more goes, and the failure is
+  // reported against that put (a later one may be to a rank that is well).
+  if (put_failed_ && !reported_) return NicStep::Idle;
   bool any = false;
   for (size_t i = 0; i < q.size(); ++i) {
     NicPut& f = q[i];
@@ -951,10 +986,16 @@ bool verbs_compiled() { return true; }
 
 std::shared_ptr<VerbsDirectory> make_verbs_directory(int ranks) { return std::make_shared<VerbsDirectory>(ranks); }
 
-Error create_verbs_engine(const std::shared_ptr<VerbsDirectory>& directory, int rank, int slots, int device,
-                          uint8_t* window, uint64_t window_bytes, const VerbsSettings& settings,
+Error create_verbs_engine(const std::shared_ptr<VerbsDirectory>& directory, int rank, const std::vector<int>& peers,
+                          int slots, int device, uint8_t* window, uint64_t window_bytes, const VerbsSettings& settings,
                           std::unique_ptr<NicEngine>* out) {
   if (!directory || rank < 0 || rank >= directory->ranks()) return invalid("rank", "the engine's rank is not in the directory");
+  std::vector<uint8_t> reach(size_t(directory->ranks()), peers.empty() ? 1 : 0);
+  for (int p : peers) {
+    if (p < 0 || p >= directory->ranks()) return invalid("peers", "the engine's peers are not ranks of the directory");
+    reach[size_t(p)] = 1;
+  }
+  reach[size_t(rank)] = 0;
   if (window == nullptr || window_bytes == 0) return invalid("window", "a proxy needs its rank's window");
   if (slots < 1 || slots > 255) return invalid("slots", "ibverbs immediates carry up to 255 signal slots");
   const Verbs* v = nullptr;
@@ -962,7 +1003,7 @@ Error create_verbs_engine(const std::shared_ptr<VerbsDirectory>& directory, int 
     e.message = "rank " + std::to_string(rank) + ": " + e.message;
     return e;
   }
-  auto e = std::make_unique<VerbsEngine>(directory, rank, slots, *v);
+  auto e = std::make_unique<VerbsEngine>(directory, rank, std::move(reach), slots, *v);
   SY_TRY(e->open(device, window, window_bytes, settings));
   *out = std::move(e);
   return ok();
@@ -992,8 +1033,8 @@ bool verbs_compiled() { return false; }
 
 std::shared_ptr<VerbsDirectory> make_verbs_directory(int) { return std::make_shared<VerbsDirectory>(); }
 
-Error create_verbs_engine(const std::shared_ptr<VerbsDirectory>&, int, int, int, uint8_t*, uint64_t,
-                          const VerbsSettings&, std::unique_ptr<NicEngine>*) {
+Error create_verbs_engine(const std::shared_ptr<VerbsDirectory>&, int, const std::vector<int>&, int, int, uint8_t*,
+                          uint64_t, const VerbsSettings&, std::unique_ptr<NicEngine>*) {
   return fail(SY_ERROR_UNSUPPORTED,
               "ibverbs: this library was built without the ibverbs headers (bash .ci/fetch-headers.sh, then rebuild)");
 }

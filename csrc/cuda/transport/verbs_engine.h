@@ -19,8 +19,10 @@
 // requests whose completions the engine would not see.
 //
 // The ranks find each other through a VerbsDirectory: each publishes its address (LID, GID), its
-// window (address, rkey, bytes) and the queue-pair number it made for every peer, and connects
-// its queue pair to a peer (RTR, RTS) once the peer has published. The ranks of one process
+// window (address, rkey, bytes) and the queue-pair number it made for each peer it puts to (0 for
+// the other ranks: with two hops a rank's network puts go only to the ranks of the other nodes
+// with its local index, N - 1 queue pairs rather than R - 1), and connects its queue pair to a
+// peer (RTR, RTS) once the peer has published. The ranks of one process
 // share a directory, and a put to a peer waits until the peer's queue pair for it has reached
 // RTR (rather than be dropped and retransmitted an ACK timeout later). Between processes (one
 // rank per process) each process's directory is filled from the peers' endpoints, exchanged as
@@ -57,6 +59,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "nic_engine.h"
 
@@ -80,8 +83,11 @@ std::shared_ptr<VerbsDirectory> make_verbs_directory(int ranks);
 // Whether this build has the ibverbs engine (it was compiled with the ibverbs headers).
 bool verbs_compiled();
 
-// Rank `rank`'s engine (of the directory's ranks) on GPU `device`, its window registered with the NIC.
-Error create_verbs_engine(const std::shared_ptr<VerbsDirectory>& directory, int rank, int slots, int device,
+// Rank `rank`'s engine (of the directory's ranks) on GPU `device`, its window registered with the
+// NIC, with a queue pair to each of `peers`: the ranks it puts to, each of which puts to it (the
+// two hops: the ranks of the other nodes with its local index); empty: every other rank.
+Error create_verbs_engine(const std::shared_ptr<VerbsDirectory>& directory, int rank, const std::vector<int>& peers,
+                          int slots, int device,
                           uint8_t* window, uint64_t window_bytes, const VerbsSettings& settings,
                           std::unique_ptr<NicEngine>* out);
 
