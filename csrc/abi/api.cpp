@@ -809,10 +809,7 @@ SY_API sy_status sy_buffer_export(sy_buffer buffer, sy_buffer_share* out) {
     v.internode_path = b->plan.direct ? SY_INTERNODE_DIRECT : SY_INTERNODE_TWO_HOP;
     v.network_ring_entries = b->plan.net_ring_entries;
     std::string endpoint;
-    {
-      std::lock_guard<std::mutex> order(b->enqueue_mu);  // the network engine: one caller at a time
-      SY_TRY(b->group->backend->export_network(*b, &endpoint));
-    }
+    SY_TRY(b->group->backend->export_network(*b, &endpoint));
     if (endpoint.size() >= sizeof v.network_endpoint) {
       return fail(SY_ERROR_INTERNAL, "the network endpoint (" + std::to_string(endpoint.size()) +
                                          " characters) does not fit sy_buffer_share");
@@ -878,11 +875,11 @@ SY_API sy_status sy_buffer_import(sy_buffer buffer, const sy_buffer_share* share
     // undone, and comes last.
     std::shared_ptr<Memory> m;
     SY_TRY(b->group->backend->import_shared(b->rank_core(), v.name, v.bytes, b->plan, &m));
-    {
-      std::lock_guard<std::mutex> order(b->enqueue_mu);  // the network engine: one caller at a time
-      SY_TRY(b->group->backend->import_network(*b, v.rank, v.network_endpoint));
-    }
+    SY_TRY(b->group->backend->import_network(*b, v.rank, v.network_endpoint));
     std::lock_guard<std::mutex> l(set.mu);
+    if (set.bases[size_t(v.rank)] != nullptr) {  // imported meanwhile, by another thread
+      return invalid("share.rank", "share.rank: rank " + std::to_string(v.rank) + "'s buffer is already imported");
+    }
     set.bases[size_t(v.rank)] = static_cast<uint8_t*>(m->ptr);
     set.regions[size_t(v.rank)] = m;
     set.joined += 1;

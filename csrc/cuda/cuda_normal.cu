@@ -53,6 +53,9 @@ struct CudaBuffer {
   // pairs' numbers go with the share) and connected to each peer on import; the proxy takes it.
   std::unique_ptr<transport::NicEngine> pending_engine;
   std::unique_ptr<transport::Proxy> proxy;
+  // pending_engine, and whether the proxy exists: export and import (not under the enqueue lock,
+  // which a first operation holds while it waits for the imports) against the network's start.
+  std::mutex net_mu;
   int device = -1;
   std::shared_ptr<Memory> net_state;
   NetworkArgs net;
@@ -218,6 +221,7 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
     }
   }
   std::unique_ptr<transport::NicEngine> engine;
+  std::unique_lock<std::mutex> net_lock(st.net_mu);
   if (fabric->verbs && st.pending_engine) {
     engine = std::move(st.pending_engine);  // a process group's, connected to every peer on import
   } else if (fabric->verbs && buf.group->process_group) {
@@ -230,6 +234,7 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   } else {
     SY_TRY(transport::EmulatedNic::create(*fabric->emulated, buf.rank, st.own, st.sl.bytes, nic, &engine));
   }
+  net_lock.unlock();
   std::unique_ptr<transport::Proxy> proxy;
   SY_TRY(transport::Proxy::create(o, std::move(engine), &proxy));
   std::vector<transport::ProxyChannel> channels(size_t(2 * N));
@@ -281,7 +286,20 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   st.fabric = fabric;
   st.device = device;
   st.net_state = net_state;
+  std::lock_guard<std::mutex> net_lock_again(st.net_mu);
   st.proxy = std::move(proxy);
+  return ok();
+}
+
+// Between processes with ibverbs: the buffer's engine, made on the first call (export, or the
+// first import); with st.net_mu held.
+Error pending_verbs_engine(BufferCore& buf, const NetworkFabric& fabric, transport::NicEngine** out) {
+  CudaBuffer& st = buffer_state(buf);
+  if (!st.pending_engine && !st.proxy) {
+    SY_TRY(make_verbs_engine(buf, fabric, rank_state(buf.rank_core()).device, &st.pending_engine));
+  }
+  if (!st.pending_engine) return fail(SY_ERROR_INTERNAL, "the buffer's network started before it was exported");
+  *out = st.pending_engine.get();
   return ok();
 }
 
@@ -294,11 +312,10 @@ Error normal_export_network(BufferCore& buf, std::string* endpoint) {
   std::shared_ptr<NetworkFabric> fabric;
   SY_TRY(network_fabric(buf, &fabric));
   if (!fabric->verbs) return ok();
-  if (!st.pending_engine && !st.proxy) {
-    SY_TRY(make_verbs_engine(buf, *fabric, rank_state(buf.rank_core()).device, &st.pending_engine));
-  }
-  if (!st.pending_engine) return fail(SY_ERROR_INTERNAL, "the buffer's network started before it was exported");
-  return transport::verbs_endpoint_text(*st.pending_engine, endpoint);
+  std::lock_guard<std::mutex> l(st.net_mu);
+  transport::NicEngine* engine = nullptr;
+  SY_TRY(pending_verbs_engine(buf, *fabric, &engine));
+  return transport::verbs_endpoint_text(*engine, endpoint);
 }
 
 Error normal_import_network(BufferCore& buf, int peer, const std::string& endpoint) {
@@ -311,11 +328,10 @@ Error normal_import_network(BufferCore& buf, int peer, const std::string& endpoi
                                                 " reaches the network through ibverbs, this rank does not; every "
                                                 "process must set SWITCHYARD_NIC alike");
   }
-  if (!st.pending_engine) {
-    std::string mine;  // made now: a peer's share came first
-    SY_TRY(normal_export_network(buf, &mine));
-  }
-  return transport::verbs_import_endpoint(*st.pending_engine, peer, endpoint);
+  std::lock_guard<std::mutex> l(st.net_mu);
+  transport::NicEngine* engine = nullptr;
+  SY_TRY(pending_verbs_engine(buf, *fabric, &engine));  // made now if a peer's share came first
+  return transport::verbs_import_endpoint(*engine, peer, endpoint);
 }
 
 namespace {

@@ -101,7 +101,9 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
       if (r.a == -4) {
         return fail(SY_ERROR_INTERNAL,
                     "rank " + std::to_string(rank) + ": " + op + ": its proxy " +
-                        (r.b == 2 ? std::string("refused a put to rank ") + std::to_string(r.peer) + " (" +
+                        (r.b == 2 ? std::string("refused a put to ") +
+                                        (r.peer >= 0 ? "rank " + std::to_string(r.peer) : std::string("no rank of the group")) +
+                                        " (" +
                                         transport::refusal_text(transport::Refusal(r.c)) + ", channel " +
                                         std::to_string(r.observed) + ", descriptor " + std::to_string(r.expected) + ")"
                                   : std::string("took no descriptor of channel ") + std::to_string(r.observed) +

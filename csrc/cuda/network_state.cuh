@@ -124,9 +124,10 @@ __device__ inline void transport_failed(const SyncArgs& s, NetState& st, core::W
 // Whether the block should stop polling: it failed already, a peer aborted (then recorded), or
 // this rank's proxy (whose `count` channels these are) refused a descriptor. A put the NIC failed
 // after it was posted is seen only so (nothing of this rank waits for it to complete): recorded
-// naming the put's peer, every rank hears of it now rather than at its deadline. Not a refused
-// signal alone (a credit): the rank it was for may have finished the operation and gone, as it
-// may; what this rank waits for still comes or not, and its next post meets the refusal.
+// naming the put's peer, every rank hears of it now rather than at its deadline. Not a signal
+// alone (a credit) refused because its rank has no window any more: that rank finished the
+// operation and released its buffer, as it may, and what this rank waits for still comes (the
+// proxy goes on taking in the peers' signals); its next post meets the refusal.
 __device__ inline bool net_stopped(const SyncArgs& s, NetState& st, uint32_t spins, core::WaitRole role,
                                    const transport::ProxyChannel* channels, int count) {
   if (ld_volatile(&st.failed)) return true;
@@ -139,7 +140,10 @@ __device__ inline bool net_stopped(const SyncArgs& s, NetState& st, uint32_t spi
   if (const transport::TransportStatus t = count > 0 ? transport::refusal(channels[0]) : transport::TransportStatus{};
       !t.ok()) {
     const transport::RdmaDescriptor* d = refused_descriptor(t, channels, count);
-    if (d != nullptr && ld_volatile(&d->op) == uint32_t(transport::RdmaOp::Signal)) return false;
+    if (d != nullptr && t.refusal == uint32_t(transport::Refusal::PeerWindow) &&
+        ld_volatile(&d->op) == uint32_t(transport::RdmaOp::Signal)) {
+      return false;
+    }
     transport_failed(s, st, role, -1, t, channels, count);
     return true;
   }

@@ -451,6 +451,19 @@ double exchange(World& w, const std::string& label) {
   return seconds;
 }
 
+// Rank 0 puts 64 bytes into `peer`'s staging area on channel 0 and flushes: the outcome, and the
+// seconds it took.
+Outcome put_and_flush(World& w, int peer, double* seconds) {
+  const auto start = std::chrono::steady_clock::now();
+  SY_LAUNCH(bad_put_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), peer, kStageBytes, 64,
+                                                        w.outcomes);
+  must(cudaStreamSynchronize(w.send_streams[0]), "a put and its flush");
+  *seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  Outcome o;
+  must(cudaMemcpy(&o, w.outcomes, sizeof(o), cudaMemcpyDeviceToHost), "copy back");
+  return o;
+}
+
 void timeout_case() {
   World w({});
   Outcome* out = w.outcomes;
@@ -659,12 +672,8 @@ void nic_failure_case() {
   World w({});
   Outcome* out = w.outcomes;
   soft_verbs<void (*)(int)>("soft_verbs_fail_next")(10);  // IBV_WC_REM_ACCESS_ERR
-  const auto start = std::chrono::steady_clock::now();
-  SY_LAUNCH(bad_put_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), 1, kStageBytes, 64, out);
-  must(cudaStreamSynchronize(w.send_streams[0]), "the put that fails");
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  Outcome o;
-  must(cudaMemcpy(&o, out, sizeof(o), cudaMemcpyDeviceToHost), "copy back");
+  double seconds = 0;
+  Outcome o = put_and_flush(w, 1, &seconds);
   check(o.status.result == tr::TransportResult::Refused && o.status.refusal == uint32_t(tr::Refusal::Device) &&
             seconds < 5.0,
         "a put the NIC fails is refused at once (" + describe(o.status) + ", " + std::to_string(seconds) + " s)");
@@ -869,13 +878,8 @@ void roce_case() {
           "RoCE: a peer's GID of the other address family is refused: " + mixed.message);
   }
   World w({}, {.gid_index = 0, .timeout = 8});
-  Outcome* out = w.outcomes;
-  const auto start = std::chrono::steady_clock::now();
-  SY_LAUNCH(bad_put_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), 1, kStageBytes, 64, out);
-  must(cudaStreamSynchronize(w.send_streams[0]), "the put over RoCE v1");
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  Outcome o;
-  must(cudaMemcpy(&o, out, sizeof(o), cudaMemcpyDeviceToHost), "copy back");
+  double seconds = 0;
+  const Outcome o = put_and_flush(w, 1, &seconds);
   const sy::Error e = w.proxies[0]->refusal();
   check(o.status.result == tr::TransportResult::Refused && o.status.refusal == uint32_t(tr::Refusal::Device) &&
             e.message.find("rank 0 to rank 1: ibverbs: a put failed: transport retry counter exceeded") !=

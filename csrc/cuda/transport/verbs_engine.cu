@@ -558,6 +558,12 @@ Error VerbsEngine::import(int peer, const VerbsEndpoint& e) {
                                                                           "nothing to it (do the ranks agree on the "
                                                                           "nodes?)"));
   }
+  bool numbers_ok = e.qpn[size_t(peer)] == 0;  // no queue pair to itself
+  for (uint32_t q : e.qpn) numbers_ok = numbers_ok && q <= 0xFFFFFF;
+  if (!numbers_ok) return invalid("share.networkEndpoint", who + "names queue pairs that cannot be (24 bits, none to itself)");
+  // A rank this one does not reach (of its own node, say) is never connected to: its NIC, port
+  // and window may differ from this rank's (another rail).
+  if (!reach_[size_t(peer)]) return ok();
   if (e.bytes != window_bytes_) {
     return invalid("share.networkEndpoint", who + "registers a window of " + std::to_string(e.bytes) +
                                                 " bytes, this rank's has " + std::to_string(window_bytes_));
@@ -568,9 +574,6 @@ Error VerbsEngine::import(int peer, const VerbsEndpoint& e) {
                                                 (global_ ? "GID" : "LID") +
                                                 ": every process must see the same link layer and SWITCHYARD_IBVERBS_GID_INDEX");
   }
-  bool numbers_ok = e.qpn[size_t(peer)] == 0;  // no queue pair to itself
-  for (uint32_t q : e.qpn) numbers_ok = numbers_ok && q <= 0xFFFFFF;
-  if (!numbers_ok) return invalid("share.networkEndpoint", who + "names queue pairs that cannot be (24 bits, none to itself)");
   bool gid_set = false;
   for (uint8_t x : e.gid.raw) gid_set = gid_set || x != 0;
   if (e.global ? !gid_set : e.lid == 0) {
@@ -585,7 +588,6 @@ Error VerbsEngine::import(int peer, const VerbsEndpoint& e) {
                        " one: give every host's RoCE interface an address of one family, or set "
                        "SWITCHYARD_IBVERBS_GID_INDEX");
   }
-  if (!reach_[size_t(peer)]) return ok();  // checked: a rank of this rank's node, say
   // Connected before it is published: an endpoint the NIC refuses leaves this engine as it was
   // (the queue pair stays in INIT), usable with the other peers and with a right endpoint later.
   if (Error err = connect(peer, e)) {
@@ -738,9 +740,10 @@ NicStep VerbsEngine::post(NicPut& f, std::string* error) {
 }
 
 NicStep VerbsEngine::issue(NicQueue& q, int64_t, std::string* error, size_t* failed) {
-  // A put failed and done() has not reported it yet: nothing more goes, and the failure is
-  // reported against that put (a later one may be to a rank that is well).
-  if (put_failed_ && !reported_) return NicStep::Idle;
+  // A put failed and done() has not reported it yet, or a connection failed and progress() has
+  // not: nothing more goes, and the failure is reported against that put, or none (a put about
+  // to go may be to a rank that is well).
+  if (broken_ && !reported_) return NicStep::Idle;
   bool any = false;
   for (size_t i = 0; i < q.size(); ++i) {
     NicPut& f = q[i];
@@ -878,6 +881,7 @@ NicStep VerbsEngine::done(const NicPut& f, int64_t, std::string* error) {
 // at most) for those completions, after which nothing it posted reads or writes memory.
 void VerbsEngine::quiesce() {
   broken_ = true;
+  reported_ = true;  // what it started is dropped: nothing is left to report a late failure against
   if (broken_why_.empty()) broken_why_ = "rank " + std::to_string(rank_) + ": ibverbs: the queue pairs were stopped";
   for (Peer& p : peers_) {
     if (!p.qp) continue;

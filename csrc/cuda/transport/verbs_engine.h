@@ -1,5 +1,5 @@
 // The ibverbs NIC engine (nic_engine.h): the proxy's puts as RDMA writes over RC queue pairs,
-// one per (rank, peer), from this rank's window, registered with the NIC, into the peer's.
+// one per (rank, peer it puts to), from this rank's window, registered with the NIC, into the peer's.
 //
 //   put          an RDMA write
 //   put_signal   an RDMA write with immediate: the immediate carries the slot and the amount
