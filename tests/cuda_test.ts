@@ -469,6 +469,7 @@ Deno.test({ name: "cuda: the CPU proxy carries kernels' puts and signals in orde
     assert.match(text, /ok: ibverbs: a signal of \d+ and a put with a signal of \d+ \(more than one immediate/);
     assert.match(text, /ok: ibverbs: a proxy going away waits for a peer's put in flight to it/);
     assert.match(text, /ok: ibverbs: the proxy's error names the ranks and the NIC's status/);
+    assert.match(text, /ok: ibverbs: a receive that fails stops the receiver's proxy on no descriptor/);
     // The window registered through dma-buf (also from inside its allocation), as peer memory,
     // and neither: the error says why each way failed.
     assert.match(

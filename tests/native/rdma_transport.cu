@@ -693,6 +693,28 @@ void nic_failure_case() {
         "a later put is refused: the queue pairs are gone (" + later.message + ")");
 }
 
+// ibverbs: a NIC fault that belongs to no put of rank 0's (a receive failing on its side, for a
+// write of rank 1's): rank 0's proxy stops, naming no channel or descriptor, its kernels' waits on
+// it end Refused on no channel (kNoChannel), and its error says whose write the receive was for.
+void receive_failure_case() {
+  World w({});
+  soft_verbs<void (*)(int)>("soft_verbs_fail_next_receive")(4);  // IBV_WC_LOC_PROT_ERR
+  SY_LAUNCH(signal_kernel, 1, 1, 0, w.send_streams[1])(w.proxies[1]->channel(0, kTimeoutNs), 0, kStageBytes, 64, 0, 1,
+                                                       w.outcomes + 1);
+  must(cudaStreamSynchronize(w.send_streams[1]), "rank 1's put with a signal");
+  sy::Error stopped;
+  for (int i = 0; i < 5000 && !(stopped = w.proxies[0]->refusal()); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  double seconds = 0;
+  const Outcome o = put_and_flush(w, 1, &seconds);
+  check(o.status.result == tr::TransportResult::Refused && o.status.refusal == uint32_t(tr::Refusal::Device) &&
+            o.status.slot == -1 && o.status.refused_index == 0 &&
+            stopped.message == "rank 0: the proxy stopped: the NIC engine failed: rank 1 to rank 0: ibverbs: a receive "
+                               "failed: local protection error",
+        "a receive that fails stops the receiver's proxy on no descriptor (" + describe(o.status) + "): " +
+            stopped.message);
+}
+
 // ibverbs, as between processes: an endpoint comes from another process, so every way it can be
 // wrong is refused, naming the peer, and leaves the engine usable; the right one connects.
 void endpoint_case() {
@@ -968,6 +990,7 @@ int main(int argc, char** argv) {
     large_signal_case();
     teardown_case();
     nic_failure_case();
+    receive_failure_case();
     registration_case();
     columns_case();
     use_verbs = false;

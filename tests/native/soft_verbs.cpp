@@ -80,6 +80,7 @@
 //   * completion queues: more unpolled completions than cqe is an overflow, after which poll_cq
 //     returns -1; destroying a CQ, PD or context still in use is EBUSY.
 // Execution is asynchronous, on one NIC thread per process, in order per QP. For tests,
+// soft_verbs_fail_next_receive(status) gives the next receive completion that status,
 // soft_verbs_set_delay_us(N) delays every WR posted after it by N us, soft_verbs_fail_next(status)
 // fails the next WR this process's NIC executes (to a QP here or in another process);
 // SOFT_VERBS_JITTER_US=N delays each WR by a pseudo-random 0..N us so that QPs interleave
@@ -382,6 +383,7 @@ struct Nic {
   uint32_t jitter_us = 0;
   std::atomic<uint32_t> delay_us{0};  // every WR posted from now on waits this much more (soft_verbs_set_delay_us)
   int fail_next = -1;  // under mu: the status the next WR to execute fails with (soft_verbs_fail_next), or -1
+  int fail_next_receive = -1;  // under mu: the status of the next receive completion (soft_verbs_fail_next_receive)
   uint64_t rng = 0x9E3779B97F4A7C15ull;
   std::atomic<uint64_t> stats[5] = {};  // WRs executed, bytes written, receive CQEs, retries, QPs created
 
@@ -654,7 +656,10 @@ void complete_recv(Qp& q, uint64_t wr_id, ibv_wc_status status) {
 
 // A WRITE_WITH_IMM arrived whole (the data is placed): its receive completion, as the target saw it.
 void complete_write_with_imm(Qp& t, uint64_t length, uint32_t imm, uint32_t src_qpn, uint16_t slid) {
-  Cqe e = completion(t, t.recvs.front(), IBV_WC_SUCCESS, IBV_WC_RECV_RDMA_WITH_IMM);
+  Nic& n = nic();
+  const auto status = n.fail_next_receive < 0 ? IBV_WC_SUCCESS : ibv_wc_status(n.fail_next_receive);
+  n.fail_next_receive = -1;
+  Cqe e = completion(t, t.recvs.front(), status, IBV_WC_RECV_RDMA_WITH_IMM);
   t.recvs.pop_front();
   e.wc.wc_flags = IBV_WC_WITH_IMM;
   e.wc.imm_data = imm;
@@ -1738,4 +1743,11 @@ SOFT_VERBS_EXPORT void soft_verbs_set_peermem(int on) { nic().peermem.store(on !
 SOFT_VERBS_EXPORT void soft_verbs_fail_next(int status) {
   std::lock_guard<std::mutex> l(nic().mu);
   nic().fail_next = status;
+}
+
+// For tests: the next receive completion this NIC raises (a write with immediate that arrived)
+// has `status`, as a NIC reports a fault on the receiving side; the sender's write succeeded.
+SOFT_VERBS_EXPORT void soft_verbs_fail_next_receive(int status) {
+  std::lock_guard<std::mutex> l(nic().mu);
+  nic().fail_next_receive = status;
 }
