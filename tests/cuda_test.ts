@@ -470,6 +470,7 @@ Deno.test({ name: "cuda: the CPU proxy carries kernels' puts and signals in orde
     assert.match(text, /ok: ibverbs: a proxy going away waits for a peer's put in flight to it/);
     assert.match(text, /ok: ibverbs: the proxy's error names the ranks and the NIC's status/);
     assert.match(text, /ok: ibverbs: a receive that fails stops the receiver's proxy on no descriptor/);
+    assert.match(text, /ok: ibverbs: a refusal of a signal to a rank gone, then the NIC failing: the failure is what/);
     // The window registered through dma-buf (also from inside its allocation), as peer memory,
     // and neither: the error says why each way failed.
     assert.match(

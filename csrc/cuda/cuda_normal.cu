@@ -53,9 +53,11 @@ struct CudaBuffer {
   // pairs' numbers go with the share) and connected to each peer on import; the proxy takes it.
   std::unique_ptr<transport::NicEngine> pending_engine;
   std::unique_ptr<transport::Proxy> proxy;
-  // pending_engine, and whether the proxy exists: export and import (not under the enqueue lock,
+  // pending_engine, engine_taken and endpoint_text: export and import (not under the enqueue lock,
   // which a first operation holds while it waits for the imports) against the network's start.
   std::mutex net_mu;
+  bool engine_taken = false;  // the network's start took (or made) the engine: no other is made
+  std::string endpoint_text;  // this rank's, as exported first
   int device = -1;
   std::shared_ptr<Memory> net_state;
   NetworkArgs net;
@@ -204,7 +206,8 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   cudaStream_t nic = nullptr;
   SY_CUDA(acquire_nic_stream(device, &nic));
   // The proxy, then what its kernels need; a failure on the way drops the proxy again (no kernel
-  // has seen it), so that a later call starts over.
+  // has seen it), so that a later call starts over (between processes with ibverbs it cannot: the
+  // engine connected on import went with it).
   transport::ProxyOptions o;
   o.rank = buf.rank;
   o.device = device;
@@ -222,6 +225,7 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   }
   std::unique_ptr<transport::NicEngine> engine;
   std::unique_lock<std::mutex> net_lock(st.net_mu);
+  if (fabric->verbs) st.engine_taken = true;
   if (fabric->verbs && st.pending_engine) {
     engine = std::move(st.pending_engine);  // a process group's, connected to every peer on import
   } else if (fabric->verbs && buf.group->process_group) {
@@ -292,13 +296,17 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
 }
 
 // Between processes with ibverbs: the buffer's engine, made on the first call (export, or the
-// first import); with st.net_mu held.
+// first import), once; with st.net_mu held.
 Error pending_verbs_engine(BufferCore& buf, const NetworkFabric& fabric, transport::NicEngine** out) {
   CudaBuffer& st = buffer_state(buf);
-  if (!st.pending_engine && !st.proxy) {
+  if (!st.pending_engine && !st.engine_taken) {
     SY_TRY(make_verbs_engine(buf, fabric, rank_state(buf.rank_core()).device, &st.pending_engine));
   }
-  if (!st.pending_engine) return fail(SY_ERROR_INTERNAL, "the buffer's network started before it was exported");
+  if (!st.pending_engine) {
+    return fail(SY_ERROR_UNSUPPORTED, "rank " + std::to_string(buf.rank) +
+                                          ": the buffer's network has started: its ibverbs engine takes no more "
+                                          "peers; create the buffers again");
+  }
   *out = st.pending_engine.get();
   return ok();
 }
@@ -313,9 +321,13 @@ Error normal_export_network(BufferCore& buf, std::string* endpoint) {
   SY_TRY(network_fabric(buf, &fabric));
   if (!fabric->verbs) return ok();
   std::lock_guard<std::mutex> l(st.net_mu);
-  transport::NicEngine* engine = nullptr;
-  SY_TRY(pending_verbs_engine(buf, *fabric, &engine));
-  return transport::verbs_endpoint_text(*engine, endpoint);
+  if (st.endpoint_text.empty()) {  // the same text every time, also once the engine is the proxy's
+    transport::NicEngine* engine = nullptr;
+    SY_TRY(pending_verbs_engine(buf, *fabric, &engine));
+    SY_TRY(transport::verbs_endpoint_text(*engine, &st.endpoint_text));
+  }
+  *endpoint = st.endpoint_text;
+  return ok();
 }
 
 Error normal_import_network(BufferCore& buf, int peer, const std::string& endpoint) {

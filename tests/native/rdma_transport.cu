@@ -705,6 +705,7 @@ void receive_failure_case() {
   sy::Error stopped;
   for (int i = 0; i < 5000 && !(stopped = w.proxies[0]->refusal()); ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  soft_verbs<void (*)(int)>("soft_verbs_fail_next_receive")(-1);  // used, or no later case meets it
   double seconds = 0;
   const Outcome o = put_and_flush(w, 1, &seconds);
   check(o.status.result == tr::TransportResult::Refused && o.status.refusal == uint32_t(tr::Refusal::Device) &&
@@ -713,6 +714,40 @@ void receive_failure_case() {
                                "failed: local protection error",
         "a receive that fails stops the receiver's proxy on no descriptor (" + describe(o.status) + "): " +
             stopped.message);
+}
+
+// ibverbs: a signal refused because its rank's window is gone (which the two hops' waits let
+// pass: that rank may have finished and left), then the NIC failing (a receive): the NIC's
+// failure replaces the first refusal in every control, since the proxy then takes in no more
+// signals and the kernels must not wait on; the error keeps both.
+void refusal_then_failure_case() {
+  World w({});
+  w.proxies[1].reset();  // rank 1 goes away
+  SY_LAUNCH(signal_kernel, 1, 1, 0, w.send_streams[0])(w.proxies[0]->channel(0, kTimeoutNs), 1, 0, 0, 0, 1,
+                                                       w.outcomes);
+  must(cudaStreamSynchronize(w.send_streams[0]), "a signal to the rank that went away");
+  Outcome first;
+  must(cudaMemcpy(&first, w.outcomes, sizeof(first), cudaMemcpyDeviceToHost), "copy back");
+  soft_verbs<void (*)(int)>("soft_verbs_fail_next_receive")(4);  // IBV_WC_LOC_PROT_ERR
+  SY_LAUNCH(signal_kernel, 1, 1, 0, w.send_streams[2])(w.proxies[2]->channel(0, kTimeoutNs), 0, kStageBytes, 64, 0, 1,
+                                                       w.outcomes + 2);
+  must(cudaStreamSynchronize(w.send_streams[2]), "rank 2's put with a signal");
+  sy::Error both;
+  for (int i = 0; i < 5000; ++i) {
+    both = w.proxies[0]->refusal();
+    if (both.message.find("; then") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  soft_verbs<void (*)(int)>("soft_verbs_fail_next_receive")(-1);
+  double seconds = 0;
+  const Outcome o = put_and_flush(w, 2, &seconds);
+  check(first.status.refusal == uint32_t(tr::Refusal::PeerWindow) && o.status.result == tr::TransportResult::Refused &&
+            o.status.refusal == uint32_t(tr::Refusal::Device) && o.status.slot == -1 &&
+            both.message.find("the peer has no window") != std::string::npos &&
+            both.message.find("; then rank 0: the proxy stopped: the NIC engine failed: rank 2 to rank 0") !=
+                std::string::npos,
+        "a refusal of a signal to a rank gone, then the NIC failing: the failure is what the kernels see (" +
+            describe(o.status) + "): " + both.message);
 }
 
 // ibverbs, as between processes: an endpoint comes from another process, so every way it can be
@@ -991,6 +1026,7 @@ int main(int argc, char** argv) {
     teardown_case();
     nic_failure_case();
     receive_failure_case();
+    refusal_then_failure_case();
     registration_case();
     columns_case();
     use_verbs = false;

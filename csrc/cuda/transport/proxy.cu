@@ -137,14 +137,20 @@ Error Proxy::reset(int64_t timeout_ms) {
 }
 
 void Proxy::refuse(int channel, uint64_t index, Refusal why, const std::string& detail) {
+  const bool device_error_before = device_error_;
   if (why == Refusal::Device) device_error_ = true;
-  if (refused_) return;  // the first refusal is the one reported
+  // The first refusal is the one reported, but for the NIC's failure after a refusal of another
+  // kind (a credit to a rank whose window is gone, which the kernels' waits let pass): the proxy
+  // then takes in no more signals, and the kernels must not wait on.
+  if (refused_ && (why != Refusal::Device || device_error_before)) return;
+  const std::string text = channel < 0 ? "rank " + std::to_string(o_.rank) + ": the proxy stopped: " +
+                                             refusal_text(why) + detail
+                                       : "rank " + std::to_string(o_.rank) + ", channel " + std::to_string(channel) +
+                                             ", descriptor " + std::to_string(index) + ": the proxy refused it: " +
+                                             refusal_text(why) + detail;
   {
     std::lock_guard<std::mutex> l(refusal_->mu);
-    refusal_->text = channel < 0 ? "rank " + std::to_string(o_.rank) + ": the proxy stopped: " + refusal_text(why) + detail
-                                 : "rank " + std::to_string(o_.rank) + ", channel " + std::to_string(channel) +
-                                       ", descriptor " + std::to_string(index) + ": the proxy refused it: " +
-                                       refusal_text(why) + detail;
+    refusal_->text = refused_ ? refusal_->text + "; then " + text : text;
   }
   refused_ = true;
   for (int c = 0; c < o_.channels; ++c) {
