@@ -18,9 +18,14 @@
 //                     one record at a time would shrink the runs to one whenever the receiver
 //                     is the slower.
 //   warp nodes + m    forwards for node m's column source: it learns from the source's exchange
-//                     page how many records come, and for each waits for the records signal,
-//                     copies the record to the ranks of this node its slots name, and credits
-//                     the source.
+//                     page how many records come, and for each waits for the records signal and
+//                     copies the record to the ranks of this node its slots name. It credits the
+//                     source for what it took in runs, one signal for up to put_run_limit
+//                     records (a credit per record would cost a proxy descriptor, a NIC message,
+//                     each), and at once before it waits for a record that has not landed, so
+//                     the room goes back as soon as the source may want it. Holding fewer than a
+//                     run cannot stall the source: a run is at most half the ring, so what the
+//                     source waits for is never among the records held.
 // Then the block tells the ranks of its node that its forwarding is done and waits for their
 // forwarders. Every wait has the operation's deadline and names the peer and the hop.
 //
@@ -203,14 +208,37 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
   if (a.fwd.base != nullptr && lane == 0) a.fwd.count()[m] = 0;
   // Records delivered to each rank q of the node: lane q % 32 counts q (nodes of up to 64 ranks).
   int32_t delivered[2] = {0, 0};
+  const uint64_t run = put_run_limit(uint64_t(n.entries));
+  uint64_t owed = 0;  // records taken and not credited yet (every lane keeps it)
+  // Credits the source for them in one signal; false if that failed (recorded).
+  const auto pay = [&]() -> bool {
+    transport::TransportStatus credit;
+    if (lane == 0 && owed > 0) {
+      credit = transport::signal(ch, source, signal_credit(core::kPassOn), owed);
+      if (!credit.ok()) transport_failed(a.sync, st, kHop, source, credit, n.channels, 2 * n.nodes);
+    }
+    owed = 0;
+    return __shfl_sync(0xffffffffu, int(credit.ok()), 0) != 0;
+  };
+  bool failed = false;
   for (int32_t k = 0; k < count; ++k) {
     const auto landed = [&] { return landed_seen = transport::read_signal(ch, source, signal_landed(core::kPassOn)); };
+    // Nothing owed while this warp waits: if the record is not there yet, credit first.
+    if (owed > 0) {
+      const int there = lane == 0 && (transport::signal_reached(landed_seen, taken + 1) ||
+                                       transport::signal_reached(landed(), taken + 1));
+      if (__shfl_sync(0xffffffffu, there, 0) == 0 && !pay()) {
+        failed = true;
+        break;
+      }
+    }
     if (!warp_wait(a, st, lane, source, kHop, int64_t(taken + 1),
                    [&] {
                      return transport::signal_reached(landed_seen, taken + 1) ||
                             transport::signal_reached(landed(), taken + 1);
                    },
                    [&] { return int64_t(landed()); })) {
+      failed = true;
       break;
     }
     __syncwarp();
@@ -228,6 +256,7 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
     if (token <= last_token || token >= a.max_tokens || prev < -1 || prev >= my_node ||
         (next != -1 && (next <= my_node || next >= n.nodes))) {
       if (lane == 0) peer_value_wrong(a.sync, st, kHop, -9, source, last_token, token, prev, next);
+      failed = true;
       break;
     }
     last_token = token;
@@ -257,17 +286,20 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
                      (uint64_t(relay) * uint64_t(a.max_tokens) + uint64_t(slot)) * uint64_t(n.record_bytes);
       warp_copy_landed(rec, dst, n.record_bytes, lane);
     }
-    if (bad) break;
-    __syncwarp();  // every lane's copy of this entry before the credit frees its slot
-    transport::TransportStatus credit;
-    if (lane == 0) {
-      credit = transport::signal(ch, source, signal_credit(core::kPassOn), 1);
-      if (!credit.ok()) transport_failed(a.sync, st, kHop, source, credit, n.channels, 2 * n.nodes);
+    if (bad) {
+      failed = true;
+      break;
     }
-    if (__shfl_sync(0xffffffffu, int(credit.ok()), 0) == 0) break;
+    __syncwarp();  // every lane's copy of this entry before a credit frees its slot
     ++taken;
+    ++owed;
     if (a.fwd.base != nullptr && lane == 0) a.fwd.count()[m] = k + 1;
+    if (owed >= run && !pay()) {
+      failed = true;
+      break;
+    }
   }
+  if (!failed) (void)pay();  // the rest (after a failure the buffer is given up)
   if (lane == 0) n.taken_from(m, core::kPassOn) = taken;
   // What each rank of the node received from this source through this forwarder (it checks the
   // count against what the source announced, once the forward flag is up).
