@@ -22,10 +22,10 @@
 //                     copies the record to the ranks of this node its slots name. It credits the
 //                     source for what it took in runs, one signal for up to put_run_limit
 //                     records (a credit per record would cost a proxy descriptor, a NIC message,
-//                     each), and at once before it waits for a record that has not landed, so
-//                     the room goes back as soon as the source may want it. Holding fewer than a
-//                     run cannot stall the source: a run is at most half the ring, so what the
-//                     source waits for is never among the records held.
+//                     each), and at once before it waits for a record that has not landed. So it
+//                     never waits while it owes credit, and the source's wait for room always
+//                     ends; holding back up to a run only delays the source while landed records
+//                     are still being forwarded.
 // Then the block tells the ranks of its node that its forwarding is done and waits for their
 // forwarders. Every wait has the operation's deadline and names the peer and the hop.
 //
@@ -187,7 +187,7 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
 }
 
 // Warp nodes + m: the records of node m's column source, each to the ranks of this node it
-// names, then credited.
+// names, credited in runs.
 __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, int lane) {
   const NetworkArgs& n = a.net;
   const int me = a.sync.rank, P = n.ranks_per_node;
