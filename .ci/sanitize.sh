@@ -51,7 +51,8 @@ for kind in "$@"; do
       # Every report counts: the run's exit status is 66 if there was one.
       TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1" \
         "$root/build-tsan/switchyard_kernel_families" --ranks 3 --tokens 24 --experts 12 --timeout-ms 120000 &&
-        TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1" "$root/build-tsan/switchyard_rdma_transport" &&
+        TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1" "$root/build-tsan/switchyard_rdma_transport" --emulated &&
+        TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1" "$root/build-tsan/switchyard_rdma_transport" --ibverbs &&
         SOFT_VERBS_LINK_LAYER=ethernet TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1" \
           "$root/build-tsan/switchyard_rdma_transport" --roce
       ;;
