@@ -132,6 +132,20 @@ Deno.test({
   assert.ok(r.exits.every((e) => e.code !== 0), report);
 });
 
+Deno.test({
+  name: "SWITCHYARD_NIC=gin where the library has no NCCL device API (the CPU-executed build): every process " +
+    "refuses it when it creates its buffer, saying why",
+  ignore: !(backend === "cuda" && backendInfo("cuda").executedOnCpu),
+}, async () => {
+  const r = await job(4, ["--rounds", "1", "--network-ring", "4"], 15, { SWITCHYARD_NIC: "gin" }, 2);
+  const report = r.lines.join("\n");
+  assert.notEqual(r.code, 0, report);
+  assert.ok(r.exits.every((e) => e.code !== 0), report);
+  // The first to fail says why; the others may see it go first (the rendezvous of the shares).
+  const said = /rank \d: SWITCHYARD_NIC=gin: this library was built without NCCL's device API/;
+  assert.ok(r.lines.some((l) => said.test(l)), report);
+});
+
 for (const [nproc, perNode, nic] of [[3, 3, ""], [4, 2, ""], [4, 2, "ibverbs"]] as const) {
   const where = (perNode < nproc ? ` (${nproc / perNode} nodes of ${perNode}: two hops)` : "") +
     (nic ? ", the network hop through ibverbs" : "");

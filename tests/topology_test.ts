@@ -606,6 +606,45 @@ Deno.test("across nodes: a dispatch refused on one rank fails everywhere, and th
   }
 });
 
+Deno.test("across nodes, CUDA: SWITCHYARD_NIC=gin is refused for virtual ranks, and the buffers then work with the emulated NIC", async () => {
+  if (backend !== "cuda" || verbsNic) return;
+  const s: Scenario = { ranks: 4, tokens: [5, 9, 0, 7], hidden: 64, experts: 8, topk: 3, seed: 23, ranksPerNode: 2 };
+  const d = generate(s);
+  const expected = referenceDispatch(d.inputs, d.shape);
+  using fx = await fixture(s.ranks, s.hidden, 12, 5000, {}, 2);
+  const ups = await fx.group.all((rank, r) => upload(rank, s, d, r));
+  const dispatchAll = () =>
+    fx.buffers.map((b, r) =>
+      b.dispatch(ups[r].x, { topkIdx: ups[r].topkIdx, topkWeights: ups[r].topkWeights, numExperts: s.experts })
+    );
+  try {
+    // NCCL's ranks cannot share a GPU: GIN is for process groups, one GPU each.
+    Deno.env.set("SWITCHYARD_NIC", "gin");
+    let outcomes: PromiseSettledResult<unknown>[];
+    try {
+      outcomes = await Promise.allSettled(dispatchAll());
+    } finally {
+      Deno.env.delete("SWITCHYARD_NIC");
+    }
+    for (const [r, o] of outcomes.entries()) {
+      assert.equal(o.status, "rejected", `rank ${r}`);
+      const e = (o as PromiseRejectedResult).reason;
+      assert.ok(e instanceof SwitchyardError && e.code === "UNSUPPORTED", `rank ${r}: ${e}`);
+      assert.match(e.message, /SWITCHYARD_NIC=gin: NCCL GIN needs a process group, one GPU per rank/);
+    }
+    const results = await Promise.all(dispatchAll());
+    try {
+      for (const [r, res] of results.entries()) {
+        assertSameArray(bytesOf(await res.recvX.read()), expected[r].x, `rank ${r}: rows after the refusal`);
+      }
+    } finally {
+      for (const res of results) res[Symbol.dispose]();
+    }
+  } finally {
+    for (const u of ups) u[Symbol.dispose]();
+  }
+});
+
 Deno.test("across nodes, CUDA: ranks that pass handles of different dispatches fail the combine, naming the peer", async () => {
   if (backend !== "cuda") return; // the host backend's chain has no announced counts (a peer times out there)
   // 4 ranks as 2 nodes of 2, one expert per rank. Dispatch A sends every token to every rank;

@@ -89,6 +89,7 @@ SY_API sy_status sy_group_nccl_init(sy_group group, const char* path, const uint
     nccl::Comm comm = nullptr;
     SY_TRY(nccl::call_error(*lib, lib->comm_init_rank(&comm, g->num_ranks, u, rank.index), "ncclCommInitRank"));
     g->nccl_comm = comm;
+    g->nccl_library = lib;
     g->nccl_destroy = [lib](void* c) { lib->comm_destroy(c); };
     return ok();
   });

@@ -217,8 +217,10 @@ struct GroupCore {
   }
   std::mutex sets_mu;
   std::vector<std::weak_ptr<BufferSet>> sets;
-  // The group's NCCL communicator (process groups on the CUDA backend), and how to free it.
+  // The group's NCCL communicator (process groups on the CUDA backend), the library it came from
+  // (a nccl::Library, which is never unloaded), and how to free it.
   void* nccl_comm = nullptr;
+  const void* nccl_library = nullptr;
   std::function<void(void*)> nccl_destroy;
   ~GroupCore();
 };

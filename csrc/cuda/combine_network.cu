@@ -287,7 +287,7 @@ struct Here {
         ready = c.got[core::kKeep][k] < c.expected[core::kKeep][k] && landed(k, core::kKeep);
         if (!ready) break;
         const uint64_t in = a.net.ring_combine(a.net.off_net_in, k, core::kKeep, c.taken[core::kKeep][k]);
-        const int4 raw = __ldcg(reinterpret_cast<const int4*>(a.sync.bases[me] + in));
+        const int4 raw = __ldcg(reinterpret_cast<const int4*>(a.net.net_base + in));
         const uint32_t h[4] = {uint32_t(raw.x), uint32_t(raw.y), uint32_t(raw.z), uint32_t(raw.w)};
         if (h[0] != uint32_t(core::NetEntry::NodePartial) || int(h[1]) != M || int32_t(h[2]) != int32_t(t)) {
           return unexpected(k, h);
@@ -332,7 +332,7 @@ struct Here {
       if (c.got[core::kPassOn][k] < c.expected[core::kPassOn][k] && landed(k, core::kPassOn)) {
         const uint64_t in = a.net.ring_combine(a.net.off_net_in, k, core::kPassOn, c.taken[core::kPassOn][k]);
         uint32_t h[4];
-        const int4 raw = __ldcg(reinterpret_cast<const int4*>(a.sync.bases[me] + in));
+        const int4 raw = __ldcg(reinterpret_cast<const int4*>(a.net.net_base + in));
         h[0] = uint32_t(raw.x), h[1] = uint32_t(raw.y), h[2] = uint32_t(raw.z), h[3] = uint32_t(raw.w);
         const int m = int(h[1]);
         int32_t* e = const_cast<int32_t*>(f.find(m, int32_t(h[2])));
@@ -348,7 +348,7 @@ struct Here {
       // Results of this rank's own tokens from node k.
       if (c.got[core::kKeep][k] < c.expected[core::kKeep][k] && landed(k, core::kKeep)) {
         const uint64_t in = a.net.ring_combine(a.net.off_net_in, k, core::kKeep, c.taken[core::kKeep][k]);
-        const int4 raw = __ldcg(reinterpret_cast<const int4*>(a.sync.bases[me] + in));
+        const int4 raw = __ldcg(reinterpret_cast<const int4*>(a.net.net_base + in));
         const uint32_t h[4] = {uint32_t(raw.x), uint32_t(raw.y), uint32_t(raw.z), uint32_t(raw.w)};
         const int64_t t = int32_t(h[2]);
         if (h[0] != uint32_t(core::NetEntry::Result) || int(h[1]) != M || t < 0 || t >= a.tokens ||
@@ -394,8 +394,8 @@ struct Here {
   // The block: the step's channels and top-k weights, folded and written where they go.
   __device__ void work() {
     const Decision& d = c.d;
-    const uint8_t* in = a.sync.bases[me] + d.in_off;
-    uint8_t* out = d.to >= 0 ? a.sync.bases[me] + d.out_off : nullptr;
+    const uint8_t* in = a.net.net_base + d.in_off;
+    uint8_t* out = d.to >= 0 ? a.net.net_base + d.out_off : nullptr;
     const bool partial = d.to >= 0 && d.lane == core::kPassOn;
     const NetworkArgs& n = a.net;
     const int groups = a.hidden / 8;
@@ -505,7 +505,7 @@ struct Here {
 #pragma unroll
           for (int i = 0; i < 8; ++i) v8[i] = core::bf16_to_float(core::float_to_bf16(part[i]));
         } else {
-          unpack_bf16x8(__ldcg(reinterpret_cast<const int4*>(a.sync.bases[me] + c.home_in[k] + n.net_payload +
+          unpack_bf16x8(__ldcg(reinterpret_cast<const int4*>(a.net.net_base + c.home_in[k] + n.net_payload +
                                                              n.row_payload) + g),
                         v8);
         }
@@ -523,7 +523,7 @@ struct Here {
             if (c.rows[q] >= 0) add_contribution_weight(c.pub[q], c.rows[q], k, part);
           sum += part;
         } else {
-          sum += __ldcg(reinterpret_cast<const float*>(a.sync.bases[me] + c.home_in[node] + n.net_payload +
+          sum += __ldcg(reinterpret_cast<const float*>(a.net.net_base + c.home_in[node] + n.net_payload +
                                                        n.row_topk_weights) + k);
         }
       }

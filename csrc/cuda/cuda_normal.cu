@@ -18,6 +18,7 @@
 #include "normal_kernels.h"
 #include "ordered_rank.cuh"
 #include "transport/emulated_nic.h"
+#include "transport/gin_network.h"
 #include "transport/proxy.h"
 #include "transport/verbs_engine.h"
 
@@ -53,7 +54,11 @@ struct CudaBuffer {
   // pairs' numbers go with the share) and connected to each peer on import; the proxy takes it.
   std::unique_ptr<transport::NicEngine> pending_engine;
   std::unique_ptr<transport::Proxy> proxy;
-  // pending_engine, engine_taken and endpoint_text: export and import (not under the enqueue lock,
+  // Between processes with NCCL GIN: its window and device communicator, begun when the buffer is
+  // exported (the calls are collective), ready before the network starts; no proxy then.
+  std::shared_ptr<transport::GinNetwork> gin;
+  bool network_started = false;  // set last: every field above is ready
+  // pending_engine, engine_taken, gin and endpoint_text: export and import (not under the enqueue lock,
   // which a first operation holds while it waits for the imports) against the network's start.
   std::mutex net_mu;
   bool engine_taken = false;  // the network's start took (or made) the engine: no other is made
@@ -66,6 +71,9 @@ struct CudaBuffer {
   CudaBuffer(const CudaBuffer&) = delete;
   CudaBuffer& operator=(const CudaBuffer&) = delete;
   ~CudaBuffer() {
+    // Kernels queued before may still use the network: GIN's window and device communicator go
+    // once the work queued so far has completed.
+    if (gin && device >= 0) run_when_done([keep = std::move(gin)]() {}, device);
     if (!proxy) return;
     // Kernels queued before may still post to the proxy, and its puts write into the peers'
     // windows: it goes once the work queued so far has completed, the set (counters, windows)
@@ -130,16 +138,17 @@ uint64_t network_signal_bytes(int ranks) { return sizeof(uint64_t) * uint64_t(ra
 
 namespace {
 
-// What the two hops' network puts go through, one per buffer set: the emulated NIC's fabric, or
-// the directory where the ranks' ibverbs engines find each other (SWITCHYARD_NIC).
+// What the two hops' network puts go through, one per buffer set: the emulated NIC's fabric, the
+// directory where the ranks' ibverbs engines find each other, or NCCL GIN (SWITCHYARD_NIC).
 struct NetworkFabric {
   bool verbs = false;
+  bool gin = false;
   std::shared_ptr<transport::EmulatedFabric> emulated;
   std::shared_ptr<transport::VerbsDirectory> directory;
   transport::VerbsSettings verbs_settings;
 };
 
-// SWITCHYARD_NIC: "emulated" (the default) or "ibverbs".
+// SWITCHYARD_NIC: "emulated" (the default), "ibverbs" or "gin".
 Error make_network_fabric(const BufferCore& buf, std::shared_ptr<NetworkFabric>* out) {
   auto f = std::make_shared<NetworkFabric>();
   const char* v = std::getenv("SWITCHYARD_NIC");
@@ -155,8 +164,18 @@ Error make_network_fabric(const BufferCore& buf, std::shared_ptr<NetworkFabric>*
     SY_TRY(transport::VerbsSettings::from_environment(&f->verbs_settings));
     f->verbs = true;
     f->directory = transport::make_verbs_directory(R);
+  } else if (kind == "gin") {
+    if (buf.set->nic.active()) {
+      return invalid("emulatedNic", "emulatedNic: a link model is the emulated NIC's; with SWITCHYARD_NIC=gin "
+                                    "the network hop is the NIC's own");
+    }
+    if (!buf.group->process_group) {
+      return fail(SY_ERROR_UNSUPPORTED, "SWITCHYARD_NIC=gin: NCCL GIN needs a process group, one GPU per rank "
+                                        "(NCCL's ranks cannot share a GPU); virtual ranks use the emulated NIC");
+    }
+    f->gin = true;
   } else {
-    return invalid("SWITCHYARD_NIC", "SWITCHYARD_NIC=" + kind + ": expected emulated or ibverbs");
+    return invalid("SWITCHYARD_NIC", "SWITCHYARD_NIC=" + kind + ": expected emulated, ibverbs or gin");
   }
   *out = std::move(f);
   return ok();
@@ -192,66 +211,98 @@ Error make_verbs_engine(BufferCore& buf, const NetworkFabric& fabric, int device
                                         st.sl.bytes, fabric.verbs_settings, out);
 }
 
-Error start_network(BufferCore& buf, CudaStream& comm) {
+// The CPU proxy on this rank's buffer, with its NIC engine (emulated or ibverbs). A failure on
+// the way drops the proxy again (no kernel has seen it), so that a later call starts over (between
+// processes with ibverbs it cannot: the engine connected on import went with it).
+Error start_proxy(BufferCore& buf, NetworkFabric& fabric, int device, std::unique_ptr<transport::Proxy>* out) {
   CudaBuffer& st = buffer_state(buf);
-  if (st.proxy) return ok();  // an earlier call got all the way (everything is set last)
-  const core::BufferPlan& plan = buf.plan;
-  const int R = buf.group->num_ranks, N = plan.nodes;
   BufferSet& set = *buf.set;
-  std::shared_ptr<NetworkFabric> fabric;
-  SY_TRY(network_fabric(buf, &fabric));
-  const int device = comm.rank_state_ref().device;
+  const int R = buf.group->num_ranks, N = buf.plan.nodes;
   // The device's NIC stream, on a hardware queue of its own (device_memory.h): the copies never
   // wait behind a kernel that waits for them.
   cudaStream_t nic = nullptr;
   SY_CUDA(acquire_nic_stream(device, &nic));
-  // The proxy, then what its kernels need; a failure on the way drops the proxy again (no kernel
-  // has seen it), so that a later call starts over (between processes with ibverbs it cannot: the
-  // engine connected on import went with it).
   transport::ProxyOptions o;
   o.rank = buf.rank;
   o.device = device;
   o.channels = 2 * N;
   o.entries = 64;
   o.counters = &set.network[size_t(buf.rank)];
+  o.signal_slots = kNetworkSignals;
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < kNetworkSignals; ++s)
+      o.signal_channels.push_back(signal_channel(s, core::node_of(r, buf.plan.ranks_per_node), N));
   if (buf.group->process_group) {
     SY_TRY(peer_signals(set, buf.rank, &o.signals));
-    for (int r = 0; r < R && !fabric->verbs; ++r) {
+    for (int r = 0; r < R && !fabric.verbs; ++r) {
       if (r == buf.rank) continue;
       transport::EmulatedFabric::Window w{set.bases[size_t(r)], st.sl.bytes, nullptr};
       SY_TRY(peer_signals(set, r, &w.signals));
-      fabric->emulated->attach(r, w);
+      fabric.emulated->attach(r, w);
     }
   }
   std::unique_ptr<transport::NicEngine> engine;
   std::unique_lock<std::mutex> net_lock(st.net_mu);
-  if (fabric->verbs) st.engine_taken = true;
-  if (fabric->verbs && st.pending_engine) {
+  if (fabric.verbs) st.engine_taken = true;
+  if (fabric.verbs && st.pending_engine) {
     engine = std::move(st.pending_engine);  // a process group's, connected to every peer on import
-  } else if (fabric->verbs && buf.group->process_group) {
+  } else if (fabric.verbs && buf.group->process_group) {
     // Its queue pairs were connected to the peers' on import; an engine made now would not be.
     return fail(SY_ERROR_UNSUPPORTED, "rank " + std::to_string(buf.rank) +
                                           ": the buffer's ibverbs engine went with an earlier failed start of its "
                                           "network (or the buffer was never exported); create the buffers again");
-  } else if (fabric->verbs) {
-    SY_TRY(make_verbs_engine(buf, *fabric, device, &engine));
+  } else if (fabric.verbs) {
+    SY_TRY(make_verbs_engine(buf, fabric, device, &engine));
   } else {
-    SY_TRY(transport::EmulatedNic::create(*fabric->emulated, buf.rank, st.own, st.sl.bytes, nic, &engine));
+    SY_TRY(transport::EmulatedNic::create(*fabric.emulated, buf.rank, st.own, st.sl.bytes, nic, &engine));
   }
   net_lock.unlock();
+  return transport::Proxy::create(o, std::move(engine), out);
+}
+
+Error start_network(BufferCore& buf, CudaStream& comm) {
+  CudaBuffer& st = buffer_state(buf);
+  if (st.network_started) return ok();  // an earlier call got all the way (everything is set last)
+  const core::BufferPlan& plan = buf.plan;
+  const int N = plan.nodes;
+  std::shared_ptr<NetworkFabric> fabric;
+  SY_TRY(network_fabric(buf, &fabric));
+  const int device = comm.rank_state_ref().device;
+  const uint64_t timeout_ns = uint64_t(buf.timeout_ms) * 1000000ull;
+  std::vector<transport::NetChannel> channels(size_t(2 * N));
   std::unique_ptr<transport::Proxy> proxy;
-  SY_TRY(transport::Proxy::create(o, std::move(engine), &proxy));
-  std::vector<transport::ProxyChannel> channels(size_t(2 * N));
-  for (int c = 0; c < 2 * N; ++c) channels[size_t(c)] = proxy->channel(c, uint64_t(buf.timeout_ms) * 1000000ull);
-  // [2N] channels, then u64 sent[lanes][N], taken[lanes][N], then i32 broken.
-  const uint64_t off_counters = core::align_up(sizeof(transport::ProxyChannel) * channels.size(), 16);
+  std::shared_ptr<transport::GinNetwork> gin;
+  if (fabric->gin) {
+    {
+      std::lock_guard<std::mutex> net_lock(st.net_mu);
+      gin = st.gin;
+    }
+    if (!gin) {
+      return fail(SY_ERROR_UNSUPPORTED, "rank " + std::to_string(buf.rank) +
+                                            ": SWITCHYARD_NIC=gin: the buffer was never exported (NCCL GIN's "
+                                            "window is made by every rank together when it exports its buffer)");
+    }
+    SY_TRY(gin->wait_ready(Deadline::after_ms(buf.timeout_ms)));
+  } else {
+    SY_TRY(start_proxy(buf, *fabric, device, &proxy));
+    for (int c = 0; c < 2 * N; ++c) channels[size_t(c)].proxy = proxy->channel(c, timeout_ns);
+  }
+  // [2N] channels, then u64 sent[lanes][N], taken[lanes][N], then i32 broken, then (GIN) u64
+  // posted[2N].
+  const uint64_t off_counters = core::align_up(sizeof(transport::NetChannel) * channels.size(), 16);
   const uint64_t counters = uint64_t(core::kNetLanes) * uint64_t(N);
-  const uint64_t bytes = off_counters + 16 * counters + 16;
+  const uint64_t off_posted = off_counters + 16 * counters + 16;
+  const uint64_t bytes = off_posted + 8 * channels.size();
   std::shared_ptr<Memory> net_state;
   SY_TRY(buf.group->backend->allocate(buf.rank_core(), bytes, &net_state));
   SY_CUDA(cudaMemsetAsync(at<uint8_t>(net_state, off_counters), 0, bytes - off_counters, comm.raw()));
+  uint8_t* net_base = st.own;
+  if (gin) {
+    SY_TRY(gin->fill_channels(channels.data(), 2 * N, at<uint64_t>(net_state, off_posted), timeout_ns));
+    net_base = gin->window() - st.sl.off_net_in;  // the window holds the network regions, from off_net_in on
+  }
   SY_TRY(comm.rank_state_ref().staging->to_device(net_state->ptr, channels.data(),
-                                                  sizeof(transport::ProxyChannel) * channels.size(), comm.raw(),
+                                                  sizeof(transport::NetChannel) * channels.size(), comm.raw(),
                                                   Deadline::after_ms(buf.timeout_ms), buf.rank));
   NetworkArgs& n = st.net;
   n.ranks_per_node = plan.ranks_per_node;
@@ -260,6 +311,7 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   n.off_relay = st.sl.off_relay;
   n.off_net_in = st.sl.off_net_in;
   n.off_net_out = st.sl.off_net_out;
+  n.net_base = net_base;
   n.entries = plan.net_ring_entries;
   n.entry_bytes = plan.net_entry_bytes;
   n.record_bytes = plan.record_bytes;
@@ -282,7 +334,7 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   n.off_forwarded = plan.off_forwarded;
   n.off_started = plan.off_net_epoch;
   n.off_announced = plan.off_net_tail;
-  n.channels = at<const transport::ProxyChannel>(net_state);
+  n.channels = at<const transport::NetChannel>(net_state);
   n.sent = at<uint64_t>(net_state, off_counters);
   n.taken = n.sent + counters;
   n.broken = reinterpret_cast<int32_t*>(n.taken + counters);
@@ -292,6 +344,7 @@ Error start_network(BufferCore& buf, CudaStream& comm) {
   st.net_state = net_state;
   std::lock_guard<std::mutex> net_lock_again(st.net_mu);
   st.proxy = std::move(proxy);
+  st.network_started = true;
   return ok();
 }
 
@@ -311,6 +364,42 @@ Error pending_verbs_engine(BufferCore& buf, const NetworkFabric& fabric, transpo
   return ok();
 }
 
+// What a rank's share says of its GIN network: the window's place and size, which every rank's
+// must match (the window is symmetric).
+constexpr const char* kGinEndpoint = "gin ";
+std::string gin_endpoint(const CudaBuffer& st) {
+  return kGinEndpoint + std::to_string(st.sl.off_net_in) + "+" + std::to_string(st.sl.bytes - st.sl.off_net_in);
+}
+
+// How a rank reaches the network, as its share's endpoint says (empty: the emulated NIC, or one
+// hop), or as this rank's fabric (null: one hop) does.
+const char* network_kind(const std::string& endpoint) {
+  return endpoint.empty() ? "the emulated NIC" : endpoint.rfind(kGinEndpoint, 0) == 0 ? "NCCL GIN" : "ibverbs";
+}
+const char* network_kind(const NetworkFabric* f) {
+  return f == nullptr || (!f->gin && !f->verbs) ? "the emulated NIC" : f->gin ? "NCCL GIN" : "ibverbs";
+}
+
+// Begins this rank's part of the GIN network's collective setup (transport/gin_network.h): a
+// window over the network regions, a context per channel, a signal per (rank, slot).
+Error begin_gin_network(BufferCore& buf, std::shared_ptr<transport::GinNetwork>* out) {
+  CudaBuffer& st = buffer_state(buf);
+  GroupCore& g = *buf.group;
+  const int N = buf.plan.nodes, my_node = core::node_of(buf.rank, buf.plan.ranks_per_node);
+  transport::GinNetworkOptions o;
+  o.lib = static_cast<const nccl::Library*>(g.nccl_library);
+  o.comm = g.nccl_comm;
+  o.rank = buf.rank;
+  o.ranks = g.num_ranks;
+  o.device = rank_state(buf.rank_core()).device;
+  o.channels = 2 * N;
+  o.slots = kNetworkSignals;
+  for (int s = 0; s < kNetworkSignals; ++s) o.slot_context.push_back(signal_channel(s, my_node, N));
+  o.origin = st.sl.off_net_in;
+  o.window_bytes = st.sl.bytes - st.sl.off_net_in;
+  return transport::GinNetwork::begin(o, buf.group, out);
+}
+
 }  // namespace
 
 Error normal_export_network(BufferCore& buf, std::string* endpoint) {
@@ -319,6 +408,12 @@ Error normal_export_network(BufferCore& buf, std::string* endpoint) {
   if (!st.sl.two_hop) return ok();
   std::shared_ptr<NetworkFabric> fabric;
   SY_TRY(network_fabric(buf, &fabric));
+  if (fabric->gin) {
+    std::lock_guard<std::mutex> l(st.net_mu);
+    if (!st.gin) SY_TRY(begin_gin_network(buf, &st.gin));
+    *endpoint = gin_endpoint(st);
+    return ok();
+  }
   if (!fabric->verbs) return ok();
   std::lock_guard<std::mutex> l(st.net_mu);
   if (st.endpoint_text.empty()) {  // the same text every time, also once the engine is the proxy's
@@ -334,11 +429,22 @@ Error normal_import_network(BufferCore& buf, int peer, const std::string& endpoi
   CudaBuffer& st = buffer_state(buf);
   std::shared_ptr<NetworkFabric> fabric;
   if (st.sl.two_hop) SY_TRY(network_fabric(buf, &fabric));
-  if (!fabric || !fabric->verbs) {
-    if (endpoint.empty()) return ok();
+  const std::string theirs = network_kind(endpoint), mine = network_kind(fabric.get());
+  if (theirs != mine) {
     return invalid("share.networkEndpoint", "share.networkEndpoint: rank " + std::to_string(peer) +
-                                                " reaches the network through ibverbs, this rank does not; every "
-                                                "process must set SWITCHYARD_NIC alike");
+                                                " reaches the network through " + theirs + ", this rank through " +
+                                                mine + "; every process must set SWITCHYARD_NIC alike");
+  }
+  if (!fabric || (!fabric->verbs && !fabric->gin)) return ok();
+  if (fabric->gin) {
+    // The windows are symmetric: a peer whose buffer has another size has another plan.
+    std::lock_guard<std::mutex> l(st.net_mu);
+    if (endpoint != gin_endpoint(st)) {
+      return invalid("share.networkEndpoint", "share.networkEndpoint: rank " + std::to_string(peer) +
+                                                  "'s GIN window (" + endpoint + ") differs from this rank's (" +
+                                                  gin_endpoint(st) + ")");
+    }
+    return ok();
   }
   std::lock_guard<std::mutex> l(st.net_mu);
   transport::NicEngine* engine = nullptr;

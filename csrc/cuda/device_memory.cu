@@ -61,13 +61,6 @@ struct DeviceState {
   cudaStream_t nic = nullptr;      // the emulated NIC's copies (acquire_nic_stream), kept for good
 };
 
-// Keeps the calling thread's current device across the switches below.
-struct KeepDevice {
-  int device = 0;
-  KeepDevice() { cudaGetDevice(&device); }
-  ~KeepDevice() { cudaSetDevice(device); }
-};
-
 struct DeviceMemory {
   std::mutex mu;  // a leaf: nothing else is locked, and no Memory is destroyed, under it
   int queues = 8;  // CUDA's default until set_hardware_queues says otherwise

@@ -31,6 +31,13 @@
 
 namespace sy::cuda {
 
+// Keeps the calling thread's current device across the switches in its scope.
+struct KeepDevice {
+  int device = 0;
+  KeepDevice() { cudaGetDevice(&device); }
+  ~KeepDevice() { cudaSetDevice(device); }
+};
+
 // Zero-filled pool memory of `bytes` on `device`; returns once it is ready for any stream, or
 // cudaErrorTimeout if the zero fill has not completed within seconds (it never blocks).
 cudaError_t allocate_device_memory(int device, uint64_t bytes, void** out);

@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "device_sync.cuh"
-#include "transport/proxy_channel.cuh"
+#include "transport/net_channel.cuh"
 
 namespace sy::cuda {
 
@@ -93,19 +93,20 @@ __device__ inline void peer_value_wrong(const SyncArgs& s, NetState& st, core::W
 // The descriptor a refusal names, in this rank's `count` channels: null for an engine's failure
 // that belongs to none (kNoChannel).
 __device__ inline const transport::RdmaDescriptor* refused_descriptor(const transport::TransportStatus& t,
-                                                                      const transport::ProxyChannel* channels,
+                                                                      const transport::NetChannel* channels,
                                                                       int count) {
-  return t.slot >= 0 && t.slot < count ? &transport::posted(channels[t.slot], t.refused_index) : nullptr;
+  return t.slot >= 0 && t.slot < count ? transport::posted(channels[t.slot], t.refused_index) : nullptr;
 }
 
 // A transport call that failed: its ring full past the deadline (naming `peer`, whom it was for),
 // or refused by the proxy. A refusal names the descriptor refused, maybe an earlier one than this
 // call's (a put the NIC failed after accepting it): the failure names that descriptor's peer,
 // read from this rank's `count` channels, or none (-1) for an engine's failure of no descriptor.
+// GIN refuses only the call itself: `peer` stays.
 __device__ inline void transport_failed(const SyncArgs& s, NetState& st, core::WaitRole role, int peer,
-                                        const transport::TransportStatus& t, const transport::ProxyChannel* channels,
+                                        const transport::TransportStatus& t, const transport::NetChannel* channels,
                                         int count) {
-  if (t.result == transport::TransportResult::Refused) {
+  if (t.result == transport::TransportResult::Refused && !(count > 0 && transport::on_gin(channels[0]))) {
     const transport::RdmaDescriptor* d = refused_descriptor(t, channels, count);
     peer = d != nullptr ? ld_volatile(&d->peer) : -1;
     if (peer < 0 || peer >= s.ranks) peer = -1;  // a descriptor refused for its peer
@@ -129,7 +130,7 @@ __device__ inline void transport_failed(const SyncArgs& s, NetState& st, core::W
 // operation and released its buffer, as it may, and what this rank waits for still comes (the
 // proxy goes on taking in the peers' signals); its next post meets the refusal.
 __device__ inline bool net_stopped(const SyncArgs& s, NetState& st, uint32_t spins, core::WaitRole role,
-                                   const transport::ProxyChannel* channels, int count) {
+                                   const transport::NetChannel* channels, int count) {
   if (ld_volatile(&st.failed)) return true;
   if ((spins & 63u) != 63u) return false;
   if (check_aborted(s)) {

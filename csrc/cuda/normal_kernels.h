@@ -38,7 +38,7 @@
 
 #include "../core/plan.h"
 #include "device_sync.cuh"
-#include "transport/proxy_channel.cuh"
+#include "transport/net_channel.cuh"
 
 namespace sy::cuda {
 
@@ -186,6 +186,10 @@ struct NetworkArgs {
   int32_t ranks_per_node = 0, nodes = 1;
   uint8_t* relay = nullptr;  // this rank's relay region; null: one hop
   uint64_t off_relay = 0, off_net_in = 0, off_net_out = 0;
+  // Where this rank addresses its network regions (off_net_in, off_net_out): net_base + offset.
+  // Its buffer, or, with NCCL GIN, the window registered for them (their own allocation, which
+  // starts at off_net_in).
+  uint8_t* net_base = nullptr;
   int32_t entries = 0, entry_bytes = 0;  // of each lane's ring (core::BufferPlan::net_entry_bytes)
   // The plan's record format, and the network record's fields after it (core/plan.h).
   int32_t record_bytes = 0, rec_payload = 0, rec_scales = 0, rec_topk_idx = 0, rec_topk_weights = 0, rec_src_idx = 0;
@@ -196,11 +200,11 @@ struct NetworkArgs {
   uint64_t off_forward_epoch = 0, off_forwarded = 0;
   uint64_t off_started = 0;  // u32[R]: rank p started the network kernel of operation n (network_state.cuh)
   uint64_t off_announced = 0;  // u32[lanes][R]: combine: the entries rank p puts here (combine_network.cu)
-  // Device memory: this rank's proxy channels, [nodes] to send to each node, then [nodes] to
+  // Device memory: this rank's network channels, [nodes] to send to each node, then [nodes] to
   // credit each node's sender; the network counters that persist across operations, per lane
   // and node (entries put to each node's column peer, taken from each node's); 1 once a failure
   // left them wrong.
-  const transport::ProxyChannel* channels = nullptr;
+  const transport::NetChannel* channels = nullptr;
   uint64_t* sent = nullptr;
   uint64_t* taken = nullptr;
   int32_t* broken = nullptr;
@@ -254,6 +258,13 @@ __host__ __device__ inline LateHop late_network_hop(const NetworkArgs& n, core::
 __host__ __device__ constexpr int signal_landed(int lane) { return lane; }
 __host__ __device__ constexpr int signal_credit(int lane) { return core::kNetLanes + lane; }
 inline constexpr int kNetworkSignals = 2 * core::kNetLanes;
+// The channel every sender raises signal `slot` of a rank of node `node` on: entries land through
+// the senders' channel to that node (channels[node]), credits come through their channel that
+// credits it (channels[nodes + node]). NCCL GIN reads a signal in the context that raised it
+// (gin_channel.cuh); the proxy checks every signal against this (ProxyOptions::signal_channels).
+__host__ __device__ constexpr int signal_channel(int slot, int node, int nodes) {
+  return slot < core::kNetLanes ? node : nodes + node;
+}
 // The nodes a two-hop operation may span: the dispatch's network kernel gives each node a sending
 // and a forwarding warp in one block of kSyncThreads.
 inline constexpr int kMaxNodes = 8;

@@ -99,9 +99,8 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
   const int R = a.sync.ranks, me = a.sync.rank, P = n.ranks_per_node;
   const int my_node = core::node_of(me, P);
   const int column = core::forwarder(m, me, P);
-  const transport::ProxyChannel& ch = n.channels[m];
+  const transport::NetChannel& ch = n.channels[m];
   const Published& p = a.pub;
-  uint8_t* own = a.sync.bases[me];
   const uint64_t entries = uint64_t(n.entries);
   uint64_t sent = n.sent_to(m, core::kPassOn);
   uint64_t credit_seen = sent > entries ? sent - entries : 0;  // lane 0's
@@ -153,7 +152,7 @@ __device__ void send_to_node(const DispatchArgs& a, NetState& st, int m, int lan
       }
       run_left = b;
     }
-    uint8_t* rec = own + n.ring_record(n.off_net_out, m, sent);
+    uint8_t* rec = n.net_base + n.ring_record(n.off_net_out, m, sent);
     warp_copy_row(p.x + t * p.x_stride, [&](int) { return rec + n.rec_payload; }, 1, a.payload_bytes, lane);
     for (int s = lane; s < a.num_scales; s += 32) {
       reinterpret_cast<uint32_t*>(rec + n.rec_scales)[s] =
@@ -193,14 +192,13 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
   const int me = a.sync.rank, P = n.ranks_per_node;
   const int my_node = core::node_of(me, P);
   const int source = core::forwarder(m, me, P);
-  const transport::ProxyChannel& ch = n.channels[n.nodes + m];
+  const transport::NetChannel& ch = n.channels[n.nodes + m];
   // How many come: from the source's exchange page, bounded (it comes from another rank).
   const int32_t count = exchange_page_i32(a, source, a.xl.off_node_send)[my_node];
   if (count < 0 || count > a.max_tokens) {
     if (lane == 0) peer_value_wrong(a.sync, st, kHop, -6, source, a.max_tokens, count);
     return;
   }
-  const uint8_t* own = a.sync.bases[me];
   const int relay = relay_index(source, my_node, P);
   uint64_t taken = n.taken_from(m, core::kPassOn);
   uint64_t landed_seen = taken;  // lane 0's
@@ -242,7 +240,7 @@ __device__ void forward_from_node(const DispatchArgs& a, NetState& st, int m, in
       break;
     }
     __syncwarp();
-    const uint8_t* rec = own + n.ring_record(n.off_net_in, m, taken);
+    const uint8_t* rec = n.net_base + n.ring_record(n.off_net_in, m, taken);
     // The token and its way, for the combine of this handle: in token order, within the nodes.
     int32_t token = 0, prev = 0, next = 0;
     if (lane == 0) {

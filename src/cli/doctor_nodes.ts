@@ -139,7 +139,8 @@ export function acrossNodesFindings(
     level: "NOTE",
     text: "across nodes: two hops over an emulated NIC on one machine (virtual nodes with ranksPerNode, or " +
       "launch --nproc-per-node), and on the CUDA backend over ibverbs (SWITCHYARD_NIC=ibverbs, tested on a " +
-      "software NIC, not yet on a real one); NCCL GIN is compiled, not used",
+      "software NIC, not yet on a real one); between processes also over NCCL GIN (SWITCHYARD_NIC=gin, needs the " +
+      "headers' NCCL version at run time; never run yet)",
   }];
   const nics = rdmaDevices(roots);
   if (nics.length === 0) {

@@ -1,14 +1,16 @@
 // The RDMA transport (rdma.h) over NCCL GIN, device-initiated: the same calls as the CPU proxy's
 // channel (proxy_channel.cuh), carried by NCCL's GPU-initiated networking. A channel is a GIN
-// context (one queue pair per peer, ordered); the window is the rank's buffer registered as a
-// symmetric NCCL window (the same size on every rank); my signal (source, slot) is GIN signal
-// signal_index(source, slot).
+// context (ordered per peer); the window is the rank's network regions, registered as an NCCL
+// window (gin_network.h makes it, the same size on every rank); a kernel addresses it with the
+// buffer's offsets, `origin` being where the window starts among them.
 //
-// Compiled only against NCCL >= 2.29.7 headers (nccl_headers.cu instantiates every call), so a
-// header change that breaks it fails the build. Not yet driven by any operation: the host side
-// (ncclDevCommCreate with ginSignalCount = ranks x slots and one counter per channel, the window
-// registration, the context index checked against ginContextCount) comes with the two-hop
-// kernels, and one GPU cannot host two NCCL ranks to run it here.
+// Signals belong to the context that raised them: a receiver reads signal (source, slot) in the
+// context its senders raise that slot on (`slot_context`, the same for every sender: the channel
+// index the protocol puts that slot's signals on, cuda_normal.cu). The proxy has one signal array
+// and needs no such map.
+//
+// Compiled only against NCCL >= 2.29.7 headers, with the CUDA backend's kernels (net_channel.cuh).
+// One GPU cannot host two NCCL ranks, so it has not run here.
 //
 // Where GIN's own calls differ from the contract:
 //   - deadlines: GIN's waits have none. wait_signal and flush poll with one here (flush through
@@ -16,7 +18,8 @@
 //     return before a later peer's puts are flushed); but put and signal may still wait inside
 //     NCCL for room in its queue, without a deadline.
 //   - refusals: GIN does not check ranges; put checks both against the window here and returns
-//     Refused (Source, Destination) instead of posting.
+//     Refused (Source, Destination) instead of posting. A failure inside NCCL or the NIC is not
+//     reported to the kernel: the waits for what it carried end at their deadline.
 //   - flush says the sources may be reused, not that the data landed (rdma.h).
 #pragma once
 
@@ -32,14 +35,20 @@
 
 namespace sy::cuda::transport {
 
+// Signal slots a GIN channel maps to contexts (slot_context).
+inline constexpr int kGinMaxSlots = 8;
+
 struct GinChannel {
   ncclDevComm comm;  // by value: trivially copyable
   ncclWindow_t window;
+  uint64_t origin = 0;        // the buffer offset of the window's byte 0
   uint64_t window_bytes = 0;
   int32_t context = 0;  // the channel
   int32_t slots = 0;
+  int32_t slot_context[kGinMaxSlots] = {};  // the context slot s's signals arrive on
   ncclGinCounter_t counter = 0;  // this channel's: puts whose sources were read
-  uint64_t* posted = nullptr;    // device memory, this channel's: puts posted (the posting thread's)
+  // Device memory, this channel's: puts posted. Plain increments: one thread posts on a channel.
+  uint64_t* posted = nullptr;
   uint64_t timeout_ns = 0;
 };
 
@@ -63,12 +72,17 @@ __device__ inline bool counter_reached(uint64_t v, uint64_t least) {
 template <class RemoteAction>
 __device__ inline TransportStatus gin_put(const GinChannel& ch, int peer, uint64_t src, uint64_t dst, uint64_t bytes,
                                           RemoteAction action) {
-  if (!range_in(src, bytes, ch.window_bytes)) return gin_refused(ch, Refusal::Source);
-  if (!range_in(dst, bytes, ch.window_bytes)) return gin_refused(ch, Refusal::Destination);
+  if (src < ch.origin || !range_in(src - ch.origin, bytes, ch.window_bytes)) return gin_refused(ch, Refusal::Source);
+  if (dst < ch.origin || !range_in(dst - ch.origin, bytes, ch.window_bytes)) {
+    return gin_refused(ch, Refusal::Destination);
+  }
   if (peer < 0 || peer >= ch.comm.nRanks) return gin_refused(ch, Refusal::Peer);
+  // What the put reads was written by other threads of the warp or block (ordered by the caller's
+  // __syncwarp or __syncthreads); the NIC reads it from device memory.
+  __threadfence();
   ncclGin gin(ch.comm, ch.context);
-  gin.put(ncclTeamWorld(ch.comm), peer, ch.window, size_t(dst), ch.window, size_t(src), size_t(bytes), action,
-          ncclGin_CounterInc{ch.counter});
+  gin.put(ncclTeamWorld(ch.comm), peer, ch.window, size_t(dst - ch.origin), ch.window, size_t(src - ch.origin),
+          size_t(bytes), action, ncclGin_CounterInc{ch.counter});
   *ch.posted += 1;
   return {};
 }
@@ -111,7 +125,7 @@ __device__ inline TransportStatus flush(const GinChannel& ch) {
 }
 
 __device__ inline uint64_t read_signal(const GinChannel& ch, int source, int slot) {
-  ncclGin gin(ch.comm, ch.context);
+  ncclGin gin(ch.comm, ch.slot_context[slot]);
   return gin.readSignal(ncclGinSignal_t(signal_index(source, slot, ch.slots)));
 }
 

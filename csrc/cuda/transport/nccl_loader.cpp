@@ -35,7 +35,15 @@ Error load(const std::string& path, const Library** out) {
   lib->get_unique_id = reinterpret_cast<int (*)(UniqueId*)>(sym("ncclGetUniqueId"));
   lib->comm_init_rank = reinterpret_cast<int (*)(Comm*, int, UniqueId, int)>(sym("ncclCommInitRank"));
   lib->comm_destroy = reinterpret_cast<int (*)(Comm)>(sym("ncclCommDestroy"));
-  lib->device_api = sym("ncclDevCommCreate") != nullptr;
+  lib->query_properties = reinterpret_cast<int (*)(Comm, void*)>(sym("ncclCommQueryProperties"));
+  lib->mem_alloc = reinterpret_cast<int (*)(void**, size_t)>(sym("ncclMemAlloc"));
+  lib->mem_free = reinterpret_cast<int (*)(void*)>(sym("ncclMemFree"));
+  lib->window_register = reinterpret_cast<int (*)(Comm, void*, size_t, void**, int)>(sym("ncclCommWindowRegister"));
+  lib->window_deregister = reinterpret_cast<int (*)(Comm, void*)>(sym("ncclCommWindowDeregister"));
+  lib->dev_comm_create = reinterpret_cast<int (*)(Comm, const void*, void*)>(sym("ncclDevCommCreate"));
+  lib->dev_comm_destroy = reinterpret_cast<int (*)(Comm, const void*)>(sym("ncclDevCommDestroy"));
+  lib->device_api = lib->query_properties && lib->mem_alloc && lib->mem_free && lib->window_register &&
+                    lib->window_deregister && lib->dev_comm_create && lib->dev_comm_destroy;
   if (!lib->get_version || !lib->get_unique_id || !lib->comm_init_rank || !lib->comm_destroy) {
     dlclose(h);
     return fail(SY_ERROR_UNSUPPORTED, path + " is not an NCCL library (ncclGetVersion, ncclGetUniqueId, "

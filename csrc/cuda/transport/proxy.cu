@@ -167,6 +167,14 @@ void Proxy::drop(NicQueue& q) {
 }
 
 // Takes every complete descriptor the rings hold, in each channel's order; the engine checks each.
+Refusal Proxy::signal_channel_refusal(const NicPut& f) const {
+  if (o_.signal_channels.empty() || f.d.op == uint32_t(RdmaOp::Put)) return Refusal::None;
+  if (f.d.peer < 0 || f.d.signal >= uint32_t(o_.signal_slots)) return Refusal::None;  // the engine's checks refuse it
+  const size_t at = size_t(f.d.peer) * size_t(o_.signal_slots) + f.d.signal;
+  if (at >= o_.signal_channels.size()) return Refusal::None;
+  return o_.signal_channels[at] == f.channel ? Refusal::None : Refusal::SignalChannel;
+}
+
 bool Proxy::take(NicQueue& q) {
   if (refused_) return false;
   bool moved = false;
@@ -181,7 +189,8 @@ bool Proxy::take(NicQueue& q) {
       f.channel = c;
       f.index = index;
       std::memcpy(&f.d, &slot, sizeof(RdmaDescriptor));
-      const Refusal why = engine_->accept(f, now);
+      Refusal why = signal_channel_refusal(f);
+      if (why == Refusal::None) why = engine_->accept(f, now);
       if (why != Refusal::None) {
         refuse(c, index, why,
                " (peer " + std::to_string(f.d.peer) + ", source offset " + std::to_string(f.d.src_offset) +

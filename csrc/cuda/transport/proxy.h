@@ -36,6 +36,12 @@ struct ProxyOptions {
   uint64_t* signals = nullptr;
   // What this rank put on the network (tests and benchmarks read it); outlives the proxy.
   core::NetworkCounters* counters = nullptr;
+  // The channel every signal to rank r in slot s must be raised on: [ranks][signal_slots] channel
+  // indices, or empty (any). NCCL GIN reads a signal in the context (channel) that raised it, so a
+  // protocol that runs on GIN raises each slot of a rank on one channel; the proxy refuses a
+  // signal raised on another (Refusal::SignalChannel), so that runs without GIN keep its rule.
+  std::vector<int32_t> signal_channels;
+  int signal_slots = 0;
 };
 
 class Proxy {
@@ -66,6 +72,7 @@ class Proxy {
   explicit Proxy(const ProxyOptions& o) : o_(o) {}
   void run();
   bool take(NicQueue& q);
+  Refusal signal_channel_refusal(const NicPut& f) const;  // ProxyOptions::signal_channels
   bool issue(NicQueue& q);
   bool complete(NicQueue& q);
   bool progress();

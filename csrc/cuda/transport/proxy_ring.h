@@ -51,6 +51,7 @@ enum class Refusal : uint32_t {
   Signal,       // no such signal slot
   Device,       // the NIC engine failed (a CUDA error for the emulated NIC, a failed work request for ibverbs)
   Size,         // more than the engine carries in one put (ibverbs: a signal of too many immediates)
+  SignalChannel,  // a signal raised on another channel than the one its slot is raised on (NCCL GIN's rule)
 };
 
 inline const char* refusal_text(Refusal r) {
@@ -64,6 +65,9 @@ inline const char* refusal_text(Refusal r) {
     case Refusal::Signal: return "no such signal slot";
     case Refusal::Device: return "the NIC engine failed";
     case Refusal::Size: return "more than the NIC carries in one put";
+    case Refusal::SignalChannel:
+      return "the signal came on another channel than its slot's (NCCL GIN reads a signal in the context that "
+             "raised it)";
   }
   return "unknown";
 }

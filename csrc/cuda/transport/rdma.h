@@ -34,8 +34,12 @@
 //                       (nic_engine.h): the emulated NIC (emulated_nic.h, with an optional link
 //                       model, between the ranks of one process or the processes of one machine)
 //                       or ibverbs (verbs_engine.h, RDMA writes over RC queue pairs)
-//   gin_channel.cuh     NCCL GIN (device-initiated, NCCL >= 2.29.7 device API); compiled against
-//                       the fetched headers, used where the loaded NCCL has GIN
+//   gin_channel.cuh     NCCL GIN (device-initiated, NCCL >= 2.29.7 device API; gin_network.h
+//                       makes its window and device communicator): between processes with
+//                       SWITCHYARD_NIC=gin, in builds against NCCL's headers
+// The kernels drive either through one type, net_channel.cuh. A signal slot of a rank is always
+// raised on one channel index (GIN reads a signal in the context that raised it); the proxy
+// checks that too (ProxyOptions::signal_channels).
 #pragma once
 
 #include <cstdint>
