@@ -69,6 +69,40 @@ export function ncclVersionString(code: number): string {
   return `${Math.floor(code / 10000)}.${Math.floor((code % 10000) / 100)}.${code % 100}`;
 }
 
+/** The first NCCL version whose GIN kernels may be built with older headers than it. */
+const GIN_RUNTIME_VERSIONED = 23100;
+
+/**
+ * Whether `SWITCHYARD_NIC=gin` can work with this library and the NCCL `found` (from
+ * {@linkcode findNccl}): the library built against NCCL's headers, and the NCCL loaded of the
+ * device API and, before NCCL 2.31, of exactly the headers' version (GIN kernels need it; from
+ * 2.31 on, at least it, as NCCL's notes say; not tried). Whether the NICs give NCCL a GIN backend is known only once a
+ * communicator exists.
+ */
+export function ginReadiness(found: NcclProbe | undefined, headerVersion: number): { ready: boolean; text: string } {
+  const no = (why: string) => ({ ready: false, text: `NCCL GIN (SWITCHYARD_NIC=gin): ${why}` });
+  if (headerVersion === 0) {
+    return no("this library was built without NCCL's headers (SWITCHYARD_NCCL_ROOT when it is built)");
+  }
+  const headers = ncclVersionString(headerVersion);
+  if (!found?.loaded) return no(`no NCCL found (it needs NCCL ${headers}, the version of this library's headers)`);
+  const at = `NCCL ${ncclVersionString(found.version)} at ${found.path}`;
+  if (!found.deviceApi) return no(`${at} has no device API`);
+  if (headerVersion < GIN_RUNTIME_VERSIONED ? found.version !== headerVersion : found.version < headerVersion) {
+    return no(
+      `${at}, this library's headers are ${headers}: ` +
+        (headerVersion < GIN_RUNTIME_VERSIONED
+          ? "before NCCL 2.31 GIN needs the same version"
+          : "it needs at least that"),
+    );
+  }
+  return {
+    ready: true,
+    text: `NCCL GIN (SWITCHYARD_NIC=gin): ${at} fits this library's headers; whether the NICs give NCCL a GIN ` +
+      "backend is known once a communicator exists",
+  };
+}
+
 /** The first usable NCCL among `SWITCHYARD_NCCL` (alone, when set) or the standard places. */
 export function findNccl(): { found?: NcclProbe; tried: NcclProbe[] } {
   const override = denoEnv(NCCL_ENV);

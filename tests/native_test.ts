@@ -8,7 +8,7 @@ import { ALL_STRUCTS } from "../ffi/structs.ts";
 import { ABI_VERSION } from "../ffi/symbols.ts";
 import { backendInfo, bufferSizeHint, defaultConfig, libraryVersion } from "../mod.ts";
 import { native } from "../src/native.ts";
-import { probeNccl } from "../src/nccl.ts";
+import { ginReadiness, type NcclProbe, probeNccl } from "../src/nccl.ts";
 import { Group } from "../mod.ts";
 import { nativeProgram } from "./helpers.ts";
 
@@ -80,6 +80,28 @@ Deno.test("NCCL is probed by absolute path and refused with a reason", () => {
   using g = Group.local({ ranks: 2 });
   assert.equal(g.nccl.enabled, false);
   assert.match(g.nccl.reason!, /virtual ranks/);
+});
+
+Deno.test("SWITCHYARD_NIC=gin's version rule: the headers' NCCL exactly before 2.31, at least it after", () => {
+  const nccl = (version: number, deviceApi = true): NcclProbe => ({
+    path: "/opt/nccl/lib/libnccl.so.2",
+    loaded: true,
+    version,
+    deviceApi,
+    headerVersion: 22907,
+    error: "",
+  });
+  const ready = (found: NcclProbe | undefined, headers: number) => ginReadiness(found, headers).ready;
+  assert.equal(ready(nccl(22907), 22907), true);
+  assert.equal(ready(nccl(22908), 22907), false); // newer, but GIN kernels need the same version before 2.31
+  assert.equal(ready(nccl(22906), 22907), false);
+  assert.equal(ready(nccl(23102), 23100), true); // from 2.31 on, a newer runtime takes older headers
+  assert.equal(ready(nccl(23000), 23100), false);
+  assert.equal(ready(nccl(22907, false), 22907), false);
+  assert.equal(ready(undefined, 22907), false);
+  assert.equal(ready(nccl(22907), 0), false);
+  assert.match(ginReadiness(nccl(23004), 22907).text, /NCCL 2\.30\.4 at .*headers are 2\.29\.7: before NCCL 2\.31/);
+  assert.match(ginReadiness(nccl(22907), 0).text, /built without NCCL's headers/);
 });
 
 Deno.test("the barrier's parameter slots survive a fast rank and name a rank that moved on (native)", async () => {

@@ -10,7 +10,7 @@ import { LIBRARY_ENV, loadLibrary } from "../../ffi/library.ts";
 import { ABI_VERSION } from "../../ffi/symbols.ts";
 import { backendInfo } from "../backend.ts";
 import { bufferSizeHint } from "../config.ts";
-import { findNccl, NCCL_ENV, ncclNotFound, ncclVersionString, probeNccl } from "../nccl.ts";
+import { findNccl, ginReadiness, NCCL_ENV, ncclNotFound, ncclVersionString, probeNccl } from "../nccl.ts";
 import { check, native } from "../native.ts";
 import { denoEnv } from "../dist_env.ts";
 import { jobSecretPlace } from "../job_secret.ts";
@@ -128,6 +128,10 @@ export async function diagnose(): Promise<Finding[]> {
       level: "NOTE",
       text: `NCCL: ${ncclNotFound(wheel ? [...tried, probeNccl(wheel)] : tried)}. Within one node nothing needs it.`,
     });
+  }
+  if (cuda.compiled && !cuda.executedOnCpu) {
+    const gin = ginReadiness(nccl, cuda.ncclHeaderVersion);
+    out.push({ level: gin.ready ? "OK" : "NOTE", text: gin.text });
   }
 
   out.push(...acrossNodesFindings());
