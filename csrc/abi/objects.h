@@ -221,6 +221,9 @@ struct GroupCore {
   // (a nccl::Library, which is never unloaded), and how to free it.
   void* nccl_comm = nullptr;
   const void* nccl_library = nullptr;
+  // What the NCCL GIN transport keeps per communicator (its call queue, whether a setup failed:
+  // cuda/transport/gin_network.cu), made by its first buffer, under sets_mu.
+  std::shared_ptr<void> nccl_gin;
   std::function<void(void*)> nccl_destroy;
   ~GroupCore();
 };

@@ -35,8 +35,9 @@ enum class NetEntry : uint32_t { Start = 1, Partial = 2, Result = 3, NodePartial
 
 // Where entry `index` (counted on across the lane's puts) of lane `lane` from sender node `node`
 // lies, from the start of the rings: one ring of `entries` slots of `entry_bytes` per (node, lane),
-// entry i in slot i % entries (BufferPlan::off_net says why). Both backends address their rings
-// by it; where the rings start is each one's (BufferPlan::net_entry, cuda NetworkArgs::ring_base).
+// entry i in slot i % entries (BufferPlan::off_net says why). The host backend places its entries
+// by it (BufferPlan::net_entry); the CUDA backend finds where each ring starts by it and packs
+// entries at their own sizes from there (cuda NetworkArgs::ring_packed).
 SY_HD uint64_t net_ring_slot(int node, int lane, uint64_t index, int entries, int entry_bytes) {
   const uint64_t ring = uint64_t(node) * kNetLanes + uint64_t(lane);
   return (ring * uint64_t(entries) + index % uint64_t(entries)) * uint64_t(entry_bytes);

@@ -389,6 +389,8 @@ Error begin_gin_network(BufferCore& buf, std::shared_ptr<transport::GinNetwork>*
   transport::GinNetworkOptions o;
   o.lib = static_cast<const nccl::Library*>(g.nccl_library);
   o.comm = g.nccl_comm;
+  std::lock_guard<std::mutex> l(g.sets_mu);  // for nccl_gin
+  o.comm_state = &g.nccl_gin;
   o.rank = buf.rank;
   o.ranks = g.num_ranks;
   o.device = rank_state(buf.rank_core()).device;

@@ -8,6 +8,7 @@
 #include "../core/routing.h"
 #include "cuda_objects.h"
 #include "transport/proxy_ring.h"
+#include "transport/rdma.h"
 
 namespace sy::cuda {
 
@@ -99,15 +100,15 @@ Error report_error(const KernelReport& r, int rank, uint32_t epoch, const char* 
         return e;
       }
       if (r.a == -4) {
+        const bool refused = transport::TransportResult(r.b) == transport::TransportResult::Refused;
+        const std::string to = r.peer >= 0 ? "rank " + std::to_string(r.peer) : std::string("no rank of the group");
         return fail(SY_ERROR_INTERNAL,
                     "rank " + std::to_string(rank) + ": " + op + ": its proxy " +
-                        (r.b == 2 ? std::string("refused a put to ") +
-                                        (r.peer >= 0 ? "rank " + std::to_string(r.peer) : std::string("no rank of the group")) +
-                                        " (" +
-                                        transport::refusal_text(transport::Refusal(r.c)) + ", channel " +
-                                        std::to_string(r.observed) + ", descriptor " + std::to_string(r.expected) + ")"
-                                  : std::string("took no descriptor of channel ") + std::to_string(r.observed) +
-                                        " within the deadline (a put to rank " + std::to_string(r.peer) + ")"));
+                        (refused ? "refused a put to " + to + " (" + transport::refusal_text(transport::Refusal(r.c)) +
+                                       ", channel " + std::to_string(r.observed) + ", descriptor " +
+                                       std::to_string(r.expected) + ")"
+                                 : "took no descriptor of channel " + std::to_string(r.observed) +
+                                       " within the deadline (a put to rank " + std::to_string(r.peer) + ")"));
       }
       if (r.a == -5 || r.a == -6) {
         return fail(SY_ERROR_INTERNAL, "rank " + std::to_string(rank) + ": " + op + ": rank " + std::to_string(r.peer) +

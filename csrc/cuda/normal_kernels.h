@@ -221,7 +221,7 @@ struct NetworkArgs {
   // its rings empty (each receiver has taken every entry it was sent), so no slot is in use across
   // an operation's boundary.
   __host__ __device__ uint64_t ring_record(uint64_t ring, int node, uint64_t index) const {
-    return ring_base(ring, node, core::kPassOn) + index % uint64_t(entries) * uint64_t(net_record_bytes);
+    return ring_packed(ring, node, core::kPassOn, index, uint64_t(net_record_bytes));
   }
   // A combine entry's size in `lane`: starts and partials in lane 0, results and node parts in 1.
   __host__ __device__ uint64_t combine_entry_bytes(int lane) const {
@@ -230,7 +230,12 @@ struct NetworkArgs {
   // Where combine entry `index` of `lane` from (in) or to (out) `node` lies, packed at the lane's
   // entry size, so that a put of consecutive entries carries no gaps.
   __host__ __device__ uint64_t ring_combine(uint64_t ring, int node, int lane, uint64_t index) const {
-    return ring_base(ring, node, lane) + index % uint64_t(entries) * combine_entry_bytes(lane);
+    return ring_packed(ring, node, lane, index, combine_entry_bytes(lane));
+  }
+  // Entry `index` of a ring whose entries are packed at `bytes` each (a ring's slots are of the
+  // plan's largest entry, so any smaller size fits).
+  __host__ __device__ uint64_t ring_packed(uint64_t ring, int node, int lane, uint64_t index, uint64_t bytes) const {
+    return ring_base(ring, node, lane) + index % uint64_t(entries) * bytes;
   }
   __host__ __device__ uint64_t& sent_to(int node, int lane) const { return sent[lane * nodes + node]; }
   __host__ __device__ uint64_t& taken_from(int node, int lane) const { return taken[lane * nodes + node]; }

@@ -29,61 +29,61 @@ std::string version_text(int code) {
   return std::to_string(code / 10000) + "." + std::to_string(code / 100 % 100) + "." + std::to_string(code % 100);
 }
 
-// Every call Switchyard makes on one communicator, in the order asked for, one at a time, on a
-// thread of the communicator's own: NCCL's calls on a communicator must not run concurrently, and
-// its collectives must come in the same order on every rank (the order buffers are exported in).
-// The thread ends when nothing is queued. A setup that never completed (a rank did not take part)
-// leaves the communicator stuck: later GIN setups on it are refused.
-class CommQueue {
+// What the transport keeps per communicator (GinNetworkOptions::comm_state): every call it makes
+// on the communicator, in the order asked for, one at a time, on a thread of its own: NCCL's calls
+// on a communicator must not overlap, and its collectives must come in the same order on every
+// rank (the order buffers are exported in). The thread ends when nothing is queued. A setup that
+// failed or never completed leaves the ranks' collectives out of step (`stuck` says how): later
+// GIN setups on the communicator are refused.
+class CommState : public std::enable_shared_from_this<CommState> {
  public:
-  static void post(nccl::Comm comm, std::function<void()> task) {
-    std::lock_guard<std::mutex> l(mu());
-    Entry& e = entries()[comm];
-    e.tasks.push_back(std::move(task));
-    if (e.running) return;
-    e.running = true;
-    std::thread([comm] {
-      for (;;) {
-        std::function<void()> next;
-        {
-          std::lock_guard<std::mutex> l(mu());
-          Entry& e = entries()[comm];
-          if (e.tasks.empty()) {
-            e.running = false;
-            return;
-          }
-          next = std::move(e.tasks.front());
-          e.tasks.pop_front();
-        }
-        next();
-      }
-    }).detach();
+  void post(std::function<void()> task) {
+    std::lock_guard<std::mutex> l(mu_);
+    tasks_.push_back(std::move(task));
+    if (running_) return;
+    try {
+      std::thread([self = shared_from_this()] { self->run(); }).detach();
+      running_ = true;
+    } catch (const std::exception&) {
+      // No thread now: the tasks wait for the next post to start one.
+    }
   }
-  static void mark_stuck(nccl::Comm comm, const std::string& why) {
-    std::lock_guard<std::mutex> l(mu());
-    Entry& e = entries()[comm];
-    if (e.stuck.empty()) e.stuck = why;
+  void mark_stuck(const std::string& why) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (stuck_.empty()) stuck_ = why;
   }
-  static std::string stuck(nccl::Comm comm) {
-    std::lock_guard<std::mutex> l(mu());
-    auto it = entries().find(comm);
-    return it == entries().end() ? std::string() : it->second.stuck;
+  // A setup that completed: the ranks' collectives are in step again (one that ran late was
+  // marked stuck by its waiter).
+  void clear_stuck() {
+    std::lock_guard<std::mutex> l(mu_);
+    stuck_.clear();
+  }
+  std::string stuck() {
+    std::lock_guard<std::mutex> l(mu_);
+    return stuck_;
   }
 
  private:
-  struct Entry {
-    std::deque<std::function<void()>> tasks;
-    bool running = false;
-    std::string stuck;  // why a setup on it never completed
-  };
-  static std::mutex& mu() {
-    static auto* m = new std::mutex();  // never destroyed: detached threads may outlive statics
-    return *m;
+  void run() {
+    for (;;) {
+      std::function<void()> next;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        if (tasks_.empty()) {
+          running_ = false;
+          return;
+        }
+        next = std::move(tasks_.front());
+        tasks_.pop_front();
+      }
+      next();
+    }
   }
-  static std::map<nccl::Comm, Entry>& entries() {
-    static auto* e = new std::map<nccl::Comm, Entry>();
-    return *e;
-  }
+
+  std::mutex mu_;
+  std::deque<std::function<void()>> tasks_;
+  bool running_ = false;
+  std::string stuck_;
 };
 
 // Zeroes the device communicator's signals and counters in every context: NCCL allocates their ids
@@ -99,9 +99,23 @@ __global__ void gin_reset_kernel(ncclDevComm dev, int contexts, int signals, int
 
 }  // namespace
 
+// Runs `work` on a stream of its own (never behind the application's work on the legacy stream)
+// and waits for it.
+template <class Work>
+Error on_private_stream(Work work) {
+  cudaStream_t s = nullptr;
+  SY_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaError_t rc = work(s);
+  if (rc == cudaSuccess) rc = cudaStreamSynchronize(s);
+  cudaStreamDestroy(s);
+  return cuda_error(rc, "the GIN window's setup");
+}
+
 struct GinNetwork::State {
   GinNetworkOptions o;
+  std::shared_ptr<CommState> comm;
   std::shared_ptr<void> keep;  // the group, whose communicator the window and device communicator are on
+  std::string who;             // "rank r: SWITCHYARD_NIC=gin: "
   std::mutex mu;
   std::condition_variable cv;
   bool ended = false, abandoned = false, released = false;
@@ -111,14 +125,14 @@ struct GinNetwork::State {
   ncclDevComm dev{};
   bool dev_made = false;
 
-  // Once the setup has ended and nothing uses them: the device communicator, the window, the
-  // memory (on the communicator's queue: NCCL's calls on it go one at a time).
+  // Once the setup has ended and nothing of this rank uses them: the device communicator, the
+  // window, the memory (on the communicator's queue: NCCL's calls on it go one at a time; its
+  // thread is the queue's own, so its current device needs no keeping).
   void release_later(const std::shared_ptr<State>& self) {
     if (released) return;
     released = true;
-    CommQueue::post(o.comm, [self] {
+    comm->post([self] {
       const nccl::Library& L = *self->o.lib;
-      KeepDevice device_kept;
       cudaSetDevice(self->o.device);
       if (self->dev_made) L.dev_comm_destroy(self->o.comm, &self->dev);
       if (self->window != nullptr) L.window_deregister(self->o.comm, self->window);
@@ -133,17 +147,14 @@ struct GinNetwork::State {
     KeepDevice device_kept;
     SY_CUDA(cudaSetDevice(o.device));
     SY_TRY(nccl::call_error(L, L.mem_alloc(&memory, size_t(o.window_bytes)), "ncclMemAlloc (the GIN window)"));
-    SY_CUDA(cudaMemset(memory, 0, size_t(o.window_bytes)));
-    SY_CUDA(cudaDeviceSynchronize());
-    return ok();
+    return on_private_stream([&](cudaStream_t s) { return cudaMemsetAsync(memory, 0, size_t(o.window_bytes), s); });
   }
 
-  // The collective part, on the communicator's queue. The window is registered last: its
-  // registration ends in a barrier of every rank, so no rank's kernels can signal a peer before
-  // that peer has zeroed its signals.
+  // The collective part, on the communicator's queue. The window is registered last, whatever
+  // came before (the peers are in the same collectives): its registration ends in a barrier of
+  // every rank, so no rank's kernels can signal a peer before that peer has zeroed its signals.
   Error setup() {
     const nccl::Library& L = *o.lib;
-    KeepDevice device_kept;
     SY_CUDA(cudaSetDevice(o.device));
     ncclDevCommRequirements_t reqs = NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER;
     reqs.ginConnectionType = NCCL_GIN_CONNECTION_FULL;
@@ -156,20 +167,19 @@ struct GinNetwork::State {
     // earlier device communicators): a channel without a context of its own would share ordering.
     Error refused;
     if (int(dev.ginContextCount) < o.channels) {
-      refused = fail(SY_ERROR_UNSUPPORTED, "rank " + std::to_string(o.rank) + ": NCCL gave " +
-                                               std::to_string(dev.ginContextCount) +
+      refused = fail(SY_ERROR_UNSUPPORTED, "NCCL gave " + std::to_string(dev.ginContextCount) +
                                                " GIN contexts, the network needs " + std::to_string(o.channels) +
                                                " (two per node); set NCCL_GIN_NCONTEXTS to at least that");
     } else if (dev.ginSignalCount < o.ranks * o.slots || dev.ginCounterCount < o.channels) {
-      refused = fail(SY_ERROR_INTERNAL, "rank " + std::to_string(o.rank) + ": NCCL's device communicator has " +
-                                            std::to_string(dev.ginSignalCount) + " GIN signals and " +
-                                            std::to_string(dev.ginCounterCount) + " counters, fewer than asked for");
+      refused = fail(SY_ERROR_INTERNAL, "NCCL's device communicator has " + std::to_string(dev.ginSignalCount) +
+                                            " GIN signals and " + std::to_string(dev.ginCounterCount) +
+                                            " counters, fewer than asked for");
     } else {
-      gin_reset_kernel<<<1, 256>>>(dev, o.channels, o.ranks * o.slots, o.channels);
-      SY_CUDA(cudaGetLastError());
-      SY_CUDA(cudaDeviceSynchronize());
+      refused = on_private_stream([&](cudaStream_t s) {
+        gin_reset_kernel<<<1, 256, 0, s>>>(dev, o.channels, o.ranks * o.slots, o.channels);
+        return cudaGetLastError();
+      });
     }
-    // Registered even when refused: the peers are in the same collective and would wait for it.
     SY_TRY(nccl::call_error(L,
                             L.window_register(o.comm, memory, size_t(o.window_bytes), reinterpret_cast<void**>(&window),
                                               NCCL_WIN_COLL_SYMMETRIC),
@@ -180,7 +190,7 @@ struct GinNetwork::State {
 
 Error GinNetwork::begin(const GinNetworkOptions& o, std::shared_ptr<void> keep, std::shared_ptr<GinNetwork>* out) {
   const std::string who = "rank " + std::to_string(o.rank) + ": SWITCHYARD_NIC=gin: ";
-  if (o.lib == nullptr || o.comm == nullptr) {
+  if (o.lib == nullptr || o.comm == nullptr || o.comm_state == nullptr) {
     return fail(SY_ERROR_UNSUPPORTED, who + "the group has no NCCL communicator (group.nccl says why)");
   }
   const nccl::Library& L = *o.lib;
@@ -204,9 +214,11 @@ Error GinNetwork::begin(const GinNetworkOptions& o, std::shared_ptr<void> keep, 
   }
   for (int32_t c : o.slot_context)
     if (c < 0 || c >= o.channels) return fail(SY_ERROR_INTERNAL, who + "a slot's context is not a channel");
-  if (const std::string why = CommQueue::stuck(o.comm); !why.empty()) {
-    return fail(SY_ERROR_UNSUPPORTED, who + "an earlier GIN setup on this group never completed (" + why +
-                                          "); NCCL's collectives on it are out of step: create a new group");
+  if (!*o.comm_state) *o.comm_state = std::make_shared<CommState>();
+  const std::shared_ptr<CommState> comm = std::static_pointer_cast<CommState>(*o.comm_state);
+  if (const std::string why = comm->stuck(); !why.empty()) {
+    return fail(SY_ERROR_UNSUPPORTED, who + "an earlier GIN setup on this group did not complete (" + why +
+                                          "): NCCL's collectives on it are out of step; create a new group");
   }
   ncclCommProperties_t props = NCCL_COMM_PROPERTIES_INITIALIZER;
   SY_TRY(nccl::call_error(L, L.query_properties(o.comm, &props), "ncclCommQueryProperties"));
@@ -224,14 +236,26 @@ Error GinNetwork::begin(const GinNetworkOptions& o, std::shared_ptr<void> keep, 
   auto net = std::shared_ptr<GinNetwork>(new GinNetwork());
   auto st = std::make_shared<State>();
   st->o = o;
+  st->o.comm_state = nullptr;  // the caller's, valid only during this call
+  st->comm = comm;
   st->keep = std::move(keep);
+  st->who = who;
   net->state_ = st;
   if (Error e = st->prepare()) {
-    st->ended = true;  // nothing collective was begun; the destructor frees the memory
+    // This rank enters none of the collectives its peers are entering: they are out of step now.
+    comm->mark_stuck("rank " + std::to_string(o.rank) + " could not make its window");
+    st->ended = true;  // the destructor frees what was made
+    e.message = who + e.message + "; the group's GIN is unusable now: create a new group";
     return e;
   }
-  CommQueue::post(o.comm, [st] {
+  comm->post([st] {
     Error e = st->setup();
+    if (e) {
+      st->comm->mark_stuck("rank " + std::to_string(st->o.rank) + ": " + e.message);
+      e.message = st->who + e.message + " (NCCL_DEBUG=WARN says more); the group's GIN is unusable now: create a new group";
+    } else {
+      st->comm->clear_stuck();
+    }
     std::lock_guard<std::mutex> l(st->mu);
     st->result = std::move(e);
     st->ended = true;
@@ -258,10 +282,11 @@ Error GinNetwork::wait_ready(const Deadline& deadline) const {
     const std::string what = "rank " + std::to_string(state_->o.rank) +
                              ": NCCL GIN's device communicator and window were not ready after " +
                              std::to_string(int64_t(deadline.ms_total)) + " ms";
-    CommQueue::mark_stuck(state_->o.comm, what);
+    state_->comm->mark_stuck(what);
     return fail(SY_ERROR_TIMEOUT, what +
                                       ": a rank of the group has not created its buffer, or refused GIN, or NCCL's "
-                                      "collective setup is stuck (NCCL_DEBUG=INFO says more)");
+                                      "collective setup is stuck (NCCL_DEBUG=INFO says more); the group's GIN is "
+                                      "unusable now: create a new group");
   }
   return state_->result;
 }

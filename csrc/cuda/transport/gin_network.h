@@ -30,6 +30,9 @@ namespace sy::cuda::transport {
 struct GinNetworkOptions {
   const nccl::Library* lib = nullptr;
   nccl::Comm comm = nullptr;  // the group's; its rank is the group's
+  // The communicator's state (its call queue, a failed setup), one per communicator: made here
+  // if empty; the caller keeps it with the communicator and serialises the calls that pass it.
+  std::shared_ptr<void>* comm_state = nullptr;
   int rank = 0, ranks = 0, device = 0;
   int channels = 0, slots = 0;
   std::vector<int32_t> slot_context;  // [slots]: the channel index every sender raises slot s on
