@@ -788,7 +788,8 @@ void endpoint_case() {
       {"a queue-pair number past 24 bits", good.substr(0, 112) + "01000001" + good.substr(120), "cannot be (24 bits"},
       {"no valid MTU", good.substr(0, 12) + "09" + good.substr(14), "no valid MTU"},
       {"addressing by GID", good.substr(0, 14) + "01" + good.substr(16), "addresses by GID"},
-      {"reserved bytes set", good.substr(0, 36) + "0100" + good.substr(40), "reserved bytes"},
+      {"reserved bytes set", good.substr(0, 38) + "01" + good.substr(40), "reserved bytes"},
+      {"no RoCE version", good.substr(0, 36) + "03" + good.substr(38), "names no RoCE version"},
       {"no LID", good.substr(0, 32) + "0000" + good.substr(36), "has no LID"},
       {"a LID no port answers to", good.substr(0, 32) + "3412" + good.substr(36), "cannot be connected to"},
   };
@@ -805,7 +806,7 @@ void endpoint_case() {
   check(failures.empty() && !right && again && again.message.find("imported already") != std::string::npos &&
             rank_field == "01000000",
         "a peer's endpoint is refused when missing, short, long, not hex, of another magic, rank, window, MTU, "
-        "addressing or LID, a LID no port answers to, with reserved bytes set, without a queue pair for this rank or with impossible ones, "
+        "addressing or LID, a LID no port answers to, no RoCE version, with reserved bytes set, without a queue pair for this rank or with impossible ones, "
         "naming the peer; the engine stays usable, and the right one then connects, once" + failures +
             (right ? " right: " + right.message : ""));
   e[0].reset();
@@ -901,7 +902,8 @@ void registration_case() {
 // RoCE (the software NIC's Ethernet mode, SOFT_VERBS_LINK_LAYER=ethernet): the engine chooses a
 // RoCE v2 GID of an IPv4 address by itself and the exchange goes through, with the ranks together
 // and apart; GID 0, RoCE v1, crosses no IP router (the software NIC's fabric is routed, so its
-// packets are dropped): the put fails at the transport timeout, naming the ranks.
+// packets are dropped): the put fails at the transport timeout, naming the ranks; a peer of
+// another address family or RoCE version is refused on import.
 void roce_case() {
   {
     World w({});
@@ -933,6 +935,19 @@ void roce_case() {
     check(bool(mixed) && mixed.message.find("rank 1's endpoint is a GID of an IPv6 address, this rank's (GID 3) of an "
                                             "IPv4 one") != std::string::npos,
           "RoCE: a peer's GID of the other address family is refused: " + mixed.message);
+    // A peer set to RoCE v1 (GID 2: the same IPv4 address, RoCE v1): v1 and v2 packets do not
+    // meet, so its endpoint is refused, saying why, before any queue pair is connected.
+    settings.gid_index = 2;
+    std::unique_ptr<tr::NicEngine> v1;
+    std::string v1_text;
+    must(tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 1, {}, kChannels, 0, w.windows[1], kWindowBytes,
+                                 settings, &v1),
+         "create_verbs_engine");
+    must(tr::verbs_endpoint_text(*v1, &v1_text), "export");
+    const sy::Error versions = tr::verbs_import_endpoint(*e, 1, v1_text);
+    check(bool(versions) && versions.message.find("rank 1's endpoint is a RoCE v1 GID, this rank's (GID 3) a RoCE v2 "
+                                                  "one") != std::string::npos,
+          "RoCE: a peer's RoCE v1 GID against this rank's v2 is refused: " + versions.message);
   }
   World w({}, {.gid_index = 0, .timeout = 8});
   double seconds = 0;

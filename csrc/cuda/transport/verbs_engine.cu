@@ -188,6 +188,13 @@ int roce_gid_index(const Verbs& v, ibv_context* ctx, int port, int table_length)
   return best >= 0 ? best : 0;
 }
 
+// The RoCE version of the port's GID `index` (1 or 2); 0 where rdma-core cannot say (before 32).
+uint8_t roce_version(const Verbs& v, ibv_context* ctx, int port, int index) {
+  ibv_gid_entry e{};
+  if (v.query_gid_ex == nullptr || v.query_gid_ex(ctx, uint32_t(port), uint32_t(index), &e, 0, sizeof e) != 0) return 0;
+  return e.gid_type == IBV_GID_TYPE_ROCE_V2 ? 2 : e.gid_type == IBV_GID_TYPE_ROCE_V1 ? 1 : 0;
+}
+
 // Registers `[window, window + bytes)` through a dma-buf of the device allocation it lies in
 // (from the allocation's page-aligned start, as the driver exports whole pages); the region's
 // addresses stay the window's own (iova = window). "" when registered, else why not.
@@ -244,6 +251,7 @@ struct VerbsEndpoint {
   uint16_t lid = 0;
   ibv_gid gid{};
   bool global = false;  // it addresses by GID (RoCE, or a GID index set), else by LID
+  uint8_t roce = 0;     // its GID's RoCE version (1 or 2); 0: InfiniBand, or unknown (no _ibv_query_gid_ex)
   uint8_t mtu = 0;    // its port's active MTU (enum ibv_mtu): a path takes the smaller end's
   uint64_t addr = 0;  // its window
   uint32_t rkey = 0;
@@ -371,6 +379,7 @@ class VerbsEngine final : public NicEngine {
   ibv_port_attr port_{};
   ibv_gid gid_{};
   int gid_index_ = 0;    // gid_'s (VerbsSettings::gid_index, or chosen)
+  uint8_t roce_ = 0;     // gid_'s RoCE version (VerbsEndpoint::roce)
   bool global_ = false;  // address peers by GID (RoCE, or a GID index set)
   uint64_t max_write_ = kMaxWrite;
   uint8_t* window_ = nullptr;
@@ -456,6 +465,7 @@ Error VerbsEngine::open(int device, uint8_t* window, uint64_t window_bytes, cons
     if (int rc = v_.query_gid(ctx_, uint8_t(s.port), gid_index_, &gid_); rc != 0) {
       return fail(SY_ERROR_UNSUPPORTED, who + "cannot read GID " + std::to_string(gid_index_) + ": " + errno_text(rc));
     }
+    roce_ = port_.link_layer == IBV_LINK_LAYER_ETHERNET ? roce_version(v_, ctx_, s.port, gid_index_) : 0;
   }
   pd_ = v_.alloc_pd(ctx_);
   if (pd_ == nullptr) return fail(SY_ERROR_UNSUPPORTED, who + "cannot allocate a protection domain: " + errno_text(0));
@@ -528,6 +538,7 @@ VerbsEndpoint VerbsEngine::endpoint() const {
   e.lid = port_.lid;
   e.gid = gid_;
   e.global = global_;
+  e.roce = roce_;
   e.mtu = uint8_t(port_.active_mtu);
   e.addr = reinterpret_cast<uint64_t>(window_);
   e.rkey = mr_->rkey;
@@ -578,6 +589,15 @@ Error VerbsEngine::import(int peer, const VerbsEndpoint& e) {
   for (uint8_t x : e.gid.raw) gid_set = gid_set || x != 0;
   if (e.global ? !gid_set : e.lid == 0) {
     return invalid("share.networkEndpoint", who + "has no " + (e.global ? "GID" : "LID"));
+  }
+  if (e.global && e.roce != 0 && roce_ != 0 && e.roce != roce_) {
+    // RoCE v1 and v2 packets are framed differently: the queue pair would connect and every put
+    // would fail at the transport timeout.
+    return invalid("share.networkEndpoint",
+                   who + "is a RoCE v" + std::to_string(e.roce) + " GID, this rank's (GID " +
+                       std::to_string(gid_index_) + ") a RoCE v" + std::to_string(roce_) +
+                       " one: set SWITCHYARD_IBVERBS_GID_INDEX alike on every host, to a RoCE v2 GID (`doctor` lists "
+                       "them; RoCE v1 crosses no IP router)");
   }
   if (e.global && ipv4_gid(e.gid) != ipv4_gid(gid_)) {
     // RoCE v2 carries no packet between an IPv4 and an IPv6 address; the queue pair would connect
@@ -903,10 +923,11 @@ void VerbsEngine::quiesce() {
   }
 }
 
-// An endpoint as text: hex of a little-endian record ("SYVB", version 1, then the fields in the
+// An endpoint as text: hex of a little-endian record ("SYVB", version 2, then the fields in the
 // order below, then one queue-pair number per rank).
 constexpr uint32_t kEndpointMagic = 0x42565953;  // "SYVB"
 constexpr size_t kEndpointHeader = 56;
+constexpr uint32_t kEndpointVersion = 2;  // 2: the GID's RoCE version at byte 18
 
 void put_le(std::vector<uint8_t>& b, uint64_t v, int bytes) {
   for (int i = 0; i < bytes; ++i) b.push_back(uint8_t(v >> (8 * i)));
@@ -920,13 +941,14 @@ uint64_t get_le(const std::vector<uint8_t>& b, size_t at, int bytes) {
 std::string encode_endpoint(int rank, int ranks, const VerbsEndpoint& e) {
   std::vector<uint8_t> b;
   put_le(b, kEndpointMagic, 4);
-  put_le(b, 1, 2);
+  put_le(b, kEndpointVersion, 2);
   put_le(b, e.mtu, 1);
   put_le(b, e.global ? 1 : 0, 1);
   put_le(b, uint32_t(rank), 4);
   put_le(b, uint32_t(ranks), 4);
   put_le(b, e.lid, 2);
-  put_le(b, 0, 2);
+  put_le(b, e.roce, 1);
+  put_le(b, 0, 1);
   put_le(b, e.rkey, 4);
   for (uint8_t x : e.gid.raw) b.push_back(x);
   put_le(b, e.addr, 8);
@@ -963,17 +985,19 @@ Error decode_endpoint(const std::string& hex, int peer, int ranks, VerbsEndpoint
     if (hi < 0 || lo < 0) return invalid("share.networkEndpoint", who + "is not lowercase hex");
     b[i] = uint8_t(hi << 4 | lo);
   }
-  if (get_le(b, 0, 4) != kEndpointMagic || get_le(b, 4, 2) != 1) {
+  if (get_le(b, 0, 4) != kEndpointMagic || get_le(b, 4, 2) != kEndpointVersion) {
     return invalid("share.networkEndpoint", who + "is not one this library writes (magic or version)");
   }
   if (int64_t(int32_t(get_le(b, 8, 4))) != peer || int64_t(int32_t(get_le(b, 12, 4))) != ranks) {
     return invalid("share.networkEndpoint", who + "names another rank or group size");
   }
-  if (get_le(b, 18, 2) != 0) return invalid("share.networkEndpoint", who + "has reserved bytes set");
+  if (get_le(b, 18, 1) > 2) return invalid("share.networkEndpoint", who + "names no RoCE version");
+  if (get_le(b, 19, 1) != 0) return invalid("share.networkEndpoint", who + "has reserved bytes set");
   VerbsEndpoint e;
   e.mtu = uint8_t(get_le(b, 6, 1));
   e.global = get_le(b, 7, 1) != 0;
   e.lid = uint16_t(get_le(b, 16, 2));
+  e.roce = uint8_t(get_le(b, 18, 1));
   e.rkey = uint32_t(get_le(b, 20, 4));
   std::memcpy(e.gid.raw, b.data() + 24, 16);
   e.addr = get_le(b, 40, 8);
