@@ -4,7 +4,6 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
-#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -97,8 +96,6 @@ __global__ void gin_reset_kernel(ncclDevComm dev, int contexts, int signals, int
   }
 }
 
-}  // namespace
-
 // Runs `work` on a stream of its own (never behind the application's work on the legacy stream)
 // and waits for it.
 template <class Work>
@@ -110,6 +107,8 @@ Error on_private_stream(Work work) {
   cudaStreamDestroy(s);
   return cuda_error(rc, "the GIN window's setup");
 }
+
+}  // namespace
 
 struct GinNetwork::State {
   GinNetworkOptions o;
