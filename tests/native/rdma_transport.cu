@@ -922,29 +922,26 @@ void roce_case() {
     must(tr::verbs_endpoint_text(*e, &endpoint), "export");
     check(endpoint.find("00000000000000000000ffff0a4d") != std::string::npos,
           "RoCE: the GID chosen is the RoCE v2 one of an IPv4 address (::ffff:10.77.x.y): " + endpoint);
+    // What rank 0's engine says to rank 1's endpoint from an engine on its GID `index`.
+    const auto import_from_gid = [&](int index) {
+      settings.gid_index = index;
+      std::unique_ptr<tr::NicEngine> peer;
+      std::string text;
+      must(tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 1, {}, kChannels, 0, w.windows[1], kWindowBytes,
+                                   settings, &peer),
+           "create_verbs_engine");
+      must(tr::verbs_endpoint_text(*peer, &text), "export");
+      return tr::verbs_import_endpoint(*e, 1, text);
+    };
     // A peer whose host has only a link-local RoCE v2 GID (here: set to GID 1): no packet would
     // pass between the two families, so its endpoint is refused, saying why.
-    settings.gid_index = 1;
-    std::unique_ptr<tr::NicEngine> link_local;
-    std::string other;
-    must(tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 1, {}, kChannels, 0, w.windows[1], kWindowBytes,
-                                 settings, &link_local),
-         "create_verbs_engine");
-    must(tr::verbs_endpoint_text(*link_local, &other), "export");
-    const sy::Error mixed = tr::verbs_import_endpoint(*e, 1, other);
+    const sy::Error mixed = import_from_gid(1);
     check(bool(mixed) && mixed.message.find("rank 1's endpoint is a GID of an IPv6 address, this rank's (GID 3) of an "
                                             "IPv4 one") != std::string::npos,
           "RoCE: a peer's GID of the other address family is refused: " + mixed.message);
     // A peer set to RoCE v1 (GID 2: the same IPv4 address, RoCE v1): v1 and v2 packets do not
     // meet, so its endpoint is refused, saying why, before any queue pair is connected.
-    settings.gid_index = 2;
-    std::unique_ptr<tr::NicEngine> v1;
-    std::string v1_text;
-    must(tr::create_verbs_engine(tr::make_verbs_directory(kRanks), 1, {}, kChannels, 0, w.windows[1], kWindowBytes,
-                                 settings, &v1),
-         "create_verbs_engine");
-    must(tr::verbs_endpoint_text(*v1, &v1_text), "export");
-    const sy::Error versions = tr::verbs_import_endpoint(*e, 1, v1_text);
+    const sy::Error versions = import_from_gid(2);
     check(bool(versions) && versions.message.find("rank 1's endpoint is a RoCE v1 GID, this rank's (GID 3) a RoCE v2 "
                                                   "one") != std::string::npos,
           "RoCE: a peer's RoCE v1 GID against this rank's v2 is refused: " + versions.message);
