@@ -13,7 +13,7 @@
 // complete. A setup that never completes leaves the communicator's collectives out of step: later
 // GIN setups on the group are refused, saying why.
 //
-// Built only with NCCL's headers (SY_NCCL_GIN); without them create() says so. One GPU cannot host
+// Built only with NCCL's headers (SY_NCCL_GIN); without them begin() says so. One GPU cannot host
 // two NCCL ranks ("Duplicate GPU detected"), so this has not run here.
 #pragma once
 
@@ -42,10 +42,12 @@ struct GinNetworkOptions {
 
 class GinNetwork {
  public:
-  // Begins the collective setup on a thread of its own; `keep` (the group, whose communicator
-  // the thread uses) is held until it ends. Refused at once where GIN cannot work: a build without
-  // NCCL's headers, an NCCL without the device API, or of another version than the headers (GIN
-  // kernels need the same one before NCCL 2.31).
+  // Makes the window's memory, then queues the collective setup on the communicator's queue;
+  // `keep` (the group, whose communicator the calls use) is held until the resources are
+  // released. Refused at once where GIN cannot work: a build without NCCL's headers, an NCCL
+  // without the device API or of another version than the headers (GIN kernels need the same one
+  // before NCCL 2.31), a communicator without the device API or a GIN backend, or one whose
+  // earlier setup did not complete.
   static Error begin(const GinNetworkOptions& o, std::shared_ptr<void> keep, std::shared_ptr<GinNetwork>* out);
   // Its resources go once the setup has ended (at once if it has).
   ~GinNetwork();
